@@ -1,0 +1,60 @@
+"""Where models live on disk: the models directory and one folder per repo id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+# A Hugging Face repo id: "org/name" (or a bare "name"), each part made of
+# letters, digits and "-_.", not starting with "." so nothing can climb out.
+_REPO_PART = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,95}"
+_REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+
+# Files that make an mlx-lm model folder usable, beyond the weights.
+REQUIRED_FILES = ("config.json",)
+WEIGHT_SUFFIX = ".safetensors"
+
+
+class InvalidModelId(ValueError):
+    """The model id is not a repo id, or would resolve outside the models dir."""
+
+
+def default_models_dir() -> Path:
+    """`$EXO_MODELS_DIR`, else `$XDG_DATA_HOME/exo/models` (`~/.local/share/exo/models`)."""
+    if env := os.environ.get("EXO_MODELS_DIR"):
+        return Path(env).expanduser()
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "exo" / "models"
+
+
+def validate_model_id(model_id: str) -> str:
+    """Return `model_id` if it is a safe repo id, else raise InvalidModelId saying why."""
+    if not isinstance(model_id, str) or not _REPO_ID.match(model_id) or ".." in model_id:
+        raise InvalidModelId(
+            f"model id {model_id!r} is not a valid repo id (expected 'org/name' made of "
+            "letters, digits, '-', '_' and '.', not starting with '.', no '..')"
+        )
+    return model_id
+
+
+def model_dir(models_dir: Path, model_id: str) -> Path:
+    """The folder of `model_id` inside `models_dir` (`org/name` -> `org--name`)."""
+    validate_model_id(model_id)
+    root = models_dir.resolve()
+    path = (root / model_id.replace("/", "--")).resolve()
+    if path.parent != root:
+        raise InvalidModelId(f"model id {model_id!r} escapes the models directory {root}")
+    return path
+
+
+def is_complete(path: Path) -> bool:
+    """True if `path` holds a loadable model: config, weights, and every indexed shard."""
+    if not all((path / name).is_file() for name in REQUIRED_FILES):
+        return False
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+        return bool(shards) and all((path / s).is_file() for s in shards)
+    return any(p.suffix == WEIGHT_SUFFIX for p in path.iterdir())
