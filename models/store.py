@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
-# A Hugging Face repo id: "org/name" (or a bare "name"), each part made of
-# letters, digits and "-_.", not starting with "." so nothing can climb out.
-_REPO_PART = r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,95}"
-_REPO_ID = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+from bus.model_ids import model_id_problem
 
 # Files that make an mlx-lm model folder usable, beyond the weights.
 REQUIRED_FILES = ("config.json",)
@@ -31,11 +27,8 @@ def default_models_dir() -> Path:
 
 def validate_model_id(model_id: str) -> str:
     """Return `model_id` if it is a safe repo id, else raise InvalidModelId saying why."""
-    if not isinstance(model_id, str) or not _REPO_ID.match(model_id) or ".." in model_id:
-        raise InvalidModelId(
-            f"model id {model_id!r} is not a valid repo id (expected 'org/name' made of "
-            "letters, digits, '-', '_' and '.', not starting with '.', no '..')"
-        )
+    if problem := model_id_problem(model_id):
+        raise InvalidModelId(problem)
     return model_id
 
 

@@ -1,0 +1,39 @@
+"""Commands: intents for the supervisors, published on `exo.commands`."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from bus.tasks import ChatMessage
+
+
+class _Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    # Absent means the command's stream sequence, as for tasks.
+    command_id: str | None = None
+
+
+class PlaceInstance(_Command):
+    model_id: str
+    runners: tuple[str, ...] | None = None
+    min_runners: Annotated[int, msgspec.Meta(ge=1)] = 1
+
+
+class DeleteInstance(_Command):
+    instance_id: str
+
+
+class RouteChatCompletion(_Command, tag="ChatCompletion"):
+    """A chat for whichever Ready instance serves `model_id` (any, if absent)."""
+
+    messages: tuple[ChatMessage, ...]
+    model_id: str | None = None
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: str | tuple[str, ...] | None = None
+
+
+Command = PlaceInstance | DeleteInstance | RouteChatCompletion

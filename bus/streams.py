@@ -1,0 +1,106 @@
+"""Stream, consumer and KV definitions, created idempotently."""
+
+from __future__ import annotations
+
+from loguru import logger
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+
+from bus import subjects
+
+LOG_STREAM = "EXO_LOG"
+CHUNKS_STREAM = "EXO_CHUNKS"
+SNAPSHOT_BUCKET = "EXO_SNAPSHOTS"
+
+DUPLICATE_WINDOW_S = 120.0
+CHUNKS_MAX_AGE_S = 3600.0
+TASK_MAX_DELIVER = 5
+TASK_ACK_WAIT_S = 30.0
+
+
+def log_stream_config(replicas: int = 1) -> api.StreamConfig:
+    """`EXO_LOG`: tasks, events and commands in one total order; nothing is ever removed."""
+    return api.StreamConfig(
+        name=LOG_STREAM,
+        subjects=list(subjects.LOG_SUBJECTS),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        max_age=0.0,
+        allow_direct=True,
+        deny_delete=True,
+        deny_purge=True,
+        description="exojet event log: tasks, runner and supervisor events, commands",
+    )
+
+
+def chunks_stream_config(replicas: int = 1) -> api.StreamConfig:
+    """`EXO_CHUNKS`: generated tokens, kept an hour so a late client can replay them."""
+    return api.StreamConfig(
+        name=CHUNKS_STREAM,
+        subjects=list(subjects.CHUNK_SUBJECTS),
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=CHUNKS_MAX_AGE_S,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        allow_direct=True,
+        description="exojet generated token chunks, one subject per task",
+    )
+
+
+def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
+    """The durable pull consumer a runner reads its tasks through."""
+    return api.ConsumerConfig(
+        durable_name=f"runner-{runner_id}",
+        filter_subject=subjects.task_subject(runner_id),
+        deliver_policy=api.DeliverPolicy.ALL,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=TASK_ACK_WAIT_S,
+        max_deliver=TASK_MAX_DELIVER,
+        max_ack_pending=1,
+        description=f"tasks of runner {runner_id}",
+    )
+
+
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        logger.bind(stream=config.name).info("created stream")
+        return
+    if _differs(info.config, config):
+        try:
+            await js.update_stream(config)
+            logger.bind(stream=config.name).info("updated stream config")
+        except BadRequestError as err:
+            # Some settings (storage type, ...) cannot change on a live stream;
+            # run with what is there rather than refuse to start.
+            logger.bind(stream=config.name).warning(f"stream config not updated: {err}")
+
+
+def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
+    fields = ("subjects", "retention", "max_age", "duplicate_window", "allow_direct", "deny_delete", "deny_purge",
+              "num_replicas", "description")
+    return any(getattr(current, f) != getattr(wanted, f) for f in fields)
+
+
+async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create or update `EXO_LOG`, `EXO_CHUNKS` and the KV `EXO_SNAPSHOTS`."""
+    await _ensure_stream(js, log_stream_config(replicas))
+    await _ensure_stream(js, chunks_stream_config(replicas))
+    try:
+        await js.key_value(SNAPSHOT_BUCKET)
+    except BucketNotFoundError:
+        await js.create_key_value(
+            api.KeyValueConfig(
+                bucket=SNAPSHOT_BUCKET,
+                history=1,
+                storage=api.StorageType.FILE,
+                replicas=replicas,
+                description="exojet projection snapshots {seq, state}",
+            )
+        )
+        logger.bind(bucket=SNAPSHOT_BUCKET).info("created KV bucket")

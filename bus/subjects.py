@@ -1,0 +1,56 @@
+"""Subject names: the one place that spells them."""
+
+from __future__ import annotations
+
+import re
+
+TASKS_PREFIX = "exo.tasks"
+RUNNER_EVENTS_PREFIX = "exo.events.runner"
+SUPERVISOR_EVENTS = "exo.events.supervisor"
+COMMANDS = "exo.commands"
+CHUNKS_PREFIX = "exo.chunks"
+HEARTBEAT_PREFIX = "exo.heartbeat"
+HEARTBEATS = f"{HEARTBEAT_PREFIX}.*"
+
+LOG_SUBJECTS = ("exo.tasks.>", "exo.events.>", COMMANDS)
+CHUNK_SUBJECTS = (f"{CHUNKS_PREFIX}.>",)
+
+QUERY_PREFIX = "exo.supervisor"
+QUERY_STATE = f"{QUERY_PREFIX}.state"
+QUERY_RUNNER = f"{QUERY_PREFIX}.runner"
+QUERY_TASK = f"{QUERY_PREFIX}.task"
+
+# One subject token: no dots, spaces or wildcards, so an id can never address
+# another runner's subject.
+_TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
+
+
+def id_problem(value: object, what: str = "runner id") -> str | None:
+    """None if `value` can be one subject token, else why not."""
+    if isinstance(value, str) and _TOKEN.match(value):
+        return None
+    return f"{what} {value!r} must be 1-64 letters, digits, '-' or '_'"
+
+
+def task_subject(runner_id: str) -> str:
+    return f"{TASKS_PREFIX}.{runner_id}"
+
+
+def runner_events_subject(runner_id: str) -> str:
+    return f"{RUNNER_EVENTS_PREFIX}.{runner_id}"
+
+
+def chunks_subject(stream_id: str) -> str:
+    return f"{CHUNKS_PREFIX}.{stream_id}"
+
+
+def heartbeat_subject(runner_id: str) -> str:
+    return f"{HEARTBEAT_PREFIX}.{runner_id}"
+
+
+def runner_of(subject: str) -> str | None:
+    """The runner id in a task, runner-event or heartbeat subject, else None."""
+    for prefix in (TASKS_PREFIX, RUNNER_EVENTS_PREFIX, HEARTBEAT_PREFIX):
+        if subject.startswith(prefix + "."):
+            return subject[len(prefix) + 1 :]
+    return None

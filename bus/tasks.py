@@ -1,0 +1,94 @@
+"""Tasks: what a runner is asked to do, published on `exo.tasks.<runner_id>`.
+
+`task_id` is optional on the wire: absent, the task's id is its stream sequence
+(as a string), so `nats pub` users need not invent ids.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+
+class Shard(msgspec.Struct, frozen=True, kw_only=True):
+    """A model, or a contiguous layer range of it; no layers means the whole model."""
+
+    model_id: str
+    revision: str | None = None
+    start_layer: int | None = None
+    end_layer: int | None = None
+    n_layers: int | None = None
+    device_rank: int = 0
+    world_size: int = 1
+
+
+class Group(msgspec.Struct, frozen=True, kw_only=True):
+    """A pipeline group: `hosts[r]` is the `ip:port` that rank r listens on."""
+
+    group_id: str
+    world_size: int
+    rank: int
+    hosts: tuple[str, ...]
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    role: str
+    content: str
+
+
+class _Task(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+    task_id: str | None = None
+    # Set by the planner so the projection can tie a task to its instance.
+    instance_id: str | None = None
+
+
+class DownloadModel(_Task):
+    shard: Shard
+
+
+class ConnectToGroup(_Task):
+    group: Group
+
+
+class LoadModel(_Task):
+    shard: Shard | None = None
+
+
+class StartWarmup(_Task):
+    pass
+
+
+class ChatCompletion(_Task):
+    messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(min_length=1)]
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    seed: int | None = None
+    stop: str | tuple[str, ...] | None = None
+    # Chunks go to `exo.chunks.<stream_id>` when set (a routed request shared by
+    # every rank of an instance), else to `exo.chunks.<task_id>`.
+    stream_id: str | None = None
+    # In a pipeline group only this rank publishes chunks and the result text.
+    emit_rank: int = 0
+
+
+class Shutdown(_Task):
+    pass
+
+
+Task = DownloadModel | ConnectToGroup | LoadModel | StartWarmup | ChatCompletion | Shutdown
+
+TASK_TYPES: tuple[type, ...] = (DownloadModel, ConnectToGroup, LoadModel, StartWarmup, ChatCompletion, Shutdown)
+
+
+def task_type(task: Task) -> str:
+    """The task's wire `type`."""
+    return type(task).__struct_config__.tag  # type: ignore[return-value]
+
+
+def stop_strings(task: ChatCompletion) -> list[str]:
+    """`stop` as a list, whatever form the user sent."""
+    if task.stop is None:
+        return []
+    return [task.stop] if isinstance(task.stop, str) else list(task.stop)
