@@ -1,0 +1,228 @@
+"""`apply(state, envelope)`: fold one log message into the cluster state.
+
+Pure in the sense that matters for replay: no I/O, no clock, no randomness, the
+result depends only on the state and the message. For speed (a rebuild folds
+hundreds of thousands of messages) it updates `state` in place and returns it;
+take `copy_state()` first to keep an older version. Nothing here raises on bad
+data: what the contract does not allow is applied as reported and recorded as
+an `Anomaly`.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from bus import subjects
+from bus.codec import BadInput, decode_event, decode_task
+from bus.envelope import Envelope
+from bus.events import (
+    DownloadProgress,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+)
+from bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
+from bus.tasks import DownloadModel, LoadModel, task_type
+from projections.rules import UNREGISTERED, transition_allowed
+from projections.state import (
+    EVENT_ID_WINDOW,
+    Anomaly,
+    ClusterState,
+    DownloadView,
+    RunnerView,
+    TaskView,
+    download_key,
+)
+
+_TASKS = subjects.TASKS_PREFIX + "."
+_RUNNER_EVENTS = subjects.RUNNER_EVENTS_PREFIX + "."
+
+# Summaries keep the projection small: a chat's full text lives in the log.
+RESULT_TEXT_PREVIEW = 200
+
+
+def copy_state(state: ClusterState) -> ClusterState:
+    """A deep, independent copy."""
+    return msgspec.convert(msgspec.to_builtins(state), ClusterState)
+
+
+def _anomaly(state: ClusterState, env: Envelope, kind: str, detail: str, **ids: str | None) -> None:
+    state.anomalies.append(Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject, **ids))
+
+
+def _runner(state: ClusterState, runner_id: str) -> RunnerView:
+    view = state.runners.get(runner_id)
+    if view is None:
+        view = state.runners[runner_id] = RunnerView(runner_id=runner_id)
+    return view
+
+
+def _seen(state: ClusterState, event_id: str) -> bool:
+    ids = state.recent_event_ids
+    if event_id in ids:
+        return True
+    ids[event_id] = None
+    if len(ids) > EVENT_ID_WINDOW:
+        del ids[next(iter(ids))]
+    return False
+
+
+def apply(state: ClusterState, env: Envelope) -> ClusterState:
+    """Fold `env` into `state` and return it (see the module docstring)."""
+    if env.seq <= state.seq:
+        return state  # already folded: replays and redeliveries overlap
+    state.seq = env.seq
+    subject = env.subject
+    if subject.startswith(_TASKS):
+        _apply_task(state, env, subject[len(_TASKS) :])
+    elif subject.startswith(_RUNNER_EVENTS):
+        _apply_runner_event(state, env, subject[len(_RUNNER_EVENTS) :])
+    return state
+
+
+def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
+    try:
+        task = decode_task(env.data)
+    except BadInput as err:
+        # The runner answers it under the task's sequence; track it like any task.
+        task_id = str(env.seq)
+        state.tasks[task_id] = TaskView(
+            task_id=task_id, task_type="Invalid", runner_id=runner_id, created_seq=env.seq, updated_seq=env.seq,
+            error_type=err.error_type, error_message=err.message,
+        )
+        _anomaly(state, env, "BadTask", f"{err.error_type}: {err.message}", runner_id=runner_id, task_id=task_id)
+        return
+    task_id = task.task_id or str(env.seq)
+    if task_id in state.tasks:
+        _anomaly(state, env, "DuplicateTask", f"task {task_id} was already published", runner_id=runner_id,
+                 task_id=task_id)
+        return
+    model_id = None
+    match task:
+        case DownloadModel(shard=shard) | LoadModel(shard=shard) if shard is not None:
+            model_id = shard.model_id
+    state.tasks[task_id] = TaskView(
+        task_id=task_id, task_type=task_type(task), runner_id=runner_id, instance_id=task.instance_id,
+        model_id=model_id, created_seq=env.seq, updated_seq=env.seq,
+    )
+
+
+def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str) -> None:
+    try:
+        event = decode_event(env.data)
+    except BadInput as err:
+        _anomaly(state, env, "BadEvent", f"{err.error_type}: {err.message}", runner_id=subject_runner)
+        return
+    if _seen(state, event.event_id):
+        return
+    runner_id = getattr(event, "runner_id", subject_runner)
+    if runner_id != subject_runner:
+        _anomaly(state, env, "WrongSubject", f"event for runner {runner_id} on {env.subject}", runner_id=runner_id)
+        return
+    runner = _runner(state, runner_id)
+    runner.last_event_seq = env.seq
+    if isinstance(event, RunnerRegistered):
+        _register(state, env, runner, event)
+        return
+    if event.incarnation != runner.incarnation and not isinstance(event, RunnerLost):
+        _anomaly(state, env, "StaleIncarnation",
+                 f"event of incarnation {event.incarnation}, runner is at {runner.incarnation}", runner_id=runner_id)
+        return
+    match event:
+        case RunnerStatusUpdated(runner_status=status):
+            _set_status(state, env, runner, status_name(status),
+                        status.error_message if isinstance(status, RunnerFailed) else None)
+        case TaskStatusUpdated():
+            _task_status(state, env, runner, event)
+        case DownloadProgress():
+            key = download_key(runner_id, event.model_id)
+            state.downloads[key] = DownloadView(
+                runner_id=runner_id, model_id=event.model_id, downloaded_bytes=event.downloaded_bytes,
+                total_bytes=event.total_bytes, completed_files=event.completed_files,
+                total_files=event.total_files, updated_seq=env.seq,
+            )
+        case RunnerLost():
+            _lose(state, env, runner, event)
+
+
+def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerRegistered) -> None:
+    if event.incarnation <= runner.incarnation:
+        _anomaly(state, env, "StaleIncarnation",
+                 f"registered incarnation {event.incarnation}, already at {runner.incarnation}",
+                 runner_id=runner.runner_id)
+    # A new incarnation starts from scratch: nothing the old process held survives.
+    _fail_running_task(state, env, runner, "RunnerRestarted", "the runner restarted while the task ran")
+    runner.incarnation = event.incarnation
+    runner.status = UNREGISTERED
+    runner.error_message = None
+    runner.model_id = None
+    runner.host = event.host
+    runner.pid = event.pid
+    runner.memory_total = event.memory_total
+    runner.memory_free = event.memory_free
+    runner.address = event.address
+    runner.registered_seq = env.seq
+    runner.updated_seq = env.seq
+
+
+def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str, error: str | None) -> None:
+    if not transition_allowed(runner.status, new):
+        _anomaly(state, env, "InvalidTransition", f"{runner.status} -> {new}", runner_id=runner.runner_id)
+    runner.status = new
+    runner.error_message = error
+    runner.updated_seq = env.seq
+    if new == "RunnerIdle":
+        runner.model_id = None
+
+
+def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: TaskStatusUpdated) -> None:
+    task = state.tasks.get(event.task_id)
+    if task is None:
+        _anomaly(state, env, "UnknownTask", f"status {event.task_status} for a task never published",
+                 runner_id=runner.runner_id, task_id=event.task_id)
+        task = state.tasks[event.task_id] = TaskView(
+            task_id=event.task_id, task_type=event.task_type or "Unknown", runner_id=runner.runner_id,
+            created_seq=env.seq,
+        )
+    if task.status in TERMINAL_TASK_STATUSES:
+        _anomaly(state, env, "TaskAfterTerminal", f"{task.status} -> {event.task_status}",
+                 runner_id=runner.runner_id, task_id=task.task_id)
+        return
+    task.status = event.task_status
+    task.updated_seq = env.seq
+    if event.error_type is not None:
+        task.error_type = event.error_type
+        task.error_message = event.error_message
+    if event.result is not None:
+        task.result = _summary(event.result)
+    if event.task_status == TaskStatus.RUNNING:
+        runner.running_task = task.task_id
+    elif runner.running_task == task.task_id:
+        runner.running_task = None
+    if event.task_status == TaskStatus.COMPLETE and task.task_type == "LoadModel":
+        runner.model_id = task.model_id
+
+
+def _summary(result: dict[str, object]) -> dict[str, object]:
+    text = result.get("text")
+    if isinstance(text, str) and len(text) > RESULT_TEXT_PREVIEW:
+        return {**result, "text": text[:RESULT_TEXT_PREVIEW] + "…"}
+    return result
+
+
+def _fail_running_task(state: ClusterState, env: Envelope, runner: RunnerView, error_type: str, why: str) -> None:
+    task = state.tasks.get(runner.running_task or "")
+    runner.running_task = None
+    if task is not None and task.status not in TERMINAL_TASK_STATUSES:
+        task.status = TaskStatus.FAILED
+        task.error_type = error_type
+        task.error_message = why
+        task.updated_seq = env.seq
+
+
+def _lose(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerLost) -> None:
+    _fail_running_task(state, env, runner, "RunnerLost", f"runner {runner.runner_id} was lost: {event.reason}")
+    runner.status = "RunnerLost"
+    runner.error_message = event.reason
+    runner.updated_seq = env.seq

@@ -1,0 +1,31 @@
+"""What a debugging session wants flagged: anomalies, unfinished tasks, stuck runners."""
+
+from __future__ import annotations
+
+import msgspec
+
+from bus.statuses import TERMINAL_TASK_STATUSES
+from projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
+from projections.state import Anomaly, ClusterState, RunnerView, TaskView
+
+
+class CheckReport(msgspec.Struct):
+    anomalies: list[Anomaly]
+    unfinished_tasks: list[TaskView]
+    stuck_runners: list[RunnerView]
+
+    @property
+    def ok(self) -> bool:
+        return not (self.anomalies or self.unfinished_tasks or self.stuck_runners)
+
+
+def check(state: ClusterState) -> CheckReport:
+    """Anomalies, tasks with no terminal status, and runners last seen mid-transition."""
+    return CheckReport(
+        anomalies=list(state.anomalies),
+        unfinished_tasks=[t for t in state.tasks.values() if t.status not in TERMINAL_TASK_STATUSES],
+        stuck_runners=[
+            r for r in state.runners.values()
+            if r.status not in RESTING_STATUSES and r.status not in FINAL_STATUSES and r.status != UNREGISTERED
+        ],
+    )

@@ -1,0 +1,90 @@
+"""The cluster as the log tells it: plain data, (de)serialisable, hashable by content."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from bus.statuses import TaskStatus
+
+# How many recent event ids a projection remembers to drop duplicates: far more
+# than any retry or redelivery produces, and bounded so snapshots stay small.
+EVENT_ID_WINDOW = 20_000
+
+
+class RunnerView(msgspec.Struct, kw_only=True):
+    runner_id: str
+    status: str = "Unregistered"
+    error_message: str | None = None
+    incarnation: int = 0
+    host: str = ""
+    pid: int = 0
+    memory_total: int = 0
+    memory_free: int = 0
+    address: str = ""
+    model_id: str | None = None
+    running_task: str | None = None
+    # Sequence of this runner's newest message on its own event subject: the
+    # expected-last-subject-sequence a supervisor fences RunnerLost with.
+    last_event_seq: int = 0
+    registered_seq: int = 0
+    updated_seq: int = 0
+
+
+class TaskView(msgspec.Struct, kw_only=True):
+    task_id: str
+    task_type: str
+    runner_id: str
+    status: TaskStatus = TaskStatus.PENDING
+    instance_id: str | None = None
+    model_id: str | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    result: dict[str, Any] | None = None
+    created_seq: int = 0
+    updated_seq: int = 0
+
+
+class DownloadView(msgspec.Struct, kw_only=True):
+    runner_id: str
+    model_id: str
+    downloaded_bytes: int = 0
+    total_bytes: int = 0
+    completed_files: int = 0
+    total_files: int = 0
+    updated_seq: int = 0
+
+
+class Anomaly(msgspec.Struct, kw_only=True):
+    """Something the log says that the contract does not allow; applied, not raised."""
+
+    seq: int
+    kind: str
+    detail: str
+    subject: str = ""
+    runner_id: str | None = None
+    task_id: str | None = None
+
+
+class ClusterState(msgspec.Struct, kw_only=True):
+    seq: int = 0
+    runners: dict[str, RunnerView] = {}
+    tasks: dict[str, TaskView] = {}
+    downloads: dict[str, DownloadView] = {}
+    anomalies: list[Anomaly] = []
+    # Insertion-ordered, trimmed to EVENT_ID_WINDOW (a dict keeps the order).
+    recent_event_ids: dict[str, None] = {}
+
+
+_hash_encoder = msgspec.json.Encoder(order="sorted")
+
+
+def state_hash(state: ClusterState) -> str:
+    """A digest equal for equal states, whatever order their dicts were filled in."""
+    return hashlib.sha256(_hash_encoder.encode(state)).hexdigest()
+
+
+def download_key(runner_id: str, model_id: str) -> str:
+    return f"{runner_id}/{model_id}"

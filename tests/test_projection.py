@@ -1,0 +1,169 @@
+"""The projection: a pure fold, equal after any snapshot cut, deaf to duplicates."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bus.codec import encode
+from bus.envelope import Envelope
+from bus.events import DownloadProgress, RunnerLost, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.statuses import (
+    RunnerDownloading,
+    RunnerFailed,
+    RunnerIdle,
+    RunnerLoaded,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerWarmingUp,
+    TaskStatus,
+)
+from bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
+from projections.apply import apply, copy_state
+from projections.checks import check
+from projections.snapshot import dump_snapshot, load_snapshot
+from projections.state import ClusterState, state_hash
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _fold(envs: list[Envelope], state: ClusterState | None = None) -> ClusterState:
+    state = state if state is not None else ClusterState()
+    for env in envs:
+        state = apply(state, env)
+    return state
+
+
+def _env(seq: int, subject: str, message: msgspec.Struct | bytes) -> Envelope:
+    return Envelope(seq=seq, subject=subject, data=message if isinstance(message, bytes) else encode(message))
+
+
+def _workflow(runner: str = "r1") -> list[tuple[str, msgspec.Struct | bytes]]:
+    ev = f"exo.events.runner.{runner}"
+    tk = f"exo.tasks.{runner}"
+    n = iter(range(1_000_000))
+
+    def eid() -> str:
+        return f"{runner}:1:{next(n)}"
+
+    def status(s: msgspec.Struct) -> RunnerStatusUpdated:
+        return RunnerStatusUpdated(event_id=eid(), runner_id=runner, incarnation=1, runner_status=s)
+
+    def task(tid: str, st_: TaskStatus, **kw: object) -> TaskStatusUpdated:
+        return TaskStatusUpdated(event_id=eid(), runner_id=runner, incarnation=1, task_id=tid, task_status=st_, **kw)
+
+    shard = Shard(model_id="local/tiny")
+    return [
+        (ev, RunnerRegistered(event_id=eid(), runner_id=runner, incarnation=1, host="h", pid=1)),
+        (ev, status(RunnerIdle())),
+        (tk, DownloadModel(task_id="d", shard=shard)),
+        (ev, task("d", TaskStatus.RUNNING)),
+        (ev, status(RunnerDownloading())),
+        (ev, DownloadProgress(event_id=eid(), runner_id=runner, incarnation=1, model_id="local/tiny",
+                              downloaded_bytes=5, total_bytes=10, completed_files=1, total_files=2)),
+        (ev, status(RunnerIdle())),
+        (ev, task("d", TaskStatus.COMPLETE)),
+        (tk, LoadModel(task_id="l", shard=shard)),
+        (ev, task("l", TaskStatus.RUNNING)),
+        (ev, status(RunnerLoading())),
+        (ev, status(RunnerLoaded())),
+        (ev, task("l", TaskStatus.COMPLETE)),
+        (tk, StartWarmup(task_id="w")),
+        (ev, task("w", TaskStatus.RUNNING)),
+        (ev, status(RunnerWarmingUp())),
+        (ev, status(RunnerReady())),
+        (ev, task("w", TaskStatus.COMPLETE)),
+        (tk, ChatCompletion(task_id="c", messages=(ChatMessage("user", "hi"),))),
+        (ev, task("c", TaskStatus.RUNNING)),
+        (ev, status(RunnerRunning())),
+        (ev, status(RunnerReady())),
+        (ev, task("c", TaskStatus.COMPLETE, result={"text": "x" * 500, "finish_reason": "length"})),
+        (tk, b"this is not json"),
+        (ev, task("24", TaskStatus.FAILED, error_type="NotJson", error_message="task is not valid JSON")),
+        (ev, status(RunnerLoading())),  # Ready -> Loading is not allowed
+        (ev, status(RunnerFailed(error_message="engine process was killed by SIGKILL"))),
+        (ev, RunnerLost(event_id=eid(), runner_id=runner, incarnation=1, reason="no heartbeat for 5 s")),
+    ]
+
+
+def _log(runners: tuple[str, ...] = ("r1", "r2")) -> list[Envelope]:
+    pairs = [p for r in runners for p in _workflow(r)]
+    return [_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)]
+
+
+def test_workflow_projection() -> None:
+    state = _fold(_log(("r1",)))
+    r1 = state.runners["r1"]
+    assert r1.status == "RunnerLost"
+    assert r1.incarnation == 1 and r1.last_event_seq == 28
+    assert state.tasks["c"].status == TaskStatus.COMPLETE
+    assert state.tasks["c"].result is not None and len(state.tasks["c"].result["text"]) < 300
+    assert state.tasks["24"].task_type == "Invalid" and state.tasks["24"].status == TaskStatus.FAILED
+    assert state.downloads["r1/local/tiny"].downloaded_bytes == 5
+    kinds = [(a.seq, a.kind) for a in state.anomalies]
+    assert kinds == [(24, "BadTask"), (26, "InvalidTransition")]
+    assert state.anomalies[1].detail == "RunnerReady -> RunnerLoading"
+
+
+def test_check_flags_what_is_unfinished() -> None:
+    envs = _log(("r1",))
+    report = check(_fold(envs[:11]))  # stopped while loading, task l running
+    assert [t.task_id for t in report.unfinished_tasks] == ["l"]
+    assert [r.status for r in report.stuck_runners] == ["RunnerLoading"]
+    assert not report.anomalies
+
+
+def test_duplicate_event_ids_change_nothing() -> None:
+    envs = _log(("r1",))
+    once = _fold(envs)
+    # The same events re-published under new sequences (a retried publish that
+    # outlived the server's dedupe window).
+    again = [Envelope(seq=len(envs) + i + 1, subject=e.subject, data=e.data) for i, e in enumerate(envs)
+             if e.subject.startswith("exo.events")]
+    twice = _fold(again, copy_state(once))
+    twice.seq = once.seq
+    assert state_hash(twice) == state_hash(once)
+
+
+def test_redelivered_sequences_are_skipped() -> None:
+    envs = _log()
+    state = _fold(envs)
+    assert state_hash(_fold(envs, copy_state(state))) == state_hash(state)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    picks=st.lists(st.integers(min_value=0, max_value=55), min_size=0, max_size=80),
+    cut=st.integers(min_value=0, max_value=80),
+)
+def test_snapshot_at_any_cut_then_rest_equals_apply_all(picks: list[int], cut: int) -> None:
+    pool = _log()
+    # Random sequences of real messages (repeats and odd orders included),
+    # renumbered as the stream would number them.
+    envs = [Envelope(seq=i + 1, subject=pool[p].subject, data=pool[p].data) for i, p in enumerate(picks)]
+    whole = _fold(envs)
+    cut = min(cut, len(envs))
+    restored = load_snapshot(dump_snapshot(_fold(envs[:cut])))
+    assert state_hash(_fold(envs[cut:], restored)) == state_hash(whole)
+    assert load_snapshot(dump_snapshot(whole)) == whole
+
+
+def test_bad_events_are_anomalies_not_exceptions() -> None:
+    envs = [
+        _env(1, "exo.events.runner.r1", b"\xff\xfe"),
+        _env(2, "exo.events.runner.r1", b'{"type":"RunnerStatusUpdated","event_id":"x"}'),
+        _env(3, "exo.events.runner.r1", b'{"type":"Nope","event_id":"y"}'),
+        _env(4, "exo.tasks.r1", b'{"type":"ChatCompletion","messages":"hi"}'),
+        _env(5, "exo.tasks.r1", b"x" * (2 * 1024 * 1024)),
+    ]
+    state = _fold(envs)
+    assert [a.kind for a in state.anomalies] == ["BadEvent"] * 3 + ["BadTask"] * 2
+    assert "NotJson" in state.anomalies[0].detail
+    assert "MissingField" in state.anomalies[1].detail
+    assert "UnknownType" in state.anomalies[2].detail
+    assert "InvalidField" in state.anomalies[3].detail
+    assert "PayloadTooLarge" in state.anomalies[4].detail
+    assert state.seq == 5
