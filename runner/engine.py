@@ -1,0 +1,286 @@
+"""The runner's side of the MLX engine: a child process driven over a pipe.
+
+MLX work (loading, generating) blocks and can crash the process it runs in, so it
+runs in `runner.engine_child`. The runner's event loop stays free to heartbeat,
+and a killed, out-of-memory or segfaulted engine becomes an `EngineCrashed`
+exception naming the signal and quoting the child's last stderr lines; `start()`
+then gives a fresh child.
+
+One reader task owns the child's stdout and turns frames into a queue of replies,
+so a caller cancelled while waiting never leaves half a frame behind. Requests are
+serialised; a request abandoned before its terminal reply (a cancelled load, a
+generation the consumer stopped reading) is drained before the next one is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections import deque
+from collections.abc import AsyncIterator
+
+from loguru import logger
+
+from runner.engine_protocol import (
+    HEADER,
+    TERMINAL_REPLIES,
+    Cancel,
+    Done,
+    Exit,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    Ok,
+    Reply,
+    Request,
+    Token,
+    Unload,
+    Warmup,
+    encode_frame,
+    frame_length,
+    reply_decoder,
+)
+
+STDERR_LINES = 40
+_MAX_STDERR_LINE = 2000
+
+
+class EngineError(Exception):
+    """The engine answered a request with an error; it is still serving."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(f"{error_type}: {message}")
+        self.error_type = error_type
+        self.message = message
+
+
+class EngineCrashed(Exception):
+    """The engine process is gone (killed, crashed or exited); `start()` again."""
+
+
+class Engine:
+    """An MLX engine in a child process, driven from asyncio.
+
+    Usage: `await start()`, `await load(path)`, `await warmup()`, then
+    `async for chunk in generate(req)`; `await stop()` at the end.
+    """
+
+    def __init__(self, stderr_lines: int = STDERR_LINES) -> None:
+        self._proc: asyncio.subprocess.Process | None = None
+        self._replies: asyncio.Queue[Reply | EngineCrashed] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        self._stderr_reader: asyncio.Task[None] | None = None
+        self._stderr: deque[str] = deque(maxlen=stderr_lines)
+        self._lock = asyncio.Lock()
+        self._crash: EngineCrashed | None = None
+        # Terminal replies the child still owes for abandoned requests.
+        self._owed = 0
+        self._stopping = False
+        self._log = logger.bind(component="engine")
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id, or None before `start()`."""
+        return self._proc.pid if self._proc else None
+
+    @property
+    def alive(self) -> bool:
+        """Whether the child is running and has not been found dead."""
+        return self._proc is not None and self._proc.returncode is None and self._crash is None
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        """The last lines the child wrote to stderr."""
+        return list(self._stderr)
+
+    async def start(self) -> None:
+        """Spawn a fresh child (after a crash or a stop too); no-op if one is alive."""
+        if self.alive:
+            return
+        await self._reap()
+        self._replies = asyncio.Queue()
+        self._stderr.clear()
+        self._crash = None
+        self._owed = 0
+        self._stopping = False
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "runner.engine_child",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            # The runner decides when its engine dies: a Ctrl-C on the terminal
+            # reaches the runner, which then stops the engine in order.
+            start_new_session=True,
+        )
+        self._log = logger.bind(component="engine", engine_pid=self._proc.pid)
+        self._stderr_reader = asyncio.create_task(self._read_stderr(self._proc))
+        self._reader = asyncio.create_task(self._read_replies(self._proc))
+        self._log.info("engine process started")
+
+    async def load(
+        self, model_path: str, start_layer: int | None = None, end_layer: int | None = None
+    ) -> Loaded:
+        """Load a model folder (layers [start_layer, end_layer) or all of them)."""
+        reply = await self._call(Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer))
+        assert isinstance(reply, Loaded)
+        return reply
+
+    async def warmup(self) -> None:
+        """Run a short generation so the first request does not pay for compilation."""
+        await self._call(Warmup())
+
+    async def unload(self) -> None:
+        """Drop the loaded model and free its memory."""
+        await self._call(Unload())
+
+    async def generate(self, req: Generate) -> AsyncIterator[Token | Done]:
+        """Stream a chat completion: `Token` deltas as they come, then one `Done`.
+
+        Stopping the iteration early cancels the generation in the child.
+        """
+        async with self._lock:
+            await self._send(req)
+            finished = False
+            try:
+                while True:
+                    reply = await self._next_reply()
+                    if isinstance(reply, Token):
+                        yield reply
+                        continue
+                    finished = True
+                    if isinstance(reply, Done):
+                        yield reply
+                        return
+                    raise self._unexpected(reply)
+            finally:
+                if not finished and self.alive:
+                    # No await here: this may run while the generator is being closed.
+                    self._proc.stdin.write(encode_frame(Cancel()))
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Ask the child to exit; terminate, then kill it if it does not in time."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._stopping = True
+        if proc.returncode is None:
+            try:
+                # Cancel first so a running generation ends instead of finishing.
+                proc.stdin.write(encode_frame(Cancel()) + encode_frame(Exit()))
+                await proc.stdin.drain()
+            except ConnectionError:
+                pass
+            for escalate in (proc.terminate, proc.kill):
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout)
+                    break
+                except TimeoutError:
+                    self._log.warning("engine did not exit in {} s; {}", timeout, escalate.__name__)
+                    escalate()
+            else:
+                await proc.wait()
+        await self._reap()
+        self._log.info("engine process stopped with code {}", proc.returncode)
+
+    async def _reap(self) -> None:
+        """Wait for the reader tasks of a child that has exited."""
+        for task in (self._reader, self._stderr_reader):
+            if task is not None:
+                await task
+        self._reader = self._stderr_reader = None
+
+    async def _call(self, req: Request) -> Reply:
+        async with self._lock:
+            await self._send(req)
+            reply = await self._next_reply()
+            if isinstance(reply, TERMINAL_REPLIES) and not isinstance(reply, (Failed, Done)):
+                return reply
+            raise self._unexpected(reply)
+
+    async def _send(self, req: Request) -> None:
+        """Send a request once the replies of abandoned requests are drained."""
+        if self._crash is not None:
+            raise self._crash
+        if self._proc is None:
+            raise EngineCrashed("engine process is not running; call start() first")
+        while self._owed:
+            await self._next_reply()
+        self._proc.stdin.write(encode_frame(req))
+        self._owed += 1
+        try:
+            await self._proc.stdin.drain()
+        except ConnectionError:
+            # The child is gone; the reader reports how, with its stderr.
+            pass
+
+    async def _next_reply(self) -> Reply:
+        item = await self._replies.get()
+        if isinstance(item, EngineCrashed):
+            self._crash = item
+            raise item
+        if isinstance(item, TERMINAL_REPLIES):
+            self._owed -= 1
+        return item
+
+    def _unexpected(self, reply: Reply) -> Exception:
+        if isinstance(reply, Failed):
+            return EngineError(reply.error_type, reply.message)
+        return EngineError("ProtocolError", f"unexpected engine reply {type(reply).__name__}")
+
+    async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
+        """Turn the child's stdout into replies; at its end, report the crash."""
+        assert proc.stdout is not None
+        detail = ""
+        try:
+            while True:
+                header = await proc.stdout.readexactly(HEADER.size)
+                body = await proc.stdout.readexactly(frame_length(header))
+                self._replies.put_nowait(reply_decoder.decode(body))
+        except asyncio.IncompleteReadError:
+            pass
+        except Exception as exc:  # noqa: BLE001 - a corrupt stream ends this child
+            detail = f" after a corrupt reply ({exc})"
+            proc.kill()
+        await proc.wait()
+        if self._stderr_reader is not None:
+            await self._stderr_reader
+        self._replies.put_nowait(EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail()))
+
+    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        partial = b""
+        while chunk := await proc.stderr.read(65536):
+            *lines, partial = (partial + chunk).split(b"\n")
+            for line in lines:
+                self._keep_stderr_line(line)
+            partial = partial[-_MAX_STDERR_LINE:]
+        if partial:
+            self._keep_stderr_line(partial)
+
+    def _keep_stderr_line(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace").rstrip()[:_MAX_STDERR_LINE]
+        self._stderr.append(line)
+        self._log.debug("engine stderr: {}", line)
+
+    def _exit_message(self, code: int | None) -> str:
+        if self._stopping:
+            return f"engine process was stopped (exit code {code})"
+        if code is not None and code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"engine process was killed by {name}"
+        return f"engine process exited with code {code}"
+
+    def _tail(self) -> str:
+        if not self._stderr:
+            return ""
+        return "; last stderr lines:\n" + "\n".join(self._stderr)
+
+
+__all__ = ["Done", "Engine", "EngineCrashed", "EngineError", "Generate", "Loaded", "Ok", "Token"]

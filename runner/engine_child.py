@@ -1,0 +1,344 @@
+"""The MLX engine, run as a child process of the runner: `python -m runner.engine_child`.
+
+It serves the requests of `runner.engine_protocol` one at a time on its stdin and
+stdout. Stdout is kept for the protocol only: the original descriptors are
+duplicated for the protocol and fd 0/1 are pointed at /dev/null and stderr, so a
+stray `print` or a C library writing to stdout cannot corrupt a frame.
+
+Handlers are looked up by request type, so a pipelined deployment can add its own
+request (joining a group) and load path without touching the loop.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import select
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from runner.engine_protocol import (
+    Cancel,
+    Done,
+    Exit,
+    Failed,
+    Generate,
+    Load,
+    Loaded,
+    Message,
+    Ok,
+    Request,
+    Reply,
+    Token,
+    Unload,
+    Warmup,
+    encode_frame,
+    frame_length,
+    request_decoder,
+)
+
+WARMUP_TOKENS = 4
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class RequestError(Exception):
+    """A request that cannot be served, with the error type the parent will see."""
+
+    def __init__(self, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+
+
+class Pipe:
+    """Blocking frame I/O on the two protocol descriptors."""
+
+    def __init__(self, fd_in: int, fd_out: int) -> None:
+        self.fd_in = fd_in
+        self.fd_out = fd_out
+
+    def _read_exactly(self, n: int) -> bytes | None:
+        chunks: list[bytes] = []
+        while n:
+            chunk = os.read(self.fd_in, n)
+            if not chunk:
+                return None
+            chunks.append(chunk)
+            n -= len(chunk)
+        return b"".join(chunks)
+
+    def read(self) -> Request | None:
+        """The next request, or None when the parent closed the pipe."""
+        header = self._read_exactly(4)
+        if header is None:
+            return None
+        body = self._read_exactly(frame_length(header))
+        if body is None:
+            return None
+        return request_decoder.decode(body)
+
+    def readable(self) -> bool:
+        """Whether a request is waiting, without blocking."""
+        ready, _, _ = select.select([self.fd_in], [], [], 0)
+        return bool(ready)
+
+    def write(self, reply: Reply) -> None:
+        """Write one reply frame (a single syscall unless the pipe is full)."""
+        view = memoryview(encode_frame(reply))
+        while view:
+            view = view[os.write(self.fd_out, view) :]
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string.
+
+    Text that could be the start of a stop string is held back until the next
+    delta shows whether it is one, so nothing past a stop string is ever sent.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.text = ""
+        self.sent = 0
+
+    def feed(self, delta: str) -> tuple[str, bool]:
+        """The text that can be sent now, and whether a stop string was reached."""
+        self.text += delta
+        if not self.stops:
+            self.sent = len(self.text)
+            return delta, False
+        # A match cannot start before `sent`: a possible prefix is always held back.
+        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        if hits:
+            cut = min(hits)
+            out = self.text[self.sent : cut]
+            self.text = self.text[:cut]
+            self.sent = cut
+            return out, True
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(self.text) - self.sent), keep, -1):
+                if self.text.endswith(stop[:k]):
+                    keep = k
+                    break
+        end = len(self.text) - keep
+        out = self.text[self.sent : end]
+        self.sent = end
+        return out, False
+
+    def flush(self) -> str:
+        """The held-back text, once generation has ended without a stop string."""
+        out = self.text[self.sent :]
+        self.sent = len(self.text)
+        return out
+
+
+def materialise(model: Any, start: int, end: int) -> int:
+    """Evaluate the weights that layers [start, end) need; return their bytes.
+
+    Lazy loading maps the weights without reading them; evaluating only the shard's
+    layers (plus the embeddings on the first shard and the norm and head on the
+    last) keeps the other shards' weights out of memory.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    n_layers = len(model.layers)
+    params = tree_flatten(model.parameters())
+    tied = not any(name.startswith("lm_head.") for name, _ in params)
+    wanted = []
+    for name, array in params:
+        match = _LAYER_INDEX.search(name)
+        if match:
+            keep = start <= int(match.group(1)) < end
+        elif "embed" in name:
+            # Tied embeddings are also the output head, needed by the last shard.
+            keep = start == 0 or (tied and end == n_layers)
+        else:
+            keep = end == n_layers
+        if keep:
+            wanted.append(array)
+    mx.eval(wanted)
+    return sum(a.nbytes for a in wanted)
+
+
+class EngineChild:
+    """The request loop and the loaded model."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        self.pipe = pipe
+        self.model: Any = None
+        self.tokenizer: Any = None
+        # Requests read while a generation was checking for Cancel.
+        self.queued: deque[Request] = deque()
+        self.handlers: dict[type, Callable[[Any], Reply | None]] = {
+            Load: self.load,
+            Warmup: self.warmup,
+            Generate: self.generate,
+            Unload: self.unload,
+            Cancel: lambda _req: None,
+        }
+
+    def serve(self) -> None:
+        """Serve requests until Exit or until the parent closes the pipe."""
+        while True:
+            req = self.queued.popleft() if self.queued else self.pipe.read()
+            if req is None or isinstance(req, Exit):
+                return
+            log = logger.bind(request=type(req).__name__)
+            try:
+                reply = self.handlers[type(req)](req)
+            except RequestError as exc:
+                log.warning("request failed: {}", exc)
+                reply = Failed(error_type=exc.error_type, message=str(exc))
+            except Exception as exc:  # noqa: BLE001 - any engine error is the caller's answer
+                log.exception("request failed")
+                reply = Failed(error_type=type(exc).__name__, message=str(exc) or repr(exc))
+            if reply is not None:
+                self.pipe.write(reply)
+
+    def load(self, req: Load) -> Loaded:
+        from mlx_lm.utils import load_model, load_tokenizer
+
+        started = time.perf_counter()
+        self.unload(Unload())
+        path = Path(req.model_path)
+        try:
+            # mlx_lm would try the Hugging Face hub for a missing path; a runner
+            # only loads what it downloaded, so a missing folder is an error here.
+            if not path.is_dir():
+                raise FileNotFoundError(f"{path} is not a directory")
+            model, config = load_model(path, lazy=True)
+            tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except Exception as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        n_layers = len(model.layers)
+        start = 0 if req.start_layer is None else req.start_layer
+        end = n_layers if req.end_layer is None else req.end_layer
+        if not 0 <= start < end <= n_layers:
+            raise RequestError(
+                "InvalidShard",
+                f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}",
+            )
+        weight_bytes = materialise(model, start, end)
+        self.model, self.tokenizer = model, tokenizer
+        seconds = time.perf_counter() - started
+        logger.bind(model=str(path), start=start, end=end).info(
+            "loaded {} bytes of weights in {:.2f} s", weight_bytes, seconds
+        )
+        return Loaded(
+            n_layers=n_layers,
+            start_layer=start,
+            end_layer=end,
+            model_type=str(config.get("model_type", "")),
+            weight_bytes=weight_bytes,
+            load_seconds=seconds,
+        )
+
+    def warmup(self, _req: Warmup) -> Ok:
+        self.generate(
+            Generate(messages=[Message(role="user", content="hello")], max_tokens=WARMUP_TOKENS),
+            stream=False,
+        )
+        return Ok()
+
+    def unload(self, _req: Unload) -> Ok:
+        import mlx.core as mx
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        mx.clear_cache()
+        return Ok()
+
+    def generate(self, req: Generate, stream: bool = True) -> Done:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        if self.model is None:
+            raise RequestError("NotLoaded", "no model is loaded")
+        if req.max_tokens < 1:
+            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
+        started = time.perf_counter()
+        prompt = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in req.messages],
+            add_generation_prompt=True,
+        )
+        if req.seed is not None:
+            mx.random.seed(req.seed)
+        sampler = make_sampler(req.temperature, req.top_p)
+        scanner = StopScanner(req.stop)
+        first_at = None
+        finish = "length"
+        completion_tokens = 0
+        for response in stream_generate(
+            self.model, self.tokenizer, prompt, max_tokens=req.max_tokens, sampler=sampler
+        ):
+            if first_at is None:
+                first_at = time.perf_counter()
+            # The eos token ends a generation without being part of it.
+            eos = response.finish_reason == "stop"
+            completion_tokens = response.generation_tokens - (1 if eos else 0)
+            delta, stopped = scanner.feed(response.text)
+            if stream and delta:
+                self.pipe.write(Token(text=delta))
+            if stopped or eos:
+                finish = "stop"
+                break
+            if stream and self.pipe.readable() and self._cancelled():
+                finish = "cancelled"
+                break
+        tail = scanner.flush()
+        if stream and tail:
+            self.pipe.write(Token(text=tail))
+        ended = time.perf_counter()
+        first_at = first_at or ended
+        # Decode speed: the tokens after the first, over the time after the first.
+        decode_seconds = ended - first_at
+        decoded = completion_tokens - 1
+        return Done(
+            text=scanner.text,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion_tokens,
+            tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
+            time_to_first_token=first_at - started,
+        )
+
+    def _cancelled(self) -> bool:
+        """Read the waiting request: True for Cancel, else keep it for later."""
+        req = self.pipe.read()
+        if isinstance(req, Cancel):
+            return True
+        # The parent closed the pipe: stop generating for nobody, then exit.
+        self.queued.append(Exit() if req is None else req)
+        return req is None
+
+
+def main() -> int:
+    """Entry point: take over stdin/stdout for the protocol and serve."""
+    proto_in, proto_out = os.dup(0), os.dup(1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    logger.remove()
+    logger.add(sys.stderr, format="{time:HH:mm:ss.SSS} {level} engine: {message} {extra}", colorize=False)
+    logger.bind(pid=os.getpid()).info("engine child started")
+    try:
+        EngineChild(Pipe(proto_in, proto_out)).serve()
+    except BrokenPipeError:
+        logger.warning("parent closed the reply pipe; exiting")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Messages and framing between the runner (parent) and its engine child process.
+
+The child reads requests on its stdin and writes replies on its stdout. Each frame
+is a 4-byte big-endian length followed by a msgpack body; every message is a frozen
+msgspec Struct tagged by its class name, so both sides decode into one union.
+
+Requests are answered in order, one at a time. `Load`, `Warmup`, `Unload` and
+`Generate` each end with exactly one terminal reply (`Loaded`, `Ok`, `Done` or
+`Failed`); `Generate` streams `Token` replies before its terminal one. `Cancel` is
+a notification without a reply: sent during a generation it ends it early (the
+terminal reply is then `Done` with finish_reason "cancelled"); sent while idle it
+is ignored. `Exit` ends the child without a reply.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Literal
+
+import msgspec
+
+HEADER = struct.Struct(">I")
+# A frame bigger than this is a corrupted stream, not a real message: prompts and
+# replies are kilobytes, so refusing early beats allocating gigabytes.
+MAX_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class Message(msgspec.Struct, frozen=True):
+    """One chat message, as the chat template expects it."""
+
+    role: str
+    content: str
+
+
+class Load(msgspec.Struct, tag=True, frozen=True):
+    """Load a model folder; layers [start_layer, end_layer) or the whole model."""
+
+    model_path: str
+    start_layer: int | None = None
+    end_layer: int | None = None
+
+
+class Warmup(msgspec.Struct, tag=True, frozen=True):
+    """Run a short generation so the first real request does not pay for it."""
+
+
+class Generate(msgspec.Struct, tag=True, frozen=True):
+    """Generate a chat completion, streamed as `Token` replies then `Done`."""
+
+    messages: list[Message]
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = []
+
+
+class Cancel(msgspec.Struct, tag=True, frozen=True):
+    """End the running generation early (no reply of its own)."""
+
+
+class Unload(msgspec.Struct, tag=True, frozen=True):
+    """Drop the loaded model and free its memory."""
+
+
+class Exit(msgspec.Struct, tag=True, frozen=True):
+    """Leave the request loop and exit with code 0."""
+
+
+class Loaded(msgspec.Struct, tag=True, frozen=True):
+    """The model is loaded; layers [start_layer, end_layer) are in memory."""
+
+    n_layers: int
+    start_layer: int
+    end_layer: int
+    model_type: str
+    weight_bytes: int
+    load_seconds: float
+
+
+class Ok(msgspec.Struct, tag=True, frozen=True):
+    """The request succeeded and has nothing to report."""
+
+
+class Token(msgspec.Struct, tag=True, frozen=True):
+    """A delta of generated text (never past a stop string)."""
+
+    text: str
+
+
+class Done(msgspec.Struct, tag=True, frozen=True):
+    """The end of a generation: the whole text and its numbers."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "cancelled"]
+    prompt_tokens: int
+    completion_tokens: int
+    tokens_per_second: float
+    time_to_first_token: float
+
+
+class Failed(msgspec.Struct, tag=True, frozen=True):
+    """The request failed; the child is still serving."""
+
+    error_type: str
+    message: str
+
+
+Request = Load | Warmup | Generate | Cancel | Unload | Exit
+Reply = Loaded | Ok | Token | Done | Failed
+TERMINAL_REPLIES = (Loaded, Ok, Done, Failed)
+
+_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def encode_frame(message: Request | Reply) -> bytes:
+    """The bytes of one frame: length header then msgpack body."""
+    body = _encoder.encode(message)
+    return HEADER.pack(len(body)) + body
+
+
+def frame_length(header: bytes) -> int:
+    """The body length announced by a frame header, refusing absurd sizes."""
+    (length,) = HEADER.unpack(header)
+    if length > MAX_FRAME_BYTES:
+        raise ValueError(f"engine frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
+    return length
