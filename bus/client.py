@@ -146,9 +146,10 @@ async def replay(
     stream: str = LOG_STREAM,
     timeout: float = 600.0,
 ) -> int:
-    """Call `handler` for every message from `start_seq` to `end_seq` (default: the
+    """Call `handler` for every message from `start_seq` to `end_seq` (at most the
     stream's last sequence now), in order; return the last sequence handled (0 if none)."""
-    end = await last_seq(js, stream) if end_seq is None else end_seq
+    last = await last_seq(js, stream)
+    end = last if end_seq is None else min(end_seq, last)
     if end < start_seq:
         return 0
     done = asyncio.get_running_loop().create_future()

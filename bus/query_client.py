@@ -1,0 +1,40 @@
+"""Ask the supervisors' query service (`exo.supervisor.*`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+
+from bus import subjects
+
+_ENDPOINTS = {"state": subjects.QUERY_STATE, "runner": subjects.QUERY_RUNNER, "task": subjects.QUERY_TASK}
+
+
+class QueryFailed(Exception):
+    """The query was refused (`code` names why) or nobody answered."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
+    """The reply of endpoint `state`, `runner` or `task` (body fields as keywords, e.g. min_seq)."""
+    payload = msgspec.json.encode({k: v for k, v in body.items() if v is not None})
+    try:
+        msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)
+    except NoRespondersError:
+        raise QueryFailed("NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)") from None
+    except NatsTimeout:
+        raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
+    reply = msgspec.json.decode(msg.data)
+    if msg.headers and "Nats-Service-Error-Code" in msg.headers:
+        error = reply.get("error", {}) if isinstance(reply, dict) else {}
+        raise QueryFailed(error.get("type", msg.headers["Nats-Service-Error-Code"]),
+                          error.get("message", msg.headers.get("Nats-Service-Error", "")))
+    return reply

@@ -1,0 +1,161 @@
+"""`exojet task`, `exojet state`, `exojet replay`: publish, query, and read the log."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import msgspec
+from nats.js import api
+
+from bus import client, subjects
+from bus.codec import BadInput, decode_task
+from bus.envelope import Envelope
+from bus.events import TaskStatusUpdated
+from bus.query_client import QueryFailed, query
+from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from bus.streams import CHUNKS_STREAM
+from bus.tasks import ChatCompletion
+from cli.render import render_runner, render_state, render_task
+from cli.timeline import describe, message_of, task_id_of, timeline_line
+from projections.apply import apply
+from projections.checks import check
+from projections.state import ClusterState
+from supervisor.queries import state_reply
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, timeout: float) -> int:
+    """Validate and publish a task; with `wait`, follow it to its terminal status."""
+    if problem := subjects.id_problem(runner_id):
+        return _fail(problem, 2)
+    data = payload.encode()
+    try:
+        task = decode_task(data)
+    except BadInput as err:
+        return _fail(f"{err.error_type}: {err.message}", 2)
+    nc = await client.connect(nats_url, name="exojet-cli")
+    try:
+        js = nc.jetstream()
+        ack = await client.publish(js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
+        task_id = task.task_id or str(ack.seq)
+        print(f"task {task_id} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else ""))
+        if not wait:
+            return 0
+        stream_id = (task.stream_id if isinstance(task, ChatCompletion) else None) or task_id
+        return await _wait_task(js, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
+    finally:
+        await nc.close()
+
+
+async def _wait_task(js: Any, runner_id: str, task_id: str, after_seq: int, stream_id: str, chat: bool,
+                     timeout: float) -> int:
+    done: asyncio.Future[TaskStatusUpdated] = asyncio.get_running_loop().create_future()
+
+    def on_event(env: Envelope) -> None:
+        message = message_of(env)
+        if isinstance(message, TaskStatusUpdated) and message.task_id == task_id:
+            print(f"  {message.task_status}" + (f" ({message.error_type}: {message.error_message})"
+                                                if message.error_type else ""), file=sys.stderr)
+            if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
+                done.set_result(message)
+
+    subs = [await client.follow(js, on_event, start_seq=after_seq + 1,
+                                subject=subjects.runner_events_subject(runner_id))]
+    if chat:
+        subs.append(await js.subscribe(subjects.chunks_subject(stream_id), stream=CHUNKS_STREAM,
+                                       cb=_print_chunk, ordered_consumer=True,
+                                       deliver_policy=api.DeliverPolicy.ALL))
+    try:
+        final = await asyncio.wait_for(done, timeout)
+    except TimeoutError:
+        return _fail(f"task {task_id} reached no terminal status within {timeout} s")
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+    if chat:
+        print()
+    return 0 if final.task_status == TaskStatus.COMPLETE else 1
+
+
+async def _print_chunk(msg: Any) -> None:
+    chunk = msgspec.json.decode(msg.data)
+    if isinstance(chunk, dict) and chunk.get("text"):
+        print(chunk["text"], end="", flush=True)
+
+
+async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, as_json: bool,
+                     min_seq: int) -> int:
+    """Print the supervisor's projection (or one runner / task of it)."""
+    nc = await client.connect(nats_url, name="exojet-cli")
+    try:
+        endpoint = "runner" if runner_id else "task" if task_id else "state"
+        try:
+            reply = await query(nc, endpoint, runner_id=runner_id, task_id=task_id, min_seq=min_seq or None)
+        except QueryFailed as err:
+            return _fail(f"{err.code}: {err.message}")
+    finally:
+        await nc.close()
+    if as_json:
+        print(msgspec.json.encode(reply).decode())
+    else:
+        print({"runner": render_runner, "task": render_task, "state": render_state}[endpoint](reply))
+    return 0
+
+
+_json = msgspec.json.Encoder()
+
+
+async def replay_log(nats_url: str, runner_id: str | None, task_id: str | None, from_seq: int,
+                     to_seq: int | None, as_json: bool, show: bool, run_check: bool) -> int:
+    """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check."""
+    nc = await client.connect(nats_url, name="exojet-replay")
+    state = ClusterState()
+    try:
+        # The fold always starts at 1 so every line is judged against the real
+        # state before it; only printing honours --from.
+        def on_env(env: Envelope) -> None:
+            nonlocal state
+            message = message_of(env)
+            if env.seq >= from_seq and _selected(env, message, runner_id, task_id):
+                if as_json:
+                    print(_json.encode({"seq": env.seq, "subject": env.subject, "time": env.time,
+                                        "message": _as_json(env.data)}).decode())
+                else:
+                    print(timeline_line(env, *describe(state, env, message)))
+            state = apply(state, env)
+
+        await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
+    finally:
+        await nc.close()
+    if show:
+        print(render_state(state_reply(state)) if not as_json else _json.encode(state).decode())
+    if run_check:
+        report = check(state)
+        for a in report.anomalies:
+            print(f"anomaly at seq {a.seq}: {a.kind}: {a.detail}")
+        for t in report.unfinished_tasks:
+            print(f"unfinished task {t.task_id} ({t.task_type} on {t.runner_id}): {t.status} since seq {t.updated_seq}")
+        for r in report.stuck_runners:
+            print(f"stuck runner {r.runner_id}: {r.status} since seq {r.updated_seq}")
+        print("check: ok" if report.ok else "check: problems found")
+        return 0 if report.ok else 1
+    return 0
+
+
+def _selected(env: Envelope, message: object, runner_id: str | None, task_id: str | None) -> bool:
+    if runner_id and subjects.runner_of(env.subject) != runner_id:
+        return False
+    return not task_id or task_id_of(env, message) == task_id
+
+
+def _as_json(data: bytes) -> Any:
+    try:
+        return msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return {"raw": data.decode("utf-8", "replace")[:1000]}

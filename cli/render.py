@@ -1,0 +1,71 @@
+"""Readable tables of the projection, for `exojet state` and `exojet replay --state`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+TASKS_SHOWN = 30
+
+
+def table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A left-aligned text table."""
+    cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _short(status: str) -> str:
+    return status.removeprefix("Runner")
+
+
+def render_runner_rows(runners: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        [r["runner_id"], _short(r["status"]) + (f" ({r['error_message']})" if r.get("error_message") else ""),
+         r["incarnation"], r.get("model_id"), r.get("running_task"), r["last_event_seq"]]
+        for r in sorted(runners.values(), key=lambda r: r["runner_id"])
+    ]
+    return table(["RUNNER", "STATUS", "INC", "MODEL", "TASK", "LAST SEQ"], rows)
+
+
+def render_task_rows(tasks: list[dict[str, Any]]) -> str:
+    rows = []
+    for t in tasks:
+        error = f"{t['error_type']}: {t['error_message']}" if t.get("error_type") else None
+        rows.append([t["task_id"], t["task_type"], t["runner_id"], t["status"], t["created_seq"], t["updated_seq"],
+                     error])
+    return table(["TASK", "TYPE", "RUNNER", "STATUS", "SEQ", "UPDATED", "ERROR"], rows)
+
+
+def render_state(reply: dict[str, Any]) -> str:
+    """The `exo.supervisor.state` reply (or a local fold shaped like it) as text."""
+    parts = [f"seq {reply['seq']}", "", render_runner_rows(reply["runners"])]
+    tasks = sorted(reply["tasks"].values(), key=lambda t: t["created_seq"])
+    if tasks:
+        shown = tasks[-TASKS_SHOWN:]
+        note = f" (newest {len(shown)} of {len(tasks)})" if len(tasks) > len(shown) else ""
+        parts += ["", f"tasks{note}", render_task_rows(shown)]
+    downloads = [d for d in reply["downloads"].values() if d["downloaded_bytes"] < d["total_bytes"]]
+    if downloads:
+        parts += ["", "downloads in progress", table(
+            ["RUNNER", "MODEL", "BYTES", "FILES"],
+            [[d["runner_id"], d["model_id"], f"{d['downloaded_bytes']}/{d['total_bytes']}",
+              f"{d['completed_files']}/{d['total_files']}"] for d in downloads])]
+    if reply.get("anomaly_count"):
+        parts += ["", f"{reply['anomaly_count']} anomalies (newest last):"]
+        parts += [f"  seq {a['seq']}: {a['kind']}: {a['detail']}" for a in reply["anomalies"]]
+    return "\n".join(parts)
+
+
+def render_runner(reply: dict[str, Any]) -> str:
+    runner = reply["runner"]
+    return "\n".join([f"seq {reply['seq']}", "", render_runner_rows({runner["runner_id"]: runner}), "",
+                      render_task_rows(reply["tasks"])])
+
+
+def render_task(reply: dict[str, Any]) -> str:
+    task = reply["task"]
+    lines = [f"seq {reply['seq']}", "", render_task_rows([task])]
+    if task.get("result"):
+        lines += ["", "result: " + ", ".join(f"{k}={v!r}" for k, v in task["result"].items())]
+    return "\n".join(lines)

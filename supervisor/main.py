@@ -1,0 +1,51 @@
+"""`exojet supervisor`: fold the log, answer queries, until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+from loguru import logger
+
+from bus import client, streams
+from supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
+from supervisor.service import start_service
+
+
+def default_supervisor_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+async def run_supervisor(
+    nats_url: str,
+    supervisor_id: str | None = None,
+    snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code."""
+    supervisor_id = supervisor_id or default_supervisor_id()
+    log = logger.bind(supervisor_id=supervisor_id)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}")
+    try:
+        js = nc.jetstream()
+        await streams.ensure_streams(js)
+        projector = Projector(js, snapshot_every=snapshot_every)
+        await projector.start()
+        service = await start_service(nc, projector, supervisor_id)
+        log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*")
+        await stop.wait()
+        await service.stop()
+        await projector.stop()
+        await projector.snapshot()
+        log.bind(seq=projector.state.seq).info("supervisor stopped")
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await nc.close()

@@ -1,0 +1,121 @@
+"""Keep a projection of the log: newest snapshot, then replay, then follow live."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import msgspec
+from loguru import logger
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from bus import client
+from bus.envelope import Envelope
+from bus.streams import SNAPSHOT_BUCKET
+from projections.apply import apply
+from projections.snapshot import dump_snapshot, load_snapshot
+from projections.state import ClusterState
+
+SNAPSHOT_KEY = "cluster"
+DEFAULT_SNAPSHOT_EVERY = 10_000
+
+Listener = Callable[[ClusterState, Envelope], None]
+
+
+class MinSeqTimeout(Exception):
+    """The projection did not reach the sequence a query asked for in time."""
+
+
+class Projector:
+    """The supervisor's view of the cluster, always a fold of the log up to `state.seq`."""
+
+    def __init__(self, js: JetStreamContext, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> None:
+        self.js = js
+        self.state = ClusterState()
+        self.snapshot_every = snapshot_every
+        self.listeners: list[Listener] = []
+        self._kv: KeyValue | None = None
+        self._since_snapshot = 0
+        self._advanced = asyncio.Event()
+        self._sub = None
+        self._snapshot_task: asyncio.Task[None] | None = None
+        self.caught_up = asyncio.Event()
+        self._catch_up_seq = 0
+
+    async def start(self) -> None:
+        """Load the newest snapshot, then fold everything after it and keep following."""
+        started = time.perf_counter()
+        self._kv = await self.js.key_value(SNAPSHOT_BUCKET)
+        await self._load_snapshot()
+        from_snapshot = self.state.seq
+        self._catch_up_seq = await client.last_seq(self.js)
+        if self._catch_up_seq <= self.state.seq:
+            self.caught_up.set()
+        self._sub = await client.follow(self.js, self._on_envelope, start_seq=self.state.seq + 1)
+        await self.caught_up.wait()
+        logger.bind(seq=self.state.seq, snapshot_seq=from_snapshot).info(
+            f"projection caught up in {time.perf_counter() - started:.3f} s"
+        )
+
+    async def _load_snapshot(self) -> None:
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(SNAPSHOT_KEY)
+        except KeyNotFoundError:
+            return
+        try:
+            self.state = load_snapshot(entry.value or b"")
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            # A snapshot is only a shortcut: without it we fold the whole log.
+            logger.warning(f"ignoring unreadable snapshot: {err}")
+            self.state = ClusterState()
+
+    def _on_envelope(self, env: Envelope) -> None:
+        if env.seq <= self.state.seq:
+            return
+        self.state = apply(self.state, env)
+        for listener in self.listeners:
+            listener(self.state, env)
+        self._advanced.set()
+        self._advanced = asyncio.Event()
+        if not self.caught_up.is_set() and self.state.seq >= self._catch_up_seq:
+            self.caught_up.set()
+        self._since_snapshot += 1
+        if self._since_snapshot >= self.snapshot_every and self._snapshot_task is None:
+            self._since_snapshot = 0
+            self._snapshot_task = asyncio.ensure_future(self.snapshot())
+            self._snapshot_task.add_done_callback(lambda _: setattr(self, "_snapshot_task", None))
+
+    async def snapshot(self) -> int:
+        """Store the current state in KV `EXO_SNAPSHOTS`; returns its seq."""
+        assert self._kv is not None
+        data = dump_snapshot(self.state)
+        await self._kv.put(SNAPSHOT_KEY, data)
+        logger.bind(seq=self.state.seq).debug(f"snapshot stored ({len(data)} bytes)")
+        return self.state.seq
+
+    async def wait_for(self, min_seq: int, timeout: float) -> ClusterState:
+        """The state once it has folded `min_seq`, or MinSeqTimeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.state.seq < min_seq:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0:
+                raise MinSeqTimeout(
+                    f"projection is at seq {self.state.seq}, min_seq {min_seq} not reached within {timeout} s"
+                )
+            try:
+                await asyncio.wait_for(self._advanced.wait(), remaining)
+            except TimeoutError:
+                continue
+        return self.state
+
+    async def stop(self) -> None:
+        """Stop following (the state stays readable)."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        if self._snapshot_task is not None:
+            await self._snapshot_task

@@ -1,0 +1,88 @@
+"""The query service: NATS Services API endpoints over the projection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from loguru import logger
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from bus import subjects
+from projections.state import ClusterState
+from supervisor.projector import MinSeqTimeout, Projector
+from supervisor.queries import QueryError, runner_reply, state_reply, task_reply
+
+SERVICE_NAME = "exojet-supervisor"
+SERVICE_VERSION = "0.1.0"
+DEFAULT_MIN_SEQ_TIMEOUT_S = 5.0
+MAX_MIN_SEQ_TIMEOUT_S = 60.0
+
+
+class QueryRequest(msgspec.Struct, kw_only=True):
+    min_seq: int = 0
+    timeout: float = DEFAULT_MIN_SEQ_TIMEOUT_S
+    runner_id: str | None = None
+    task_id: str | None = None
+
+
+_decoder = msgspec.json.Decoder(QueryRequest)
+_encoder = msgspec.json.Encoder()
+
+Answer = Callable[[ClusterState, QueryRequest], dict[str, Any]]
+
+
+def _need(value: str | None, field: str) -> str:
+    if not value:
+        raise QueryError("BadRequest", f"the request body must name `{field}`, e.g. {{\"{field}\": \"...\"}}")
+    return value
+
+
+ANSWERS: dict[str, tuple[str, Answer]] = {
+    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s)),
+    "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"))),
+    "task": (subjects.QUERY_TASK, lambda s, q: task_reply(s, _need(q.task_id, "task_id"))),
+}
+
+
+async def start_service(nc: NATS, projector: Projector, supervisor_id: str) -> Service:
+    """Register `exojet-supervisor` with its state, runner and task endpoints."""
+    service = await add_service(
+        nc,
+        name=SERVICE_NAME,
+        version=SERVICE_VERSION,
+        description="exojet supervisor: queries of the cluster projection (body: optional JSON "
+        "{min_seq, timeout, runner_id, task_id}; every reply carries seq)",
+        metadata={"supervisor_id": supervisor_id},
+    )
+    for name, (subject, answer) in ANSWERS.items():
+        await service.add_endpoint(name=name, subject=subject, handler=_handler(projector, answer, supervisor_id))
+    return service
+
+
+def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callable[[Request], Any]:
+    async def handle(req: Request) -> None:
+        seq = projector.state.seq
+        try:
+            query = _decoder.decode(req.data) if req.data.strip() else QueryRequest()
+            timeout = min(max(query.timeout, 0.0), MAX_MIN_SEQ_TIMEOUT_S)
+            state = await projector.wait_for(query.min_seq, timeout)
+            await req.respond(_encoder.encode({**answer(state, query), "supervisor_id": supervisor_id}))
+        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+            await _error(req, "BadRequest", f"request body: {err}", seq)
+        except MinSeqTimeout as err:
+            await _error(req, "Timeout", str(err), projector.state.seq)
+        except QueryError as err:
+            await _error(req, err.code, err.message, projector.state.seq)
+
+    return handle
+
+
+async def _error(req: Request, code: str, message: str, seq: int) -> None:
+    logger.bind(subject=req.subject, seq=seq).info(f"query refused: {code}: {message}")
+    body = _encoder.encode({"seq": seq, "error": {"type": code, "message": message}})
+    await req.respond_error(code, message, data=body)
