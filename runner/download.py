@@ -26,6 +26,7 @@ import hashlib
 import inspect
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -69,6 +70,8 @@ DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = (
 DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_DIR = ".partial"
 _CHUNK = 1024 * 1024
+# The commit names the staging folder, so it must be a plain name (the Hub sends 40 hex digits).
+_SAFE_COMMIT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # HTTP statuses worth retrying: the Hub or its CDN being busy or briefly down.
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -316,6 +319,11 @@ class _Job:
                 "MLX/safetensors repo",
             )
         commit = info.sha or self.revision or "main"
+        if not _SAFE_COMMIT.fullmatch(commit):
+            raise DownloadError(
+                "DownloadFailed",
+                f"model {self.model_id}: {self.endpoint} sent an unusable commit id {commit!r}",
+            )
         staging = self.partial_root / f"{self.final.name}@{commit}"
         for s in files:
             self._check_path(staging, s.rfilename)

@@ -270,7 +270,8 @@ async def test_slow_body_keeps_event_loop_responsive(
     assert_same_files(path, tiny_src)
     elapsed = ticks[-1] - ticks[0]
     assert elapsed > 1.0
-    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.25
+    # A blocked loop would stall for the whole download (over a second); allow for a busy CI box.
+    assert max(b - a for a, b in itertools.pairwise(ticks)) < 0.5
     # Throttled: at least one report mid-download, none closer than the interval (bar the final one).
     assert len(reports) >= 2
     assert all(b - a >= 0.45 for a, b in itertools.pairwise(reports[:-1]))
