@@ -19,6 +19,7 @@ import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import TypeVar
 
 from loguru import logger
 
@@ -45,6 +46,7 @@ from runner.engine_protocol import (
 
 STDERR_LINES = 40
 _MAX_STDERR_LINE = 2000
+_R = TypeVar("_R", Loaded, Ok)
 
 
 class EngineError(Exception):
@@ -88,7 +90,11 @@ class Engine:
     @property
     def alive(self) -> bool:
         """Whether the child is running and has not been found dead."""
-        return self._proc is not None and self._proc.returncode is None and self._crash is None
+        return (
+            self._proc is not None
+            and self._proc.returncode is None
+            and self._crash is None
+        )
 
     @property
     def stderr_tail(self) -> list[str]:
@@ -122,20 +128,24 @@ class Engine:
         self._log.info("engine process started")
 
     async def load(
-        self, model_path: str, start_layer: int | None = None, end_layer: int | None = None
+        self,
+        model_path: str,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
     ) -> Loaded:
         """Load a model folder (layers [start_layer, end_layer) or all of them)."""
-        reply = await self._call(Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer))
-        assert isinstance(reply, Loaded)
-        return reply
+        return await self._call(
+            Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer),
+            Loaded,
+        )
 
     async def warmup(self) -> None:
         """Run a short generation so the first request does not pay for compilation."""
-        await self._call(Warmup())
+        await self._call(Warmup(), Ok)
 
     async def unload(self) -> None:
         """Drop the loaded model and free its memory."""
-        await self._call(Unload())
+        await self._call(Unload(), Ok)
 
     async def generate(self, req: Generate) -> AsyncIterator[Token | Done]:
         """Stream a chat completion: `Token` deltas as they come, then one `Done`.
@@ -159,7 +169,7 @@ class Engine:
             finally:
                 if not finished and self.alive:
                     # No await here: this may run while the generator is being closed.
-                    self._proc.stdin.write(encode_frame(Cancel()))
+                    self._stdin().write(encode_frame(Cancel()))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit; terminate, then kill it if it does not in time."""
@@ -170,8 +180,9 @@ class Engine:
         if proc.returncode is None:
             try:
                 # Cancel first so a running generation ends instead of finishing.
-                proc.stdin.write(encode_frame(Cancel()) + encode_frame(Exit()))
-                await proc.stdin.drain()
+                stdin = self._stdin()
+                stdin.write(encode_frame(Cancel()) + encode_frame(Exit()))
+                await stdin.drain()
             except ConnectionError:
                 pass
             for escalate in (proc.terminate, proc.kill):
@@ -179,7 +190,9 @@ class Engine:
                     await asyncio.wait_for(proc.wait(), timeout)
                     break
                 except TimeoutError:
-                    self._log.warning("engine did not exit in {} s; {}", timeout, escalate.__name__)
+                    self._log.warning(
+                        "engine did not exit in {} s; {}", timeout, escalate.__name__
+                    )
                     escalate()
             else:
                 await proc.wait()
@@ -193,11 +206,12 @@ class Engine:
                 await task
         self._reader = self._stderr_reader = None
 
-    async def _call(self, req: Request) -> Reply:
+    async def _call(self, req: Request, expected: type[_R]) -> _R:
+        """Send a request that has a single reply and return it."""
         async with self._lock:
             await self._send(req)
             reply = await self._next_reply()
-            if isinstance(reply, TERMINAL_REPLIES) and not isinstance(reply, (Failed, Done)):
+            if isinstance(reply, expected):
                 return reply
             raise self._unexpected(reply)
 
@@ -205,17 +219,21 @@ class Engine:
         """Send a request once the replies of abandoned requests are drained."""
         if self._crash is not None:
             raise self._crash
-        if self._proc is None:
-            raise EngineCrashed("engine process is not running; call start() first")
+        stdin = self._stdin()
         while self._owed:
             await self._next_reply()
-        self._proc.stdin.write(encode_frame(req))
+        stdin.write(encode_frame(req))
         self._owed += 1
         try:
-            await self._proc.stdin.drain()
+            await stdin.drain()
         except ConnectionError:
             # The child is gone; the reader reports how, with its stderr.
             pass
+
+    def _stdin(self) -> asyncio.StreamWriter:
+        if self._proc is None or self._proc.stdin is None:
+            raise EngineCrashed("engine process is not running; call start() first")
+        return self._proc.stdin
 
     async def _next_reply(self) -> Reply:
         item = await self._replies.get()
@@ -229,7 +247,9 @@ class Engine:
     def _unexpected(self, reply: Reply) -> Exception:
         if isinstance(reply, Failed):
             return EngineError(reply.error_type, reply.message)
-        return EngineError("ProtocolError", f"unexpected engine reply {type(reply).__name__}")
+        return EngineError(
+            "ProtocolError", f"unexpected engine reply {type(reply).__name__}"
+        )
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         """Turn the child's stdout into replies; at its end, report the crash."""
@@ -248,7 +268,9 @@ class Engine:
         await proc.wait()
         if self._stderr_reader is not None:
             await self._stderr_reader
-        self._replies.put_nowait(EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail()))
+        self._replies.put_nowait(
+            EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail())
+        )
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -283,4 +305,13 @@ class Engine:
         return "; last stderr lines:\n" + "\n".join(self._stderr)
 
 
-__all__ = ["Done", "Engine", "EngineCrashed", "EngineError", "Generate", "Loaded", "Ok", "Token"]
+__all__ = [
+    "Done",
+    "Engine",
+    "EngineCrashed",
+    "EngineError",
+    "Generate",
+    "Loaded",
+    "Ok",
+    "Token",
+]

@@ -20,7 +20,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from loguru import logger
 
@@ -34,8 +34,8 @@ from runner.engine_protocol import (
     Loaded,
     Message,
     Ok,
-    Request,
     Reply,
+    Request,
     Token,
     Unload,
     Warmup,
@@ -150,10 +150,11 @@ def materialise(model: Any, start: int, end: int) -> int:
     from mlx.utils import tree_flatten
 
     n_layers = len(model.layers)
-    params = tree_flatten(model.parameters())
-    tied = not any(name.startswith("lm_head.") for name, _ in params)
-    wanted = []
-    for name, array in params:
+    params: dict[str, Any] = {}
+    tree_flatten(model.parameters(), destination=params)
+    tied = not any(name.startswith("lm_head.") for name in params)
+    wanted: list[Any] = []
+    for name, array in params.items():
         match = _LAYER_INDEX.search(name)
         if match:
             keep = start <= int(match.group(1)) < end
@@ -182,6 +183,7 @@ class EngineChild:
             Warmup: self.warmup,
             Generate: self.generate,
             Unload: self.unload,
+            # A Cancel that arrives after its generation ended has nothing to cancel.
             Cancel: lambda _req: None,
         }
 
@@ -195,15 +197,20 @@ class EngineChild:
             try:
                 reply = self.handlers[type(req)](req)
             except RequestError as exc:
-                log.warning("request failed: {}", exc)
+                log.bind(error_type=exc.error_type).warning(f"request failed: {exc}")
                 reply = Failed(error_type=exc.error_type, message=str(exc))
-            except Exception as exc:  # noqa: BLE001 - any engine error is the caller's answer
+            except (
+                Exception
+            ) as exc:  # any engine error is the caller's answer, not a crash
                 log.exception("request failed")
-                reply = Failed(error_type=type(exc).__name__, message=str(exc) or repr(exc))
+                reply = Failed(
+                    error_type=type(exc).__name__, message=str(exc) or repr(exc)
+                )
             if reply is not None:
                 self.pipe.write(reply)
 
     def load(self, req: Load) -> Loaded:
+        """Load a model folder lazily and materialise the requested layers."""
         from mlx_lm.utils import load_model, load_tokenizer
 
         started = time.perf_counter()
@@ -217,7 +224,9 @@ class EngineChild:
             model, config = load_model(path, lazy=True)
             tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         except Exception as exc:
-            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+            raise RequestError(
+                "ModelLoadError", f"could not load model from {path}: {exc}"
+            ) from exc
         n_layers = len(model.layers)
         start = 0 if req.start_layer is None else req.start_layer
         end = n_layers if req.end_layer is None else req.end_layer
@@ -242,13 +251,18 @@ class EngineChild:
         )
 
     def warmup(self, _req: Warmup) -> Ok:
+        """Generate a few tokens so kernels are compiled before the first request."""
         self.generate(
-            Generate(messages=[Message(role="user", content="hello")], max_tokens=WARMUP_TOKENS),
+            Generate(
+                messages=[Message(role="user", content="hello")],
+                max_tokens=WARMUP_TOKENS,
+            ),
             stream=False,
         )
         return Ok()
 
     def unload(self, _req: Unload) -> Ok:
+        """Drop the model and return its memory to the system."""
         import mlx.core as mx
 
         self.model = self.tokenizer = None
@@ -257,6 +271,7 @@ class EngineChild:
         return Ok()
 
     def generate(self, req: Generate, stream: bool = True) -> Done:
+        """Generate a chat completion, writing Token replies when streaming."""
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
@@ -264,7 +279,9 @@ class EngineChild:
         if self.model is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
-            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
+            raise RequestError(
+                "InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}"
+            )
         started = time.perf_counter()
         prompt = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in req.messages],
@@ -275,10 +292,14 @@ class EngineChild:
         sampler = make_sampler(req.temperature, req.top_p)
         scanner = StopScanner(req.stop)
         first_at = None
-        finish = "length"
+        finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
         for response in stream_generate(
-            self.model, self.tokenizer, prompt, max_tokens=req.max_tokens, sampler=sampler
+            self.model,
+            self.tokenizer,
+            prompt,
+            max_tokens=req.max_tokens,
+            sampler=sampler,
         ):
             if first_at is None:
                 first_at = time.perf_counter()
@@ -307,7 +328,9 @@ class EngineChild:
             finish_reason=finish,
             prompt_tokens=len(prompt),
             completion_tokens=completion_tokens,
-            tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
+            tokens_per_second=decoded / decode_seconds
+            if decoded > 0 and decode_seconds > 0
+            else 0.0,
             time_to_first_token=first_at - started,
         )
 
@@ -330,7 +353,11 @@ def main() -> int:
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     logger.remove()
-    logger.add(sys.stderr, format="{time:HH:mm:ss.SSS} {level} engine: {message} {extra}", colorize=False)
+    logger.add(
+        sys.stderr,
+        format="{time:HH:mm:ss.SSS} {level} engine: {message} {extra}",
+        colorize=False,
+    )
     logger.bind(pid=os.getpid()).info("engine child started")
     try:
         EngineChild(Pipe(proto_in, proto_out)).serve()

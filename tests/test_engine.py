@@ -7,6 +7,7 @@ tiny random llama, and the reference outputs come from mlx-lm in this process.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -59,9 +60,14 @@ def direct_deltas(reference: tuple[object, object], max_tokens: int) -> list[str
 
     model, tokenizer = reference
     prompt = tokenizer.apply_chat_template(
-        [{"role": m.role, "content": m.content} for m in PROMPT], add_generation_prompt=True
+        [{"role": m.role, "content": m.content} for m in PROMPT],
+        add_generation_prompt=True,
     )
-    return [r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens) if r.text]
+    return [
+        r.text
+        for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
+        if r.text
+    ]
 
 
 async def collect(engine: Engine, req: Generate) -> tuple[list[str], Done]:
@@ -76,7 +82,9 @@ async def collect(engine: Engine, req: Generate) -> tuple[list[str], Done]:
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_greedy_stream_matches_mlx_lm(engine: Engine, tiny_model: Path, reference) -> None:
+async def test_greedy_stream_matches_mlx_lm(
+    engine: Engine, tiny_model: Path, reference
+) -> None:
     loaded = await engine.load(str(tiny_model))
     assert (loaded.n_layers, loaded.start_layer, loaded.end_layer) == (4, 0, 4)
     await engine.warmup()
@@ -95,7 +103,9 @@ async def test_greedy_stream_matches_mlx_lm(engine: Engine, tiny_model: Path, re
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_stop_string_truncates_the_stream(engine: Engine, tiny_model: Path, reference) -> None:
+async def test_stop_string_truncates_the_stream(
+    engine: Engine, tiny_model: Path, reference
+) -> None:
     await engine.load(str(tiny_model))
     full = "".join(direct_deltas(reference, max_tokens=40))
     # A stop string spanning several tokens, so it has to be held back while it forms.
@@ -118,14 +128,16 @@ async def test_stop_string_truncates_the_stream(engine: Engine, tiny_model: Path
     cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=8),
     stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
 )
-def test_stop_scanner_never_sends_past_a_stop(text: str, cuts: list[int], stops: list[str]) -> None:
+def test_stop_scanner_never_sends_past_a_stop(
+    text: str, cuts: list[int], stops: list[str]
+) -> None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     expected = text[: min(hits)] if hits else text
     scanner = StopScanner(stops)
     sent = ""
     stopped = False
     bounds = [0, *sorted(cuts), len(text)]
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         out, stopped = scanner.feed(text[a:b] if a < b else "")
         sent += out
         if stopped:
@@ -142,7 +154,9 @@ async def test_same_seed_same_text(engine: Engine, tiny_model: Path) -> None:
     await engine.load(str(tiny_model))
 
     def sampled(seed: int) -> Generate:
-        return Generate(messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed)
+        return Generate(
+            messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed
+        )
 
     _, first = await collect(engine, sampled(7))
     _, again = await collect(engine, sampled(7))
@@ -183,7 +197,9 @@ async def test_load_errors_are_answers_and_the_engine_keeps_serving(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_shard_load_materialises_only_its_layers(engine: Engine, tiny_model: Path) -> None:
+async def test_shard_load_materialises_only_its_layers(
+    engine: Engine, tiny_model: Path
+) -> None:
     whole = await engine.load(str(tiny_model))
     middle = await engine.load(str(tiny_model), start_layer=1, end_layer=3)
 
@@ -198,7 +214,9 @@ async def test_shard_load_materialises_only_its_layers(engine: Engine, tiny_mode
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_abandoned_generation_is_cancelled(engine: Engine, tiny_model: Path, reference) -> None:
+async def test_abandoned_generation_is_cancelled(
+    engine: Engine, tiny_model: Path, reference
+) -> None:
     await engine.load(str(tiny_model))
     stream = engine.generate(Generate(messages=PROMPT, max_tokens=ENDLESS))
     async for reply in stream:
@@ -214,7 +232,9 @@ async def test_abandoned_generation_is_cancelled(engine: Engine, tiny_model: Pat
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_event_loop_stays_responsive_while_generating(engine: Engine, tiny_model: Path) -> None:
+async def test_event_loop_stays_responsive_while_generating(
+    engine: Engine, tiny_model: Path
+) -> None:
     await engine.load(str(tiny_model))
     ticks: list[float] = []
     gen_done = asyncio.Event()
@@ -230,21 +250,25 @@ async def test_event_loop_stays_responsive_while_generating(engine: Engine, tiny
     await ticker
 
     assert done.completion_tokens == 300
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert len(ticks) > 3
     assert max(gaps) < 0.25
 
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_sigkill_during_generation_then_restart(tiny_model: Path, reference) -> None:
+async def test_sigkill_during_generation_then_restart(
+    tiny_model: Path, reference
+) -> None:
     eng = Engine()
     await eng.start()
     try:
         await eng.load(str(tiny_model))
         first_pid = eng.pid
         with pytest.raises(EngineCrashed) as crash:
-            async for reply in eng.generate(Generate(messages=PROMPT, max_tokens=ENDLESS)):
+            async for reply in eng.generate(
+                Generate(messages=PROMPT, max_tokens=ENDLESS)
+            ):
                 assert isinstance(reply, Token)
                 os.kill(first_pid, signal.SIGKILL)
         assert "killed by SIGKILL" in str(crash.value)
