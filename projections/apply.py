@@ -63,8 +63,10 @@ def _seen(state: ClusterState, event_id: str) -> bool:
     if event_id in ids:
         return True
     ids[event_id] = None
-    if len(ids) > EVENT_ID_WINDOW:
-        del ids[next(iter(ids))]
+    # Trim in batches: deleting the oldest key one at a time makes dict
+    # iteration skip ever more dead slots (quadratic over a long replay).
+    if len(ids) > EVENT_ID_WINDOW + EVENT_ID_WINDOW // 2:
+        state.recent_event_ids = dict.fromkeys(list(ids)[-EVENT_ID_WINDOW:])
     return False
 
 

@@ -74,7 +74,9 @@ class ClusterState(msgspec.Struct, kw_only=True):
     tasks: dict[str, TaskView] = {}
     downloads: dict[str, DownloadView] = {}
     anomalies: list[Anomaly] = []
-    # Insertion-ordered, trimmed to EVENT_ID_WINDOW (a dict keeps the order).
+    # Insertion-ordered (a dict keeps the order); trimmed back to EVENT_ID_WINDOW
+    # whenever it grows half as large again, so what it holds depends only on
+    # the sequence of events, never on where a snapshot was cut.
     recent_event_ids: dict[str, None] = {}
 
 

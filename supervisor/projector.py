@@ -39,7 +39,8 @@ class Projector:
         self.listeners: list[Listener] = []
         self._kv: KeyValue | None = None
         self._since_snapshot = 0
-        self._advanced = asyncio.Event()
+        # (min_seq, future) of queries waiting for the projection to get there.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sub = None
         self._snapshot_task: asyncio.Task[None] | None = None
         self.caught_up = asyncio.Event()
@@ -79,8 +80,8 @@ class Projector:
         self.state = apply(self.state, env)
         for listener in self.listeners:
             listener(self.state, env)
-        self._advanced.set()
-        self._advanced = asyncio.Event()
+        if self._waiters:
+            self._wake(self.state.seq)
         if not self.caught_up.is_set() and self.state.seq >= self._catch_up_seq:
             self.caught_up.set()
         self._since_snapshot += 1
@@ -88,6 +89,16 @@ class Projector:
             self._since_snapshot = 0
             self._snapshot_task = asyncio.ensure_future(self.snapshot())
             self._snapshot_task.add_done_callback(lambda _: setattr(self, "_snapshot_task", None))
+
+    def _wake(self, seq: int) -> None:
+        waiting = []
+        for min_seq, future in self._waiters:
+            if seq >= min_seq:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                waiting.append((min_seq, future))
+        self._waiters = waiting
 
     async def snapshot(self) -> int:
         """Store the current state in KV `EXO_SNAPSHOTS`; returns its seq."""
@@ -99,17 +110,17 @@ class Projector:
 
     async def wait_for(self, min_seq: int, timeout: float) -> ClusterState:
         """The state once it has folded `min_seq`, or MinSeqTimeout."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while self.state.seq < min_seq:
-            remaining = deadline - asyncio.get_running_loop().time()
-            if remaining <= 0:
-                raise MinSeqTimeout(
-                    f"projection is at seq {self.state.seq}, min_seq {min_seq} not reached within {timeout} s"
-                )
-            try:
-                await asyncio.wait_for(self._advanced.wait(), remaining)
-            except TimeoutError:
-                continue
+        if self.state.seq >= min_seq:
+            return self.state
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((min_seq, future))
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            self._waiters = [(m, f) for m, f in self._waiters if f is not future]
+            raise MinSeqTimeout(
+                f"projection is at seq {self.state.seq}, min_seq {min_seq} not reached within {timeout} s"
+            ) from None
         return self.state
 
     async def stop(self) -> None:
