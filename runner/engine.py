@@ -15,6 +15,7 @@ generation the consumer stopped reading) is drained before the next one is sent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections import deque
@@ -193,7 +194,9 @@ class Engine:
                     self._log.warning(
                         "engine did not exit in {} s; {}", timeout, escalate.__name__
                     )
-                    escalate()
+                    # It may have exited in the meantime; then there is nothing to signal.
+                    with contextlib.suppress(ProcessLookupError):
+                        escalate()
             else:
                 await proc.wait()
         await self._reap()
