@@ -102,8 +102,15 @@ async def last_seq(js: JetStreamContext, stream: str = LOG_STREAM) -> int:
 
 
 def _envelope(msg: Msg) -> Envelope:
-    meta = msg.metadata
-    return Envelope(seq=meta.sequence.stream, subject=msg.subject, data=msg.data, time=meta.timestamp)
+    # The ack subject carries the stream sequence and the time: read them
+    # directly (msg.metadata builds several objects per message, and replay
+    # speed is bounded by per-message work). Old form has 9 tokens:
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>;
+    # the new one adds <domain>.<account hash> after ACK and a trailing token.
+    tokens = msg.reply.split(".")
+    offset = 0 if len(tokens) == 9 else 2
+    return Envelope(seq=int(tokens[5 + offset]), subject=msg.subject, data=msg.data,
+                    time=int(tokens[7 + offset]) / 1e9)
 
 
 async def follow(
@@ -121,9 +128,14 @@ async def follow(
     """
 
     async def on_msg(msg: Msg) -> None:
-        result = handler(_envelope(msg))
-        if result is not None:
-            await result
+        env = _envelope(msg)
+        try:
+            result = handler(env)
+            if result is not None:
+                await result
+        except Exception:
+            # One bad handler call must not stop the follow: log it with its place in the log.
+            logger.bind(seq=env.seq, subject=env.subject).exception("handler failed on a log message")
 
     return await js.subscribe(
         subject,
@@ -159,11 +171,15 @@ async def replay(
         nonlocal seen
         if done.done():
             return
-        if env.seq <= end:
-            result = handler(env)
-            if result is not None:
-                await result
-            seen = env.seq
+        try:
+            if env.seq <= end:
+                result = handler(env)
+                if result is not None:
+                    await result
+                seen = env.seq
+        except Exception as err:  # surfaced to replay's caller instead of a silent stall
+            done.set_exception(err)
+            return
         if env.seq >= end:
             done.set_result(None)
 

@@ -1,0 +1,103 @@
+"""`exojet task`, `exojet state` and `exojet replay` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from bus import client
+from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.server import NatsServer
+from bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
+from tests.procs import REPO, exojet, stop
+from tests.supervisor_helpers import until_answering
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--nats", url], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+async def _write_log(nc: NATS) -> None:
+    """r1 registers, gets a LoadModel, starts loading and is never heard of again."""
+    js = nc.jetstream()
+    ev = "exo.events.runner.r1"
+    await client.publish(js, ev, RunnerRegistered(event_id="a", runner_id="r1", incarnation=1, host="box", pid=7))
+    await client.publish(js, ev, RunnerStatusUpdated(event_id="b", runner_id="r1", incarnation=1,
+                                                     runner_status=RunnerIdle()))
+    await client.publish(js, "exo.tasks.r1", b'{"type":"LoadModel","task_id":"load1","shard":{"model_id":"local/tiny"}}')
+    await client.publish(js, ev, TaskStatusUpdated(event_id="c", runner_id="r1", incarnation=1, task_id="load1",
+                                                   task_status=TaskStatus.RUNNING))
+    await client.publish(js, ev, RunnerStatusUpdated(event_id="d", runner_id="r1", incarnation=1,
+                                                     runner_status=RunnerLoading()))
+
+
+async def test_task_command_validates_and_publishes(nats_server: NatsServer, nc: NATS) -> None:
+    bad = run("task", "r1", '{"type":"ChatCompletion","messages":[]}', url=nats_server.url)
+    assert bad.returncode == 2
+    assert "InvalidField" in bad.stderr and "messages" in bad.stderr
+    assert await client.last_seq(nc.jetstream()) == 0  # refused before publishing
+    ok = run("task", "r1", '{"type":"StartWarmup"}', url=nats_server.url)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == "task 1 seq 1"
+    named = run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
+    again = run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
+    assert named.stdout.strip() == "task w1 seq 2"
+    assert again.stdout.strip() == "task w1 seq 2 (duplicate)"
+
+
+async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc: NATS) -> None:
+    await _write_log(nc)
+    timeline = run("replay", url=nats_server.url)
+    assert timeline.returncode == 0, timeline.stderr
+    lines = timeline.stdout.splitlines()
+    assert len(lines) == 5
+    assert "r1 incarnation 1 on box pid 7" in lines[0]
+    assert "r1: Unregistered -> RunnerIdle" in lines[1]
+    assert "task load1 for local/tiny" in lines[2]
+    assert "task load1: Pending -> Running" in lines[3]
+    assert "r1: RunnerIdle -> RunnerLoading" in lines[4]
+
+    only_task = run("replay", "--task", "load1", "--json", url=nats_server.url)
+    objs = [json.loads(line) for line in only_task.stdout.splitlines()]
+    assert [o["seq"] for o in objs] == [3, 4]
+    assert objs[0]["subject"] == "exo.tasks.r1" and objs[0]["message"]["type"] == "LoadModel"
+
+    window = run("replay", "--from", "2", "--to", "3", url=nats_server.url)
+    assert [line.split()[0] for line in window.stdout.splitlines()] == ["2", "3"]
+
+    as_of = run("replay", "--to", "2", "--state", url=nats_server.url)
+    assert "Idle" in as_of.stdout and "Loading" not in as_of.stdout
+
+    checked = run("replay", "--check", url=nats_server.url)
+    assert checked.returncode == 1
+    assert "unfinished task load1 (LoadModel on r1): Running" in checked.stdout
+    assert "stuck runner r1: RunnerLoading" in checked.stdout
+    assert run("replay", "--to", "2", "--check", url=nats_server.url).returncode == 0
+
+
+async def test_state_command_renders_the_projection(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:
+    await _write_log(nc)
+    sup = exojet("supervisor", "--nats", nats_server.url, log=tmp_path / "sup.log")
+    try:
+        await until_answering(nc, min_seq=5)
+        table = run("state", "--min-seq", "5", url=nats_server.url)
+        assert table.returncode == 0, table.stderr
+        assert "seq 5" in table.stdout
+        row = next(line for line in table.stdout.splitlines() if line.startswith("r1 "))
+        assert row.split()[:3] == ["r1", "Loading", "1"]
+        task = run("state", "--task", "load1", "--json", url=nats_server.url)
+        assert json.loads(task.stdout)["task"]["status"] == "Running"
+        missing = run("state", "--runner", "ghost", url=nats_server.url)
+        assert missing.returncode == 1 and "NotFound" in missing.stderr
+    finally:
+        assert stop(sup) == 0
+    nobody = run("state", url=nats_server.url)
+    assert nobody.returncode == 1 and "NoSupervisor" in nobody.stderr
