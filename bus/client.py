@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
+from nats.errors import NoServersError
 from nats.js.errors import APIError, NotFoundError
 
 from bus.codec import encode
@@ -27,6 +28,10 @@ WRONG_LAST_SEQUENCE = 10071
 Handler = Callable[[Envelope], Awaitable[None] | None]
 
 
+class NatsUnreachable(ConnectionError):
+    """No NATS server answered at the URL."""
+
+
 class WrongLastSequence(Exception):
     """Someone else wrote the subject since our last write: we are fenced out."""
 
@@ -37,20 +42,32 @@ def default_url() -> str:
 
 
 async def connect(url: str | None = None, name: str = "exojet", *, connect_timeout: float = 5.0) -> NATS:
-    """Connect with bounded retries (nats-py would otherwise block ~2 minutes)."""
+    """Connect with bounded retries (nats-py would otherwise block ~2 minutes).
+
+    Raises NatsUnreachable, naming the URL, when no server answers.
+    """
+    connected = False
 
     async def on_error(err: Exception) -> None:
-        logger.bind(client=name).warning(f"nats: {err!r}")
+        # Before the first connect the failure is raised to the caller; logging
+        # each attempt as well would only repeat it.
+        (logger.bind(client=name).warning if connected else logger.bind(client=name).debug)(f"nats: {err!r}")
 
-    return await nats.connect(
-        url or default_url(),
-        name=name,
-        connect_timeout=connect_timeout,
-        max_reconnect_attempts=3 if connect_timeout else 0,
-        reconnect_time_wait=0.5,
-        allow_reconnect=True,
-        error_cb=on_error,
-    )
+    try:
+        nc = await nats.connect(
+            url or default_url(),
+            name=name,
+            connect_timeout=connect_timeout,
+            max_reconnect_attempts=3,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            error_cb=on_error,
+        )
+    except (NoServersError, OSError) as err:
+        raise NatsUnreachable(f"cannot reach NATS at {url or default_url()} ({err!r}); start a server with "
+                              "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL") from None
+    connected = True
+    return nc
 
 
 def _headers(msg_id: str | None, expected_last_subject_seq: int | None) -> dict[str, str] | None:

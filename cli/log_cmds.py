@@ -48,20 +48,23 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
         if not wait:
             return 0
         stream_id = (task.stream_id if isinstance(task, ChatCompletion) else None) or task_id
-        return await _wait_task(js, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
+        return await wait_task(js, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
     finally:
         await nc.close()
 
 
-async def _wait_task(js: Any, runner_id: str, task_id: str, after_seq: int, stream_id: str, chat: bool,
-                     timeout: float) -> int:
+async def wait_task(js: Any, runner_id: str, task_id: str, after_seq: int, stream_id: str, chat: bool,
+                    timeout: float, verbose: bool = True) -> int:
+    """Follow a published task to its terminal status (printing a chat's chunks); exit code."""
     done: asyncio.Future[TaskStatusUpdated] = asyncio.get_running_loop().create_future()
 
     def on_event(env: Envelope) -> None:
         message = message_of(env)
         if isinstance(message, TaskStatusUpdated) and message.task_id == task_id:
-            print(f"  {message.task_status}" + (f" ({message.error_type}: {message.error_message})"
-                                                if message.error_type else ""), file=sys.stderr)
+            failed = message.task_status not in (TaskStatus.RUNNING, TaskStatus.COMPLETE)
+            if verbose or failed:
+                print(f"  {message.task_status}" + (f" ({message.error_type}: {message.error_message})"
+                                                    if message.error_type else ""), file=sys.stderr)
             if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
                 done.set_result(message)
 

@@ -7,11 +7,18 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bus.client import default_url
+from bus.client import NatsUnreachable, default_url
+from cli.logs import setup_logging
+from models.store import default_models_dir
 
 
 def _add_nats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=default_url(), help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+
+
+def _add_models_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models-dir", type=Path, default=default_models_dir(),
+                   help="models dir (default $EXO_MODELS_DIR, else ~/.local/share/exo/models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +62,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list anomalies, unfinished tasks and stuck runners; exit 1 if any")
     _add_nats(p)
 
+    p = sub.add_parser("up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model")
+    p.add_argument("--runner-id", default="r1")
+    p.add_argument("--port", type=int, default=4222)
+    p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    _add_models_dir(p)
+
+    p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
+    p.add_argument("prompt")
+    p.add_argument("--runner", default=None, help="runner id (default: the least busy Ready runner)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--timeout", type=float, default=600.0)
+    _add_nats(p)
+
+    p = sub.add_parser("models", help="the models dir: list, import-gguf")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("list", help="complete models with their sizes")
+    _add_models_dir(q)
+    q = msub.add_parser("import-gguf", help="import a llama GGUF (Q4_0, Q4_1, Q8_0, F16, F32) as an mlx-lm model")
+    q.add_argument("path", type=Path)
+    q.add_argument("--name", required=True, help="model id to import it as, e.g. local/my-llama")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="scales, biases and dense tensors (float32 is fastest on a CPU)")
+    q.add_argument("--dequantize", action="store_true", help="write dense weights instead of quantized ones")
+    _add_models_dir(q)
+
     p = sub.add_parser("runner", help="run a runner process")
     p.add_argument("--id", required=True, help="runner id (letters, digits, '-', '_')")
-    p.add_argument("--models-dir", type=Path, default=None, help="models dir (default $EXO_MODELS_DIR or ~/.local/share/exo/models)")
+    _add_models_dir(p)
     _add_nats(p)
     return parser
 
@@ -77,6 +111,15 @@ def _run_nats(port: int, monitor_port: int, store_dir: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        return _dispatch(args)
+    except NatsUnreachable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     match args.command:
         case "nats":
             return _run_nats(args.port, args.monitor_port, args.store_dir)
@@ -97,6 +140,23 @@ def main(argv: list[str] | None = None) -> int:
 
             return asyncio.run(replay_log(args.nats, args.runner, args.task, args.from_seq, args.to_seq, args.json,
                                           args.state, args.check))
+        case "up":
+            from cli.up_cmd import up
+
+            return up(args.port, args.monitor_port, args.models_dir, args.runner_id, args.store_dir)
+        case "chat":
+            from cli.chat_cmd import chat
+
+            return asyncio.run(chat(args.nats, args.prompt, args.runner, args.max_tokens, args.temperature,
+                                    args.timeout))
+        case "models" if args.models_command == "list":
+            from cli.models_cmd import list_models_cmd
+
+            return list_models_cmd(args.models_dir)
+        case "models":
+            from cli.models_cmd import import_gguf_cmd
+
+            return import_gguf_cmd(args.path, args.name, args.models_dir, args.dtype, args.dequantize)
         case "runner":
             from runner.main import main as runner_main
 
