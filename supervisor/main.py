@@ -35,7 +35,7 @@ async def run_supervisor(
     try:
         js = nc.jetstream()
         await streams.ensure_streams(js)
-        projector = Projector(js, snapshot_every=snapshot_every)
+        projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload)
         await projector.start()
         service = await start_service(nc, projector, supervisor_id)
         log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*")

@@ -6,7 +6,6 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import msgspec
 from loguru import logger
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
@@ -16,7 +15,7 @@ from bus import client
 from bus.envelope import Envelope
 from bus.streams import SNAPSHOT_BUCKET
 from projections.apply import apply
-from projections.snapshot import dump_snapshot, load_snapshot
+from projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
 from projections.state import ClusterState
 
 SNAPSHOT_KEY = "cluster"
@@ -32,8 +31,11 @@ class MinSeqTimeout(Exception):
 class Projector:
     """The supervisor's view of the cluster, always a fold of the log up to `state.seq`."""
 
-    def __init__(self, js: JetStreamContext, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY) -> None:
+    def __init__(self, js: JetStreamContext, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+                 max_snapshot_bytes: int = 8 * 1024 * 1024) -> None:
         self.js = js
+        # A KV value is one message: bounded by the server's max_payload.
+        self.max_snapshot_bytes = max_snapshot_bytes
         self.state = ClusterState()
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []
@@ -69,7 +71,7 @@ class Projector:
             return
         try:
             self.state = load_snapshot(entry.value or b"")
-        except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        except SnapshotError as err:
             # A snapshot is only a shortcut: without it we fold the whole log.
             logger.warning(f"ignoring unreadable snapshot: {err}")
             self.state = ClusterState()
@@ -104,6 +106,11 @@ class Projector:
         """Store the current state in KV `EXO_SNAPSHOTS`; returns its seq."""
         assert self._kv is not None
         data = dump_snapshot(self.state)
+        if len(data) > self.max_snapshot_bytes:
+            # Replay from further back still gives the same state; only slower.
+            logger.bind(seq=self.state.seq).warning(
+                f"snapshot of {len(data)} bytes exceeds the server's max_payload; not stored")
+            return self.state.seq
         await self._kv.put(SNAPSHOT_KEY, data)
         logger.bind(seq=self.state.seq).debug(f"snapshot stored ({len(data)} bytes)")
         return self.state.seq
