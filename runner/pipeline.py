@@ -20,8 +20,9 @@ loopback, see ``tests/test_pipeline.py``):
   ``RuntimeError("[ring] connection to a peer was lost")`` within
   milliseconds;
 * the peer is alive but stalled (SIGSTOP, swapped out, a host that vanished
-  without closing its sockets): ``mx.eval`` blocks forever. The wait releases
-  the GIL, so a Python thread can still run: :class:`StallWatchdog` ends the
+  without closing its sockets): the ring waits forever, in ``mx.eval``,
+  ``array.item()``, ``mx.async_eval`` (which release the GIL) or in
+  ``mx.clear_cache()`` (which does not). :class:`StallWatchdog` ends the
   process after a deadline without progress.
 * during ``mx.distributed.init`` the ring ``accept()`` blocks forever if the
   left neighbour never connects, and holds the GIL while it does; only a
@@ -31,10 +32,12 @@ loopback, see ``tests/test_pipeline.py``):
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -57,10 +60,6 @@ PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 # mlx's ring connect retries a refused connection after 1, 2, 4 and 8 s, so
 # ``init`` may legitimately take that long after every rank is known to be up.
 INIT_GRACE_S = 16.0
-
-# Exit status of a process ended by StallWatchdog (EX_TEMPFAIL: worth a retry
-# with a fresh group).
-STALL_EXIT_CODE = 75
 
 _HELLO = "EXOJET-RING"
 _joined_group: Optional[str] = None
@@ -461,48 +460,41 @@ def pipeline_barrier(
 
 
 class StallWatchdog:
-    """Ends the process if no progress is reported for ``timeout_s`` seconds.
+    """Ends the process if no progress is reported for about ``timeout_s`` seconds.
 
-    A stalled ring peer makes ``mx.eval`` block forever and nothing in the
-    process can interrupt it; the wait releases the GIL, so this thread can
-    still log the cause and ``os._exit(STALL_EXIT_CODE)``. Use it around
-    generation and call :meth:`beat` for every token::
+    A stalled ring peer makes the ring wait forever and nothing in the process
+    can interrupt it. Some of those waits hold the GIL (``mx.clear_cache()``,
+    which ``generate_step`` calls every 256 tokens, synchronises the streams
+    without releasing it), so no Python thread could act: this uses
+    ``faulthandler``'s C watchdog thread instead. On a stall it writes
+    ``Timeout (h:mm:ss)!`` and every thread's Python stack to stderr and exits
+    with status 1. The timer is process-global (one per process). Use it
+    around generation and call :meth:`beat` for every token::
 
-        with StallWatchdog(20.0, "pipeline generation") as watchdog:
+        with StallWatchdog(20.0) as watchdog:
             for response in stream_generate(...):
                 watchdog.beat()
     """
 
-    def __init__(self, timeout_s: float, what: str):
+    def __init__(self, timeout_s: float):
         self.timeout_s = timeout_s
-        self.what = what
-        self._last = time.monotonic()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, name="stall-watchdog", daemon=True)
+        # Re-arming starts a new C thread; doing it at most every tenth of
+        # the timeout keeps beat() cheap at thousands of tokens per second.
+        self._rearm_every = timeout_s / 10
+        self._armed_at = 0.0
 
     def __enter__(self) -> "StallWatchdog":
-        self._last = time.monotonic()
-        self._thread.start()
+        self._arm()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        faulthandler.cancel_dump_traceback_later()
 
     def beat(self) -> None:
         """Report progress (one token generated)."""
-        self._last = time.monotonic()
+        if time.monotonic() - self._armed_at >= self._rearm_every:
+            self._arm()
 
-    def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.timeout_s / 4)):
-            idle = time.monotonic() - self._last
-            if idle > self.timeout_s:
-                logger.error(
-                    "{}: no progress for {:.1f} s (limit {} s): a pipeline peer is stalled "
-                    "or unreachable; exiting with status {}",
-                    self.what,
-                    idle,
-                    self.timeout_s,
-                    STALL_EXIT_CODE,
-                )
-                os._exit(STALL_EXIT_CODE)
+    def _arm(self) -> None:
+        self._armed_at = time.monotonic()
+        faulthandler.dump_traceback_later(self.timeout_s, exit=True, file=sys.stderr)

@@ -66,7 +66,7 @@ def main() -> None:
     text = ""
     started = time.perf_counter()
     first_token_at = 0.0
-    with StallWatchdog(args.stall_timeout, f"rank {args.rank} generation") as watchdog:
+    with StallWatchdog(args.stall_timeout) as watchdog:
         for response in stream_generate(
             model, tokenizer, args.prompt, max_tokens=args.max_tokens
         ):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import selectors
+import queue
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 import pytest
 
-from runner.pipeline import STALL_EXIT_CODE, GroupConnectError, connect_group, split_layers
+from runner.pipeline import GroupConnectError, connect_group, split_layers
 from tests.tiny_model import write_tiny_llama
 
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
@@ -44,23 +45,37 @@ class Rank:
             stderr=self._stderr,
             text=True,
         )
+        # A thread drains stdout: reading it with timeouts from here would
+        # miss lines that the pipe's buffered reader already holds.
+        self._events: queue.Queue[dict | None] = queue.Queue()
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._events.put(json.loads(line))
+        self._events.put(None)
 
     def wait_event(self, event: str, timeout: float) -> dict:
-        """The first stdout line with this event, or fail after ``timeout``."""
-        assert self.proc.stdout is not None
+        """The first stdout record with this event, or fail after ``timeout``."""
         deadline = time.monotonic() + timeout
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            while time.monotonic() < deadline:
-                if not sel.select(deadline - time.monotonic()):
-                    break
-                line = self.proc.stdout.readline()
-                if not line:
-                    break
-                record = json.loads(line)
-                if record["event"] == event:
-                    return record
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                record = self._events.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if record is None:
+                break
+            if record["event"] == event:
+                return record
         raise AssertionError(f"no {event!r} within {timeout} s; stderr:\n{self.stderr()}")
+
+    def wait_exit(self, timeout: float) -> int:
+        """The exit status, or fail (showing stderr) after ``timeout``."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; stderr:\n{self.stderr()}")
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
@@ -124,7 +139,7 @@ def test_two_ranks_generate_exactly_what_one_process_does(tmp_path: Path) -> Non
         loaded = [r.wait_event("loaded", 30) for r in ranks]
         done = [r.wait_event("done", 30) for r in ranks]
         for r in ranks:
-            assert r.proc.wait(10) == 0, r.stderr()
+            assert r.wait_exit(10) == 0, r.stderr()
     finally:
         kill_all(ranks)
     assert len(reference["done"]["tokens"]) == 24
@@ -145,7 +160,7 @@ def test_three_ranks_with_an_uneven_split(tmp_path: Path) -> None:
     try:
         done = [r.wait_event("done", 40) for r in ranks]
         for r in ranks:
-            assert r.proc.wait(10) == 0, r.stderr()
+            assert r.wait_exit(10) == 0, r.stderr()
     finally:
         kill_all(ranks)
     assert [d["tokens"] for d in done] == [reference["done"]["tokens"]] * 3
@@ -176,7 +191,7 @@ def test_a_missing_rank_makes_the_others_fail_within_the_bound(tmp_path: Path) -
         for rank in (0, 1)
     ]
     try:
-        codes = [r.proc.wait(15) for r in ranks]
+        codes = [r.wait_exit(15) for r in ranks]
         errors = [r.stderr() for r in ranks]
     finally:
         kill_all(ranks)
@@ -195,7 +210,7 @@ def test_a_killed_rank_makes_the_other_fail_fast(tmp_path: Path) -> None:
             r.wait_event("generating", 30)
         ranks[1].proc.kill()
         killed_at = time.monotonic()
-        code = ranks[0].proc.wait(20)
+        code = ranks[0].wait_exit(20)
         elapsed = time.monotonic() - killed_at
         error = ranks[0].stderr()
     finally:
@@ -217,11 +232,11 @@ def test_a_stalled_rank_trips_the_watchdog(tmp_path: Path) -> None:
         # A stopped process keeps its sockets open: the ring waits forever.
         os.kill(ranks[1].proc.pid, signal.SIGSTOP)
         stalled_at = time.monotonic()
-        code = ranks[0].proc.wait(20)
+        code = ranks[0].wait_exit(20)
         elapsed = time.monotonic() - stalled_at
         error = ranks[0].stderr()
     finally:
         kill_all(ranks)
-    assert code == STALL_EXIT_CODE
-    assert "no progress for" in error
-    assert 3.0 <= elapsed < 8.0
+    assert code == 1
+    assert "Timeout (0:00:03)!" in error
+    assert 2.5 <= elapsed < 8.0
