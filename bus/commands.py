@@ -18,6 +18,9 @@ class PlaceInstance(_Command):
     model_id: str
     runners: tuple[str, ...] | None = None
     min_runners: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # The model's layer count, needed to split it over several runners; when
+    # absent the supervisor reads it from the model's config.json.
+    n_layers: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class DeleteInstance(_Command):

@@ -68,6 +68,9 @@ class _SupervisorEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="typ
 class Placement(msgspec.Struct, frozen=True, kw_only=True):
     runner_id: str
     shard: Shard
+    # The runner's incarnation when placed: a restarted runner has lost the
+    # instance's work, which the planner detects by comparing incarnations.
+    incarnation: int = 0
 
 
 class InstancePlaced(_SupervisorEvent):
@@ -83,6 +86,20 @@ class InstanceFailed(_SupervisorEvent):
     instance_id: str
     reason: str
     attempt: int = 0
+    # True when no further attempt will be made (retry limit reached, or a
+    # failure that another attempt cannot fix).
+    final: bool = False
+
+
+class InstanceRetryDue(_SupervisorEvent):
+    """A failed attempt's backoff has elapsed: the instance may be placed again.
+
+    Written by a supervisor's reconciler from its clock, so that replaying the
+    log never depends on when it is replayed.
+    """
+
+    instance_id: str
+    attempt: int
 
 
 class InstanceDeleted(_SupervisorEvent):
@@ -91,7 +108,7 @@ class InstanceDeleted(_SupervisorEvent):
 
 
 RunnerEvent = RunnerRegistered | RunnerStatusUpdated | TaskStatusUpdated | DownloadProgress | RunnerLost
-SupervisorEvent = InstancePlaced | InstanceFailed | InstanceDeleted
+SupervisorEvent = InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted
 Event = RunnerEvent | SupervisorEvent
 
 

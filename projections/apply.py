@@ -17,13 +17,18 @@ from bus.codec import BadInput, decode_event, decode_task
 from bus.envelope import Envelope
 from bus.events import (
     DownloadProgress,
+    InstanceDeleted,
+    InstanceFailed,
+    InstancePlaced,
+    InstanceRetryDue,
     RunnerLost,
     RunnerRegistered,
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
 from bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
-from bus.tasks import DownloadModel, LoadModel, task_type
+from bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
+from projections import instances
 from projections.rules import UNREGISTERED, transition_allowed
 from projections.state import (
     EVENT_ID_WINDOW,
@@ -80,6 +85,10 @@ def apply(state: ClusterState, env: Envelope) -> ClusterState:
         _apply_task(state, env, subject[len(_TASKS) :])
     elif subject.startswith(_RUNNER_EVENTS):
         _apply_runner_event(state, env, subject[len(_RUNNER_EVENTS) :])
+    elif subject == subjects.COMMANDS:
+        instances.apply_command(state, env)
+    elif subject == subjects.SUPERVISOR_EVENTS:
+        _apply_supervisor_event(state, env)
     return state
 
 
@@ -104,10 +113,25 @@ def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
     match task:
         case DownloadModel(shard=shard) | LoadModel(shard=shard) if shard is not None:
             model_id = shard.model_id
-    state.tasks[task_id] = TaskView(
+    view = state.tasks[task_id] = TaskView(
         task_id=task_id, task_type=task_type(task), runner_id=runner_id, instance_id=task.instance_id,
         model_id=model_id, created_seq=env.seq, updated_seq=env.seq,
     )
+    if isinstance(task, ChatCompletion) and task.stream_id is not None:
+        instances.on_task(state, env, task, view)
+
+
+def _apply_supervisor_event(state: ClusterState, env: Envelope) -> None:
+    try:
+        event = decode_event(env.data)
+    except BadInput as err:
+        _anomaly(state, env, "BadEvent", f"{err.error_type}: {err.message}")
+        return
+    if not isinstance(event, InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted):
+        _anomaly(state, env, "WrongSubject", f"runner event {type(event).__name__} on {env.subject}")
+        return
+    if not _seen(state, event.event_id):
+        instances.apply_supervisor_event(state, env, event)
 
 
 def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str) -> None:
@@ -204,6 +228,8 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
         runner.running_task = None
     if event.task_status == TaskStatus.COMPLETE and task.task_type == "LoadModel":
         runner.model_id = task.model_id
+    if task.instance_id is not None:
+        instances.on_task_status(state, env, task)
 
 
 def _summary(result: dict[str, object]) -> dict[str, object]:
@@ -221,6 +247,8 @@ def _fail_running_task(state: ClusterState, env: Envelope, runner: RunnerView, e
         task.error_type = error_type
         task.error_message = why
         task.updated_seq = env.seq
+        if task.instance_id is not None:
+            instances.on_task_status(state, env, task)
 
 
 def _lose(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerLost) -> None:

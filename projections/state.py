@@ -7,6 +7,8 @@ from typing import Any
 
 import msgspec
 
+from bus.commands import RouteChatCompletion
+from bus.events import Placement
 from bus.statuses import TaskStatus
 
 # How many recent event ids a projection remembers to drop duplicates: far more
@@ -68,12 +70,63 @@ class Anomaly(msgspec.Struct, kw_only=True):
     task_id: str | None = None
 
 
+class InstanceView(msgspec.Struct, kw_only=True):
+    """A model served by one runner or a pipeline group (see projections/instances.py)."""
+
+    instance_id: str
+    model_id: str
+    # What the PlaceInstance command asked for.
+    requested_runners: list[str] | None = None
+    min_runners: int = 1
+    n_layers: int | None = None
+    # Placing, Downloading, Connecting, Loading, WarmingUp, Ready, Failed, Deleted.
+    status: str = "Placing"
+    reason: str | None = None
+    # The current placement attempt (0 until the first InstancePlaced).
+    attempt: int = 0
+    placements: list[Placement] = []
+    hosts: list[str] = []
+    # Set by a final InstanceFailed: no further attempt will be made.
+    gave_up: bool = False
+    # Routed chats on this instance without a terminal status (least busy first).
+    chats_in_flight: int = 0
+    created_seq: int = 0
+    placed_seq: int = 0
+    updated_seq: int = 0
+
+
+class RoutedChatView(msgspec.Struct, kw_only=True):
+    """A RouteChatCompletion command on its way to a Ready instance."""
+
+    chat_id: str
+    model_id: str | None = None
+    # Pending (no rank published yet), Routed, or the emitting rank's terminal task status.
+    status: str = "Pending"
+    instance_id: str | None = None
+    # How many ranks' tasks are in the log.
+    ranks_published: int = 0
+    # The request until every rank has its task; dropped then to keep snapshots small.
+    request: RouteChatCompletion | None = None
+    created_seq: int = 0
+    updated_seq: int = 0
+
+
 class ClusterState(msgspec.Struct, kw_only=True):
     seq: int = 0
     runners: dict[str, RunnerView] = {}
     tasks: dict[str, TaskView] = {}
     downloads: dict[str, DownloadView] = {}
     anomalies: list[Anomaly] = []
+    instances: dict[str, InstanceView] = {}
+    # runner id -> the newest instance placed on it (kept after that instance ends).
+    runner_instances: dict[str, str] = {}
+    chats: dict[str, RoutedChatView] = {}
+    # Chats with a rank still to publish, oldest first (a dict keeps the order).
+    pending_chats: dict[str, None] = {}
+    # ChatCompletion task id -> routed chat id, while the chat is not terminal.
+    chat_tasks: dict[str, str] = {}
+    # Sequence of the newest message on `exo.events.supervisor`: the fence of InstancePlaced.
+    supervisor_seq: int = 0
     # Insertion-ordered (a dict keeps the order); trimmed back to EVENT_ID_WINDOW
     # whenever it grows half as large again, so what it holds depends only on
     # the sequence of events, never on where a snapshot was cut.

@@ -9,7 +9,18 @@ from hypothesis import strategies as st
 
 from bus.codec import encode
 from bus.envelope import Envelope
-from bus.events import DownloadProgress, RunnerLost, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from bus.events import (
+    DownloadProgress,
+    InstanceFailed,
+    InstancePlaced,
+    InstanceRetryDue,
+    Placement,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+)
 from bus.statuses import (
     RunnerDownloading,
     RunnerFailed,
@@ -94,6 +105,51 @@ def _log(runners: tuple[str, ...] = ("r1", "r2")) -> list[Envelope]:
     return [_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)]
 
 
+def _instance_workflow() -> list[tuple[str, msgspec.Struct | bytes]]:
+    """Commands, supervisor events and instance tasks on r1 (registered by `_workflow`)."""
+    sup, tk, ev = "exo.events.supervisor", "exo.tasks.r1", "exo.events.runner.r1"
+    shard = Shard(model_id="local/tiny")
+    hi = (ChatMessage("user", "hi"),)
+
+    def done(tid: str, n: int) -> TaskStatusUpdated:
+        return TaskStatusUpdated(event_id=f"i:{n}", runner_id="r1", incarnation=1, task_id=tid,
+                                 task_status=TaskStatus.COMPLETE)
+
+    return [
+        ("exo.commands", PlaceInstance(command_id="p", model_id="local/tiny")),
+        (sup, InstancePlaced(event_id="placed", instance_id="inst-p", model_id="local/tiny",
+                             placements=(Placement(runner_id="r1", shard=shard, incarnation=1),), attempt=1)),
+        (tk, DownloadModel(task_id="inst-p.a1.download.r1", instance_id="inst-p", shard=shard)),
+        (ev, done("inst-p.a1.download.r1", 1)),
+        (tk, LoadModel(task_id="inst-p.a1.load.r1", instance_id="inst-p", shard=shard)),
+        (ev, done("inst-p.a1.load.r1", 2)),
+        (tk, StartWarmup(task_id="inst-p.a1.warmup.r1", instance_id="inst-p")),
+        (ev, done("inst-p.a1.warmup.r1", 3)),
+        ("exo.commands", RouteChatCompletion(command_id="c", messages=hi)),
+        (tk, ChatCompletion(task_id="chat-c.0", instance_id="inst-p", messages=hi, stream_id="chat-c")),
+        (ev, done("chat-c.0", 4)),
+        (sup, InstanceFailed(event_id="failed", instance_id="inst-p", reason="runner r1 is Lost", attempt=1)),
+        (sup, InstanceRetryDue(event_id="retry", instance_id="inst-p", attempt=1)),
+        ("exo.commands", DeleteInstance(instance_id="inst-p")),
+        ("exo.commands", b'{"type":"PlaceInstance"}'),
+    ]
+
+
+def test_instance_workflow_projection() -> None:
+    pairs = _workflow("r1")[:2] + _instance_workflow()
+    envs = [_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)]
+    at_ready = _fold(envs[:10])
+    inst = at_ready.instances["inst-p"]
+    assert inst.status == "Ready" and inst.attempt == 1 and at_ready.runner_instances == {"r1": "inst-p"}
+    state = _fold(envs)
+    assert state.chats["chat-c"].status == "Complete" and state.chats["chat-c"].instance_id == "inst-p"
+    assert not state.pending_chats and not state.chat_tasks
+    assert state.instances["inst-p"].status == "Deleted"
+    assert state.instances["inst-p"].reason == "deleted by command 16"
+    assert [a.kind for a in state.anomalies] == ["BadCommand"]
+    assert state.supervisor_seq == 15
+
+
 def test_workflow_projection() -> None:
     state = _fold(_log(("r1",)))
     r1 = state.runners["r1"]
@@ -136,11 +192,11 @@ def test_redelivered_sequences_are_skipped() -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    picks=st.lists(st.integers(min_value=0, max_value=55), min_size=0, max_size=80),
+    picks=st.lists(st.integers(min_value=0, max_value=70), min_size=0, max_size=80),
     cut=st.integers(min_value=0, max_value=80),
 )
 def test_snapshot_at_any_cut_then_rest_equals_apply_all(picks: list[int], cut: int) -> None:
-    pool = _log()
+    pool = _log() + [_env(0, s, m) for s, m in _instance_workflow()]
     # Random sequences of real messages (repeats and odd orders included),
     # renumbered as the stream would number them.
     envs = [Envelope(seq=i + 1, subject=pool[p].subject, data=pool[p].data) for i, p in enumerate(picks)]

@@ -1,0 +1,225 @@
+"""Instances and routed chats in the projection: commands, supervisor events, their tasks.
+
+An instance is created by a `PlaceInstance` command (`inst-<command_id or seq>`)
+in status Placing. A supervisor records where it runs with `InstancePlaced`
+(runners, shards, group hosts, attempt k); from then on its status follows the
+tasks of attempt k, whose ids are deterministic (`step_task_id`):
+
+    Downloading -> Connecting (groups only) -> Loading -> WarmingUp -> Ready
+
+each step complete when every runner's task of that step is Complete.
+`InstanceFailed` (attempt k) makes it Failed, `InstanceRetryDue` (attempt k)
+makes it Placing again for attempt k+1, `DeleteInstance` / `InstanceDeleted`
+make it Deleted. Events for another attempt than the current one are stale
+(a second supervisor, a replay) and only noted as anomalies.
+
+A `RouteChatCompletion` command becomes a routed chat `chat-<command_id or seq>`;
+its ChatCompletion tasks carry `stream_id` = the chat id and have ids
+`<chat_id>.<rank>`, rank 0 being the one that emits chunks and the result.
+
+Everything here is called by `projections.apply` and shares its rules: no I/O,
+no clock, state updated in place.
+"""
+
+from __future__ import annotations
+
+from bus.codec import BadInput, decode_command
+from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from bus.envelope import Envelope
+from bus.events import InstanceDeleted, InstanceFailed, InstancePlaced, InstanceRetryDue, SupervisorEvent
+from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from bus.tasks import ChatCompletion
+from projections.state import Anomaly, ClusterState, InstanceView, RoutedChatView, TaskView
+
+PLACING = "Placing"
+READY = "Ready"
+FAILED = "Failed"
+DELETED = "Deleted"
+ENDED_STATUSES = frozenset({FAILED, DELETED})
+
+# The workflow of one attempt, in the seed's order, with the status an
+# instance shows while that step is not complete on every runner.
+DOWNLOAD, CONNECT, LOAD, WARMUP, SHUTDOWN = "download", "connect", "load", "warmup", "shutdown"
+STEP_STATUS = {DOWNLOAD: "Downloading", CONNECT: "Connecting", LOAD: "Loading", WARMUP: "WarmingUp"}
+
+
+def instance_id_of(command_id: str | None, seq: int) -> str:
+    """The instance a PlaceInstance command creates."""
+    return f"inst-{command_id or seq}"
+
+
+def chat_id_of(command_id: str | None, seq: int) -> str:
+    """The routed chat a RouteChatCompletion command creates (also its chunk stream id)."""
+    return f"chat-{command_id or seq}"
+
+
+def steps(world_size: int) -> tuple[str, ...]:
+    """The steps of an attempt: ConnectToGroup only when several runners share the model."""
+    return (DOWNLOAD, CONNECT, LOAD, WARMUP) if world_size > 1 else (DOWNLOAD, LOAD, WARMUP)
+
+
+def step_task_id(instance_id: str, attempt: int, step: str, runner_id: str) -> str:
+    """The deterministic id of one step's task on one runner (also its Nats-Msg-Id)."""
+    return f"{instance_id}.a{attempt}.{step}.{runner_id}"
+
+
+def chat_task_id(chat_id: str, rank: int) -> str:
+    """The id of a routed chat's task for `rank`: the same whichever instance serves it,
+    so two supervisors routing the same chat differently are deduplicated by the stream."""
+    return f"{chat_id}.{rank}"
+
+
+def _anomaly(state: ClusterState, env: Envelope, kind: str, detail: str) -> None:
+    state.anomalies.append(Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject))
+
+
+def apply_command(state: ClusterState, env: Envelope) -> None:
+    """Fold one message of `exo.commands`."""
+    try:
+        command = decode_command(env.data)
+    except BadInput as err:
+        _anomaly(state, env, "BadCommand", f"{err.error_type}: {err.message}")
+        return
+    match command:
+        case PlaceInstance():
+            _place_command(state, env, command)
+        case DeleteInstance(instance_id=instance_id):
+            inst = state.instances.get(instance_id)
+            if inst is None:
+                _anomaly(state, env, "UnknownInstance", f"DeleteInstance of {instance_id}, which was never placed")
+            elif inst.status != DELETED:
+                _end(state, env, inst, DELETED, f"deleted by command {command.command_id or env.seq}")
+        case RouteChatCompletion():
+            chat_id = chat_id_of(command.command_id, env.seq)
+            if chat_id in state.chats:
+                _anomaly(state, env, "DuplicateCommand", f"chat {chat_id} was already requested")
+                return
+            state.chats[chat_id] = RoutedChatView(chat_id=chat_id, model_id=command.model_id, request=command,
+                                                  created_seq=env.seq, updated_seq=env.seq)
+            state.pending_chats[chat_id] = None
+
+
+def _place_command(state: ClusterState, env: Envelope, command: PlaceInstance) -> None:
+    instance_id = instance_id_of(command.command_id, env.seq)
+    if instance_id in state.instances:
+        _anomaly(state, env, "DuplicateCommand", f"instance {instance_id} was already requested")
+        return
+    state.instances[instance_id] = InstanceView(
+        instance_id=instance_id, model_id=command.model_id,
+        requested_runners=list(command.runners) if command.runners else None,
+        min_runners=max(command.min_runners, len(command.runners or ())), n_layers=command.n_layers,
+        created_seq=env.seq, updated_seq=env.seq,
+    )
+
+
+def apply_supervisor_event(state: ClusterState, env: Envelope, event: SupervisorEvent) -> None:
+    """Fold one (not yet seen) event of `exo.events.supervisor`."""
+    state.supervisor_seq = env.seq
+    inst = state.instances.get(event.instance_id)
+    if inst is None:
+        _anomaly(state, env, "UnknownInstance", f"{type(event).__name__} for {event.instance_id}, never requested")
+        return
+    match event:
+        case InstancePlaced():
+            if inst.status != PLACING or event.attempt != inst.attempt + 1:
+                _anomaly(state, env, "StaleInstanceEvent",
+                         f"{inst.instance_id} placed as attempt {event.attempt} while {inst.status} "
+                         f"at attempt {inst.attempt}")
+                return
+            for p in event.placements:
+                other = state.instances.get(state.runner_instances.get(p.runner_id, ""))
+                if other is not None and other.status not in ENDED_STATUSES:
+                    _anomaly(state, env, "RunnerInTwoInstances",
+                             f"{p.runner_id} placed in {inst.instance_id} while in {other.instance_id}")
+                state.runner_instances[p.runner_id] = inst.instance_id
+            inst.attempt = event.attempt
+            inst.placements = list(event.placements)
+            inst.hosts = list(event.hosts)
+            inst.placed_seq = env.seq
+            inst.updated_seq = env.seq
+            refresh_status(state, inst)
+        case InstanceFailed():
+            if inst.status in ENDED_STATUSES or event.attempt != inst.attempt:
+                _anomaly(state, env, "StaleInstanceEvent",
+                         f"{inst.instance_id} failed at attempt {event.attempt} while {inst.status} "
+                         f"at attempt {inst.attempt}")
+                return
+            inst.gave_up = event.final
+            _end(state, env, inst, FAILED, event.reason)
+        case InstanceRetryDue():
+            if inst.status != FAILED or inst.gave_up or event.attempt != inst.attempt:
+                _anomaly(state, env, "StaleInstanceEvent",
+                         f"{inst.instance_id} retry after attempt {event.attempt} while {inst.status} "
+                         f"at attempt {inst.attempt}")
+                return
+            # The reason of the failed attempt stays visible while placing again.
+            inst.status = PLACING
+            inst.placements = []
+            inst.hosts = []
+            inst.updated_seq = env.seq
+        case InstanceDeleted():
+            if inst.status != DELETED:
+                _end(state, env, inst, DELETED, event.reason or "deleted by a supervisor")
+
+
+def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: str, reason: str) -> None:
+    inst.status = status
+    inst.reason = reason
+    inst.updated_seq = env.seq
+
+
+def refresh_status(state: ClusterState, inst: InstanceView) -> None:
+    """Derive a placed instance's status from its current attempt's step tasks."""
+    if not inst.placements or inst.status in ENDED_STATUSES:
+        return
+    for step in steps(len(inst.placements)):
+        for p in inst.placements:
+            task = state.tasks.get(step_task_id(inst.instance_id, inst.attempt, step, p.runner_id))
+            if task is None or task.status != TaskStatus.COMPLETE:
+                inst.status = STEP_STATUS[step]
+                return
+    inst.status = READY
+
+
+def on_task(state: ClusterState, env: Envelope, task: ChatCompletion, view: TaskView) -> None:
+    """A ChatCompletion task was published: tie it to its routed chat, if any."""
+    chat = state.chats.get(task.stream_id or "")
+    if chat is None:
+        return
+    if chat.ranks_published == 0 and view.task_id == chat_task_id(chat.chat_id, 0):
+        # Rank 0 records which instance serves the chat; the other ranks follow it.
+        chat.status = "Routed"
+        chat.instance_id = task.instance_id
+        state.chat_tasks[view.task_id] = chat.chat_id
+        inst = state.instances.get(task.instance_id or "")
+        if inst is not None:
+            inst.chats_in_flight += 1
+    elif not (chat.ranks_published and task.instance_id == chat.instance_id
+              and view.task_id.startswith(chat.chat_id + ".")):
+        return
+    chat.ranks_published += 1
+    chat.updated_seq = env.seq
+    inst = state.instances.get(chat.instance_id or "")
+    if inst is None or chat.ranks_published >= len(inst.placements):
+        state.pending_chats.pop(chat.chat_id, None)
+        chat.request = None
+
+
+def on_task_status(state: ClusterState, env: Envelope, task: TaskView) -> None:
+    """A task's status changed: refresh its instance, settle its routed chat."""
+    chat_id = state.chat_tasks.get(task.task_id)
+    if chat_id is not None and task.status in TERMINAL_TASK_STATUSES:
+        del state.chat_tasks[task.task_id]
+        chat = state.chats[chat_id]
+        chat.status = str(task.status)
+        chat.updated_seq = env.seq
+        state.pending_chats.pop(chat_id, None)
+        chat.request = None
+        inst = state.instances.get(chat.instance_id or "")
+        if inst is not None and inst.chats_in_flight > 0:
+            inst.chats_in_flight -= 1
+        return
+    inst = state.instances.get(task.instance_id or "")
+    if inst is not None and inst.status not in ENDED_STATUSES and task.task_type != "ChatCompletion":
+        refresh_status(state, inst)
+        inst.updated_seq = env.seq
