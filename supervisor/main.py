@@ -6,11 +6,15 @@ import asyncio
 import os
 import signal
 import socket
+from pathlib import Path
 
 from loguru import logger
 
 from bus import client, streams
+from supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
+from supervisor.planner import PlannerConfig
 from supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
+from supervisor.reconciler import Reconciler
 from supervisor.service import start_service
 
 
@@ -23,8 +27,16 @@ async def run_supervisor(
     supervisor_id: str | None = None,
     snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
     stop: asyncio.Event | None = None,
+    heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    models_dir: Path | None = None,
+    planner: PlannerConfig = PlannerConfig(),
 ) -> int:
-    """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code."""
+    """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code.
+
+    It folds the log, answers queries, declares silent runners lost
+    (`heartbeat_timeout`), and places instances and routes chats (`planner`;
+    `models_dir` is where it reads a model's layer count to split it).
+    """
     supervisor_id = supervisor_id or default_supervisor_id()
     log = logger.bind(supervisor_id=supervisor_id)
     stop = stop or asyncio.Event()
@@ -38,8 +50,14 @@ async def run_supervisor(
         projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload)
         await projector.start()
         service = await start_service(nc, projector, supervisor_id)
-        log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*")
+        liveness = Liveness(nc, js, projector, supervisor_id, heartbeat_timeout)
+        await liveness.start()
+        reconciler = Reconciler(js, projector, supervisor_id, planner, models_dir)
+        reconciler.start()
+        log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*, reconciling")
         await stop.wait()
+        await reconciler.stop()
+        await liveness.stop()
         await service.stop()
         await projector.stop()
         await projector.snapshot()

@@ -7,7 +7,7 @@ from typing import Any
 import msgspec
 
 from projections.checks import check
-from projections.state import ClusterState, state_hash
+from projections.state import ClusterState, RoutedChatView, state_hash
 
 # The full anomaly list can be long; a query shows the newest and the count.
 ANOMALIES_SHOWN = 50
@@ -29,10 +29,17 @@ def state_reply(state: ClusterState) -> dict[str, Any]:
         "runners": msgspec.to_builtins(state.runners),
         "tasks": msgspec.to_builtins(state.tasks),
         "downloads": msgspec.to_builtins(state.downloads),
+        "instances": msgspec.to_builtins(state.instances),
+        # Chats still waiting for a rank to be published (the rest are tasks).
+        "pending_chats": [msgspec.to_builtins(_without_request(state.chats[c])) for c in state.pending_chats],
         "anomaly_count": len(state.anomalies),
         "anomalies": msgspec.to_builtins(state.anomalies[-ANOMALIES_SHOWN:]),
         "unfinished_tasks": len(report.unfinished_tasks),
     }
+
+
+def _without_request(chat: RoutedChatView) -> RoutedChatView:
+    return msgspec.structs.replace(chat, request=None)
 
 
 def runner_reply(state: ClusterState, runner_id: str) -> dict[str, Any]:

@@ -1,0 +1,116 @@
+"""Liveness: a runner silent for too long is declared lost, by a fenced event on its own subject.
+
+A runner shows it is alive by its heartbeats (`exo.heartbeat.<id>`, core NATS,
+every second) and by every event it writes. When neither has come for
+`timeout` seconds while its projected status is not final, this supervisor
+writes `RunnerLost` on `exo.events.runner.<id>` with
+`Nats-Expected-Last-Subject-Sequence` = the runner's last event sequence in the
+projection: if the runner wrote in between, the write fails and nothing is
+declared. The timeout is measured on this process's clock from the last sign of
+life it saw (or from when it first saw the runner), so a supervisor that
+starts, or restarts, gives every runner a full timeout first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from loguru import logger
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+
+from bus import client, subjects
+from bus.envelope import Envelope
+from bus.events import RunnerLost
+from projections.rules import FINAL_STATUSES
+from projections.state import ClusterState
+from supervisor.projector import Projector
+
+DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
+
+
+class Liveness:
+    """Turns missing heartbeats into `RunnerLost` events (see the module docstring)."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, projector: Projector, supervisor_id: str,
+                 timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
+        self.nc = nc
+        self.js = js
+        self.projector = projector
+        self.supervisor_id = supervisor_id
+        self.timeout = timeout
+        # runner id -> monotonic time of the newest sign of life this process saw.
+        self.last_seen: dict[str, float] = {}
+        # (runner, last_event_seq) already declared, so a slow fold does not repeat it.
+        self._declared: set[tuple[str, int]] = set()
+        self._sub: Subscription | None = None
+        self._task: asyncio.Task[None] | None = None
+        self.log = logger.bind(supervisor_id=supervisor_id)
+
+    async def start(self) -> None:
+        """Listen to heartbeats and runner events; check every fraction of the timeout."""
+        self._sub = await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat)
+        self.projector.listeners.append(self._on_applied)
+        self._task = asyncio.create_task(self._loop(), name="liveness")
+
+    async def stop(self) -> None:
+        if self._on_applied in self.projector.listeners:
+            self.projector.listeners.remove(self._on_applied)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        runner_id = subjects.runner_of(msg.subject)
+        if runner_id is not None:
+            self.last_seen[runner_id] = time.monotonic()
+
+    def _on_applied(self, state: ClusterState, env: Envelope) -> None:
+        if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX + "."):
+            self.last_seen[env.subject[len(subjects.RUNNER_EVENTS_PREFIX) + 1:]] = time.monotonic()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.timeout / 5)  # check period, a fraction of the timeout
+            try:
+                await self.check_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("liveness check failed; checking again next period")
+
+    async def check_once(self) -> list[str]:
+        """Declare lost every silent runner; returns the ids declared."""
+        now = time.monotonic()
+        declared = []
+        for runner in list(self.projector.state.runners.values()):
+            if runner.status in FINAL_STATUSES or runner.incarnation == 0:
+                continue
+            seen = self.last_seen.setdefault(runner.runner_id, now)
+            key = (runner.runner_id, runner.last_event_seq)
+            if now - seen < self.timeout or key in self._declared:
+                continue
+            if await self._declare(runner.runner_id, runner.incarnation, runner.last_event_seq, now - seen):
+                self._declared.add(key)
+                declared.append(runner.runner_id)
+        return declared
+
+    async def _declare(self, runner_id: str, incarnation: int, last_event_seq: int, silent_for: float) -> bool:
+        log = self.log.bind(runner_id=runner_id, incarnation=incarnation, seq=last_event_seq)
+        event = RunnerLost(event_id=f"{runner_id}:{incarnation}:lost:{last_event_seq}", runner_id=runner_id,
+                           incarnation=incarnation, at=time.time(), supervisor_id=self.supervisor_id,
+                           reason=f"no heartbeat for {silent_for:.1f} s (timeout {self.timeout:g} s)")
+        try:
+            ack = await client.publish(self.js, subjects.runner_events_subject(runner_id), event,
+                                       msg_id=event.event_id, expected_last_subject_seq=last_event_seq)
+        except client.WrongLastSequence:
+            # It wrote since our view: alive after all (its event resets the clock when folded).
+            log.info("not declaring lost: the runner wrote since")
+            return False
+        log.bind(lost_seq=ack.seq).warning(f"declared lost: {event.reason}")
+        return True

@@ -1,0 +1,333 @@
+"""The planner: a pure function from the projection to what should be published next.
+
+`plan(state, catalog, config)` reads only its arguments (no clock, no I/O), so
+two supervisors, or one restarted, plan the same from the same log. It returns
+
+- `SendTask`: a task for a runner, its id deterministic (instance, attempt,
+  step, runner; or chat, rank) and sent as `Nats-Msg-Id`. A task already in
+  the projection is never planned again, so nothing is published twice even
+  beyond the server's dedupe window;
+- `WriteEvent`: a supervisor event (InstancePlaced, InstanceFailed), its
+  `event_id` deterministic too. InstancePlaced carries `fence`, the projection's
+  last sequence of `exo.events.supervisor`: two supervisors placing different
+  instances on the same runner at once cannot both succeed;
+- `RetryWait`: a failed instance may be placed again after `delay` seconds.
+  Waiting needs a clock, so the reconciler does it and then writes
+  `InstanceRetryDue`; the planner only counts attempts.
+
+The workflow of an instance is the seed's order: every runner downloads the
+model, then (groups only) every runner connects, then every runner loads its
+shard, then every runner warms up; each step starts once the previous one is
+Complete on every runner. Chats go to a Ready instance of their model, the one
+with the fewest chats in flight first.
+
+Layer counts: one runner gets the whole model and needs none. A group needs
+the model's `n_layers` to split it: from the PlaceInstance command, else from
+`catalog` (model id -> n_layers, which the reconciler reads from config.json in
+the supervisor's models dir). The split is recorded in `InstancePlaced`, so
+replay never needs the disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from bus.events import InstanceFailed, InstancePlaced, Placement, SupervisorEvent
+from bus.tasks import (
+    ChatCompletion,
+    ConnectToGroup,
+    DownloadModel,
+    Group,
+    LoadModel,
+    Shard,
+    Shutdown,
+    StartWarmup,
+    Task,
+)
+from projections.instances import (
+    CONNECT,
+    DOWNLOAD,
+    ENDED_STATUSES,
+    FAILED,
+    LOAD,
+    PLACING,
+    READY,
+    SHUTDOWN,
+    WARMUP,
+    chat_task_id,
+    step_task_id,
+    steps,
+)
+from projections.rules import FINAL_STATUSES
+from projections.state import ClusterState, InstanceView, RoutedChatView, RunnerView
+
+# A runner in one of these holds an instance's model or group: when that
+# instance has ended, only a Shutdown frees it (DESIGN has no task that unloads).
+HOLDING_STATUSES = frozenset({"RunnerConnecting", "RunnerConnected", "RunnerLoading", "RunnerLoaded",
+                              "RunnerWarmingUp", "RunnerReady", "RunnerRunning"})
+# A runner that is gone, or going, cannot serve its instance any more.
+GONE_STATUSES = FINAL_STATUSES | {"RunnerShuttingDown", "RunnerFailed"}
+EMPTY_CATALOG: Mapping[str, int] = {}
+
+
+class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Limits of the planner; every supervisor of a cluster should use the same."""
+
+    max_attempts: int = 3
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 30.0
+    # Group ports are taken from [port_base, port_base + port_count).
+    port_base: int = 52_400
+    port_count: int = 600
+
+
+class SendTask(msgspec.Struct, frozen=True):
+    runner_id: str
+    task: Task
+
+
+class WriteEvent(msgspec.Struct, frozen=True):
+    event: SupervisorEvent
+    # Expected last sequence of `exo.events.supervisor`, or None for no fence.
+    fence: int | None = None
+
+
+class RetryWait(msgspec.Struct, frozen=True):
+    instance_id: str
+    attempt: int
+    delay: float
+
+
+Action = SendTask | WriteEvent | RetryWait
+
+
+def plan(state: ClusterState, catalog: Mapping[str, int] = EMPTY_CATALOG,
+         config: PlannerConfig = PlannerConfig()) -> list[Action]:
+    """What to publish now, given the projection (see the module docstring)."""
+    actions: list[Action] = []
+    busy = _busy_runners(state)
+    placed_one = False
+    for inst in state.instances.values():
+        if inst.status == PLACING and not inst.placements:
+            # One placement per plan: its fence would fail any second one anyway.
+            if not placed_one and (action := _place(state, inst, busy, catalog, config)) is not None:
+                actions.append(action)
+                placed_one = True
+        elif inst.status == FAILED and not inst.gave_up:
+            actions.append(RetryWait(inst.instance_id, inst.attempt, backoff(inst.attempt, config)))
+        elif inst.status not in ENDED_STATUSES:
+            actions.extend(_advance(state, inst, config))
+    actions.extend(_release(state))
+    actions.extend(_route_chats(state))
+    return actions
+
+
+def backoff(attempt: int, config: PlannerConfig) -> float:
+    """Seconds to wait after failed attempt `attempt` (1, 2, 4 ... capped)."""
+    return min(config.backoff_base_s * 2 ** max(attempt - 1, 0), config.backoff_cap_s)
+
+
+def _busy_runners(state: ClusterState) -> set[str]:
+    """Runners serving the current attempt of an instance that has not ended."""
+    busy = set()
+    for runner_id, instance_id in state.runner_instances.items():
+        inst = state.instances.get(instance_id)
+        if inst is not None and inst.status not in ENDED_STATUSES and _placement(inst, runner_id) is not None:
+            busy.add(runner_id)
+    return busy
+
+
+def _placement(inst: InstanceView, runner_id: str) -> Placement | None:
+    return next((p for p in inst.placements if p.runner_id == runner_id), None)
+
+
+def _place(state: ClusterState, inst: InstanceView, busy: set[str], catalog: Mapping[str, int],
+           config: PlannerConfig) -> WriteEvent | None:
+    runners = _choose_runners(state, inst, busy)
+    if runners is None:
+        return None  # stays Placing until enough runners are free
+    attempt = inst.attempt + 1
+    if len(runners) == 1:
+        shards = [Shard(model_id=inst.model_id)]
+    else:
+        n_layers = inst.n_layers or catalog.get(inst.model_id)
+        problem = None
+        if n_layers is None:
+            problem = (f"cannot split {inst.model_id} over {len(runners)} runners: its layer count is unknown "
+                       "(pass n_layers in PlaceInstance, or give the supervisor --models-dir holding the model)")
+        elif n_layers < len(runners):
+            problem = f"{inst.model_id} has {n_layers} layers, fewer than the {len(runners)} runners asked for"
+        if problem is not None:
+            return _failed(inst, problem, final=True)
+        assert n_layers is not None
+        shards = split_layers(inst.model_id, n_layers, [r.memory_free for r in runners])
+    hosts = _group_hosts(state, runners, config) if len(runners) > 1 else ()
+    if hosts is None:
+        return None  # every group port in the range is taken: wait for an instance to end
+    busy.update(r.runner_id for r in runners)
+    placements = tuple(Placement(runner_id=r.runner_id, shard=s, incarnation=r.incarnation)
+                       for r, s in zip(runners, shards))
+    event = InstancePlaced(event_id=f"{inst.instance_id}:placed:{attempt}", instance_id=inst.instance_id,
+                           model_id=inst.model_id, placements=placements, attempt=attempt, hosts=hosts)
+    return WriteEvent(event, fence=state.supervisor_seq)
+
+
+def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> list[RunnerView] | None:
+    def free(runner: RunnerView | None) -> bool:
+        # Idle only: a Failed runner needs a person (or a restart) before it serves again.
+        return runner is not None and runner.status == "RunnerIdle" and runner.runner_id not in busy
+
+    if inst.requested_runners:
+        chosen = [state.runners.get(r) for r in inst.requested_runners]
+        return [r for r in chosen if r is not None] if all(free(r) for r in chosen) else None
+    candidates = [r for r in state.runners.values() if free(r)]
+    if len(candidates) < inst.min_runners:
+        return None
+    candidates.sort(key=lambda r: (-r.memory_free, r.runner_id))
+    return candidates[: inst.min_runners]
+
+
+def split_layers(model_id: str, n_layers: int, memory: list[int]) -> list[Shard]:
+    """Contiguous layer ranges in proportion to `memory`, at least one layer each
+    (equal shares when no runner reports memory); rank r gets the r-th range."""
+    world = len(memory)
+    weights = memory if sum(memory) > 0 else [1] * world
+    total = sum(weights)
+    exact = [n_layers * w / total for w in weights]
+    counts = [max(1, int(x)) for x in exact]
+    # Largest remainders take the layers left over; the largest shares give
+    # back what the one-layer minimum took.
+    order = sorted(range(world), key=lambda i: (-(exact[i] - int(exact[i])), i))
+    i = 0
+    while sum(counts) < n_layers:
+        counts[order[i % world]] += 1
+        i += 1
+    while sum(counts) > n_layers:
+        biggest = max(range(world), key=lambda j: (counts[j], -j))
+        counts[biggest] -= 1
+    shards, start = [], 0
+    for rank, count in enumerate(counts):
+        shards.append(Shard(model_id=model_id, start_layer=start, end_layer=start + count, n_layers=n_layers,
+                            device_rank=rank, world_size=world))
+        start += count
+    return shards
+
+
+def _group_hosts(state: ClusterState, runners: list[RunnerView], config: PlannerConfig) -> tuple[str, ...] | None:
+    used = set()
+    for other in state.instances.values():
+        if other.status not in ENDED_STATUSES:
+            used.update(int(h.rsplit(":", 1)[1]) for h in other.hosts)
+    free = [p for p in range(config.port_base, config.port_base + config.port_count) if p not in used]
+    if len(free) < len(runners):
+        return None
+    return tuple(f"{r.address or '127.0.0.1'}:{port}" for r, port in zip(runners, free))
+
+
+def _failed(inst: InstanceView, reason: str, final: bool) -> WriteEvent:
+    event = InstanceFailed(event_id=f"{inst.instance_id}:failed:{inst.attempt}", instance_id=inst.instance_id,
+                           reason=reason, attempt=inst.attempt, final=final)
+    return WriteEvent(event)
+
+
+def _failure(state: ClusterState, inst: InstanceView) -> str | None:
+    """Why the current attempt cannot succeed any more, or None."""
+    for p in inst.placements:
+        runner = state.runners.get(p.runner_id)
+        if runner is None:
+            return f"runner {p.runner_id} is unknown"
+        if runner.incarnation != p.incarnation:
+            return f"runner {p.runner_id} restarted (incarnation {p.incarnation} -> {runner.incarnation})"
+        if runner.status in GONE_STATUSES:
+            detail = f": {runner.error_message}" if runner.error_message else ""
+            return f"runner {p.runner_id} is {runner.status.removeprefix('Runner')}{detail}"
+        for step in steps(len(inst.placements)):
+            task = state.tasks.get(step_task_id(inst.instance_id, inst.attempt, step, p.runner_id))
+            if task is not None and task.status in ("Failed", "TimedOut", "Cancelled"):
+                return f"{task.task_type} on {p.runner_id} {task.status}: {task.error_type}: {task.error_message}"
+    return None
+
+
+def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> list[Action]:
+    if (reason := _failure(state, inst)) is not None:
+        attempt_word = "attempt" if config.max_attempts == 1 else "attempts"
+        final = inst.attempt >= config.max_attempts
+        if final:
+            reason = f"{reason} (gave up after {inst.attempt} {attempt_word})"
+        return [_failed(inst, reason, final)]
+    if inst.status == READY:
+        return []
+    world = len(inst.placements)
+    for step in steps(world):
+        ids = [step_task_id(inst.instance_id, inst.attempt, step, p.runner_id) for p in inst.placements]
+        if all(state.tasks.get(i) is not None and state.tasks[i].status == "Complete" for i in ids):
+            continue
+        return [SendTask(p.runner_id, _step_task(inst, step, rank, task_id))
+                for rank, (p, task_id) in enumerate(zip(inst.placements, ids)) if task_id not in state.tasks]
+    return []
+
+
+def _step_task(inst: InstanceView, step: str, rank: int, task_id: str) -> Task:
+    placement = inst.placements[rank]
+    if step == DOWNLOAD:
+        return DownloadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
+    if step == CONNECT:
+        group = Group(group_id=f"{inst.instance_id}.a{inst.attempt}", world_size=len(inst.placements),
+                      rank=rank, hosts=tuple(inst.hosts))
+        return ConnectToGroup(task_id=task_id, instance_id=inst.instance_id, group=group)
+    if step == LOAD:
+        return LoadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
+    assert step == WARMUP
+    return StartWarmup(task_id=task_id, instance_id=inst.instance_id)
+
+
+def _release(state: ClusterState) -> list[Action]:
+    """Shutdown for runners still holding an instance that has ended (failed or deleted)."""
+    actions: list[Action] = []
+    for runner_id, instance_id in state.runner_instances.items():
+        runner = state.runners.get(runner_id)
+        inst = state.instances.get(instance_id)
+        if runner is None or inst is None or inst.status not in ENDED_STATUSES:
+            continue
+        placed = _placement(inst, runner_id)
+        # A restarted runner (new incarnation) holds nothing of this instance.
+        if runner.status not in HOLDING_STATUSES or placed is None or placed.incarnation != runner.incarnation:
+            continue
+        task_id = step_task_id(instance_id, inst.attempt, SHUTDOWN, runner_id)
+        if task_id not in state.tasks:
+            actions.append(SendTask(runner_id, Shutdown(task_id=task_id, instance_id=instance_id)))
+    return actions
+
+
+def _route_chats(state: ClusterState) -> list[Action]:
+    actions: list[Action] = []
+    load = {i.instance_id: i.chats_in_flight for i in state.instances.values() if i.status == READY}
+    for chat_id in state.pending_chats:
+        chat = state.chats[chat_id]
+        if chat.request is None:
+            continue
+        if chat.instance_id is None:
+            candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
+            if not candidates:
+                continue  # waits for a Ready instance of its model
+            target = min(candidates, key=lambda i: (load[i], i))
+            load[target] += 1
+            actions.append(_chat_task(state, chat, state.instances[target], 0))
+        elif (inst := state.instances.get(chat.instance_id)) is not None and inst.status == READY:
+            # Ranks after 0 follow the instance that rank 0's task (in the log) names.
+            actions.extend(_chat_task(state, chat, inst, rank) for rank in range(1, len(inst.placements))
+                           if chat_task_id(chat_id, rank) not in state.tasks)
+    return actions
+
+
+def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, rank: int) -> SendTask:
+    request = chat.request
+    assert request is not None
+    task = ChatCompletion(
+        task_id=chat_task_id(chat.chat_id, rank), instance_id=inst.instance_id, messages=request.messages,
+        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+        stop=request.stop, stream_id=chat.chat_id, emit_rank=0,
+    )
+    return SendTask(inst.placements[rank].runner_id, task)

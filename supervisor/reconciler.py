@@ -1,0 +1,176 @@
+"""The reconciler: run the planner after each applied message and on a timer, publish its plan.
+
+At most one plan is in flight: messages that arrive while it runs set a flag
+and the loop plans again at once. After publishing, the loop waits until the
+projection has folded its own writes, so the next plan sees them and does not
+re-send what is already on its way (the deterministic ids would make the server
+drop such a resend anyway; waiting saves the round trips).
+
+Time enters only here: a failed instance's backoff is measured on this
+process's monotonic clock from when this supervisor first saw the failure, and
+its end is written to the log as `InstanceRetryDue`. A restarted supervisor
+starts the wait again, so a backoff is never shorter than planned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+from loguru import logger
+from nats.js import JetStreamContext
+
+from bus import client, subjects
+from bus.events import InstanceRetryDue
+from bus.model_ids import model_id_problem
+from projections.instances import PLACING
+from projections.state import ClusterState
+from supervisor.planner import Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
+from supervisor.projector import MinSeqTimeout, Projector
+
+DEFAULT_INTERVAL_S = 1.0
+# How long to wait for the projection to fold our own writes before planning anyway.
+OWN_WRITES_TIMEOUT_S = 5.0
+
+
+def read_n_layers(models_dir: Path, model_id: str) -> int | None:
+    """`num_hidden_layers` (or `n_layers`) of the model's config.json in `models_dir`, if it is there."""
+    if model_id_problem(model_id):
+        return None
+    try:
+        config = json.loads((models_dir / model_id.replace("/", "--") / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("num_hidden_layers", config.get("n_layers"))
+    return value if isinstance(value, int) and value > 0 else None
+
+
+class Reconciler:
+    """Drives instances and routed chats by publishing what `plan` returns."""
+
+    def __init__(self, js: JetStreamContext, projector: Projector, supervisor_id: str,
+                 config: PlannerConfig = PlannerConfig(), models_dir: Path | None = None,
+                 interval: float = DEFAULT_INTERVAL_S) -> None:
+        self.js = js
+        self.projector = projector
+        self.supervisor_id = supervisor_id
+        self.config = config
+        self.models_dir = models_dir
+        self.interval = interval
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._catalog: dict[str, int] = {}
+        # (instance, attempt) -> monotonic time this process first saw it failed.
+        self._failed_since: dict[tuple[str, int], float] = {}
+        self.log = logger.bind(supervisor_id=supervisor_id)
+
+    def on_applied(self, state: ClusterState, env: object) -> None:
+        """Projector listener: plan again soon (coalesced with any plan already due)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Register as a projector listener and start the loop."""
+        self.projector.listeners.append(self.on_applied)
+        self._task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def stop(self) -> None:
+        """Stop the loop (a plan being published is abandoned; re-planning completes it)."""
+        if self.on_applied in self.projector.listeners:
+            self.projector.listeners.remove(self.on_applied)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        timeout = 0.0
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                timeout = await self.reconcile_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A failed publish (server restarting, timeout) is retried by the next plan.
+                self.log.exception("reconcile failed; planning again in a moment")
+                timeout = self.interval
+
+    async def reconcile_once(self) -> float:
+        """Plan once and publish; returns how long the loop may sleep before the next timed plan."""
+        state = self.projector.state
+        actions = plan(state, self._catalog_for(state), self.config)
+        last_seq = 0
+        sleep = self.interval
+        waiting = {(a.instance_id, a.attempt) for a in actions if isinstance(a, RetryWait)}
+        for key in [k for k in self._failed_since if k not in waiting]:
+            del self._failed_since[key]  # retried by someone, deleted, or given up
+        for action in actions:
+            if isinstance(action, RetryWait):
+                seq, due_in = await self._retry_when_due(action)
+                sleep = min(sleep, due_in)
+            else:
+                seq = await self._publish(action)
+                if seq is None:
+                    break  # fenced out: the log moved on, plan again from what it says
+            last_seq = max(last_seq, seq)
+        if last_seq > state.seq:
+            try:
+                await self.projector.wait_for(last_seq, OWN_WRITES_TIMEOUT_S)
+            except MinSeqTimeout as err:
+                self.log.warning(str(err))
+            self._wake.set()
+        return sleep
+
+    def _catalog_for(self, state: ClusterState) -> Mapping[str, int]:
+        if self.models_dir is None:
+            return self._catalog
+        for inst in state.instances.values():
+            if inst.status == PLACING and inst.model_id not in self._catalog:
+                n_layers = read_n_layers(self.models_dir, inst.model_id)
+                if n_layers is not None:
+                    self._catalog[inst.model_id] = n_layers
+        return self._catalog
+
+    async def _publish(self, action: Action) -> int | None:
+        if isinstance(action, SendTask):
+            task = action.task
+            ack = await client.publish(self.js, subjects.task_subject(action.runner_id), task, msg_id=task.task_id)
+            self.log.bind(task_id=task.task_id, instance_id=task.instance_id, runner_id=action.runner_id,
+                          seq=ack.seq).info(f"published {type(task).__name__}" + (" (duplicate)" if ack.duplicate
+                                                                                   else ""))
+            return ack.seq
+        assert isinstance(action, WriteEvent)
+        # The planner has no clock and no identity: stamp them here, for people
+        # reading the log (the server dedupes on event_id, not on the payload).
+        event = msgspec.structs.replace(action.event, supervisor_id=self.supervisor_id, at=time.time())
+        try:
+            ack = await client.publish(self.js, subjects.SUPERVISOR_EVENTS, event, msg_id=event.event_id,
+                                       expected_last_subject_seq=action.fence)
+        except client.WrongLastSequence:
+            self.log.bind(event_id=event.event_id).info("fenced out: another supervisor wrote first; re-planning")
+            return None
+        self.log.bind(instance_id=event.instance_id, event_id=event.event_id, seq=ack.seq).info(
+            f"wrote {type(event).__name__}" + (" (duplicate)" if ack.duplicate else ""))
+        return ack.seq
+
+    async def _retry_when_due(self, wait: RetryWait) -> tuple[int, float]:
+        key = (wait.instance_id, wait.attempt)
+        now = time.monotonic()
+        since = self._failed_since.setdefault(key, now)
+        due_in = since + wait.delay - now
+        if due_in > 0:
+            return 0, due_in
+        event = InstanceRetryDue(event_id=f"{wait.instance_id}:retry:{wait.attempt}", instance_id=wait.instance_id,
+                                 attempt=wait.attempt, supervisor_id=self.supervisor_id, at=time.time())
+        seq = await self._publish(WriteEvent(event))
+        logger.bind(instance_id=wait.instance_id, attempt=wait.attempt).info(
+            f"retry due after {wait.delay:g} s backoff")
+        del self._failed_since[key]
+        return seq or 0, self.interval

@@ -1,0 +1,350 @@
+"""The planner, purely: hand-made logs folded by the projection, plans checked action by action.
+
+`Cluster` plays the log: it folds messages, turns the planner's actions into
+log messages (as the reconciler publishes them) and answers tasks the way a
+runner does, so whole placements run without a server.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bus import subjects
+from bus.codec import encode
+from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from bus.envelope import Envelope
+from bus.events import (
+    InstancePlaced,
+    InstanceRetryDue,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+)
+from bus.statuses import (
+    RunnerConnected,
+    RunnerConnecting,
+    RunnerDownloading,
+    RunnerIdle,
+    RunnerLoaded,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerStatus,
+    RunnerWarmingUp,
+    TaskStatus,
+)
+from bus.tasks import ChatCompletion, ChatMessage, ConnectToGroup, LoadModel, Shard, Task, task_type
+from projections.apply import apply
+from projections.state import ClusterState, state_hash
+from supervisor.planner import PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
+
+pytestmark = pytest.mark.timeout(60)
+
+# The runner statuses each task goes through (a download returns to Idle: it precedes any group).
+STATUSES: dict[str, tuple[RunnerStatus, ...]] = {
+    "DownloadModel": (RunnerDownloading(), RunnerIdle()),
+    "ConnectToGroup": (RunnerConnecting(), RunnerConnected()),
+    "LoadModel": (RunnerLoading(), RunnerLoaded()),
+    "StartWarmup": (RunnerWarmingUp(), RunnerReady()),
+    "ChatCompletion": (RunnerRunning(), RunnerReady()),
+}
+
+
+class Cluster:
+    """A log and its projection, with simulated runners that complete every task."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.log: list[Envelope] = []
+        self.ids = itertools.count()
+        self.incarnations: dict[str, int] = {}
+
+    def put(self, subject: str, message: msgspec.Struct) -> Envelope:
+        env = Envelope(seq=len(self.log) + 1, subject=subject, data=encode(message))
+        self.log.append(env)
+        self.state = apply(self.state, env)
+        return env
+
+    def event(self, runner_id: str, event_type: type, **fields: object) -> None:
+        self.put(subjects.runner_events_subject(runner_id),
+                 event_type(event_id=f"{runner_id}:{next(self.ids)}", runner_id=runner_id,
+                            incarnation=self.incarnations[runner_id], **fields))
+
+    def status(self, runner_id: str, status: RunnerStatus) -> None:
+        self.event(runner_id, RunnerStatusUpdated, runner_status=status)
+
+    def register(self, runner_id: str, memory_free: int = 1000) -> None:
+        self.incarnations[runner_id] = self.incarnations.get(runner_id, 0) + 1
+        self.event(runner_id, RunnerRegistered, memory_free=memory_free, address="10.0.0.1")
+        self.status(runner_id, RunnerIdle())
+
+    def command(self, command: msgspec.Struct) -> None:
+        self.put(subjects.COMMANDS, command)
+
+    def publish(self, actions: list) -> list[Task]:
+        """Publish plan actions as the reconciler does (no RetryWait: that needs a clock)."""
+        sent = []
+        for action in actions:
+            if isinstance(action, SendTask):
+                self.put(subjects.task_subject(action.runner_id), action.task)
+                sent.append(action.task)
+            elif isinstance(action, WriteEvent):
+                if action.fence is not None:
+                    assert action.fence == self.state.supervisor_seq
+                self.put(subjects.SUPERVISOR_EVENTS, action.event)
+        return sent
+
+    def complete(self, runner_id: str, task: Task, status: TaskStatus = TaskStatus.COMPLETE) -> None:
+        self.event(runner_id, TaskStatusUpdated, task_id=task.task_id, task_status=TaskStatus.RUNNING)
+        if status == TaskStatus.COMPLETE:
+            for runner_status in STATUSES[task_type(task)]:
+                self.status(runner_id, runner_status)
+        self.event(runner_id, TaskStatusUpdated, task_id=task.task_id, task_status=status,
+                   result={"text": "hi"} if isinstance(task, ChatCompletion) else None)
+
+    def run(self, catalog: dict[str, int] | None = None, config: PlannerConfig = PlannerConfig(),
+            rounds: int = 30) -> list[tuple[str, Task]]:
+        """Plan, publish, answer every task; until the plan is empty. Returns (runner, task) in log order."""
+        done = []
+        for _ in range(rounds):
+            actions = [a for a in plan(self.state, catalog or {}, config) if not isinstance(a, RetryWait)]
+            if not actions:
+                return done
+            self.publish(actions)
+            for a in actions:
+                if isinstance(a, SendTask):
+                    self.complete(a.runner_id, a.task)
+                    done.append((a.runner_id, a.task))
+        raise AssertionError("the plan never settled")
+
+
+def _types(done: list[tuple[str, Task]]) -> list[str]:
+    return [task_type(t) for _, t in done]
+
+
+def test_one_runner_goes_download_load_warmup_then_ready() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.command(PlaceInstance(model_id="local/tiny"))
+    inst = c.state.instances["inst-3"]
+    assert inst.status == "Placing"
+    [placed] = plan(c.state)
+    assert isinstance(placed, WriteEvent) and isinstance(placed.event, InstancePlaced)
+    assert placed.fence == 0
+    assert placed.event.placements[0].shard == Shard(model_id="local/tiny")
+    done = c.run()
+    assert _types(done) == ["DownloadModel", "LoadModel", "StartWarmup"]
+    assert [t.task_id for _, t in done] == ["inst-3.a1.download.r1", "inst-3.a1.load.r1", "inst-3.a1.warmup.r1"]
+    assert c.state.instances["inst-3"].status == "Ready"
+    assert not c.state.anomalies
+
+
+def test_a_step_waits_for_every_runner_and_a_group_splits_by_memory() -> None:
+    c = Cluster()
+    c.register("big", memory_free=3000)
+    c.register("small", memory_free=1000)
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.publish(plan(c.state, {"local/tiny": 8}))
+    inst = next(iter(c.state.instances.values()))
+    assert [(p.runner_id, p.shard.start_layer, p.shard.end_layer) for p in inst.placements] == \
+        [("big", 0, 6), ("small", 6, 8)]
+    assert inst.hosts == ["10.0.0.1:52400", "10.0.0.1:52401"]
+    downloads = c.publish(plan(c.state))
+    assert [task_type(t) for t in downloads] == ["DownloadModel", "DownloadModel"]
+    assert inst.status == "Downloading"
+    c.complete("big", downloads[0])
+    # One download is not all of them: nothing new yet, and nothing twice.
+    assert plan(c.state) == []
+    c.complete("small", downloads[1])
+    connects = c.publish(plan(c.state))
+    assert inst.status == "Connecting"
+    assert [(t.group.rank, t.group.world_size, t.group.hosts) for t in connects if isinstance(t, ConnectToGroup)] \
+        == [(0, 2, tuple(inst.hosts)), (1, 2, tuple(inst.hosts))]
+    for runner, task in zip(("big", "small"), connects):
+        c.complete(runner, task)
+    done = c.run()
+    assert _types(done) == ["LoadModel"] * 2 + ["StartWarmup"] * 2
+    loads = [t for _, t in done if isinstance(t, LoadModel)]
+    assert [(t.shard.device_rank, t.shard.world_size, t.shard.n_layers) for t in loads] == [(0, 2, 8), (1, 2, 8)]
+    assert inst.status == "Ready"
+
+
+def test_a_group_without_a_layer_count_fails_for_good() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.register("r2")
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.publish(plan(c.state))
+    inst = next(iter(c.state.instances.values()))
+    assert inst.status == "Failed" and inst.gave_up
+    assert "layer count is unknown" in (inst.reason or "")
+    assert [a for a in plan(c.state) if not isinstance(a, RetryWait)] == []
+
+
+def test_placing_waits_for_enough_idle_runners() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.command(PlaceInstance(model_id="local/tiny", runners=("r1", "r2")))
+    assert plan(c.state) == []
+    c.register("r2")
+    [placed] = plan(c.state, {"local/tiny": 4})
+    assert [p.runner_id for p in placed.event.placements] == ["r1", "r2"]
+
+
+@given(n_layers=st.integers(1, 200), memory=st.lists(st.integers(0, 10**12), min_size=1, max_size=8))
+def test_split_layers_is_contiguous_and_gives_each_a_layer(n_layers: int, memory: list[int]) -> None:
+    if n_layers < len(memory):
+        return
+    shards = split_layers("m", n_layers, memory)
+    assert shards[0].start_layer == 0 and shards[-1].end_layer == n_layers
+    assert all(a.end_layer == b.start_layer for a, b in zip(shards, shards[1:]))
+    assert all(s.end_layer - s.start_layer >= 1 for s in shards)
+    assert [s.device_rank for s in shards] == list(range(len(memory)))
+
+
+def test_replanning_a_replayed_log_publishes_nothing_twice() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.command(PlaceInstance(model_id="local/tiny"))
+    c.publish(plan(c.state))
+    first = c.publish(plan(c.state))  # the download, not answered yet
+    # A restarted or second supervisor folds the same log from scratch.
+    replayed = ClusterState()
+    for env in c.log:
+        replayed = apply(replayed, env)
+    assert state_hash(replayed) == state_hash(c.state)
+    assert plan(replayed) == []
+    c.complete("r1", first[0])
+    assert plan(c.state) == plan(c.state)  # deterministic: same state, same plan
+
+
+def _ready_single(c: Cluster, runner: str, model: str = "local/tiny") -> str:
+    c.command(PlaceInstance(model_id=model, runners=(runner,)))
+    c.run()
+    instance_id = c.state.runner_instances[runner]
+    assert c.state.instances[instance_id].status == "Ready"
+    return instance_id
+
+
+def test_chats_go_to_the_least_busy_ready_instance_of_their_model() -> None:
+    c = Cluster()
+    for r in ("r1", "r2", "r3"):
+        c.register(r)
+    a, b = _ready_single(c, "r1"), _ready_single(c, "r2")
+    _ready_single(c, "r3", model="local/other")
+    hi = (ChatMessage("user", "hi"),)
+    c.command(RouteChatCompletion(command_id="x", messages=hi, model_id="local/tiny"))
+    c.command(RouteChatCompletion(command_id="y", messages=hi, model_id="local/tiny"))
+    c.command(RouteChatCompletion(command_id="z", messages=hi, model_id="local/nowhere"))
+    sent = c.publish(plan(c.state))
+    assert [(t.task_id, t.stream_id) for t in sent] == [("chat-x.0", "chat-x"), ("chat-y.0", "chat-y")]
+    assert {t.instance_id for t in sent} == {a, b}  # one each: the second goes to the idle one
+    assert c.state.instances[a].chats_in_flight == c.state.instances[b].chats_in_flight == 1
+    assert list(c.state.pending_chats) == ["chat-z"]  # no Ready instance serves that model
+    done, busy = sent if sent[0].instance_id == a else sent[::-1]
+    c.complete("r1", done)
+    assert c.state.chats[done.stream_id].status == "Complete" and c.state.instances[a].chats_in_flight == 0
+    c.command(RouteChatCompletion(command_id="w", messages=hi, model_id="local/tiny"))
+    [again] = c.publish(plan(c.state))
+    assert again.instance_id == a  # b still has a chat in flight
+    assert c.state.chats[busy.stream_id].status == "Routed"
+
+
+def test_a_group_chat_publishes_rank_zero_first_then_the_others_to_the_same_instance() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.register("r2")
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.run({"local/tiny": 4})
+    c.command(RouteChatCompletion(command_id="g", messages=(ChatMessage("user", "hi"),)))
+    [rank0] = c.publish(plan(c.state))
+    assert rank0.task_id == "chat-g.0" and rank0.emit_rank == 0
+    [rank1] = c.publish(plan(c.state))
+    assert rank1.task_id == "chat-g.1" and rank1.stream_id == "chat-g"
+    assert plan(c.state) == [] and not c.state.pending_chats and c.state.chats["chat-g"].request is None
+
+
+def test_a_lost_runner_fails_the_instance_which_is_retried_elsewhere_then_given_up() -> None:
+    c = Cluster()
+    for r in ("r1", "r2"):
+        c.register(r)
+    c.command(PlaceInstance(model_id="local/tiny"))
+    c.publish(plan(c.state))
+    inst = next(iter(c.state.instances.values()))
+    first = inst.placements[0].runner_id
+    c.publish(plan(c.state))
+    c.event(first, RunnerLost, reason="no heartbeat for 5 s")
+    c.publish(plan(c.state))
+    assert inst.status == "Failed" and not inst.gave_up and "is Lost" in (inst.reason or "")
+    assert plan(c.state) == [RetryWait(inst.instance_id, 1, 1.0)]
+    c.put(subjects.SUPERVISOR_EVENTS, InstanceRetryDue(event_id="rd1", instance_id=inst.instance_id, attempt=1))
+    assert inst.status == "Placing"
+    done = c.run()
+    other = "r2" if first == "r1" else "r1"
+    assert inst.status == "Ready" and inst.attempt == 2 and inst.placements[0].runner_id == other
+    assert {t.task_id.split(".")[1] for _, t in done} == {"a2"}
+    # Attempt 2 fails too; with max_attempts=2 the instance gives up, reason kept.
+    c.event(other, RunnerLost, reason="gone")
+    c.publish(plan(c.state, config=PlannerConfig(max_attempts=2)))
+    assert inst.status == "Failed" and inst.gave_up and "gave up after 2 attempts" in (inst.reason or "")
+    assert [a for a in plan(c.state, config=PlannerConfig(max_attempts=2)) if isinstance(a, RetryWait)] == []
+
+
+def test_backoff_doubles_and_is_capped() -> None:
+    from supervisor.planner import backoff
+
+    config = PlannerConfig(backoff_base_s=1.0, backoff_cap_s=5.0)
+    assert [backoff(a, config) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_deleting_shuts_down_the_runners_that_hold_it_once() -> None:
+    c = Cluster()
+    c.register("r1")
+    instance_id = _ready_single(c, "r1")
+    c.command(DeleteInstance(instance_id=instance_id))
+    assert c.state.instances[instance_id].status == "Deleted"
+    [shutdown] = c.publish(plan(c.state))
+    assert task_type(shutdown) == "Shutdown" and shutdown.task_id == f"{instance_id}.a1.shutdown.r1"
+    assert plan(c.state) == []  # already in the log
+
+
+def test_a_restarted_runner_fails_its_instance_and_is_usable_again() -> None:
+    c = Cluster()
+    c.register("r1")
+    instance_id = _ready_single(c, "r1")
+    c.register("r1")  # a new incarnation: the model it held is gone
+    c.publish(plan(c.state))
+    assert "restarted (incarnation 1 -> 2)" in (c.state.instances[instance_id].reason or "")
+    c.command(PlaceInstance(model_id="local/tiny", runners=("r1",)))
+    c.run()
+    assert c.state.instances[c.state.runner_instances["r1"]].status == "Ready"
+
+
+def test_a_stale_placement_is_an_anomaly_not_a_second_placement() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.register("r2")
+    c.command(PlaceInstance(model_id="local/tiny"))
+    [placed] = plan(c.state)
+    c.publish([placed])
+    other = msgspec.structs.replace(placed.event, event_id="someone-else")
+    c.put(subjects.SUPERVISOR_EVENTS, other)
+    assert [a.kind for a in c.state.anomalies] == ["StaleInstanceEvent"]
+    assert next(iter(c.state.instances.values())).placements == list(placed.event.placements)
+
+
+def test_a_failed_task_fails_the_instance() -> None:
+    c = Cluster()
+    c.register("r1")
+    c.command(PlaceInstance(model_id="local/tiny"))
+    c.publish(plan(c.state))
+    [download] = c.publish(plan(c.state))
+    c.complete("r1", download, TaskStatus.FAILED)
+    [failed] = plan(c.state)
+    assert isinstance(failed, WriteEvent) and "DownloadModel on r1 Failed" in failed.event.reason
