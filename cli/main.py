@@ -34,7 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("supervisor", help="run a supervisor: fold the log, serve exo.supervisor.* queries")
     p.add_argument("--id", default=None, help="supervisor id (default host-pid)")
     p.add_argument("--snapshot-every", type=int, default=10_000, help="store a snapshot every N events")
+    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                   help="declare a runner lost after this many seconds without a heartbeat or event")
+    p.add_argument("--max-attempts", type=int, default=3, help="placement attempts before an instance stays Failed")
+    _add_models_dir(p)
     _add_nats(p)
+
+    from cli.orchestration_cmds import add_parsers
+
+    add_parsers(sub, _add_nats)
 
     p = sub.add_parser("task", help="validate and publish a task on exo.tasks.RUNNER_ID")
     p.add_argument("runner_id")
@@ -126,7 +134,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "supervisor":
             from supervisor.main import run_supervisor
 
-            return asyncio.run(run_supervisor(args.nats, args.id, args.snapshot_every))
+            from supervisor.planner import PlannerConfig
+
+            return asyncio.run(run_supervisor(args.nats, args.id, args.snapshot_every,
+                                              heartbeat_timeout=args.heartbeat_timeout, models_dir=args.models_dir,
+                                              planner=PlannerConfig(max_attempts=args.max_attempts)))
+        case "place" | "delete":
+            from cli.orchestration_cmds import run
+
+            return run(args)
         case "task":
             from cli.log_cmds import publish_task
 

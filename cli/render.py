@@ -37,9 +37,31 @@ def render_task_rows(tasks: list[dict[str, Any]]) -> str:
     return table(["TASK", "TYPE", "RUNNER", "STATUS", "SEQ", "UPDATED", "ERROR"], rows)
 
 
+def render_instance_rows(instances: dict[str, dict[str, Any]]) -> str:
+    """Instances: status (with the reason of a failure), attempt, runners and their layers."""
+    rows = []
+    for i in sorted(instances.values(), key=lambda i: i["created_seq"]):
+        status = i["status"] + (" (gave up)" if i.get("gave_up") else "")
+        placed = ", ".join(_placement(p) for p in i["placements"]) or None
+        rows.append([i["instance_id"], i["model_id"], status, i["attempt"], placed, i["chats_in_flight"],
+                     i.get("reason")])
+    return table(["INSTANCE", "MODEL", "STATUS", "ATTEMPT", "RUNNERS", "CHATS", "REASON"], rows)
+
+
+def _placement(p: dict[str, Any]) -> str:
+    shard = p["shard"]
+    if shard.get("start_layer") is None:
+        return p["runner_id"]
+    return f"{p['runner_id']}[{shard['start_layer']}:{shard['end_layer']}]"
+
+
 def render_state(reply: dict[str, Any]) -> str:
     """The `exo.supervisor.state` reply (or a local fold shaped like it) as text."""
     parts = [f"seq {reply['seq']}", "", render_runner_rows(reply["runners"])]
+    if reply.get("instances"):
+        parts += ["", "instances", render_instance_rows(reply["instances"])]
+    if reply.get("pending_chats"):
+        parts += ["", f"{len(reply['pending_chats'])} chats waiting for a Ready instance"]
     tasks = sorted(reply["tasks"].values(), key=lambda t: t["created_seq"])
     if tasks:
         shown = tasks[-TASKS_SHOWN:]

@@ -1,0 +1,183 @@
+"""`exojet place`, `exojet delete`, and chats routed through the supervisors.
+
+These only publish commands on `exo.commands`; the supervisors' reconcilers do
+the rest. Ids follow from the command: `inst-<seq>` for a placement,
+`chat-<command_id>` for a routed chat (see projections/instances.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+from nats.js import api
+
+from bus import client, subjects
+from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from bus.envelope import Envelope
+from bus.events import TaskStatusUpdated
+from bus.model_ids import model_id_problem
+from bus.query_client import QueryFailed, query
+from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from bus.streams import CHUNKS_STREAM
+from bus.tasks import ChatMessage
+from cli.timeline import message_of
+from projections.instances import chat_id_of, chat_task_id, instance_id_of
+
+# How often `place --wait` asks the supervisor while the instance is on its way.
+WAIT_POLL_S = 0.25
+SETTLED = ("Ready", "Deleted")
+
+
+class ChatFailed(Exception):
+    """The routed chat ended without completing (its task's error, in words)."""
+
+
+def add_parsers(sub: Any, add_nats: Any) -> None:
+    """Register `place` and `delete` on the `exojet` subparsers."""
+    p = sub.add_parser("place", help="ask the supervisors to place MODEL on runners; prints the instance id")
+    p.add_argument("model_id")
+    p.add_argument("--runners", default=None, help="comma-separated runner ids (default: the freest Idle ones)")
+    p.add_argument("--min-runners", type=int, default=1, help="how many runners share the model (pipeline)")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="the model's layer count (default: the supervisor reads it from config.json)")
+    p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
+    p.add_argument("--timeout", type=float, default=600.0)
+    add_nats(p)
+    p = sub.add_parser("delete", help="delete an instance: its runners are shut down")
+    p.add_argument("instance_id")
+    add_nats(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `place` or `delete` from parsed arguments."""
+    if args.command == "place":
+        runners = tuple(r for r in args.runners.split(",") if r) if args.runners else None
+        return asyncio.run(place(args.nats, args.model_id, runners, args.min_runners, args.n_layers, args.wait,
+                                 args.timeout))
+    return asyncio.run(delete(args.nats, args.instance_id))
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+async def place(nats_url: str, model_id: str, runners: tuple[str, ...] | None, min_runners: int,
+                n_layers: int | None, wait: bool, timeout: float) -> int:
+    """Publish PlaceInstance and print the instance id; with `wait`, follow it to Ready or Failed."""
+    if problem := model_id_problem(model_id):
+        return _fail(problem, 2)
+    for runner_id in runners or ():
+        if problem := subjects.id_problem(runner_id):
+            return _fail(problem, 2)
+    if min_runners < 1 or (n_layers is not None and n_layers < 1):
+        return _fail("--min-runners and --n-layers must be at least 1", 2)
+    command = PlaceInstance(model_id=model_id, runners=runners, min_runners=min_runners, n_layers=n_layers)
+    nc = await client.connect(nats_url, name="exojet-place")
+    try:
+        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, command)
+        instance_id = instance_id_of(None, ack.seq)
+        print(instance_id, flush=True)
+        if not wait:
+            return 0
+        return await _wait_instance(nc, instance_id, ack.seq, timeout)
+    finally:
+        await nc.close()
+
+
+async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) -> int:
+    shown = None
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    reply = await query(nc, "state", min_seq=seq)
+                except QueryFailed as err:
+                    if err.code not in ("NoSupervisor", "Timeout"):
+                        return _fail(f"{err.code}: {err.message}")
+                    reply = {"instances": {}}
+                inst = reply["instances"].get(instance_id)
+                if inst is not None:
+                    status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
+                    if status != shown:
+                        print(f"  {instance_id}: {status}", file=sys.stderr, flush=True)
+                        shown = status
+                    if inst["status"] in SETTLED or inst.get("gave_up"):
+                        return 0 if inst["status"] == "Ready" else 1
+                await asyncio.sleep(WAIT_POLL_S)  # poll interval of a bounded wait, not a sync point
+    except TimeoutError:
+        return _fail(f"{instance_id} was not Ready within {timeout} s (last: {shown or 'no supervisor answer'})")
+
+
+async def delete(nats_url: str, instance_id: str) -> int:
+    """Publish DeleteInstance; the supervisors shut its runners down."""
+    nc = await client.connect(nats_url, name="exojet-delete")
+    try:
+        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, DeleteInstance(instance_id=instance_id))
+        print(f"delete of {instance_id} requested (seq {ack.seq})")
+        return 0
+    finally:
+        await nc.close()
+
+
+async def route_chat(nats_url: str, messages: Sequence[ChatMessage], model_id: str | None = None,
+                     max_tokens: int | None = None, temperature: float | None = None,
+                     timeout: float = 300.0) -> AsyncIterator[str]:
+    """Ask the supervisors to route a chat to a Ready instance; yield its text as it is generated.
+
+    Publishes a RouteChatCompletion, follows its chunks (`exo.chunks.<chat_id>`)
+    and its emitting task's status. Raises ChatFailed if that task does not
+    complete, TimeoutError if nothing settles it within `timeout`.
+    """
+    command = RouteChatCompletion(command_id=uuid.uuid4().hex[:16], messages=tuple(messages), model_id=model_id,
+                                  max_tokens=max_tokens, temperature=temperature)
+    chat_id = chat_id_of(command.command_id, 0)
+    emitter = chat_task_id(chat_id, 0)
+    texts: asyncio.Queue[str | TaskStatusUpdated] = asyncio.Queue()
+
+    async def on_chunk(msg: Any) -> None:
+        chunk = msgspec.json.decode(msg.data)
+        if isinstance(chunk, dict) and isinstance(chunk.get("text"), str) and chunk["text"]:
+            texts.put_nowait(chunk["text"])
+
+    def on_event(env: Envelope) -> None:
+        event = message_of(env)
+        if isinstance(event, TaskStatusUpdated) and event.task_id == emitter \
+                and event.task_status in TERMINAL_TASK_STATUSES:
+            texts.put_nowait(event)
+
+    nc = await client.connect(nats_url, name="exojet-chat")
+    subs = []
+    try:
+        js = nc.jetstream()
+        subs.append(await js.subscribe(subjects.chunks_subject(chat_id), stream=CHUNKS_STREAM, cb=on_chunk,
+                                       ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL))
+        ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id)
+        subs.append(await client.follow(js, on_event, start_seq=ack.seq + 1,
+                                        subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"))
+        said = ""
+        async with asyncio.timeout(timeout):
+            while True:
+                item = await texts.get()
+                if isinstance(item, str):
+                    said += item
+                    yield item
+                    continue
+                if item.task_status != TaskStatus.COMPLETE:
+                    raise ChatFailed(f"{chat_id} {item.task_status}: {item.error_type}: {item.error_message}")
+                # Chunks and the final status travel on two streams: the result
+                # text is the whole answer, so yield whatever chunks have not.
+                final = (item.result or {}).get("text")
+                if isinstance(final, str) and final.startswith(said) and len(final) > len(said):
+                    yield final[len(said):]
+                return
+    finally:
+        for sub in subs:
+            await sub.unsubscribe()
+        await nc.close()
