@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-timeout", type=float, default=5.0,
                    help="declare a runner lost after this many seconds without a heartbeat or event")
     p.add_argument("--max-attempts", type=int, default=3, help="placement attempts before an instance stays Failed")
+    p.add_argument("--group-ports", default="52400-52999",
+                   help="port range START-END that pipeline groups listen on (default 52400-52999)")
     _add_models_dir(p)
     _add_nats(p)
 
@@ -136,9 +138,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             from supervisor.planner import PlannerConfig
 
+            start, _, end = args.group_ports.partition("-")
+            planner = PlannerConfig(max_attempts=args.max_attempts, port_base=int(start),
+                                    port_count=int(end or start) - int(start) + 1)
             return asyncio.run(run_supervisor(args.nats, args.id, args.snapshot_every,
                                               heartbeat_timeout=args.heartbeat_timeout, models_dir=args.models_dir,
-                                              planner=PlannerConfig(max_attempts=args.max_attempts)))
+                                              planner=planner))
         case "place" | "delete":
             from cli.orchestration_cmds import run
 

@@ -153,7 +153,7 @@ async def route_chat(nats_url: str, messages: Sequence[ChatMessage], model_id: s
             texts.put_nowait(event)
 
     nc = await client.connect(nats_url, name="exojet-chat")
-    subs = []
+    subs: list[Any] = []
     try:
         js = nc.jetstream()
         subs.append(await js.subscribe(subjects.chunks_subject(chat_id), stream=CHUNKS_STREAM, cb=on_chunk,

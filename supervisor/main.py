@@ -12,7 +12,7 @@ from loguru import logger
 
 from bus import client, streams
 from supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
-from supervisor.planner import PlannerConfig
+from supervisor.planner import DEFAULT_CONFIG, PlannerConfig
 from supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
 from supervisor.reconciler import Reconciler
 from supervisor.service import start_service
@@ -29,7 +29,7 @@ async def run_supervisor(
     stop: asyncio.Event | None = None,
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     models_dir: Path | None = None,
-    planner: PlannerConfig = PlannerConfig(),
+    planner: PlannerConfig = DEFAULT_CONFIG,
 ) -> int:
     """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code.
 

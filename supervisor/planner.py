@@ -83,6 +83,9 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     port_count: int = 600
 
 
+DEFAULT_CONFIG = PlannerConfig()
+
+
 class SendTask(msgspec.Struct, frozen=True):
     runner_id: str
     task: Task
@@ -104,7 +107,7 @@ Action = SendTask | WriteEvent | RetryWait
 
 
 def plan(state: ClusterState, catalog: Mapping[str, int] = EMPTY_CATALOG,
-         config: PlannerConfig = PlannerConfig()) -> list[Action]:
+         config: PlannerConfig = DEFAULT_CONFIG) -> list[Action]:
     """What to publish now, given the projection (see the module docstring)."""
     actions: list[Action] = []
     busy = _busy_runners(state)
@@ -216,7 +219,7 @@ def split_layers(model_id: str, n_layers: int, memory: list[int]) -> list[Shard]
 
 
 def _group_hosts(state: ClusterState, runners: list[RunnerView], config: PlannerConfig) -> tuple[str, ...] | None:
-    used = set()
+    used: set[int] = set()
     for other in state.instances.values():
         if other.status not in ENDED_STATUSES:
             used.update(int(h.rsplit(":", 1)[1]) for h in other.hosts)

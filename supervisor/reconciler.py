@@ -25,11 +25,12 @@ from loguru import logger
 from nats.js import JetStreamContext
 
 from bus import client, subjects
+from bus.envelope import Envelope
 from bus.events import InstanceRetryDue
 from bus.model_ids import model_id_problem
 from projections.instances import PLACING
 from projections.state import ClusterState
-from supervisor.planner import Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
+from supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
 from supervisor.projector import MinSeqTimeout, Projector
 
 DEFAULT_INTERVAL_S = 1.0
@@ -53,7 +54,7 @@ class Reconciler:
     """Drives instances and routed chats by publishing what `plan` returns."""
 
     def __init__(self, js: JetStreamContext, projector: Projector, supervisor_id: str,
-                 config: PlannerConfig = PlannerConfig(), models_dir: Path | None = None,
+                 config: PlannerConfig = DEFAULT_CONFIG, models_dir: Path | None = None,
                  interval: float = DEFAULT_INTERVAL_S) -> None:
         self.js = js
         self.projector = projector
@@ -68,7 +69,7 @@ class Reconciler:
         self._failed_since: dict[tuple[str, int], float] = {}
         self.log = logger.bind(supervisor_id=supervisor_id)
 
-    def on_applied(self, state: ClusterState, env: object) -> None:
+    def on_applied(self, state: ClusterState, env: Envelope) -> None:
         """Projector listener: plan again soon (coalesced with any plan already due)."""
         self._wake.set()
 
@@ -116,9 +117,10 @@ class Reconciler:
                 seq, due_in = await self._retry_when_due(action)
                 sleep = min(sleep, due_in)
             else:
-                seq = await self._publish(action)
-                if seq is None:
+                published = await self._publish(action)
+                if published is None:
                     break  # fenced out: the log moved on, plan again from what it says
+                seq = published
             last_seq = max(last_seq, seq)
         if last_seq > state.seq:
             try:
@@ -168,7 +170,7 @@ class Reconciler:
         if due_in > 0:
             return 0, due_in
         event = InstanceRetryDue(event_id=f"{wait.instance_id}:retry:{wait.attempt}", instance_id=wait.instance_id,
-                                 attempt=wait.attempt, supervisor_id=self.supervisor_id, at=time.time())
+                                 attempt=wait.attempt)
         seq = await self._publish(WriteEvent(event))
         logger.bind(instance_id=wait.instance_id, attempt=wait.attempt).info(
             f"retry due after {wait.delay:g} s backoff")

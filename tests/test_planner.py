@@ -42,7 +42,7 @@ from bus.statuses import (
 from bus.tasks import ChatCompletion, ChatMessage, ConnectToGroup, LoadModel, Shard, Task, task_type
 from projections.apply import apply
 from projections.state import ClusterState, state_hash
-from supervisor.planner import PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
+from supervisor.planner import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,7 +108,7 @@ class Cluster:
         self.event(runner_id, TaskStatusUpdated, task_id=task.task_id, task_status=status,
                    result={"text": "hi"} if isinstance(task, ChatCompletion) else None)
 
-    def run(self, catalog: dict[str, int] | None = None, config: PlannerConfig = PlannerConfig(),
+    def run(self, catalog: dict[str, int] | None = None, config: PlannerConfig = DEFAULT_CONFIG,
             rounds: int = 30) -> list[tuple[str, Task]]:
         """Plan, publish, answer every task; until the plan is empty. Returns (runner, task) in log order."""
         done = []
@@ -203,7 +203,7 @@ def test_split_layers_is_contiguous_and_gives_each_a_layer(n_layers: int, memory
         return
     shards = split_layers("m", n_layers, memory)
     assert shards[0].start_layer == 0 and shards[-1].end_layer == n_layers
-    assert all(a.end_layer == b.start_layer for a, b in zip(shards, shards[1:]))
+    assert all(a.end_layer == b.start_layer for a, b in itertools.pairwise(shards))
     assert all(s.end_layer - s.start_layer >= 1 for s in shards)
     assert [s.device_rank for s in shards] == list(range(len(memory)))
 

@@ -1,0 +1,293 @@
+"""Placement, restarts, twin supervisors, liveness and deletion against real processes.
+
+Every wait is on the log itself: `LogWatch` follows the whole log, folds it
+with the projection and wakes waiters after each message, so a test waits for
+exactly the event it expects (bounded), and checks order from sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from bus import client, subjects
+from bus.codec import decode_event, decode_task, encode
+from bus.commands import PlaceInstance
+from bus.envelope import Envelope
+from bus.events import RunnerRegistered, RunnerStatusUpdated
+from bus.server import NatsServer, free_port
+from bus.statuses import RunnerIdle, RunnerLoading
+from bus.tasks import ChatMessage
+from cli.orchestration_cmds import route_chat
+from projections.apply import apply
+from projections.instances import instance_id_of, steps
+from projections.state import ClusterState, InstanceView
+from tests.procs import REPO, exojet, stop
+
+Predicate = Callable[[ClusterState], bool]
+
+
+class LogWatch:
+    """The log as it grows, folded locally; `until` waits for a condition on it."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.envs: list[Envelope] = []
+        self.hooks: list[Callable[[Envelope], None]] = []
+        self._changed = asyncio.Event()
+
+    async def start(self, js: object) -> None:
+        self._sub = await client.follow(js, self._on)  # type: ignore[arg-type]
+
+    def _on(self, env: Envelope) -> None:
+        self.envs.append(env)
+        self.state = apply(self.state, env)
+        for hook in self.hooks:
+            hook(env)
+        self._changed.set()
+
+    async def until(self, predicate: Predicate, timeout: float, what: str) -> ClusterState:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.state):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"not within {timeout} s: {what} (log at seq {self.state.seq})") from None
+        return self.state
+
+    def supervisor_writes(self) -> int:
+        """Messages a supervisor wrote: instance tasks and supervisor events."""
+        return sum(1 for e in self.envs if e.subject == subjects.SUPERVISOR_EVENTS
+                   or (e.subject.startswith("exo.tasks.") and b'"instance_id":"inst-' in e.data))
+
+
+@pytest.fixture
+async def watch(nc: NATS) -> LogWatch:
+    w = LogWatch()
+    await w.start(nc.jetstream())
+    return w
+
+
+class Procs:
+    """Runner and supervisor processes of one test, stopped at its end."""
+
+    def __init__(self, url: str, models_dir: Path, logs: Path, heartbeat_timeout: float = 5.0) -> None:
+        self.url, self.models_dir, self.logs = url, models_dir, logs
+        self.heartbeat_timeout = heartbeat_timeout
+        self.port_base = free_port()
+        self.runners: dict[str, subprocess.Popen[bytes]] = {}
+        self.supervisors: list[subprocess.Popen[bytes]] = []
+
+    def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
+        proc = exojet("runner", "--id", runner_id, "--nats", self.url, "--models-dir", str(self.models_dir),
+                      log=self.logs / f"{runner_id}.log")
+        self.runners[runner_id] = proc
+        return proc
+
+    def supervisor(self) -> subprocess.Popen[bytes]:
+        n = len(self.supervisors)
+        proc = exojet("supervisor", "--nats", self.url, "--id", f"s{n}", "--models-dir", str(self.models_dir),
+                      "--heartbeat-timeout", str(self.heartbeat_timeout),
+                      "--group-ports", f"{self.port_base}-{self.port_base + 40}", log=self.logs / f"s{n}.log")
+        self.supervisors.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in [*self.supervisors, *self.runners.values()]:
+            stop(proc)
+
+
+@pytest.fixture
+def procs(nats_server: NatsServer, models_dir: Path, tmp_path: Path) -> Procs:
+    p = Procs(nats_server.url, models_dir, tmp_path)
+    yield p
+    p.stop_all()
+
+
+def _idle(*runner_ids: str) -> Predicate:
+    return lambda s: all(s.runners.get(r) is not None and s.runners[r].status == "RunnerIdle" for r in runner_ids)
+
+
+def _instance(instance_id: str, *statuses: str) -> Predicate:
+    return lambda s: instance_id in s.instances and s.instances[instance_id].status in statuses
+
+
+def _assert_seed_order(state: ClusterState, inst: InstanceView) -> None:
+    """Each step's tasks are published only after every runner completed the previous step."""
+    previous_done = 0
+    for step in steps(len(inst.placements)):
+        tasks = [state.tasks[f"{inst.instance_id}.a{inst.attempt}.{step}.{p.runner_id}"] for p in inst.placements]
+        assert all(t.status == "Complete" for t in tasks), (step, tasks)
+        assert min(t.created_seq for t in tasks) > previous_done, f"{step} published before the step before it ended"
+        previous_done = max(t.updated_seq for t in tasks)
+
+
+def _assert_no_duplicates(watch: LogWatch) -> None:
+    ids = Counter()
+    for env in watch.envs:
+        if env.subject.startswith("exo.tasks."):
+            ids[decode_task(env.data).task_id] += 1
+        elif env.subject == subjects.SUPERVISOR_EVENTS:
+            ids[decode_event(env.data).event_id] += 1
+    assert [i for i, n in ids.items() if n > 1] == []
+    assert [a for a in watch.state.anomalies if a.kind in ("DuplicateTask", "StaleInstanceEvent")] == []
+
+
+async def _cli(*args: str) -> str:
+    """`exojet ARGS` to completion (bounded); its stdout. Fails the test on a non-zero exit."""
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=REPO,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def _place(nc: NATS, **fields: object) -> str:
+    ack = await client.publish(nc.jetstream(), subjects.COMMANDS, PlaceInstance(**fields))
+    return instance_id_of(None, ack.seq)
+
+
+@pytest.mark.timeout(120)
+async def test_supervisor_killed_after_each_write_finishes_the_placement_then_delete_shuts_down(
+        procs: Procs, watch: LogWatch, nc: NATS) -> None:
+    runner = procs.runner("r1")
+    await watch.until(_idle("r1"), 60, "r1 registered and Idle")
+    sup = procs.supervisor()
+    instance_id = (await _cli("place", "local/tiny", "--nats", procs.url)).strip()
+    assert instance_id.startswith("inst-")
+    kills = 0
+    while not _instance(instance_id, "Ready")(watch.state):
+        seen = watch.supervisor_writes()
+        await watch.until(lambda s, seen=seen: watch.supervisor_writes() > seen
+                          or _instance(instance_id, "Ready")(s), 60, "the supervisor's next write")
+        sup.send_signal(signal.SIGKILL)
+        sup.wait()
+        kills += 1
+        sup = procs.supervisor()
+    assert kills >= 4  # InstancePlaced, download, load, warmup at least
+    inst = watch.state.instances[instance_id]
+    _assert_seed_order(watch.state, inst)
+    _assert_no_duplicates(watch)
+    assert watch.state.runners["r1"].status == "RunnerReady"
+    # Delete: the runner that holds it is shut down and exits.
+    assert instance_id in await _cli("delete", instance_id, "--nats", procs.url)
+    await watch.until(lambda s: s.runners["r1"].status == "RunnerShutdown", 30, "r1 shut down")
+    assert runner.wait(20) == 0
+    assert watch.state.instances[instance_id].status == "Deleted"
+
+
+@pytest.mark.timeout(150)
+async def test_two_supervisors_place_on_two_runners_and_route_a_chat(procs: Procs, watch: LogWatch,
+                                                                     nc: NATS) -> None:
+    for r in ("r1", "r2"):
+        procs.runner(r)
+    procs.supervisor()
+    procs.supervisor()
+    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+    instance_id = await _place(nc, model_id="local/tiny", min_runners=2)
+    await watch.until(_instance(instance_id, "Ready", "Failed"), 90, f"{instance_id} Ready")
+    inst = watch.state.instances[instance_id]
+    assert inst.status == "Ready", inst.reason
+    assert sorted(p.runner_id for p in inst.placements) == ["r1", "r2"]
+    shards = [p.shard for p in inst.placements]
+    assert shards[0].start_layer == 0 and shards[0].end_layer == shards[1].start_layer
+    assert shards[1].end_layer == shards[1].n_layers
+    _assert_seed_order(watch.state, inst)
+    text = "".join([t async for t in route_chat(procs.url, [ChatMessage("user", "hello")], "local/tiny",
+                                                max_tokens=4, temperature=0.0, timeout=60)])
+    assert text
+    chats = [t for t in watch.state.tasks.values() if t.task_type == "ChatCompletion"]
+    assert sorted(t.runner_id for t in chats) == ["r1", "r2"]
+    assert all(t.instance_id == instance_id for t in chats)
+    _assert_no_duplicates(watch)
+
+
+@pytest.mark.timeout(120)
+async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
+        nats_server: NatsServer, models_dir: Path, tmp_path: Path, watch: LogWatch, nc: NATS) -> None:
+    timeout = 2.0
+    procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=timeout)
+    try:
+        for r in ("r1", "r2"):
+            procs.runner(r)
+        await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+        killed: dict[str, float] = {}
+
+        def kill_on_loading(env: Envelope) -> None:
+            # Synchronously, from the log callback: the runner is still loading.
+            if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX) and not killed:
+                event = decode_event(env.data)
+                if isinstance(event, RunnerStatusUpdated) and isinstance(event.runner_status, RunnerLoading):
+                    procs.runners[event.runner_id].send_signal(signal.SIGKILL)
+                    killed[event.runner_id] = time.monotonic()
+
+        watch.hooks.append(kill_on_loading)
+        procs.supervisor()
+        instance_id = await _place(nc, model_id="local/tiny")
+        await watch.until(lambda s: bool(killed), 60, "a runner Loading")
+        [(victim, at)] = killed.items()
+        await watch.until(lambda s: s.runners[victim].status == "RunnerLost", timeout + 5, f"{victim} lost")
+        assert time.monotonic() - at < timeout + 3
+        await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready again")
+        inst = watch.state.instances[instance_id]
+        survivor = "r2" if victim == "r1" else "r1"
+        assert inst.attempt == 2 and [p.runner_id for p in inst.placements] == [survivor]
+        assert "is Lost" in (inst.reason or "")
+        _assert_seed_order(watch.state, inst)
+        # The lost runner comes back as a new incarnation and can serve again.
+        procs.runner(victim)
+        await watch.until(lambda s: s.runners[victim].incarnation > 1 and _idle(victim)(s), 60, f"{victim} back")
+        again = await _place(nc, model_id="local/tiny", runners=(victim,))
+        await watch.until(_instance(again, "Ready"), 60, f"{again} Ready on {victim}")
+        _assert_no_duplicates(watch)
+    finally:
+        procs.stop_all()
+
+
+@pytest.mark.timeout(60)
+async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: NatsServer, models_dir: Path,
+                                                                 tmp_path: Path, watch: LogWatch, nc: NATS) -> None:
+    timeout = 1.0
+    procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=timeout)
+    js = nc.jetstream()
+    writes = 0
+
+    async def write(runner_id: str, message: object) -> int:
+        nonlocal writes
+        writes += 1
+        ack = await client.publish(js, subjects.runner_events_subject(runner_id), message)
+        return ack.seq
+
+    # Simulated runners: "writer" writes events but sends no heartbeat,
+    # "beater" heartbeats but writes nothing after registering, "mute" does neither.
+    for r in ("writer", "beater", "mute"):
+        await write(r, RunnerRegistered(event_id=f"{r}:reg", runner_id=r, incarnation=1))
+        await write(r, RunnerStatusUpdated(event_id=f"{r}:idle", runner_id=r, incarnation=1,
+                                           runner_status=RunnerIdle()))
+    try:
+        procs.supervisor()
+        started = time.monotonic()
+        while time.monotonic() - started < 3 * timeout:
+            await write("writer", RunnerStatusUpdated(event_id=f"writer:{writes}", runner_id="writer", incarnation=1,
+                                                      runner_status=RunnerIdle()))
+            await nc.publish(subjects.heartbeat_subject("beater"), encode({"runner_id": "beater", "incarnation": 1,
+                                                                          "at": time.time()}))
+            await asyncio.sleep(timeout / 4)  # the simulated runners' pace, well inside the timeout
+        state = await watch.until(lambda s: s.runners["mute"].status == "RunnerLost", 3 * timeout, "mute lost")
+        assert state.runners["writer"].status != "RunnerLost"
+        assert state.runners["beater"].status != "RunnerLost"
+        assert "no heartbeat" in (state.runners["mute"].error_message or "")
+        # Once the writer falls silent too, it is declared lost.
+        await watch.until(lambda s: s.runners["writer"].status == "RunnerLost", 4 * timeout, "writer lost")
+    finally:
+        procs.stop_all()
