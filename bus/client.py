@@ -41,10 +41,20 @@ def default_url() -> str:
     return os.environ.get("NATS_URL") or DEFAULT_URL
 
 
-async def connect(url: str | None = None, name: str = "exojet", *, connect_timeout: float = 5.0) -> NATS:
+async def connect(
+    url: str | None = None,
+    name: str = "exojet",
+    *,
+    connect_timeout: float = 5.0,
+    reconnect_attempts: int = 3,
+    on_closed: Callable[[], None] | None = None,
+) -> NATS:
     """Connect with bounded retries (nats-py would otherwise block ~2 minutes).
 
-    Raises NatsUnreachable, naming the URL, when no server answers.
+    Raises NatsUnreachable, naming the URL, when no server answers. `on_closed`
+    runs when the connection is gone for good (`reconnect_attempts` half a
+    second apart), so a long-running process can stop instead of idling
+    forever without a server.
     """
     connected = False
 
@@ -58,16 +68,27 @@ async def connect(url: str | None = None, name: str = "exojet", *, connect_timeo
             url or default_url(),
             name=name,
             connect_timeout=connect_timeout,
-            max_reconnect_attempts=3,
+            max_reconnect_attempts=reconnect_attempts,
             reconnect_time_wait=0.5,
             allow_reconnect=True,
             error_cb=on_error,
+            closed_cb=_closed_callback(on_closed),
         )
     except (NoServersError, OSError) as err:
         raise NatsUnreachable(f"cannot reach NATS at {url or default_url()} ({err!r}); start a server with "
                               "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL") from None
     connected = True
     return nc
+
+
+def _closed_callback(on_closed: Callable[[], None] | None) -> Callable[[], Awaitable[None]] | None:
+    if on_closed is None:
+        return None
+
+    async def closed() -> None:
+        on_closed()
+
+    return closed
 
 
 def _headers(msg_id: str | None, expected_last_subject_seq: int | None) -> dict[str, str] | None:
