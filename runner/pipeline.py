@@ -42,11 +42,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Self, cast
 
 import mlx.core as mx
-import mlx.nn as nn
 from loguru import logger
+from mlx import nn
 from mlx_lm.generate import generation_stream
 from mlx_lm.models.base import create_attention_mask
 from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -62,7 +62,7 @@ PIPELINE_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
 INIT_GRACE_S = 16.0
 
 _HELLO = "EXOJET-RING"
-_joined_group: Optional[str] = None
+_joined_group: str | None = None
 
 
 class GroupConnectError(Exception):
@@ -80,7 +80,9 @@ def split_layers(n_layers: int, weights: list[float]) -> list[tuple[int, int]]:
     if any(w <= 0 for w in weights):
         raise ValueError(f"weights must be positive, got {weights}")
     if n_layers < len(weights):
-        raise ValueError(f"cannot give {len(weights)} ranks at least one of {n_layers} layers")
+        raise ValueError(
+            f"cannot give {len(weights)} ranks at least one of {n_layers} layers"
+        )
     total = sum(weights)
     ranges: list[tuple[int, int]] = []
     start = 0
@@ -115,6 +117,12 @@ def _read_line(sock: socket.socket, deadline: float) -> str:
             raise ConnectionError("connection closed")
         data += chunk
     return data.decode().strip()
+
+
+def _expect_token(sock: socket.socket, token: str, peer: str, deadline: float) -> None:
+    got = _read_line(sock, deadline)
+    if got != token:
+        raise GroupConnectError(f"{peer} sent {got!r} instead of {token!r}")
 
 
 def _accept_left(
@@ -180,13 +188,18 @@ def _connect_right(host: str, hello: str, deadline: float) -> socket.socket:
 
 
 def _assemble_ring(
-    group_id: str, world_size: int, rank: int, hosts: list[str], deadline: float, timeout_s: float
+    group_id: str,
+    world_size: int,
+    rank: int,
+    hosts: list[str],
+    deadline: float,
+    timeout_s: float,
 ) -> None:
     """Check both ring neighbours, then pass two tokens around the ring.
 
     The first token proves that every rank has both neighbours; the second
     releases all ranks into ``mx.distributed.init`` within milliseconds of
-    each other, so mlx's own connect retries never run out.
+    each other, so mlx's own connect retries (15 s in all) never run out.
     """
     left, right = (rank - 1) % world_size, (rank + 1) % world_size
     ip, port = _parse_host(hosts[rank])
@@ -196,16 +209,24 @@ def _assemble_ring(
         listener.bind((ip, port))
     except OSError as e:
         listener.close()
-        raise GroupConnectError(f"rank {rank} cannot listen on {hosts[rank]}: {e}") from e
+        raise GroupConnectError(
+            f"rank {rank} cannot listen on {hosts[rank]}: {e}"
+        ) from e
     listener.listen(4)
     accepted: dict[str, Any] = {}
     acceptor = threading.Thread(
         target=_accept_left,
-        args=(listener, f"{_HELLO} {group_id} {world_size} {left}", left, deadline, accepted),
+        args=(
+            listener,
+            f"{_HELLO} {group_id} {world_size} {left}",
+            left,
+            deadline,
+            accepted,
+        ),
         daemon=True,
     )
     acceptor.start()
-    right_sock: Optional[socket.socket] = None
+    right_sock: socket.socket | None = None
     try:
         try:
             right_sock = _connect_right(
@@ -223,22 +244,29 @@ def _assemble_ring(
                 f"rank {left} at {hosts[left]} did not join within {timeout_s} s ({reason})"
             )
         with left_sock:
+            last = world_size - 1
+            # READY goes all the way round: back at rank 0 it proves every
+            # rank has both neighbours. GO then releases the ranks into init
+            # in ring order and stops at the last rank: that rank connects to
+            # rank 0 first, so rank 0 must be the first to listen.
             for token in ("READY", "GO"):
                 try:
-                    if rank == 0:
+                    if rank > 0:
+                        _expect_token(
+                            left_sock, token, f"rank {left} at {hosts[left]}", deadline
+                        )
+                    if rank < last or token == "READY":
                         right_sock.sendall(f"{token}\n".encode())
-                        got = _read_line(left_sock, deadline)
-                    else:
-                        got = _read_line(left_sock, deadline)
-                        right_sock.sendall(f"{token}\n".encode())
+                    if rank == 0 and token == "READY":
+                        _expect_token(
+                            left_sock, token, f"rank {left} at {hosts[left]}", deadline
+                        )
                 except (TimeoutError, OSError) as e:
                     raise GroupConnectError(
                         f"the ring did not assemble within {timeout_s} s: no {token} from "
                         f"rank {left} at {hosts[left]} (a rank further round the ring is "
                         f"unreachable or gone: {e!r})"
                     ) from e
-                if got != token:
-                    raise GroupConnectError(f"rank {left} at {hosts[left]} sent {got!r}")
     finally:
         listener.close()
         if right_sock is not None:
@@ -279,14 +307,18 @@ def connect_group(
     """
     global _joined_group
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("connect_group must run in the main thread (it bounds init with SIGALRM)")
+        raise RuntimeError(
+            "connect_group must run in the main thread (it bounds init with SIGALRM)"
+        )
     if _joined_group is not None:
         raise GroupConnectError(
-            f"this process already joined group {_joined_group!r}; a ring group cannot be "
-            "left, start a new process"
+            f"this process already tried to join group {_joined_group!r}; a ring group "
+            "cannot be left or retried, start a new process"
         )
     if len(hosts) != world_size or not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} and {len(hosts)} hosts do not fit world size {world_size}")
+        raise ValueError(
+            f"rank {rank} and {len(hosts)} hosts do not fit world size {world_size}"
+        )
     if world_size < 2:
         raise ValueError("a ring group needs at least 2 ranks")
     for host in hosts:
@@ -294,7 +326,9 @@ def connect_group(
 
     started = time.monotonic()
     deadline = started + timeout_s
-    logger.info("group {}: rank {}/{} assembling ring {}", group_id, rank, world_size, hosts)
+    logger.info(
+        "group {}: rank {}/{} assembling ring {}", group_id, rank, world_size, hosts
+    )
     _assemble_ring(group_id, world_size, rank, hosts, deadline, timeout_s)
 
     fd, hostfile = tempfile.mkstemp(prefix=f"exojet-ring-{rank}-", suffix=".json")
@@ -303,6 +337,9 @@ def connect_group(
     os.environ["MLX_HOSTFILE"] = hostfile
     os.environ["MLX_RANK"] = str(rank)
     bound = max(deadline - time.monotonic(), 0.0) + INIT_GRACE_S
+    # From here on the process is committed: a failed init may leave mlx
+    # half-connected, so it is never retried in the same process.
+    _joined_group = group_id
     try:
         group = _init_ring_bounded(bound)
     except RuntimeError as e:
@@ -312,7 +349,6 @@ def connect_group(
         ) from e
     finally:
         Path(hostfile).unlink(missing_ok=True)
-    _joined_group = group_id
 
     total = mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu).item()
     if group.size() != world_size or group.rank() != rank or total != world_size:
@@ -339,7 +375,9 @@ class PipelineStage(nn.Module):
     every rank computes the logits itself so that no logits cross the wire.
     """
 
-    def __init__(self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int):
+    def __init__(
+        self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int
+    ):
         super().__init__()
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:end]
@@ -352,12 +390,16 @@ class PipelineStage(nn.Module):
     def __call__(
         self,
         inputs: mx.array,
-        cache: Optional[list[Any]] = None,
-        input_embeddings: Optional[mx.array] = None,
+        cache: list[Any] | None = None,
+        input_embeddings: mx.array | None = None,
     ) -> mx.array:
         """Run this rank's layers between the previous and the next rank."""
         rank, size = self._group.rank(), self._group.size()
-        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        h = (
+            input_embeddings
+            if input_embeddings is not None
+            else self.embed_tokens(inputs)
+        )
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -404,17 +446,24 @@ def make_pipelined(
         )
     n_layers = len(model.model.layers)
     if not 0 <= start_layer < end_layer <= n_layers:
-        raise ValueError(f"layers [{start_layer}, {end_layer}) are not within 0..{n_layers}")
-    ranges = mx.distributed.all_gather(
+        raise ValueError(
+            f"layers [{start_layer}, {end_layer}) are not within 0..{n_layers}"
+        )
+    gathered = mx.distributed.all_gather(
         mx.array([[start_layer, end_layer]], dtype=mx.int32), group=group, stream=mx.cpu
-    ).tolist()
+    )
+    ranges = cast(list[list[int]], gathered.tolist())
     expected_start = 0
     for r, (s, e) in enumerate(ranges):
         if s != expected_start:
-            raise ValueError(f"rank {r} holds [{s}, {e}) but should start at {expected_start}: {ranges}")
+            raise ValueError(
+                f"rank {r} holds [{s}, {e}) but should start at {expected_start}: {ranges}"
+            )
         expected_start = e
     if expected_start != n_layers:
-        raise ValueError(f"the ranks' layers {ranges} do not cover all {n_layers} layers")
+        raise ValueError(
+            f"the ranks' layers {ranges} do not cover all {n_layers} layers"
+        )
     model.model = PipelineStage(model.model, group, start_layer, end_layer)
     logger.info(
         "rank {}/{}: pipeline stage with layers [{}, {}) of {}",
@@ -428,7 +477,10 @@ def make_pipelined(
 
 
 def load_shard(
-    model_path: str | Path, group: mx.distributed.Group, start_layer: int, end_layer: int
+    model_path: str | Path,
+    group: mx.distributed.Group,
+    start_layer: int,
+    end_layer: int,
 ) -> tuple[nn.Module, TokenizerWrapper]:
     """Load only layers ``[start_layer, end_layer)`` of an mlx-lm model folder.
 
@@ -436,7 +488,9 @@ def load_shard(
     anything is evaluated, so they never occupy memory. Returns once every
     rank has loaded its shard.
     """
-    model, tokenizer = mlx_load(str(model_path), lazy=True)
+    model, tokenizer = cast(
+        tuple[nn.Module, TokenizerWrapper], mlx_load(str(model_path), lazy=True)
+    )
     make_pipelined(model, group, start_layer, end_layer)
     mx.eval(model.parameters())
     # A barrier, so that no rank starts generating while another still loads.
@@ -445,7 +499,8 @@ def load_shard(
 
 
 def pipeline_barrier(
-    group: mx.distributed.Group, stream: mx.Stream | mx.ThreadLocalStream = generation_stream
+    group: mx.distributed.Group,
+    stream: mx.Stream | mx.ThreadLocalStream = generation_stream,
 ) -> None:
     """Return once every rank has finished the pipeline work it queued.
 
@@ -483,7 +538,7 @@ class StallWatchdog:
         self._rearm_every = timeout_s / 10
         self._armed_at = 0.0
 
-    def __enter__(self) -> "StallWatchdog":
+    def __enter__(self) -> Self:
         self._arm()
         return self
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import mlx.core as mx  # noqa: E402
-import psutil  # noqa: E402
-from mlx_lm import load, stream_generate  # noqa: E402
+import mlx.core as mx
+import psutil
+from mlx_lm import load, stream_generate
 
-from runner.pipeline import StallWatchdog, connect_group, load_shard, pipeline_barrier  # noqa: E402
+from runner.pipeline import StallWatchdog, connect_group, load_shard, pipeline_barrier
 
 
 def emit(event: str, **fields: object) -> None:
@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--hosts", default="", help="comma-separated ip:port, one per rank")
+    parser.add_argument(
+        "--hosts", default="", help="comma-separated ip:port, one per rank"
+    )
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--end", type=int, default=0)
     parser.add_argument("--prompt", default="hello world")
@@ -49,7 +51,11 @@ def main() -> None:
         model, tokenizer = load(args.model)
     else:
         group = connect_group(
-            "test-group", args.world_size, args.rank, args.hosts.split(","), args.connect_timeout
+            "test-group",
+            args.world_size,
+            args.rank,
+            args.hosts.split(","),
+            args.connect_timeout,
         )
         model, tokenizer = load_shard(args.model, group, args.start, args.end)
     emit(
@@ -64,7 +70,6 @@ def main() -> None:
 
     tokens: list[int] = []
     text = ""
-    started = time.perf_counter()
     first_token_at = 0.0
     with StallWatchdog(args.stall_timeout) as watchdog:
         for response in stream_generate(
@@ -85,7 +90,9 @@ def main() -> None:
         rank=args.rank,
         tokens=tokens,
         text=text,
-        decode_tokens_per_s=decode_tokens / (ended - first_token_at) if decode_tokens else 0.0,
+        decode_tokens_per_s=decode_tokens / (ended - first_token_at)
+        if decode_tokens
+        else 0.0,
         peak_memory=mx.get_peak_memory(),
         rss=psutil.Process().memory_info().rss,
     )

@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+
 import pytest
 
 from runner.pipeline import GroupConnectError, connect_group, split_layers
@@ -38,13 +39,13 @@ class Rank:
 
     def __init__(self, args: list[str], stderr_path: Path):
         self.stderr_path = stderr_path
-        self._stderr = open(stderr_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(RANK_SCRIPT), *args],
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-        )
+        with open(stderr_path, "w") as stderr:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(RANK_SCRIPT), *args],
+                stdout=subprocess.PIPE,
+                stderr=stderr,
+                text=True,
+            )
         # A thread drains stdout: reading it with timeouts from here would
         # miss lines that the pipe's buffered reader already holds.
         self._events: queue.Queue[dict | None] = queue.Queue()
@@ -68,14 +69,18 @@ class Rank:
                 break
             if record["event"] == event:
                 return record
-        raise AssertionError(f"no {event!r} within {timeout} s; stderr:\n{self.stderr()}")
+        raise AssertionError(
+            f"no {event!r} within {timeout} s; stderr:\n{self.stderr()}"
+        )
 
     def wait_exit(self, timeout: float) -> int:
         """The exit status, or fail (showing stderr) after ``timeout``."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s; stderr:\n{self.stderr()}")
+            raise AssertionError(
+                f"still running after {timeout} s; stderr:\n{self.stderr()}"
+            )
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
@@ -84,14 +89,25 @@ class Rank:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        self._stderr.close()
 
 
 def run_reference(model: Path, max_tokens: int) -> dict:
     out = subprocess.run(
-        [sys.executable, str(RANK_SCRIPT), "--model", str(model), "--prompt", PROMPT,
-         "--max-tokens", str(max_tokens), "--ignore-eos"],
-        capture_output=True, text=True, timeout=60, check=True,
+        [
+            sys.executable,
+            str(RANK_SCRIPT),
+            "--model",
+            str(model),
+            "--prompt",
+            PROMPT,
+            "--max-tokens",
+            str(max_tokens),
+            "--ignore-eos",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     )
     records = [json.loads(line) for line in out.stdout.splitlines()]
     return {r["event"]: r for r in records}
@@ -103,12 +119,29 @@ def start_ranks(
     hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(len(ranges)))
     ranks = []
     for rank, (start, end) in enumerate(ranges):
-        ranks.append(Rank(
-            ["--model", str(model), "--rank", str(rank), "--world-size", str(len(ranges)),
-             "--hosts", hosts, "--start", str(start), "--end", str(end), "--prompt", PROMPT,
-             "--ignore-eos", *extra],
-            tmp_path / f"rank{rank}.err",
-        ))
+        ranks.append(
+            Rank(
+                [
+                    "--model",
+                    str(model),
+                    "--rank",
+                    str(rank),
+                    "--world-size",
+                    str(len(ranges)),
+                    "--hosts",
+                    hosts,
+                    "--start",
+                    str(start),
+                    "--end",
+                    str(end),
+                    "--prompt",
+                    PROMPT,
+                    "--ignore-eos",
+                    *extra,
+                ],
+                tmp_path / f"rank{rank}.err",
+            )
+        )
     return ranks
 
 
@@ -175,7 +208,9 @@ def test_unreachable_peer_fails_naming_the_host(peer_ip: str) -> None:
     peer_host = f"{peer_ip}:{peer}"
     started = time.monotonic()
     with pytest.raises(GroupConnectError, match=f"rank 1 at {peer_host}"):
-        connect_group("g-unreachable", 2, 0, [f"127.0.0.1:{own}", peer_host], timeout_s=2.0)
+        connect_group(
+            "g-unreachable", 2, 0, [f"127.0.0.1:{own}", peer_host], timeout_s=2.0
+        )
     assert time.monotonic() - started < 4.0
 
 
@@ -183,11 +218,29 @@ def test_unreachable_peer_fails_naming_the_host(peer_ip: str) -> None:
 def test_a_missing_rank_makes_the_others_fail_within_the_bound(tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "tiny", n_layers=3)
     hosts = [f"127.0.0.1:{p}" for p in free_ports(3)]
-    common = ["--model", str(model), "--world-size", "3", "--hosts", ",".join(hosts),
-              "--connect-timeout", "3"]
+    common = [
+        "--model",
+        str(model),
+        "--world-size",
+        "3",
+        "--hosts",
+        ",".join(hosts),
+        "--connect-timeout",
+        "3",
+    ]
     ranks = [
-        Rank([*common, "--rank", str(rank), "--start", str(rank), "--end", str(rank + 1)],
-             tmp_path / f"rank{rank}.err")
+        Rank(
+            [
+                *common,
+                "--rank",
+                str(rank),
+                "--start",
+                str(rank),
+                "--end",
+                str(rank + 1),
+            ],
+            tmp_path / f"rank{rank}.err",
+        )
         for rank in (0, 1)
     ]
     try:
@@ -224,7 +277,13 @@ def test_a_killed_rank_makes_the_other_fail_fast(tmp_path: Path) -> None:
 def test_a_stalled_rank_trips_the_watchdog(tmp_path: Path) -> None:
     model = write_tiny_llama(tmp_path / "tiny", n_layers=4)
     ranks = start_ranks(
-        model, [(0, 2), (2, 4)], tmp_path, "--max-tokens", "10000000", "--stall-timeout", "3"
+        model,
+        [(0, 2), (2, 4)],
+        tmp_path,
+        "--max-tokens",
+        "10000000",
+        "--stall-timeout",
+        "3",
     )
     try:
         for r in ranks:
