@@ -67,7 +67,9 @@ class FileFaults:
 
 @dataclass
 class RequestRecord:
-    """One request as the server saw it, logged once the response is finished."""
+    """One request as the server saw it, logged when it arrives and filled in as it is
+    answered (status and byte counts are set before the bytes go out, so a client
+    that has its response never sees a stale record)."""
 
     method: str
     path: str
@@ -200,16 +202,14 @@ class _Handler(BaseHTTPRequestHandler):
             authorization=self.headers.get("Authorization"),
             status=0,
         )
-        try:
-            if path.startswith("/api/models/"):
-                self._api(path.removeprefix("/api/models/"), record, head)
-            elif "/resolve/" in path:
-                self._resolve(path.lstrip("/"), record, head)
-            else:
-                self._error(record, 404, "RepoNotFound", "Not found")
-        finally:
-            with self.state.lock:
-                self.state.requests.append(record)
+        with self.state.lock:
+            self.state.requests.append(record)
+        if path.startswith("/api/models/"):
+            self._api(path.removeprefix("/api/models/"), record, head)
+        elif "/resolve/" in path:
+            self._resolve(path.lstrip("/"), record, head)
+        else:
+            self._error(record, 404, "RepoNotFound", "Not found")
 
     def _find_repo(self, rest: str) -> tuple[Repo | None, str]:
         """Split `org/name/<rest>` on the longest known repo id."""
@@ -297,8 +297,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if not head:
-            self.wfile.write(body)
             record.bytes_sent = len(body)
+            self.wfile.write(body)
 
     def _resolve(self, rest: str, record: RequestRecord, head: bool) -> None:
         repo, tail = self._find_repo(rest)
@@ -362,8 +362,8 @@ class _Handler(BaseHTTPRequestHandler):
                 if delay:
                     time.sleep(delay)
                 chunk = body[offset : min(offset + _CHUNK, limit)]
-                self.wfile.write(chunk)
                 record.bytes_sent += len(chunk)
+                self.wfile.write(chunk)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
