@@ -200,6 +200,20 @@ async def replay(
     stream's last sequence now), in order; return the last sequence handled (0 if none)."""
     last = await last_seq(js, stream)
     end = last if end_seq is None else min(end_seq, last)
+    return await _replay_range(js, handler, start_seq, end, ">", stream, timeout)
+
+
+async def replay_subject(js: JetStreamContext, subject: str, handler: Handler, *, stream: str = LOG_STREAM,
+                         timeout: float = 120.0) -> int:
+    """Call `handler` for every message on `subject` so far, in order; returns the last seq (0 if none)."""
+    last = await last_on_subject(js, subject, stream)
+    if last is None:
+        return 0
+    return await _replay_range(js, handler, 1, last.seq, subject, stream, timeout)
+
+
+async def _replay_range(js: JetStreamContext, handler: Handler, start_seq: int, end: int, subject: str,
+                        stream: str, timeout: float) -> int:
     if end < start_seq:
         return 0
     done = asyncio.get_running_loop().create_future()
@@ -215,13 +229,13 @@ async def replay(
                 if result is not None:
                     await result
                 seen = env.seq
-        except Exception as err:  # surfaced to replay's caller instead of a silent stall
+        except Exception as err:  # surfaced to the caller instead of a silent stall
             done.set_exception(err)
             return
         if env.seq >= end:
             done.set_result(None)
 
-    sub = await follow(js, on_envelope, start_seq=start_seq, stream=stream)
+    sub = await follow(js, on_envelope, start_seq=start_seq, subject=subject, stream=stream)
     try:
         await asyncio.wait_for(done, timeout=timeout)
     finally:

@@ -73,13 +73,19 @@ class ChatCompletion(_Task):
     emit_rank: int = 0
 
 
+class UnloadModel(_Task):
+    """Free the model (and leave the group): back to Idle, the process stays.
+
+    Not in the seed; it lets a deleted instance release its runners without
+    ending their processes the way Shutdown does.
+    """
+
+
 class Shutdown(_Task):
     pass
 
 
-Task = DownloadModel | ConnectToGroup | LoadModel | StartWarmup | ChatCompletion | Shutdown
-
-TASK_TYPES: tuple[type, ...] = (DownloadModel, ConnectToGroup, LoadModel, StartWarmup, ChatCompletion, Shutdown)
+Task = DownloadModel | ConnectToGroup | LoadModel | StartWarmup | ChatCompletion | UnloadModel | Shutdown
 
 
 def task_type(task: Task) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 from nats.js import api
 
-from bus import client, subjects
+from bus import client, streams, subjects
 from bus.codec import BadInput, decode_task
 from bus.envelope import Envelope
 from bus.events import TaskStatusUpdated
@@ -42,6 +42,7 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
     nc = await client.connect(nats_url, name="exojet-cli")
     try:
         js = nc.jetstream()
+        await streams.ensure_streams(js)
         ack = await client.publish(js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
         task_id = task.task_id or str(ack.seq)
         print(f"task {task_id} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else ""))

@@ -107,15 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_nats(port: int, monitor_port: int, store_dir: Path | None) -> int:
+    import signal
+
     from bus.server import NatsServer
 
     server = NatsServer(port=port, monitor_port=monitor_port, store_dir=store_dir).start()
     print(f"nats-server on {server.url} (store {server.store_dir}); Ctrl-C stops it", flush=True)
+    # SIGTERM too must stop the server, or it outlives this process.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return server.process.wait() if server.process else 1
     except KeyboardInterrupt:
-        server.stop()
         return 0
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,13 +15,14 @@ ALLOWED: dict[str, frozenset[str]] = {
     # Downloading returns where it came from (Idle after Failed).
     "RunnerDownloading": frozenset({"RunnerIdle", "RunnerConnected", *_ANY_LIVE}),
     "RunnerConnecting": frozenset({"RunnerConnected", *_ANY_LIVE}),
-    "RunnerConnected": frozenset({"RunnerDownloading", "RunnerLoading", *_ANY_LIVE}),
+    # -> Idle: UnloadModel.
+    "RunnerConnected": frozenset({"RunnerDownloading", "RunnerLoading", "RunnerIdle", *_ANY_LIVE}),
     "RunnerLoading": frozenset({"RunnerLoaded", *_ANY_LIVE}),
-    "RunnerLoaded": frozenset({"RunnerWarmingUp", *_ANY_LIVE}),
+    "RunnerLoaded": frozenset({"RunnerWarmingUp", "RunnerIdle", *_ANY_LIVE}),
     "RunnerWarmingUp": frozenset({"RunnerReady", *_ANY_LIVE}),
-    "RunnerReady": frozenset({"RunnerRunning", *_ANY_LIVE}),
+    "RunnerReady": frozenset({"RunnerRunning", "RunnerIdle", *_ANY_LIVE}),
     "RunnerRunning": frozenset({"RunnerReady", *_ANY_LIVE}),
-    "RunnerFailed": frozenset({"RunnerDownloading", "RunnerConnecting", *_ANY_LIVE}),
+    "RunnerFailed": frozenset({"RunnerDownloading", "RunnerConnecting", "RunnerIdle", *_ANY_LIVE}),
     "RunnerShuttingDown": frozenset({"RunnerShutdown", "RunnerFailed"}),
     "RunnerShutdown": frozenset(),
     "RunnerLost": frozenset(),

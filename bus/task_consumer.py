@@ -1,0 +1,82 @@
+"""A runner's task queue: the durable pull consumer on `exo.tasks.<runner_id>`.
+
+nats-py's `fetch(timeout=...)` waits with `asyncio.wait_for(queue.get())`, which
+on Python 3.11 can drop a message that arrives just as the timeout fires; the
+server then sees it unacked and redelivers it only after `ack_wait` (a 30 s
+stall). Here delivery goes into our own deque from the subscription callback,
+and the wait is on an Event, so no message can be lost between the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+
+from loguru import logger
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from bus import streams
+
+# Status codes the server answers a pull request with when it ends without a message.
+_REQUEST_ENDED = {"404", "408", "409"}
+
+
+class TaskConsumer:
+    """`await next()` gives the runner's next task message (ack, nak, term it yourself)."""
+
+    def __init__(self, nc: NATS, runner_id: str, expires_s: float = 5.0) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.runner_id = runner_id
+        self.expires_s = expires_s
+        self.durable = streams.task_consumer_config(runner_id).durable_name
+        self._queue: collections.deque[Msg] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._inbox = nc.new_inbox()
+        self._sub: Subscription | None = None
+        self._outstanding = False
+
+    async def start(self) -> "TaskConsumer":
+        """Create (or update) the durable consumer and listen on our inbox."""
+        await self.js.add_consumer(streams.LOG_STREAM, config=streams.task_consumer_config(self.runner_id))
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        return self
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._queue.append(msg)
+        self._arrived.set()
+
+    async def next(self) -> Msg:
+        """The next task message; waits as long as it takes."""
+        while True:
+            while self._queue:
+                msg = self._queue.popleft()
+                status = msg.headers.get("Status") if msg.headers else None
+                if status is None:
+                    self._outstanding = False
+                    return msg
+                if status in _REQUEST_ENDED:
+                    self._outstanding = False
+                elif status != "100":  # 100 is an idle heartbeat
+                    logger.bind(runner_id=self.runner_id).warning(
+                        f"pull request answered {status} {msg.headers.get('Description', '')}")
+                    self._outstanding = False
+            if not self._outstanding:
+                request = {"batch": 1, "expires": int(self.expires_s * 1e9)}
+                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{streams.LOG_STREAM}.{self.durable}",
+                                      json.dumps(request).encode(), reply=self._inbox)
+                self._outstanding = True
+            self._arrived.clear()
+            try:
+                # The server always answers a request by its expiry; past that
+                # (a reconnect lost it) ask again.
+                await asyncio.wait_for(self._arrived.wait(), self.expires_s + 2.0)
+            except TimeoutError:
+                self._outstanding = False
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()

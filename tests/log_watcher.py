@@ -1,0 +1,70 @@
+"""Follow the log in a test and wait, with a bound, for the message you expect."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
+
+from bus import client
+from bus.codec import BadInput, decode_event, decode_task
+from bus.envelope import Envelope
+from bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from bus.statuses import TERMINAL_TASK_STATUSES, status_name
+
+Entry = tuple[Envelope, Any]
+
+
+class LogWatcher:
+    """Everything in EXO_LOG, decoded, as it arrives; `wait_for` blocks until a match."""
+
+    def __init__(self) -> None:
+        self.entries: list[Entry] = []
+        self._changed = asyncio.Event()
+        self._sub: Subscription | None = None
+
+    async def start(self, nc: NATS) -> "LogWatcher":
+        self._sub = await client.follow(nc.jetstream(), self._on)
+        return self
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+    def _on(self, env: Envelope) -> None:
+        try:
+            message = decode_task(env.data) if env.subject.startswith("exo.tasks.") else decode_event(env.data)
+        except BadInput as err:
+            message = err
+        self.entries.append((env, message))
+        self._changed.set()
+
+    async def wait_for(self, match: Callable[[Any], bool], timeout: float = 30.0, after_seq: int = 0) -> Entry:
+        """The first entry after `after_seq` whose message satisfies `match`."""
+        async with asyncio.timeout(timeout):
+            checked = 0
+            while True:
+                for env, message in self.entries[checked:]:
+                    if env.seq > after_seq and match(message):
+                        return env, message
+                checked = len(self.entries)
+                self._changed.clear()
+                await self._changed.wait()
+
+    async def task_done(self, task_id: str, timeout: float = 30.0) -> TaskStatusUpdated:
+        """The terminal TaskStatusUpdated of `task_id`."""
+        _, event = await self.wait_for(lambda m: isinstance(m, TaskStatusUpdated) and m.task_id == task_id
+                                       and m.task_status in TERMINAL_TASK_STATUSES, timeout)
+        return event
+
+    async def status(self, runner_id: str, name: str, timeout: float = 30.0, after_seq: int = 0) -> Entry:
+        """The next RunnerStatusUpdated of `runner_id` to status `name` (e.g. "RunnerReady")."""
+        return await self.wait_for(lambda m: isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id
+                                   and status_name(m.runner_status) == name, timeout, after_seq)
+
+    def runner_events(self, runner_id: str, after_seq: int = 0) -> list[Any]:
+        subject = f"exo.events.runner.{runner_id}"
+        return [m for env, m in self.entries if env.subject == subject and env.seq > after_seq]
