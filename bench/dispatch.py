@@ -40,6 +40,7 @@ from bus.server import NatsServer, free_port  # noqa: E402
 from bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
 from projections.instances import instance_id_of  # noqa: E402
+from tests.supervisor_helpers import until_answering  # noqa: E402
 from tests.tiny_model import write_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,12 +79,21 @@ async def until_ready(nc, instance_id: str, timeout: float = 120.0) -> None:
                 return
 
 
-async def dispatch_latencies(nc, chats: int) -> list[float]:
-    """Core publish of a one-token chat -> its Complete seen by a min_seq task query."""
-    latencies = []
+async def dispatch_latencies(nc, chats: int, tag: str) -> tuple[list[float], list[float]]:
+    """Core publish of a one-token chat -> its Complete seen by a min_seq task query;
+    and -> its Complete event arriving on a plain subscription (the runner's share)."""
+    latencies, on_bus = [], []
     seq = (await request(nc, "state"))["seq"]
+    completed: dict[str, float] = {}
+
+    async def on_event(msg) -> None:
+        event = msgspec.json.decode(msg.data)
+        if event.get("type") == "TaskStatusUpdated" and event.get("task_status") == "Complete":
+            completed[event["task_id"]] = time.perf_counter()
+
+    sub = await nc.subscribe(subjects.runner_events_subject("r1"), cb=on_event)
     for i in range(chats):
-        task = ChatCompletion(task_id=f"bench-{i}", messages=(ChatMessage("user", "hi"),), max_tokens=1)
+        task = ChatCompletion(task_id=f"bench-{tag}-{i}", messages=(ChatMessage("user", "hi"),), max_tokens=1)
         started = time.perf_counter()
         await nc.publish(subjects.task_subject("r1"), encode(task))
         while True:
@@ -93,7 +103,10 @@ async def dispatch_latencies(nc, chats: int) -> list[float]:
                 break
         latencies.append(time.perf_counter() - started)
         assert reply["task"]["status"] == "Complete", reply
-    return latencies
+        if task.task_id in completed:
+            on_bus.append(completed[task.task_id] - started)
+    await sub.unsubscribe()
+    return latencies, on_bus
 
 
 async def floor_latencies(js, rounds: int) -> list[float]:
@@ -185,12 +198,14 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             procs.append(spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "sup.log"))
             procs.append(spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)],
                                root / "r1.log"))
+            await until_answering(nc)
             ack = await client.publish(js, subjects.COMMANDS, PlaceInstance(model_id="local/tiny", runners=("r1",)))
             await until_ready(nc, instance_id_of(None, ack.seq))
-            await dispatch_latencies(nc, 5)  # warm the paths once
-            dispatch = await dispatch_latencies(nc, chats)
+            await dispatch_latencies(nc, 5, "warm")  # warm the paths once
+            dispatch, runner_share = await dispatch_latencies(nc, chats, "run")
             floor = await floor_latencies(js, chats)
             print(f"dispatch (core publish -> Complete via supervisor query, 1-token chat): {ms(dispatch)}")
+            print(f"  of which the runner (core publish -> Complete event on a core subscription): {ms(runner_share)}")
             print(f"floor (JetStream publish + pull + ack): {ms(floor)}")
             print(f"ratio p50: {percentile(dispatch, 50) / percentile(floor, 50):.1f}x (target <= 3x)")
             # Delete the instance (its runner shuts down) so nothing is placed on the simulated runners.
