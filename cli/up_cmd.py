@@ -150,9 +150,11 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
         print(f"error: {', '.join(map(str, dead))} exited; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("\nstopping", flush=True)
+        print("\nstopping: the runner shuts down through the log, then the supervisor and the server", flush=True)
         return 0
     finally:
+        # A second Ctrl-C must not cut the bounded cleanup short and orphan the children.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if runner is not None and runner.poll() is None:
             asyncio.run(_shutdown_runner(server.url, runner_id))
             try:
