@@ -49,7 +49,7 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
     p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
     p.add_argument("--timeout", type=float, default=600.0)
     add_nats(p)
-    p = sub.add_parser("delete", help="delete an instance: its runners are shut down")
+    p = sub.add_parser("delete", help="delete an instance: its runners unload it and are Idle again")
     p.add_argument("instance_id")
     add_nats(p)
 
@@ -116,7 +116,7 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
 
 
 async def delete(nats_url: str, instance_id: str) -> int:
-    """Publish DeleteInstance; the supervisors shut its runners down."""
+    """Publish DeleteInstance; the supervisors unload its runners (UnloadModel)."""
     nc = await client.connect(nats_url, name="exojet-delete")
     try:
         ack = await client.publish(nc.jetstream(), subjects.COMMANDS, DeleteInstance(instance_id=instance_id))

@@ -39,7 +39,7 @@ ENDED_STATUSES = frozenset({FAILED, DELETED})
 
 # The workflow of one attempt, in the seed's order, with the status an
 # instance shows while that step is not complete on every runner.
-DOWNLOAD, CONNECT, LOAD, WARMUP, SHUTDOWN = "download", "connect", "load", "warmup", "shutdown"
+DOWNLOAD, CONNECT, LOAD, WARMUP, UNLOAD = "download", "connect", "load", "warmup", "unload"
 STEP_STATUS = {DOWNLOAD: "Downloading", CONNECT: "Connecting", LOAD: "Loading", WARMUP: "WarmingUp"}
 
 

@@ -42,9 +42,9 @@ from bus.tasks import (
     Group,
     LoadModel,
     Shard,
-    Shutdown,
     StartWarmup,
     Task,
+    UnloadModel,
 )
 from projections.instances import (
     CONNECT,
@@ -54,7 +54,7 @@ from projections.instances import (
     LOAD,
     PLACING,
     READY,
-    SHUTDOWN,
+    UNLOAD,
     WARMUP,
     chat_task_id,
     step_task_id,
@@ -63,10 +63,10 @@ from projections.instances import (
 from projections.rules import FINAL_STATUSES
 from projections.state import ClusterState, InstanceView, RoutedChatView, RunnerView
 
-# A runner in one of these holds an instance's model or group: when that
-# instance has ended, only a Shutdown frees it (DESIGN has no task that unloads).
-HOLDING_STATUSES = frozenset({"RunnerConnecting", "RunnerConnected", "RunnerLoading", "RunnerLoaded",
-                              "RunnerWarmingUp", "RunnerReady", "RunnerRunning"})
+# A runner resting in one of these still holds (or failed holding) an ended
+# instance's model or group: UnloadModel brings it back to Idle. A runner in a
+# transient status (Loading, WarmingUp ...) is unloaded once it settles.
+UNLOADABLE_STATUSES = frozenset({"RunnerConnected", "RunnerLoaded", "RunnerReady", "RunnerFailed"})
 # A runner that is gone, or going, cannot serve its instance any more.
 GONE_STATUSES = FINAL_STATUSES | {"RunnerShuttingDown", "RunnerFailed"}
 EMPTY_CATALOG: Mapping[str, int] = {}
@@ -287,7 +287,7 @@ def _step_task(inst: InstanceView, step: str, rank: int, task_id: str) -> Task:
 
 
 def _release(state: ClusterState) -> list[Action]:
-    """Shutdown for runners still holding an instance that has ended (failed or deleted)."""
+    """UnloadModel for runners still holding an instance that has ended (failed or deleted)."""
     actions: list[Action] = []
     for runner_id, instance_id in state.runner_instances.items():
         runner = state.runners.get(runner_id)
@@ -296,11 +296,11 @@ def _release(state: ClusterState) -> list[Action]:
             continue
         placed = _placement(inst, runner_id)
         # A restarted runner (new incarnation) holds nothing of this instance.
-        if runner.status not in HOLDING_STATUSES or placed is None or placed.incarnation != runner.incarnation:
+        if runner.status not in UNLOADABLE_STATUSES or placed is None or placed.incarnation != runner.incarnation:
             continue
-        task_id = step_task_id(instance_id, inst.attempt, SHUTDOWN, runner_id)
+        task_id = step_task_id(instance_id, inst.attempt, UNLOAD, runner_id)
         if task_id not in state.tasks:
-            actions.append(SendTask(runner_id, Shutdown(task_id=task_id, instance_id=instance_id)))
+            actions.append(SendTask(runner_id, UnloadModel(task_id=task_id, instance_id=instance_id)))
     return actions
 
 

@@ -53,6 +53,7 @@ STATUSES: dict[str, tuple[RunnerStatus, ...]] = {
     "LoadModel": (RunnerLoading(), RunnerLoaded()),
     "StartWarmup": (RunnerWarmingUp(), RunnerReady()),
     "ChatCompletion": (RunnerRunning(), RunnerReady()),
+    "UnloadModel": (RunnerIdle(),),
 }
 
 
@@ -303,15 +304,18 @@ def test_backoff_doubles_and_is_capped() -> None:
     assert [backoff(a, config) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
 
 
-def test_deleting_shuts_down_the_runners_that_hold_it_once() -> None:
+def test_deleting_unloads_the_runners_that_hold_it_once_then_they_are_free() -> None:
     c = Cluster()
     c.register("r1")
     instance_id = _ready_single(c, "r1")
     c.command(DeleteInstance(instance_id=instance_id))
     assert c.state.instances[instance_id].status == "Deleted"
-    [shutdown] = c.publish(plan(c.state))
-    assert task_type(shutdown) == "Shutdown" and shutdown.task_id == f"{instance_id}.a1.shutdown.r1"
+    [unload] = c.publish(plan(c.state))
+    assert task_type(unload) == "UnloadModel" and unload.task_id == f"{instance_id}.a1.unload.r1"
     assert plan(c.state) == []  # already in the log
+    c.complete("r1", unload)
+    assert c.state.runners["r1"].status == "RunnerIdle"
+    _ready_single(c, "r1")
 
 
 def test_a_restarted_runner_fails_its_instance_and_is_usable_again() -> None:
