@@ -15,7 +15,10 @@ SNAPSHOT_BUCKET = "EXO_SNAPSHOTS"
 DUPLICATE_WINDOW_S = 120.0
 CHUNKS_MAX_AGE_S = 3600.0
 TASK_MAX_DELIVER = 5
-TASK_ACK_WAIT_S = 30.0
+# Short, so that a runner restarted after a crash gets the task its previous
+# incarnation held (to answer it) within seconds; a live runner extends it with
+# in-progress acks while it works.
+TASK_ACK_WAIT_S = 6.0
 
 
 def log_stream_config(replicas: int = 1) -> api.StreamConfig:

@@ -184,8 +184,10 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
         _anomaly(state, env, "StaleIncarnation",
                  f"registered incarnation {event.incarnation}, already at {runner.incarnation}",
                  runner_id=runner.runner_id)
-    # A new incarnation starts from scratch: nothing the old process held survives.
-    _fail_running_task(state, env, runner, "RunnerRestarted", "the runner restarted while the task ran")
+    # A new incarnation starts from scratch. A task the old process was running
+    # stays Running here until the new one answers it (it writes Failed with
+    # RunnerRestarted first thing), so every terminal status is in the log.
+    runner.running_task = None
     runner.incarnation = event.incarnation
     runner.status = UNREGISTERED
     runner.error_message = None

@@ -64,7 +64,8 @@ from runner.heartbeat import heartbeat
 VERSION = "0.1.0"
 # A twin shows itself by heartbeating: wait a little over two beats for one.
 TWIN_HEARTBEAT_WAIT_S = 2.5
-IN_PROGRESS_EVERY_S = 10.0
+# Well inside the consumer's ack_wait, so long work is never redelivered meanwhile.
+IN_PROGRESS_EVERY_S = streams.TASK_ACK_WAIT_S / 3
 GROUP_CONNECT_TIMEOUT_S = 30.0
 DEFAULT_MAX_TOKENS = 256
 
@@ -110,6 +111,8 @@ class Runner:
         self.downloaded: Shard | None = None
         self.group: Group | None = None
         self.done_tasks: set[str] = set()
+        # task id -> task type, for tasks some incarnation reported Running and never finished.
+        self.interrupted: dict[str, str | None] = {}
         self.writer: EventWriter | None = None
         self.log = logger.bind(runner_id=runner_id)
 
@@ -158,18 +161,35 @@ class Runner:
         finally:
             await sub.unsubscribe()
 
-    async def load_done_tasks(self) -> None:
-        """The ids of tasks whose terminal status this runner id already wrote (any incarnation)."""
+    async def load_history(self) -> None:
+        """From this runner id's own subject: tasks already finished, and tasks an
+        earlier incarnation started and never finished (it crashed meanwhile)."""
 
         def collect(env: Envelope) -> None:
             try:
                 event = decode_event(env.data)
             except BadInput:
                 return
-            if isinstance(event, TaskStatusUpdated) and event.task_status in TERMINAL_TASK_STATUSES:
-                self.done_tasks.add(event.task_id)
+            if isinstance(event, TaskStatusUpdated):
+                if event.task_status in TERMINAL_TASK_STATUSES:
+                    self.done_tasks.add(event.task_id)
+                    self.interrupted.pop(event.task_id, None)
+                elif event.task_status == TaskStatus.RUNNING:
+                    self.interrupted[event.task_id] = event.task_type
+            elif isinstance(event, RunnerLost):
+                # Declaring the runner lost failed its running task in the cluster's view.
+                self.done_tasks.update(self.interrupted)
+                self.interrupted.clear()
 
         await client.replay_subject(self.js, self.subject, collect)
+
+    async def answer_interrupted(self) -> None:
+        """Fail, explicitly, what a crashed incarnation left running: one terminal status each."""
+        for task_id, kind in list(self.interrupted.items()):
+            await self._task_status(task_id, TaskStatus.FAILED, kind, error_type="RunnerRestarted",
+                                    error_message=f"runner {self.runner_id} restarted (now incarnation "
+                                    f"{self.incarnation}) while the task ran; send it again")
+        self.interrupted.clear()
 
     # -- writes -------------------------------------------------------------
 
@@ -424,8 +444,9 @@ async def run_runner(runner_id: str, nats_url: str, models_dir: Path) -> int:
     beat: asyncio.Task[None] | None = None
     try:
         await streams.ensure_streams(runner.js)
-        await runner.load_done_tasks()
+        await runner.load_history()
         await runner.register()
+        await runner.answer_interrupted()
         beat = asyncio.ensure_future(heartbeat(nc, runner_id, lambda: runner.incarnation))
         serving = asyncio.ensure_future(runner.serve())
         stopped = asyncio.ensure_future(stop.wait())

@@ -364,3 +364,26 @@ async def test_download_through_a_hub_with_progress(nats_server: NatsServer, nc:
         missing = await run_task(nc, watcher, {"type": "DownloadModel", "task_id": "404",
                                                "shard": {"model_id": "org/missing"}})
         assert missing.error_type == "ModelNotFound" and "org/missing" in missing.error_message
+
+
+async def test_runner_killed_mid_task_answers_it_on_restart(nats_server: NatsServer, nc: NATS, watcher: LogWatcher,
+                                                           models_dir: Path, tmp_path: Path,
+                                                           request: pytest.FixtureRequest) -> None:
+    first = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
+    request.addfinalizer(lambda: stop(first.proc))
+    await make_ready(nc, watcher)
+    await send(nc, "r1", {**chat(50_000), "task_id": "doomed"})
+    await watcher.wait_for(lambda m: isinstance(m, TaskStatusUpdated) and m.task_id == "doomed")
+    first.proc.kill()
+    assert await exit_code(first.proc) == -signal.SIGKILL
+    second = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
+    request.addfinalizer(lambda: stop(second.proc))
+    done = await watcher.task_done("doomed", timeout=30)
+    assert done.task_status == TaskStatus.FAILED and done.error_type == "RunnerRestarted"
+    assert done.incarnation == 2 and "incarnation 2" in done.error_message
+    # The redelivered message is recognised as answered; the next task runs within the ack wait.
+    fresh = await run_task(nc, watcher, {**DOWNLOAD, "task_id": "next"}, timeout=20)
+    assert fresh.task_status == TaskStatus.COMPLETE
+    doomed_answers = [e for e in watcher.runner_events("r1") if isinstance(e, TaskStatusUpdated)
+                      and e.task_id == "doomed"]
+    assert [str(e.task_status) for e in doomed_answers] == ["Running", "Failed"]
