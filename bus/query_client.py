@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import msgspec
@@ -38,3 +39,16 @@ async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> 
         raise QueryFailed(error.get("type", msg.headers["Nats-Service-Error-Code"]),
                           error.get("message", msg.headers.get("Nats-Service-Error", "")))
     return reply
+
+
+async def first_answer(nc: NATS, timeout: float = 20.0, **body: Any) -> dict[str, Any]:
+    """The state reply of the first supervisor to answer, asking again (bounded) while none is up yet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            return await query(nc, "state", timeout=2.0, **body)
+        except QueryFailed as err:
+            if err.code not in ("NoSupervisor", "Timeout") or loop.time() > deadline:
+                raise
+            await asyncio.sleep(0.05)  # poll interval while no supervisor has subscribed yet

@@ -120,13 +120,15 @@ async def replay_log(nats_url: str, runner_id: str | None, task_id: str | None, 
     """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check."""
     nc = await client.connect(nats_url, name="exojet-replay")
     state = ClusterState()
+    # --state and --check answer a question of their own; the timeline would bury it.
+    timeline = not (show or run_check)
     try:
         # The fold always starts at 1 so every line is judged against the real
         # state before it; only printing honours --from.
         def on_env(env: Envelope) -> None:
             nonlocal state
             message = message_of(env)
-            if env.seq >= from_seq and _selected(env, message, runner_id, task_id):
+            if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
                 if as_json:
                     print(_json.encode({"seq": env.seq, "subject": env.subject, "time": env.time,
                                         "message": _as_json(env.data)}).decode())

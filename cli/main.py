@@ -67,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_seq", type=int, default=1)
     p.add_argument("--to", dest="to_seq", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object a line: seq, subject, time, message")
-    p.add_argument("--state", action="store_true", help="print the projection as of --to")
+    p.add_argument("--state", action="store_true", help="print the projection as of --to (instead of the timeline)")
     p.add_argument("--check", action="store_true",
-                   help="list anomalies, unfinished tasks and stuck runners; exit 1 if any")
+                   help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any")
     _add_nats(p)
 
     p = sub.add_parser("up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model")
@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
     p.add_argument("prompt")
-    p.add_argument("--runner", default=None, help="runner id (default: the least busy Ready runner)")
+    p.add_argument("--runner", default=None,
+                   help="send to this runner directly (default: routed by the supervisors to a Ready instance)")
+    p.add_argument("--model", default=None, help="only instances/runners serving this model id")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -173,8 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "chat":
             from cli.chat_cmd import chat
 
-            return asyncio.run(chat(args.nats, args.prompt, args.runner, args.max_tokens, args.temperature,
-                                    args.timeout))
+            return asyncio.run(chat(args.nats, args.prompt, args.runner, args.model, args.max_tokens,
+                                    args.temperature, args.timeout))
         case "models" if args.models_command == "list":
             from cli.models_cmd import list_models_cmd
 

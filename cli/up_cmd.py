@@ -12,12 +12,15 @@ from pathlib import Path
 
 from bus import client, streams, subjects
 from bus.codec import encode
+from bus.commands import DeleteInstance, PlaceInstance
 from bus.envelope import Envelope
-from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.events import RunnerRegistered, RunnerStatusUpdated
+from bus.query_client import first_answer, query
 from bus.server import NatsServer, ServerError, default_store_dir
-from bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
-from bus.tasks import DownloadModel, LoadModel, Shard, Shutdown, StartWarmup, Task
+from bus.statuses import RunnerFailed, status_name
+from bus.tasks import Shutdown
 from cli.timeline import message_of
+from projections.instances import instance_id_of
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -38,14 +41,14 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
 
 
 class _Watcher:
-    """Prints the runner's transitions as they land in the log; resolves task waits."""
+    """Prints the runner's transitions as they land in the log."""
 
     def __init__(self, runner_id: str) -> None:
         self.runner_id = runner_id
         self.status = "Unregistered"
         self.incarnation = 0
         self.registered = asyncio.Event()
-        self.terminal: dict[str, asyncio.Future[TaskStatusUpdated]] = {}
+        self._changed = asyncio.Event()
 
     def on_event(self, env: Envelope) -> None:
         match message_of(env):
@@ -59,47 +62,57 @@ class _Watcher:
                 print(f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}",
                       flush=True)
                 self.status = new
-            case TaskStatusUpdated(task_id=task_id, task_status=task_status) as event if (
-                task_status in TERMINAL_TASK_STATUSES and task_id in self.terminal
-            ):
-                if not self.terminal[task_id].done():
-                    self.terminal[task_id].set_result(event)
+        self._changed.set()
 
-    async def run(self, js: object, task: Task, timeout: float) -> TaskStatusUpdated:
-        assert task.task_id is not None
-        future = self.terminal[task.task_id] = asyncio.get_running_loop().create_future()
-        await client.publish(js, subjects.task_subject(self.runner_id), encode(task), msg_id=task.task_id)
-        return await asyncio.wait_for(future, timeout)
+    async def changed(self, timeout: float = 1.0) -> None:
+        """Until the runner writes again (or `timeout`, so the caller re-checks the projection)."""
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
 
-async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) -> int:
+async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) -> str | None:
+    """Place `model_id` on the runner and follow it to Ready; returns the instance id (None on failure)."""
     nc = await client.connect(nats_url, name="exojet-up")
     watcher = _Watcher(runner_id)
     js = nc.jetstream()
     sub = await client.follow(js, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id))
     try:
         await asyncio.wait_for(watcher.registered.wait(), 60)
-        # Ids unique to this incarnation: a runner skips tasks already finished in the log.
-        prefix = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
-        shard = Shard(model_id=model_id)
-        for task in (DownloadModel(task_id=f"{prefix}-download", shard=shard),
-                     LoadModel(task_id=f"{prefix}-load", shard=shard),
-                     StartWarmup(task_id=f"{prefix}-warmup")):
-            result = await watcher.run(js, task, timeout=600)
-            if result.task_status != TaskStatus.COMPLETE:
-                print(f"error: {type(task).__name__} {result.task_status}: {result.error_type}: {result.error_message}",
-                      file=sys.stderr)
-                return 1
-        return 0 if watcher.status == "RunnerReady" else 1
+        # This runner serves our instance only: retire what an earlier `up` left on it.
+        state = await first_answer(nc)
+        for inst in state["instances"].values():
+            holders = {p["runner_id"] for p in inst["placements"]} | set(inst["requested_runners"] or ())
+            if runner_id in holders and inst["status"] != "Deleted":
+                await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst["instance_id"]))
+        # The planner drives DownloadModel -> LoadModel -> StartWarmup; we watch.
+        command_id = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
+        ack = await client.publish(js, subjects.COMMANDS, PlaceInstance(
+            command_id=command_id, model_id=model_id, runners=(runner_id,)), msg_id=command_id)
+        instance_id = instance_id_of(command_id, ack.seq)
+        print(f"  placed {instance_id}: {model_id} on {runner_id}", flush=True)
+        async with asyncio.timeout(600):
+            while True:
+                inst = (await query(nc, "state", min_seq=ack.seq))["instances"].get(instance_id, {})
+                if inst.get("status") == "Ready":
+                    return instance_id
+                if inst.get("status") in ("Failed", "Deleted"):
+                    print(f"error: {instance_id} {inst['status']}: {inst.get('reason')}", file=sys.stderr)
+                    return None
+                await watcher.changed()
     finally:
         await sub.unsubscribe()
         await nc.close()
 
 
-async def _shutdown_runner(nats_url: str, runner_id: str) -> None:
-    """Ask the runner to shut down through the log, as any user would."""
+async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | None) -> None:
+    """Delete our instance and ask the runner to shut down, through the log as any user would."""
     nc = await client.connect(nats_url, name="exojet-up")
     try:
+        if instance_id is not None:
+            await client.publish(nc.jetstream(), subjects.COMMANDS, DeleteInstance(instance_id=instance_id))
         await client.publish(nc.jetstream(), subjects.task_subject(runner_id),
                              encode(Shutdown(task_id=f"up-{runner_id}-shutdown-{uuid.uuid4().hex[:6]}")))
     finally:
@@ -127,17 +140,19 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
     print(f"nats-server  {server.url}  (store {server.store_dir})", flush=True)
     procs: list[subprocess.Popen[bytes]] = []
     runner: subprocess.Popen[bytes] | None = None
+    instance_id: str | None = None
     try:
         from_seq = asyncio.run(_ensure(server.url)) + 1
-        procs.append(_spawn(["supervisor", "--nats", server.url], logs / "supervisor.log"))
+        procs.append(_spawn(["supervisor", "--nats", server.url, "--models-dir", str(models_dir)],
+                            logs / "supervisor.log"))
         runner = _spawn(["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir)],
                         logs / f"runner-{runner_id}.log")
         procs.append(runner)
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
-        code = asyncio.run(_drive(server.url, runner_id, DEFAULT_MODEL_ID, from_seq))
-        if code != 0:
+        instance_id = asyncio.run(_drive(server.url, runner_id, DEFAULT_MODEL_ID, from_seq))
+        if instance_id is None:
             print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
-            return code
+            return 1
         print(f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
               f"  exojet chat \"What is the capital of France?\"\n"
               f"  exojet state | exojet replay\nCtrl-C stops everything.", flush=True)
@@ -156,7 +171,7 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
         # A second Ctrl-C must not cut the bounded cleanup short and orphan the children.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if runner is not None and runner.poll() is None:
-            asyncio.run(_shutdown_runner(server.url, runner_id))
+            asyncio.run(_shutdown_runner(server.url, runner_id, instance_id))
             try:
                 runner.wait(20)
             except subprocess.TimeoutExpired:

@@ -43,7 +43,14 @@ async def run_supervisor(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}")
+    lost_connection = asyncio.Event()
+
+    def on_closed() -> None:
+        lost_connection.set()
+        stop.set()
+
+    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", reconnect_attempts=60,
+                              on_closed=on_closed)
     try:
         js = nc.jetstream()
         await streams.ensure_streams(js)
@@ -57,6 +64,9 @@ async def run_supervisor(
         log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*, reconciling")
         await stop.wait()
         await reconciler.stop()
+        if lost_connection.is_set():
+            log.error("lost the connection to NATS for good; exiting")
+            return 1
         await liveness.stop()
         await service.stop()
         await projector.stop()
@@ -66,4 +76,5 @@ async def run_supervisor(
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        await nc.close()
+        if not nc.is_closed:
+            await nc.close()

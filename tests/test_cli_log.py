@@ -12,10 +12,10 @@ from nats.aio.client import Client as NATS
 
 from bus import client
 from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.query_client import first_answer
 from bus.server import NatsServer
 from bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
 from tests.procs import REPO, exojet, stop
-from tests.supervisor_helpers import until_answering
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -87,7 +87,7 @@ async def test_state_command_renders_the_projection(nats_server: NatsServer, nc:
     await _write_log(nc)
     sup = exojet("supervisor", "--nats", nats_server.url, log=tmp_path / "sup.log")
     try:
-        await until_answering(nc, min_seq=5)
+        await first_answer(nc, min_seq=5)
         table = run("state", "--min-seq", "5", url=nats_server.url)
         assert table.returncode == 0, table.stderr
         assert "seq 5" in table.stdout

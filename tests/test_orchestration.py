@@ -24,6 +24,7 @@ from bus.codec import decode_event, decode_task, encode
 from bus.commands import PlaceInstance
 from bus.envelope import Envelope
 from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.query_client import first_answer
 from bus.server import NatsServer, free_port
 from bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from bus.tasks import ChatMessage
@@ -32,7 +33,6 @@ from projections.apply import apply
 from projections.instances import instance_id_of, steps
 from projections.state import ClusterState, InstanceView
 from tests.procs import REPO, exojet, stop
-from tests.supervisor_helpers import until_answering
 
 Predicate = Callable[[ClusterState], bool]
 
@@ -193,7 +193,7 @@ async def test_supervisor_killed_after_each_step_finishes_the_placement_then_del
             sup.wait()
             kills += 1
             sup = procs.supervisor()
-            await until_answering(nc, min_seq=watch.state.seq)  # the new one has folded the log
+            await first_answer(nc, min_seq=watch.state.seq)  # the new one has folded the log
             frozen.clear()
             runner.send_signal(signal.SIGCONT)
     finally:

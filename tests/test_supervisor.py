@@ -11,11 +11,10 @@ from nats.aio.client import Client as NATS
 from bus import client
 from bus.codec import encode
 from bus.events import RunnerRegistered, RunnerStatusUpdated
-from bus.query_client import QueryFailed, query
+from bus.query_client import QueryFailed, first_answer, query
 from bus.server import NatsServer
 from bus.statuses import RunnerIdle
 from tests.procs import exojet, stop
-from tests.supervisor_helpers import until_answering
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +32,7 @@ async def _register(nc: NATS, runner_id: str) -> int:
 async def test_task_published_like_nats_pub_is_pending(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:
     sup = exojet("supervisor", "--nats", nats_server.url, log=tmp_path / "sup.log")
     try:
-        await until_answering(nc)
+        await first_answer(nc)
         # What `nats pub` does: a core publish, no ack, no task id.
         await nc.publish("exo.tasks.r1", b'{"type":"DownloadModel","shard":{"model_id":"local/tiny"}}')
         seq = 1  # the first message of a fresh log; its id is its sequence
@@ -51,7 +50,7 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
                                                             tmp_path: Path) -> None:
     sup = exojet("supervisor", "--nats", nats_server.url, "--snapshot-every", "3", log=tmp_path / "sup.log")
     try:
-        await until_answering(nc)
+        await first_answer(nc)
         for i in range(5):
             await _register(nc, f"r{i}")
         last = await client.last_seq(nc.jetstream())
@@ -64,7 +63,7 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
     last = await _register(nc, "late")
     sup = exojet("supervisor", "--nats", nats_server.url, "--snapshot-every", "3", log=tmp_path / "sup2.log")
     try:
-        after = await until_answering(nc, min_seq=last)
+        after = await first_answer(nc, min_seq=last)
         assert after["seq"] == last
         assert set(after["runners"]) == {"r0", "r1", "r2", "r3", "r4", "late"}
         assert after["runners"]["late"]["status"] == "RunnerIdle"
@@ -100,7 +99,7 @@ async def test_two_supervisors_answer_alike(nats_server: NatsServer, nc: NATS, t
     sups = [exojet("supervisor", "--nats", nats_server.url, "--id", f"s{i}", log=tmp_path / f"s{i}.log")
             for i in range(2)]
     try:
-        await until_answering(nc)
+        await first_answer(nc)
         last = 0
         for i in range(3):
             last = await _register(nc, f"r{i}")
@@ -121,7 +120,7 @@ async def test_two_supervisors_answer_alike(nats_server: NatsServer, nc: NATS, t
 async def test_bad_input_is_named_and_kills_nothing(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:
     sup = exojet("supervisor", "--nats", nats_server.url, log=tmp_path / "sup.log")
     try:
-        await until_answering(nc)
+        await first_answer(nc)
         bad_tasks = [
             b"this is not json",
             b'{"type":"Teleport"}',
