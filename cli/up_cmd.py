@@ -30,7 +30,8 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
+    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -38,6 +39,7 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    return proc.returncode
 
 
 class _Watcher:
@@ -175,9 +177,9 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
             try:
                 runner.wait(20)
             except subprocess.TimeoutExpired:
-                pass  # _stop below escalates
+                pass  # stop_process below escalates
         for proc in reversed(procs):
-            _stop(proc)
+            stop_process(proc)
         server.stop()
 
 

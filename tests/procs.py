@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
+
+# The same stop as `exojet up` uses: SIGTERM, then SIGKILL past the timeout.
+from cli.up_cmd import stop_process as stop  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,15 +23,3 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
-
-
-def stop(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
-    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    return proc.returncode
