@@ -326,6 +326,15 @@ class Runner:
                 self.group = None
             await self._set_status(RunnerFailed(error_message=message))
             raise TaskFailed(error_type, message) from None
+        except Exception as err:
+            # A bug of ours must cost one task, not the runner: fail it loudly
+            # and start the engine afresh, as after a crash.
+            self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
+            await self.engine.stop()
+            self.group = None
+            message = f"internal error in {kind}: {err!r} (see the runner's log)"
+            await self._set_status(RunnerFailed(error_message=message))
+            raise TaskFailed("InternalError", message) from None
         await self._set_status(state_machine.finished_status(kind, before))
         return result
 
