@@ -28,10 +28,12 @@ from runner.engine_protocol import (
     HEADER,
     TERMINAL_REPLIES,
     Cancel,
+    ConnectGroup,
     Done,
     Exit,
     Failed,
     Generate,
+    GroupConnected,
     Load,
     Loaded,
     Ok,
@@ -47,7 +49,7 @@ from runner.engine_protocol import (
 
 STDERR_LINES = 40
 _MAX_STDERR_LINE = 2000
-_R = TypeVar("_R", Loaded, Ok)
+_R = TypeVar("_R", Loaded, GroupConnected, Ok)
 
 
 class EngineError(Exception):
@@ -138,6 +140,17 @@ class Engine:
         return await self._call(
             Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer),
             Loaded,
+        )
+
+    async def connect_group(
+        self, group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float
+    ) -> GroupConnected:
+        """Join a pipeline group (the child can join one group in its life)."""
+        return await self._call(
+            ConnectGroup(
+                group_id=group_id, world_size=world_size, rank=rank, hosts=hosts, timeout_s=timeout_s
+            ),
+            GroupConnected,
         )
 
     async def warmup(self) -> None:
@@ -300,6 +313,9 @@ class Engine:
             except ValueError:
                 name = f"signal {-code}"
             return f"engine process was killed by {name}"
+        if any(line.startswith("Timeout (") for line in self._stderr):
+            # StallWatchdog's exit: a ring peer stopped answering mid-generation.
+            return f"pipeline peer stalled: engine process exited with code {code}"
         return f"engine process exited with code {code}"
 
     def _tail(self) -> str:

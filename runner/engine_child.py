@@ -11,6 +11,7 @@ request (joining a group) and load path without touching the loop.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import re
@@ -18,7 +19,7 @@ import select
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,10 +27,12 @@ from loguru import logger
 
 from runner.engine_protocol import (
     Cancel,
+    ConnectGroup,
     Done,
     Exit,
     Failed,
     Generate,
+    GroupConnected,
     Load,
     Loaded,
     Message,
@@ -45,6 +48,11 @@ from runner.engine_protocol import (
 )
 
 WARMUP_TOKENS = 4
+# A pipeline rank that sees no token for this long takes its peers for dead
+# (a stalled peer would otherwise hold the ring forever); env overrides.
+STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
+# Exit status of a child whose ring broke: it cannot be used again.
+RING_BROKEN_EXIT = 3
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -176,6 +184,10 @@ class EngineChild:
         self.pipe = pipe
         self.model: Any = None
         self.tokenizer: Any = None
+        # The pipeline group this process joined (process-global, for its life).
+        self.group: Any = None
+        # Set by a request after which this process must not serve again.
+        self.exit_after_reply = False
         # Requests read while a generation was checking for Cancel.
         self.queued: deque[Request] = deque()
         self.handlers: dict[type, Callable[[Any], Reply | None]] = {
@@ -183,6 +195,7 @@ class EngineChild:
             Warmup: self.warmup,
             Generate: self.generate,
             Unload: self.unload,
+            ConnectGroup: self.connect_group,
             # A Cancel that arrives after its generation ended has nothing to cancel.
             Cancel: lambda _req: None,
         }
@@ -208,9 +221,27 @@ class EngineChild:
                 )
             if reply is not None:
                 self.pipe.write(reply)
+            if self.exit_after_reply:
+                return
+
+    def connect_group(self, req: ConnectGroup) -> GroupConnected:
+        """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
+        from runner.pipeline import GroupConnectError, connect_group
+
+        if self.group is not None:
+            raise RequestError("AlreadyInGroup", "this engine process already joined a group")
+        try:
+            self.group = connect_group(req.group_id, req.world_size, req.rank, req.hosts, req.timeout_s)
+        except GroupConnectError as exc:
+            self.exit_after_reply = True
+            raise RequestError("GroupConnectFailed", str(exc)) from exc
+        logger.bind(group_id=req.group_id, rank=req.rank).info("joined group of {}", req.world_size)
+        return GroupConnected(rank=req.rank, world_size=req.world_size)
 
     def load(self, req: Load) -> Loaded:
         """Load a model folder lazily and materialise the requested layers."""
+        if self.group is not None:
+            return self._load_pipelined(req)
         from mlx_lm.utils import load_model, load_tokenizer
 
         started = time.perf_counter()
@@ -250,6 +281,49 @@ class EngineChild:
             load_seconds=seconds,
         )
 
+    def _load_pipelined(self, req: Load) -> Loaded:
+        import json
+
+        from mlx.utils import tree_flatten
+
+        from runner.pipeline import load_shard
+
+        started = time.perf_counter()
+        self.unload(Unload())
+        path = Path(req.model_path)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        n_layers = int(config["num_hidden_layers"])
+        start = 0 if req.start_layer is None else req.start_layer
+        end = n_layers if req.end_layer is None else req.end_layer
+        if not 0 <= start < end <= n_layers:
+            raise RequestError(
+                "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
+            )
+        with self._ring_guard():
+            self.model, self.tokenizer = load_shard(path, self.group, start, end)
+        weight_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
+        seconds = time.perf_counter() - started
+        logger.bind(model=str(path), start=start, end=end).info(
+            "loaded shard, {} bytes of weights in {:.2f} s", weight_bytes, seconds
+        )
+        return Loaded(n_layers=n_layers, start_layer=start, end_layer=end,
+                      model_type=str(config.get("model_type", "")), weight_bytes=weight_bytes,
+                      load_seconds=seconds)
+
+    @contextlib.contextmanager
+    def _ring_guard(self) -> Iterator[None]:
+        """A ring error (a peer gone) ends this process: its group cannot be rebuilt in it."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if "[ring]" not in str(exc):
+                raise
+            logger.error("pipeline peer lost: {}", exc)
+            os._exit(RING_BROKEN_EXIT)
+
     def warmup(self, _req: Warmup) -> Ok:
         """Generate a few tokens so kernels are compiled before the first request."""
         self.generate(
@@ -276,6 +350,8 @@ class EngineChild:
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
+        from runner.pipeline import StallWatchdog, pipeline_barrier
+
         if self.model is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
@@ -294,27 +370,37 @@ class EngineChild:
         first_at = None
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
-        for response in stream_generate(
-            self.model,
-            self.tokenizer,
-            prompt,
-            max_tokens=req.max_tokens,
-            sampler=sampler,
-        ):
-            if first_at is None:
-                first_at = time.perf_counter()
-            # The eos token ends a generation without being part of it.
-            eos = response.finish_reason == "stop"
-            completion_tokens = response.generation_tokens - (1 if eos else 0)
-            delta, stopped = scanner.feed(response.text)
-            if stream and delta:
-                self.pipe.write(Token(text=delta))
-            if stopped or eos:
-                finish = "stop"
-                break
-            if stream and self.pipe.readable() and self._cancelled():
-                finish = "cancelled"
-                break
+        in_group = self.group is not None
+        # In a group every rank runs the same steps: no rank may stop on its own
+        # (no Cancel), a stalled peer ends the process, and all ranks finish
+        # the step generate_step queued ahead before any moves on.
+        watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
+        with self._ring_guard(), watchdog or contextlib.nullcontext():
+            for response in stream_generate(
+                self.model,
+                self.tokenizer,
+                prompt,
+                max_tokens=req.max_tokens,
+                sampler=sampler,
+            ):
+                if watchdog is not None:
+                    watchdog.beat()
+                if first_at is None:
+                    first_at = time.perf_counter()
+                # The eos token ends a generation without being part of it.
+                eos = response.finish_reason == "stop"
+                completion_tokens = response.generation_tokens - (1 if eos else 0)
+                delta, stopped = scanner.feed(response.text)
+                if stream and delta:
+                    self.pipe.write(Token(text=delta))
+                if stopped or eos:
+                    finish = "stop"
+                    break
+                if not in_group and stream and self.pipe.readable() and self._cancelled():
+                    finish = "cancelled"
+                    break
+            if in_group:
+                pipeline_barrier(self.group)
         tail = scanner.flush()
         if stream and tail:
             self.pipe.write(Token(text=tail))
