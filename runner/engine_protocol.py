@@ -10,14 +10,6 @@ Requests are answered in order, one at a time. `ConnectGroup`, `Load`, `Warmup`,
 terminal one. `Cancel` is a notification without a reply: sent during a generation
 it ends it early (the terminal reply is then `Done` with finish_reason
 "cancelled"); sent while idle it is ignored. `Exit` ends the child without a reply.
-
-In a pipeline group (after `ConnectGroup`), the caller sends the same `Load`,
-`Warmup` and `Generate` to every rank's child: they run in lockstep, and a `Cancel`
-sent to any rank ends the generation on all of them at the same token. A child
-that can no longer take part in its group (a peer was lost, a step failed) exits
-with `EXIT_FATAL` after writing one stderr line containing `FATAL_MARK` and the
-reason; a stalled peer trips the child's watchdog, which writes `STALL_MARK` and
-stack traces to stderr and exits with status 1.
 """
 
 from __future__ import annotations
@@ -32,12 +24,6 @@ HEADER = struct.Struct(">I")
 # replies are kilobytes, so refusing early beats allocating gigabytes.
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
-# How a child that must not be reused says why it ended (see the module docstring).
-EXIT_FATAL = 3
-FATAL_MARK = "engine fatal: "
-# faulthandler's first line when the watchdog fires: "Timeout (h:mm:ss)!".
-STALL_MARK = "Timeout ("
-
 
 class Message(msgspec.Struct, frozen=True):
     """One chat message, as the chat template expects it."""
@@ -47,33 +33,11 @@ class Message(msgspec.Struct, frozen=True):
 
 
 class Load(msgspec.Struct, tag=True, frozen=True):
-    """Load a model folder; layers [start_layer, end_layer) or the whole model.
-
-    In a group both layers are required: the child becomes the pipeline stage for
-    them and never reads the other ranks' weights.
-    """
+    """Load a model folder; layers [start_layer, end_layer) or the whole model."""
 
     model_path: str
     start_layer: int | None = None
     end_layer: int | None = None
-
-
-class ConnectGroup(msgspec.Struct, tag=True, frozen=True):
-    """Join pipeline group `group_id` as `rank`; `hosts[r]` is rank r's "ip:port".
-
-    A child joins at most one group in its life, before loading any model.
-    `stall_timeout_s` bounds each generated token (and the prompt's prefill)
-    and `load_timeout_s` a shard load: past them a peer is taken as stalled and
-    the child exits.
-    """
-
-    group_id: str
-    world_size: int
-    rank: int
-    hosts: list[str]
-    timeout_s: float
-    stall_timeout_s: float = 30.0
-    load_timeout_s: float = 600.0
 
 
 class Warmup(msgspec.Struct, tag=True, frozen=True):
@@ -130,13 +94,6 @@ class Loaded(msgspec.Struct, tag=True, frozen=True):
 
 class GroupConnected(msgspec.Struct, tag=True, frozen=True):
     """The ring group is up and verified."""
-
-    rank: int
-    world_size: int
-
-
-class GroupConnected(msgspec.Struct, tag=True, frozen=True):
-    """The child is rank `rank` of a verified group of `world_size` processes."""
 
     rank: int
     world_size: int
