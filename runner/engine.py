@@ -313,6 +313,8 @@ class Engine:
             except ValueError:
                 name = f"signal {-code}"
             return f"engine process was killed by {name}"
+        if any("pipeline peer lost" in line for line in self._stderr):
+            return f"pipeline peer lost: engine process exited with code {code}"
         if any(line.startswith("Timeout (") for line in self._stderr):
             # StallWatchdog's exit: a ring peer stopped answering mid-generation.
             return f"pipeline peer stalled: engine process exited with code {code}"

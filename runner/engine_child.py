@@ -51,6 +51,7 @@ WARMUP_TOKENS = 4
 # A pipeline rank that sees no token for this long takes its peers for dead
 # (a stalled peer would otherwise hold the ring forever); env overrides.
 STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
+LOAD_STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_LOAD_STALL_S", "300"))
 # Exit status of a child whose ring broke: it cannot be used again.
 RING_BROKEN_EXIT = 3
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -286,7 +287,7 @@ class EngineChild:
 
         from mlx.utils import tree_flatten
 
-        from runner.pipeline import load_shard
+        from runner.pipeline import StallWatchdog, load_shard
 
         started = time.perf_counter()
         self.unload(Unload())
@@ -302,7 +303,9 @@ class EngineChild:
             raise RequestError(
                 "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
             )
-        with self._ring_guard():
+        # A rank that failed before loading never joins the collectives the
+        # others wait in: the watchdog turns that wait into a bounded failure.
+        with self._ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
             self.model, self.tokenizer = load_shard(path, self.group, start, end)
         weight_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
         seconds = time.perf_counter() - started

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -387,7 +388,7 @@ class Runner:
             max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=task.temperature if task.temperature is not None else 0.0,
             top_p=task.top_p if task.top_p is not None else 1.0,
-            seed=task.seed,
+            seed=_lockstep_seed(task) if self.group is not None else task.seed,
             stop=stop_strings(task),
         )
         emits = task.emit_rank == (self.group.rank if self.group else 0)
@@ -412,6 +413,14 @@ class Runner:
         if task_id is not None:
             await self._task_status(task_id, TaskStatus.COMPLETE, "Shutdown")
         await self._set_status(RunnerShutdown())
+
+
+def _lockstep_seed(task: ChatCompletion) -> int | None:
+    """Every rank of a group must sample the same tokens: without a seed of the
+    user's, derive one from what all ranks' tasks share (the chat's stream id)."""
+    if task.seed is not None or (task.temperature or 0.0) == 0.0:
+        return task.seed
+    return zlib.crc32((task.stream_id or "").encode())
 
 
 def _final(event: object) -> bool:
