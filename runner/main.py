@@ -368,8 +368,9 @@ class Runner:
             case ChatCompletion():
                 return await self._chat(task, task_id)
             case UnloadModel():
-                # A child that joined a group cannot leave it: replace it.
-                if self.group is not None:
+                # A child that joined a group cannot leave it: end it (a later
+                # load starts a fresh one). A crashed child holds nothing.
+                if self.group is not None or not self.engine.alive:
                     await self.engine.stop()
                     self.group = None
                 else:

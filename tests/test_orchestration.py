@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -28,7 +29,7 @@ from bus.query_client import first_answer
 from bus.server import NatsServer, free_port
 from bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from bus.tasks import ChatMessage
-from cli.orchestration_cmds import route_chat
+from cli.orchestration_cmds import ChatFailed, route_chat
 from projections.apply import apply
 from projections.instances import instance_id_of, steps
 from projections.state import ClusterState, InstanceView
@@ -343,3 +344,35 @@ async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: Na
         await watch.until(lambda s: s.runners["writer"].status == "RunnerLost", 4 * timeout, "writer lost")
     finally:
         procs.stop_all()
+
+
+@pytest.mark.timeout(180)
+async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance_is_replaced(
+        procs: Procs, watch: LogWatch, nc: NATS) -> None:
+    for r in ("r1", "r2"):
+        procs.runner(r)
+    procs.supervisor()
+    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+    instance_id = await _place(nc, model_id="local/tiny", min_runners=2)
+    await watch.until(_instance(instance_id, "Ready", "Failed"), 90, f"{instance_id} Ready")
+    assert watch.state.instances[instance_id].attempt == 1
+    chat = route_chat(procs.url, [ChatMessage("user", "Tell me a long story")], "local/tiny", max_tokens=100_000,
+                      temperature=0.0, timeout=60)
+    await anext(chat)  # generation is under way on both ranks
+    engines = psutil.Process(procs.runners["r2"].pid).children()
+    assert len(engines) == 1
+    engines[0].send_signal(signal.SIGKILL)
+    with pytest.raises(ChatFailed):
+        async with asyncio.timeout(30):
+            async for _ in chat:
+                pass
+    state = await watch.until(lambda s: all(t.status == "Failed" for t in s.tasks.values()
+                                            if t.task_type == "ChatCompletion"), 30, "both ranks' chats Failed")
+    chats = {t.runner_id: t for t in state.tasks.values() if t.task_type == "ChatCompletion"}
+    assert sorted(chats) == ["r1", "r2"]
+    assert "SIGKILL" in chats["r2"].error_message
+    assert "pipeline peer" in chats["r1"].error_message
+    # The failed instance is placed again on the same (released, Idle again) runners.
+    await watch.until(lambda s: s.instances[instance_id].attempt == 2 and s.instances[instance_id].status == "Ready",
+                      120, f"{instance_id} re-placed and Ready")
+    _assert_no_duplicates(watch)
