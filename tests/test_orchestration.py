@@ -242,16 +242,22 @@ async def test_two_supervisors_place_two_instances_on_distinct_runners_and_route
 
 
 @pytest.mark.timeout(120)
-async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Procs, watch: LogWatch,
-                                                                      nc: NATS) -> None:
+async def _ready_pipeline_instance(procs: Procs, watch: LogWatch, nc: NATS) -> str:
+    """Runners r1 and r2 and a supervisor; the tiny model placed over both, Ready."""
     for r in ("r1", "r2"):
         procs.runner(r)
     procs.supervisor()
     await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
     instance_id = await _place(nc, model_id="local/tiny", min_runners=2)
     await watch.until(_instance(instance_id, "Ready", "Failed"), 90, f"{instance_id} Ready")
+    assert watch.state.instances[instance_id].status == "Ready", watch.state.instances[instance_id].reason
+    return instance_id
+
+
+async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Procs, watch: LogWatch,
+                                                                      nc: NATS) -> None:
+    instance_id = await _ready_pipeline_instance(procs, watch, nc)
     inst = watch.state.instances[instance_id]
-    assert inst.status == "Ready", inst.reason
     assert sorted(p.runner_id for p in inst.placements) == ["r1", "r2"]
     shards = [p.shard for p in inst.placements]
     assert shards[0].start_layer == 0 and shards[0].end_layer == shards[1].start_layer
@@ -349,12 +355,7 @@ async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: Na
 @pytest.mark.timeout(180)
 async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance_is_replaced(
         procs: Procs, watch: LogWatch, nc: NATS) -> None:
-    for r in ("r1", "r2"):
-        procs.runner(r)
-    procs.supervisor()
-    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
-    instance_id = await _place(nc, model_id="local/tiny", min_runners=2)
-    await watch.until(_instance(instance_id, "Ready", "Failed"), 90, f"{instance_id} Ready")
+    instance_id = await _ready_pipeline_instance(procs, watch, nc)
     assert watch.state.instances[instance_id].attempt == 1
     chat = route_chat(procs.url, [ChatMessage("user", "Tell me a long story")], "local/tiny", max_tokens=100_000,
                       temperature=0.0, timeout=60)
