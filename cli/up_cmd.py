@@ -126,6 +126,10 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
     from models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
 
     started = time.perf_counter()
+    # Started in the background by a script, we would inherit an ignored SIGINT;
+    # SIGTERM (kill, a service manager) must clean up just like Ctrl-C.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         ensure_default_model(models_dir)
     except SmolLMNotInstalled as err:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bus.server import free_port
@@ -48,8 +49,8 @@ def chat(port: int, prompt: str) -> subprocess.CompletedProcess[str]:
                            f"nats://127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True, timeout=180)
 
 
-def interrupt(proc: subprocess.Popen[str]) -> int:
-    proc.send_signal(signal.SIGINT)
+def interrupt(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
+    proc.send_signal(sig)
     try:
         return proc.wait(60)
     finally:
@@ -82,8 +83,12 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
         assert not (tmp_path / "up2.log").read_text().count("importing")
         answer = chat(port, "What is the capital of France?")
         assert "Paris" in answer.stdout
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 3  # nats-server, supervisor, runner (and its engine)
     finally:
-        assert interrupt(up) == 0
+        # kill(1)'s SIGTERM cleans up as Ctrl-C does.
+        assert interrupt(up, signal.SIGTERM) == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
