@@ -40,7 +40,7 @@ from bus.server import NatsServer, free_port  # noqa: E402
 from bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
 from projections.instances import instance_id_of  # noqa: E402
-from tests.supervisor_helpers import until_answering  # noqa: E402
+from bus.query_client import first_answer  # noqa: E402
 from tests.tiny_model import write_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,7 +198,7 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             procs.append(spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "sup.log"))
             procs.append(spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)],
                                root / "r1.log"))
-            await until_answering(nc)
+            await first_answer(nc)
             ack = await client.publish(js, subjects.COMMANDS, PlaceInstance(model_id="local/tiny", runners=("r1",)))
             await until_ready(nc, instance_id_of(None, ack.seq))
             await dispatch_latencies(nc, 5, "warm")  # warm the paths once
@@ -208,9 +208,11 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             print(f"  of which the runner (core publish -> Complete event on a core subscription): {ms(runner_share)}")
             print(f"floor (JetStream publish + pull + ack): {ms(floor)}")
             print(f"ratio p50: {percentile(dispatch, 50) / percentile(floor, 50):.1f}x (target <= 3x)")
-            # Delete the instance (its runner shuts down) so nothing is placed on the simulated runners.
+            # Delete the instance and stop its runner, so nothing is placed on the simulated runners.
             await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=instance_id_of(None, ack.seq)))
-            procs.pop().wait(30)
+            runner = procs.pop()
+            runner.terminate()
+            runner.wait(30)
             cpu, lags = await load(nc, js, server.url, psutil.Process(procs[0].pid), runners, seconds)
             print(f"{runners} simulated runners at 1 Hz for {seconds:g} s: supervisor CPU {cpu:.0f}% of one core; "
                   f"projection lag {ms(lags)} ({len(lags)} probes)")
