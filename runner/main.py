@@ -88,10 +88,11 @@ def _advertised_address(nats_url: str) -> str:
     """The local address on the route to the NATS server: what other ranks can reach."""
     if env := os.environ.get("EXO_RUNNER_ADDRESS"):
         return env
-    host = urlsplit(nats_url).hostname or "127.0.0.1"
+    url = urlsplit(nats_url)
     try:
+        # A UDP "connect" sends nothing; it only asks the kernel for the route.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.connect((host, 4222))
+            s.connect((url.hostname or "127.0.0.1", url.port or 4222))
             return s.getsockname()[0]
     except OSError:
         return "127.0.0.1"
