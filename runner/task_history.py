@@ -1,0 +1,44 @@
+"""What a runner id's own subject says about its tasks: a pure fold, no I/O.
+
+Delivery is at least once, so a runner must recognise a task it (or an earlier
+incarnation) already answered. The same fold reads the subject at start-up and
+records every status the runner writes afterwards, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+from bus.events import RunnerLost, TaskStatusUpdated
+from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+
+
+class TaskHistory:
+    """Tasks with a terminal status (`done`) and tasks reported Running and never finished (`running`)."""
+
+    def __init__(self) -> None:
+        self.done: set[str] = set()
+        # task id -> task type, in the order the tasks started.
+        self.running: dict[str, str | None] = {}
+
+    def apply(self, event: object) -> None:
+        """Fold one event of the runner's subject (others are ignored)."""
+        if isinstance(event, TaskStatusUpdated):
+            self.record(event.task_id, event.task_status, event.task_type)
+        elif isinstance(event, RunnerLost):
+            self.lose()
+
+    def record(self, task_id: str, status: TaskStatus, task_type: str | None) -> None:
+        """A status written for `task_id`."""
+        if status in TERMINAL_TASK_STATUSES:
+            self.done.add(task_id)
+            self.running.pop(task_id, None)
+        elif status == TaskStatus.RUNNING:
+            self.running[task_id] = task_type
+
+    def lose(self) -> None:
+        """The runner was declared lost: the cluster's view failed whatever it was running then."""
+        self.done.update(self.running)
+        self.running.clear()
+
+    def answered(self, task_id: str) -> bool:
+        """True if `task_id` has a terminal status, here or in the cluster's view: never run it again."""
+        return task_id in self.done
