@@ -28,10 +28,14 @@ from nats.aio.msg import Msg
 from bus import client, streams, subjects
 from bus.codec import BadInput, decode_event, decode_task
 from bus.envelope import Envelope
-from bus.task_consumer import TaskConsumer
-from bus.events import DownloadProgress, RunnerLost, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from bus.events import (
+    DownloadProgress,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+)
 from bus.statuses import (
-    TERMINAL_TASK_STATUSES,
     RunnerFailed,
     RunnerIdle,
     RunnerShutdown,
@@ -39,6 +43,7 @@ from bus.statuses import (
     TaskStatus,
     status_name,
 )
+from bus.task_consumer import TaskConsumer
 from bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -61,6 +66,7 @@ from runner.engine import Done, Engine, EngineCrashed, EngineError, Generate
 from runner.engine_protocol import Message
 from runner.event_writer import EventWriter, Fenced
 from runner.heartbeat import heartbeat
+from runner.task_history import TaskHistory
 
 VERSION = "0.1.0"
 # A twin shows itself by heartbeating: wait a little over two beats for one.
@@ -112,9 +118,7 @@ class Runner:
         self.engine = Engine()
         self.downloaded: Shard | None = None
         self.group: Group | None = None
-        self.done_tasks: set[str] = set()
-        # task id -> task type, for tasks some incarnation reported Running and never finished.
-        self.interrupted: dict[str, str | None] = {}
+        self.history = TaskHistory()
         self.writer: EventWriter | None = None
         self.log = logger.bind(runner_id=runner_id)
 
@@ -169,29 +173,18 @@ class Runner:
 
         def collect(env: Envelope) -> None:
             try:
-                event = decode_event(env.data)
+                self.history.apply(decode_event(env.data))
             except BadInput:
                 return
-            if isinstance(event, TaskStatusUpdated):
-                if event.task_status in TERMINAL_TASK_STATUSES:
-                    self.done_tasks.add(event.task_id)
-                    self.interrupted.pop(event.task_id, None)
-                elif event.task_status == TaskStatus.RUNNING:
-                    self.interrupted[event.task_id] = event.task_type
-            elif isinstance(event, RunnerLost):
-                # Declaring the runner lost failed its running task in the cluster's view.
-                self.done_tasks.update(self.interrupted)
-                self.interrupted.clear()
 
         await client.replay_subject(self.js, self.subject, collect)
 
     async def answer_interrupted(self) -> None:
         """Fail, explicitly, what a crashed incarnation left running: one terminal status each."""
-        for task_id, kind in list(self.interrupted.items()):
+        for task_id, kind in list(self.history.running.items()):
             await self._task_status(task_id, TaskStatus.FAILED, kind, error_type="RunnerRestarted",
                                     error_message=f"runner {self.runner_id} restarted (now incarnation "
                                     f"{self.incarnation}) while the task ran; send it again")
-        self.interrupted.clear()
 
     # -- writes -------------------------------------------------------------
 
@@ -209,8 +202,7 @@ class Runner:
         seq = await self.writer.write(lambda eid, inc, at: TaskStatusUpdated(
             event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, task_id=task_id, task_status=status,
             task_type=kind, error_type=error_type, error_message=error_message, result=result))
-        if status in TERMINAL_TASK_STATUSES:
-            self.done_tasks.add(task_id)
+        self.history.record(task_id, status, kind)
         log = self.log.bind(task_id=task_id, seq=seq)
         if error_type:
             log.warning(f"task {status}: {error_type}: {error_message}")
@@ -231,22 +223,36 @@ class Runner:
         tasks = await TaskConsumer(self.nc, self.runner_id).start()
         try:
             while True:
-                msg = await tasks.next()
-                try:
-                    if await self.handle(msg):
-                        return 0
-                except Fenced as fenced:
-                    if not fenced.lost:
-                        raise TwinRunning(str(fenced)) from None
-                    # Declared lost while alive: what this incarnation held is
-                    # gone from the cluster's view; come back fresh as a new one.
-                    self.log.warning(f"{fenced}; re-registering")
-                    await msg.term()
-                    await self.engine.stop()
-                    self.group = None
-                    await self.register(after_loss=True)
+                if await self.handle_fenced(await tasks.next()):
+                    return 0
         finally:
             await tasks.stop()
+
+    async def handle_fenced(self, msg: Msg) -> bool:
+        """`handle`, coming back as a new incarnation each time a write finds we were declared lost."""
+        rejoin = False
+        while True:
+            try:
+                if rejoin:
+                    await self.rejoin()
+                return await self.handle(msg)
+            except Fenced as fenced:
+                if not fenced.lost:
+                    raise TwinRunning(str(fenced)) from None
+                self.log.warning(f"{fenced}; re-registering")
+                rejoin = True
+
+    async def rejoin(self) -> None:
+        """After a RunnerLost: a fresh incarnation, Idle, holding nothing.
+
+        The loss failed the running task in the cluster's view, so that task is
+        answered; a task whose Running never got written is run again as new.
+        """
+        self.history.lose()
+        await self.engine.stop()
+        self.group = None
+        self.downloaded = None
+        await self.register(after_loss=True)
 
     async def handle(self, msg: Msg) -> bool:
         """Run one task message; True when it was a Shutdown."""
@@ -262,7 +268,7 @@ class Runner:
         task_id = task.task_id or str(seq)
         kind = task_type(task)
         log = self.log.bind(task_id=task_id, seq=seq)
-        if task_id in self.done_tasks:
+        if self.history.answered(task_id):
             log.info(f"{kind} already has a terminal status in the log: not run again")
             await msg.ack()
             return False
@@ -303,15 +309,15 @@ class Runner:
             return None
         shard = task.shard or self.downloaded
         if shard is None:
-            return ("ModelNotDownloaded", f"LoadModel names no model and runner {self.runner_id} has downloaded "
-                    "none: send DownloadModel first")
+            return ("ModelNotDownloaded", (f"LoadModel names no model and runner {self.runner_id} has downloaded "
+                    "none: send DownloadModel first"))
         try:
             present = is_complete(model_dir(self.models_dir, shard.model_id))
         except (InvalidModelId, OSError):
             present = False
         if not present:
-            return ("ModelNotDownloaded", f"model {shard.model_id} is not downloaded on runner {self.runner_id}: "
-                    "send DownloadModel first")
+            return ("ModelNotDownloaded", (f"model {shard.model_id} is not downloaded on runner {self.runner_id}: "
+                    "send DownloadModel first"))
         return None
 
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None:
@@ -321,6 +327,9 @@ class Runner:
             await self._set_status(working)
         try:
             result = await self._work(task, task_id)
+        except Fenced:
+            # Not the task's failure: the runner's identity is in question (see serve).
+            raise
         except (EngineCrashed, EngineError, DownloadError) as err:
             error_type, message = _describe(err)
             if isinstance(err, EngineCrashed):
@@ -328,7 +337,7 @@ class Runner:
                 self.group = None
             await self._set_status(RunnerFailed(error_message=message))
             raise TaskFailed(error_type, message) from None
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a bug of ours must not end the runner
             # A bug of ours must cost one task, not the runner: fail it loudly
             # and start the engine afresh, as after a crash.
             self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
@@ -354,14 +363,14 @@ class Runner:
                 self.group = group
                 return {"group_id": group.group_id, "rank": connected.rank, "world_size": connected.world_size}
             case LoadModel():
-                shard = task.shard or self.downloaded
-                assert shard is not None  # checked by _precondition
+                wanted = task.shard or self.downloaded
+                assert wanted is not None  # checked by _precondition
                 if not self.engine.alive:
                     await self.engine.start()
-                loaded = await self.engine.load(str(model_dir(self.models_dir, shard.model_id)),
-                                                shard.start_layer, shard.end_layer)
-                self.downloaded = shard
-                return {"model_id": shard.model_id, "n_layers": loaded.n_layers, "start_layer": loaded.start_layer,
+                loaded = await self.engine.load(str(model_dir(self.models_dir, wanted.model_id)),
+                                                wanted.start_layer, wanted.end_layer)
+                self.downloaded = wanted
+                return {"model_id": wanted.model_id, "n_layers": loaded.n_layers, "start_layer": loaded.start_layer,
                         "end_layer": loaded.end_layer}
             case StartWarmup():
                 await self.engine.warmup()
