@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import subprocess
@@ -24,28 +25,22 @@ from bus.server import NatsServer
 from bus.statuses import TaskStatus, status_name
 from bus.streams import CHUNKS_STREAM
 from tests.log_watcher import LogWatcher
-from tests.procs import REPO, exojet, stop
+from tests.procs import REPO, stop
+from tests.runner_harness import (
+    DOWNLOAD,
+    LOAD,
+    PROMPT,
+    WARMUP,
+    RunnerHandle,
+    chat,
+    exit_code,
+    make_ready,
+    run_task,
+    send,
+    start_runner,
+)
 
 pytestmark = pytest.mark.timeout(120)
-
-TINY = "local/tiny"
-PROMPT = "Tell me a long story"
-
-
-class RunnerHandle:
-    def __init__(self, proc: subprocess.Popen[bytes], runner_id: str, log: Path) -> None:
-        self.proc, self.runner_id, self.log = proc, runner_id, log
-
-
-async def start_runner(url: str, models_dir: Path, watcher: LogWatcher, tmp_path: Path,
-                       runner_id: str = "r1", env: dict[str, str] | None = None) -> RunnerHandle:
-    log = tmp_path / f"runner-{runner_id}-{len(watcher.entries)}.log"
-    proc = exojet("runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=log, env=env)
-    await watcher.wait_for(lambda m: isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id
-                           and status_name(m.runner_status) == "RunnerIdle", timeout=30,
-                           after_seq=watcher.entries[-1][0].seq if watcher.entries else 0)
-    return RunnerHandle(proc, runner_id, log)
-
 
 @pytest.fixture
 async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
@@ -60,38 +55,6 @@ async def runner(nats_server: NatsServer, models_dir: Path, watcher: LogWatcher,
     handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     yield handle
     stop(handle.proc)
-
-
-async def send(nc: NATS, runner_id: str, task: dict | bytes) -> None:
-    """What `nats pub exo.tasks.ID '...'` does: a core publish, no ack, no headers (flushed, as it exits)."""
-    await nc.publish(subjects.task_subject(runner_id), task if isinstance(task, bytes) else msgspec.json.encode(task))
-    await nc.flush()
-
-
-async def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
-    """Wait for the process without blocking the event loop (the test's NATS client runs on it)."""
-    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
-
-
-async def run_task(nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0) -> TaskStatusUpdated:
-    await send(nc, "r1", task)
-    return await watcher.task_done(task["task_id"], timeout)
-
-
-DOWNLOAD = {"type": "DownloadModel", "shard": {"model_id": TINY}}
-LOAD = {"type": "LoadModel", "shard": {"model_id": TINY}}
-WARMUP = {"type": "StartWarmup"}
-
-
-def chat(max_tokens: int, **extra: object) -> dict:
-    return {"type": "ChatCompletion", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            **extra}
-
-
-async def make_ready(nc: NATS, watcher: LogWatcher) -> None:
-    for i, task in enumerate((DOWNLOAD, LOAD, WARMUP)):
-        done = await run_task(nc, watcher, {**task, "task_id": f"ready-{i}"})
-        assert done.task_status == TaskStatus.COMPLETE, done
 
 
 def direct_generation(model_dir: Path, max_tokens: int) -> str:
@@ -290,7 +253,7 @@ async def test_heartbeats_keep_coming_while_generating(nc: NATS, watcher: LogWat
     assert took > 1.5, "the generation must last long enough to see beats"
     # One beat a second, never blocked by generation (which runs in the engine child).
     assert len(during) >= int(took) - 1
-    gaps = [b["at"] - a["at"] for a, b in zip(during, during[1:])]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(during)]
     assert max(gaps) < 2.0
 
 

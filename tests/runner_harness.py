@@ -1,0 +1,66 @@
+"""Drive a real runner process through the bus in tests: start it, send tasks as `nats pub` does, wait for answers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+
+import msgspec
+from nats.aio.client import Client as NATS
+
+from bus import subjects
+from bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from bus.statuses import TaskStatus, status_name
+from tests.log_watcher import LogWatcher
+from tests.procs import exojet
+
+TINY = "local/tiny"
+PROMPT = "Tell me a long story"
+
+
+class RunnerHandle:
+    def __init__(self, proc: subprocess.Popen[bytes], runner_id: str, log: Path) -> None:
+        self.proc, self.runner_id, self.log = proc, runner_id, log
+
+
+async def start_runner(url: str, models_dir: Path, watcher: LogWatcher, tmp_path: Path,
+                       runner_id: str = "r1", env: dict[str, str] | None = None) -> RunnerHandle:
+    log = tmp_path / f"runner-{runner_id}-{len(watcher.entries)}.log"
+    proc = exojet("runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=log, env=env)
+    await watcher.wait_for(lambda m: isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id
+                           and status_name(m.runner_status) == "RunnerIdle", timeout=30,
+                           after_seq=watcher.entries[-1][0].seq if watcher.entries else 0)
+    return RunnerHandle(proc, runner_id, log)
+
+
+async def send(nc: NATS, runner_id: str, task: dict | bytes) -> None:
+    """What `nats pub exo.tasks.ID '...'` does: a core publish, no ack, no headers (flushed, as it exits)."""
+    await nc.publish(subjects.task_subject(runner_id), task if isinstance(task, bytes) else msgspec.json.encode(task))
+    await nc.flush()
+
+
+async def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """Wait for the process without blocking the event loop (the test's NATS client runs on it)."""
+    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+async def run_task(nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0) -> TaskStatusUpdated:
+    await send(nc, "r1", task)
+    return await watcher.task_done(task["task_id"], timeout)
+
+
+DOWNLOAD = {"type": "DownloadModel", "shard": {"model_id": TINY}}
+LOAD = {"type": "LoadModel", "shard": {"model_id": TINY}}
+WARMUP = {"type": "StartWarmup"}
+
+
+def chat(max_tokens: int, **extra: object) -> dict:
+    return {"type": "ChatCompletion", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
+            **extra}
+
+
+async def make_ready(nc: NATS, watcher: LogWatcher) -> None:
+    for i, task in enumerate((DOWNLOAD, LOAD, WARMUP)):
+        done = await run_task(nc, watcher, {**task, "task_id": f"ready-{i}"})
+        assert done.task_status == TaskStatus.COMPLETE, done
