@@ -45,8 +45,10 @@ async def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
 
 
-async def run_task(nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0) -> TaskStatusUpdated:
-    await send(nc, "r1", task)
+async def run_task(nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0,
+                   runner_id: str = "r1") -> TaskStatusUpdated:
+    """Send `task` (it needs a task_id) and wait for its terminal status."""
+    await send(nc, runner_id, task)
     return await watcher.task_done(task["task_id"], timeout)
 
 
@@ -64,3 +66,34 @@ async def make_ready(nc: NATS, watcher: LogWatcher) -> None:
     for i, task in enumerate((DOWNLOAD, LOAD, WARMUP)):
         done = await run_task(nc, watcher, {**task, "task_id": f"ready-{i}"})
         assert done.task_status == TaskStatus.COMPLETE, done
+
+
+# DESIGN.md's table, written out again so that a wrong table in the code shows.
+ACCEPTED = {
+    "DownloadModel": {"RunnerIdle", "RunnerConnected", "RunnerFailed"},
+    "ConnectToGroup": {"RunnerIdle", "RunnerFailed"},
+    "LoadModel": {"RunnerIdle", "RunnerConnected"},
+    "StartWarmup": {"RunnerLoaded"},
+    "ChatCompletion": {"RunnerReady"},
+}
+TASKS = {
+    "DownloadModel": DOWNLOAD, "LoadModel": LOAD, "StartWarmup": WARMUP, "ChatCompletion": chat(4),
+    "ConnectToGroup": {"type": "ConnectToGroup",
+                       "group": {"group_id": "g", "world_size": 2, "rank": 0, "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}},
+}
+
+
+async def assert_refused_everywhere_else(nc: NATS, watcher: LogWatcher, status: str, tag: str,
+                                         runner_id: str = "r1") -> None:
+    """Every task DESIGN.md does not accept in `status` is refused (InvalidState) and changes nothing."""
+    for kind, task in TASKS.items():
+        if status in ACCEPTED[kind]:
+            continue
+        before = watcher.entries[-1][0].seq
+        done = await run_task(nc, watcher, {**task, "task_id": f"{tag}-{kind}"}, runner_id=runner_id)
+        assert done.task_status == TaskStatus.FAILED and done.error_type == "InvalidState", done
+        assert status in done.error_message
+        assert all(need in done.error_message for need in ACCEPTED[kind])
+        # The runner's status did not move, and the refused task never ran.
+        after = watcher.runner_events(runner_id, after_seq=before)
+        assert [type(e).__name__ for e in after] == ["TaskStatusUpdated"], after

@@ -32,6 +32,7 @@ from tests.runner_harness import (
     PROMPT,
     WARMUP,
     RunnerHandle,
+    assert_refused_everywhere_else,
     chat,
     exit_code,
     make_ready,
@@ -116,35 +117,6 @@ async def test_seed_workflow_through_the_bus(nc: NATS, watcher: LogWatcher, runn
     assert streamed == done.result["text"]
     assert streamed == direct_generation(models_dir / "local--tiny", 24)
     assert done.result["finish_reason"] == "length" and done.result["completion_tokens"] == 24
-
-
-# DESIGN.md's table, written out again so that a wrong table in the code shows.
-ACCEPTED = {
-    "DownloadModel": {"RunnerIdle", "RunnerConnected", "RunnerFailed"},
-    "ConnectToGroup": {"RunnerIdle", "RunnerFailed"},
-    "LoadModel": {"RunnerIdle", "RunnerConnected"},
-    "StartWarmup": {"RunnerLoaded"},
-    "ChatCompletion": {"RunnerReady"},
-}
-TASKS = {
-    "DownloadModel": DOWNLOAD, "LoadModel": LOAD, "StartWarmup": WARMUP, "ChatCompletion": chat(4),
-    "ConnectToGroup": {"type": "ConnectToGroup",
-                       "group": {"group_id": "g", "world_size": 2, "rank": 0, "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}},
-}
-
-
-async def assert_refused_everywhere_else(nc: NATS, watcher: LogWatcher, status: str, tag: str) -> None:
-    for kind, task in TASKS.items():
-        if status in ACCEPTED[kind]:
-            continue
-        before = watcher.entries[-1][0].seq
-        done = await run_task(nc, watcher, {**task, "task_id": f"{tag}-{kind}"})
-        assert done.task_status == TaskStatus.FAILED and done.error_type == "InvalidState", done
-        assert status in done.error_message
-        assert all(need in done.error_message for need in ACCEPTED[kind])
-        # The runner's status did not move, and the refused task never ran.
-        after = watcher.runner_events("r1", after_seq=before)
-        assert [type(e).__name__ for e in after] == ["TaskStatusUpdated"], after
 
 
 async def test_every_invalid_state_pair(nc: NATS, watcher: LogWatcher, runner: RunnerHandle,

@@ -1,0 +1,47 @@
+"""runner/state_machine.py against DESIGN.md's table, for every task and every runner status."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from bus import statuses
+from bus.statuses import RunnerFailed, RunnerIdle, RunnerStatus, status_name
+from runner import state_machine
+from tests.runner_harness import ACCEPTED
+
+pytestmark = pytest.mark.timeout(10)
+
+ALL_STATUSES: list[RunnerStatus] = [
+    cls(error_message="boom") if cls is RunnerFailed else cls()
+    for cls in vars(statuses).values()
+    if isinstance(cls, type) and issubclass(cls, msgspec.Struct) and cls.__name__.startswith("Runner")
+    and cls.__name__ != "RunnerStatus"
+]
+
+
+def test_every_status_is_checked() -> None:
+    assert len(ALL_STATUSES) == 13
+
+
+@pytest.mark.parametrize("task_type", sorted(ACCEPTED))
+def test_accepts_exactly_designs_table(task_type: str) -> None:
+    for status in ALL_STATUSES:
+        assert state_machine.accepts(task_type, status) == (status_name(status) in ACCEPTED[task_type]), \
+            (task_type, status_name(status))
+
+
+def test_shutdown_is_accepted_in_every_status() -> None:
+    assert all(state_machine.accepts("Shutdown", status) for status in ALL_STATUSES)
+
+
+def test_refusal_names_the_needed_and_the_current_status() -> None:
+    message = state_machine.invalid_state_message("ChatCompletion", RunnerIdle())
+    assert message == "ChatCompletion needs RunnerReady, runner is RunnerIdle"
+
+
+def test_download_returns_where_it_was_and_idle_after_failed() -> None:
+    for before in ("RunnerIdle", "RunnerConnected"):
+        status = next(s for s in ALL_STATUSES if status_name(s) == before)
+        assert status_name(state_machine.finished_status("DownloadModel", status)) == before
+    assert status_name(state_machine.finished_status("DownloadModel", RunnerFailed(error_message="x"))) == "RunnerIdle"
