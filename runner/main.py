@@ -119,6 +119,8 @@ class Runner:
         self.downloaded: Shard | None = None
         self.group: Group | None = None
         self.history = TaskHistory()
+        # Set when a RunnerLost newer than our last write shows up on our subject.
+        self.declared_lost = asyncio.Event()
         self.writer: EventWriter | None = None
         self.log = logger.bind(runner_id=runner_id)
 
@@ -220,22 +222,53 @@ class Runner:
 
     async def serve(self) -> int:
         """Run tasks until a Shutdown task (exit 0) or a twin shows up (exit 1)."""
+        assert self.writer is not None
         tasks = await TaskConsumer(self.nc, self.runner_id).start()
+        # An idle runner writes nothing, so no failed write would tell it that it
+        # was declared lost (after a freeze, say): watch its own subject for that.
+        own = await client.follow(self.js, self._on_own_event, start_seq=self.writer.last_seq + 1,
+                                  subject=self.subject)
         try:
             while True:
-                if await self.handle_fenced(await tasks.next()):
+                if await self.handle_fenced(await self._next_task(tasks)):
                     return 0
         finally:
+            await own.unsubscribe()
             await tasks.stop()
 
-    async def handle_fenced(self, msg: Msg) -> bool:
-        """`handle`, coming back as a new incarnation each time a write finds we were declared lost."""
-        rejoin = False
+    def _on_own_event(self, env: Envelope) -> None:
+        # A RunnerLost older than our last write is one we already came back from.
+        if self.writer is None or env.seq <= self.writer.last_seq:
+            return
+        try:
+            event = decode_event(env.data)
+        except BadInput:
+            return
+        if isinstance(event, RunnerLost):
+            self.log.bind(seq=env.seq).warning(f"declared lost ({event.reason})")
+            self.declared_lost.set()
+
+    async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
+        """The next task message, or None when this incarnation was declared lost while waiting."""
+        waiting = asyncio.ensure_future(tasks.next())
+        lost = asyncio.ensure_future(self.declared_lost.wait())
+        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+        lost.cancel()
+        if waiting.done():
+            return waiting.result()
+        # Safe to cancel: the consumer keeps undelivered messages for the next call.
+        waiting.cancel()
+        await asyncio.gather(waiting, return_exceptions=True)
+        return None
+
+    async def handle_fenced(self, msg: Msg | None) -> bool:
+        """`handle` (None: no task, just come back), as a new incarnation each time we were declared lost."""
+        rejoin = msg is None
         while True:
             try:
                 if rejoin:
                     await self.rejoin()
-                return await self.handle(msg)
+                return await self.handle(msg) if msg is not None else False
             except Fenced as fenced:
                 if not fenced.lost:
                     raise TwinRunning(str(fenced)) from None
@@ -253,6 +286,7 @@ class Runner:
         self.group = None
         self.downloaded = None
         await self.register(after_loss=True)
+        self.declared_lost.clear()
 
     async def handle(self, msg: Msg) -> bool:
         """Run one task message; True when it was a Shutdown."""
