@@ -252,14 +252,15 @@ class Runner:
         """The next task message, or None when this incarnation was declared lost while waiting."""
         waiting = asyncio.ensure_future(tasks.next())
         lost = asyncio.ensure_future(self.declared_lost.wait())
-        await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
-        lost.cancel()
-        if waiting.done():
-            return waiting.result()
-        # Safe to cancel: the consumer keeps undelivered messages for the next call.
-        waiting.cancel()
-        await asyncio.gather(waiting, return_exceptions=True)
-        return None
+        try:
+            await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not waiting.done():
+                # Safe to cancel: the consumer keeps undelivered messages for the next call.
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        return None if waiting.cancelled() else waiting.result()
 
     async def handle_fenced(self, msg: Msg | None) -> bool:
         """`handle` (None: no task, just come back), as a new incarnation each time we were declared lost."""
