@@ -48,7 +48,8 @@ def test_a_loss_answers_what_was_running_and_nothing_after() -> None:
     assert not history.answered("b") and history.running == {"b": "LoadModel"}
 
 
-statuses = st.sampled_from(list(TaskStatus))
+# What runners write: Pending is only ever implied by the task message.
+statuses = st.sampled_from([s for s in TaskStatus if s != TaskStatus.PENDING])
 events = st.lists(st.one_of(st.tuples(st.sampled_from("abcd"), statuses), st.just(None)), max_size=30)
 
 
