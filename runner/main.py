@@ -60,7 +60,7 @@ from bus.tasks import (
 )
 from models.store import InvalidModelId, default_models_dir, is_complete, model_dir
 from runner import state_machine
-from runner.chunks import ChunkStream
+from runner.chunks import ChunksNotStored, ChunkStream
 from runner.download import DownloadError, DownloadStatus, download_model
 from runner.engine import Done, Engine, EngineCrashed, EngineError, Generate
 from runner.engine_protocol import Message
@@ -365,6 +365,10 @@ class Runner:
         except Fenced:
             # Not the task's failure: the runner's identity is in question (see serve).
             raise
+        except ChunksNotStored as err:
+            # The bus failed the client, not the engine: the runner is as usable as before.
+            await self._set_status(state_machine.finished_status(kind, before))
+            raise TaskFailed("ChunksNotStored", str(err)) from None
         except (EngineCrashed, EngineError, DownloadError) as err:
             error_type, message = _describe(err)
             if isinstance(err, EngineCrashed):
@@ -444,7 +448,7 @@ class Runner:
             if isinstance(reply, Done):
                 done = reply
             elif chunks is not None:
-                chunks.add(reply.text)
+                await chunks.add(reply.text)
         assert done is not None
         if chunks is not None:
             await chunks.finish(done.finish_reason)
