@@ -36,7 +36,7 @@ from bus import client, streams, subjects  # noqa: E402
 from bus.codec import encode  # noqa: E402
 from bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
 from bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
-from bus.server import NatsServer, free_port  # noqa: E402
+from bus.server import NatsServer  # noqa: E402
 from bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
 from projections.instances import instance_id_of  # noqa: E402
@@ -189,7 +189,7 @@ async def main(chats: int, runners: int, seconds: float) -> None:
         root = Path(tmp)
         models = root / "models"
         write_tiny_llama(models / "local--tiny")
-        server = NatsServer(port=free_port(), monitor_port=free_port(), store_dir=root / "nats").start()
+        server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
         procs = []
         try:
             nc = await client.connect(server.url, name="bench")

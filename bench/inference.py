@@ -38,7 +38,7 @@ from bus import client, streams, subjects
 from bus.codec import decode_event
 from bus.envelope import Envelope
 from bus.events import TaskStatusUpdated
-from bus.server import NatsServer, free_port
+from bus.server import NatsServer
 from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from models.smollm import DEFAULT_MODEL_ID, ensure_default_model
 from models.store import model_dir
@@ -111,7 +111,7 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
             ensure_default_model(models)
         elif model_id == BENCH_MODEL_ID:
             write_random_llama(path)
-        server = NatsServer(port=free_port(), monitor_port=free_port(), store_dir=Path(tmp) / "nats").start()
+        server = NatsServer(port=0, monitor_port=0, store_dir=Path(tmp) / "nats").start()
         runner = start_runner(server.url, models, Path(tmp) / "runner.log")
         nc = await client.connect(server.url, name="bench")
         try:

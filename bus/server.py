@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -47,7 +49,12 @@ def free_port() -> int:
 
 
 class NatsServer:
-    """One `nats-server` process: `start()` returns once JetStream answers health checks."""
+    """One `nats-server` process: `start()` returns once JetStream answers health checks.
+
+    Port 0 lets the server pick a free port itself (read back from its ports
+    file): probing for a free port and then binding it races with every other
+    process doing the same, which parallel tests do.
+    """
 
     def __init__(
         self,
@@ -73,27 +80,47 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [server_binary(), "-c", str(self.conf), "-a", "127.0.0.1", "-p", str(self.port),
-               "-m", str(self.monitor_port), "-sd", str(self.store_dir)]
+        ports_dir = Path(tempfile.mkdtemp(prefix="exojet-nats-ports-"))
+        cmd = [server_binary(), "-c", str(self.conf), "-a", "127.0.0.1", "-p", str(self.port or -1),
+               "-m", str(self.monitor_port or -1), "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Its own session: a Ctrl-C in the terminal must not kill the server
         # under processes that still have last words to write; we stop it.
         self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+        try:
+            self._wait_healthy(cmd, ports_dir, time.monotonic() + timeout)
+        finally:
+            shutil.rmtree(ports_dir, ignore_errors=True)
+        logger.bind(url=self.url, store_dir=str(self.store_dir)).info("nats-server ready")
+        return self
+
+    def _wait_healthy(self, cmd: list[str], ports_dir: Path, deadline: float) -> None:
+        assert self.process is not None
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"nats-server exited with code {self.process.returncode} (command: {' '.join(cmd)})")
-            try:
-                with urllib.request.urlopen(health, timeout=1) as resp:
-                    if resp.status == 200:
-                        logger.bind(url=self.url, store_dir=str(self.store_dir)).info("nats-server ready")
-                        return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
+            if self._read_ports(ports_dir):
+                health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
+                try:
+                    with urllib.request.urlopen(health, timeout=1) as resp:
+                        if resp.status == 200:
+                            return
+                except (urllib.error.URLError, ConnectionError, TimeoutError):
+                    pass
             time.sleep(0.05)
         self.stop()
-        raise ServerError(f"nats-server on port {self.port} was not healthy within {timeout} s")
+        raise ServerError(f"nats-server ({' '.join(cmd)}) was not healthy in time")
+
+    def _read_ports(self, ports_dir: Path) -> bool:
+        """Fill in the ports the server chose; False until it has written them."""
+        assert self.process is not None
+        try:
+            ports = json.loads((ports_dir / f"{Path(server_binary()).name}_{self.process.pid}.ports").read_text())
+        except (OSError, ValueError):
+            return False
+        self.port = int(ports["nats"][0].rsplit(":", 1)[1])
+        self.monitor_port = int(ports["monitoring"][0].rsplit(":", 1)[1])
+        return True
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop gracefully (SIGTERM lets JetStream close its files), kill if it hangs."""

@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from bus import client, streams
-from bus.server import NatsServer, free_port
+from bus.server import NatsServer
 from tests.tiny_model import write_tiny_llama
 
 
@@ -52,9 +52,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
         yield server  # type: ignore[misc]
         server.stop()
         return
-    server = NatsServer(
-        port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log"
-    ).start()
+    server = NatsServer(port=0, monitor_port=0, store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log").start()
     yield server
     server.stop()
 

@@ -94,7 +94,7 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
 def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
     from bus.server import NatsServer
 
-    with NatsServer(port=free_port(), monitor_port=free_port(), store_dir=tmp_path / "nats") as server:
+    with NatsServer(port=0, monitor_port=0, store_dir=tmp_path / "nats") as server:
         sup = subprocess.Popen([sys.executable, "-m", "cli.main", "supervisor", "--nats", server.url], cwd=REPO,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
