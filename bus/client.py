@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,15 +16,15 @@ from nats.js import JetStreamContext, api
 from nats.errors import NoServersError
 from nats.js.errors import APIError, NotFoundError
 
+from bus import log_reader
 from bus.codec import encode
-from bus.envelope import Envelope
+from bus.envelope import Envelope, parse_ack_reply
+from bus.log_reader import Handler
 from bus.streams import LOG_STREAM
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
-
-Handler = Callable[[Envelope], Awaitable[None] | None]
 
 
 class NatsUnreachable(ConnectionError):
@@ -140,15 +139,8 @@ async def last_seq(js: JetStreamContext, stream: str = LOG_STREAM) -> int:
 
 
 def _envelope(msg: Msg) -> Envelope:
-    # The ack subject carries the stream sequence and the time: read them
-    # directly (msg.metadata builds several objects per message, and replay
-    # speed is bounded by per-message work). Old form has 9 tokens:
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ns>.<pending>;
-    # the new one adds <domain>.<account hash> after ACK and a trailing token.
-    tokens = msg.reply.split(".")
-    offset = 0 if len(tokens) == 9 else 2
-    return Envelope(seq=int(tokens[5 + offset]), subject=msg.subject, data=msg.data,
-                    time=int(tokens[7 + offset]) / 1e9)
+    seq, _, time_ns = parse_ack_reply(msg.reply)
+    return Envelope(seq=seq, subject=msg.subject, data=msg.data, time=time_ns / 1e9)
 
 
 async def follow(
@@ -216,28 +208,4 @@ async def _replay_range(js: JetStreamContext, handler: Handler, start_seq: int, 
                         stream: str, timeout: float) -> int:
     if end < start_seq:
         return 0
-    done = asyncio.get_running_loop().create_future()
-    seen = 0
-
-    async def on_envelope(env: Envelope) -> None:
-        nonlocal seen
-        if done.done():
-            return
-        try:
-            if env.seq <= end:
-                result = handler(env)
-                if result is not None:
-                    await result
-                seen = env.seq
-        except Exception as err:  # surfaced to the caller instead of a silent stall
-            done.set_exception(err)
-            return
-        if env.seq >= end:
-            done.set_result(None)
-
-    sub = await follow(js, on_envelope, start_seq=start_seq, subject=subject, stream=stream)
-    try:
-        await asyncio.wait_for(done, timeout=timeout)
-    finally:
-        await sub.unsubscribe()
-    return seen
+    return await log_reader.read_range(js, stream, handler, start_seq, end, subject=subject, timeout=timeout)

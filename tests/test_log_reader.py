@@ -1,0 +1,131 @@
+"""bus/log_reader.py: the plain-protocol batch reader catch-up uses, against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
+
+from bus import client, log_reader, streams
+from bus.envelope import Envelope, parse_ack_reply
+from bus.log_reader import Frame, parse_frames
+
+pytestmark = pytest.mark.timeout(120)
+
+_token = st.text("abcdefghij0123456789_-", min_size=1, max_size=12)
+_subject = st.lists(_token, min_size=1, max_size=4).map(".".join).map(str.encode)
+_frame = st.one_of(
+    st.tuples(_subject, st.none() | _subject, st.none() | st.binary(min_size=1).map(lambda b: b"NATS/1.0\r\n" + b),
+              st.binary(max_size=300)),
+    st.sampled_from([b"PING", b"PONG", b"+OK", b'INFO {"server_id":"x"}']).map(lambda line: (line, None, None, None)),
+)
+
+
+def _wire(frame: Frame) -> bytes:
+    subject, reply, headers, payload = frame
+    if payload is None:
+        return subject + b"\r\n"
+    middle = b" " + reply if reply is not None else b""
+    if headers is None:
+        return b"MSG %s 1%s %d\r\n%s\r\n" % (subject, middle, len(payload), payload)
+    return b"HMSG %s 1%s %d %d\r\n%s%s\r\n" % (subject, middle, len(headers), len(headers) + len(payload), headers,
+                                              payload)
+
+
+@given(st.lists(_frame, max_size=30), st.lists(st.integers(1, 400), min_size=1, max_size=50))
+def test_frames_parse_alike_however_the_bytes_are_cut(frames: list[Frame], cuts: list[int]) -> None:
+    wire = b"".join(_wire(f) for f in frames)
+    parsed: list[Frame] = []
+    carry, at, i = b"", 0, 0
+    while at < len(wire):
+        chunk = wire[at:at + cuts[i % len(cuts)]]
+        at, i = at + len(chunk), i + 1
+        buf = carry + chunk
+        carry = buf[parse_frames(buf, 0, parsed):]
+    assert carry == b""
+    assert parsed == frames
+
+
+def test_ack_reply_both_forms() -> None:
+    assert parse_ack_reply("$JS.ACK.EXO_LOG.c1.1.42.7.1700000000000000000.3") == (42, 7, 1700000000000000000)
+    assert parse_ack_reply("$JS.ACK.dom.acchash.EXO_LOG.c1.1.42.7.1700000000000000000.3.tok") == (
+        42, 7, 1700000000000000000)
+
+
+async def _fill(nc: NATS, n: int) -> None:
+    js = nc.jetstream()
+    acks = []
+    for i in range(n):
+        # Headers on some (as fenced writes carry), CRLF inside payloads, two subjects.
+        headers = {"Nats-Msg-Id": f"m{i}"} if i % 3 == 0 else None
+        subject = "exo.events.runner.a" if i % 2 else "exo.events.runner.b"
+        acks.append(await js.publish_async(subject, f'{{"i":{i},"x":"\r\n"}}'.encode(), headers=headers))
+    await asyncio.gather(*acks)
+
+
+async def _ordered(nc: NATS, subject: str = ">") -> list[Envelope]:
+    """The same messages through nats-py's ordered consumer (client.follow)."""
+    last = await client.last_seq(nc.jetstream())
+    seen: list[Envelope] = []
+    done = asyncio.get_running_loop().create_future()
+
+    def on_env(env: Envelope) -> None:
+        seen.append(env)
+        if env.seq == last and not done.done():
+            done.set_result(None)
+
+    sub = await client.follow(nc.jetstream(), on_env, subject=subject)
+    await asyncio.wait_for(done, 60)
+    await sub.unsubscribe()
+    return seen if subject == ">" else [e for e in seen if e.subject == subject]
+
+
+async def test_reads_every_batch_like_the_ordered_consumer(nc: NATS) -> None:
+    n = 2 * log_reader.BATCH + 500
+    await _fill(nc, n)
+    got: list[Envelope] = []
+    last = await log_reader.read_range(nc.jetstream(), streams.LOG_STREAM, got.append, 1, n)
+    assert last == n
+    assert got == await _ordered(nc)
+
+
+async def test_a_subject_and_a_sub_range(nc: NATS) -> None:
+    n = log_reader.BATCH + 100
+    await _fill(nc, n)
+    js = nc.jetstream()
+    on_a: list[Envelope] = []
+    assert await client.replay_subject(js, "exo.events.runner.a", on_a.append) == n
+    assert on_a == await _ordered(nc, "exo.events.runner.a")
+    middle: list[Envelope] = []
+    assert await log_reader.read_range(js, streams.LOG_STREAM, middle.append, 10, 20) == 20
+    assert [e.seq for e in middle] == list(range(10, 21))
+    # Past the end of the stream: everything there is, then done.
+    tail: list[Envelope] = []
+    assert await log_reader.read_range(js, streams.LOG_STREAM, tail.append, n - 1, n + 50) == n
+    assert [e.seq for e in tail] == [n - 1, n]
+
+
+async def test_async_handlers_and_handler_errors(nc: NATS) -> None:
+    await _fill(nc, 10)
+    js = nc.jetstream()
+    seen: list[int] = []
+
+    async def slow(env: Envelope) -> None:
+        await asyncio.sleep(0)
+        seen.append(env.seq)
+
+    assert await log_reader.read_range(js, streams.LOG_STREAM, slow, 1, 10) == 10
+    assert seen == list(range(1, 11))
+
+    def failing(env: Envelope) -> None:
+        if env.seq == 4:
+            raise ValueError("handler broke at 4")
+
+    with pytest.raises(ValueError, match="handler broke at 4"):
+        await log_reader.read_range(js, streams.LOG_STREAM, failing, 1, 10)
+    # Nothing is left behind on the server: the read's consumer is deleted.
+    info = await js.stream_info(streams.LOG_STREAM)
+    assert info.state.consumer_count == 0
