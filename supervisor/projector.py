@@ -45,8 +45,6 @@ class Projector:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._sub = None
         self._snapshot_task: asyncio.Task[None] | None = None
-        self.caught_up = asyncio.Event()
-        self._catch_up_seq = 0
 
     async def start(self) -> None:
         """Load the newest snapshot, then fold everything after it and keep following."""
@@ -54,11 +52,9 @@ class Projector:
         self._kv = await self.js.key_value(SNAPSHOT_BUCKET)
         await self._load_snapshot()
         from_snapshot = self.state.seq
-        self._catch_up_seq = await client.last_seq(self.js)
-        if self._catch_up_seq <= self.state.seq:
-            self.caught_up.set()
+        # Catch up with batched reads (faster than the live consumer), then follow from there.
+        await client.replay(self.js, self._on_envelope, start_seq=self.state.seq + 1)
         self._sub = await client.follow(self.js, self._on_envelope, start_seq=self.state.seq + 1)
-        await self.caught_up.wait()
         logger.bind(seq=self.state.seq, snapshot_seq=from_snapshot).info(
             f"projection caught up in {time.perf_counter() - started:.3f} s"
         )
@@ -84,8 +80,6 @@ class Projector:
             listener(self.state, env)
         if self._waiters:
             self._wake(self.state.seq)
-        if not self.caught_up.is_set() and self.state.seq >= self._catch_up_seq:
-            self.caught_up.set()
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every and self._snapshot_task is None:
             self._since_snapshot = 0
