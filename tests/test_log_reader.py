@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 from bus import client, log_reader, streams
 from bus.envelope import Envelope, parse_ack_reply
 from bus.log_reader import Frame, parse_frames
+from bus.server import NatsServer
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -129,3 +130,60 @@ async def test_async_handlers_and_handler_errors(nc: NATS) -> None:
     # Nothing is left behind on the server: the read's consumer is deleted.
     info = await js.stream_info(streams.LOG_STREAM)
     assert info.state.consumer_count == 0
+
+
+class _CuttingProxy:
+    """A TCP proxy to nats-server that cuts its `cut_connection`-th connection after `cut_after` bytes."""
+
+    def __init__(self, target_port: int, cut_connection: int, cut_after: int) -> None:
+        self.target_port = target_port
+        self.cut_connection = cut_connection
+        self.cut_after = cut_after
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index, self.connections = self.connections, self.connections + 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        budget = self.cut_after if index == self.cut_connection else None
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, limited: bool) -> None:
+            nonlocal budget
+            while data := await src.read(65536):
+                if limited and budget is not None:
+                    data = data[:budget]
+                    budget -= len(data)
+                dst.write(data)
+                await dst.drain()
+                if limited and budget == 0:
+                    break
+            writer.close()
+            up_writer.close()
+
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True),
+                             return_exceptions=True)
+
+    def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_connection_cut_mid_batch_resumes_without_gap_or_repeat(nats_server: NatsServer, nc: NATS) -> None:
+    n = log_reader.BATCH + 300
+    await _fill(nc, n)
+    # Connection 0 is nats-py's; connection 1 is the reader's first, cut ~100 messages in.
+    proxy = _CuttingProxy(nats_server.port, cut_connection=1, cut_after=10_000)
+    proxied = await client.connect(await proxy.start(), name="through-proxy")
+    try:
+        got: list[Envelope] = []
+        assert await log_reader.read_range(proxied.jetstream(), streams.LOG_STREAM, got.append, 1, n) == n
+        assert proxy.connections >= 3  # the cut connection was replaced
+        assert [e.seq for e in got] == list(range(1, n + 1))
+        assert got == await _ordered(nc)
+    finally:
+        await proxied.close()
+        proxy.close()
