@@ -192,7 +192,7 @@ async def replay(
     stream's last sequence now), in order; return the last sequence handled (0 if none)."""
     last = await last_seq(js, stream)
     end = last if end_seq is None else min(end_seq, last)
-    return await _replay_range(js, handler, start_seq, end, ">", stream, timeout)
+    return await log_reader.read_range(js, stream, handler, start_seq, end, timeout=timeout)
 
 
 async def replay_subject(js: JetStreamContext, subject: str, handler: Handler, *, stream: str = LOG_STREAM,
@@ -201,11 +201,5 @@ async def replay_subject(js: JetStreamContext, subject: str, handler: Handler, *
     last = await last_on_subject(js, subject, stream)
     if last is None:
         return 0
-    return await _replay_range(js, handler, 1, last.seq, subject, stream, timeout)
+    return await log_reader.read_range(js, stream, handler, 1, last.seq, subject=subject, timeout=timeout)
 
-
-async def _replay_range(js: JetStreamContext, handler: Handler, start_seq: int, end: int, subject: str,
-                        stream: str, timeout: float) -> int:
-    if end < start_seq:
-        return 0
-    return await log_reader.read_range(js, stream, handler, start_seq, end, subject=subject, timeout=timeout)
