@@ -170,7 +170,7 @@ async def read_range(
     while position.next_seq <= end_seq:
         if loop.time() >= deadline:
             raise TimeoutError(f"log read did not reach seq {end_seq} within {timeout} s "
-                               f"(at seq {position.last_handled})")
+                               f"(next seq {position.next_seq})")
         before = position.next_seq
         try:
             if await _pull(js, stream, handler, position, end_seq, subject, deadline):
@@ -178,16 +178,18 @@ async def read_range(
         except _Resume as why:
             fruitless = 0 if position.next_seq > before else fruitless + 1
             if fruitless == MAX_FRUITLESS_RESUMES:
-                raise LogReadError(f"log read stuck after seq {position.last_handled}: {why}") from None
-            logger.bind(stream=stream, seq=position.last_handled).warning(
-                f"log read resumes after seq {position.last_handled}: {why}")
-    return position.last_handled
+                raise LogReadError(f"log read stuck at seq {position.next_seq}: {why}") from None
+            logger.bind(stream=stream, seq=position.next_seq).warning(
+                f"log read resumes at seq {position.next_seq}: {why}")
+    # Nothing handled leaves next_seq at start_seq.
+    return position.next_seq - 1 if position.next_seq > start_seq else 0
 
 
 class _Position:
+    """Where the read is: the sequence after the last message handled (shared across resumes)."""
+
     def __init__(self, next_seq: int) -> None:
         self.next_seq = next_seq
-        self.last_handled = 0
 
 
 async def _pull(js: JetStreamContext, stream: str, handler: Handler, position: _Position, end_seq: int,
@@ -259,7 +261,6 @@ async def _drain(conn: _Connection, ask: bytes, handler: Handler, position: _Pos
             result = handler(Envelope(seq=seq, subject=subject.decode(), data=payload, time=time_ns / 1e9))
             if result is not None:
                 await result
-            position.last_handled = seq
             position.next_seq = seq + 1
             if seq == end_seq:
                 return True
