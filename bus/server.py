@@ -96,10 +96,13 @@ class NatsServer:
 
     def _wait_healthy(self, cmd: list[str], ports_dir: Path, deadline: float) -> None:
         assert self.process is not None
+        ports_file = ports_dir / f"{Path(cmd[0]).name}_{self.process.pid}.ports"
+        ports_known = False
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise ServerError(f"nats-server exited with code {self.process.returncode} (command: {' '.join(cmd)})")
-            if self._read_ports(ports_dir):
+            ports_known = ports_known or self._read_ports(ports_file)
+            if ports_known:
                 health = f"http://127.0.0.1:{self.monitor_port}/healthz?js-enabled-only=true"
                 try:
                     with urllib.request.urlopen(health, timeout=1) as resp:
@@ -111,11 +114,10 @@ class NatsServer:
         self.stop()
         raise ServerError(f"nats-server ({' '.join(cmd)}) was not healthy in time")
 
-    def _read_ports(self, ports_dir: Path) -> bool:
+    def _read_ports(self, ports_file: Path) -> bool:
         """Fill in the ports the server chose; False until it has written them."""
-        assert self.process is not None
         try:
-            ports = json.loads((ports_dir / f"{Path(server_binary()).name}_{self.process.pid}.ports").read_text())
+            ports = json.loads(ports_file.read_text())
         except (OSError, ValueError):
             return False
         self.port = int(ports["nats"][0].rsplit(":", 1)[1])
