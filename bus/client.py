@@ -12,15 +12,15 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext, api
 from nats.errors import NoServersError
+from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
-from bus import log_reader
-from bus.codec import encode
-from bus.envelope import Envelope, parse_ack_reply
-from bus.log_reader import Handler
-from bus.streams import LOG_STREAM
+from exojet.bus import log_reader
+from exojet.bus.codec import encode
+from exojet.bus.envelope import Envelope, parse_ack_reply
+from exojet.bus.log_reader import Handler
+from exojet.bus.streams import LOG_STREAM
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
@@ -74,8 +74,10 @@ async def connect(
             closed_cb=_closed_callback(on_closed),
         )
     except (NoServersError, OSError) as err:
-        raise NatsUnreachable(f"cannot reach NATS at {url or default_url()} ({err!r}); start a server with "
-                              "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL") from None
+        raise NatsUnreachable(
+            f"cannot reach NATS at {url or default_url()} ({err!r}); start a server with "
+            "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL"
+        ) from None
     connected = True
     return nc
 
@@ -195,11 +197,11 @@ async def replay(
     return await log_reader.read_range(js, stream, handler, start_seq, end, timeout=timeout)
 
 
-async def replay_subject(js: JetStreamContext, subject: str, handler: Handler, *, stream: str = LOG_STREAM,
-                         timeout: float = 120.0) -> int:
+async def replay_subject(
+    js: JetStreamContext, subject: str, handler: Handler, *, stream: str = LOG_STREAM, timeout: float = 120.0
+) -> int:
     """Call `handler` for every message on `subject` so far, in order; returns the last seq (0 if none)."""
     last = await last_on_subject(js, subject, stream)
     if last is None:
         return 0
     return await log_reader.read_range(js, stream, handler, 1, last.seq, subject=subject, timeout=timeout)
-

@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from bus.commands import Command, PlaceInstance, RouteChatCompletion
-from bus.events import Event
-from bus.model_ids import model_id_problem
-from bus.tasks import DownloadModel, LoadModel, Task
+from exojet.bus.commands import Command, PlaceInstance, RouteChatCompletion
+from exojet.bus.events import Event
+from exojet.bus.model_ids import model_id_problem
+from exojet.bus.tasks import DownloadModel, LoadModel, Task
 
 # The log keeps whatever was published; these limits bound what we act on.
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -70,9 +70,7 @@ def _classify(err: msgspec.ValidationError, what: str) -> BadInput:
 
 def _decode(decoder: msgspec.json.Decoder, data: bytes, what: str) -> Any:
     if len(data) > MAX_PAYLOAD_BYTES:
-        raise BadInput(
-            "PayloadTooLarge", f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} byte limit"
-        )
+        raise BadInput("PayloadTooLarge", f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} byte limit")
     try:
         return decoder.decode(data)
     except msgspec.ValidationError as err:

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import msgspec
 
-from bus.tasks import ChatMessage
+from exojet.bus.tasks import ChatMessage
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):

@@ -9,8 +9,8 @@ from typing import Any
 
 import msgspec
 
-from bus.statuses import RunnerStatus, TaskStatus
-from bus.tasks import Shard
+from exojet.bus.statuses import RunnerStatus, TaskStatus
+from exojet.bus.tasks import Shard
 
 
 class _RunnerEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):

@@ -23,7 +23,7 @@ import msgspec
 from loguru import logger
 from nats.js import JetStreamContext, api
 
-from bus.envelope import Envelope, parse_ack_reply
+from exojet.bus.envelope import Envelope, parse_ack_reply
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
 
@@ -77,8 +77,9 @@ def parse_frames(buf: bytes, pos: int, out: list[Frame]) -> int:
         end = start + total
         if end + 2 > size:
             return pos
-        out.append((parts[1], reply, buf[start:start + header_size] if header_size else None,
-                    buf[start + header_size:end]))
+        out.append(
+            (parts[1], reply, buf[start : start + header_size] if header_size else None, buf[start + header_size : end])
+        )
         pos = end + 2
 
 
@@ -94,7 +95,8 @@ class _Connection:
     async def open(cls, url: ParseResult) -> _Connection:
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(url.hostname, url.port or 4222, limit=4 * READ_CHUNK), CONNECT_TIMEOUT_S)
+                asyncio.open_connection(url.hostname, url.port or 4222, limit=4 * READ_CHUNK), CONNECT_TIMEOUT_S
+            )
         except (OSError, TimeoutError) as err:
             raise LogReadError(f"cannot connect to {url.hostname}:{url.port}: {err!r}") from None
         conn = cls(reader, writer)
@@ -104,9 +106,16 @@ class _Connection:
                 raise LogReadError(f"not a NATS server at {url.hostname}:{url.port}: {info_line[:80]!r}")
             if json.loads(info_line[5:]).get("tls_required"):
                 raise LogReadError("the log reader speaks plain NATS; this server requires TLS")
-            options: dict[str, object] = {"verbose": False, "pedantic": False, "headers": True,
-                                          "no_responders": True, "protocol": 1, "lang": "python-exojet",
-                                          "version": "1", "name": "exojet-log-reader"}
+            options: dict[str, object] = {
+                "verbose": False,
+                "pedantic": False,
+                "headers": True,
+                "no_responders": True,
+                "protocol": 1,
+                "lang": "python-exojet",
+                "version": "1",
+                "name": "exojet-log-reader",
+            }
             if url.username and url.password:
                 options.update(user=url.username, **{"pass": url.password})
             elif url.username:
@@ -169,8 +178,9 @@ async def read_range(
     fruitless = 0
     while position.next_seq <= end_seq:
         if loop.time() >= deadline:
-            raise TimeoutError(f"log read did not reach seq {end_seq} within {timeout} s "
-                               f"(next seq {position.next_seq})")
+            raise TimeoutError(
+                f"log read did not reach seq {end_seq} within {timeout} s (next seq {position.next_seq})"
+            )
         before = position.next_seq
         try:
             if await _pull(js, stream, handler, position, end_seq, subject, deadline):
@@ -180,7 +190,8 @@ async def read_range(
             if fruitless == MAX_FRUITLESS_RESUMES:
                 raise LogReadError(f"log read stuck at seq {position.next_seq}: {why}") from None
             logger.bind(stream=stream, seq=position.next_seq).warning(
-                f"log read resumes at seq {position.next_seq}: {why}")
+                f"log read resumes at seq {position.next_seq}: {why}"
+            )
     # Nothing handled leaves next_seq at start_seq.
     return position.next_seq - 1 if position.next_seq > start_seq else 0
 
@@ -192,31 +203,44 @@ class _Position:
         self.next_seq = next_seq
 
 
-async def _pull(js: JetStreamContext, stream: str, handler: Handler, position: _Position, end_seq: int,
-                subject: str, deadline: float) -> bool:
+async def _pull(
+    js: JetStreamContext,
+    stream: str,
+    handler: Handler,
+    position: _Position,
+    end_seq: int,
+    subject: str,
+    deadline: float,
+) -> bool:
     """Read from `position` through one consumer and connection; True when the range is exhausted."""
     nc = js._nc  # the JetStream context's connection; nats-py has no public accessor
     url = nc.connected_url
     if url is None:
         raise _Resume("nats-py is not connected")
-    info = await js.add_consumer(stream, api.ConsumerConfig(
-        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-        opt_start_seq=position.next_seq,
-        ack_policy=api.AckPolicy.NONE,
-        filter_subject=None if subject == ">" else subject,
-        # Removed by the server if we die mid-read; deleted below otherwise.
-        inactive_threshold=30.0,
-        mem_storage=True,
-        num_replicas=1,
-        description="exojet log read",
-    ))
+    info = await js.add_consumer(
+        stream,
+        api.ConsumerConfig(
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=position.next_seq,
+            ack_policy=api.AckPolicy.NONE,
+            filter_subject=None if subject == ">" else subject,
+            # Removed by the server if we die mid-read; deleted below otherwise.
+            inactive_threshold=30.0,
+            mem_storage=True,
+            num_replicas=1,
+            description="exojet log read",
+        ),
+    )
     conn: _Connection | None = None
     try:
         conn = await _Connection.open(url)
         inbox = f"_INBOX.exojet.{secrets.token_hex(8)}"
         request = msgspec.json.encode({"batch": BATCH, "max_bytes": MAX_BATCH_BYTES, "no_wait": True})
-        ask = (f"PUB {api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{info.name} {inbox} {len(request)}\r\n"
-               .encode() + request + b"\r\n")
+        ask = (
+            f"PUB {api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{info.name} {inbox} {len(request)}\r\n".encode()
+            + request
+            + b"\r\n"
+        )
         conn.send(f"SUB {inbox} 1\r\n".encode() + ask)
         return await _drain(conn, ask, handler, position, end_seq, deadline)
     finally:
@@ -228,8 +252,9 @@ async def _pull(js: JetStreamContext, stream: str, handler: Handler, position: _
             logger.bind(stream=stream).debug(f"could not delete read consumer {info.name}: {err!r}")
 
 
-async def _drain(conn: _Connection, ask: bytes, handler: Handler, position: _Position, end_seq: int,
-                 deadline: float) -> bool:
+async def _drain(
+    conn: _Connection, ask: bytes, handler: Handler, position: _Position, end_seq: int, deadline: float
+) -> bool:
     loop = asyncio.get_running_loop()
     expected_cseq = 1
     in_request = 0

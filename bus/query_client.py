@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
-from bus import subjects
+from exojet.bus import subjects
 
 _ENDPOINTS = {"state": subjects.QUERY_STATE, "runner": subjects.QUERY_RUNNER, "task": subjects.QUERY_TASK}
 
@@ -30,14 +30,18 @@ async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> 
     try:
         msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)
     except NoRespondersError:
-        raise QueryFailed("NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)") from None
+        raise QueryFailed(
+            "NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)"
+        ) from None
     except NatsTimeout:
         raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
     reply = msgspec.json.decode(msg.data)
     if msg.headers and "Nats-Service-Error-Code" in msg.headers:
         error = reply.get("error", {}) if isinstance(reply, dict) else {}
-        raise QueryFailed(error.get("type", msg.headers["Nats-Service-Error-Code"]),
-                          error.get("message", msg.headers.get("Nats-Service-Error", "")))
+        raise QueryFailed(
+            error.get("type", msg.headers["Nats-Service-Error-Code"]),
+            error.get("message", msg.headers.get("Nats-Service-Error", "")),
+        )
     return reply
 
 

@@ -13,11 +13,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from importlib.resources import files
 from pathlib import Path
 
 from loguru import logger
 
-CONF_PATH = Path(__file__).resolve().parent.parent / "nats.conf"
+CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 
 
 class ServerError(RuntimeError):
@@ -75,14 +76,27 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         """Start the server and wait until it is healthy with JetStream enabled."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="exojet-nats-ports-"))
-        cmd = [server_binary(), "-c", str(self.conf), "-a", "127.0.0.1", "-p", str(self.port or -1),
-               "-m", str(self.monitor_port or -1), "-sd", str(self.store_dir), "--ports_file_dir", str(ports_dir)]
+        cmd = [
+            server_binary(),
+            "-c",
+            str(self.conf),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port or -1),
+            "-m",
+            str(self.monitor_port or -1),
+            "-sd",
+            str(self.store_dir),
+            "--ports_file_dir",
+            str(ports_dir),
+        ]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Its own session: a Ctrl-C in the terminal must not kill the server
         # under processes that still have last words to write; we stop it.
@@ -141,7 +155,7 @@ class NatsServer:
             self.process.kill()
             self.process.wait()
 
-    def __enter__(self) -> "NatsServer":
+    def __enter__(self) -> NatsServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

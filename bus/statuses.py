@@ -96,6 +96,4 @@ class TaskStatus(enum.StrEnum):
     CANCELLED = "Cancelled"
 
 
-TERMINAL_TASK_STATUSES = frozenset(
-    {TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED}
-)
+TERMINAL_TASK_STATUSES = frozenset({TaskStatus.COMPLETE, TaskStatus.FAILED, TaskStatus.TIMED_OUT, TaskStatus.CANCELLED})

@@ -6,7 +6,7 @@ from loguru import logger
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
-from bus import subjects
+from exojet.bus import subjects
 
 LOG_STREAM = "EXO_LOG"
 CHUNKS_STREAM = "EXO_CHUNKS"
@@ -85,8 +85,17 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
 
 
 def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
-    fields = ("subjects", "retention", "max_age", "duplicate_window", "allow_direct", "deny_delete", "deny_purge",
-              "num_replicas", "description")
+    fields = (
+        "subjects",
+        "retention",
+        "max_age",
+        "duplicate_window",
+        "allow_direct",
+        "deny_delete",
+        "deny_purge",
+        "num_replicas",
+        "description",
+    )
     return any(getattr(current, f) != getattr(wanted, f) for f in fields)
 
 

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from bus import streams
+from exojet.bus import streams
 
 # Status codes the server answers a pull request with when it ends without a message.
 _REQUEST_ENDED = {"404", "408", "409"}
@@ -39,7 +39,7 @@ class TaskConsumer:
         self._sub: Subscription | None = None
         self._outstanding = False
 
-    async def start(self) -> "TaskConsumer":
+    async def start(self) -> TaskConsumer:
         """Create (or update) the durable consumer and listen on our inbox."""
         await self.js.add_consumer(streams.LOG_STREAM, config=streams.task_consumer_config(self.runner_id))
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
@@ -62,12 +62,16 @@ class TaskConsumer:
                     self._outstanding = False
                 elif status != "100":  # 100 is an idle heartbeat
                     logger.bind(runner_id=self.runner_id).warning(
-                        f"pull request answered {status} {msg.headers.get('Description', '')}")
+                        f"pull request answered {status} {msg.headers.get('Description', '')}"
+                    )
                     self._outstanding = False
             if not self._outstanding:
                 request = {"batch": 1, "expires": int(self.expires_s * 1e9)}
-                await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{streams.LOG_STREAM}.{self.durable}",
-                                      json.dumps(request).encode(), reply=self._inbox)
+                await self.nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{streams.LOG_STREAM}.{self.durable}",
+                    json.dumps(request).encode(),
+                    reply=self._inbox,
+                )
                 self._outstanding = True
             self._arrived.clear()
             try:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import sys
 import uuid
 
-from bus import client, subjects
-from bus.codec import encode
-from bus.query_client import QueryFailed, query
-from bus.tasks import ChatCompletion, ChatMessage
-from cli.log_cmds import wait_task
-from cli.orchestration_cmds import ChatFailed, route_chat
+from exojet.bus import client, subjects
+from exojet.bus.codec import encode
+from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.tasks import ChatCompletion, ChatMessage
+from exojet.cli.log_cmds import wait_task
+from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 
 
 def _ready_runner(reply: dict, wanted: str | None, model_id: str | None) -> str | None:
@@ -28,11 +28,13 @@ def _ready_runner(reply: dict, wanted: str | None, model_id: str | None) -> str 
     return min(sorted(load), key=lambda rid: load[rid])
 
 
-async def _routed(nats_url: str, prompt: str, model_id: str | None, max_tokens: int, temperature: float,
-                  timeout: float) -> int:
+async def _routed(
+    nats_url: str, prompt: str, model_id: str | None, max_tokens: int, temperature: float, timeout: float
+) -> int:
     try:
-        async for text in route_chat(nats_url, (ChatMessage("user", prompt),), model_id, max_tokens, temperature,
-                                     timeout):
+        async for text in route_chat(
+            nats_url, (ChatMessage("user", prompt),), model_id, max_tokens, temperature, timeout
+        ):
             print(text, end="", flush=True)
     except ChatFailed as err:
         print(f"\nerror: {err}", file=sys.stderr)
@@ -44,8 +46,15 @@ async def _routed(nats_url: str, prompt: str, model_id: str | None, max_tokens: 
     return 0
 
 
-async def chat(nats_url: str, prompt: str, runner_id: str | None, model_id: str | None, max_tokens: int,
-               temperature: float, timeout: float) -> int:
+async def chat(
+    nats_url: str,
+    prompt: str,
+    runner_id: str | None,
+    model_id: str | None,
+    max_tokens: int,
+    temperature: float,
+    timeout: float,
+) -> int:
     """Stream the answer to `prompt`: routed by the supervisors to a Ready instance (of `model_id`),
     else sent to a Ready runner (the named one, or the least busy); non-zero when nothing is Ready."""
     nc = await client.connect(nats_url, name="exojet-chat")
@@ -55,25 +64,35 @@ async def chat(nats_url: str, prompt: str, runner_id: str | None, model_id: str 
         except QueryFailed as err:
             print(f"error: {err.code}: {err.message}", file=sys.stderr)
             return 1
-        ready_instances = [i for i in reply.get("instances", {}).values()
-                           if i["status"] == "Ready" and model_id in (None, i["model_id"])]
+        ready_instances = [
+            i
+            for i in reply.get("instances", {}).values()
+            if i["status"] == "Ready" and model_id in (None, i["model_id"])
+        ]
         if runner_id is None and ready_instances:
             await nc.close()
             return await _routed(nats_url, prompt, model_id, max_tokens, temperature, timeout)
         target = _ready_runner(reply, runner_id, model_id)
         if target is None:
-            statuses = ", ".join(f"{r['runner_id']} {r['status'].removeprefix('Runner')}"
-                                 for r in reply["runners"].values()) or "no runners"
+            statuses = (
+                ", ".join(f"{r['runner_id']} {r['status'].removeprefix('Runner')}" for r in reply["runners"].values())
+                or "no runners"
+            )
             who = f"runner {runner_id} is not" if runner_id else "no runner is"
             print(f"error: {who} Ready ({statuses}); start one with `exojet up`", file=sys.stderr)
             return 1
-        task = ChatCompletion(task_id=f"chat-{uuid.uuid4().hex[:12]}", messages=(ChatMessage("user", prompt),),
-                              max_tokens=max_tokens, temperature=temperature)
+        task = ChatCompletion(
+            task_id=f"chat-{uuid.uuid4().hex[:12]}",
+            messages=(ChatMessage("user", prompt),),
+            max_tokens=max_tokens,
+            temperature=temperature,
+        )
         js = nc.jetstream()
         ack = await client.publish(js, subjects.task_subject(target), encode(task), msg_id=task.task_id)
         assert task.task_id is not None
-        return await wait_task(js, target, task.task_id, ack.seq, task.task_id, chat=True, timeout=timeout,
-                               verbose=False)
+        return await wait_task(
+            js, target, task.task_id, ack.seq, task.task_id, chat=True, timeout=timeout, verbose=False
+        )
     finally:
         if not nc.is_closed:
             await nc.close()

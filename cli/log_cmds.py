@@ -9,20 +9,20 @@ from typing import Any
 import msgspec
 from nats.js import api
 
-from bus import client, streams, subjects
-from bus.codec import BadInput, decode_task
-from bus.envelope import Envelope
-from bus.events import TaskStatusUpdated
-from bus.query_client import QueryFailed, query
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from bus.streams import CHUNKS_STREAM
-from bus.tasks import ChatCompletion
-from cli.render import render_runner, render_state, render_task
-from cli.timeline import describe, message_of, task_id_of, timeline_line
-from projections.apply import apply
-from projections.checks import check
-from projections.state import ClusterState
-from supervisor.queries import state_reply
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import BadInput, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.streams import CHUNKS_STREAM
+from exojet.bus.tasks import ChatCompletion
+from exojet.cli.render import render_runner, render_state, render_task
+from exojet.cli.timeline import describe, message_of, task_id_of, timeline_line
+from exojet.projections.apply import apply
+from exojet.projections.checks import check
+from exojet.projections.state import ClusterState
+from exojet.supervisor.queries import state_reply
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -54,8 +54,16 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
         await nc.close()
 
 
-async def wait_task(js: Any, runner_id: str, task_id: str, after_seq: int, stream_id: str, chat: bool,
-                    timeout: float, verbose: bool = True) -> int:
+async def wait_task(
+    js: Any,
+    runner_id: str,
+    task_id: str,
+    after_seq: int,
+    stream_id: str,
+    chat: bool,
+    timeout: float,
+    verbose: bool = True,
+) -> int:
     """Follow a published task to its terminal status (printing a chat's chunks); exit code."""
     done: asyncio.Future[TaskStatusUpdated] = asyncio.get_running_loop().create_future()
 
@@ -64,17 +72,27 @@ async def wait_task(js: Any, runner_id: str, task_id: str, after_seq: int, strea
         if isinstance(message, TaskStatusUpdated) and message.task_id == task_id:
             failed = message.task_status not in (TaskStatus.RUNNING, TaskStatus.COMPLETE)
             if verbose or failed:
-                print(f"  {message.task_status}" + (f" ({message.error_type}: {message.error_message})"
-                                                    if message.error_type else ""), file=sys.stderr)
+                print(
+                    f"  {message.task_status}"
+                    + (f" ({message.error_type}: {message.error_message})" if message.error_type else ""),
+                    file=sys.stderr,
+                )
             if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
                 done.set_result(message)
 
-    subs = [await client.follow(js, on_event, start_seq=after_seq + 1,
-                                subject=subjects.runner_events_subject(runner_id))]
+    subs = [
+        await client.follow(js, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
+    ]
     if chat:
-        subs.append(await js.subscribe(subjects.chunks_subject(stream_id), stream=CHUNKS_STREAM,
-                                       cb=_print_chunk, ordered_consumer=True,
-                                       deliver_policy=api.DeliverPolicy.ALL))
+        subs.append(
+            await js.subscribe(
+                subjects.chunks_subject(stream_id),
+                stream=CHUNKS_STREAM,
+                cb=_print_chunk,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+            )
+        )
     try:
         final = await asyncio.wait_for(done, timeout)
     except TimeoutError:
@@ -93,8 +111,7 @@ async def _print_chunk(msg: Any) -> None:
         print(chunk["text"], end="", flush=True)
 
 
-async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, as_json: bool,
-                     min_seq: int) -> int:
+async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, as_json: bool, min_seq: int) -> int:
     """Print the supervisor's projection (or one runner / task of it)."""
     nc = await client.connect(nats_url, name="exojet-cli")
     try:
@@ -115,8 +132,16 @@ async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, 
 _json = msgspec.json.Encoder()
 
 
-async def replay_log(nats_url: str, runner_id: str | None, task_id: str | None, from_seq: int,
-                     to_seq: int | None, as_json: bool, show: bool, run_check: bool) -> int:
+async def replay_log(
+    nats_url: str,
+    runner_id: str | None,
+    task_id: str | None,
+    from_seq: int,
+    to_seq: int | None,
+    as_json: bool,
+    show: bool,
+    run_check: bool,
+) -> int:
     """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check."""
     nc = await client.connect(nats_url, name="exojet-replay")
     state = ClusterState()
@@ -130,8 +155,11 @@ async def replay_log(nats_url: str, runner_id: str | None, task_id: str | None, 
             message = message_of(env)
             if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
                 if as_json:
-                    print(_json.encode({"seq": env.seq, "subject": env.subject, "time": env.time,
-                                        "message": _as_json(env.data)}).decode())
+                    print(
+                        _json.encode(
+                            {"seq": env.seq, "subject": env.subject, "time": env.time, "message": _as_json(env.data)}
+                        ).decode()
+                    )
                 else:
                     print(timeline_line(env, *describe(state, env, message)))
             state = apply(state, env)

@@ -7,10 +7,7 @@ import sys
 
 from loguru import logger
 
-FORMAT = (
-    "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}"
-    "<dim>{extra}</dim>"
-)
+FORMAT = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}<dim>{extra}</dim>"
 
 
 def _with_extra(record: dict) -> str:

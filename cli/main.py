@@ -7,9 +7,10 @@ import asyncio
 import sys
 from pathlib import Path
 
-from bus.client import NatsUnreachable, default_url
-from cli.logs import setup_logging
-from models.store import default_models_dir
+from exojet import __version__
+from exojet.bus.client import NatsUnreachable, default_url
+from exojet.cli.logs import setup_logging
+from exojet.models.store import default_models_dir
 
 
 def _add_nats(p: argparse.ArgumentParser) -> None:
@@ -17,13 +18,18 @@ def _add_nats(p: argparse.ArgumentParser) -> None:
 
 
 def _add_models_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--models-dir", type=Path, default=default_models_dir(),
-                   help="models dir (default $EXO_MODELS_DIR, else ~/.local/share/exo/models)")
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=default_models_dir(),
+        help="models dir (default $EXO_MODELS_DIR, else ~/.local/share/exo/models)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every `exojet` subcommand."""
     parser = argparse.ArgumentParser(prog="exojet", description="Event-sourced LLM runners on NATS JetStream")
+    parser.add_argument("--version", action="version", version=f"exojet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("nats", help="run the embedded nats-server (repo's nats.conf) in the foreground")
@@ -34,15 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("supervisor", help="run a supervisor: fold the log, serve exo.supervisor.* queries")
     p.add_argument("--id", default=None, help="supervisor id (default host-pid)")
     p.add_argument("--snapshot-every", type=int, default=10_000, help="store a snapshot every N events")
-    p.add_argument("--heartbeat-timeout", type=float, default=5.0,
-                   help="declare a runner lost after this many seconds without a heartbeat or event")
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=5.0,
+        help="declare a runner lost after this many seconds without a heartbeat or event",
+    )
     p.add_argument("--max-attempts", type=int, default=3, help="placement attempts before an instance stays Failed")
-    p.add_argument("--group-ports", default="52400-52999",
-                   help="port range START-END that pipeline groups listen on (default 52400-52999)")
+    p.add_argument(
+        "--group-ports",
+        default="52400-52999",
+        help="port range START-END that pipeline groups listen on (default 52400-52999)",
+    )
     _add_models_dir(p)
     _add_nats(p)
 
-    from cli.orchestration_cmds import add_parsers
+    from exojet.cli.orchestration_cmds import add_parsers
 
     add_parsers(sub, _add_nats)
 
@@ -68,11 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="to_seq", type=int, default=None)
     p.add_argument("--json", action="store_true", help="one JSON object a line: seq, subject, time, message")
     p.add_argument("--state", action="store_true", help="print the projection as of --to (instead of the timeline)")
-    p.add_argument("--check", action="store_true",
-                   help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any",
+    )
     _add_nats(p)
 
-    p = sub.add_parser("up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model")
+    p = sub.add_parser(
+        "up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model"
+    )
     p.add_argument("--runner-id", default="r1")
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--monitor-port", type=int, default=8222)
@@ -81,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
     p.add_argument("prompt")
-    p.add_argument("--runner", default=None,
-                   help="send to this runner directly (default: routed by the supervisors to a Ready instance)")
+    p.add_argument(
+        "--runner",
+        default=None,
+        help="send to this runner directly (default: routed by the supervisors to a Ready instance)",
+    )
     p.add_argument("--model", default=None, help="only instances/runners serving this model id")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -96,8 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("import-gguf", help="import a llama GGUF (Q4_0, Q4_1, Q8_0, F16, F32) as an mlx-lm model")
     q.add_argument("path", type=Path)
     q.add_argument("--name", required=True, help="model id to import it as, e.g. local/my-llama")
-    q.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
-                   help="scales, biases and dense tensors (float32 is fastest on a CPU)")
+    q.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16"],
+        help="scales, biases and dense tensors (float32 is fastest on a CPU)",
+    )
     q.add_argument("--dequantize", action="store_true", help="write dense weights instead of quantized ones")
     _add_models_dir(q)
 
@@ -111,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_nats(port: int, monitor_port: int, store_dir: Path | None) -> int:
     import signal
 
-    from bus.server import NatsServer
+    from exojet.bus.server import NatsServer
 
     server = NatsServer(port=port, monitor_port=monitor_port, store_dir=store_dir).start()
     print(f"nats-server on {server.url} (store {server.store_dir}); Ctrl-C stops it", flush=True)
@@ -141,52 +166,63 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "nats":
             return _run_nats(args.port, args.monitor_port, args.store_dir)
         case "supervisor":
-            from supervisor.main import run_supervisor
-
-            from supervisor.planner import PlannerConfig
+            from exojet.supervisor.main import run_supervisor
+            from exojet.supervisor.planner import PlannerConfig
 
             start, _, end = args.group_ports.partition("-")
-            planner = PlannerConfig(max_attempts=args.max_attempts, port_base=int(start),
-                                    port_count=int(end or start) - int(start) + 1)
-            return asyncio.run(run_supervisor(args.nats, args.id, args.snapshot_every,
-                                              heartbeat_timeout=args.heartbeat_timeout, models_dir=args.models_dir,
-                                              planner=planner))
+            planner = PlannerConfig(
+                max_attempts=args.max_attempts, port_base=int(start), port_count=int(end or start) - int(start) + 1
+            )
+            return asyncio.run(
+                run_supervisor(
+                    args.nats,
+                    args.id,
+                    args.snapshot_every,
+                    heartbeat_timeout=args.heartbeat_timeout,
+                    models_dir=args.models_dir,
+                    planner=planner,
+                )
+            )
         case "place" | "delete":
-            from cli.orchestration_cmds import run
+            from exojet.cli.orchestration_cmds import run
 
             return run(args)
         case "task":
-            from cli.log_cmds import publish_task
+            from exojet.cli.log_cmds import publish_task
 
             return asyncio.run(publish_task(args.nats, args.runner_id, args.json, args.wait, args.timeout))
         case "state":
-            from cli.log_cmds import show_state
+            from exojet.cli.log_cmds import show_state
 
             return asyncio.run(show_state(args.nats, args.runner, args.task, args.json, args.min_seq))
         case "replay":
-            from cli.log_cmds import replay_log
+            from exojet.cli.log_cmds import replay_log
 
-            return asyncio.run(replay_log(args.nats, args.runner, args.task, args.from_seq, args.to_seq, args.json,
-                                          args.state, args.check))
+            return asyncio.run(
+                replay_log(
+                    args.nats, args.runner, args.task, args.from_seq, args.to_seq, args.json, args.state, args.check
+                )
+            )
         case "up":
-            from cli.up_cmd import up
+            from exojet.cli.up_cmd import up
 
             return up(args.port, args.monitor_port, args.models_dir, args.runner_id, args.store_dir)
         case "chat":
-            from cli.chat_cmd import chat
+            from exojet.cli.chat_cmd import chat
 
-            return asyncio.run(chat(args.nats, args.prompt, args.runner, args.model, args.max_tokens,
-                                    args.temperature, args.timeout))
+            return asyncio.run(
+                chat(args.nats, args.prompt, args.runner, args.model, args.max_tokens, args.temperature, args.timeout)
+            )
         case "models" if args.models_command == "list":
-            from cli.models_cmd import list_models_cmd
+            from exojet.cli.models_cmd import list_models_cmd
 
             return list_models_cmd(args.models_dir)
         case "models":
-            from cli.models_cmd import import_gguf_cmd
+            from exojet.cli.models_cmd import import_gguf_cmd
 
             return import_gguf_cmd(args.path, args.name, args.models_dir, args.dtype, args.dequantize)
         case "runner":
-            from runner.main import main as runner_main
+            from exojet.runner.main import main as runner_main
 
             return runner_main(runner_id=args.id, nats_url=args.nats, models_dir=args.models_dir)
     return 2

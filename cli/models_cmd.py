@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cli.render import table
+from exojet.cli.render import table
 
 
 def list_models_cmd(models_dir: Path) -> int:
     """Print the complete models in `models_dir` with their sizes."""
-    from models.gguf_import import list_models
+    from exojet.models.gguf_import import list_models
 
     found = list_models(models_dir)
     if not found:
@@ -22,8 +22,8 @@ def list_models_cmd(models_dir: Path) -> int:
 
 def import_gguf_cmd(path: Path, name: str, models_dir: Path, dtype: str, dequantize: bool) -> int:
     """Import a llama GGUF file as model `name`."""
-    from models.gguf_import import GGUFImportError, import_gguf
-    from models.store import InvalidModelId
+    from exojet.models.gguf_import import GGUFImportError, import_gguf
+    from exojet.models.store import InvalidModelId
 
     if not path.is_file():
         print(f"error: no such file: {path}")

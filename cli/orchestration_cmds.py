@@ -17,17 +17,17 @@ from typing import Any
 import msgspec
 from nats.js import api
 
-from bus import client, subjects
-from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
-from bus.envelope import Envelope
-from bus.events import TaskStatusUpdated
-from bus.model_ids import model_id_problem
-from bus.query_client import QueryFailed, query
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from bus.streams import CHUNKS_STREAM
-from bus.tasks import ChatMessage
-from cli.timeline import message_of
-from projections.instances import chat_id_of, chat_task_id, instance_id_of
+from exojet.bus import client, subjects
+from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.model_ids import model_id_problem
+from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.streams import CHUNKS_STREAM
+from exojet.bus.tasks import ChatMessage
+from exojet.cli.timeline import message_of
+from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 
 # How often `place --wait` asks the supervisor while the instance is on its way.
 WAIT_POLL_S = 0.25
@@ -44,8 +44,12 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
     p.add_argument("model_id")
     p.add_argument("--runners", default=None, help="comma-separated runner ids (default: the freest Idle ones)")
     p.add_argument("--min-runners", type=int, default=1, help="how many runners share the model (pipeline)")
-    p.add_argument("--n-layers", type=int, default=None,
-                   help="the model's layer count (default: the supervisor reads it from config.json)")
+    p.add_argument(
+        "--n-layers",
+        type=int,
+        default=None,
+        help="the model's layer count (default: the supervisor reads it from config.json)",
+    )
     p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
     p.add_argument("--timeout", type=float, default=600.0)
     add_nats(p)
@@ -58,8 +62,9 @@ def run(args: argparse.Namespace) -> int:
     """Run `place` or `delete` from parsed arguments."""
     if args.command == "place":
         runners = tuple(r for r in args.runners.split(",") if r) if args.runners else None
-        return asyncio.run(place(args.nats, args.model_id, runners, args.min_runners, args.n_layers, args.wait,
-                                 args.timeout))
+        return asyncio.run(
+            place(args.nats, args.model_id, runners, args.min_runners, args.n_layers, args.wait, args.timeout)
+        )
     return asyncio.run(delete(args.nats, args.instance_id))
 
 
@@ -68,8 +73,15 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-async def place(nats_url: str, model_id: str, runners: tuple[str, ...] | None, min_runners: int,
-                n_layers: int | None, wait: bool, timeout: float) -> int:
+async def place(
+    nats_url: str,
+    model_id: str,
+    runners: tuple[str, ...] | None,
+    min_runners: int,
+    n_layers: int | None,
+    wait: bool,
+    timeout: float,
+) -> int:
     """Publish PlaceInstance and print the instance id; with `wait`, follow it to Ready or Failed."""
     if problem := model_id_problem(model_id):
         return _fail(problem, 2)
@@ -126,17 +138,27 @@ async def delete(nats_url: str, instance_id: str) -> int:
         await nc.close()
 
 
-async def route_chat(nats_url: str, messages: Sequence[ChatMessage], model_id: str | None = None,
-                     max_tokens: int | None = None, temperature: float | None = None,
-                     timeout: float = 300.0) -> AsyncIterator[str]:
+async def route_chat(
+    nats_url: str,
+    messages: Sequence[ChatMessage],
+    model_id: str | None = None,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    timeout: float = 300.0,
+) -> AsyncIterator[str]:
     """Ask the supervisors to route a chat to a Ready instance; yield its text as it is generated.
 
     Publishes a RouteChatCompletion, follows its chunks (`exo.chunks.<chat_id>`)
     and its emitting task's status. Raises ChatFailed if that task does not
     complete, TimeoutError if nothing settles it within `timeout`.
     """
-    command = RouteChatCompletion(command_id=uuid.uuid4().hex[:16], messages=tuple(messages), model_id=model_id,
-                                  max_tokens=max_tokens, temperature=temperature)
+    command = RouteChatCompletion(
+        command_id=uuid.uuid4().hex[:16],
+        messages=tuple(messages),
+        model_id=model_id,
+        max_tokens=max_tokens,
+        temperature=temperature,
+    )
     chat_id = chat_id_of(command.command_id, 0)
     emitter = chat_task_id(chat_id, 0)
     texts: asyncio.Queue[str | TaskStatusUpdated] = asyncio.Queue()
@@ -148,19 +170,30 @@ async def route_chat(nats_url: str, messages: Sequence[ChatMessage], model_id: s
 
     def on_event(env: Envelope) -> None:
         event = message_of(env)
-        if isinstance(event, TaskStatusUpdated) and event.task_id == emitter \
-                and event.task_status in TERMINAL_TASK_STATUSES:
+        if (
+            isinstance(event, TaskStatusUpdated)
+            and event.task_id == emitter
+            and event.task_status in TERMINAL_TASK_STATUSES
+        ):
             texts.put_nowait(event)
 
     nc = await client.connect(nats_url, name="exojet-chat")
     subs: list[Any] = []
     try:
         js = nc.jetstream()
-        subs.append(await js.subscribe(subjects.chunks_subject(chat_id), stream=CHUNKS_STREAM, cb=on_chunk,
-                                       ordered_consumer=True, deliver_policy=api.DeliverPolicy.ALL))
+        subs.append(
+            await js.subscribe(
+                subjects.chunks_subject(chat_id),
+                stream=CHUNKS_STREAM,
+                cb=on_chunk,
+                ordered_consumer=True,
+                deliver_policy=api.DeliverPolicy.ALL,
+            )
+        )
         ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id)
-        subs.append(await client.follow(js, on_event, start_seq=ack.seq + 1,
-                                        subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"))
+        subs.append(
+            await client.follow(js, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
+        )
         said = ""
         async with asyncio.timeout(timeout):
             while True:
@@ -175,7 +208,7 @@ async def route_chat(nats_url: str, messages: Sequence[ChatMessage], model_id: s
                 # text is the whole answer, so yield whatever chunks have not.
                 final = (item.result or {}).get("text")
                 if isinstance(final, str) and final.startswith(said) and len(final) > len(said):
-                    yield final[len(said):]
+                    yield final[len(said) :]
                 return
     finally:
         for sub in subs:

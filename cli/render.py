@@ -11,7 +11,10 @@ def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A left-aligned text table."""
     cells = [[str(c) if c is not None else "-" for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
@@ -21,8 +24,14 @@ def _short(status: str) -> str:
 
 def render_runner_rows(runners: dict[str, dict[str, Any]]) -> str:
     rows = [
-        [r["runner_id"], _short(r["status"]) + (f" ({r['error_message']})" if r.get("error_message") else ""),
-         r["incarnation"], r.get("model_id"), r.get("running_task"), r["last_event_seq"]]
+        [
+            r["runner_id"],
+            _short(r["status"]) + (f" ({r['error_message']})" if r.get("error_message") else ""),
+            r["incarnation"],
+            r.get("model_id"),
+            r.get("running_task"),
+            r["last_event_seq"],
+        ]
         for r in sorted(runners.values(), key=lambda r: r["runner_id"])
     ]
     return table(["RUNNER", "STATUS", "INC", "MODEL", "TASK", "LAST SEQ"], rows)
@@ -32,8 +41,9 @@ def render_task_rows(tasks: list[dict[str, Any]]) -> str:
     rows = []
     for t in tasks:
         error = f"{t['error_type']}: {t['error_message']}" if t.get("error_type") else None
-        rows.append([t["task_id"], t["task_type"], t["runner_id"], t["status"], t["created_seq"], t["updated_seq"],
-                     error])
+        rows.append(
+            [t["task_id"], t["task_type"], t["runner_id"], t["status"], t["created_seq"], t["updated_seq"], error]
+        )
     return table(["TASK", "TYPE", "RUNNER", "STATUS", "SEQ", "UPDATED", "ERROR"], rows)
 
 
@@ -43,8 +53,9 @@ def render_instance_rows(instances: dict[str, dict[str, Any]]) -> str:
     for i in sorted(instances.values(), key=lambda i: i["created_seq"]):
         status = i["status"] + (" (gave up)" if i.get("gave_up") else "")
         placed = ", ".join(_placement(p) for p in i["placements"]) or None
-        rows.append([i["instance_id"], i["model_id"], status, i["attempt"], placed, i["chats_in_flight"],
-                     i.get("reason")])
+        rows.append(
+            [i["instance_id"], i["model_id"], status, i["attempt"], placed, i["chats_in_flight"], i.get("reason")]
+        )
     return table(["INSTANCE", "MODEL", "STATUS", "ATTEMPT", "RUNNERS", "CHATS", "REASON"], rows)
 
 
@@ -69,10 +80,22 @@ def render_state(reply: dict[str, Any]) -> str:
         parts += ["", f"tasks{note}", render_task_rows(shown)]
     downloads = [d for d in reply["downloads"].values() if d["downloaded_bytes"] < d["total_bytes"]]
     if downloads:
-        parts += ["", "downloads in progress", table(
-            ["RUNNER", "MODEL", "BYTES", "FILES"],
-            [[d["runner_id"], d["model_id"], f"{d['downloaded_bytes']}/{d['total_bytes']}",
-              f"{d['completed_files']}/{d['total_files']}"] for d in downloads])]
+        parts += [
+            "",
+            "downloads in progress",
+            table(
+                ["RUNNER", "MODEL", "BYTES", "FILES"],
+                [
+                    [
+                        d["runner_id"],
+                        d["model_id"],
+                        f"{d['downloaded_bytes']}/{d['total_bytes']}",
+                        f"{d['completed_files']}/{d['total_files']}",
+                    ]
+                    for d in downloads
+                ],
+            ),
+        ]
     if reply.get("anomaly_count"):
         parts += ["", f"{reply['anomaly_count']} anomalies (newest last):"]
         parts += [f"  seq {a['seq']}: {a['kind']}: {a['detail']}" for a in reply["anomalies"]]
@@ -81,8 +104,15 @@ def render_state(reply: dict[str, Any]) -> str:
 
 def render_runner(reply: dict[str, Any]) -> str:
     runner = reply["runner"]
-    return "\n".join([f"seq {reply['seq']}", "", render_runner_rows({runner["runner_id"]: runner}), "",
-                      render_task_rows(reply["tasks"])])
+    return "\n".join(
+        [
+            f"seq {reply['seq']}",
+            "",
+            render_runner_rows({runner["runner_id"]: runner}),
+            "",
+            render_task_rows(reply["tasks"]),
+        ]
+    )
 
 
 def render_task(reply: dict[str, Any]) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import datetime
 
-from bus.codec import BadInput, decode_event, decode_task
-from bus.envelope import Envelope
-from bus.events import (
+from exojet.bus.codec import BadInput, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
     DownloadProgress,
     Event,
     RunnerLost,
@@ -15,9 +15,9 @@ from bus.events import (
     TaskStatusUpdated,
     event_type,
 )
-from bus.statuses import RunnerFailed, status_name
-from bus.tasks import ChatCompletion, DownloadModel, LoadModel, Task, task_type
-from projections.state import ClusterState
+from exojet.bus.statuses import RunnerFailed, status_name
+from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, Task, task_type
+from exojet.projections.state import ClusterState
 
 
 def message_of(env: Envelope) -> Task | Event | BadInput | None:
@@ -62,8 +62,9 @@ def describe(before: ClusterState, env: Envelope, message: object) -> tuple[str,
             if result and "text" in result:
                 extra += f" text={str(result['text'])[:40]!r}"
             return "TaskStatusUpdated", f"task {tid}: {old} -> {new}{extra}"
-        case DownloadProgress(model_id=mid, downloaded_bytes=got, total_bytes=total, completed_files=cf,
-                              total_files=tf):
+        case DownloadProgress(
+            model_id=mid, downloaded_bytes=got, total_bytes=total, completed_files=cf, total_files=tf
+        ):
             return "DownloadProgress", f"{mid}: {got}/{total} bytes, {cf}/{tf} files"
         case RunnerLost(runner_id=rid, reason=reason):
             return "RunnerLost", f"{rid} lost: {reason}"

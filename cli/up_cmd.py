@@ -10,24 +10,28 @@ import time
 import uuid
 from pathlib import Path
 
-from bus import client, streams, subjects
-from bus.codec import encode
-from bus.commands import DeleteInstance, PlaceInstance
-from bus.envelope import Envelope
-from bus.events import RunnerRegistered, RunnerStatusUpdated
-from bus.query_client import first_answer, query
-from bus.server import NatsServer, ServerError, default_store_dir
-from bus.statuses import RunnerFailed, status_name
-from bus.tasks import Shutdown
-from cli.timeline import message_of
-from projections.instances import instance_id_of
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import encode
+from exojet.bus.commands import DeleteInstance, PlaceInstance
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.query_client import first_answer, query
+from exojet.bus.server import NatsServer, ServerError, default_store_dir
+from exojet.bus.statuses import RunnerFailed, status_name
+from exojet.bus.tasks import Shutdown
+from exojet.cli.timeline import message_of
+from exojet.projections.instances import instance_id_of
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     # Own process group: Ctrl-C reaches `up`, which then stops the children in order.
-    return subprocess.Popen([sys.executable, "-m", "cli.main", *args], stdout=open(log, "ab"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "exojet.cli.main", *args],
+        stdout=open(log, "ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
@@ -61,8 +65,10 @@ class _Watcher:
             case RunnerStatusUpdated(runner_status=status):
                 new = status_name(status)
                 why = f": {status.error_message}" if isinstance(status, RunnerFailed) else ""
-                print(f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}",
-                      flush=True)
+                print(
+                    f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}",
+                    flush=True,
+                )
                 self.status = new
         self._changed.set()
 
@@ -80,7 +86,9 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
     nc = await client.connect(nats_url, name="exojet-up")
     watcher = _Watcher(runner_id)
     js = nc.jetstream()
-    sub = await client.follow(js, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id))
+    sub = await client.follow(
+        js, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id)
+    )
     try:
         await asyncio.wait_for(watcher.registered.wait(), 60)
         # This runner serves our instance only: retire what an earlier `up` left on it.
@@ -91,8 +99,12 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
                 await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst["instance_id"]))
         # The planner drives DownloadModel -> LoadModel -> StartWarmup; we watch.
         command_id = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
-        ack = await client.publish(js, subjects.COMMANDS, PlaceInstance(
-            command_id=command_id, model_id=model_id, runners=(runner_id,)), msg_id=command_id)
+        ack = await client.publish(
+            js,
+            subjects.COMMANDS,
+            PlaceInstance(command_id=command_id, model_id=model_id, runners=(runner_id,)),
+            msg_id=command_id,
+        )
         instance_id = instance_id_of(command_id, ack.seq)
         print(f"  placed {instance_id}: {model_id} on {runner_id}", flush=True)
         async with asyncio.timeout(600):
@@ -115,15 +127,18 @@ async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | Non
     try:
         if instance_id is not None:
             await client.publish(nc.jetstream(), subjects.COMMANDS, DeleteInstance(instance_id=instance_id))
-        await client.publish(nc.jetstream(), subjects.task_subject(runner_id),
-                             encode(Shutdown(task_id=f"up-{runner_id}-shutdown-{uuid.uuid4().hex[:6]}")))
+        await client.publish(
+            nc.jetstream(),
+            subjects.task_subject(runner_id),
+            encode(Shutdown(task_id=f"up-{runner_id}-shutdown-{uuid.uuid4().hex[:6]}")),
+        )
     finally:
         await nc.close()
 
 
 def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir: Path | None) -> int:
     """Start everything, drive the runner to Ready, serve until Ctrl-C."""
-    from models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
+    from exojet.models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
 
     started = time.perf_counter()
     # Started in the background by a script, we would inherit an ignored SIGINT;
@@ -137,11 +152,11 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
         return 1
     logs = (store_dir or default_store_dir()).parent / "logs"
     try:
-        server = NatsServer(port=port, monitor_port=monitor_port, store_dir=store_dir,
-                            log_file=logs / "nats-server.log").start()
+        server = NatsServer(
+            port=port, monitor_port=monitor_port, store_dir=store_dir, log_file=logs / "nats-server.log"
+        ).start()
     except ServerError as err:
-        print(f"error: {err} (is another `exojet up` or nats-server already running on port {port}?)",
-              file=sys.stderr)
+        print(f"error: {err} (is another `exojet up` or nats-server already running on port {port}?)", file=sys.stderr)
         return 1
     print(f"nats-server  {server.url}  (store {server.store_dir})", flush=True)
     procs: list[subprocess.Popen[bytes]] = []
@@ -149,19 +164,25 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
     instance_id: str | None = None
     try:
         from_seq = asyncio.run(_ensure(server.url)) + 1
-        procs.append(_spawn(["supervisor", "--nats", server.url, "--models-dir", str(models_dir)],
-                            logs / "supervisor.log"))
-        runner = _spawn(["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir)],
-                        logs / f"runner-{runner_id}.log")
+        procs.append(
+            _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models_dir)], logs / "supervisor.log")
+        )
+        runner = _spawn(
+            ["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir)],
+            logs / f"runner-{runner_id}.log",
+        )
         procs.append(runner)
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
         instance_id = asyncio.run(_drive(server.url, runner_id, DEFAULT_MODEL_ID, from_seq))
         if instance_id is None:
             print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
             return 1
-        print(f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
-              f"  exojet chat \"What is the capital of France?\"\n"
-              f"  exojet state | exojet replay\nCtrl-C stops everything.", flush=True)
+        print(
+            f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
+            f'  exojet chat "What is the capital of France?"\n'
+            f"  exojet state | exojet replay\nCtrl-C stops everything.",
+            flush=True,
+        )
         while all(p.poll() is None for p in procs):
             try:
                 procs[0].wait(1.0)

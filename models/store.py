@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from bus.model_ids import model_id_problem
+from exojet.bus.model_ids import model_id_problem
 
 # Files that make an mlx-lm model folder usable, beyond the weights.
 REQUIRED_FILES = ("config.json",)

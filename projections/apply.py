@@ -15,10 +15,10 @@ from typing import Any
 
 import msgspec
 
-from bus import subjects
-from bus.codec import BadInput, decode_event, decode_task
-from bus.envelope import Envelope
-from bus.events import (
+from exojet.bus import subjects
+from exojet.bus.codec import BadInput, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
     DownloadProgress,
     InstanceDeleted,
     InstanceFailed,
@@ -29,11 +29,11 @@ from bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
-from bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
-from bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
-from projections import instances
-from projections.rules import UNREGISTERED, transition_allowed
-from projections.state import (
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
+from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
+from exojet.projections import instances
+from exojet.projections.rules import UNREGISTERED, transition_allowed
+from exojet.projections.state import (
     EVENT_ID_WINDOW,
     Anomaly,
     ClusterState,
@@ -102,23 +102,34 @@ def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
         # The runner answers it under the task's sequence; track it like any task.
         task_id = str(env.seq)
         state.tasks[task_id] = TaskView(
-            task_id=task_id, task_type="Invalid", runner_id=runner_id, created_seq=env.seq, updated_seq=env.seq,
-            error_type=err.error_type, error_message=err.message,
+            task_id=task_id,
+            task_type="Invalid",
+            runner_id=runner_id,
+            created_seq=env.seq,
+            updated_seq=env.seq,
+            error_type=err.error_type,
+            error_message=err.message,
         )
         _anomaly(state, env, "BadTask", f"{err.error_type}: {err.message}", runner_id=runner_id, task_id=task_id)
         return
     task_id = task.task_id or str(env.seq)
     if task_id in state.tasks:
-        _anomaly(state, env, "DuplicateTask", f"task {task_id} was already published", runner_id=runner_id,
-                 task_id=task_id)
+        _anomaly(
+            state, env, "DuplicateTask", f"task {task_id} was already published", runner_id=runner_id, task_id=task_id
+        )
         return
     model_id = None
     match task:
         case DownloadModel(shard=shard) | LoadModel(shard=shard) if shard is not None:
             model_id = shard.model_id
     view = state.tasks[task_id] = TaskView(
-        task_id=task_id, task_type=task_type(task), runner_id=runner_id, instance_id=task.instance_id,
-        model_id=model_id, created_seq=env.seq, updated_seq=env.seq,
+        task_id=task_id,
+        task_type=task_type(task),
+        runner_id=runner_id,
+        instance_id=task.instance_id,
+        model_id=model_id,
+        created_seq=env.seq,
+        updated_seq=env.seq,
     )
     if isinstance(task, ChatCompletion) and task.stream_id is not None:
         instances.on_task(state, env, task, view)
@@ -149,8 +160,13 @@ def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str)
     # the hottest line of a rebuild.
     handler = _RUNNER_HANDLERS.get(type(event))
     if handler is None:
-        _anomaly(state, env, "WrongSubject", f"supervisor event {type(event).__name__} on {env.subject}",
-                 runner_id=subject_runner)
+        _anomaly(
+            state,
+            env,
+            "WrongSubject",
+            f"supervisor event {type(event).__name__} on {env.subject}",
+            runner_id=subject_runner,
+        )
         return
     runner_id = event.runner_id
     if runner_id != subject_runner:
@@ -159,31 +175,45 @@ def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str)
     runner = state.runners.get(runner_id) or _runner(state, runner_id)
     runner.last_event_seq = env.seq
     if event.incarnation != runner.incarnation and handler is not _register and handler is not _lose:
-        _anomaly(state, env, "StaleIncarnation",
-                 f"event of incarnation {event.incarnation}, runner is at {runner.incarnation}", runner_id=runner_id)
+        _anomaly(
+            state,
+            env,
+            "StaleIncarnation",
+            f"event of incarnation {event.incarnation}, runner is at {runner.incarnation}",
+            runner_id=runner_id,
+        )
         return
     handler(state, env, runner, event)
 
 
 def _runner_status(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerStatusUpdated) -> None:
     status = event.runner_status
-    _set_status(state, env, runner, status_name(status),
-                status.error_message if isinstance(status, RunnerFailed) else None)
+    _set_status(
+        state, env, runner, status_name(status), status.error_message if isinstance(status, RunnerFailed) else None
+    )
 
 
 def _download(state: ClusterState, env: Envelope, runner: RunnerView, event: DownloadProgress) -> None:
     state.downloads[download_key(runner.runner_id, event.model_id)] = DownloadView(
-        runner_id=runner.runner_id, model_id=event.model_id, downloaded_bytes=event.downloaded_bytes,
-        total_bytes=event.total_bytes, completed_files=event.completed_files, total_files=event.total_files,
+        runner_id=runner.runner_id,
+        model_id=event.model_id,
+        downloaded_bytes=event.downloaded_bytes,
+        total_bytes=event.total_bytes,
+        completed_files=event.completed_files,
+        total_files=event.total_files,
         updated_seq=env.seq,
     )
 
 
 def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerRegistered) -> None:
     if event.incarnation <= runner.incarnation:
-        _anomaly(state, env, "StaleIncarnation",
-                 f"registered incarnation {event.incarnation}, already at {runner.incarnation}",
-                 runner_id=runner.runner_id)
+        _anomaly(
+            state,
+            env,
+            "StaleIncarnation",
+            f"registered incarnation {event.incarnation}, already at {runner.incarnation}",
+            runner_id=runner.runner_id,
+        )
     # A new incarnation starts from scratch. A task the old process was running
     # stays Running here until the new one answers it (it writes Failed with
     # RunnerRestarted first thing), so every terminal status is in the log.
@@ -214,15 +244,29 @@ def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str
 def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: TaskStatusUpdated) -> None:
     task = state.tasks.get(event.task_id)
     if task is None:
-        _anomaly(state, env, "UnknownTask", f"status {event.task_status} for a task never published",
-                 runner_id=runner.runner_id, task_id=event.task_id)
+        _anomaly(
+            state,
+            env,
+            "UnknownTask",
+            f"status {event.task_status} for a task never published",
+            runner_id=runner.runner_id,
+            task_id=event.task_id,
+        )
         task = state.tasks[event.task_id] = TaskView(
-            task_id=event.task_id, task_type=event.task_type or "Unknown", runner_id=runner.runner_id,
+            task_id=event.task_id,
+            task_type=event.task_type or "Unknown",
+            runner_id=runner.runner_id,
             created_seq=env.seq,
         )
     if task.status in TERMINAL_TASK_STATUSES:
-        _anomaly(state, env, "TaskAfterTerminal", f"{task.status} -> {event.task_status}",
-                 runner_id=runner.runner_id, task_id=task.task_id)
+        _anomaly(
+            state,
+            env,
+            "TaskAfterTerminal",
+            f"{task.status} -> {event.task_status}",
+            runner_id=runner.runner_id,
+            task_id=task.task_id,
+        )
         return
     task.status = event.task_status
     task.updated_seq = env.seq

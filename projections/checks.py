@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import msgspec
 
-from bus.statuses import TERMINAL_TASK_STATUSES
-from projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
-from projections.state import Anomaly, ClusterState, RunnerView, TaskView
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES
+from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
+from exojet.projections.state import Anomaly, ClusterState, RunnerView, TaskView
 
 
 class CheckReport(msgspec.Struct):
@@ -25,7 +25,8 @@ def check(state: ClusterState) -> CheckReport:
         anomalies=list(state.anomalies),
         unfinished_tasks=[t for t in state.tasks.values() if t.status not in TERMINAL_TASK_STATUSES],
         stuck_runners=[
-            r for r in state.runners.values()
+            r
+            for r in state.runners.values()
             if r.status not in RESTING_STATUSES and r.status not in FINAL_STATUSES and r.status != UNREGISTERED
         ],
     )

@@ -23,13 +23,13 @@ no clock, state updated in place.
 
 from __future__ import annotations
 
-from bus.codec import BadInput, decode_command
-from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
-from bus.envelope import Envelope
-from bus.events import InstanceDeleted, InstanceFailed, InstancePlaced, InstanceRetryDue, SupervisorEvent
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from bus.tasks import ChatCompletion
-from projections.state import Anomaly, ClusterState, InstanceView, RoutedChatView, TaskView
+from exojet.bus.codec import BadInput, decode_command
+from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import InstanceDeleted, InstanceFailed, InstancePlaced, InstanceRetryDue, SupervisorEvent
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.tasks import ChatCompletion
+from exojet.projections.state import Anomaly, ClusterState, InstanceView, RoutedChatView, TaskView
 
 PLACING = "Placing"
 READY = "Ready"
@@ -94,8 +94,9 @@ def apply_command(state: ClusterState, env: Envelope) -> None:
             if chat_id in state.chats:
                 _anomaly(state, env, "DuplicateCommand", f"chat {chat_id} was already requested")
                 return
-            state.chats[chat_id] = RoutedChatView(chat_id=chat_id, model_id=command.model_id, request=command,
-                                                  created_seq=env.seq, updated_seq=env.seq)
+            state.chats[chat_id] = RoutedChatView(
+                chat_id=chat_id, model_id=command.model_id, request=command, created_seq=env.seq, updated_seq=env.seq
+            )
             state.pending_chats[chat_id] = None
 
 
@@ -105,10 +106,13 @@ def _place_command(state: ClusterState, env: Envelope, command: PlaceInstance) -
         _anomaly(state, env, "DuplicateCommand", f"instance {instance_id} was already requested")
         return
     state.instances[instance_id] = InstanceView(
-        instance_id=instance_id, model_id=command.model_id,
+        instance_id=instance_id,
+        model_id=command.model_id,
         requested_runners=list(command.runners) if command.runners else None,
-        min_runners=max(command.min_runners, len(command.runners or ())), n_layers=command.n_layers,
-        created_seq=env.seq, updated_seq=env.seq,
+        min_runners=max(command.min_runners, len(command.runners or ())),
+        n_layers=command.n_layers,
+        created_seq=env.seq,
+        updated_seq=env.seq,
     )
 
 
@@ -122,15 +126,23 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
     match event:
         case InstancePlaced():
             if inst.status != PLACING or event.attempt != inst.attempt + 1:
-                _anomaly(state, env, "StaleInstanceEvent",
-                         f"{inst.instance_id} placed as attempt {event.attempt} while {inst.status} "
-                         f"at attempt {inst.attempt}")
+                _anomaly(
+                    state,
+                    env,
+                    "StaleInstanceEvent",
+                    f"{inst.instance_id} placed as attempt {event.attempt} while {inst.status} "
+                    f"at attempt {inst.attempt}",
+                )
                 return
             for p in event.placements:
                 other = state.instances.get(state.runner_instances.get(p.runner_id, ""))
                 if other is not None and other.status not in ENDED_STATUSES:
-                    _anomaly(state, env, "RunnerInTwoInstances",
-                             f"{p.runner_id} placed in {inst.instance_id} while in {other.instance_id}")
+                    _anomaly(
+                        state,
+                        env,
+                        "RunnerInTwoInstances",
+                        f"{p.runner_id} placed in {inst.instance_id} while in {other.instance_id}",
+                    )
                 state.runner_instances[p.runner_id] = inst.instance_id
             inst.attempt = event.attempt
             inst.placements = list(event.placements)
@@ -140,17 +152,25 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
             refresh_status(state, inst)
         case InstanceFailed():
             if inst.status in ENDED_STATUSES or event.attempt != inst.attempt:
-                _anomaly(state, env, "StaleInstanceEvent",
-                         f"{inst.instance_id} failed at attempt {event.attempt} while {inst.status} "
-                         f"at attempt {inst.attempt}")
+                _anomaly(
+                    state,
+                    env,
+                    "StaleInstanceEvent",
+                    f"{inst.instance_id} failed at attempt {event.attempt} while {inst.status} "
+                    f"at attempt {inst.attempt}",
+                )
                 return
             inst.gave_up = event.final
             _end(state, env, inst, FAILED, event.reason)
         case InstanceRetryDue():
             if inst.status != FAILED or inst.gave_up or event.attempt != inst.attempt:
-                _anomaly(state, env, "StaleInstanceEvent",
-                         f"{inst.instance_id} retry after attempt {event.attempt} while {inst.status} "
-                         f"at attempt {inst.attempt}")
+                _anomaly(
+                    state,
+                    env,
+                    "StaleInstanceEvent",
+                    f"{inst.instance_id} retry after attempt {event.attempt} while {inst.status} "
+                    f"at attempt {inst.attempt}",
+                )
                 return
             # The reason of the failed attempt stays visible while placing again.
             inst.status = PLACING
@@ -194,8 +214,9 @@ def on_task(state: ClusterState, env: Envelope, task: ChatCompletion, view: Task
         inst = state.instances.get(task.instance_id or "")
         if inst is not None:
             inst.chats_in_flight += 1
-    elif not (chat.ranks_published and task.instance_id == chat.instance_id
-              and view.task_id.startswith(chat.chat_id + ".")):
+    elif not (
+        chat.ranks_published and task.instance_id == chat.instance_id and view.task_id.startswith(chat.chat_id + ".")
+    ):
         return
     chat.ranks_published += 1
     chat.updated_seq = env.seq

@@ -11,7 +11,7 @@ import zlib
 
 import msgspec
 
-from projections.state import ClusterState
+from exojet.projections.state import ClusterState
 
 
 class SnapshotError(ValueError):

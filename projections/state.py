@@ -7,9 +7,9 @@ from typing import Any
 
 import msgspec
 
-from bus.commands import RouteChatCompletion
-from bus.events import Placement
-from bus.statuses import TaskStatus
+from exojet.bus.commands import RouteChatCompletion
+from exojet.bus.events import Placement
+from exojet.bus.statuses import TaskStatus
 
 # How many recent event ids a projection remembers to drop duplicates: far more
 # than any retry or redelivery produces, and bounded so snapshots stay small.

@@ -16,7 +16,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
-from bus import subjects
+from exojet.bus import subjects
 
 MAX_UNACKED = 16
 ACK_TIMEOUT_S = 10.0
@@ -49,13 +49,16 @@ class ChunkStream:
     async def finish(self, finish_reason: str) -> None:
         """Send what is held and the closing chunk `{done: true, finish_reason}`; wait for all acks."""
         await self._send_held()
-        await self._publish({"task_id": self.task_id, "index": self.index, "text": "", "done": True,
-                             "finish_reason": finish_reason})
+        await self._publish(
+            {"task_id": self.task_id, "index": self.index, "text": "", "done": True, "finish_reason": finish_reason}
+        )
         try:
             await asyncio.wait_for(asyncio.gather(*self._unacked), ACK_TIMEOUT_S)
         except Exception as err:
-            raise ChunksNotStored(f"the chunks of {self.subject} were not all stored in EXO_CHUNKS: {err!r}; "
-                                  "check the NATS server and send the chat again") from err
+            raise ChunksNotStored(
+                f"the chunks of {self.subject} were not all stored in EXO_CHUNKS: {err!r}; "
+                "check the NATS server and send the chat again"
+            ) from err
 
     async def _send_held(self) -> None:
         if self._held:

@@ -45,7 +45,7 @@ from huggingface_hub.hf_api import RepoSibling
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 from loguru import logger
 
-from models.store import InvalidModelId, is_complete, model_dir
+from exojet.models.store import InvalidModelId, is_complete, model_dir
 
 if TYPE_CHECKING:
     from loguru import Logger
@@ -304,9 +304,7 @@ class _Job:
         api = HfApi(endpoint=self.endpoint, token=token or False)
         info = self._with_retries(
             "the file list",
-            lambda: api.model_info(
-                self.model_id, revision=self.revision, files_metadata=True, timeout=self.timeout
-            ),
+            lambda: api.model_info(self.model_id, revision=self.revision, files_metadata=True, timeout=self.timeout),
         )
         files = [s for s in info.siblings or [] if _wanted(s.rfilename, self.patterns)]
         names = {s.rfilename for s in files}
@@ -329,9 +327,7 @@ class _Job:
             self._check_path(staging, s.rfilename)
             dest = staging / s.rfilename
             partial = dest.with_name(dest.name + ".incomplete")
-            on_disk = (
-                dest.stat().st_size if dest.is_file() else partial.stat().st_size if partial.is_file() else 0
-            )
+            on_disk = dest.stat().st_size if dest.is_file() else partial.stat().st_size if partial.is_file() else 0
             with self._lock:
                 self._sizes[s.rfilename] = s.size if s.size is not None else on_disk
                 self._bytes[s.rfilename] = on_disk
@@ -359,9 +355,7 @@ class _Job:
                 raise failed.exception()  # type: ignore[misc]
 
         if not is_complete(staging):
-            raise DownloadError(
-                "DownloadFailed", f"model {self.model_id}: downloaded files do not form a model"
-            )
+            raise DownloadError("DownloadFailed", f"model {self.model_id}: downloaded files do not form a model")
         self._publish(staging)
         for stale in self.partial_root.glob(f"{self.final.name}@*"):
             shutil.rmtree(stale, ignore_errors=True)
@@ -371,13 +365,9 @@ class _Job:
     def _check_path(staging: Path, name: str) -> None:
         dest = (staging / name).resolve()
         if not dest.is_relative_to(staging.resolve()) or name.startswith("/"):
-            raise DownloadError(
-                "DownloadFailed", f"the Hub listed a file name {name!r} that escapes the model folder"
-            )
+            raise DownloadError("DownloadFailed", f"the Hub listed a file name {name!r} that escapes the model folder")
 
-    def _with_retries(
-        self, what: str, attempt: Callable[[], T], progress: Callable[[], int] | None = None
-    ) -> T:
+    def _with_retries(self, what: str, attempt: Callable[[], T], progress: Callable[[], int] | None = None) -> T:
         """Run `attempt`, retrying transient errors with backoff; map the rest to DownloadError."""
         failures = 0
         while True:

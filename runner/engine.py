@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from loguru import logger
 
-from runner.engine_protocol import (
+from exojet.runner.engine_protocol import (
     HEADER,
     TERMINAL_REPLIES,
     Cancel,
@@ -93,11 +93,7 @@ class Engine:
     @property
     def alive(self) -> bool:
         """Whether the child is running and has not been found dead."""
-        return (
-            self._proc is not None
-            and self._proc.returncode is None
-            and self._crash is None
-        )
+        return self._proc is not None and self._proc.returncode is None and self._crash is None
 
     @property
     def stderr_tail(self) -> list[str]:
@@ -117,7 +113,7 @@ class Engine:
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "runner.engine_child",
+            "exojet.runner.engine_child",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -147,9 +143,7 @@ class Engine:
     ) -> GroupConnected:
         """Join a pipeline group (the child can join one group in its life)."""
         return await self._call(
-            ConnectGroup(
-                group_id=group_id, world_size=world_size, rank=rank, hosts=hosts, timeout_s=timeout_s
-            ),
+            ConnectGroup(group_id=group_id, world_size=world_size, rank=rank, hosts=hosts, timeout_s=timeout_s),
             GroupConnected,
         )
 
@@ -204,9 +198,7 @@ class Engine:
                     await asyncio.wait_for(proc.wait(), timeout)
                     break
                 except TimeoutError:
-                    self._log.warning(
-                        "engine did not exit in {} s; {}", timeout, escalate.__name__
-                    )
+                    self._log.warning("engine did not exit in {} s; {}", timeout, escalate.__name__)
                     # It may have exited in the meantime; then there is nothing to signal.
                     with contextlib.suppress(ProcessLookupError):
                         escalate()
@@ -263,9 +255,7 @@ class Engine:
     def _unexpected(self, reply: Reply) -> Exception:
         if isinstance(reply, Failed):
             return EngineError(reply.error_type, reply.message)
-        return EngineError(
-            "ProtocolError", f"unexpected engine reply {type(reply).__name__}"
-        )
+        return EngineError("ProtocolError", f"unexpected engine reply {type(reply).__name__}")
 
     async def _read_replies(self, proc: asyncio.subprocess.Process) -> None:
         """Turn the child's stdout into replies; at its end, report the crash."""
@@ -284,9 +274,7 @@ class Engine:
         await proc.wait()
         if self._stderr_reader is not None:
             await self._stderr_reader
-        self._replies.put_nowait(
-            EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail())
-        )
+        self._replies.put_nowait(EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail()))
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None

@@ -1,4 +1,4 @@
-"""The MLX engine, run as a child process of the runner: `python -m runner.engine_child`.
+"""The MLX engine, run as a child process of the runner: `python -m exojet.runner.engine_child`.
 
 It serves the requests of `runner.engine_protocol` one at a time on its stdin and
 stdout. Stdout is kept for the protocol only: the original descriptors are
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from runner.engine_protocol import (
+from exojet.runner.engine_protocol import (
     Cancel,
     ConnectGroup,
     Done,
@@ -213,13 +213,9 @@ class EngineChild:
             except RequestError as exc:
                 log.bind(error_type=exc.error_type).warning(f"request failed: {exc}")
                 reply = Failed(error_type=exc.error_type, message=str(exc))
-            except (
-                Exception
-            ) as exc:  # any engine error is the caller's answer, not a crash
+            except Exception as exc:  # any engine error is the caller's answer, not a crash
                 log.exception("request failed")
-                reply = Failed(
-                    error_type=type(exc).__name__, message=str(exc) or repr(exc)
-                )
+                reply = Failed(error_type=type(exc).__name__, message=str(exc) or repr(exc))
             if reply is not None:
                 self.pipe.write(reply)
             if self.exit_after_reply:
@@ -227,7 +223,7 @@ class EngineChild:
 
     def connect_group(self, req: ConnectGroup) -> GroupConnected:
         """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
-        from runner.pipeline import GroupConnectError, connect_group
+        from exojet.runner.pipeline import GroupConnectError, connect_group
 
         if self.group is not None:
             raise RequestError("AlreadyInGroup", "this engine process already joined a group")
@@ -256,9 +252,7 @@ class EngineChild:
             model, config = load_model(path, lazy=True)
             tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
         except Exception as exc:
-            raise RequestError(
-                "ModelLoadError", f"could not load model from {path}: {exc}"
-            ) from exc
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = len(model.layers)
         start = 0 if req.start_layer is None else req.start_layer
         end = n_layers if req.end_layer is None else req.end_layer
@@ -287,7 +281,7 @@ class EngineChild:
 
         from mlx.utils import tree_flatten
 
-        from runner.pipeline import StallWatchdog, load_shard
+        from exojet.runner.pipeline import StallWatchdog, load_shard
 
         started = time.perf_counter()
         self.unload(Unload())
@@ -312,9 +306,14 @@ class EngineChild:
         logger.bind(model=str(path), start=start, end=end).info(
             "loaded shard, {} bytes of weights in {:.2f} s", weight_bytes, seconds
         )
-        return Loaded(n_layers=n_layers, start_layer=start, end_layer=end,
-                      model_type=str(config.get("model_type", "")), weight_bytes=weight_bytes,
-                      load_seconds=seconds)
+        return Loaded(
+            n_layers=n_layers,
+            start_layer=start,
+            end_layer=end,
+            model_type=str(config.get("model_type", "")),
+            weight_bytes=weight_bytes,
+            load_seconds=seconds,
+        )
 
     @contextlib.contextmanager
     def _ring_guard(self) -> Iterator[None]:
@@ -353,14 +352,12 @@ class EngineChild:
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
-        from runner.pipeline import StallWatchdog, pipeline_barrier
+        from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
 
         if self.model is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
-            raise RequestError(
-                "InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}"
-            )
+            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
         started = time.perf_counter()
         prompt = self.tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in req.messages],
@@ -417,9 +414,7 @@ class EngineChild:
             finish_reason=finish,
             prompt_tokens=len(prompt),
             completion_tokens=completion_tokens,
-            tokens_per_second=decoded / decode_seconds
-            if decoded > 0 and decode_seconds > 0
-            else 0.0,
+            tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
             time_to_first_token=first_at - started,
         )
 

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from loguru import logger
 from nats.js import JetStreamContext
 
-from bus import client, subjects
-from bus.codec import BadInput, decode_event
-from bus.events import RunnerEvent, RunnerLost
+from exojet.bus import client, subjects
+from exojet.bus.codec import BadInput, decode_event
+from exojet.bus.events import RunnerEvent, RunnerLost
 
 
 class Fenced(Exception):
@@ -48,8 +48,9 @@ class EventWriter:
             event_id = f"{self.runner_id}:{self.incarnation}:{self._count}"
             event = build(event_id, self.incarnation, time.time())
             try:
-                ack = await client.publish(self.js, self.subject, event, msg_id=event_id,
-                                           expected_last_subject_seq=self.last_seq)
+                ack = await client.publish(
+                    self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=self.last_seq
+                )
             except client.WrongLastSequence:
                 raise await self._who_fenced_us() from None
             self.last_seq = ack.seq
@@ -65,5 +66,4 @@ class EventWriter:
         if isinstance(event, RunnerLost):
             return Fenced(True, event.incarnation, f"runner {self.runner_id} was declared lost: {event.reason}")
         incarnation = getattr(event, "incarnation", self.incarnation)
-        return Fenced(False, incarnation,
-                      f"runner {self.runner_id} is already running (incarnation {incarnation})")
+        return Fenced(False, incarnation, f"runner {self.runner_id} is already running (incarnation {incarnation})")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import msgspec
 from nats.aio.client import Client as NATS
 
-from bus import subjects
+from exojet.bus import subjects
 
 INTERVAL_S = 1.0
 
@@ -19,6 +19,7 @@ async def heartbeat(nc: NATS, runner_id: str, incarnation: Callable[[], int], in
     subject = subjects.heartbeat_subject(runner_id)
     while True:
         if nc.is_connected:
-            await nc.publish(subject, msgspec.json.encode(
-                {"runner_id": runner_id, "incarnation": incarnation(), "at": time.time()}))
+            await nc.publish(
+                subject, msgspec.json.encode({"runner_id": runner_id, "incarnation": incarnation(), "at": time.time()})
+            )
         await asyncio.sleep(interval)

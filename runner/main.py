@@ -25,17 +25,17 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from bus import client, streams, subjects
-from bus.codec import BadInput, decode_event, decode_task
-from bus.envelope import Envelope
-from bus.events import (
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import BadInput, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
     DownloadProgress,
     RunnerLost,
     RunnerRegistered,
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
-from bus.statuses import (
+from exojet.bus.statuses import (
     RunnerFailed,
     RunnerIdle,
     RunnerShutdown,
@@ -43,8 +43,8 @@ from bus.statuses import (
     TaskStatus,
     status_name,
 )
-from bus.task_consumer import TaskConsumer
-from bus.tasks import (
+from exojet.bus.task_consumer import TaskConsumer
+from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
     DownloadModel,
@@ -58,15 +58,15 @@ from bus.tasks import (
     stop_strings,
     task_type,
 )
-from models.store import InvalidModelId, default_models_dir, is_complete, model_dir
-from runner import state_machine
-from runner.chunks import ChunksNotStored, ChunkStream
-from runner.download import DownloadError, DownloadStatus, download_model
-from runner.engine import Done, Engine, EngineCrashed, EngineError, Generate
-from runner.engine_protocol import Message
-from runner.event_writer import EventWriter, Fenced
-from runner.heartbeat import heartbeat
-from runner.task_history import TaskHistory
+from exojet.models.store import InvalidModelId, default_models_dir, is_complete, model_dir
+from exojet.runner import state_machine
+from exojet.runner.chunks import ChunksNotStored, ChunkStream
+from exojet.runner.download import DownloadError, DownloadStatus, download_model
+from exojet.runner.engine import Done, Engine, EngineCrashed, EngineError, Generate
+from exojet.runner.engine_protocol import Message
+from exojet.runner.event_writer import EventWriter, Fenced
+from exojet.runner.heartbeat import heartbeat
+from exojet.runner.task_history import TaskHistory
 
 VERSION = "0.1.0"
 # A twin shows itself by heartbeating: wait a little over two beats for one.
@@ -145,12 +145,26 @@ class Runner:
                 raise TwinRunning(f"runner {self.runner_id} is already running (incarnation {incarnation})")
         self.writer = EventWriter(self.js, self.runner_id, incarnation + 1, last_seq)
         memory = psutil.virtual_memory()
-        await self.writer.write(lambda eid, inc, at: RunnerRegistered(
-            event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, host=socket.gethostname(),
-            pid=os.getpid(), memory_total=memory.total, memory_free=memory.available, engine="mlx",
-            version=VERSION, address=self.address))
-        await self.writer.write(lambda eid, inc, at: RunnerStatusUpdated(
-            event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, runner_status=RunnerIdle()))
+        await self.writer.write(
+            lambda eid, inc, at: RunnerRegistered(
+                event_id=eid,
+                runner_id=self.runner_id,
+                incarnation=inc,
+                at=at,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                memory_total=memory.total,
+                memory_free=memory.available,
+                engine="mlx",
+                version=VERSION,
+                address=self.address,
+            )
+        )
+        await self.writer.write(
+            lambda eid, inc, at: RunnerStatusUpdated(
+                event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, runner_status=RunnerIdle()
+            )
+        )
         self.status = RunnerIdle()
         self.log.bind(seq=self.writer.last_seq).info(f"registered incarnation {self.incarnation}: RunnerIdle")
 
@@ -184,26 +198,52 @@ class Runner:
     async def answer_interrupted(self) -> None:
         """Fail, explicitly, what a crashed incarnation left running: one terminal status each."""
         for task_id, kind in list(self.history.running.items()):
-            await self._task_status(task_id, TaskStatus.FAILED, kind, error_type="RunnerRestarted",
-                                    error_message=f"runner {self.runner_id} restarted (now incarnation "
-                                    f"{self.incarnation}) while the task ran; send it again")
+            await self._task_status(
+                task_id,
+                TaskStatus.FAILED,
+                kind,
+                error_type="RunnerRestarted",
+                error_message=f"runner {self.runner_id} restarted (now incarnation "
+                f"{self.incarnation}) while the task ran; send it again",
+            )
 
     # -- writes -------------------------------------------------------------
 
     async def _set_status(self, status: RunnerStatus) -> None:
         assert self.writer is not None
-        await self.writer.write(lambda eid, inc, at: RunnerStatusUpdated(
-            event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, runner_status=status))
+        await self.writer.write(
+            lambda eid, inc, at: RunnerStatusUpdated(
+                event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, runner_status=status
+            )
+        )
         self.log.info(f"{status_name(self.status)} -> {status_name(status)}")
         self.status = status
 
-    async def _task_status(self, task_id: str, status: TaskStatus, kind: str | None, *,
-                           error_type: str | None = None, error_message: str | None = None,
-                           result: dict[str, Any] | None = None) -> None:
+    async def _task_status(
+        self,
+        task_id: str,
+        status: TaskStatus,
+        kind: str | None,
+        *,
+        error_type: str | None = None,
+        error_message: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
         assert self.writer is not None
-        seq = await self.writer.write(lambda eid, inc, at: TaskStatusUpdated(
-            event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, task_id=task_id, task_status=status,
-            task_type=kind, error_type=error_type, error_message=error_message, result=result))
+        seq = await self.writer.write(
+            lambda eid, inc, at: TaskStatusUpdated(
+                event_id=eid,
+                runner_id=self.runner_id,
+                incarnation=inc,
+                at=at,
+                task_id=task_id,
+                task_status=status,
+                task_type=kind,
+                error_type=error_type,
+                error_message=error_message,
+                result=result,
+            )
+        )
         self.history.record(task_id, status, kind)
         log = self.log.bind(task_id=task_id, seq=seq)
         if error_type:
@@ -213,10 +253,19 @@ class Runner:
 
     async def _progress(self, status: DownloadStatus) -> None:
         assert self.writer is not None
-        await self.writer.write(lambda eid, inc, at: DownloadProgress(
-            event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, model_id=status.model_id,
-            downloaded_bytes=status.downloaded_bytes, total_bytes=status.total_bytes,
-            completed_files=status.completed_files, total_files=status.total_files))
+        await self.writer.write(
+            lambda eid, inc, at: DownloadProgress(
+                event_id=eid,
+                runner_id=self.runner_id,
+                incarnation=inc,
+                at=at,
+                model_id=status.model_id,
+                downloaded_bytes=status.downloaded_bytes,
+                total_bytes=status.total_bytes,
+                completed_files=status.completed_files,
+                total_files=status.total_files,
+            )
+        )
 
     # -- the task loop ------------------------------------------------------
 
@@ -226,8 +275,7 @@ class Runner:
         tasks = await TaskConsumer(self.nc, self.runner_id).start()
         # An idle runner writes nothing, so no failed write would tell it that it
         # was declared lost (after a freeze, say): watch its own subject for that.
-        own = await client.follow(self.js, self._on_own_event, start_seq=self.writer.last_seq + 1,
-                                  subject=self.subject)
+        own = await client.follow(self.js, self._on_own_event, start_seq=self.writer.last_seq + 1, subject=self.subject)
         try:
             while True:
                 if await self.handle_fenced(await self._next_task(tasks)):
@@ -296,8 +344,9 @@ class Runner:
             task = decode_task(msg.data)
         except BadInput as err:
             # Poison: answer it under its sequence and never see it again.
-            await self._task_status(str(seq), TaskStatus.FAILED, None, error_type=err.error_type,
-                                    error_message=err.message)
+            await self._task_status(
+                str(seq), TaskStatus.FAILED, None, error_type=err.error_type, error_message=err.message
+            )
             await msg.term()
             return False
         task_id = task.task_id or str(seq)
@@ -308,8 +357,13 @@ class Runner:
             await msg.ack()
             return False
         if not state_machine.accepts(kind, self.status):
-            await self._task_status(task_id, TaskStatus.FAILED, kind, error_type="InvalidState",
-                                    error_message=state_machine.invalid_state_message(kind, self.status))
+            await self._task_status(
+                task_id,
+                TaskStatus.FAILED,
+                kind,
+                error_type="InvalidState",
+                error_message=state_machine.invalid_state_message(kind, self.status),
+            )
             await msg.ack()
             return False
         if refusal := self._precondition(task):
@@ -327,11 +381,17 @@ class Runner:
             result = await self._run(task, task_id, kind)
             await self._task_status(task_id, TaskStatus.COMPLETE, kind, result=result)
         except TaskFailed as err:
-            await self._task_status(task_id, TaskStatus.FAILED, kind, error_type=err.error_type,
-                                    error_message=err.message)
+            await self._task_status(
+                task_id, TaskStatus.FAILED, kind, error_type=err.error_type, error_message=err.message
+            )
         except asyncio.CancelledError:
-            await self._task_status(task_id, TaskStatus.CANCELLED, kind, error_type="RunnerStopped",
-                                    error_message=f"runner {self.runner_id} was stopped while the task ran")
+            await self._task_status(
+                task_id,
+                TaskStatus.CANCELLED,
+                kind,
+                error_type="RunnerStopped",
+                error_message=f"runner {self.runner_id} was stopped while the task ran",
+            )
             raise
         finally:
             keepalive.cancel()
@@ -344,15 +404,19 @@ class Runner:
             return None
         shard = task.shard or self.downloaded
         if shard is None:
-            return ("ModelNotDownloaded", (f"LoadModel names no model and runner {self.runner_id} has downloaded "
-                    "none: send DownloadModel first"))
+            return (
+                "ModelNotDownloaded",
+                (f"LoadModel names no model and runner {self.runner_id} has downloaded none: send DownloadModel first"),
+            )
         try:
             present = is_complete(model_dir(self.models_dir, shard.model_id))
         except (InvalidModelId, OSError):
             present = False
         if not present:
-            return ("ModelNotDownloaded", (f"model {shard.model_id} is not downloaded on runner {self.runner_id}: "
-                    "send DownloadModel first"))
+            return (
+                "ModelNotDownloaded",
+                (f"model {shard.model_id} is not downloaded on runner {self.runner_id}: send DownloadModel first"),
+            )
         return None
 
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None:
@@ -391,14 +455,16 @@ class Runner:
     async def _work(self, task: Task, task_id: str) -> dict[str, Any] | None:
         match task:
             case DownloadModel(shard=shard):
-                path = await download_model(shard.model_id, self.models_dir, revision=shard.revision,
-                                            on_progress=self._progress)
+                path = await download_model(
+                    shard.model_id, self.models_dir, revision=shard.revision, on_progress=self._progress
+                )
                 self.downloaded = shard
                 return {"model_id": shard.model_id, "path": str(path)}
             case ConnectToGroup(group=group):
                 await self._fresh_engine()
-                connected = await self.engine.connect_group(group.group_id, group.world_size, group.rank,
-                                                            list(group.hosts), GROUP_CONNECT_TIMEOUT_S)
+                connected = await self.engine.connect_group(
+                    group.group_id, group.world_size, group.rank, list(group.hosts), GROUP_CONNECT_TIMEOUT_S
+                )
                 self.group = group
                 return {"group_id": group.group_id, "rank": connected.rank, "world_size": connected.world_size}
             case LoadModel():
@@ -406,11 +472,16 @@ class Runner:
                 assert wanted is not None  # checked by _precondition
                 if not self.engine.alive:
                     await self.engine.start()
-                loaded = await self.engine.load(str(model_dir(self.models_dir, wanted.model_id)),
-                                                wanted.start_layer, wanted.end_layer)
+                loaded = await self.engine.load(
+                    str(model_dir(self.models_dir, wanted.model_id)), wanted.start_layer, wanted.end_layer
+                )
                 self.downloaded = wanted
-                return {"model_id": wanted.model_id, "n_layers": loaded.n_layers, "start_layer": loaded.start_layer,
-                        "end_layer": loaded.end_layer}
+                return {
+                    "model_id": wanted.model_id,
+                    "n_layers": loaded.n_layers,
+                    "start_layer": loaded.start_layer,
+                    "end_layer": loaded.end_layer,
+                }
             case StartWarmup():
                 await self.engine.warmup()
                 return None
@@ -452,9 +523,13 @@ class Runner:
         assert done is not None
         if chunks is not None:
             await chunks.finish(done.finish_reason)
-        return {"text": done.text if emits else "", "finish_reason": done.finish_reason,
-                "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                "tokens_per_second": round(done.tokens_per_second, 2)}
+        return {
+            "text": done.text if emits else "",
+            "finish_reason": done.finish_reason,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "tokens_per_second": round(done.tokens_per_second, 2),
+        }
 
     async def shutdown(self, task_id: str | None) -> None:
         """ShuttingDown, free the engine, (complete the task,) Shutdown: the last words of this incarnation."""
@@ -506,8 +581,9 @@ async def run_runner(runner_id: str, nats_url: str, models_dir: Path) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    nc = await client.connect(nats_url, name=f"runner-{runner_id}", reconnect_attempts=60,
-                              on_closed=lost_connection.set)
+    nc = await client.connect(
+        nats_url, name=f"runner-{runner_id}", reconnect_attempts=60, on_closed=lost_connection.set
+    )
     runner = Runner(runner_id, nc, models_dir, nats_url)
     beat: asyncio.Task[None] | None = None
     try:

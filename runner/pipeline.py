@@ -80,9 +80,7 @@ def split_layers(n_layers: int, weights: list[float]) -> list[tuple[int, int]]:
     if any(w <= 0 for w in weights):
         raise ValueError(f"weights must be positive, got {weights}")
     if n_layers < len(weights):
-        raise ValueError(
-            f"cannot give {len(weights)} ranks at least one of {n_layers} layers"
-        )
+        raise ValueError(f"cannot give {len(weights)} ranks at least one of {n_layers} layers")
     total = sum(weights)
     ranges: list[tuple[int, int]] = []
     start = 0
@@ -209,9 +207,7 @@ def _assemble_ring(
         listener.bind((ip, port))
     except OSError as e:
         listener.close()
-        raise GroupConnectError(
-            f"rank {rank} cannot listen on {hosts[rank]}: {e}"
-        ) from e
+        raise GroupConnectError(f"rank {rank} cannot listen on {hosts[rank]}: {e}") from e
     listener.listen(4)
     accepted: dict[str, Any] = {}
     acceptor = threading.Thread(
@@ -229,20 +225,14 @@ def _assemble_ring(
     right_sock: socket.socket | None = None
     try:
         try:
-            right_sock = _connect_right(
-                hosts[right], f"{_HELLO} {group_id} {world_size} {rank}", deadline
-            )
+            right_sock = _connect_right(hosts[right], f"{_HELLO} {group_id} {world_size} {rank}", deadline)
         except TimeoutError as e:
-            raise GroupConnectError(
-                f"could not reach rank {right} at {hosts[right]} within {timeout_s} s ({e})"
-            ) from e
+            raise GroupConnectError(f"could not reach rank {right} at {hosts[right]} within {timeout_s} s ({e})") from e
         acceptor.join(max(0.0, deadline - time.monotonic()))
         left_sock = accepted.get("sock")
         if left_sock is None:
             reason = accepted.get("error", "it never connected")
-            raise GroupConnectError(
-                f"rank {left} at {hosts[left]} did not join within {timeout_s} s ({reason})"
-            )
+            raise GroupConnectError(f"rank {left} at {hosts[left]} did not join within {timeout_s} s ({reason})")
         with left_sock:
             last = world_size - 1
             # READY goes all the way round: back at rank 0 it proves every
@@ -252,15 +242,11 @@ def _assemble_ring(
             for token in ("READY", "GO"):
                 try:
                     if rank > 0:
-                        _expect_token(
-                            left_sock, token, f"rank {left} at {hosts[left]}", deadline
-                        )
+                        _expect_token(left_sock, token, f"rank {left} at {hosts[left]}", deadline)
                     if rank < last or token == "READY":
                         right_sock.sendall(f"{token}\n".encode())
                     if rank == 0 and token == "READY":
-                        _expect_token(
-                            left_sock, token, f"rank {left} at {hosts[left]}", deadline
-                        )
+                        _expect_token(left_sock, token, f"rank {left} at {hosts[left]}", deadline)
                 except (TimeoutError, OSError) as e:
                     raise GroupConnectError(
                         f"the ring did not assemble within {timeout_s} s: no {token} from "
@@ -307,18 +293,14 @@ def connect_group(
     """
     global _joined_group
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError(
-            "connect_group must run in the main thread (it bounds init with SIGALRM)"
-        )
+        raise RuntimeError("connect_group must run in the main thread (it bounds init with SIGALRM)")
     if _joined_group is not None:
         raise GroupConnectError(
             f"this process already tried to join group {_joined_group!r}; a ring group "
             "cannot be left or retried, start a new process"
         )
     if len(hosts) != world_size or not 0 <= rank < world_size:
-        raise ValueError(
-            f"rank {rank} and {len(hosts)} hosts do not fit world size {world_size}"
-        )
+        raise ValueError(f"rank {rank} and {len(hosts)} hosts do not fit world size {world_size}")
     if world_size < 2:
         raise ValueError("a ring group needs at least 2 ranks")
     for host in hosts:
@@ -326,9 +308,7 @@ def connect_group(
 
     started = time.monotonic()
     deadline = started + timeout_s
-    logger.info(
-        "group {}: rank {}/{} assembling ring {}", group_id, rank, world_size, hosts
-    )
+    logger.info("group {}: rank {}/{} assembling ring {}", group_id, rank, world_size, hosts)
     _assemble_ring(group_id, world_size, rank, hosts, deadline, timeout_s)
 
     fd, hostfile = tempfile.mkstemp(prefix=f"exojet-ring-{rank}-", suffix=".json")
@@ -352,9 +332,7 @@ def connect_group(
 
     total = mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu).item()
     if group.size() != world_size or group.rank() != rank or total != world_size:
-        raise GroupConnectError(
-            f"group check failed: size {group.size()}, rank {group.rank()}, all_sum {total}"
-        )
+        raise GroupConnectError(f"group check failed: size {group.size()}, rank {group.rank()}, all_sum {total}")
     logger.info(
         "group {}: rank {}/{} connected in {:.2f} s",
         group_id,
@@ -375,9 +353,7 @@ class PipelineStage(nn.Module):
     every rank computes the logits itself so that no logits cross the wire.
     """
 
-    def __init__(
-        self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int
-    ):
+    def __init__(self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int):
         super().__init__()
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:end]
@@ -395,11 +371,7 @@ class PipelineStage(nn.Module):
     ) -> mx.array:
         """Run this rank's layers between the previous and the next rank."""
         rank, size = self._group.rank(), self._group.size()
-        h = (
-            input_embeddings
-            if input_embeddings is not None
-            else self.embed_tokens(inputs)
-        )
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
 
@@ -407,7 +379,7 @@ class PipelineStage(nn.Module):
             h = mx.distributed.recv_like(h, rank - 1, group=self._group)
 
         masks: dict[bool, Any] = {}
-        for layer, c in zip(self.layers, cache):
+        for layer, c in zip(self.layers, cache, strict=True):
             sliding = bool(getattr(layer, "use_sliding", False))
             if sliding not in masks:
                 window = self.sliding_window if sliding else None
@@ -427,9 +399,7 @@ class PipelineStage(nn.Module):
         return self.norm(h)
 
 
-def make_pipelined(
-    model: nn.Module, group: mx.distributed.Group, start_layer: int, end_layer: int
-) -> nn.Module:
+def make_pipelined(model: nn.Module, group: mx.distributed.Group, start_layer: int, end_layer: int) -> nn.Module:
     """Turn ``model`` (lazy or loaded) into this rank's pipeline stage, in place.
 
     Layers outside ``[start_layer, end_layer)`` are dropped, so when the model
@@ -441,14 +411,10 @@ def make_pipelined(
     """
     model_type = getattr(model, "model_type", None)
     if model_type not in PIPELINE_MODEL_TYPES:
-        raise NotImplementedError(
-            f"pipeline parallelism supports {sorted(PIPELINE_MODEL_TYPES)}, not {model_type!r}"
-        )
+        raise NotImplementedError(f"pipeline parallelism supports {sorted(PIPELINE_MODEL_TYPES)}, not {model_type!r}")
     n_layers = len(model.model.layers)
     if not 0 <= start_layer < end_layer <= n_layers:
-        raise ValueError(
-            f"layers [{start_layer}, {end_layer}) are not within 0..{n_layers}"
-        )
+        raise ValueError(f"layers [{start_layer}, {end_layer}) are not within 0..{n_layers}")
     gathered = mx.distributed.all_gather(
         mx.array([[start_layer, end_layer]], dtype=mx.int32), group=group, stream=mx.cpu
     )
@@ -456,14 +422,10 @@ def make_pipelined(
     expected_start = 0
     for r, (s, e) in enumerate(ranges):
         if s != expected_start:
-            raise ValueError(
-                f"rank {r} holds [{s}, {e}) but should start at {expected_start}: {ranges}"
-            )
+            raise ValueError(f"rank {r} holds [{s}, {e}) but should start at {expected_start}: {ranges}")
         expected_start = e
     if expected_start != n_layers:
-        raise ValueError(
-            f"the ranks' layers {ranges} do not cover all {n_layers} layers"
-        )
+        raise ValueError(f"the ranks' layers {ranges} do not cover all {n_layers} layers")
     model.model = PipelineStage(model.model, group, start_layer, end_layer)
     logger.info(
         "rank {}/{}: pipeline stage with layers [{}, {}) of {}",
@@ -488,9 +450,7 @@ def load_shard(
     anything is evaluated, so they never occupy memory. Returns once every
     rank has loaded its shard.
     """
-    model, tokenizer = cast(
-        tuple[nn.Module, TokenizerWrapper], mlx_load(str(model_path), lazy=True)
-    )
+    model, tokenizer = cast(tuple[nn.Module, TokenizerWrapper], mlx_load(str(model_path), lazy=True))
     make_pipelined(model, group, start_layer, end_layer)
     mx.eval(model.parameters())
     # A barrier, so that no rank starts generating while another still loads.

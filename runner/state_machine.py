@@ -4,7 +4,7 @@ the status it works in, and where it ends up. Pure; the runner and the tests rea
 
 from __future__ import annotations
 
-from bus.statuses import (
+from exojet.bus.statuses import (
     RunnerConnected,
     RunnerConnecting,
     RunnerDownloading,

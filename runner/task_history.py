@@ -7,8 +7,8 @@ records every status the runner writes afterwards, so the two can never disagree
 
 from __future__ import annotations
 
-from bus.events import RunnerLost, TaskStatusUpdated
-from bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.events import RunnerLost, TaskStatusUpdated
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 
 
 class TaskHistory:

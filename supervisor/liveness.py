@@ -22,12 +22,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from bus import client, subjects
-from bus.envelope import Envelope
-from bus.events import RunnerLost
-from projections.rules import FINAL_STATUSES
-from projections.state import ClusterState
-from supervisor.projector import Projector
+from exojet.bus import client, subjects
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerLost
+from exojet.projections.rules import FINAL_STATUSES
+from exojet.projections.state import ClusterState
+from exojet.supervisor.projector import Projector
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 
@@ -35,8 +35,14 @@ DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 class Liveness:
     """Turns missing heartbeats into `RunnerLost` events (see the module docstring)."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, projector: Projector, supervisor_id: str,
-                 timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        nc: NATS,
+        js: JetStreamContext,
+        projector: Projector,
+        supervisor_id: str,
+        timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
+    ) -> None:
         self.nc = nc
         self.js = js
         self.projector = projector
@@ -72,7 +78,7 @@ class Liveness:
 
     def _on_applied(self, state: ClusterState, env: Envelope) -> None:
         if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX + "."):
-            self.last_seen[env.subject[len(subjects.RUNNER_EVENTS_PREFIX) + 1:]] = time.monotonic()
+            self.last_seen[env.subject[len(subjects.RUNNER_EVENTS_PREFIX) + 1 :]] = time.monotonic()
 
     async def _loop(self) -> None:
         while True:
@@ -102,12 +108,22 @@ class Liveness:
 
     async def _declare(self, runner_id: str, incarnation: int, last_event_seq: int, silent_for: float) -> bool:
         log = self.log.bind(runner_id=runner_id, incarnation=incarnation, seq=last_event_seq)
-        event = RunnerLost(event_id=f"{runner_id}:{incarnation}:lost:{last_event_seq}", runner_id=runner_id,
-                           incarnation=incarnation, at=time.time(), supervisor_id=self.supervisor_id,
-                           reason=f"no heartbeat for {silent_for:.1f} s (timeout {self.timeout:g} s)")
+        event = RunnerLost(
+            event_id=f"{runner_id}:{incarnation}:lost:{last_event_seq}",
+            runner_id=runner_id,
+            incarnation=incarnation,
+            at=time.time(),
+            supervisor_id=self.supervisor_id,
+            reason=f"no heartbeat for {silent_for:.1f} s (timeout {self.timeout:g} s)",
+        )
         try:
-            ack = await client.publish(self.js, subjects.runner_events_subject(runner_id), event,
-                                       msg_id=event.event_id, expected_last_subject_seq=last_event_seq)
+            ack = await client.publish(
+                self.js,
+                subjects.runner_events_subject(runner_id),
+                event,
+                msg_id=event.event_id,
+                expected_last_subject_seq=last_event_seq,
+            )
         except client.WrongLastSequence:
             # It wrote since our view: alive after all (its event resets the clock when folded).
             log.info("not declaring lost: the runner wrote since")

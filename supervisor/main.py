@@ -10,12 +10,12 @@ from pathlib import Path
 
 from loguru import logger
 
-from bus import client, streams
-from supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
-from supervisor.planner import DEFAULT_CONFIG, PlannerConfig
-from supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
-from supervisor.reconciler import Reconciler
-from supervisor.service import start_service
+from exojet.bus import client, streams
+from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
+from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig
+from exojet.supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
+from exojet.supervisor.reconciler import Reconciler
+from exojet.supervisor.service import start_service
 
 
 def default_supervisor_id() -> str:
@@ -49,8 +49,7 @@ async def run_supervisor(
         lost_connection.set()
         stop.set()
 
-    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", reconnect_attempts=60,
-                              on_closed=on_closed)
+    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", reconnect_attempts=60, on_closed=on_closed)
     try:
         js = nc.jetstream()
         await streams.ensure_streams(js)

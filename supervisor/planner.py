@@ -34,8 +34,8 @@ from collections.abc import Mapping
 
 import msgspec
 
-from bus.events import InstanceFailed, InstancePlaced, Placement, SupervisorEvent
-from bus.tasks import (
+from exojet.bus.events import InstanceFailed, InstancePlaced, Placement, SupervisorEvent
+from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
     DownloadModel,
@@ -46,7 +46,7 @@ from bus.tasks import (
     Task,
     UnloadModel,
 )
-from projections.instances import (
+from exojet.projections.instances import (
     CONNECT,
     DOWNLOAD,
     ENDED_STATUSES,
@@ -60,8 +60,8 @@ from projections.instances import (
     step_task_id,
     steps,
 )
-from projections.rules import FINAL_STATUSES
-from projections.state import ClusterState, InstanceView, RoutedChatView, RunnerView
+from exojet.projections.rules import FINAL_STATUSES
+from exojet.projections.state import ClusterState, InstanceView, RoutedChatView, RunnerView
 
 # A runner resting in one of these still holds (or failed holding) an ended
 # instance's model or group: UnloadModel brings it back to Idle. A runner in a
@@ -106,8 +106,9 @@ class RetryWait(msgspec.Struct, frozen=True):
 Action = SendTask | WriteEvent | RetryWait
 
 
-def plan(state: ClusterState, catalog: Mapping[str, int] = EMPTY_CATALOG,
-         config: PlannerConfig = DEFAULT_CONFIG) -> list[Action]:
+def plan(
+    state: ClusterState, catalog: Mapping[str, int] = EMPTY_CATALOG, config: PlannerConfig = DEFAULT_CONFIG
+) -> list[Action]:
     """What to publish now, given the projection (see the module docstring)."""
     actions: list[Action] = []
     busy = _busy_runners(state)
@@ -146,8 +147,9 @@ def _placement(inst: InstanceView, runner_id: str) -> Placement | None:
     return next((p for p in inst.placements if p.runner_id == runner_id), None)
 
 
-def _place(state: ClusterState, inst: InstanceView, busy: set[str], catalog: Mapping[str, int],
-           config: PlannerConfig) -> WriteEvent | None:
+def _place(
+    state: ClusterState, inst: InstanceView, busy: set[str], catalog: Mapping[str, int], config: PlannerConfig
+) -> WriteEvent | None:
     runners = _choose_runners(state, inst, busy)
     if runners is None:
         return None  # stays Placing until enough runners are free
@@ -158,8 +160,10 @@ def _place(state: ClusterState, inst: InstanceView, busy: set[str], catalog: Map
         n_layers = inst.n_layers or catalog.get(inst.model_id)
         problem = None
         if n_layers is None:
-            problem = (f"cannot split {inst.model_id} over {len(runners)} runners: its layer count is unknown "
-                       "(pass n_layers in PlaceInstance, or give the supervisor --models-dir holding the model)")
+            problem = (
+                f"cannot split {inst.model_id} over {len(runners)} runners: its layer count is unknown "
+                "(pass n_layers in PlaceInstance, or give the supervisor --models-dir holding the model)"
+            )
         elif n_layers < len(runners):
             problem = f"{inst.model_id} has {n_layers} layers, fewer than the {len(runners)} runners asked for"
         if problem is not None:
@@ -170,10 +174,18 @@ def _place(state: ClusterState, inst: InstanceView, busy: set[str], catalog: Map
     if hosts is None:
         return None  # every group port in the range is taken: wait for an instance to end
     busy.update(r.runner_id for r in runners)
-    placements = tuple(Placement(runner_id=r.runner_id, shard=s, incarnation=r.incarnation)
-                       for r, s in zip(runners, shards))
-    event = InstancePlaced(event_id=f"{inst.instance_id}:placed:{attempt}", instance_id=inst.instance_id,
-                           model_id=inst.model_id, placements=placements, attempt=attempt, hosts=hosts)
+    placements = tuple(
+        Placement(runner_id=r.runner_id, shard=s, incarnation=r.incarnation)
+        for r, s in zip(runners, shards, strict=True)
+    )
+    event = InstancePlaced(
+        event_id=f"{inst.instance_id}:placed:{attempt}",
+        instance_id=inst.instance_id,
+        model_id=inst.model_id,
+        placements=placements,
+        attempt=attempt,
+        hosts=hosts,
+    )
     return WriteEvent(event, fence=state.supervisor_seq)
 
 
@@ -212,8 +224,16 @@ def split_layers(model_id: str, n_layers: int, memory: list[int]) -> list[Shard]
         counts[biggest] -= 1
     shards, start = [], 0
     for rank, count in enumerate(counts):
-        shards.append(Shard(model_id=model_id, start_layer=start, end_layer=start + count, n_layers=n_layers,
-                            device_rank=rank, world_size=world))
+        shards.append(
+            Shard(
+                model_id=model_id,
+                start_layer=start,
+                end_layer=start + count,
+                n_layers=n_layers,
+                device_rank=rank,
+                world_size=world,
+            )
+        )
         start += count
     return shards
 
@@ -226,12 +246,17 @@ def _group_hosts(state: ClusterState, runners: list[RunnerView], config: Planner
     free = [p for p in range(config.port_base, config.port_base + config.port_count) if p not in used]
     if len(free) < len(runners):
         return None
-    return tuple(f"{r.address or '127.0.0.1'}:{port}" for r, port in zip(runners, free))
+    return tuple(f"{r.address or '127.0.0.1'}:{port}" for r, port in zip(runners, free[: len(runners)], strict=True))
 
 
 def _failed(inst: InstanceView, reason: str, final: bool) -> WriteEvent:
-    event = InstanceFailed(event_id=f"{inst.instance_id}:failed:{inst.attempt}", instance_id=inst.instance_id,
-                           reason=reason, attempt=inst.attempt, final=final)
+    event = InstanceFailed(
+        event_id=f"{inst.instance_id}:failed:{inst.attempt}",
+        instance_id=inst.instance_id,
+        reason=reason,
+        attempt=inst.attempt,
+        final=final,
+    )
     return WriteEvent(event)
 
 
@@ -267,8 +292,11 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
         ids = [step_task_id(inst.instance_id, inst.attempt, step, p.runner_id) for p in inst.placements]
         if all(state.tasks.get(i) is not None and state.tasks[i].status == "Complete" for i in ids):
             continue
-        return [SendTask(p.runner_id, _step_task(inst, step, rank, task_id))
-                for rank, (p, task_id) in enumerate(zip(inst.placements, ids)) if task_id not in state.tasks]
+        return [
+            SendTask(p.runner_id, _step_task(inst, step, rank, task_id))
+            for rank, (p, task_id) in enumerate(zip(inst.placements, ids, strict=True))
+            if task_id not in state.tasks
+        ]
     return []
 
 
@@ -277,8 +305,12 @@ def _step_task(inst: InstanceView, step: str, rank: int, task_id: str) -> Task:
     if step == DOWNLOAD:
         return DownloadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
     if step == CONNECT:
-        group = Group(group_id=f"{inst.instance_id}.a{inst.attempt}", world_size=len(inst.placements),
-                      rank=rank, hosts=tuple(inst.hosts))
+        group = Group(
+            group_id=f"{inst.instance_id}.a{inst.attempt}",
+            world_size=len(inst.placements),
+            rank=rank,
+            hosts=tuple(inst.hosts),
+        )
         return ConnectToGroup(task_id=task_id, instance_id=inst.instance_id, group=group)
     if step == LOAD:
         return LoadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
@@ -320,8 +352,11 @@ def _route_chats(state: ClusterState) -> list[Action]:
             actions.append(_chat_task(state, chat, state.instances[target], 0))
         elif (inst := state.instances.get(chat.instance_id)) is not None and inst.status == READY:
             # Ranks after 0 follow the instance that rank 0's task (in the log) names.
-            actions.extend(_chat_task(state, chat, inst, rank) for rank in range(1, len(inst.placements))
-                           if chat_task_id(chat_id, rank) not in state.tasks)
+            actions.extend(
+                _chat_task(state, chat, inst, rank)
+                for rank in range(1, len(inst.placements))
+                if chat_task_id(chat_id, rank) not in state.tasks
+            )
     return actions
 
 
@@ -329,8 +364,15 @@ def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, ra
     request = chat.request
     assert request is not None
     task = ChatCompletion(
-        task_id=chat_task_id(chat.chat_id, rank), instance_id=inst.instance_id, messages=request.messages,
-        max_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-        stop=request.stop, stream_id=chat.chat_id, emit_rank=0,
+        task_id=chat_task_id(chat.chat_id, rank),
+        instance_id=inst.instance_id,
+        messages=request.messages,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+        stream_id=chat.chat_id,
+        emit_rank=0,
     )
     return SendTask(inst.placements[rank].runner_id, task)

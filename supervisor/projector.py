@@ -11,12 +11,12 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from bus import client
-from bus.envelope import Envelope
-from bus.streams import SNAPSHOT_BUCKET
-from projections.apply import apply
-from projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
-from projections.state import ClusterState
+from exojet.bus import client
+from exojet.bus.envelope import Envelope
+from exojet.bus.streams import SNAPSHOT_BUCKET
+from exojet.projections.apply import apply
+from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
+from exojet.projections.state import ClusterState
 
 SNAPSHOT_KEY = "cluster"
 DEFAULT_SNAPSHOT_EVERY = 10_000
@@ -31,8 +31,12 @@ class MinSeqTimeout(Exception):
 class Projector:
     """The supervisor's view of the cluster, always a fold of the log up to `state.seq`."""
 
-    def __init__(self, js: JetStreamContext, snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
-                 max_snapshot_bytes: int = 8 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+        max_snapshot_bytes: int = 8 * 1024 * 1024,
+    ) -> None:
         self.js = js
         # A KV value is one message: bounded by the server's max_payload.
         self.max_snapshot_bytes = max_snapshot_bytes
@@ -103,7 +107,8 @@ class Projector:
         if len(data) > self.max_snapshot_bytes:
             # Replay from further back still gives the same state; only slower.
             logger.bind(seq=self.state.seq).warning(
-                f"snapshot of {len(data)} bytes exceeds the server's max_payload; not stored")
+                f"snapshot of {len(data)} bytes exceeds the server's max_payload; not stored"
+            )
             return self.state.seq
         await self._kv.put(SNAPSHOT_KEY, data)
         logger.bind(seq=self.state.seq).debug(f"snapshot stored ({len(data)} bytes)")

@@ -6,8 +6,8 @@ from typing import Any
 
 import msgspec
 
-from projections.checks import check
-from projections.state import ClusterState, RoutedChatView, state_hash
+from exojet.projections.checks import check
+from exojet.projections.state import ClusterState, RoutedChatView, state_hash
 
 # The full anomaly list can be long; a query shows the newest and the count.
 ANOMALIES_SHOWN = 50

@@ -24,14 +24,14 @@ import msgspec
 from loguru import logger
 from nats.js import JetStreamContext
 
-from bus import client, subjects
-from bus.envelope import Envelope
-from bus.events import InstanceRetryDue
-from bus.model_ids import model_id_problem
-from projections.instances import PLACING
-from projections.state import ClusterState
-from supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
-from supervisor.projector import MinSeqTimeout, Projector
+from exojet.bus import client, subjects
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import InstanceRetryDue
+from exojet.bus.model_ids import model_id_problem
+from exojet.projections.instances import PLACING
+from exojet.projections.state import ClusterState
+from exojet.supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
+from exojet.supervisor.projector import MinSeqTimeout, Projector
 
 DEFAULT_INTERVAL_S = 1.0
 # How long to wait for the projection to fold our own writes before planning anyway.
@@ -53,9 +53,15 @@ def read_n_layers(models_dir: Path, model_id: str) -> int | None:
 class Reconciler:
     """Drives instances and routed chats by publishing what `plan` returns."""
 
-    def __init__(self, js: JetStreamContext, projector: Projector, supervisor_id: str,
-                 config: PlannerConfig = DEFAULT_CONFIG, models_dir: Path | None = None,
-                 interval: float = DEFAULT_INTERVAL_S) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        projector: Projector,
+        supervisor_id: str,
+        config: PlannerConfig = DEFAULT_CONFIG,
+        models_dir: Path | None = None,
+        interval: float = DEFAULT_INTERVAL_S,
+    ) -> None:
         self.js = js
         self.projector = projector
         self.supervisor_id = supervisor_id
@@ -144,22 +150,28 @@ class Reconciler:
         if isinstance(action, SendTask):
             task = action.task
             ack = await client.publish(self.js, subjects.task_subject(action.runner_id), task, msg_id=task.task_id)
-            self.log.bind(task_id=task.task_id, instance_id=task.instance_id, runner_id=action.runner_id,
-                          seq=ack.seq).info(f"published {type(task).__name__}" + (" (duplicate)" if ack.duplicate
-                                                                                   else ""))
+            self.log.bind(
+                task_id=task.task_id, instance_id=task.instance_id, runner_id=action.runner_id, seq=ack.seq
+            ).info(f"published {type(task).__name__}" + (" (duplicate)" if ack.duplicate else ""))
             return ack.seq
         assert isinstance(action, WriteEvent)
         # The planner has no clock and no identity: stamp them here, for people
         # reading the log (the server dedupes on event_id, not on the payload).
         event = msgspec.structs.replace(action.event, supervisor_id=self.supervisor_id, at=time.time())
         try:
-            ack = await client.publish(self.js, subjects.SUPERVISOR_EVENTS, event, msg_id=event.event_id,
-                                       expected_last_subject_seq=action.fence)
+            ack = await client.publish(
+                self.js,
+                subjects.SUPERVISOR_EVENTS,
+                event,
+                msg_id=event.event_id,
+                expected_last_subject_seq=action.fence,
+            )
         except client.WrongLastSequence:
             self.log.bind(event_id=event.event_id).info("fenced out: another supervisor wrote first; re-planning")
             return None
         self.log.bind(instance_id=event.instance_id, event_id=event.event_id, seq=ack.seq).info(
-            f"wrote {type(event).__name__}" + (" (duplicate)" if ack.duplicate else ""))
+            f"wrote {type(event).__name__}" + (" (duplicate)" if ack.duplicate else "")
+        )
         return ack.seq
 
     async def _retry_when_due(self, wait: RetryWait) -> tuple[int, float]:
@@ -169,10 +181,12 @@ class Reconciler:
         due_in = since + wait.delay - now
         if due_in > 0:
             return 0, due_in
-        event = InstanceRetryDue(event_id=f"{wait.instance_id}:retry:{wait.attempt}", instance_id=wait.instance_id,
-                                 attempt=wait.attempt)
+        event = InstanceRetryDue(
+            event_id=f"{wait.instance_id}:retry:{wait.attempt}", instance_id=wait.instance_id, attempt=wait.attempt
+        )
         seq = await self._publish(WriteEvent(event))
         logger.bind(instance_id=wait.instance_id, attempt=wait.attempt).info(
-            f"retry due after {wait.delay:g} s backoff")
+            f"retry due after {wait.delay:g} s backoff"
+        )
         del self._failed_since[key]
         return seq or 0, self.interval

@@ -12,10 +12,10 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
-from bus import subjects
-from projections.state import ClusterState
-from supervisor.projector import MinSeqTimeout, Projector
-from supervisor.queries import QueryError, runner_reply, state_reply, task_reply
+from exojet.bus import subjects
+from exojet.projections.state import ClusterState
+from exojet.supervisor.projector import MinSeqTimeout, Projector
+from exojet.supervisor.queries import QueryError, runner_reply, state_reply, task_reply
 
 SERVICE_NAME = "exojet-supervisor"
 SERVICE_VERSION = "0.1.0"
@@ -38,7 +38,7 @@ Answer = Callable[[ClusterState, QueryRequest], dict[str, Any]]
 
 def _need(value: str | None, field: str) -> str:
     if not value:
-        raise QueryError("BadRequest", f"the request body must name `{field}`, e.g. {{\"{field}\": \"...\"}}")
+        raise QueryError("BadRequest", f'the request body must name `{field}`, e.g. {{"{field}": "..."}}')
     return value
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -10,48 +9,14 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus import client, streams
-from bus.server import NatsServer
+from exojet.bus import client, streams
+from exojet.bus.server import NatsServer
 from tests.tiny_model import write_tiny_llama
-
-
-def _docker_available() -> bool:
-    if os.environ.get("EXOJET_TEST_DOCKER") != "1" or not shutil.which("docker"):
-        return False
-    try:
-        import docker
-
-        docker.from_env().ping()
-        return True
-    except Exception:  # no engine, no socket, no permission: all mean "not here"
-        return False
-
-
-class ContainerServer:
-    """testcontainers' NATS container, with the same surface as NatsServer."""
-
-    def __init__(self) -> None:
-        from testcontainers.nats import NatsContainer
-
-        self.container = NatsContainer().with_command("-js")
-
-    def start(self) -> "ContainerServer":
-        self.container.start()
-        self.url = self.container.nats_uri()
-        return self
-
-    def stop(self) -> None:
-        self.container.stop()
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
     """A fresh nats-server with JetStream, its store in the test's tmp dir."""
-    if _docker_available():
-        server = ContainerServer().start()
-        yield server  # type: ignore[misc]
-        server.stop()
-        return
     server = NatsServer(port=0, monitor_port=0, store_dir=tmp_path / "nats", log_file=tmp_path / "nats.log").start()
     yield server
     server.stop()

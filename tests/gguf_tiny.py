@@ -36,11 +36,7 @@ _GGUF_NAMES = {
 
 def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's `permute`: half-split rope rows -> interleaved pairs."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
 def gguf_name(hf_name: str) -> str:
@@ -92,9 +88,7 @@ def write_tiny_gguf(
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types(
-        [gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens]
-    )
+    writer.add_token_types([gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(config["bos_token_id"])
     writer.add_eos_token_id(config["eos_token_id"])
@@ -109,9 +103,7 @@ def write_tiny_gguf(
             w = llama_cpp_permute(w, config["num_key_value_heads"])
         qtype = tensor_type(name) if w.ndim == 2 else Q.F32
         data = quantize(w, qtype)
-        writer.add_tensor(
-            gguf_name(name), data, raw_dtype=qtype if data.dtype == np.uint8 else None
-        )
+        writer.add_tensor(gguf_name(name), data, raw_dtype=qtype if data.dtype == np.uint8 else None)
         held = dequantize(data, qtype).reshape(w.shape).astype(np.float32)
         # Undo the permutation so that `stored` is a plain Hugging Face checkpoint.
         if ".self_attn.q_proj." in name:
@@ -128,8 +120,4 @@ def write_tiny_gguf(
 
 def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of `llama_cpp_permute`."""
-    return (
-        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

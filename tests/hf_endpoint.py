@@ -118,9 +118,7 @@ class HFEndpoint:
             data = path.read_bytes()
             if name.endswith(_LFS_SUFFIXES):
                 sha256 = hashlib.sha256(data).hexdigest()
-                pointer = (
-                    f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
-                )
+                pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha256}\nsize {len(data)}\n"
                 files[name] = RepoFile(name, data, sha256, git_blob_sha1(pointer.encode()))
             else:
                 files[name] = RepoFile(name, data, None, git_blob_sha1(data))
@@ -280,9 +278,7 @@ class _Handler(BaseHTTPRequestHandler):
             parts = f.name.split("/")
             for depth in range(prefix.count("/") + 1, len(parts)):
                 folder = "/".join(parts[:depth])
-                entries.setdefault(
-                    folder, {"type": "directory", "oid": repo.commit, "size": 0, "path": folder}
-                )
+                entries.setdefault(folder, {"type": "directory", "oid": repo.commit, "size": 0, "path": folder})
             entry: dict[str, object] = {"type": "file", "oid": f.blob_id, "size": len(f.data), "path": f.name}
             if f.lfs_sha256 is not None:
                 entry["lfs"] = {"oid": f.lfs_sha256, "size": len(f.data), "pointerSize": 130}

@@ -9,11 +9,11 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
-from bus import client
-from bus.codec import BadInput, decode_event, decode_task
-from bus.envelope import Envelope
-from bus.events import RunnerStatusUpdated, TaskStatusUpdated
-from bus.statuses import TERMINAL_TASK_STATUSES, status_name
+from exojet.bus import client
+from exojet.bus.codec import BadInput, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, status_name
 
 Entry = tuple[Envelope, Any]
 
@@ -26,7 +26,7 @@ class LogWatcher:
         self._changed = asyncio.Event()
         self._sub: Subscription | None = None
 
-    async def start(self, nc: NATS) -> "LogWatcher":
+    async def start(self, nc: NATS) -> LogWatcher:
         self._sub = await client.follow(nc.jetstream(), self._on)
         return self
 
@@ -56,14 +56,23 @@ class LogWatcher:
 
     async def task_done(self, task_id: str, timeout: float = 30.0) -> TaskStatusUpdated:
         """The terminal TaskStatusUpdated of `task_id`."""
-        _, event = await self.wait_for(lambda m: isinstance(m, TaskStatusUpdated) and m.task_id == task_id
-                                       and m.task_status in TERMINAL_TASK_STATUSES, timeout)
+        _, event = await self.wait_for(
+            lambda m: (
+                isinstance(m, TaskStatusUpdated) and m.task_id == task_id and m.task_status in TERMINAL_TASK_STATUSES
+            ),
+            timeout,
+        )
         return event
 
     async def status(self, runner_id: str, name: str, timeout: float = 30.0, after_seq: int = 0) -> Entry:
         """The next RunnerStatusUpdated of `runner_id` to status `name` (e.g. "RunnerReady")."""
-        return await self.wait_for(lambda m: isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id
-                                   and status_name(m.runner_status) == name, timeout, after_seq)
+        return await self.wait_for(
+            lambda m: (
+                isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id and status_name(m.runner_status) == name
+            ),
+            timeout,
+            after_seq,
+        )
 
     def runner_events(self, runner_id: str, after_seq: int = 0) -> list[Any]:
         subject = f"exo.events.runner.{runner_id}"

@@ -20,7 +20,7 @@ import mlx.core as mx
 import psutil
 from mlx_lm import load, stream_generate
 
-from runner.pipeline import StallWatchdog, connect_group, load_shard, pipeline_barrier
+from exojet.runner.pipeline import StallWatchdog, connect_group, load_shard, pipeline_barrier
 
 
 def emit(event: str, **fields: object) -> None:
@@ -34,9 +34,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument(
-        "--hosts", default="", help="comma-separated ip:port, one per rank"
-    )
+    parser.add_argument("--hosts", default="", help="comma-separated ip:port, one per rank")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--end", type=int, default=0)
     parser.add_argument("--prompt", default="hello world")
@@ -72,9 +70,7 @@ def main() -> None:
     text = ""
     first_token_at = 0.0
     with StallWatchdog(args.stall_timeout) as watchdog:
-        for response in stream_generate(
-            model, tokenizer, args.prompt, max_tokens=args.max_tokens
-        ):
+        for response in stream_generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens):
             watchdog.beat()
             if not tokens:
                 first_token_at = time.perf_counter()
@@ -90,9 +86,7 @@ def main() -> None:
         rank=args.rank,
         tokens=tokens,
         text=text,
-        decode_tokens_per_s=decode_tokens / (ended - first_token_at)
-        if decode_tokens
-        else 0.0,
+        decode_tokens_per_s=decode_tokens / (ended - first_token_at) if decode_tokens else 0.0,
         peak_memory=mx.get_peak_memory(),
         rss=psutil.Process().memory_info().rss,
     )

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 # The same stop as `exojet up` uses: SIGTERM, then SIGKILL past the timeout.
-from cli.up_cmd import stop_process as stop  # noqa: F401
+from exojet.cli.up_cmd import stop_process as stop  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -17,7 +17,7 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
     """`exojet ARGS...` as a child process of the test (logs to `log` if given)."""
     out = open(log, "ab") if log else subprocess.DEVNULL
     return subprocess.Popen(
-        [sys.executable, "-m", "cli.main", *args],
+        [sys.executable, "-m", "exojet.cli.main", *args],
         cwd=REPO,
         stdout=out,
         stderr=subprocess.STDOUT,

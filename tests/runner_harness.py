@@ -9,9 +9,9 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 
-from bus import subjects
-from bus.events import RunnerStatusUpdated, TaskStatusUpdated
-from bus.statuses import TaskStatus, status_name
+from exojet.bus import subjects
+from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.statuses import TaskStatus, status_name
 from tests.log_watcher import LogWatcher
 from tests.procs import exojet
 
@@ -24,13 +24,25 @@ class RunnerHandle:
         self.proc, self.runner_id, self.log = proc, runner_id, log
 
 
-async def start_runner(url: str, models_dir: Path, watcher: LogWatcher, tmp_path: Path,
-                       runner_id: str = "r1", env: dict[str, str] | None = None) -> RunnerHandle:
+async def start_runner(
+    url: str,
+    models_dir: Path,
+    watcher: LogWatcher,
+    tmp_path: Path,
+    runner_id: str = "r1",
+    env: dict[str, str] | None = None,
+) -> RunnerHandle:
     log = tmp_path / f"runner-{runner_id}-{len(watcher.entries)}.log"
     proc = exojet("runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=log, env=env)
-    await watcher.wait_for(lambda m: isinstance(m, RunnerStatusUpdated) and m.runner_id == runner_id
-                           and status_name(m.runner_status) == "RunnerIdle", timeout=30,
-                           after_seq=watcher.entries[-1][0].seq if watcher.entries else 0)
+    await watcher.wait_for(
+        lambda m: (
+            isinstance(m, RunnerStatusUpdated)
+            and m.runner_id == runner_id
+            and status_name(m.runner_status) == "RunnerIdle"
+        ),
+        timeout=30,
+        after_seq=watcher.entries[-1][0].seq if watcher.entries else 0,
+    )
     return RunnerHandle(proc, runner_id, log)
 
 
@@ -45,8 +57,9 @@ async def exit_code(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> int
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
 
 
-async def run_task(nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0,
-                   runner_id: str = "r1") -> TaskStatusUpdated:
+async def run_task(
+    nc: NATS, watcher: LogWatcher, task: dict, timeout: float = 60.0, runner_id: str = "r1"
+) -> TaskStatusUpdated:
     """Send `task` (it needs a task_id) and wait for its terminal status."""
     await send(nc, runner_id, task)
     return await watcher.task_done(task["task_id"], timeout)
@@ -58,8 +71,12 @@ WARMUP = {"type": "StartWarmup"}
 
 
 def chat(max_tokens: int, **extra: object) -> dict:
-    return {"type": "ChatCompletion", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": max_tokens,
-            **extra}
+    return {
+        "type": "ChatCompletion",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        **extra,
+    }
 
 
 async def make_ready(nc: NATS, watcher: LogWatcher) -> None:
@@ -77,14 +94,20 @@ ACCEPTED = {
     "ChatCompletion": {"RunnerReady"},
 }
 TASKS = {
-    "DownloadModel": DOWNLOAD, "LoadModel": LOAD, "StartWarmup": WARMUP, "ChatCompletion": chat(4),
-    "ConnectToGroup": {"type": "ConnectToGroup",
-                       "group": {"group_id": "g", "world_size": 2, "rank": 0, "hosts": ["127.0.0.1:1", "127.0.0.1:2"]}},
+    "DownloadModel": DOWNLOAD,
+    "LoadModel": LOAD,
+    "StartWarmup": WARMUP,
+    "ChatCompletion": chat(4),
+    "ConnectToGroup": {
+        "type": "ConnectToGroup",
+        "group": {"group_id": "g", "world_size": 2, "rank": 0, "hosts": ["127.0.0.1:1", "127.0.0.1:2"]},
+    },
 }
 
 
-async def assert_refused_everywhere_else(nc: NATS, watcher: LogWatcher, status: str, tag: str,
-                                         runner_id: str = "r1") -> None:
+async def assert_refused_everywhere_else(
+    nc: NATS, watcher: LogWatcher, status: str, tag: str, runner_id: str = "r1"
+) -> None:
     """Every task DESIGN.md does not accept in `status` is refused (InvalidState) and changes nothing."""
     for kind, task in TASKS.items():
         if status in ACCEPTED[kind]:

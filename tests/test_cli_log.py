@@ -10,19 +10,24 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus import client
-from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from bus.query_client import first_answer
-from bus.server import NatsServer
-from bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
+from exojet.bus import client
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.query_client import first_answer
+from exojet.bus.server import NatsServer
+from exojet.bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
 from tests.procs import REPO, exojet, stop
 
 pytestmark = pytest.mark.timeout(90)
 
 
 def run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", *args, "--nats", url], cwd=REPO, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "exojet.cli.main", *args, "--nats", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 async def _write_log(nc: NATS) -> None:
@@ -30,13 +35,20 @@ async def _write_log(nc: NATS) -> None:
     js = nc.jetstream()
     ev = "exo.events.runner.r1"
     await client.publish(js, ev, RunnerRegistered(event_id="a", runner_id="r1", incarnation=1, host="box", pid=7))
-    await client.publish(js, ev, RunnerStatusUpdated(event_id="b", runner_id="r1", incarnation=1,
-                                                     runner_status=RunnerIdle()))
-    await client.publish(js, "exo.tasks.r1", b'{"type":"LoadModel","task_id":"load1","shard":{"model_id":"local/tiny"}}')
-    await client.publish(js, ev, TaskStatusUpdated(event_id="c", runner_id="r1", incarnation=1, task_id="load1",
-                                                   task_status=TaskStatus.RUNNING))
-    await client.publish(js, ev, RunnerStatusUpdated(event_id="d", runner_id="r1", incarnation=1,
-                                                     runner_status=RunnerLoading()))
+    await client.publish(
+        js, ev, RunnerStatusUpdated(event_id="b", runner_id="r1", incarnation=1, runner_status=RunnerIdle())
+    )
+    await client.publish(
+        js, "exo.tasks.r1", b'{"type":"LoadModel","task_id":"load1","shard":{"model_id":"local/tiny"}}'
+    )
+    await client.publish(
+        js,
+        ev,
+        TaskStatusUpdated(event_id="c", runner_id="r1", incarnation=1, task_id="load1", task_status=TaskStatus.RUNNING),
+    )
+    await client.publish(
+        js, ev, RunnerStatusUpdated(event_id="d", runner_id="r1", incarnation=1, runner_status=RunnerLoading())
+    )
 
 
 async def test_task_command_validates_and_publishes(nats_server: NatsServer, nc: NATS) -> None:

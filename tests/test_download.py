@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from huggingface_hub import hf_hub_download
 
-from models.store import is_complete, model_dir
-from runner.download import DownloadError, DownloadStatus, RetryPolicy, download_model
+from exojet.models.store import is_complete, model_dir
+from exojet.runner.download import DownloadError, DownloadStatus, RetryPolicy, download_model
 from tests.hf_endpoint import HFEndpoint
 from tests.tiny_model import write_tiny_llama
 
@@ -56,9 +56,7 @@ def assert_same_files(got: Path, want: Path) -> None:
 
 
 @pytest.mark.timeout(30)
-async def test_full_download_reports_monotonic_progress(
-    endpoint: HFEndpoint, models: Path, tiny_src: Path
-) -> None:
+async def test_full_download_reports_monotonic_progress(endpoint: HFEndpoint, models: Path, tiny_src: Path) -> None:
     statuses: list[DownloadStatus] = []
 
     async def on_progress(status: DownloadStatus) -> None:
@@ -75,9 +73,7 @@ async def test_full_download_reports_monotonic_progress(
     assert downloaded == sorted(downloaded)
     assert all(s.total_bytes == total and s.total_files == 5 for s in statuses)
     # Every file fetched exactly once, and no staging folder left behind.
-    assert sorted(r.filename for r in endpoint.requests if r.filename) == sorted(
-        p.name for p in tiny_src.iterdir()
-    )
+    assert sorted(r.filename for r in endpoint.requests if r.filename) == sorted(p.name for p in tiny_src.iterdir())
     assert list((models / ".partial").glob("org--tiny@*")) == []
 
 
@@ -137,9 +133,7 @@ async def test_server_errors_are_retried(endpoint: HFEndpoint, models: Path, tin
 
 
 @pytest.mark.timeout(30)
-async def test_dropped_connection_resumes_with_range(
-    endpoint: HFEndpoint, models: Path, tiny_src: Path
-) -> None:
+async def test_dropped_connection_resumes_with_range(endpoint: HFEndpoint, models: Path, tiny_src: Path) -> None:
     size = (tiny_src / WEIGHTS).stat().st_size
     endpoint.drop(REPO, WEIGHTS, after_bytes=size // 2)
 
@@ -248,9 +242,7 @@ async def test_unreachable_endpoint_fails_after_bounded_retries(
 
 
 @pytest.mark.timeout(30)
-async def test_slow_body_keeps_event_loop_responsive(
-    endpoint: HFEndpoint, models: Path, tiny_src: Path
-) -> None:
+async def test_slow_body_keeps_event_loop_responsive(endpoint: HFEndpoint, models: Path, tiny_src: Path) -> None:
     endpoint.slow(REPO, WEIGHTS, chunk_delay=0.03)
     loop = asyncio.get_running_loop()
     ticks: list[float] = []

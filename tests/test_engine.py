@@ -1,6 +1,6 @@
 """The MLX engine in its child process, driven through `runner.engine.Engine`.
 
-Everything is real: the child is `python -m runner.engine_child`, the model is the
+Everything is real: the child is `python -m exojet.runner.engine_child`, the model is the
 tiny random llama, and the reference outputs come from mlx-lm in this process.
 """
 
@@ -20,9 +20,9 @@ import pytest_asyncio
 from hypothesis import given
 from hypothesis import strategies as st
 
-from runner.engine import Engine, EngineCrashed, EngineError
-from runner.engine_child import StopScanner
-from runner.engine_protocol import Done, Generate, Message, Token
+from exojet.runner.engine import Engine, EngineCrashed, EngineError
+from exojet.runner.engine_child import StopScanner
+from exojet.runner.engine_protocol import Done, Generate, Message, Token
 from tests.tiny_model import write_tiny_llama
 
 # The async tests share one event loop so they can share one engine child.
@@ -63,11 +63,7 @@ def direct_deltas(reference: tuple[object, object], max_tokens: int) -> list[str
         [{"role": m.role, "content": m.content} for m in PROMPT],
         add_generation_prompt=True,
     )
-    return [
-        r.text
-        for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens)
-        if r.text
-    ]
+    return [r.text for r in stream_generate(model, tokenizer, prompt, max_tokens=max_tokens) if r.text]
 
 
 async def collect(engine: Engine, req: Generate) -> tuple[list[str], Done]:
@@ -82,9 +78,7 @@ async def collect(engine: Engine, req: Generate) -> tuple[list[str], Done]:
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_greedy_stream_matches_mlx_lm(
-    engine: Engine, tiny_model: Path, reference
-) -> None:
+async def test_greedy_stream_matches_mlx_lm(engine: Engine, tiny_model: Path, reference) -> None:
     loaded = await engine.load(str(tiny_model))
     assert (loaded.n_layers, loaded.start_layer, loaded.end_layer) == (4, 0, 4)
     await engine.warmup()
@@ -103,18 +97,14 @@ async def test_greedy_stream_matches_mlx_lm(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_stop_string_truncates_the_stream(
-    engine: Engine, tiny_model: Path, reference
-) -> None:
+async def test_stop_string_truncates_the_stream(engine: Engine, tiny_model: Path, reference) -> None:
     await engine.load(str(tiny_model))
     full = "".join(direct_deltas(reference, max_tokens=40))
     # A stop string spanning several tokens, so it has to be held back while it forms.
     stop = full[len(full) // 3 : len(full) // 3 + 5]
     expected = full[: full.index(stop)]
 
-    chunks, done = await collect(
-        engine, Generate(messages=PROMPT, max_tokens=40, stop=["no such text", stop])
-    )
+    chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40, stop=["no such text", stop]))
 
     assert done.finish_reason == "stop"
     assert done.text == expected
@@ -128,9 +118,7 @@ async def test_stop_string_truncates_the_stream(
     cuts=st.lists(st.integers(min_value=0, max_value=30), max_size=8),
     stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
 )
-def test_stop_scanner_never_sends_past_a_stop(
-    text: str, cuts: list[int], stops: list[str]
-) -> None:
+def test_stop_scanner_never_sends_past_a_stop(text: str, cuts: list[int], stops: list[str]) -> None:
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
     expected = text[: min(hits)] if hits else text
     scanner = StopScanner(stops)
@@ -154,9 +142,7 @@ async def test_same_seed_same_text(engine: Engine, tiny_model: Path) -> None:
     await engine.load(str(tiny_model))
 
     def sampled(seed: int) -> Generate:
-        return Generate(
-            messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed
-        )
+        return Generate(messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed)
 
     _, first = await collect(engine, sampled(7))
     _, again = await collect(engine, sampled(7))
@@ -197,9 +183,7 @@ async def test_load_errors_are_answers_and_the_engine_keeps_serving(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_shard_load_materialises_only_its_layers(
-    engine: Engine, tiny_model: Path
-) -> None:
+async def test_shard_load_materialises_only_its_layers(engine: Engine, tiny_model: Path) -> None:
     whole = await engine.load(str(tiny_model))
     middle = await engine.load(str(tiny_model), start_layer=1, end_layer=3)
 
@@ -214,9 +198,7 @@ async def test_shard_load_materialises_only_its_layers(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_abandoned_generation_is_cancelled(
-    engine: Engine, tiny_model: Path, reference
-) -> None:
+async def test_abandoned_generation_is_cancelled(engine: Engine, tiny_model: Path, reference) -> None:
     await engine.load(str(tiny_model))
     stream = engine.generate(Generate(messages=PROMPT, max_tokens=ENDLESS))
     async for reply in stream:
@@ -232,9 +214,7 @@ async def test_abandoned_generation_is_cancelled(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_event_loop_stays_responsive_while_generating(
-    engine: Engine, tiny_model: Path
-) -> None:
+async def test_event_loop_stays_responsive_while_generating(engine: Engine, tiny_model: Path) -> None:
     await engine.load(str(tiny_model))
     ticks: list[float] = []
     gen_done = asyncio.Event()
@@ -257,18 +237,14 @@ async def test_event_loop_stays_responsive_while_generating(
 
 @module_loop
 @pytest.mark.timeout(60)
-async def test_sigkill_during_generation_then_restart(
-    tiny_model: Path, reference
-) -> None:
+async def test_sigkill_during_generation_then_restart(tiny_model: Path, reference) -> None:
     eng = Engine()
     await eng.start()
     try:
         await eng.load(str(tiny_model))
         first_pid = eng.pid
         with pytest.raises(EngineCrashed) as crash:
-            async for reply in eng.generate(
-                Generate(messages=PROMPT, max_tokens=ENDLESS)
-            ):
+            async for reply in eng.generate(Generate(messages=PROMPT, max_tokens=ENDLESS)):
                 assert isinstance(reply, Token)
                 os.kill(first_pid, signal.SIGKILL)
         assert "killed by SIGKILL" in str(crash.value)

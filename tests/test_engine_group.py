@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bus.server import free_port
-from runner.engine import Done, Engine, EngineCrashed, EngineError, Generate, Token
-from runner.engine_protocol import Message
+from exojet.bus.server import free_port
+from exojet.runner.engine import Done, Engine, EngineCrashed, EngineError, Generate, Token
+from exojet.runner.engine_protocol import Message
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -34,7 +34,9 @@ async def group_of(n: int, model: Path, splits: list[tuple[int, int]]) -> list[E
     hosts = [f"127.0.0.1:{free_port()}" for _ in range(n)]
     joined = await asyncio.gather(*(e.connect_group("g", n, rank, hosts, 20.0) for rank, e in enumerate(engines)))
     assert [j.rank for j in joined] == list(range(n))
-    loaded = await asyncio.gather(*(e.load(str(model), start, end) for e, (start, end) in zip(engines, splits)))
+    loaded = await asyncio.gather(
+        *(e.load(str(model), start, end) for e, (start, end) in zip(engines, splits, strict=True))
+    )
     assert [(lo.start_layer, lo.end_layer) for lo in loaded] == splits
     return engines
 

@@ -15,14 +15,14 @@ from mlx_lm import generate, load
 from mlx_lm.models import llama
 from tokenizers import Tokenizer
 
-from models.gguf_import import GGUFImportError, gguf_tokenizer, import_gguf, list_models
-from models.smollm import (
+from exojet.models.gguf_import import GGUFImportError, gguf_tokenizer, import_gguf, list_models
+from exojet.models.smollm import (
     DEFAULT_MODEL_ID,
     SmolLMNotInstalled,
     ensure_default_model,
     find_smollm_gguf,
 )
-from models.store import is_complete
+from exojet.models.store import is_complete
 from tests.gguf_tiny import Q, gguf_name, write_tiny_gguf
 from tests.tiny_model import write_tiny_llama
 
@@ -77,9 +77,7 @@ def mixed_gguf(source: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 
 @pytest.mark.timeout(60)
-def test_float_gguf_generates_like_its_source(
-    source: Path, prompt_ids: list[int], tmp_path: Path
-) -> None:
+def test_float_gguf_generates_like_its_source(source: Path, prompt_ids: list[int], tmp_path: Path) -> None:
     gguf_path = tmp_path / "float.gguf"
     config, stored = write_tiny_gguf(source, gguf_path, float_types)
 
@@ -96,9 +94,7 @@ def test_float_gguf_generates_like_its_source(
 
 
 @pytest.mark.timeout(60)
-def test_quantized_blocks_survive_exactly(
-    mixed_gguf: tuple, prompt_ids: list[int], tmp_path: Path
-) -> None:
+def test_quantized_blocks_survive_exactly(mixed_gguf: tuple, prompt_ids: list[int], tmp_path: Path) -> None:
     gguf_path, config, stored = mixed_gguf
 
     folder = import_gguf(gguf_path, "test/tiny-q", tmp_path)
@@ -134,9 +130,7 @@ def test_quantized_blocks_survive_exactly(
 
 
 @pytest.mark.timeout(60)
-def test_dequantize_writes_dense_float32(
-    mixed_gguf: tuple, prompt_ids: list[int], tmp_path: Path
-) -> None:
+def test_dequantize_writes_dense_float32(mixed_gguf: tuple, prompt_ids: list[int], tmp_path: Path) -> None:
     gguf_path, config, stored = mixed_gguf
 
     folder = import_gguf(gguf_path, "test/tiny-dense", tmp_path, dequantize=True)
@@ -165,9 +159,7 @@ def test_dtype_applies_to_scales_and_norms(mixed_gguf: tuple, tmp_path: Path) ->
 
 
 @pytest.mark.timeout(60)
-def test_tokenizer_follows_the_gguf_vocabulary(
-    source: Path, mixed_gguf: tuple, tmp_path: Path
-) -> None:
+def test_tokenizer_follows_the_gguf_vocabulary(source: Path, mixed_gguf: tuple, tmp_path: Path) -> None:
     folder = import_gguf(mixed_gguf[0], "test/tiny-tok", tmp_path)
     _, tokenizer = load(str(folder))
     original = Tokenizer.from_file(str(source / "tokenizer.json"))
@@ -254,9 +246,7 @@ def test_list_models_reports_complete_folders(mixed_gguf: tuple, tmp_path: Path)
     (tmp_path / "org--half-downloaded").mkdir()
     (tmp_path / ".test--listed.importing-0").mkdir()
 
-    assert list_models(tmp_path) == [
-        ("test/listed", sum(f.stat().st_size for f in folder.iterdir()))
-    ]
+    assert list_models(tmp_path) == [("test/listed", sum(f.stat().st_size for f in folder.iterdir()))]
     assert list_models(tmp_path / "missing") == []
 
 

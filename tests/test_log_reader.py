@@ -9,18 +9,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from bus import client, log_reader, streams
-from bus.envelope import Envelope, parse_ack_reply
-from bus.log_reader import Frame, parse_frames
-from bus.server import NatsServer
+from exojet.bus import client, log_reader, streams
+from exojet.bus.envelope import Envelope, parse_ack_reply
+from exojet.bus.log_reader import Frame, parse_frames
+from exojet.bus.server import NatsServer
 
 pytestmark = pytest.mark.timeout(120)
 
 _token = st.text("abcdefghij0123456789_-", min_size=1, max_size=12)
 _subject = st.lists(_token, min_size=1, max_size=4).map(".".join).map(str.encode)
 _frame = st.one_of(
-    st.tuples(_subject, st.none() | _subject, st.none() | st.binary(min_size=1).map(lambda b: b"NATS/1.0\r\n" + b),
-              st.binary(max_size=300)),
+    st.tuples(
+        _subject,
+        st.none() | _subject,
+        st.none() | st.binary(min_size=1).map(lambda b: b"NATS/1.0\r\n" + b),
+        st.binary(max_size=300),
+    ),
     st.sampled_from([b"PING", b"PONG", b"+OK", b'INFO {"server_id":"x"}']).map(lambda line: (line, None, None, None)),
 )
 
@@ -32,8 +36,14 @@ def _wire(frame: Frame) -> bytes:
     middle = b" " + reply if reply is not None else b""
     if headers is None:
         return b"MSG %s 1%s %d\r\n%s\r\n" % (subject, middle, len(payload), payload)
-    return b"HMSG %s 1%s %d %d\r\n%s%s\r\n" % (subject, middle, len(headers), len(headers) + len(payload), headers,
-                                              payload)
+    return b"HMSG %s 1%s %d %d\r\n%s%s\r\n" % (
+        subject,
+        middle,
+        len(headers),
+        len(headers) + len(payload),
+        headers,
+        payload,
+    )
 
 
 @given(st.lists(_frame, max_size=30), st.lists(st.integers(1, 400), min_size=1, max_size=50))
@@ -42,10 +52,10 @@ def test_frames_parse_alike_however_the_bytes_are_cut(frames: list[Frame], cuts:
     parsed: list[Frame] = []
     carry, at, i = b"", 0, 0
     while at < len(wire):
-        chunk = wire[at:at + cuts[i % len(cuts)]]
+        chunk = wire[at : at + cuts[i % len(cuts)]]
         at, i = at + len(chunk), i + 1
         buf = carry + chunk
-        carry = buf[parse_frames(buf, 0, parsed):]
+        carry = buf[parse_frames(buf, 0, parsed) :]
     assert carry == b""
     assert parsed == frames
 
@@ -53,7 +63,10 @@ def test_frames_parse_alike_however_the_bytes_are_cut(frames: list[Frame], cuts:
 def test_ack_reply_both_forms() -> None:
     assert parse_ack_reply("$JS.ACK.EXO_LOG.c1.1.42.7.1700000000000000000.3") == (42, 7, 1700000000000000000)
     assert parse_ack_reply("$JS.ACK.dom.acchash.EXO_LOG.c1.1.42.7.1700000000000000000.3.tok") == (
-        42, 7, 1700000000000000000)
+        42,
+        7,
+        1700000000000000000,
+    )
 
 
 async def _fill(nc: NATS, n: int) -> None:
@@ -164,8 +177,7 @@ class _CuttingProxy:
             writer.close()
             up_writer.close()
 
-        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True),
-                             return_exceptions=True)
+        await asyncio.gather(pipe(reader, up_writer, False), pipe(up_reader, writer, True), return_exceptions=True)
 
     def close(self) -> None:
         assert self.server is not None

@@ -20,19 +20,19 @@ import psutil
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus import client, subjects
-from bus.codec import decode_event, decode_task, encode
-from bus.commands import PlaceInstance
-from bus.envelope import Envelope
-from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from bus.query_client import first_answer
-from bus.server import NatsServer, free_port
-from bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
-from bus.tasks import ChatMessage
-from cli.orchestration_cmds import ChatFailed, route_chat
-from projections.apply import apply
-from projections.instances import instance_id_of, steps
-from projections.state import ClusterState, InstanceView
+from exojet.bus import client, subjects
+from exojet.bus.codec import decode_event, decode_task, encode
+from exojet.bus.commands import PlaceInstance
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.query_client import first_answer
+from exojet.bus.server import NatsServer, free_port
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
+from exojet.bus.tasks import ChatMessage
+from exojet.cli.orchestration_cmds import ChatFailed, route_chat
+from exojet.projections.apply import apply
+from exojet.projections.instances import instance_id_of, steps
+from exojet.projections.state import ClusterState, InstanceView
 from tests.procs import REPO, exojet, stop
 
 Predicate = Callable[[ClusterState], bool]
@@ -69,8 +69,12 @@ class LogWatch:
 
     def supervisor_writes(self) -> int:
         """Messages a supervisor wrote: instance tasks and supervisor events."""
-        return sum(1 for e in self.envs if e.subject == subjects.SUPERVISOR_EVENTS
-                   or (e.subject.startswith("exo.tasks.") and b'"instance_id":"inst-' in e.data))
+        return sum(
+            1
+            for e in self.envs
+            if e.subject == subjects.SUPERVISOR_EVENTS
+            or (e.subject.startswith("exo.tasks.") and b'"instance_id":"inst-' in e.data)
+        )
 
 
 @pytest.fixture
@@ -91,16 +95,35 @@ class Procs:
         self.supervisors: list[subprocess.Popen[bytes]] = []
 
     def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
-        proc = exojet("runner", "--id", runner_id, "--nats", self.url, "--models-dir", str(self.models_dir),
-                      log=self.logs / f"{runner_id}.log")
+        proc = exojet(
+            "runner",
+            "--id",
+            runner_id,
+            "--nats",
+            self.url,
+            "--models-dir",
+            str(self.models_dir),
+            log=self.logs / f"{runner_id}.log",
+        )
         self.runners[runner_id] = proc
         return proc
 
     def supervisor(self) -> subprocess.Popen[bytes]:
         n = len(self.supervisors)
-        proc = exojet("supervisor", "--nats", self.url, "--id", f"s{n}", "--models-dir", str(self.models_dir),
-                      "--heartbeat-timeout", str(self.heartbeat_timeout),
-                      "--group-ports", f"{self.port_base}-{self.port_base + 40}", log=self.logs / f"s{n}.log")
+        proc = exojet(
+            "supervisor",
+            "--nats",
+            self.url,
+            "--id",
+            f"s{n}",
+            "--models-dir",
+            str(self.models_dir),
+            "--heartbeat-timeout",
+            str(self.heartbeat_timeout),
+            "--group-ports",
+            f"{self.port_base}-{self.port_base + 40}",
+            log=self.logs / f"s{n}.log",
+        )
         self.supervisors.append(proc)
         return proc
 
@@ -147,8 +170,15 @@ def _assert_no_duplicates(watch: LogWatch) -> None:
 
 async def _cli(*args: str) -> str:
     """`exojet ARGS` to completion (bounded); its stdout. Fails the test on a non-zero exit."""
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "cli.main", *args, cwd=REPO,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exojet.cli.main",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 0, err.decode()
     return out.decode()
@@ -161,7 +191,8 @@ async def _place(nc: NATS, **fields: object) -> str:
 
 @pytest.mark.timeout(120)
 async def test_supervisor_killed_after_each_step_finishes_the_placement_then_delete_unloads(
-        procs: Procs, watch: LogWatch, nc: NATS) -> None:
+    procs: Procs, watch: LogWatch, nc: NATS
+) -> None:
     runner = procs.runner("r1")
     await watch.until(_idle("r1"), 60, "r1 registered and Idle")
 
@@ -217,7 +248,8 @@ async def test_supervisor_killed_after_each_step_finishes_the_placement_then_del
 
 @pytest.mark.timeout(120)
 async def test_two_supervisors_place_two_instances_on_distinct_runners_and_route_a_chat(
-        procs: Procs, watch: LogWatch, nc: NATS) -> None:
+    procs: Procs, watch: LogWatch, nc: NATS
+) -> None:
     for r in ("r1", "r2"):
         procs.runner(r)
     procs.supervisor()
@@ -231,12 +263,21 @@ async def test_two_supervisors_place_two_instances_on_distinct_runners_and_route
     assert sorted(placed) == ["r1", "r2"]
     for i in (first, second):
         _assert_seed_order(watch.state, watch.state.instances[i])
-    text = "".join([t async for t in route_chat(procs.url, [ChatMessage("user", "hello")], "local/tiny",
-                                                max_tokens=4, temperature=0.0, timeout=60)])
+    text = "".join(
+        [
+            t
+            async for t in route_chat(
+                procs.url, [ChatMessage("user", "hello")], "local/tiny", max_tokens=4, temperature=0.0, timeout=60
+            )
+        ]
+    )
     assert text
     # route_chat saw the Complete on its own subscription; our watch may be a message behind.
-    state = await watch.until(lambda s: any(t.task_type == "ChatCompletion" and t.status == "Complete"
-                                            for t in s.tasks.values()), 10, "the chat Complete")
+    state = await watch.until(
+        lambda s: any(t.task_type == "ChatCompletion" and t.status == "Complete" for t in s.tasks.values()),
+        10,
+        "the chat Complete",
+    )
     [chat] = [t for t in state.tasks.values() if t.task_type == "ChatCompletion"]
     assert chat.instance_id in (first, second)
     assert chat.result is not None and chat.result["text"] == text
@@ -257,8 +298,7 @@ async def _ready_pipeline_instance(procs: Procs, watch: LogWatch, nc: NATS) -> s
 
 
 @pytest.mark.timeout(120)
-async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Procs, watch: LogWatch,
-                                                                      nc: NATS) -> None:
+async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Procs, watch: LogWatch, nc: NATS) -> None:
     instance_id = await _ready_pipeline_instance(procs, watch, nc)
     inst = watch.state.instances[instance_id]
     assert sorted(p.runner_id for p in inst.placements) == ["r1", "r2"]
@@ -266,12 +306,21 @@ async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Pr
     assert shards[0].start_layer == 0 and shards[0].end_layer == shards[1].start_layer
     assert shards[1].end_layer == shards[1].n_layers
     _assert_seed_order(watch.state, inst)
-    text = "".join([t async for t in route_chat(procs.url, [ChatMessage("user", "hello")], "local/tiny",
-                                                max_tokens=4, temperature=0.0, timeout=60)])
+    text = "".join(
+        [
+            t
+            async for t in route_chat(
+                procs.url, [ChatMessage("user", "hello")], "local/tiny", max_tokens=4, temperature=0.0, timeout=60
+            )
+        ]
+    )
     assert text
     # route_chat saw rank 0's Complete on its own subscription; our watch may be behind.
-    state = await watch.until(lambda s: sum(t.task_type == "ChatCompletion" and t.status == "Complete"
-                                            for t in s.tasks.values()) == 2, 10, "both ranks' chats Complete")
+    state = await watch.until(
+        lambda s: sum(t.task_type == "ChatCompletion" and t.status == "Complete" for t in s.tasks.values()) == 2,
+        10,
+        "both ranks' chats Complete",
+    )
     chats = [t for t in state.tasks.values() if t.task_type == "ChatCompletion"]
     assert sorted(t.runner_id for t in chats) == ["r1", "r2"]
     assert all(t.instance_id == instance_id for t in chats)
@@ -280,7 +329,8 @@ async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Pr
 
 @pytest.mark.timeout(120)
 async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
-        nats_server: NatsServer, models_dir: Path, tmp_path: Path, watch: LogWatch, nc: NATS) -> None:
+    nats_server: NatsServer, models_dir: Path, tmp_path: Path, watch: LogWatch, nc: NATS
+) -> None:
     timeout = 3.0
     procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=timeout)
     try:
@@ -320,8 +370,9 @@ async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
 
 
 @pytest.mark.timeout(60)
-async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: NatsServer, models_dir: Path,
-                                                                 tmp_path: Path, watch: LogWatch, nc: NATS) -> None:
+async def test_silence_is_loss_but_events_or_heartbeats_are_life(
+    nats_server: NatsServer, models_dir: Path, tmp_path: Path, watch: LogWatch, nc: NATS
+) -> None:
     timeout = 1.0
     procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=timeout)
     js = nc.jetstream()
@@ -337,16 +388,23 @@ async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: Na
     # "beater" heartbeats but writes nothing after registering, "mute" does neither.
     for r in ("writer", "beater", "mute"):
         await write(r, RunnerRegistered(event_id=f"{r}:reg", runner_id=r, incarnation=1))
-        await write(r, RunnerStatusUpdated(event_id=f"{r}:idle", runner_id=r, incarnation=1,
-                                           runner_status=RunnerIdle()))
+        await write(
+            r, RunnerStatusUpdated(event_id=f"{r}:idle", runner_id=r, incarnation=1, runner_status=RunnerIdle())
+        )
     try:
         procs.supervisor()
         started = time.monotonic()
         while time.monotonic() - started < 3 * timeout:
-            await write("writer", RunnerStatusUpdated(event_id=f"writer:{writes}", runner_id="writer", incarnation=1,
-                                                      runner_status=RunnerIdle()))
-            await nc.publish(subjects.heartbeat_subject("beater"), encode({"runner_id": "beater", "incarnation": 1,
-                                                                          "at": time.time()}))
+            await write(
+                "writer",
+                RunnerStatusUpdated(
+                    event_id=f"writer:{writes}", runner_id="writer", incarnation=1, runner_status=RunnerIdle()
+                ),
+            )
+            await nc.publish(
+                subjects.heartbeat_subject("beater"),
+                encode({"runner_id": "beater", "incarnation": 1, "at": time.time()}),
+            )
             await asyncio.sleep(timeout / 4)  # the simulated runners' pace, well inside the timeout
         state = await watch.until(lambda s: s.runners["mute"].status == "RunnerLost", 3 * timeout, "mute lost")
         assert state.runners["writer"].status != "RunnerLost"
@@ -360,11 +418,18 @@ async def test_silence_is_loss_but_events_or_heartbeats_are_life(nats_server: Na
 
 @pytest.mark.timeout(180)
 async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance_is_replaced(
-        procs: Procs, watch: LogWatch, nc: NATS) -> None:
+    procs: Procs, watch: LogWatch, nc: NATS
+) -> None:
     instance_id = await _ready_pipeline_instance(procs, watch, nc)
     assert watch.state.instances[instance_id].attempt == 1
-    chat = route_chat(procs.url, [ChatMessage("user", "Tell me a long story")], "local/tiny", max_tokens=100_000,
-                      temperature=0.0, timeout=60)
+    chat = route_chat(
+        procs.url,
+        [ChatMessage("user", "Tell me a long story")],
+        "local/tiny",
+        max_tokens=100_000,
+        temperature=0.0,
+        timeout=60,
+    )
     await anext(chat)  # generation is under way on both ranks
     engines = psutil.Process(procs.runners["r2"].pid).children()
     assert len(engines) == 1
@@ -373,13 +438,19 @@ async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance
         async with asyncio.timeout(30):
             async for _ in chat:
                 pass
-    state = await watch.until(lambda s: all(t.status == "Failed" for t in s.tasks.values()
-                                            if t.task_type == "ChatCompletion"), 30, "both ranks' chats Failed")
+    state = await watch.until(
+        lambda s: all(t.status == "Failed" for t in s.tasks.values() if t.task_type == "ChatCompletion"),
+        30,
+        "both ranks' chats Failed",
+    )
     chats = {t.runner_id: t for t in state.tasks.values() if t.task_type == "ChatCompletion"}
     assert sorted(chats) == ["r1", "r2"]
     assert "SIGKILL" in chats["r2"].error_message
     assert "pipeline peer" in chats["r1"].error_message
     # The failed instance is placed again on the same (released, Idle again) runners.
-    await watch.until(lambda s: s.instances[instance_id].attempt == 2 and s.instances[instance_id].status == "Ready",
-                      120, f"{instance_id} re-placed and Ready")
+    await watch.until(
+        lambda s: s.instances[instance_id].attempt == 2 and s.instances[instance_id].status == "Ready",
+        120,
+        f"{instance_id} re-placed and Ready",
+    )
     _assert_no_duplicates(watch)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.pipeline import GroupConnectError, connect_group, split_layers
+from exojet.runner.pipeline import GroupConnectError, connect_group, split_layers
 from tests.tiny_model import write_tiny_llama
 
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
@@ -69,18 +69,14 @@ class Rank:
                 break
             if record["event"] == event:
                 return record
-        raise AssertionError(
-            f"no {event!r} within {timeout} s; stderr:\n{self.stderr()}"
-        )
+        raise AssertionError(f"no {event!r} within {timeout} s; stderr:\n{self.stderr()}")
 
     def wait_exit(self, timeout: float) -> int:
         """The exit status, or fail (showing stderr) after ``timeout``."""
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(
-                f"still running after {timeout} s; stderr:\n{self.stderr()}"
-            )
+            raise AssertionError(f"still running after {timeout} s; stderr:\n{self.stderr()}") from None
 
     def stderr(self) -> str:
         return self.stderr_path.read_text()
@@ -113,9 +109,7 @@ def run_reference(model: Path, max_tokens: int) -> dict:
     return {r["event"]: r for r in records}
 
 
-def start_ranks(
-    model: Path, ranges: list[tuple[int, int]], tmp_path: Path, *extra: str
-) -> list[Rank]:
+def start_ranks(model: Path, ranges: list[tuple[int, int]], tmp_path: Path, *extra: str) -> list[Rank]:
     hosts = ",".join(f"127.0.0.1:{p}" for p in free_ports(len(ranges)))
     ranks = []
     for rank, (start, end) in enumerate(ranges):
@@ -179,9 +173,9 @@ def test_two_ranks_generate_exactly_what_one_process_does(tmp_path: Path) -> Non
     assert [d["tokens"] for d in done] == [reference["done"]["tokens"]] * 2
     assert [d["text"] for d in done] == [reference["done"]["text"]] * 2
     # Each rank holds, and caches, only its own layers; the others never load.
-    assert [(l["layers"], l["caches"]) for l in loaded] == [(2, 2), (2, 2)]
+    assert [(rank["layers"], rank["caches"]) for rank in loaded] == [(2, 2), (2, 2)]
     full = reference["loaded"]["active_memory"]
-    assert all(l["active_memory"] < 0.75 * full for l in loaded), (loaded, full)
+    assert all(rank["active_memory"] < 0.75 * full for rank in loaded), (loaded, full)
 
 
 @pytest.mark.timeout(60)
@@ -208,9 +202,7 @@ def test_unreachable_peer_fails_naming_the_host(peer_ip: str) -> None:
     peer_host = f"{peer_ip}:{peer}"
     started = time.monotonic()
     with pytest.raises(GroupConnectError, match=f"rank 1 at {peer_host}"):
-        connect_group(
-            "g-unreachable", 2, 0, [f"127.0.0.1:{own}", peer_host], timeout_s=2.0
-        )
+        connect_group("g-unreachable", 2, 0, [f"127.0.0.1:{own}", peer_host], timeout_s=2.0)
     assert time.monotonic() - started < 4.0
 
 

@@ -14,11 +14,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bus import subjects
-from bus.codec import encode
-from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
-from bus.envelope import Envelope
-from bus.events import (
+from exojet.bus import subjects
+from exojet.bus.codec import encode
+from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
     InstancePlaced,
     InstanceRetryDue,
     RunnerLost,
@@ -26,7 +26,7 @@ from bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
-from bus.statuses import (
+from exojet.bus.statuses import (
     RunnerConnected,
     RunnerConnecting,
     RunnerDownloading,
@@ -39,10 +39,10 @@ from bus.statuses import (
     RunnerWarmingUp,
     TaskStatus,
 )
-from bus.tasks import ChatCompletion, ChatMessage, ConnectToGroup, LoadModel, Shard, Task, task_type
-from projections.apply import apply
-from projections.state import ClusterState, state_hash
-from supervisor.planner import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
+from exojet.bus.tasks import ChatCompletion, ChatMessage, ConnectToGroup, LoadModel, Shard, Task, task_type
+from exojet.projections.apply import apply
+from exojet.projections.state import ClusterState, state_hash
+from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -73,9 +73,15 @@ class Cluster:
         return env
 
     def event(self, runner_id: str, event_type: type, **fields: object) -> None:
-        self.put(subjects.runner_events_subject(runner_id),
-                 event_type(event_id=f"{runner_id}:{next(self.ids)}", runner_id=runner_id,
-                            incarnation=self.incarnations[runner_id], **fields))
+        self.put(
+            subjects.runner_events_subject(runner_id),
+            event_type(
+                event_id=f"{runner_id}:{next(self.ids)}",
+                runner_id=runner_id,
+                incarnation=self.incarnations[runner_id],
+                **fields,
+            ),
+        )
 
     def status(self, runner_id: str, status: RunnerStatus) -> None:
         self.event(runner_id, RunnerStatusUpdated, runner_status=status)
@@ -106,11 +112,17 @@ class Cluster:
         if status == TaskStatus.COMPLETE:
             for runner_status in STATUSES[task_type(task)]:
                 self.status(runner_id, runner_status)
-        self.event(runner_id, TaskStatusUpdated, task_id=task.task_id, task_status=status,
-                   result={"text": "hi"} if isinstance(task, ChatCompletion) else None)
+        self.event(
+            runner_id,
+            TaskStatusUpdated,
+            task_id=task.task_id,
+            task_status=status,
+            result={"text": "hi"} if isinstance(task, ChatCompletion) else None,
+        )
 
-    def run(self, catalog: dict[str, int] | None = None, config: PlannerConfig = DEFAULT_CONFIG,
-            rounds: int = 30) -> list[tuple[str, Task]]:
+    def run(
+        self, catalog: dict[str, int] | None = None, config: PlannerConfig = DEFAULT_CONFIG, rounds: int = 30
+    ) -> list[tuple[str, Task]]:
         """Plan, publish, answer every task; until the plan is empty. Returns (runner, task) in log order."""
         done = []
         for _ in range(rounds):
@@ -153,8 +165,10 @@ def test_a_step_waits_for_every_runner_and_a_group_splits_by_memory() -> None:
     c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
     c.publish(plan(c.state, {"local/tiny": 8}))
     inst = next(iter(c.state.instances.values()))
-    assert [(p.runner_id, p.shard.start_layer, p.shard.end_layer) for p in inst.placements] == \
-        [("big", 0, 6), ("small", 6, 8)]
+    assert [(p.runner_id, p.shard.start_layer, p.shard.end_layer) for p in inst.placements] == [
+        ("big", 0, 6),
+        ("small", 6, 8),
+    ]
     assert inst.hosts == ["10.0.0.1:52400", "10.0.0.1:52401"]
     downloads = c.publish(plan(c.state))
     assert [task_type(t) for t in downloads] == ["DownloadModel", "DownloadModel"]
@@ -165,9 +179,11 @@ def test_a_step_waits_for_every_runner_and_a_group_splits_by_memory() -> None:
     c.complete("small", downloads[1])
     connects = c.publish(plan(c.state))
     assert inst.status == "Connecting"
-    assert [(t.group.rank, t.group.world_size, t.group.hosts) for t in connects if isinstance(t, ConnectToGroup)] \
-        == [(0, 2, tuple(inst.hosts)), (1, 2, tuple(inst.hosts))]
-    for runner, task in zip(("big", "small"), connects):
+    assert [(t.group.rank, t.group.world_size, t.group.hosts) for t in connects if isinstance(t, ConnectToGroup)] == [
+        (0, 2, tuple(inst.hosts)),
+        (1, 2, tuple(inst.hosts)),
+    ]
+    for runner, task in zip(("big", "small"), connects, strict=True):
         c.complete(runner, task)
     done = c.run()
     assert _types(done) == ["LoadModel"] * 2 + ["StartWarmup"] * 2
@@ -298,7 +314,7 @@ def test_a_lost_runner_fails_the_instance_which_is_retried_elsewhere_then_given_
 
 
 def test_backoff_doubles_and_is_capped() -> None:
-    from supervisor.planner import backoff
+    from exojet.supervisor.planner import backoff
 
     config = PlannerConfig(backoff_base_s=1.0, backoff_cap_s=5.0)
     assert [backoff(a, config) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]

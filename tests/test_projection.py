@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bus.codec import encode
-from bus.envelope import Envelope
-from bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
-from bus.events import (
+from exojet.bus.codec import encode
+from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
     DownloadProgress,
     InstanceFailed,
     InstancePlaced,
@@ -21,7 +21,7 @@ from bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
-from bus.statuses import (
+from exojet.bus.statuses import (
     RunnerDownloading,
     RunnerFailed,
     RunnerIdle,
@@ -32,11 +32,11 @@ from bus.statuses import (
     RunnerWarmingUp,
     TaskStatus,
 )
-from bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
-from projections.apply import apply, copy_state
-from projections.checks import check
-from projections.snapshot import dump_snapshot, load_snapshot
-from projections.state import ClusterState, state_hash
+from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
+from exojet.projections.apply import apply, copy_state
+from exojet.projections.checks import check
+from exojet.projections.snapshot import dump_snapshot, load_snapshot
+from exojet.projections.state import ClusterState, state_hash
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -73,8 +73,19 @@ def _workflow(runner: str = "r1") -> list[tuple[str, msgspec.Struct | bytes]]:
         (tk, DownloadModel(task_id="d", shard=shard)),
         (ev, task("d", TaskStatus.RUNNING)),
         (ev, status(RunnerDownloading())),
-        (ev, DownloadProgress(event_id=eid(), runner_id=runner, incarnation=1, model_id="local/tiny",
-                              downloaded_bytes=5, total_bytes=10, completed_files=1, total_files=2)),
+        (
+            ev,
+            DownloadProgress(
+                event_id=eid(),
+                runner_id=runner,
+                incarnation=1,
+                model_id="local/tiny",
+                downloaded_bytes=5,
+                total_bytes=10,
+                completed_files=1,
+                total_files=2,
+            ),
+        ),
         (ev, status(RunnerIdle())),
         (ev, task("d", TaskStatus.COMPLETE)),
         (tk, LoadModel(task_id="l", shard=shard)),
@@ -112,13 +123,22 @@ def _instance_workflow() -> list[tuple[str, msgspec.Struct | bytes]]:
     hi = (ChatMessage("user", "hi"),)
 
     def done(tid: str, n: int) -> TaskStatusUpdated:
-        return TaskStatusUpdated(event_id=f"i:{n}", runner_id="r1", incarnation=1, task_id=tid,
-                                 task_status=TaskStatus.COMPLETE)
+        return TaskStatusUpdated(
+            event_id=f"i:{n}", runner_id="r1", incarnation=1, task_id=tid, task_status=TaskStatus.COMPLETE
+        )
 
     return [
         ("exo.commands", PlaceInstance(command_id="p", model_id="local/tiny")),
-        (sup, InstancePlaced(event_id="placed", instance_id="inst-p", model_id="local/tiny",
-                             placements=(Placement(runner_id="r1", shard=shard, incarnation=1),), attempt=1)),
+        (
+            sup,
+            InstancePlaced(
+                event_id="placed",
+                instance_id="inst-p",
+                model_id="local/tiny",
+                placements=(Placement(runner_id="r1", shard=shard, incarnation=1),),
+                attempt=1,
+            ),
+        ),
         (tk, DownloadModel(task_id="inst-p.a1.download.r1", instance_id="inst-p", shard=shard)),
         (ev, done("inst-p.a1.download.r1", 1)),
         (tk, LoadModel(task_id="inst-p.a1.load.r1", instance_id="inst-p", shard=shard)),
@@ -177,8 +197,11 @@ def test_duplicate_event_ids_change_nothing() -> None:
     once = _fold(envs)
     # The same events re-published under new sequences (a retried publish that
     # outlived the server's dedupe window).
-    again = [Envelope(seq=len(envs) + i + 1, subject=e.subject, data=e.data) for i, e in enumerate(envs)
-             if e.subject.startswith("exo.events")]
+    again = [
+        Envelope(seq=len(envs) + i + 1, subject=e.subject, data=e.data)
+        for i, e in enumerate(envs)
+        if e.subject.startswith("exo.events")
+    ]
     twice = _fold(again, copy_state(once))
     twice.seq = once.seq
     assert state_hash(twice) == state_hash(once)

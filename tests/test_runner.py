@@ -19,11 +19,11 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from bus import subjects
-from bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from bus.server import NatsServer
-from bus.statuses import TaskStatus, status_name
-from bus.streams import CHUNKS_STREAM
+from exojet.bus import subjects
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.server import NatsServer
+from exojet.bus.statuses import TaskStatus, status_name
+from exojet.bus.streams import CHUNKS_STREAM
 from tests.log_watcher import LogWatcher
 from tests.procs import REPO, stop
 from tests.runner_harness import (
@@ -43,6 +43,7 @@ from tests.runner_harness import (
 
 pytestmark = pytest.mark.timeout(120)
 
+
 @pytest.fixture
 async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
     w = await LogWatcher().start(nc)
@@ -51,8 +52,9 @@ async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
 
 
 @pytest.fixture
-async def runner(nats_server: NatsServer, models_dir: Path, watcher: LogWatcher,
-                 tmp_path: Path) -> AsyncIterator[RunnerHandle]:
+async def runner(
+    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
+) -> AsyncIterator[RunnerHandle]:
     handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     yield handle
     stop(handle.proc)
@@ -66,16 +68,25 @@ def direct_generation(model_dir: Path, max_tokens: int) -> str:
         "p = t.apply_chat_template([{'role': 'user', 'content': sys.argv[2]}], add_generation_prompt=True)\n"
         "sys.stdout.write(mlx_lm.generate(m, t, p, max_tokens=int(sys.argv[3])).encode('unicode_escape').decode())\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(model_dir), PROMPT, str(max_tokens)], capture_output=True,
-                         text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(model_dir), PROMPT, str(max_tokens)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return out.stdout.encode().decode("unicode_escape")
 
 
 async def chunks_of(nc: NATS, stream_id: str) -> str:
     """All chunk texts of a finished generation, replayed from EXO_CHUNKS."""
     js = nc.jetstream()
-    sub = await js.subscribe(subjects.chunks_subject(stream_id), stream=CHUNKS_STREAM, ordered_consumer=True,
-                             deliver_policy=api.DeliverPolicy.ALL)
+    sub = await js.subscribe(
+        subjects.chunks_subject(stream_id),
+        stream=CHUNKS_STREAM,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
     text, index = "", 0
     while True:
         msg = await sub.next_msg(timeout=10)
@@ -88,30 +99,52 @@ async def chunks_of(nc: NATS, stream_id: str) -> str:
         text += chunk["text"]
 
 
-async def test_seed_workflow_through_the_bus(nc: NATS, watcher: LogWatcher, runner: RunnerHandle,
-                                             models_dir: Path) -> None:
+async def test_seed_workflow_through_the_bus(
+    nc: NATS, watcher: LogWatcher, runner: RunnerHandle, models_dir: Path
+) -> None:
     # As a user types them: no task ids, so each task's id is its stream sequence.
     for task in (DOWNLOAD, LOAD, WARMUP, chat(24)):
         await send(nc, "r1", task)
-    _, done = await watcher.wait_for(lambda m: isinstance(m, TaskStatusUpdated) and m.task_type == "ChatCompletion"
-                                     and m.task_status == TaskStatus.COMPLETE, timeout=60)
+    _, done = await watcher.wait_for(
+        lambda m: (
+            isinstance(m, TaskStatusUpdated)
+            and m.task_type == "ChatCompletion"
+            and m.task_status == TaskStatus.COMPLETE
+        ),
+        timeout=60,
+    )
     events = watcher.runner_events("r1")
-    story = [(type(e).__name__, status_name(e.runner_status)) if isinstance(e, RunnerStatusUpdated)
-             else (e.task_type, str(e.task_status)) if isinstance(e, TaskStatusUpdated)
-             else (type(e).__name__, "") for e in events]
-    assert [s for s in story if s[0] != "DownloadProgress"] == [
-        ("RunnerRegistered", ""), ("RunnerStatusUpdated", "RunnerIdle"),
-        ("DownloadModel", "Running"), ("RunnerStatusUpdated", "RunnerDownloading"),
-        ("RunnerStatusUpdated", "RunnerIdle"), ("DownloadModel", "Complete"),
-        ("LoadModel", "Running"), ("RunnerStatusUpdated", "RunnerLoading"),
-        ("RunnerStatusUpdated", "RunnerLoaded"), ("LoadModel", "Complete"),
-        ("StartWarmup", "Running"), ("RunnerStatusUpdated", "RunnerWarmingUp"),
-        ("RunnerStatusUpdated", "RunnerReady"), ("StartWarmup", "Complete"),
-        ("ChatCompletion", "Running"), ("RunnerStatusUpdated", "RunnerRunning"),
-        ("RunnerStatusUpdated", "RunnerReady"), ("ChatCompletion", "Complete"),
+    story = [
+        (type(e).__name__, status_name(e.runner_status))
+        if isinstance(e, RunnerStatusUpdated)
+        else (e.task_type, str(e.task_status))
+        if isinstance(e, TaskStatusUpdated)
+        else (type(e).__name__, "")
+        for e in events
     ]
-    chat_seq = next(env.seq for env, m in watcher.entries if env.subject == "exo.tasks.r1"
-                    and type(m).__name__ == "ChatCompletion")
+    assert [s for s in story if s[0] != "DownloadProgress"] == [
+        ("RunnerRegistered", ""),
+        ("RunnerStatusUpdated", "RunnerIdle"),
+        ("DownloadModel", "Running"),
+        ("RunnerStatusUpdated", "RunnerDownloading"),
+        ("RunnerStatusUpdated", "RunnerIdle"),
+        ("DownloadModel", "Complete"),
+        ("LoadModel", "Running"),
+        ("RunnerStatusUpdated", "RunnerLoading"),
+        ("RunnerStatusUpdated", "RunnerLoaded"),
+        ("LoadModel", "Complete"),
+        ("StartWarmup", "Running"),
+        ("RunnerStatusUpdated", "RunnerWarmingUp"),
+        ("RunnerStatusUpdated", "RunnerReady"),
+        ("StartWarmup", "Complete"),
+        ("ChatCompletion", "Running"),
+        ("RunnerStatusUpdated", "RunnerRunning"),
+        ("RunnerStatusUpdated", "RunnerReady"),
+        ("ChatCompletion", "Complete"),
+    ]
+    chat_seq = next(
+        env.seq for env, m in watcher.entries if env.subject == "exo.tasks.r1" and type(m).__name__ == "ChatCompletion"
+    )
     assert done.task_id == str(chat_seq)
     streamed = await chunks_of(nc, done.task_id)
     assert streamed == done.result["text"]
@@ -119,8 +152,7 @@ async def test_seed_workflow_through_the_bus(nc: NATS, watcher: LogWatcher, runn
     assert done.result["finish_reason"] == "length" and done.result["completion_tokens"] == 24
 
 
-async def test_every_invalid_state_pair(nc: NATS, watcher: LogWatcher, runner: RunnerHandle,
-                                        models_dir: Path) -> None:
+async def test_every_invalid_state_pair(nc: NATS, watcher: LogWatcher, runner: RunnerHandle, models_dir: Path) -> None:
     await assert_refused_everywhere_else(nc, watcher, "RunnerIdle", "idle")
     for i, task in enumerate((DOWNLOAD, LOAD)):
         assert (await run_task(nc, watcher, {**task, "task_id": f"l{i}"})).task_status == TaskStatus.COMPLETE
@@ -133,8 +165,7 @@ async def test_every_invalid_state_pair(nc: NATS, watcher: LogWatcher, runner: R
     for f in (models_dir / "local--tiny").iterdir():
         (broken / f.name).write_bytes(f.read_bytes() if f.suffix != ".safetensors" else b"not weights")
     assert (await run_task(nc, watcher, {"type": "UnloadModel", "task_id": "u"})).task_status == TaskStatus.COMPLETE
-    failed = await run_task(nc, watcher, {"type": "LoadModel", "task_id": "bad",
-                                          "shard": {"model_id": "local/broken"}})
+    failed = await run_task(nc, watcher, {"type": "LoadModel", "task_id": "bad", "shard": {"model_id": "local/broken"}})
     assert failed.task_status == TaskStatus.FAILED and "could not load model" in failed.error_message
     _, status = await watcher.status("r1", "RunnerFailed")
     assert "could not load model" in status.runner_status.error_message
@@ -146,21 +177,21 @@ async def test_every_invalid_state_pair(nc: NATS, watcher: LogWatcher, runner: R
 
 async def test_load_before_download_names_the_fix(nc: NATS, watcher: LogWatcher, runner: RunnerHandle) -> None:
     before = watcher.entries[-1][0].seq
-    done = await run_task(nc, watcher, {"type": "LoadModel", "task_id": "early",
-                                        "shard": {"model_id": "someone/elsewhere"}})
+    done = await run_task(
+        nc, watcher, {"type": "LoadModel", "task_id": "early", "shard": {"model_id": "someone/elsewhere"}}
+    )
     assert done.error_type == "ModelNotDownloaded"
-    assert done.error_message == ("model someone/elsewhere is not downloaded on runner r1: "
-                                  "send DownloadModel first")
+    assert done.error_message == ("model someone/elsewhere is not downloaded on runner r1: send DownloadModel first")
     assert [type(e).__name__ for e in watcher.runner_events("r1", before)] == ["TaskStatusUpdated"]
 
 
-async def test_bad_input_is_named_and_the_runner_keeps_going(nc: NATS, watcher: LogWatcher,
-                                                             runner: RunnerHandle) -> None:
+async def test_bad_input_is_named_and_the_runner_keeps_going(
+    nc: NATS, watcher: LogWatcher, runner: RunnerHandle
+) -> None:
     bad = [
         (b"this is not json", "NotJson"),
         (b'{"type":"Teleport"}', "UnknownType"),
-        (b'{"type":"ChatCompletion","messages":[{"role":"user","content":"hi"}],"max_tokens":"many"}',
-         "InvalidField"),
+        (b'{"type":"ChatCompletion","messages":[{"role":"user","content":"hi"}],"max_tokens":"many"}', "InvalidField"),
         (b'{"type":"DownloadModel"}', "MissingField"),
         (b'{"type":"DownloadModel","shard":{"model_id":"../../etc"}}', "InvalidModelId"),
         (b'{"type":"StartWarmup","pad":"' + b"x" * (2 * 1024 * 1024) + b'"}', "PayloadTooLarge"),
@@ -168,9 +199,10 @@ async def test_bad_input_is_named_and_the_runner_keeps_going(nc: NATS, watcher: 
     for data, _ in bad:
         await send(nc, "r1", data)
     answers = []
-    for data, error_type in bad:
-        _, event = await watcher.wait_for(lambda m, et=error_type: isinstance(m, TaskStatusUpdated)
-                                          and m.error_type == et, timeout=30)
+    for _data, error_type in bad:
+        _, event = await watcher.wait_for(
+            lambda m, et=error_type: isinstance(m, TaskStatusUpdated) and m.error_type == et, timeout=30
+        )
         answers.append(event)
     task_seqs = [env.seq for env, _ in watcher.entries if env.subject == "exo.tasks.r1"]
     assert sorted(int(a.task_id) for a in answers) == task_seqs
@@ -185,8 +217,12 @@ async def test_engine_killed_during_generation(nc: NATS, watcher: LogWatcher, ru
     await send(nc, "r1", {**chat(50_000), "task_id": "long"})
     # Wait for the first chunk: generation is under way in the engine child.
     js = nc.jetstream()
-    sub = await js.subscribe(subjects.chunks_subject("long"), stream=CHUNKS_STREAM, ordered_consumer=True,
-                             deliver_policy=api.DeliverPolicy.ALL)
+    sub = await js.subscribe(
+        subjects.chunks_subject("long"),
+        stream=CHUNKS_STREAM,
+        ordered_consumer=True,
+        deliver_policy=api.DeliverPolicy.ALL,
+    )
     await sub.next_msg(timeout=30)
     engines = psutil.Process(runner.proc.pid).children()
     assert len(engines) == 1
@@ -229,9 +265,14 @@ async def test_heartbeats_keep_coming_while_generating(nc: NATS, watcher: LogWat
     assert max(gaps) < 2.0
 
 
-async def test_restarted_runner_does_not_rerun_finished_tasks(nats_server: NatsServer, nc: NATS,
-                                                              watcher: LogWatcher, models_dir: Path,
-                                                              tmp_path: Path, request: pytest.FixtureRequest) -> None:
+async def test_restarted_runner_does_not_rerun_finished_tasks(
+    nats_server: NatsServer,
+    nc: NATS,
+    watcher: LogWatcher,
+    models_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     first = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     request.addfinalizer(lambda: stop(first.proc))
     for i, task in enumerate((DOWNLOAD, LOAD)):
@@ -251,11 +292,24 @@ async def test_restarted_runner_does_not_rerun_finished_tasks(nats_server: NatsS
         stop(second.proc)
 
 
-async def test_two_runners_one_id(nats_server: NatsServer, nc: NATS, watcher: LogWatcher, runner: RunnerHandle,
-                                  models_dir: Path) -> None:
+async def test_two_runners_one_id(
+    nats_server: NatsServer, nc: NATS, watcher: LogWatcher, runner: RunnerHandle, models_dir: Path
+) -> None:
     twin = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "cli.main", "runner", "--id", "r1", "--nats", nats_server.url, "--models-dir",
-        str(models_dir), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        "-m",
+        "exojet.cli.main",
+        "runner",
+        "--id",
+        "r1",
+        "--nats",
+        nats_server.url,
+        "--models-dir",
+        str(models_dir),
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     _, stderr = await asyncio.wait_for(twin.communicate(), 60)
     assert twin.returncode == 1
     assert "runner r1 is already running (incarnation 1)" in stderr.decode()
@@ -268,42 +322,60 @@ async def test_shutdown_exits_zero(nc: NATS, watcher: LogWatcher, runner: Runner
     await send(nc, "r1", {"type": "Shutdown", "task_id": "bye"})
     assert await exit_code(runner.proc) == 0
     tail = watcher.runner_events("r1")[-4:]
-    assert [type(e).__name__ for e in tail] == ["TaskStatusUpdated", "RunnerStatusUpdated", "TaskStatusUpdated",
-                                               "RunnerStatusUpdated"]
+    assert [type(e).__name__ for e in tail] == [
+        "TaskStatusUpdated",
+        "RunnerStatusUpdated",
+        "TaskStatusUpdated",
+        "RunnerStatusUpdated",
+    ]
     assert status_name(tail[1].runner_status) == "RunnerShuttingDown"
     assert tail[2].task_status == TaskStatus.COMPLETE
     assert status_name(tail[3].runner_status) == "RunnerShutdown"
 
 
-async def test_download_through_a_hub_with_progress(nats_server: NatsServer, nc: NATS, watcher: LogWatcher,
-                                                    tiny_model_dir: Path, tmp_path: Path,
-                                                    request: pytest.FixtureRequest) -> None:
+async def test_download_through_a_hub_with_progress(
+    nats_server: NatsServer,
+    nc: NATS,
+    watcher: LogWatcher,
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     from tests.hf_endpoint import HFEndpoint
 
     with HFEndpoint() as hub:
         hub.add_repo("org/tiny", tiny_model_dir)
         hub.slow("org/tiny", "model.safetensors", chunk_delay=0.05)
         models = tmp_path / "empty-models"
-        handle = await start_runner(nats_server.url, models, watcher, tmp_path,
-                                    env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
+        handle = await start_runner(
+            nats_server.url, models, watcher, tmp_path, env={"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")}
+        )
         request.addfinalizer(lambda: stop(handle.proc))
-        done = await run_task(nc, watcher, {"type": "DownloadModel", "task_id": "dl",
-                                            "shard": {"model_id": "org/tiny"}}, timeout=90)
+        done = await run_task(
+            nc, watcher, {"type": "DownloadModel", "task_id": "dl", "shard": {"model_id": "org/tiny"}}, timeout=90
+        )
         assert done.task_status == TaskStatus.COMPLETE, done
         progress = [e for e in watcher.runner_events("r1") if type(e).__name__ == "DownloadProgress"]
         assert len(progress) >= 2
         assert [p.downloaded_bytes for p in progress] == sorted(p.downloaded_bytes for p in progress)
         assert progress[-1].downloaded_bytes == progress[-1].total_bytes > 0
-        assert (models / "org--tiny" / "model.safetensors").read_bytes() == \
-            (tiny_model_dir / "model.safetensors").read_bytes()
-        missing = await run_task(nc, watcher, {"type": "DownloadModel", "task_id": "404",
-                                               "shard": {"model_id": "org/missing"}})
+        assert (models / "org--tiny" / "model.safetensors").read_bytes() == (
+            tiny_model_dir / "model.safetensors"
+        ).read_bytes()
+        missing = await run_task(
+            nc, watcher, {"type": "DownloadModel", "task_id": "404", "shard": {"model_id": "org/missing"}}
+        )
         assert missing.error_type == "ModelNotFound" and "org/missing" in missing.error_message
 
 
-async def test_runner_killed_mid_task_answers_it_on_restart(nats_server: NatsServer, nc: NATS, watcher: LogWatcher,
-                                                           models_dir: Path, tmp_path: Path,
-                                                           request: pytest.FixtureRequest) -> None:
+async def test_runner_killed_mid_task_answers_it_on_restart(
+    nats_server: NatsServer,
+    nc: NATS,
+    watcher: LogWatcher,
+    models_dir: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
     first = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     request.addfinalizer(lambda: stop(first.proc))
     await make_ready(nc, watcher)
@@ -319,6 +391,7 @@ async def test_runner_killed_mid_task_answers_it_on_restart(nats_server: NatsSer
     # The redelivered message is recognised as answered; the next task runs within the ack wait.
     fresh = await run_task(nc, watcher, {**DOWNLOAD, "task_id": "next"}, timeout=20)
     assert fresh.task_status == TaskStatus.COMPLETE
-    doomed_answers = [e for e in watcher.runner_events("r1") if isinstance(e, TaskStatusUpdated)
-                      and e.task_id == "doomed"]
+    doomed_answers = [
+        e for e in watcher.runner_events("r1") if isinstance(e, TaskStatusUpdated) and e.task_id == "doomed"
+    ]
     assert [str(e.task_status) for e in doomed_answers] == ["Running", "Failed"]

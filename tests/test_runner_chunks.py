@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus import streams
-from bus.events import RunnerStatusUpdated
-from bus.server import NatsServer
-from bus.statuses import TaskStatus, status_name
+from exojet.bus import streams
+from exojet.bus.events import RunnerStatusUpdated
+from exojet.bus.server import NatsServer
+from exojet.bus.statuses import TaskStatus, status_name
 from tests.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import RunnerHandle, chat, make_ready, run_task, start_runner
@@ -27,15 +27,17 @@ async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
 
 
 @pytest.fixture
-async def runner(nats_server: NatsServer, models_dir: Path, watcher: LogWatcher,
-                 tmp_path: Path) -> AsyncIterator[RunnerHandle]:
+async def runner(
+    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
+) -> AsyncIterator[RunnerHandle]:
     handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     yield handle
     stop(handle.proc)
 
 
-async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(nc: NATS, watcher: LogWatcher,
-                                                                          runner: RunnerHandle) -> None:
+async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(
+    nc: NATS, watcher: LogWatcher, runner: RunnerHandle
+) -> None:
     await make_ready(nc, watcher)
     js = nc.jetstream()
     await js.delete_stream(streams.CHUNKS_STREAM)
@@ -43,8 +45,9 @@ async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(nc: NA
     done = await run_task(nc, watcher, {**chat(4), "task_id": "unstored"})
     assert done.task_status == TaskStatus.FAILED and done.error_type == "ChunksNotStored", done
     assert "EXO_CHUNKS" in done.error_message
-    statuses = [status_name(e.runner_status) for e in watcher.runner_events("r1", before)
-                if isinstance(e, RunnerStatusUpdated)]
+    statuses = [
+        status_name(e.runner_status) for e in watcher.runner_events("r1", before) if isinstance(e, RunnerStatusUpdated)
+    ]
     assert statuses == ["RunnerRunning", "RunnerReady"]
     await streams.ensure_streams(js)
     again = await run_task(nc, watcher, {**chat(4), "task_id": "stored"})

@@ -6,16 +6,23 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bus.events import RunnerLost, RunnerStatusUpdated, TaskStatusUpdated
-from bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, TaskStatus
-from runner.task_history import TaskHistory
+from exojet.bus.events import RunnerLost, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, TaskStatus
+from exojet.runner.task_history import TaskHistory
 
 pytestmark = pytest.mark.timeout(30)
 
 
 def status(task_id: str, task_status: TaskStatus) -> TaskStatusUpdated:
-    return TaskStatusUpdated(event_id=f"{task_id}-{task_status}", runner_id="r1", incarnation=1, at=0.0,
-                             task_id=task_id, task_status=task_status, task_type="LoadModel")
+    return TaskStatusUpdated(
+        event_id=f"{task_id}-{task_status}",
+        runner_id="r1",
+        incarnation=1,
+        at=0.0,
+        task_id=task_id,
+        task_status=task_status,
+        task_type="LoadModel",
+    )
 
 
 def lost() -> RunnerLost:
@@ -63,6 +70,6 @@ def test_answered_is_exactly_a_terminal_status_or_running_at_a_loss(log: list[tu
         terminal = any(s in TERMINAL_TASK_STATUSES for _, s in mine)
         # Running (its last status before some loss was Running, with no terminal status in between).
         lost_while_running = any(
-            entry is None and [s for j, s in mine if j < i][-1:] == [TaskStatus.RUNNING]
-            for i, entry in enumerate(log))
+            entry is None and [s for j, s in mine if j < i][-1:] == [TaskStatus.RUNNING] for i, entry in enumerate(log)
+        )
         assert history.answered(task_id) == (terminal or lost_while_running), (task_id, log)

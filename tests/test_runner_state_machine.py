@@ -5,9 +5,9 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from bus import statuses
-from bus.statuses import RunnerFailed, RunnerIdle, RunnerStatus, status_name
-from runner import state_machine
+from exojet.bus import statuses
+from exojet.bus.statuses import RunnerFailed, RunnerIdle, RunnerStatus, status_name
+from exojet.runner import state_machine
 from tests.runner_harness import ACCEPTED
 
 pytestmark = pytest.mark.timeout(10)
@@ -15,7 +15,9 @@ pytestmark = pytest.mark.timeout(10)
 ALL_STATUSES: list[RunnerStatus] = [
     cls(error_message="boom") if cls is RunnerFailed else cls()
     for cls in vars(statuses).values()
-    if isinstance(cls, type) and issubclass(cls, msgspec.Struct) and cls.__name__.startswith("Runner")
+    if isinstance(cls, type)
+    and issubclass(cls, msgspec.Struct)
+    and cls.__name__.startswith("Runner")
     and cls.__name__ != "RunnerStatus"
 ]
 
@@ -27,8 +29,10 @@ def test_every_status_is_checked() -> None:
 @pytest.mark.parametrize("task_type", sorted(ACCEPTED))
 def test_accepts_exactly_designs_table(task_type: str) -> None:
     for status in ALL_STATUSES:
-        assert state_machine.accepts(task_type, status) == (status_name(status) in ACCEPTED[task_type]), \
-            (task_type, status_name(status))
+        assert state_machine.accepts(task_type, status) == (status_name(status) in ACCEPTED[task_type]), (
+            task_type,
+            status_name(status),
+        )
 
 
 def test_shutdown_is_accepted_in_every_status() -> None:

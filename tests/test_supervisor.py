@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from bus import client
-from bus.codec import encode
-from bus.events import RunnerRegistered, RunnerStatusUpdated
-from bus.query_client import QueryFailed, first_answer, query
-from bus.server import NatsServer
-from bus.statuses import RunnerIdle
+from exojet.bus import client
+from exojet.bus.codec import encode
+from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.query_client import QueryFailed, first_answer, query
+from exojet.bus.server import NatsServer
+from exojet.bus.statuses import RunnerIdle
 from tests.procs import exojet, stop
 
 pytestmark = pytest.mark.timeout(90)
@@ -22,10 +22,19 @@ pytestmark = pytest.mark.timeout(90)
 async def _register(nc: NATS, runner_id: str) -> int:
     js = nc.jetstream()
     subject = f"exo.events.runner.{runner_id}"
-    await client.publish(js, subject, RunnerRegistered(event_id=f"{runner_id}:1:0", runner_id=runner_id,
-                                                       incarnation=1), expected_last_subject_seq=0)
-    ack = await client.publish(js, subject, RunnerStatusUpdated(event_id=f"{runner_id}:1:1", runner_id=runner_id,
-                                                                incarnation=1, runner_status=RunnerIdle()))
+    await client.publish(
+        js,
+        subject,
+        RunnerRegistered(event_id=f"{runner_id}:1:0", runner_id=runner_id, incarnation=1),
+        expected_last_subject_seq=0,
+    )
+    ack = await client.publish(
+        js,
+        subject,
+        RunnerStatusUpdated(
+            event_id=f"{runner_id}:1:1", runner_id=runner_id, incarnation=1, runner_status=RunnerIdle()
+        ),
+    )
     return ack.seq
 
 
@@ -46,8 +55,7 @@ async def test_task_published_like_nats_pub_is_pending(nats_server: NatsServer, 
         assert stop(sup) == 0
 
 
-async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsServer, nc: NATS,
-                                                            tmp_path: Path) -> None:
+async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:
     sup = exojet("supervisor", "--nats", nats_server.url, "--snapshot-every", "3", log=tmp_path / "sup.log")
     try:
         await first_answer(nc)
@@ -80,8 +88,8 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
 
 
 async def _local_fold_hash(url: str) -> str:
-    from projections.apply import apply
-    from projections.state import ClusterState, state_hash
+    from exojet.projections.apply import apply
+    from exojet.projections.state import ClusterState, state_hash
 
     conn = await client.connect(url)
     state = ClusterState()
@@ -96,8 +104,9 @@ async def _local_fold_hash(url: str) -> str:
 
 
 async def test_two_supervisors_answer_alike(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:
-    sups = [exojet("supervisor", "--nats", nats_server.url, "--id", f"s{i}", log=tmp_path / f"s{i}.log")
-            for i in range(2)]
+    sups = [
+        exojet("supervisor", "--nats", nats_server.url, "--id", f"s{i}", log=tmp_path / f"s{i}.log") for i in range(2)
+    ]
     try:
         await first_answer(nc)
         last = 0
@@ -132,14 +141,25 @@ async def test_bad_input_is_named_and_kills_nothing(nats_server: NatsServer, nc:
             await nc.publish("exo.tasks.r1", data)
         await nc.publish("exo.events.runner.r1", b'{"type":"RunnerStatusUpdated","event_id":"e"}')
         # Acked, so everything published before it on this connection is stored too.
-        ack = await nc.jetstream().publish("exo.events.runner.r1", encode(
-            {"type": "RunnerStatusUpdated", "event_id": "f", "runner_id": "r1", "runner_status": {"type": "Nope"}}))
+        ack = await nc.jetstream().publish(
+            "exo.events.runner.r1",
+            encode(
+                {"type": "RunnerStatusUpdated", "event_id": "f", "runner_id": "r1", "runner_status": {"type": "Nope"}}
+            ),
+        )
         last = ack.seq
         reply = await query(nc, "state", min_seq=last)
         details = [a["kind"] + " " + a["detail"] for a in reply["anomalies"]]
-        expected = ["BadTask NotJson", "BadTask UnknownType", "BadTask InvalidField", "BadTask InvalidModelId",
-                    "BadTask PayloadTooLarge", "BadEvent MissingField", "BadEvent InvalidField"]
-        assert [d[: len(e)] for d, e in zip(details, expected)] == expected
+        expected = [
+            "BadTask NotJson",
+            "BadTask UnknownType",
+            "BadTask InvalidField",
+            "BadTask InvalidModelId",
+            "BadTask PayloadTooLarge",
+            "BadEvent MissingField",
+            "BadEvent InvalidField",
+        ]
+        assert [d[: len(e)] for d, e in zip(details, expected, strict=True)] == expected
         assert reply["seq"] == last == 7
         assert sup.poll() is None
         # Each bad task is tracked under its sequence, waiting for the runner's answer.

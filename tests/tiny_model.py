@@ -45,7 +45,7 @@ def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320) -> dict:
     }
 
 
-def build_tokenizer(vocab_size: int) -> "object":
+def build_tokenizer(vocab_size: int) -> object:
     """A byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -97,7 +97,5 @@ def write_tiny_llama(path: Path, n_layers: int = 4, seed: int = 0) -> Path:
             indent=2,
         )
     )
-    (path / "special_tokens_map.json").write_text(
-        json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
-    )
+    (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
     return path
