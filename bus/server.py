@@ -46,7 +46,8 @@ def free_port() -> int:
     """A currently free TCP port on loopback."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 class NatsServer:

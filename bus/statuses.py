@@ -7,59 +7,60 @@ import enum
 import msgspec
 
 
+# Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
 class _Status(msgspec.Struct, frozen=True, tag_field="type", tag=True):
     pass
 
 
-class RunnerIdle(_Status):
+class RunnerIdle(_Status, frozen=True):
     pass
 
 
-class RunnerDownloading(_Status):
+class RunnerDownloading(_Status, frozen=True):
     pass
 
 
-class RunnerConnecting(_Status):
+class RunnerConnecting(_Status, frozen=True):
     pass
 
 
-class RunnerConnected(_Status):
+class RunnerConnected(_Status, frozen=True):
     pass
 
 
-class RunnerLoading(_Status):
+class RunnerLoading(_Status, frozen=True):
     pass
 
 
-class RunnerLoaded(_Status):
+class RunnerLoaded(_Status, frozen=True):
     pass
 
 
-class RunnerWarmingUp(_Status):
+class RunnerWarmingUp(_Status, frozen=True):
     pass
 
 
-class RunnerReady(_Status):
+class RunnerReady(_Status, frozen=True):
     pass
 
 
-class RunnerRunning(_Status):
+class RunnerRunning(_Status, frozen=True):
     pass
 
 
-class RunnerShuttingDown(_Status):
+class RunnerShuttingDown(_Status, frozen=True):
     pass
 
 
-class RunnerShutdown(_Status):
+class RunnerShutdown(_Status, frozen=True):
     pass
 
 
-class RunnerFailed(_Status):
+class RunnerFailed(_Status, frozen=True):
     error_message: str = ""
 
 
-class RunnerLostStatus(_Status, tag="RunnerLost"):
+class RunnerLostStatus(_Status, frozen=True, tag="RunnerLost"):
     """Only the supervisor writes it (as part of a `RunnerLost` event)."""
 
     reason: str = ""

@@ -68,6 +68,8 @@ def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
 
 
 async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+    # The configs built above always name their stream; StreamConfig types the name optional.
+    assert config.name is not None
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:

@@ -54,7 +54,8 @@ class TaskConsumer:
         while True:
             while self._queue:
                 msg = self._queue.popleft()
-                status = msg.headers.get("Status") if msg.headers else None
+                headers = msg.headers or {}
+                status = headers.get("Status")
                 if status is None:
                     self._outstanding = False
                     return msg
@@ -62,7 +63,7 @@ class TaskConsumer:
                     self._outstanding = False
                 elif status != "100":  # 100 is an idle heartbeat
                     logger.bind(runner_id=self.runner_id).warning(
-                        f"pull request answered {status} {msg.headers.get('Description', '')}"
+                        f"pull request answered {status} {headers.get('Description', '')}"
                     )
                     self._outstanding = False
             if not self._outstanding:

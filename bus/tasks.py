@@ -37,29 +37,30 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
+# Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
 class _Task(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
     task_id: str | None = None
     # Set by the planner so the projection can tie a task to its instance.
     instance_id: str | None = None
 
 
-class DownloadModel(_Task):
+class DownloadModel(_Task, frozen=True):
     shard: Shard
 
 
-class ConnectToGroup(_Task):
+class ConnectToGroup(_Task, frozen=True):
     group: Group
 
 
-class LoadModel(_Task):
+class LoadModel(_Task, frozen=True):
     shard: Shard | None = None
 
 
-class StartWarmup(_Task):
+class StartWarmup(_Task, frozen=True):
     pass
 
 
-class ChatCompletion(_Task):
+class ChatCompletion(_Task, frozen=True):
     messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(min_length=1)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
@@ -73,7 +74,7 @@ class ChatCompletion(_Task):
     emit_rank: int = 0
 
 
-class UnloadModel(_Task):
+class UnloadModel(_Task, frozen=True):
     """Free the model (and leave the group): back to Idle, the process stays.
 
     Not in the seed; it lets a deleted instance release its runners without
@@ -81,7 +82,7 @@ class UnloadModel(_Task):
     """
 
 
-class Shutdown(_Task):
+class Shutdown(_Task, frozen=True):
     pass
 
 

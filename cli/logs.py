@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from loguru import logger
+
+if TYPE_CHECKING:
+    # Only in loguru's stubs.
+    from loguru import Record
 
 FORMAT = "<green>{time:HH:mm:ss.SSS}</green> <level>{level: <7}</level> <cyan>{name}</cyan> {message}<dim>{extra}</dim>"
 
 
-def _with_extra(record: dict) -> str:
+def _with_extra(record: Record) -> str:
     fields = " ".join(f"{k}={v}" for k, v in record["extra"].items())
     return FORMAT.replace("{extra}", f"  [{fields}]" if fields else "") + "\n{exception}"
 

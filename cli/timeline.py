@@ -41,7 +41,7 @@ def task_id_of(env: Envelope, message: object) -> str | None:
     return None
 
 
-def describe(before: ClusterState, env: Envelope, message: object) -> tuple[str, str]:
+def describe(before: ClusterState, env: Envelope, message: Task | Event | BadInput | None) -> tuple[str, str]:
     """(type, the change in words), judged against the state before `env`."""
     match message:
         case BadInput(error_type=error_type, message=text):

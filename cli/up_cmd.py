@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import cast
 
 from exojet.bus import client, streams, subjects
 from exojet.bus.codec import encode
@@ -32,6 +33,11 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+
+
+def _role(proc: subprocess.Popen[bytes]) -> str:
+    """The subcommand a `_spawn`ed process runs (its argv is python, -m, module, role, ...)."""
+    return cast(list[str], proc.args)[3]
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
@@ -188,8 +194,8 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
                 procs[0].wait(1.0)
             except subprocess.TimeoutExpired:
                 continue
-        dead = [p.args[3] for p in procs if p.poll() is not None]
-        print(f"error: {', '.join(map(str, dead))} exited; stopping", file=sys.stderr)
+        dead = [_role(p) for p in procs if p.poll() is not None]
+        print(f"error: {', '.join(dead)} exited; stopping", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping: the runner shuts down through the log, then the supervisor and the server", flush=True)

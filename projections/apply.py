@@ -20,13 +20,11 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     DownloadProgress,
-    InstanceDeleted,
-    InstanceFailed,
-    InstancePlaced,
-    InstanceRetryDue,
+    RunnerEvent,
     RunnerLost,
     RunnerRegistered,
     RunnerStatusUpdated,
+    SupervisorEvent,
     TaskStatusUpdated,
 )
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
@@ -141,7 +139,7 @@ def _apply_supervisor_event(state: ClusterState, env: Envelope) -> None:
     except BadInput as err:
         _anomaly(state, env, "BadEvent", f"{err.error_type}: {err.message}")
         return
-    if not isinstance(event, InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted):
+    if not isinstance(event, SupervisorEvent):
         _anomaly(state, env, "WrongSubject", f"runner event {type(event).__name__} on {env.subject}")
         return
     if not _seen(state, event.event_id):
@@ -156,10 +154,7 @@ def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str)
         return
     if _seen(state, event.event_id):
         return
-    # A dict lookup on the type instead of a chain of class patterns: this is
-    # the hottest line of a rebuild.
-    handler = _RUNNER_HANDLERS.get(type(event))
-    if handler is None:
+    if not isinstance(event, RunnerEvent):
         _anomaly(
             state,
             env,
@@ -168,6 +163,9 @@ def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str)
             runner_id=subject_runner,
         )
         return
+    # A dict lookup on the type instead of a chain of class patterns: this is
+    # the hottest line of a rebuild.
+    handler = _RUNNER_HANDLERS[type(event)]
     runner_id = event.runner_id
     if runner_id != subject_runner:
         _anomaly(state, env, "WrongSubject", f"event for runner {runner_id} on {env.subject}", runner_id=runner_id)

@@ -301,7 +301,9 @@ class EngineChild:
         # others wait in: the watchdog turns that wait into a bounded failure.
         with self._ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
             self.model, self.tokenizer = load_shard(path, self.group, start, end)
-        weight_bytes = sum(a.nbytes for _, a in tree_flatten(self.model.parameters()))
+        params: dict[str, Any] = {}
+        tree_flatten(self.model.parameters(), destination=params)
+        weight_bytes = sum(a.nbytes for a in params.values())
         seconds = time.perf_counter() - started
         logger.bind(model=str(path), start=start, end=end).info(
             "loaded shard, {} bytes of weights in {:.2f} s", weight_bytes, seconds

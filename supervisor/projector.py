@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 
 from loguru import logger
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -47,8 +48,8 @@ class Projector:
         self._since_snapshot = 0
         # (min_seq, future) of queries waiting for the projection to get there.
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._sub = None
-        self._snapshot_task: asyncio.Task[None] | None = None
+        self._sub: Subscription | None = None
+        self._snapshot_task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
         """Load the newest snapshot, then fold everything after it and keep following."""

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
-from exojet.bus import client
+from exojet.bus import client, subjects
 from exojet.bus.codec import encode
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
 from exojet.bus.query_client import QueryFailed, first_answer, query
@@ -171,3 +172,14 @@ async def test_bad_input_is_named_and_kills_nothing(nats_server: NatsServer, nc:
         assert err.value.code == "NotFound"
     finally:
         assert stop(sup) == 0
+
+
+async def test_query_names_a_reply_that_is_not_a_json_object(nc: NATS) -> None:
+    async def answer(msg: Msg) -> None:
+        await msg.respond(b"[1, 2]")
+
+    await nc.subscribe(subjects.QUERY_STATE, cb=answer)
+    with pytest.raises(QueryFailed) as err:
+        await query(nc, "state", timeout=5)
+    assert err.value.code == "BadReply"
+    assert "not a JSON object" in err.value.message
