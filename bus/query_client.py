@@ -12,7 +12,12 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from exojet.bus import subjects
 
-_ENDPOINTS = {"state": subjects.QUERY_STATE, "runner": subjects.QUERY_RUNNER, "task": subjects.QUERY_TASK}
+_ENDPOINTS = {
+    "state": subjects.QUERY_STATE,
+    "runner": subjects.QUERY_RUNNER,
+    "task": subjects.QUERY_TASK,
+    "instance": subjects.QUERY_INSTANCE,
+}
 
 
 class QueryFailed(Exception):
@@ -25,7 +30,7 @@ class QueryFailed(Exception):
 
 
 async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
-    """The reply of endpoint `state`, `runner` or `task` (body fields as keywords, e.g. min_seq)."""
+    """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq)."""
     payload = msgspec.json.encode({k: v for k, v in body.items() if v is not None})
     try:
         msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)

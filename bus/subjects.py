@@ -19,6 +19,7 @@ QUERY_PREFIX = "exo.supervisor"
 QUERY_STATE = f"{QUERY_PREFIX}.state"
 QUERY_RUNNER = f"{QUERY_PREFIX}.runner"
 QUERY_TASK = f"{QUERY_PREFIX}.task"
+QUERY_INSTANCE = f"{QUERY_PREFIX}.instance"
 
 # One subject token: no dots, spaces or wildcards, so an id can never address
 # another runner's subject.

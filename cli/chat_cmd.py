@@ -5,27 +5,39 @@ from __future__ import annotations
 import sys
 import uuid
 
+from nats.aio.client import Client as NATS
+
 from exojet.bus import client, subjects
 from exojet.bus.codec import encode
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.cli.log_cmds import wait_task
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
+from exojet.supervisor.queries import MAX_LIMIT
 
 
-def _ready_runner(reply: dict, wanted: str | None, model_id: str | None) -> str | None:
-    """The named runner if Ready, else the Ready runner (with `model_id`) with the fewest tasks."""
-    runners = reply["runners"]
+async def _ready_runner(nc: NATS, wanted: str | None, model_id: str | None) -> str | None:
+    """The named runner if Ready, else the Ready runner (with `model_id`) with the fewest unfinished tasks."""
     if wanted is not None:
-        return wanted if runners.get(wanted, {}).get("status") == "RunnerReady" else None
-    ready = [r for r in runners.values() if r["status"] == "RunnerReady" and model_id in (None, r["model_id"])]
-    if not ready:
-        return None
-    load = {r["runner_id"]: 0 for r in ready}
-    for task in reply["tasks"].values():
-        if task["runner_id"] in load and task["status"] in ("Pending", "Running"):
-            load[task["runner_id"]] += 1
-    return min(sorted(load), key=lambda rid: load[rid])
+        try:
+            reply = await query(nc, "runner", runner_id=wanted, limit=0)
+        except QueryFailed as err:
+            if err.code == "NotFound":
+                return None
+            raise
+        return wanted if reply["runner"]["status"] == "RunnerReady" else None
+    reply = await query(nc, "state", sections=["runners"], runner_status="RunnerReady", limit=MAX_LIMIT)
+    ready: list[str] = [r["runner_id"] for r in reply["runners"].values() if model_id in (None, r["model_id"])]
+    load: dict[str, int] = reply["load"]
+    return min(sorted(ready), key=lambda rid: load.get(rid, 0)) if ready else None
+
+
+async def _statuses(nc: NATS) -> str:
+    """The runners and their statuses, for an error message (the first page of them)."""
+    reply = await query(nc, "state", sections=["runners"], limit=20)
+    shown = ", ".join(f"{r['runner_id']} {r['status'].removeprefix('Runner')}" for r in reply["runners"].values())
+    more = reply["runners_page"]["total"] - len(reply["runners"])
+    return (shown or "no runners") + (f" and {more} more" if more > 0 else "")
 
 
 async def _routed(
@@ -60,26 +72,18 @@ async def chat(
     nc = await client.connect(nats_url, name="exojet-chat")
     try:
         try:
-            reply = await query(nc, "state")
+            if runner_id is None:
+                ready = await query(nc, "state", sections=["instances"], instance_status="Ready", limit=MAX_LIMIT)
+                if any(model_id in (None, i["model_id"]) for i in ready["instances"].values()):
+                    await nc.close()
+                    return await _routed(nats_url, prompt, model_id, max_tokens, temperature, timeout)
+            target = await _ready_runner(nc, runner_id, model_id)
+            if target is None:
+                who = f"runner {runner_id} is not" if runner_id else "no runner is"
+                print(f"error: {who} Ready ({await _statuses(nc)}); start one with `exojet up`", file=sys.stderr)
+                return 1
         except QueryFailed as err:
             print(f"error: {err.code}: {err.message}", file=sys.stderr)
-            return 1
-        ready_instances = [
-            i
-            for i in reply.get("instances", {}).values()
-            if i["status"] == "Ready" and model_id in (None, i["model_id"])
-        ]
-        if runner_id is None and ready_instances:
-            await nc.close()
-            return await _routed(nats_url, prompt, model_id, max_tokens, temperature, timeout)
-        target = _ready_runner(reply, runner_id, model_id)
-        if target is None:
-            statuses = (
-                ", ".join(f"{r['runner_id']} {r['status'].removeprefix('Runner')}" for r in reply["runners"].values())
-                or "no runners"
-            )
-            who = f"runner {runner_id} is not" if runner_id else "no runner is"
-            print(f"error: {who} Ready ({statuses}); start one with `exojet up`", file=sys.stderr)
             return 1
         task = ChatCompletion(
             task_id=f"chat-{uuid.uuid4().hex[:12]}",

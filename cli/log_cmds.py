@@ -17,12 +17,12 @@ from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
-from exojet.cli.render import render_runner, render_state, render_task
+from exojet.cli.render import render_instance, render_runner, render_state, render_task
 from exojet.cli.timeline import describe, message_of, task_id_of, timeline_line
 from exojet.projections.apply import apply
 from exojet.projections.checks import check
 from exojet.projections.state import ClusterState
-from exojet.supervisor.queries import state_reply
+from exojet.supervisor.queries import Paging, state_reply
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -111,13 +111,32 @@ async def _print_chunk(msg: Any) -> None:
         print(chunk["text"], end="", flush=True)
 
 
-async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, as_json: bool, min_seq: int) -> int:
-    """Print the supervisor's projection (or one runner / task of it)."""
+class Scope(msgspec.Struct, frozen=True, kw_only=True):
+    """What `exojet state` asks about: one runner, task or instance, else the whole cluster."""
+
+    runner_id: str | None = None
+    task_id: str | None = None
+    instance_id: str | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return "runner" if self.runner_id else "task" if self.task_id else "instance" if self.instance_id else "state"
+
+
+async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, paging: Paging) -> int:
+    """Print the supervisor's projection (or one runner, task or instance of it), a page at a time."""
     nc = await client.connect(nats_url, name="exojet-cli")
+    endpoint = scope.endpoint
     try:
-        endpoint = "runner" if runner_id else "task" if task_id else "state"
         try:
-            reply = await query(nc, endpoint, runner_id=runner_id, task_id=task_id, min_seq=min_seq or None)
+            reply = await query(
+                nc,
+                endpoint,
+                **msgspec.structs.asdict(scope),
+                min_seq=min_seq or None,
+                offset=paging.offset,
+                limit=paging.limit,
+            )
         except QueryFailed as err:
             return _fail(f"{err.code}: {err.message}")
     finally:
@@ -125,7 +144,8 @@ async def show_state(nats_url: str, runner_id: str | None, task_id: str | None, 
     if as_json:
         print(msgspec.json.encode(reply).decode())
     else:
-        print({"runner": render_runner, "task": render_task, "state": render_state}[endpoint](reply))
+        renders = {"runner": render_runner, "task": render_task, "instance": render_instance, "state": render_state}
+        print(renders[endpoint](reply))
     return 0
 
 

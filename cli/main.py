@@ -11,6 +11,7 @@ from exojet import __version__
 from exojet.bus.client import NatsUnreachable, default_url
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
+from exojet.projections.state import Retention
 
 
 def _add_nats(p: argparse.ArgumentParser) -> None:
@@ -48,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-attempts", type=int, default=3, help="placement attempts before an instance stays Failed")
     p.add_argument(
+        "--keep-finished",
+        type=int,
+        default=Retention().finished,
+        help="finished tasks, chats and ended instances kept in the projection (each; older ones: the log)",
+    )
+    p.add_argument(
+        "--keep-age",
+        type=float,
+        default=Retention().age_s,
+        help="seconds (of log time) finished work stays in the projection",
+    )
+    p.add_argument("--keep-anomalies", type=int, default=Retention().anomalies, help="newest anomalies kept")
+    p.add_argument(
         "--group-ports",
         default="52400-52999",
         help="port range START-END that pipeline groups listen on (default 52400-52999)",
@@ -70,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--runner", default=None)
     g.add_argument("--task", default=None)
+    g.add_argument("--instance", default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--min-seq", type=int, default=0, help="answer once the projection reached this seq")
+    p.add_argument("--offset", type=int, default=0, help="page: skip this many runners, instances and tasks")
+    p.add_argument("--limit", type=int, default=100, help="page: at most this many of each (max 500)")
     _add_nats(p)
 
     p = sub.add_parser("replay", help="the log's timeline, rebuilt locally (no supervisor needed)")
@@ -181,6 +198,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                     heartbeat_timeout=args.heartbeat_timeout,
                     models_dir=args.models_dir,
                     planner=planner,
+                    retention=Retention(
+                        finished=args.keep_finished, age_s=args.keep_age, anomalies=args.keep_anomalies
+                    ),
                 )
             )
         case "place" | "delete":
@@ -192,9 +212,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return asyncio.run(publish_task(args.nats, args.runner_id, args.json, args.wait, args.timeout))
         case "state":
-            from exojet.cli.log_cmds import show_state
+            from exojet.cli.log_cmds import Scope, show_state
+            from exojet.supervisor.queries import Paging
 
-            return asyncio.run(show_state(args.nats, args.runner, args.task, args.json, args.min_seq))
+            return asyncio.run(
+                show_state(
+                    args.nats,
+                    Scope(runner_id=args.runner, task_id=args.task, instance_id=args.instance),
+                    args.json,
+                    args.min_seq,
+                    Paging(offset=args.offset, limit=args.limit),
+                )
+            )
         case "replay":
             from exojet.cli.log_cmds import replay_log
 

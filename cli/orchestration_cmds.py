@@ -109,12 +109,11 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
         async with asyncio.timeout(timeout):
             while True:
                 try:
-                    reply = await query(nc, "state", min_seq=seq)
+                    inst = (await query(nc, "instance", instance_id=instance_id, min_seq=seq))["instance"]
                 except QueryFailed as err:
                     if err.code not in ("NoSupervisor", "Timeout"):
                         return _fail(f"{err.code}: {err.message}")
-                    reply = {"instances": {}}
-                inst = reply["instances"].get(instance_id)
+                    inst = None
                 if inst is not None:
                     status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
                     if status != shown:

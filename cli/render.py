@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS_SHOWN = 30
-
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A left-aligned text table."""
@@ -68,16 +66,25 @@ def _placement(p: dict[str, Any]) -> str:
 
 def render_state(reply: dict[str, Any]) -> str:
     """The `exo.supervisor.state` reply (or a local fold shaped like it) as text."""
-    parts = [f"seq {reply['seq']}", "", render_runner_rows(reply["runners"])]
+    parts = [
+        f"seq {reply['seq']}",
+        "",
+        f"runners{_page_note(reply, 'runners')}",
+        render_runner_rows(reply["runners"]),
+    ]
     if reply.get("instances"):
-        parts += ["", "instances", render_instance_rows(reply["instances"])]
-    if reply.get("pending_chats"):
-        parts += ["", f"{len(reply['pending_chats'])} chats waiting for a Ready instance"]
+        parts += ["", f"instances{_page_note(reply, 'instances')}", render_instance_rows(reply["instances"])]
+    if reply.get("pending_chat_count"):
+        parts += ["", f"{reply['pending_chat_count']} chats waiting for a Ready instance"]
     tasks = sorted(reply["tasks"].values(), key=lambda t: t["created_seq"])
     if tasks:
-        shown = tasks[-TASKS_SHOWN:]
-        note = f" (newest {len(shown)} of {len(tasks)})" if len(tasks) > len(shown) else ""
-        parts += ["", f"tasks{note}", render_task_rows(shown)]
+        parts += ["", f"tasks{_page_note(reply, 'tasks')}", render_task_rows(tasks)]
+    if reply.get("pruned"):
+        parts += [
+            "",
+            f"{reply['pruned']} finished tasks, chats and instances pruned up to seq {reply['pruned_seq']} "
+            "(they stay in the log: `exojet replay --task ID`)",
+        ]
     downloads = [d for d in reply["downloads"].values() if d["downloaded_bytes"] < d["total_bytes"]]
     if downloads:
         parts += [
@@ -102,6 +109,16 @@ def render_state(reply: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _page_note(reply: dict[str, Any], section: str) -> str:
+    """` (41-60 of 300, --offset 60 for more)` when a section's page is not all of it."""
+    page = reply.get(f"{section}_page")
+    if page is None or page["total"] <= len(reply[section]) and page["offset"] == 0:
+        return ""
+    first = page["offset"] + 1
+    more = f", --offset {page['next_offset']} for more" if page["next_offset"] is not None else ""
+    return f" ({first}-{page['offset'] + len(reply[section])} of {page['total']}{more})"
+
+
 def render_runner(reply: dict[str, Any]) -> str:
     runner = reply["runner"]
     return "\n".join(
@@ -113,6 +130,11 @@ def render_runner(reply: dict[str, Any]) -> str:
             render_task_rows(reply["tasks"]),
         ]
     )
+
+
+def render_instance(reply: dict[str, Any]) -> str:
+    inst = reply["instance"]
+    return "\n".join([f"seq {reply['seq']}", "", render_instance_rows({inst["instance_id"]: inst})])
 
 
 def render_task(reply: dict[str, Any]) -> str:

@@ -59,6 +59,7 @@ class _Watcher:
         self.runner_id = runner_id
         self.status = "Unregistered"
         self.incarnation = 0
+        self.registered_seq = 0
         self.registered = asyncio.Event()
         self._changed = asyncio.Event()
 
@@ -66,6 +67,7 @@ class _Watcher:
         match message_of(env):
             case RunnerRegistered(incarnation=inc, pid=pid):
                 self.incarnation = inc
+                self.registered_seq = env.seq
                 print(f"  runner {self.runner_id} registered (incarnation {inc}, pid {pid})", flush=True)
                 self.registered.set()
             case RunnerStatusUpdated(runner_status=status):
@@ -98,11 +100,10 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
     try:
         await asyncio.wait_for(watcher.registered.wait(), 60)
         # This runner serves our instance only: retire what an earlier `up` left on it.
-        state = await first_answer(nc)
-        for inst in state["instances"].values():
-            holders = {p["runner_id"] for p in inst["placements"]} | set(inst["requested_runners"] or ())
-            if runner_id in holders and inst["status"] != "Deleted":
-                await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst["instance_id"]))
+        await first_answer(nc, min_seq=watcher.registered_seq)
+        mine = await query(nc, "runner", runner_id=runner_id, min_seq=watcher.registered_seq)
+        for inst in mine["instances"].values():
+            await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst["instance_id"]))
         # The planner drives DownloadModel -> LoadModel -> StartWarmup; we watch.
         command_id = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
         ack = await client.publish(
@@ -115,7 +116,7 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
         print(f"  placed {instance_id}: {model_id} on {runner_id}", flush=True)
         async with asyncio.timeout(600):
             while True:
-                inst = (await query(nc, "state", min_seq=ack.seq))["instances"].get(instance_id, {})
+                inst = (await query(nc, "instance", instance_id=instance_id, min_seq=ack.seq))["instance"]
                 if inst.get("status") == "Ready":
                     return instance_id
                 if inst.get("status") in ("Failed", "Deleted"):

@@ -29,7 +29,7 @@ from exojet.bus.events import (
 )
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
-from exojet.projections import instances
+from exojet.projections import instances, retention
 from exojet.projections.rules import UNREGISTERED, transition_allowed
 from exojet.projections.state import (
     EVENT_ID_WINDOW,
@@ -54,7 +54,7 @@ def copy_state(state: ClusterState) -> ClusterState:
 
 
 def _anomaly(state: ClusterState, env: Envelope, kind: str, detail: str, **ids: str | None) -> None:
-    state.anomalies.append(Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject, **ids))
+    retention.record_anomaly(state, Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject, **ids))
 
 
 def _runner(state: ClusterState, runner_id: str) -> RunnerView:
@@ -90,6 +90,7 @@ def apply(state: ClusterState, env: Envelope) -> ClusterState:
         instances.apply_command(state, env)
     elif subject == subjects.SUPERVISOR_EVENTS:
         _apply_supervisor_event(state, env)
+    retention.prune(state, env.time, instances.holds, instances.still_held)
     return state
 
 
@@ -279,8 +280,14 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
         runner.running_task = None
     if event.task_status == TaskStatus.COMPLETE and task.task_type == "LoadModel":
         runner.model_id = task.model_id
+    if task.status in TERMINAL_TASK_STATUSES:
+        _finished(state, env, task)
     if task.instance_id is not None:
         instances.on_task_status(state, env, task)
+
+
+def _finished(state: ClusterState, env: Envelope, task: TaskView) -> None:
+    retention.finish_task(state, task.task_id, env.time)
 
 
 def _summary(result: dict[str, object]) -> dict[str, object]:
@@ -298,6 +305,7 @@ def _fail_running_task(state: ClusterState, env: Envelope, runner: RunnerView, e
         task.error_type = error_type
         task.error_message = why
         task.updated_seq = env.seq
+        _finished(state, env, task)
         if task.instance_id is not None:
             instances.on_task_status(state, env, task)
 

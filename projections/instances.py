@@ -29,6 +29,8 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.events import InstanceDeleted, InstanceFailed, InstancePlaced, InstanceRetryDue, SupervisorEvent
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
+from exojet.projections import retention
+from exojet.projections.rules import UNREGISTERED
 from exojet.projections.state import Anomaly, ClusterState, InstanceView, RoutedChatView, TaskView
 
 PLACING = "Placing"
@@ -70,7 +72,7 @@ def chat_task_id(chat_id: str, rank: int) -> str:
 
 
 def _anomaly(state: ClusterState, env: Envelope, kind: str, detail: str) -> None:
-    state.anomalies.append(Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject))
+    retention.record_anomaly(state, Anomaly(seq=env.seq, kind=kind, detail=detail, subject=env.subject))
 
 
 def apply_command(state: ClusterState, env: Envelope) -> None:
@@ -186,6 +188,39 @@ def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: str, re
     inst.status = status
     inst.reason = reason
     inst.updated_seq = env.seq
+    if status == DELETED or inst.gave_up:
+        retention.finish_instance(state, inst.instance_id, env.time)
+
+
+# A runner in one of these holds no instance's model any more.
+_RELEASED_STATUSES = frozenset({"RunnerIdle", "RunnerShutdown", "RunnerLost", UNREGISTERED})
+
+
+def still_held(state: ClusterState, inst: InstanceView) -> bool:
+    """Whether a runner of `inst`'s placement may still hold its model (the planner may yet unload it)."""
+    for p in inst.placements:
+        runner = state.runners.get(p.runner_id)
+        if (
+            runner is not None
+            and state.runner_instances.get(p.runner_id) == inst.instance_id
+            and runner.incarnation == p.incarnation
+            and runner.status not in _RELEASED_STATUSES
+        ):
+            return True
+    return False
+
+
+def holds(state: ClusterState, task: TaskView) -> bool:
+    """Whether the planner still reads `task`: a task of its instance's current attempt while the
+    instance is live (its steps) or, ended, still held by a runner (its UnloadModel)."""
+    inst = state.instances.get(task.instance_id or "")
+    if inst is None or task.task_type == "ChatCompletion":
+        return False
+    if not task.task_id.startswith(f"{inst.instance_id}.a{inst.attempt}."):
+        return False
+    if inst.status in ENDED_STATUSES:
+        return still_held(state, inst)
+    return bool(inst.placements)
 
 
 def refresh_status(state: ClusterState, inst: InstanceView) -> None:
@@ -234,6 +269,7 @@ def on_task_status(state: ClusterState, env: Envelope, task: TaskView) -> None:
         chat = state.chats[chat_id]
         chat.status = str(task.status)
         chat.updated_seq = env.seq
+        retention.finish_chat(state, chat_id, env.time)
         state.pending_chats.pop(chat_id, None)
         chat.request = None
         inst = state.instances.get(chat.instance_id or "")

@@ -111,12 +111,30 @@ class RoutedChatView(msgspec.Struct, kw_only=True):
     updated_seq: int = 0
 
 
+class Retention(msgspec.Struct, kw_only=True, frozen=True):
+    """How long finished work stays in the projection (then it lives only in the log).
+
+    Ages are measured on the log's own clock (each message's server receive time),
+    never the wall clock, so a fold stays pure and a replay prunes exactly alike.
+    """
+
+    # Finished tasks, finished routed chats, ended instances: at most this many of each.
+    finished: int = 10_000
+    # ... and none finished longer ago than this (seconds of log time).
+    age_s: float = 24 * 3600.0
+    # The newest anomalies kept (all are counted).
+    anomalies: int = 1_000
+
+
 class ClusterState(msgspec.Struct, kw_only=True):
     seq: int = 0
+    retention: Retention = Retention()
     runners: dict[str, RunnerView] = {}
     tasks: dict[str, TaskView] = {}
     downloads: dict[str, DownloadView] = {}
     anomalies: list[Anomaly] = []
+    # Every anomaly ever folded; `anomalies` holds the newest `retention.anomalies`.
+    anomaly_count: int = 0
     instances: dict[str, InstanceView] = {}
     # runner id -> the newest instance placed on it (kept after that instance ends).
     runner_instances: dict[str, str] = {}
@@ -131,6 +149,15 @@ class ClusterState(msgspec.Struct, kw_only=True):
     # whenever it grows half as large again, so what it holds depends only on
     # the sequence of events, never on where a snapshot was cut.
     recent_event_ids: dict[str, None] = {}
+    # Finished work in the order it finished, with the log time it did:
+    # [id, time], oldest first (see projections/retention.py).
+    finished_tasks: list[tuple[str, float]] = []
+    finished_chats: list[tuple[str, float]] = []
+    finished_instances: list[tuple[str, float]] = []
+    # How many of each were pruned, and the newest sequence a pruned one was
+    # touched at: a query for an id not here names this horizon.
+    pruned: int = 0
+    pruned_seq: int = 0
 
 
 _hash_encoder = msgspec.json.Encoder(order="sorted")

@@ -11,11 +11,14 @@ from pathlib import Path
 from loguru import logger
 
 from exojet.bus import client, streams
+from exojet.projections.state import Retention
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
 from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig
 from exojet.supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
 from exojet.supervisor.reconciler import Reconciler
 from exojet.supervisor.service import start_service
+
+DEFAULT_RETENTION = Retention()
 
 
 def default_supervisor_id() -> str:
@@ -30,12 +33,14 @@ async def run_supervisor(
     heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT_S,
     models_dir: Path | None = None,
     planner: PlannerConfig = DEFAULT_CONFIG,
+    retention: Retention = DEFAULT_RETENTION,
 ) -> int:
     """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code.
 
     It folds the log, answers queries, declares silent runners lost
     (`heartbeat_timeout`), and places instances and routes chats (`planner`;
-    `models_dir` is where it reads a model's layer count to split it).
+    `models_dir` is where it reads a model's layer count to split it); finished
+    work stays in its projection as long as `retention` says.
     """
     supervisor_id = supervisor_id or default_supervisor_id()
     log = logger.bind(supervisor_id=supervisor_id)
@@ -53,7 +58,7 @@ async def run_supervisor(
     try:
         js = nc.jetstream()
         await streams.ensure_streams(js)
-        projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload)
+        projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
         await projector.start()
         service = await start_service(nc, projector, supervisor_id)
         liveness = Liveness(nc, js, projector, supervisor_id, heartbeat_timeout)

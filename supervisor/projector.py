@@ -17,7 +17,7 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.streams import SNAPSHOT_BUCKET
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
-from exojet.projections.state import ClusterState
+from exojet.projections.state import ClusterState, Retention
 
 SNAPSHOT_KEY = "cluster"
 DEFAULT_SNAPSHOT_EVERY = 10_000
@@ -37,11 +37,13 @@ class Projector:
         js: JetStreamContext,
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
         max_snapshot_bytes: int = 8 * 1024 * 1024,
+        retention: Retention | None = None,
     ) -> None:
         self.js = js
         # A KV value is one message: bounded by the server's max_payload.
         self.max_snapshot_bytes = max_snapshot_bytes
-        self.state = ClusterState()
+        self.retention = retention or Retention()
+        self.state = ClusterState(retention=self.retention)
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []
         self._kv: KeyValue | None = None
@@ -56,6 +58,9 @@ class Projector:
         started = time.perf_counter()
         self._kv = await self.js.key_value(SNAPSHOT_BUCKET)
         await self._load_snapshot()
+        # The retention is this supervisor's setting, whatever the snapshot's was;
+        # it prunes from the next message on.
+        self.state.retention = self.retention
         from_snapshot = self.state.seq
         # Catch up with batched reads (faster than the live consumer), then follow from there.
         await client.replay(self.js, self._on_envelope, start_seq=self.state.seq + 1)

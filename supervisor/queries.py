@@ -1,16 +1,31 @@
-"""Query answers: plain data cut from the projection (pure)."""
+"""Query answers: plain data cut from the projection (pure).
+
+No reply grows with history: `state` answers summaries (counts) and one page of
+each collection, `runner`, `task` and `instance` answer one object. A page is
+`{total, offset, limit, next_offset}` next to the collection it cuts, so the
+reply shapes stay (`runners`, `instances`, `tasks` keyed by id) and a client
+asks again with `offset` for more.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterable, Iterator
+from itertools import islice
+from typing import Any, TypeVar
 
 import msgspec
 
-from exojet.projections.checks import check
-from exojet.projections.state import ClusterState, RoutedChatView, state_hash
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES
+from exojet.projections.instances import ENDED_STATUSES
+from exojet.projections.state import ClusterState, RoutedChatView, TaskView, state_hash
 
-# The full anomaly list can be long; a query shows the newest and the count.
+# The newest anomalies a reply shows (the count is of all of them).
 ANOMALIES_SHOWN = 50
+DEFAULT_LIMIT = 100
+# A page of 500 tasks is about 300 KB: far below the 1 MB a default server allows.
+MAX_LIMIT = 500
+
+T = TypeVar("T")
 
 
 class QueryError(Exception):
@@ -20,40 +35,149 @@ class QueryError(Exception):
         self.message = message
 
 
-def state_reply(state: ClusterState) -> dict[str, Any]:
-    """The whole cluster: runners, tasks, downloads, the newest anomalies."""
-    report = check(state)
-    return {
+class Paging(msgspec.Struct, kw_only=True, frozen=True):
+    offset: int = 0
+    limit: int = DEFAULT_LIMIT
+
+    def cut(self, items: Iterable[T], total: int) -> tuple[list[T], dict[str, Any]]:
+        """This page of `items` (`total` long) and its `{total, offset, limit, next_offset}`."""
+        offset = max(self.offset, 0)
+        limit = min(max(self.limit, 0), MAX_LIMIT)
+        page = list(islice(items, offset, offset + limit))
+        end = offset + len(page)
+        return page, {"total": total, "offset": offset, "limit": limit, "next_offset": end if end < total else None}
+
+
+FIRST_PAGE = Paging()
+
+
+def _keyed(views: list[Any], key: str) -> dict[str, Any]:
+    return {getattr(v, key): msgspec.to_builtins(v) for v in views}
+
+
+def _newest_first(tasks: dict[str, TaskView]) -> Iterator[TaskView]:
+    # A dict keeps the order tasks were published in.
+    return reversed(tasks.values())
+
+
+SECTIONS = ("runners", "instances", "tasks")
+
+
+class Filters(msgspec.Struct, kw_only=True, frozen=True):
+    """Narrow `state`'s collections: which are listed, runners in one status, instances in one status."""
+
+    sections: tuple[str, ...] = SECTIONS
+    runner_status: str | None = None
+    instance_status: str | None = None
+
+    def paging(self, section: str, paging: Paging) -> Paging:
+        """`paging` for a listed section, an empty page (counts only) for the others."""
+        return paging if section in self.sections else Paging(limit=0)
+
+
+NO_FILTERS = Filters()
+
+
+def state_reply(
+    state: ClusterState, paging: Paging = FIRST_PAGE, filters: Filters = NO_FILTERS, with_hash: bool = False
+) -> dict[str, Any]:
+    """Counts of everything, and one page of runners (by id), instances (live first, newest
+    first) and tasks (newest first); `load`: each listed runner's unfinished tasks;
+    anomalies: the count and the newest few."""
+    runner_ids = sorted(r for r, v in state.runners.items() if filters.runner_status in (None, v.status))
+    runners, runners_page = filters.paging("runners", paging).cut(
+        (state.runners[r] for r in runner_ids), len(runner_ids)
+    )
+    live = sorted(
+        (i for i in state.instances.values() if filters.instance_status in (None, i.status)),
+        key=lambda i: (i.status in ENDED_STATUSES, -i.created_seq),
+    )
+    instances, instances_page = filters.paging("instances", paging).cut(live, len(live))
+    tasks, tasks_page = filters.paging("tasks", paging).cut(_newest_first(state.tasks), len(state.tasks))
+    load = {r.runner_id: 0 for r in runners}
+    unfinished = 0
+    for task in state.tasks.values():
+        if task.status not in TERMINAL_TASK_STATUSES:
+            unfinished += 1
+            if task.runner_id in load:
+                load[task.runner_id] += 1
+    reply = {
         "seq": state.seq,
-        "state_hash": state_hash(state),
-        "runners": msgspec.to_builtins(state.runners),
-        "tasks": msgspec.to_builtins(state.tasks),
+        "runners": _keyed(runners, "runner_id"),
+        "runners_page": runners_page,
+        "load": load,
+        "instances": _keyed(instances, "instance_id"),
+        "instances_page": instances_page,
+        "tasks": _keyed(tasks, "task_id"),
+        "tasks_page": tasks_page,
         "downloads": msgspec.to_builtins(state.downloads),
-        "instances": msgspec.to_builtins(state.instances),
         # Chats still waiting for a rank to be published (the rest are tasks).
-        "pending_chats": [msgspec.to_builtins(_without_request(state.chats[c])) for c in state.pending_chats],
-        "anomaly_count": len(state.anomalies),
+        "pending_chats": [
+            msgspec.to_builtins(_without_request(state.chats[c])) for c in islice(state.pending_chats, MAX_LIMIT)
+        ],
+        "pending_chat_count": len(state.pending_chats),
+        "anomaly_count": state.anomaly_count,
         "anomalies": msgspec.to_builtins(state.anomalies[-ANOMALIES_SHOWN:]),
-        "unfinished_tasks": len(report.unfinished_tasks),
+        "unfinished_tasks": unfinished,
+        "retention": msgspec.to_builtins(state.retention),
+        "pruned": state.pruned,
+        "pruned_seq": state.pruned_seq,
     }
+    if with_hash:
+        # The whole state's digest: costs a full encode, so only on request.
+        reply["state_hash"] = state_hash(state)
+    return reply
 
 
 def _without_request(chat: RoutedChatView) -> RoutedChatView:
     return msgspec.structs.replace(chat, request=None)
 
 
-def runner_reply(state: ClusterState, runner_id: str) -> dict[str, Any]:
-    """One runner, with its tasks (newest last)."""
+def _not_found(state: ClusterState, what: str, key: str, replay: str) -> QueryError:
+    message = f"no {what} {key!r} in the live projection (seq {state.seq})"
+    if state.pruned:
+        message += (
+            f"; finished work leaves it after the newest {state.retention.finished} or "
+            f"{state.retention.age_s:g} s (pruned up to seq {state.pruned_seq}): "
+            f"the log still has it, see `{replay}`"
+        )
+    return QueryError("NotFound", message)
+
+
+def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAGE) -> dict[str, Any]:
+    """One runner, a page of its tasks (newest first), and the live instances that name it."""
     runner = state.runners.get(runner_id)
     if runner is None:
         raise QueryError("NotFound", f"no runner {runner_id!r} in the log (seq {state.seq})")
-    tasks = [t for t in state.tasks.values() if t.runner_id == runner_id]
-    return {"seq": state.seq, "runner": msgspec.to_builtins(runner), "tasks": msgspec.to_builtins(tasks)}
+    own = [t for t in _newest_first(state.tasks) if t.runner_id == runner_id]
+    tasks, tasks_page = paging.cut(own, len(own))
+    instances = [
+        i
+        for i in state.instances.values()
+        if i.status not in ENDED_STATUSES
+        and (runner_id in (i.requested_runners or ()) or any(p.runner_id == runner_id for p in i.placements))
+    ]
+    return {
+        "seq": state.seq,
+        "runner": msgspec.to_builtins(runner),
+        "tasks": msgspec.to_builtins(tasks),
+        "tasks_page": tasks_page,
+        # Live instances placed on it or asked to be.
+        "instances": _keyed(instances, "instance_id"),
+    }
 
 
 def task_reply(state: ClusterState, task_id: str) -> dict[str, Any]:
     """One task."""
     task = state.tasks.get(task_id)
     if task is None:
-        raise QueryError("NotFound", f"no task {task_id!r} in the log (seq {state.seq})")
+        raise _not_found(state, "task", task_id, f"exojet replay --task {task_id}")
     return {"seq": state.seq, "task": msgspec.to_builtins(task)}
+
+
+def instance_reply(state: ClusterState, instance_id: str) -> dict[str, Any]:
+    """One instance."""
+    inst = state.instances.get(instance_id)
+    if inst is None:
+        raise _not_found(state, "instance", instance_id, f"exojet replay --json | grep '\"{instance_id}'")
+    return {"seq": state.seq, "instance": msgspec.to_builtins(inst)}

@@ -15,7 +15,17 @@ from nats.micro.service import Service
 from exojet.bus import subjects
 from exojet.projections.state import ClusterState
 from exojet.supervisor.projector import MinSeqTimeout, Projector
-from exojet.supervisor.queries import QueryError, runner_reply, state_reply, task_reply
+from exojet.supervisor.queries import (
+    DEFAULT_LIMIT,
+    SECTIONS,
+    Filters,
+    Paging,
+    QueryError,
+    instance_reply,
+    runner_reply,
+    state_reply,
+    task_reply,
+)
 
 SERVICE_NAME = "exojet-supervisor"
 SERVICE_VERSION = "0.1.0"
@@ -28,6 +38,23 @@ class QueryRequest(msgspec.Struct, kw_only=True):
     timeout: float = DEFAULT_MIN_SEQ_TIMEOUT_S
     runner_id: str | None = None
     task_id: str | None = None
+    instance_id: str | None = None
+    # Paging of the collections a reply lists (see supervisor/queries.py).
+    offset: int = 0
+    limit: int = DEFAULT_LIMIT
+    # `state` adds the whole state's digest (a full encode: slow on a large state).
+    hash: bool = False
+    sections: tuple[str, ...] = SECTIONS
+    runner_status: str | None = None
+    instance_status: str | None = None
+
+    @property
+    def paging(self) -> Paging:
+        return Paging(offset=self.offset, limit=self.limit)
+
+    @property
+    def filters(self) -> Filters:
+        return Filters(sections=self.sections, runner_status=self.runner_status, instance_status=self.instance_status)
 
 
 _decoder = msgspec.json.Decoder(QueryRequest)
@@ -43,20 +70,22 @@ def _need(value: str | None, field: str) -> str:
 
 
 ANSWERS: dict[str, tuple[str, Answer]] = {
-    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s)),
-    "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"))),
+    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s, q.paging, q.filters, q.hash)),
+    "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"), q.paging)),
     "task": (subjects.QUERY_TASK, lambda s, q: task_reply(s, _need(q.task_id, "task_id"))),
+    "instance": (subjects.QUERY_INSTANCE, lambda s, q: instance_reply(s, _need(q.instance_id, "instance_id"))),
 }
 
 
 async def start_service(nc: NATS, projector: Projector, supervisor_id: str) -> Service:
-    """Register `exojet-supervisor` with its state, runner and task endpoints."""
+    """Register `exojet-supervisor` with its state, runner, task and instance endpoints."""
     service = await add_service(
         nc,
         name=SERVICE_NAME,
         version=SERVICE_VERSION,
         description="exojet supervisor: queries of the cluster projection (body: optional JSON "
-        "{min_seq, timeout, runner_id, task_id}; every reply carries seq)",
+        "{min_seq, timeout, runner_id, task_id, instance_id, offset, limit, sections, runner_status, "
+        "instance_status, hash}; every reply carries seq)",
         metadata={"supervisor_id": supervisor_id},
     )
     for name, (subject, answer) in ANSWERS.items():

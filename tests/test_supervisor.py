@@ -72,7 +72,7 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
     last = await _register(nc, "late")
     sup = exojet("supervisor", "--nats", nats_server.url, "--snapshot-every", "3", log=tmp_path / "sup2.log")
     try:
-        after = await first_answer(nc, min_seq=last)
+        after = await first_answer(nc, min_seq=last, hash=True)
         assert after["seq"] == last
         assert set(after["runners"]) == {"r0", "r1", "r2", "r3", "r4", "late"}
         assert after["runners"]["late"]["status"] == "RunnerIdle"
