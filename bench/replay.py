@@ -238,13 +238,13 @@ async def restart_from_snapshot(js, messages: list[Message], cut: int, repeat: i
     """Store a snapshot of the state at `cut`, then time Projector.start() from it."""
     from exojet.bus.envelope import Envelope
     from exojet.projections.snapshot import dump_snapshot
-    from exojet.supervisor.projector import SNAPSHOT_KEY
+    from exojet.supervisor.snapshot_store import store_snapshot
 
     state = ClusterState()
     for seq, (subject, data) in enumerate(messages[:cut], start=1):
         state = apply(state, Envelope(seq=seq, subject=subject, data=data))
     kv = await js.key_value(streams.SNAPSHOT_BUCKET)
-    await kv.put(SNAPSHOT_KEY, dump_snapshot(state))
+    await store_snapshot(kv, dump_snapshot(state), state.seq, 1024 * 1024)
     times = []
     for _ in range(repeat):
         projector = Projector(js, snapshot_every=10**12)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import msgspec
 from loguru import logger
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
@@ -14,6 +17,11 @@ SNAPSHOT_BUCKET = "EXO_SNAPSHOTS"
 
 DUPLICATE_WINDOW_S = 120.0
 CHUNKS_MAX_AGE_S = 3600.0
+# EXO_LOG's limits by default: what a laptop holds. The oldest messages go first;
+# snapshots (stored at least every `--snapshot-every` messages) keep a rebuild
+# possible, and `exojet log export` keeps history where users want it.
+LOG_MAX_AGE_S = 30 * 24 * 3600.0
+LOG_MAX_BYTES = 2 * 1024**3
 TASK_MAX_DELIVER = 5
 # Short, so that a runner restarted after a crash gets the task its previous
 # incarnation held (to answer it) within seconds; a live runner extends it with
@@ -21,8 +29,17 @@ TASK_MAX_DELIVER = 5
 TASK_ACK_WAIT_S = 6.0
 
 
-def log_stream_config(replicas: int = 1) -> api.StreamConfig:
-    """`EXO_LOG`: tasks, events and commands in one total order; nothing is ever removed."""
+class LogLimits(msgspec.Struct, frozen=True, kw_only=True):
+    """How much of `EXO_LOG` the server keeps (0: no limit)."""
+
+    max_age_s: float = LOG_MAX_AGE_S
+    max_bytes: int = LOG_MAX_BYTES
+
+
+def log_stream_config(replicas: int = 1, limits: LogLimits | None = None) -> api.StreamConfig:
+    """`EXO_LOG`: tasks, events and commands in one total order; nothing is deleted or
+    purged, only the oldest messages once the log outgrows its limits."""
+    limits = limits or LogLimits()
     return api.StreamConfig(
         name=LOG_STREAM,
         subjects=list(subjects.LOG_SUBJECTS),
@@ -30,7 +47,9 @@ def log_stream_config(replicas: int = 1) -> api.StreamConfig:
         storage=api.StorageType.FILE,
         num_replicas=replicas,
         duplicate_window=DUPLICATE_WINDOW_S,
-        max_age=0.0,
+        max_age=limits.max_age_s,
+        max_bytes=limits.max_bytes or -1,
+        discard=api.DiscardPolicy.OLD,
         allow_direct=True,
         deny_delete=True,
         deny_purge=True,
@@ -67,7 +86,7 @@ def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
     )
 
 
-async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, set_limits: bool = True) -> None:
     # The configs built above always name their stream; StreamConfig types the name optional.
     assert config.name is not None
     try:
@@ -76,6 +95,9 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig) -> None
         await js.add_stream(config)
         logger.bind(stream=config.name).info("created stream")
         return
+    if not set_limits:
+        # Only a process told the limits changes them; the others keep what is there.
+        config = replace(config, max_age=info.config.max_age, max_bytes=info.config.max_bytes)
     if _differs(info.config, config):
         try:
             await js.update_stream(config)
@@ -91,6 +113,7 @@ def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
         "subjects",
         "retention",
         "max_age",
+        "max_bytes",
         "duplicate_window",
         "allow_direct",
         "deny_delete",
@@ -101,9 +124,10 @@ def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
     return any(getattr(current, f) != getattr(wanted, f) for f in fields)
 
 
-async def ensure_streams(js: JetStreamContext, replicas: int = 1) -> None:
-    """Create or update `EXO_LOG`, `EXO_CHUNKS` and the KV `EXO_SNAPSHOTS`."""
-    await _ensure_stream(js, log_stream_config(replicas))
+async def ensure_streams(js: JetStreamContext, replicas: int = 1, log_limits: LogLimits | None = None) -> None:
+    """Create or update `EXO_LOG`, `EXO_CHUNKS` and the KV `EXO_SNAPSHOTS`; `log_limits` set
+    `EXO_LOG`'s limits (without them, a new log gets the defaults and an existing one keeps its own)."""
+    await _ensure_stream(js, log_stream_config(replicas, log_limits), set_limits=log_limits is not None)
     await _ensure_stream(js, chunks_stream_config(replicas))
     try:
         await js.key_value(SNAPSHOT_BUCKET)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
 from nats.js import api
 
 from exojet.bus import client, streams, subjects
+from exojet.bus.archive import ArchiveError, ArchiveWriter, replay_archive
 from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
@@ -161,44 +163,83 @@ async def replay_log(
     as_json: bool,
     show: bool,
     run_check: bool,
+    archive: Path | None = None,
 ) -> int:
-    """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check."""
-    nc = await client.connect(nats_url, name="exojet-replay")
+    """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check.
+
+    The log is `EXO_LOG`, or an archive that `exojet log export` wrote, read alike."""
     state = ClusterState()
     # --state and --check answer a question of their own; the timeline would bury it.
     timeline = not (show or run_check)
-    try:
-        # The fold always starts at 1 so every line is judged against the real
-        # state before it; only printing honours --from.
-        def on_env(env: Envelope) -> None:
-            nonlocal state
-            message = message_of(env)
-            if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
-                if as_json:
-                    print(
-                        _json.encode(
-                            {"seq": env.seq, "subject": env.subject, "time": env.time, "message": _as_json(env.data)}
-                        ).decode()
-                    )
-                else:
-                    print(timeline_line(env, *describe(state, env, message)))
-            state = apply(state, env)
 
-        await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
-    finally:
-        await nc.close()
+    # The fold always starts at the log's first message so every line is judged
+    # against the real state before it; only printing honours --from.
+    def on_env(env: Envelope) -> None:
+        nonlocal state
+        message = message_of(env)
+        if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
+            if as_json:
+                print(
+                    _json.encode(
+                        {"seq": env.seq, "subject": env.subject, "time": env.time, "message": _as_json(env.data)}
+                    ).decode()
+                )
+            else:
+                print(timeline_line(env, *describe(state, env, message)))
+        state = apply(state, env)
+
+    if archive is not None:
+        try:
+            replay_archive(archive, on_env, end_seq=to_seq)
+        except ArchiveError as err:
+            return _fail(str(err))
+    else:
+        nc = await client.connect(nats_url, name="exojet-replay")
+        try:
+            await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
+        finally:
+            await nc.close()
     if show:
         print(render_state(state_reply(state)) if not as_json else _json.encode(state).decode())
     if run_check:
-        report = check(state)
-        for a in report.anomalies:
-            print(f"anomaly at seq {a.seq}: {a.kind}: {a.detail}")
-        for t in report.unfinished_tasks:
-            print(f"unfinished task {t.task_id} ({t.task_type} on {t.runner_id}): {t.status} since seq {t.updated_seq}")
-        for r in report.stuck_runners:
-            print(f"stuck runner {r.runner_id}: {r.status} since seq {r.updated_seq}")
-        print("check: ok" if report.ok else "check: problems found")
-        return 0 if report.ok else 1
+        return _print_check(state)
+    return 0
+
+
+def _print_check(state: ClusterState) -> int:
+    report = check(state)
+    if state.horizon:
+        print(
+            f"the log read starts at seq {state.horizon} (what came before was archived or removed by "
+            "EXO_LOG's limits): statuses of tasks and runners met there are taken as they come"
+        )
+    for a in report.anomalies:
+        print(f"anomaly at seq {a.seq}: {a.kind}: {a.detail}")
+    if state.anomaly_count > len(report.anomalies):
+        print(f"({state.anomaly_count} anomalies in all; the newest {len(report.anomalies)} listed)")
+    for t in report.unfinished_tasks:
+        print(f"unfinished task {t.task_id} ({t.task_type} on {t.runner_id}): {t.status} since seq {t.updated_seq}")
+    for r in report.stuck_runners:
+        print(f"stuck runner {r.runner_id}: {r.status} since seq {r.updated_seq}")
+    print("check: ok" if report.ok else "check: problems found")
+    return 0 if report.ok else 1
+
+
+async def export_log(nats_url: str, from_seq: int, to_seq: int | None, path: Path) -> int:
+    """Write `EXO_LOG` from `from_seq` to `to_seq` to `path` (gzip JSON lines, see bus/archive.py)."""
+    nc = await client.connect(nats_url, name="exojet-export")
+    writer = ArchiveWriter(path)
+    try:
+        info = await nc.jetstream().stream_info(streams.LOG_STREAM)
+        await client.replay(nc.jetstream(), writer.write, start_seq=from_seq, end_seq=to_seq)
+    finally:
+        writer.close()
+        await nc.close()
+    if writer.count == 0:
+        return _fail(f"nothing to export: the log holds seq {info.state.first_seq}-{info.state.last_seq}")
+    if writer.first_seq > from_seq:
+        print(f"note: the log starts at seq {info.state.first_seq}; earlier messages were removed", file=sys.stderr)
+    print(f"exported {writer.count} messages, seq {writer.first_seq}-{writer.last_seq}, to {path}")
     return 0
 
 

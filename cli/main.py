@@ -9,6 +9,7 @@ from pathlib import Path
 
 from exojet import __version__
 from exojet.bus.client import NatsUnreachable, default_url
+from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
 from exojet.projections.state import Retention
@@ -62,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--keep-anomalies", type=int, default=Retention().anomalies, help="newest anomalies kept")
     p.add_argument(
+        "--log-max-age",
+        type=float,
+        default=None,
+        help=f"set EXO_LOG's max age in seconds, 0 = none (a new log gets {LOG_MAX_AGE_S:g})",
+    )
+    p.add_argument(
+        "--log-max-bytes",
+        type=int,
+        default=None,
+        help=f"set EXO_LOG's max size in bytes, 0 = none (a new log gets {LOG_MAX_BYTES})",
+    )
+    p.add_argument(
         "--group-ports",
         default="52400-52999",
         help="port range START-END that pipeline groups listen on (default 52400-52999)",
@@ -103,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any",
     )
+    p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
+    _add_nats(p)
+
+    p = sub.add_parser("log", help="the log itself")
+    log_sub = p.add_subparsers(dest="log_command", required=True)
+    p = log_sub.add_parser("export", help="archive a range of EXO_LOG as gzip JSON lines (`replay --file` reads it)")
+    p.add_argument("--from", dest="from_seq", type=int, default=1)
+    p.add_argument("--to", dest="to_seq", type=int, default=None)
+    p.add_argument("file", type=Path)
     _add_nats(p)
 
     p = sub.add_parser(
@@ -167,6 +189,17 @@ def _run_nats(port: int, monitor_port: int, store_dir: Path | None) -> int:
         server.stop()
 
 
+def _log_limits(max_age: float | None, max_bytes: int | None) -> LogLimits | None:
+    """The limits a supervisor sets on EXO_LOG, if told any (the other one stays the default)."""
+    if max_age is None and max_bytes is None:
+        return None
+    default = LogLimits()
+    return LogLimits(
+        max_age_s=default.max_age_s if max_age is None else max_age,
+        max_bytes=default.max_bytes if max_bytes is None else max_bytes,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
@@ -201,6 +234,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                     retention=Retention(
                         finished=args.keep_finished, age_s=args.keep_age, anomalies=args.keep_anomalies
                     ),
+                    log_limits=_log_limits(args.log_max_age, args.log_max_bytes),
                 )
             )
         case "place" | "delete":
@@ -229,9 +263,21 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return asyncio.run(
                 replay_log(
-                    args.nats, args.runner, args.task, args.from_seq, args.to_seq, args.json, args.state, args.check
+                    args.nats,
+                    args.runner,
+                    args.task,
+                    args.from_seq,
+                    args.to_seq,
+                    args.json,
+                    args.state,
+                    args.check,
+                    args.file,
                 )
             )
+        case "log":
+            from exojet.cli.log_cmds import export_log
+
+            return asyncio.run(export_log(args.nats, args.from_seq, args.to_seq, args.file))
         case "up":
             from exojet.cli.up_cmd import up
 

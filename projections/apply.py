@@ -80,6 +80,8 @@ def apply(state: ClusterState, env: Envelope) -> ClusterState:
     """Fold `env` into `state` and return it (see the module docstring)."""
     if env.seq <= state.seq:
         return state  # already folded: replays and redeliveries overlap
+    if env.seq > state.seq + 1:
+        state.horizon = env.seq
     state.seq = env.seq
     subject = env.subject
     if subject.startswith(_TASKS):
@@ -173,6 +175,8 @@ def _apply_runner_event(state: ClusterState, env: Envelope, subject_runner: str)
         return
     runner = state.runners.get(runner_id) or _runner(state, runner_id)
     runner.last_event_seq = env.seq
+    if state.horizon and runner.status == UNREGISTERED and runner.incarnation == 0:
+        runner.incarnation = event.incarnation  # registered before the horizon
     if event.incarnation != runner.incarnation and handler is not _register and handler is not _lose:
         _anomaly(
             state,
@@ -231,7 +235,7 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
 
 
 def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str, error: str | None) -> None:
-    if not transition_allowed(runner.status, new):
+    if not transition_allowed(runner.status, new) and not (state.horizon and runner.status == UNREGISTERED):
         _anomaly(state, env, "InvalidTransition", f"{runner.status} -> {new}", runner_id=runner.runner_id)
     runner.status = new
     runner.error_message = error
@@ -243,14 +247,15 @@ def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str
 def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: TaskStatusUpdated) -> None:
     task = state.tasks.get(event.task_id)
     if task is None:
-        _anomaly(
-            state,
-            env,
-            "UnknownTask",
-            f"status {event.task_status} for a task never published",
-            runner_id=runner.runner_id,
-            task_id=event.task_id,
-        )
+        if not state.horizon:  # else it was published before the horizon
+            _anomaly(
+                state,
+                env,
+                "UnknownTask",
+                f"status {event.task_status} for a task never published",
+                runner_id=runner.runner_id,
+                task_id=event.task_id,
+            )
         task = state.tasks[event.task_id] = TaskView(
             task_id=event.task_id,
             task_type=event.task_type or "Unknown",

@@ -88,7 +88,8 @@ def apply_command(state: ClusterState, env: Envelope) -> None:
         case DeleteInstance(instance_id=instance_id):
             inst = state.instances.get(instance_id)
             if inst is None:
-                _anomaly(state, env, "UnknownInstance", f"DeleteInstance of {instance_id}, which was never placed")
+                if not state.horizon:
+                    _anomaly(state, env, "UnknownInstance", f"DeleteInstance of {instance_id}, which was never placed")
             elif inst.status != DELETED:
                 _end(state, env, inst, DELETED, f"deleted by command {command.command_id or env.seq}")
         case RouteChatCompletion():
@@ -123,7 +124,8 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
     state.supervisor_seq = env.seq
     inst = state.instances.get(event.instance_id)
     if inst is None:
-        _anomaly(state, env, "UnknownInstance", f"{type(event).__name__} for {event.instance_id}, never requested")
+        if not state.horizon:  # else it was requested before the horizon
+            _anomaly(state, env, "UnknownInstance", f"{type(event).__name__} for {event.instance_id}, never requested")
         return
     match event:
         case InstancePlaced():

@@ -158,6 +158,10 @@ class ClusterState(msgspec.Struct, kw_only=True):
     # touched at: a query for an id not here names this horizon.
     pruned: int = 0
     pruned_seq: int = 0
+    # The newest sequence the fold jumped to (0: it has seen every message from 1).
+    # Before it lie messages it never saw (a log trimmed by its limits, an archive
+    # of a range): statuses of tasks and runners it never met are taken as they come.
+    horizon: int = 0
 
 
 _hash_encoder = msgspec.json.Encoder(order="sorted")

@@ -11,6 +11,7 @@ from pathlib import Path
 from loguru import logger
 
 from exojet.bus import client, streams
+from exojet.bus.streams import LogLimits
 from exojet.projections.state import Retention
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
 from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig
@@ -34,13 +35,15 @@ async def run_supervisor(
     models_dir: Path | None = None,
     planner: PlannerConfig = DEFAULT_CONFIG,
     retention: Retention = DEFAULT_RETENTION,
+    log_limits: LogLimits | None = None,
 ) -> int:
     """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code.
 
     It folds the log, answers queries, declares silent runners lost
     (`heartbeat_timeout`), and places instances and routes chats (`planner`;
     `models_dir` is where it reads a model's layer count to split it); finished
-    work stays in its projection as long as `retention` says.
+    work stays in its projection as long as `retention` says. `log_limits`, when
+    given, become `EXO_LOG`'s limits.
     """
     supervisor_id = supervisor_id or default_supervisor_id()
     log = logger.bind(supervisor_id=supervisor_id)
@@ -57,7 +60,7 @@ async def run_supervisor(
     nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", reconnect_attempts=60, on_closed=on_closed)
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js)
+        await streams.ensure_streams(js, log_limits=log_limits)
         projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
         await projector.start()
         service = await start_service(nc, projector, supervisor_id)

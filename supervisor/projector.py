@@ -9,17 +9,16 @@ from collections.abc import Callable
 from loguru import logger
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from exojet.bus import client
 from exojet.bus.envelope import Envelope
-from exojet.bus.streams import SNAPSHOT_BUCKET
+from exojet.bus.streams import LOG_STREAM, SNAPSHOT_BUCKET
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState, Retention
+from exojet.supervisor.snapshot_store import load_snapshot_bytes, store_snapshot
 
-SNAPSHOT_KEY = "cluster"
 DEFAULT_SNAPSHOT_EVERY = 10_000
 
 Listener = Callable[[ClusterState, Envelope], None]
@@ -40,8 +39,10 @@ class Projector:
         retention: Retention | None = None,
     ) -> None:
         self.js = js
-        # A KV value is one message: bounded by the server's max_payload.
+        # A KV value is one message: snapshots are chunked to the server's max_payload.
         self.max_snapshot_bytes = max_snapshot_bytes
+        # Set when the log starts after the snapshot: the projection misses messages.
+        self.gap: str | None = None
         self.retention = retention or Retention()
         self.state = ClusterState(retention=self.retention)
         self.snapshot_every = snapshot_every
@@ -62,6 +63,7 @@ class Projector:
         # it prunes from the next message on.
         self.state.retention = self.retention
         from_snapshot = self.state.seq
+        await self._check_horizon()
         # Catch up with batched reads (faster than the live consumer), then follow from there.
         await client.replay(self.js, self._on_envelope, start_seq=self.state.seq + 1)
         self._sub = await client.follow(self.js, self._on_envelope, start_seq=self.state.seq + 1)
@@ -69,14 +71,27 @@ class Projector:
             f"projection caught up in {time.perf_counter() - started:.3f} s"
         )
 
+    async def _check_horizon(self) -> None:
+        """Say so, and what to do, when the log's first message comes after the snapshot's next."""
+        info = await self.js.stream_info(LOG_STREAM)
+        first = info.state.first_seq
+        if info.state.messages == 0 or first <= self.state.seq + 1:
+            return
+        self.gap = (
+            f"the log starts at seq {first} but this supervisor's snapshot is at seq {self.state.seq}: "
+            f"messages {self.state.seq + 1}-{first - 1} were removed by EXO_LOG's limits and the projection "
+            "misses what they said (it folds on from the log's first message). To rebuild it exactly, "
+            "replay an archive that holds them (`exojet replay --file ARCHIVE --state`); to avoid it, "
+            "snapshot more often (--snapshot-every) or raise the limits (--log-max-age, --log-max-bytes)"
+        )
+        logger.bind(seq=self.state.seq, first_seq=first).error(self.gap)
+
     async def _load_snapshot(self) -> None:
         assert self._kv is not None
         try:
-            entry = await self._kv.get(SNAPSHOT_KEY)
-        except KeyNotFoundError:
-            return
-        try:
-            self.state = load_snapshot(entry.value or b"")
+            data = await load_snapshot_bytes(self._kv)
+            if data is not None:
+                self.state = load_snapshot(data)
         except SnapshotError as err:
             # A snapshot is only a shortcut: without it we fold the whole log.
             logger.warning(f"ignoring unreadable snapshot: {err}")
@@ -109,16 +124,11 @@ class Projector:
     async def snapshot(self) -> int:
         """Store the current state in KV `EXO_SNAPSHOTS`; returns its seq."""
         assert self._kv is not None
+        seq = self.state.seq
         data = dump_snapshot(self.state)
-        if len(data) > self.max_snapshot_bytes:
-            # Replay from further back still gives the same state; only slower.
-            logger.bind(seq=self.state.seq).warning(
-                f"snapshot of {len(data)} bytes exceeds the server's max_payload; not stored"
-            )
-            return self.state.seq
-        await self._kv.put(SNAPSHOT_KEY, data)
-        logger.bind(seq=self.state.seq).debug(f"snapshot stored ({len(data)} bytes)")
-        return self.state.seq
+        chunks = await store_snapshot(self._kv, data, seq, self.max_snapshot_bytes)
+        logger.bind(seq=seq).debug(f"snapshot stored ({len(data)} bytes, {chunks} chunks)")
+        return seq
 
     async def wait_for(self, min_seq: int, timeout: float) -> ClusterState:
         """The state once it has folded `min_seq`, or MinSeqTimeout."""

@@ -100,7 +100,10 @@ def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callab
             query = _decoder.decode(req.data) if req.data.strip() else QueryRequest()
             timeout = min(max(query.timeout, 0.0), MAX_MIN_SEQ_TIMEOUT_S)
             state = await projector.wait_for(query.min_seq, timeout)
-            await req.respond(_encoder.encode({**answer(state, query), "supervisor_id": supervisor_id}))
+            reply = {**answer(state, query), "supervisor_id": supervisor_id}
+            if projector.gap is not None:
+                reply["warning"] = projector.gap
+            await req.respond(_encoder.encode(reply))
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             await _error(req, "BadRequest", f"request body: {err}", seq)
         except MinSeqTimeout as err:
