@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from exojet.bus.cancel import CancelTask
 from exojet.bus.commands import Command, PlaceInstance, RouteChatCompletion
 from exojet.bus.events import Event
 from exojet.bus.model_ids import model_id_problem
@@ -26,6 +27,7 @@ _encoder = msgspec.json.Encoder()
 _task_decoder: msgspec.json.Decoder[Task] = msgspec.json.Decoder(Task)
 _event_decoder: msgspec.json.Decoder[Event] = msgspec.json.Decoder(Event)
 _command_decoder: msgspec.json.Decoder[Command] = msgspec.json.Decoder(Command)
+_cancel_decoder: msgspec.json.Decoder[CancelTask] = msgspec.json.Decoder(CancelTask)
 
 _AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
@@ -48,7 +50,12 @@ def _type_names(union: Any) -> str:
     return ", ".join(t.__struct_config__.tag for t in union.__args__)
 
 
-_KNOWN_TYPES = {"task": _type_names(Task), "event": _type_names(Event), "command": _type_names(Command)}
+_KNOWN_TYPES = {
+    "task": _type_names(Task),
+    "event": _type_names(Event),
+    "command": _type_names(Command),
+    "cancel": "CancelTask",
+}
 
 
 def _classify(err: msgspec.ValidationError, what: str) -> BadInput:
@@ -115,3 +122,9 @@ def decode_command(data: bytes) -> Command:
         case PlaceInstance(model_id=model_id) | RouteChatCompletion(model_id=model_id):
             _check_model_id(model_id)
     return command
+
+
+def decode_cancel(data: bytes) -> CancelTask:
+    """A cancel from JSON bytes, or BadInput."""
+    cancel: CancelTask = _decode(_cancel_decoder, data, "cancel")
+    return cancel

@@ -109,8 +109,20 @@ class InstanceDeleted(_SupervisorEvent, frozen=True):
     reason: str = ""
 
 
+class ChatRefused(_SupervisorEvent, frozen=True):
+    """A routed chat no Ready instance of its model has room for: it is never run.
+
+    `error_type` is `QueueFull` when every such instance already holds its
+    bounded number of chats in flight (the API answers 429).
+    """
+
+    chat_id: str
+    error_type: str
+    reason: str
+
+
 RunnerEvent = RunnerRegistered | RunnerStatusUpdated | TaskStatusUpdated | DownloadProgress | RunnerLost
-SupervisorEvent = InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted
+SupervisorEvent = InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted | ChatRefused
 Event = RunnerEvent | SupervisorEvent
 
 

@@ -37,7 +37,7 @@ class LogLimits(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def log_stream_config(replicas: int = 1, limits: LogLimits | None = None) -> api.StreamConfig:
-    """`EXO_LOG`: tasks, events and commands in one total order; nothing is deleted or
+    """`EXO_LOG`: tasks, events, commands and cancels in one total order; nothing is deleted or
     purged, only the oldest messages once the log outgrows its limits."""
     limits = limits or LogLimits()
     return api.StreamConfig(
@@ -53,7 +53,7 @@ def log_stream_config(replicas: int = 1, limits: LogLimits | None = None) -> api
         allow_direct=True,
         deny_delete=True,
         deny_purge=True,
-        description="exojet event log: tasks, runner and supervisor events, commands",
+        description="exojet event log: tasks, runner and supervisor events, commands, cancels",
     )
 
 

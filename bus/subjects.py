@@ -11,8 +11,11 @@ COMMANDS = "exo.commands"
 CHUNKS_PREFIX = "exo.chunks"
 HEARTBEAT_PREFIX = "exo.heartbeat"
 HEARTBEATS = f"{HEARTBEAT_PREFIX}.*"
+# Cancels go beside a runner's task queue, not into it: the queue is serial, so a
+# cancel queued behind the chat it names would arrive after that chat ended.
+CANCEL_PREFIX = "exo.cancel"
 
-LOG_SUBJECTS = ("exo.tasks.>", "exo.events.>", COMMANDS)
+LOG_SUBJECTS = ("exo.tasks.>", "exo.events.>", COMMANDS, f"{CANCEL_PREFIX}.>")
 CHUNK_SUBJECTS = (f"{CHUNKS_PREFIX}.>",)
 
 QUERY_PREFIX = "exo.supervisor"
@@ -49,9 +52,13 @@ def heartbeat_subject(runner_id: str) -> str:
     return f"{HEARTBEAT_PREFIX}.{runner_id}"
 
 
+def cancel_subject(runner_id: str) -> str:
+    return f"{CANCEL_PREFIX}.{runner_id}"
+
+
 def runner_of(subject: str) -> str | None:
-    """The runner id in a task, runner-event or heartbeat subject, else None."""
-    for prefix in (TASKS_PREFIX, RUNNER_EVENTS_PREFIX, HEARTBEAT_PREFIX):
+    """The runner id in a task, runner-event, heartbeat or cancel subject, else None."""
+    for prefix in (TASKS_PREFIX, RUNNER_EVENTS_PREFIX, HEARTBEAT_PREFIX, CANCEL_PREFIX):
         if subject.startswith(prefix + "."):
             return subject[len(prefix) + 1 :]
     return None

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from exojet import __version__
 from exojet.bus.client import NatsUnreachable, default_url
@@ -14,9 +15,48 @@ from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
 from exojet.projections.state import Retention
 
+if TYPE_CHECKING:
+    from exojet.api.app import ApiConfig
+
 
 def _add_nats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=default_url(), help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+
+
+def add_api_options(p: argparse.ArgumentParser) -> None:
+    """`exojet api`'s options (also what `exojet up` passes on)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=52415)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="also accept this Host header name (default: loopback names on a loopback bind, else the bound one)",
+    )
+    p.add_argument("--cors-origin", action="append", default=[], help="allow browsers from this origin (CORS)")
+    p.add_argument("--max-tokens-limit", type=int, default=16_384, help="largest max_tokens a request may ask")
+    p.add_argument(
+        "--liveness-timeout",
+        type=float,
+        default=5.0,
+        help="end a chat with an error once its runner has sent no heartbeat for this long",
+    )
+
+
+def api_config(args: argparse.Namespace, nats_url: str) -> ApiConfig:
+    """The API's configuration from `add_api_options`' arguments."""
+    from exojet.api.app import ApiConfig
+    from exojet.api.main import allowed_hosts
+
+    return ApiConfig(
+        nats_url=nats_url,
+        api_key=args.api_key,
+        allowed_hosts=allowed_hosts(args.host, tuple(args.allowed_host)),
+        cors_origins=tuple(args.cors_origin),
+        max_tokens_limit=args.max_tokens_limit,
+        liveness_timeout=args.liveness_timeout,
+    )
 
 
 def _add_models_dir(p: argparse.ArgumentParser) -> None:
@@ -73,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=f"set EXO_LOG's max size in bytes, 0 = none (a new log gets {LOG_MAX_BYTES})",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="routed chats one instance holds at once; past it a chat is refused (ChatRefused, HTTP 429)",
     )
     p.add_argument(
         "--group-ports",
@@ -134,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--monitor-port", type=int, default=8222)
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    p.add_argument(
+        "--api-port", type=int, default=52415, help="the OpenAI-compatible API's port on 127.0.0.1 (0: no API)"
+    )
     _add_models_dir(p)
 
     p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
@@ -147,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--timeout", type=float, default=600.0)
+    _add_nats(p)
+
+    p = sub.add_parser("api", help="serve the OpenAI-compatible HTTP API (a stateless NATS client)")
+    add_api_options(p)
     _add_nats(p)
 
     p = sub.add_parser("models", help="the models dir: list, import-gguf")
@@ -221,7 +274,10 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             start, _, end = args.group_ports.partition("-")
             planner = PlannerConfig(
-                max_attempts=args.max_attempts, port_base=int(start), port_count=int(end or start) - int(start) + 1
+                max_attempts=args.max_attempts,
+                port_base=int(start),
+                port_count=int(end or start) - int(start) + 1,
+                max_chats_per_instance=args.max_queue,
             )
             return asyncio.run(
                 run_supervisor(
@@ -281,7 +337,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "up":
             from exojet.cli.up_cmd import up
 
-            return up(args.port, args.monitor_port, args.models_dir, args.runner_id, args.store_dir)
+            return up(args.port, args.monitor_port, args.models_dir, args.runner_id, args.store_dir, args.api_port)
         case "chat":
             from exojet.cli.chat_cmd import chat
 
@@ -296,6 +352,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             from exojet.cli.models_cmd import import_gguf_cmd
 
             return import_gguf_cmd(args.path, args.name, args.models_dir, args.dtype, args.dequantize)
+        case "api":
+            from exojet.api.main import serve
+
+            return serve(api_config(args, args.nats), args.host, args.port)
         case "runner":
             from exojet.runner.main import main as runner_main
 

@@ -143,8 +143,10 @@ async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | Non
         await nc.close()
 
 
-def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir: Path | None) -> int:
-    """Start everything, drive the runner to Ready, serve until Ctrl-C."""
+def up(
+    port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir: Path | None, api_port: int = 0
+) -> int:
+    """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until Ctrl-C."""
     from exojet.models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
 
     started = time.perf_counter()
@@ -179,13 +181,19 @@ def up(port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir
             logs / f"runner-{runner_id}.log",
         )
         procs.append(runner)
+        if api_port:
+            procs.append(
+                _spawn(["api", "--nats", server.url, "--port", str(api_port)], logs / "api.log"),
+            )
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
         instance_id = asyncio.run(_drive(server.url, runner_id, DEFAULT_MODEL_ID, from_seq))
         if instance_id is None:
             print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
             return 1
+        api = f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\n" if api_port else ""
         print(
             f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
+            f"{api}"
             f'  exojet chat "What is the capital of France?"\n'
             f"  exojet state | exojet replay\nCtrl-C stops everything.",
             flush=True,

@@ -16,6 +16,8 @@ make it Deleted. Events for another attempt than the current one are stale
 A `RouteChatCompletion` command becomes a routed chat `chat-<command_id or seq>`;
 its ChatCompletion tasks carry `stream_id` = the chat id and have ids
 `<chat_id>.<rank>`, rank 0 being the one that emits chunks and the result.
+A `ChatRefused` (every Ready instance of its model is full) ends a chat that no
+rank was published for: it is never routed.
 
 Everything here is called by `projections.apply` and shares its rules: no I/O,
 no clock, state updated in place.
@@ -26,7 +28,14 @@ from __future__ import annotations
 from exojet.bus.codec import BadInput, decode_command
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import InstanceDeleted, InstanceFailed, InstancePlaced, InstanceRetryDue, SupervisorEvent
+from exojet.bus.events import (
+    ChatRefused,
+    InstanceDeleted,
+    InstanceFailed,
+    InstancePlaced,
+    InstanceRetryDue,
+    SupervisorEvent,
+)
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections import retention
@@ -122,6 +131,9 @@ def _place_command(state: ClusterState, env: Envelope, command: PlaceInstance) -
 def apply_supervisor_event(state: ClusterState, env: Envelope, event: SupervisorEvent) -> None:
     """Fold one (not yet seen) event of `exo.events.supervisor`."""
     state.supervisor_seq = env.seq
+    if isinstance(event, ChatRefused):
+        _refuse_chat(state, env, event)
+        return
     inst = state.instances.get(event.instance_id)
     if inst is None:
         if not state.horizon:  # else it was requested before the horizon
@@ -184,6 +196,18 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
         case InstanceDeleted():
             if inst.status != DELETED:
                 _end(state, env, inst, DELETED, event.reason or "deleted by a supervisor")
+
+
+def _refuse_chat(state: ClusterState, env: Envelope, event: ChatRefused) -> None:
+    chat = state.chats.get(event.chat_id)
+    if chat is None or chat.ranks_published:
+        # Another supervisor routed it first (or it was never requested): it runs.
+        _anomaly(state, env, "StaleChatRefusal", f"{event.chat_id} refused after it was routed or never requested")
+        return
+    chat.status = "Refused"
+    chat.updated_seq = env.seq
+    chat.request = None
+    state.pending_chats.pop(chat.chat_id, None)
 
 
 def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: str, reason: str) -> None:

@@ -34,7 +34,7 @@ from collections.abc import Mapping
 
 import msgspec
 
-from exojet.bus.events import InstanceFailed, InstancePlaced, Placement, SupervisorEvent
+from exojet.bus.events import ChatRefused, InstanceFailed, InstancePlaced, Placement, SupervisorEvent
 from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -81,6 +81,9 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Group ports are taken from [port_base, port_base + port_count).
     port_base: int = 52_400
     port_count: int = 600
+    # Routed chats an instance holds at once (running plus queued on its runners);
+    # a chat no Ready instance of its model has room for is refused (ChatRefused).
+    max_chats_per_instance: int = 64
 
 
 DEFAULT_CONFIG = PlannerConfig()
@@ -124,7 +127,7 @@ def plan(
         elif inst.status not in ENDED_STATUSES:
             actions.extend(_advance(state, inst, config))
     actions.extend(_release(state))
-    actions.extend(_route_chats(state))
+    actions.extend(_route_chats(state, config))
     return actions
 
 
@@ -336,7 +339,7 @@ def _release(state: ClusterState) -> list[Action]:
     return actions
 
 
-def _route_chats(state: ClusterState) -> list[Action]:
+def _route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
     actions: list[Action] = []
     load = {i.instance_id: i.chats_in_flight for i in state.instances.values() if i.status == READY}
     for chat_id in state.pending_chats:
@@ -348,6 +351,9 @@ def _route_chats(state: ClusterState) -> list[Action]:
             if not candidates:
                 continue  # waits for a Ready instance of its model
             target = min(candidates, key=lambda i: (load[i], i))
+            if load[target] >= config.max_chats_per_instance:
+                actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
+                continue
             load[target] += 1
             actions.append(_chat_task(state, chat, state.instances[target], 0))
         elif (inst := state.instances.get(chat.instance_id)) is not None and inst.status == READY:
@@ -358,6 +364,17 @@ def _route_chats(state: ClusterState) -> list[Action]:
                 if chat_task_id(chat_id, rank) not in state.tasks
             )
     return actions
+
+
+def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
+    model = chat.model_id or "any model"
+    event = ChatRefused(
+        event_id=f"{chat.chat_id}:refused",
+        chat_id=chat.chat_id,
+        error_type="QueueFull",
+        reason=f"all {instances} Ready instance(s) of {model} hold {limit} chats already; retry shortly",
+    )
+    return WriteEvent(event)
 
 
 def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, rank: int) -> SendTask:

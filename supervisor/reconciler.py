@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 
 from exojet.bus import client, subjects
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import InstanceRetryDue
+from exojet.bus.events import ChatRefused, InstanceRetryDue
 from exojet.bus.model_ids import model_id_problem
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState
@@ -169,7 +169,8 @@ class Reconciler:
         except client.WrongLastSequence:
             self.log.bind(event_id=event.event_id).info("fenced out: another supervisor wrote first; re-planning")
             return None
-        self.log.bind(instance_id=event.instance_id, event_id=event.event_id, seq=ack.seq).info(
+        about = {"chat_id": event.chat_id} if isinstance(event, ChatRefused) else {"instance_id": event.instance_id}
+        self.log.bind(**about, event_id=event.event_id, seq=ack.seq).info(
             f"wrote {type(event).__name__}" + (" (duplicate)" if ack.duplicate else "")
         )
         return ack.seq

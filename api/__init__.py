@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP API: one more stateless NATS client (see api/app.py)."""

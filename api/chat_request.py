@@ -1,0 +1,170 @@
+"""A `POST /v1/chat/completions` body, validated into what a routed chat needs.
+
+Every OpenAI parameter is either supported, accepted at its no-op default
+(`n: 1`, `presence_penalty: 0`, `logprobs: false`, ...), or refused with a 400
+that names it: nothing a client asks for is silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from exojet.api.errors import bad_request
+from exojet.bus.tasks import ChatMessage
+
+DEFAULT_MAX_TOKENS_LIMIT = 16_384
+MAX_STOP_SEQUENCES = 4
+SEED_MAX = 2**63 - 1
+
+# OpenAI parameters exojet does not implement yet: a 400 naming them.
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "functions",
+    "function_call",
+    "response_format",
+    "logit_bias",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "service_tier",
+    "web_search_options",
+    "store",
+    "metadata",
+)
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n")
+# Accepted only at the value that changes nothing.
+NO_OP_DEFAULTS: dict[str, object] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+
+
+class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    # A plain field, not a msgspec tag: a tag alone may be left out, OpenAI's `type` may not.
+    type: Literal["text"]
+    text: str
+
+
+class InMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    include_usage: bool = False
+
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+StopString = Annotated[str, msgspec.Meta(min_length=1)]
+
+
+class ChatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: Annotated[list[InMessage], msgspec.Meta(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
+    stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    user: str | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logprobs: bool | None = None
+
+
+class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What the API routes: the chat's fields as `RouteChatCompletion` takes them."""
+
+    model: str
+    messages: tuple[ChatMessage, ...]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    stop: str | tuple[str, ...] | None
+
+
+_decoder = msgspec.json.Decoder()
+_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> ChatRequest:
+    """The request in `raw`, or ApiError(400) naming the first thing wrong with it."""
+    try:
+        data = _decoder.decode(raw)
+    except msgspec.DecodeError as err:
+        raise bad_request(f"the body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object")
+    _check_names(data)
+    for name in INTEGER_FIELDS:
+        # JSON has one number type: 3.0 is an integer to a JSON Schema validator, so to us too.
+        if isinstance(value := data.get(name), float) and value.is_integer():
+            data[name] = int(value)
+    try:
+        body = msgspec.convert(data, ChatBody)
+    except msgspec.ValidationError as err:
+        raise _invalid(err) from None
+    for name, default in NO_OP_DEFAULTS.items():
+        value = getattr(body, name)
+        if value is not None and value != default:
+            raise bad_request(f"{name}={value!r} is not supported (only {default!r})", param=name, code="unsupported")
+    for param in ("max_tokens", "max_completion_tokens"):
+        if (value := getattr(body, param)) is not None and value > max_tokens_limit:
+            raise bad_request(f"{param} must be at most {max_tokens_limit}, got {value}", param=param)
+    # max_completion_tokens is OpenAI's newer name; given both, it wins.
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    stop = tuple(body.stop) if isinstance(body.stop, list) else body.stop
+    return ChatRequest(
+        model=body.model,
+        messages=tuple(_message(m) for m in body.messages),
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        stop=stop or None,
+    )
+
+
+def _check_names(data: dict[str, Any]) -> None:
+    # A null is no request at all (some clients send every parameter, unset ones as null).
+    for key in [k for k in UNSUPPORTED if k in data and data[k] is None]:
+        del data[key]
+    unsupported = [k for k in data if k in UNSUPPORTED]
+    if unsupported:
+        raise bad_request(
+            f"exojet does not support {', '.join(unsupported)} yet", param=unsupported[0], code="unsupported_parameter"
+        )
+    unknown = [k for k in data if k not in ChatBody.__struct_fields__]
+    if unknown:
+        raise bad_request(
+            f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter"
+        )
+
+
+def _invalid(err: msgspec.ValidationError) -> Exception:
+    text = str(err)
+    match = _AT_PATH.search(text)
+    path = match.group("path") if match else None
+    detail = text[: match.start()] if match else text
+    return bad_request(f"invalid {path or 'body'}: {detail}", param=path or None, code="invalid_value")
+
+
+def _message(m: InMessage) -> ChatMessage:
+    # Chat templates know system/user/assistant; `developer` is OpenAI's new name for system.
+    role = "system" if m.role == "developer" else m.role
+    content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+    return ChatMessage(role, content)

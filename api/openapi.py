@@ -1,0 +1,307 @@
+"""The OpenAPI 3.1 document served at `/openapi.json`, written to match `chat_request.py` exactly.
+
+Every optional field of a chat request accepts null (as OpenAI's clients send
+unset fields); parameters exojet does not support are listed with only null
+allowed, so a schema-driven client sees what a request may hold.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exojet.api.chat_request import MAX_STOP_SEQUENCES, NO_OP_DEFAULTS, SEED_MAX, UNSUPPORTED
+
+VERSION = "0.1.0"
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": _ref(name)}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": _json("Error")}
+
+
+def _chat_request(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
+    stop = {"type": "string", "minLength": 1}
+    max_tokens = {"type": "integer", "minimum": 1, "maximum": max_tokens_limit}
+    model: dict[str, Any] = {"type": "string", "minLength": 1, "description": "a model with a Ready instance"}
+    if models:
+        model["examples"] = models
+    properties: dict[str, Any] = {
+        "model": model,
+        "messages": {"type": "array", "minItems": 1, "items": _ref("Message")},
+        "stream": {"type": "boolean"},
+        "stream_options": _nullable(
+            {
+                "type": "object",
+                "properties": {"include_usage": {"type": "boolean"}},
+                "additionalProperties": False,
+            }
+        ),
+        "max_tokens": _nullable(max_tokens),
+        "max_completion_tokens": _nullable(max_tokens),
+        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "seed": _nullable({"type": "integer", "minimum": 0, "maximum": SEED_MAX}),
+        "stop": {
+            "anyOf": [
+                stop,
+                {"type": "array", "items": stop, "maxItems": MAX_STOP_SEQUENCES},
+                {"type": "null"},
+            ]
+        },
+        "user": _nullable({"type": "string"}),
+    }
+    for name, value in NO_OP_DEFAULTS.items():
+        properties[name] = _nullable({"const": value, "description": f"only {value!r} is supported"})
+    for name in UNSUPPORTED:
+        properties[name] = {"type": "null", "description": "not supported yet: a value is a 400"}
+    return {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": properties,
+        "additionalProperties": False,
+    }
+
+
+def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
+    usage = {
+        "type": "object",
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+        "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }
+    finish = {"type": "string", "enum": ["stop", "length", "cancelled"]}
+    return {
+        "ChatCompletionRequest": _chat_request(max_tokens_limit, models),
+        "Message": {
+            "type": "object",
+            "required": ["role", "content"],
+            "properties": {
+                "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}]},
+                "name": _nullable({"type": "string"}),
+            },
+            "additionalProperties": False,
+        },
+        "TextPart": {
+            "type": "object",
+            "required": ["type", "text"],
+            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+            "additionalProperties": False,
+        },
+        "ChatCompletion": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices", "usage"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "message", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "message": {
+                                "type": "object",
+                                "required": ["role", "content"],
+                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                            },
+                            "finish_reason": finish,
+                        },
+                    },
+                },
+                "usage": usage,
+            },
+        },
+        "ChatEvent": {
+            "description": "one server-sent event: `data` is a chat.completion.chunk, an error, or [DONE] (the last)",
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "anyOf": [
+                        {"const": "[DONE]"},
+                        {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": {"anyOf": [_ref("ChatCompletionChunk"), _ref("Error")]},
+                        },
+                    ]
+                }
+            },
+        },
+        "ChatCompletionChunk": {
+            "type": "object",
+            "required": ["id", "object", "created", "model", "choices"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion.chunk"},
+                "created": {"type": "integer"},
+                "model": {"type": "string"},
+                "choices": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["index", "delta", "finish_reason"],
+                        "properties": {
+                            "index": {"type": "integer"},
+                            "delta": {
+                                "type": "object",
+                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
+                            },
+                            "finish_reason": {"anyOf": [finish, {"type": "null"}]},
+                        },
+                    },
+                },
+                "usage": {"anyOf": [usage, {"type": "null"}]},
+            },
+        },
+        "Model": {
+            "type": "object",
+            "required": ["id", "object", "created", "owned_by"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "model"},
+                "created": {"type": "integer"},
+                "owned_by": {"type": "string"},
+            },
+        },
+        "ModelList": {
+            "type": "object",
+            "required": ["object", "data"],
+            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
+        },
+        "Cancellation": {
+            "type": "object",
+            "required": ["id", "object", "tasks"],
+            "properties": {
+                "id": {"type": "string"},
+                "object": {"const": "chat.completion.cancellation"},
+                "tasks": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["status", "nats"],
+            "properties": {"status": {"type": "string"}, "nats": {"type": "boolean"}},
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {
+                "error": {
+                    "type": "object",
+                    "required": ["message", "type", "param", "code"],
+                    "properties": {
+                        "message": {"type": "string"},
+                        "type": {"type": "string"},
+                        "param": {"type": ["string", "null"]},
+                        "code": {"type": ["string", "null"]},
+                    },
+                }
+            },
+        },
+    }
+
+
+def schema(max_tokens_limit: int, secured: bool, models: list[str]) -> dict[str, Any]:
+    """The document; `secured` adds the bearer scheme every route but /health requires;
+    `models` (served now) are the examples of a request's `model`."""
+    auth = {"401": _error("missing or wrong API key")} if secured else {}
+    unavailable = {"503": _error("no supervisor answers, or the model is not Ready yet")}
+    model_id = {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    chat_id = {"name": "chat_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths: dict[str, Any] = {
+        "/health": {
+            "get": {
+                "operationId": "health",
+                "security": [],
+                "responses": {
+                    "200": {"description": "connected to NATS", "content": _json("Health")},
+                    "503": {"description": "not connected to NATS", "content": _json("Health")},
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "operationId": "openapi",
+                "responses": {"200": {"description": "this document", "content": {"application/json": {}}}, **auth},
+            }
+        },
+        "/v1/models": {
+            "get": {
+                "operationId": "listModels",
+                "responses": {
+                    "200": {"description": "models with a Ready instance", "content": _json("ModelList")},
+                    **auth,
+                    **unavailable,
+                },
+            }
+        },
+        "/v1/models/{model_id}": {
+            "get": {
+                "operationId": "retrieveModel",
+                "parameters": [model_id],
+                "responses": {
+                    "200": {"description": "a model with a Ready instance", "content": _json("Model")},
+                    "404": _error("no Ready instance of that model"),
+                    **auth,
+                    **unavailable,
+                },
+            }
+        },
+        "/v1/chat/completions": {
+            "post": {
+                "operationId": "createChatCompletion",
+                "requestBody": {"required": True, "content": _json("ChatCompletionRequest")},
+                "responses": {
+                    "200": {
+                        "description": "the completion, or with `stream` its chunks as server-sent events",
+                        "content": {**_json("ChatCompletion"), "text/event-stream": {"schema": _ref("ChatEvent")}},
+                    },
+                    "400": _error("an invalid or unsupported parameter (named in `param`)"),
+                    **auth,
+                    "404": _error("the model has no instance"),
+                    "409": _error("the chat was cancelled"),
+                    "429": _error("every Ready instance of the model has a full queue; see Retry-After"),
+                    "500": _error("the runner failed (its named error in `code`)"),
+                    **unavailable,
+                    "504": _error("the chat timed out"),
+                },
+            }
+        },
+        "/v1/cancel/{chat_id}": {
+            "post": {
+                "operationId": "cancelChatCompletion",
+                "parameters": [chat_id],
+                "responses": {
+                    "200": {"description": "cancels sent to the chat's runners", "content": _json("Cancellation")},
+                    "404": _error("no such chat in flight"),
+                    **auth,
+                    **unavailable,
+                },
+            }
+        },
+    }
+    document: dict[str, Any] = {
+        "openapi": "3.1.0",
+        "info": {"title": "exojet OpenAI-compatible API", "version": VERSION},
+        "paths": paths,
+        "components": {"schemas": _components(max_tokens_limit, models)},
+    }
+    if secured:
+        document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        document["security"] = [{"bearer": []}]
+    return document

@@ -1,0 +1,136 @@
+"""A real stack for API tests: nats-server, a supervisor, runners with the tiny model placed, `exojet api`."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+
+from exojet.bus import client, streams
+from exojet.bus.server import NatsServer, free_port
+from tests.procs import REPO, exojet, stop
+
+API_KEY = "test-key"
+MODEL = "local/tiny"
+
+
+class ApiStack:
+    """Everything an OpenAI client needs, as real processes; `close()` stops them all."""
+
+    def __init__(
+        self,
+        root: Path,
+        models_dir: Path,
+        *,
+        runners: tuple[str, ...] = ("r1",),
+        max_queue: int = 64,
+        heartbeat_timeout: float = 5.0,
+        api_args: tuple[str, ...] = (),
+    ) -> None:
+        self.root = root
+        self.models_dir = models_dir
+        self.server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats", log_file=root / "nats.log").start()
+        self.url = self.server.url
+        asyncio.run(_ensure_streams(self.url))
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.procs["supervisor"] = exojet(
+            "supervisor",
+            "--nats",
+            self.url,
+            "--models-dir",
+            str(models_dir),
+            "--max-queue",
+            str(max_queue),
+            "--heartbeat-timeout",
+            str(heartbeat_timeout),
+            log=root / "supervisor.log",
+        )
+        for runner_id in runners:
+            self.runner(runner_id)
+        self.procs["api"] = exojet(
+            "api",
+            "--nats",
+            self.url,
+            "--port",
+            str(self.port),
+            "--api-key",
+            API_KEY,
+            "--liveness-timeout",
+            str(heartbeat_timeout),
+            *api_args,
+            log=root / "api.log",
+        )
+
+    def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
+        proc = exojet(
+            "runner",
+            "--id",
+            runner_id,
+            "--nats",
+            self.url,
+            "--models-dir",
+            str(self.models_dir),
+            log=self.root / f"{runner_id}.log",
+        )
+        self.procs[runner_id] = proc
+        return proc
+
+    def cli(self, *args: str, timeout: float = 120) -> str:
+        """`exojet ARGS --nats URL` to completion; its stdout (fails on a non-zero exit)."""
+        done = subprocess.run(
+            [sys.executable, "-m", "exojet.cli.main", *args, "--nats", self.url],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def place(self, *args: str) -> str:
+        """Place the tiny model (on `args`' runners) and wait for it to be Ready; its instance id."""
+        return self.cli("place", MODEL, *args, "--wait", "--timeout", "90").strip()
+
+    def wait_api(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.procs["api"].poll() is None, (self.root / "api.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)  # poll interval while the API process starts
+        raise AssertionError(f"the API did not answer /health within {timeout} s")
+
+    def close(self) -> None:
+        for proc in self.procs.values():
+            stop(proc)
+        self.server.stop()
+
+
+async def _ensure_streams(url: str) -> None:
+    # Before anything publishes: a command sent before its stream exists is lost.
+    nc = await client.connect(url, name="test")
+    try:
+        await streams.ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def start_stack(root: Path, models_dir: Path, **options: object) -> ApiStack:
+    """A stack with the tiny model Ready on its runners and the API answering."""
+    stack = ApiStack(root, models_dir, **options)  # type: ignore[arg-type]
+    try:
+        stack.place("--runners", ",".join(r for r in stack.procs if r not in ("supervisor", "api")))
+        stack.wait_api()
+    except BaseException:
+        stack.close()
+        raise
+    return stack

@@ -1,0 +1,266 @@
+"""The OpenAI-compatible API through the official `openai` client, against a real stack.
+
+One stack (nats-server, a supervisor, a runner with the tiny model Ready, `exojet api`
+with a key) serves the whole module; each test asserts what a client relies on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from exojet.bus.server import free_port
+from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
+from tests.procs import REPO, exojet, stop
+from tests.tiny_model import write_tiny_llama
+
+pytestmark = pytest.mark.timeout(180)
+
+PROMPT = "Tell me about the capital of France"
+CONCURRENT = 32
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
+    root = tmp_path_factory.mktemp("api")
+    write_tiny_llama(root / "models" / "local--tiny")
+    # A queue of 40 per instance: the 32 concurrent streams fit, 48 at once do not.
+    s = start_stack(root, root / "models", max_queue=40)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def sync_client(stack: ApiStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture
+def async_client(stack: ApiStack) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def _messages(prompt: str = PROMPT) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}]
+
+
+def test_models_lists_the_ready_model_and_retrieves_it(sync_client: openai.OpenAI) -> None:
+    models = sync_client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].owned_by == "local"
+    assert sync_client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        sync_client.models.retrieve("local/not-placed")
+
+
+def test_whole_and_streamed_answers_equal_exojet_chat(stack: ApiStack, sync_client: openai.OpenAI) -> None:
+    expected = stack.cli("chat", PROMPT, "--model", MODEL, "--max-tokens", "24", "--temperature", "0")
+    expected = expected.removesuffix("\n")  # `exojet chat` ends the answer with a newline
+    whole = sync_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=24, temperature=0)
+    assert whole.object == "chat.completion"
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    assert whole.choices[0].finish_reason == "length"
+    assert whole.usage is not None and whole.usage.completion_tokens == 24
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 24
+
+    chunks = list(
+        sync_client.chat.completions.create(
+            model=MODEL,
+            messages=_messages(),
+            max_completion_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing == ["length"] and chunks[-2].choices[0].finish_reason == "length"
+    # include_usage: one more chunk, no choices, the usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 24
+    assert all(c.id == chunks[0].id for c in chunks)
+
+
+async def test_async_client_stop_and_length(async_client: openai.AsyncOpenAI) -> None:
+    full = await async_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=40, temperature=0)
+    text = full.choices[0].message.content
+    assert text is not None and len(text) > 8
+    # A stop sequence from the middle of the answer: the answer ends just before it.
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    stopped = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=40, temperature=0, stop=[stop]
+    )
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.choices[0].message.content == text[: text.index(stop)]
+    streamed = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=3, temperature=0, stream=True
+    )
+    reasons = [c.choices[0].finish_reason async for c in streamed if c.choices]
+    assert reasons[-1] == "length"
+
+
+def test_errors_are_openai_errors_with_the_right_status(stack: ApiStack, sync_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as not_found:
+        sync_client.chat.completions.create(model="local/unknown", messages=_messages())
+    assert not_found.value.body["param"] == "model"  # type: ignore[index]
+    bad_key = openai.OpenAI(base_url=stack.base_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.chat.completions.create(model=MODEL, messages=_messages())
+    with pytest.raises(openai.AuthenticationError):
+        bad_key.models.list()
+    with pytest.raises(openai.BadRequestError) as n_2:
+        sync_client.chat.completions.create(model=MODEL, messages=_messages(), n=2)
+    assert n_2.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as tools:
+        sync_client.chat.completions.create(
+            model=MODEL,
+            messages=_messages(),
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            response_format={"type": "json_object"},
+        )
+    assert "tools" in tools.value.message and tools.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+
+    api = f"http://127.0.0.1:{stack.port}"
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    for body, param in [
+        ({"model": MODEL, "messages": [], "max_tokens": 3}, "messages"),
+        ({"model": MODEL, "messages": _messages(), "temperature": "hot"}, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": _messages(), "top_p": 0}, "top_p"),
+        ({"model": MODEL, "messages": _messages(), "colour": "red"}, "colour"),
+    ]:
+        answer = httpx.post(f"{api}/v1/chat/completions", json=body, headers=auth)
+        assert answer.status_code == 400, answer.text  # never a framework's 422
+        assert answer.json()["error"]["param"] == param
+    assert httpx.post(f"{api}/v1/chat/completions", content=b"{not json", headers=auth).status_code == 400
+    # /health needs no key; everything else does.
+    assert httpx.get(f"{api}/health").json() == {"status": "ok", "nats": True}
+    assert httpx.get(f"{api}/openapi.json").status_code == 401
+    assert httpx.get(f"{api}/v1/nothing", headers=auth).json()["error"]["code"] == "not_found"
+    # DNS rebinding: a page on another name that resolves to 127.0.0.1 is refused.
+    rebound = httpx.get(f"{api}/v1/models", headers={**auth, "Host": "evil.example:80"})
+    assert rebound.status_code == 400 and rebound.json()["error"]["code"] == "invalid_host"
+    # No CORS unless asked for.
+    preflight = httpx.options(
+        f"{api}/v1/models",
+        headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "GET"},
+    )
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+async def test_32_concurrent_streams_all_complete_with_the_right_text(async_client: openai.AsyncOpenAI) -> None:
+    prompts = [f"Count to {i} for me" for i in range(CONCURRENT)]
+    expected = []
+    for prompt in prompts:
+        answer = await async_client.chat.completions.create(
+            model=MODEL, messages=_messages(prompt), max_tokens=16, temperature=0
+        )
+        expected.append(answer.choices[0].message.content)
+
+    async def stream(prompt: str) -> tuple[str, str | None]:
+        chunks = await async_client.chat.completions.create(
+            model=MODEL, messages=_messages(prompt), max_tokens=16, temperature=0, stream=True
+        )
+        parts, reason = [], None
+        async for chunk in chunks:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                reason = chunk.choices[0].finish_reason or reason
+        return "".join(parts), reason
+
+    results = await asyncio.gather(*(stream(p) for p in prompts))
+    assert [text for text, _ in results] == expected
+    assert all(reason in ("stop", "length") for _, reason in results)
+
+
+async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(async_client: openai.AsyncOpenAI) -> None:
+    async def ask(i: int) -> str:
+        try:
+            answer = await async_client.chat.completions.create(
+                model=MODEL, messages=_messages(f"story {i}"), max_tokens=200, temperature=0
+            )
+        except openai.RateLimitError as err:
+            assert err.response.headers["retry-after"] == "1"
+            assert err.body["code"] == "queue_full"  # type: ignore[index]
+            return "429"
+        assert answer.choices[0].finish_reason in ("stop", "length")
+        return "ok"
+
+    outcomes = await asyncio.gather(*(ask(i) for i in range(48)))
+    assert "429" in outcomes and "ok" in outcomes
+    # The queue drains: the next chat is served again.
+    again = await async_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_schemathesis_finds_nothing_against_openapi_json(stack: ApiStack, tmp_path: Path) -> None:
+    # A second API process on the same cluster (they are stateless), with a small
+    # max_tokens limit so that generated requests stay quick to answer.
+    port = free_port()
+    api = exojet(
+        "api",
+        "--nats",
+        stack.url,
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--max-tokens-limit",
+        "16",
+        log=tmp_path / "api.log",
+    )
+    try:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        schema = _wait_schema(f"http://127.0.0.1:{port}/openapi.json", auth)
+        assert schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]["examples"] == [MODEL]
+        schema_file = tmp_path / "openapi.json"
+        schema_file.write_text(json.dumps(schema))
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "schemathesis.cli",
+                "run",
+                str(schema_file),
+                "--url",
+                f"http://127.0.0.1:{port}",
+                "--header",
+                f"Authorization: Bearer {API_KEY}",
+                "--max-examples",
+                "10",
+                "--checks",
+                "all",
+                "--seed",
+                "1",
+                "--no-color",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=150,
+        )
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+    finally:
+        stop(api)
+
+
+def _wait_schema(url: str, headers: dict[str, str], timeout: float = 30.0) -> dict[str, object]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return httpx.get(url, headers=headers, timeout=1.0).raise_for_status().json()
+        except httpx.HTTPError:
+            time.sleep(0.1)  # poll interval while the API process starts
+    raise AssertionError(f"no schema at {url} within {timeout} s")
