@@ -50,6 +50,9 @@ STATE_TTL_S = 1.0
 # A chat abandoned before any of its ranks was published is forgotten after this.
 ABANDONED_TTL_S = 60.0
 WATCHDOG_EVERY_S = 0.5
+# The largest page a supervisor answers (supervisor/queries.py): instances beyond it
+# (ended ones, listed last) do not matter to the API.
+INSTANCES_PAGE = 500
 # The most ranks a cancel by id looks up when this process did not start the chat.
 MAX_RANKS = 64
 
@@ -159,11 +162,12 @@ class Gateway:
     # -- the cluster view ---------------------------------------------------
 
     async def cluster(self, fresh: bool = False) -> dict[str, Any]:
-        """The supervisors' state (reused for STATE_TTL_S); ApiError(503) when none answers."""
+        """The supervisors' live instances (reused for STATE_TTL_S); ApiError(503) when none answers."""
         now = time.monotonic()
         if fresh or self._state is None or now - self._state_at > STATE_TTL_S:
             try:
-                self._state = await query(self.nc, "state", timeout=2.0)
+                # Instances only, live ones first: all an API needs to know what is served.
+                self._state = await query(self.nc, "state", timeout=2.0, sections=["instances"], limit=INSTANCES_PAGE)
             except QueryFailed as err:
                 raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
             self._state_at = time.monotonic()

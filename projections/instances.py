@@ -208,6 +208,7 @@ def _refuse_chat(state: ClusterState, env: Envelope, event: ChatRefused) -> None
     chat.updated_seq = env.seq
     chat.request = None
     state.pending_chats.pop(chat.chat_id, None)
+    retention.finish_chat(state, chat.chat_id, env.time)
 
 
 def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: str, reason: str) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from exojet.bus.server import free_port
 from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
-from tests.procs import REPO, exojet, stop
+from tests.procs import exojet, stop
 from tests.tiny_model import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(180)
@@ -246,7 +246,7 @@ def test_schemathesis_finds_nothing_against_openapi_json(stack: ApiStack, tmp_pa
                 "1",
                 "--no-color",
             ],
-            cwd=REPO,
+            cwd=tmp_path,  # schemathesis keeps a cache in its working directory
             capture_output=True,
             text=True,
             timeout=150,

@@ -273,6 +273,29 @@ def test_chats_go_to_the_least_busy_ready_instance_of_their_model() -> None:
     assert c.state.chats[busy.stream_id].status == "Routed"
 
 
+def test_a_chat_past_every_instance_queue_is_refused_once_and_never_routed() -> None:
+    c = Cluster()
+    c.register("r1")
+    a = _ready_single(c, "r1")
+    config = PlannerConfig(max_chats_per_instance=2)
+    hi = (ChatMessage("user", "hi"),)
+    for command_id in ("x", "y", "z"):
+        c.command(RouteChatCompletion(command_id=command_id, messages=hi, model_id="local/tiny"))
+    actions = plan(c.state, config=config)
+    refusals = [a.event for a in actions if isinstance(a, WriteEvent)]
+    assert [r.chat_id for r in refusals] == ["chat-z"] and refusals[0].error_type == "QueueFull"
+    assert "hold 2 chats" in refusals[0].reason
+    sent = c.publish(actions)
+    assert [t.task_id for t in sent] == ["chat-x.0", "chat-y.0"]
+    assert c.state.chats["chat-z"].status == "Refused" and "chat-z" not in c.state.pending_chats
+    assert c.state.instances[a].chats_in_flight == 2
+    assert plan(c.state, config=config) == []  # refused once, never routed later
+    # A refusal that comes after another supervisor routed the chat changes nothing.
+    c.publish([WriteEvent(msgspec.structs.replace(refusals[0], chat_id="chat-x", event_id="chat-x:refused"))])
+    assert c.state.chats["chat-x"].status == "Routed"
+    assert c.state.anomalies[-1].kind == "StaleChatRefusal"
+
+
 def test_a_group_chat_publishes_rank_zero_first_then_the_others_to_the_same_instance() -> None:
     c = Cluster()
     c.register("r1")
