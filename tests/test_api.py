@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx2 as httpx
 import openai
+import psutil
 import pytest
 
 from exojet.bus.server import free_port
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 
 PROMPT = "Tell me about the capital of France"
 CONCURRENT = 32
+QUEUE = 40
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +36,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
     root = tmp_path_factory.mktemp("api")
     write_tiny_llama(root / "models" / "local--tiny")
     # A queue of 40 per instance: the 32 concurrent streams fit, 48 at once do not.
-    s = start_stack(root, root / "models", max_queue=40)
+    s = start_stack(root, root / "models", max_queue=QUEUE)
     yield s
     s.close()
 
@@ -185,11 +187,13 @@ async def test_32_concurrent_streams_all_complete_with_the_right_text(async_clie
     assert all(reason in ("stop", "length") for _, reason in results)
 
 
-async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(async_client: openai.AsyncOpenAI) -> None:
+async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(
+    stack: ApiStack, async_client: openai.AsyncOpenAI
+) -> None:
     async def ask(i: int) -> str:
         try:
             answer = await async_client.chat.completions.create(
-                model=MODEL, messages=_messages(f"story {i}"), max_tokens=200, temperature=0
+                model=MODEL, messages=_messages(f"story {i}"), max_tokens=4, temperature=0
             )
         except openai.RateLimitError as err:
             assert err.response.headers["retry-after"] == "1"
@@ -198,9 +202,19 @@ async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(async_cl
         assert answer.choices[0].finish_reason in ("stop", "length")
         return "ok"
 
-    outcomes = await asyncio.gather(*(ask(i) for i in range(48)))
-    assert "429" in outcomes and "ok" in outcomes
-    # The queue drains: the next chat is served again.
+    # The runner paused (well inside the liveness timeout): chats stay in flight,
+    # so the instance's queue of 40 is full when the 41st arrives.
+    runner = psutil.Process(stack.procs["r1"].pid)
+    runner.suspend()
+    try:
+        asked = [asyncio.ensure_future(ask(i)) for i in range(QUEUE + 1)]
+        done, _ = await asyncio.wait(asked, timeout=3, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        runner.resume()
+    assert [d.result() for d in done] == ["429"]
+    outcomes = await asyncio.gather(*asked)
+    assert outcomes.count("429") == 1 and outcomes.count("ok") == QUEUE
+    # The queue drained: the next chat is served again.
     again = await async_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
 

