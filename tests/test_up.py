@@ -109,7 +109,8 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
         assert answer.returncode == 0, answer.stderr
         assert "Paris" in answer.stdout
         # The OpenAI-compatible API that `up` started answers the same.
-        assert f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1" in lines
+        assert up.stdout is not None
+        assert up.stdout.readline().strip() == f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1"
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0, timeout=120)
         reply = api.chat.completions.create(
             model=api.models.list().data[0].id,
