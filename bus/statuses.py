@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import typing
 
 import msgspec
 
@@ -86,6 +87,16 @@ RunnerStatus = (
 def status_name(status: RunnerStatus) -> str:
     """The status's wire name (`RunnerReady`, `RunnerLost` ...)."""
     return type(status).__struct_config__.tag  # type: ignore[return-value]
+
+
+_BY_NAME: dict[str, type[RunnerStatus]] = {cls.__struct_config__.tag: cls for cls in typing.get_args(RunnerStatus)}
+# Every runner status's wire name, in the order declared above.
+RUNNER_STATUS_NAMES: tuple[str, ...] = tuple(_BY_NAME)
+
+
+def runner_status(name: str) -> RunnerStatus:
+    """The status named `name`, with its fields' defaults."""
+    return _BY_NAME[name]()
 
 
 class TaskStatus(enum.StrEnum):

@@ -38,7 +38,6 @@ from exojet.bus.events import (
 from exojet.bus.statuses import (
     RunnerFailed,
     RunnerIdle,
-    RunnerShutdown,
     RunnerStatus,
     TaskStatus,
     status_name,
@@ -533,11 +532,11 @@ class Runner:
 
     async def shutdown(self, task_id: str | None) -> None:
         """ShuttingDown, free the engine, (complete the task,) Shutdown: the last words of this incarnation."""
-        await self._set_status(state_machine.WORKING["Shutdown"])
+        await self._set_status(state_machine.shutting_down())
         await self.engine.stop()
         if task_id is not None:
             await self._task_status(task_id, TaskStatus.COMPLETE, "Shutdown")
-        await self._set_status(RunnerShutdown())
+        await self._set_status(state_machine.shut_down())
 
 
 def _lockstep_seed(task: ChatCompletion) -> int | None:

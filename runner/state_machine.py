@@ -1,77 +1,46 @@
-"""DESIGN.md's runner state machine as data: which status accepts which task,
-the status it works in, and where it ends up. Pure; the runner and the tests read it.
+"""The runner's side of the lifecycle in `bus/lifecycle.py`: which task a status
+accepts, the status it works in, and where it ends up. Pure; the runner and the
+tests read it.
 """
 
 from __future__ import annotations
 
-from exojet.bus.statuses import (
-    RunnerConnected,
-    RunnerConnecting,
-    RunnerDownloading,
-    RunnerFailed,
-    RunnerIdle,
-    RunnerLoaded,
-    RunnerLoading,
-    RunnerReady,
-    RunnerRunning,
-    RunnerShutdown,
-    RunnerShuttingDown,
-    RunnerStatus,
-    RunnerWarmingUp,
-    status_name,
-)
+from exojet.bus.lifecycle import LIFECYCLE
+from exojet.bus.statuses import RunnerStatus, runner_status, status_name
 
-IDLE, CONNECTED, LOADED, READY, FAILED = "RunnerIdle", "RunnerConnected", "RunnerLoaded", "RunnerReady", "RunnerFailed"
-
-ACCEPTED_IN: dict[str, tuple[str, ...]] = {
-    "DownloadModel": (IDLE, CONNECTED, FAILED),
-    "ConnectToGroup": (IDLE, FAILED),
-    "LoadModel": (IDLE, CONNECTED),
-    "StartWarmup": (LOADED,),
-    "ChatCompletion": (READY,),
-    "UnloadModel": (CONNECTED, LOADED, READY, FAILED),
-}
-
-WORKING: dict[str, RunnerStatus] = {
-    "DownloadModel": RunnerDownloading(),
-    "ConnectToGroup": RunnerConnecting(),
-    "LoadModel": RunnerLoading(),
-    "StartWarmup": RunnerWarmingUp(),
-    "ChatCompletion": RunnerRunning(),
-    "Shutdown": RunnerShuttingDown(),
-}
+SHUTDOWN = LIFECYCLE["Shutdown"]
 
 
 def accepts(task_type: str, status: RunnerStatus) -> bool:
-    """True if a runner in `status` may run a task of `task_type` (Shutdown: always)."""
-    return task_type == "Shutdown" or status_name(status) in ACCEPTED_IN.get(task_type, ())
+    """True if a runner in `status` may run a task of `task_type`."""
+    row = LIFECYCLE.get(task_type)
+    return row is not None and row.accepts(status_name(status))
 
 
 def invalid_state_message(task_type: str, status: RunnerStatus) -> str:
     """Why a task is refused, naming the status it needs."""
-    needed = " or ".join(ACCEPTED_IN.get(task_type, ()))
+    row = LIFECYCLE.get(task_type)
+    needed = " or ".join(row.accepting_statuses()) if row else "a runner that knows it"
     return f"{task_type} needs {needed}, runner is {status_name(status)}"
 
 
 def working_status(task_type: str) -> RunnerStatus | None:
     """The status a runner reports while it works on the task (None: no transient status)."""
-    return WORKING.get(task_type)
+    working = LIFECYCLE[task_type].working
+    return runner_status(working) if working else None
 
 
 def finished_status(task_type: str, before: RunnerStatus) -> RunnerStatus:
     """Where a runner ends up after the task succeeds, given the status it started in."""
-    match task_type:
-        case "DownloadModel":
-            # Back where it was; a Failed runner that fetched its model is usable again.
-            return RunnerIdle() if isinstance(before, RunnerFailed) else before
-        case "ConnectToGroup":
-            return RunnerConnected()
-        case "LoadModel":
-            return RunnerLoaded()
-        case "StartWarmup" | "ChatCompletion":
-            return RunnerReady()
-        case "UnloadModel":
-            return RunnerIdle()
-        case "Shutdown":
-            return RunnerShutdown()
-    raise ValueError(f"unknown task type {task_type}")
+    end = LIFECYCLE[task_type].succeeded(status_name(before))
+    return before if end == status_name(before) else runner_status(end)
+
+
+def shutting_down() -> RunnerStatus:
+    """What a runner writes first when it stops, on a Shutdown task or a signal."""
+    return runner_status(SHUTDOWN.working or "")
+
+
+def shut_down() -> RunnerStatus:
+    """The last status an incarnation writes."""
+    return finished_status(SHUTDOWN.task, shutting_down())
