@@ -15,7 +15,6 @@ import contextlib
 import gc
 import os
 import re
-import select
 import sys
 import time
 from collections import deque
@@ -25,6 +24,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
+from exojet.runner.engine_pipe import Pipe
 from exojet.runner.engine_protocol import (
     Cancel,
     ConnectGroup,
@@ -42,10 +42,8 @@ from exojet.runner.engine_protocol import (
     Token,
     Unload,
     Warmup,
-    encode_frame,
-    frame_length,
-    request_decoder,
 )
+from exojet.runner.stop_scanner import StopScanner
 
 WARMUP_TOKENS = 4
 # A pipeline rank that sees no token for this long takes its peers for dead
@@ -63,89 +61,6 @@ class RequestError(Exception):
     def __init__(self, error_type: str, message: str) -> None:
         super().__init__(message)
         self.error_type = error_type
-
-
-class Pipe:
-    """Blocking frame I/O on the two protocol descriptors."""
-
-    def __init__(self, fd_in: int, fd_out: int) -> None:
-        self.fd_in = fd_in
-        self.fd_out = fd_out
-
-    def _read_exactly(self, n: int) -> bytes | None:
-        chunks: list[bytes] = []
-        while n:
-            chunk = os.read(self.fd_in, n)
-            if not chunk:
-                return None
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    def read(self) -> Request | None:
-        """The next request, or None when the parent closed the pipe."""
-        header = self._read_exactly(4)
-        if header is None:
-            return None
-        body = self._read_exactly(frame_length(header))
-        if body is None:
-            return None
-        return request_decoder.decode(body)
-
-    def readable(self) -> bool:
-        """Whether a request is waiting, without blocking."""
-        ready, _, _ = select.select([self.fd_in], [], [], 0)
-        return bool(ready)
-
-    def write(self, reply: Reply) -> None:
-        """Write one reply frame (a single syscall unless the pipe is full)."""
-        view = memoryview(encode_frame(reply))
-        while view:
-            view = view[os.write(self.fd_out, view) :]
-
-
-class StopScanner:
-    """Cuts streamed text at the first stop string.
-
-    Text that could be the start of a stop string is held back until the next
-    delta shows whether it is one, so nothing past a stop string is ever sent.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.sent = 0
-
-    def feed(self, delta: str) -> tuple[str, bool]:
-        """The text that can be sent now, and whether a stop string was reached."""
-        self.text += delta
-        if not self.stops:
-            self.sent = len(self.text)
-            return delta, False
-        # A match cannot start before `sent`: a possible prefix is always held back.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
-        if hits:
-            cut = min(hits)
-            out = self.text[self.sent : cut]
-            self.text = self.text[:cut]
-            self.sent = cut
-            return out, True
-        keep = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(self.text) - self.sent), keep, -1):
-                if self.text.endswith(stop[:k]):
-                    keep = k
-                    break
-        end = len(self.text) - keep
-        out = self.text[self.sent : end]
-        self.sent = end
-        return out, False
-
-    def flush(self) -> str:
-        """The held-back text, once generation has ended without a stop string."""
-        out = self.text[self.sent :]
-        self.sent = len(self.text)
-        return out
 
 
 def materialise(model: Any, start: int, end: int) -> int:
@@ -223,7 +138,7 @@ class EngineChild:
 
     def connect_group(self, req: ConnectGroup) -> GroupConnected:
         """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
-        from exojet.runner.pipeline import GroupConnectError, connect_group
+        from exojet.runner.ring import GroupConnectError, connect_group
 
         if self.group is not None:
             raise RequestError("AlreadyInGroup", "this engine process already joined a group")

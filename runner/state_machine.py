@@ -1,12 +1,18 @@
-"""The runner's side of the lifecycle in `bus/lifecycle.py`: which task a status
-accepts, the status it works in, and where it ends up. Pure; the runner and the
-tests read it.
+"""Every status change a runner makes, decided here from the lifecycle in
+`bus/lifecycle.py`: which task a status accepts, the status it works in, where
+success and failure (of each kind) leave it, registration and shutdown. Pure;
+`runner/transitions.py` writes what this decides.
 """
 
 from __future__ import annotations
 
-from exojet.bus.lifecycle import LIFECYCLE
-from exojet.bus.statuses import RunnerStatus, runner_status, status_name
+from dataclasses import dataclass
+
+from exojet.bus.lifecycle import FAILED, LIFECYCLE, REGISTERED
+from exojet.bus.statuses import RunnerFailed, RunnerStatus, runner_status, status_name
+from exojet.runner.chunks import ChunksNotStored
+from exojet.runner.download import DownloadError
+from exojet.runner.engine import EngineCrashed, EngineError
 
 SHUTDOWN = LIFECYCLE["Shutdown"]
 
@@ -44,3 +50,44 @@ def shutting_down() -> RunnerStatus:
 def shut_down() -> RunnerStatus:
     """The last status an incarnation writes."""
     return finished_status(SHUTDOWN.task, shutting_down())
+
+
+def registered() -> RunnerStatus:
+    """Where every new incarnation starts, after a crash or a loss too: holding nothing."""
+    return runner_status(REGISTERED)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How a task that raised ends: the runner's next status and the task's error."""
+
+    status: RunnerStatus
+    error_type: str
+    message: str
+    # The engine child must be replaced (and with it any group it had joined).
+    engine_lost: bool = False
+    # Not an error a person can act on: a bug of ours, worth a traceback in the log.
+    internal: bool = False
+
+
+def failed(task_type: str, before: RunnerStatus, err: Exception) -> Failure:
+    """Where a task that raised `err` leaves the runner, in words a person can act on."""
+    match err:
+        case ChunksNotStored():
+            # The bus failed the client, not the engine: the runner is as usable as before.
+            return Failure(finished_status(task_type, before), "ChunksNotStored", str(err))
+        case EngineCrashed():
+            return Failure(_failure_status(task_type, str(err)), "EngineCrashed", str(err), engine_lost=True)
+        case (
+            EngineError(error_type=error_type, message=message) | DownloadError(error_type=error_type, message=message)
+        ):
+            return Failure(_failure_status(task_type, message), error_type, message)
+    # A bug of ours must cost one task, not the runner: fail it loudly and start
+    # the engine afresh, as after a crash.
+    message = f"internal error in {task_type}: {err!r} (see the runner's log)"
+    return Failure(_failure_status(task_type, message), "InternalError", message, engine_lost=True, internal=True)
+
+
+def _failure_status(task_type: str, message: str) -> RunnerStatus:
+    name = LIFECYCLE[task_type].failure
+    return RunnerFailed(error_message=message) if name == FAILED else runner_status(name)

@@ -20,7 +20,8 @@ import mlx.core as mx
 import psutil
 from mlx_lm import load, stream_generate
 
-from exojet.runner.pipeline import StallWatchdog, connect_group, load_shard, pipeline_barrier
+from exojet.runner.pipeline import StallWatchdog, load_shard, pipeline_barrier
+from exojet.runner.ring import connect_group
 
 
 def emit(event: str, **fields: object) -> None:

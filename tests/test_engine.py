@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exojet.runner.engine import Engine, EngineCrashed, EngineError
-from exojet.runner.engine_child import StopScanner
 from exojet.runner.engine_protocol import Done, Generate, Message, Token
+from exojet.runner.stop_scanner import StopScanner
 from tests.tiny_model import write_tiny_llama
 
 # The async tests share one event loop so they can share one engine child.

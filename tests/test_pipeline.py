@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from exojet.runner.pipeline import GroupConnectError, connect_group, split_layers
+from exojet.runner.pipeline import split_layers
+from exojet.runner.ring import GroupConnectError, connect_group
 from tests.tiny_model import write_tiny_llama
 
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")

@@ -1,0 +1,56 @@
+"""A ChatCompletion on the engine: tokens streamed to `exo.chunks.<stream_id>`, the
+result summarised for the task's `Complete` status."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from exojet.bus.tasks import ChatCompletion, Group, stop_strings
+from exojet.runner.chunks import ChunkStream
+from exojet.runner.engine import Done, Engine, Generate
+from exojet.runner.engine_protocol import Message
+
+DEFAULT_MAX_TOKENS = 256
+
+
+async def chat(
+    engine: Engine, js: JetStreamContext, group: Group | None, task: ChatCompletion, task_id: str
+) -> dict[str, Any]:
+    """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text."""
+    request = Generate(
+        messages=[Message(m.role, m.content) for m in task.messages],
+        max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
+        temperature=task.temperature if task.temperature is not None else 0.0,
+        top_p=task.top_p if task.top_p is not None else 1.0,
+        seed=_lockstep_seed(task) if group is not None else task.seed,
+        stop=stop_strings(task),
+    )
+    emits = task.emit_rank == (group.rank if group else 0)
+    chunks = ChunkStream(js, task.stream_id or task_id, task_id) if emits else None
+    done = None
+    async for reply in engine.generate(request):
+        if isinstance(reply, Done):
+            done = reply
+        elif chunks is not None:
+            await chunks.add(reply.text)
+    assert done is not None
+    if chunks is not None:
+        await chunks.finish(done.finish_reason)
+    return {
+        "text": done.text if emits else "",
+        "finish_reason": done.finish_reason,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "tokens_per_second": round(done.tokens_per_second, 2),
+    }
+
+
+def _lockstep_seed(task: ChatCompletion) -> int | None:
+    """Every rank of a group must sample the same tokens: without a seed of the
+    user's, derive one from what all ranks' tasks share (the chat's stream id)."""
+    if task.seed is not None or (task.temperature or 0.0) == 0.0:
+        return task.seed
+    return zlib.crc32((task.stream_id or "").encode())

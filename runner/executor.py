@@ -1,0 +1,131 @@
+"""The work each task names, on the engine child and the models dir. It changes
+no status: `runner/task_loop.py` writes the transitions around it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from nats.js import JetStreamContext
+
+from exojet.bus.tasks import (
+    ChatCompletion,
+    ConnectToGroup,
+    DownloadModel,
+    Group,
+    LoadModel,
+    Shard,
+    StartWarmup,
+    Task,
+    UnloadModel,
+    task_type,
+)
+from exojet.models.store import InvalidModelId, is_complete, model_dir
+from exojet.runner.chat import chat
+from exojet.runner.download import DownloadStatus, download_model
+from exojet.runner.engine import Engine
+
+GROUP_CONNECT_TIMEOUT_S = 30.0
+
+
+class Executor:
+    """What the runner holds between tasks (the engine child, the model it
+    downloaded, the group it joined) and the work of each task."""
+
+    def __init__(
+        self,
+        runner_id: str,
+        js: JetStreamContext,
+        models_dir: Path,
+        on_progress: Callable[[DownloadStatus], Awaitable[None]],
+    ) -> None:
+        self.runner_id = runner_id
+        self.js = js
+        self.models_dir = models_dir
+        self.on_progress = on_progress
+        self.engine = Engine()
+        self.downloaded: Shard | None = None
+        self.group: Group | None = None
+
+    def refusal(self, task: Task) -> tuple[str, str] | None:
+        """(error_type, message) refusing the task before any transition, or None to run it."""
+        if not isinstance(task, LoadModel):
+            return None
+        shard = task.shard or self.downloaded
+        if shard is None:
+            return (
+                "ModelNotDownloaded",
+                f"LoadModel names no model and runner {self.runner_id} has downloaded none: send DownloadModel first",
+            )
+        try:
+            present = is_complete(model_dir(self.models_dir, shard.model_id))
+        except (InvalidModelId, OSError):
+            present = False
+        if not present:
+            return (
+                "ModelNotDownloaded",
+                f"model {shard.model_id} is not downloaded on runner {self.runner_id}: send DownloadModel first",
+            )
+        return None
+
+    async def stop_engine(self) -> None:
+        """End the engine child; a group lived in it, so it is gone too."""
+        await self.engine.stop()
+        self.group = None
+
+    async def forget(self) -> None:
+        """Hold nothing, as a new incarnation after a loss."""
+        await self.stop_engine()
+        self.downloaded = None
+
+    async def run(self, task: Task, task_id: str) -> dict[str, Any] | None:
+        """Do the task's work; its result (for `Complete`) or an exception."""
+        match task:
+            case DownloadModel(shard=shard):
+                path = await download_model(
+                    shard.model_id, self.models_dir, revision=shard.revision, on_progress=self.on_progress
+                )
+                self.downloaded = shard
+                return {"model_id": shard.model_id, "path": str(path)}
+            case ConnectToGroup(group=group):
+                if self.engine.alive:
+                    await self.engine.stop()
+                await self.engine.start()
+                connected = await self.engine.connect_group(
+                    group.group_id, group.world_size, group.rank, list(group.hosts), GROUP_CONNECT_TIMEOUT_S
+                )
+                self.group = group
+                return {"group_id": group.group_id, "rank": connected.rank, "world_size": connected.world_size}
+            case LoadModel():
+                return await self._load(task)
+            case StartWarmup():
+                await self.engine.warmup()
+                return None
+            case ChatCompletion():
+                return await chat(self.engine, self.js, self.group, task, task_id)
+            case UnloadModel():
+                # A child that joined a group cannot leave it: end it (a later
+                # load starts a fresh one). A crashed child holds nothing.
+                if self.group is not None or not self.engine.alive:
+                    await self.stop_engine()
+                else:
+                    await self.engine.unload()
+                return None
+        raise ValueError(f"{task_type(task)} has no work: the task loop handles it")
+
+    async def _load(self, task: LoadModel) -> dict[str, Any]:
+        wanted = task.shard or self.downloaded
+        assert wanted is not None  # checked by `refusal`
+        if not self.engine.alive:
+            await self.engine.start()
+        loaded = await self.engine.load(
+            str(model_dir(self.models_dir, wanted.model_id)), wanted.start_layer, wanted.end_layer
+        )
+        self.downloaded = wanted
+        return {
+            "model_id": wanted.model_id,
+            "n_layers": loaded.n_layers,
+            "start_layer": loaded.start_layer,
+            "end_layer": loaded.end_layer,
+        }

@@ -1,0 +1,124 @@
+"""A runner incarnation's start: twin detection, `RunnerRegistered`, and what the
+runner id's own subject says about earlier incarnations' tasks.
+
+A new incarnation writes `RunnerRegistered` fenced on the subject's last write.
+Before that it makes sure no other live process holds the runner id: unless the
+last incarnation ended (Shutdown, or declared lost), a heartbeat on the id's
+subject means a twin is running, and this process must not start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from urllib.parse import urlsplit
+
+import psutil
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from exojet.bus import client, subjects
+from exojet.bus.codec import BadInput, decode_event
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerLost, RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.lifecycle import FINAL_STATUSES
+from exojet.bus.statuses import status_name
+from exojet.runner.event_writer import EventWriter
+from exojet.runner.task_history import TaskHistory
+
+VERSION = "0.1.0"
+# A twin shows itself by heartbeating: wait a little over two beats for one.
+TWIN_HEARTBEAT_WAIT_S = 2.5
+
+
+class TwinRunning(Exception):
+    """Another live process holds this runner id."""
+
+
+def advertised_address(nats_url: str) -> str:
+    """The local address on the route to the NATS server: what other ranks can reach."""
+    if env := os.environ.get("EXO_RUNNER_ADDRESS"):
+        return env
+    url = urlsplit(nats_url)
+    try:
+        # A UDP "connect" sends nothing; it only asks the kernel for the route.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((url.hostname or "127.0.0.1", url.port or 4222))
+            return str(s.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"
+
+
+async def register(nc: NATS, runner_id: str, address: str, after_loss: bool = False) -> EventWriter:
+    """Write `RunnerRegistered` for incarnation + 1, fenced on the subject's last write;
+    returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
+    (not after a loss: then the previous holder is this very process)."""
+    js = nc.jetstream()
+    subject = subjects.runner_events_subject(runner_id)
+    last = await client.last_on_subject(js, subject)
+    incarnation, last_seq = 0, 0
+    if last is not None:
+        last_seq = last.seq
+        try:
+            previous = decode_event(last.data)
+            incarnation = getattr(previous, "incarnation", 0)
+        except BadInput:
+            previous = None
+        if not after_loss and not _final(previous) and await _heartbeat_seen(nc, runner_id):
+            raise TwinRunning(f"runner {runner_id} is already running (incarnation {incarnation})")
+    writer = EventWriter(js, runner_id, incarnation + 1, last_seq)
+    memory = psutil.virtual_memory()
+    await writer.write(
+        lambda eid, inc, at: RunnerRegistered(
+            event_id=eid,
+            runner_id=runner_id,
+            incarnation=inc,
+            at=at,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            memory_total=memory.total,
+            memory_free=memory.available,
+            engine="mlx",
+            version=VERSION,
+            address=address,
+        )
+    )
+    return writer
+
+
+async def _heartbeat_seen(nc: NATS, runner_id: str) -> bool:
+    seen = asyncio.Event()
+
+    async def on_beat(msg: Msg) -> None:
+        seen.set()
+
+    sub = await nc.subscribe(subjects.heartbeat_subject(runner_id), cb=on_beat)
+    try:
+        await asyncio.wait_for(seen.wait(), TWIN_HEARTBEAT_WAIT_S)
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        await sub.unsubscribe()
+
+
+def _final(event: object) -> bool:
+    """True if `event` ends an incarnation: nothing of it can still be running."""
+    if isinstance(event, RunnerLost):
+        return True
+    return isinstance(event, RunnerStatusUpdated) and status_name(event.runner_status) in FINAL_STATUSES
+
+
+async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistory) -> None:
+    """Fold this runner id's own subject into `history`: tasks already finished, and tasks an
+    earlier incarnation started and never finished (it crashed meanwhile)."""
+
+    def collect(env: Envelope) -> None:
+        try:
+            history.apply(decode_event(env.data))
+        except BadInput:
+            return
+
+    await client.replay_subject(js, subjects.runner_events_subject(runner_id), collect)

@@ -1,0 +1,244 @@
+"""A runner's task loop: the tasks of `exo.tasks.<id>`, one at a time.
+
+Each task is decoded (poison is answered and terminated), skipped if the log
+already holds its terminal status, checked against the state machine, then gets
+`Running`, the transitions around its work and exactly one terminal status. A
+write refused because the supervisor declared this runner lost (or a `RunnerLost`
+seen on its own subject while idle) makes it re-register as a new incarnation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import BadInput, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import RunnerLost
+from exojet.bus.statuses import TaskStatus
+from exojet.bus.task_consumer import TaskConsumer
+from exojet.bus.tasks import Shutdown, Task, task_type
+from exojet.runner import registration, state_machine
+from exojet.runner.event_writer import Fenced
+from exojet.runner.executor import Executor
+from exojet.runner.registration import TwinRunning
+from exojet.runner.reports import Reports
+from exojet.runner.state_machine import Failure
+from exojet.runner.task_history import TaskHistory
+from exojet.runner.transitions import Transitions
+
+# Well inside the consumer's ack_wait, so long work is never redelivered meanwhile.
+IN_PROGRESS_EVERY_S = streams.TASK_ACK_WAIT_S / 3
+
+
+class Runner:
+    """One runner id's life in this process: register, serve tasks, shut down."""
+
+    def __init__(self, runner_id: str, nc: NATS, models_dir: Path, address: str) -> None:
+        self.runner_id = runner_id
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.address = address
+        self.subject = subjects.runner_events_subject(runner_id)
+        self.history = TaskHistory()
+        self.reports = Reports(runner_id, self.history)
+        self.transitions = Transitions(self.reports)
+        self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress)
+        # Set when a RunnerLost newer than our last write shows up on our subject.
+        self.declared_lost = asyncio.Event()
+        self.log = self.reports.log
+
+    @property
+    def incarnation(self) -> int:
+        return self.reports.incarnation
+
+    async def start(self) -> None:
+        """Read the subject's history, register, answer what a crashed incarnation left running."""
+        await registration.load_history(self.js, self.runner_id, self.history)
+        await self._register()
+        await self._answer_interrupted()
+
+    async def _register(self, after_loss: bool = False) -> None:
+        self.reports.writer = await registration.register(self.nc, self.runner_id, self.address, after_loss)
+        await self.transitions.registered()
+
+    async def _answer_interrupted(self) -> None:
+        """Fail, explicitly, what a crashed incarnation left running: one terminal status each."""
+        for task_id, kind in list(self.history.running.items()):
+            await self.reports.task_status(
+                task_id,
+                TaskStatus.FAILED,
+                kind,
+                error_type="RunnerRestarted",
+                error_message=f"runner {self.runner_id} restarted (now incarnation "
+                f"{self.incarnation}) while the task ran; send it again",
+            )
+
+    async def serve(self) -> int:
+        """Run tasks until a Shutdown task (exit 0) or a twin shows up (exit 1)."""
+        writer = self.reports.writer
+        assert writer is not None
+        tasks = await TaskConsumer(self.nc, self.runner_id).start()
+        # An idle runner writes nothing, so no failed write would tell it that it
+        # was declared lost (after a freeze, say): watch its own subject for that.
+        own = await client.follow(self.js, self._on_own_event, start_seq=writer.last_seq + 1, subject=self.subject)
+        try:
+            while True:
+                if await self.handle_fenced(await self._next_task(tasks)):
+                    return 0
+        finally:
+            await own.unsubscribe()
+            await tasks.stop()
+
+    def _on_own_event(self, env: Envelope) -> None:
+        # A RunnerLost older than our last write is one we already came back from.
+        writer = self.reports.writer
+        if writer is None or env.seq <= writer.last_seq:
+            return
+        try:
+            event = decode_event(env.data)
+        except BadInput:
+            return
+        if isinstance(event, RunnerLost):
+            self.log.bind(seq=env.seq).warning(f"declared lost ({event.reason})")
+            self.declared_lost.set()
+
+    async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
+        """The next task message, or None when this incarnation was declared lost while waiting."""
+        waiting = asyncio.ensure_future(tasks.next())
+        lost = asyncio.ensure_future(self.declared_lost.wait())
+        try:
+            await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            lost.cancel()
+            if not waiting.done():
+                # Safe to cancel: the consumer keeps undelivered messages for the next call.
+                waiting.cancel()
+                await asyncio.gather(waiting, return_exceptions=True)
+        return None if waiting.cancelled() else waiting.result()
+
+    async def handle_fenced(self, msg: Msg | None) -> bool:
+        """`handle` (None: no task, just come back), as a new incarnation each time we were declared lost."""
+        rejoin = msg is None
+        while True:
+            try:
+                if rejoin:
+                    await self.rejoin()
+                return await self.handle(msg) if msg is not None else False
+            except Fenced as fenced:
+                if not fenced.lost:
+                    raise TwinRunning(str(fenced)) from None
+                self.log.warning(f"{fenced}; re-registering")
+                rejoin = True
+
+    async def rejoin(self) -> None:
+        """After a RunnerLost: a fresh incarnation, Idle, holding nothing.
+
+        The loss failed the running task in the cluster's view, so that task is
+        answered; a task whose Running never got written is run again as new.
+        """
+        self.history.lose()
+        await self.executor.forget()
+        await self._register(after_loss=True)
+        self.declared_lost.clear()
+
+    async def handle(self, msg: Msg) -> bool:
+        """Run one task message; True when it was a Shutdown."""
+        seq = msg.metadata.sequence.stream
+        try:
+            task = decode_task(msg.data)
+        except BadInput as err:
+            # Poison: answer it under its sequence and never see it again.
+            await self.reports.task_status(
+                str(seq), TaskStatus.FAILED, None, error_type=err.error_type, error_message=err.message
+            )
+            await msg.term()
+            return False
+        task_id = task.task_id or str(seq)
+        kind = task_type(task)
+        if self.history.answered(task_id):
+            self.log.bind(task_id=task_id, seq=seq).info(
+                f"{kind} already has a terminal status in the log: not run again"
+            )
+            await msg.ack()
+            return False
+        refusal = self._refusal(task, kind)
+        if refusal is not None:
+            await self.reports.task_status(
+                task_id, TaskStatus.FAILED, kind, error_type=refusal[0], error_message=refusal[1]
+            )
+            await msg.ack()
+            return False
+        self.log.bind(task_id=task_id, seq=seq).info(f"running {kind}")
+        await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
+        keepalive = asyncio.ensure_future(_keep_in_progress(msg))
+        try:
+            if isinstance(task, Shutdown):
+                await self.shutdown(task_id)
+                await msg.ack()
+                return True
+            outcome = await self._run(task, task_id, kind)
+            if isinstance(outcome, Failure):
+                await self.reports.task_status(
+                    task_id, TaskStatus.FAILED, kind, error_type=outcome.error_type, error_message=outcome.message
+                )
+            else:
+                await self.reports.task_status(task_id, TaskStatus.COMPLETE, kind, result=outcome)
+        except asyncio.CancelledError:
+            await self.reports.task_status(
+                task_id,
+                TaskStatus.CANCELLED,
+                kind,
+                error_type="RunnerStopped",
+                error_message=f"runner {self.runner_id} was stopped while the task ran",
+            )
+            raise
+        finally:
+            keepalive.cancel()
+        await msg.ack()
+        return False
+
+    def _refusal(self, task: Task, kind: str) -> tuple[str, str] | None:
+        """(error_type, message) refusing the task with the runner's status left as it is."""
+        if not state_machine.accepts(kind, self.transitions.status):
+            return "InvalidState", state_machine.invalid_state_message(kind, self.transitions.status)
+        return self.executor.refusal(task)
+
+    async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
+        """The work between the transitions the state machine decides: its result, or how it failed."""
+        before = await self.transitions.start(kind)
+        try:
+            result = await self.executor.run(task, task_id)
+        except Fenced:
+            # Not the task's failure: the runner's identity is in question (see handle_fenced).
+            raise
+        except Exception as err:  # noqa: BLE001 - no task may end the runner
+            failure = state_machine.failed(kind, before, err)
+            if failure.internal:
+                self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
+            if failure.engine_lost:
+                await self.executor.stop_engine()
+            await self.transitions.failed(failure)
+            return failure
+        await self.transitions.succeeded(kind, before)
+        return result
+
+    async def shutdown(self, task_id: str | None) -> None:
+        """ShuttingDown, free the engine, (complete the task,) Shutdown: the last words of this incarnation."""
+        await self.transitions.shutting_down()
+        await self.executor.engine.stop()
+        if task_id is not None:
+            await self.reports.task_status(task_id, TaskStatus.COMPLETE, "Shutdown")
+        await self.transitions.shut_down()
+
+
+async def _keep_in_progress(msg: Msg) -> None:
+    # Long work must not outlive ack_wait and get the task redelivered meanwhile.
+    while True:
+        await asyncio.sleep(IN_PROGRESS_EVERY_S)
+        await msg.in_progress()
