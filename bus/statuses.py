@@ -61,8 +61,9 @@ class RunnerFailed(_Status, frozen=True):
     error_message: str = ""
 
 
-class RunnerLostStatus(_Status, frozen=True, tag="RunnerLost"):
-    """Only the supervisor writes it (as part of a `RunnerLost` event)."""
+class RunnerDeclaredLost(_Status, frozen=True, tag="RunnerLost"):
+    """A runner a supervisor declared lost. Its wire name `RunnerLost` (DESIGN.md's) is also the
+    event's that declares it (`events.RunnerLost`), hence the different Python name."""
 
     reason: str = ""
 
@@ -80,7 +81,7 @@ RunnerStatus = (
     | RunnerShuttingDown
     | RunnerShutdown
     | RunnerFailed
-    | RunnerLostStatus
+    | RunnerDeclaredLost
 )
 
 

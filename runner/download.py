@@ -140,7 +140,7 @@ async def download_model(
         job.cancel.set()
         await asyncio.wait({future})
         if not future.cancelled():
-            # Mark the job's own outcome (its Cancelled, usually) as seen: the caller's cancel wins.
+            # Mark the job's own outcome (its DownloadCancelled, usually) as seen: the caller's cancel wins.
             future.exception()
         raise
 

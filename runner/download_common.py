@@ -63,11 +63,11 @@ class RetryPolicy:
         return random.uniform(ceiling / 2, ceiling)
 
 
-class Transient(Exception):
+class TransientError(Exception):
     """A failure worth retrying (server error, dropped connection, bad checksum)."""
 
 
-class Cancelled(Exception):
+class DownloadCancelled(Exception):
     """The asyncio caller went away; the worker threads stop at the next chunk."""
 
 

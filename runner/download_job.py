@@ -25,7 +25,7 @@ from loguru import logger
 
 from exojet.models.store import is_complete
 from exojet.runner import download_verify
-from exojet.runner.download_common import Cancelled, Counters, DownloadError, DownloadStatus, RetryPolicy
+from exojet.runner.download_common import Counters, DownloadCancelled, DownloadError, DownloadStatus, RetryPolicy
 from exojet.runner.download_transfer import Transfer
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -123,7 +123,7 @@ class DownloadJob:
                         self.log.info("waiting for another process downloading {}", self.model_id)
                         waiting_logged = True
                     if self.cancel.wait(0.2):
-                        raise Cancelled() from None
+                        raise DownloadCancelled() from None
             try:
                 yield
             finally:

@@ -22,7 +22,7 @@ from huggingface_hub.utils import get_session, hf_raise_for_status
 from loguru import logger
 
 from exojet.runner import download_verify
-from exojet.runner.download_common import Cancelled, Counters, DownloadError, RetryPolicy, Transient
+from exojet.runner.download_common import Counters, DownloadCancelled, DownloadError, RetryPolicy, TransientError
 
 T = TypeVar("T")
 
@@ -59,11 +59,11 @@ class Transfer:
         failures = 0
         while True:
             if self.cancel.is_set():
-                raise Cancelled()
+                raise DownloadCancelled()
             before = progress() if progress else 0
             try:
                 return attempt()
-            except (DownloadError, Cancelled):
+            except (DownloadError, DownloadCancelled):
                 raise
             except Exception as exc:
                 cause = self._classify(exc, what)
@@ -86,11 +86,11 @@ class Transfer:
                     delay,
                 )
                 if self.cancel.wait(delay):
-                    raise Cancelled() from exc
+                    raise DownloadCancelled() from exc
 
     def _classify(self, exc: Exception, what: str) -> str:
         """Describe a transient error, or raise the DownloadError a person needs to see."""
-        if isinstance(exc, Transient):
+        if isinstance(exc, TransientError):
             return str(exc)
         if isinstance(exc, OfflineModeIsEnabled):
             raise DownloadError(
@@ -174,7 +174,7 @@ class Transfer:
                 if response.status_code == 416:
                     partial.unlink(missing_ok=True)
                     self.counters.set_bytes(name, 0)
-                    raise Transient(f"{name}: the server refused to resume at byte {offset}")
+                    raise TransientError(f"{name}: the server refused to resume at byte {offset}")
                 if response.status_code >= 400:
                     response.read()
                     hf_raise_for_status(response)
@@ -189,7 +189,7 @@ class Transfer:
                     # No chunk_size: buffering would lose the bytes already received when the link drops.
                     for chunk in response.iter_bytes():
                         if self.cancel.is_set():
-                            raise Cancelled()
+                            raise DownloadCancelled()
                         out.write(chunk)
                         if hasher is not None:
                             hasher.update(chunk)
@@ -197,10 +197,10 @@ class Transfer:
 
         size = partial.stat().st_size
         if sibling.size is not None and size != sibling.size:
-            raise Transient(f"{name}: got {size} of {sibling.size} bytes")
+            raise TransientError(f"{name}: got {size} of {sibling.size} bytes")
         if hasher is not None and hasher.hexdigest() != download_verify.expected_hash(sibling):
             partial.unlink(missing_ok=True)
             self.counters.set_bytes(name, 0)
-            raise Transient(f"{name}: checksum mismatch, downloading it again")
+            raise TransientError(f"{name}: checksum mismatch, downloading it again")
         if sibling.size is None:
             self.counters.set_size(name, size)

@@ -31,14 +31,14 @@ from exojet.runner.engine_protocol import (
     ConnectGroup,
     Done,
     Exit,
-    Failed,
     Generate,
     GroupConnected,
     Load,
-    Loaded,
+    ModelLoaded,
     Ok,
     Reply,
     Request,
+    RequestFailed,
     Token,
     Unload,
     Warmup,
@@ -49,7 +49,7 @@ from exojet.runner.engine_protocol import (
 
 STDERR_LINES = 40
 _MAX_STDERR_LINE = 2000
-_R = TypeVar("_R", Loaded, GroupConnected, Ok)
+_R = TypeVar("_R", ModelLoaded, GroupConnected, Ok)
 
 
 class EngineError(Exception):
@@ -131,11 +131,11 @@ class Engine:
         model_path: str,
         start_layer: int | None = None,
         end_layer: int | None = None,
-    ) -> Loaded:
+    ) -> ModelLoaded:
         """Load a model folder (layers [start_layer, end_layer) or all of them)."""
         return await self._call(
             Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer),
-            Loaded,
+            ModelLoaded,
         )
 
     async def connect_group(
@@ -253,7 +253,7 @@ class Engine:
         return item
 
     def _unexpected(self, reply: Reply) -> Exception:
-        if isinstance(reply, Failed):
+        if isinstance(reply, RequestFailed):
             return EngineError(reply.error_type, reply.message)
         return EngineError("ProtocolError", f"unexpected engine reply {type(reply).__name__}")
 
@@ -320,7 +320,7 @@ __all__ = [
     "EngineCrashed",
     "EngineError",
     "Generate",
-    "Loaded",
+    "ModelLoaded",
     "Ok",
     "Token",
 ]

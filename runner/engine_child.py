@@ -30,15 +30,15 @@ from exojet.runner.engine_protocol import (
     ConnectGroup,
     Done,
     Exit,
-    Failed,
     Generate,
     GroupConnected,
     Load,
-    Loaded,
     Message,
+    ModelLoaded,
     Ok,
     Reply,
     Request,
+    RequestFailed,
     Token,
     Unload,
     Warmup,
@@ -127,10 +127,10 @@ class EngineChild:
                 reply = self.handlers[type(req)](req)
             except RequestError as exc:
                 log.bind(error_type=exc.error_type).warning(f"request failed: {exc}")
-                reply = Failed(error_type=exc.error_type, message=str(exc))
+                reply = RequestFailed(error_type=exc.error_type, message=str(exc))
             except Exception as exc:  # any engine error is the caller's answer, not a crash
                 log.exception("request failed")
-                reply = Failed(error_type=type(exc).__name__, message=str(exc) or repr(exc))
+                reply = RequestFailed(error_type=type(exc).__name__, message=str(exc) or repr(exc))
             if reply is not None:
                 self.pipe.write(reply)
             if self.exit_after_reply:
@@ -150,7 +150,7 @@ class EngineChild:
         logger.bind(group_id=req.group_id, rank=req.rank).info("joined group of {}", req.world_size)
         return GroupConnected(rank=req.rank, world_size=req.world_size)
 
-    def load(self, req: Load) -> Loaded:
+    def load(self, req: Load) -> ModelLoaded:
         """Load a model folder lazily and materialise the requested layers."""
         if self.group is not None:
             return self._load_pipelined(req)
@@ -182,7 +182,7 @@ class EngineChild:
         logger.bind(model=str(path), start=start, end=end).info(
             "loaded {} bytes of weights in {:.2f} s", weight_bytes, seconds
         )
-        return Loaded(
+        return ModelLoaded(
             n_layers=n_layers,
             start_layer=start,
             end_layer=end,
@@ -191,7 +191,7 @@ class EngineChild:
             load_seconds=seconds,
         )
 
-    def _load_pipelined(self, req: Load) -> Loaded:
+    def _load_pipelined(self, req: Load) -> ModelLoaded:
         import json
 
         from mlx.utils import tree_flatten
@@ -223,7 +223,7 @@ class EngineChild:
         logger.bind(model=str(path), start=start, end=end).info(
             "loaded shard, {} bytes of weights in {:.2f} s", weight_bytes, seconds
         )
-        return Loaded(
+        return ModelLoaded(
             n_layers=n_layers,
             start_layer=start,
             end_layer=end,

@@ -6,7 +6,7 @@ msgspec Struct tagged by its class name, so both sides decode into one union.
 
 Requests are answered in order, one at a time. `ConnectGroup`, `Load`, `Warmup`,
 `Unload` and `Generate` each end with exactly one terminal reply (`GroupConnected`,
-`Loaded`, `Ok`, `Done` or `Failed`); `Generate` streams `Token` replies before its
+`ModelLoaded`, `Ok`, `Done` or `RequestFailed`); `Generate` streams `Token` replies before its
 terminal one. `Cancel` is a notification without a reply: sent during a generation
 it ends it early (the terminal reply is then `Done` with finish_reason
 "cancelled"); sent while idle it is ignored. `Exit` ends the child without a reply.
@@ -81,7 +81,7 @@ class Exit(msgspec.Struct, tag=True, frozen=True):
     """Leave the request loop and exit with code 0."""
 
 
-class Loaded(msgspec.Struct, tag=True, frozen=True):
+class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     """The model is loaded; layers [start_layer, end_layer) are in memory."""
 
     n_layers: int
@@ -120,7 +120,7 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     time_to_first_token: float
 
 
-class Failed(msgspec.Struct, tag=True, frozen=True):
+class RequestFailed(msgspec.Struct, tag=True, frozen=True):
     """The request failed; the child is still serving."""
 
     error_type: str
@@ -128,8 +128,8 @@ class Failed(msgspec.Struct, tag=True, frozen=True):
 
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
-Reply = Loaded | GroupConnected | Ok | Token | Done | Failed
-TERMINAL_REPLIES = (Loaded, GroupConnected, Ok, Done, Failed)
+Reply = ModelLoaded | GroupConnected | Ok | Token | Done | RequestFailed
+TERMINAL_REPLIES = (ModelLoaded, GroupConnected, Ok, Done, RequestFailed)
 
 _encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)

@@ -27,11 +27,10 @@ class Transitions:
 
     async def registered(self) -> None:
         """A new incarnation's first status (after its `RunnerRegistered`)."""
-        self.status = state_machine.registered()
-        seq = await self.reports.runner_status(self.status)
-        self.reports.log.bind(seq=seq).info(
-            f"registered incarnation {self.reports.incarnation}: {status_name(self.status)}"
-        )
+        status = state_machine.registered()
+        seq = await self.reports.runner_status(status)
+        self.status = status
+        self.reports.log.bind(seq=seq).info(f"registered incarnation {self.reports.incarnation}: {status_name(status)}")
 
     async def start(self, task_type: str) -> RunnerStatus:
         """Write the task's working status (if it has one); returns the status it started in."""
