@@ -14,8 +14,6 @@ from exojet.runner.chunks import ChunksNotStored
 from exojet.runner.download import DownloadError
 from exojet.runner.engine import EngineCrashed, EngineError
 
-SHUTDOWN = LIFECYCLE["Shutdown"]
-
 
 def accepts(task_type: str, status: RunnerStatus) -> bool:
     """True if a runner in `status` may run a task of `task_type`."""
@@ -44,12 +42,14 @@ def finished_status(task_type: str, before: RunnerStatus) -> RunnerStatus:
 
 def shutting_down() -> RunnerStatus:
     """What a runner writes first when it stops, on a Shutdown task or a signal."""
-    return runner_status(SHUTDOWN.working or "")
+    status = working_status("Shutdown")
+    assert status is not None, "the lifecycle gives Shutdown a working status"
+    return status
 
 
 def shut_down() -> RunnerStatus:
     """The last status an incarnation writes."""
-    return finished_status(SHUTDOWN.task, shutting_down())
+    return finished_status("Shutdown", shutting_down())
 
 
 def registered() -> RunnerStatus:

@@ -6,8 +6,11 @@ import msgspec
 import pytest
 
 from exojet.bus import statuses
-from exojet.bus.statuses import RunnerFailed, RunnerIdle, RunnerStatus, status_name
+from exojet.bus.statuses import RunnerFailed, RunnerIdle, RunnerReady, RunnerStatus, status_name
 from exojet.runner import state_machine
+from exojet.runner.chunks import ChunksNotStored
+from exojet.runner.download import DownloadError
+from exojet.runner.engine import EngineCrashed, EngineError
 from tests.runner_harness import ACCEPTED
 
 pytestmark = pytest.mark.timeout(10)
@@ -49,3 +52,37 @@ def test_download_returns_where_it_was_and_idle_after_failed() -> None:
         status = next(s for s in ALL_STATUSES if status_name(s) == before)
         assert status_name(state_machine.finished_status("DownloadModel", status)) == before
     assert status_name(state_machine.finished_status("DownloadModel", RunnerFailed(error_message="x"))) == "RunnerIdle"
+
+
+def test_engine_and_download_errors_leave_the_runner_failed_with_their_words() -> None:
+    for err, error_type in (
+        (EngineError("ModelLoadFailed", "weights are garbage"), "ModelLoadFailed"),
+        (DownloadError("ModelNotFound", "no such repo"), "ModelNotFound"),
+    ):
+        failure = state_machine.failed("LoadModel", RunnerIdle(), err)
+        assert failure.status == RunnerFailed(error_message=failure.message) and failure.error_type == error_type
+        assert failure.message in ("weights are garbage", "no such repo")
+        assert not failure.engine_lost and not failure.internal
+
+
+def test_a_crashed_engine_is_replaced() -> None:
+    failure = state_machine.failed("ChatCompletion", RunnerReady(), EngineCrashed("engine exited with -9"))
+    assert failure.status == RunnerFailed(error_message="engine exited with -9")
+    assert failure.error_type == "EngineCrashed" and failure.engine_lost
+
+
+def test_unstored_chunks_leave_the_runner_as_usable_as_before() -> None:
+    failure = state_machine.failed("ChatCompletion", RunnerReady(), ChunksNotStored("3 chunks not acked"))
+    assert failure.status == RunnerReady() and failure.error_type == "ChunksNotStored" and not failure.engine_lost
+
+
+def test_a_bug_of_ours_fails_the_task_and_replaces_the_engine() -> None:
+    failure = state_machine.failed("StartWarmup", RunnerIdle(), KeyError("x"))
+    assert failure.error_type == "InternalError" and failure.engine_lost and failure.internal
+    assert isinstance(failure.status, RunnerFailed) and "KeyError" in failure.status.error_message
+
+
+def test_registration_and_shutdown_statuses() -> None:
+    assert status_name(state_machine.registered()) == "RunnerIdle"
+    assert status_name(state_machine.shutting_down()) == "RunnerShuttingDown"
+    assert status_name(state_machine.shut_down()) == "RunnerShutdown"
