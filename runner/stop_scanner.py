@@ -22,9 +22,11 @@ class StopScanner:
             self.sent = len(self.text)
             return delta, False
         # A match cannot start before `sent`: a possible prefix is always held back.
-        hits = [i for i in (self.text.find(s, self.sent) for s in self.stops) if i >= 0]
+        # The stop that completes first wins (then the longer one): a generation stops
+        # there, so a stop that would complete later never appears, whatever the deltas.
+        hits = [(i + len(s), i) for s in self.stops if (i := self.text.find(s, self.sent)) >= 0]
         if hits:
-            cut = min(hits)
+            cut = min(hits)[1]
             out = self.text[self.sent : cut]
             self.text = self.text[:cut]
             self.sent = cut

@@ -119,8 +119,9 @@ async def test_stop_string_truncates_the_stream(engine: Engine, tiny_model: Path
     stops=st.lists(st.text(alphabet="abc", min_size=1, max_size=4), max_size=3),
 )
 def test_stop_scanner_never_sends_past_a_stop(text: str, cuts: list[int], stops: list[str]) -> None:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    expected = text[: min(hits)] if hits else text
+    # A generation stops where the first stop string completes.
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    expected = text[: min(hits)[1]] if hits else text
     scanner = StopScanner(stops)
     sent = ""
     stopped = False
