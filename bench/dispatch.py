@@ -21,7 +21,6 @@ import asyncio
 import multiprocessing
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,11 +36,10 @@ from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
 from exojet.bus.query_client import first_answer  # noqa: E402
-from exojet.bus.server import NatsServer  # noqa: E402
 from exojet.bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from exojet.bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
 from exojet.projections.instances import instance_id_of  # noqa: E402
-from tests.tiny_model import write_tiny_llama  # noqa: E402
+from tests.tiny_cluster import tiny_cluster_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -198,11 +196,7 @@ async def load(nc, js, url: str, sup: psutil.Process, runners: int, seconds: flo
 async def main(chats: int, runners: int, seconds: float) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        models = root / "models"
-        write_tiny_llama(models / "local--tiny")
-        server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
+    with tiny_cluster_dir() as (root, models, server):
         procs = []
         try:
             nc = await client.connect(server.url, name="bench")
@@ -237,7 +231,6 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             for proc in procs:
                 proc.terminate()
                 proc.wait(10)
-            server.stop()
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ without running. A cancel for a task that already ended changes nothing.
 
 from __future__ import annotations
 
-import msgspec
+from exojet.bus.formats import LogMessage
 
 
-class CancelTask(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class CancelTask(LogMessage, frozen=True, kw_only=True):
     task_id: str
     # Who asked and why, for people reading the log ("client disconnected", ...).
     reason: str = ""

@@ -6,11 +6,12 @@ from typing import Annotated
 
 import msgspec
 
+from exojet.bus.formats import LogMessage
 from exojet.bus.tasks import ChatMessage
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
-class _Command(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class _Command(LogMessage, frozen=True, kw_only=True):
     # Absent means the command's stream sequence, as for tasks.
     command_id: str | None = None
 

@@ -9,12 +9,13 @@ from typing import Any
 
 import msgspec
 
+from exojet.bus.formats import LogMessage
 from exojet.bus.statuses import RunnerStatus, TaskStatus
 from exojet.bus.tasks import Shard
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
-class _RunnerEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class _RunnerEvent(LogMessage, frozen=True, kw_only=True):
     event_id: str
     runner_id: str
     incarnation: int = 0
@@ -61,7 +62,7 @@ class RunnerLost(_RunnerEvent, frozen=True):
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
-class _SupervisorEvent(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class _SupervisorEvent(LogMessage, frozen=True, kw_only=True):
     event_id: str
     supervisor_id: str = ""
     at: float = 0.0

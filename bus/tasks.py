@@ -10,6 +10,8 @@ from typing import Annotated
 
 import msgspec
 
+from exojet.bus.formats import LogMessage
+
 
 class Shard(msgspec.Struct, frozen=True, kw_only=True):
     """A model, or a contiguous layer range of it; no layers means the whole model."""
@@ -38,7 +40,7 @@ class ChatMessage(msgspec.Struct, frozen=True):
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
-class _Task(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", tag=True):
+class _Task(LogMessage, frozen=True, kw_only=True):
     task_id: str | None = None
     # Set by the planner so the projection can tie a task to its instance.
     instance_id: str | None = None
