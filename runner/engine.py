@@ -1,5 +1,8 @@
 """The runner's side of the MLX engine: a child process driven over a pipe.
 
+The child gets the fastest BLAS this machine has through its environment
+(`runner.mlx_cpu`).
+
 MLX work (loading, generating) blocks and can crash the process it runs in, so it
 runs in `runner.engine_child`. The runner's event loop stays free to heartbeat,
 and a killed, out-of-memory or segfaulted engine becomes an `EngineCrashed`
@@ -42,10 +45,12 @@ from exojet.runner.engine_protocol import (
     Token,
     Unload,
     Warmup,
+    WeightsChoice,
     encode_frame,
     frame_length,
     reply_decoder,
 )
+from exojet.runner.mlx_cpu import child_env, describe, find_blas
 
 STDERR_LINES = 40
 _MAX_STDERR_LINE = 2000
@@ -84,6 +89,9 @@ class Engine:
         self._owed = 0
         self._stopping = False
         self._log = logger.bind(component="engine")
+        self.blas = find_blas()
+        # The CPU path every child of this engine gets, for the runner's registration.
+        self.setup = describe(self.blas)
 
     @property
     def pid(self) -> int | None:
@@ -120,23 +128,27 @@ class Engine:
             # The runner decides when its engine dies: a Ctrl-C on the terminal
             # reaches the runner, which then stops the engine in order.
             start_new_session=True,
+            env=child_env(self.blas),
         )
         self._log = logger.bind(component="engine", engine_pid=self._proc.pid)
         self._stderr_reader = asyncio.create_task(self._read_stderr(self._proc))
         self._reader = asyncio.create_task(self._read_replies(self._proc))
-        self._log.info("engine process started")
+        self._log.info("engine process started; BLAS {} ({})", self.blas.library or "MLX's own", self.blas.reason)
 
     async def load(
         self,
         model_path: str,
         start_layer: int | None = None,
         end_layer: int | None = None,
+        weights: WeightsChoice = "auto",
     ) -> ModelLoaded:
         """Load a model folder (layers [start_layer, end_layer) or all of them)."""
-        return await self._call(
-            Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer),
+        loaded = await self._call(
+            Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer, weights=weights),
             ModelLoaded,
         )
+        self._log.info("loaded {}: weights {} ({})", model_path, loaded.weights, loaded.weights_reason)
+        return loaded
 
     async def connect_group(
         self, group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float

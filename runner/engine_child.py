@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import psutil
 from loguru import logger
 
 from exojet.runner.engine_pipe import Pipe
@@ -43,6 +44,7 @@ from exojet.runner.engine_protocol import (
     Unload,
     Warmup,
 )
+from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 
 WARMUP_TOKENS = 4
@@ -177,10 +179,14 @@ class EngineChild:
                 f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}",
             )
         weight_bytes = materialise(model, start, end)
+        free = psutil.virtual_memory().available
+        weights, reason = choose_weights(model, (start, end) == (0, n_layers), req.weights, free)
+        if weights == "dense":
+            weight_bytes = to_dense_float32(model)
         self.model, self.tokenizer = model, tokenizer
         seconds = time.perf_counter() - started
         logger.bind(model=str(path), start=start, end=end).info(
-            "loaded {} bytes of weights in {:.2f} s", weight_bytes, seconds
+            "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
         )
         return ModelLoaded(
             n_layers=n_layers,
@@ -189,6 +195,8 @@ class EngineChild:
             model_type=str(config.get("model_type", "")),
             weight_bytes=weight_bytes,
             load_seconds=seconds,
+            weights=weights,
+            weights_reason=reason,
         )
 
     def _load_pipelined(self, req: Load) -> ModelLoaded:

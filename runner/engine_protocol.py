@@ -32,12 +32,17 @@ class Message(msgspec.Struct, frozen=True):
     content: str
 
 
+# "auto": dense float32 where that is faster and fits (runner.mlx_cpu), else as stored.
+WeightsChoice = Literal["auto", "stored", "dense"]
+
+
 class Load(msgspec.Struct, tag=True, frozen=True):
     """Load a model folder; layers [start_layer, end_layer) or the whole model."""
 
     model_path: str
     start_layer: int | None = None
     end_layer: int | None = None
+    weights: WeightsChoice = "auto"
 
 
 class Warmup(msgspec.Struct, tag=True, frozen=True):
@@ -90,6 +95,9 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     model_type: str
     weight_bytes: int
     load_seconds: float
+    # How the weights run ("stored" or "dense" float32) and why.
+    weights: str = "stored"
+    weights_reason: str = ""
 
 
 class GroupConnected(msgspec.Struct, tag=True, frozen=True):

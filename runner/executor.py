@@ -128,4 +128,6 @@ class Executor:
             "n_layers": loaded.n_layers,
             "start_layer": loaded.start_layer,
             "end_layer": loaded.end_layer,
+            "weights": loaded.weights,
+            "weights_reason": loaded.weights_reason,
         }

@@ -51,9 +51,9 @@ def advertised_address(nats_url: str) -> str:
         return "127.0.0.1"
 
 
-async def register(nc: NATS, runner_id: str, address: str, after_loss: bool = False) -> EventWriter:
-    """Write `RunnerRegistered` for incarnation + 1, fenced on the subject's last write;
-    returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
+async def register(nc: NATS, runner_id: str, address: str, engine_setup: str, after_loss: bool = False) -> EventWriter:
+    """Write `RunnerRegistered` for incarnation + 1 (with the engine's CPU setup), fenced on the
+    subject's last write; returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
     (not after a loss: then the previous holder is this very process)."""
     js = nc.jetstream()
     subject = subjects.runner_events_subject(runner_id)
@@ -81,6 +81,7 @@ async def register(nc: NATS, runner_id: str, address: str, after_loss: bool = Fa
             memory_total=memory.total,
             memory_free=memory.available,
             engine="mlx",
+            engine_setup=engine_setup,
             version=VERSION,
             address=address,
         )

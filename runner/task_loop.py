@@ -64,7 +64,9 @@ class Runner:
         await self._answer_interrupted()
 
     async def _register(self, after_loss: bool = False) -> None:
-        self.reports.writer = await registration.register(self.nc, self.runner_id, self.address, after_loss)
+        self.reports.writer = await registration.register(
+            self.nc, self.runner_id, self.address, self.executor.engine.setup, after_loss
+        )
         await self.transitions.registered()
 
     async def _answer_interrupted(self) -> None:
