@@ -7,12 +7,10 @@ memory map shows what it loaded, and the default model (SmolLM2, 4-bit) runs bot
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Done, Generate, Message
@@ -28,7 +26,6 @@ from exojet.runner.mlx_cpu import (
 )
 from tests.tiny_model import write_tiny_llama
 
-module_loop = pytest.mark.asyncio(loop_scope="module")
 GIB = 1 << 30
 
 
@@ -48,8 +45,10 @@ def test_the_blas_follows_the_environment(tmp_path: Path) -> None:
     assert child_env(Blas(None, "test"), {"PATH": "/bin"}) == {"PATH": "/bin"}
 
 
-def _mapped(pid: int | None) -> str:
-    return Path(f"/proc/{pid}/maps").read_text()
+async def _mapped(engine: Engine) -> str:
+    """The child's memory map once it serves (the loader maps libraries after exec returns)."""
+    await engine.unload()
+    return Path(f"/proc/{engine.pid}/maps").read_text()
 
 
 @pytest.mark.timeout(60)
@@ -58,12 +57,12 @@ async def test_the_engine_child_gets_the_blas_through_its_environment(monkeypatc
     await engine.start()
     try:
         if engine.blas.library is not None:
-            assert os.path.realpath(engine.blas.library) in _mapped(engine.pid)
+            assert os.path.realpath(engine.blas.library) in await _mapped(engine)
             assert engine.blas.library in engine.setup
         else:
             # run-tests.sh installs it where it can (as root on Debian).
             assert "libopenblas0-pthread is not installed" in engine.blas.reason
-            assert "libopenblas" not in _mapped(engine.pid)
+            assert "libopenblas" not in await _mapped(engine)
     finally:
         await engine.stop()
 
@@ -71,7 +70,7 @@ async def test_the_engine_child_gets_the_blas_through_its_environment(monkeypatc
     without = Engine()
     await without.start()
     try:
-        assert "libopenblas" not in _mapped(without.pid)
+        assert "libopenblas" not in await _mapped(without)
         assert without.setup.startswith("BLAS: MLX's own")
     finally:
         await without.stop()
@@ -137,14 +136,6 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip(f"needs the default model: {error}")
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def engine() -> AsyncIterator[Engine]:
-    eng = Engine()
-    await eng.start()
-    yield eng
-    await eng.stop()
-
-
 async def _greedy(engine: Engine) -> str:
     request = Generate(messages=[Message("user", "Write a short story about a lighthouse keeper.")], max_tokens=48)
     async for reply in engine.generate(request):
@@ -154,14 +145,17 @@ async def _greedy(engine: Engine) -> str:
     raise AssertionError("generation ended without Done")
 
 
-@module_loop
 @pytest.mark.timeout(180)
-async def test_the_default_model_runs_dense_with_the_same_tokens(engine: Engine, default_model: Path) -> None:
-    stored = await engine.load(str(default_model), weights="stored")
-    stored_text = await _greedy(engine)
-
-    auto = await engine.load(str(default_model))
-    auto_text = await _greedy(engine)
+async def test_the_default_model_runs_dense_with_the_same_tokens(default_model: Path) -> None:
+    engine = Engine()
+    await engine.start()
+    try:
+        stored = await engine.load(str(default_model), weights="stored")
+        stored_text = await _greedy(engine)
+        auto = await engine.load(str(default_model))
+        auto_text = await _greedy(engine)
+    finally:
+        await engine.stop()
 
     # 135M parameters: about 540 MB dense, far under half the memory of any machine this runs on.
     assert (auto.weights, stored.weights) == ("dense", "stored")
