@@ -200,7 +200,7 @@ async def replay_log(
         finally:
             await nc.close()
     if show:
-        print(render_state(state_reply(state)) if not as_json else _json.encode(state).decode())
+        print(render_state(msgspec.to_builtins(state_reply(state))) if not as_json else _json.encode(state).decode())
     if run_check:
         return _print_check(state)
     return 0

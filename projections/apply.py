@@ -111,6 +111,7 @@ def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
             error_type=err.error_type,
             error_message=err.message,
         )
+        state.unfinished[task_id] = None
         _anomaly(state, env, "BadTask", f"{err.error_type}: {err.message}", runner_id=runner_id, task_id=task_id)
         return
     task_id = task.task_id or str(env.seq)
@@ -132,6 +133,7 @@ def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
         created_seq=env.seq,
         updated_seq=env.seq,
     )
+    state.unfinished[task_id] = None
     if isinstance(task, ChatCompletion) and task.stream_id is not None:
         instances.on_task(state, env, task, view)
 
@@ -262,6 +264,7 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
             runner_id=runner.runner_id,
             created_seq=env.seq,
         )
+        state.unfinished[event.task_id] = None
     if task.status in TERMINAL_TASK_STATUSES:
         _anomaly(
             state,
@@ -292,6 +295,7 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
 
 
 def _finished(state: ClusterState, env: Envelope, task: TaskView) -> None:
+    state.unfinished.pop(task.task_id, None)
     retention.finish_task(state, task.task_id, env.time)
 
 

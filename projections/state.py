@@ -131,6 +131,9 @@ class ClusterState(msgspec.Struct, kw_only=True):
     retention: Retention = Retention()
     runners: dict[str, RunnerView] = {}
     tasks: dict[str, TaskView] = {}
+    # Tasks without a terminal status (a dict keeps the order they were published in):
+    # what `state` counts and weighs runners by, without scanning every task.
+    unfinished: dict[str, None] = {}
     downloads: dict[str, DownloadView] = {}
     anomalies: list[Anomaly] = []
     # Every anomaly ever folded; `anomalies` holds the newest `retention.anomalies`.

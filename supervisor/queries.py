@@ -1,4 +1,7 @@
-"""Query answers: plain data cut from the projection (pure).
+"""Query answers cut from the projection (pure).
+
+Replies hold the projection's own structs, encoded straight to JSON when sent
+(no copy into plain dicts first); `msgspec.to_builtins` gives the plain data.
 
 No reply grows with history: `state` answers summaries (counts) and one page of
 each collection, `runner`, `task` and `instance` answer one object. A page is
@@ -15,7 +18,6 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.projections.instances import ENDED_STATUSES
 from exojet.projections.state import ClusterState, RoutedChatView, TaskView, state_hash
 
@@ -52,7 +54,7 @@ FIRST_PAGE = Paging()
 
 
 def _keyed(views: list[Any], key: str) -> dict[str, Any]:
-    return {getattr(v, key): msgspec.to_builtins(v) for v in views}
+    return {getattr(v, key): v for v in views}
 
 
 def _newest_first(tasks: dict[str, TaskView]) -> Iterator[TaskView]:
@@ -95,12 +97,10 @@ def state_reply(
     instances, instances_page = filters.paging("instances", paging).cut(live, len(live))
     tasks, tasks_page = filters.paging("tasks", paging).cut(_newest_first(state.tasks), len(state.tasks))
     load = {r.runner_id: 0 for r in runners}
-    unfinished = 0
-    for task in state.tasks.values():
-        if task.status not in TERMINAL_TASK_STATUSES:
-            unfinished += 1
-            if task.runner_id in load:
-                load[task.runner_id] += 1
+    for task_id in state.unfinished:
+        runner_id = state.tasks[task_id].runner_id
+        if runner_id in load:
+            load[runner_id] += 1
     reply = {
         "seq": state.seq,
         "runners": _keyed(runners, "runner_id"),
@@ -110,16 +110,14 @@ def state_reply(
         "instances_page": instances_page,
         "tasks": _keyed(tasks, "task_id"),
         "tasks_page": tasks_page,
-        "downloads": msgspec.to_builtins(state.downloads),
+        "downloads": dict(state.downloads),
         # Chats still waiting for a rank to be published (the rest are tasks).
-        "pending_chats": [
-            msgspec.to_builtins(_without_request(state.chats[c])) for c in islice(state.pending_chats, MAX_LIMIT)
-        ],
+        "pending_chats": [_without_request(state.chats[c]) for c in islice(state.pending_chats, MAX_LIMIT)],
         "pending_chat_count": len(state.pending_chats),
         "anomaly_count": state.anomaly_count,
-        "anomalies": msgspec.to_builtins(state.anomalies[-ANOMALIES_SHOWN:]),
-        "unfinished_tasks": unfinished,
-        "retention": msgspec.to_builtins(state.retention),
+        "anomalies": state.anomalies[-ANOMALIES_SHOWN:],
+        "unfinished_tasks": len(state.unfinished),
+        "retention": state.retention,
         "pruned": state.pruned,
         "pruned_seq": state.pruned_seq,
     }
@@ -159,8 +157,8 @@ def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAG
     ]
     return {
         "seq": state.seq,
-        "runner": msgspec.to_builtins(runner),
-        "tasks": msgspec.to_builtins(tasks),
+        "runner": runner,
+        "tasks": tasks,
         "tasks_page": tasks_page,
         # Live instances placed on it or asked to be.
         "instances": _keyed(instances, "instance_id"),
@@ -172,7 +170,7 @@ def task_reply(state: ClusterState, task_id: str) -> dict[str, Any]:
     task = state.tasks.get(task_id)
     if task is None:
         raise _not_found(state, "task", task_id, f"exojet replay --task {task_id}")
-    return {"seq": state.seq, "task": msgspec.to_builtins(task)}
+    return {"seq": state.seq, "task": task}
 
 
 def instance_reply(state: ClusterState, instance_id: str) -> dict[str, Any]:
@@ -180,4 +178,4 @@ def instance_reply(state: ClusterState, instance_id: str) -> dict[str, Any]:
     inst = state.instances.get(instance_id)
     if inst is None:
         raise _not_found(state, "instance", instance_id, f"exojet replay --json | grep '\"{instance_id}'")
-    return {"seq": state.seq, "instance": msgspec.to_builtins(inst)}
+    return {"seq": state.seq, "instance": inst}

@@ -167,7 +167,7 @@ def _fold(envs: list[Envelope], retention: Retention) -> ClusterState:
 
 def _live_answers(state: ClusterState) -> dict[str, object]:
     """Everything a query says about live work: runners, unfinished tasks, live instances, chats waiting."""
-    reply = state_reply(state)
+    reply = msgspec.to_builtins(state_reply(state))
     unfinished = sorted(t.task_id for t in state.tasks.values() if t.status not in ("Complete", "Failed"))
     live_instances = sorted(i for i, v in state.instances.items() if v.status not in ("Deleted", "Failed"))
     return {
@@ -198,6 +198,10 @@ def test_pruning_never_changes_answers_about_live_work(
     pruned = _fold(envs, small)
     kept = _fold(envs, KEEP_ALL)
     assert _live_answers(pruned) == _live_answers(kept)
+    # The index of unfinished tasks is what a scan finds.
+    assert set(pruned.unfinished) == {
+        t.task_id for t in pruned.tasks.values() if t.status not in ("Complete", "Failed")
+    }
     # Bounded: what is left of finished work is at most the window plus one batch,
     # besides the step tasks that live instances hold.
     finished_tasks = [t for t in pruned.tasks.values() if t.status in ("Complete", "Failed")]
@@ -253,7 +257,7 @@ def test_replies_are_pages_whatever_the_history() -> None:
     assert len(last["tasks"]) == 50 and last["tasks_page"]["next_offset"] is None
     assert last["runners"] == {} and last["runners_page"]["total"] == 1
     assert len(msgspec.json.encode(state_reply(state, Paging(limit=10**6)))) < 1_000_000  # capped at 500
-    one = runner_reply(state, "r1", Paging(limit=5))
+    one = msgspec.to_builtins(runner_reply(state, "r1", Paging(limit=5)))
     assert [t["task_id"] for t in one["tasks"]] == [f"tr1{k}" for k in range(2999, 2994, -1)]
     assert one["tasks_page"]["total"] == 3000
     assert "state_hash" not in reply and state_reply(state, with_hash=True)["state_hash"] == state_hash(state)
