@@ -198,10 +198,17 @@ async def replay(
 
 
 async def replay_subject(
-    js: JetStreamContext, subject: str, handler: Handler, *, stream: str = LOG_STREAM, timeout: float = 120.0
+    js: JetStreamContext,
+    subject: str,
+    handler: Handler,
+    *,
+    start_seq: int = 1,
+    stream: str = LOG_STREAM,
+    timeout: float = 120.0,
 ) -> int:
-    """Call `handler` for every message on `subject` so far, in order; returns the last seq (0 if none)."""
+    """Call `handler` for every message on `subject` from `start_seq` so far, in order; returns
+    the last seq (0 if none)."""
     last = await last_on_subject(js, subject, stream)
-    if last is None:
+    if last is None or last.seq < start_seq:
         return 0
-    return await log_reader.read_range(js, stream, handler, 1, last.seq, subject=subject, timeout=timeout)
+    return await log_reader.read_range(js, stream, handler, start_seq, last.seq, subject=subject, timeout=timeout)

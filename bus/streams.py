@@ -72,10 +72,14 @@ def chunks_stream_config(replicas: int = 1) -> api.StreamConfig:
     )
 
 
+def task_consumer_name(runner_id: str) -> str:
+    return f"runner-{runner_id}"
+
+
 def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
     """The durable pull consumer a runner reads its tasks through."""
     return api.ConsumerConfig(
-        durable_name=f"runner-{runner_id}",
+        durable_name=task_consumer_name(runner_id),
         filter_subject=subjects.task_subject(runner_id),
         deliver_policy=api.DeliverPolicy.ALL,
         ack_policy=api.AckPolicy.EXPLICIT,

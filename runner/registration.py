@@ -18,8 +18,9 @@ import psutil
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
-from exojet.bus import client, subjects
+from exojet.bus import client, streams, subjects
 from exojet.bus.codec import BadInput, decode_event
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerLost, RunnerRegistered, RunnerStatusUpdated
@@ -112,9 +113,13 @@ def _final(event: object) -> bool:
     return isinstance(event, RunnerStatusUpdated) and status_name(event.runner_status) in FINAL_STATUSES
 
 
-async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistory) -> None:
+async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistory) -> int:
     """Fold this runner id's own subject into `history`: tasks already finished, and tasks an
-    earlier incarnation started and never finished (it crashed meanwhile)."""
+    earlier incarnation started and never finished (it crashed meanwhile); returns the seq read from.
+
+    The task consumer's ack floor is the checkpoint: every task at or below it was acknowledged
+    (after its terminal status) and is never delivered again, and every status of a task above
+    it was written after that task, so the subject from the floor on is all the dedupe needs."""
 
     def collect(env: Envelope) -> None:
         try:
@@ -122,4 +127,15 @@ async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistor
         except BadInput:
             return
 
-    await client.replay_subject(js, subjects.runner_events_subject(runner_id), collect)
+    start = await _ack_floor(js, runner_id) + 1
+    await client.replay_subject(js, subjects.runner_events_subject(runner_id), collect, start_seq=start)
+    return start
+
+
+async def _ack_floor(js: JetStreamContext, runner_id: str) -> int:
+    """The stream seq up to which this runner's task consumer has acknowledged everything (0: no consumer)."""
+    try:
+        info = await js.consumer_info(streams.LOG_STREAM, streams.task_consumer_name(runner_id))
+    except NotFoundError:
+        return 0
+    return info.ack_floor.stream_seq if info.ack_floor is not None else 0

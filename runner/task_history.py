@@ -10,12 +10,20 @@ from __future__ import annotations
 from exojet.bus.events import RunnerLost, TaskStatusUpdated
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 
+# How many answered task ids a runner remembers. Only a task its consumer has
+# not acknowledged can be delivered again (the runner acknowledges after the
+# terminal status), and there is one at a time; the window is for a task id
+# published twice, which is then skipped if it was answered among the newest.
+DONE_WINDOW = 10_000
+
 
 class TaskHistory:
-    """Tasks with a terminal status (`done`) and tasks reported Running and never finished (`running`)."""
+    """Tasks with a terminal status (`done`, the newest DONE_WINDOW) and tasks reported Running
+    and never finished (`running`)."""
 
     def __init__(self) -> None:
-        self.done: set[str] = set()
+        # Insertion-ordered: trimmed to the newest DONE_WINDOW in batches.
+        self.done: dict[str, None] = {}
         # task id -> task type, in the order the tasks started.
         self.running: dict[str, str | None] = {}
 
@@ -29,15 +37,21 @@ class TaskHistory:
     def record(self, task_id: str, status: TaskStatus, task_type: str | None) -> None:
         """A status written for `task_id`."""
         if status in TERMINAL_TASK_STATUSES:
-            self.done.add(task_id)
+            self._answered(task_id)
             self.running.pop(task_id, None)
         elif status == TaskStatus.RUNNING:
             self.running[task_id] = task_type
 
     def lose(self) -> None:
         """The runner was declared lost: the cluster's view failed whatever it was running then."""
-        self.done.update(self.running)
+        for task_id in self.running:
+            self._answered(task_id)
         self.running.clear()
+
+    def _answered(self, task_id: str) -> None:
+        self.done[task_id] = None
+        if len(self.done) > DONE_WINDOW + DONE_WINDOW // 10:
+            self.done = dict.fromkeys(list(self.done)[-DONE_WINDOW:])
 
     def answered(self, task_id: str) -> bool:
         """True if `task_id` has a terminal status, here or in the cluster's view: never run it again."""

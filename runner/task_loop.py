@@ -59,7 +59,8 @@ class Runner:
 
     async def start(self) -> None:
         """Read the subject's history, register, answer what a crashed incarnation left running."""
-        await registration.load_history(self.js, self.runner_id, self.history)
+        start = await registration.load_history(self.js, self.runner_id, self.history)
+        self.log.bind(from_seq=start).info("read its subject from the task consumer's ack floor on")
         await self._register()
         await self._answer_interrupted()
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from nats.aio.client import Client as NATS
 
+from exojet.bus import client, streams, subjects
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, TaskStatus
-from exojet.runner.task_history import TaskHistory
+from exojet.bus.task_consumer import TaskConsumer
+from exojet.bus.tasks import StartWarmup
+from exojet.runner.registration import load_history
+from exojet.runner.task_history import DONE_WINDOW, TaskHistory
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -73,3 +81,38 @@ def test_answered_is_exactly_a_terminal_status_or_running_at_a_loss(log: list[tu
             entry is None and [s for j, s in mine if j < i][-1:] == [TaskStatus.RUNNING] for i, entry in enumerate(log)
         )
         assert history.answered(task_id) == (terminal or lost_while_running), (task_id, log)
+
+
+def test_the_answered_window_is_bounded_and_keeps_the_newest() -> None:
+    history = TaskHistory()
+    for i in range(DONE_WINDOW * 2):
+        history.record(f"t{i}", TaskStatus.COMPLETE, "ChatCompletion")
+    assert len(history.done) <= DONE_WINDOW + DONE_WINDOW // 10
+    assert history.answered(f"t{DONE_WINDOW * 2 - 1}") and history.answered(f"t{DONE_WINDOW + 1}")
+    assert not history.answered("t0")
+
+
+async def test_history_is_read_from_the_task_consumers_ack_floor(nats_server: NatsServer, nc: NATS) -> None:
+    js = nc.jetstream()
+    await streams.ensure_streams(js)
+    ev, tk = subjects.runner_events_subject("r1"), subjects.task_subject("r1")
+    seqs = {}
+    for task_id in ("a", "b", "c"):
+        seqs[task_id] = (await client.publish(js, tk, StartWarmup(task_id=task_id))).seq
+        await client.publish(js, ev, status(task_id, TaskStatus.RUNNING))
+        if task_id != "c":  # c's runner crashed while it ran: never finished, never acknowledged
+            await client.publish(js, ev, status(task_id, TaskStatus.COMPLETE))
+    consumer = await TaskConsumer(nc, "r1").start()
+    for _ in ("a", "b"):
+        await (await asyncio.wait_for(consumer.next(), 10)).ack_sync()
+    await asyncio.wait_for(consumer.next(), 10)  # c: delivered, not acknowledged
+
+    history = TaskHistory()
+    start = await load_history(js, "r1", history)
+    # a and b are acknowledged: never delivered again. The read starts after b's task
+    # (the floor), so a's statuses are not read; b's came after its task.
+    assert start == seqs["b"] + 1
+    assert history.running == {"c": "LoadModel"} and list(history.done) == ["b"]
+    # No consumer yet (a runner id's first start): the whole subject.
+    fresh = TaskHistory()
+    assert await load_history(js, "r9", fresh) == 1 and not fresh.done
