@@ -64,7 +64,7 @@ async def bus_run(nc, runner_id: str, max_tokens: int, done: dict[str, asyncio.F
         elif chunk["text"]:
             arrivals.append(time.perf_counter())
 
-    sub = await nc.subscribe(subjects.chunks_subject(task_id), cb=on_chunk)
+    sub = await nc.subscribe(subjects.chunks_filter(task_id), cb=on_chunk)
     await nc.flush()
     terminal = done[task_id] = asyncio.get_running_loop().create_future()
     started = time.perf_counter()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlparse
 
 import msgspec
 import nats
@@ -16,9 +19,11 @@ from nats.errors import NoServersError
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
-from exojet.bus import log_reader
+from exojet.bus import connect_options, log_reader
 from exojet.bus.codec import encode
+from exojet.bus.connect_options import BadCredentials, ConnectOptions
 from exojet.bus.envelope import Envelope, parse_ack_reply
+from exojet.bus.handshake import NatsRefused, NatsUnreachable, refusal
 from exojet.bus.log_reader import Handler
 from exojet.bus.streams import LOG_STREAM
 
@@ -27,8 +32,7 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 WRONG_LAST_SEQUENCE = 10071
 
 
-class NatsUnreachable(ConnectionError):
-    """No NATS server answered at the URL."""
+__all__ = ["NatsRefused", "NatsUnreachable", "WrongLastSequence", "connect"]
 
 
 class WrongLastSequence(Exception):
@@ -47,10 +51,15 @@ async def connect(
     connect_timeout: float = 5.0,
     reconnect_attempts: int = 3,
     on_closed: Callable[[], None] | None = None,
+    options: ConnectOptions | None = None,
 ) -> NATS:
     """Connect with bounded retries (nats-py would otherwise block ~2 minutes).
 
-    Raises NatsUnreachable, naming the URL, when no server answers. `on_closed`
+    `options` are the credentials and TLS files (default: what the CLI or the
+    environment set, `connect_options.current()`). Raises NatsUnreachable, naming
+    the URL, when no server answers, and NatsRefused, naming the problem (an
+    untrusted certificate, no key, a key the server does not know), when it
+    refuses us, within `connect_timeout`. `on_closed`
     runs when the connection is gone for good (`reconnect_attempts` half a
     second apart), so a long-running process can stop instead of idling
     forever without a server.
@@ -62,9 +71,21 @@ async def connect(
         # each attempt as well would only repeat it.
         (logger.bind(client=name).warning if connected else logger.bind(client=name).debug)(f"nats: {err!r}")
 
+    opts = options if options is not None else connect_options.current()
+    try:
+        auth = opts.nats_kwargs()
+    except BadCredentials as err:
+        raise NatsRefused(str(err)) from None
+    target = url or default_url()
+    # Checked first, on a connection of our own: nats-py can wait forever closing a socket
+    # whose TLS handshake failed, and retries refused credentials as if the server were away.
+    first = target.split(",")[0].strip()
+    refused = await refusal(urlparse(first if "://" in first else f"nats://{first}"), opts, connect_timeout)
+    if refused is not None:
+        raise refused
     try:
         nc = await nats.connect(
-            url or default_url(),
+            target,
             name=name,
             connect_timeout=connect_timeout,
             max_reconnect_attempts=reconnect_attempts,
@@ -72,13 +93,15 @@ async def connect(
             allow_reconnect=True,
             error_cb=on_error,
             closed_cb=_closed_callback(on_closed),
+            **auth,
         )
     except (NoServersError, OSError) as err:
         raise NatsUnreachable(
-            f"cannot reach NATS at {url or default_url()} ({err!r}); start a server with "
+            f"cannot reach NATS at {target} ({err!r}); start a server with "
             "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL"
         ) from None
     connected = True
+    connect_options.remember(nc, opts)
     return nc
 
 
@@ -140,6 +163,21 @@ async def last_seq(js: JetStreamContext, stream: str = LOG_STREAM) -> int:
     return info.state.last_seq
 
 
+class _FreshlyNamed(api.ConsumerConfig):
+    """A consumer config that takes a new name each time nats-py creates the consumer from it.
+
+    A name makes nats-py create through `CONSUMER.CREATE.<stream>.<name>.<filter>`, so
+    permissions can restrict the filter; the stream-wide create carries the name in its
+    body, where it could take over a runner's queue, and is allowed to admin only. A
+    new name per creation, because nats-py recreates an ordered consumer (after a gap
+    or a reconnect) from the same config, and under the old name the server would
+    take that as an update of a start sequence, which it refuses.
+    """
+
+    def evolve(self, **params: Any) -> _FreshlyNamed:
+        return replace(self, name=f"follow-{secrets.token_hex(8)}", **params)
+
+
 def _envelope(msg: Msg) -> Envelope:
     seq, _, time_ns = parse_ack_reply(msg.reply)
     return Envelope(seq=seq, subject=msg.subject, data=msg.data, time=time_ns / 1e9)
@@ -175,7 +213,7 @@ async def follow(
         cb=on_msg,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-        config=api.ConsumerConfig(opt_start_seq=max(start_seq, 1)),
+        config=_FreshlyNamed(opt_start_seq=max(start_seq, 1)),
         pending_msgs_limit=1_000_000,
         pending_bytes_limit=1024 * 1024 * 1024,
     )

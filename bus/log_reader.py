@@ -14,7 +14,6 @@ Protocol: https://docs.nats.io/reference/reference-protocols/nats-protocol
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import Awaitable, Callable
 from urllib.parse import ParseResult
@@ -23,6 +22,8 @@ import msgspec
 from loguru import logger
 from nats.js import JetStreamContext, api
 
+from exojet.bus import connect_options, handshake
+from exojet.bus.connect_options import ConnectOptions
 from exojet.bus.envelope import Envelope, parse_ack_reply
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
@@ -92,45 +93,13 @@ class _Connection:
         self.buf = b""
 
     @classmethod
-    async def open(cls, url: ParseResult) -> _Connection:
+    async def open(cls, url: ParseResult, options: ConnectOptions) -> _Connection:
+        """Connect and authenticate as the nats-py connection beside it did (same key, same TLS trust)."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(url.hostname, url.port or 4222, limit=4 * READ_CHUNK), CONNECT_TIMEOUT_S
-            )
-        except (OSError, TimeoutError) as err:
-            raise LogReadError(f"cannot connect to {url.hostname}:{url.port}: {err!r}") from None
-        conn = cls(reader, writer)
-        try:
-            info_line = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S)
-            if not info_line.startswith(b"INFO "):
-                raise LogReadError(f"not a NATS server at {url.hostname}:{url.port}: {info_line[:80]!r}")
-            if json.loads(info_line[5:]).get("tls_required"):
-                raise LogReadError("the log reader speaks plain NATS; this server requires TLS")
-            options: dict[str, object] = {
-                "verbose": False,
-                "pedantic": False,
-                "headers": True,
-                "no_responders": True,
-                "protocol": 1,
-                "lang": "python-exojet",
-                "version": "1",
-                "name": "exojet-log-reader",
-            }
-            if url.username and url.password:
-                options.update(user=url.username, **{"pass": url.password})
-            elif url.username:
-                options["auth_token"] = url.username
-            writer.write(b"CONNECT " + json.dumps(options).encode() + b"\r\nPING\r\n")
-            # The PONG (or -ERR) says whether the server accepted us.
-            answer = b"INFO"
-            while answer.startswith((b"INFO", b"+OK")):
-                answer = await asyncio.wait_for(reader.readline(), CONNECT_TIMEOUT_S)
-            if not answer.startswith(b"PONG"):
-                raise LogReadError(f"NATS refused the log reader: {answer.strip().decode(errors='replace')}")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+            reader, writer = await handshake.open_connection(url, options, "exojet-log-reader", CONNECT_TIMEOUT_S)
+        except (handshake.NatsUnreachable, handshake.NatsRefused) as err:
+            raise LogReadError(str(err)) from None
+        return cls(reader, writer)
 
     def send(self, data: bytes) -> None:
         self.writer.write(data)
@@ -226,6 +195,9 @@ async def _pull(
             filter_subject=None if subject == ">" else subject,
             # Removed by the server if we die mid-read; deleted below otherwise.
             inactive_threshold=30.0,
+            # Named, so the filter is part of the API subject (`CONSUMER.CREATE.<stream>.<name>.<filter>`)
+            # and a runner's key can be allowed to read its own subjects only.
+            name=f"read-{secrets.token_hex(8)}",
             mem_storage=True,
             num_replicas=1,
             description="exojet log read",
@@ -233,8 +205,9 @@ async def _pull(
     )
     conn: _Connection | None = None
     try:
-        conn = await _Connection.open(url)
-        inbox = f"_INBOX.exojet.{secrets.token_hex(8)}"
+        conn = await _Connection.open(url, connect_options.of(nc))
+        # Under the connection's own inbox prefix: the only inbox its identity may subscribe.
+        inbox = nc.new_inbox()
         request = msgspec.json.encode({"batch": BATCH, "max_bytes": MAX_BATCH_BYTES, "no_wait": True})
         ask = (
             f"PUB {api.DEFAULT_PREFIX}.CONSUMER.MSG.NEXT.{stream}.{info.name} {inbox} {len(request)}\r\n".encode()

@@ -79,6 +79,9 @@ def task_consumer_name(runner_id: str) -> str:
 def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
     """The durable pull consumer a runner reads its tasks through."""
     return api.ConsumerConfig(
+        # `name` too: nats-py then creates it through `CONSUMER.CREATE.<stream>.<name>.<filter>`,
+        # whose filter the server checks, so a runner's key can be allowed its own queue only.
+        name=task_consumer_name(runner_id),
         durable_name=task_consumer_name(runner_id),
         filter_subject=subjects.task_subject(runner_id),
         deliver_policy=api.DeliverPolicy.ALL,

@@ -44,8 +44,21 @@ def runner_events_subject(runner_id: str) -> str:
     return f"{RUNNER_EVENTS_PREFIX}.{runner_id}"
 
 
-def chunks_subject(stream_id: str) -> str:
-    return f"{CHUNKS_PREFIX}.{stream_id}"
+def chunks_subject(runner_id: str, stream_id: str) -> str:
+    """Where `runner_id` streams the chunks of `stream_id`: under its own id, so its key
+    can write only the chunks of its own tasks (older chunks, on `exo.chunks.<stream_id>`,
+    expire with EXO_CHUNKS' max age; their payload is unchanged)."""
+    return f"{CHUNKS_PREFIX}.{runner_id}.{stream_id}"
+
+
+def chunks_filter(stream_id: str) -> str:
+    """Every runner's chunks of `stream_id` (a routed chat's reader does not know the runner)."""
+    return f"{CHUNKS_PREFIX}.*.{stream_id}"
+
+
+def runner_chunks(runner_id: str) -> str:
+    """All chunks `runner_id` may write."""
+    return f"{CHUNKS_PREFIX}.{runner_id}.>"
 
 
 def heartbeat_subject(runner_id: str) -> str:

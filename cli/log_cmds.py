@@ -88,7 +88,7 @@ async def wait_task(
     if chat:
         subs.append(
             await js.subscribe(
-                subjects.chunks_subject(stream_id),
+                subjects.chunks_subject(runner_id, stream_id),
                 stream=CHUNKS_STREAM,
                 cb=_print_chunk,
                 ordered_consumer=True,

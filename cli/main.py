@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exojet import __version__
-from exojet.bus.client import NatsUnreachable, default_url
+from exojet.bus import connect_options
+from exojet.bus.client import NatsRefused, NatsUnreachable, default_url
 from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 
 def _add_nats(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nats", default=default_url(), help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+    connect_options.add_arguments(p)
 
 
 def add_api_options(p: argparse.ArgumentParser) -> None:
@@ -78,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--monitor-port", type=int, default=8222)
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    p.add_argument(
+        "--auth",
+        type=Path,
+        default=None,
+        help="auth dir of `exojet auth init`: users by nkey with least privilege, TLS when it holds certificates",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with --auth)")
+
+    from exojet.cli.auth_cmd import add_parsers as add_auth_parsers
+
+    add_auth_parsers(sub)
 
     p = sub.add_parser("supervisor", help="run a supervisor: fold the log, serve exo.supervisor.* queries")
     p.add_argument("--id", default=None, help="supervisor id (default host-pid)")
@@ -225,13 +238,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_nats(port: int, monitor_port: int, store_dir: Path | None) -> int:
+def _run_nats(args: argparse.Namespace) -> int:
     import signal
 
-    from exojet.bus.server import NatsServer
+    from exojet.bus.server import NatsServer, ServerError
 
-    server = NatsServer(port=port, monitor_port=monitor_port, store_dir=store_dir).start()
-    print(f"nats-server on {server.url} (store {server.store_dir}); Ctrl-C stops it", flush=True)
+    server: NatsServer | None = None
+    try:
+        server = NatsServer(
+            port=args.port, monitor_port=args.monitor_port, store_dir=args.store_dir, host=args.host, auth_dir=args.auth
+        ).start()
+        if args.auth:
+            from exojet.bus import identities
+
+            asyncio.run(identities.create_streams(server.url, args.auth))
+    except (ServerError, NatsRefused, NatsUnreachable) as err:
+        if server is not None:
+            server.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    secured = f", auth from {args.auth}" if args.auth else ""
+    print(f"nats-server on {args.host}:{server.port} (store {server.store_dir}{secured}); Ctrl-C stops it", flush=True)
     # SIGTERM too must stop the server, or it outlives this process.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -257,9 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the subcommand; returns the exit code."""
     args = build_parser().parse_args(argv)
     setup_logging()
+    if hasattr(args, "nkey"):
+        connect_options.use(connect_options.from_args(args))
     try:
         return _dispatch(args)
-    except NatsUnreachable as err:
+    except (NatsUnreachable, NatsRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -267,7 +296,11 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     match args.command:
         case "nats":
-            return _run_nats(args.port, args.monitor_port, args.store_dir)
+            return _run_nats(args)
+        case "auth":
+            from exojet.cli.auth_cmd import run as run_auth
+
+            return run_auth(args)
         case "supervisor":
             from exojet.supervisor.main import run_supervisor
             from exojet.supervisor.planner import PlannerConfig

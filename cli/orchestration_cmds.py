@@ -182,7 +182,7 @@ async def route_chat(
         js = nc.jetstream()
         subs.append(
             await js.subscribe(
-                subjects.chunks_subject(chat_id),
+                subjects.chunks_filter(chat_id),
                 stream=CHUNKS_STREAM,
                 cb=on_chunk,
                 ordered_consumer=True,

@@ -1,4 +1,4 @@
-"""A ChatCompletion on the engine: tokens streamed to `exo.chunks.<stream_id>`, the
+"""A ChatCompletion on the engine: tokens streamed to `exo.chunks.<runner_id>.<stream_id>`, the
 result summarised for the task's `Complete` status."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ DEFAULT_MAX_TOKENS = 256
 
 
 async def chat(
-    engine: Engine, js: JetStreamContext, group: Group | None, task: ChatCompletion, task_id: str
+    engine: Engine, js: JetStreamContext, runner_id: str, group: Group | None, task: ChatCompletion, task_id: str
 ) -> dict[str, Any]:
     """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text."""
     request = Generate(
@@ -29,7 +29,7 @@ async def chat(
         stop=stop_strings(task),
     )
     emits = task.emit_rank == (group.rank if group else 0)
-    chunks = ChunkStream(js, task.stream_id or task_id, task_id) if emits else None
+    chunks = ChunkStream(js, runner_id, task.stream_id or task_id, task_id) if emits else None
     done = None
     async for reply in engine.generate(request):
         if isinstance(reply, Done):

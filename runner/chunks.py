@@ -1,4 +1,4 @@
-"""Streams generated text to `exo.chunks.<stream_id>` without waiting on the bus per token.
+"""Streams generated text to `exo.chunks.<runner_id>.<stream_id>` without waiting on the bus per token.
 
 Each token goes out at once with `publish_async` (its ack is collected, not awaited),
 so a generation never stalls on a round trip. When the bus lags and
@@ -29,9 +29,9 @@ class ChunksNotStored(Exception):
 class ChunkStream:
     """One generation's chunks: `await add(text)` per token, then `await finish(reason)`."""
 
-    def __init__(self, js: JetStreamContext, stream_id: str, task_id: str) -> None:
+    def __init__(self, js: JetStreamContext, runner_id: str, stream_id: str, task_id: str) -> None:
         self.js = js
-        self.subject = subjects.chunks_subject(stream_id)
+        self.subject = subjects.chunks_subject(runner_id, stream_id)
         self.task_id = task_id
         self.index = 0
         self._held: list[str] = []

@@ -103,7 +103,7 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.js, self.group, task, task_id)
+                return await chat(self.engine, self.js, self.runner_id, self.group, task, task_id)
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.

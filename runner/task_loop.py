@@ -18,7 +18,6 @@ from nats.aio.msg import Msg
 
 from exojet.bus import client, streams, subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
-from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerLost
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
@@ -34,6 +33,9 @@ from exojet.runner.transitions import Transitions
 
 # Well inside the consumer's ack_wait, so long work is never redelivered meanwhile.
 IN_PROGRESS_EVERY_S = streams.TASK_ACK_WAIT_S / 3
+# How long a RunnerLost seen on our subject may take to show up in the log (see _check_lost).
+LOST_CHECKS = 20
+LOST_CHECK_INTERVAL_S = 0.05
 
 
 class Runner:
@@ -88,8 +90,13 @@ class Runner:
         assert writer is not None
         tasks = await TaskConsumer(self.nc, self.runner_id).start()
         # An idle runner writes nothing, so no failed write would tell it that it
-        # was declared lost (after a freeze, say): watch its own subject for that.
-        own = await client.follow(self.js, self._on_own_event, start_seq=writer.last_seq + 1, subject=self.subject)
+        # was declared lost (after a freeze, say): listen on its own subject for that.
+        # A core subscription, not a stream consumer: its key may subscribe its own
+        # subject, while a consumer's filter would be unchecked (docs/security.md).
+        own = await self.nc.subscribe(self.subject, cb=self._on_own_message)
+        await self.nc.flush()
+        # A loss declared before the subscription reached the server is in the log only.
+        await self._check_lost("declared lost before serving", checks=1)
         try:
             while True:
                 if await self.handle_fenced(await self._next_task(tasks)):
@@ -98,18 +105,34 @@ class Runner:
             await own.unsubscribe()
             await tasks.stop()
 
-    def _on_own_event(self, env: Envelope) -> None:
-        # A RunnerLost older than our last write is one we already came back from.
-        writer = self.reports.writer
-        if writer is None or env.seq <= writer.last_seq:
-            return
+    async def _on_own_message(self, msg: Msg) -> None:
         try:
-            event = decode_event(env.data)
+            event = decode_event(msg.data)
         except BadInput:
             return
-        if isinstance(event, RunnerLost):
-            self.log.bind(seq=env.seq).warning(f"declared lost ({event.reason})")
-            self.declared_lost.set()
+        if isinstance(event, RunnerLost) and event.incarnation == self.incarnation:
+            await self._check_lost(f"declared lost ({event.reason})", checks=LOST_CHECKS)
+
+    async def _check_lost(self, why: str, checks: int) -> None:
+        """Set `declared_lost` if the log holds a RunnerLost after our last write.
+
+        Subscribers get a message even when the stream refused it (a RunnerLost
+        that lost the fencing race against our own write), and the stream stores
+        it a moment after delivering it: ask the log, up to `checks` times.
+        """
+        for _ in range(checks):
+            writer = self.reports.writer
+            last = await client.last_on_subject(self.js, self.subject)
+            if last is not None and writer is not None and last.seq > writer.last_seq:
+                try:
+                    lost = isinstance(decode_event(last.data), RunnerLost)
+                except BadInput:
+                    lost = False
+                if lost:
+                    self.log.bind(seq=last.seq).warning(why)
+                    self.declared_lost.set()
+                return
+            await asyncio.sleep(LOST_CHECK_INTERVAL_S)
 
     async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
         """The next task message, or None when this incarnation was declared lost while waiting."""

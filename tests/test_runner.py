@@ -82,7 +82,7 @@ async def chunks_of(nc: NATS, stream_id: str) -> str:
     """All chunk texts of a finished generation, replayed from EXO_CHUNKS."""
     js = nc.jetstream()
     sub = await js.subscribe(
-        subjects.chunks_subject(stream_id),
+        subjects.chunks_filter(stream_id),
         stream=CHUNKS_STREAM,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.ALL,
@@ -218,7 +218,7 @@ async def test_engine_killed_during_generation(nc: NATS, watcher: LogWatcher, ru
     # Wait for the first chunk: generation is under way in the engine child.
     js = nc.jetstream()
     sub = await js.subscribe(
-        subjects.chunks_subject("long"),
+        subjects.chunks_filter("long"),
         stream=CHUNKS_STREAM,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.ALL,

@@ -109,7 +109,7 @@ async def test_runner_declared_lost_mid_chat_does_not_answer_the_chat_again(
     await make_ready(nc, watcher)
     js = nc.jetstream()
     sub = await js.subscribe(
-        subjects.chunks_subject("mid"),
+        subjects.chunks_filter("mid"),
         stream=CHUNKS_STREAM,
         ordered_consumer=True,
         deliver_policy=api.DeliverPolicy.ALL,
