@@ -114,11 +114,13 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
             publish=(
                 subjects.COMMANDS,
                 f"{subjects.TASKS_PREFIX}.*",
+                f"{subjects.CANCEL_PREFIX}.*",
                 f"{subjects.QUERY_PREFIX}.>",
                 "$SRV.>",
                 *_reader(LOG_STREAM, CHUNKS_STREAM),
             ),
-            subscribe=(inbox,),
+            # Heartbeats: the HTTP API ends a stream whose runner went silent.
+            subscribe=(inbox, subjects.HEARTBEATS),
             publish_deny=_keep_off_queues(all_runners),
         )
     rid = runner_id_of(identity)
@@ -126,6 +128,7 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
         raise ValueError(f"unknown identity {identity!r}: admin, supervisor, client or runner-<id>")
     events = subjects.runner_events_subject(rid)
     tasks = subjects.task_subject(rid)
+    cancels = subjects.cancel_subject(rid)
     return Permissions(
         publish=(
             events,
@@ -135,6 +138,7 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
             f"{_API}.STREAM.INFO.*",
             f"{_API}.CONSUMER.CREATE.{LOG_STREAM}.*.{tasks}",
             f"{_API}.CONSUMER.CREATE.{LOG_STREAM}.*.{events}",
+            f"{_API}.CONSUMER.CREATE.{LOG_STREAM}.*.{cancels}",
             f"{_API}.CONSUMER.MSG.NEXT.{LOG_STREAM}.*",
             f"{_API}.CONSUMER.INFO.{LOG_STREAM}.*",
             f"{_API}.CONSUMER.DELETE.{LOG_STREAM}.*",
@@ -142,7 +146,7 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
             f"$JS.ACK.{LOG_STREAM}.{_durable(rid)}.>",
         ),
         # Its own events too: a RunnerLost the supervisor writes there tells an idle runner it was declared lost.
-        subscribe=(inbox, subjects.heartbeat_subject(rid), events),
+        subscribe=(inbox, subjects.heartbeat_subject(rid), events, cancels),
         publish_deny=_keep_off_queues(r for r in all_runners if r != rid),
     )
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import msgspec
 from loguru import logger
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 
@@ -113,6 +114,12 @@ async def _ensure_stream(js: JetStreamContext, config: api.StreamConfig, set_lim
             # Some settings (storage type, ...) cannot change on a live stream;
             # run with what is there rather than refuse to start.
             logger.bind(stream=config.name).warning(f"stream config not updated: {err}")
+        except NatsTimeout:
+            # Under least privilege only admin may change a stream: the server
+            # drops the request (docs/security.md). Run with what is there.
+            logger.bind(stream=config.name).warning(
+                "stream config not updated: no answer (with `exojet nats --auth`, only admin changes streams)"
+            )
 
 
 def _differs(current: api.StreamConfig, wanted: api.StreamConfig) -> bool:
