@@ -336,7 +336,7 @@ class Gateway:
                 stream.end(Lost(reason))
 
     async def _on_chunk(self, msg: Msg) -> None:
-        stream = self._chats.get(msg.subject[len(subjects.CHUNKS_PREFIX) + 1 :])
+        stream = self._chats.get(subjects.chunks_stream_id(msg.subject))
         if stream is None or stream.over:
             return
         text = msgspec.json.decode(msg.data).get("text")

@@ -3,7 +3,7 @@
 Same model, same prompt, greedy, in the same run, alternating the two so machine
 drift hits both alike:
   - bus: the task published on exo.tasks.<runner>, chunks received by a core
-    subscriber on exo.chunks.<task_id> (runner process + engine child process),
+    subscriber on exo.chunks.*.<task_id> (runner process + engine child process),
   - direct: mlx_lm.stream_generate in this process.
 Time to first token is measured from the publish (bus) or the call (direct);
 decode speed is (tokens - 1) / (last - first token). Prints medians and ratios.

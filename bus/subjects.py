@@ -56,6 +56,11 @@ def chunks_filter(stream_id: str) -> str:
     return f"{CHUNKS_PREFIX}.*.{stream_id}"
 
 
+def chunks_stream_id(subject: str) -> str:
+    """The stream id of a chunks subject `exo.chunks.<runner_id>.<stream_id>` (it may hold dots)."""
+    return subject.split(".", 3)[-1]
+
+
 def runner_chunks(runner_id: str) -> str:
     """All chunks `runner_id` may write."""
     return f"{CHUNKS_PREFIX}.{runner_id}.>"

@@ -147,7 +147,7 @@ async def route_chat(
 ) -> AsyncIterator[str]:
     """Ask the supervisors to route a chat to a Ready instance; yield its text as it is generated.
 
-    Publishes a RouteChatCompletion, follows its chunks (`exo.chunks.<chat_id>`)
+    Publishes a RouteChatCompletion, follows its chunks (`exo.chunks.*.<chat_id>`)
     and its emitting task's status. Raises ChatFailed if that task does not
     complete, TimeoutError if nothing settles it within `timeout`.
     """
