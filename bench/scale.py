@@ -3,7 +3,8 @@ against the same measure on an empty log in the same run.
 
   1. the log: 100 runners in 50 two-rank instances of a stand-in model serving routed chats
      (11 messages a chat: the command, each rank's task, Running, RunnerRunning, RunnerReady
-     and terminal status), published once without a sync per message (a scratch server
+     and terminal status), and every tenth chat also sent straight to `r1` (the real runner's
+     id, so its own subject has a long history), published once without a sync per message (a scratch server
      config without `sync_interval: always`) and kept in --store for the next run;
   2. on each log, a real supervisor and a real runner (the tiny llama, its own instance):
      supervisor restart -> first answer (a snapshot stored when the previous one stopped),
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec  # noqa: E402
 import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
+from nats.js.errors import NotFoundError  # noqa: E402
 
 from bench.dispatch import REPO, load, ms, percentile, request, spawn  # noqa: E402
 from exojet.bus import client, streams, subjects  # noqa: E402
@@ -139,8 +141,22 @@ class _Log:
                     yield out(self.task_status(r, task_id, TaskStatus.COMPLETE))
             for r in ranks:
                 yield out(self.status(r, RunnerReady()))
+        # The real runner's id has a history of its own: every tenth chat also went straight to it.
+        yield out(
+            (
+                subjects.runner_events_subject("r1"),
+                encode(RunnerRegistered(event_id="r1:reg", runner_id="r1", incarnation=1)),
+            )
+        )
+        yield out(self.status("r1", RunnerIdle()))
         k = 0
         while count < events:
+            if k % 10 == 0:
+                yield out(
+                    (subjects.task_subject("r1"), encode(ChatCompletion(task_id=f"d{k}", messages=HI, max_tokens=4)))
+                )
+                yield out(self.task_status("r1", f"d{k}", TaskStatus.RUNNING))
+                yield out(self.task_status("r1", f"d{k}", TaskStatus.COMPLETE))
             j = k % INSTANCES
             ranks = (f"sr{2 * j}", f"sr{2 * j + 1}")
             chat_id = f"chat-q{k}"
@@ -178,7 +194,7 @@ def _fast_conf(root: Path) -> Path:
 
 async def build_log(store: Path, events: int) -> None:
     """Publish the big log into `store` once (pipelined acks, no sync per message)."""
-    marker = store / f"built-{events}"
+    marker = store / f"built-{events}-v2"
     if marker.exists():
         print(f"log: reusing {events} events in {store}")
         return
@@ -262,7 +278,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
         await _retire_real_instances(js, server.url)
         # A first supervisor folds what is there and stores a snapshot when it stops.
         first = spawn(sup_args, store / "sup0.log")
-        figures["first fold from nothing (s)"] = await _until_answer(nc)
+        figures["supervisor first start: folds all after the store's snapshot, if any (s)"] = await _until_answer(nc)
         first.terminate()
         first.wait(120)
         restarts, rss = [], []
@@ -277,21 +293,34 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
         figures["supervisor restart -> first answer (s)"] = statistics.median(restarts)
         figures["supervisor RSS (MB)"] = statistics.median(rss)
 
-        runner = spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], store / "r1.log")
-        procs.append(runner)
+        # Its first start on this log: no task consumer (an earlier run's is removed), so its
+        # whole subject is read.
+        try:
+            await js.delete_consumer(streams.LOG_STREAM, streams.task_consumer_name("r1"))
+        except NotFoundError:
+            pass
+        figures["runner first start -> Idle (s)"] = await _restart_to_idle(
+            js,
+            "r1",
+            lambda: procs.append(
+                spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], store / "r1.log")
+            ),
+        )
+        placed_at = time.perf_counter()
         ack = await client.publish(
             js, subjects.COMMANDS, PlaceInstance(command_id=f"real-{events}", model_id="local/tiny", runners=("r1",))
         )
         instance = f"inst-real-{events}"
-        async with asyncio.timeout(180):
-            while (await request(nc, "instance", instance_id=instance, min_seq=ack.seq, timeout=5.0)).get(
-                "instance", {}
-            ).get("status") != "Ready":
+        async with asyncio.timeout(300):
+            while (inst := (await request(nc, "instance", instance_id=instance, min_seq=ack.seq, timeout=5.0)))[
+                "instance"
+            ]["status"] != "Ready":
                 await asyncio.sleep(0.1)
+        figures["real instance placed -> Ready (s)"] = time.perf_counter() - placed_at
         for endpoint, body in (
             ("state", {}),
             ("runner", {"runner_id": "r1"}),
-            ("task", {"task_id": step_task_id(instance, 1, "warmup", "r1")}),
+            ("task", {"task_id": step_task_id(instance, inst["instance"]["attempt"], "warmup", "r1")}),
             ("instance", {"instance_id": instance}),
         ):
             times = []
@@ -333,7 +362,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
                 procs[1] = spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], log)
 
             restarts.append(await _restart_to_idle(js, "r1", start))
-        figures["runner restart -> Idle (s)"] = statistics.median(restarts)
+        figures["runner restart -> Idle, from its ack floor (s)"] = statistics.median(restarts)
 
         before, started = await client.last_seq(js), time.perf_counter()
         cpu, lags = await load(nc, js, server.url, psutil.Process(sup.pid), runners, seconds)
