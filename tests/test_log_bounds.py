@@ -8,12 +8,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 
-from exojet.bus import client, streams
+from exojet.bus import client, streams, subjects
 from exojet.bus.archive import ArchiveError, read_archive
-from exojet.bus.statuses import TaskStatus
+from exojet.bus.events import RunnerStatusUpdated
+from exojet.bus.statuses import RunnerIdle, TaskStatus
 from exojet.bus.streams import LogLimits
 from exojet.projections.snapshot import dump_snapshot
 from exojet.projections.state import state_hash
+from exojet.runner.event_writer import EventWriter, Fenced
 from exojet.supervisor.projector import Projector
 from exojet.supervisor.snapshot_store import SNAPSHOT_KEY, store_snapshot
 from tests.test_cli_log import run
@@ -120,3 +122,24 @@ async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS
     assert old.state.seq == third.state.seq and state_hash(old.state) == state_hash(third.state)
     await old.stop()
     assert await store_snapshot(kv, b"", 1, small_payload) == 1  # an empty one is one empty chunk
+
+
+async def test_an_idle_runner_whose_subject_the_limits_emptied_writes_on(nats_server: object, nc: NATS) -> None:
+    js = nc.jetstream()
+    await streams.ensure_streams(js, log_limits=LogLimits(max_age_s=0, max_bytes=20_000))
+    subject = subjects.runner_events_subject("idle")
+
+    def idle(event_id: str, incarnation: int, at: float) -> RunnerStatusUpdated:
+        return RunnerStatusUpdated(
+            event_id=event_id, runner_id="idle", incarnation=incarnation, runner_status=RunnerIdle(), at=at
+        )
+
+    writer = EventWriter(js, "idle", 1, 0)
+    first = await writer.write(idle)
+    await _chats(nc, 100)  # the rest of the cluster is busy: the log drops the idle runner's write
+    assert await client.last_on_subject(js, subject) is None
+    assert await writer.write(idle) > first
+    # A twin's write in between still fences it.
+    await client.publish(js, subject, idle("twin:2:1", 2, 0.0))
+    with pytest.raises(Fenced):
+        await writer.write(idle)
