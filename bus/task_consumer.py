@@ -77,8 +77,11 @@ class TaskConsumer:
             self._arrived.clear()
             try:
                 # The server always answers a request by its expiry; past that
-                # (a reconnect lost it) ask again.
-                await asyncio.wait_for(self._arrived.wait(), self.expires_s + 2.0)
+                # (a reconnect lost it) ask again. asyncio.timeout, not wait_for:
+                # on 3.11 wait_for drops a cancel that lands as the event is set,
+                # and this loop would then never end (a runner deaf to SIGTERM).
+                async with asyncio.timeout(self.expires_s + 2.0):
+                    await self._arrived.wait()
             except TimeoutError:
                 self._outstanding = False
 

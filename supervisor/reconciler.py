@@ -96,7 +96,10 @@ class Reconciler:
         timeout = 0.0
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                # Not wait_for: on 3.11 it drops a cancel that lands as the event is set
+                # (the projection wakes this loop all the time), and stop() would hang.
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
             self._wake.clear()
