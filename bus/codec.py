@@ -15,7 +15,8 @@ from exojet.bus.cancel import CancelTask
 from exojet.bus.commands import Command, PlaceInstance, RouteChatCompletion
 from exojet.bus.events import Event
 from exojet.bus.model_ids import model_id_problem
-from exojet.bus.tasks import DownloadModel, LoadModel, Task
+from exojet.bus.subjects import stream_id_problem
+from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, Task
 
 # The log keeps whatever was published; these limits bound what we act on.
 MAX_PAYLOAD_BYTES = 1024 * 1024
@@ -85,11 +86,19 @@ def _decode(decoder: msgspec.json.Decoder[T], data: bytes, what: str) -> T:
         raise _classify(err, what) from None
     except msgspec.DecodeError as err:
         raise BadInput("NotJson", f"{what} is not valid JSON: {err}") from None
+    except RecursionError:
+        # msgspec raises it, not a DecodeError, for JSON nested deeper than it recurses.
+        raise BadInput("TooDeeplyNested", f"{what} nests arrays or objects too deeply to decode") from None
 
 
 def _check_model_id(model_id: str | None) -> None:
     if model_id is not None and (problem := model_id_problem(model_id)):
         raise BadInput("InvalidModelId", problem)
+
+
+def _check_stream_id(value: str | None, field: str) -> None:
+    if value is not None and (problem := stream_id_problem(value)):
+        raise BadInput("InvalidField", f"`{field}` {problem}")
 
 
 def decode_task(data: bytes) -> Task:
@@ -100,6 +109,9 @@ def decode_task(data: bytes) -> Task:
             _check_model_id(shard.model_id)
         case LoadModel(shard=shard) if shard is not None:
             _check_model_id(shard.model_id)
+        case ChatCompletion(task_id=task_id, stream_id=stream_id):
+            # Its chunks go to `exo.chunks.<runner>.<stream id>`: the id must make subject tokens.
+            _check_stream_id(stream_id or task_id, "stream_id" if stream_id else "task_id")
     return task
 
 
@@ -110,7 +122,7 @@ def decode_event(data: bytes) -> Event:
     if len(data) <= MAX_PAYLOAD_BYTES:
         try:
             return _event_decoder.decode(data)
-        except msgspec.DecodeError:  # ValidationError is a subclass
+        except (msgspec.DecodeError, RecursionError):  # ValidationError is a DecodeError
             pass
     return _decode(_event_decoder, data, "event")
 
@@ -119,8 +131,12 @@ def decode_command(data: bytes) -> Command:
     """A supervisor command from JSON bytes, or BadInput."""
     command = _decode(_command_decoder, data, "command")
     match command:
-        case PlaceInstance(model_id=model_id) | RouteChatCompletion(model_id=model_id):
+        case PlaceInstance(model_id=model_id):
             _check_model_id(model_id)
+        case RouteChatCompletion(model_id=model_id, command_id=command_id):
+            _check_model_id(model_id)
+            # The chat's chunks go to `exo.chunks.<runner>.chat-<command id>`.
+            _check_stream_id(command_id, "command_id")
     return command
 
 

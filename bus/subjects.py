@@ -29,6 +29,17 @@ QUERY_INSTANCE = f"{QUERY_PREFIX}.instance"
 _TOKEN = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
+# Dot-separated tokens: a chat's chunks subject ends with its stream id.
+_STREAM_ID = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+
+def stream_id_problem(value: str) -> str | None:
+    """None if `value` can end a chunks subject, else why not."""
+    if len(value) <= 200 and _STREAM_ID.match(value):
+        return None
+    return f"{value[:80]!r} must be up to 200 letters, digits, '-', '_' and single dots (it ends a NATS subject)"
+
+
 def id_problem(value: object, what: str = "runner id") -> str | None:
     """None if `value` can be one subject token, else why not."""
     if isinstance(value, str) and _TOKEN.match(value):

@@ -233,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("runner", help="run a runner process")
     p.add_argument("--id", required=True, help="runner id (letters, digits, '-', '_')")
+    p.add_argument(
+        "--deadline",
+        action="append",
+        default=[],
+        metavar="TYPE=SECONDS",
+        help="a task type's deadline, from when the runner starts it (a chat's: its base); repeatable",
+    )
+    p.add_argument(
+        "--chat-seconds-per-token",
+        type=float,
+        default=0.5,
+        help="what each max_tokens adds to a chat's deadline (default 0.5)",
+    )
     _add_models_dir(p)
     _add_nats(p)
     return parser
@@ -392,7 +405,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "runner":
             from exojet.runner.main import main as runner_main
 
-            return runner_main(runner_id=args.id, nats_url=args.nats, models_dir=args.models_dir)
+            return runner_main(
+                runner_id=args.id,
+                nats_url=args.nats,
+                models_dir=args.models_dir,
+                deadlines=args.deadline,
+                chat_seconds_per_token=args.chat_seconds_per_token,
+            )
     return 2
 
 

@@ -191,6 +191,18 @@ class Engine:
                     # No await here: this may run while the generator is being closed.
                     self._stdin().write(encode_frame(Cancel()))
 
+    async def settle(self, timeout: float) -> bool:
+        """Wait, at most `timeout` s, for the replies the child owes for abandoned requests
+        (a generation cut short answers its Cancel between two tokens); False if it gives
+        them no sooner, or is gone: then only a fresh child serves again."""
+        try:
+            async with asyncio.timeout(timeout), self._lock:
+                while self._owed:
+                    await self._next_reply()
+        except (TimeoutError, EngineCrashed):
+            return False
+        return self.alive
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit; terminate, then kill it if it does not in time."""
         proc = self._proc

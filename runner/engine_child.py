@@ -102,6 +102,8 @@ class EngineChild:
         self.pipe = pipe
         self.model: Any = None
         self.tokenizer: Any = None
+        # Tokens a sequence may hold (prompt and completion), from the model's config; None: unknown.
+        self.context_length: int | None = None
         # The pipeline group this process joined (process-global, for its life).
         self.group: Any = None
         # Set by a request after which this process must not serve again.
@@ -184,6 +186,7 @@ class EngineChild:
         if weights == "dense":
             weight_bytes = to_dense_float32(model)
         self.model, self.tokenizer = model, tokenizer
+        self.context_length = _context_length(config)
         seconds = time.perf_counter() - started
         logger.bind(model=str(path), start=start, end=end).info(
             "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
@@ -224,6 +227,7 @@ class EngineChild:
         # others wait in: the watchdog turns that wait into a bounded failure.
         with self._ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
             self.model, self.tokenizer = load_shard(path, self.group, start, end)
+        self.context_length = _context_length(config)
         params: dict[str, Any] = {}
         tree_flatten(self.model.parameters(), destination=params)
         weight_bytes = sum(a.nbytes for a in params.values())
@@ -284,12 +288,23 @@ class EngineChild:
         if req.max_tokens < 1:
             raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
         started = time.perf_counter()
-        prompt = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in req.messages],
-            add_generation_prompt=True,
-        )
-        if req.seed is not None:
-            mx.random.seed(req.seed)
+        try:
+            # A chat template may refuse a role it does not know; mlx a seed it cannot hold.
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages],
+                add_generation_prompt=True,
+            )
+            if req.seed is not None:
+                mx.random.seed(req.seed)
+        except Exception as exc:
+            raise RequestError("InvalidRequest", f"the model cannot take these messages or seed: {exc}") from exc
+        if self.context_length and len(prompt) + req.max_tokens > self.context_length:
+            raise RequestError(
+                "ContextLengthExceeded",
+                f"the prompt is {len(prompt)} tokens and max_tokens {req.max_tokens}: "
+                f"{len(prompt) + req.max_tokens} do not fit the model's context window of "
+                f"{self.context_length} tokens; shorten the messages or lower max_tokens",
+            )
         sampler = make_sampler(req.temperature, req.top_p)
         scanner = StopScanner(req.stop)
         first_at = None
@@ -351,6 +366,12 @@ class EngineChild:
         # The parent closed the pipe: stop generating for nobody, then exit.
         self.queued.append(Exit() if req is None else req)
         return req is None
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    """The model's context window, as its config states it (llama-style configs do)."""
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def main() -> int:

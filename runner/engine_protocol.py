@@ -137,6 +137,9 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
 Reply = ModelLoaded | GroupConnected | Ok | Token | Done | RequestFailed
+# Errors that refuse a request before any work: the engine serves on as before.
+REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
+
 TERMINAL_REPLIES = (ModelLoaded, GroupConnected, Ok, Done, RequestFailed)
 
 _encoder = msgspec.msgpack.Encoder()

@@ -27,6 +27,8 @@ from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
 
 GROUP_CONNECT_TIMEOUT_S = 30.0
+# How long a generation cut at its deadline may take to answer its Cancel (one token's time).
+SETTLE_TIMEOUT_S = 5.0
 
 
 class Executor:
@@ -73,6 +75,17 @@ class Executor:
         """End the engine child; a group lived in it, so it is gone too."""
         await self.engine.stop()
         self.group = None
+
+    async def settle(self, task: Task) -> bool:
+        """After `task` was cut at its deadline: True if the engine serves on (a single
+        runner's chat stops between two tokens); else the engine is stopped, as a
+        stuck load or prefill cannot be interrupted in it, and the next task that needs
+        one starts a fresh child."""
+        if isinstance(task, ChatCompletion) and self.group is None and await self.engine.settle(SETTLE_TIMEOUT_S):
+            return True
+        if not isinstance(task, DownloadModel):
+            await self.stop_engine()
+        return False
 
     async def forget(self) -> None:
         """Hold nothing, as a new incarnation after a loss."""

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from exojet.bus import client, streams, subjects
 from exojet.models.store import default_models_dir
+from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
 from exojet.runner.heartbeat import heartbeat
 from exojet.runner.registration import TwinRunning, advertised_address
 from exojet.runner.task_loop import Runner
 
 
-async def run_runner(runner_id: str, nats_url: str, models_dir: Path) -> int:
+async def run_runner(runner_id: str, nats_url: str, models_dir: Path, deadlines: Deadlines | None = None) -> int:
     """Connect, register, serve until Shutdown or a signal; returns the exit code."""
     stop = asyncio.Event()
     lost_connection = asyncio.Event()
@@ -33,7 +34,7 @@ async def run_runner(runner_id: str, nats_url: str, models_dir: Path) -> int:
     nc = await client.connect(
         nats_url, name=f"runner-{runner_id}", reconnect_attempts=60, on_closed=lost_connection.set
     )
-    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url))
+    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines)
     beat: asyncio.Task[None] | None = None
     try:
         await streams.ensure_streams(runner.js)
@@ -69,9 +70,20 @@ async def run_runner(runner_id: str, nats_url: str, models_dir: Path) -> int:
             await nc.close()
 
 
-def main(runner_id: str, nats_url: str, models_dir: Path | None) -> int:
+def main(
+    runner_id: str,
+    nats_url: str,
+    models_dir: Path | None,
+    deadlines: list[str] | None = None,
+    chat_seconds_per_token: float = CHAT_SECONDS_PER_TOKEN,
+) -> int:
     """Entry point of `exojet runner`."""
     if problem := subjects.id_problem(runner_id):
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    return asyncio.run(run_runner(runner_id, nats_url, models_dir or default_models_dir()))
+    try:
+        limits = Deadlines.parse(deadlines or [], chat_seconds_per_token)
+    except BadDeadline as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return asyncio.run(run_runner(runner_id, nats_url, models_dir or default_models_dir(), limits))

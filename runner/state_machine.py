@@ -9,10 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from exojet.bus.lifecycle import FAILED, LIFECYCLE, REGISTERED
-from exojet.bus.statuses import RunnerFailed, RunnerStatus, runner_status, status_name
+from exojet.bus.statuses import RunnerFailed, RunnerStatus, TaskStatus, runner_status, status_name
 from exojet.runner.chunks import ChunksNotStored
 from exojet.runner.download import DownloadError
 from exojet.runner.engine import EngineCrashed, EngineError
+from exojet.runner.engine_protocol import REQUEST_REFUSALS
 
 
 def accepts(task_type: str, status: RunnerStatus) -> bool:
@@ -68,6 +69,8 @@ class Failure:
     engine_lost: bool = False
     # Not an error a person can act on: a bug of ours, worth a traceback in the log.
     internal: bool = False
+    # The task's terminal status.
+    task_status: TaskStatus = TaskStatus.FAILED
 
 
 def failed(task_type: str, before: RunnerStatus, err: Exception) -> Failure:
@@ -76,6 +79,9 @@ def failed(task_type: str, before: RunnerStatus, err: Exception) -> Failure:
         case ChunksNotStored():
             # The bus failed the client, not the engine: the runner is as usable as before.
             return Failure(finished_status(task_type, before), "ChunksNotStored", str(err))
+        case EngineError(error_type=error_type, message=message) if error_type in REQUEST_REFUSALS:
+            # The request, not the engine: nothing ran, the runner is as it was.
+            return Failure(finished_status(task_type, before), error_type, message)
         case EngineCrashed():
             return Failure(_failure_status(task_type, str(err)), "EngineCrashed", str(err), engine_lost=True)
         case (
@@ -86,6 +92,18 @@ def failed(task_type: str, before: RunnerStatus, err: Exception) -> Failure:
     # the engine afresh, as after a crash.
     message = f"internal error in {task_type}: {err!r} (see the runner's log)"
     return Failure(_failure_status(task_type, message), "InternalError", message, engine_lost=True, internal=True)
+
+
+def timed_out(task_type: str, before: RunnerStatus, seconds: float, engine_kept: bool) -> Failure:
+    """Where a task cut at its deadline leaves the runner: a chat whose engine stopped in
+    time changes nothing; otherwise the task's failure status (its engine already stopped)."""
+    message = f"{task_type} passed its deadline of {seconds:.0f} s, counted from when the runner started it"
+    if engine_kept:
+        return Failure(
+            finished_status(task_type, before), "DeadlineExceeded", message, task_status=TaskStatus.TIMED_OUT
+        )
+    status = _failure_status(task_type, f"{message}; its work was stopped: send the task again")
+    return Failure(status, "DeadlineExceeded", message, task_status=TaskStatus.TIMED_OUT)
 
 
 def _failure_status(task_type: str, message: str) -> RunnerStatus:

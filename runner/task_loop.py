@@ -23,6 +23,7 @@ from exojet.bus.statuses import TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
 from exojet.bus.tasks import Shutdown, Task, task_type
 from exojet.runner import registration, state_machine
+from exojet.runner.deadlines import Deadlines
 from exojet.runner.event_writer import Fenced
 from exojet.runner.executor import Executor
 from exojet.runner.registration import TwinRunning
@@ -41,7 +42,9 @@ LOST_CHECK_INTERVAL_S = 0.05
 class Runner:
     """One runner id's life in this process: register, serve tasks, shut down."""
 
-    def __init__(self, runner_id: str, nc: NATS, models_dir: Path, address: str) -> None:
+    def __init__(
+        self, runner_id: str, nc: NATS, models_dir: Path, address: str, deadlines: Deadlines | None = None
+    ) -> None:
         self.runner_id = runner_id
         self.nc = nc
         self.js = nc.jetstream()
@@ -51,6 +54,7 @@ class Runner:
         self.reports = Reports(runner_id, self.history)
         self.transitions = Transitions(self.reports)
         self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress)
+        self.deadlines = deadlines or Deadlines()
         # Set when a RunnerLost newer than our last write shows up on our subject.
         self.declared_lost = asyncio.Event()
         self.log = self.reports.log
@@ -211,7 +215,7 @@ class Runner:
             outcome = await self._run(task, task_id, kind)
             if isinstance(outcome, Failure):
                 await self.reports.task_status(
-                    task_id, TaskStatus.FAILED, kind, error_type=outcome.error_type, error_message=outcome.message
+                    task_id, outcome.task_status, kind, error_type=outcome.error_type, error_message=outcome.message
                 )
             else:
                 await self.reports.task_status(task_id, TaskStatus.COMPLETE, kind, result=outcome)
@@ -238,12 +242,19 @@ class Runner:
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
         """The work between the transitions the state machine decides: its result, or how it failed."""
         before = await self.transitions.start(kind)
+        deadline = self.deadlines.for_task(task)
         try:
-            result = await self.executor.run(task, task_id)
+            async with asyncio.timeout(deadline) as timer:
+                result = await self.executor.run(task, task_id)
         except Fenced:
             # Not the task's failure: the runner's identity is in question (see handle_fenced).
             raise
         except Exception as err:  # noqa: BLE001 - no task may end the runner
+            if isinstance(err, TimeoutError) and timer.expired():
+                self.log.bind(task_id=task_id).warning(f"{kind} passed its deadline of {deadline:.0f} s")
+                failure = state_machine.timed_out(kind, before, deadline, await self.executor.settle(task))
+                await self.transitions.failed(failure)
+                return failure
             failure = state_machine.failed(kind, before, err)
             if failure.internal:
                 self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")

@@ -14,6 +14,7 @@ from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.statuses import TaskStatus, status_name
 from tests.log_watcher import LogWatcher
 from tests.procs import exojet
+from tests.tiny_model import with_context
 
 TINY = "local/tiny"
 PROMPT = "Tell me a long story"
@@ -31,9 +32,10 @@ async def start_runner(
     tmp_path: Path,
     runner_id: str = "r1",
     env: dict[str, str] | None = None,
+    args: tuple[str, ...] = (),
 ) -> RunnerHandle:
     log = tmp_path / f"runner-{runner_id}-{len(watcher.entries)}.log"
-    proc = exojet("runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=log, env=env)
+    proc = exojet("runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), *args, log=log, env=env)
     await watcher.wait_for(
         lambda m: (
             isinstance(m, RunnerStatusUpdated)
@@ -120,3 +122,16 @@ async def assert_refused_everywhere_else(
         # The runner's status did not move, and the refused task never ran.
         after = watcher.runner_events(runner_id, after_seq=before)
         assert [type(e).__name__ for e in after] == ["TaskStatusUpdated"], after
+
+
+# The context window of the tiny llama `ready_on_small_window` loads.
+SMALL_CONTEXT = 2048
+
+
+async def ready_on_small_window(nc: NATS, watcher: LogWatcher, models_dir: Path) -> None:
+    """Ready on the tiny llama with a 2,048-token context window (the default one has room for anything)."""
+    with_context(models_dir / "local--tiny", models_dir / "local--tiny-2k", SMALL_CONTEXT)
+    shard = {"shard": {"model_id": "local/tiny-2k"}}
+    for i, task in enumerate(({**DOWNLOAD, **shard}, {**LOAD, **shard}, WARMUP)):
+        done = await run_task(nc, watcher, {**task, "task_id": f"small-{i}"})
+        assert done.task_status == TaskStatus.COMPLETE, done

@@ -7,6 +7,7 @@ deterministically; nothing here touches the network.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -38,7 +39,9 @@ def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320) -> dict:
         "vocab_size": vocab_size,
         "rope_theta": 10000.0,
         "tie_word_embeddings": False,
-        "max_position_embeddings": 2048,
+        # Room for the endless generations tests make (plain RoPE never reads it);
+        # tests that need a real window copy the model with a smaller one (`with_context`).
+        "max_position_embeddings": 1 << 20,
         "torch_dtype": "float32",
         "eos_token_id": 2,
         "bos_token_id": 0,
@@ -98,4 +101,13 @@ def write_tiny_llama(path: Path, n_layers: int = 4, seed: int = 0) -> Path:
         )
     )
     (path / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}))
+    return path
+
+
+def with_context(model: Path, path: Path, context: int) -> Path:
+    """A copy of the model at `model` whose context window is `context` tokens."""
+    shutil.copytree(model, path)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = context
+    (path / "config.json").write_text(json.dumps(config))
     return path
