@@ -12,6 +12,8 @@ request (joining a group) and load path without touching the loop.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import gc
 import os
 import re
@@ -139,6 +141,7 @@ class EngineChild:
                 self.pipe.write(reply)
             if self.exit_after_reply:
                 return
+            _return_freed_memory()
 
     def connect_group(self, req: ConnectGroup) -> GroupConnected:
         """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
@@ -372,6 +375,23 @@ def _context_length(config: dict[str, Any]) -> int | None:
     """The model's context window, as its config states it (llama-style configs do)."""
     value = config.get("max_position_embeddings")
     return value if isinstance(value, int) and value > 0 else None
+
+
+def _libc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None  # not glibc
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def _return_freed_memory() -> None:
+    """Hand memory freed by the request back to the system: glibc keeps what a huge prompt's
+    tokenization used, so a stream of them would grow the process for good."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 def main() -> int:

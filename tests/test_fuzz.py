@@ -11,8 +11,8 @@ flat, and a valid chat still runs at the end. The default suite sends a sample; 
 
 from __future__ import annotations
 
+import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,17 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from exojet.bus import subjects
-from exojet.bus.codec import BadInput, decode_command, decode_task
+from exojet.bus import client, subjects
+from exojet.bus.codec import BadInput, decode_command, decode_event, decode_task
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.query_client import first_answer
 from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import Shutdown, UnloadModel
 from tests.log_watcher import LogWatcher
 from tests.procs import exojet, stop
-from tests.runner_harness import chat, ready_on_small_window, run_task, start_runner
+from tests.runner_harness import chat, ready_on_small_window, start_runner
 
 # Every error a task may be answered with: the codec's, the state machine's, the engine's refusals.
 NAMED_TASK_ERRORS = {
@@ -180,8 +182,11 @@ def _rss(role: str, pid: int) -> dict[str, int]:
 class Target:
     """The live runner and supervisor, and what was sent to them."""
 
-    def __init__(self, nc: NATS, watcher: LogWatcher, runner_pid: int, supervisor_pid: int) -> None:
-        self.nc, self.js, self.watcher = nc, nc.jetstream(), watcher
+    def __init__(self, nc: NATS, runner_pid: int, supervisor_pid: int) -> None:
+        self.nc, self.js = nc, nc.jetstream()
+        # Only the runner's terminal statuses are kept: a LogWatcher would hold every
+        # payload sent (megabytes each) for the whole run.
+        self.answers: asyncio.Queue[tuple[int, TaskStatusUpdated]] = asyncio.Queue()
         self.pids = {"runner": runner_pid, "supervisor": supervisor_pid}
         self.rss = {"before": self._rss()}
         self.sent = {"tasks": 0, "commands": 0}
@@ -189,6 +194,18 @@ class Target:
         # RSS is compared from here on: the first payloads warm caches and allocator arenas
         # (a 1 MiB prompt's tokens, MLX buffers) that later ones reuse; a leak keeps growing.
         self.warm_after = 0
+
+    async def start(self) -> Target:
+        last = await client.last_seq(self.js)
+        self._sub = await client.follow(
+            self.js, self._on_event, start_seq=last + 1, subject=subjects.runner_events_subject("r1")
+        )
+        return self
+
+    def _on_event(self, env: Envelope) -> None:
+        event = decode_event(env.data)
+        if isinstance(event, TaskStatusUpdated) and event.task_status != TaskStatus.RUNNING:
+            self.answers.put_nowait((env.seq, event))
 
     def _rss(self) -> dict[str, int]:
         return {name: rss for role, pid in self.pids.items() for name, rss in _rss(role, pid).items()}
@@ -201,12 +218,9 @@ class Target:
     async def task(self, payload: bytes) -> None:
         ack = await self.js.publish(subjects.task_subject("r1"), payload, timeout=10)
         self._count("tasks")
-        answered = await self.watcher.wait_for(
-            lambda m: getattr(m, "task_status", None) not in (None, TaskStatus.RUNNING),
-            timeout=60,
-            after_seq=ack.seq,
-        )
-        event = answered[1]
+        # The runner answers its tasks in order, each with one terminal status.
+        seq, event = await asyncio.wait_for(self.answers.get(), 60)
+        assert seq > ack.seq and self.answers.empty(), (payload[:200], event)
         if event.task_status == TaskStatus.COMPLETE:
             assert json.loads(payload)["type"] == "ChatCompletion", (payload[:200], event)
         else:
@@ -235,13 +249,15 @@ async def target(
     try:
         await ready_on_small_window(nc, watcher, models_dir)
         await first_answer(nc, timeout=30)
-        t = Target(nc, watcher, runner.proc.pid, supervisor.pid)
+        await watcher.stop()
+        t = await Target(nc, runner.proc.pid, supervisor.pid).start()
         t.anomalies = (await first_answer(nc))["anomaly_count"]
         t.warm_after = request.node.get_closest_marker("warm").args[0]
         yield t
         # Still serving: a valid chat after everything runs, and both processes live.
-        done = await run_task(nc, watcher, {**chat(4), "task_id": f"after-{uuid.uuid4().hex}"})
-        assert done.task_status == TaskStatus.COMPLETE, done
+        ack = await client.publish(t.js, subjects.task_subject("r1"), {**chat(4), "task_id": "after"})
+        seq, done = await asyncio.wait_for(t.answers.get(), 60)
+        assert seq > ack.seq and done.task_id == "after" and done.task_status == TaskStatus.COMPLETE, done
         assert runner.proc.poll() is None and supervisor.poll() is None
         t.rss["after"] = t._rss()
         print(f"\nsent {t.sent}; RSS in MiB before / after {t.warm_after} payloads / after all:")
@@ -252,7 +268,6 @@ async def target(
     finally:
         stop(supervisor)
         stop(runner.proc)
-        await watcher.stop()
 
 
 def _fuzz(examples: int) -> Any:
@@ -266,6 +281,7 @@ def _fuzz(examples: int) -> Any:
 
 
 SAMPLE = 150
+FULL = 10_000
 safe_tasks = task_payloads.filter(lambda p: not _ends_the_runner(p))
 bad_commands = command_payloads.filter(_is_bad_command)
 
@@ -283,4 +299,22 @@ async def test_generated_tasks_each_get_a_named_answer_and_the_runner_serves_on(
 @_fuzz(SAMPLE)
 @given(payload=bad_commands)
 async def test_generated_bad_commands_each_become_a_named_anomaly(target: Target, payload: bytes) -> None:
+    await target.command(payload)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.warm(1000)
+@_fuzz(FULL)
+@given(payload=safe_tasks)
+async def test_ten_thousand_generated_tasks(target: Target, payload: bytes) -> None:
+    await target.task(payload)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.warm(1000)
+@_fuzz(FULL)
+@given(payload=bad_commands)
+async def test_ten_thousand_generated_bad_commands(target: Target, payload: bytes) -> None:
     await target.command(payload)
