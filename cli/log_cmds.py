@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,12 @@ from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.cli.render import render_instance, render_runner, render_state, render_task
-from exojet.cli.timeline import describe, message_of, task_id_of, timeline_line
+from exojet.cli.timeline import timeline_line
 from exojet.projections.apply import apply
 from exojet.projections.checks import check
+from exojet.projections.explain import Explainer, UnknownId
 from exojet.projections.state import ClusterState
+from exojet.projections.words import describe, message_of, task_id_of
 from exojet.supervisor.queries import Paging, state_reply
 
 
@@ -188,21 +191,50 @@ async def replay_log(
                 print(timeline_line(env, *describe(state, env, message)))
         state = apply(state, env)
 
-    if archive is not None:
-        try:
-            replay_archive(archive, on_env, end_seq=to_seq)
-        except ArchiveError as err:
-            return _fail(str(err))
-    else:
-        nc = await client.connect(nats_url, name="exojet-replay")
-        try:
-            await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
-        finally:
-            await nc.close()
+    if problem := await read_log(nats_url, archive, on_env, to_seq):
+        return _fail(problem)
     if show:
         print(render_state(msgspec.to_builtins(state_reply(state))) if not as_json else _json.encode(state).decode())
     if run_check:
         return _print_check(state)
+    return 0
+
+
+async def read_log(
+    nats_url: str, archive: Path | None, on_env: Callable[[Envelope], None], to_seq: int | None = None
+) -> str | None:
+    """Feed `EXO_LOG` (or an archive `exojet log export` wrote) to `on_env`; what went wrong, if anything."""
+    if archive is not None:
+        try:
+            replay_archive(archive, on_env, end_seq=to_seq)
+        except ArchiveError as err:
+            return str(err)
+        return None
+    nc = await client.connect(nats_url, name="exojet-replay")
+    try:
+        await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
+    finally:
+        await nc.close()
+    return None
+
+
+async def explain_id(nats_url: str, target_id: str, archive: Path | None, as_json: bool) -> int:
+    """Print the chain of messages that led `target_id` to its status, then its cause in one line."""
+    explainer = Explainer(target_id)
+    if problem := await read_log(nats_url, archive, explainer.feed):
+        return _fail(problem)
+    try:
+        found = explainer.result()
+    except UnknownId as err:
+        return _fail(str(err))
+    if as_json:
+        print(_json.encode(found).decode())
+        return 0
+    print(f"{found.target} {target_id}: {found.status}")
+    for step in found.steps:
+        env = Envelope(seq=step.seq, subject=step.subject, data=b"", time=step.time)
+        print(timeline_line(env, step.kind, step.words))
+    print(f"cause: {found.cause}")
     return 0
 
 

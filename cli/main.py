@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
     _add_nats(p)
 
+    p = sub.add_parser("explain", help="how a task, runner, instance or chat got its status, and why (from the log)")
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
+    _add_nats(p)
+
     p = sub.add_parser("log", help="the log itself")
     log_sub = p.add_subparsers(dest="log_command", required=True)
     p = log_sub.add_parser("export", help="archive a range of EXO_LOG as gzip JSON lines (`replay --file` reads it)")
@@ -376,6 +382,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                     args.file,
                 )
             )
+        case "explain":
+            from exojet.cli.log_cmds import explain_id
+
+            return asyncio.run(explain_id(args.nats, args.id, args.file, args.json))
         case "log":
             from exojet.cli.log_cmds import export_log
 

@@ -26,8 +26,8 @@ from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.timeline import message_of
 from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
+from exojet.projections.words import message_of
 
 # How often `place --wait` asks the supervisor while the instance is on its way.
 WAIT_POLL_S = 0.25

@@ -20,8 +20,8 @@ from exojet.bus.query_client import first_answer, query
 from exojet.bus.server import NatsServer, ServerError, default_store_dir
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.bus.tasks import Shutdown
-from exojet.cli.timeline import message_of
 from exojet.projections.instances import instance_id_of
+from exojet.projections.words import message_of
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

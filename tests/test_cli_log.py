@@ -73,7 +73,7 @@ async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc:
     assert len(lines) == 5
     assert "r1 incarnation 1 on box pid 7" in lines[0]
     assert "r1: Unregistered -> RunnerIdle" in lines[1]
-    assert "task load1 for local/tiny" in lines[2]
+    assert "task load1: LoadModel local/tiny" in lines[2]
     assert "task load1: Pending -> Running" in lines[3]
     assert "r1: RunnerIdle -> RunnerLoading" in lines[4]
 
@@ -93,6 +93,17 @@ async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc:
     assert "unfinished task load1 (LoadModel on r1): Running" in checked.stdout
     assert "stuck runner r1: RunnerLoading" in checked.stdout
     assert run("replay", "--to", "2", "--check", url=nats_server.url).returncode == 0
+
+    explained = run("explain", "r1", url=nats_server.url)
+    assert explained.returncode == 0, explained.stderr
+    out = explained.stdout.splitlines()
+    assert out[0] == "runner r1: RunnerLoading"
+    assert out[-1] == (
+        "cause: r1 is stuck in RunnerLoading since seq 5 while task load1 (LoadModel) runs: "
+        "its last event is seq 5, none has ended the transition"
+    )
+    unknown = run("explain", "nope", url=nats_server.url)
+    assert unknown.returncode == 1 and "no runner, task, instance or chat 'nope'" in unknown.stderr
 
 
 async def test_state_command_renders_the_projection(nats_server: NatsServer, nc: NATS, tmp_path: Path) -> None:

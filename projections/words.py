@@ -1,0 +1,169 @@
+"""Every log message in words: what it is and what it changed (for `replay`, `explain`, the page).
+
+Pure: a message is judged against the state before it, never against a clock.
+"""
+
+from __future__ import annotations
+
+from exojet.bus import subjects
+from exojet.bus.cancel import CancelTask
+from exojet.bus.codec import BadInput, decode_cancel, decode_command, decode_event, decode_task
+from exojet.bus.commands import Command, DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import (
+    ChatRefused,
+    DownloadProgress,
+    Event,
+    InstanceDeleted,
+    InstanceFailed,
+    InstancePlaced,
+    InstanceRetryDue,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+    TaskStatusUpdated,
+    event_type,
+)
+from exojet.bus.statuses import RunnerFailed, status_name
+from exojet.bus.tasks import (
+    ChatCompletion,
+    ConnectToGroup,
+    DownloadModel,
+    LoadModel,
+    Shutdown,
+    StartWarmup,
+    Task,
+    UnloadModel,
+    task_type,
+)
+from exojet.projections.instances import chat_id_of, instance_id_of
+from exojet.projections.state import ClusterState
+
+Message = Task | Event | Command | CancelTask | BadInput
+_TASK_TYPES = (DownloadModel, ConnectToGroup, LoadModel, StartWarmup, ChatCompletion, UnloadModel, Shutdown)
+
+MB = 1024 * 1024
+
+
+def message_of(env: Envelope) -> Message | None:
+    """The decoded message of `env` (BadInput if it does not decode, None on a subject of no kind)."""
+    subject = env.subject
+    try:
+        if subject.startswith(subjects.TASKS_PREFIX + "."):
+            return decode_task(env.data)
+        if subject.startswith("exo.events."):
+            return decode_event(env.data)
+        if subject == subjects.COMMANDS:
+            return decode_command(env.data)
+        if subject.startswith(subjects.CANCEL_PREFIX + "."):
+            return decode_cancel(env.data)
+    except BadInput as err:
+        return err
+    return None
+
+
+def task_id_of(env: Envelope, message: object) -> str | None:
+    """The id of the task a message is or is about."""
+    if isinstance(message, TaskStatusUpdated | CancelTask):
+        return message.task_id
+    if env.subject.startswith(subjects.TASKS_PREFIX + "."):
+        return getattr(message, "task_id", None) or str(env.seq)
+    return None
+
+
+def kind_of(message: Message | None) -> str:
+    """The message's wire `type` (`Invalid` for one that does not decode)."""
+    match message:
+        case BadInput():
+            return "Invalid"
+        case None:
+            return "-"
+        case RouteChatCompletion():
+            return "RouteChatCompletion"
+    return str(type(message).__struct_config__.tag)
+
+
+def _quote(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "…")
+
+
+def _mb(n: int) -> str:
+    return f"{n / MB:.1f} MB"
+
+
+def describe(before: ClusterState, env: Envelope, message: Message | None) -> tuple[str, str]:
+    """(type, what the message says or changes, in words), judged against the state before `env`."""
+    kind = kind_of(message)
+    match message:
+        case BadInput(error_type=error_type, message=text):
+            return kind, f"refused ({error_type}): {text}"
+        case None:
+            return kind, f"{len(env.data)} bytes on a subject exojet does not read"
+        case PlaceInstance(model_id=model, runners=runners, min_runners=n):
+            where = f"on {', '.join(runners)}" if runners else f"on {n} free runner{'s' if n > 1 else ''}"
+            return kind, f"place {instance_id_of(message.command_id, env.seq)}: {model} {where}"
+        case DeleteInstance(instance_id=iid):
+            old = before.instances[iid].status if iid in before.instances else "unknown"
+            return kind, f"delete {iid} (was {old})"
+        case RouteChatCompletion(messages=msgs, model_id=model):
+            chat = chat_id_of(message.command_id, env.seq)
+            return kind, f"chat {chat} for {model or 'any model'}: {_quote(msgs[-1].content)}"
+        case CancelTask(task_id=tid, reason=reason):
+            old = before.tasks[tid].status if tid in before.tasks else "unknown"
+            return kind, f"cancel task {tid} (was {old})" + (f": {reason}" if reason else "")
+    if isinstance(message, _TASK_TYPES):
+        return kind, _task_words(env, message)
+    return kind, _event_words(before, message)
+
+
+def _task_words(env: Envelope, task: Task) -> str:
+    tid = task_id_of(env, task)
+    match task:
+        case DownloadModel(shard=shard) | LoadModel(shard=shard) if shard is not None:
+            layers = f" layers {shard.start_layer}-{shard.end_layer}" if shard.start_layer is not None else ""
+            return f"task {tid}: {task_type(task)} {shard.model_id}{layers}"
+        case ConnectToGroup(group=group):
+            return f"task {tid}: join {group.group_id} as rank {group.rank}/{group.world_size}"
+        case ChatCompletion(messages=msgs, max_tokens=n):
+            return f"task {tid}: {_quote(msgs[-1].content)} max_tokens={n}"
+    return f"task {tid}: {task_type(task)}"
+
+
+def _event_words(before: ClusterState, event: Event) -> str:
+    match event:
+        case RunnerRegistered(runner_id=rid, incarnation=inc, host=host, pid=pid, memory_total=mem):
+            memory = f", {mem / MB / 1024:.1f} GB memory" if mem else ""
+            return f"{rid} incarnation {inc} on {host} pid {pid}{memory}"
+        case RunnerStatusUpdated(runner_id=rid, runner_status=status):
+            old = before.runners[rid].status if rid in before.runners else "Unregistered"
+            why = f" ({status.error_message})" if isinstance(status, RunnerFailed) else ""
+            return f"{rid}: {old} -> {status_name(status)}{why}"
+        case TaskStatusUpdated(task_id=tid, task_status=new, error_type=et, error_message=em, result=result):
+            old = before.tasks[tid].status if tid in before.tasks else "?"
+            extra = f" ({et}: {em})" if et else ""
+            if result and "text" in result:
+                extra += f" text={_quote(str(result['text']))}"
+            return f"task {tid}: {old} -> {new}{extra}"
+        case DownloadProgress(
+            model_id=mid, downloaded_bytes=got, total_bytes=total, completed_files=cf, total_files=tf
+        ):
+            pct = f" ({100 * got / total:.0f}%)" if total else ""
+            return f"{mid}: {_mb(got)} of {_mb(total)}{pct}, {cf}/{tf} files"
+        case RunnerLost(runner_id=rid, reason=reason, supervisor_id=sid):
+            return f"{rid} declared lost by {sid or 'a supervisor'}: {reason}"
+        case InstancePlaced(instance_id=iid, placements=ps, attempt=attempt):
+            where = ", ".join(_placement_words(p.runner_id, p.shard.start_layer, p.shard.end_layer) for p in ps)
+            return f"{iid} attempt {attempt} placed on {where}"
+        case InstanceFailed(instance_id=iid, reason=reason, attempt=attempt, final=final):
+            return f"{iid} attempt {attempt} failed{' for good' if final else ''}: {reason}"
+        case InstanceRetryDue(instance_id=iid, attempt=attempt):
+            return f"{iid} may be placed again after attempt {attempt}"
+        case InstanceDeleted(instance_id=iid, reason=reason):
+            return f"{iid} deleted" + (f": {reason}" if reason else "")
+        case ChatRefused(chat_id=cid, error_type=et, reason=reason):
+            return f"chat {cid} refused ({et}): {reason}"
+    return event_type(event)
+
+
+def _placement_words(runner_id: str, start: int | None, end: int | None) -> str:
+    return runner_id if start is None else f"{runner_id} (layers {start}-{end})"
