@@ -26,6 +26,7 @@ from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatMessage
+from exojet.cli.progress import ProgressBars
 from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 from exojet.projections.words import message_of
 
@@ -105,6 +106,10 @@ async def place(
 
 async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) -> int:
     shown = None
+    bars = ProgressBars(sys.stderr)
+    sub = await client.follow(
+        nc.jetstream(), bars.on_event, start_seq=seq, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"
+    )
     try:
         async with asyncio.timeout(timeout):
             while True:
@@ -117,13 +122,17 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
                 if inst is not None:
                     status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
                     if status != shown:
-                        print(f"  {instance_id}: {status}", file=sys.stderr, flush=True)
+                        bars.say(f"  {instance_id}: {status}")
                         shown = status
                     if inst["status"] in SETTLED or inst.get("gave_up"):
                         return 0 if inst["status"] == "Ready" else 1
                 await asyncio.sleep(WAIT_POLL_S)  # poll interval of a bounded wait, not a sync point
     except TimeoutError:
         return _fail(f"{instance_id} was not Ready within {timeout} s (last: {shown or 'no supervisor answer'})")
+    finally:
+        bars.stop()
+        if sub is not None:
+            await sub.unsubscribe()
 
 
 async def delete(nats_url: str, instance_id: str) -> int:

@@ -20,6 +20,7 @@ from exojet.bus.query_client import first_answer, query
 from exojet.bus.server import NatsServer, ServerError, default_store_dir
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.bus.tasks import Shutdown
+from exojet.cli.progress import ProgressBars
 from exojet.projections.instances import instance_id_of
 from exojet.projections.words import message_of
 
@@ -53,10 +54,11 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
 
 
 class _Watcher:
-    """Prints the runner's transitions as they land in the log."""
+    """Prints the runner's transitions as they land in the log (with progress bars on a terminal)."""
 
     def __init__(self, runner_id: str) -> None:
         self.runner_id = runner_id
+        self.bars = ProgressBars(sys.stdout)
         self.status = "Unregistered"
         self.incarnation = 0
         self.registered_seq = 0
@@ -64,18 +66,18 @@ class _Watcher:
         self._changed = asyncio.Event()
 
     def on_event(self, env: Envelope) -> None:
+        self.bars.on_event(env)
         match message_of(env):
             case RunnerRegistered(incarnation=inc, pid=pid):
                 self.incarnation = inc
                 self.registered_seq = env.seq
-                print(f"  runner {self.runner_id} registered (incarnation {inc}, pid {pid})", flush=True)
+                self.bars.say(f"  runner {self.runner_id} registered (incarnation {inc}, pid {pid})")
                 self.registered.set()
             case RunnerStatusUpdated(runner_status=status):
                 new = status_name(status)
                 why = f": {status.error_message}" if isinstance(status, RunnerFailed) else ""
-                print(
-                    f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}",
-                    flush=True,
+                self.bars.say(
+                    f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}"
                 )
                 self.status = new
         self._changed.set()
@@ -113,7 +115,7 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
             msg_id=command_id,
         )
         instance_id = instance_id_of(command_id, ack.seq)
-        print(f"  placed {instance_id}: {model_id} on {runner_id}", flush=True)
+        watcher.bars.say(f"  placed {instance_id}: {model_id} on {runner_id}")
         async with asyncio.timeout(600):
             while True:
                 inst = (await query(nc, "instance", instance_id=instance_id, min_seq=ack.seq))["instance"]
@@ -124,6 +126,7 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
                     return None
                 await watcher.changed()
     finally:
+        watcher.bars.stop()
         await sub.unsubscribe()
         await nc.close()
 
