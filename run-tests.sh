@@ -17,6 +17,12 @@ if [ "$(id -u)" -eq 0 ] && [ -f /etc/debian_version ] \
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread; } \
         >/dev/null || echo "run-tests.sh: could not install libopenblas0-pthread; MLX's own BLAS it is" >&2
 fi
+# The live page's browser test drives Debian's chromium (Playwright cannot download its own
+# browsers here); as root on Debian install it, elsewhere that test skips and says why.
+if [ "$(id -u)" -eq 0 ] && [ -f /etc/debian_version ] && [ ! -x /usr/bin/chromium ]; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+        >/dev/null || echo "run-tests.sh: could not install chromium; the browser tests will skip" >&2
+fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy

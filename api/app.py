@@ -30,6 +30,7 @@ from exojet.api import openapi
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT, ChatRequest, parse_chat
 from exojet.api.errors import ApiError, not_found, unavailable
 from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
+from exojet.api.page import page_routes
 from exojet.bus import client
 from exojet.projections.instances import ENDED_STATUSES, READY
 
@@ -370,6 +371,7 @@ def create_app(config: ApiConfig) -> Starlette:
             )
         )
     middleware.append(Middleware(_Guard, config=config))
+    page, lifespan = page_routes(config.nats_url, api.lifespan)
     return Starlette(
         routes=[
             Route("/health", api.health, methods=["GET"]),
@@ -378,8 +380,9 @@ def create_app(config: ApiConfig) -> Starlette:
             Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
             Route("/v1/cancel/{chat_id}", api.cancel, methods=["POST"]),
+            *page,
         ],
         middleware=middleware,
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_crash},
-        lifespan=api.lifespan,
+        lifespan=lifespan,
     )

@@ -20,13 +20,14 @@ from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
+from exojet.cli.html_report import DEFAULT_MAX_BYTES, HtmlReport
 from exojet.cli.render import render_instance, render_runner, render_state, render_task
 from exojet.cli.timeline import timeline_line
 from exojet.projections.apply import apply
 from exojet.projections.checks import check
 from exojet.projections.explain import Explainer, UnknownId
 from exojet.projections.state import ClusterState
-from exojet.projections.words import describe, message_of, task_id_of
+from exojet.projections.words import describe, envelope_json, message_of, task_id_of
 from exojet.supervisor.queries import Paging, state_reply
 
 
@@ -167,10 +168,14 @@ async def replay_log(
     show: bool,
     run_check: bool,
     archive: Path | None = None,
+    html: Path | None = None,
+    html_max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> int:
     """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check.
 
     The log is `EXO_LOG`, or an archive that `exojet log export` wrote, read alike."""
+    if html is not None:
+        return await _write_html(nats_url, archive, to_seq, html, html_max_bytes)
     state = ClusterState()
     # --state and --check answer a question of their own; the timeline would bury it.
     timeline = not (show or run_check)
@@ -182,11 +187,7 @@ async def replay_log(
         message = message_of(env)
         if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
             if as_json:
-                print(
-                    _json.encode(
-                        {"seq": env.seq, "subject": env.subject, "time": env.time, "message": _as_json(env.data)}
-                    ).decode()
-                )
+                print(_json.encode(envelope_json(env)).decode())
             else:
                 print(timeline_line(env, *describe(state, env, message)))
         state = apply(state, env)
@@ -197,6 +198,17 @@ async def replay_log(
         print(render_state(msgspec.to_builtins(state_reply(state))) if not as_json else _json.encode(state).decode())
     if run_check:
         return _print_check(state)
+    return 0
+
+
+async def _write_html(nats_url: str, archive: Path | None, to_seq: int | None, path: Path, max_bytes: int) -> int:
+    report = HtmlReport(max_bytes)
+    if problem := await read_log(nats_url, archive, report.on_env, to_seq):
+        return _fail(problem)
+    if not report.marks:
+        return _fail("the log is empty: nothing to draw")
+    embedded = report.write(path, f"exojet log, seq {report.marks[0].seq}-{report.marks[-1].seq}")
+    print(f"wrote {path}: {len(report.marks)} messages, the cluster state embedded for the newest {embedded}")
     return 0
 
 
@@ -279,10 +291,3 @@ def _selected(env: Envelope, message: object, runner_id: str | None, task_id: st
     if runner_id and subjects.runner_of(env.subject) != runner_id:
         return False
     return not task_id or task_id_of(env, message) == task_id
-
-
-def _as_json(data: bytes) -> Any:
-    try:
-        return msgspec.json.decode(data)
-    except msgspec.DecodeError:
-        return {"raw": data.decode("utf-8", "replace")[:1000]}

@@ -176,6 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any",
     )
     p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        help="write the timeline as one self-contained HTML file (instead of printing it)",
+    )
+    p.add_argument(
+        "--html-max-bytes",
+        type=int,
+        default=20 * 1024 * 1024,
+        help="embed the cluster state of the newest marks up to this many bytes (default 20 MiB)",
+    )
     _add_nats(p)
 
     p = sub.add_parser("explain", help="how a task, runner, instance or chat got its status, and why (from the log)")
@@ -380,6 +392,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                     args.state,
                     args.check,
                     args.file,
+                    args.html,
+                    args.html_max_bytes,
                 )
             )
         case "explain":

@@ -5,6 +5,10 @@ Pure: a message is judged against the state before it, never against a clock.
 
 from __future__ import annotations
 
+from typing import Any
+
+import msgspec
+
 from exojet.bus import subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.codec import BadInput, decode_cancel, decode_command, decode_event, decode_task
@@ -60,6 +64,15 @@ def message_of(env: Envelope) -> Message | None:
     except BadInput as err:
         return err
     return None
+
+
+def envelope_json(env: Envelope) -> dict[str, Any]:
+    """`{seq, subject, time, message}`: the message as JSON (its raw text if it is not JSON)."""
+    try:
+        message = msgspec.json.decode(env.data)
+    except msgspec.DecodeError:
+        message = {"raw": env.data.decode("utf-8", "replace")[:1000]}
+    return {"seq": env.seq, "subject": env.subject, "time": env.time, "message": message}
 
 
 def task_id_of(env: Envelope, message: object) -> str | None:

@@ -1,0 +1,216 @@
+"""The API's own view of the cluster: `EXO_LOG` replayed and followed through the Python fold.
+
+It feeds the live page (its first view, and the server-sent events that keep it live), the
+timeline and `/metrics`. It is started by the first request that needs it, so an API that no
+one looks at reads nothing. Heartbeats (core NATS, not in the log) only stamp each runner's
+last-seen time; chunks (`EXO_CHUNKS`, new ones only) give first-token latencies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+from loguru import logger
+from nats.aio.client import Client as NATS
+from nats.js import api as js_api
+
+from exojet.api.metrics import ClusterMetrics
+from exojet.bus import client, subjects
+from exojet.bus.commands import PlaceInstance, RouteChatCompletion
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import ChatRefused, DownloadProgress, RunnerLost, RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.statuses import TaskStatus
+from exojet.bus.streams import CHUNKS_STREAM
+from exojet.projections.apply import apply
+from exojet.projections.instances import chat_id_of, instance_id_of
+from exojet.projections.state import ClusterState
+from exojet.projections.words import describe, envelope_json, message_of, task_id_of
+from exojet.supervisor.queries import Paging, state_reply
+
+# Timeline marks kept for the page (older ones: `exojet replay`).
+RECENT_EVENTS = 2000
+# A browser that reads slower than this many updates behind is dropped (it reconnects and
+# starts from a fresh first view), so one stalled tab never holds the API's memory.
+SUBSCRIBER_BACKLOG = 1000
+SUPERVISORS_LANE = "supervisors"
+
+
+class Mark(msgspec.Struct, frozen=True):
+    """One message of the log on the timeline: its lane, and a status word that colours it."""
+
+    seq: int
+    time: float
+    lane: str
+    kind: str
+    words: str
+    status: str
+
+
+def lane_of(subject: str) -> str:
+    """A runner's lane for its tasks, events and cancels; the supervisors' for the rest."""
+    return subjects.runner_of(subject) or SUPERVISORS_LANE
+
+
+def mark_status(state: ClusterState, env: Envelope, kind: str, message: object) -> str:
+    """The status a mark is coloured by: that of the runner, task, instance or chat it is about, after `env`."""
+    match message:
+        case RunnerStatusUpdated() | RunnerLost() | RunnerRegistered() | DownloadProgress():
+            runner = state.runners.get(lane_of(env.subject))
+            return runner.status if runner else kind
+        case PlaceInstance(command_id=command_id):
+            inst = state.instances.get(instance_id_of(command_id, env.seq))
+            return inst.status if inst else kind
+        case RouteChatCompletion(command_id=command_id):
+            chat = state.chats.get(chat_id_of(command_id, env.seq))
+            return chat.status if chat else kind
+        case ChatRefused():
+            return "Refused"
+    task_id = task_id_of(env, message)
+    if task_id and task_id in state.tasks:
+        return str(state.tasks[task_id].status)
+    instance_id = getattr(message, "instance_id", None)
+    if isinstance(instance_id, str) and instance_id in state.instances:
+        return state.instances[instance_id].status
+    return kind
+
+
+class Folded(msgspec.Struct, frozen=True):
+    mark: Mark
+    message: Any
+    # The status of the task the message is about, before it (None if it is about none).
+    old_task_status: TaskStatus | None
+
+
+def fold(state: ClusterState, env: Envelope) -> tuple[ClusterState, Folded]:
+    """`apply`, and the message as a timeline mark (its words judged against the state before it)."""
+    message = message_of(env)
+    kind, words = describe(state, env, message)
+    before = state.tasks.get(task_id_of(env, message) or "")
+    old_status = before.status if before else None
+    state = apply(state, env)
+    mark = Mark(
+        seq=env.seq,
+        time=env.time,
+        lane=lane_of(env.subject),
+        kind=kind,
+        words=words,
+        status=mark_status(state, env, kind, message),
+    )
+    return state, Folded(mark, message, old_status)
+
+
+class LiveCluster:
+    """The fold of the log, kept live, with the recent marks and the browsers that follow them."""
+
+    def __init__(self, nats_url: str) -> None:
+        self.nats_url = nats_url
+        self.state = ClusterState()
+        self.recent: deque[Mark] = deque(maxlen=RECENT_EVENTS)
+        self.heartbeats: dict[str, float] = {}
+        self.metrics = ClusterMetrics(self)
+        self.nc: NATS | None = None
+        self._subscribers: set[asyncio.Queue[bytes]] = set()
+        self._started: asyncio.Task[None] | None = None
+        self._subs: list[Any] = []
+
+    async def ready(self) -> None:
+        """Start following the log once (the first caller starts it, every caller waits for the catch-up)."""
+        if self._started is None:
+            self._started = asyncio.create_task(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        self.nc = await client.connect(self.nats_url, name="exojet-api-live", reconnect_attempts=-1)
+        js = self.nc.jetstream()
+        last = await client.replay(js, self._on_env)
+        self._subs.append(await client.follow(js, self._on_env, start_seq=last + 1))
+        self._subs.append(await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
+        self._subs.append(
+            await js.subscribe(
+                f"{subjects.CHUNKS_PREFIX}.>",
+                stream=CHUNKS_STREAM,
+                cb=self._on_chunk,
+                ordered_consumer=True,
+                deliver_policy=js_api.DeliverPolicy.NEW,
+            )
+        )
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+    def _on_env(self, env: Envelope) -> None:
+        self.state, folded = fold(self.state, env)
+        self.metrics.on_env(env, folded.message, folded.old_task_status)
+        self.recent.append(folded.mark)
+        if self._subscribers:
+            self._publish({"mark": folded.mark, **self._changed(env, folded.message)})
+
+    def _changed(self, env: Envelope, message: object) -> dict[str, Any]:
+        """The views that `env` changed, for the browsers to redraw."""
+        state = self.state
+        runner_id = subjects.runner_of(env.subject)
+        task_id = task_id_of(env, message)
+        return {
+            "runner": state.runners.get(runner_id or ""),
+            "task": state.tasks.get(task_id or ""),
+            "instances": [i for i in state.instances.values() if i.updated_seq == env.seq],
+            "downloads": [d for d in state.downloads.values() if d.updated_seq == env.seq],
+        }
+
+    async def _on_heartbeat(self, msg: Any) -> None:
+        runner_id = subjects.runner_of(msg.subject)
+        if runner_id is None:
+            return
+        now = time.time()
+        # One update a second per runner is enough for "seconds since".
+        if now - self.heartbeats.get(runner_id, 0.0) >= 1.0:
+            self.heartbeats[runner_id] = now
+            self._publish({"heartbeat": {"runner_id": runner_id, "at": now}})
+
+    async def _on_chunk(self, msg: Any) -> None:
+        self.metrics.on_chunk(msg.subject.removeprefix(subjects.CHUNKS_PREFIX + "."), time.time())
+
+    def _publish(self, update: dict[str, Any]) -> None:
+        data = b"data: " + msgspec.json.encode(update) + b"\n\n"
+        for queue in list(self._subscribers):
+            try:
+                queue.put_nowait(data)
+            except asyncio.QueueFull:
+                self._subscribers.discard(queue)
+                logger.warning("a page fell too far behind its live updates; dropped it")
+
+    def subscribe(self) -> asyncio.Queue[bytes]:
+        queue: asyncio.Queue[bytes] = asyncio.Queue(SUBSCRIBER_BACKLOG)
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[bytes]) -> None:
+        self._subscribers.discard(queue)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What the first view shows: the projection's page, heartbeats, recent marks."""
+        return {
+            **state_reply(self.state, Paging(offset=0, limit=200)),
+            "heartbeats": self.heartbeats,
+            "marks": list(self.recent),
+        }
+
+    async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
+        """The message at `seq` (as JSON) and the cluster as the fold had it right after, rebuilt from the log."""
+        assert self.nc is not None
+        found: list[Any] = []
+        state = ClusterState()
+
+        def fold(env: Envelope) -> None:
+            nonlocal state
+            state = apply(state, env)
+            if env.seq == seq:
+                found.append(envelope_json(env))
+
+        await client.replay(self.nc.jetstream(), fold, end_seq=seq)
+        return (found[0] if found else None), state_reply(state, Paging(offset=0, limit=200))

@@ -1,0 +1,183 @@
+"""The live page in a real browser (Debian's chromium, driven by Playwright), `/metrics`, and
+`exojet replay --html` opened in the same browser. Screenshots are kept in the test's tmp dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2 as httpx
+import pytest
+
+from tests.api_stack import API_KEY, ApiStack, start_stack
+from tests.procs import REPO
+
+CHROMIUM = Path(os.environ.get("EXOJET_CHROMIUM", "/usr/bin/chromium"))
+BROWSER_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+# How soon a status change in the log must show on the page.
+LIVE_WITHIN_S = 1.0
+
+pytestmark = [
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM} (run-tests.sh installs it as root on Debian)"),
+]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ApiStack]:
+    root = tmp_path_factory.mktemp("page")
+    models = root / "models"
+    shutil.copytree(tiny_model_dir, models / "local--tiny")
+    s = start_stack(root, models)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=BROWSER_ARGS)
+        yield b
+        b.close()
+
+
+def _page(browser: Any, errors: list[str], **options: Any) -> Any:
+    context = browser.new_context(
+        extra_http_headers={"Authorization": f"Bearer {API_KEY}"}, viewport={"width": 1280, "height": 1000}, **options
+    )
+    page = context.new_page()
+    page.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    return page
+
+
+def _log(stack: ApiStack) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stack.cli("replay", "--json").splitlines()]
+
+
+def test_first_view_reads_without_scripts(stack: ApiStack, browser: Any) -> None:
+    errors: list[str] = []
+    page = _page(browser, errors, java_script_enabled=False)
+    page.goto(f"http://127.0.0.1:{stack.port}/")
+    assert page.locator("#runner-r1 td.status").inner_text() == "RunnerReady"
+    instance = page.locator("#instances tbody tr").first
+    assert "Ready" in instance.inner_text() and "local/tiny" in instance.inner_text()
+    assert page.locator("#conn").inner_text().startswith("static view")
+    page.context.close()
+    assert errors == []
+
+
+def test_live_page_status_chat_timeline(
+    stack: ApiStack, browser: Any, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    shots = tmp_path_factory.mktemp("screenshots")
+    errors: list[str] = []
+    page = _page(browser, errors)
+    page.goto(f"http://127.0.0.1:{stack.port}/")
+    assert page.locator("#runner-r1 td.status").inner_text() == "RunnerReady"
+    page.wait_for_function("document.getElementById('conn').textContent === 'live'", timeout=10_000)
+
+    # A status change in the log: a second runner registers and goes Idle. The page notes
+    # (by its own clock, the same machine's) when its row first shows RunnerIdle.
+    page.evaluate(
+        """() => new MutationObserver((_, obs) => {
+            const cell = document.querySelector('#runner-r2 td.status');
+            if (cell && cell.textContent === 'RunnerIdle') { window.r2IdleAt = Date.now() / 1000; obs.disconnect(); }
+        }).observe(document.querySelector('#runners tbody'), {childList: true, subtree: true})"""
+    )
+    stack.runner("r2")
+    page.wait_for_function("window.r2IdleAt !== undefined", timeout=60_000)
+    seen_at = page.evaluate("window.r2IdleAt")
+    idle = [
+        e
+        for e in _log(stack)
+        if e["subject"] == "exo.events.runner.r2" and e["message"].get("runner_status", {}).get("type") == "RunnerIdle"
+    ]
+    assert idle, "r2 wrote no RunnerIdle"
+    assert seen_at - idle[0]["time"] < LIVE_WITHIN_S, f"the page showed r2 Idle {seen_at - idle[0]['time']:.2f} s late"
+
+    # A chat streams through the API into the page, a change at a time.
+    page.evaluate(
+        """() => { window.chatChanges = 0; new MutationObserver(() => window.chatChanges++)
+            .observe(document.getElementById('chat-output'),
+                     {childList: true, characterData: true, subtree: true}); }"""
+    )
+    assert page.locator("#chat-model").input_value() == "local/tiny"
+    page.fill("#chat-input", "Hello there")
+    page.click("#chat-form button")
+    page.wait_for_function("document.getElementById('chat-output').dataset.state === 'done'", timeout=60_000)
+    answer = page.locator("#chat-output").inner_text()
+    assert answer and "error" not in answer
+    assert page.evaluate("window.chatChanges") >= 2
+
+    # The timeline: a mark per message, r1's lane; a click shows the message and the state after it.
+    mark = page.locator('.tl-lane[data-lane="r1"] .tl-mark.st-good').last
+    seq = mark.get_attribute("data-seq")
+    mark.click()
+    page.wait_for_function(f"document.getElementById('event-detail').dataset.seq === '{seq}'", timeout=10_000)
+    detail = page.locator("#event-detail").inner_text()
+    assert f"cluster state after seq {seq} (the Python fold)" in detail
+    assert "runner r1:" in detail and '"subject": "exo.events.runner.r1"' in detail
+    assert page.locator('.tl-lane[data-lane="supervisors"] .tl-mark').count() > 0
+    page.screenshot(path=str(shots / "page.png"), full_page=True)
+    page.context.close()
+    assert errors == []
+    print(f"screenshot: {shots / 'page.png'}")
+
+
+def test_metrics(stack: ApiStack) -> None:
+    text = httpx.get(
+        f"http://127.0.0.1:{stack.port}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
+    ).text
+    assert 'exojet_tasks_total{status="Complete",type="LoadModel"} 1.0' in text
+    assert 'exojet_runners{status="RunnerReady"} 1.0' in text
+    lag = re.search(r"^exojet_projection_lag (\S+)$", text, re.M)
+    assert lag is not None and float(lag.group(1)) < 5
+    assert "exojet_nats_reconnects 0.0" in text
+    for name in ("exojet_first_token_seconds_bucket", "exojet_token_seconds_bucket", "exojet_tokens_per_second_bucket"):
+        assert name in text
+
+
+def test_replay_html_report(stack: ApiStack, browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    out = tmp_path_factory.mktemp("report")
+    report = out / "log.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "exojet.cli.main", "replay", "--html", str(report), "--nats", stack.url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    written = re.search(r": (\d+) messages, the cluster state embedded for the newest (\d+)", done.stdout)
+    assert written is not None, done.stdout
+    assert written.group(1) == written.group(2)  # a small log: every state fits under the cap
+    assert "src=" not in report.read_text()  # self-contained: nothing fetched
+    errors: list[str] = []
+    page = _page(browser, errors)
+    page.goto(report.as_uri())
+    marks = page.locator(".tl-mark")
+    assert marks.count() == int(written.group(1)) > 10
+    marks.nth(2).click()
+    page.wait_for_function("document.getElementById('event-detail').dataset.seq !== undefined", timeout=10_000)
+    assert "cluster state after seq" in page.locator("#event-detail").inner_text()
+    page.screenshot(path=str(out / "report.png"), full_page=True)
+    page.context.close()
+    assert errors == []
+    print(f"screenshot: {out / 'report.png'}")
