@@ -22,7 +22,7 @@ from exojet.projections.apply import apply
 from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, step_task_id, steps
 from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
 from exojet.projections.state import ClusterState, InstanceView, RunnerView, TaskView
-from exojet.projections.words import describe, message_of
+from exojet.projections.words import describe, message_of, one_line
 
 KINDS = ("runner", "task", "instance", "chat")
 REFUSED = "[refused by the fold:"
@@ -115,7 +115,7 @@ class Explainer:
             target=target,
             status=chain[-1].status if chain else "?",
             steps=chain,
-            cause=cause(self.state, target, self.target_id, chain),
+            cause=one_line(cause(self.state, target, self.target_id, chain)),
         )
 
 

@@ -104,8 +104,18 @@ def _mb(n: int) -> str:
     return f"{n / MB:.1f} MB"
 
 
+def one_line(text: str) -> str:
+    """`text` with every run of whitespace (newlines of an engine's stderr included) as one space."""
+    return " ".join(text.split())
+
+
 def describe(before: ClusterState, env: Envelope, message: Message | None) -> tuple[str, str]:
-    """(type, what the message says or changes, in words), judged against the state before `env`."""
+    """(type, what the message says or changes, in words, on one line), judged against the state before `env`."""
+    kind, words = _describe(before, env, message)
+    return kind, one_line(words)
+
+
+def _describe(before: ClusterState, env: Envelope, message: Message | None) -> tuple[str, str]:
     kind = kind_of(message)
     match message:
         case BadInput(error_type=error_type, message=text):

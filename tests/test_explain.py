@@ -135,14 +135,17 @@ def test_ready_instance_behind_a_lost_runner() -> None:
 
 def test_failed_task_and_failed_instance_name_their_error() -> None:
     log = _placed_until_loading()
-    log.task(f"{INST}.a1.load.r1", TaskStatus.FAILED, error_type="OutOfMemory", error_message="needs 9 GB")
+    log.task(
+        f"{INST}.a1.load.r1", TaskStatus.FAILED, error_type="OutOfMemory", error_message="needs 9 GB\n  stderr: oom"
+    )
     log.add(
         SUP,
         InstanceFailed(event_id=log.eid(), instance_id=INST, reason="load failed: needs 9 GB", attempt=1, final=True),
     )
     task = explain(log.envs, f"{INST}.a1.load.r1")
     assert [s.status for s in task.steps] == ["Pending", "Running", "Failed"]
-    assert task.cause.endswith("is Failed since seq 11: OutOfMemory: needs 9 GB")
+    assert task.cause.endswith("is Failed since seq 11: OutOfMemory: needs 9 GB stderr: oom")  # one line
+    assert "\n" not in task.steps[-1].words
     assert (
         explain(log.envs, INST).cause == f"{INST} (local/tiny) is Failed for good since seq 12: load failed: needs 9 GB"
     )
