@@ -194,11 +194,8 @@ class LiveCluster:
 
     def snapshot(self) -> dict[str, Any]:
         """What the first view shows: the projection's page, heartbeats, recent marks."""
-        return {
-            **state_reply(self.state, Paging(offset=0, limit=200)),
-            "heartbeats": self.heartbeats,
-            "marks": list(self.recent),
-        }
+        reply = state_reply(self.state, Paging(offset=0, limit=200))
+        return msgspec.to_builtins({**reply, "heartbeats": self.heartbeats, "marks": list(self.recent)})
 
     async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
         """The message at `seq` (as JSON) and the cluster as the fold had it right after, rebuilt from the log."""

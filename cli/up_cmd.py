@@ -193,7 +193,11 @@ def up(
         if instance_id is None:
             print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
             return 1
-        api = f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\n" if api_port else ""
+        api = (
+            f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\nLive page: http://127.0.0.1:{api_port}/\n"
+            if api_port
+            else ""
+        )
         print(
             f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
             f"{api}"

@@ -31,10 +31,7 @@ BROWSER_ARGS = [
 # How soon a status change in the log must show on the page.
 LIVE_WITHIN_S = 1.0
 
-pytestmark = [
-    pytest.mark.timeout(240),
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no {CHROMIUM} (run-tests.sh installs it as root on Debian)"),
-]
+pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +46,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Ite
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"no {CHROMIUM} (run-tests.sh installs it as root on Debian)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
