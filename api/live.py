@@ -116,6 +116,7 @@ class LiveCluster:
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self._started: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
+        self._folded = asyncio.Event()
 
     async def ready(self) -> None:
         """Start following the log once (the first caller starts it, every caller waits for the catch-up)."""
@@ -147,8 +148,20 @@ class LiveCluster:
         self.state, folded = fold(self.state, env)
         self.metrics.on_env(env, folded.message, folded.old_task_status)
         self.recent.append(folded.mark)
+        self._folded.set()
         if self._subscribers:
             self._publish({"mark": folded.mark, **self._changed(env, folded.message)})
+
+    async def caught_up(self, seq: int, timeout: float) -> bool:
+        """Whether the fold reaches `seq` within `timeout` seconds."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.state.seq < seq:
+                    self._folded.clear()
+                    await self._folded.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def _changed(self, env: Envelope, message: object) -> dict[str, Any]:
         """The views that `env` changed, for the browsers to redraw."""
@@ -173,7 +186,7 @@ class LiveCluster:
             self._publish({"heartbeat": {"runner_id": runner_id, "at": now}})
 
     async def _on_chunk(self, msg: Any) -> None:
-        self.metrics.on_chunk(msg.subject.removeprefix(subjects.CHUNKS_PREFIX + "."), time.time())
+        self.metrics.on_chunk(subjects.chunks_stream_id(msg.subject), time.time())
 
     def _publish(self, update: dict[str, Any]) -> None:
         data = b"data: " + msgspec.json.encode(update) + b"\n\n"

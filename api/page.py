@@ -31,6 +31,8 @@ STATIC = Path(__file__).parent / "static"
 RECENT_TASKS = 20
 # A comment line this often keeps proxies and the browser from timing an idle stream out.
 KEEPALIVE_S = 15.0
+# How long a scrape waits for the fold to reach the log's last message.
+SCRAPE_CATCH_UP_S = 1.0
 
 Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
@@ -210,7 +212,9 @@ class Page:
     async def metrics(self, request: Request) -> Response:
         await self.live.ready()
         assert self.live.nc is not None
-        self.live.metrics.gauges.log_last_seq = await client.last_seq(self.live.nc.jetstream())
+        last = self.live.metrics.gauges.log_last_seq = await client.last_seq(self.live.nc.jetstream())
+        # A scrape answers for the log as it was when it came (the lag gauge says if it could not).
+        await self.live.caught_up(last, SCRAPE_CATCH_UP_S)
         return Response(generate_latest(self.live.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -109,7 +109,9 @@ def test_live_page_status_chat_timeline(
         if e["subject"] == "exo.events.runner.r2" and e["message"].get("runner_status", {}).get("type") == "RunnerIdle"
     ]
     assert idle, "r2 wrote no RunnerIdle"
-    assert seen_at - idle[0]["time"] < LIVE_WITHIN_S, f"the page showed r2 Idle {seen_at - idle[0]['time']:.2f} s late"
+    late = seen_at - idle[0]["time"]
+    assert late < LIVE_WITHIN_S, f"the page showed r2 Idle {late:.2f} s after the log"
+    print(f"the page showed r2 Idle {late * 1000:.0f} ms after the log got it")
 
     # A chat streams through the API into the page, a change at a time.
     page.evaluate(
@@ -141,16 +143,21 @@ def test_live_page_status_chat_timeline(
 
 
 def test_metrics(stack: ApiStack) -> None:
-    text = httpx.get(
-        f"http://127.0.0.1:{stack.port}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30
-    ).text
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    base = f"http://127.0.0.1:{stack.port}"
+    chat = {"model": "local/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    for _ in range(2):
+        assert httpx.post(f"{base}/v1/chat/completions", json=chat, headers=headers, timeout=60).status_code == 200
+    text = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
     assert 'exojet_tasks_total{status="Complete",type="LoadModel"} 1.0' in text
+    chats = re.search(r'^exojet_tasks_total\{status="Complete",type="ChatCompletion"\} (\S+)$', text, re.M)
+    assert chats is not None and float(chats.group(1)) >= 2
     assert 'exojet_runners{status="RunnerReady"} 1.0' in text
-    lag = re.search(r"^exojet_projection_lag (\S+)$", text, re.M)
-    assert lag is not None and float(lag.group(1)) < 5
+    assert "exojet_projection_lag 0.0" in text  # the scrape waited for the fold to catch up
     assert "exojet_nats_reconnects 0.0" in text
-    for name in ("exojet_first_token_seconds_bucket", "exojet_token_seconds_bucket", "exojet_tokens_per_second_bucket"):
-        assert name in text
+    for name in ("exojet_first_token_seconds", "exojet_token_seconds", "exojet_tokens_per_second"):
+        count = re.search(rf"^{name}_count (\S+)$", text, re.M)
+        assert count is not None and float(count.group(1)) >= 2, name
 
 
 def test_replay_html_report(stack: ApiStack, browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
