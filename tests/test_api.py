@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(180)
 PROMPT = "Tell me about the capital of France"
 CONCURRENT = 32
 QUEUE = 40
+LIVENESS_S = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +279,28 @@ def _wait_schema(url: str, headers: dict[str, str], timeout: float = 30.0) -> di
         except httpx.HTTPError:
             time.sleep(0.1)  # poll interval while the API process starts
     raise AssertionError(f"no schema at {url} within {timeout} s")
+
+
+@pytest.fixture
+def fragile_stack(tmp_path: Path, models_dir: Path) -> Iterator[ApiStack]:
+    """A stack of its own, for a test that kills its runner (liveness timeout 2 s)."""
+    s = start_stack(tmp_path, models_dir, heartbeat_timeout=LIVENESS_S)
+    yield s
+    s.close()
+
+
+def test_a_runner_killed_mid_stream_ends_the_stream_with_an_error_not_a_hang(fragile_stack: ApiStack) -> None:
+    api = openai.OpenAI(base_url=fragile_stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+    stream = api.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=16_000, temperature=0, stream=True
+    )
+    chunks = iter(stream)
+    assert next(chunks).choices[0].delta.role == "assistant"
+    next(chunks)  # generation is under way
+    fragile_stack.procs["r1"].kill()
+    killed = time.monotonic()
+    with pytest.raises(openai.APIError) as ended:
+        for _ in chunks:
+            pass
+    assert time.monotonic() - killed < LIVENESS_S + 3
+    assert "r1" in ended.value.message and ended.value.body["code"] == "runner_lost"  # type: ignore[index]
