@@ -3,6 +3,7 @@ result summarised for the task's `Complete` status."""
 
 from __future__ import annotations
 
+import asyncio
 import zlib
 from typing import Any
 
@@ -17,9 +18,20 @@ DEFAULT_MAX_TOKENS = 256
 
 
 async def chat(
-    engine: Engine, js: JetStreamContext, runner_id: str, group: Group | None, task: ChatCompletion, task_id: str
+    engine: Engine,
+    js: JetStreamContext,
+    runner_id: str,
+    group: Group | None,
+    task: ChatCompletion,
+    task_id: str,
+    cancelled: asyncio.Event | None = None,
 ) -> dict[str, Any]:
-    """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text."""
+    """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text.
+
+    Once `cancelled` is set no token is streamed any more and the result's
+    `finish_reason` is "cancelled": a lone engine stops at its next token; a rank
+    of a group cannot leave the ring's lockstep alone, so it ends with the others.
+    """
     request = Generate(
         messages=[Message(m.role, m.content) for m in task.messages],
         max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
@@ -30,18 +42,25 @@ async def chat(
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(js, runner_id, task.stream_id or task_id, task_id) if emits else None
+    stop = cancelled or asyncio.Event()
+    asked_engine = False
     done = None
     async for reply in engine.generate(request):
         if isinstance(reply, Done):
             done = reply
-        elif chunks is not None:
-            await chunks.add(reply.text)
+        elif not stop.is_set():
+            if chunks is not None:
+                await chunks.add(reply.text)
+        elif group is None and not asked_engine:
+            engine.cancel()  # it answers Done within a token
+            asked_engine = True
     assert done is not None
+    finish_reason = "cancelled" if stop.is_set() else done.finish_reason
     if chunks is not None:
-        await chunks.finish(done.finish_reason)
+        await chunks.finish(finish_reason)
     return {
         "text": done.text if emits else "",
-        "finish_reason": done.finish_reason,
+        "finish_reason": finish_reason,
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "tokens_per_second": round(done.tokens_per_second, 2),

@@ -203,6 +203,12 @@ class Engine:
             return False
         return self.alive
 
+    def cancel(self) -> None:
+        """Ask the generation under way to stop: `generate` then yields its `Done` (finish_reason
+        "cancelled") within a token. A generation in a group ignores it (ranks stop together)."""
+        if self.alive:
+            self._stdin().write(encode_frame(Cancel()))
+
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit; terminate, then kill it if it does not in time."""
         proc = self._proc

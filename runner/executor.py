@@ -3,6 +3,7 @@ no status: `runner/task_loop.py` writes the transitions around it."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -92,8 +93,9 @@ class Executor:
         await self.stop_engine()
         self.downloaded = None
 
-    async def run(self, task: Task, task_id: str) -> dict[str, Any] | None:
-        """Do the task's work; its result (for `Complete`) or an exception."""
+    async def run(self, task: Task, task_id: str, cancelled: asyncio.Event | None = None) -> dict[str, Any] | None:
+        """Do the task's work; its result (for `Complete`) or an exception. A chat stops once
+        `cancelled` is set (its result's finish_reason then says "cancelled")."""
         match task:
             case DownloadModel(shard=shard):
                 path = await download_model(
@@ -116,7 +118,7 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.js, self.runner_id, self.group, task, task_id)
+                return await chat(self.engine, self.js, self.runner_id, self.group, task, task_id, cancelled)
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.

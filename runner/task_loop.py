@@ -23,6 +23,7 @@ from exojet.bus.statuses import TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
 from exojet.bus.tasks import Shutdown, Task, task_type
 from exojet.runner import registration, state_machine
+from exojet.runner.cancels import Cancels
 from exojet.runner.deadlines import Deadlines
 from exojet.runner.event_writer import Fenced
 from exojet.runner.executor import Executor
@@ -55,6 +56,7 @@ class Runner:
         self.transitions = Transitions(self.reports)
         self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress)
         self.deadlines = deadlines or Deadlines()
+        self.cancels = Cancels(runner_id)
         # Set when a RunnerLost newer than our last write shows up on our subject.
         self.declared_lost = asyncio.Event()
         self.log = self.reports.log
@@ -98,6 +100,9 @@ class Runner:
         # A core subscription, not a stream consumer: its key may subscribe its own
         # subject, while a consumer's filter would be unchecked (docs/security.md).
         own = await self.nc.subscribe(self.subject, cb=self._on_own_message)
+        # Cancels come beside the serial task queue, or a cancel would wait behind its
+        # chat; a core subscription too (the runner's key may read its cancel subject).
+        cancels = await self.nc.subscribe(subjects.cancel_subject(self.runner_id), cb=self.cancels.on_message)
         await self.nc.flush()
         # A loss declared before the subscription reached the server is in the log only.
         await self._check_lost("declared lost before serving", checks=1)
@@ -106,6 +111,7 @@ class Runner:
                 if await self.handle_fenced(await self._next_task(tasks)):
                     return 0
         finally:
+            await cancels.unsubscribe()
             await own.unsubscribe()
             await tasks.stop()
 
@@ -197,6 +203,14 @@ class Runner:
             )
             await msg.ack()
             return False
+        if (reason := self.cancels.asked(task_id)) is not None:
+            # Cancelled while it waited in the queue: answered, never run.
+            self.cancels.done(task_id)
+            await self.reports.task_status(
+                task_id, TaskStatus.CANCELLED, kind, error_type="Cancelled", error_message=reason
+            )
+            await msg.ack()
+            return False
         refusal = self._refusal(task, kind)
         if refusal is not None:
             await self.reports.task_status(
@@ -217,6 +231,15 @@ class Runner:
                 await self.reports.task_status(
                     task_id, outcome.task_status, kind, error_type=outcome.error_type, error_message=outcome.message
                 )
+            elif outcome is not None and outcome.get("finish_reason") == "cancelled":
+                await self.reports.task_status(
+                    task_id,
+                    TaskStatus.CANCELLED,
+                    kind,
+                    error_type="Cancelled",
+                    error_message=self.cancels.asked(task_id),
+                    result=outcome,
+                )
             else:
                 await self.reports.task_status(task_id, TaskStatus.COMPLETE, kind, result=outcome)
         except asyncio.CancelledError:
@@ -230,6 +253,7 @@ class Runner:
             raise
         finally:
             keepalive.cancel()
+            self.cancels.done(task_id)
         await msg.ack()
         return False
 
@@ -245,7 +269,7 @@ class Runner:
         deadline = self.deadlines.for_task(task)
         try:
             async with asyncio.timeout(deadline) as timer:
-                result = await self.executor.run(task, task_id)
+                result = await self.executor.run(task, task_id, self.cancels.watch(task_id))
         except Fenced:
             # Not the task's failure: the runner's identity is in question (see handle_fenced).
             raise

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from exojet.bus import client, streams
+from exojet.bus import client, streams, subjects
+from exojet.bus.codec import decode_cancel, decode_event
+from exojet.bus.envelope import Envelope
+from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.server import NatsServer, free_port
 from tests.procs import REPO, exojet, stop
 
@@ -134,3 +137,36 @@ def start_stack(root: Path, models_dir: Path, **options: object) -> ApiStack:
         stack.close()
         raise
     return stack
+
+
+async def task_statuses(url: str, runner_id: str, task_id: str) -> list[str]:
+    """Every status the log holds for `task_id` (on `runner_id`'s subject), in order."""
+    statuses: list[str] = []
+
+    def on_event(env: Envelope) -> None:
+        event = decode_event(env.data)
+        if isinstance(event, TaskStatusUpdated) and event.task_id == task_id:
+            statuses.append(f"{event.task_status}" + (f" {event.error_message}" if event.error_message else ""))
+
+    nc = await client.connect(url, name="test")
+    try:
+        await client.replay_subject(nc.jetstream(), subjects.runner_events_subject(runner_id), on_event)
+    finally:
+        await nc.close()
+    return statuses
+
+
+async def cancels_in_log(url: str, runner_id: str) -> list[tuple[str, str]]:
+    """(task_id, reason) of every CancelTask in the log for `runner_id`."""
+    found: list[tuple[str, str]] = []
+
+    def on_cancel(env: Envelope) -> None:
+        cancel = decode_cancel(env.data)
+        found.append((cancel.task_id, cancel.reason))
+
+    nc = await client.connect(url, name="test")
+    try:
+        await client.replay_subject(nc.jetstream(), subjects.cancel_subject(runner_id), on_cancel)
+    finally:
+        await nc.close()
+    return found

@@ -13,14 +13,16 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import openai
 import psutil
 import pytest
 
+from exojet.bus import client, subjects
 from exojet.bus.server import free_port
-from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
+from tests.api_stack import API_KEY, MODEL, ApiStack, cancels_in_log, start_stack, task_statuses
 from tests.procs import exojet, stop
 from tests.tiny_model import write_tiny_llama
 
@@ -304,3 +306,79 @@ def test_a_runner_killed_mid_stream_ends_the_stream_with_an_error_not_a_hang(fra
             pass
     assert time.monotonic() - killed < LIVENESS_S + 3
     assert "r1" in ended.value.message and ended.value.body["code"] == "runner_lost"  # type: ignore[index]
+
+
+async def _first_text(stream: openai.AsyncStream[Any]) -> str:
+    """The chat id, once the stream has sent its role and some text (generation is under way)."""
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            return str(chunk.id)
+    raise AssertionError("the stream ended before any text")
+
+
+async def _served_again(api: openai.AsyncOpenAI) -> None:
+    # The runner takes tasks in order: once this one completes, the one before it has ended.
+    again = await api.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
+    assert again.choices[0].finish_reason in ("stop", "length")
+
+
+async def test_a_client_that_disconnects_cancels_its_chat(stack: ApiStack, async_client: openai.AsyncOpenAI) -> None:
+    stream = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=16_000, temperature=0, stream=True
+    )
+    chat_id = await _first_text(stream)
+    await stream.close()
+    await _served_again(async_client)
+    statuses = await task_statuses(stack.url, "r1", f"{chat_id}.0")
+    assert statuses == ["Running", "Cancelled client disconnected"]  # exactly one terminal status
+    assert (f"{chat_id}.0", "client disconnected") in await cancels_in_log(stack.url, "r1")
+
+
+async def test_post_cancel_stops_a_stream_with_an_error_event(
+    stack: ApiStack, async_client: openai.AsyncOpenAI
+) -> None:
+    stream = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=16_000, temperature=0, stream=True
+    )
+    chat_id = await _first_text(stream)
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {API_KEY}"}) as http:
+        cancelled = await http.post(f"{stack.base_url}/cancel/{chat_id}")
+        assert cancelled.status_code == 200 and cancelled.json()["tasks"] == [f"{chat_id}.0"]
+        assert (await http.post(f"{stack.base_url}/cancel/chat-nothing")).status_code == 404
+    with pytest.raises(openai.APIError) as ended:
+        async for _ in stream:
+            pass
+    assert ended.value.body["code"] == "cancelled"  # type: ignore[index]
+    await _served_again(async_client)
+    assert await task_statuses(stack.url, "r1", f"{chat_id}.0") == [
+        "Running",
+        "Cancelled cancelled through POST /v1/cancel",
+    ]
+
+
+async def test_a_plain_cancel_message_stops_the_running_chat_and_skips_a_queued_one(
+    stack: ApiStack, async_client: openai.AsyncOpenAI
+) -> None:
+    running = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages(), max_tokens=16_000, temperature=0, stream=True
+    )
+    running_id = await _first_text(running)
+    queued = await async_client.chat.completions.create(
+        model=MODEL, messages=_messages("next"), max_tokens=16_000, temperature=0, stream=True
+    )
+    queued_id = (await anext(aiter(queued))).id  # routed (the role): its task waits behind the first
+    nc = await client.connect(stack.url, name="test")
+    try:
+        # What `nats pub exo.cancel.r1 '{...}'` sends: core NATS, plain JSON.
+        for chat_id in (queued_id, running_id):
+            await nc.publish(subjects.cancel_subject("r1"), f'{{"type":"CancelTask","task_id":"{chat_id}.0"}}'.encode())
+        await nc.flush()
+    finally:
+        await nc.close()
+    for stream in (running, queued):
+        with pytest.raises(openai.APIError):
+            async for _ in stream:
+                pass
+    await _served_again(async_client)
+    assert await task_statuses(stack.url, "r1", f"{running_id}.0") == ["Running", "Cancelled cancelled"]
+    assert await task_statuses(stack.url, "r1", f"{queued_id}.0") == ["Cancelled cancelled"]  # never ran
