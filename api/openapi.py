@@ -73,6 +73,35 @@ def _chat_request(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
     }
 
 
+def _completion(
+    kind: str,
+    part: str,
+    part_extra: dict[str, Any],
+    finish: dict[str, Any],
+    usage: dict[str, Any],
+    usage_required: bool,
+) -> dict[str, Any]:
+    """A `chat.completion` (its choices hold a `message`) or a chunk of one (a `delta`)."""
+    text = {"type": "object", "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}}}
+    choice = {
+        "type": "object",
+        "required": ["index", part, "finish_reason"],
+        "properties": {"index": {"type": "integer"}, part: {**text, **part_extra}, "finish_reason": finish},
+    }
+    return {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"] + (["usage"] if usage_required else []),
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array", "items": choice},
+            "usage": usage,
+        },
+    }
+
+
 def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
     usage = {
         "type": "object",
@@ -98,33 +127,9 @@ def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
             "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
             "additionalProperties": False,
         },
-        "ChatCompletion": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices", "usage"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "message", "finish_reason"],
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "message": {
-                                "type": "object",
-                                "required": ["role", "content"],
-                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                            },
-                            "finish_reason": finish,
-                        },
-                    },
-                },
-                "usage": usage,
-            },
-        },
+        "ChatCompletion": _completion(
+            "chat.completion", "message", {"required": ["role", "content"]}, finish, usage, usage_required=True
+        ),
         "ChatEvent": {
             "description": "one server-sent event: `data` is a chat.completion.chunk, an error, or [DONE] (the last)",
             "type": "object",
@@ -142,32 +147,9 @@ def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
                 }
             },
         },
-        "ChatCompletionChunk": {
-            "type": "object",
-            "required": ["id", "object", "created", "model", "choices"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion.chunk"},
-                "created": {"type": "integer"},
-                "model": {"type": "string"},
-                "choices": {
-                    "type": "array",
-                    "items": {
-                        "type": "object",
-                        "required": ["index", "delta", "finish_reason"],
-                        "properties": {
-                            "index": {"type": "integer"},
-                            "delta": {
-                                "type": "object",
-                                "properties": {"role": {"const": "assistant"}, "content": {"type": "string"}},
-                            },
-                            "finish_reason": {"anyOf": [finish, {"type": "null"}]},
-                        },
-                    },
-                },
-                "usage": {"anyOf": [usage, {"type": "null"}]},
-            },
-        },
+        "ChatCompletionChunk": _completion(
+            "chat.completion.chunk", "delta", {}, _nullable(finish), _nullable(usage), usage_required=False
+        ),
         "Model": {
             "type": "object",
             "required": ["id", "object", "created", "owned_by"],

@@ -15,7 +15,7 @@ from exojet.bus.codec import decode_cancel, decode_event
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.server import NatsServer, free_port
-from tests.procs import REPO, exojet, stop
+from tests.procs import REPO, exojet, start_runner, stop
 
 API_KEY = "test-key"
 MODEL = "local/tiny"
@@ -71,16 +71,7 @@ class ApiStack:
         )
 
     def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
-        proc = exojet(
-            "runner",
-            "--id",
-            runner_id,
-            "--nats",
-            self.url,
-            "--models-dir",
-            str(self.models_dir),
-            log=self.root / f"{runner_id}.log",
-        )
+        proc = start_runner(runner_id, self.url, self.models_dir, self.root)
         self.procs[runner_id] = proc
         return proc
 

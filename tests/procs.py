@@ -23,3 +23,10 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_runner(runner_id: str, url: str, models_dir: Path, logs: Path) -> subprocess.Popen[bytes]:
+    """`exojet runner --id RUNNER_ID` on `url`, its log in `logs/<runner_id>.log`."""
+    return exojet(
+        "runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=logs / f"{runner_id}.log"
+    )

@@ -33,7 +33,7 @@ from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.apply import apply
 from exojet.projections.instances import instance_id_of, steps
 from exojet.projections.state import ClusterState, InstanceView
-from tests.procs import REPO, exojet, stop
+from tests.procs import REPO, exojet, start_runner, stop
 
 Predicate = Callable[[ClusterState], bool]
 
@@ -95,16 +95,7 @@ class Procs:
         self.supervisors: list[subprocess.Popen[bytes]] = []
 
     def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
-        proc = exojet(
-            "runner",
-            "--id",
-            runner_id,
-            "--nats",
-            self.url,
-            "--models-dir",
-            str(self.models_dir),
-            log=self.logs / f"{runner_id}.log",
-        )
+        proc = start_runner(runner_id, self.url, self.models_dir, self.logs)
         self.runners[runner_id] = proc
         return proc
 
