@@ -22,6 +22,10 @@ class _RunnerEvent(LogMessage, frozen=True, kw_only=True):
     at: float = 0.0
 
 
+# The engines that can run a shard of a model in a pipeline group (MLX's ring backend).
+PIPELINE_ENGINES: frozenset[str] = frozenset({"mlx"})
+
+
 class RunnerRegistered(_RunnerEvent, frozen=True):
     host: str = ""
     pid: int = 0
@@ -30,6 +34,9 @@ class RunnerRegistered(_RunnerEvent, frozen=True):
     engine: str = ""
     # How the engine runs on this machine (its BLAS, its weights policy), and why.
     engine_setup: str = ""
+    # Every engine the runner can load a model on, fastest first ("mlx", "llamacpp");
+    # empty from runners older than this field (they had MLX only).
+    engines: tuple[str, ...] = ()
     version: str = ""
     # The address other ranks reach this runner on, for pipeline groups.
     address: str = "127.0.0.1"

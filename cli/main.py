@@ -264,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="what each max_tokens adds to a chat's deadline (default 0.5)",
     )
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "mlx", "llamacpp"],
+        help="engines a model may load on (auto: the fastest installed that runs the model)",
+    )
     _add_models_dir(p)
     _add_nats(p)
     return parser
@@ -435,6 +441,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 models_dir=args.models_dir,
                 deadlines=args.deadline,
                 chat_seconds_per_token=args.chat_seconds_per_token,
+                engine=args.engine,
             )
     return 2
 

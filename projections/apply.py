@@ -232,6 +232,7 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     runner.memory_total = event.memory_total
     runner.memory_free = event.memory_free
     runner.address = event.address
+    runner.engines = event.engines
     runner.registered_seq = env.seq
     runner.updated_seq = env.seq
 

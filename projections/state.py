@@ -26,6 +26,8 @@ class RunnerView(msgspec.Struct, kw_only=True):
     memory_total: int = 0
     memory_free: int = 0
     address: str = ""
+    # The engines it registered with (empty: a runner older than the field, MLX only).
+    engines: tuple[str, ...] = ()
     model_id: str | None = None
     running_task: str | None = None
     # Sequence of this runner's newest message on its own event subject: the

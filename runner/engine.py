@@ -1,9 +1,10 @@
-"""The runner's side of the MLX engine: a child process driven over a pipe.
+"""The runner's side of the engine: a child process driven over a pipe.
 
-The child gets the fastest BLAS this machine has through its environment
-(`runner.mlx_cpu`).
+Each load picks the engine for its model (`runner.engine_choice`: MLX for an mlx-lm
+folder, llama.cpp for a GGUF); both run in the same child. The child gets the
+fastest BLAS this machine has through its environment (`runner.mlx_cpu`).
 
-MLX work (loading, generating) blocks and can crash the process it runs in, so it
+Engine work (loading, generating) blocks and can crash the process it runs in, so it
 runs in `runner.engine_child`. The runner's event loop stays free to heartbeat,
 and a killed, out-of-memory or segfaulted engine becomes an `EngineCrashed`
 exception naming the signal and quoting the child's last stderr lines; `start()`
@@ -23,10 +24,18 @@ import signal
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TypeVar
 
 from loguru import logger
 
+from exojet.runner.engine_choice import (
+    EngineName,
+    EngineWanted,
+    NoEngineForModel,
+    choose_engine,
+    installed_engines,
+)
 from exojet.runner.engine_protocol import (
     HEADER,
     TERMINAL_REPLIES,
@@ -71,13 +80,18 @@ class EngineCrashed(Exception):
 
 
 class Engine:
-    """An MLX engine in a child process, driven from asyncio.
+    """An engine (MLX or llama.cpp, chosen per model) in a child process, driven from asyncio.
 
     Usage: `await start()`, `await load(path)`, `await warmup()`, then
-    `async for chunk in generate(req)`; `await stop()` at the end.
+    `async for chunk in generate(req)`; `await stop()` at the end. `wanted`
+    narrows the engines a load may pick (`exojet runner --engine`).
     """
 
-    def __init__(self, stderr_lines: int = STDERR_LINES) -> None:
+    def __init__(self, wanted: EngineWanted = "auto", stderr_lines: int = STDERR_LINES) -> None:
+        self.wanted: EngineWanted = wanted
+        # The engines this runner has, fastest first, for its registration.
+        self.engines: list[EngineName] = [e for e in installed_engines() if wanted in ("auto", e)]
+        self._in_group = False
         self._proc: asyncio.subprocess.Process | None = None
         self._replies: asyncio.Queue[Reply | EngineCrashed] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
@@ -118,6 +132,7 @@ class Engine:
         self._crash = None
         self._owed = 0
         self._stopping = False
+        self._in_group = False
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -142,22 +157,30 @@ class Engine:
         end_layer: int | None = None,
         weights: WeightsChoice = "auto",
     ) -> ModelLoaded:
-        """Load a model folder (layers [start_layer, end_layer) or all of them)."""
+        """Load a model (layers [start_layer, end_layer) or all of them) on the engine
+        `runner.engine_choice` picks for it (EngineError NoEngineForModel if none can)."""
+        pipelined = self._in_group or start_layer is not None or end_layer is not None
+        try:
+            engine, target = choose_engine(Path(model_path), self.wanted, installed_engines(), pipelined)
+        except NoEngineForModel as exc:
+            raise EngineError("NoEngineForModel", str(exc)) from exc
         loaded = await self._call(
-            Load(model_path=model_path, start_layer=start_layer, end_layer=end_layer, weights=weights),
+            Load(model_path=str(target), start_layer=start_layer, end_layer=end_layer, weights=weights, engine=engine),
             ModelLoaded,
         )
-        self._log.info("loaded {}: weights {} ({})", model_path, loaded.weights, loaded.weights_reason)
+        self._log.info("loaded {} on {}: weights {} ({})", target, engine, loaded.weights, loaded.weights_reason)
         return loaded
 
     async def connect_group(
         self, group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float
     ) -> GroupConnected:
         """Join a pipeline group (the child can join one group in its life)."""
-        return await self._call(
+        connected = await self._call(
             ConnectGroup(group_id=group_id, world_size=world_size, rank=rank, hosts=hosts, timeout_s=timeout_s),
             GroupConnected,
         )
+        self._in_group = True
+        return connected
 
     async def warmup(self) -> None:
         """Run a short generation so the first request does not pay for compilation."""

@@ -1,4 +1,4 @@
-"""The MLX engine, run as a child process of the runner: `python -m exojet.runner.engine_child`.
+"""The engine child process of the runner: `python -m exojet.runner.engine_child`.
 
 It serves the requests of `runner.engine_protocol` one at a time on its stdin and
 stdout. Stdout is kept for the protocol only: the original descriptors are
@@ -271,25 +271,26 @@ class EngineChild:
 
     def unload(self, _req: Unload) -> Ok:
         """Drop the model and return its memory to the system."""
-        import mlx.core as mx
+        if self.model is not None:
+            import mlx.core as mx
 
-        self.model = self.tokenizer = None
-        gc.collect()
-        mx.clear_cache()
+            self.model = self.tokenizer = None
+            gc.collect()
+            mx.clear_cache()
         return Ok()
 
     def generate(self, req: Generate, stream: bool = True) -> Done:
         """Generate a chat completion, writing Token replies when streaming."""
+        if self.model is None:
+            raise RequestError("NotLoaded", "no model is loaded")
+        if req.max_tokens < 1:
+            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
 
         from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
 
-        if self.model is None:
-            raise RequestError("NotLoaded", "no model is loaded")
-        if req.max_tokens < 1:
-            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
         started = time.perf_counter()
         try:
             # A chat template may refuse a role it does not know; mlx a seed it cannot hold.

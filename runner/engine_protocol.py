@@ -37,12 +37,14 @@ WeightsChoice = Literal["auto", "stored", "dense"]
 
 
 class Load(msgspec.Struct, tag=True, frozen=True):
-    """Load a model folder; layers [start_layer, end_layer) or the whole model."""
+    """Load a model on `engine` (runner.engine_choice): an mlx-lm folder, layers
+    [start_layer, end_layer) or the whole model, on "mlx"; a GGUF file on "llamacpp"."""
 
     model_path: str
     start_layer: int | None = None
     end_layer: int | None = None
     weights: WeightsChoice = "auto"
+    engine: str = "mlx"
 
 
 class Warmup(msgspec.Struct, tag=True, frozen=True):
@@ -98,6 +100,7 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     # How the weights run ("stored" or "dense" float32) and why.
     weights: str = "stored"
     weights_reason: str = ""
+    engine: str = "mlx"
 
 
 class GroupConnected(msgspec.Struct, tag=True, frozen=True):

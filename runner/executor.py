@@ -26,6 +26,7 @@ from exojet.models.store import InvalidModelId, is_complete, model_dir
 from exojet.runner.chat import chat
 from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
+from exojet.runner.engine_choice import EngineWanted
 
 GROUP_CONNECT_TIMEOUT_S = 30.0
 # How long a generation cut at its deadline may take to answer its Cancel (one token's time).
@@ -42,12 +43,13 @@ class Executor:
         js: JetStreamContext,
         models_dir: Path,
         on_progress: Callable[[DownloadStatus], Awaitable[None]],
+        engine: EngineWanted = "auto",
     ) -> None:
         self.runner_id = runner_id
         self.js = js
         self.models_dir = models_dir
         self.on_progress = on_progress
-        self.engine = Engine()
+        self.engine = Engine(engine)
         self.downloaded: Shard | None = None
         self.group: Group | None = None
 
@@ -145,4 +147,5 @@ class Executor:
             "end_layer": loaded.end_layer,
             "weights": loaded.weights,
             "weights_reason": loaded.weights_reason,
+            "engine": loaded.engine,
         }

@@ -19,12 +19,15 @@ from pathlib import Path
 from exojet.bus import client, streams, subjects
 from exojet.models.store import default_models_dir
 from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
+from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.heartbeat import heartbeat
 from exojet.runner.registration import TwinRunning, advertised_address
 from exojet.runner.task_loop import Runner
 
 
-async def run_runner(runner_id: str, nats_url: str, models_dir: Path, deadlines: Deadlines | None = None) -> int:
+async def run_runner(
+    runner_id: str, nats_url: str, models_dir: Path, deadlines: Deadlines | None = None, engine: EngineWanted = "auto"
+) -> int:
     """Connect, register, serve until Shutdown or a signal; returns the exit code."""
     stop = asyncio.Event()
     lost_connection = asyncio.Event()
@@ -34,7 +37,7 @@ async def run_runner(runner_id: str, nats_url: str, models_dir: Path, deadlines:
     nc = await client.connect(
         nats_url, name=f"runner-{runner_id}", reconnect_attempts=60, on_closed=lost_connection.set
     )
-    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines)
+    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines, engine)
     beat: asyncio.Task[None] | None = None
     try:
         await streams.ensure_streams(runner.js)
@@ -76,6 +79,7 @@ def main(
     models_dir: Path | None,
     deadlines: list[str] | None = None,
     chat_seconds_per_token: float = CHAT_SECONDS_PER_TOKEN,
+    engine: EngineWanted = "auto",
 ) -> int:
     """Entry point of `exojet runner`."""
     if problem := subjects.id_problem(runner_id):
@@ -86,4 +90,4 @@ def main(
     except BadDeadline as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(run_runner(runner_id, nats_url, models_dir or default_models_dir(), limits))
+    return asyncio.run(run_runner(runner_id, nats_url, models_dir or default_models_dir(), limits, engine))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import psutil
@@ -52,8 +53,10 @@ def advertised_address(nats_url: str) -> str:
         return "127.0.0.1"
 
 
-async def register(nc: NATS, runner_id: str, address: str, engine_setup: str, after_loss: bool = False) -> EventWriter:
-    """Write `RunnerRegistered` for incarnation + 1 (with the engine's CPU setup), fenced on the
+async def register(
+    nc: NATS, runner_id: str, address: str, engine_setup: str, engines: Sequence[str], after_loss: bool = False
+) -> EventWriter:
+    """Write `RunnerRegistered` for incarnation + 1 (with the engines it has and their CPU setup), fenced on the
     subject's last write; returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
     (not after a loss: then the previous holder is this very process)."""
     js = nc.jetstream()
@@ -81,8 +84,9 @@ async def register(nc: NATS, runner_id: str, address: str, engine_setup: str, af
             pid=os.getpid(),
             memory_total=memory.total,
             memory_free=memory.available,
-            engine="mlx",
+            engine=engines[0] if engines else "",
             engine_setup=engine_setup,
+            engines=tuple(engines),
             version=VERSION,
             address=address,
         )

@@ -25,6 +25,7 @@ from exojet.bus.tasks import Shutdown, Task, task_type
 from exojet.runner import registration, state_machine
 from exojet.runner.cancels import Cancels
 from exojet.runner.deadlines import Deadlines
+from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.event_writer import Fenced
 from exojet.runner.executor import Executor
 from exojet.runner.registration import TwinRunning
@@ -44,7 +45,13 @@ class Runner:
     """One runner id's life in this process: register, serve tasks, shut down."""
 
     def __init__(
-        self, runner_id: str, nc: NATS, models_dir: Path, address: str, deadlines: Deadlines | None = None
+        self,
+        runner_id: str,
+        nc: NATS,
+        models_dir: Path,
+        address: str,
+        deadlines: Deadlines | None = None,
+        engine: EngineWanted = "auto",
     ) -> None:
         self.runner_id = runner_id
         self.nc = nc
@@ -54,7 +61,7 @@ class Runner:
         self.history = TaskHistory()
         self.reports = Reports(runner_id, self.history)
         self.transitions = Transitions(self.reports)
-        self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress)
+        self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress, engine)
         self.deadlines = deadlines or Deadlines()
         self.cancels = Cancels(runner_id)
         # Set when a RunnerLost newer than our last write shows up on our subject.
@@ -74,7 +81,7 @@ class Runner:
 
     async def _register(self, after_loss: bool = False) -> None:
         self.reports.writer = await registration.register(
-            self.nc, self.runner_id, self.address, self.executor.engine.setup, after_loss
+            self.nc, self.runner_id, self.address, self.executor.engine.setup, self.executor.engine.engines, after_loss
         )
         await self.transitions.registered()
 

@@ -34,7 +34,14 @@ from collections.abc import Mapping
 
 import msgspec
 
-from exojet.bus.events import ChatRefused, InstanceFailed, InstancePlaced, Placement, SupervisorEvent
+from exojet.bus.events import (
+    PIPELINE_ENGINES,
+    ChatRefused,
+    InstanceFailed,
+    InstancePlaced,
+    Placement,
+    SupervisorEvent,
+)
 from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -193,9 +200,17 @@ def _place(
 
 
 def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> list[RunnerView] | None:
+    pipelined = inst.min_runners > 1
+
     def free(runner: RunnerView | None) -> bool:
         # Idle only: a Failed runner needs a person (or a restart) before it serves again.
-        return runner is not None and runner.status == "RunnerIdle" and runner.runner_id not in busy
+        # A pipeline group only on runners with an engine that can join one.
+        return (
+            runner is not None
+            and runner.status == "RunnerIdle"
+            and runner.runner_id not in busy
+            and (not pipelined or can_join_group(runner))
+        )
 
     if inst.requested_runners:
         chosen = [state.runners.get(r) for r in inst.requested_runners]
@@ -205,6 +220,12 @@ def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> 
         return None
     candidates.sort(key=lambda r: (-r.memory_free, r.runner_id))
     return candidates[: inst.min_runners]
+
+
+def can_join_group(runner: RunnerView) -> bool:
+    """Whether the runner has an engine that can run a shard in a pipeline group
+    (a runner that reported no engines predates llama.cpp: MLX only)."""
+    return not runner.engines or any(e in PIPELINE_ENGINES for e in runner.engines)
 
 
 def split_layers(model_id: str, n_layers: int, memory: list[int]) -> list[Shard]:

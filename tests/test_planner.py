@@ -86,9 +86,9 @@ class Cluster:
     def status(self, runner_id: str, status: RunnerStatus) -> None:
         self.event(runner_id, RunnerStatusUpdated, runner_status=status)
 
-    def register(self, runner_id: str, memory_free: int = 1000) -> None:
+    def register(self, runner_id: str, memory_free: int = 1000, engines: tuple[str, ...] = ()) -> None:
         self.incarnations[runner_id] = self.incarnations.get(runner_id, 0) + 1
-        self.event(runner_id, RunnerRegistered, memory_free=memory_free, address="10.0.0.1")
+        self.event(runner_id, RunnerRegistered, memory_free=memory_free, address="10.0.0.1", engines=engines)
         self.status(runner_id, RunnerIdle())
 
     def command(self, command: msgspec.Struct) -> None:
@@ -190,6 +190,23 @@ def test_a_step_waits_for_every_runner_and_a_group_splits_by_memory() -> None:
     loads = [t for _, t in done if isinstance(t, LoadModel)]
     assert [(t.shard.device_rank, t.shard.world_size, t.shard.n_layers) for t in loads] == [(0, 2, 8), (1, 2, 8)]
     assert inst.status == "Ready"
+
+
+def test_a_group_goes_only_to_runners_with_an_engine_that_can_join_one() -> None:
+    c = Cluster()
+    c.register("gguf-only", memory_free=9000, engines=("llamacpp",))
+    c.register("both", engines=("llamacpp", "mlx"))
+    c.register("old")  # registered before runners reported engines: MLX only
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.publish(plan(c.state, {"local/tiny": 8}))
+    inst = next(iter(c.state.instances.values()))
+    assert sorted(p.runner_id for p in inst.placements) == ["both", "old"]
+
+    # A single-runner instance may go to any engine: the freest runner takes it.
+    c.command(PlaceInstance(model_id="local/tiny"))
+    c.publish(plan(c.state))
+    [single] = [i for i in c.state.instances.values() if i is not inst]
+    assert [p.runner_id for p in single.placements] == ["gguf-only"]
 
 
 def test_a_group_without_a_layer_count_fails_for_good() -> None:

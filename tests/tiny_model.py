@@ -25,14 +25,14 @@ CORPUS = [
 ]
 
 
-def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320) -> dict:
+def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320, hidden_size: int = 64) -> dict:
     """The config.json of the tiny llama (float32, small enough for any CPU)."""
     return {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
-        "hidden_size": 64,
+        "hidden_size": hidden_size,
         "num_hidden_layers": n_layers,
-        "intermediate_size": 128,
+        "intermediate_size": 2 * hidden_size,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "rms_norm_eps": 1e-5,
@@ -65,15 +65,16 @@ def build_tokenizer(vocab_size: int) -> object:
     return tok
 
 
-def write_tiny_llama(path: Path, n_layers: int = 4, seed: int = 0) -> Path:
-    """Write a complete mlx-lm model folder (config, safetensors, tokenizer) to `path`."""
+def write_tiny_llama(path: Path, n_layers: int = 4, seed: int = 0, hidden_size: int = 64) -> Path:
+    """Write a complete mlx-lm model folder (config, safetensors, tokenizer) to `path`
+    (a wider `hidden_size` gives weights big enough to measure in memory)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models import llama
 
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(vocab_size=320)
-    config = tiny_llama_config(n_layers=n_layers, vocab_size=tok.get_vocab_size())
+    config = tiny_llama_config(n_layers=n_layers, vocab_size=tok.get_vocab_size(), hidden_size=hidden_size)
     config["eos_token_id"] = tok.token_to_id("<|im_end|>")
     config["bos_token_id"] = tok.token_to_id("<|endoftext|>")
 

@@ -1,0 +1,281 @@
+"""The contract every engine passes, in the manner of the `eventsourcing` library's
+contract tests: `EngineContract` holds the tests, and each engine's test module
+subclasses it with the engine's name and its fixtures.
+
+A subclass sets `ENGINE` ("mlx" or "llamacpp") and provides the fixtures
+- `model_path`: the tiny model as this engine loads it (class scope);
+- `big_model_path`: a model whose weights are big enough to see in memory (class scope);
+- `direct`: a function max_tokens -> the greedy answer of the engine's own library,
+  run in the test process on the same model;
+- `corrupt_model`: a path this engine tries to load and fails on.
+
+Everything is real: the engine runs in its child process (`python -m exojet.runner.engine_child`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import psutil
+import pytest
+import pytest_asyncio
+
+from exojet.runner.engine import Engine, EngineCrashed, EngineError
+from exojet.runner.engine_choice import EngineWanted
+from exojet.runner.engine_protocol import Done, Generate, Message, Token
+
+# The async tests of one engine share one event loop so they can share one child.
+class_loop = pytest.mark.asyncio(loop_scope="class")
+
+PROMPT = [Message(role="user", content="hello world, tell me a story")]
+# Far more tokens than any test reads: only a cancel or a kill ends such a request.
+ENDLESS = 1_000_000
+
+Direct = Callable[[int], str]
+
+
+async def collect(engine: Engine, req: Generate) -> tuple[list[str], Done]:
+    """The streamed deltas and the final Done of one generation."""
+    chunks: list[str] = []
+    async for reply in engine.generate(req):
+        if isinstance(reply, Token):
+            chunks.append(reply.text)
+        else:
+            return chunks, reply
+    raise AssertionError("generation ended without Done")
+
+
+class EngineContract:
+    ENGINE: EngineWanted
+
+    @pytest_asyncio.fixture(scope="class", loop_scope="class")
+    @classmethod
+    async def engine(cls, request: pytest.FixtureRequest) -> AsyncIterator[Engine]:
+        """One child for the tests that do not crash it (each test loads its model)."""
+        eng = Engine(request.cls.ENGINE)
+        await eng.start()
+        yield eng
+        await eng.stop()
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_greedy_chat_equals_the_library_run_directly(
+        self, engine: Engine, model_path: Path, direct: Direct
+    ) -> None:
+        loaded = await engine.load(str(model_path))
+        assert loaded.engine == self.ENGINE
+        assert loaded.n_layers == 4
+        await engine.warmup()
+
+        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40))
+
+        expected = direct(40)
+        assert len(chunks) > 5
+        assert "".join(chunks) == done.text == expected
+        assert done.finish_reason == "length"
+        assert done.completion_tokens == 40
+        assert done.prompt_tokens > 0
+        assert done.tokens_per_second > 0
+        assert 0 < done.time_to_first_token < 10
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_stop_string_truncates_the_stream(self, engine: Engine, model_path: Path, direct: Direct) -> None:
+        await engine.load(str(model_path))
+        full = direct(40)
+        # A stop string spanning several tokens, so it has to be held back while it forms.
+        stop = full[len(full) // 3 : len(full) // 3 + 5]
+        expected = full[: full.index(stop)]
+
+        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40, stop=["no such text", stop]))
+
+        assert done.finish_reason == "stop"
+        assert done.text == expected
+        assert "".join(chunks) == expected
+        assert done.completion_tokens < 40
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_max_tokens_bounds_the_answer(self, engine: Engine, model_path: Path, direct: Direct) -> None:
+        await engine.load(str(model_path))
+
+        _, one = await collect(engine, Generate(messages=PROMPT, max_tokens=1))
+        _, seven = await collect(engine, Generate(messages=PROMPT, max_tokens=7))
+
+        assert (one.completion_tokens, one.finish_reason, one.text) == (1, "length", direct(1))
+        assert (seven.completion_tokens, seven.finish_reason, seven.text) == (7, "length", direct(7))
+        with pytest.raises(EngineError) as err:
+            await collect(engine, Generate(messages=PROMPT, max_tokens=0))
+        assert err.value.error_type == "InvalidRequest"
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_same_seed_same_text(self, engine: Engine, model_path: Path) -> None:
+        await engine.load(str(model_path))
+
+        def sampled(seed: int) -> Generate:
+            return Generate(messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed)
+
+        _, first = await collect(engine, sampled(7))
+        _, again = await collect(engine, sampled(7))
+        _, other = await collect(engine, sampled(8))
+        _, greedy = await collect(engine, Generate(messages=PROMPT, max_tokens=30))
+
+        assert first.text == again.text
+        assert other.text != first.text
+        assert greedy.text not in (first.text, other.text)
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_load_errors_are_answers_and_the_engine_keeps_serving(
+        self, engine: Engine, model_path: Path, corrupt_model: Path, tmp_path: Path
+    ) -> None:
+        missing = tmp_path / "nowhere"
+        with pytest.raises(EngineError) as err:
+            await engine.load(str(missing))
+        assert err.value.error_type == "NoEngineForModel"
+        assert str(missing) in err.value.message
+
+        with pytest.raises(EngineError) as err:
+            await engine.load(str(corrupt_model))
+        assert err.value.error_type == "ModelLoadError"
+        assert f"could not load model from {corrupt_model}" in err.value.message
+
+        with pytest.raises(EngineError) as err:
+            await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        assert err.value.error_type == "NotLoaded"
+
+        await engine.load(str(model_path))
+        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        assert done.completion_tokens == 4
+        assert engine.alive
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_abandoned_generation_is_cancelled(self, engine: Engine, model_path: Path, direct: Direct) -> None:
+        await engine.load(str(model_path))
+        stream = engine.generate(Generate(messages=PROMPT, max_tokens=ENDLESS))
+        async for reply in stream:
+            assert isinstance(reply, Token)
+            break
+        await stream.aclose()
+
+        # Draining a million tokens would blow the timeout: the child must have stopped.
+        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=10))
+        assert "".join(chunks) == direct(10)
+        assert done.finish_reason == "length"
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_event_loop_stays_responsive_while_generating(self, engine: Engine, model_path: Path) -> None:
+        await engine.load(str(model_path))
+        ticks: list[float] = []
+        gen_done = asyncio.Event()
+
+        async def tick() -> None:
+            while not gen_done.is_set():
+                ticks.append(time.monotonic())
+                await asyncio.sleep(0.01)
+
+        ticker = asyncio.create_task(tick())
+        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=300))
+        gen_done.set()
+        await ticker
+
+        assert done.completion_tokens == 300
+        gaps = [b - a for a, b in itertools.pairwise(ticks)]
+        assert len(ticks) > 3
+        assert max(gaps) < 0.25
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_unload_releases_the_weights_memory(self, engine: Engine, big_model_path: Path) -> None:
+        assert engine.pid is not None
+        child = psutil.Process(engine.pid)
+        await engine.unload()
+        before = child.memory_info().rss
+        loaded = await engine.load(str(big_model_path))
+        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+        with_model = child.memory_info().rss
+        await engine.unload()
+        after = child.memory_info().rss
+
+        assert done.completion_tokens == 2
+        assert loaded.weight_bytes > 30_000_000
+        assert with_model - before > loaded.weight_bytes / 2
+        # Most of what the model took is given back to the system.
+        assert with_model - after > (with_model - before) * 0.8
+        with pytest.raises(EngineError) as err:
+            await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+        assert err.value.error_type == "NotLoaded"
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_sigkill_during_generation_then_restart(self, model_path: Path, direct: Direct) -> None:
+        eng = Engine(self.ENGINE)
+        await eng.start()
+        try:
+            await eng.load(str(model_path))
+            first_pid = eng.pid
+            assert first_pid is not None
+            with pytest.raises(EngineCrashed) as crash:
+                async for reply in eng.generate(Generate(messages=PROMPT, max_tokens=ENDLESS)):
+                    assert isinstance(reply, Token)
+                    os.kill(first_pid, signal.SIGKILL)
+            assert "killed by SIGKILL" in str(crash.value)
+            assert "engine child started" in str(crash.value)
+            assert not eng.alive
+            with pytest.raises(EngineCrashed, match="SIGKILL"):
+                await eng.load(str(model_path))
+
+            await eng.start()
+            assert eng.alive and eng.pid != first_pid
+            await eng.load(str(model_path))
+            chunks, _ = await collect(eng, Generate(messages=PROMPT, max_tokens=8))
+            assert "".join(chunks) == direct(8)
+        finally:
+            await eng.stop()
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_crash_is_reported_with_its_cause(self, model_path: Path) -> None:
+        eng = Engine(self.ENGINE)
+        await eng.start()
+        try:
+            await eng.load(str(model_path))
+            assert eng.pid is not None
+            os.kill(eng.pid, signal.SIGSEGV)
+            with pytest.raises(EngineCrashed) as crash:
+                await eng.warmup()
+            message = str(crash.value)
+            assert "killed by SIGSEGV" in message
+            assert "last stderr lines" in message
+            # The child's own log line about the load, forwarded from its stderr.
+            assert f"'model': '{model_path}'" in message
+        finally:
+            await eng.stop()
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_stop_kills_a_child_that_does_not_answer(self, model_path: Path) -> None:
+        eng = Engine(self.ENGINE)
+        await eng.start()
+        pid = eng.pid
+        assert pid is not None
+        await eng.load(str(model_path))
+        # A stopped process reads no Exit and ignores SIGTERM until continued.
+        os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        await eng.stop(timeout=0.5)
+
+        assert time.monotonic() - started < 5
+        assert not eng.alive
+        assert not psutil.pid_exists(pid)
+        with pytest.raises(EngineCrashed, match="stopped"):
+            await eng.load(str(model_path))
