@@ -96,15 +96,17 @@ async def test_a_chat_past_its_deadline_ends_timed_out_and_the_runner_serves_the
         tmp_path,
         nc,
         "--deadline",
-        "ChatCompletion=1",
+        "ChatCompletion=5",
         "--chat-seconds-per-token",
-        "0.001",
+        "0.00001",
     )
     try:
         before = watcher.entries[-1][0].seq
-        # Queued behind the long chat far longer than its own deadline: a deadline
-        # counts from when the runner starts a task, so it still completes.
-        await send(nc, "r1", {**chat(1500), "task_id": "long"})
+        # 100,000 tokens get a deadline of 6 s: no machine generates them that fast, so
+        # the long chat times out however quick this one is. Queued behind it far longer
+        # than its own deadline, the short chat still completes: a deadline counts from
+        # when the runner starts a task.
+        await send(nc, "r1", {**chat(100_000), "task_id": "long"})
         await send(nc, "r1", {**chat(4), "task_id": "queued"})
         long = await watcher.task_done("long", 60)
         assert long.task_status == TaskStatus.TIMED_OUT and long.error_type == "DeadlineExceeded", long
