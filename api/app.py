@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -175,13 +174,8 @@ class Api:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # Gone for good (a minute of failed reconnects): stop serving, as runners and supervisors do.
-        nc = await client.connect(
-            self.config.nats_url,
-            name="exojet-api",
-            reconnect_attempts=120,
-            on_closed=lambda: signal.raise_signal(signal.SIGTERM),
-        )
+        # Waits for a server at start and never gives up on it (/health says 503 while it is away).
+        nc = await client.connect(self.config.nats_url, name="exojet-api", wait=True)
         gateway = Gateway(nc, liveness_timeout=self.config.liveness_timeout, route_timeout=self.config.route_timeout)
         await gateway.start()
         self.gateway = gateway
@@ -190,7 +184,7 @@ class Api:
         finally:
             self.gateway = None
             await gateway.stop()
-            await nc.close()
+            await client.close(nc)
 
     async def health(self, request: Request) -> Response:
         ok = self.gateway is not None and self.gateway.connected

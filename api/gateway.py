@@ -27,7 +27,6 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js import api
 
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
@@ -37,6 +36,7 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
+from exojet.bus.follower import Follower
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import ChatCompletion
@@ -121,7 +121,7 @@ class Gateway:
         self._chats: dict[str, ChatStream] = {}
         self._by_task: dict[str, ChatStream] = {}
         self._beats: dict[str, float] = {}
-        self._subs: list[Subscription] = []
+        self._subs: list[Follower | Subscription] = []
         self._watchdog: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._state: dict[str, Any] | None = None
@@ -132,16 +132,16 @@ class Gateway:
         """Create the streams if needed and subscribe (from the log's end now)."""
         await streams.ensure_streams(self.js)
         start = await client.last_seq(self.js) + 1
-        self._subs.append(await client.follow(self.js, self._on_log, start_seq=start))
+        self._subs.append(await client.follow(self.nc, self._on_log, start_seq=start))
+        # Both follows resume right after the last message seen when NATS comes back.
+        chunks_start = await client.last_seq(self.js, streams.CHUNKS_STREAM) + 1
         self._subs.append(
-            await self.js.subscribe(
-                f"{subjects.CHUNKS_PREFIX}.>",
+            await client.follow(
+                self.nc,
+                self._on_chunk,
+                start_seq=chunks_start,
+                subject=f"{subjects.CHUNKS_PREFIX}.>",
                 stream=streams.CHUNKS_STREAM,
-                cb=self._on_chunk,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.NEW,
-                pending_msgs_limit=1_000_000,
-                pending_bytes_limit=1024 * 1024 * 1024,
             )
         )
         self._subs.append(await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_beat))
@@ -335,11 +335,11 @@ class Gateway:
             if not stream.over and which(stream):
                 stream.end(Lost(reason))
 
-    async def _on_chunk(self, msg: Msg) -> None:
-        stream = self._chats.get(subjects.chunks_stream_id(msg.subject))
+    def _on_chunk(self, env: Envelope) -> None:
+        stream = self._chats.get(subjects.chunks_stream_id(env.subject))
         if stream is None or stream.over:
             return
-        text = msgspec.json.decode(msg.data).get("text")
+        text = msgspec.json.decode(env.data).get("text")
         if isinstance(text, str) and text:
             stream.items.put_nowait(Chunk(text))
 

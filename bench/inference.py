@@ -151,7 +151,7 @@ async def main(model_id: str, max_tokens: int, repeat: int) -> None:
                     if (future := done.get(event.task_id)) and not future.done():
                         future.set_result(event)
 
-            await client.follow(nc.jetstream(), on_event, subject=subjects.runner_events_subject("bench"))
+            await client.follow(nc, on_event, subject=subjects.runner_events_subject("bench"))
             for i, task in enumerate(
                 (
                     {"type": "DownloadModel", "shard": {"model_id": model_id}},

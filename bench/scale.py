@@ -227,7 +227,7 @@ async def _until_answer(nc: object, timeout: float = 600.0) -> float:
                 await asyncio.sleep(0.01)
 
 
-async def _restart_to_idle(js: object, runner_id: str, start: object, timeout: float = 120.0) -> float:
+async def _restart_to_idle(nc: object, runner_id: str, start: object, timeout: float = 120.0) -> float:
     """Seconds from starting the runner (`start()`) to its RunnerIdle in the log."""
     idle = asyncio.Event()
 
@@ -236,8 +236,8 @@ async def _restart_to_idle(js: object, runner_id: str, start: object, timeout: f
         if message.get("type") == "RunnerStatusUpdated" and message["runner_status"]["type"] == "RunnerIdle":
             idle.set()
 
-    seq = await client.last_seq(js)  # type: ignore[arg-type]
-    sub = await client.follow(js, on_event, start_seq=seq + 1, subject=subjects.runner_events_subject(runner_id))  # type: ignore[arg-type]
+    seq = await client.last_seq(nc.jetstream())  # type: ignore[attr-defined]
+    sub = await client.follow(nc, on_event, start_seq=seq + 1, subject=subjects.runner_events_subject(runner_id))  # type: ignore[arg-type]
     started = time.perf_counter()
     start()  # type: ignore[operator]
     try:
@@ -247,7 +247,7 @@ async def _restart_to_idle(js: object, runner_id: str, start: object, timeout: f
     return time.perf_counter() - started
 
 
-async def _retire_real_instances(js: object, url: str) -> None:
+async def _retire_real_instances(nc: object, url: str) -> None:
     """Delete what an earlier run placed on the real runner (a reused log keeps it)."""
     from exojet.projections.apply import apply
     from exojet.projections.state import ClusterState
@@ -258,7 +258,8 @@ async def _retire_real_instances(js: object, url: str) -> None:
         nonlocal state
         state = apply(state, env)  # type: ignore[arg-type]
 
-    await client.replay(js, fold)  # type: ignore[arg-type]
+    await client.replay(nc, fold)  # type: ignore[arg-type]
+    js = nc.jetstream()  # type: ignore[attr-defined]
     for inst in state.instances.values():
         if inst.model_id == "local/tiny" and inst.status != "Deleted":
             await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst.instance_id))  # type: ignore[arg-type]
@@ -275,7 +276,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
         js = nc.jetstream()
         await streams.ensure_streams(js)
         events = await client.last_seq(js)
-        await _retire_real_instances(js, server.url)
+        await _retire_real_instances(nc, server.url)
         # A first supervisor folds what is there and stores a snapshot when it stops.
         first = spawn(sup_args, store / "sup0.log")
         figures["supervisor first start: folds all after the store's snapshot, if any (s)"] = await _until_answer(nc)
@@ -361,7 +362,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
             def start(log: Path = log) -> None:
                 procs[1] = spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], log)
 
-            restarts.append(await _restart_to_idle(js, "r1", start))
+            restarts.append(await _restart_to_idle(nc, "r1", start))
         figures["runner restart -> Idle, from its ack floor (s)"] = statistics.median(restarts)
 
         before, started = await client.last_seq(js), time.perf_counter()

@@ -2,117 +2,37 @@
 
 from __future__ import annotations
 
-import os
-import secrets
+import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import Any
-from urllib.parse import urlparse
+from typing import Any, TypeVar
 
 import msgspec
-import nats
 from loguru import logger
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
-from nats.errors import NoServersError
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
 
-from exojet.bus import connect_options, log_reader
 from exojet.bus.codec import encode
-from exojet.bus.connect_options import BadCredentials, ConnectOptions
-from exojet.bus.envelope import Envelope, parse_ack_reply
-from exojet.bus.handshake import NatsRefused, NatsUnreachable, refusal
-from exojet.bus.log_reader import Handler
+from exojet.bus.connection import TRANSIENT_ERRORS as TRANSIENT_ERRORS
+from exojet.bus.connection import backoff_delay
+from exojet.bus.connection import close as close
+from exojet.bus.connection import connect as connect
+from exojet.bus.connection import default_url as default_url
+from exojet.bus.connection import watch as watch
+from exojet.bus.envelope import Envelope
+from exojet.bus.follower import Follower, Handler, read
+from exojet.bus.handshake import NatsRefused as NatsRefused
+from exojet.bus.handshake import NatsUnreachable as NatsUnreachable
 from exojet.bus.streams import LOG_STREAM
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
 
-
-__all__ = ["NatsRefused", "NatsUnreachable", "WrongLastSequence", "connect"]
+T = TypeVar("T")
 
 
 class WrongLastSequence(Exception):
     """Someone else wrote the subject since our last write: we are fenced out."""
-
-
-def default_url() -> str:
-    """`$NATS_URL`, else the embedded server's default address."""
-    return os.environ.get("NATS_URL") or DEFAULT_URL
-
-
-async def connect(
-    url: str | None = None,
-    name: str = "exojet",
-    *,
-    connect_timeout: float = 5.0,
-    reconnect_attempts: int = 3,
-    on_closed: Callable[[], None] | None = None,
-    options: ConnectOptions | None = None,
-) -> NATS:
-    """Connect with bounded retries (nats-py would otherwise block ~2 minutes).
-
-    `options` are the credentials and TLS files (default: what the CLI or the
-    environment set, `connect_options.current()`). Raises NatsUnreachable, naming
-    the URL, when no server answers, and NatsRefused, naming the problem (an
-    untrusted certificate, no key, a key the server does not know), when it
-    refuses us, within `connect_timeout`. `on_closed`
-    runs when the connection is gone for good (`reconnect_attempts` half a
-    second apart), so a long-running process can stop instead of idling
-    forever without a server.
-    """
-    connected = False
-
-    async def on_error(err: Exception) -> None:
-        # Before the first connect the failure is raised to the caller; logging
-        # each attempt as well would only repeat it.
-        (logger.bind(client=name).warning if connected else logger.bind(client=name).debug)(f"nats: {err!r}")
-
-    opts = options if options is not None else connect_options.current()
-    try:
-        auth = opts.nats_kwargs()
-    except BadCredentials as err:
-        raise NatsRefused(str(err)) from None
-    target = url or default_url()
-    # Checked first, on a connection of our own: nats-py can wait forever closing a socket
-    # whose TLS handshake failed, and retries refused credentials as if the server were away.
-    first = target.split(",")[0].strip()
-    refused = await refusal(urlparse(first if "://" in first else f"nats://{first}"), opts, connect_timeout)
-    if refused is not None:
-        raise refused
-    try:
-        nc = await nats.connect(
-            target,
-            name=name,
-            connect_timeout=connect_timeout,
-            max_reconnect_attempts=reconnect_attempts,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            error_cb=on_error,
-            closed_cb=_closed_callback(on_closed),
-            **auth,
-        )
-    except (NoServersError, OSError) as err:
-        raise NatsUnreachable(
-            f"cannot reach NATS at {target} ({err!r}); start a server with "
-            "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL"
-        ) from None
-    connected = True
-    connect_options.remember(nc, opts)
-    return nc
-
-
-def _closed_callback(on_closed: Callable[[], None] | None) -> Callable[[], Awaitable[None]] | None:
-    if on_closed is None:
-        return None
-
-    async def closed() -> None:
-        on_closed()
-
-    return closed
 
 
 def _headers(msg_id: str | None, expected_last_subject_seq: int | None) -> dict[str, str] | None:
@@ -148,6 +68,48 @@ async def publish(
         raise
 
 
+async def until_done(op: Callable[[], Awaitable[T]], what: str) -> T:
+    """`await op()`, tried again with capped backoff for as long as NATS is away or restarting.
+
+    Logs the first failure and the recovery, not every try.
+    """
+    attempt = 0
+    while True:
+        try:
+            result = await op()
+        except TRANSIENT_ERRORS as err:
+            (logger.warning if attempt == 0 else logger.debug)(
+                f"{what}: NATS did not answer ({err!r}); trying again until it does"
+            )
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+            continue
+        if attempt:
+            logger.info(f"{what}: done after {attempt + 1} tries")
+        return result
+
+
+async def publish_until_stored(
+    js: JetStreamContext,
+    subject: str,
+    message: msgspec.Struct | dict[str, Any] | bytes,
+    *,
+    msg_id: str,
+    expected_last_subject_seq: int | None = None,
+) -> api.PubAck:
+    """`publish`, tried again under the same `msg_id` while the server is away, for as long as it takes.
+
+    A try the server stored but whose ack was lost comes back as a duplicate
+    (same sequence); with `expected_last_subject_seq` it may instead fail the
+    check against itself, which the caller reconciles (WrongLastSequence is
+    raised as is).
+    """
+    return await until_done(
+        lambda: publish(js, subject, message, msg_id=msg_id, expected_last_subject_seq=expected_last_subject_seq),
+        f"write {msg_id} on {subject}",
+    )
+
+
 async def last_on_subject(js: JetStreamContext, subject: str, stream: str = LOG_STREAM) -> Envelope | None:
     """The newest message on `subject` (direct get), or None if there is none."""
     try:
@@ -163,64 +125,21 @@ async def last_seq(js: JetStreamContext, stream: str = LOG_STREAM) -> int:
     return info.state.last_seq
 
 
-class _FreshlyNamed(api.ConsumerConfig):
-    """A consumer config that takes a new name each time nats-py creates the consumer from it.
-
-    A name makes nats-py create through `CONSUMER.CREATE.<stream>.<name>.<filter>`, so
-    permissions can restrict the filter; the stream-wide create carries the name in its
-    body, where it could take over a runner's queue, and is allowed to admin only. A
-    new name per creation, because nats-py recreates an ordered consumer (after a gap
-    or a reconnect) from the same config, and under the old name the server would
-    take that as an update of a start sequence, which it refuses.
-    """
-
-    def evolve(self, **params: Any) -> _FreshlyNamed:
-        return replace(self, name=f"follow-{secrets.token_hex(8)}", **params)
-
-
-def _envelope(msg: Msg) -> Envelope:
-    seq, _, time_ns = parse_ack_reply(msg.reply)
-    return Envelope(seq=seq, subject=msg.subject, data=msg.data, time=time_ns / 1e9)
-
-
 async def follow(
-    js: JetStreamContext,
+    nc: NATS,
     handler: Handler,
     *,
     start_seq: int = 1,
     subject: str = ">",
     stream: str = LOG_STREAM,
-) -> Subscription:
-    """Call `handler` for every message from `start_seq` on, live, in order.
-
-    An ordered consumer: flow-controlled, gap-free and recreated by the client
-    after a disconnect, so no message is skipped or seen twice out of order.
-    """
-
-    async def on_msg(msg: Msg) -> None:
-        env = _envelope(msg)
-        try:
-            result = handler(env)
-            if result is not None:
-                await result
-        except Exception:
-            # One bad handler call must not stop the follow: log it with its place in the log.
-            logger.bind(seq=env.seq, subject=env.subject).exception("handler failed on a log message")
-
-    return await js.subscribe(
-        subject,
-        stream=stream,
-        cb=on_msg,
-        ordered_consumer=True,
-        deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-        config=_FreshlyNamed(opt_start_seq=max(start_seq, 1)),
-        pending_msgs_limit=1_000_000,
-        pending_bytes_limit=1024 * 1024 * 1024,
-    )
+) -> Follower:
+    """Call `handler` for every message from `start_seq` on, live, in order, each once,
+    through disconnects and server restarts; `await result.stop()` ends it."""
+    return await Follower(nc, handler, start_seq=start_seq, subject=subject, stream=stream).start()
 
 
 async def replay(
-    js: JetStreamContext,
+    nc: NATS,
     handler: Handler,
     *,
     start_seq: int = 1,
@@ -229,14 +148,16 @@ async def replay(
     timeout: float = 600.0,
 ) -> int:
     """Call `handler` for every message from `start_seq` to `end_seq` (at most the
-    stream's last sequence now), in order; return the last sequence handled (0 if none)."""
-    last = await last_seq(js, stream)
+    stream's last sequence now), in order; return the last sequence handled (0 if none).
+    An exception from `handler` stops the read and is raised here."""
+    last = await last_seq(nc.jetstream(), stream)
     end = last if end_seq is None else min(end_seq, last)
-    return await log_reader.read_range(js, stream, handler, start_seq, end, timeout=timeout)
+    follower = Follower(nc, handler, start_seq=start_seq, end_seq=end, stream=stream, stop_on_error=True)
+    return await read(follower, timeout)
 
 
 async def replay_subject(
-    js: JetStreamContext,
+    nc: NATS,
     subject: str,
     handler: Handler,
     *,
@@ -246,7 +167,10 @@ async def replay_subject(
 ) -> int:
     """Call `handler` for every message on `subject` from `start_seq` so far, in order; returns
     the last seq (0 if none)."""
-    last = await last_on_subject(js, subject, stream)
+    last = await last_on_subject(nc.jetstream(), subject, stream)
     if last is None or last.seq < start_seq:
         return 0
-    return await log_reader.read_range(js, stream, handler, start_seq, last.seq, subject=subject, timeout=timeout)
+    follower = Follower(
+        nc, handler, start_seq=start_seq, end_seq=last.seq, subject=subject, stream=stream, stop_on_error=True
+    )
+    return await read(follower, timeout)

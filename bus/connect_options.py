@@ -13,7 +13,6 @@ import base64
 import os
 import re
 import ssl
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,8 +169,6 @@ def from_args(args: argparse.Namespace) -> ConnectOptions:
 
 
 _process_options: ConnectOptions | None = None
-# The options each live connection was made with, for connections of our own beside it (the log reader's).
-_by_connection: weakref.WeakKeyDictionary[object, ConnectOptions] = weakref.WeakKeyDictionary()
 
 
 def use(options: ConnectOptions) -> None:
@@ -183,13 +180,3 @@ def use(options: ConnectOptions) -> None:
 def current() -> ConnectOptions:
     """What `use` set, else what the environment says."""
     return _process_options if _process_options is not None else ConnectOptions.from_env()
-
-
-def remember(connection: object, options: ConnectOptions) -> None:
-    """Record that `connection` (a nats-py client) was made with `options`."""
-    _by_connection[connection] = options
-
-
-def of(connection: object) -> ConnectOptions:
-    """The options `connection` was made with (`current()` for one made elsewhere)."""
-    return _by_connection.get(connection) or current()

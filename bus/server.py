@@ -18,6 +18,8 @@ from pathlib import Path
 
 from loguru import logger
 
+from exojet.bus import parent_death
+
 CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 
 
@@ -97,12 +99,15 @@ class NatsServer:
         *,
         host: str = "127.0.0.1",
         auth_dir: Path | None = None,
+        die_with_parent: bool = False,
     ) -> None:
         if auth_dir is None and host not in LOOPBACK:
             raise ServerError(f"refusing to listen on {host} without auth: pass an auth dir (`exojet auth init DIR`)")
         self.host = host
         self.auth_dir = auth_dir
         self.port = port
+        # Stop (SIGTERM: JetStream closes its files) when this process dies, however it dies.
+        self.die_with_parent = die_with_parent
         self.monitor_port = monitor_port
         self.store_dir = store_dir or default_store_dir()
         self.conf = conf
@@ -145,7 +150,13 @@ class NatsServer:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Its own session: a Ctrl-C in the terminal must not kill the server
         # under processes that still have last words to write; we stop it.
-        self.process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=parent_death.preexec(signal.SIGTERM) if self.die_with_parent else None,
+        )
         try:
             self._wait_healthy(cmd, ports_dir, time.monotonic() + timeout)
         finally:

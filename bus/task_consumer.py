@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from exojet.bus import streams
+from exojet.bus import connection, streams
 
 # Status codes the server answers a pull request with when it ends without a message.
 _REQUEST_ENDED = {"404", "408", "409"}
@@ -43,7 +43,13 @@ class TaskConsumer:
         """Create (or update) the durable consumer and listen on our inbox."""
         await self.js.add_consumer(streams.LOG_STREAM, config=streams.task_consumer_config(self.runner_id))
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
+        connection.watch(self.nc).on_reconnect(self._ask_again)
         return self
+
+    def _ask_again(self) -> None:
+        # A request in flight when the connection went is lost with it: ask again at once.
+        self._outstanding = False
+        self._arrived.set()
 
     async def _on_msg(self, msg: Msg) -> None:
         self._queue.append(msg)
@@ -86,5 +92,6 @@ class TaskConsumer:
                 self._outstanding = False
 
     async def stop(self) -> None:
+        connection.watch(self.nc).remove_listener(self._ask_again)
         if self._sub is not None:
             await self._sub.unsubscribe()

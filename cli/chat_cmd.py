@@ -95,7 +95,7 @@ async def chat(
         ack = await client.publish(js, subjects.task_subject(target), encode(task), msg_id=task.task_id)
         assert task.task_id is not None
         return await wait_task(
-            js, target, task.task_id, ack.seq, task.task_id, chat=True, timeout=timeout, verbose=False
+            nc, target, task.task_id, ack.seq, task.task_id, chat=True, timeout=timeout, verbose=False
         )
     finally:
         if not nc.is_closed:

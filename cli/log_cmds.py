@@ -6,10 +6,9 @@ import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import msgspec
-from nats.js import api
+from nats.aio.client import Client as NATS
 
 from exojet.bus import client, streams, subjects
 from exojet.bus.archive import ArchiveError, ArchiveWriter, replay_archive
@@ -55,13 +54,13 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
         if not wait:
             return 0
         stream_id = (task.stream_id if isinstance(task, ChatCompletion) else None) or task_id
-        return await wait_task(js, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
+        return await wait_task(nc, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
     finally:
         await nc.close()
 
 
 async def wait_task(
-    js: Any,
+    nc: NATS,
     runner_id: str,
     task_id: str,
     after_seq: int,
@@ -87,16 +86,15 @@ async def wait_task(
                 done.set_result(message)
 
     subs = [
-        await client.follow(js, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
+        await client.follow(nc, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
     ]
     if chat:
         subs.append(
-            await js.subscribe(
-                subjects.chunks_subject(runner_id, stream_id),
+            await client.follow(
+                nc,
+                chunk_texts(_print_text),
+                subject=subjects.chunks_subject(runner_id, stream_id),
                 stream=CHUNKS_STREAM,
-                cb=_print_chunk,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.ALL,
             )
         )
     try:
@@ -111,10 +109,25 @@ async def wait_task(
     return 0 if final.task_status == TaskStatus.COMPLETE else 1
 
 
-async def _print_chunk(msg: Any) -> None:
-    chunk = msgspec.json.decode(msg.data)
-    if isinstance(chunk, dict) and chunk.get("text"):
-        print(chunk["text"], end="", flush=True)
+def chunk_texts(on_text: Callable[[str], None]) -> Callable[[Envelope], None]:
+    """A chunk handler passing each chunk's text on once, in index order (a chunk
+    stored again after an outage, past the duplicate window, is skipped)."""
+    next_index = 0
+
+    def on_chunk(env: Envelope) -> None:
+        nonlocal next_index
+        chunk = msgspec.json.decode(env.data)
+        if not isinstance(chunk, dict) or chunk.get("index", next_index) < next_index:
+            return
+        next_index = chunk.get("index", next_index) + 1
+        if isinstance(chunk.get("text"), str) and chunk["text"]:
+            on_text(chunk["text"])
+
+    return on_chunk
+
+
+def _print_text(text: str) -> None:
+    print(text, end="", flush=True)
 
 
 class Scope(msgspec.Struct, frozen=True, kw_only=True):
@@ -224,7 +237,7 @@ async def read_log(
         return None
     nc = await client.connect(nats_url, name="exojet-replay")
     try:
-        await client.replay(nc.jetstream(), on_env, end_seq=to_seq)
+        await client.replay(nc, on_env, end_seq=to_seq)
     finally:
         await nc.close()
     return None
@@ -275,7 +288,7 @@ async def export_log(nats_url: str, from_seq: int, to_seq: int | None, path: Pat
     writer = ArchiveWriter(path)
     try:
         info = await nc.jetstream().stream_info(streams.LOG_STREAM)
-        await client.replay(nc.jetstream(), writer.write, start_seq=from_seq, end_seq=to_seq)
+        await client.replay(nc, writer.write, start_seq=from_seq, end_seq=to_seq)
     finally:
         writer.close()
         await nc.close()

@@ -14,9 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import msgspec
-from nats.js import api
-
 from exojet.bus import client, subjects
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
@@ -26,6 +23,7 @@ from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatMessage
+from exojet.cli.log_cmds import chunk_texts
 from exojet.cli.progress import ProgressBars
 from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 from exojet.projections.words import message_of
@@ -171,10 +169,7 @@ async def route_chat(
     emitter = chat_task_id(chat_id, 0)
     texts: asyncio.Queue[str | TaskStatusUpdated] = asyncio.Queue()
 
-    async def on_chunk(msg: Any) -> None:
-        chunk = msgspec.json.decode(msg.data)
-        if isinstance(chunk, dict) and isinstance(chunk.get("text"), str) and chunk["text"]:
-            texts.put_nowait(chunk["text"])
+    on_chunk = chunk_texts(texts.put_nowait)
 
     def on_event(env: Envelope) -> None:
         event = message_of(env)
@@ -189,18 +184,10 @@ async def route_chat(
     subs: list[Any] = []
     try:
         js = nc.jetstream()
-        subs.append(
-            await js.subscribe(
-                subjects.chunks_filter(chat_id),
-                stream=CHUNKS_STREAM,
-                cb=on_chunk,
-                ordered_consumer=True,
-                deliver_policy=api.DeliverPolicy.ALL,
-            )
-        )
+        subs.append(await client.follow(nc, on_chunk, subject=subjects.chunks_filter(chat_id), stream=CHUNKS_STREAM))
         ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id)
         subs.append(
-            await client.follow(js, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
+            await client.follow(nc, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
         )
         said = ""
         async with asyncio.timeout(timeout):

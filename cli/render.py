@@ -72,6 +72,8 @@ def render_state(reply: dict[str, Any]) -> str:
         f"runners{_page_note(reply, 'runners')}",
         render_runner_rows(reply["runners"]),
     ]
+    if outages := _outage_rows(reply.get("connections") or {}):
+        parts += ["", "connections to NATS that were lost (and are back)", table(["PART", "OUTAGES", "LAST"], outages)]
     if reply.get("instances"):
         parts += ["", f"instances{_page_note(reply, 'instances')}", render_instance_rows(reply["instances"])]
     if reply.get("pending_chat_count"):
@@ -107,6 +109,16 @@ def render_state(reply: dict[str, Any]) -> str:
         parts += ["", f"{reply['anomaly_count']} anomalies (newest last):"]
         parts += [f"  seq {a['seq']}: {a['kind']}: {a['detail']}" for a in reply["anomalies"]]
     return "\n".join(parts)
+
+
+def _outage_rows(connections: dict[str, dict[str, dict[str, Any]]]) -> list[list[Any]]:
+    """A row per supervisor or runner whose connection to NATS was lost at least once."""
+    return [
+        [f"{kind.removesuffix('s')} {name}", conn.get("outages"), f"{conn.get('last_outage_s') or 0:.1f} s"]
+        for kind, parts in sorted(connections.items())
+        for name, conn in sorted(parts.items())
+        if conn.get("outages")
+    ]
 
 
 def _page_note(reply: dict[str, Any], section: str) -> str:

@@ -11,12 +11,12 @@ import uuid
 from pathlib import Path
 from typing import cast
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import client, parent_death, streams, subjects
 from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance, PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
-from exojet.bus.query_client import first_answer, query
+from exojet.bus.query_client import QueryFailed, first_answer, query
 from exojet.bus.server import NatsServer, ServerError, default_store_dir
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.bus.tasks import Shutdown
@@ -28,11 +28,14 @@ from exojet.projections.words import message_of
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     # Own process group: Ctrl-C reaches `up`, which then stops the children in order.
+    # Should `up` die without its cleanup (SIGKILL), they die with it: the next
+    # `up` finds no runner, supervisor or server of ours holding ports or models.
     return subprocess.Popen(
         [sys.executable, "-m", "exojet.cli.main", *args],
         stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=parent_death.preexec(signal.SIGKILL),
     )
 
 
@@ -91,13 +94,15 @@ class _Watcher:
             pass
 
 
-async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) -> str | None:
+async def _drive(server: NatsServer, runner_id: str, model_id: str, from_seq: int) -> str | None:
     """Place `model_id` on the runner and follow it to Ready; returns the instance id (None on failure)."""
-    nc = await client.connect(nats_url, name="exojet-up")
+    nc = await client.connect(server.url, name="exojet-up")
+    # Started from this (the main) thread: its parent-death signal must not be tied to a worker's.
+    keeper = asyncio.ensure_future(_keep_serving_every_second(server))
     watcher = _Watcher(runner_id)
     js = nc.jetstream()
     sub = await client.follow(
-        js, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id)
+        nc, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id)
     )
     try:
         await asyncio.wait_for(watcher.registered.wait(), 60)
@@ -105,10 +110,15 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
         await first_answer(nc, min_seq=watcher.registered_seq)
         mine = await query(nc, "runner", runner_id=runner_id, min_seq=watcher.registered_seq)
         for inst in mine["instances"].values():
-            await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=inst["instance_id"]))
+            await client.publish_until_stored(
+                js,
+                subjects.COMMANDS,
+                DeleteInstance(instance_id=inst["instance_id"]),
+                msg_id=f"up-delete-{inst['instance_id']}-{uuid.uuid4().hex[:6]}",
+            )
         # The planner drives DownloadModel -> LoadModel -> StartWarmup; we watch.
         command_id = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
-        ack = await client.publish(
+        ack = await client.publish_until_stored(
             js,
             subjects.COMMANDS,
             PlaceInstance(command_id=command_id, model_id=model_id, runners=(runner_id,)),
@@ -118,7 +128,13 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
         watcher.bars.say(f"  placed {instance_id}: {model_id} on {runner_id}")
         async with asyncio.timeout(600):
             while True:
-                inst = (await query(nc, "instance", instance_id=instance_id, min_seq=ack.seq))["instance"]
+                try:
+                    inst = (await query(nc, "instance", instance_id=instance_id, min_seq=ack.seq))["instance"]
+                except QueryFailed as err:
+                    # NATS or the supervisor away for a moment: ask again once it is back.
+                    print(f"  waiting for the supervisor ({err})", flush=True)
+                    await watcher.changed()
+                    continue
                 if inst.get("status") == "Ready":
                     return instance_id
                 if inst.get("status") in ("Failed", "Deleted"):
@@ -127,8 +143,15 @@ async def _drive(nats_url: str, runner_id: str, model_id: str, from_seq: int) ->
                 await watcher.changed()
     finally:
         watcher.bars.stop()
+        keeper.cancel()
         await sub.unsubscribe()
         await nc.close()
+
+
+async def _keep_serving_every_second(server: NatsServer) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        _keep_serving(server)
 
 
 async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | None) -> None:
@@ -165,7 +188,11 @@ def up(
     logs = (store_dir or default_store_dir()).parent / "logs"
     try:
         server = NatsServer(
-            port=port, monitor_port=monitor_port, store_dir=store_dir, log_file=logs / "nats-server.log"
+            port=port,
+            monitor_port=monitor_port,
+            store_dir=store_dir,
+            log_file=logs / "nats-server.log",
+            die_with_parent=True,
         ).start()
     except ServerError as err:
         print(f"error: {err} (is another `exojet up` or nats-server already running on port {port}?)", file=sys.stderr)
@@ -189,7 +216,7 @@ def up(
                 _spawn(["api", "--nats", server.url, "--port", str(api_port)], logs / "api.log"),
             )
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
-        instance_id = asyncio.run(_drive(server.url, runner_id, DEFAULT_MODEL_ID, from_seq))
+        instance_id = asyncio.run(_drive(server, runner_id, DEFAULT_MODEL_ID, from_seq))
         if instance_id is None:
             print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
             return 1
@@ -206,6 +233,7 @@ def up(
             flush=True,
         )
         while all(p.poll() is None for p in procs):
+            _keep_serving(server)
             try:
                 procs[0].wait(1.0)
             except subprocess.TimeoutExpired:
@@ -220,7 +248,10 @@ def up(
         # A second Ctrl-C must not cut the bounded cleanup short and orphan the children.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if runner is not None and runner.poll() is None:
-            asyncio.run(_shutdown_runner(server.url, runner_id, instance_id))
+            try:
+                asyncio.run(_shutdown_runner(server.url, runner_id, instance_id))
+            except (client.NatsUnreachable, *client.TRANSIENT_ERRORS) as err:
+                print(f"could not ask the runner to shut down through the log ({err!r}); stopping it", flush=True)
             try:
                 runner.wait(20)
             except subprocess.TimeoutExpired:
@@ -228,6 +259,21 @@ def up(
         for proc in reversed(procs):
             stop_process(proc)
         server.stop()
+
+
+def _keep_serving(server: NatsServer) -> None:
+    """Start our nats-server again (same port, same store) if it died; the others reconnect to it."""
+    assert server.process is not None
+    code = server.process.poll()
+    if code is None:
+        return
+    print(f"nats-server exited with code {code}; starting it again on port {server.port}", flush=True)
+    try:
+        server.start()
+    except ServerError as err:
+        print(f"nats-server did not start again ({err}); trying again in a second", file=sys.stderr, flush=True)
+        return
+    print(f"nats-server  {server.url}  back", flush=True)
 
 
 async def _ensure(url: str) -> int:

@@ -7,7 +7,7 @@ import asyncio
 import zlib
 from typing import Any
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from exojet.bus.tasks import ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
@@ -19,7 +19,7 @@ DEFAULT_MAX_TOKENS = 256
 
 async def chat(
     engine: Engine,
-    js: JetStreamContext,
+    nc: NATS,
     runner_id: str,
     group: Group | None,
     task: ChatCompletion,
@@ -41,7 +41,7 @@ async def chat(
         stop=stop_strings(task),
     )
     emits = task.emit_rank == (group.rank if group else 0)
-    chunks = ChunkStream(js, runner_id, task.stream_id or task_id, task_id) if emits else None
+    chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
     stop = cancelled or asyncio.Event()
     asked_engine = False
     done = None

@@ -3,9 +3,14 @@
 Each token goes out at once with `publish_async` (its ack is collected, not awaited),
 so a generation never stalls on a round trip. When the bus lags and
 `MAX_UNACKED` chunks are unacknowledged, tokens are joined into the next chunk
-instead of queueing, so per-token overhead stays small either way. `finish` sends
-the closing chunk and waits for every ack: a chunk the stream did not store fails
-the generation instead of vanishing.
+instead of queueing, so per-token overhead stays small either way.
+
+Through an outage the generation goes on and its text is held. What was sent
+but not acknowledged before the connection went is published again first,
+under its message id (`<task_id>:<index>`) and until stored, once the
+connection is back: a connection loses a tail of what was sent, never a middle,
+so the stream keeps the chunks in index order, each once, and a client
+replaying `EXO_CHUNKS` misses nothing. `finish` does the same for the last ones.
 """
 
 from __future__ import annotations
@@ -13,59 +18,117 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-from nats.js import JetStreamContext
+from loguru import logger
+from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 
-from exojet.bus import subjects
+from exojet.bus import client, connection, subjects
 
 MAX_UNACKED = 16
-ACK_TIMEOUT_S = 10.0
+# How long to wait for outstanding acks before publishing those chunks again.
+ACK_WAIT_S = 2.0
 
 
 class ChunksNotStored(Exception):
-    """EXO_CHUNKS did not acknowledge every chunk: a client replaying it would miss text."""
+    """EXO_CHUNKS refused a chunk (not a passing outage): a client replaying it would miss text."""
+
+
+class _Sent:
+    """One published chunk: what to publish again if its ack does not come."""
+
+    def __init__(self, msg_id: str, payload: bytes, ack: asyncio.Future[PubAck] | None, outages: int) -> None:
+        self.msg_id = msg_id
+        self.payload = payload
+        self.ack = ack
+        # The connection's outage count when it was sent: an outage since may have lost it.
+        self.outages = outages
+        self.confirmed = False
+
+    @property
+    def pending(self) -> bool:
+        return not self.confirmed and self.ack is not None and not self.ack.done()
+
+    @property
+    def stored(self) -> bool:
+        if not self.confirmed and self.ack is not None and self.ack.done() and not self.ack.cancelled():
+            self.confirmed = self.ack.exception() is None
+        return self.confirmed
 
 
 class ChunkStream:
     """One generation's chunks: `await add(text)` per token, then `await finish(reason)`."""
 
-    def __init__(self, js: JetStreamContext, runner_id: str, stream_id: str, task_id: str) -> None:
-        self.js = js
+    def __init__(self, nc: NATS, runner_id: str, stream_id: str, task_id: str) -> None:
+        self.js = nc.jetstream()
+        self.connection = connection.watch(nc)
         self.subject = subjects.chunks_subject(runner_id, stream_id)
         self.task_id = task_id
         self.index = 0
+        self.republished = 0
         self._held: list[str] = []
-        self._unacked: list[asyncio.Future[PubAck]] = []
+        self._sent: list[_Sent] = []
 
     async def add(self, text: str) -> None:
-        """Send `text` now, or hold it for the next chunk while the bus is behind."""
+        """Send `text` now, or hold it for the next chunk while the bus is behind or away."""
         if not text:
             return
         self._held.append(text)
-        self._unacked = [ack for ack in self._unacked if not ack.done() or ack.exception() is not None]
-        if sum(not ack.done() for ack in self._unacked) < MAX_UNACKED:
+        if not self.connection.connected:
+            return
+        if any(not sent.stored and sent.outages < self.connection.outages for sent in self._sent):
+            await self._send_again()
+        if sum(sent.pending for sent in self._sent[-MAX_UNACKED * 2 :]) < MAX_UNACKED:
             await self._send_held()
 
     async def finish(self, finish_reason: str) -> None:
-        """Send what is held and the closing chunk `{done: true, finish_reason}`; wait for all acks."""
-        await self._send_held()
-        await self._publish(
-            {"task_id": self.task_id, "index": self.index, "text": "", "done": True, "finish_reason": finish_reason}
-        )
+        """Send what is held and the closing chunk `{done: true, finish_reason}`; return once all are stored."""
+        await self._send_again()
+        if self._held:
+            await self._store(self._chunk("".join(self._held)))
+            self._held.clear()
+        await self._store(self._chunk("", done=True, finish_reason=finish_reason))
+        if self.republished:
+            logger.bind(task_id=self.task_id).warning(
+                f"{self.republished} chunks of {self.subject} published again after an outage"
+            )
+
+    def _chunk(self, text: str, **last: object) -> tuple[str, bytes]:
+        chunk = {"task_id": self.task_id, "index": self.index, "text": text, **last}
+        self.index += 1
+        return f"{self.task_id}:{chunk['index']}", msgspec.json.encode(chunk)
+
+    async def _send_again(self) -> None:
+        """Wait a little for outstanding acks, then publish again, in order, each chunk not stored."""
+        pending = [sent.ack for sent in self._sent if sent.pending and sent.ack is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=ACK_WAIT_S)
+        for sent in self._sent:
+            if sent.stored:
+                continue
+            if sent.ack is not None:
+                sent.ack.cancel()  # frees nats-py's slot for an ack that will not come
+            self.republished += 1
+            await self._store((sent.msg_id, sent.payload))
+            sent.confirmed = True
+
+    async def _store(self, chunk: tuple[str, bytes]) -> None:
+        msg_id, payload = chunk
         try:
-            await asyncio.wait_for(asyncio.gather(*self._unacked), ACK_TIMEOUT_S)
+            await client.publish_until_stored(self.js, self.subject, payload, msg_id=msg_id)
         except Exception as err:
             raise ChunksNotStored(
-                f"the chunks of {self.subject} were not all stored in EXO_CHUNKS: {err!r}; "
+                f"EXO_CHUNKS refused chunk {msg_id} of {self.subject}: {err!r}; "
                 "check the NATS server and send the chat again"
             ) from err
 
     async def _send_held(self) -> None:
-        if self._held:
-            text = "".join(self._held)
-            self._held.clear()
-            await self._publish({"task_id": self.task_id, "index": self.index, "text": text})
-            self.index += 1
-
-    async def _publish(self, chunk: dict[str, object]) -> None:
-        self._unacked.append(await self.js.publish_async(self.subject, msgspec.json.encode(chunk)))
+        if not self._held:
+            return
+        msg_id, payload = self._chunk("".join(self._held))
+        self._held.clear()
+        outages = self.connection.outages
+        try:
+            ack = await self.js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": msg_id})
+        except client.TRANSIENT_ERRORS:
+            ack = None  # sent again once the connection is back
+        self._sent.append(_Sent(msg_id, payload, ack, outages))

@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from loguru import logger
 
+from exojet.bus import parent_death
 from exojet.runner.engine_choice import (
     EngineName,
     EngineWanted,
@@ -141,9 +142,11 @@ class Engine:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             # The runner decides when its engine dies: a Ctrl-C on the terminal
-            # reaches the runner, which then stops the engine in order.
+            # reaches the runner, which then stops the engine in order; and if the
+            # runner dies (even by SIGKILL) mid-computation, the engine dies with it.
             start_new_session=True,
             env=child_env(self.blas),
+            preexec_fn=parent_death.preexec(signal.SIGKILL),
         )
         self._log = logger.bind(component="engine", engine_pid=self._proc.pid)
         self._stderr_reader = asyncio.create_task(self._read_stderr(self._proc))

@@ -4,6 +4,11 @@ Every write carries `Nats-Expected-Last-Subject-Sequence` = the sequence of this
 runner's previous write, so a twin process with the same id, or a runner a
 supervisor already declared lost, cannot write: the check fails and the runner
 learns which it is from the message that got in between.
+
+A write NATS does not acknowledge (the server away, restarting) is tried again
+under the same message id until it is. If the server stored a try but its ack
+was lost, the next try fails the check against our own message: the subject's
+last message then carries our event id, and the write is done, not fenced.
 """
 
 from __future__ import annotations
@@ -48,25 +53,41 @@ class EventWriter:
             event_id = f"{self.runner_id}:{self.incarnation}:{self._count}"
             event = build(event_id, self.incarnation, time.time())
             try:
-                ack = await client.publish(
+                ack = await client.publish_until_stored(
                     self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=self.last_seq
                 )
+                seq = ack.seq
             except client.WrongLastSequence:
-                if await client.last_on_subject(self.js, self.subject) is not None:
-                    raise await self._who_fenced_us() from None
-                # EXO_LOG's limits removed every message of our subject (an idle runner in
-                # a busy log): nobody wrote it since us, so it must still be empty.
-                ack = await client.publish(self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=0)
-            self.last_seq = ack.seq
-            logger.bind(runner_id=self.runner_id, seq=ack.seq).debug(f"wrote {type(event).__name__}")
-            return ack.seq
+                seq = await self._reconcile(event, event_id)
+            self.last_seq = seq
+            logger.bind(runner_id=self.runner_id, seq=seq).debug(f"wrote {type(event).__name__}")
+            return seq
 
-    async def _who_fenced_us(self) -> Fenced:
-        last = await client.last_on_subject(self.js, self.subject)
+    async def _reconcile(self, event: RunnerEvent, event_id: str) -> int:
+        """After a refused write: the sequence of our own write if it is the subject's last
+        (its ack was lost), else the Fenced naming who wrote in between."""
+        last = await client.until_done(
+            lambda: client.last_on_subject(self.js, self.subject), f"read the last message of {self.subject}"
+        )
+        if last is None:
+            # EXO_LOG's limits removed every message of our subject (an idle runner in
+            # a busy log): nobody wrote it since us, so it must still be empty.
+            ack = await client.publish_until_stored(
+                self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=0
+            )
+            return ack.seq
         try:
-            event = decode_event(last.data) if last else None
+            found: object = decode_event(last.data)
         except BadInput:
-            event = None
+            found = None
+        if getattr(found, "event_id", None) == event_id:
+            logger.bind(runner_id=self.runner_id, seq=last.seq).warning(
+                f"the ack of {event_id} was lost; the log has it at seq {last.seq}"
+            )
+            return last.seq
+        raise self._fenced_by(found)
+
+    def _fenced_by(self, event: object) -> Fenced:
         if isinstance(event, RunnerLost):
             return Fenced(True, event.incarnation, f"runner {self.runner_id} was declared lost: {event.reason}")
         incarnation = getattr(event, "incarnation", self.incarnation)

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from exojet.bus.tasks import (
     ChatCompletion,
@@ -40,13 +40,13 @@ class Executor:
     def __init__(
         self,
         runner_id: str,
-        js: JetStreamContext,
+        nc: NATS,
         models_dir: Path,
         on_progress: Callable[[DownloadStatus], Awaitable[None]],
         engine: EngineWanted = "auto",
     ) -> None:
         self.runner_id = runner_id
-        self.js = js
+        self.nc = nc
         self.models_dir = models_dir
         self.on_progress = on_progress
         self.engine = Engine(engine)
@@ -120,7 +120,7 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.js, self.runner_id, self.group, task, task_id, cancelled)
+                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.

@@ -24,40 +24,42 @@ from exojet.runner.heartbeat import heartbeat
 from exojet.runner.registration import TwinRunning, advertised_address
 from exojet.runner.task_loop import Runner
 
+# On a stop signal, how long the runner's last writes (Cancelled, Shutdown) may wait for NATS.
+LAST_WORDS_S = 10.0
+
 
 async def run_runner(
     runner_id: str, nats_url: str, models_dir: Path, deadlines: Deadlines | None = None, engine: EngineWanted = "auto"
 ) -> int:
     """Connect, register, serve until Shutdown or a signal; returns the exit code."""
     stop = asyncio.Event()
-    lost_connection = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    nc = await client.connect(
-        nats_url, name=f"runner-{runner_id}", reconnect_attempts=60, on_closed=lost_connection.set
-    )
+    # Waits for a server at start and never gives up on it afterwards.
+    nc = await client.connect(nats_url, name=f"runner-{runner_id}", wait=True)
     runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines, engine)
     beat: asyncio.Task[None] | None = None
     try:
-        await streams.ensure_streams(runner.js)
+        await client.until_done(lambda: streams.ensure_streams(runner.js), "create the streams")
         await runner.start()
         beat = asyncio.ensure_future(heartbeat(nc, runner_id, lambda: runner.incarnation))
         serving = asyncio.ensure_future(runner.serve())
         stopped = asyncio.ensure_future(stop.wait())
-        gone = asyncio.ensure_future(lost_connection.wait())
-        await asyncio.wait({serving, stopped, gone}, return_when=asyncio.FIRST_COMPLETED)
-        for waiter in (stopped, gone):
-            waiter.cancel()
+        await asyncio.wait({serving, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         if serving.done():
             return serving.result()
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        if lost_connection.is_set():
-            runner.log.error("lost the connection to NATS for good; exiting")
-            return 1
         runner.log.info("stopping on signal")
-        await runner.shutdown(None)
+        try:
+            # Writes wait for NATS as long as it takes, except these last ones: a
+            # service manager's stop must not hang on a server that is gone.
+            async with asyncio.timeout(LAST_WORDS_S):
+                serving.cancel()
+                await asyncio.gather(serving, return_exceptions=True)
+                await runner.shutdown(None)
+        except TimeoutError:
+            runner.log.warning(f"NATS did not store this runner's last words within {LAST_WORDS_S:g} s; exiting")
         return 0
     except TwinRunning as err:
         print(f"error: {err}", file=sys.stderr)
@@ -69,8 +71,7 @@ async def run_runner(
         await runner.executor.engine.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        if not nc.is_closed:
-            await nc.close()
+        await client.close(nc)
 
 
 def main(

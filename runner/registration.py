@@ -117,7 +117,7 @@ def _final(event: object) -> bool:
     return isinstance(event, RunnerStatusUpdated) and status_name(event.runner_status) in FINAL_STATUSES
 
 
-async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistory) -> int:
+async def load_history(nc: NATS, runner_id: str, history: TaskHistory) -> int:
     """Fold this runner id's own subject into `history`: tasks already finished, and tasks an
     earlier incarnation started and never finished (it crashed meanwhile); returns the seq read from.
 
@@ -131,8 +131,8 @@ async def load_history(js: JetStreamContext, runner_id: str, history: TaskHistor
         except BadInput:
             return
 
-    start = await _ack_floor(js, runner_id) + 1
-    await client.replay_subject(js, subjects.runner_events_subject(runner_id), collect, start_seq=start)
+    start = await _ack_floor(nc.jetstream(), runner_id) + 1
+    await client.replay_subject(nc, subjects.runner_events_subject(runner_id), collect, start_seq=start)
     return start
 
 

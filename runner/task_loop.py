@@ -16,7 +16,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import client, connection, streams, subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
 from exojet.bus.statuses import TaskStatus
@@ -61,7 +61,7 @@ class Runner:
         self.history = TaskHistory()
         self.reports = Reports(runner_id, self.history)
         self.transitions = Transitions(self.reports)
-        self.executor = Executor(runner_id, self.js, models_dir, self.reports.progress, engine)
+        self.executor = Executor(runner_id, self.nc, models_dir, self.reports.progress, engine)
         self.deadlines = deadlines or Deadlines()
         self.cancels = Cancels(runner_id)
         # Set when a RunnerLost newer than our last write shows up on our subject.
@@ -74,9 +74,12 @@ class Runner:
 
     async def start(self) -> None:
         """Read the subject's history, register, answer what a crashed incarnation left running."""
-        start = await registration.load_history(self.js, self.runner_id, self.history)
+        # A server not quite there yet (JetStream starting) is waited for, not an error.
+        start = await client.until_done(
+            lambda: registration.load_history(self.nc, self.runner_id, self.history), "read this runner's history"
+        )
         self.log.bind(from_seq=start).info("read its subject from the task consumer's ack floor on")
-        await self._register()
+        await client.until_done(self._register, "register")
         await self._answer_interrupted()
 
     async def _register(self, after_loss: bool = False) -> None:
@@ -111,16 +114,23 @@ class Runner:
         # chat; a core subscription too (the runner's key may read its cancel subject).
         cancels = await self.nc.subscribe(subjects.cancel_subject(self.runner_id), cb=self.cancels.on_message)
         await self.nc.flush()
-        # A loss declared before the subscription reached the server is in the log only.
+        # A loss declared before the subscription reached the server is in the log only;
+        # so is one declared while this runner was disconnected from NATS.
         await self._check_lost("declared lost before serving", checks=1)
+        lost_while_away = self._check_lost_after_reconnect
+        connection.watch(self.nc).on_reconnect(lost_while_away)
         try:
             while True:
                 if await self.handle_fenced(await self._next_task(tasks)):
                     return 0
         finally:
+            connection.watch(self.nc).remove_listener(lost_while_away)
             await cancels.unsubscribe()
             await own.unsubscribe()
             await tasks.stop()
+
+    async def _check_lost_after_reconnect(self) -> None:
+        await self._check_lost("declared lost while disconnected from NATS", checks=1)
 
     async def _on_own_message(self, msg: Msg) -> None:
         try:

@@ -9,20 +9,27 @@ projection: if the runner wrote in between, the write fails and nothing is
 declared. The timeout is measured on this process's clock from the last sign of
 life it saw (or from when it first saw the runner), so a supervisor that
 starts, or restarts, gives every runner a full timeout first.
+
+Silence this supervisor could not have heard is not held against anyone: after
+its own reconnect to NATS, or after it was itself stalled (frozen, swapped
+out: its check loop woke far too late), every runner gets a full timeout again
+from then, and nothing is declared while it is disconnected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
+import msgspec
 from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from exojet.bus import client, subjects
+from exojet.bus import client, connection, subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerLost
 from exojet.projections.rules import FINAL_STATUSES
@@ -50,6 +57,8 @@ class Liveness:
         self.timeout = timeout
         # runner id -> monotonic time of the newest sign of life this process saw.
         self.last_seen: dict[str, float] = {}
+        # runner id -> its connection to NATS as its last heartbeat told (outages, last outage).
+        self.connections: dict[str, dict[str, Any]] = {}
         # (runner, last_event_seq) already declared, so a slow fold does not repeat it.
         self._declared: set[tuple[str, int]] = set()
         self._sub: Subscription | None = None
@@ -60,9 +69,18 @@ class Liveness:
         """Listen to heartbeats and runner events; check every fraction of the timeout."""
         self._sub = await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat)
         self.projector.listeners.append(self._on_applied)
+        connection.watch(self.nc).on_reconnect(self.grace)
         self._task = asyncio.create_task(self._loop(), name="liveness")
 
+    def grace(self) -> None:
+        """Give every runner a full timeout from now: the gap was ours, not theirs."""
+        now = time.monotonic()
+        for runner_id in self.last_seen:
+            self.last_seen[runner_id] = now
+        self.log.info(f"every runner gets {self.timeout:g} s of grace (this supervisor could not hear them)")
+
     async def stop(self) -> None:
+        connection.watch(self.nc).remove_listener(self.grace)
         if self._on_applied in self.projector.listeners:
             self.projector.listeners.remove(self._on_applied)
         if self._sub is not None:
@@ -75,14 +93,29 @@ class Liveness:
         runner_id = subjects.runner_of(msg.subject)
         if runner_id is not None:
             self.last_seen[runner_id] = time.monotonic()
+            try:
+                beat = msgspec.json.decode(msg.data)
+            except msgspec.DecodeError:
+                return  # a stranger's heartbeat still shows life; it just tells nothing more
+            if isinstance(beat, dict) and "outages" in beat:
+                self.connections[runner_id] = {
+                    "outages": beat.get("outages"),
+                    "last_outage_s": beat.get("last_outage_s"),
+                }
 
     def _on_applied(self, state: ClusterState, env: Envelope) -> None:
         if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX + "."):
             self.last_seen[env.subject[len(subjects.RUNNER_EVENTS_PREFIX) + 1 :]] = time.monotonic()
 
     async def _loop(self) -> None:
+        period = self.timeout / 5  # check period, a fraction of the timeout
+        woke = time.monotonic()
         while True:
-            await asyncio.sleep(self.timeout / 5)  # check period, a fraction of the timeout
+            await asyncio.sleep(period)
+            slept, woke = time.monotonic() - woke, time.monotonic()
+            if slept > period + self.timeout / 2:
+                self.log.warning(f"this supervisor was stalled for {slept:.1f} s")
+                self.grace()
             try:
                 await self.check_once()
             except asyncio.CancelledError:
@@ -92,6 +125,8 @@ class Liveness:
 
     async def check_once(self) -> list[str]:
         """Declare lost every silent runner; returns the ids declared."""
+        if not self.nc.is_connected:
+            return []
         now = time.monotonic()
         declared = []
         for runner in list(self.projector.state.runners.values()):

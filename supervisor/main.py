@@ -7,10 +7,11 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
-from exojet.bus import client, streams
+from exojet.bus import client, connection, streams
 from exojet.bus.streams import LogLimits
 from exojet.projections.state import Retention
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
@@ -51,37 +52,42 @@ async def run_supervisor(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    lost_connection = asyncio.Event()
-
-    def on_closed() -> None:
-        lost_connection.set()
-        stop.set()
-
-    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", reconnect_attempts=60, on_closed=on_closed)
+    # Waits for a server at start and never gives up on it afterwards.
+    nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", wait=True)
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js, log_limits=log_limits)
-        projector = Projector(js, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
-        await projector.start()
-        service = await start_service(nc, projector, supervisor_id)
+        await client.until_done(lambda: streams.ensure_streams(js, log_limits=log_limits), "create the streams")
+        projector = Projector(nc, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
+        await client.until_done(projector.start, "fold the log")
         liveness = Liveness(nc, js, projector, supervisor_id, heartbeat_timeout)
+
+        def connections() -> dict[str, Any]:
+            # Not in the log (a disconnected part could not have written it): from the parts themselves.
+            return {
+                "connections": {
+                    "supervisors": {supervisor_id: connection.watch(nc).summary()},
+                    "runners": liveness.connections,
+                }
+            }
+
+        service = await start_service(nc, projector, supervisor_id, connections)
         await liveness.start()
         reconciler = Reconciler(js, projector, supervisor_id, planner, models_dir)
         reconciler.start()
         log.bind(seq=projector.state.seq).info("supervisor serving queries on exo.supervisor.*, reconciling")
         await stop.wait()
         await reconciler.stop()
-        if lost_connection.is_set():
-            log.error("lost the connection to NATS for good; exiting")
-            return 1
         await liveness.stop()
         await service.stop()
         await projector.stop()
-        await projector.snapshot()
+        try:
+            await projector.snapshot()
+        except client.TRANSIENT_ERRORS as err:
+            # Only a shortcut for the next start: the log has everything.
+            log.warning(f"no snapshot stored on the way out: {err!r}")
         log.bind(seq=projector.state.seq).info("supervisor stopped")
         return 0
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
-        if not nc.is_closed:
-            await nc.close()
+        await client.close(nc)

@@ -7,12 +7,12 @@ import time
 from collections.abc import Callable
 
 from loguru import logger
-from nats.aio.subscription import Subscription
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from exojet.bus import client
 from exojet.bus.envelope import Envelope
+from exojet.bus.follower import Follower
 from exojet.bus.streams import LOG_STREAM, SNAPSHOT_BUCKET
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
@@ -20,6 +20,8 @@ from exojet.projections.state import ClusterState, Retention
 from exojet.supervisor.snapshot_store import load_snapshot_bytes, store_snapshot
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
+# A start waits this long at most for the fold to reach the log's end.
+CATCH_UP_TIMEOUT_S = 600.0
 
 Listener = Callable[[ClusterState, Envelope], None]
 
@@ -33,12 +35,13 @@ class Projector:
 
     def __init__(
         self,
-        js: JetStreamContext,
+        nc: NATS,
         snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
         max_snapshot_bytes: int = 8 * 1024 * 1024,
         retention: Retention | None = None,
     ) -> None:
-        self.js = js
+        self.nc = nc
+        self.js = nc.jetstream()
         # A KV value is one message: snapshots are chunked to the server's max_payload.
         self.max_snapshot_bytes = max_snapshot_bytes
         # Set when the log starts after the snapshot: the projection misses messages.
@@ -51,7 +54,7 @@ class Projector:
         self._since_snapshot = 0
         # (min_seq, future) of queries waiting for the projection to get there.
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._sub: Subscription | None = None
+        self._follower: Follower | None = None
         self._snapshot_task: asyncio.Task[int] | None = None
 
     async def start(self) -> None:
@@ -64,9 +67,12 @@ class Projector:
         self.state.retention = self.retention
         from_snapshot = self.state.seq
         await self._check_horizon()
-        # Catch up with batched reads (faster than the live consumer), then follow from there.
-        await client.replay(self.js, self._on_envelope, start_seq=self.state.seq + 1)
-        self._sub = await client.follow(self.js, self._on_envelope, start_seq=self.state.seq + 1)
+        # One read catches up and then follows live (through outages): no seam between the two.
+        end = await client.last_seq(self.js)
+        if self._follower is not None:  # a start tried again after NATS went away mid-way
+            await self._follower.stop()
+        self._follower = await client.follow(self.nc, self._on_envelope, start_seq=self.state.seq + 1)
+        await self.wait_for(end, CATCH_UP_TIMEOUT_S)
         logger.bind(seq=self.state.seq, snapshot_seq=from_snapshot).info(
             f"projection caught up in {time.perf_counter() - started:.3f} s"
         )
@@ -147,8 +153,8 @@ class Projector:
 
     async def stop(self) -> None:
         """Stop following (the state stays readable)."""
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        if self._follower is not None:
+            await self._follower.stop()
+            self._follower = None
         if self._snapshot_task is not None:
             await self._snapshot_task

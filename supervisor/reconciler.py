@@ -94,6 +94,7 @@ class Reconciler:
 
     async def _loop(self) -> None:
         timeout = 0.0
+        away = False
         while True:
             try:
                 # Not wait_for: on 3.11 it drops a cancel that lands as the event is set
@@ -105,8 +106,14 @@ class Reconciler:
             self._wake.clear()
             try:
                 timeout = await self.reconcile_once()
+                away = False
             except asyncio.CancelledError:
                 raise
+            except client.TRANSIENT_ERRORS as err:
+                # NATS is away: said once, then quietly retried by the next plan until it is back.
+                (self.log.debug if away else self.log.warning)(f"reconcile: NATS did not answer ({err!r})")
+                away = True
+                timeout = self.interval
             except Exception:
                 # A failed publish (server restarting, timeout) is retried by the next plan.
                 self.log.exception("reconcile failed; planning again in a moment")

@@ -77,8 +77,16 @@ ANSWERS: dict[str, tuple[str, Answer]] = {
 }
 
 
-async def start_service(nc: NATS, projector: Projector, supervisor_id: str) -> Service:
-    """Register `exojet-supervisor` with its state, runner, task and instance endpoints."""
+async def start_service(
+    nc: NATS,
+    projector: Projector,
+    supervisor_id: str,
+    state_extra: Callable[[], dict[str, Any]] | None = None,
+) -> Service:
+    """Register `exojet-supervisor` with its state, runner, task and instance endpoints.
+
+    `state_extra()` is added to every `state` reply (what is not in the log: connections).
+    """
     service = await add_service(
         nc,
         name=SERVICE_NAME,
@@ -89,8 +97,14 @@ async def start_service(nc: NATS, projector: Projector, supervisor_id: str) -> S
         metadata={"supervisor_id": supervisor_id},
     )
     for name, (subject, answer) in ANSWERS.items():
+        if name == "state" and state_extra is not None:
+            answer = _with_extra(answer, state_extra)
         await service.add_endpoint(name=name, subject=subject, handler=_handler(projector, answer, supervisor_id))
     return service
+
+
+def _with_extra(answer: Answer, extra: Callable[[], dict[str, Any]]) -> Answer:
+    return lambda state, query: {**answer(state, query), **extra()}
 
 
 def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callable[[Request], Any]:

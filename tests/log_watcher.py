@@ -7,12 +7,12 @@ from collections.abc import Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
 
 from exojet.bus import client
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.follower import Follower
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, status_name
 
 Entry = tuple[Envelope, Any]
@@ -24,10 +24,10 @@ class LogWatcher:
     def __init__(self) -> None:
         self.entries: list[Entry] = []
         self._changed = asyncio.Event()
-        self._sub: Subscription | None = None
+        self._sub: Follower | None = None
 
     async def start(self, nc: NATS) -> LogWatcher:
-        self._sub = await client.follow(nc.jetstream(), self._on)
+        self._sub = await client.follow(nc, self._on)
         return self
 
     async def stop(self) -> None:

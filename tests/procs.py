@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -30,3 +31,19 @@ def start_runner(runner_id: str, url: str, models_dir: Path, logs: Path) -> subp
     return exojet(
         "runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=logs / f"{runner_id}.log"
     )
+
+
+async def exojet_output(*args: str, timeout: float = 60.0) -> str:
+    """`exojet ARGS` run to completion (bounded); its output. Fails the test on a non-zero exit."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "exojet.cli.main",
+        *args,
+        cwd=REPO,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode == 0, (out + err).decode()
+    return out.decode()

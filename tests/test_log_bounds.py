@@ -70,7 +70,7 @@ async def test_a_trimmed_log_exports_replays_from_file_and_checks_from_its_horiz
         assert f"starts at seq {first}" in check.stdout and "check: ok" in check.stdout
 
     # A supervisor with no snapshot older than the log's start says so, and what to do.
-    projector = Projector(js, snapshot_every=10**9)
+    projector = Projector(nc, snapshot_every=10**9)
     await projector.start()
     try:
         assert projector.state.seq == last and projector.state.horizon == first
@@ -92,7 +92,7 @@ async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS
     await streams.ensure_streams(js)
     await _chats(nc, 300)
     small_payload = 6 * 1024
-    first = Projector(js, snapshot_every=10**9, max_snapshot_bytes=small_payload)
+    first = Projector(nc, snapshot_every=10**9, max_snapshot_bytes=small_payload)
     await first.start()
     await first.snapshot()
     kv = await js.key_value(streams.SNAPSHOT_BUCKET)
@@ -101,14 +101,14 @@ async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS
     await first.stop()
 
     # A restart folds nothing but the snapshot, and agrees with the fold.
-    second = Projector(js, snapshot_every=10**9)
+    second = Projector(nc, snapshot_every=10**9)
     await second.start()
     assert second.state.seq == seq and state_hash(second.state) == state_hash(first.state)
     await second.stop()
 
     # The next snapshot replaces the chunks of the one before.
     await _chats(nc, 1, start=300)
-    third = Projector(js, snapshot_every=10**9, max_snapshot_bytes=small_payload)
+    third = Projector(nc, snapshot_every=10**9, max_snapshot_bytes=small_payload)
     await third.start()
     await third.snapshot()
     await third.stop()
@@ -117,7 +117,7 @@ async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS
 
     # A snapshot of the older, unchunked form still loads.
     await kv.put(SNAPSHOT_KEY, dump_snapshot(first.state))
-    old = Projector(js, snapshot_every=10**9)
+    old = Projector(nc, snapshot_every=10**9)
     await old.start()
     assert old.state.seq == third.state.seq and state_hash(old.state) == state_hash(third.state)
     await old.stop()

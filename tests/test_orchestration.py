@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -33,7 +32,7 @@ from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.apply import apply
 from exojet.projections.instances import instance_id_of, steps
 from exojet.projections.state import ClusterState, InstanceView
-from tests.procs import REPO, exojet, start_runner, stop
+from tests.procs import exojet, exojet_output, start_runner, stop
 
 Predicate = Callable[[ClusterState], bool]
 
@@ -47,8 +46,8 @@ class LogWatch:
         self.hooks: list[Callable[[Envelope], None]] = []
         self._changed = asyncio.Event()
 
-    async def start(self, js: object) -> None:
-        self._sub = await client.follow(js, self._on)  # type: ignore[arg-type]
+    async def start(self, nc: NATS) -> None:
+        self._sub = await client.follow(nc, self._on)
 
     def _on(self, env: Envelope) -> None:
         self.envs.append(env)
@@ -80,7 +79,7 @@ class LogWatch:
 @pytest.fixture
 async def watch(nc: NATS) -> LogWatch:
     w = LogWatch()
-    await w.start(nc.jetstream())
+    await w.start(nc)
     return w
 
 
@@ -161,18 +160,7 @@ def _assert_no_duplicates(watch: LogWatch) -> None:
 
 async def _cli(*args: str) -> str:
     """`exojet ARGS` to completion (bounded); its stdout. Fails the test on a non-zero exit."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "exojet.cli.main",
-        *args,
-        cwd=REPO,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()
-    return out.decode()
+    return await exojet_output(*args, timeout=30)
 
 
 async def _place(nc: NATS, **fields: object) -> str:

@@ -99,7 +99,7 @@ async def _local_fold_hash(url: str) -> str:
         nonlocal state
         state = apply(state, env)  # type: ignore[arg-type]
 
-    await client.replay(conn.jetstream(), on_env)
+    await client.replay(conn, on_env)
     await conn.close()
     return state_hash(state)
 
@@ -119,7 +119,10 @@ async def test_two_supervisors_answer_alike(nats_server: NatsServer, nc: NATS, t
         async with asyncio.timeout(20):
             while answered_by != {"s0", "s1"}:
                 reply = await query(nc, "state", min_seq=last)
-                answered_by.add(reply.pop("supervisor_id"))
+                who = reply.pop("supervisor_id")
+                answered_by.add(who)
+                # Each tells its own connection's story; the projection must be the same.
+                assert set(reply.pop("connections")["supervisors"]) == {who}
                 replies.append(reply)
         assert all(r == replies[0] for r in replies)
     finally:

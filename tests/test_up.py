@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -166,3 +167,53 @@ def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
         finally:
             sup.terminate()
             sup.wait(30)
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _line_starting(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        assert line, f"exojet up exited with {proc.wait()} before printing {prefix!r}"
+        if line.startswith(prefix):
+            return line
+    raise AssertionError(f"exojet up did not print {prefix!r} within {timeout} s")
+
+
+@pytest.mark.slow
+def test_up_restarts_its_server_and_dies_with_everything_it_started(tmp_path: Path) -> None:
+    port = free_port()
+    up = start_up(tmp_path, port, tmp_path / "up.log")
+    try:
+        wait_ready(up)
+        server = next(c for c in psutil.Process(up.pid).children() if c.name().startswith("nats-server"))
+        server.kill()
+        _line_starting(up, "nats-server  ", 30)  # "... back"
+        back = time.monotonic()
+        # The supervisor and runner reconnect on their own; a chat is served again.
+        while True:
+            answer = chat(port, "What is the capital of France?")
+            if answer.returncode == 0 or time.monotonic() - back > 30:
+                break
+        assert answer.returncode == 0, answer.stderr
+        assert "Paris" in answer.stdout
+        print(f"\nup's nats-server SIGKILLed: a chat served again {time.monotonic() - back:.1f} s after it was back")
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 4  # nats-server, supervisor, runner, its engine
+    finally:
+        up.kill()
+        up.wait()
+    killed = time.monotonic()
+    while any(_alive(c) for c in children):
+        assert time.monotonic() - killed < 5, [c for c in children if _alive(c)]
+        time.sleep(0.05)
+    # Nothing holds the port: the next `up` can have it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))

@@ -1,0 +1,242 @@
+"""Connecting to NATS so that no exojet process ever gives up on it.
+
+nats-py's defaults block for minutes on a first connect and then give up after a
+few reconnects. Here a connection, once made, reconnects for as long as it takes
+(backoff 0.1 s doubling to at most `MAX_BACKOFF_S`), pings every `PING_INTERVAL_S`
+so a dead server is noticed within seconds, and logs each change of state once
+(not every attempt). `watch(nc)` tells how long the connection was away and lets
+parts that hold server-side state (a consumer, a subscription's position) resume
+the moment it is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import nats
+from loguru import logger
+from nats.aio.client import Client as NATS
+from nats.aio.client import Server
+from nats.errors import ConnectionReconnectingError, NoServersError, OutboundBufferLimitError
+from nats.js.errors import ServiceUnavailableError
+
+from exojet.bus import connect_options
+from exojet.bus.connect_options import BadCredentials, ConnectOptions
+from exojet.bus.handshake import NatsRefused, NatsUnreachable, refusal
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+MAX_BACKOFF_S = 2.0
+FIRST_BACKOFF_S = 0.1
+PING_INTERVAL_S = 2
+MAX_OUTSTANDING_PINGS = 3
+
+# What a publish raises while the server is away or restarting: worth trying again.
+# (Not NoRespondersError: a single server recovers its streams before it takes
+# clients, so no responders means the stream is missing, which waiting won't fix.)
+TRANSIENT_ERRORS = (
+    asyncio.TimeoutError,
+    OutboundBufferLimitError,
+    ConnectionReconnectingError,
+    ServiceUnavailableError,
+)
+
+Listener = Callable[[], Awaitable[None] | None]
+
+
+def backoff_delay(attempts: int) -> float:
+    """Seconds to wait before reconnect attempt `attempts + 1`: doubling from 0.1 s, capped, jittered."""
+    base: float = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(attempts, 10))
+    return base * random.uniform(0.8, 1.0)
+
+
+class ConnectionWatch:
+    """One connection's history: when it went away, for how long, and who wants to hear it is back."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.disconnected_at: float | None = None
+        self.outages = 0
+        self.last_outage_s = 0.0
+        self.reconnected_at: float | None = None
+        # Set while a first connect waits for a server, to say so once.
+        self.waiting_for: str | None = None
+        # Weak: the registry below is keyed by the connection and must not keep it alive.
+        self.connection: weakref.ref[NATS] | None = None
+        self._listeners: list[Listener] = []
+        self._resuming: set[asyncio.Future[None]] = set()
+        self.log = logger.bind(client=name)
+
+    @property
+    def connected(self) -> bool:
+        return self.disconnected_at is None
+
+    def down_for(self) -> float:
+        """Seconds since the connection went away (0 while connected)."""
+        return 0.0 if self.disconnected_at is None else time.monotonic() - self.disconnected_at
+
+    def summary(self) -> dict[str, Any]:
+        """What `exojet state` shows of this connection."""
+        return {
+            "connected": self.connected,
+            "outages": self.outages,
+            "last_outage_s": round(self.last_outage_s, 3),
+            "down_for_s": round(self.down_for(), 3),
+        }
+
+    def on_reconnect(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    async def disconnected(self) -> None:
+        nc = self.connection() if self.connection is not None else None
+        if nc is not None and nc.is_closed:
+            return  # closed on purpose (nats-py calls this on close too)
+        if self.disconnected_at is None:
+            self.disconnected_at = time.monotonic()
+            self.log.warning("disconnected from NATS; reconnecting until it is back")
+
+    async def reconnected(self) -> None:
+        now = time.monotonic()
+        self.last_outage_s = now - (self.disconnected_at or now)
+        self.outages += 1
+        self.disconnected_at = None
+        self.reconnected_at = now
+        self.log.bind(outage_s=round(self.last_outage_s, 3)).warning(
+            f"reconnected to NATS after {self.last_outage_s:.1f} s away"
+        )
+        for listener in list(self._listeners):
+            try:
+                result = listener()
+            except Exception:
+                # One part failing to resume must not keep the others from it.
+                self.log.exception("a reconnect listener failed")
+                continue
+            if result is not None:
+                # In the background: nats-py's reconnect must not wait on what a part does with it.
+                task = asyncio.ensure_future(result)
+                self._resuming.add(task)
+                task.add_done_callback(self._resumed)
+
+    def _resumed(self, task: asyncio.Future[None]) -> None:
+        self._resuming.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.opt(exception=task.exception()).error("a reconnect listener failed")
+
+    async def error(self, err: Exception) -> None:
+        # While away, every failed attempt raises one of these: the disconnect
+        # was logged once and the reconnect will be.
+        (self.log.debug if self.disconnected_at is not None else self.log.warning)(f"nats: {err!r}")
+        if self.waiting_for is not None:
+            self.log.warning(f"no NATS server at {self.waiting_for} yet; waiting for one")
+            self.waiting_for = None
+
+    async def closed(self) -> None:
+        self.log.debug("NATS connection closed")
+
+
+_watches: weakref.WeakKeyDictionary[NATS, ConnectionWatch] = weakref.WeakKeyDictionary()
+
+
+def watch(nc: NATS) -> ConnectionWatch:
+    """The watch of a connection made by `connect` (a fresh one for any other)."""
+    found = _watches.get(nc)
+    if found is None:
+        found = _watches[nc] = ConnectionWatch(nc.options.get("name") or "nats")
+    return found
+
+
+def _least_tried(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+    """nats-py's reconnect hook: the server tried least (a cluster's members in turn), after a backoff."""
+    server = min(servers, key=lambda s: s.reconnects)
+    return server, backoff_delay(server.reconnects)
+
+
+def default_url() -> str:
+    """`$NATS_URL`, else the embedded server's default address."""
+    return os.environ.get("NATS_URL") or DEFAULT_URL
+
+
+async def connect(
+    url: str | None = None,
+    name: str = "exojet",
+    *,
+    wait: bool = False,
+    first_attempts: int = 3,
+    connect_timeout: float = 5.0,
+    options: ConnectOptions | None = None,
+) -> NATS:
+    """Connect; once connected, never give up reconnecting.
+
+    The first connect tries `first_attempts` times half a second apart and raises
+    NatsUnreachable, naming the URL (a command a person typed should say so at
+    once); with `wait` it tries until a server answers (a service starting
+    before its server). `options` are the credentials and TLS files (default:
+    what the CLI or the environment set, `connect_options.current()`); a server
+    that refuses them raises NatsRefused, naming the problem, within
+    `connect_timeout`, waiting or not (retrying would not help).
+    """
+    url = url or default_url()
+    opts = options if options is not None else connect_options.current()
+    try:
+        auth = opts.nats_kwargs()
+    except BadCredentials as err:
+        raise NatsRefused(str(err)) from None
+    # Checked first, on a connection of our own: nats-py can wait forever closing a socket
+    # whose TLS handshake failed, and retries refused credentials as if the server were away.
+    first = url.split(",")[0].strip()
+    refused = await refusal(urlparse(first if "://" in first else f"nats://{first}"), opts, connect_timeout)
+    if refused is not None:
+        raise refused
+    connection = ConnectionWatch(name)
+    # Failed first attempts are raised to the caller (or awaited): not news to log.
+    connection.disconnected_at = time.monotonic()
+    connection.waiting_for = url if wait else None
+    try:
+        nc = await nats.connect(
+            url,
+            name=name,
+            connect_timeout=connect_timeout,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1 if wait else first_attempts,
+            reconnect_time_wait=0.5,
+            reconnect_to_server_handler=_least_tried,
+            ping_interval=PING_INTERVAL_S,
+            max_outstanding_pings=MAX_OUTSTANDING_PINGS,
+            error_cb=connection.error,
+            disconnected_cb=connection.disconnected,
+            reconnected_cb=connection.reconnected,
+            closed_cb=connection.closed,
+            **auth,
+        )
+    except (NoServersError, OSError) as err:
+        raise NatsUnreachable(
+            f"cannot reach NATS at {url} ({err!r}); start a server with "
+            "`exojet nats` or `exojet up`, or pass --nats / set NATS_URL"
+        ) from None
+    # From here on the connection is never abandoned (nats-py reads the option on each attempt).
+    nc.options["max_reconnect_attempts"] = -1
+    connection.disconnected_at = None
+    connection.waiting_for = None
+    connection.connection = weakref.ref(nc)
+    _watches[nc] = connection
+    return nc
+
+
+async def close(nc: NATS) -> None:
+    """Close the connection whatever its state (nats-py raises if the socket is already gone)."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.close()
+    except OSError as err:
+        watch(nc).log.debug(f"closed a connection that was already lost: {err!r}")
