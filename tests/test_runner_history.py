@@ -108,7 +108,7 @@ async def test_history_is_read_from_the_task_consumers_ack_floor(nats_server: Na
     await asyncio.wait_for(consumer.next(), 10)  # c: delivered, not acknowledged
 
     history = TaskHistory()
-    start = await load_history(js, "r1", history)
+    start = await load_history(nc, "r1", history)
     # a and b are acknowledged: never delivered again. The read starts after b's task
     # (the floor), so a's statuses are not read; b's came after its task.
     assert start == seqs["b"] + 1
