@@ -115,4 +115,4 @@ async def test_history_is_read_from_the_task_consumers_ack_floor(nats_server: Na
     assert history.running == {"c": "LoadModel"} and list(history.done) == ["b"]
     # No consumer yet (a runner id's first start): the whole subject.
     fresh = TaskHistory()
-    assert await load_history(js, "r9", fresh) == 1 and not fresh.done
+    assert await load_history(nc, "r9", fresh) == 1 and not fresh.done

@@ -309,7 +309,7 @@ async def test_seed_workflow_pipeline_routed_chat_catch_up_and_replay_under_leas
         await identities.create_streams(server.url, auth_dir)
         nc = await client.connect(server.url, name="test-client", options=client_options)
         watch = LogWatch()
-        await watch.start(nc.jetstream())
+        await watch.start(nc)
         common = ("--nats", server.url, "--models-dir", str(models_dir))
         for rid in RUNNERS:
             procs.append(
