@@ -30,7 +30,7 @@ HEARTBEAT_TIMEOUT_S = 3.0
 
 def _chunk_subject(task_id: str) -> str:
     """A routed chat's chunks go to its chat id, the task id without its rank."""
-    return subjects.chunks_subject(task_id.rsplit(".", 1)[0])
+    return subjects.chunks_filter(task_id.rsplit(".", 1)[0])
 
 
 class Instance:
