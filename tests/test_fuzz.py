@@ -199,7 +199,7 @@ class Target:
     async def start(self) -> Target:
         last = await client.last_seq(self.js)
         self._sub = await client.follow(
-            self.js, self._on_event, start_seq=last + 1, subject=subjects.runner_events_subject("r1")
+            self.nc, self._on_event, start_seq=last + 1, subject=subjects.runner_events_subject("r1")
         )
         return self
 
