@@ -125,10 +125,10 @@ class LiveCluster:
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
-        self.nc = await client.connect(self.nats_url, name="exojet-api-live", reconnect_attempts=-1)
+        self.nc = await client.connect(self.nats_url, name="exojet-api-live", wait=True)
         js = self.nc.jetstream()
-        last = await client.replay(js, self._on_env)
-        self._subs.append(await client.follow(js, self._on_env, start_seq=last + 1))
+        last = await client.replay(self.nc, self._on_env)
+        self._subs.append(await client.follow(self.nc, self._on_env, start_seq=last + 1))
         self._subs.append(await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
         self._subs.append(
             await js.subscribe(
@@ -222,5 +222,5 @@ class LiveCluster:
             if env.seq == seq:
                 found.append(envelope_json(env))
 
-        await client.replay(self.nc.jetstream(), fold, end_seq=seq)
+        await client.replay(self.nc, fold, end_seq=seq)
         return (found[0] if found else None), state_reply(state, Paging(offset=0, limit=200))
