@@ -106,7 +106,7 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
     shown = None
     bars = ProgressBars(sys.stderr)
     sub = await client.follow(
-        nc.jetstream(), bars.on_event, start_seq=seq, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"
+        nc, bars.on_event, start_seq=seq, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"
     )
     try:
         async with asyncio.timeout(timeout):
