@@ -105,9 +105,7 @@ async def place(
 async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) -> int:
     shown = None
     bars = ProgressBars(sys.stderr)
-    sub = await client.follow(
-        nc, bars.on_event, start_seq=seq, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>"
-    )
+    sub = await client.follow(nc, bars.on_event, start_seq=seq, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
     try:
         async with asyncio.timeout(timeout):
             while True:

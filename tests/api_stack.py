@@ -141,7 +141,7 @@ async def task_statuses(url: str, runner_id: str, task_id: str) -> list[str]:
 
     nc = await client.connect(url, name="test")
     try:
-        await client.replay_subject(nc.jetstream(), subjects.runner_events_subject(runner_id), on_event)
+        await client.replay_subject(nc, subjects.runner_events_subject(runner_id), on_event)
     finally:
         await nc.close()
     return statuses
@@ -157,7 +157,7 @@ async def cancels_in_log(url: str, runner_id: str) -> list[tuple[str, str]]:
 
     nc = await client.connect(url, name="test")
     try:
-        await client.replay_subject(nc.jetstream(), subjects.cancel_subject(runner_id), on_cancel)
+        await client.replay_subject(nc, subjects.cancel_subject(runner_id), on_cancel)
     finally:
         await nc.close()
     return found

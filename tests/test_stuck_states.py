@@ -39,7 +39,7 @@ async def cluster(
     nats_server: NatsServer, models_dir: Path, tmp_path: Path, nc: NATS
 ) -> AsyncIterator[tuple[Procs, LogWatch]]:
     watch = LogWatch()
-    await watch.start(nc.jetstream())
+    await watch.start(nc)
     procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=HEARTBEAT_TIMEOUT)
     procs.runner("r1")
     await watch.until(_idle("r1"), 60, "r1 Idle")
