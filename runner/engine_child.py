@@ -1,6 +1,7 @@
 """The engine child process of the runner: `python -m exojet.runner.engine_child`.
 
-It serves the requests of `runner.engine_protocol` one at a time on its stdin and
+It runs MLX (mlx-lm) or llama.cpp (`runner.engine_llamacpp`), as each Load says, and
+serves the requests of `runner.engine_protocol` one at a time on its stdin and
 stdout. Stdout is kept for the protocol only: the original descriptors are
 duplicated for the protocol and fd 0/1 are pointed at /dev/null and stderr, so a
 stray `print` or a C library writing to stdout cannot corrupt a frame.
@@ -67,6 +68,56 @@ class RequestError(Exception):
         self.error_type = error_type
 
 
+def _check_fits(prompt_tokens: int, max_tokens: int, context_length: int | None) -> None:
+    """Refuse, before any work, a chat that cannot fit the context window (None: unknown)."""
+    if context_length and prompt_tokens + max_tokens > context_length:
+        raise RequestError(
+            "ContextLengthExceeded",
+            f"the prompt is {prompt_tokens} tokens and max_tokens {max_tokens}: "
+            f"{prompt_tokens + max_tokens} do not fit the model's context window of "
+            f"{context_length} tokens; shorten the messages or lower max_tokens",
+        )
+
+
+def _shard_range(req: Load, n_layers: int, path: Path) -> tuple[int, int]:
+    """The layers [start, end) a Load asks for (all by default), checked against the model's."""
+    start = 0 if req.start_layer is None else req.start_layer
+    end = n_layers if req.end_layer is None else req.end_layer
+    if not 0 <= start < end <= n_layers:
+        raise RequestError(
+            "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
+        )
+    return start, end
+
+
+def _mlx_loaded(
+    path: Path,
+    config: dict[str, Any],
+    n_layers: int,
+    shard: tuple[int, int],
+    weight_bytes: int,
+    started: float,
+    weights: str,
+    reason: str,
+) -> ModelLoaded:
+    """The reply to a Load of MLX weights, logged."""
+    seconds = time.perf_counter() - started
+    start, end = shard
+    logger.bind(model=str(path), start=start, end=end).info(
+        "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
+    )
+    return ModelLoaded(
+        n_layers=n_layers,
+        start_layer=start,
+        end_layer=end,
+        model_type=str(config.get("model_type", "")),
+        weight_bytes=weight_bytes,
+        load_seconds=seconds,
+        weights=weights,
+        weights_reason=reason,
+    )
+
+
 def materialise(model: Any, start: int, end: int) -> int:
     """Evaluate the weights that layers [start, end) need; return their bytes.
 
@@ -104,6 +155,8 @@ class EngineChild:
         self.pipe = pipe
         self.model: Any = None
         self.tokenizer: Any = None
+        # A GGUF loaded in llama.cpp (runner.engine_llamacpp), instead of an MLX model.
+        self.llama: Any = None
         # Tokens a sequence may hold (prompt and completion), from the model's config; None: unknown.
         self.context_length: int | None = None
         # The pipeline group this process joined (process-global, for its life).
@@ -159,6 +212,8 @@ class EngineChild:
 
     def load(self, req: Load) -> ModelLoaded:
         """Load a model folder lazily and materialise the requested layers."""
+        if req.engine == "llamacpp":
+            return self._load_llamacpp(req)
         if self.group is not None:
             return self._load_pipelined(req)
         from mlx_lm.utils import load_model, load_tokenizer
@@ -176,13 +231,7 @@ class EngineChild:
         except Exception as exc:
             raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = len(model.layers)
-        start = 0 if req.start_layer is None else req.start_layer
-        end = n_layers if req.end_layer is None else req.end_layer
-        if not 0 <= start < end <= n_layers:
-            raise RequestError(
-                "InvalidShard",
-                f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}",
-            )
+        start, end = _shard_range(req, n_layers, path)
         weight_bytes = materialise(model, start, end)
         free = psutil.virtual_memory().available
         weights, reason = choose_weights(model, (start, end) == (0, n_layers), req.weights, free)
@@ -190,20 +239,22 @@ class EngineChild:
             weight_bytes = to_dense_float32(model)
         self.model, self.tokenizer = model, tokenizer
         self.context_length = _context_length(config)
-        seconds = time.perf_counter() - started
-        logger.bind(model=str(path), start=start, end=end).info(
-            "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
+        return _mlx_loaded(path, config, n_layers, (start, end), weight_bytes, started, weights, reason)
+
+    def _load_llamacpp(self, req: Load) -> ModelLoaded:
+        from exojet.runner.engine_llamacpp import LlamaCppModel
+
+        self.unload(Unload())
+        path = Path(req.model_path)
+        try:
+            self.llama = LlamaCppModel(path)
+        except Exception as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        loaded: ModelLoaded = self.llama.loaded()
+        logger.bind(model=str(path), engine="llamacpp").info(
+            "loaded {} bytes of weights in {:.2f} s", loaded.weight_bytes, loaded.load_seconds
         )
-        return ModelLoaded(
-            n_layers=n_layers,
-            start_layer=start,
-            end_layer=end,
-            model_type=str(config.get("model_type", "")),
-            weight_bytes=weight_bytes,
-            load_seconds=seconds,
-            weights=weights,
-            weights_reason=reason,
-        )
+        return loaded
 
     def _load_pipelined(self, req: Load) -> ModelLoaded:
         import json
@@ -220,12 +271,7 @@ class EngineChild:
         except (OSError, ValueError) as exc:
             raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = int(config["num_hidden_layers"])
-        start = 0 if req.start_layer is None else req.start_layer
-        end = n_layers if req.end_layer is None else req.end_layer
-        if not 0 <= start < end <= n_layers:
-            raise RequestError(
-                "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
-            )
+        start, end = _shard_range(req, n_layers, path)
         # A rank that failed before loading never joins the collectives the
         # others wait in: the watchdog turns that wait into a bounded failure.
         with self._ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
@@ -234,18 +280,7 @@ class EngineChild:
         params: dict[str, Any] = {}
         tree_flatten(self.model.parameters(), destination=params)
         weight_bytes = sum(a.nbytes for a in params.values())
-        seconds = time.perf_counter() - started
-        logger.bind(model=str(path), start=start, end=end).info(
-            "loaded shard, {} bytes of weights in {:.2f} s", weight_bytes, seconds
-        )
-        return ModelLoaded(
-            n_layers=n_layers,
-            start_layer=start,
-            end_layer=end,
-            model_type=str(config.get("model_type", "")),
-            weight_bytes=weight_bytes,
-            load_seconds=seconds,
-        )
+        return _mlx_loaded(path, config, n_layers, (start, end), weight_bytes, started, "stored", "a pipeline shard")
 
     @contextlib.contextmanager
     def _ring_guard(self) -> Iterator[None]:
@@ -271,6 +306,9 @@ class EngineChild:
 
     def unload(self, _req: Unload) -> Ok:
         """Drop the model and return its memory to the system."""
+        if self.llama is not None:
+            self.llama.close()
+            self.llama = None
         if self.model is not None:
             import mlx.core as mx
 
@@ -281,10 +319,23 @@ class EngineChild:
 
     def generate(self, req: Generate, stream: bool = True) -> Done:
         """Generate a chat completion, writing Token replies when streaming."""
-        if self.model is None:
+        if self.model is None and self.llama is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
             raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
+        if self.llama is not None:
+            try:
+                llama_prompt: list[int] = self.llama.prompt_tokens(req)
+            except Exception as exc:
+                raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
+            _check_fits(len(llama_prompt), req.max_tokens, self.llama.context_length)
+            done: Done = self.llama.generate(
+                req,
+                llama_prompt,
+                (lambda text: self.pipe.write(Token(text=text))) if stream else None,
+                lambda: stream and self.pipe.readable() and self._cancelled(),
+            )
+            return done
         import mlx.core as mx
         from mlx_lm import stream_generate
         from mlx_lm.sample_utils import make_sampler
@@ -302,13 +353,7 @@ class EngineChild:
                 mx.random.seed(req.seed)
         except Exception as exc:
             raise RequestError("InvalidRequest", f"the model cannot take these messages or seed: {exc}") from exc
-        if self.context_length and len(prompt) + req.max_tokens > self.context_length:
-            raise RequestError(
-                "ContextLengthExceeded",
-                f"the prompt is {len(prompt)} tokens and max_tokens {req.max_tokens}: "
-                f"{len(prompt) + req.max_tokens} do not fit the model's context window of "
-                f"{self.context_length} tokens; shorten the messages or lower max_tokens",
-            )
+        _check_fits(len(prompt), req.max_tokens, self.context_length)
         sampler = make_sampler(req.temperature, req.top_p)
         scanner = StopScanner(req.stop)
         first_at = None

@@ -265,6 +265,13 @@ def test_default_model_answers_paris(tmp_path: Path) -> None:
     written = (folder / "model.safetensors").stat().st_mtime_ns
     assert ensure_default_model(tmp_path) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
+    # The GGUF as shipped stays next to the import, for llama.cpp.
+    assert (folder / "model.gguf").read_bytes() == smollm_gguf().read_bytes()
+    # A folder imported before the GGUF was kept gets it, without a new import.
+    (folder / "model.gguf").unlink()
+    assert ensure_default_model(tmp_path) == folder
+    assert (folder / "model.gguf").is_file()
+    assert (folder / "model.safetensors").stat().st_mtime_ns == written
 
     model, tokenizer = load(str(folder))
     assert [tokenizer.decode([t]) for t in tokenizer.encode("1984")] == ["1", "9", "8", "4"]

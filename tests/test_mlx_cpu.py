@@ -147,7 +147,7 @@ async def _greedy(engine: Engine) -> str:
 
 @pytest.mark.timeout(180)
 async def test_the_default_model_runs_dense_with_the_same_tokens(default_model: Path) -> None:
-    engine = Engine()
+    engine = Engine("mlx")
     await engine.start()
     try:
         stored = await engine.load(str(default_model), weights="stored")
