@@ -1,4 +1,5 @@
-"""Shared fixtures: real nats-server processes on free loopback ports, the tiny model."""
+"""Shared fixtures: real nats-server processes on free loopback ports, the tiny model, a
+watch on the log and a runner process."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import client, streams
 from exojet.bus.server import NatsServer
+from tests.log_watcher import LogWatcher
+from tests.procs import stop
+from tests.runner_harness import RunnerHandle, start_runner
 from tests.tiny_model import write_tiny_llama
 
 
@@ -43,3 +47,21 @@ def models_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
     root = tmp_path / "models"
     shutil.copytree(tiny_model_dir, root / "local--tiny")
     return root
+
+
+@pytest.fixture
+async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
+    """Every log entry from the start, as it is written."""
+    w = await LogWatcher().start(nc)
+    yield w
+    await w.stop()
+
+
+@pytest.fixture
+async def runner(
+    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
+) -> AsyncIterator[RunnerHandle]:
+    """Runner r1, registered; stopped after the test."""
+    handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
+    yield handle
+    stop(handle.proc)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -35,13 +34,6 @@ from tests.runner_harness import (
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-
-@pytest.fixture
-async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
-    w = await LogWatcher().start(nc)
-    yield w
-    await w.stop()
 
 
 async def _ready_runner(

@@ -292,37 +292,38 @@ safe_tasks = task_payloads.filter(lambda p: not _ends_the_runner(p))
 bad_commands = command_payloads.filter(_is_bad_command)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.warm(SAMPLE // 3)
-@_fuzz(SAMPLE)
-@given(payload=safe_tasks)
+def _fuzzed(examples: int, payloads: Any) -> Any:
+    """A test given `examples` generated payloads, on a target warmed for a third of them
+    (at most 1,000), within a bound that grows with them."""
+
+    def apply(test: Any) -> Any:
+        test = given(payload=payloads)(test)
+        test = _fuzz(examples)(test)
+        test = pytest.mark.warm(min(examples // 3, 1000))(test)
+        return pytest.mark.timeout(600 if examples <= SAMPLE else 3 * 3600)(test)
+
+    return apply
+
+
+@_fuzzed(SAMPLE, safe_tasks)
 async def test_generated_tasks_each_get_a_named_answer_and_the_runner_serves_on(target: Target, payload: bytes) -> None:
     await target.task(payload)
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.warm(SAMPLE // 3)
-@_fuzz(SAMPLE)
-@given(payload=bad_commands)
+@_fuzzed(SAMPLE, bad_commands)
 async def test_generated_bad_commands_each_become_a_named_anomaly(target: Target, payload: bytes) -> None:
     await target.command(payload)
 
 
 @pytest.mark.slow
 @full_run
-@pytest.mark.timeout(3 * 3600)
-@pytest.mark.warm(1000)
-@_fuzz(FULL)
-@given(payload=safe_tasks)
+@_fuzzed(FULL, safe_tasks)
 async def test_ten_thousand_generated_tasks(target: Target, payload: bytes) -> None:
     await target.task(payload)
 
 
 @pytest.mark.slow
 @full_run
-@pytest.mark.timeout(3 * 3600)
-@pytest.mark.warm(1000)
-@_fuzz(FULL)
-@given(payload=bad_commands)
+@_fuzzed(FULL, bad_commands)
 async def test_ten_thousand_generated_bad_commands(target: Target, payload: bytes) -> None:
     await target.command(payload)

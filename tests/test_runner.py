@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
@@ -42,22 +41,6 @@ from tests.runner_harness import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture
-async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
-    w = await LogWatcher().start(nc)
-    yield w
-    await w.stop()
-
-
-@pytest.fixture
-async def runner(
-    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
-) -> AsyncIterator[RunnerHandle]:
-    handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
-    yield handle
-    stop(handle.proc)
 
 
 def direct_generation(model_dir: Path, max_tokens: int) -> str:

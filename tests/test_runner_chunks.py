@@ -2,37 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.bus import streams
 from exojet.bus.events import RunnerStatusUpdated
-from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from tests.log_watcher import LogWatcher
-from tests.procs import stop
-from tests.runner_harness import RunnerHandle, chat, make_ready, run_task, start_runner
+from tests.runner_harness import RunnerHandle, chat, make_ready, run_task
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
-    w = await LogWatcher().start(nc)
-    yield w
-    await w.stop()
-
-
-@pytest.fixture
-async def runner(
-    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
-) -> AsyncIterator[RunnerHandle]:
-    handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
-    yield handle
-    stop(handle.proc)
 
 
 async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(

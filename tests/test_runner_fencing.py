@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -17,11 +15,9 @@ from exojet.bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
-from exojet.bus.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
 from tests.log_watcher import LogWatcher
-from tests.procs import stop
 from tests.runner_harness import (
     DOWNLOAD,
     RunnerHandle,
@@ -30,26 +26,9 @@ from tests.runner_harness import (
     make_ready,
     run_task,
     send,
-    start_runner,
 )
 
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
-    w = await LogWatcher().start(nc)
-    yield w
-    await w.stop()
-
-
-@pytest.fixture
-async def runner(
-    nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path
-) -> AsyncIterator[RunnerHandle]:
-    handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
-    yield handle
-    stop(handle.proc)
 
 
 async def declare_lost(nc: NATS, watcher: LogWatcher) -> int:

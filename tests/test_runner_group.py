@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from tests.runner_harness import (
 )
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def watcher(nc: NATS) -> AsyncIterator[LogWatcher]:
-    w = await LogWatcher().start(nc)
-    yield w
-    await w.stop()
 
 
 async def test_connected_runner_refuses_other_tasks_and_downloads_back_to_connected(
