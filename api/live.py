@@ -22,7 +22,14 @@ from exojet.api.metrics import ClusterMetrics
 from exojet.bus import client, subjects
 from exojet.bus.commands import PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import ChatRefused, DownloadProgress, RunnerLost, RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.events import (
+    ChatRefused,
+    DownloadProgress,
+    LoadProgress,
+    RunnerLost,
+    RunnerRegistered,
+    RunnerStatusUpdated,
+)
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply
@@ -58,7 +65,7 @@ def lane_of(subject: str) -> str:
 def mark_status(state: ClusterState, env: Envelope, kind: str, message: object) -> str:
     """The status a mark is coloured by: that of the runner, task, instance or chat it is about, after `env`."""
     match message:
-        case RunnerStatusUpdated() | RunnerLost() | RunnerRegistered() | DownloadProgress():
+        case RunnerStatusUpdated() | RunnerLost() | RunnerRegistered() | DownloadProgress() | LoadProgress():
             runner = state.runners.get(lane_of(env.subject))
             return runner.status if runner else kind
         case PlaceInstance(command_id=command_id):
@@ -173,6 +180,7 @@ class LiveCluster:
             "task": state.tasks.get(task_id or ""),
             "instances": [i for i in state.instances.values() if i.updated_seq == env.seq],
             "downloads": [d for d in state.downloads.values() if d.updated_seq == env.seq],
+            "loads": [d for d in state.loads.values() if d.updated_seq == env.seq],
         }
 
     async def _on_heartbeat(self, msg: Any) -> None:

@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster, Mark
 from exojet.bus import client
+from exojet.projections.words import load_words
 
 STATIC = Path(__file__).parent / "static"
 RECENT_TASKS = 20
@@ -67,6 +68,18 @@ def _runner_row(r: dict[str, Any]) -> str:
         f'<tr id="runner-{rid}"><td>{rid}</td><td class="status">{_e(r["status"])}</td><td>{_e(r["model_id"])}</td>'
         f'<td>{_e(memory)}</td><td class="since" data-runner="{rid}">-</td><td>{_e(r["error_message"])}</td></tr>'
     )
+
+
+def _load_bar(runner_id: str, loads: dict[str, dict[str, Any]]) -> str:
+    """A Loading runner's bar: "layer k of n" from its newest LoadProgress, if it sent one yet."""
+    mine = [d for d in loads.values() if d["runner_id"] == runner_id]
+    newest = max(mine, key=lambda d: d["updated_seq"], default=None)
+    if newest is None:
+        progress, words = "<progress></progress>", "loading"
+    else:
+        progress = f'<progress max="{newest["layers_total"]}" value="{newest["layers_loaded"]}"></progress>'
+        words = f"load {_e(newest['model_id'])}: {load_words(newest['layers_loaded'], newest['layers_total'])}"
+    return f'<div id="load-{_e(runner_id)}">{progress} <span>{_e(runner_id)} {words}</span></div>'
 
 
 def _placed_on(i: dict[str, Any]) -> str:
@@ -112,11 +125,7 @@ def render_page(snap: dict[str, Any]) -> str:
         f'value="{d["downloaded_bytes"]}"></progress> <span>{_e(d["runner_id"])} download {_e(d["model_id"])}: '
         f"{d['downloaded_bytes'] / 2**20:.1f} of {d['total_bytes'] / 2**20:.1f} MB</span></div>"
         for d in snap["downloads"].values()
-    ) + "".join(
-        f'<div id="load-{_e(r["runner_id"])}"><progress></progress> <span>{_e(r["runner_id"])} loading</span></div>'
-        for r in runners
-        if r["status"] == "RunnerLoading"
-    )
+    ) + "".join(_load_bar(r["runner_id"], snap["loads"]) for r in runners if r["status"] == "RunnerLoading")
     empty = '<p class="empty">none yet</p>'
     initial = {"heartbeats": snap["heartbeats"], "marks": snap["marks"]}
     return f"""<!doctype html>

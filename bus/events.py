@@ -63,6 +63,17 @@ class DownloadProgress(_RunnerEvent, frozen=True):
     total_files: int
 
 
+class LoadProgress(_RunnerEvent, frozen=True):
+    """Layers of a LoadModel's shard in memory so far. The runner sends the first, then
+    at most about two a second, and always the last (`layers_loaded == layers_total`),
+    so a model of hundreds of layers does not flood the log."""
+
+    model_id: str
+    task_id: str
+    layers_loaded: int
+    layers_total: int
+
+
 class RunnerLost(_RunnerEvent, frozen=True):
     """Written by a supervisor on the lost runner's own subject (fenced)."""
 
@@ -131,7 +142,7 @@ class ChatRefused(_SupervisorEvent, frozen=True):
     reason: str
 
 
-RunnerEvent = RunnerRegistered | RunnerStatusUpdated | TaskStatusUpdated | DownloadProgress | RunnerLost
+RunnerEvent = RunnerRegistered | RunnerStatusUpdated | TaskStatusUpdated | DownloadProgress | LoadProgress | RunnerLost
 SupervisorEvent = InstancePlaced | InstanceFailed | InstanceRetryDue | InstanceDeleted | ChatRefused
 Event = RunnerEvent | SupervisorEvent
 

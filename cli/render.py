@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from exojet.bus.lifecycle import LOADING
+from exojet.projections.words import load_words
+
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A left-aligned text table."""
@@ -103,6 +106,18 @@ def render_state(reply: dict[str, Any]) -> str:
                     ]
                     for d in downloads
                 ],
+            ),
+        ]
+    # A runner still Loading with its newest report; a supervisor older than `loads` sends none.
+    loading = {r["runner_id"] for r in reply["runners"].values() if r["status"] == LOADING}
+    loads = [d for d in (reply.get("loads") or {}).values() if d["runner_id"] in loading]
+    if loads:
+        parts += [
+            "",
+            "loads in progress",
+            table(
+                ["RUNNER", "MODEL", "LAYERS"],
+                [[d["runner_id"], d["model_id"], load_words(d["layers_loaded"], d["layers_total"])] for d in loads],
             ),
         ]
     if reply.get("anomaly_count"):

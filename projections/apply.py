@@ -20,6 +20,7 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     DownloadProgress,
+    LoadProgress,
     RunnerEvent,
     RunnerLost,
     RunnerRegistered,
@@ -36,6 +37,7 @@ from exojet.projections.state import (
     Anomaly,
     ClusterState,
     DownloadView,
+    LoadView,
     RunnerView,
     TaskView,
     download_key,
@@ -210,6 +212,17 @@ def _download(state: ClusterState, env: Envelope, runner: RunnerView, event: Dow
     )
 
 
+def _load(state: ClusterState, env: Envelope, runner: RunnerView, event: LoadProgress) -> None:
+    state.loads[download_key(runner.runner_id, event.model_id)] = LoadView(
+        runner_id=runner.runner_id,
+        model_id=event.model_id,
+        task_id=event.task_id,
+        layers_loaded=event.layers_loaded,
+        layers_total=event.layers_total,
+        updated_seq=env.seq,
+    )
+
+
 def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerRegistered) -> None:
     if event.incarnation <= runner.incarnation:
         _anomaly(
@@ -331,6 +344,7 @@ _RUNNER_HANDLERS: dict[type, Callable[[ClusterState, Envelope, RunnerView, Any],
     RunnerStatusUpdated: _runner_status,
     TaskStatusUpdated: _task_status,
     DownloadProgress: _download,
+    LoadProgress: _load,
     RunnerRegistered: _register,
     RunnerLost: _lose,
 }

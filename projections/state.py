@@ -61,6 +61,17 @@ class DownloadView(msgspec.Struct, kw_only=True):
     updated_seq: int = 0
 
 
+class LoadView(msgspec.Struct, kw_only=True):
+    """A runner's newest load of a model: how many of its shard's layers are in memory."""
+
+    runner_id: str
+    model_id: str
+    task_id: str
+    layers_loaded: int = 0
+    layers_total: int = 0
+    updated_seq: int = 0
+
+
 class Anomaly(msgspec.Struct, kw_only=True):
     """Something the log says that the contract does not allow; applied, not raised."""
 
@@ -137,6 +148,8 @@ class ClusterState(msgspec.Struct, kw_only=True):
     # what `state` counts and weighs runners by, without scanning every task.
     unfinished: dict[str, None] = {}
     downloads: dict[str, DownloadView] = {}
+    # Keyed like downloads (`download_key`); a reload of the model replaces its entry.
+    loads: dict[str, LoadView] = {}
     anomalies: list[Anomaly] = []
     # Every anomaly ever folded; `anomalies` holds the newest `retention.anomalies`.
     anomaly_count: int = 0

@@ -22,6 +22,7 @@ from exojet.bus.events import (
     InstanceFailed,
     InstancePlaced,
     InstanceRetryDue,
+    LoadProgress,
     RunnerLost,
     RunnerRegistered,
     RunnerStatusUpdated,
@@ -100,6 +101,11 @@ def _quote(text: str, width: int = 40) -> str:
     return repr(text if len(text) <= width else text[:width] + "…")
 
 
+def load_words(loaded: int, total: int) -> str:
+    """How far a load is, as the page, `state` and the progress bars say it."""
+    return f"layer {loaded} of {total}"
+
+
 def _mb(n: int) -> str:
     return f"{n / MB:.1f} MB"
 
@@ -172,6 +178,8 @@ def _event_words(before: ClusterState, event: Event) -> str:
         ):
             pct = f" ({100 * got / total:.0f}%)" if total else ""
             return f"{mid}: {_mb(got)} of {_mb(total)}{pct}, {cf}/{tf} files"
+        case LoadProgress(model_id=mid, layers_loaded=done, layers_total=total):
+            return f"{mid}: {load_words(done, total)} loaded"
         case RunnerLost(runner_id=rid, reason=reason, supervisor_id=sid):
             return f"{rid} declared lost by {sid or 'a supervisor'}: {reason}"
         case InstancePlaced(instance_id=iid, placements=ps, attempt=attempt):

@@ -23,7 +23,7 @@ import contextlib
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -46,6 +46,7 @@ from exojet.runner.engine_protocol import (
     Exit,
     Generate,
     GroupConnected,
+    LayersLoaded,
     Load,
     ModelLoaded,
     Ok,
@@ -159,9 +160,11 @@ class Engine:
         start_layer: int | None = None,
         end_layer: int | None = None,
         weights: WeightsChoice = "auto",
+        on_layers: Callable[[LayersLoaded], Awaitable[None]] | None = None,
     ) -> ModelLoaded:
         """Load a model (layers [start_layer, end_layer) or all of them) on the engine
-        `runner.engine_choice` picks for it (EngineError NoEngineForModel if none can)."""
+        `runner.engine_choice` picks for it (EngineError NoEngineForModel if none can).
+        `on_layers` is awaited with each `LayersLoaded` the engine reports on the way."""
         pipelined = self._in_group or start_layer is not None or end_layer is not None
         try:
             engine, target = choose_engine(Path(model_path), self.wanted, installed_engines(), pipelined)
@@ -170,6 +173,7 @@ class Engine:
         loaded = await self._call(
             Load(model_path=str(target), start_layer=start_layer, end_layer=end_layer, weights=weights, engine=engine),
             ModelLoaded,
+            on_layers,
         )
         self._log.info("loaded {} on {}: weights {} ({})", target, engine, loaded.weights, loaded.weights_reason)
         return loaded
@@ -270,11 +274,21 @@ class Engine:
                 await task
         self._reader = self._stderr_reader = None
 
-    async def _call(self, req: Request, expected: type[_R]) -> _R:
-        """Send a request that has a single reply and return it."""
+    async def _call(
+        self,
+        req: Request,
+        expected: type[_R],
+        on_layers: Callable[[LayersLoaded], Awaitable[None]] | None = None,
+    ) -> _R:
+        """Send a request that has a single terminal reply and return it (a load's
+        `LayersLoaded` on the way go to `on_layers`)."""
         async with self._lock:
             await self._send(req)
             reply = await self._next_reply()
+            while isinstance(reply, LayersLoaded):
+                if on_layers is not None:
+                    await on_layers(reply)
+                reply = await self._next_reply()
             if isinstance(reply, expected):
                 return reply
             raise self._unexpected(reply)

@@ -36,6 +36,7 @@ from exojet.runner.engine_protocol import (
     Exit,
     Generate,
     GroupConnected,
+    LayersLoaded,
     Load,
     Message,
     ModelLoaded,
@@ -118,8 +119,9 @@ def _mlx_loaded(
     )
 
 
-def materialise(model: Any, start: int, end: int) -> int:
-    """Evaluate the weights that layers [start, end) need; return their bytes.
+def materialise(model: Any, start: int, end: int, on_layer: Callable[[int, int], None]) -> int:
+    """Evaluate the weights that layers [start, end) need, a layer at a time, calling
+    `on_layer(done, end - start)` after each; return their bytes.
 
     Lazy loading maps the weights without reading them; evaluating only the shard's
     layers (plus the embeddings on the first shard and the norm and head on the
@@ -132,20 +134,24 @@ def materialise(model: Any, start: int, end: int) -> int:
     params: dict[str, Any] = {}
     tree_flatten(model.parameters(), destination=params)
     tied = not any(name.startswith("lm_head.") for name in params)
-    wanted: list[Any] = []
+    shared: list[Any] = []
+    by_layer: dict[int, list[Any]] = {index: [] for index in range(start, end)}
     for name, array in params.items():
         match = _LAYER_INDEX.search(name)
         if match:
-            keep = start <= int(match.group(1)) < end
-        elif "embed" in name:
-            # Tied embeddings are also the output head, needed by the last shard.
-            keep = start == 0 or (tied and end == n_layers)
-        else:
-            keep = end == n_layers
-        if keep:
-            wanted.append(array)
-    mx.eval(wanted)
-    return sum(a.nbytes for a in wanted)
+            index = int(match.group(1))
+            if start <= index < end:
+                by_layer[index].append(array)
+        # Tied embeddings are also the output head, needed by the last shard.
+        elif ("embed" in name and (start == 0 or (tied and end == n_layers))) or (
+            "embed" not in name and end == n_layers
+        ):
+            shared.append(array)
+    mx.eval(shared)
+    for done, arrays in enumerate(by_layer.values(), start=1):
+        mx.eval(arrays)
+        on_layer(done, end - start)
+    return sum(a.nbytes for a in shared) + sum(a.nbytes for arrays in by_layer.values() for a in arrays)
 
 
 class EngineChild:
@@ -232,7 +238,7 @@ class EngineChild:
             raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = len(model.layers)
         start, end = _shard_range(req, n_layers, path)
-        weight_bytes = materialise(model, start, end)
+        weight_bytes = materialise(model, start, end, self._report_layers)
         free = psutil.virtual_memory().available
         weights, reason = choose_weights(model, (start, end) == (0, n_layers), req.weights, free)
         if weights == "dense":
@@ -275,12 +281,15 @@ class EngineChild:
         # A rank that failed before loading never joins the collectives the
         # others wait in: the watchdog turns that wait into a bounded failure.
         with self._ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
-            self.model, self.tokenizer = load_shard(path, self.group, start, end)
+            self.model, self.tokenizer = load_shard(path, self.group, start, end, self._report_layers)
         self.context_length = _context_length(config)
         params: dict[str, Any] = {}
         tree_flatten(self.model.parameters(), destination=params)
         weight_bytes = sum(a.nbytes for a in params.values())
         return _mlx_loaded(path, config, n_layers, (start, end), weight_bytes, started, "stored", "a pipeline shard")
+
+    def _report_layers(self, done: int, total: int) -> None:
+        self.pipe.write(LayersLoaded(done=done, total=total))
 
     @contextlib.contextmanager
     def _ring_guard(self) -> Iterator[None]:

@@ -7,9 +7,10 @@ msgspec Struct tagged by its class name, so both sides decode into one union.
 Requests are answered in order, one at a time. `ConnectGroup`, `Load`, `Warmup`,
 `Unload` and `Generate` each end with exactly one terminal reply (`GroupConnected`,
 `ModelLoaded`, `Ok`, `Done` or `RequestFailed`); `Generate` streams `Token` replies before its
-terminal one. `Cancel` is a notification without a reply: sent during a generation
-it ends it early (the terminal reply is then `Done` with finish_reason
-"cancelled"); sent while idle it is ignored. `Exit` ends the child without a reply.
+terminal one, and `Load` streams `LayersLoaded` replies (one per layer) before its own.
+`Cancel` is a notification without a reply: sent during a generation it ends it early
+(the terminal reply is then `Done` with finish_reason "cancelled"); sent while idle it
+is ignored. `Exit` ends the child without a reply.
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     engine: str = "mlx"
 
 
+class LayersLoaded(msgspec.Struct, tag=True, frozen=True):
+    """`done` of the `total` layers a Load materialises are in memory (sent after each)."""
+
+    done: int
+    total: int
+
+
 class GroupConnected(msgspec.Struct, tag=True, frozen=True):
     """The ring group is up and verified."""
 
@@ -139,7 +147,7 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
 
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
-Reply = ModelLoaded | GroupConnected | Ok | Token | Done | RequestFailed
+Reply = ModelLoaded | LayersLoaded | GroupConnected | Ok | Token | Done | RequestFailed
 # Errors that refuse a request before any work: the engine serves on as before.
 REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
 

@@ -4,6 +4,7 @@ no status: `runner/task_loop.py` writes the transitions around it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,11 @@ from exojet.runner.chat import chat
 from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_choice import EngineWanted
+from exojet.runner.engine_protocol import LayersLoaded
 
 GROUP_CONNECT_TIMEOUT_S = 30.0
+# At most one LoadProgress per this many seconds (plus the first and the last layer's).
+LOAD_PROGRESS_INTERVAL_S = 0.5
 # How long a generation cut at its deadline may take to answer its Cancel (one token's time).
 SETTLE_TIMEOUT_S = 5.0
 
@@ -43,12 +47,15 @@ class Executor:
         nc: NATS,
         models_dir: Path,
         on_progress: Callable[[DownloadStatus], Awaitable[None]],
+        on_load_progress: Callable[[str, str, int, int], Awaitable[None]],
         engine: EngineWanted = "auto",
     ) -> None:
         self.runner_id = runner_id
         self.nc = nc
         self.models_dir = models_dir
         self.on_progress = on_progress
+        # (task_id, model_id, layers loaded, layers in all), throttled by `LoadThrottle`.
+        self.on_load_progress = on_load_progress
         self.engine = Engine(engine)
         self.downloaded: Shard | None = None
         self.group: Group | None = None
@@ -115,7 +122,7 @@ class Executor:
                 self.group = group
                 return {"group_id": group.group_id, "rank": connected.rank, "world_size": connected.world_size}
             case LoadModel():
-                return await self._load(task)
+                return await self._load(task, task_id)
             case StartWarmup():
                 await self.engine.warmup()
                 return None
@@ -131,13 +138,22 @@ class Executor:
                 return None
         raise ValueError(f"{task_type(task)} has no work: the task loop handles it")
 
-    async def _load(self, task: LoadModel) -> dict[str, Any]:
+    async def _load(self, task: LoadModel, task_id: str) -> dict[str, Any]:
         wanted = task.shard or self.downloaded
         assert wanted is not None  # checked by `refusal`
         if not self.engine.alive:
             await self.engine.start()
+        throttle = LoadThrottle(LOAD_PROGRESS_INTERVAL_S)
+
+        async def on_layers(reply: LayersLoaded) -> None:
+            if throttle.due(reply.done, reply.total, time.monotonic()):
+                await self.on_load_progress(task_id, wanted.model_id, reply.done, reply.total)
+
         loaded = await self.engine.load(
-            str(model_dir(self.models_dir, wanted.model_id)), wanted.start_layer, wanted.end_layer
+            str(model_dir(self.models_dir, wanted.model_id)),
+            wanted.start_layer,
+            wanted.end_layer,
+            on_layers=on_layers,
         )
         self.downloaded = wanted
         return {
@@ -149,3 +165,19 @@ class Executor:
             "weights_reason": loaded.weights_reason,
             "engine": loaded.engine,
         }
+
+
+class LoadThrottle:
+    """Which layer reports of one load to publish: the first, then at most one per
+    `interval` seconds, and always the last (a 400-layer model must not flood the log)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last_sent: float | None = None
+
+    def due(self, done: int, total: int, now: float) -> bool:
+        """Whether the report of `done` of `total` layers, at monotonic time `now`, goes out."""
+        if done < total and self.last_sent is not None and now - self.last_sent < self.interval:
+            return False
+        self.last_sent = now
+        return True

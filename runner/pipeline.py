@@ -17,6 +17,7 @@ from __future__ import annotations
 import faulthandler
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, cast
 
@@ -161,8 +162,10 @@ def load_shard(
     group: mx.distributed.Group,
     start_layer: int,
     end_layer: int,
+    on_layer: Callable[[int, int], None],
 ) -> tuple[nn.Module, TokenizerWrapper]:
-    """Load only layers ``[start_layer, end_layer)`` of an mlx-lm model folder.
+    """Load only layers ``[start_layer, end_layer)`` of an mlx-lm model folder,
+    calling ``on_layer(done, end_layer - start_layer)`` after each layer.
 
     The weights are opened lazily and the other layers are dropped before
     anything is evaluated, so they never occupy memory. Returns once every
@@ -170,6 +173,10 @@ def load_shard(
     """
     model, tokenizer = cast(tuple[nn.Module, TokenizerWrapper], mlx_load(str(model_path), lazy=True))
     make_pipelined(model, group, start_layer, end_layer)
+    layers = model.model.layers
+    for done, layer in enumerate(layers, start=1):
+        mx.eval(layer.parameters())
+        on_layer(done, len(layers))
     mx.eval(model.parameters())
     # A barrier, so that no rank starts generating while another still loads.
     mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group, stream=mx.cpu))

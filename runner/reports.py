@@ -1,5 +1,5 @@
 """What a runner writes on its own subject, as typed events: its statuses, its
-tasks' statuses and download progress. Every write is fenced (`EventWriter`); the
+tasks' statuses, download and load progress. Every write is fenced (`EventWriter`); the
 task statuses it writes also go into the runner's `TaskHistory`.
 """
 
@@ -9,7 +9,7 @@ from typing import Any
 
 from loguru import logger
 
-from exojet.bus.events import DownloadProgress, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.events import DownloadProgress, LoadProgress, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.statuses import RunnerStatus, TaskStatus
 from exojet.runner.download import DownloadStatus
 from exojet.runner.event_writer import EventWriter
@@ -86,5 +86,20 @@ class Reports:
                 total_bytes=status.total_bytes,
                 completed_files=status.completed_files,
                 total_files=status.total_files,
+            )
+        )
+
+    async def load_progress(self, task_id: str, model_id: str, loaded: int, total: int) -> None:
+        """Write `LoadProgress` (the executor throttles how often)."""
+        await self._writer().write(
+            lambda eid, inc, at: LoadProgress(
+                event_id=eid,
+                runner_id=self.runner_id,
+                incarnation=inc,
+                at=at,
+                model_id=model_id,
+                task_id=task_id,
+                layers_loaded=loaded,
+                layers_total=total,
             )
         )

@@ -61,7 +61,9 @@ class Runner:
         self.history = TaskHistory()
         self.reports = Reports(runner_id, self.history)
         self.transitions = Transitions(self.reports)
-        self.executor = Executor(runner_id, self.nc, models_dir, self.reports.progress, engine)
+        self.executor = Executor(
+            runner_id, self.nc, models_dir, self.reports.progress, self.reports.load_progress, engine
+        )
         self.deadlines = deadlines or Deadlines()
         self.cancels = Cancels(runner_id)
         # Set when a RunnerLost newer than our last write shows up on our subject.

@@ -111,6 +111,7 @@ def state_reply(
         "tasks": _keyed(tasks, "task_id"),
         "tasks_page": tasks_page,
         "downloads": dict(state.downloads),
+        "loads": dict(state.loads),
         # Chats still waiting for a rank to be published (the rest are tasks).
         "pending_chats": [_without_request(state.chats[c]) for c in islice(state.pending_chats, MAX_LIMIT)],
         "pending_chat_count": len(state.pending_chats),

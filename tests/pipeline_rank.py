@@ -56,7 +56,7 @@ def main() -> None:
             args.hosts.split(","),
             args.connect_timeout,
         )
-        model, tokenizer = load_shard(args.model, group, args.start, args.end)
+        model, tokenizer = load_shard(args.model, group, args.start, args.end, lambda _done, _total: None)
     emit(
         "loaded",
         rank=args.rank,

@@ -12,6 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exojet.runner.engine import Engine, EngineError
+from exojet.runner.engine_protocol import LayersLoaded
+from exojet.runner.executor import LoadThrottle
 from exojet.runner.stop_scanner import StopScanner
 from tests.engine_contract import PROMPT, EngineContract, class_loop
 from tests.tiny_model import write_tiny_llama
@@ -56,8 +58,17 @@ class TestMLXEngine(EngineContract):
     @class_loop
     @pytest.mark.timeout(60)
     async def test_shard_load_materialises_only_its_layers(self, engine: Engine, model_path: Path) -> None:
-        whole = await engine.load(str(model_path))
-        middle = await engine.load(str(model_path), start_layer=1, end_layer=3)
+        reports: list[tuple[int, int]] = []
+
+        async def on_layers(reply: LayersLoaded) -> None:
+            reports.append((reply.done, reply.total))
+
+        whole = await engine.load(str(model_path), on_layers=on_layers)
+        assert reports == [(1, 4), (2, 4), (3, 4), (4, 4)]
+        reports.clear()
+        middle = await engine.load(str(model_path), start_layer=1, end_layer=3, on_layers=on_layers)
+        # One report per layer of the shard, counted within it.
+        assert reports == [(1, 2), (2, 2)]
 
         assert (middle.start_layer, middle.end_layer, middle.n_layers) == (1, 3, 4)
         # Two of four layers, and neither the embeddings nor the head.
@@ -91,3 +102,14 @@ def test_stop_scanner_never_sends_past_a_stop(text: str, cuts: list[int], stops:
         sent += scanner.flush()
     assert sent == expected
     assert stopped == bool(hits)
+
+
+def test_load_progress_is_throttled_but_keeps_the_first_and_the_last() -> None:
+    throttle = LoadThrottle(0.5)
+    # 400 layers a millisecond apart: 0.4 s in all.
+    sent = [done for done in range(1, 401) if throttle.due(done, 400, done / 1000)]
+    assert sent == [1, 400]
+    slow = LoadThrottle(0.5)
+    # A layer every 0.2 s: one report in three, plus the last.
+    sent = [done for done in range(1, 11) if slow.due(done, 10, done * 0.2)]
+    assert sent == [1, 4, 7, 10]

@@ -113,6 +113,15 @@ def test_live_page_status_chat_timeline(
     assert late < LIVE_WITHIN_S, f"the page showed r2 Idle {late:.2f} s after the log"
     print(f"the page showed r2 Idle {late * 1000:.0f} ms after the log got it")
 
+    # r2 loads the model: its bar goes live from the runner's LoadProgress, layer by layer.
+    shard = '"shard": {"model_id": "local/tiny"}'
+    for task in ("DownloadModel", "LoadModel"):
+        stack.cli("task", "r2", f'{{"type": "{task}", {shard}}}', "--wait", "--timeout", "90")
+    page.wait_for_function(
+        "document.querySelector('#load-r2 span')?.textContent.includes('layer 4 of 4')", timeout=10_000
+    )
+    assert "r2 load local/tiny: layer 4 of 4" in page.locator("#load-r2").inner_text()
+
     # A chat streams through the API into the page, a change at a time.
     page.evaluate(
         """() => { window.chatChanges = 0; new MutationObserver(() => window.chatChanges++)
@@ -149,9 +158,9 @@ def test_metrics(stack: ApiStack) -> None:
     for _ in range(2):
         assert httpx.post(f"{base}/v1/chat/completions", json=chat, headers=headers, timeout=60).status_code == 200
     text = httpx.get(f"{base}/metrics", headers=headers, timeout=30).text
-    assert 'exojet_tasks_total{status="Complete",type="LoadModel"} 1.0' in text
-    chats = re.search(r'^exojet_tasks_total\{status="Complete",type="ChatCompletion"\} (\S+)$', text, re.M)
-    assert chats is not None and float(chats.group(1)) >= 2
+    for kind, least in (("LoadModel", 1), ("ChatCompletion", 2)):
+        done = re.search(rf'^exojet_tasks_total\{{status="Complete",type="{kind}"\}} (\S+)$', text, re.M)
+        assert done is not None and float(done.group(1)) >= least, kind
     assert 'exojet_runners{status="RunnerReady"} 1.0' in text
     assert "exojet_projection_lag 0.0" in text  # the scrape waited for the fold to catch up
     assert "exojet_nats_reconnects 0.0" in text

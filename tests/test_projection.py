@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from exojet.api.page import render_page
 from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
@@ -15,6 +16,7 @@ from exojet.bus.events import (
     InstanceFailed,
     InstancePlaced,
     InstanceRetryDue,
+    LoadProgress,
     Placement,
     RunnerLost,
     RunnerRegistered,
@@ -33,10 +35,12 @@ from exojet.bus.statuses import (
     TaskStatus,
 )
 from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
+from exojet.cli.render import render_state
 from exojet.projections.apply import apply, copy_state
 from exojet.projections.checks import check
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState, state_hash
+from exojet.supervisor.queries import Paging, state_reply
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -91,6 +95,18 @@ def _workflow(runner: str = "r1") -> list[tuple[str, msgspec.Struct | bytes]]:
         (tk, LoadModel(task_id="l", shard=shard)),
         (ev, task("l", TaskStatus.RUNNING)),
         (ev, status(RunnerLoading())),
+        (
+            ev,
+            LoadProgress(
+                event_id=eid(),
+                runner_id=runner,
+                incarnation=1,
+                model_id="local/tiny",
+                task_id="l",
+                layers_loaded=3,
+                layers_total=4,
+            ),
+        ),
         (ev, status(RunnerLoaded())),
         (ev, task("l", TaskStatus.COMPLETE)),
         (tk, StartWarmup(task_id="w")),
@@ -104,7 +120,7 @@ def _workflow(runner: str = "r1") -> list[tuple[str, msgspec.Struct | bytes]]:
         (ev, status(RunnerReady())),
         (ev, task("c", TaskStatus.COMPLETE, result={"text": "x" * 500, "finish_reason": "length"})),
         (tk, b"this is not json"),
-        (ev, task("24", TaskStatus.FAILED, error_type="NotJson", error_message="task is not valid JSON")),
+        (ev, task("25", TaskStatus.FAILED, error_type="NotJson", error_message="task is not valid JSON")),
         (ev, status(RunnerLoading())),  # Ready -> Loading is not allowed
         (ev, status(RunnerFailed(error_message="engine process was killed by SIGKILL"))),
         (ev, RunnerLost(event_id=eid(), runner_id=runner, incarnation=1, reason="no heartbeat for 5 s")),
@@ -174,13 +190,15 @@ def test_workflow_projection() -> None:
     state = _fold(_log(("r1",)))
     r1 = state.runners["r1"]
     assert r1.status == "RunnerLost"
-    assert r1.incarnation == 1 and r1.last_event_seq == 28
+    assert r1.incarnation == 1 and r1.last_event_seq == 29
     assert state.tasks["c"].status == TaskStatus.COMPLETE
     assert state.tasks["c"].result is not None and len(state.tasks["c"].result["text"]) < 300
-    assert state.tasks["24"].task_type == "Invalid" and state.tasks["24"].status == TaskStatus.FAILED
+    assert state.tasks["25"].task_type == "Invalid" and state.tasks["25"].status == TaskStatus.FAILED
     assert state.downloads["r1/local/tiny"].downloaded_bytes == 5
+    load = state.loads["r1/local/tiny"]
+    assert (load.task_id, load.layers_loaded, load.layers_total, load.updated_seq) == ("l", 3, 4, 12)
     kinds = [(a.seq, a.kind) for a in state.anomalies]
-    assert kinds == [(24, "BadTask"), (26, "InvalidTransition")]
+    assert kinds == [(25, "BadTask"), (27, "InvalidTransition")]
     assert state.anomalies[1].detail == "RunnerReady -> RunnerLoading"
 
 
@@ -246,3 +264,15 @@ def test_bad_events_are_anomalies_not_exceptions() -> None:
     assert "InvalidField" in state.anomalies[3].detail
     assert "PayloadTooLarge" in state.anomalies[4].detail
     assert state.seq == 5
+
+
+def test_a_load_in_progress_reads_layer_k_of_n_in_state_and_on_the_page() -> None:
+    # Stopped after r1's LoadProgress (seq 12): r1 is Loading with 3 of its 4 layers in memory.
+    reply = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:12]), Paging(offset=0, limit=200)))
+    assert "\nloads in progress" in render_state(reply)
+    assert "local/tiny  layer 3 of 4" in render_state(reply)
+    page = render_page({**reply, "heartbeats": {}, "marks": []})
+    assert '<progress max="4" value="3"></progress> <span>r1 load local/tiny: layer 3 of 4</span>' in page
+    # Once the runner leaves Loading, `state` no longer lists it as in progress.
+    done = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:13]), Paging(offset=0, limit=200)))
+    assert "\nloads in progress" not in render_state(done)

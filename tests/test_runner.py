@@ -19,7 +19,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api
 
 from exojet.bus import subjects
-from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.events import LoadProgress, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
@@ -105,7 +105,14 @@ async def test_seed_workflow_through_the_bus(
         else (type(e).__name__, "")
         for e in events
     ]
-    assert [s for s in story if s[0] != "DownloadProgress"] == [
+    # The load reports its layers while the runner is Loading: the first and the last at least.
+    loading = [s[0] for s in story[story.index(("RunnerStatusUpdated", "RunnerLoading")) :]]
+    loads = [e for e in events if isinstance(e, LoadProgress)]
+    assert loading[1 : 1 + len(loads)] == ["LoadProgress"] * len(loads)
+    assert (loads[0].layers_loaded, loads[-1].layers_loaded, loads[-1].layers_total) == (1, 4, 4)
+    load_id = next(e.task_id for e in events if isinstance(e, TaskStatusUpdated) and e.task_type == "LoadModel")
+    assert {(e.model_id, e.task_id) for e in loads} == {("local/tiny", load_id)}
+    assert [s for s in story if s[0] not in ("DownloadProgress", "LoadProgress")] == [
         ("RunnerRegistered", ""),
         ("RunnerStatusUpdated", "RunnerIdle"),
         ("DownloadModel", "Running"),

@@ -93,8 +93,19 @@ function downloadBar(d) {
 
 function loadBar(r) {
   const id = "load-" + r.runner_id;
-  if (r.status === "RunnerLoading") bar(id, `${r.runner_id} loading`, 0, 0);
-  else if (document.getElementById(id)) bar(id, `${r.runner_id} load ended: ${r.status}`, 1, 1);
+  // A bar already showing layers keeps them: every event of the runner passes here.
+  if (r.status === "RunnerLoading") {
+    if (!document.getElementById(id)?.querySelector("progress[value]")) bar(id, `${r.runner_id} loading`, 0, 0);
+  } else if (document.getElementById(id)) {
+    const div = document.getElementById(id);
+    const progress = div.querySelector("progress");
+    const layers = progress.hasAttribute("value") ? div.querySelector("span").textContent.split(" (")[0] : `${r.runner_id} load`;
+    bar(id, `${layers} (ended: ${r.status})`, 1, 1);
+  }
+}
+
+function loadProgress(d) {
+  bar(`load-${d.runner_id}`, `${d.runner_id} load ${d.model_id}: layer ${d.layers_loaded} of ${d.layers_total}`, d.layers_loaded, d.layers_total);
 }
 
 const heartbeats = new Map(Object.entries(initial.heartbeats || {}));
@@ -143,6 +154,7 @@ function connect() {
     if (u.task) taskRow(u.task);
     for (const i of u.instances || []) instanceRow(i);
     for (const d of u.downloads || []) downloadBar(d);
+    for (const d of u.loads || []) loadProgress(d);
   };
 }
 
