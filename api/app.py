@@ -30,11 +30,12 @@ from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT, ChatRequest, parse
 from exojet.api.errors import ApiError, not_found, unavailable
 from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
 from exojet.api.page import page_routes
+from exojet.api.page_login import LOGIN_PATH, has_page_cookie, login_form, login_route
 from exojet.bus import client
 from exojet.projections.instances import ENDED_STATUSES, READY
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-PUBLIC_PATHS = ("/health",)
+PUBLIC_PATHS = ("/health", LOGIN_PATH)
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -69,8 +70,17 @@ class _Guard:
         if scope["type"] == "http":
             headers = dict(scope["headers"])
             problem = self._host_problem(headers.get(b"host", b"").decode("latin-1"))
-            if problem is None and self.key is not None and scope["path"] not in PUBLIC_PATHS:
+            if (
+                problem is None
+                and self.key is not None
+                and scope["path"] not in PUBLIC_PATHS
+                and not has_page_cookie(headers.get(b"cookie", b""), self.key)
+            ):
                 problem = self._key_problem(headers.get(b"authorization", b""))
+                if problem is not None and scope["path"] == "/":
+                    # A browser opening the page: ask for the key (then the cookie carries it).
+                    await login_form()(scope, receive, send)
+                    return
             if problem is not None:
                 await _error(problem)(scope, receive, send)
                 return
@@ -375,6 +385,7 @@ def create_app(config: ApiConfig) -> Starlette:
             Route("/v1/chat/completions", api.chat, methods=["POST"]),
             Route("/v1/cancel/{chat_id}", api.cancel, methods=["POST"]),
             *page,
+            *([Route(LOGIN_PATH, login_route(config.api_key.encode()), methods=["POST"])] if config.api_key else []),
         ],
         middleware=middleware,
         exception_handlers={ApiError: _on_api_error, HTTPException: _on_http_error, Exception: _on_crash},

@@ -151,6 +151,34 @@ def test_live_page_status_chat_timeline(
     print(f"screenshot: {shots / 'page.png'}")
 
 
+def test_page_asks_for_the_api_key_once(stack: ApiStack, browser: Any) -> None:
+    errors: list[str] = []
+    # A plain browser: no Authorization header.
+    context = browser.new_context(viewport={"width": 1280, "height": 1000})
+    page = context.new_page()
+    page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+    first = page.goto(f"http://127.0.0.1:{stack.port}/")
+    assert first is not None and first.status == 401
+    page.fill("input[name=key]", "not-the-key")
+    page.click("button[type=submit]")
+    assert "That is not the API key." in page.content()
+    page.fill("input[name=key]", API_KEY)
+    page.click("button[type=submit]")
+    page.wait_for_function("document.getElementById('conn')?.textContent === 'live'", timeout=10_000)
+    assert page.locator("#runner-r1 td.status").inner_text() == "RunnerReady"
+    [cookie] = context.cookies()
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and API_KEY not in cookie["value"]
+    # The chat box streams through the API on the cookie alone.
+    page.fill("#chat-input", "Hello there")
+    page.click("#chat-form button")
+    page.wait_for_function("document.getElementById('chat-output').dataset.state === 'done'", timeout=60_000)
+    assert "error" not in page.locator("#chat-output").inner_text()
+    context.close()
+    assert errors == []
+    # Without the key or the cookie the API itself still answers 401.
+    assert httpx.get(f"http://127.0.0.1:{stack.port}/v1/models", timeout=10).status_code == 401
+
+
 def test_metrics(stack: ApiStack) -> None:
     headers = {"Authorization": f"Bearer {API_KEY}"}
     base = f"http://127.0.0.1:{stack.port}"

@@ -140,6 +140,13 @@ async def test_1731_runner_frozen_after_loaded(cluster: tuple[Procs, LogWatch], 
     # The supervisor did not leave the instance waiting on a frozen runner: that attempt failed.
     inst = watch.state.instances[instance_id]
     assert inst.status in ("Placing", "Failed") and "r1" in (inst.reason or "")
+    # Thawed, the runner finds its writes fenced, comes back as a new incarnation and serves the
+    # instance's next attempt: it does not die on the writes it had in flight when it froze.
+    lost_incarnation = watch.state.runners["r1"].incarnation
+    _kill_tree(runner.pid, signal.SIGCONT)
+    await watch.until(lambda s: s.runners["r1"].incarnation > lost_incarnation, 60, "r1 registered again")
+    await watch.until(_instance(instance_id, "Ready"), 90, f"{instance_id} Ready on the thawed r1")
+    assert runner.poll() is None, "the thawed runner exited"
 
 
 async def test_2219_failure_event_that_does_not_validate(cluster: tuple[Procs, LogWatch], nc: NATS) -> None:
