@@ -10,7 +10,9 @@ but not acknowledged before the connection went is published again first,
 under its message id (`<task_id>:<index>`) and until stored, once the
 connection is back: a connection loses a tail of what was sent, never a middle,
 so the stream keeps the chunks in index order, each once, and a client
-replaying `EXO_CHUNKS` misses nothing. `finish` does the same for the last ones.
+replaying `EXO_CHUNKS` misses nothing. A chunk refused while connected (a
+restarted JetStream answers "no responders" until its streams are back) is
+published again before any later one. `finish` does the same for the last ones.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ class _Sent:
         return not self.confirmed and self.ack is not None and not self.ack.done()
 
     @property
+    def failed(self) -> bool:
+        """Not sent, or refused (JetStream still starting after a restart answers no responders)."""
+        return self.ack is None or (not self.stored and self.ack.done())
+
+    @property
     def stored(self) -> bool:
         if not self.confirmed and self.ack is not None and self.ack.done() and not self.ack.cancelled():
             self.confirmed = self.ack.exception() is None
@@ -67,6 +74,8 @@ class ChunkStream:
         self.republished = 0
         self._held: list[str] = []
         self._sent: list[_Sent] = []
+        # Every chunk before this index of `_sent` is stored.
+        self._stored_upto = 0
 
     async def add(self, text: str) -> None:
         """Send `text` now, or hold it for the next chunk while the bus is behind or away."""
@@ -75,7 +84,8 @@ class ChunkStream:
         self._held.append(text)
         if not self.connection.connected:
             return
-        if any(not sent.stored and sent.outages < self.connection.outages for sent in self._sent):
+        # Later chunks wait until every earlier one is stored: the stream keeps index order.
+        if any(sent.failed or (not sent.stored and sent.outages < self.connection.outages) for sent in self._open()):
             await self._send_again()
         if sum(sent.pending for sent in self._sent[-MAX_UNACKED * 2 :]) < MAX_UNACKED:
             await self._send_held()
@@ -97,12 +107,18 @@ class ChunkStream:
         self.index += 1
         return f"{self.task_id}:{chunk['index']}", msgspec.json.encode(chunk)
 
+    def _open(self) -> list[_Sent]:
+        """The chunks from the first not yet stored on (a short list while acks keep up)."""
+        while self._stored_upto < len(self._sent) and self._sent[self._stored_upto].stored:
+            self._stored_upto += 1
+        return self._sent[self._stored_upto :]
+
     async def _send_again(self) -> None:
         """Wait a little for outstanding acks, then publish again, in order, each chunk not stored."""
-        pending = [sent.ack for sent in self._sent if sent.pending and sent.ack is not None]
+        pending = [sent.ack for sent in self._open() if sent.pending and sent.ack is not None]
         if pending:
             await asyncio.wait(pending, timeout=ACK_WAIT_S)
-        for sent in self._sent:
+        for sent in self._open():
             if sent.stored:
                 continue
             if sent.ack is not None:

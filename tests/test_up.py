@@ -220,4 +220,6 @@ def test_up_restarts_its_server_and_dies_with_everything_it_started(tmp_path: Pa
         time.sleep(0.05)
     # Nothing holds the port: the next `up` can have it.
     with socket.socket() as s:
+        # As nats-server binds: a closed connection's TIME_WAIT does not hold the port.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
