@@ -10,7 +10,7 @@ import msgspec
 from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext, api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from exojet.bus.codec import encode
 from exojet.bus.connection import TRANSIENT_ERRORS as TRANSIENT_ERRORS
@@ -27,6 +27,9 @@ from exojet.bus.streams import LOG_STREAM
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
+# How long one publish tries through a stream without a leader: a cluster elects one in
+# a few seconds; a single server with no stream never will.
+ELECTION_S = 20.0
 
 T = TypeVar("T")
 
@@ -60,12 +63,28 @@ async def publish(
     raises WrongLastSequence when someone else wrote the subject meanwhile.
     """
     payload = message if isinstance(message, bytes) else encode(message)
-    try:
-        return await js.publish(subject, payload, timeout=timeout, headers=_headers(msg_id, expected_last_subject_seq))
-    except APIError as err:
-        if err.err_code == WRONG_LAST_SEQUENCE:
-            raise WrongLastSequence(f"{subject}: {err.description}") from None
-        raise
+    headers = _headers(msg_id, expected_last_subject_seq)
+    # A stream whose leader was lost (a cluster electing a new one) answers "no responders":
+    # nothing was stored, so trying again is safe. A timeout may hide a stored write, so it
+    # is tried again only under a `msg_id` (the server drops the duplicate).
+    retried = (NoStreamResponseError, *TRANSIENT_ERRORS) if msg_id is not None else (NoStreamResponseError,)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ELECTION_S
+    attempt = 0
+    while True:
+        try:
+            return await js.publish(subject, payload, timeout=timeout, headers=headers)
+        except APIError as err:
+            if err.err_code == WRONG_LAST_SEQUENCE:
+                raise WrongLastSequence(f"{subject}: {err.description}") from None
+            raise
+        except retried:
+            if loop.time() > deadline:
+                raise
+            if attempt == 0:
+                logger.bind(subject=subject).info("stream not answering (a leader election?); publishing again")
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
 
 
 async def until_done(op: Callable[[], Awaitable[T]], what: str) -> T:

@@ -161,6 +161,37 @@ def _least_tried(servers: list[Server], info: dict[str, Any]) -> tuple[Server | 
     return server, backoff_delay(server.reconnects)
 
 
+class BadNatsUrl(ValueError):
+    """A `--nats` / `$NATS_URL` that names no server: said before anything connects."""
+
+
+URL_SCHEMES = frozenset({"nats", "tls", "ws", "wss"})
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers of a `--nats` value: comma-separated, as the `nats` CLI takes them
+    (`nats://a:4222,nats://b:4222`; a bare `host:port` means `nats://host:port`)."""
+    found = []
+    for part in url.split(","):
+        item = part.strip()
+        if not item:
+            continue
+        full = item if "://" in item else f"nats://{item}"
+        parsed = urlparse(full)
+        try:
+            port = parsed.port
+        except ValueError:
+            raise BadNatsUrl(f"{item!r} in --nats/NATS_URL has a bad port") from None
+        if parsed.scheme not in URL_SCHEMES or not parsed.hostname:
+            raise BadNatsUrl(
+                f"{item!r} in --nats/NATS_URL is not a NATS server URL (nats://HOST:PORT, several comma-separated)"
+            )
+        found.append(full if port is not None else f"{full.rstrip('/')}:4222")
+    if not found:
+        raise BadNatsUrl(f"--nats/NATS_URL {url!r} names no server")
+    return found
+
+
 def default_url() -> str:
     """`$NATS_URL`, else the embedded server's default address."""
     return os.environ.get("NATS_URL") or DEFAULT_URL
@@ -186,6 +217,10 @@ async def connect(
     `connect_timeout`, waiting or not (retrying would not help).
     """
     url = url or default_url()
+    try:
+        servers = server_urls(url)
+    except BadNatsUrl as err:
+        raise NatsUnreachable(str(err)) from None
     opts = options if options is not None else connect_options.current()
     try:
         auth = opts.nats_kwargs()
@@ -193,8 +228,9 @@ async def connect(
         raise NatsRefused(str(err)) from None
     # Checked first, on a connection of our own: nats-py can wait forever closing a socket
     # whose TLS handshake failed, and retries refused credentials as if the server were away.
-    first = url.split(",")[0].strip()
-    refused = await refusal(urlparse(first if "://" in first else f"nats://{first}"), opts, connect_timeout)
+    # Every server of a cluster is asked, at once (the first may be the one that is down).
+    checks = await asyncio.gather(*(refusal(urlparse(s), opts, connect_timeout) for s in servers))
+    refused = next((r for r in checks if r is not None), None)
     if refused is not None:
         raise refused
     connection = ConnectionWatch(name)
@@ -203,7 +239,7 @@ async def connect(
     connection.waiting_for = url if wait else None
     try:
         nc = await nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,

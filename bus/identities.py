@@ -8,6 +8,7 @@ it always matches them.
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 from pathlib import Path
 
@@ -22,6 +23,7 @@ AUTH_CONF = "auth.conf"
 SEED_SUFFIX = ".nk"
 # The server started by `exojet nats --auth DIR` writes its pid here, so add-runner can reload it.
 PID_FILE = "nats-server.pid"
+ROUTE_SECRET = "route.secret"
 
 
 class AuthDirError(ValueError):
@@ -68,6 +70,16 @@ def write_auth_conf(directory: Path) -> Path:
     return conf
 
 
+def route_secret(directory: Path) -> str:
+    """The secret a cluster's routes log in with (`ROUTE_SECRET`, 0600), made once, by `init`
+    for a new dir (so every node the dir is copied to has the same one)."""
+    path = directory / ROUTE_SECRET
+    if not path.exists():
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def init(directory: Path, runner_ids: list[str]) -> list[Path]:
     """Seeds for admin, supervisor, client and each runner (existing ones kept), then auth.conf; the files written."""
     for rid in runner_ids:
@@ -77,6 +89,7 @@ def init(directory: Path, runner_ids: list[str]) -> list[Path]:
     directory.chmod(0o700)
     identities = [*FIXED_IDENTITIES, *(runner_identity(rid) for rid in runner_ids)]
     written = [seed_path(directory, i) for i in identities if _write_seed(seed_path(directory, i))]
+    route_secret(directory)
     return [*written, write_auth_conf(directory)]
 
 
@@ -112,10 +125,11 @@ def reload_server(directory: Path) -> int | None:
     return pid
 
 
-async def create_streams(url: str, directory: Path) -> None:
-    """Create or update the streams and the KV bucket as `admin`, the only identity that may."""
-    nc = await client.connect(url, name="exojet-admin", options=options_for(directory, ADMIN))
+async def create_streams(url: str, directory: Path, replicas: int | None = None, wait: bool = False) -> None:
+    """Create or update the streams and the KV bucket as `admin`, the only identity that may
+    (`replicas` if it creates them; `wait`: until the server and its JetStream answer)."""
+    nc = await client.connect(url, name="exojet-admin", options=options_for(directory, ADMIN), wait=wait)
     try:
-        await streams.ensure_streams(nc.jetstream())
+        await client.until_done(lambda: streams.ensure_streams(nc.jetstream(), replicas), "create the streams")
     finally:
         await nc.close()

@@ -20,6 +20,10 @@ _ENDPOINTS = {
 }
 
 
+# A little more than a reconnect's longest backoff (bus/connection.py).
+RECONNECT_GRACE_S = 3.0
+
+
 class QueryFailed(Exception):
     """The query was refused (`code` names why) or nobody answered."""
 
@@ -32,14 +36,23 @@ class QueryFailed(Exception):
 async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
     """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq)."""
     payload = msgspec.json.encode({k: v for k, v in body.items() if v is not None})
-    try:
-        msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)
-    except NoRespondersError:
-        raise QueryFailed(
-            "NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)"
-        ) from None
-    except NatsTimeout:
-        raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
+    loop = asyncio.get_running_loop()
+    # A supervisor whose server went away is back on another within a reconnect's backoff:
+    # until then nobody answers, so no responders is asked again for that long.
+    moving_until = loop.time() + min(timeout, RECONNECT_GRACE_S)
+    while True:
+        try:
+            msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)
+            break
+        except NoRespondersError:
+            if loop.time() < moving_until:
+                await asyncio.sleep(0.1)
+                continue
+            raise QueryFailed(
+                "NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)"
+            ) from None
+        except NatsTimeout:
+            raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
     try:
         reply = msgspec.json.decode(msg.data, type=dict[str, Any])
     except msgspec.DecodeError as err:

@@ -15,7 +15,9 @@ import urllib.error
 import urllib.request
 from importlib.resources import files
 from pathlib import Path
+from urllib.parse import urlparse
 
+import msgspec
 from loguru import logger
 
 from exojet.bus import parent_death
@@ -25,13 +27,49 @@ CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_CONF = "server.conf"
+ROUTE_USER = "exojet-route"
+
+
+class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """One node's place in a cluster, in nats-server's own terms: its name, where its
+    routes listen (`nats://HOST:PORT`), the cluster's name, and the routes it solicits
+    (every node's cluster URL may be listed, its own included: nats-server skips itself)."""
+
+    name: str
+    listen: str
+    cluster_name: str = "exojet"
+    routes: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return urlparse(self.listen).hostname or ""
+
+
+def _with_user(url: str, secret: str) -> str:
+    parsed = urlparse(url)
+    return parsed._replace(netloc=f"{ROUTE_USER}:{secret}@{parsed.hostname}:{parsed.port}").geturl()
+
+
+def cluster_block(cluster: ClusterConfig, auth_dir: Path) -> str:
+    """The `cluster {}` block of an authenticated node: routes log in with the auth dir's secret,
+    kept in the config file rather than on a command line everyone on the host can read."""
+    from exojet.bus.identities import route_secret
+
+    secret = route_secret(auth_dir)
+    parsed = urlparse(cluster.listen)
+    routes = ", ".join(json.dumps(_with_user(r, secret)) for r in cluster.routes)
+    listen = json.dumps(f"{parsed.hostname}:{parsed.port}")
+    return (
+        f"cluster {{\n  name: {json.dumps(cluster.cluster_name)}\n  listen: {listen}\n"
+        f"  authorization {{ user: {ROUTE_USER}, password: {json.dumps(secret)} }}\n  routes: [{routes}]\n}}"
+    )
 
 
 class ServerError(RuntimeError):
     """The server did not start, or is not what we expected."""
 
 
-def auth_conf(base: Path, auth_dir: Path) -> Path:
+def auth_conf(base: Path, auth_dir: Path, cluster: ClusterConfig | None = None) -> Path:
     """Write `auth_dir/server.conf`: `base`, the users of `auth_dir/auth.conf`, TLS when the dir holds a
     certificate, and a pid file for reloads. It sits beside auth.conf because nats-server resolves
     includes relative to the including file."""
@@ -51,6 +89,8 @@ def auth_conf(base: Path, auth_dir: Path) -> Path:
             f'tls {{\n  cert_file: "{d / certs.SERVER_CERT_FILE}"\n  key_file: "{d / certs.SERVER_KEY_FILE}"\n'
             "  timeout: 2\n}"
         )
+    if cluster is not None:
+        parts.append(cluster_block(cluster, auth_dir))
     conf = auth_dir / SERVER_CONF
     conf.write_text("\n".join(parts) + "\n")
     return conf
@@ -100,9 +140,14 @@ class NatsServer:
         host: str = "127.0.0.1",
         auth_dir: Path | None = None,
         die_with_parent: bool = False,
+        cluster: ClusterConfig | None = None,
     ) -> None:
-        if auth_dir is None and host not in LOOPBACK:
-            raise ServerError(f"refusing to listen on {host} without auth: pass an auth dir (`exojet auth init DIR`)")
+        for where in (host, cluster.host if cluster else "127.0.0.1"):
+            if auth_dir is None and where not in LOOPBACK:
+                raise ServerError(
+                    f"refusing to listen on {where} without auth: pass an auth dir (`exojet auth init DIR`)"
+                )
+        self.cluster = cluster
         self.host = host
         self.auth_dir = auth_dir
         self.port = port
@@ -131,7 +176,7 @@ class NatsServer:
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)
         ports_dir = Path(tempfile.mkdtemp(prefix="exojet-nats-ports-"))
-        conf = auth_conf(self.conf, self.auth_dir) if self.auth_dir else self.conf
+        conf = auth_conf(self.conf, self.auth_dir, self.cluster) if self.auth_dir else self.conf
         cmd = [
             server_binary(),
             "-c",
@@ -147,6 +192,11 @@ class NatsServer:
             "--ports_file_dir",
             str(ports_dir),
         ]
+        if self.cluster is not None:
+            cmd += ["--name", self.cluster.name]
+            if self.auth_dir is None:
+                cmd += ["--cluster_name", self.cluster.cluster_name, "--cluster", self.cluster.listen]
+                cmd += ["--routes", ",".join(self.cluster.routes)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         # Its own session: a Ctrl-C in the terminal must not kill the server
         # under processes that still have last words to write; we stop it.

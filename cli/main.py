@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 from exojet import __version__
 from exojet.bus import connect_options
 from exojet.bus.client import NatsRefused, NatsUnreachable, default_url
-from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
+from exojet.bus.connection import BadNatsUrl, server_urls
+from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits, ReplicasRefused, wanted_replicas
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
 from exojet.projections.state import Retention
@@ -20,9 +21,33 @@ if TYPE_CHECKING:
     from exojet.api.app import ApiConfig
 
 
+def _nats_url(value: str) -> str:
+    """argparse's check of `--nats` (and of `$NATS_URL`, its default): a named error, not a traceback."""
+    try:
+        server_urls(value)
+    except BadNatsUrl as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def _add_nats(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--nats", default=default_url(), help="NATS URL (default $NATS_URL, else nats://127.0.0.1:4222)")
+    p.add_argument(
+        "--nats",
+        type=_nats_url,
+        default=default_url(),
+        help="NATS server URL, or several comma-separated (a cluster) (default $NATS_URL, else nats://127.0.0.1:4222)",
+    )
     connect_options.add_arguments(p)
+
+
+def _add_replicas(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--replicas",
+        type=int,
+        choices=range(1, 6),
+        default=wanted_replicas(),
+        help="replicas of the streams if this creates them (default $EXO_REPLICAS, else 3 on a cluster, 1 alone)",
+    )
 
 
 def add_api_options(p: argparse.ArgumentParser) -> None:
@@ -85,9 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"exojet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("nats", help="run the embedded nats-server (repo's nats.conf) in the foreground")
+    p = sub.add_parser("nats", help="run the embedded nats-server (repo's nats.conf), alone or as a cluster node")
     p.add_argument("--port", type=int, default=4222)
+    p.add_argument("--listen", default=None, metavar="HOST:PORT", help="client address (sets --host and --port)")
     p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument("--name", default=None, help="this node's name, unique in its cluster (default: the host's name)")
+    p.add_argument("--cluster", default=None, metavar="URL", help="where this node's routes listen: nats://HOST:PORT")
+    p.add_argument("--cluster_name", default="exojet", help="the cluster's name (default exojet)")
+    p.add_argument(
+        "--routes",
+        default="",
+        metavar="URL,URL",
+        help="every node's --cluster URL, comma-separated (its own may be listed)",
+    )
+    _add_replicas(p)
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
     p.add_argument(
         "--auth",
@@ -148,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="port range START-END that pipeline groups listen on (default 52400-52999)",
     )
     _add_models_dir(p)
+    _add_replicas(p)
+    _add_nats(p)
+
+    p = sub.add_parser("streams", help="the streams' replicas: show them, or change them with --replicas")
+    p.add_argument("--replicas", type=int, choices=range(1, 6), default=None, help="move every stream to N replicas")
     _add_nats(p)
 
     from exojet.cli.orchestration_cmds import add_parsers
@@ -284,23 +325,35 @@ def _run_nats(args: argparse.Namespace) -> int:
     import signal
 
     from exojet.bus.server import NatsServer, ServerError
+    from exojet.cli.nats_cmd import cluster_config, create_streams_later, listen_address
 
     server: NatsServer | None = None
     try:
+        host, port = listen_address(args.listen, args.host, args.port)
+        cluster = cluster_config(args.name, args.cluster, args.cluster_name, args.routes)
         server = NatsServer(
-            port=args.port, monitor_port=args.monitor_port, store_dir=args.store_dir, host=args.host, auth_dir=args.auth
+            port=port,
+            monitor_port=args.monitor_port,
+            store_dir=args.store_dir,
+            host=host,
+            auth_dir=args.auth,
+            cluster=cluster,
         ).start()
-        if args.auth:
+        if args.auth and cluster is None:
             from exojet.bus import identities
 
-            asyncio.run(identities.create_streams(server.url, args.auth))
-    except (ServerError, NatsRefused, NatsUnreachable) as err:
+            asyncio.run(identities.create_streams(server.url, args.auth, args.replicas))
+        elif args.auth:
+            # A cluster's JetStream answers once enough nodes are up: create them meanwhile.
+            create_streams_later(server.url, args.auth, args.replicas)
+    except (ServerError, NatsRefused, NatsUnreachable, ValueError) as err:
         if server is not None:
             server.stop()
         print(f"error: {err}", file=sys.stderr)
         return 1
     secured = f", auth from {args.auth}" if args.auth else ""
-    print(f"nats-server on {args.host}:{server.port} (store {server.store_dir}{secured}); Ctrl-C stops it", flush=True)
+    node = f", node {cluster.name} of cluster {cluster.cluster_name} (routes on {cluster.listen})" if cluster else ""
+    print(f"nats-server on {host}:{server.port} (store {server.store_dir}{secured}{node}); Ctrl-C stops it", flush=True)
     # SIGTERM too must stop the server, or it outlives this process.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
@@ -330,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         connect_options.use(connect_options.from_args(args))
     try:
         return _dispatch(args)
-    except (NatsUnreachable, NatsRefused) as err:
+    except (NatsUnreachable, NatsRefused, ReplicasRefused) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 
@@ -366,8 +419,13 @@ def _dispatch(args: argparse.Namespace) -> int:
                         finished=args.keep_finished, age_s=args.keep_age, anomalies=args.keep_anomalies
                     ),
                     log_limits=_log_limits(args.log_max_age, args.log_max_bytes),
+                    replicas=args.replicas,
                 )
             )
+        case "streams":
+            from exojet.cli.nats_cmd import streams_cmd
+
+            return asyncio.run(streams_cmd(args.nats, args.replicas))
         case "place" | "delete":
             from exojet.cli.orchestration_cmds import run
 

@@ -37,6 +37,7 @@ async def run_supervisor(
     planner: PlannerConfig = DEFAULT_CONFIG,
     retention: Retention = DEFAULT_RETENTION,
     log_limits: LogLimits | None = None,
+    replicas: int | None = None,
 ) -> int:
     """Run one supervisor until `stop` is set (or SIGINT/SIGTERM); returns the exit code.
 
@@ -44,7 +45,7 @@ async def run_supervisor(
     (`heartbeat_timeout`), and places instances and routes chats (`planner`;
     `models_dir` is where it reads a model's layer count to split it); finished
     work stays in its projection as long as `retention` says. `log_limits`, when
-    given, become `EXO_LOG`'s limits.
+    given, become `EXO_LOG`'s limits; `replicas`, the streams' if it creates them.
     """
     supervisor_id = supervisor_id or default_supervisor_id()
     log = logger.bind(supervisor_id=supervisor_id)
@@ -56,7 +57,9 @@ async def run_supervisor(
     nc = await client.connect(nats_url, name=f"supervisor-{supervisor_id}", wait=True)
     try:
         js = nc.jetstream()
-        await client.until_done(lambda: streams.ensure_streams(js, log_limits=log_limits), "create the streams")
+        await client.until_done(
+            lambda: streams.ensure_streams(js, replicas, log_limits=log_limits), "create the streams"
+        )
         projector = Projector(nc, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
         await client.until_done(projector.start, "fold the log")
         liveness = Liveness(nc, js, projector, supervisor_id, heartbeat_timeout)
