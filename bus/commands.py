@@ -20,8 +20,8 @@ class PlaceInstance(_Command, frozen=True):
     model_id: str
     runners: tuple[str, ...] | None = None
     min_runners: Annotated[int, msgspec.Meta(ge=1)] = 1
-    # The model's layer count, needed to split it over several runners; when
-    # absent the supervisor reads it from the model's config.json.
+    # The model's layer count, to split it over several runners: an override; when
+    # absent, the runners' downloads report it (or a supervisor's --models-dir has it).
     n_layers: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 

@@ -183,7 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="52400-52999",
         help="port range START-END that pipeline groups listen on (default 52400-52999)",
     )
-    _add_models_dir(p)
+    p.add_argument(
+        "--models-dir",
+        type=Path,
+        default=None,
+        help="read layer counts from models here (an override: runners report them when their downloads complete)",
+    )
     _add_replicas(p)
     _add_nats(p)
 

@@ -51,3 +51,18 @@ def is_complete(path: Path) -> bool:
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
         return bool(shards) and all((path / s).is_file() for s in shards)
     return any(p.suffix == WEIGHT_SUFFIX for p in path.iterdir())
+
+
+def layer_count(path: Path) -> int | None:
+    """`num_hidden_layers` (or `n_layers`) of the model's config.json in `path`, if it says."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    value = config.get("num_hidden_layers", config.get("n_layers")) if isinstance(config, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def size_on_disk(path: Path) -> int:
+    """Bytes of the model's files (what loading it whole reads)."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

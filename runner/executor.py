@@ -23,7 +23,7 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
-from exojet.models.store import InvalidModelId, is_complete, model_dir
+from exojet.models.store import InvalidModelId, is_complete, layer_count, model_dir, size_on_disk
 from exojet.runner.chat import chat
 from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
@@ -111,7 +111,9 @@ class Executor:
                     shard.model_id, self.models_dir, revision=shard.revision, on_progress=self.on_progress
                 )
                 self.downloaded = shard
-                return {"model_id": shard.model_id, "path": str(path)}
+                # What placement needs, so no supervisor has to hold the model's files.
+                facts = await asyncio.to_thread(lambda: (layer_count(path), size_on_disk(path)))
+                return {"model_id": shard.model_id, "path": str(path), "n_layers": facts[0], "size_bytes": facts[1]}
             case ConnectToGroup(group=group):
                 if self.engine.alive:
                     await self.engine.stop()

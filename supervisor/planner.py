@@ -24,8 +24,11 @@ with the fewest chats in flight first.
 Layer counts: one runner gets the whole model and needs none. A group needs
 the model's `n_layers` to split it: from the PlaceInstance command, else from
 `catalog` (model id -> n_layers, which the reconciler reads from config.json in
-the supervisor's models dir). The split is recorded in `InstancePlaced`, so
-replay never needs the disk.
+the supervisor's `--models-dir`, if given); the split is then recorded in
+`InstancePlaced`. Without either, the group is placed with whole-model shards
+(rank and world size only) and split when its downloads are Complete, from the
+`n_layers` each runner's DownloadModel result reports; the LoadModel tasks carry
+the ranges. Either way the log holds the split: replay never needs the disk.
 """
 
 from __future__ import annotations
@@ -168,18 +171,14 @@ def _place(
         shards = [Shard(model_id=inst.model_id)]
     else:
         n_layers = inst.n_layers or catalog.get(inst.model_id)
-        problem = None
         if n_layers is None:
-            problem = (
-                f"cannot split {inst.model_id} over {len(runners)} runners: its layer count is unknown "
-                "(pass n_layers in PlaceInstance, or give the supervisor --models-dir holding the model)"
-            )
-        elif n_layers < len(runners):
-            problem = f"{inst.model_id} has {n_layers} layers, fewer than the {len(runners)} runners asked for"
-        if problem is not None:
+            # Split once the runners' downloads say how many layers there are.
+            world = len(runners)
+            shards = [Shard(model_id=inst.model_id, device_rank=r, world_size=world) for r in range(world)]
+        elif (problem := _too_few_layers(inst.model_id, n_layers, len(runners))) is not None:
             return _failed(inst, problem, final=True)
-        assert n_layers is not None
-        shards = split_layers(inst.model_id, n_layers, [r.memory_free for r in runners])
+        else:
+            shards = split_layers(inst.model_id, n_layers, [r.memory_free for r in runners])
     hosts = _group_hosts(state, runners, config) if len(runners) > 1 else ()
     if hosts is None:
         return None  # every group port in the range is taken: wait for an instance to end
@@ -197,6 +196,33 @@ def _place(
         hosts=hosts,
     )
     return WriteEvent(event, fence=state.supervisor_seq)
+
+
+def _too_few_layers(model_id: str, n_layers: int, world: int) -> str | None:
+    return f"{model_id} has {n_layers} layers, fewer than the {world} runners asked for" if n_layers < world else None
+
+
+def _split_after_download(state: ClusterState, inst: InstanceView) -> list[Shard] | str:
+    """A group placed without a layer count: its shards from what the downloads reported, or why not."""
+    placements = inst.placements
+    if len(placements) == 1 or placements[0].shard.start_layer is not None:
+        return [p.shard for p in placements]
+    reported = set()
+    for p in placements:
+        task = state.tasks.get(step_task_id(inst.instance_id, inst.attempt, DOWNLOAD, p.runner_id))
+        result = task.result if task is not None and task.result else {}
+        reported.add(result.get("n_layers"))
+    n_layers = reported.pop() if len(reported) == 1 else None
+    if not isinstance(n_layers, int) or n_layers < 1:
+        return (
+            f"cannot split {inst.model_id} over {len(placements)} runners: its downloads reported no layer count "
+            "(runners older than the report, or a config.json without num_hidden_layers); pass n_layers in "
+            "PlaceInstance or give the supervisor --models-dir holding the model"
+        )
+    if (problem := _too_few_layers(inst.model_id, n_layers, len(placements))) is not None:
+        return problem
+    memory = [state.runners[p.runner_id].memory_free if p.runner_id in state.runners else 0 for p in placements]
+    return split_layers(inst.model_id, n_layers, memory)
 
 
 def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> list[RunnerView] | None:
@@ -316,15 +342,18 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
         ids = [step_task_id(inst.instance_id, inst.attempt, step, p.runner_id) for p in inst.placements]
         if all(state.tasks.get(i) is not None and state.tasks[i].status == "Complete" for i in ids):
             continue
+        shards = _split_after_download(state, inst) if step == LOAD else [p.shard for p in inst.placements]
+        if isinstance(shards, str):
+            return [_failed(inst, shards, final=True)]
         return [
-            SendTask(p.runner_id, _step_task(inst, step, rank, task_id))
+            SendTask(p.runner_id, _step_task(inst, step, rank, task_id, shards[rank]))
             for rank, (p, task_id) in enumerate(zip(inst.placements, ids, strict=True))
             if task_id not in state.tasks
         ]
     return []
 
 
-def _step_task(inst: InstanceView, step: str, rank: int, task_id: str) -> Task:
+def _step_task(inst: InstanceView, step: str, rank: int, task_id: str, shard: Shard) -> Task:
     placement = inst.placements[rank]
     if step == DOWNLOAD:
         return DownloadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
@@ -337,7 +366,7 @@ def _step_task(inst: InstanceView, step: str, rank: int, task_id: str) -> Task:
         )
         return ConnectToGroup(task_id=task_id, instance_id=inst.instance_id, group=group)
     if step == LOAD:
-        return LoadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
+        return LoadModel(task_id=task_id, instance_id=inst.instance_id, shard=shard)
     assert step == WARMUP
     return StartWarmup(task_id=task_id, instance_id=inst.instance_id)
 

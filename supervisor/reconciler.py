@@ -15,7 +15,6 @@ starts the wait again, so a backoff is never shorter than planned.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,7 +26,7 @@ from nats.js import JetStreamContext
 from exojet.bus import client, subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceRetryDue
-from exojet.bus.model_ids import model_id_problem
+from exojet.models.store import InvalidModelId, layer_count, model_dir
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState
 from exojet.supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
@@ -38,16 +37,12 @@ DEFAULT_INTERVAL_S = 1.0
 OWN_WRITES_TIMEOUT_S = 5.0
 
 
-def read_n_layers(models_dir: Path, model_id: str) -> int | None:
-    """`num_hidden_layers` (or `n_layers`) of the model's config.json in `models_dir`, if it is there."""
-    if model_id_problem(model_id):
-        return None
+def _layers_on_disk(models_dir: Path, model_id: str) -> int | None:
+    """The layer count of the model in the supervisor's own models dir (the `--models-dir` override), if there."""
     try:
-        config = json.loads((models_dir / model_id.replace("/", "--") / "config.json").read_text())
-    except (OSError, ValueError):
+        return layer_count(model_dir(models_dir, model_id))
+    except InvalidModelId:
         return None
-    value = config.get("num_hidden_layers", config.get("n_layers"))
-    return value if isinstance(value, int) and value > 0 else None
 
 
 class Reconciler:
@@ -151,7 +146,7 @@ class Reconciler:
             return self._catalog
         for inst in state.instances.values():
             if inst.status == PLACING and inst.model_id not in self._catalog:
-                n_layers = read_n_layers(self.models_dir, inst.model_id)
+                n_layers = _layers_on_disk(self.models_dir, inst.model_id)
                 if n_layers is not None:
                     self._catalog[inst.model_id] = n_layers
         return self._catalog

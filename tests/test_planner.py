@@ -39,7 +39,16 @@ from exojet.bus.statuses import (
     RunnerWarmingUp,
     TaskStatus,
 )
-from exojet.bus.tasks import ChatCompletion, ChatMessage, ConnectToGroup, LoadModel, Shard, Task, task_type
+from exojet.bus.tasks import (
+    ChatCompletion,
+    ChatMessage,
+    ConnectToGroup,
+    DownloadModel,
+    LoadModel,
+    Shard,
+    Task,
+    task_type,
+)
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState, state_hash
 from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
@@ -65,6 +74,8 @@ class Cluster:
         self.log: list[Envelope] = []
         self.ids = itertools.count()
         self.incarnations: dict[str, int] = {}
+        # What a DownloadModel's result reports of the model, as runners do (None: nothing, as older runners).
+        self.model_layers: int | None = None
 
     def put(self, subject: str, message: msgspec.Struct) -> Envelope:
         env = Envelope(seq=len(self.log) + 1, subject=subject, data=encode(message))
@@ -117,8 +128,15 @@ class Cluster:
             TaskStatusUpdated,
             task_id=task.task_id,
             task_status=status,
-            result={"text": "hi"} if isinstance(task, ChatCompletion) else None,
+            result=self._result(task),
         )
+
+    def _result(self, task: Task) -> dict[str, object] | None:
+        if isinstance(task, ChatCompletion):
+            return {"text": "hi"}
+        if isinstance(task, DownloadModel) and self.model_layers is not None:
+            return {"model_id": task.shard.model_id, "n_layers": self.model_layers, "size_bytes": 1234}
+        return None
 
     def run(
         self, catalog: dict[str, int] | None = None, config: PlannerConfig = DEFAULT_CONFIG, rounds: int = 30
@@ -209,15 +227,39 @@ def test_a_group_goes_only_to_runners_with_an_engine_that_can_join_one() -> None
     assert [p.runner_id for p in single.placements] == ["gguf-only"]
 
 
-def test_a_group_without_a_layer_count_fails_for_good() -> None:
+def test_a_group_without_a_layer_count_is_split_from_what_its_downloads_report() -> None:
+    c = Cluster()
+    c.register("big", memory_free=3000)
+    c.register("small", memory_free=1000)
+    c.model_layers = 8
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.publish(plan(c.state))
+    inst = next(iter(c.state.instances.values()))
+    # Placed before anyone knows the layers: ranks only, no ranges yet.
+    assert [(p.shard.device_rank, p.shard.world_size, p.shard.start_layer) for p in inst.placements] == [
+        (0, 2, None),
+        (1, 2, None),
+    ]
+    done = c.run()
+    loads = [(r, t.shard) for r, t in done if isinstance(t, LoadModel)]
+    assert [(r, s.start_layer, s.end_layer, s.n_layers, s.device_rank) for r, s in loads] == [
+        ("big", 0, 6, 8, 0),
+        ("small", 6, 8, 8, 1),
+    ]
+    assert inst.status == "Ready"
+
+
+def test_a_group_whose_downloads_report_no_layer_count_fails_for_good() -> None:
     c = Cluster()
     c.register("r1")
     c.register("r2")
     c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
-    c.publish(plan(c.state))
+    done = c.run()
+    # Failed at the load step; the group the runners joined is let go.
+    assert _types(done) == ["DownloadModel"] * 2 + ["ConnectToGroup"] * 2 + ["UnloadModel"] * 2
     inst = next(iter(c.state.instances.values()))
     assert inst.status == "Failed" and inst.gave_up
-    assert "layer count is unknown" in (inst.reason or "")
+    assert "reported no layer count" in (inst.reason or "")
     assert [a for a in plan(c.state) if not isinstance(a, RetryWait)] == []
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -349,6 +350,12 @@ async def test_download_through_a_hub_with_progress(
         assert len(progress) >= 2
         assert [p.downloaded_bytes for p in progress] == sorted(p.downloaded_bytes for p in progress)
         assert progress[-1].downloaded_bytes == progress[-1].total_bytes > 0
+        # What placement needs, reported so no supervisor needs the files: layers and bytes on disk.
+        assert done.result is not None
+        assert done.result["n_layers"] == json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+        assert done.result["size_bytes"] == sum(
+            f.stat().st_size for f in (models / "org--tiny").rglob("*") if f.is_file()
+        )
         assert (models / "org--tiny" / "model.safetensors").read_bytes() == (
             tiny_model_dir / "model.safetensors"
         ).read_bytes()
