@@ -12,10 +12,10 @@ from typing import Any, TypeVar
 import msgspec
 
 from exojet.bus.cancel import CancelTask
-from exojet.bus.commands import Command, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import Command, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.events import Event
 from exojet.bus.model_ids import model_id_problem
-from exojet.bus.subjects import stream_id_problem
+from exojet.bus.subjects import id_problem, stream_id_problem
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, Task
 
 # The log keeps whatever was published; these limits bound what we act on.
@@ -137,6 +137,9 @@ def decode_command(data: bytes) -> Command:
             _check_model_id(model_id)
             # The chat's chunks go to `exo.chunks.<runner>.chat-<command id>`.
             _check_stream_id(command_id, "command_id")
+        case DrainRunner(runner_id=runner_id) | UndrainRunner(runner_id=runner_id):
+            if problem := id_problem(runner_id):
+                raise BadInput("InvalidField", problem)
     return command
 
 

@@ -29,6 +29,16 @@ class DeleteInstance(_Command, frozen=True):
     instance_id: str
 
 
+class DrainRunner(_Command, frozen=True):
+    """Move the runner's instances elsewhere and place nothing on it until `UndrainRunner`."""
+
+    runner_id: str
+
+
+class UndrainRunner(_Command, frozen=True):
+    runner_id: str
+
+
 class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     """A chat for whichever Ready instance serves `model_id` (any, if absent)."""
 
@@ -41,4 +51,4 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     stop: str | tuple[str, ...] | None = None
 
 
-Command = PlaceInstance | DeleteInstance | RouteChatCompletion
+Command = PlaceInstance | DeleteInstance | RouteChatCompletion | DrainRunner | UndrainRunner

@@ -431,7 +431,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             from exojet.cli.nats_cmd import streams_cmd
 
             return asyncio.run(streams_cmd(args.nats, args.replicas))
-        case "place" | "delete":
+        case "place" | "delete" | "drain" | "undrain":
             from exojet.cli.orchestration_cmds import run
 
             return run(args)

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from exojet.bus import client, subjects
-from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.model_ids import model_id_problem
@@ -38,7 +38,7 @@ class ChatFailed(Exception):
 
 
 def add_parsers(sub: Any, add_nats: Any) -> None:
-    """Register `place` and `delete` on the `exojet` subparsers."""
+    """Register `place`, `delete`, `drain` and `undrain` on the `exojet` subparsers."""
     p = sub.add_parser("place", help="ask the supervisors to place MODEL on runners; prints the instance id")
     p.add_argument("model_id")
     p.add_argument("--runners", default=None, help="comma-separated runner ids (default: the freest Idle ones)")
@@ -55,15 +55,27 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
     p = sub.add_parser("delete", help="delete an instance: its runners unload it and are Idle again")
     p.add_argument("instance_id")
     add_nats(p)
+    p = sub.add_parser("drain", help="move a runner's instances elsewhere and place nothing on it (maintenance)")
+    p.add_argument("runner_id")
+    p.add_argument("--wait", action="store_true", help="until it holds no instance and is Idle")
+    p.add_argument("--timeout", type=float, default=600.0)
+    add_nats(p)
+    p = sub.add_parser("undrain", help="let the supervisors place instances on a drained runner again")
+    p.add_argument("runner_id")
+    add_nats(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `place` or `delete` from parsed arguments."""
+    """Run `place`, `delete`, `drain` or `undrain` from parsed arguments."""
     if args.command == "place":
         runners = tuple(r for r in args.runners.split(",") if r) if args.runners else None
         return asyncio.run(
             place(args.nats, args.model_id, runners, args.min_runners, args.n_layers, args.wait, args.timeout)
         )
+    if args.command == "drain":
+        return asyncio.run(drain(args.nats, args.runner_id, True, args.wait, args.timeout))
+    if args.command == "undrain":
+        return asyncio.run(drain(args.nats, args.runner_id, False, False, 0.0))
     return asyncio.run(delete(args.nats, args.instance_id))
 
 
@@ -140,6 +152,45 @@ async def delete(nats_url: str, instance_id: str) -> int:
         return 0
     finally:
         await nc.close()
+
+
+async def drain(nats_url: str, runner_id: str, on: bool, wait: bool, timeout: float) -> int:
+    """Publish DrainRunner (or UndrainRunner); with `wait`, until the runner is Idle holding no instance."""
+    if problem := subjects.id_problem(runner_id):
+        return _fail(problem, 2)
+    command = DrainRunner(runner_id=runner_id) if on else UndrainRunner(runner_id=runner_id)
+    nc = await client.connect(nats_url, name="exojet-drain")
+    holding: list[str] | None = None
+    try:
+        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, command)
+        print(f"{'drain' if on else 'undrain'} of {runner_id} requested (seq {ack.seq})", flush=True)
+        if not wait:
+            return 0
+        async with asyncio.timeout(timeout):
+            while (holding := await _drained_holds(nc, runner_id, ack.seq)) != []:
+                await asyncio.sleep(WAIT_POLL_S)  # poll interval of a bounded wait, not a sync point
+        print(f"{runner_id} is drained: Idle, holding no instance")
+        return 0
+    except TimeoutError:
+        return _fail(f"{runner_id} was not drained within {timeout} s (still: {', '.join(holding or ['not Idle'])})")
+    finally:
+        await nc.close()
+
+
+async def _drained_holds(nc: Any, runner_id: str, seq: int) -> list[str] | None:
+    """The live instances placed on the runner ([] once it is Idle holding none; None: not known yet)."""
+    try:
+        reply = await query(nc, "runner", runner_id=runner_id, min_seq=seq)
+    except QueryFailed as err:
+        if err.code not in ("NoSupervisor", "Timeout", "NotFound"):
+            raise
+        return None
+    placed = [
+        iid
+        for iid, inst in reply["instances"].items()
+        if any(p["runner_id"] == runner_id for p in inst.get("placements", []))
+    ]
+    return placed if placed or reply["runner"]["status"] != "RunnerIdle" else []
 
 
 async def route_chat(

@@ -26,7 +26,7 @@ no clock, state updated in place.
 from __future__ import annotations
 
 from exojet.bus.codec import BadInput, decode_command
-from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     ChatRefused,
@@ -110,6 +110,10 @@ def apply_command(state: ClusterState, env: Envelope) -> None:
                 chat_id=chat_id, model_id=command.model_id, request=command, created_seq=env.seq, updated_seq=env.seq
             )
             state.pending_chats[chat_id] = None
+        case DrainRunner(runner_id=runner_id):
+            state.drained.setdefault(runner_id, env.seq)
+        case UndrainRunner(runner_id=runner_id):
+            state.drained.pop(runner_id, None)
 
 
 def _place_command(state: ClusterState, env: Envelope, command: PlaceInstance) -> None:
@@ -152,7 +156,12 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
                 return
             for p in event.placements:
                 other = state.instances.get(state.runner_instances.get(p.runner_id, ""))
-                if other is not None and other.status not in ENDED_STATUSES:
+                # Still there: `other` may have been placed again elsewhere since (a drain, a retry).
+                if (
+                    other is not None
+                    and other.status not in ENDED_STATUSES
+                    and any(q.runner_id == p.runner_id for q in other.placements)
+                ):
                     _anomaly(
                         state,
                         env,

@@ -161,6 +161,8 @@ class ClusterState(msgspec.Struct, kw_only=True):
     pending_chats: dict[str, None] = {}
     # ChatCompletion task id -> routed chat id, while the chat is not terminal.
     chat_tasks: dict[str, str] = {}
+    # Runners drained for maintenance (DrainRunner, until UndrainRunner): id -> the command's seq.
+    drained: dict[str, int] = {}
     # Sequence of the newest message on `exo.events.supervisor`: the fence of InstancePlaced.
     supervisor_seq: int = 0
     # Insertion-ordered (a dict keeps the order); trimmed back to EVENT_ID_WINDOW

@@ -12,7 +12,7 @@ import msgspec
 from exojet.bus import subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.codec import BadInput, decode_cancel, decode_command, decode_event, decode_task
-from exojet.bus.commands import Command, DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import Command, DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     ChatRefused,
@@ -134,6 +134,10 @@ def _describe(before: ClusterState, env: Envelope, message: Message | None) -> t
         case DeleteInstance(instance_id=iid):
             old = before.instances[iid].status if iid in before.instances else "unknown"
             return kind, f"delete {iid} (was {old})"
+        case DrainRunner(runner_id=rid):
+            return kind, f"drain {rid}: its instances move elsewhere, nothing new is placed on it"
+        case UndrainRunner(runner_id=rid):
+            return kind, f"undrain {rid}: it takes placements again"
         case RouteChatCompletion(messages=msgs, model_id=model):
             chat = chat_id_of(message.command_id, env.seq)
             return kind, f"chat {chat} for {model or 'any model'}: {_quote(msgs[-1].content)}"

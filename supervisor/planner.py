@@ -235,6 +235,7 @@ def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> 
             runner is not None
             and runner.status == "RunnerIdle"
             and runner.runner_id not in busy
+            and runner.runner_id not in state.drained
             and (not pipelined or can_join_group(runner))
         )
 
@@ -329,6 +330,10 @@ def _failure(state: ClusterState, inst: InstanceView) -> str | None:
 
 
 def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> list[Action]:
+    drained = [p.runner_id for p in inst.placements if p.runner_id in state.drained]
+    if drained:
+        # Not the instance's fault: placed again elsewhere however many attempts it had.
+        return [_failed(inst, f"runner {', '.join(drained)} drained for maintenance: moving", final=False)]
     if (reason := _failure(state, inst)) is not None:
         attempt_word = "attempt" if config.max_attempts == 1 else "attempts"
         final = inst.attempt >= config.max_attempts

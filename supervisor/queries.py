@@ -117,6 +117,7 @@ def state_reply(
         "pending_chat_count": len(state.pending_chats),
         "anomaly_count": state.anomaly_count,
         "anomalies": state.anomalies[-ANOMALIES_SHOWN:],
+        "drained": sorted(state.drained),
         "unfinished_tasks": len(state.unfinished),
         "retention": state.retention,
         "pruned": state.pruned,
@@ -159,6 +160,7 @@ def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAG
     return {
         "seq": state.seq,
         "runner": runner,
+        "drained": runner_id in state.drained,
         "tasks": tasks,
         "tasks_page": tasks_page,
         # Live instances placed on it or asked to be.

@@ -434,3 +434,30 @@ async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance
         f"{instance_id} re-placed and Ready",
     )
     _assert_no_duplicates(watch)
+
+
+@pytest.mark.timeout(120)
+async def test_drain_moves_the_instance_elsewhere_and_leaves_the_runner_idle(
+    procs: Procs, watch: LogWatch, nc: NATS
+) -> None:
+    for r in ("r1", "r2"):
+        procs.runner(r)
+    procs.supervisor()
+    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+    instance_id = await _place(nc, model_id="local/tiny")
+    await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready")
+    first = watch.state.instances[instance_id].placements[0].runner_id
+    other = "r2" if first == "r1" else "r1"
+    said = await exojet_output("drain", first, "--wait", "--timeout", "90", "--nats", procs.url, timeout=100)
+    assert f"{first} is drained: Idle, holding no instance" in said
+    state = await watch.until(
+        lambda s: (
+            s.instances[instance_id].status == "Ready" and s.instances[instance_id].placements[0].runner_id == other
+        ),
+        60,
+        f"{instance_id} Ready on {other}",
+    )
+    assert state.runners[first].status == "RunnerIdle" and first in state.drained
+    await exojet_output("undrain", first, "--nats", procs.url)
+    await watch.until(lambda s: not s.drained, 10, "undrained")
+    assert all(p.poll() is None for p in [*procs.supervisors, *procs.runners.values()])

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from exojet.bus import subjects
 from exojet.bus.codec import encode
-from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     InstancePlaced,
@@ -47,6 +47,7 @@ from exojet.bus.tasks import (
     LoadModel,
     Shard,
     Task,
+    UnloadModel,
     task_type,
 )
 from exojet.projections.apply import apply
@@ -393,6 +394,34 @@ def test_a_lost_runner_fails_the_instance_which_is_retried_elsewhere_then_given_
     c.publish(plan(c.state, config=PlannerConfig(max_attempts=2)))
     assert inst.status == "Failed" and inst.gave_up and "gave up after 2 attempts" in (inst.reason or "")
     assert [a for a in plan(c.state, config=PlannerConfig(max_attempts=2)) if isinstance(a, RetryWait)] == []
+
+
+def test_a_drained_runner_hands_its_instance_over_and_is_left_idle() -> None:
+    c = Cluster()
+    c.register("r1", memory_free=2000)
+    c.register("r2")
+    c.command(PlaceInstance(model_id="local/tiny"))
+    c.run()
+    inst = next(iter(c.state.instances.values()))
+    assert inst.status == "Ready" and inst.placements[0].runner_id == "r1"
+    c.command(DrainRunner(runner_id="r1"))
+    assert c.state.drained == {"r1": len(c.log)}
+    # Moving is no failure of the instance: never final, even past max_attempts.
+    c.publish(plan(c.state, config=PlannerConfig(max_attempts=1)))
+    assert inst.status == "Failed" and not inst.gave_up and "r1 drained" in (inst.reason or "")
+    unload = [t for _, t in c.run() if isinstance(t, UnloadModel)]
+    assert [t.task_id for t in unload] == [f"{inst.instance_id}.a1.unload.r1"]
+    assert c.state.runners["r1"].status == "RunnerIdle"
+    c.put(subjects.SUPERVISOR_EVENTS, InstanceRetryDue(event_id="rd1", instance_id=inst.instance_id, attempt=1))
+    c.run()
+    assert inst.status == "Ready" and inst.placements[0].runner_id == "r2"
+    # Nothing new goes to a drained runner, even the freest; undrained, it takes placements again.
+    c.command(PlaceInstance(model_id="local/tiny", command_id="second"))
+    assert plan(c.state) == []
+    c.command(UndrainRunner(runner_id="r1"))
+    c.run()
+    assert c.state.instances["inst-second"].placements[0].runner_id == "r1"
+    assert not c.state.drained and not c.state.anomalies
 
 
 def test_backoff_doubles_and_is_capped() -> None:
