@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from exojet.bus import client, streams, subjects
 from exojet.bus.codec import BadInput, decode_event
+from exojet.bus.connection import server_urls
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerLost, RunnerRegistered, RunnerStatusUpdated
 from exojet.bus.lifecycle import FINAL_STATUSES
@@ -43,7 +44,8 @@ def advertised_address(nats_url: str) -> str:
     """The local address on the route to the NATS server: what other ranks can reach."""
     if env := os.environ.get("EXO_RUNNER_ADDRESS"):
         return env
-    url = urlsplit(nats_url)
+    # The first server of a list: on one network, any member's route leaves by the same address.
+    url = urlsplit(server_urls(nats_url)[0])
     try:
         # A UDP "connect" sends nothing; it only asks the kernel for the route.
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:

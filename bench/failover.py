@@ -1,0 +1,157 @@
+"""Failover benchmark: the time from a SIGKILL of the `EXO_LOG` stream leader to the next chat answered.
+
+One run: a 3-node JetStream cluster on loopback, a supervisor and a runner on the tiny llama (an
+instance Ready), all given the server list. Five times: a chat with no fault (the calm time), then
+the node leading `EXO_LOG` is killed and a chat is routed at once; its time to the answer is
+exojet's failover. Beside it, in the same run, a bare nats-py client (its default options, the
+same server list) publishes to `EXO_LOG` in a loop: its error window is the time from the kill to
+its first acknowledged publish sent after it. The killed node is started again and the cluster
+is caught up before the next kill. Prints the medians and the ratio.
+
+    .venv/bin/python bench/failover.py [--kills 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nats
+from loguru import logger
+
+from exojet.bus import client, query_client, streams, subjects
+from exojet.bus.commands import PlaceInstance
+from exojet.bus.tasks import ChatMessage
+from exojet.cli.orchestration_cmds import route_chat
+from tests.nats_cluster import NatsCluster
+from tests.tiny_model import write_tiny_llama
+
+REPO = Path(__file__).resolve().parent.parent
+BARE_SUBJECT = "exo.tasks.bench-bare-loop"  # a queue nobody reads: only the stream's leader matters
+
+
+def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "exojet.cli.main", *args], cwd=REPO, stdout=open(log, "ab"), stderr=subprocess.STDOUT
+    )
+
+
+class BareLoop:
+    """nats-py as it comes: publish in a loop, note when each acknowledged publish was sent."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.acked_sent_at: list[float] = []
+        self.errors = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        nc = await nats.connect(servers=self.url.split(","))
+        js = nc.jetstream()
+        while not stop.is_set():
+            sent = time.monotonic()
+            try:
+                await js.publish(BARE_SUBJECT, b"{}")
+                self.acked_sent_at.append(sent)
+            except Exception:  # every error counts the same here: a publish that was not stored
+                self.errors += 1
+            await asyncio.sleep(0.01)  # ~100 publishes a second, far below the stream's rate
+        await nc.close()
+
+    async def window_after(self, t0: float, timeout: float = 120.0) -> float:
+        """Seconds from `t0` to the sending of its first acknowledged publish after `t0`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            after = [t for t in self.acked_sent_at if t > t0]
+            if after:
+                return after[0] - t0
+            await asyncio.sleep(0.01)  # poll: the loop appends as acks come
+        raise TimeoutError("the bare nats-py loop never published again")
+
+
+async def chat_seconds(url: str) -> float:
+    started = time.monotonic()
+    text = "".join(
+        [t async for t in route_chat(url, [ChatMessage("user", "hi")], "local/tiny", max_tokens=4, timeout=120)]
+    )
+    assert text, "the chat came back empty"
+    return time.monotonic() - started
+
+
+async def caught_up(nc: nats.NATS, size: int) -> str:
+    """The leader of EXO_LOG once every replica is current (bounded)."""
+    async with asyncio.timeout(120):
+        while True:
+            info = await client.until_done(lambda: nc.jetstream().stream_info(streams.LOG_STREAM), "stream info")
+            cluster = info.cluster
+            if cluster and cluster.leader and len(cluster.replicas or []) == size - 1:
+                if all(r.current for r in cluster.replicas or []):
+                    return cluster.leader
+            await asyncio.sleep(0.2)  # poll: catching up has no event a client can wait on
+
+
+async def main(kills: int) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    with tempfile.TemporaryDirectory(prefix="exojet-failover-") as tmp:
+        root = Path(tmp)
+        cluster = NatsCluster(root / "cluster").start()
+        write_tiny_llama(root / "models" / "local--tiny")
+        procs = [
+            spawn(["supervisor", "--nats", cluster.url], root / "supervisor.log"),
+            spawn(
+                ["runner", "--id", "r1", "--nats", cluster.url, "--models-dir", str(root / "models")], root / "r1.log"
+            ),
+        ]
+        stop = asyncio.Event()
+        nc = await client.connect(cluster.url, name="bench", wait=True)
+        try:
+            await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+            await query_client.first_answer(nc, timeout=120)
+            await client.publish(
+                nc.jetstream(), subjects.COMMANDS, PlaceInstance(command_id="bench", model_id="local/tiny"), msg_id="b"
+            )
+            calm = [await chat_seconds(cluster.url)]  # waits for Ready, not counted
+            calm.clear()
+            bare = BareLoop(cluster.url)
+            loop = asyncio.ensure_future(bare.run(stop))
+            failover, windows = [], []
+            for i in range(kills):
+                calm.append(await chat_seconds(cluster.url))
+                leader = await caught_up(nc, len(cluster.servers))
+                t0 = time.monotonic()
+                cluster.node(leader).kill()
+                await chat_seconds(cluster.url)
+                failover.append(time.monotonic() - t0)
+                windows.append(await bare.window_after(t0))
+                print(
+                    f"kill {i + 1} ({leader}): chat answered {failover[-1]:.2f} s after, bare loop {windows[-1]:.2f} s"
+                )
+                cluster.node(leader).start()
+            stop.set()
+            await loop
+        finally:
+            stop.set()
+            await client.close(nc)
+            for p in procs:
+                p.terminate()
+                p.wait(30)
+            cluster.stop()
+    f, w, c = statistics.median(failover), statistics.median(windows), statistics.median(calm)
+    print(f"calm chat: {c:.2f} s (median of {kills})")
+    print(f"exojet: leader kill -> next chat answered: {f:.2f} s (median of {kills}; {f - c:.2f} s over calm)")
+    print(f"bare nats-py publish loop: error window {w:.2f} s (median of {kills}; {bare.errors} failed publishes)")
+    print(f"ratio exojet / bare: {f / w:.2f}x" if w > 0 else "ratio: the bare loop saw no window")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kills", type=int, default=5)
+    asyncio.run(main(parser.parse_args().kills))
