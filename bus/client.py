@@ -27,6 +27,8 @@ from exojet.bus.streams import LOG_STREAM
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
+# ... and for "duplicate message id is in process".
+MSG_ID_IN_PROCESS = 10158
 # How long one publish tries through a stream without a leader: a cluster elects one in
 # a few seconds; a single server with no stream never will.
 ELECTION_S = 20.0
@@ -77,7 +79,13 @@ async def publish(
         except APIError as err:
             if err.err_code == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(f"{subject}: {err.description}") from None
-            raise
+            # On a replicated stream the same `msg_id` from another publisher (a second
+            # supervisor) may still be on its way through the stream's consensus: ask again,
+            # and the answer is the duplicate's.
+            if err.err_code != MSG_ID_IN_PROCESS or loop.time() > deadline:
+                raise
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
         except retried:
             if loop.time() > deadline:
                 raise

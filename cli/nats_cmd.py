@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
 from loguru import logger
+from nats.js import api
+from nats.js.errors import NotFoundError
 
 from exojet.bus import client, streams
 from exojet.bus.server import ClusterConfig
@@ -70,18 +73,19 @@ async def streams_cmd(nats_url: str, replicas: int | None) -> int:
             changed = await streams.set_replicas(js, replicas)
             print(f"moved {', '.join(changed)} to {replicas} replica(s)" if changed else "nothing to change")
         for name in streams.STREAM_NAMES:
-            info = await js.stream_info(name)
-            cluster = info.cluster
-            leader = cluster.leader if cluster is not None else None
-            peers = (
-                ", ".join(f"{r.name}{'' if r.current else ' (catching up)'}" for r in (cluster.replicas or []))
-                if cluster
-                else ""
-            )
-            print(
-                f"{name}: {info.config.num_replicas} replica(s), leader {leader or '-'}"
-                + (f", followers {peers}" if peers else "")
-            )
+            print(_describe(name, await js.stream_info(name)))
+    except NotFoundError:
+        print("error: the streams are not created yet (a supervisor or runner creates them)", file=sys.stderr)
+        return 1
     finally:
         await client.close(nc)
     return 0
+
+
+def _describe(name: str, info: api.StreamInfo) -> str:
+    cluster = info.cluster
+    line = f"{name}: {info.config.num_replicas} replica(s), leader {(cluster.leader if cluster else None) or '-'}"
+    followers = (
+        [f"{r.name}{'' if r.current else ' (catching up)'}" for r in (cluster.replicas or [])] if cluster else []
+    )
+    return line + (f", followers {', '.join(followers)}" if followers else "")

@@ -73,8 +73,9 @@ class Fold:
         return self.state
 
     def terminal_statuses(self) -> Counter[str]:
-        """Terminal TaskStatusUpdated events per task id, over the whole log."""
-        seen: Counter[str] = Counter()
+        """Terminal statuses per task id, over the whole log: a runner's TaskStatusUpdated, or the
+        failure a RunnerLost gives the task its runner was running (the runner never answers it)."""
+        seen: Counter[str] = Counter(t.task_id for t in self.state.tasks.values() if t.error_type == "RunnerLost")
         for env in self.envs.values():
             if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX):
                 event = message_of(env)
