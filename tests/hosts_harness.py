@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,16 +22,15 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import client, identities, subjects
 from exojet.bus.commands import PlaceInstance, RouteChatCompletion
-from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.permissions import ADMIN
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.streams import LOG_STREAM
 from exojet.bus.tasks import ChatMessage
-from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState, state_hash
 from exojet.projections.words import message_of
+from tests.log_watcher import LogWatch
 from tests.netns import Host, Lan
 from tests.procs import REPO
 
@@ -42,41 +40,16 @@ RUNNERS = ("r1", "r2")
 CLIENT_PORT = 4222
 ROUTE_PORT = 6222
 HEARTBEAT_TIMEOUT_S = "5"
-Predicate = Callable[[ClusterState], bool]
 
 
-class Fold:
-    """The log as it grows, folded with the supervisors' `apply`; `until` waits (bounded) on it."""
-
-    def __init__(self) -> None:
-        self.state = ClusterState()
-        self.envs: dict[int, Envelope] = {}
-        self._changed = asyncio.Event()
-
-    async def start(self, nc: NATS) -> Fold:
-        self._sub = await client.follow(nc, self._on)
-        return self
-
-    def _on(self, env: Envelope) -> None:
-        self.envs[env.seq] = env
-        self.state = apply(self.state, env)
-        self._changed.set()
-
-    async def until(self, predicate: Predicate, timeout: float, what: str) -> ClusterState:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate(self.state):
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"not within {timeout} s: {what} (log at seq {self.state.seq})") from None
-        return self.state
+class Fold(LogWatch):
+    """The log folded as a supervisor folds it, and what the invariants count in it."""
 
     def terminal_statuses(self) -> Counter[str]:
         """Terminal statuses per task id, over the whole log: a runner's TaskStatusUpdated, or the
         failure a RunnerLost gives the task its runner was running (the runner never answers it)."""
         seen: Counter[str] = Counter(t.task_id for t in self.state.tasks.values() if t.error_type == "RunnerLost")
-        for env in self.envs.values():
+        for env in self.envs:
             if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX):
                 event = message_of(env)
                 if isinstance(event, TaskStatusUpdated) and event.task_status in TERMINAL_TASK_STATUSES:

@@ -8,14 +8,17 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client
+from exojet.bus import client, subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.follower import Follower
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, status_name
+from exojet.projections.apply import apply
+from exojet.projections.state import ClusterState
 
 Entry = tuple[Envelope, Any]
+Predicate = Callable[[ClusterState], bool]
 
 
 class LogWatcher:
@@ -77,3 +80,42 @@ class LogWatcher:
     def runner_events(self, runner_id: str, after_seq: int = 0) -> list[Any]:
         subject = f"exo.events.runner.{runner_id}"
         return [m for env, m in self.entries if env.subject == subject and env.seq > after_seq]
+
+
+class LogWatch:
+    """The log as it grows, folded locally; `until` waits for a condition on it."""
+
+    def __init__(self) -> None:
+        self.state = ClusterState()
+        self.envs: list[Envelope] = []
+        self.hooks: list[Callable[[Envelope], None]] = []
+        self._changed = asyncio.Event()
+
+    async def start(self, nc: NATS) -> None:
+        self._sub = await client.follow(nc, self._on)
+
+    def _on(self, env: Envelope) -> None:
+        self.envs.append(env)
+        self.state = apply(self.state, env)
+        for hook in self.hooks:
+            hook(env)
+        self._changed.set()
+
+    async def until(self, predicate: Predicate, timeout: float, what: str) -> ClusterState:
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(self.state):
+                    self._changed.clear()
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(f"not within {timeout} s: {what} (log at seq {self.state.seq})") from None
+        return self.state
+
+    def supervisor_writes(self) -> int:
+        """Messages a supervisor wrote: instance tasks and supervisor events."""
+        return sum(
+            1
+            for e in self.envs
+            if e.subject == subjects.SUPERVISOR_EVENTS
+            or (e.subject.startswith("exo.tasks.") and b'"instance_id":"inst-' in e.data)
+        )

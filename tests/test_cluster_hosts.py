@@ -15,7 +15,8 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus.commands import DeleteInstance
 from exojet.bus.statuses import TaskStatus
-from tests.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, Predicate, check_settled
+from tests.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled
+from tests.log_watcher import Predicate
 from tests.netns import Lan, unavailable
 
 NO_NAMESPACES = unavailable()
@@ -38,7 +39,8 @@ async def running(tmp_path: Path, tiny_model_dir: Path) -> AsyncIterator[Running
             deployment.start()
             with lan.inside(lan["client"]):
                 nc = await deployment.connect()
-                fold = await Fold().start(nc)
+                fold = Fold()
+                await fold.start(nc)
                 await fold.until(
                     lambda s: all(s.runners.get(r) and s.runners[r].status == "RunnerIdle" for r in RUNNERS),
                     120,

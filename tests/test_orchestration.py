@@ -12,7 +12,6 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -29,51 +28,10 @@ from exojet.bus.server import NatsServer, free_port
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
-from exojet.projections.apply import apply
 from exojet.projections.instances import instance_id_of, steps
 from exojet.projections.state import ClusterState, InstanceView
+from tests.log_watcher import LogWatch, Predicate
 from tests.procs import exojet, exojet_output, start_runner, stop
-
-Predicate = Callable[[ClusterState], bool]
-
-
-class LogWatch:
-    """The log as it grows, folded locally; `until` waits for a condition on it."""
-
-    def __init__(self) -> None:
-        self.state = ClusterState()
-        self.envs: list[Envelope] = []
-        self.hooks: list[Callable[[Envelope], None]] = []
-        self._changed = asyncio.Event()
-
-    async def start(self, nc: NATS) -> None:
-        self._sub = await client.follow(nc, self._on)
-
-    def _on(self, env: Envelope) -> None:
-        self.envs.append(env)
-        self.state = apply(self.state, env)
-        for hook in self.hooks:
-            hook(env)
-        self._changed.set()
-
-    async def until(self, predicate: Predicate, timeout: float, what: str) -> ClusterState:
-        try:
-            async with asyncio.timeout(timeout):
-                while not predicate(self.state):
-                    self._changed.clear()
-                    await self._changed.wait()
-        except TimeoutError:
-            raise AssertionError(f"not within {timeout} s: {what} (log at seq {self.state.seq})") from None
-        return self.state
-
-    def supervisor_writes(self) -> int:
-        """Messages a supervisor wrote: instance tasks and supervisor events."""
-        return sum(
-            1
-            for e in self.envs
-            if e.subject == subjects.SUPERVISOR_EVENTS
-            or (e.subject.startswith("exo.tasks.") and b'"instance_id":"inst-' in e.data)
-        )
 
 
 @pytest.fixture
