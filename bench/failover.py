@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import subprocess
 import sys
@@ -51,9 +52,14 @@ class BareLoop:
         self.url = url
         self.acked_sent_at: list[float] = []
         self.errors = 0
+        self.connection_errors = 0
+
+    async def _connection_error(self, err: Exception) -> None:
+        self.connection_errors += 1
 
     async def run(self, stop: asyncio.Event) -> None:
-        nc = await nats.connect(servers=self.url.split(","))
+        # nats-py's defaults but for its error callback, which would print a traceback per failure.
+        nc = await nats.connect(servers=self.url.split(","), error_cb=self._connection_error)
         js = nc.jetstream()
         while not stop.is_set():
             sent = time.monotonic()
@@ -97,11 +103,11 @@ async def caught_up(nc: nats.NATS, size: int) -> str:
             await asyncio.sleep(0.2)  # poll: catching up has no event a client can wait on
 
 
-async def main(kills: int) -> None:
+async def main(kills: int, keep: bool) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    with tempfile.TemporaryDirectory(prefix="exojet-failover-") as tmp:
-        root = Path(tmp)
+    root = Path(tempfile.mkdtemp(prefix="exojet-failover-"))
+    try:
         cluster = NatsCluster(root / "cluster").start()
         write_tiny_llama(root / "models" / "local--tiny")
         procs = [
@@ -126,13 +132,14 @@ async def main(kills: int) -> None:
             for i in range(kills):
                 calm.append(await chat_seconds(cluster.url))
                 leader = await caught_up(nc, len(cluster.servers))
-                t0 = time.monotonic()
+                t0, wall = time.monotonic(), time.strftime("%H:%M:%S")
                 cluster.node(leader).kill()
                 await chat_seconds(cluster.url)
                 failover.append(time.monotonic() - t0)
                 windows.append(await bare.window_after(t0))
                 print(
-                    f"kill {i + 1} ({leader}): chat answered {failover[-1]:.2f} s after, bare loop {windows[-1]:.2f} s"
+                    f"kill {i + 1} ({leader}, at {wall}): chat answered {failover[-1]:.2f} s after, "
+                    f"bare loop {windows[-1]:.2f} s"
                 )
                 cluster.node(leader).start()
             stop.set()
@@ -144,6 +151,11 @@ async def main(kills: int) -> None:
                 p.terminate()
                 p.wait(30)
             cluster.stop()
+    finally:
+        if keep:
+            print(f"logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
     f, w, c = statistics.median(failover), statistics.median(windows), statistics.median(calm)
     print(f"calm chat: {c:.2f} s (median of {kills})")
     print(f"exojet: leader kill -> next chat answered: {f:.2f} s (median of {kills}; {f - c:.2f} s over calm)")
@@ -154,4 +166,6 @@ async def main(kills: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=5)
-    asyncio.run(main(parser.parse_args().kills))
+    parser.add_argument("--keep", action="store_true", help="keep the processes' logs (the folder is printed)")
+    args = parser.parse_args()
+    asyncio.run(main(args.kills, args.keep))
