@@ -75,6 +75,8 @@ def render_state(reply: dict[str, Any]) -> str:
         f"runners{_page_note(reply, 'runners')}",
         render_runner_rows(reply["runners"]),
     ]
+    if reply.get("drained"):
+        parts += ["", f"drained for maintenance (nothing is placed on them): {', '.join(reply['drained'])}"]
     if outages := _outage_rows(reply.get("connections") or {}):
         parts += ["", "connections to NATS that were lost (and are back)", table(["PART", "OUTAGES", "LAST"], outages)]
     if reply.get("instances"):

@@ -416,6 +416,8 @@ async def test_drain_moves_the_instance_elsewhere_and_leaves_the_runner_idle(
         f"{instance_id} Ready on {other}",
     )
     assert state.runners[first].status == "RunnerIdle" and first in state.drained
+    shown = await exojet_output("state", "--nats", procs.url)
+    assert f"drained for maintenance (nothing is placed on them): {first}" in shown
     await exojet_output("undrain", first, "--nats", procs.url)
     await watch.until(lambda s: not s.drained, 10, "undrained")
     assert all(p.poll() is None for p in [*procs.supervisors, *procs.runners.values()])
