@@ -47,7 +47,7 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
         "--n-layers",
         type=int,
         default=None,
-        help="the model's layer count (default: the supervisor reads it from config.json)",
+        help="the model's layer count, an override (default: what the runners' downloads report)",
     )
     p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
     p.add_argument("--timeout", type=float, default=600.0)

@@ -43,7 +43,7 @@ async def run_supervisor(
 
     It folds the log, answers queries, declares silent runners lost
     (`heartbeat_timeout`), and places instances and routes chats (`planner`;
-    `models_dir` is where it reads a model's layer count to split it); finished
+    `models_dir`, if given, overrides the layer counts runners report); finished
     work stays in its projection as long as `retention` says. `log_limits`, when
     given, become `EXO_LOG`'s limits; `replicas`, the streams' if it creates them.
     """
