@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, identities, subjects
+from exojet.bus import client, identities, streams, subjects
 from exojet.bus.commands import PlaceInstance, RouteChatCompletion
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.permissions import ADMIN
@@ -138,7 +138,11 @@ class Deployment:
                 proc.wait()
 
     async def connect(self) -> NATS:
-        return await client.connect(self.url, name="test", wait=True, options=identities.options_for(self.auth, ADMIN))
+        """The test's connection, as admin, once the streams exist (the nodes create them in the
+        background once the cluster's JetStream answers; as admin the test may as well)."""
+        nc = await client.connect(self.url, name="test", wait=True, options=identities.options_for(self.auth, ADMIN))
+        await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+        return nc
 
     async def publish(self, nc: NATS, message: Any, msg_id: str) -> int:
         ack = await client.publish(nc.jetstream(), subjects.COMMANDS, message, msg_id=msg_id)

@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from loguru import logger
 
 from exojet.bus import client, query_client, streams, subjects
 from exojet.bus.commands import PlaceInstance
-from exojet.bus.server import NatsServer
+from exojet.bus.server import ClusterConfig, NatsServer, free_port
 from tests.nats_cluster import NatsCluster
 from tests.procs import REPO, exojet, exojet_output, stop
 
@@ -150,3 +151,46 @@ async def test_a_connection_fails_over_to_another_server_of_its_list(cluster: Na
         on.start()
     finally:
         await nc.close()
+
+
+async def test_a_cluster_short_of_three_nodes_is_waited_for_then_gets_three_replicas(tmp_path: Path) -> None:
+    nodes = NatsCluster(tmp_path, size=2).start()
+    routes = tuple(s.cluster.listen for s in nodes.servers if s.cluster is not None)
+    own = f"nats://127.0.0.1:{free_port()}"
+    third = NatsServer(
+        port=0,
+        monitor_port=0,
+        store_dir=tmp_path / "n3",
+        cluster=ClusterConfig(name="n3", listen=own, routes=(*routes, own)),
+    )
+    warned = asyncio.Event()
+    sink = logger.add(lambda m: warned.set(), filter=lambda r: "waiting for enough JetStream servers" in r["message"])
+    try:
+        nc = await client.connect(nodes.url, name="test")
+        try:
+            js = nc.jetstream()
+            creating = asyncio.ensure_future(client.until_done(lambda: streams.ensure_streams(js), "create"))
+            await asyncio.wait_for(warned.wait(), 60)
+            assert not creating.done()
+            third.start()  # joins the cluster through its routes
+            await asyncio.wait_for(creating, 60)
+            assert (await js.stream_info(streams.LOG_STREAM)).config.num_replicas == 3
+        finally:
+            await nc.close()
+    finally:
+        logger.remove(sink)
+        third.stop()
+        nodes.stop()
+
+
+async def test_exojet_streams_moves_every_stream_to_other_replicas(cluster: NatsCluster) -> None:
+    nc = await client.connect(cluster.url, name="test")
+    try:
+        await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+    finally:
+        await nc.close()
+    said = await exojet_output("streams", "--replicas", "1", "--nats", cluster.url)
+    assert "moved EXO_LOG, EXO_CHUNKS, KV_EXO_SNAPSHOTS to 1 replica(s)" in said
+    assert "EXO_LOG: 1 replica(s)" in said
+    said = await exojet_output("streams", "--replicas", "3", "--nats", cluster.url)
+    assert "EXO_LOG: 3 replica(s)" in said
