@@ -40,6 +40,9 @@ class RunnerRegistered(_RunnerEvent, frozen=True):
     version: str = ""
     # The address other ranks reach this runner on, for pipeline groups.
     address: str = "127.0.0.1"
+    # The public nkeys key this process proves its rank in a pipeline ring with
+    # (`runner/ring_identity.py`); empty from runners older than the field.
+    ring_key: str = ""
 
 
 class RunnerStatusUpdated(_RunnerEvent, frozen=True):

@@ -26,12 +26,14 @@ class Shard(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Group(msgspec.Struct, frozen=True, kw_only=True):
-    """A pipeline group: `hosts[r]` is the `ip:port` that rank r listens on."""
+    """A pipeline group: `hosts[r]` is the `ip:port` that rank r listens on, `keys[r]`
+    the ring key rank r's runner registered (empty: a plain hello, see `runner/ring.py`)."""
 
     group_id: str
     world_size: int
     rank: int
     hosts: tuple[str, ...]
+    keys: tuple[str, ...] = ()
 
 
 class ChatMessage(msgspec.Struct, frozen=True):

@@ -246,6 +246,7 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     runner.memory_free = event.memory_free
     runner.address = event.address
     runner.engines = event.engines
+    runner.ring_key = event.ring_key
     runner.registered_seq = env.seq
     runner.updated_seq = env.seq
 

@@ -28,6 +28,8 @@ class RunnerView(msgspec.Struct, kw_only=True):
     address: str = ""
     # The engines it registered with (empty: a runner older than the field, MLX only).
     engines: tuple[str, ...] = ()
+    # Its ring key (empty: a runner older than ring keys); the planner puts it in ConnectToGroup.
+    ring_key: str = ""
     model_id: str | None = None
     running_task: str | None = None
     # Sequence of this runner's newest message on its own event subject: the

@@ -29,8 +29,9 @@ async def chat(
     """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text.
 
     Once `cancelled` is set no token is streamed any more and the result's
-    `finish_reason` is "cancelled": a lone engine stops at its next token; a rank
-    of a group cannot leave the ring's lockstep alone, so it ends with the others.
+    `finish_reason` is "cancelled": a lone engine stops at its next token; the ranks
+    of a group stop together at the first token whose step saw one rank's cancel
+    (so a cancel that reaches only one rank stops them all).
     """
     request = Generate(
         messages=[Message(m.role, m.content) for m in task.messages],
@@ -51,8 +52,8 @@ async def chat(
         elif not stop.is_set():
             if chunks is not None:
                 await chunks.add(reply.text)
-        elif group is None and not asked_engine:
-            engine.cancel()  # it answers Done within a token
+        elif not asked_engine:
+            engine.cancel()  # it answers Done within a token (in a group, with every rank at the same one)
             asked_engine = True
     assert done is not None
     finish_reason = "cancelled" if stop.is_set() else done.finish_reason

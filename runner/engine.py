@@ -179,11 +179,27 @@ class Engine:
         return loaded
 
     async def connect_group(
-        self, group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float
+        self,
+        group_id: str,
+        world_size: int,
+        rank: int,
+        hosts: list[str],
+        timeout_s: float,
+        seed: bytes = b"",
+        keys: list[str] | None = None,
     ) -> GroupConnected:
-        """Join a pipeline group (the child can join one group in its life)."""
+        """Join a pipeline group (the child can join one group in its life); with `keys`
+        (every rank's ring key) each neighbour proves its rank, and this rank with `seed`."""
         connected = await self._call(
-            ConnectGroup(group_id=group_id, world_size=world_size, rank=rank, hosts=hosts, timeout_s=timeout_s),
+            ConnectGroup(
+                group_id=group_id,
+                world_size=world_size,
+                rank=rank,
+                hosts=hosts,
+                timeout_s=timeout_s,
+                seed=seed.decode(),
+                keys=keys or [],
+            ),
             GroupConnected,
         )
         self._in_group = True
@@ -235,7 +251,7 @@ class Engine:
 
     def cancel(self) -> None:
         """Ask the generation under way to stop: `generate` then yields its `Done` (finish_reason
-        "cancelled") within a token. A generation in a group ignores it (ranks stop together)."""
+        "cancelled") within a token; in a group, every rank stops at the same token."""
         if self.alive:
             self._stdin().write(encode_frame(Cancel()))
 

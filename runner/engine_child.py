@@ -205,16 +205,22 @@ class EngineChild:
     def connect_group(self, req: ConnectGroup) -> GroupConnected:
         """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
         from exojet.runner.ring import GroupConnectError, connect_group
+        from exojet.runner.ring_identity import GroupKeys
 
         if self.group is not None:
             raise RequestError("AlreadyInGroup", "this engine process already joined a group")
+        if req.keys and (len(req.keys) != req.world_size or not req.seed):
+            raise RequestError(
+                "InvalidRequest", f"{len(req.keys)} ring keys for {req.world_size} ranks, or no seed of this rank's"
+            )
+        keys = GroupKeys(req.group_id, req.rank, req.seed.encode(), req.keys) if req.keys else None
         try:
-            self.group = connect_group(req.group_id, req.world_size, req.rank, req.hosts, req.timeout_s)
+            self.group, refused = connect_group(req.group_id, req.world_size, req.rank, req.hosts, req.timeout_s, keys)
         except GroupConnectError as exc:
             self.exit_after_reply = True
             raise RequestError("GroupConnectFailed", str(exc)) from exc
         logger.bind(group_id=req.group_id, rank=req.rank).info("joined group of {}", req.world_size)
-        return GroupConnected(rank=req.rank, world_size=req.world_size)
+        return GroupConnected(rank=req.rank, world_size=req.world_size, refused=refused)
 
     def load(self, req: Load) -> ModelLoaded:
         """Load a model folder lazily and materialise the requested layers."""
@@ -369,9 +375,13 @@ class EngineChild:
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
         in_group = self.group is not None
-        # In a group every rank runs the same steps: no rank may stop on its own
-        # (no Cancel), a stalled peer ends the process, and all ranks finish
-        # the step generate_step queued ahead before any moves on.
+        # In a group every rank runs the same steps: no rank may stop on its own (a
+        # Cancel is passed to the others through the pipeline's stop sum and every rank
+        # stops at the same token), a stalled peer ends the process, and all ranks
+        # finish the step generate_step queued ahead before any moves on.
+        stage = self.model.model if in_group else None
+        if stage is not None:
+            stage.stop_asked = False
         watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
         with self._ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
@@ -394,7 +404,12 @@ class EngineChild:
                 if stopped or eos:
                     finish = "stop"
                     break
-                if not in_group and stream and self.pipe.readable() and self._cancelled():
+                if stream and self.pipe.readable() and self._cancelled():
+                    if stage is None:
+                        finish = "cancelled"
+                        break
+                    stage.stop_asked = True
+                if stage is not None and stage.stop_agreed():
                     finish = "cancelled"
                     break
             if in_group:

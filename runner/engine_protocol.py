@@ -83,6 +83,11 @@ class ConnectGroup(msgspec.Struct, tag=True, frozen=True):
     rank: int
     hosts: list[str]
     timeout_s: float = 30.0
+    # This rank's nkeys seed and every rank's public key (`runner/ring_identity.py`):
+    # each neighbour must prove its rank. Empty keys: a plain hello (runners older
+    # than ring keys).
+    seed: str = ""
+    keys: list[str] = []
 
 
 class Exit(msgspec.Struct, tag=True, frozen=True):
@@ -116,6 +121,8 @@ class GroupConnected(msgspec.Struct, tag=True, frozen=True):
 
     rank: int
     world_size: int
+    # Peers refused on the way, each named with its address and why.
+    refused: list[str] = []
 
 
 class Ok(msgspec.Struct, tag=True, frozen=True):

@@ -24,6 +24,7 @@ from exojet.bus.tasks import (
     task_type,
 )
 from exojet.models.store import InvalidModelId, is_complete, layer_count, model_dir, size_on_disk
+from exojet.runner import ring_identity
 from exojet.runner.chat import chat
 from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
@@ -57,6 +58,9 @@ class Executor:
         # (task_id, model_id, layers loaded, layers in all), throttled by `LoadThrottle`.
         self.on_load_progress = on_load_progress
         self.engine = Engine(engine)
+        # This process's ring identity: its public key is registered, its seed never leaves it.
+        self.ring_seed = ring_identity.new_seed()
+        self.ring_key = ring_identity.public_key(self.ring_seed)
         self.downloaded: Shard | None = None
         self.group: Group | None = None
 
@@ -119,10 +123,22 @@ class Executor:
                     await self.engine.stop()
                 await self.engine.start()
                 connected = await self.engine.connect_group(
-                    group.group_id, group.world_size, group.rank, list(group.hosts), GROUP_CONNECT_TIMEOUT_S
+                    group.group_id,
+                    group.world_size,
+                    group.rank,
+                    list(group.hosts),
+                    GROUP_CONNECT_TIMEOUT_S,
+                    self.ring_seed,
+                    list(group.keys),
                 )
                 self.group = group
-                return {"group_id": group.group_id, "rank": connected.rank, "world_size": connected.world_size}
+                return {
+                    "group_id": group.group_id,
+                    "rank": connected.rank,
+                    "world_size": connected.world_size,
+                    "signed": bool(group.keys),
+                    "refused": connected.refused,
+                }
             case LoadModel():
                 return await self._load(task, task_id)
             case StartWarmup():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import faulthandler
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self, cast
@@ -81,6 +82,10 @@ class PipelineStage(nn.Module):
         self.start_layer = start
         self.end_layer = end
         self._group = group
+        # This rank was asked to stop; every rank learns it through the step's stop sum.
+        self.stop_asked = False
+        # The stop sums of the two newest steps (generate_step builds one step ahead).
+        self._stop_sums: deque[mx.array] = deque(maxlen=2)
 
     def __call__(
         self,
@@ -112,10 +117,23 @@ class PipelineStage(nn.Module):
             if cache[-1] is not None:
                 cache[-1].keys = mx.depends(cache[-1].keys, h)
 
-        # Every rank takes the last rank's hidden states, inside the graph.
-        batch = h.shape[0]
-        h = mx.distributed.all_gather(h, group=self._group)[(size - 1) * batch :]
-        return self.norm(h)
+        # Every rank takes the last rank's hidden states, inside the graph. Each rank's
+        # stop flag rides along as one more element (0 or 1, exact in any float type): every
+        # rank then reads the same sum for the same step and stops at the same token, with
+        # no collective beyond the one each step already makes.
+        flag = mx.array([float(self.stop_asked)], dtype=h.dtype)
+        gathered = mx.distributed.all_gather(mx.concatenate([h.reshape(-1), flag]), group=self._group)
+        rows = gathered.reshape(size, -1)
+        self._stop_sums.append(rows[:, -1].sum())
+        return self.norm(rows[size - 1, :-1].reshape(h.shape))
+
+    def stop_agreed(self) -> bool:
+        """Whether some rank asked to stop by the step that produced the newest token.
+
+        Called once per token from generate's loop: the newest step is the one queued
+        ahead, so the token's own step is the one before it (evaluated already).
+        """
+        return len(self._stop_sums) == 2 and self._stop_sums[0].item() != 0
 
 
 def make_pipelined(model: nn.Module, group: mx.distributed.Group, start_layer: int, end_layer: int) -> nn.Module:

@@ -56,7 +56,13 @@ def advertised_address(nats_url: str) -> str:
 
 
 async def register(
-    nc: NATS, runner_id: str, address: str, engine_setup: str, engines: Sequence[str], after_loss: bool = False
+    nc: NATS,
+    runner_id: str,
+    address: str,
+    engine_setup: str,
+    engines: Sequence[str],
+    ring_key: str,
+    after_loss: bool = False,
 ) -> EventWriter:
     """Write `RunnerRegistered` for incarnation + 1 (with the engines it has and their CPU setup), fenced on the
     subject's last write; returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
@@ -91,6 +97,7 @@ async def register(
             engines=tuple(engines),
             version=VERSION,
             address=address,
+            ring_key=ring_key,
         )
     )
     return writer

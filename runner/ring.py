@@ -24,6 +24,7 @@ loopback, see ``tests/test_pipeline.py``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,9 @@ from typing import Any
 
 import mlx.core as mx
 from loguru import logger
+
+from exojet.runner import ring_identity
+from exojet.runner.ring_identity import GroupKeys
 
 # mlx's ring connect retries a refused connection after 1, 2, 4 and 8 s, so
 # ``init`` may legitimately take that long after every rank is known to be up.
@@ -82,25 +86,31 @@ def _accept_left(
     left: int,
     deadline: float,
     result: dict[str, Any],
+    ring: GroupKeys | None,
 ) -> None:
-    """Accept the left neighbour's hello; reject strays and keep listening."""
+    """Accept the left neighbour's hello (and, with `ring`, its proof); refuse strays,
+    name them in `result["refused"]`, and keep listening."""
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return
         listener.settimeout(remaining)
         try:
-            conn, _ = listener.accept()
+            conn, peer = listener.accept()
         except (TimeoutError, OSError):
             return
         try:
-            hello = _read_line(conn, deadline)
+            refusal = _admit(conn, expected, left, deadline, ring)
         except (TimeoutError, OSError):
             conn.close()
             continue
-        if hello != expected:
-            result["error"] = f"rank {left} sent {hello!r}, expected {expected!r}"
-            conn.sendall(b"NO wrong group, world size or rank\n")
+        if refusal is not None:
+            stranger = f"{peer[0]}:{peer[1]} {refusal}"
+            logger.warning("ring: refused {}", stranger)
+            result.setdefault("refused", []).append(stranger)
+            result["error"] = stranger
+            with contextlib.suppress(OSError):
+                conn.sendall(f"NO {refusal}\n".encode())
             conn.close()
             continue
         # Close before answering: the left neighbour starts the real ring
@@ -112,7 +122,31 @@ def _accept_left(
         return
 
 
-def _connect_right(host: str, hello: str, deadline: float) -> socket.socket:
+def _admit(conn: socket.socket, expected: str, left: int, deadline: float, ring: GroupKeys | None) -> str | None:
+    """Why the peer on `conn` is not our left neighbour, or None if it is.
+
+    With `ring`, the hello carries the peer's nonce: we answer it with our own proof
+    and a nonce of ours, and the peer must answer that with its proof as rank `left`.
+    """
+    hello = _read_line(conn, deadline)
+    words = hello.split(" ")
+    if ring is None:
+        return None if hello == expected else f"sent {hello[:200]!r}, expected {expected!r}"
+    if " ".join(words[:-1]) != expected or len(words[-1]) != 32:
+        return f"sent {hello[:200]!r}, expected {expected!r} and a nonce (an unsigned or foreign hello)"
+    mine = ring_identity.nonce()
+    conn.sendall(f"PROVE {ring.proof(words[-1])} {mine}\n".encode())
+    answer = _read_line(conn, deadline).split(" ")
+    if len(answer) != 2 or answer[0] != "PROOF":
+        return f"answered the challenge with {' '.join(answer)[:200]!r}, not a PROOF"
+    try:
+        ring.check(left, mine, answer[1])
+    except ring_identity.BadProof as err:
+        return f"claims rank {left} but {err}"
+    return None
+
+
+def _connect_right(host: str, hello: str, right: int, deadline: float, ring: GroupKeys | None) -> socket.socket:
     ip, port = _parse_host(host)
     last_error: Exception = TimeoutError()
     while time.monotonic() < deadline:
@@ -125,17 +159,35 @@ def _connect_right(host: str, hello: str, deadline: float) -> socket.socket:
             time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
             continue
         try:
-            sock.sendall((hello + "\n").encode())
-            answer = _read_line(sock, deadline)
+            answer = _introduce(sock, hello, right, deadline, ring)
         except (TimeoutError, OSError) as e:
             sock.close()
             last_error = e
             continue
         if answer != "OK":
             sock.close()
-            raise GroupConnectError(f"rank at {host} refused to join: {answer}")
+            raise GroupConnectError(f"rank {right} at {host} refused to join: {answer}")
         return sock
     raise TimeoutError(str(last_error))
+
+
+def _introduce(sock: socket.socket, hello: str, right: int, deadline: float, ring: GroupKeys | None) -> str:
+    """Say hello to the right neighbour (with `ring`: check its proof, give ours); its last answer."""
+    if ring is None:
+        sock.sendall((hello + "\n").encode())
+        return _read_line(sock, deadline)
+    mine = ring_identity.nonce()
+    sock.sendall(f"{hello} {mine}\n".encode())
+    challenge = _read_line(sock, deadline).split(" ")
+    if len(challenge) != 3 or challenge[0] != "PROVE":
+        return " ".join(challenge)[:200]
+    try:
+        ring.check(right, mine, challenge[1])
+    except ring_identity.BadProof as err:
+        sock.sendall(b"NO your proof does not verify\n")
+        raise GroupConnectError(f"the peer listening for rank {right} is not rank {right}: {err}") from None
+    sock.sendall(f"PROOF {ring.proof(challenge[2])}\n".encode())
+    return _read_line(sock, deadline)
 
 
 def _assemble_ring(
@@ -145,8 +197,10 @@ def _assemble_ring(
     hosts: list[str],
     deadline: float,
     timeout_s: float,
-) -> None:
-    """Check both ring neighbours, then pass two tokens around the ring.
+    keys: GroupKeys | None,
+) -> list[str]:
+    """Check both ring neighbours (with `keys`, each proves its rank), then pass two
+    tokens around the ring; returns the strangers refused on the way.
 
     The first token proves that every rank has both neighbours; the second
     releases all ranks into ``mx.distributed.init`` within milliseconds of
@@ -171,6 +225,7 @@ def _assemble_ring(
             left,
             deadline,
             accepted,
+            keys,
         ),
         daemon=True,
     )
@@ -178,7 +233,7 @@ def _assemble_ring(
     right_sock: socket.socket | None = None
     try:
         try:
-            right_sock = _connect_right(hosts[right], f"{_HELLO} {group_id} {world_size} {rank}", deadline)
+            right_sock = _connect_right(hosts[right], f"{_HELLO} {group_id} {world_size} {rank}", right, deadline, keys)
         except TimeoutError as e:
             raise GroupConnectError(f"could not reach rank {right} at {hosts[right]} within {timeout_s} s ({e})") from e
         acceptor.join(max(0.0, deadline - time.monotonic()))
@@ -210,6 +265,7 @@ def _assemble_ring(
         listener.close()
         if right_sock is not None:
             right_sock.close()
+    return list(accepted.get("refused", []))
 
 
 def _init_ring_bounded(bound_s: float) -> mx.distributed.Group:
@@ -229,9 +285,13 @@ def _init_ring_bounded(bound_s: float) -> mx.distributed.Group:
 
 
 def connect_group(
-    group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float
-) -> mx.distributed.Group:
-    """Join the ring group ``group_id`` as ``rank`` and return it, verified.
+    group_id: str, world_size: int, rank: int, hosts: list[str], timeout_s: float, keys: GroupKeys | None = None
+) -> tuple[mx.distributed.Group, list[str]]:
+    """Join the ring group ``group_id`` as ``rank``; return it, verified, and the strangers
+    refused on the way (each named with its address and why).
+
+    With ``keys`` every neighbour proves it holds the key of the rank it claims (see
+    `runner/ring_identity.py`); without, a plain hello naming the group is enough.
 
     ``hosts[r]`` is rank r's ``"ip:port"``; every rank listens on its own
     address and connects to its right neighbour ``(r + 1) % world_size``
@@ -262,7 +322,7 @@ def connect_group(
     started = time.monotonic()
     deadline = started + timeout_s
     logger.info("group {}: rank {}/{} assembling ring {}", group_id, rank, world_size, hosts)
-    _assemble_ring(group_id, world_size, rank, hosts, deadline, timeout_s)
+    refused = _assemble_ring(group_id, world_size, rank, hosts, deadline, timeout_s, keys)
 
     fd, hostfile = tempfile.mkstemp(prefix=f"exojet-ring-{rank}-", suffix=".json")
     with os.fdopen(fd, "w") as f:
@@ -293,4 +353,4 @@ def connect_group(
         world_size,
         time.monotonic() - started,
     )
-    return group
+    return group, refused

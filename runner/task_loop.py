@@ -86,7 +86,13 @@ class Runner:
 
     async def _register(self, after_loss: bool = False) -> None:
         self.reports.writer = await registration.register(
-            self.nc, self.runner_id, self.address, self.executor.engine.setup, self.executor.engine.engines, after_loss
+            self.nc,
+            self.runner_id,
+            self.address,
+            self.executor.engine.setup,
+            self.executor.engine.engines,
+            self.executor.ring_key,
+            after_loss,
         )
         await self.transitions.registered()
 
@@ -256,7 +262,7 @@ class Runner:
                     TaskStatus.CANCELLED,
                     kind,
                     error_type="Cancelled",
-                    error_message=self.cancels.asked(task_id),
+                    error_message=self.cancels.asked(task_id) or "another rank of its group was cancelled",
                     result=outcome,
                 )
             else:

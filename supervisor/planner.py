@@ -351,14 +351,20 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
         if isinstance(shards, str):
             return [_failed(inst, shards, final=True)]
         return [
-            SendTask(p.runner_id, _step_task(inst, step, rank, task_id, shards[rank]))
+            SendTask(p.runner_id, _step_task(inst, step, rank, task_id, shards[rank], _ring_keys(state, inst)))
             for rank, (p, task_id) in enumerate(zip(inst.placements, ids, strict=True))
             if task_id not in state.tasks
         ]
     return []
 
 
-def _step_task(inst: InstanceView, step: str, rank: int, task_id: str, shard: Shard) -> Task:
+def _ring_keys(state: ClusterState, inst: InstanceView) -> tuple[str, ...]:
+    """The placed runners' ring keys, by rank; none if one runner has none (it predates them)."""
+    keys = tuple(state.runners[p.runner_id].ring_key if p.runner_id in state.runners else "" for p in inst.placements)
+    return keys if all(keys) else ()
+
+
+def _step_task(inst: InstanceView, step: str, rank: int, task_id: str, shard: Shard, keys: tuple[str, ...]) -> Task:
     placement = inst.placements[rank]
     if step == DOWNLOAD:
         return DownloadModel(task_id=task_id, instance_id=inst.instance_id, shard=placement.shard)
@@ -368,6 +374,7 @@ def _step_task(inst: InstanceView, step: str, rank: int, task_id: str, shard: Sh
             world_size=len(inst.placements),
             rank=rank,
             hosts=tuple(inst.hosts),
+            keys=keys,
         )
         return ConnectToGroup(task_id=task_id, instance_id=inst.instance_id, group=group)
     if step == LOAD:

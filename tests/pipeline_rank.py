@@ -49,7 +49,7 @@ def main() -> None:
     if args.world_size == 1:
         model, tokenizer = load(args.model)
     else:
-        group = connect_group(
+        group, _refused = connect_group(
             "test-group",
             args.world_size,
             args.rank,

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx2 as httpx
 import msgspec
 import nats
 import nkeys
@@ -288,6 +289,19 @@ async def test_an_added_runner_connects_once_the_server_reloads(secured: NatsSer
         await nc.close()
 
 
+async def _until_healthy(http: httpx.AsyncClient, proc: subprocess.Popen[bytes], bound_s: float = 60.0) -> None:
+    """Wait (bounded) for the API's /health to say it has NATS."""
+    async with asyncio.timeout(bound_s):
+        while True:
+            assert proc.poll() is None, "the API exited"
+            try:
+                if (await http.get("/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.1)  # poll interval while the API process starts
+
+
 def _secured_exojet(auth_dir: Path, identity: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     """`exojet ARGS` connecting as `identity`, through the environment as an operator would set it."""
     env = {"EXOJET_NKEY": str(identities.seed_path(auth_dir, identity)), "NATS_CA": str(auth_dir / certs.CA_FILE)}
@@ -335,6 +349,27 @@ async def test_seed_workflow_pipeline_routed_chat_catch_up_and_replay_under_leas
         assert watch.state.instances[instance_id].status == "Ready", watch.state.instances[instance_id].reason
         chat = route_chat(server.url, [ChatMessage("user", "hello")], "local/tiny", max_tokens=4, timeout=60)
         assert "".join([t async for t in chat])
+        # The ring's ranks proved who they are with the keys their runners registered.
+        connects = [t for t in watch.state.tasks.values() if t.task_type == "ConnectToGroup"]
+        assert len(connects) == 2 and all(t.result and t.result["signed"] for t in connects)
+
+        # The API as the client identity: a chat, its models, the page.
+        api_port = free_port()
+        procs.append(
+            _secured_exojet(
+                auth_dir, "client", "api", "--nats", server.url, "--port", str(api_port), log=tmp_path / "api.log"
+            )
+        )
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as http:
+            await _until_healthy(http, procs[-1])
+            models = await http.get("/v1/models")
+            assert [m["id"] for m in models.json()["data"]] == ["local/tiny"]
+            body = {"model": "local/tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+            answer = await http.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["choices"][0]["message"]["content"]
+            page = await http.get("/")
+            assert page.status_code == 200 and "RunnerReady" in page.text
 
         # A supervisor started later catches up from the log to the same state.
         stop(procs.pop())
