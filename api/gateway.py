@@ -33,7 +33,7 @@ from exojet.api.errors import ApiError, unavailable
 from exojet.bus import client, streams, subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.codec import BadInput, decode_event, decode_task
-from exojet.bus.commands import RouteChatCompletion
+from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
 from exojet.bus.follower import Follower
@@ -47,7 +47,9 @@ DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 DEFAULT_ROUTE_TIMEOUT_S = 10.0
 # How long the cluster view used for model checks and /v1/models is reused.
 STATE_TTL_S = 1.0
-# A chat abandoned before any of its ranks was published is forgotten after this.
+# A chat abandoned before any of its ranks was published is forgotten after this: the log's
+# CancelChat keeps it from being routed later; this covers a rank task published before the
+# supervisors folded that cancel, which the API then cancels when it shows up.
 ABANDONED_TTL_S = 60.0
 WATCHDOG_EVERY_S = 0.5
 # The largest page a supervisor answers (supervisor/queries.py): instances beyond it
@@ -214,20 +216,29 @@ class Gateway:
         stream.abandoned_at = time.monotonic()
         # Detached: this runs while the request's task is being cancelled.
         self._spawn(self._cancel_tasks(dict(stream.tasks), reason))
+        if not stream.tasks:
+            self._spawn(self._cancel_unrouted(stream.chat_id, reason))
 
     async def cancel(self, chat_id: str, reason: str) -> dict[str, str] | None:
         """Cancel every rank of `chat_id`; the tasks asked (id -> runner), None if the chat is unknown."""
         stream = self._chats.get(chat_id)
         if stream is not None and stream.tasks:
             tasks = dict(stream.tasks)
+        elif stream is not None and not stream.settled.is_set():
+            # Still waiting to be routed (its first rank task would have settled it): the
+            # request ends, the stream is kept a while for a rank task already on its way.
+            stream.refusal = ApiError(409, f"{chat_id} Cancelled: {reason}", type="cancelled", code="cancelled")
+            stream.settled.set()
+            tasks = {}
         else:
             tasks = await self._find_tasks(chat_id)
-            if not tasks:
-                if stream is None:
-                    return None
-                # Not routed yet: cancelled as soon as its first task shows up.
-                stream.abandoned, stream.abandoned_at = reason, time.monotonic()
-                return {}
+            if not tasks and stream is None:
+                return None
+        if not tasks and stream is not None:
+            # Not routed: the log says so for good, and a rank task a supervisor published
+            # before it folded that is cancelled as soon as it shows up here.
+            stream.abandoned, stream.abandoned_at = reason, time.monotonic()
+            await self._cancel_unrouted(chat_id, reason)
         await self._cancel_tasks(tasks, reason)
         return tasks
 
@@ -249,6 +260,13 @@ class Gateway:
     async def _cancel_tasks(self, tasks: dict[str, str], reason: str) -> None:
         for task_id, runner_id in tasks.items():
             await self._publish_cancel(task_id, runner_id, reason)
+
+    async def _cancel_unrouted(self, chat_id: str, reason: str) -> None:
+        """Tell the supervisors, through the log, never to route `chat_id`."""
+        ack = await client.publish(
+            self.js, subjects.COMMANDS, CancelChat(chat_id=chat_id, reason=reason), msg_id=f"{chat_id}:cancel"
+        )
+        self.log.bind(chat_id=chat_id, seq=ack.seq).info(f"cancel sent before routing: {reason}")
 
     async def _publish_cancel(self, task_id: str, runner_id: str, reason: str) -> None:
         ack = await client.publish(

@@ -20,7 +20,7 @@ from nats.js import api as js_api
 
 from exojet.api.metrics import ClusterMetrics
 from exojet.bus import client, subjects
-from exojet.bus.commands import PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import CancelChat, PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     ChatRefused,
@@ -74,6 +74,8 @@ def mark_status(state: ClusterState, env: Envelope, kind: str, message: object) 
         case RouteChatCompletion(command_id=command_id):
             chat = state.chats.get(chat_id_of(command_id, env.seq))
             return chat.status if chat else kind
+        case CancelChat(chat_id=chat_id):
+            return state.chats[chat_id].status if chat_id in state.chats else kind
         case ChatRefused():
             return "Refused"
     task_id = task_id_of(env, message)

@@ -51,4 +51,13 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     stop: str | tuple[str, ...] | None = None
 
 
-Command = PlaceInstance | DeleteInstance | RouteChatCompletion | DrainRunner | UndrainRunner
+class CancelChat(_Command, frozen=True):
+    """Cancel a routed chat that no rank runs yet: the supervisors drop it from their queue
+    for good, however late they come back (ranks already running are stopped by `CancelTask`)."""
+
+    chat_id: str
+    # Who asked and why, for people reading the log ("client disconnected", ...).
+    reason: str = ""
+
+
+Command = PlaceInstance | DeleteInstance | RouteChatCompletion | CancelChat | DrainRunner | UndrainRunner

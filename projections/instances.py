@@ -26,7 +26,14 @@ no clock, state updated in place.
 from __future__ import annotations
 
 from exojet.bus.codec import BadInput, decode_command
-from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
+from exojet.bus.commands import (
+    CancelChat,
+    DeleteInstance,
+    DrainRunner,
+    PlaceInstance,
+    RouteChatCompletion,
+    UndrainRunner,
+)
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     ChatRefused,
@@ -101,6 +108,8 @@ def apply_command(state: ClusterState, env: Envelope) -> None:
                     _anomaly(state, env, "UnknownInstance", f"DeleteInstance of {instance_id}, which was never placed")
             elif inst.status != DELETED:
                 _end(state, env, inst, DELETED, f"deleted by command {command.command_id or env.seq}")
+        case CancelChat(chat_id=chat_id):
+            _cancel_chat(state, env, chat_id)
         case RouteChatCompletion():
             chat_id = chat_id_of(command.command_id, env.seq)
             if chat_id in state.chats:
@@ -205,6 +214,22 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
         case InstanceDeleted():
             if inst.status != DELETED:
                 _end(state, env, inst, DELETED, event.reason or "deleted by a supervisor")
+
+
+def _cancel_chat(state: ClusterState, env: Envelope, chat_id: str) -> None:
+    """A chat cancelled while pending is never routed; one routed already is its ranks' business."""
+    chat = state.chats.get(chat_id)
+    if chat is None:
+        if not state.horizon:
+            _anomaly(state, env, "UnknownChat", f"CancelChat of {chat_id}, which was never requested")
+        return
+    if chat.ranks_published or chat_id not in state.pending_chats:
+        return
+    chat.status = "Cancelled"
+    chat.updated_seq = env.seq
+    chat.request = None
+    del state.pending_chats[chat_id]
+    retention.finish_chat(state, chat_id, env.time)
 
 
 def _refuse_chat(state: ClusterState, env: Envelope, event: ChatRefused) -> None:

@@ -115,7 +115,8 @@ class RoutedChatView(msgspec.Struct, kw_only=True):
 
     chat_id: str
     model_id: str | None = None
-    # Pending (no rank published yet), Routed, Refused (ChatRefused), or the emitting rank's terminal task status.
+    # Pending (no rank published yet), Routed, Refused (ChatRefused), Cancelled (CancelChat while
+    # pending), or the emitting rank's terminal task status.
     status: str = "Pending"
     instance_id: str | None = None
     # How many ranks' tasks are in the log.

@@ -12,7 +12,15 @@ import msgspec
 from exojet.bus import subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.codec import BadInput, decode_cancel, decode_command, decode_event, decode_task
-from exojet.bus.commands import Command, DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
+from exojet.bus.commands import (
+    CancelChat,
+    Command,
+    DeleteInstance,
+    DrainRunner,
+    PlaceInstance,
+    RouteChatCompletion,
+    UndrainRunner,
+)
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     ChatRefused,
@@ -141,6 +149,9 @@ def _describe(before: ClusterState, env: Envelope, message: Message | None) -> t
         case RouteChatCompletion(messages=msgs, model_id=model):
             chat = chat_id_of(message.command_id, env.seq)
             return kind, f"chat {chat} for {model or 'any model'}: {_quote(msgs[-1].content)}"
+        case CancelChat(chat_id=cid, reason=reason):
+            old = before.chats[cid].status if cid in before.chats else "unknown"
+            return kind, f"cancel chat {cid} (was {old})" + (f": {reason}" if reason else "")
         case CancelTask(task_id=tid, reason=reason):
             old = before.tasks[tid].status if tid in before.tasks else "unknown"
             return kind, f"cancel task {tid} (was {old})" + (f": {reason}" if reason else "")
