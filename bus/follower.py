@@ -77,6 +77,7 @@ class Follower:
         self._resuming: asyncio.Task[None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._stopped = False
+        self._deleting: set[asyncio.Future[None]] = set()
         self.log = logger.bind(stream=stream, subject=subject)
 
     @property
@@ -156,7 +157,9 @@ class Follower:
         self._consumer = info.name
         self._last_heard = time.monotonic()
 
-    async def _close(self) -> None:
+    async def _close(self, wait: bool = True) -> None:
+        """Stop listening and delete the consumer; `wait=False` leaves the delete in the background
+        (a resume: the consumer may have died with its server, whose delete then times out)."""
         sub, consumer = self._sub, self._consumer
         self._sub = self._consumer = None
         if sub is not None:
@@ -165,10 +168,18 @@ class Follower:
             except Exception as err:  # a closed connection has nothing left to unsubscribe
                 self.log.debug(f"unsubscribe: {err!r}")
         if consumer is not None and self.nc.is_connected:
-            try:
-                await self.js.delete_consumer(self.stream, consumer)
-            except Exception as err:  # the inactive threshold removes it anyway
-                self.log.debug(f"could not delete read consumer {consumer}: {err!r}")
+            deleting = asyncio.ensure_future(self._delete(consumer))
+            if wait:
+                await deleting
+            else:
+                self._deleting.add(deleting)
+                deleting.add_done_callback(self._deleting.discard)
+
+    async def _delete(self, consumer: str) -> None:
+        try:
+            await self.js.delete_consumer(self.stream, consumer)
+        except Exception as err:  # the inactive threshold removes it anyway
+            self.log.debug(f"could not delete read consumer {consumer}: {err!r}")
 
     async def _on_msg(self, msg: Msg) -> None:
         self._last_heard = time.monotonic()
@@ -242,7 +253,7 @@ class Follower:
         self._resuming = asyncio.ensure_future(self._reopen())
 
     async def _reopen(self) -> None:
-        await self._close()
+        await self._close(wait=False)
         attempt = 0
         while not self._stopped:
             try:

@@ -38,6 +38,8 @@ class TaskConsumer:
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
         self._outstanding = False
+        # Requests refused in a row (no answer but an error status).
+        self._refused = 0
 
     async def start(self) -> TaskConsumer:
         """Create (or update) the durable consumer and listen on our inbox."""
@@ -64,15 +66,23 @@ class TaskConsumer:
                 status = headers.get("Status")
                 if status is None:
                     self._outstanding = False
+                    self._refused = 0
                     return msg
                 if status in _REQUEST_ENDED:
                     self._outstanding = False
+                    self._refused = 0
                 elif status != "100":  # 100 is an idle heartbeat
-                    logger.bind(runner_id=self.runner_id).warning(
-                        f"pull request answered {status} {headers.get('Description', '')}"
+                    # 503: the consumer has no leader (a cluster electing one). Said once;
+                    # asked again after a backoff, or the loop would spin until it has one.
+                    self._refused += 1
+                    (logger.warning if self._refused == 1 else logger.debug)(
+                        f"runner {self.runner_id}: pull request answered {status} "
+                        f"{headers.get('Description', '')}; asking again until the consumer answers"
                     )
                     self._outstanding = False
             if not self._outstanding:
+                if self._refused:
+                    await asyncio.sleep(connection.backoff_delay(self._refused - 1))
                 request = {"batch": 1, "expires": int(self.expires_s * 1e9)}
                 await self.nc.publish(
                     f"$JS.API.CONSUMER.MSG.NEXT.{streams.LOG_STREAM}.{self.durable}",
