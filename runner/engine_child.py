@@ -69,6 +69,35 @@ class RequestError(Exception):
         self.error_type = error_type
 
 
+# Text generated faster than this is written to the pipe in one frame: the runner and its
+# NATS server share the cores with the engine, and a frame per token at 100+ tokens a second
+# costs llama.cpp's threads more than these milliseconds of streaming latency.
+TOKEN_FLUSH_S = 0.02
+
+
+class TokenWriter:
+    """Streams generated text to the parent: the first piece at once, then at most one frame
+    every TOKEN_FLUSH_S (a piece waits at most until the next token or the end)."""
+
+    def __init__(self, pipe: Pipe | None) -> None:
+        self.pipe = pipe
+        self.held: list[str] = []
+        self.written_at: float | None = None
+
+    def write(self, text: str) -> None:
+        if self.pipe is None or not text:
+            return
+        self.held.append(text)
+        if self.written_at is None or time.perf_counter() - self.written_at >= TOKEN_FLUSH_S:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pipe is not None and self.held:
+            self.pipe.write(Token(text="".join(self.held)))
+            self.held.clear()
+            self.written_at = time.perf_counter()
+
+
 def _check_fits(prompt_tokens: int, max_tokens: int, context_length: int | None) -> None:
     """Refuse, before any work, a chat that cannot fit the context window (None: unknown)."""
     if context_length and prompt_tokens + max_tokens > context_length:
@@ -344,12 +373,14 @@ class EngineChild:
             except Exception as exc:
                 raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
             _check_fits(len(llama_prompt), req.max_tokens, self.llama.context_length)
+            writer = TokenWriter(self.pipe if stream else None)
             done: Done = self.llama.generate(
                 req,
                 llama_prompt,
-                (lambda text: self.pipe.write(Token(text=text))) if stream else None,
+                writer.write if stream else None,
                 lambda: stream and self.pipe.readable() and self._cancelled(),
             )
+            writer.flush()
             return done
         import mlx.core as mx
         from mlx_lm import stream_generate
@@ -371,6 +402,7 @@ class EngineChild:
         _check_fits(len(prompt), req.max_tokens, self.context_length)
         sampler = make_sampler(req.temperature, req.top_p)
         scanner = StopScanner(req.stop)
+        writer = TokenWriter(self.pipe if stream else None)
         first_at = None
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
@@ -399,8 +431,7 @@ class EngineChild:
                 eos = response.finish_reason == "stop"
                 completion_tokens = response.generation_tokens - (1 if eos else 0)
                 delta, stopped = scanner.feed(response.text)
-                if stream and delta:
-                    self.pipe.write(Token(text=delta))
+                writer.write(delta)
                 if stopped or eos:
                     finish = "stop"
                     break
@@ -414,9 +445,8 @@ class EngineChild:
                     break
             if in_group:
                 pipeline_barrier(self.group)
-        tail = scanner.flush()
-        if stream and tail:
-            self.pipe.write(Token(text=tail))
+        writer.write(scanner.flush())
+        writer.flush()
         ended = time.perf_counter()
         first_at = first_at or ended
         # Decode speed: the tokens after the first, over the time after the first.

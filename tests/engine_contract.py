@@ -77,7 +77,7 @@ class EngineContract:
         chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40))
 
         expected = direct(40)
-        assert len(chunks) > 5
+        assert len(chunks) >= 2  # streamed: the first token at once, the rest after it
         assert "".join(chunks) == done.text == expected
         assert done.finish_reason == "length"
         assert done.completion_tokens == 40
