@@ -14,6 +14,9 @@ Silence this supervisor could not have heard is not held against anyone: after
 its own reconnect to NATS, or after it was itself stalled (frozen, swapped
 out: its check loop woke far too late), every runner gets a full timeout again
 from then, and nothing is declared while it is disconnected.
+
+The decisions (who is silent, the event that declares it) are pure, in
+`supervisor/silence.py`: the deterministic simulation makes the same ones.
 """
 
 from __future__ import annotations
@@ -31,10 +34,9 @@ from nats.js import JetStreamContext
 
 from exojet.bus import client, connection, subjects
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import RunnerLost
-from exojet.projections.rules import FINAL_STATUSES
 from exojet.projections.state import ClusterState
 from exojet.supervisor.projector import Projector
+from exojet.supervisor.silence import SilenceWatch, Silent, lost_event
 
 DEFAULT_HEARTBEAT_TIMEOUT_S = 5.0
 
@@ -55,12 +57,10 @@ class Liveness:
         self.projector = projector
         self.supervisor_id = supervisor_id
         self.timeout = timeout
-        # runner id -> monotonic time of the newest sign of life this process saw.
-        self.last_seen: dict[str, float] = {}
+        # Who was heard when, on this process's monotonic clock (the decisions are pure).
+        self.watch = SilenceWatch(timeout)
         # runner id -> its connection to NATS as its last heartbeat told (outages, last outage).
         self.connections: dict[str, dict[str, Any]] = {}
-        # (runner, last_event_seq) already declared, so a slow fold does not repeat it.
-        self._declared: set[tuple[str, int]] = set()
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self.log = logger.bind(supervisor_id=supervisor_id)
@@ -74,9 +74,7 @@ class Liveness:
 
     def grace(self) -> None:
         """Give every runner a full timeout from now: the gap was ours, not theirs."""
-        now = time.monotonic()
-        for runner_id in self.last_seen:
-            self.last_seen[runner_id] = now
+        self.watch.grace(time.monotonic())
         self.log.info(f"every runner gets {self.timeout:g} s of grace (this supervisor could not hear them)")
 
     async def stop(self) -> None:
@@ -92,7 +90,7 @@ class Liveness:
     async def _on_heartbeat(self, msg: Msg) -> None:
         runner_id = subjects.runner_of(msg.subject)
         if runner_id is not None:
-            self.last_seen[runner_id] = time.monotonic()
+            self.watch.heard(runner_id, time.monotonic())
             try:
                 beat = msgspec.json.decode(msg.data)
             except msgspec.DecodeError:
@@ -104,8 +102,7 @@ class Liveness:
                 }
 
     def _on_applied(self, state: ClusterState, env: Envelope) -> None:
-        if env.subject.startswith(subjects.RUNNER_EVENTS_PREFIX + "."):
-            self.last_seen[env.subject[len(subjects.RUNNER_EVENTS_PREFIX) + 1 :]] = time.monotonic()
+        self.watch.heard_on(env.subject, time.monotonic())
 
     async def _loop(self) -> None:
         period = self.timeout / 5  # check period, a fraction of the timeout
@@ -113,7 +110,7 @@ class Liveness:
         while True:
             await asyncio.sleep(period)
             slept, woke = time.monotonic() - woke, time.monotonic()
-            if slept > period + self.timeout / 2:
+            if self.watch.stalled(slept, period):
                 self.log.warning(f"this supervisor was stalled for {slept:.1f} s")
                 self.grace()
             try:
@@ -127,37 +124,23 @@ class Liveness:
         """Declare lost every silent runner; returns the ids declared."""
         if not self.nc.is_connected:
             return []
-        now = time.monotonic()
         declared = []
-        for runner in list(self.projector.state.runners.values()):
-            if runner.status in FINAL_STATUSES or runner.incarnation == 0:
-                continue
-            seen = self.last_seen.setdefault(runner.runner_id, now)
-            key = (runner.runner_id, runner.last_event_seq)
-            if now - seen < self.timeout or key in self._declared:
-                continue
-            if await self._declare(runner.runner_id, runner.incarnation, runner.last_event_seq, now - seen):
-                self._declared.add(key)
-                declared.append(runner.runner_id)
+        for silent in self.watch.silent(self.projector.state, time.monotonic()):
+            if await self._declare(silent):
+                self.watch.declared(silent)
+                declared.append(silent.runner_id)
         return declared
 
-    async def _declare(self, runner_id: str, incarnation: int, last_event_seq: int, silent_for: float) -> bool:
-        log = self.log.bind(runner_id=runner_id, incarnation=incarnation, seq=last_event_seq)
-        event = RunnerLost(
-            event_id=f"{runner_id}:{incarnation}:lost:{last_event_seq}",
-            runner_id=runner_id,
-            incarnation=incarnation,
-            at=time.time(),
-            supervisor_id=self.supervisor_id,
-            reason=f"no heartbeat for {silent_for:.1f} s (timeout {self.timeout:g} s)",
-        )
+    async def _declare(self, silent: Silent) -> bool:
+        log = self.log.bind(runner_id=silent.runner_id, incarnation=silent.incarnation, seq=silent.last_event_seq)
+        event = lost_event(silent, self.timeout, self.supervisor_id, time.time())
         try:
             ack = await client.publish(
                 self.js,
-                subjects.runner_events_subject(runner_id),
+                subjects.runner_events_subject(silent.runner_id),
                 event,
                 msg_id=event.event_id,
-                expected_last_subject_seq=last_event_seq,
+                expected_last_subject_seq=silent.last_event_seq,
             )
         except client.WrongLastSequence:
             # It wrote since our view: alive after all (its event resets the clock when folded).

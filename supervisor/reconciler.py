@@ -9,7 +9,8 @@ drop such a resend anyway; waiting saves the round trips).
 Time enters only here: a failed instance's backoff is measured on this
 process's monotonic clock from when this supervisor first saw the failure, and
 its end is written to the log as `InstanceRetryDue`. A restarted supervisor
-starts the wait again, so a backoff is never shorter than planned.
+starts the wait again, so a backoff is never shorter than planned. The
+measuring is pure (`supervisor/retries.py`), shared with the deterministic simulation.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import msgspec
 from loguru import logger
 from nats.js import JetStreamContext
 
 from exojet.bus import client, subjects
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import ChatRefused, InstanceRetryDue
+from exojet.bus.events import ChatRefused
 from exojet.models.store import InvalidModelId, layer_count, model_dir
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState
 from exojet.supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
 from exojet.supervisor.projector import MinSeqTimeout, Projector
+from exojet.supervisor.retries import RetryTimer, retry_due_event, stamped
 
 DEFAULT_INTERVAL_S = 1.0
 # How long to wait for the projection to fold our own writes before planning anyway.
@@ -66,8 +67,8 @@ class Reconciler:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._catalog: dict[str, int] = {}
-        # (instance, attempt) -> monotonic time this process first saw it failed.
-        self._failed_since: dict[tuple[str, int], float] = {}
+        # Backoffs, on this process's monotonic clock (the decisions are pure).
+        self.retries = RetryTimer()
         self.log = logger.bind(supervisor_id=supervisor_id)
 
     def on_applied(self, state: ClusterState, env: Envelope) -> None:
@@ -120,9 +121,7 @@ class Reconciler:
         actions = plan(state, self._catalog_for(state), self.config)
         last_seq = 0
         sleep = self.interval
-        waiting = {(a.instance_id, a.attempt) for a in actions if isinstance(a, RetryWait)}
-        for key in [k for k in self._failed_since if k not in waiting]:
-            del self._failed_since[key]  # retried by someone, deleted, or given up
+        self.retries.keep_only(actions)
         for action in actions:
             if isinstance(action, RetryWait):
                 seq, due_in = await self._retry_when_due(action)
@@ -160,9 +159,7 @@ class Reconciler:
             ).info(f"published {type(task).__name__}" + (" (duplicate)" if ack.duplicate else ""))
             return ack.seq
         assert isinstance(action, WriteEvent)
-        # The planner has no clock and no identity: stamp them here, for people
-        # reading the log (the server dedupes on event_id, not on the payload).
-        event = msgspec.structs.replace(action.event, supervisor_id=self.supervisor_id, at=time.time())
+        event = stamped(action.event, self.supervisor_id, time.time())
         try:
             ack = await client.publish(
                 self.js,
@@ -181,18 +178,12 @@ class Reconciler:
         return ack.seq
 
     async def _retry_when_due(self, wait: RetryWait) -> tuple[int, float]:
-        key = (wait.instance_id, wait.attempt)
-        now = time.monotonic()
-        since = self._failed_since.setdefault(key, now)
-        due_in = since + wait.delay - now
+        due_in = self.retries.due_in(wait, time.monotonic())
         if due_in > 0:
             return 0, due_in
-        event = InstanceRetryDue(
-            event_id=f"{wait.instance_id}:retry:{wait.attempt}", instance_id=wait.instance_id, attempt=wait.attempt
-        )
-        seq = await self._publish(WriteEvent(event))
+        seq = await self._publish(WriteEvent(retry_due_event(wait)))
         logger.bind(instance_id=wait.instance_id, attempt=wait.attempt).info(
             f"retry due after {wait.delay:g} s backoff"
         )
-        del self._failed_since[key]
+        self.retries.written(wait)
         return seq or 0, self.interval
