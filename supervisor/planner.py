@@ -45,6 +45,7 @@ from exojet.bus.events import (
     Placement,
     SupervisorEvent,
 )
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -384,19 +385,30 @@ def _step_task(inst: InstanceView, step: str, rank: int, task_id: str, shard: Sh
 
 
 def _release(state: ClusterState) -> list[Action]:
-    """UnloadModel for runners still holding an instance that has ended (failed or deleted)."""
+    """UnloadModel for runners holding (or failed holding) what no live instance's current
+    attempt placed on them: an instance that ended (failed or deleted), or an older attempt of
+    one placed again (a task of that attempt still queued ran after the retry)."""
+    serving = {
+        (p.runner_id, p.incarnation)
+        for inst in state.instances.values()
+        if inst.status not in ENDED_STATUSES
+        for p in inst.placements
+    }
     actions: list[Action] = []
     for runner_id, instance_id in state.runner_instances.items():
         runner = state.runners.get(runner_id)
         inst = state.instances.get(instance_id)
-        if runner is None or inst is None or inst.status not in ENDED_STATUSES:
+        if runner is None or inst is None or runner.status not in UNLOADABLE_STATUSES:
             continue
-        placed = _placement(inst, runner_id)
-        # A restarted runner (new incarnation) holds nothing of this instance.
-        if runner.status not in UNLOADABLE_STATUSES or placed is None or placed.incarnation != runner.incarnation:
+        if (runner_id, runner.incarnation) in serving:
             continue
         task_id = step_task_id(instance_id, inst.attempt, UNLOAD, runner_id)
-        if task_id not in state.tasks:
+        sent = state.tasks.get(task_id)
+        if sent is not None and sent.status in TERMINAL_TASK_STATUSES and runner.updated_seq > sent.updated_seq:
+            # Held again since that unload (a stale task ran): unload again, under an id of this status.
+            task_id = f"{task_id}.s{runner.updated_seq}"
+            sent = state.tasks.get(task_id)
+        if sent is None:
             actions.append(SendTask(runner_id, UnloadModel(task_id=task_id, instance_id=instance_id)))
     return actions
 
