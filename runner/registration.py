@@ -63,23 +63,24 @@ async def register(
     engines: Sequence[str],
     ring_key: str,
     after_loss: bool = False,
+    history: TaskHistory | None = None,
 ) -> EventWriter:
     """Write `RunnerRegistered` for incarnation + 1 (with the engines it has and their CPU setup), fenced on the
     subject's last write; returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
-    (not after a loss: then the previous holder is this very process)."""
+    (not after a loss: then the previous holder is this very process).
+
+    With `history`, everything on the subject up to the write it is fenced on is folded into it first:
+    a RunnerLost, or a late write of the crashed incarnation, may have landed since the history was read
+    (the twin check alone waits seconds), and the history must say what the log says."""
     js = nc.jetstream()
     subject = subjects.runner_events_subject(runner_id)
     last = await client.last_on_subject(js, subject)
-    incarnation, last_seq = 0, 0
-    if last is not None:
-        last_seq = last.seq
-        try:
-            previous = decode_event(last.data)
-            incarnation = getattr(previous, "incarnation", 0)
-        except BadInput:
-            previous = None
-        if not after_loss and not _final(previous) and await _heartbeat_seen(nc, runner_id):
-            raise TwinRunning(f"runner {runner_id} is already running (incarnation {incarnation})")
+    if last is not None and not after_loss and not _final(_decoded(last)) and await _heartbeat_seen(nc, runner_id):
+        raise TwinRunning(f"runner {runner_id} is already running (incarnation {_incarnation(last)})")
+    while history is not None and last is not None and last.seq > history.seq:
+        await fold_subject(nc, runner_id, history, history.seq + 1)
+        last = await client.last_on_subject(js, subject)
+    incarnation, last_seq = (_incarnation(last), last.seq) if last is not None else (0, 0)
     writer = EventWriter(js, runner_id, incarnation + 1, last_seq)
     memory = psutil.virtual_memory()
     await writer.write(
@@ -119,6 +120,17 @@ async def _heartbeat_seen(nc: NATS, runner_id: str) -> bool:
         await sub.unsubscribe()
 
 
+def _decoded(env: Envelope) -> object:
+    try:
+        return decode_event(env.data)
+    except BadInput:
+        return None
+
+
+def _incarnation(env: Envelope) -> int:
+    return getattr(_decoded(env), "incarnation", 0)
+
+
 def _final(event: object) -> bool:
     """True if `event` ends an incarnation: nothing of it can still be running."""
     if isinstance(event, RunnerLost):
@@ -133,16 +145,20 @@ async def load_history(nc: NATS, runner_id: str, history: TaskHistory) -> int:
     The task consumer's ack floor is the checkpoint: every task at or below it was acknowledged
     (after its terminal status) and is never delivered again, and every status of a task above
     it was written after that task, so the subject from the floor on is all the dedupe needs."""
+    start = await _ack_floor(nc.jetstream(), runner_id) + 1
+    history.seq = max(history.seq, start - 1)
+    await fold_subject(nc, runner_id, history, start)
+    return start
+
+
+async def fold_subject(nc: NATS, runner_id: str, history: TaskHistory, start_seq: int) -> None:
+    """Fold the runner id's subject from `start_seq` to its current end into `history`."""
 
     def collect(env: Envelope) -> None:
-        try:
-            history.apply(decode_event(env.data))
-        except BadInput:
-            return
+        decoded = _decoded(env)
+        history.apply(decoded, env.seq)
 
-    start = await _ack_floor(nc.jetstream(), runner_id) + 1
-    await client.replay_subject(nc, subjects.runner_events_subject(runner_id), collect, start_seq=start)
-    return start
+    await client.replay_subject(nc, subjects.runner_events_subject(runner_id), collect, start_seq=start_seq)
 
 
 async def _ack_floor(js: JetStreamContext, runner_id: str) -> int:

@@ -10,6 +10,7 @@ seen on its own subject while idle) makes it re-register as a new incarnation.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,22 @@ class Runner:
             lambda: registration.load_history(self.nc, self.runner_id, self.history), "read this runner's history"
         )
         self.log.bind(from_seq=start).info("read its subject from the task consumer's ack floor on")
-        await client.until_done(self._register, "register")
-        await self._answer_interrupted()
+        after_loss = False
+        while True:
+            try:
+                await client.until_done(partial(self._register, after_loss, self.history), "register")
+                await self._answer_interrupted()
+                return
+            except Fenced as fenced:
+                if not fenced.lost:
+                    raise TwinRunning(str(fenced)) from None
+                # Declared lost before it served (its first writes were slow: it heartbeats only
+                # once started). The loss failed nothing the crashed incarnation left running
+                # (registering cleared that), so the next incarnation still answers those.
+                self.log.warning(f"{fenced}; re-registering")
+                after_loss = True
 
-    async def _register(self, after_loss: bool = False) -> None:
+    async def _register(self, after_loss: bool = False, history: TaskHistory | None = None) -> None:
         self.reports.writer = await registration.register(
             self.nc,
             self.runner_id,
@@ -93,12 +106,14 @@ class Runner:
             self.executor.engine.engines,
             self.executor.ring_key,
             after_loss,
+            history,
         )
+        self.history.registered()
         await self.transitions.registered()
 
     async def _answer_interrupted(self) -> None:
         """Fail, explicitly, what a crashed incarnation left running: one terminal status each."""
-        for task_id, kind in list(self.history.running.items()):
+        for task_id, kind in list(self.history.unanswered().items()):
             await self.reports.task_status(
                 task_id,
                 TaskStatus.FAILED,
