@@ -228,6 +228,10 @@ def _split_after_download(state: ClusterState, inst: InstanceView) -> list[Shard
 
 def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> list[RunnerView] | None:
     pipelined = inst.min_runners > 1
+    # A runner with a task not yet answered (running, its status maybe not written yet, or
+    # still queued: a step of an attempt that failed meanwhile) is not free: that task may
+    # yet take it into a group or load a model.
+    answering = {state.tasks[t].runner_id for t in state.unfinished if t in state.tasks}
 
     def free(runner: RunnerView | None) -> bool:
         # Idle only: a Failed runner needs a person (or a restart) before it serves again.
@@ -237,6 +241,7 @@ def _choose_runners(state: ClusterState, inst: InstanceView, busy: set[str]) -> 
             and runner.status == "RunnerIdle"
             and runner.runner_id not in busy
             and runner.runner_id not in state.drained
+            and runner.runner_id not in answering
             and (not pipelined or can_join_group(runner))
         )
 
