@@ -28,10 +28,13 @@ from exojet.bus.events import RunnerEvent, RunnerLost
 class Fenced(Exception):
     """Our write was refused: someone else wrote our subject since our last write."""
 
-    def __init__(self, lost: bool, incarnation: int, message: str) -> None:
+    def __init__(self, lost: bool, incarnation: int, message: str, late: bool = False) -> None:
         super().__init__(message)
         self.lost = lost
         self.incarnation = incarnation
+        # The write in between was an earlier incarnation's, stored late (it was still on its
+        # way when that process died): no twin, the registration just has to be made again.
+        self.late = late
 
 
 class EventWriter:
@@ -91,4 +94,7 @@ class EventWriter:
         if isinstance(event, RunnerLost):
             return Fenced(True, event.incarnation, f"runner {self.runner_id} was declared lost: {event.reason}")
         incarnation = getattr(event, "incarnation", self.incarnation)
+        if incarnation < self.incarnation:
+            message = f"a write of runner {self.runner_id}'s incarnation {incarnation} landed late"
+            return Fenced(False, incarnation, message, late=True)
         return Fenced(False, incarnation, f"runner {self.runner_id} is already running (incarnation {incarnation})")

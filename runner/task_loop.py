@@ -89,13 +89,14 @@ class Runner:
                 await self._answer_interrupted()
                 return
             except Fenced as fenced:
-                if not fenced.lost:
+                if not (fenced.lost or fenced.late):
                     raise TwinRunning(str(fenced)) from None
                 # Declared lost before it served (its first writes were slow: it heartbeats only
-                # once started). The loss failed nothing the crashed incarnation left running
+                # once started), or a write of the crashed incarnation landed after this one read
+                # the subject. The loss failed nothing the crashed incarnation left running
                 # (registering cleared that), so the next incarnation still answers those.
-                self.log.warning(f"{fenced}; re-registering")
-                after_loss = True
+                self.log.warning(f"{fenced}; registering again")
+                after_loss = after_loss or fenced.lost
 
     async def _register(self, after_loss: bool = False, history: TaskHistory | None = None) -> None:
         self.reports.writer = await registration.register(
