@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections import Counter
 
 from exojet.sim.run import run
 
@@ -24,12 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     seeds = range(args.seed, args.seed + 1) if args.seed is not None else args.seeds
     started = time.perf_counter()
     failed = 0
+    counts: Counter[str] = Counter()
     for seed in seeds:
         result = run(seed)
         if not result.ok or args.seed is not None:
             print(result.report(None if args.trace else 60))
         failed += not result.ok
+        counts += result.world.counts
     print(f"{len(seeds)} seeds, {failed} failed, {time.perf_counter() - started:.1f} s")
+    print("faults and recoveries: " + ", ".join(f"{kind} {n}" for kind, n in sorted(counts.items())))
     return 1 if failed else 0
 
 

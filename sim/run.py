@@ -133,13 +133,15 @@ class Simulation:
                 world.step()
                 self._maybe_fault()
             self._heal()
+            # Checked once per sim second: settling is slow next to a step.
             next_check = world.now
-            while not (settled := self._settled()) and world.steps < MAX_STEPS:
-                if world.now > FAULT_TIME_S + SETTLE_TIME_S:
-                    break
-                world.step()
+            settled = False
+            while world.steps < MAX_STEPS and world.now <= FAULT_TIME_S + SETTLE_TIME_S:
                 if world.now >= next_check:
+                    if settled := self._settled():
+                        break
                     next_check = world.now + 1.0
+                world.step()
             if not settled:
                 problems.append(f"the cluster did not settle by {world.now:.1f} sim s: {self._unsettled()}")
             else:
@@ -166,17 +168,17 @@ class Simulation:
         if world.chance(faults.crash):
             victim = rng.choice(self.processes)
             if victim.alive:
-                world.say(victim.name, "CRASH")
+                world.say(victim.name, "CRASH", "crash")
                 world.kill(victim)
                 world.clock.after(rng.uniform(0.5, 15.0), lambda: self._restart(victim))
         if world.chance(faults.freeze):
             victim = rng.choice(self.processes)
             victim.paused_until = max(victim.paused_until, world.now + rng.uniform(1.0, 12.0))
-            world.say(victim.name, f"FROZEN until {victim.paused_until:.3f}")
+            world.say(victim.name, f"FROZEN until {victim.paused_until:.3f}", "freeze")
         if world.chance(faults.cut):
             victim = rng.choice(self.processes)
             victim.cut_until = max(victim.cut_until, world.now + rng.uniform(1.0, 12.0))
-            world.say(victim.name, f"CUT OFF from NATS until {victim.cut_until:.3f}")
+            world.say(victim.name, f"CUT OFF from NATS until {victim.cut_until:.3f}", "cut off")
             if isinstance(victim, SimSupervisor):
                 world.clock.at(victim.cut_until, lambda: self._reconnected(victim))
 

@@ -14,13 +14,14 @@ from typing import Any
 
 from exojet.bus import subjects
 from exojet.bus.codec import decode_event, decode_task, encode
+from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerEvent, RunnerLost, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.lifecycle import FAILED, IDLE, LIFECYCLE, REGISTERED
 from exojet.bus.statuses import RunnerFailed, TaskStatus, runner_status
 from exojet.bus.tasks import ConnectToGroup, DownloadModel, LoadModel, task_type
 from exojet.runner.task_history import TaskHistory
 from exojet.sim.jetstream import Delivery, SimConsumer
-from exojet.sim.kernel import Actor, Effect, LastOn, NextTask, Publish, Sleep, Transient, WrongLastSequence
+from exojet.sim.kernel import Actor, Effect, Fiber, LastOn, NextTask, Publish, Sleep, Transient, WrongLastSequence
 from exojet.sim.world import Violation, World
 
 Body = Generator[Effect, Any, Any]
@@ -31,9 +32,12 @@ _HOLDING_TASKS = frozenset({"ConnectToGroup", "LoadModel", "StartWarmup", "ChatC
 
 
 class Fenced(Exception):
-    def __init__(self, lost: bool) -> None:
-        super().__init__("declared lost" if lost else "a twin wrote our subject")
+    """`runner/event_writer.py`'s: declared lost, a twin, or an earlier incarnation's late write."""
+
+    def __init__(self, lost: bool, late: bool = False) -> None:
+        super().__init__("declared lost" if lost else "a late write" if late else "a twin wrote our subject")
         self.lost = lost
+        self.late = late
 
 
 class SimRunner(Actor):
@@ -76,9 +80,15 @@ class SimRunner(Actor):
         token = fiber.token
         env = self.consumer.deliverable(self.world.now)
         if env is not None:
-            options.append(lambda: self.world.resume(fiber, token, self.consumer.deliver(env, self.world.now)))
+            options.append(lambda: self._deliver(fiber, token, env))
         if self._lost_in_log():
             options.append(lambda: self.world.resume(fiber, token, None))
+
+    def _deliver(self, fiber: Fiber, token: int, env: Envelope) -> None:
+        delivery = self.consumer.deliver(env, self.world.now)
+        if delivery.deliveries > 1:
+            self.world.say(self.name, f"task seq {env.seq} delivered again ({delivery.deliveries})", "redelivery")
+        self.world.resume(fiber, token, delivery)
 
     def _lost_in_log(self) -> bool:
         """`Runner._check_lost`: the log holds a RunnerLost after our last write."""
@@ -100,9 +110,9 @@ class SimRunner(Actor):
                     )
                 break
             except Fenced as fenced:
-                if not fenced.lost:
+                if not (fenced.lost or fenced.late):
                     raise Violation(f"runner {self.runner_id} found a twin writing its subject") from None
-                self.world.say(self.name, "declared lost while starting: re-registering")
+                self.world.say(self.name, f"{fenced} while starting: registering again", "registered again")
         # runner/main.py starts the heartbeat once the runner has started.
         self.beating = True
         self.declared_lost = self._lost_in_log()
@@ -115,7 +125,7 @@ class SimRunner(Actor):
         while True:
             try:
                 if rejoin:
-                    self.world.say(self.name, "declared lost: re-registering")
+                    self.world.say(self.name, "declared lost: re-registering", "re-registered after a loss")
                     self.history.lose()
                     self.holding = None
                     yield from self._register()
@@ -175,7 +185,8 @@ class SimRunner(Actor):
                 last = yield from self.world.until_done(LastOn(self.subject))
                 found = decode_event(last.data)
                 if found.event_id != event_id:
-                    raise Fenced(isinstance(found, RunnerLost)) from None
+                    late = not isinstance(found, RunnerLost) and found.incarnation < self.incarnation
+                    raise Fenced(isinstance(found, RunnerLost), late) from None
                 seq = last.seq  # our own write, whose ack was lost
                 break
         self.last_seq = seq
@@ -217,7 +228,7 @@ class SimRunner(Actor):
 
     def _ack(self, seq: int) -> None:
         if self.world.cut(self) or self.world.chance(self.world.faults.lose_ack):
-            self.world.say(self.name, f"ack of task seq {seq} lost")
+            self.world.say(self.name, f"ack of task seq {seq} lost", "task ack lost")
             return
         self.consumer.ack(seq)
 
@@ -228,7 +239,11 @@ class SimRunner(Actor):
         task_id = task.task_id or str(env.seq)
         kind = task_type(task)
         if self.history.answered(task_id):
-            self.world.say(self.name, f"{task_id} already answered: skipped (delivery {delivery.deliveries})")
+            self.world.say(
+                self.name,
+                f"{task_id} already answered: skipped (delivery {delivery.deliveries})",
+                "answered task skipped",
+            )
             self._ack(env.seq)
             return
         row = LIFECYCLE[kind]

@@ -22,6 +22,7 @@ projection of the whole log, and checked (`sim/invariants.py`).
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from functools import partial
@@ -141,14 +142,18 @@ class World:
         # Extra choices each step (supervisors folding, runners pulling), from their owners.
         self.offers: list[Callable[[list[Callable[[], None]]], None]] = []
         self.snapshot: bytes | None = None
+        self.counts: Counter[str] = Counter()
         self.steps = 0
 
     @property
     def now(self) -> float:
         return self.clock.now
 
-    def say(self, who: str, what: str) -> None:
+    def say(self, who: str, what: str, kind: str | None = None) -> None:
+        """Trace a step; `kind` also counts it (faults and the recoveries they cause)."""
         self.trace.say(self.clock.now, who, what)
+        if kind is not None:
+            self.counts[kind] += 1
 
     def chance(self, p: float) -> bool:
         return self.faulty and p > 0 and self.rng.random() < p
@@ -207,12 +212,14 @@ class World:
             self.clock.after(effect.seconds, lambda: self.resume(fiber, token))
         elif isinstance(effect, Publish | LastOn):
             if self.cut(fiber.actor) or self.chance(self.faults.lose_request):
-                self.say(fiber.actor.name, f"request lost on the way: {_describe(effect)}")
+                self.say(fiber.actor.name, f"request lost on the way: {_describe(effect)}", "request lost")
             else:
                 ready = self.clock.now
                 if self.chance(self.faults.delay):
                     ready += self.rng.uniform(0.5, 12.0)
-                    self.say(fiber.actor.name, f"request delayed until {ready:.3f}: {_describe(effect)}")
+                    self.say(
+                        fiber.actor.name, f"request delayed until {ready:.3f}: {_describe(effect)}", "request delayed"
+                    )
                 self.requests.append(Request(fiber, token, effect, ready))
             self.clock.after(REQUEST_TIMEOUT_S, lambda: self.resume(fiber, token, error=Transient("no reply in time")))
         elif isinstance(effect, Until):
@@ -235,7 +242,7 @@ class World:
         reply = Reply(request.fiber, request.token)
         if self.chance(self.faults.error):
             reply.error = Transient("the server answered an error (nothing stored)")
-            self.say(who, f"refused by the server: {_describe(effect)}")
+            self.say(who, f"refused by the server: {_describe(effect)}", "server error")
         elif isinstance(effect, LastOn):
             reply.value = self.stream.last_on(effect.subject)
         else:
@@ -243,23 +250,27 @@ class World:
                 ack = self.stream.publish(effect.subject, effect.data, effect.msg_id, effect.expected, self.clock.now)
             except WrongLastSequence as err:
                 reply.error = err
-                self.say(who, f"fenced out (expected {effect.expected}): {_describe(effect)}")
+                self.say(who, f"fenced out (expected {effect.expected}): {_describe(effect)}", "fenced out")
             else:
                 reply.value = ack
                 if ack.duplicate:
-                    self.say(who, f"duplicate of seq {ack.seq}: {_describe(effect)}")
+                    self.say(who, f"duplicate of seq {ack.seq}: {_describe(effect)}", "deduplicated")
                 else:
                     self._stored(who, effect)
         if request.fiber.dead:
             return
         if self.cut(request.fiber.actor) or self.chance(self.faults.lose_reply):
-            self.say(who, f"reply lost: {_describe(effect)}")
+            self.say(who, f"reply lost: {_describe(effect)}", "reply lost")
             return
         self.replies.append(reply)
 
     def _stored(self, who: str, effect: Publish) -> None:
         env = self.stream.log[-1]
-        self.say(who, f"stored seq {env.seq}: {_describe(effect)}")
+        self.say(
+            who,
+            f"stored seq {env.seq}: {_describe(effect)}",
+            "RunnerLost stored" if effect.label.startswith("RunnerLost") else None,
+        )
         before = self.truth.anomaly_count
         apply(self.truth, env)
         if self.truth.anomaly_count > before:
