@@ -9,7 +9,8 @@ consumer, and the models on disk.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from functools import partial
 from typing import Any
 
 from exojet.bus import subjects
@@ -152,11 +153,8 @@ class SimRunner(Actor):
         self.last_seq = last.seq if last else 0
         self.count = 0
         yield from self._write(
-            lambda eid, inc, at: RunnerRegistered(
-                event_id=eid,
-                runner_id=self.runner_id,
-                incarnation=inc,
-                at=at,
+            partial(
+                RunnerRegistered,
                 memory_free=self.memory_free,
                 address=f"10.0.0.{self.runner_id.removeprefix('r')}",
                 engines=("mlx",),
@@ -165,11 +163,13 @@ class SimRunner(Actor):
         self.history.registered()
         yield from self._status(REGISTERED)
 
-    def _write(self, build: Any) -> Body:
+    def _write(self, build: Callable[..., RunnerEvent]) -> Body:
         """`EventWriter.write`: fenced on our previous write, retried under the same id until stored."""
         self.count += 1
         event_id = f"{self.runner_id}:{self.incarnation}:{self.count}"
-        event: RunnerEvent = build(event_id, self.incarnation, self.world.now)
+        event: RunnerEvent = build(
+            event_id=event_id, runner_id=self.runner_id, incarnation=self.incarnation, at=self.world.now
+        )
         label = _label(event)
         publish = Publish(self.subject, encode(event), event_id, self.last_seq, label)
         attempt = 0
@@ -185,7 +185,8 @@ class SimRunner(Actor):
                 last = yield from self.world.until_done(LastOn(self.subject))
                 found = decode_event(last.data)
                 if found.event_id != event_id:
-                    late = not isinstance(found, RunnerLost) and found.incarnation < self.incarnation
+                    older = getattr(found, "incarnation", self.incarnation) < self.incarnation
+                    late = older and not isinstance(found, RunnerLost)
                     raise Fenced(isinstance(found, RunnerLost), late) from None
                 seq = last.seq  # our own write, whose ack was lost
                 break
@@ -194,11 +195,7 @@ class SimRunner(Actor):
 
     def _status(self, name: str, error: str | None = None) -> Body:
         status = RunnerFailed(error_message=error or "") if name == FAILED else runner_status(name)
-        yield from self._write(
-            lambda eid, inc, at: RunnerStatusUpdated(
-                event_id=eid, runner_id=self.runner_id, incarnation=inc, at=at, runner_status=status
-            )
-        )
+        yield from self._write(partial(RunnerStatusUpdated, runner_status=status))
         self.status = name
         if name in (IDLE, FAILED):
             self.holding = None
@@ -212,11 +209,8 @@ class SimRunner(Actor):
         error: str | None = None,
     ) -> Body:
         yield from self._write(
-            lambda eid, inc, at: TaskStatusUpdated(
-                event_id=eid,
-                runner_id=self.runner_id,
-                incarnation=inc,
-                at=at,
+            partial(
+                TaskStatusUpdated,
                 task_id=task_id,
                 task_status=status,
                 task_type=kind,
