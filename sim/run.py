@@ -15,6 +15,7 @@ from exojet.bus.codec import encode
 from exojet.bus.commands import Command, DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.tasks import ChatMessage
 from exojet.projections.instances import DELETED, FAILED, READY, instance_id_of
+from exojet.projections.state import state_hash
 from exojet.sim import invariants
 from exojet.sim.kernel import Actor, NextTask, Publish, Sleep
 from exojet.sim.runner import Body, SimRunner
@@ -154,6 +155,7 @@ class Simulation:
 
     def _heartbeats(self) -> None:
         world = self.world
+        self._compare_supervisors()
         for runner in self.runners:
             if not runner.alive or not runner.beating or world.paused(runner) or world.cut(runner):
                 continue
@@ -162,6 +164,16 @@ class Simulation:
                     if not world.chance(world.faults.lose_heartbeat):
                         sup.heard(runner.runner_id)
         world.clock.after(1.0, self._heartbeats)
+
+    def _compare_supervisors(self) -> None:
+        """Two supervisors that folded the same log agree, whatever their restarts and snapshots."""
+        by_seq: dict[int, str] = {}
+        for sup in self.supervisors:
+            if not sup.alive or sup.state.seq == 0:
+                continue
+            digest = state_hash(sup.state)
+            if by_seq.setdefault(sup.state.seq, digest) != digest:
+                raise Violation(f"supervisor {sup.name} disagrees with another at seq {sup.state.seq}")
 
     def _maybe_fault(self) -> None:
         world, rng, faults = self.world, self.world.rng, self.world.faults
