@@ -19,9 +19,9 @@ from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState
 from exojet.sim.kernel import Actor, Effect, Publish, Sleep, Transient, Until, WrongLastSequence
 from exojet.sim.world import World
-from exojet.supervisor.planner import PlannerConfig, RetryWait, SendTask, WriteEvent, plan
-from exojet.supervisor.reconciler import DEFAULT_INTERVAL_S, OWN_WRITES_TIMEOUT_S
-from exojet.supervisor.retries import RetryTimer, retry_due_event, stamped
+from exojet.supervisor.planner import PlannerConfig, SendTask, WriteEvent
+from exojet.supervisor.reconciler import DEFAULT_INTERVAL_S, OWN_WRITES_TIMEOUT_S, plan_writes
+from exojet.supervisor.retries import RetryTimer, stamped
 from exojet.supervisor.silence import SilenceWatch, Silent, lost_event
 
 Body = Generator[Effect, Any, Any]
@@ -152,27 +152,15 @@ class SimSupervisor(Actor):
                 timeout = DEFAULT_INTERVAL_S
 
     def _reconcile_once(self) -> Body:
-        """`Reconciler.reconcile_once`, step for step."""
+        """`Reconciler.reconcile_once`: the same `plan_writes`, driven by simulated publishes."""
         state = self.state
-        actions = plan(state, self.catalog, self.config)
-        last_seq = 0
-        sleep = DEFAULT_INTERVAL_S
-        self.retries.keep_only(actions)
-        for action in actions:
-            if isinstance(action, RetryWait):
-                due_in = self.retries.due_in(action, self.world.now)
-                if due_in > 0:
-                    sleep = min(sleep, due_in)
-                    continue
-                seq = yield from self._publish(WriteEvent(retry_due_event(action)))
-                self.retries.written(action)
-                seq = seq or 0
-            else:
-                published = yield from self._publish(action)
-                if published is None:
-                    break  # fenced out: plan again from what the log says
-                seq = published
-            last_seq = max(last_seq, seq)
+        writes = plan_writes(state, self.catalog, self.config, self.retries, self.world.now, DEFAULT_INTERVAL_S)
+        try:
+            write = next(writes)
+            while True:
+                write = writes.send((yield from self._publish(write)))
+        except StopIteration as done:
+            last_seq, sleep = done.value
         if last_seq > state.seq:
             yield Until(lambda: self.state.seq >= last_seq, OWN_WRITES_TIMEOUT_S)
             self.wake = True

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 
 from loguru import logger
@@ -44,6 +44,41 @@ def _layers_on_disk(models_dir: Path, model_id: str) -> int | None:
         return layer_count(model_dir(models_dir, model_id))
     except InvalidModelId:
         return None
+
+
+Writes = Generator[SendTask | WriteEvent, int | None, tuple[int, float]]
+
+
+def plan_writes(
+    state: ClusterState,
+    catalog: Mapping[str, int],
+    config: PlannerConfig,
+    retries: RetryTimer,
+    now: float,
+    interval: float,
+) -> Writes:
+    """One reconcile without I/O: the writes of the plan, in order, each sent back its stream
+    sequence (None: fenced out, which ends this plan); returns (the newest sequence written, how
+    long the loop may sleep before the next timed plan). The service drives it with its publishes
+    and `time.monotonic()`, the deterministic simulation with its own."""
+    actions = plan(state, catalog, config)
+    last_seq = 0
+    sleep = interval
+    retries.keep_only(actions)
+    for action in actions:
+        if isinstance(action, RetryWait):
+            due_in = retries.due_in(action, now)
+            if due_in > 0:
+                sleep = min(sleep, due_in)
+                continue
+            seq = yield WriteEvent(retry_due_event(action))
+            retries.written(action)
+        else:
+            seq = yield action
+            if seq is None:
+                break  # fenced out: the log moved on, plan again from what it says
+        last_seq = max(last_seq, seq or 0)
+    return last_seq, sleep
 
 
 class Reconciler:
@@ -118,20 +153,14 @@ class Reconciler:
     async def reconcile_once(self) -> float:
         """Plan once and publish; returns how long the loop may sleep before the next timed plan."""
         state = self.projector.state
-        actions = plan(state, self._catalog_for(state), self.config)
-        last_seq = 0
-        sleep = self.interval
-        self.retries.keep_only(actions)
-        for action in actions:
-            if isinstance(action, RetryWait):
-                seq, due_in = await self._retry_when_due(action)
-                sleep = min(sleep, due_in)
-            else:
-                published = await self._publish(action)
-                if published is None:
-                    break  # fenced out: the log moved on, plan again from what it says
-                seq = published
-            last_seq = max(last_seq, seq)
+        catalog = self._catalog_for(state)
+        writes = plan_writes(state, catalog, self.config, self.retries, time.monotonic(), self.interval)
+        try:
+            write = next(writes)
+            while True:
+                write = writes.send(await self._publish(write))
+        except StopIteration as done:
+            last_seq, sleep = done.value
         if last_seq > state.seq:
             try:
                 await self.projector.wait_for(last_seq, OWN_WRITES_TIMEOUT_S)
@@ -176,14 +205,3 @@ class Reconciler:
             f"wrote {type(event).__name__}" + (" (duplicate)" if ack.duplicate else "")
         )
         return ack.seq
-
-    async def _retry_when_due(self, wait: RetryWait) -> tuple[int, float]:
-        due_in = self.retries.due_in(wait, time.monotonic())
-        if due_in > 0:
-            return 0, due_in
-        seq = await self._publish(WriteEvent(retry_due_event(wait)))
-        logger.bind(instance_id=wait.instance_id, attempt=wait.attempt).info(
-            f"retry due after {wait.delay:g} s backoff"
-        )
-        self.retries.written(wait)
-        return seq or 0, self.interval
