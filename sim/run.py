@@ -29,6 +29,7 @@ SETTLE_TIME_S = 400.0
 # A run that takes more steps than this without settling is stuck.
 MAX_STEPS = 200_000
 N_LAYERS = 24
+WIDE = 0.1
 
 
 @dataclass
@@ -83,16 +84,18 @@ class Simulation:
         rng = random.Random(seed)
         self.seed = seed
         self.world = world = World(rng, Faults.draw(rng))
+        # Most clusters are small (2-4 runners, 1-2 instances); one in ten is busier.
+        wide = rng.random() < WIDE
         self.runners = [
             SimRunner(world, f"r{i}", rng.choice((8, 16, 32)) * 2**30, rng.uniform(0.75, 1.0))
-            for i in range(1, rng.randint(2, 4) + 1)
+            for i in range(1, (rng.randint(3, 6) if wide else rng.randint(2, 4)) + 1)
         ]
         self.catalog = {}
         self.config = PlannerConfig()
         commands: list[tuple[float, Command]] = []
         free = len(self.runners)
         models = []
-        for i in range(rng.randint(1, 2)):
+        for i in range(rng.randint(2, 4) if wide else rng.randint(1, 2)):
             if free == 0:
                 break
             size = 2 if free >= 2 and rng.random() < 0.4 else 1
@@ -107,10 +110,10 @@ class Simulation:
             place = PlaceInstance(command_id=f"place{i}", model_id=model, min_runners=size, n_layers=n_layers)
             placed_at = rng.uniform(0, 10)
             commands.append((placed_at, place))
-            if rng.random() < 0.15:
+            if rng.random() < (0.4 if wide else 0.15):
                 delete = DeleteInstance(command_id=f"delete{i}", instance_id=instance_id_of(place.command_id, 0))
                 commands.append((rng.uniform(placed_at, FAULT_TIME_S), delete))
-        for j in range(rng.randint(0, 4)):
+        for j in range(rng.randint(2, 8) if wide else rng.randint(0, 4)):
             chat = RouteChatCompletion(
                 command_id=f"chat{j}", messages=(ChatMessage("user", "hi"),), model_id=rng.choice(models)
             )

@@ -63,13 +63,15 @@ class SimSupervisor(Actor):
         self.world.spawn(self, "start", self._start())
 
     def can_fold(self) -> bool:
+        """Whether this step may fold one more message: following live, each supervisor at its own
+        pace (its lag); catching up after a start, as fast as the log can be read."""
         world = self.world
         return (
             self.alive
             and not world.paused(self)
             and not world.cut(self)
             and self.state.seq < world.stream.last_seq
-            and world.rng.random() < self.speed
+            and (not self.caught_up or world.rng.random() < self.speed)
         )
 
     def _offer(self, options: list[Any]) -> None:
