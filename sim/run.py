@@ -12,13 +12,20 @@ from dataclasses import dataclass
 
 from exojet.bus import subjects
 from exojet.bus.codec import encode
-from exojet.bus.commands import Command, DeleteInstance, PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import (
+    Command,
+    DeleteInstance,
+    DrainRunner,
+    PlaceInstance,
+    RouteChatCompletion,
+    UndrainRunner,
+)
 from exojet.bus.tasks import ChatMessage
 from exojet.projections.instances import DELETED, FAILED, READY, instance_id_of
 from exojet.projections.state import state_hash
 from exojet.sim import invariants
 from exojet.sim.kernel import Actor, NextTask, Publish, Sleep
-from exojet.sim.runner import Body, SimRunner
+from exojet.sim.runner import N_LAYERS, Body, SimRunner
 from exojet.sim.supervisor import SimSupervisor
 from exojet.sim.world import Faults, Violation, World
 from exojet.supervisor.planner import PlannerConfig, SendTask, plan
@@ -28,8 +35,9 @@ FAULT_TIME_S = 40.0
 SETTLE_TIME_S = 400.0
 # A run that takes more steps than this without settling is stuck.
 MAX_STEPS = 200_000
-N_LAYERS = 24
 WIDE = 0.1
+# The share of seeds that drain a runner (and undrain it before the faults stop).
+DRAINS = 0.25
 
 
 @dataclass
@@ -95,6 +103,7 @@ class Simulation:
         commands: list[tuple[float, Command]] = []
         free = len(self.runners)
         models = []
+        sizes: dict[str, int] = {}
         for i in range(rng.randint(2, 4) if wide else rng.randint(1, 2)):
             if free == 0:
                 break
@@ -102,6 +111,7 @@ class Simulation:
             free -= size
             model = f"org/model-{i}"
             models.append(model)
+            sizes[model] = size
             n_layers = None
             if size > 1 and rng.random() < 0.5:
                 n_layers = N_LAYERS
@@ -118,12 +128,34 @@ class Simulation:
                 command_id=f"chat{j}", messages=(ChatMessage("user", "hi"),), model_id=rng.choice(models)
             )
             commands.append((rng.uniform(0, FAULT_TIME_S), chat))
+        commands += self._later_workload(seed, [m for m, size in sizes.items() if size > 1])
         commands.sort(key=lambda c: c[0])
         self.supervisors = [
             SimSupervisor(world, f"s{i}", self.config, self.catalog) for i in range(1, rng.randint(2, 3) + 1)
         ]
         self.client = Client(world, commands)
         self.processes: list[SimRunner | SimSupervisor] = [*self.runners, *self.supervisors]
+
+    def _later_workload(self, seed: int, groups: list[str]) -> list[tuple[float, Command]]:
+        """What was added to the workload later: groups split from the layer counts their downloads
+        report (no count in the command or the catalog), and a runner drained, then undrained. Drawn
+        from a second generator derived from the seed, so that a seed without them runs exactly as it
+        did before they were added (the regression seeds stay what they were)."""
+        later = random.Random(f"exojet-sim-later-{seed}")
+        for model in groups:
+            if model in self.catalog and later.random() < 0.3:
+                del self.catalog[model]
+        if later.random() >= DRAINS:
+            return []
+        runner_id = later.choice(self.runners).runner_id
+        drained_at = later.uniform(5.0, FAULT_TIME_S - 10.0)
+        return [
+            (drained_at, DrainRunner(command_id=f"drain-{runner_id}", runner_id=runner_id)),
+            (
+                later.uniform(drained_at, FAULT_TIME_S),
+                UndrainRunner(command_id=f"undrain-{runner_id}", runner_id=runner_id),
+            ),
+        ]
 
     def run(self) -> Result:
         world = self.world

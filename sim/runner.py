@@ -26,6 +26,8 @@ from exojet.sim.kernel import Actor, Effect, Fiber, LastOn, NextTask, Publish, S
 from exojet.sim.world import Violation, World
 
 Body = Generator[Effect, Any, Any]
+# Every simulated model's layer count.
+N_LAYERS = 24
 # runner/task_loop.py's in-progress period: a third of the consumer's ack_wait.
 IN_PROGRESS_EVERY_S = 2.0
 # The tasks that need the engine to hold the instance they name.
@@ -207,6 +209,7 @@ class SimRunner(Actor):
         kind: str | None,
         error_type: str | None = None,
         error: str | None = None,
+        result: dict[str, Any] | None = None,
     ) -> Body:
         yield from self._write(
             partial(
@@ -216,6 +219,7 @@ class SimRunner(Actor):
                 task_type=kind,
                 error_type=error_type,
                 error_message=error,
+                result=result,
             )
         )
         self.history.record(task_id, status, kind)
@@ -262,13 +266,16 @@ class SimRunner(Actor):
             work -= IN_PROGRESS_EVERY_S
             if not self.world.cut(self):
                 self.consumer.in_progress(env.seq, self.world.now)
+        result = None
         if kind == "UnloadModel" or self.world.rng.random() < self.success:
             if isinstance(task, DownloadModel):
                 self.disk.add(task.shard.model_id)
+                # What placement splits a group by when nobody gave a layer count (executor.py).
+                result = {"model_id": task.shard.model_id, "n_layers": N_LAYERS}
             elif isinstance(task, LoadModel | ConnectToGroup):
                 self.holding = task.instance_id
             yield from self._status(row.succeeded(before))
-            yield from self._task_status(task_id, TaskStatus.COMPLETE, kind)
+            yield from self._task_status(task_id, TaskStatus.COMPLETE, kind, result=result)
         else:
             yield from self._status(row.failure, f"{kind} failed (simulated)")
             yield from self._task_status(task_id, TaskStatus.FAILED, kind, "SimulatedFailure", f"{kind} failed")
