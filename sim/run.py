@@ -8,6 +8,7 @@ and the same verdict, on any machine (no wall clock, no threads, no asyncio).
 from __future__ import annotations
 
 import random
+import traceback
 from dataclasses import dataclass
 
 from exojet.bus import subjects
@@ -184,6 +185,9 @@ class Simulation:
                 problems += invariants.at_end(world.truth, [(s.name, s.state) for s in self.supervisors])
         except Violation as err:
             problems.append(str(err))
+        except Exception as err:  # noqa: BLE001 - real code that raises is a finding too, with its seed
+            world.say("world", "".join(traceback.format_exception(err)).rstrip())
+            problems.append(f"raised {err!r} (the trace ends with its traceback)")
         return Result(self.seed, problems, world.steps, world.now, world.stream.last_seq, world)
 
     # Faults -------------------------------------------------------------------------
