@@ -188,7 +188,7 @@ async def test_registration_folds_a_loss_that_landed_after_the_history_was_read(
     assert history.unanswered() == {"t1": None}
     lost = RunnerLost(event_id="r1:1:lost", runner_id="r1", incarnation=1, reason="silent")
     await client.publish(js, subject, lost, msg_id=lost.event_id, expected_last_subject_seq=ack.seq)
-    writer = await registration.register(nc, "r1", "127.0.0.1", "", ("mlx",), history=history)
+    writer = await registration.register(nc, "r1", "127.0.0.1", "", ("mlx",), "", history=history)
     assert writer.incarnation == 2
     assert history.answered("t1") and history.unanswered() == {}
 
