@@ -35,7 +35,12 @@ class QueryFailed(Exception):
 
 async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
     """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq)."""
-    payload = msgspec.json.encode({k: v for k, v in body.items() if v is not None})
+    fields = {k: v for k, v in body.items() if v is not None}
+    if fields.get("min_seq"):
+        # The supervisor may wait for min_seq for as long as this request waits for its
+        # answer (a fold behind a leader election catches up in seconds, not instantly).
+        fields["timeout"] = max(timeout - 1.0, 0.1)
+    payload = msgspec.json.encode(fields)
     loop = asyncio.get_running_loop()
     # A supervisor whose server went away is back on another within a reconnect's backoff:
     # until then nobody answers, so no responders is asked again for that long.

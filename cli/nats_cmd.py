@@ -6,6 +6,7 @@ import asyncio
 import socket
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -69,13 +70,21 @@ async def streams_cmd(nats_url: str, replicas: int | None) -> int:
     nc = await client.connect(nats_url, name="exojet-cli")
     try:
         js = nc.jetstream()
-        if replicas is not None:
-            changed = await streams.set_replicas(js, replicas)
-            print(f"moved {', '.join(changed)} to {replicas} replica(s)" if changed else "nothing to change")
-        for name in streams.STREAM_NAMES:
-            print(_describe(name, await js.stream_info(name)))
+        # Through a leader election JetStream answers "temporarily unavailable": asked again, bounded.
+        async with asyncio.timeout(client.ELECTION_S):
+            if replicas is not None:
+                changed = await client.until_done(lambda: streams.set_replicas(js, replicas), "change the replicas")
+                print(f"moved {', '.join(changed)} to {replicas} replica(s)" if changed else "nothing to change")
+            for name in streams.STREAM_NAMES:
+                print(_describe(name, await client.until_done(partial(js.stream_info, name), "read the streams")))
     except NotFoundError:
         print("error: the streams are not created yet (a supervisor or runner creates them)", file=sys.stderr)
+        return 1
+    except TimeoutError:
+        print(
+            f"error: JetStream did not answer within {client.ELECTION_S:g} s (has the cluster a quorum?)",
+            file=sys.stderr,
+        )
         return 1
     finally:
         await client.close(nc)

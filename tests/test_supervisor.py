@@ -78,7 +78,8 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
         assert after["runners"]["late"]["status"] == "RunnerIdle"
         # A min_seq beyond the log is a clear timeout error, not a stale answer.
         with pytest.raises(QueryFailed) as err:
-            await query(nc, "state", min_seq=last + 100)
+            # Briefly: a longer wait lets liveness declare the silent runners lost, past `after`.
+            await query(nc, "state", timeout=3.0, min_seq=last + 100)
         assert err.value.code == "Timeout"
         assert f"min_seq {last + 100} not reached" in err.value.message
     finally:
