@@ -32,8 +32,8 @@ MSG_ID_IN_PROCESS = 10158
 # How long one publish tries through a stream without a leader: a cluster elects one in
 # a few seconds; a single server with no stream never will.
 # How long a publish is tried again through a stream's leader election (seconds; a loaded
-# cluster has been seen to take over 20).
-ELECTION_S = 60.0
+# cluster has been seen to take over 20). A stream that is gone fails after as long.
+ELECTION_S = 30.0
 
 T = TypeVar("T")
 
