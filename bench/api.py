@@ -36,13 +36,12 @@ import msgspec
 import openai
 from loguru import logger
 
-from bench.inference import direct_engine, with_engine_env
-from bench.random_llama import BENCH_MODEL_ID, write_random_llama
+from bench.inference import direct_engine, prepare_model, with_engine_env
 from exojet.bus import client, streams
 from exojet.bus.server import NatsServer, free_port
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
-from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
+from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 
@@ -144,10 +143,7 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         models = root / "models"
-        if model_id == DEFAULT_MODEL_ID:
-            ensure_default_model(models)
-        elif model_id == BENCH_MODEL_ID:
-            write_random_llama(model_dir(models, model_id))
+        prepare_model(models, model_id)
         engine, _ = choose_engine(model_dir(models, model_id), wanted, installed_engines())
         server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
         asyncio.run(_ensure_streams(server.url))

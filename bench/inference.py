@@ -232,6 +232,14 @@ async def bench_engine(
     }
 
 
+def prepare_model(models: Path, model_id: str) -> None:
+    """Put the benched model in `models`: the default one imported, or the random bench llama written."""
+    if model_id == DEFAULT_MODEL_ID:
+        ensure_default_model(models)
+    elif model_id == BENCH_MODEL_ID:
+        write_random_llama(model_dir(models, model_id))
+
+
 def med(runs: list[Run], field: str) -> float:
     return statistics.median(getattr(r, field) for r in runs)
 
@@ -263,10 +271,7 @@ async def main(model_id: str, max_tokens: int, repeat: int, engines: list[Engine
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         models = tmp / "models"
-        if model_id == DEFAULT_MODEL_ID:
-            ensure_default_model(models)
-        elif model_id == BENCH_MODEL_ID:
-            write_random_llama(model_dir(models, model_id))
+        prepare_model(models, model_id)
         server = NatsServer(port=0, monitor_port=0, store_dir=tmp / "nats").start()
         nc = await client.connect(server.url, name="bench")
         try:
