@@ -243,6 +243,9 @@ class Api:
         return await self._whole(request, gateway, stream, req)
 
     async def _check_model(self, gateway: Gateway, model: str) -> None:
+        recent = gateway.recent_view()
+        if recent is not None and _model_status(recent, model) == READY:
+            return
         status = _model_status(await gateway.cluster(), model)
         if status != READY:
             status = _model_status(await gateway.cluster(fresh=True), model)

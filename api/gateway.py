@@ -47,6 +47,9 @@ DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 DEFAULT_ROUTE_TIMEOUT_S = 10.0
 # How long the cluster view used for model checks and /v1/models is reused.
 STATE_TTL_S = 1.0
+# A chat for a model Ready in a view this young goes ahead without asking the supervisors
+# again (the view is refreshed beside it): a query is a round trip on a chat's first token.
+READY_VIEW_S = 5.0
 # A chat abandoned before any of its ranks was published is forgotten after this: the log's
 # CancelChat keeps it from being routed later; this covers a rank task published before the
 # supervisors folded that cancel, which the API then cancels when it shows up.
@@ -128,6 +131,7 @@ class Gateway:
         self._background: set[asyncio.Task[Any]] = set()
         self._state: dict[str, Any] | None = None
         self._state_at = 0.0
+        self._refreshing = False
         self.log = logger.bind(component="api")
 
     async def start(self) -> None:
@@ -174,6 +178,25 @@ class Gateway:
                 raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
             self._state_at = time.monotonic()
         return self._state
+
+    def recent_view(self) -> dict[str, Any] | None:
+        """The last cluster view if at most READY_VIEW_S old (a fresh one is asked for
+        beside it once it is older than STATE_TTL_S), else None."""
+        age = time.monotonic() - self._state_at
+        if self._state is None or age > READY_VIEW_S:
+            return None
+        if age > STATE_TTL_S and not self._refreshing:
+            self._refreshing = True
+            self._spawn(self._refresh())
+        return self._state
+
+    async def _refresh(self) -> None:
+        try:
+            await self.cluster(fresh=True)
+        except ApiError:
+            pass  # the next request that needs the view asks, and answers 503 itself
+        finally:
+            self._refreshing = False
 
     # -- chats --------------------------------------------------------------
 

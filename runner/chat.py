@@ -25,13 +25,19 @@ async def chat(
     task: ChatCompletion,
     task_id: str,
     cancelled: asyncio.Event | None = None,
+    announced: asyncio.Event | None = None,
 ) -> dict[str, Any]:
     """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text.
 
-    Once `cancelled` is set no token is streamed any more and the result's
-    `finish_reason` is "cancelled": a lone engine stops at its next token; the ranks
-    of a group stop together at the first token whose step saw one rank's cancel
-    (so a cancel that reaches only one rank stops them all).
+    The engine starts at once, while the runner still writes the task's `Running`
+    statuses: no chunk is published before `announced` is set (those writes are
+    stored), so nothing of the chat is visible before its status says it runs.
+
+    Once `cancelled` is set the engine is asked to stop at once, no token is
+    streamed any more and the result's `finish_reason` is "cancelled": a lone
+    engine stops at its next token; the ranks of a group stop together at the
+    first token whose step saw one rank's cancel (so a cancel that reaches only
+    one rank stops them all).
     """
     request = Generate(
         messages=[Message(m.role, m.content) for m in task.messages],
@@ -44,20 +50,32 @@ async def chat(
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
     stop = cancelled or asyncio.Event()
-    asked_engine = False
+    # The engine hears of a cancel as soon as it comes, not at the next text it sends
+    # (which may be a whole frame of tokens later).
+    canceller = asyncio.ensure_future(_cancel_when(stop, engine))
     done = None
-    async for reply in engine.generate(request):
-        if isinstance(reply, Done):
-            done = reply
-        elif not stop.is_set():
-            if chunks is not None:
+    asked_again = False
+    try:
+        async for reply in engine.generate(request):
+            if isinstance(reply, Done):
+                done = reply
+            elif stop.is_set():
+                if not asked_again:
+                    # A cancel set before the request reached the child was ignored there:
+                    # once text comes back, the request is in, and this one is heard.
+                    engine.cancel()
+                    asked_again = True
+            elif chunks is not None:
+                if announced is not None:
+                    await announced.wait()
                 await chunks.add(reply.text)
-        elif not asked_engine:
-            engine.cancel()  # it answers Done within a token (in a group, with every rank at the same one)
-            asked_engine = True
+    finally:
+        canceller.cancel()
     assert done is not None
     finish_reason = "cancelled" if stop.is_set() else done.finish_reason
     if chunks is not None:
+        if announced is not None:
+            await announced.wait()
         await chunks.finish(finish_reason)
     return {
         "text": done.text if emits else "",
@@ -65,7 +83,13 @@ async def chat(
         "prompt_tokens": done.prompt_tokens,
         "completion_tokens": done.completion_tokens,
         "tokens_per_second": round(done.tokens_per_second, 2),
+        "engine_seconds": round(done.seconds, 6),
     }
+
+
+async def _cancel_when(stop: asyncio.Event, engine: Engine) -> None:
+    await stop.wait()
+    engine.cancel()  # it answers Done within a token (in a group, with every rank at the same one)
 
 
 def _lockstep_seed(task: ChatCompletion) -> int | None:

@@ -84,19 +84,20 @@ class ChunkStream:
         self._held.append(text)
         if not self.connection.connected:
             return
-        # Later chunks wait until every earlier one is stored: the stream keeps index order.
-        if any(sent.failed or (not sent.stored and sent.outages < self.connection.outages) for sent in self._open()):
-            await self._send_again()
+        await self._repair()
         if sum(sent.pending for sent in self._sent[-MAX_UNACKED * 2 :]) < MAX_UNACKED:
             await self._send_held()
 
     async def finish(self, finish_reason: str) -> None:
-        """Send what is held and the closing chunk `{done: true, finish_reason}`; return once all are stored."""
+        """Send what is held and the closing chunk `{done: true, finish_reason}`; return once all are stored.
+
+        Both go out at once behind the chunks still unacknowledged (one round trip for the
+        lot, not one each); whatever of them is not stored is then published again in order.
+        """
+        await self._repair()
+        await self._send_held()
+        await self._send(self._chunk("", done=True, finish_reason=finish_reason))
         await self._send_again()
-        if self._held:
-            await self._store(self._chunk("".join(self._held)))
-            self._held.clear()
-        await self._store(self._chunk("", done=True, finish_reason=finish_reason))
         if self.republished:
             logger.bind(task_id=self.task_id).warning(
                 f"{self.republished} chunks of {self.subject} published again after an outage"
@@ -112,6 +113,12 @@ class ChunkStream:
         while self._stored_upto < len(self._sent) and self._sent[self._stored_upto].stored:
             self._stored_upto += 1
         return self._sent[self._stored_upto :]
+
+    async def _repair(self) -> None:
+        """Later chunks wait until every earlier one known lost or refused is stored: the
+        stream keeps index order."""
+        if any(sent.failed or (not sent.stored and sent.outages < self.connection.outages) for sent in self._open()):
+            await self._send_again()
 
     async def _send_again(self) -> None:
         """Wait a little for outstanding acks, then publish again, in order, each chunk not stored."""
@@ -138,10 +145,13 @@ class ChunkStream:
             ) from err
 
     async def _send_held(self) -> None:
-        if not self._held:
-            return
-        msg_id, payload = self._chunk("".join(self._held))
-        self._held.clear()
+        if self._held:
+            await self._send(self._chunk("".join(self._held)))
+            self._held.clear()
+
+    async def _send(self, chunk: tuple[str, bytes]) -> None:
+        """Publish without waiting for the ack (collected later)."""
+        msg_id, payload = chunk
         outages = self.connection.outages
         try:
             ack = await self.js.publish_async(self.subject, payload, headers={"Nats-Msg-Id": msg_id})

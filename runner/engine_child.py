@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import psutil
 from loguru import logger
 
@@ -69,10 +70,11 @@ class RequestError(Exception):
         self.error_type = error_type
 
 
-# Text generated faster than this is written to the pipe in one frame: the runner and its
-# NATS server share the cores with the engine, and a frame per token at 100+ tokens a second
-# costs llama.cpp's threads more than these milliseconds of streaming latency.
-TOKEN_FLUSH_S = 0.02
+# Text generated faster than this is written to the pipe in one frame: the runner, its NATS
+# server, the API and the client share the cores with the engine, and each frame costs them
+# about 2.4 ms of CPU in all (bench/api.py), taken from llama.cpp's threads. 20 frames a
+# second stream smoothly to a reader and cost 5% of llama.cpp's speed at 20 ms, 2.5% at 50.
+TOKEN_FLUSH_S = 0.05
 
 
 class TokenWriter:
@@ -363,6 +365,11 @@ class EngineChild:
 
     def generate(self, req: Generate, stream: bool = True) -> Done:
         """Generate a chat completion, writing Token replies when streaming."""
+        arrived = time.perf_counter()
+        done = self._generate(req, stream)
+        return msgspec.structs.replace(done, seconds=time.perf_counter() - arrived)
+
+    def _generate(self, req: Generate, stream: bool) -> Done:
         if self.model is None and self.llama is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:

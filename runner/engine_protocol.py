@@ -144,6 +144,9 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     completion_tokens: int
     tokens_per_second: float
     time_to_first_token: float
+    # The engine's own time for the request, from its arrival in the child to this reply
+    # (what the runner adds around it is the rest of a task's time).
+    seconds: float = 0.0
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):

@@ -106,9 +106,16 @@ class Executor:
         await self.stop_engine()
         self.downloaded = None
 
-    async def run(self, task: Task, task_id: str, cancelled: asyncio.Event | None = None) -> dict[str, Any] | None:
+    async def run(
+        self,
+        task: Task,
+        task_id: str,
+        cancelled: asyncio.Event | None = None,
+        announced: asyncio.Event | None = None,
+    ) -> dict[str, Any] | None:
         """Do the task's work; its result (for `Complete`) or an exception. A chat stops once
-        `cancelled` is set (its result's finish_reason then says "cancelled")."""
+        `cancelled` is set (its result's finish_reason then says "cancelled") and shows its
+        text only once `announced` is set (see `chat`)."""
         match task:
             case DownloadModel(shard=shard):
                 path = await download_model(
@@ -145,7 +152,7 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
+                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled, announced)
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.

@@ -32,3 +32,27 @@ async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(
     await streams.ensure_streams(js)
     again = await run_task(nc, watcher, {**chat(4), "task_id": "stored"})
     assert again.task_status == TaskStatus.COMPLETE
+
+
+async def test_a_chat_shows_no_text_before_its_running_statuses_are_stored(
+    nc: NATS, watcher: LogWatcher, runner: RunnerHandle
+) -> None:
+    """The engine starts while `Running` is being written; its first chunk is stored after it."""
+    await make_ready(nc, watcher)
+    before = watcher.entries[-1][0].seq
+    done = await run_task(nc, watcher, {**chat(8), "task_id": "early"})
+    assert done.task_status == TaskStatus.COMPLETE, done
+    assert done.result is not None and 0 < done.result["engine_seconds"] < 60
+    running = next(
+        env.seq
+        for env, event in watcher.entries
+        if env.seq > before
+        and isinstance(event, RunnerStatusUpdated)
+        and status_name(event.runner_status) == "RunnerRunning"
+    )
+    js = nc.jetstream()
+    stored = await js.get_msg(streams.LOG_STREAM, running)
+    first_chunk = await js.get_msg(streams.CHUNKS_STREAM, (await js.stream_info(streams.CHUNKS_STREAM)).state.first_seq)
+    assert first_chunk.data is not None and b'"index":0' in first_chunk.data and b'"early"' in first_chunk.data
+    assert stored.time is not None and first_chunk.time is not None
+    assert first_chunk.time >= stored.time
