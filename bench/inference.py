@@ -10,6 +10,9 @@ prompt, greedy, alternating the two so machine drift hits both alike:
     create_chat_completion(stream=True) with the engine's options.
 This process re-executes itself with the engine child's environment (its BLAS
 preloaded), so the direct MLX run computes the way the engine child does.
+For MLX a third path is the stock one, what a user of mlx-lm gets out of the box: a
+child process running mlx_lm.stream_generate on the weights as stored (quantized), with
+MLX's own BLAS (no preload); the bus/stock ratios are printed (target: 2x).
 Time to first token is measured from the publish (bus) or the call (direct); prompt
 speed is prompt tokens / first-token time; decode speed is (tokens - 1) / (last - first
 token); memory is the engine child's resident set after the runs. Prints a table of
@@ -134,6 +137,41 @@ def direct_mlx(path: Path, dense: bool | None = None) -> Callable[[int], Run]:
     )
 
 
+class StockMlx:
+    """mlx-lm out of the box in a child process (no BLAS preload, weights as stored):
+    `run(max_tokens)` asks it for one timed generation."""
+
+    def __init__(self, path: Path) -> None:
+        env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--stock", str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        )
+
+    def run(self, max_tokens: int) -> Run:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{max_tokens}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the stock mlx-lm process ended")
+        return msgspec.json.decode(line, type=Run)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def serve_stock(path: Path) -> None:
+    """The stock child: one timed generation per max_tokens line on stdin, as JSON on stdout."""
+    run = direct_mlx(path, dense=False)
+    for line in sys.stdin:
+        print(msgspec.json.encode(run(int(line))).decode(), flush=True)
+
+
 def direct_llamacpp(gguf: Path) -> Callable[[int], Run]:
     from llama_cpp import Llama
 
@@ -214,20 +252,28 @@ async def bench_engine(
         assert loaded is not None and loaded["engine"] == engine, loaded
         direct = direct_engine(engine, model_dir(models, model_id), loaded["weights"] == "dense")
         direct(4)  # warm up this process's engine too
-        bus_runs, direct_runs = [], []
+        stock = StockMlx(model_dir(models, model_id)) if engine == "mlx" else None
+        if stock is not None:
+            stock.run(4)
+        bus_runs, direct_runs, stock_runs = [], [], []
         for _ in range(repeat):
             bus_runs.append(await bus_run(nc, runner_id, max_tokens, done))
             direct_runs.append(direct(max_tokens))
+            if stock is not None:
+                stock_runs.append(stock.run(max_tokens))
         engine_rss = sum(c.memory_info().rss for c in psutil.Process(runner.pid).children())
     finally:
         await follower.unsubscribe()
         runner.terminate()
         runner.wait(30)
+        if stock is not None:
+            stock.close()
     return {
         "engine": engine,
         "weights": loaded["weights"],
         "bus": bus_runs,
         "direct": direct_runs,
+        "stock": stock_runs,
         "rss": engine_rss,
     }
 
@@ -262,7 +308,19 @@ def report(model_id: str, max_tokens: int, repeat: int, results: list[dict]) -> 
                 f"{med(runs, 'tokens_per_second'):.1f} | {med(runs, 'ttft') * 1000:.0f} ms | "
                 f"{r['rss'] / 2**20:.0f} MB | {ratio:.3f} |"
             )
-    print("targets: bus/direct >= 0.95; fastest engine >= 100 tok/s generation and first token < 300 ms")
+    for r in results:
+        if r["stock"]:
+            bus, stock = r["bus"], r["stock"]
+            print(
+                f"MLX stock (mlx-lm on the stored weights, its own BLAS): {med(stock, 'tokens_per_second'):.1f} tok/s, "
+                f"first token {med(stock, 'ttft') * 1000:.0f} ms; exojet's MLX through the bus against it: "
+                f"generation {med(bus, 'tokens_per_second') / med(stock, 'tokens_per_second'):.2f}x, "
+                f"first token {med(stock, 'ttft') / med(bus, 'ttft'):.2f}x faster"
+            )
+    print(
+        "targets: bus/direct >= 0.95; fastest engine >= 100 tok/s generation and first token < 300 ms; "
+        "MLX >= 2x its stock speed"
+    )
 
 
 async def main(model_id: str, max_tokens: int, repeat: int, engines: list[EngineName]) -> None:
@@ -298,6 +356,10 @@ if __name__ == "__main__":
     parser.add_argument(
         "--engines", default=",".join(installed_engines()), help="comma-separated, default: all installed"
     )
+    parser.add_argument("--stock", type=Path, help=argparse.SUPPRESS)  # the stock MLX child (StockMlx)
     args = parser.parse_args()
+    if args.stock is not None:
+        serve_stock(args.stock)
+        sys.exit(0)
     with_engine_env()
     asyncio.run(main(args.model, args.tokens, args.repeat, args.engines.split(",")))

@@ -301,7 +301,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
         except NotFoundError:
             pass
         figures["runner first start -> Idle (s)"] = await _restart_to_idle(
-            js,
+            nc,
             "r1",
             lambda: procs.append(
                 spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], store / "r1.log")

@@ -25,13 +25,8 @@ async def chat(
     task: ChatCompletion,
     task_id: str,
     cancelled: asyncio.Event | None = None,
-    announced: asyncio.Event | None = None,
 ) -> dict[str, Any]:
     """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text.
-
-    The engine starts at once, while the runner still writes the task's `Running`
-    statuses: no chunk is published before `announced` is set (those writes are
-    stored), so nothing of the chat is visible before its status says it runs.
 
     Once `cancelled` is set the engine is asked to stop at once, no token is
     streamed any more and the result's `finish_reason` is "cancelled": a lone
@@ -66,16 +61,12 @@ async def chat(
                     engine.cancel()
                     asked_again = True
             elif chunks is not None:
-                if announced is not None:
-                    await announced.wait()
                 await chunks.add(reply.text)
     finally:
         canceller.cancel()
     assert done is not None
     finish_reason = "cancelled" if stop.is_set() else done.finish_reason
     if chunks is not None:
-        if announced is not None:
-            await announced.wait()
         await chunks.finish(finish_reason)
     return {
         "text": done.text if emits else "",

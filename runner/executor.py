@@ -106,16 +106,9 @@ class Executor:
         await self.stop_engine()
         self.downloaded = None
 
-    async def run(
-        self,
-        task: Task,
-        task_id: str,
-        cancelled: asyncio.Event | None = None,
-        announced: asyncio.Event | None = None,
-    ) -> dict[str, Any] | None:
+    async def run(self, task: Task, task_id: str, cancelled: asyncio.Event | None = None) -> dict[str, Any] | None:
         """Do the task's work; its result (for `Complete`) or an exception. A chat stops once
-        `cancelled` is set (its result's finish_reason then says "cancelled") and shows its
-        text only once `announced` is set (see `chat`)."""
+        `cancelled` is set (its result's finish_reason then says "cancelled")."""
         match task:
             case DownloadModel(shard=shard):
                 path = await download_model(
@@ -152,7 +145,7 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled, announced)
+                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.

@@ -22,7 +22,7 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
-from exojet.bus.tasks import ChatCompletion, Shutdown, Task, task_type
+from exojet.bus.tasks import Shutdown, Task, task_type
 from exojet.runner import registration, state_machine
 from exojet.runner.cancels import Cancels
 from exojet.runner.deadlines import Deadlines
@@ -306,32 +306,13 @@ class Runner:
 
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
         """`Running`, then the work between the transitions the state machine decides: its
-        result, or how it failed.
-
-        A chat's engine starts while its `Running` statuses are being written (they are two
-        round trips to a fsyncing server, paid before the first token otherwise): it shows
-        nothing (no chunk) until they are stored, and is cancelled if they are refused.
-        Other work writes events of its own (progress), so it starts after them.
-        """
-        announced = asyncio.Event()
-        watch = self.cancels.watch(task_id)
-        early = isinstance(task, ChatCompletion) and not __import__("os").environ.get("NOSPEC")
-        work = asyncio.ensure_future(self.executor.run(task, task_id, watch, announced)) if early else None
-        try:
-            await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
-            before = await self.transitions.start(kind)
-        except BaseException:
-            if work is not None:
-                work.cancel()
-                await asyncio.gather(work, return_exceptions=True)
-            raise
-        announced.set()
-        if work is None:
-            work = asyncio.ensure_future(self.executor.run(task, task_id, watch, announced))
+        result, or how it failed."""
+        await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
+        before = await self.transitions.start(kind)
         deadline = self.deadlines.for_task(task)
         try:
             async with asyncio.timeout(deadline) as timer:
-                result = await work
+                result = await self.executor.run(task, task_id, self.cancels.watch(task_id))
         except Fenced:
             # Not the task's failure: the runner's identity is in question (see handle_fenced).
             raise

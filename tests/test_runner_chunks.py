@@ -37,7 +37,7 @@ async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(
 async def test_a_chat_shows_no_text_before_its_running_statuses_are_stored(
     nc: NATS, watcher: LogWatcher, runner: RunnerHandle
 ) -> None:
-    """The engine starts while `Running` is being written; its first chunk is stored after it."""
+    """DESIGN.md: the status is published before the work it names; a chat's first chunk is stored after it."""
     await make_ready(nc, watcher)
     before = watcher.entries[-1][0].seq
     done = await run_task(nc, watcher, {**chat(8), "task_id": "early"})
