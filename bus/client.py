@@ -27,8 +27,6 @@ from exojet.bus.streams import LOG_STREAM
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.
 WRONG_LAST_SEQUENCE = 10071
-# ... for a failed Nats-Expected-Last-Msg-Id check.
-WRONG_LAST_MSG_ID = 10070
 # ... and for "duplicate message id is in process".
 MSG_ID_IN_PROCESS = 10158
 # How long one publish tries through a stream without a leader: a cluster elects one in
@@ -44,20 +42,12 @@ class WrongLastSequence(Exception):
     """Someone else wrote the subject since our last write: we are fenced out."""
 
 
-class WrongLastMsgId(Exception):
-    """The stream's last message is not the one the publish names: something was stored after it."""
-
-
-def _headers(
-    msg_id: str | None, expected_last_subject_seq: int | None, expected_last_msg_id: str | None
-) -> dict[str, str] | None:
+def _headers(msg_id: str | None, expected_last_subject_seq: int | None) -> dict[str, str] | None:
     headers: dict[str, str] = {}
     if msg_id is not None:
         headers["Nats-Msg-Id"] = msg_id
     if expected_last_subject_seq is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(expected_last_subject_seq)
-    if expected_last_msg_id is not None:
-        headers["Nats-Expected-Last-Msg-Id"] = expected_last_msg_id
     return headers or None
 
 
@@ -68,18 +58,16 @@ async def publish(
     *,
     msg_id: str | None = None,
     expected_last_subject_seq: int | None = None,
-    expected_last_msg_id: str | None = None,
     timeout: float = 5.0,
 ) -> api.PubAck:
     """Publish to the log and wait for the ack.
 
     `msg_id` is sent as `Nats-Msg-Id` (the server drops a duplicate within the
     window); `expected_last_subject_seq` fences the write (0 = subject empty) and
-    raises WrongLastSequence when someone else wrote the subject meanwhile;
-    `expected_last_msg_id` stores it only right after that message (WrongLastMsgId if not).
+    raises WrongLastSequence when someone else wrote the subject meanwhile.
     """
     payload = message if isinstance(message, bytes) else encode(message)
-    headers = _headers(msg_id, expected_last_subject_seq, expected_last_msg_id)
+    headers = _headers(msg_id, expected_last_subject_seq)
     # A stream whose leader was lost (a cluster electing a new one) answers "no responders":
     # nothing was stored, so trying again is safe. A timeout may hide a stored write, so it
     # is tried again only under a `msg_id` (the server drops the duplicate).
@@ -93,8 +81,6 @@ async def publish(
         except APIError as err:
             if err.err_code == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(f"{subject}: {err.description}") from None
-            if err.err_code == WRONG_LAST_MSG_ID:
-                raise WrongLastMsgId(f"{subject}: {err.description}") from None
             # On a replicated stream the same `msg_id` from another publisher (a second
             # supervisor) may still be on its way through the stream's consensus: ask again,
             # and the answer is the duplicate's.

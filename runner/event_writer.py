@@ -19,14 +19,10 @@ from collections.abc import Callable
 
 from loguru import logger
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
 from exojet.bus import client, subjects
 from exojet.bus.codec import BadInput, decode_event
 from exojet.bus.events import RunnerEvent, RunnerLost
-
-Build = Callable[[str, int, float], RunnerEvent]
-"""Makes one event from its (event_id, incarnation, at)."""
 
 
 class Fenced(Exception):
@@ -53,67 +49,22 @@ class EventWriter:
         self._count = 0
         self._lock = asyncio.Lock()
 
-    async def write(self, build: Build) -> int:
+    async def write(self, build: Callable[[str, int, float], RunnerEvent]) -> int:
         """Publish the event, fenced on our previous write; returns its stream sequence."""
         async with self._lock:
-            event, event_id = self._next(build)
-            return await self._store(event, event_id)
-
-    async def write_pair(self, first: Build, second: Build) -> tuple[int, int]:
-        """Publish two events in one round trip; returns their stream sequences.
-
-        The first is fenced on our previous write, the second on the first being the
-        stream's last message (`Nats-Expected-Last-Msg-Id`): it is stored only right after
-        it, so nothing, ours or anyone's, came between. When that does not hold (another
-        writer's message in between, an outage, a refusal), whatever is not stored yet is
-        written one at a time, as `write` does.
-        """
-        async with self._lock:
-            (one, one_id), (two, two_id) = self._next(first), self._next(second)
-            acks = await asyncio.gather(
-                client.publish(self.js, self.subject, one, msg_id=one_id, expected_last_subject_seq=self.last_seq),
-                client.publish(self.js, self.subject, two, msg_id=two_id, expected_last_msg_id=one_id),
-                return_exceptions=True,
-            )
-            if isinstance(acks[1], PubAck):
-                self.last_seq = acks[1].seq
-                return acks[1].seq - 1, acks[1].seq
-            if isinstance(acks[0], PubAck):
-                self.last_seq = acks[0].seq
-            else:
-                last = await client.until_done(
-                    lambda: client.last_on_subject(self.js, self.subject), f"read the last message of {self.subject}"
+            self._count += 1
+            event_id = f"{self.runner_id}:{self.incarnation}:{self._count}"
+            event = build(event_id, self.incarnation, time.time())
+            try:
+                ack = await client.publish_until_stored(
+                    self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=self.last_seq
                 )
-                found = _event_id(last.data) if last is not None else None
-                if found == two_id:
-                    assert last is not None
-                    self.last_seq = last.seq
-                    return last.seq - 1, last.seq
-                if found == one_id:
-                    assert last is not None
-                    self.last_seq = last.seq
-                else:
-                    await self._store(one, one_id)
-            first_seq = self.last_seq
-            return first_seq, await self._store(two, two_id)
-
-    def _next(self, build: Build) -> tuple[RunnerEvent, str]:
-        self._count += 1
-        event_id = f"{self.runner_id}:{self.incarnation}:{self._count}"
-        return build(event_id, self.incarnation, time.time()), event_id
-
-    async def _store(self, event: RunnerEvent, event_id: str) -> int:
-        """Publish `event` fenced on our previous write until stored (see the module docstring)."""
-        try:
-            ack = await client.publish_until_stored(
-                self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=self.last_seq
-            )
-            seq = ack.seq
-        except client.WrongLastSequence:
-            seq = await self._reconcile(event, event_id)
-        self.last_seq = seq
-        logger.bind(runner_id=self.runner_id, seq=seq).debug(f"wrote {type(event).__name__}")
-        return seq
+                seq = ack.seq
+            except client.WrongLastSequence:
+                seq = await self._reconcile(event, event_id)
+            self.last_seq = seq
+            logger.bind(runner_id=self.runner_id, seq=seq).debug(f"wrote {type(event).__name__}")
+            return seq
 
     async def _reconcile(self, event: RunnerEvent, event_id: str) -> int:
         """After a refused write: the sequence of our own write if it is the subject's last
@@ -147,11 +98,3 @@ class EventWriter:
             message = f"a write of runner {self.runner_id}'s incarnation {incarnation} landed late"
             return Fenced(False, incarnation, message, late=True)
         return Fenced(False, incarnation, f"runner {self.runner_id} is already running (incarnation {incarnation})")
-
-
-def _event_id(data: bytes) -> str | None:
-    try:
-        event: object = decode_event(data)
-    except BadInput:
-        return None
-    return getattr(event, "event_id", None)

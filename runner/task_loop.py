@@ -30,7 +30,8 @@ from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.event_writer import Fenced
 from exojet.runner.executor import Executor
 from exojet.runner.registration import TwinRunning
-from exojet.runner.reports import Reports, TaskReport
+from exojet.runner.reports import Reports
+from exojet.runner.state_machine import Failure
 from exojet.runner.task_history import TaskHistory
 from exojet.runner.transitions import Transitions
 
@@ -266,7 +267,22 @@ class Runner:
                 await self.shutdown(task_id)
                 await msg.ack()
                 return True
-            await self._run(task, task_id, kind)
+            outcome = await self._run(task, task_id, kind)
+            if isinstance(outcome, Failure):
+                await self.reports.task_status(
+                    task_id, outcome.task_status, kind, error_type=outcome.error_type, error_message=outcome.message
+                )
+            elif outcome is not None and outcome.get("finish_reason") == "cancelled":
+                await self.reports.task_status(
+                    task_id,
+                    TaskStatus.CANCELLED,
+                    kind,
+                    error_type="Cancelled",
+                    error_message=self.cancels.asked(task_id) or "another rank of its group was cancelled",
+                    result=outcome,
+                )
+            else:
+                await self.reports.task_status(task_id, TaskStatus.COMPLETE, kind, result=outcome)
         except asyncio.CancelledError:
             await self.reports.task_status(
                 task_id,
@@ -288,10 +304,11 @@ class Runner:
             return "InvalidState", state_machine.invalid_state_message(kind, self.transitions.status)
         return self.executor.refusal(task)
 
-    async def _run(self, task: Task, task_id: str, kind: str) -> None:
-        """`Running`, the work, and the transitions and terminal status the state machine
-        decides; each status pair (the task's and the runner's) is one round trip."""
-        before = await self.transitions.start(kind, TaskReport(task_id, TaskStatus.RUNNING, kind))
+    async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
+        """`Running`, then the work between the transitions the state machine decides: its
+        result, or how it failed."""
+        await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
+        before = await self.transitions.start(kind)
         deadline = self.deadlines.for_task(task)
         try:
             async with asyncio.timeout(deadline) as timer:
@@ -303,23 +320,17 @@ class Runner:
             if isinstance(err, TimeoutError) and timer.expired():
                 self.log.bind(task_id=task_id).warning(f"{kind} passed its deadline of {deadline:.0f} s")
                 failure = state_machine.timed_out(kind, before, deadline, await self.executor.settle(task))
-            else:
-                failure = state_machine.failed(kind, before, err)
-                if failure.internal:
-                    self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
-                if failure.engine_lost:
-                    await self.executor.stop_engine()
-            outcome = TaskReport(task_id, failure.task_status, kind, failure.error_type, failure.message)
-            await self.transitions.failed(failure, outcome)
-            return
-        await self.transitions.succeeded(kind, before, self._outcome(task_id, kind, result))
-
-    def _outcome(self, task_id: str, kind: str, result: dict[str, Any] | None) -> TaskReport:
-        """The terminal status of a task whose work returned `result`."""
-        if result is not None and result.get("finish_reason") == "cancelled":
-            reason = self.cancels.asked(task_id) or "another rank of its group was cancelled"
-            return TaskReport(task_id, TaskStatus.CANCELLED, kind, "Cancelled", reason, result)
-        return TaskReport(task_id, TaskStatus.COMPLETE, kind, result=result)
+                await self.transitions.failed(failure)
+                return failure
+            failure = state_machine.failed(kind, before, err)
+            if failure.internal:
+                self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
+            if failure.engine_lost:
+                await self.executor.stop_engine()
+            await self.transitions.failed(failure)
+            return failure
+        await self.transitions.succeeded(kind, before)
+        return result
 
     async def shutdown(self, task_id: str | None) -> None:
         """ShuttingDown, free the engine, (complete the task,) Shutdown: the last words of this incarnation."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from exojet.bus.statuses import RunnerStatus, status_name
 from exojet.runner import state_machine
-from exojet.runner.reports import Reports, TaskReport
+from exojet.runner.reports import Reports
 from exojet.runner.state_machine import Failure
 
 
@@ -20,10 +20,8 @@ class Transitions:
         self.reports = reports
         self.status: RunnerStatus = state_machine.registered()
 
-    async def _move(
-        self, status: RunnerStatus, task_before: TaskReport | None = None, task_after: TaskReport | None = None
-    ) -> None:
-        seq = await self.reports.runner_status(status, task_before=task_before, task_after=task_after)
+    async def _move(self, status: RunnerStatus) -> None:
+        seq = await self.reports.runner_status(status)
         self.reports.log.bind(seq=seq).info(f"{status_name(self.status)} -> {status_name(status)}")
         self.status = status
 
@@ -34,24 +32,19 @@ class Transitions:
         self.status = status
         self.reports.log.bind(seq=seq).info(f"registered incarnation {self.reports.incarnation}: {status_name(status)}")
 
-    async def start(self, task_type: str, running: TaskReport) -> RunnerStatus:
-        """Write the task's `running` status and then its working status (if it has one),
-        in one round trip; returns the status it started in."""
+    async def start(self, task_type: str) -> RunnerStatus:
+        """Write the task's working status (if it has one); returns the status it started in."""
         before = self.status
         if working := state_machine.working_status(task_type):
-            await self._move(working, task_before=running)
-        else:
-            await self.reports.task_status(running.task_id, running.status, running.kind)
+            await self._move(working)
         return before
 
-    async def succeeded(self, task_type: str, before: RunnerStatus, outcome: TaskReport) -> None:
-        """Write where the task leaves the runner, then the task's terminal `outcome`."""
-        await self._move(state_machine.finished_status(task_type, before), task_after=outcome)
+    async def succeeded(self, task_type: str, before: RunnerStatus) -> None:
+        await self._move(state_machine.finished_status(task_type, before))
 
-    async def failed(self, failure: Failure, outcome: TaskReport) -> None:
-        """Write where a failed task leaves the runner (`state_machine.failed` decided it),
-        then the task's terminal `outcome`."""
-        await self._move(failure.status, task_after=outcome)
+    async def failed(self, failure: Failure) -> None:
+        """Write where a failed task leaves the runner (`state_machine.failed` decided it)."""
+        await self._move(failure.status)
 
     async def shutting_down(self) -> None:
         await self._move(state_machine.shutting_down())
