@@ -68,27 +68,51 @@ class EventWriter:
 
     async def _reconcile(self, event: RunnerEvent, event_id: str) -> int:
         """After a refused write: the sequence of our own write if it is the subject's last
-        (its ack was lost), else the Fenced naming who wrote in between."""
-        last = await client.until_done(
-            lambda: client.last_on_subject(self.js, self.subject), f"read the last message of {self.subject}"
-        )
-        if last is None:
-            # EXO_LOG's limits removed every message of our subject (an idle runner in
-            # a busy log): nobody wrote it since us, so it must still be empty.
-            ack = await client.publish_until_stored(
-                self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=0
+        (its ack was lost), the write made after an earlier one of ours that was stored when
+        its caller had stopped waiting (a task cancelled mid-write), else the Fenced naming
+        who wrote in between."""
+        while True:
+            last = await client.until_done(
+                lambda: client.last_on_subject(self.js, self.subject), f"read the last message of {self.subject}"
             )
-            return ack.seq
-        try:
-            found: object = decode_event(last.data)
-        except BadInput:
-            found = None
-        if getattr(found, "event_id", None) == event_id:
+            if last is None:
+                # EXO_LOG's limits removed every message of our subject (an idle runner in
+                # a busy log): nobody wrote it since us, so it must still be empty.
+                ack = await client.publish_until_stored(
+                    self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=0
+                )
+                return ack.seq
+            try:
+                found: object = decode_event(last.data)
+            except BadInput:
+                found = None
+            found_id = getattr(found, "event_id", None)
+            if found_id == event_id:
+                logger.bind(runner_id=self.runner_id, seq=last.seq).warning(
+                    f"the ack of {event_id} was lost; the log has it at seq {last.seq}"
+                )
+                return last.seq
+            if not self._earlier_own(found_id):
+                raise self._fenced_by(found)
             logger.bind(runner_id=self.runner_id, seq=last.seq).warning(
-                f"the ack of {event_id} was lost; the log has it at seq {last.seq}"
+                f"{found_id} was stored after its writer stopped waiting for it; writing {event_id} after it"
             )
-            return last.seq
-        raise self._fenced_by(found)
+            try:
+                ack = await client.publish_until_stored(
+                    self.js, self.subject, event, msg_id=event_id, expected_last_subject_seq=last.seq
+                )
+                return ack.seq
+            except client.WrongLastSequence:
+                continue  # someone wrote again meanwhile: look at who
+
+    def _earlier_own(self, event_id: object) -> bool:
+        """Whether `event_id` is one of this writer's earlier events (only this process
+        writes under its incarnation: a twin registers a new one)."""
+        prefix = f"{self.runner_id}:{self.incarnation}:"
+        if not isinstance(event_id, str) or not event_id.startswith(prefix):
+            return False
+        count = event_id[len(prefix) :]
+        return count.isdigit() and int(count) < self._count
 
     def _fenced_by(self, event: object) -> Fenced:
         if isinstance(event, RunnerLost):
