@@ -72,8 +72,8 @@ class RequestError(Exception):
 
 # Text generated faster than this is written to the pipe in one frame: the runner, its NATS
 # server, the API and the client share the cores with the engine, and each frame costs them
-# about 2.4 ms of CPU in all (bench/api.py), taken from llama.cpp's threads. 20 frames a
-# second stream smoothly to a reader and cost 5% of llama.cpp's speed at 20 ms, 2.5% at 50.
+# about 2.4 ms of CPU in all, taken from llama.cpp's threads on a 2-core machine: a frame per
+# 20 ms cost it 6-8% of its speed, one per 50 ms (20 a second, still a smooth stream) 2-3%.
 TOKEN_FLUSH_S = 0.05
 
 

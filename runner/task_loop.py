@@ -260,10 +260,10 @@ class Runner:
             await msg.ack()
             return False
         self.log.bind(task_id=task_id, seq=seq).info(f"running {kind}")
+        await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
         keepalive = asyncio.ensure_future(_keep_in_progress(msg))
         try:
             if isinstance(task, Shutdown):
-                await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
                 await self.shutdown(task_id)
                 await msg.ack()
                 return True
@@ -305,9 +305,7 @@ class Runner:
         return self.executor.refusal(task)
 
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
-        """`Running`, then the work between the transitions the state machine decides: its
-        result, or how it failed."""
-        await self.reports.task_status(task_id, TaskStatus.RUNNING, kind)
+        """The work between the transitions the state machine decides: its result, or how it failed."""
         before = await self.transitions.start(kind)
         deadline = self.deadlines.for_task(task)
         try:
