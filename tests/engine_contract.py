@@ -186,11 +186,15 @@ class EngineContract:
                 await asyncio.sleep(0.01)
 
         ticker = asyncio.create_task(tick())
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=300))
+        started = time.monotonic()
+        # Generate for half a second at least: a fast engine answers 300 tokens of the tiny
+        # model in less time than a few ticks.
+        while time.monotonic() - started < 0.5:
+            _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=300))
+            assert done.completion_tokens == 300
         gen_done.set()
         await ticker
 
-        assert done.completion_tokens == 300
         gaps = [b - a for a, b in itertools.pairwise(ticks)]
         assert len(ticks) > 3
         assert max(gaps) < 0.25
