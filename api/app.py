@@ -228,7 +228,7 @@ class Api:
         req = parse_chat(await request.body(), self.config.max_tokens_limit)
         gateway = self.gw
         await self._check_model(gateway, req.model)
-        stream = gateway.open_chat()
+        stream = await gateway.open_chat()
         try:
             await gateway.submit(stream, req)
         except BaseException:

@@ -66,6 +66,13 @@ class Chunk(msgspec.Struct, frozen=True):
     text: str
 
 
+class _ChunkIn(msgspec.Struct):
+    """What the gateway reads of a runner's chunk (runner/chunks.py)."""
+
+    index: int
+    text: str = ""
+
+
 class Ended(msgspec.Struct, frozen=True):
     """The emitting rank's terminal status."""
 
@@ -101,6 +108,20 @@ class ChatStream:
         self.over = False
         self.abandoned: str | None = None
         self.abandoned_at = 0.0
+        self.next_index = 0
+        self._ahead: dict[int, str] = {}
+        self.fast: Subscription | None = None
+
+    def offer(self, index: int, text: str) -> None:
+        """A chunk from either way it comes (see `Gateway.open_chat`): each index once, in order."""
+        if self.over or index < self.next_index:
+            return
+        self._ahead[index] = text
+        while self.next_index in self._ahead:
+            text = self._ahead.pop(self.next_index)
+            self.next_index += 1
+            if text:
+                self.items.put_nowait(Chunk(text))
 
     def end(self, item: Ended | Lost) -> None:
         if not self.over:
@@ -200,11 +221,22 @@ class Gateway:
 
     # -- chats --------------------------------------------------------------
 
-    def open_chat(self) -> ChatStream:
-        """Register a chat before it is published, so nothing about it goes unseen."""
+    async def open_chat(self) -> ChatStream:
+        """Register a chat before it is published, so nothing about it goes unseen.
+
+        Its chunks come two ways: on a core subscription of its own subject as the
+        runner publishes them, and from `EXO_CHUNKS` once stored (the stream follow, which
+        fills what the subscription missed: a reconnect, a slow consumer). The first is
+        earlier by the store's fsync and its delivery, a round trip on every first token."""
         command_id = uuid.uuid4().hex[:16]
         stream = ChatStream(chat_id_of(command_id, 0), command_id)
         self._chats[stream.chat_id] = stream
+
+        async def on_chunk(msg: Msg) -> None:
+            self._offer(stream, msg.data)
+
+        # Sent before the command on the same connection: the server has it first.
+        stream.fast = await self.nc.subscribe(subjects.chunks_filter(stream.chat_id), cb=on_chunk)
         return stream
 
     async def submit(self, stream: ChatStream, req: ChatRequest) -> None:
@@ -304,6 +336,9 @@ class Gateway:
         self._chats.pop(stream.chat_id, None)
         for task_id in stream.tasks:
             self._by_task.pop(task_id, None)
+        if stream.fast is not None:
+            self._spawn(_unsubscribe(stream.fast))
+            stream.fast = None
 
     def _spawn(self, work: Any) -> None:
         task = asyncio.ensure_future(work)
@@ -378,11 +413,16 @@ class Gateway:
 
     def _on_chunk(self, env: Envelope) -> None:
         stream = self._chats.get(subjects.chunks_stream_id(env.subject))
-        if stream is None or stream.over:
+        if stream is not None:
+            self._offer(stream, env.data)
+
+    def _offer(self, stream: ChatStream, data: bytes) -> None:
+        try:
+            chunk = msgspec.json.decode(data, type=_ChunkIn)
+        except msgspec.DecodeError as err:
+            self.log.bind(chat_id=stream.chat_id).warning(f"a chunk of {stream.chat_id} is not one: {err}")
             return
-        text = msgspec.json.decode(env.data).get("text")
-        if isinstance(text, str) and text:
-            stream.items.put_nowait(Chunk(text))
+        stream.offer(chunk.index, chunk.text)
 
     async def _on_beat(self, msg: Msg) -> None:
         runner_id = subjects.runner_of(msg.subject)
@@ -403,6 +443,13 @@ class Gateway:
                         stream.end(
                             Lost(f"runner {stream.emitter} sent no heartbeat for {now - last:.1f} s (it is gone)")
                         )
+
+
+async def _unsubscribe(sub: Subscription) -> None:
+    try:
+        await sub.unsubscribe()
+    except Exception as err:  # a closed connection has nothing left to unsubscribe
+        logger.bind(component="api").debug(f"unsubscribe: {err!r}")
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -50,14 +50,14 @@ async def test_the_api_cancels_through_the_log_what_it_could_not_route(nc: NATS)
     request = parse_chat(b'{"model": "local/tiny", "messages": [{"role": "user", "content": "hi"}]}', 1024)
     try:
         # No supervisor routes it: the request fails (the API's 503) and is closed.
-        timed_out = gateway.open_chat()
+        timed_out = await gateway.open_chat()
         with pytest.raises(ApiError) as err:
             await gateway.submit(timed_out, request)
         assert err.value.status == 503
         gateway.close(timed_out, "the request failed before its chat was routed")
         # Another is cancelled (POST /v1/cancel) while it waits to be routed.
         gateway.route_timeout = 30.0
-        waiting = gateway.open_chat()
+        waiting = await gateway.open_chat()
         submitted = asyncio.create_task(gateway.submit(waiting, request))
         await watch.until(lambda s: waiting.chat_id in s.chats, 10, "the chat requested")
         assert await gateway.cancel(waiting.chat_id, "cancelled through POST /v1/cancel") == {}
