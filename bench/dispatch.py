@@ -7,6 +7,9 @@ In one run, against a fresh nats-server:
      long-polls: it answers once the projection passed the given sequence);
   2. floor: a bare JetStream publish + pull + ack round trip on a scratch stream;
   printing p50/p99 of both and the p50 ratio (target <= 3x);
+  2b. contract chain: what DESIGN.md itself asks of a chat's way, in bare nats-py on a
+  scratch stream (a pulled task, four writes each fenced on the one before, the last
+  seen by a subscriber): how much of exojet's share the contract takes before any code;
   3. load: 200 simulated runners heartbeating at 1 Hz and writing one status
      event a second each: the supervisor's CPU and its projection lag (time
      from a probe event's ack to a `runner` query with that `min_seq` answering).
@@ -126,6 +129,36 @@ async def floor_latencies(js, rounds: int) -> list[float]:
     return latencies
 
 
+async def contract_latencies(nc, js, rounds: int) -> list[float]:
+    """What DESIGN.md asks of a chat's way and nothing else: a core-published task stored and
+    pulled by a waiting durable consumer, the four writes of its transitions (task Running,
+    RunnerRunning, RunnerReady, task Complete), each fenced on the sequence of the one before,
+    the task acked, and the last write seen on a core subscription (no engine, no chunks)."""
+    await js.add_stream(api.StreamConfig(name="BENCH_CHAIN", subjects=["bench.chain.>"], storage=api.StorageType.FILE))
+    queue = await js.pull_subscribe("bench.chain.task", durable="chain", stream="BENCH_CHAIN")
+    seen: asyncio.Queue[float] = asyncio.Queue()
+
+    async def on_event(msg) -> None:
+        if msg.data.endswith(b"Complete"):
+            seen.put_nowait(time.perf_counter())
+
+    watch = await nc.subscribe("bench.chain.events", cb=on_event)
+    last, latencies = 0, []
+    for i in range(rounds):
+        pulled = asyncio.ensure_future(queue.fetch(1, timeout=5))
+        await asyncio.sleep(0)  # let the pull request go out first: the runner's is always waiting
+        started = time.perf_counter()
+        await nc.publish("bench.chain.task", b'{"type":"ChatCompletion","i":%d}' % i)
+        [msg] = await pulled
+        for step in ("Running", "RunnerRunning", "RunnerReady", "Complete"):
+            headers = {"Nats-Msg-Id": f"{i}:{step}", "Nats-Expected-Last-Subject-Sequence": str(last)}
+            last = (await js.publish("bench.chain.events", step.encode(), headers=headers)).seq
+        await msg.ack()
+        latencies.append(await asyncio.wait_for(seen.get(), 5) - started)
+    await watch.unsubscribe()
+    return latencies
+
+
 async def simulate(url: str, runners: int, seconds: float) -> None:
     """Runners sim1..simN: register, then heartbeat and write a status event every second."""
     nc = await client.connect(url, name="bench-sim")
@@ -216,6 +249,7 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             await dispatch_latencies(nc, 5, "warm")  # warm the paths once
             dispatch, runner_share, engine = await dispatch_latencies(nc, chats, "run")
             floor = await floor_latencies(js, chats)
+            contract = await contract_latencies(nc, js, chats)
             print(f"dispatch (core publish -> Complete via supervisor query, 1-token chat): {ms(dispatch)}")
             print(f"  of which the runner (core publish -> Complete event on a core subscription): {ms(runner_share)}")
             print(f"  of which the engine's own time (in the engine child): {ms(engine)}")
@@ -226,6 +260,9 @@ async def main(chats: int, runners: int, seconds: float) -> None:
             print(f"ratio p50 dispatch/floor: {percentile(dispatch, 50) / percentile(floor, 50):.1f}x")
             share = percentile(exojet, 50) / percentile(floor, 50)
             print(f"ratio p50 exojet's share/floor: {share:.1f}x (target <= 3x)")
+            print(f"contract chain (a pulled task and the four fenced writes DESIGN.md asks for): {ms(contract)}")
+            print(f"ratio p50 contract chain/floor: {percentile(contract, 50) / percentile(floor, 50):.1f}x")
+            print(f"ratio p50 exojet's share/contract chain: {percentile(exojet, 50) / percentile(contract, 50):.1f}x")
             # Delete the instance and stop its runner, so nothing is placed on the simulated runners.
             await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=instance_id_of(None, ack.seq)))
             runner = procs.pop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from nats.aio.client import Client as NATS
 
@@ -17,6 +17,15 @@ from exojet.runner.engine_protocol import Message
 DEFAULT_MAX_TOKENS = 256
 
 
+class Answer(NamedTuple):
+    """A chat's result (for its `Complete`) and its last chunks on their way to `EXO_CHUNKS`
+    (None when this rank streams none): the runner writes its `RunnerReady` while they are
+    stored and awaits them before the task's terminal status, one round trip instead of two."""
+
+    result: dict[str, Any]
+    delivered: asyncio.Future[None] | None
+
+
 async def chat(
     engine: Engine,
     nc: NATS,
@@ -25,7 +34,7 @@ async def chat(
     task: ChatCompletion,
     task_id: str,
     cancelled: asyncio.Event | None = None,
-) -> dict[str, Any]:
+) -> Answer:
     """Generate the answer; only the rank the task names (`emit_rank`) streams chunks and keeps the text.
 
     Once `cancelled` is set the engine is asked to stop at once, no token is
@@ -66,9 +75,8 @@ async def chat(
         canceller.cancel()
     assert done is not None
     finish_reason = "cancelled" if stop.is_set() else done.finish_reason
-    if chunks is not None:
-        await chunks.finish(finish_reason)
-    return {
+    delivered = asyncio.ensure_future(chunks.finish(finish_reason)) if chunks is not None else None
+    result = {
         "text": done.text if emits else "",
         "finish_reason": finish_reason,
         "prompt_tokens": done.prompt_tokens,
@@ -76,6 +84,7 @@ async def chat(
         "tokens_per_second": round(done.tokens_per_second, 2),
         "engine_seconds": round(done.seconds, 6),
     }
+    return Answer(result, delivered)
 
 
 async def _cancel_when(stop: asyncio.Event, engine: Engine) -> None:

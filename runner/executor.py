@@ -63,6 +63,8 @@ class Executor:
         self.ring_key = ring_identity.public_key(self.ring_seed)
         self.downloaded: Shard | None = None
         self.group: Group | None = None
+        # The last chat's closing chunks, still being stored (see `chat.Answer`).
+        self.delivering: asyncio.Future[None] | None = None
 
     def refusal(self, task: Task) -> tuple[str, str] | None:
         """(error_type, message) refusing the task before any transition, or None to run it."""
@@ -145,7 +147,9 @@ class Executor:
                 await self.engine.warmup()
                 return None
             case ChatCompletion():
-                return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
+                answer = await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
+                self.delivering = answer.delivered
+                return answer.result
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.
@@ -155,6 +159,11 @@ class Executor:
                     await self.engine.unload()
                 return None
         raise ValueError(f"{task_type(task)} has no work: the task loop handles it")
+
+    def take_delivery(self) -> asyncio.Future[None] | None:
+        """What the last task still has on its way to the bus (a chat's closing chunks), if anything."""
+        delivering, self.delivering = self.delivering, None
+        return delivering
 
     async def _load(self, task: LoadModel, task_id: str) -> dict[str, Any]:
         wanted = task.shard or self.downloaded

@@ -20,7 +20,7 @@ from nats.aio.msg import Msg
 from exojet.bus import client, connection, streams, subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
-from exojet.bus.statuses import TaskStatus
+from exojet.bus.statuses import RunnerStatus, TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
 from exojet.bus.tasks import Shutdown, Task, task_type
 from exojet.runner import registration, state_machine
@@ -320,15 +320,35 @@ class Runner:
                 failure = state_machine.timed_out(kind, before, deadline, await self.executor.settle(task))
                 await self.transitions.failed(failure)
                 return failure
-            failure = state_machine.failed(kind, before, err)
-            if failure.internal:
-                self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
-            if failure.engine_lost:
-                await self.executor.stop_engine()
-            await self.transitions.failed(failure)
-            return failure
-        await self.transitions.succeeded(kind, before)
+            return await self._failed(kind, before, task_id, err)
+        # A chat's closing chunks are stored while its RunnerReady is written (see chat.Answer).
+        delivering = self.executor.take_delivery()
+        try:
+            await self.transitions.succeeded(kind, before)
+            if delivering is not None:
+                await delivering
+        except Fenced:
+            raise
+        except Exception as err:  # noqa: BLE001 - no task may end the runner
+            return await self._failed(kind, before, task_id, err, moved=True)
+        finally:
+            if delivering is not None and not delivering.done():
+                delivering.cancel()
         return result
+
+    async def _failed(
+        self, kind: str, before: RunnerStatus, task_id: str, err: Exception, moved: bool = False
+    ) -> Failure:
+        """How `err` fails the task, with the runner moved where that leaves it (`moved`: its
+        finished status is written already, so only another one is written)."""
+        failure = state_machine.failed(kind, before, err)
+        if failure.internal:
+            self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
+        if failure.engine_lost:
+            await self.executor.stop_engine()
+        if not moved or failure.status != self.transitions.status:
+            await self.transitions.failed(failure)
+        return failure
 
     async def shutdown(self, task_id: str | None) -> None:
         """ShuttingDown, free the engine, (complete the task,) Shutdown: the last words of this incarnation."""
