@@ -230,13 +230,13 @@ class Gateway:
         earlier by the store's fsync and its delivery, a round trip on every first token."""
         command_id = uuid.uuid4().hex[:16]
         stream = ChatStream(chat_id_of(command_id, 0), command_id)
-        self._chats[stream.chat_id] = stream
 
         async def on_chunk(msg: Msg) -> None:
             self._offer(stream, msg.data)
 
         # Sent before the command on the same connection: the server has it first.
         stream.fast = await self.nc.subscribe(subjects.chunks_filter(stream.chat_id), cb=on_chunk)
+        self._chats[stream.chat_id] = stream
         return stream
 
     async def submit(self, stream: ChatStream, req: ChatRequest) -> None:
@@ -267,6 +267,8 @@ class Gateway:
         if stream.over:
             self._forget(stream)
             return
+        # Nobody reads its text any more (a refused request would otherwise hold one a minute).
+        self._drop_fast(stream)
         stream.abandoned = reason
         stream.abandoned_at = time.monotonic()
         # Detached: this runs while the request's task is being cancelled.
@@ -336,6 +338,9 @@ class Gateway:
         self._chats.pop(stream.chat_id, None)
         for task_id in stream.tasks:
             self._by_task.pop(task_id, None)
+        self._drop_fast(stream)
+
+    def _drop_fast(self, stream: ChatStream) -> None:
         if stream.fast is not None:
             self._spawn(_unsubscribe(stream.fast))
             stream.fast = None

@@ -55,6 +55,7 @@ async def test_the_api_cancels_through_the_log_what_it_could_not_route(nc: NATS)
             await gateway.submit(timed_out, request)
         assert err.value.status == 503
         gateway.close(timed_out, "the request failed before its chat was routed")
+        assert timed_out.fast is None  # its chunks' subscription goes with the request, not a minute later
         # Another is cancelled (POST /v1/cancel) while it waits to be routed.
         gateway.route_timeout = 30.0
         waiting = await gateway.open_chat()
