@@ -84,26 +84,27 @@ FIRST_TOKEN_HANDOFF_S = 0.003
 
 
 class TokenWriter:
-    """Streams generated text to the parent: the first piece at once (then, with `handoff_s`,
-    a pause to let it be carried), then at most one frame every TOKEN_FLUSH_S (a piece waits
-    at most until the next token or the end)."""
+    """Streams generated text to the parent: the first piece at once, then at most one frame
+    every TOKEN_FLUSH_S (a piece waits at most until the next token or the end)."""
 
-    def __init__(self, pipe: Pipe | None, handoff_s: float = 0.0) -> None:
+    def __init__(self, pipe: Pipe | None) -> None:
         self.pipe = pipe
-        self.handoff_s = handoff_s
         self.held: list[str] = []
         self.written_at: float | None = None
+        self.handed_off = False
 
     def write(self, text: str) -> None:
         if self.pipe is None or not text:
             return
         self.held.append(text)
-        if self.written_at is None:
+        if self.written_at is None or time.perf_counter() - self.written_at >= TOKEN_FLUSH_S:
             self.flush()
-            if self.handoff_s:
-                time.sleep(self.handoff_s)
-        elif time.perf_counter() - self.written_at >= TOKEN_FLUSH_S:
-            self.flush()
+
+    def hand_off(self) -> None:
+        """Between two tokens: once the first frame is out, pause FIRST_TOKEN_HANDOFF_S, once."""
+        if self.written_at is not None and not self.handed_off:
+            self.handed_off = True
+            time.sleep(FIRST_TOKEN_HANDOFF_S)
 
     def flush(self) -> None:
         if self.pipe is not None and self.held:
@@ -392,14 +393,16 @@ class EngineChild:
             except Exception as exc:
                 raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
             _check_fits(len(llama_prompt), req.max_tokens, self.llama.context_length)
-            # MLX computes the next token while it hands out this one: a pause would not free a core.
-            writer = TokenWriter(self.pipe if stream else None, FIRST_TOKEN_HANDOFF_S)
-            done: Done = self.llama.generate(
-                req,
-                llama_prompt,
-                writer.write if stream else None,
-                lambda: stream and self.pipe.readable() and self._cancelled(),
-            )
+            writer = TokenWriter(self.pipe if stream else None)
+
+            def between_tokens() -> bool:
+                """Asked between two tokens: whether to stop, after the first token's hand-off
+                (here, so that an answer of one token never waits for it). MLX's loop has
+                none: mlx-lm computes the next token while it hands out this one."""
+                writer.hand_off()
+                return stream and self.pipe.readable() and self._cancelled()
+
+            done: Done = self.llama.generate(req, llama_prompt, writer.write if stream else None, between_tokens)
             writer.flush()
             return done
         import mlx.core as mx

@@ -1,0 +1,58 @@
+"""The engine child's token frames: the first piece at once, the rest at most one frame per
+TOKEN_FLUSH_S, and the first token's hand-off pause once, only after a frame went out."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from exojet.runner import engine_child
+from exojet.runner.engine_child import TokenWriter
+from exojet.runner.engine_pipe import Pipe
+
+
+@pytest.fixture
+def pipe() -> Iterator[tuple[Pipe, int]]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    yield Pipe(read_fd, write_fd), read_fd
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def _frames(read_fd: int) -> bytes:
+    try:
+        return os.read(read_fd, 1 << 16)
+    except BlockingIOError:
+        return b""
+
+
+def test_the_first_piece_goes_at_once_and_the_next_waits_for_the_interval(
+    pipe: tuple[Pipe, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(engine_child, "TOKEN_FLUSH_S", 60.0)  # no machine is that slow between two lines
+    writer, read_fd = TokenWriter(pipe[0]), pipe[1]
+    writer.write("Hello")
+    assert b"Hello" in _frames(read_fd)
+    writer.write(" world")
+    assert _frames(read_fd) == b""  # held: the last frame went out less than TOKEN_FLUSH_S ago
+    writer.flush()
+    assert b" world" in _frames(read_fd)
+
+
+def test_the_hand_off_pauses_once_and_only_after_a_frame(pipe: tuple[Pipe, int]) -> None:
+    writer = TokenWriter(pipe[0])
+    writer.hand_off()  # no text out yet (a token inside a UTF-8 character): nothing to hand off
+    assert not writer.handed_off
+    writer.write("a")
+    writer.hand_off()
+    assert writer.handed_off
+
+
+def test_nothing_is_written_or_paused_without_a_stream() -> None:
+    writer = TokenWriter(None)
+    writer.write("a")
+    writer.hand_off()
+    assert writer.written_at is None and not writer.handed_off
