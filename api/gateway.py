@@ -32,6 +32,7 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
 from exojet.bus import client, streams, subjects
 from exojet.bus.cancel import CancelTask
+from exojet.bus.chunk_order import ChunkOrder, decode_chunk
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.envelope import Envelope
@@ -64,13 +65,6 @@ MAX_RANKS = 64
 
 class Chunk(msgspec.Struct, frozen=True):
     text: str
-
-
-class _ChunkIn(msgspec.Struct):
-    """What the gateway reads of a runner's chunk (runner/chunks.py)."""
-
-    index: int
-    text: str = ""
 
 
 class Ended(msgspec.Struct, frozen=True):
@@ -108,20 +102,13 @@ class ChatStream:
         self.over = False
         self.abandoned: str | None = None
         self.abandoned_at = 0.0
-        self.next_index = 0
-        self._ahead: dict[int, str] = {}
+        self.order = ChunkOrder(lambda text: self.items.put_nowait(Chunk(text)))
         self.fast: Subscription | None = None
 
     def offer(self, index: int, text: str) -> None:
-        """A chunk from either way it comes (see `Gateway.open_chat`): each index once, in order."""
-        if self.over or index < self.next_index:
-            return
-        self._ahead[index] = text
-        while self.next_index in self._ahead:
-            text = self._ahead.pop(self.next_index)
-            self.next_index += 1
-            if text:
-                self.items.put_nowait(Chunk(text))
+        """A chunk from either way it comes (see `bus/chunk_order.py`): each index once, in order."""
+        if not self.over:
+            self.order.offer(index, text)
 
     def end(self, item: Ended | Lost) -> None:
         if not self.over:
@@ -224,10 +211,8 @@ class Gateway:
     async def open_chat(self) -> ChatStream:
         """Register a chat before it is published, so nothing about it goes unseen.
 
-        Its chunks come two ways: on a core subscription of its own subject as the
-        runner publishes them, and from `EXO_CHUNKS` once stored (the stream follow, which
-        fills what the subscription missed: a reconnect, a slow consumer). The first is
-        earlier by the store's fsync and its delivery, a round trip on every first token."""
+        Its chunks come two ways (see `bus/chunk_order.py`): on a core subscription of its
+        own subject as the runner publishes them, and from this gateway's `EXO_CHUNKS` follow."""
         command_id = uuid.uuid4().hex[:16]
         stream = ChatStream(chat_id_of(command_id, 0), command_id)
 
@@ -423,7 +408,7 @@ class Gateway:
 
     def _offer(self, stream: ChatStream, data: bytes) -> None:
         try:
-            chunk = msgspec.json.decode(data, type=_ChunkIn)
+            chunk = decode_chunk(data)
         except msgspec.DecodeError as err:
             self.log.bind(chat_id=stream.chat_id).warning(f"a chunk of {stream.chat_id} is not one: {err}")
             return

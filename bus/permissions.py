@@ -119,8 +119,8 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
                 "$SRV.>",
                 *_reader(LOG_STREAM, CHUNKS_STREAM),
             ),
-            # Heartbeats: the HTTP API ends a stream whose runner went silent. Chunks: it reads
-            # a chat's as they are published too (what EXO_CHUNKS, readable anyway, stores).
+            # Heartbeats: the HTTP API ends a stream whose runner went silent. Chunks: it and the
+            # CLI read a chat's as they are published too (what EXO_CHUNKS, readable anyway, stores).
             subscribe=(inbox, subjects.HEARTBEATS, f"{subjects.CHUNKS_PREFIX}.>"),
             publish_deny=_keep_off_queues(all_runners),
         )

@@ -9,15 +9,17 @@ from pathlib import Path
 
 import msgspec
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 
 from exojet.bus import client, streams, subjects
 from exojet.bus.archive import ArchiveError, ArchiveWriter, replay_archive
+from exojet.bus.chunk_order import read_chunks
 from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.follower import Follower
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.cli.html_report import DEFAULT_MAX_BYTES, HtmlReport
 from exojet.cli.render import render_instance, render_runner, render_state, render_task
@@ -85,18 +87,11 @@ async def wait_task(
             if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
                 done.set_result(message)
 
-    subs = [
+    subs: list[Follower | Subscription] = [
         await client.follow(nc, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
     ]
     if chat:
-        subs.append(
-            await client.follow(
-                nc,
-                chunk_texts(_print_text),
-                subject=subjects.chunks_subject(runner_id, stream_id),
-                stream=CHUNKS_STREAM,
-            )
-        )
+        subs += await read_chunks(nc, subjects.chunks_subject(runner_id, stream_id), _print_text)
     try:
         final = await asyncio.wait_for(done, timeout)
     except TimeoutError:
@@ -107,23 +102,6 @@ async def wait_task(
     if chat:
         print()
     return 0 if final.task_status == TaskStatus.COMPLETE else 1
-
-
-def chunk_texts(on_text: Callable[[str], None]) -> Callable[[Envelope], None]:
-    """A chunk handler passing each chunk's text on once, in index order (a chunk
-    stored again after an outage, past the duplicate window, is skipped)."""
-    next_index = 0
-
-    def on_chunk(env: Envelope) -> None:
-        nonlocal next_index
-        chunk = msgspec.json.decode(env.data)
-        if not isinstance(chunk, dict) or chunk.get("index", next_index) < next_index:
-            return
-        next_index = chunk.get("index", next_index) + 1
-        if isinstance(chunk.get("text"), str) and chunk["text"]:
-            on_text(chunk["text"])
-
-    return on_chunk
 
 
 def _print_text(text: str) -> None:

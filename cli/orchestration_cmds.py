@@ -15,15 +15,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from exojet.bus import client, subjects
+from exojet.bus.chunk_order import read_chunks
 from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.model_ids import model_id_problem
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.log_cmds import chunk_texts
 from exojet.cli.progress import ProgressBars
 from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 from exojet.projections.words import message_of
@@ -218,8 +217,6 @@ async def route_chat(
     emitter = chat_task_id(chat_id, 0)
     texts: asyncio.Queue[str | TaskStatusUpdated] = asyncio.Queue()
 
-    on_chunk = chunk_texts(texts.put_nowait)
-
     def on_event(env: Envelope) -> None:
         event = message_of(env)
         if (
@@ -233,7 +230,7 @@ async def route_chat(
     subs: list[Any] = []
     try:
         js = nc.jetstream()
-        subs.append(await client.follow(nc, on_chunk, subject=subjects.chunks_filter(chat_id), stream=CHUNKS_STREAM))
+        subs += await read_chunks(nc, subjects.chunks_filter(chat_id), texts.put_nowait)
         ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id)
         subs.append(
             await client.follow(nc, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
