@@ -3,13 +3,15 @@
 One stack in one run (nats-server, a supervisor, a runner with the model placed, `exojet
 api`), the same prompt, greedy, the three alternated so machine drift hits all alike:
   - http: the official `openai` client streaming from `exojet api` (routed by the supervisor),
-  - chat: what `exojet chat` does (a routed command, chunks read from EXO_CHUNKS), in-process,
+  - chat: what `exojet chat` does (a routed command, its chunks read as published and from
+    EXO_CHUNKS), in-process,
   - direct: the serving engine's own library in this process (mlx_lm.stream_generate on the
     weights the runner runs, or llama-cpp-python), as bench/inference.py runs it.
 Time to first token is from the call to the first text; decode speed is
-(tokens - 1) / (last - first text). Then 32 concurrent streams through HTTP: their total
-tokens over the wall time, against the direct single-stream speed (one runner serves them
-one after another). Prints medians and ratios.
+(tokens - 1) / (last - first text). The HTTP first token is then cut into the hops it
+crossed, from the server's timestamps of the chat's messages (bench/chat_hops.py). Then 32
+concurrent streams through HTTP: their total tokens over the wall time, against the direct
+single-stream speed (one runner serves them one after another). Prints medians and ratios.
 
     .venv/bin/python bench/api.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--engine auto] [--tokens 64] [--repeat 5]
 
@@ -36,6 +38,7 @@ import msgspec
 import openai
 from loguru import logger
 
+from bench.chat_hops import Sent, chat_hops
 from bench.inference import direct_engine, prepare_model, with_engine_env
 from exojet.bus import client, streams
 from exojet.bus.server import NatsServer, free_port
@@ -54,6 +57,8 @@ class Run(msgspec.Struct):
     ttft: float
     tokens_per_second: float
     tokens: int
+    # An HTTP chat's id and wall-clock times, to find its messages in the log (bench/chat_hops.py).
+    sent: Sent | None = None
 
 
 def _run(started: float, arrivals: list[float], tokens: int) -> Run:
@@ -62,8 +67,8 @@ def _run(started: float, arrivals: list[float], tokens: int) -> Run:
 
 
 def http_run(api: openai.OpenAI, model_id: str, max_tokens: int) -> Run:
-    arrivals, tokens = [], 0
-    started = time.perf_counter()
+    arrivals, tokens, chat_id, first_wall = [], 0, "", 0.0
+    started_wall, started = time.time(), time.perf_counter()
     for chunk in api.chat.completions.create(
         model=model_id,
         messages=[{"role": "user", "content": PROMPT}],
@@ -74,9 +79,13 @@ def http_run(api: openai.OpenAI, model_id: str, max_tokens: int) -> Run:
     ):
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter())
+            first_wall = first_wall or time.time()
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-    return _run(started, arrivals, tokens)
+        chat_id = chunk.id
+    run = _run(started, arrivals, tokens)
+    run.sent = Sent(chat_id, started_wall, first_wall)
+    return run
 
 
 async def chat_run(nats_url: str, model_id: str, max_tokens: int, tokens: int) -> Run:
@@ -177,6 +186,7 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
                 http_runs.append(http_run(api, model_id, max_tokens))
                 chat_runs.append(asyncio.run(chat_run(server.url, model_id, max_tokens, http_runs[-1].tokens)))
                 direct_runs.append(direct(max_tokens))
+            hops = asyncio.run(chat_hops(server.url, [r.sent for r in http_runs if r.sent is not None]))
             total, wall = asyncio.run(concurrent_streams(base_url, model_id, max_tokens))
         finally:
             for proc in reversed(procs):
@@ -201,6 +211,9 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
     print(f"ratio HTTP/exojet chat tok/s: {http_tps / med(chat_runs, 'tokens_per_second'):.3f}")
     print(f"first-token overhead HTTP - direct: {(http_ttft - direct_ttft) * 1000:.1f} ms (target <= 10 ms)")
     print(f"first-token overhead HTTP - exojet chat: {(http_ttft - med(chat_runs, 'ttft')) * 1000:.1f} ms")
+    print("an HTTP chat's first token, hop by hop (server timestamps, medians):")
+    for hop, seconds in hops.items():
+        print(f"  {hop:44}: {seconds * 1000:6.2f} ms")
     print(
         f"{CONCURRENT} concurrent HTTP streams: {total} tokens in {wall:.2f} s = {total / wall:.1f} tok/s total "
         f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; one runner serves them in turn)"
