@@ -46,7 +46,6 @@ class _Marks(msgspec.Struct):
     task: float = 0.0
     runner: str = ""
     running: float = 0.0
-    running_seq: int = 0
     runner_running: float = 0.0
     first_chunk: float = 0.0
 
@@ -64,10 +63,10 @@ async def chat_hops(nats_url: str, sent: list[Sent]) -> dict[str, float]:
                 m.command = env.time
         elif isinstance(message, ChatCompletion) and message.task_id in by_task:
             m = by_task[message.task_id]
-            m.task, m.runner = env.time, env.subject[len(subjects.TASKS_PREFIX) + 1 :]
+            m.task, m.runner = env.time, subjects.runner_of(env.subject) or ""
         elif isinstance(message, TaskStatusUpdated) and message.task_status == TaskStatus.RUNNING:
             if (m := by_task.get(message.task_id)) is not None and not m.running:
-                m.running, m.running_seq = env.time, env.seq
+                m.running = env.time
                 running_since.setdefault(m.runner, []).append(m)
         elif isinstance(message, RunnerStatusUpdated) and status_name(message.runner_status) == "RunnerRunning":
             waiting = running_since.get(subjects.runner_of(env.subject) or "", [])
