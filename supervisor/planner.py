@@ -180,7 +180,7 @@ def _place(
             return _failed(inst, problem, final=True)
         else:
             shards = split_layers(inst.model_id, n_layers, [r.memory_free for r in runners])
-    hosts = _group_hosts(state, runners, config) if len(runners) > 1 else ()
+    hosts = _group_hosts(state, runners, config, attempt) if len(runners) > 1 else ()
     if hosts is None:
         return None  # every group port in the range is taken: wait for an instance to end
     busy.update(r.runner_id for r in runners)
@@ -295,7 +295,9 @@ def split_layers(model_id: str, n_layers: int, memory: list[int]) -> list[Shard]
     return shards
 
 
-def _group_hosts(state: ClusterState, runners: list[RunnerView], config: PlannerConfig) -> tuple[str, ...] | None:
+def _group_hosts(
+    state: ClusterState, runners: list[RunnerView], config: PlannerConfig, attempt: int
+) -> tuple[str, ...] | None:
     used: set[int] = set()
     for other in state.instances.values():
         if other.status not in ENDED_STATUSES:
@@ -303,7 +305,11 @@ def _group_hosts(state: ClusterState, runners: list[RunnerView], config: Planner
     free = [p for p in range(config.port_base, config.port_base + config.port_count) if p not in used]
     if len(free) < len(runners):
         return None
-    return tuple(f"{r.address or '127.0.0.1'}:{port}" for r, port in zip(runners, free[: len(runners)], strict=True))
+    # Each attempt takes the next free ports: one an attempt found taken on its host (another
+    # program listening, or an outgoing connection's ephemeral port) is not tried again.
+    start = (attempt - 1) * len(runners) % len(free)
+    ports = (free + free)[start : start + len(runners)]
+    return tuple(f"{r.address or '127.0.0.1'}:{port}" for r, port in zip(runners, ports, strict=True))
 
 
 def _failed(inst: InstanceView, reason: str, final: bool) -> WriteEvent:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,31 @@ from pathlib import Path
 from exojet.cli.up_cmd import stop_process as stop  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+# Linux hands out ports from here up to outgoing connections (`ip_local_port_range`).
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def group_ports(count: int = 41) -> str:
+    """A `--group-ports START-END` range of `count` ports, each free now, below the ephemeral
+    range: a port taken from that range could meanwhile be given to any process's outgoing
+    connection (a NATS client's, say), and a rank that cannot listen fails its group."""
+    ephemeral_start = int(EPHEMERAL_PORTS.read_text().split()[0])
+    for _ in range(100):
+        start = random.randrange(10_000, ephemeral_start - count)
+        if all(_free(port) for port in range(start, start + count)):
+            return f"{start}-{start + count - 1}"
+    raise RuntimeError(f"no {count} free ports in a row below {ephemeral_start}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

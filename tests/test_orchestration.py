@@ -24,14 +24,14 @@ from exojet.bus.commands import PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.query_client import first_answer
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.instances import instance_id_of, steps
 from exojet.projections.state import ClusterState, InstanceView
 from tests.log_watcher import LogWatch, Predicate
-from tests.procs import exojet, exojet_output, start_runner, stop
+from tests.procs import exojet, exojet_output, group_ports, start_runner, stop
 
 
 @pytest.fixture
@@ -47,7 +47,7 @@ class Procs:
     def __init__(self, url: str, models_dir: Path, logs: Path, heartbeat_timeout: float = 5.0) -> None:
         self.url, self.models_dir, self.logs = url, models_dir, logs
         self.heartbeat_timeout = heartbeat_timeout
-        self.port_base = free_port()
+        self.group_ports = group_ports()
         self.runners: dict[str, subprocess.Popen[bytes]] = {}
         self.supervisors: list[subprocess.Popen[bytes]] = []
 
@@ -67,7 +67,7 @@ class Procs:
             "--heartbeat-timeout",
             str(self.heartbeat_timeout),
             "--group-ports",
-            f"{self.port_base}-{self.port_base + 40}",
+            self.group_ports,
             log=self.logs / f"s{n}.log",
         )
         self.supervisors.append(proc)

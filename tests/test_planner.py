@@ -211,6 +211,39 @@ def test_a_step_waits_for_every_runner_and_a_group_splits_by_memory() -> None:
     assert inst.status == "Ready"
 
 
+def test_a_group_retried_after_a_failed_connect_listens_on_the_next_ports() -> None:
+    """A port found taken on a host (another program, an outgoing connection's ephemeral
+    port) fails one attempt, not every one: each attempt takes the next free ports."""
+    c = Cluster()
+    c.register("big", memory_free=3000)
+    c.register("small", memory_free=1000)
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    config = PlannerConfig(port_count=5, max_attempts=4)
+    seen = []
+    for attempt in (1, 2, 3):
+        c.publish(plan(c.state, {"local/tiny": 8}, config=config))
+        inst = next(iter(c.state.instances.values()))
+        assert inst.attempt == attempt
+        seen.append(inst.hosts)
+        for runner, download in zip(("big", "small"), c.publish(plan(c.state, config=config)), strict=True):
+            c.complete(runner, download)
+        # Rank 0 cannot listen; rank 1 then finds no rank 0.
+        for runner, connect in zip(("big", "small"), c.publish(plan(c.state, config=config)), strict=True):
+            c.complete(runner, connect, TaskStatus.FAILED)
+        c.publish(plan(c.state, config=config))
+        assert inst.status == "Failed" and not inst.gave_up
+        c.put(
+            subjects.SUPERVISOR_EVENTS,
+            InstanceRetryDue(event_id=f"rd{attempt}", instance_id=inst.instance_id, attempt=attempt),
+        )
+    # Five ports: the third attempt wraps around to the first free ones.
+    assert seen == [
+        ["10.0.0.1:52400", "10.0.0.1:52401"],
+        ["10.0.0.1:52402", "10.0.0.1:52403"],
+        ["10.0.0.1:52404", "10.0.0.1:52400"],
+    ]
+
+
 def test_a_group_goes_only_to_runners_with_an_engine_that_can_join_one() -> None:
     c = Cluster()
     c.register("gguf-only", memory_free=9000, engines=("llamacpp",))

@@ -35,7 +35,7 @@ from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from exojet.projections.instances import instance_id_of
 from exojet.projections.state import state_hash
-from tests.procs import exojet, stop
+from tests.procs import exojet, group_ports, stop
 from tests.test_orchestration import LogWatch
 
 RUNNERS = ["r1", "r2"]
@@ -329,8 +329,7 @@ async def test_seed_workflow_pipeline_routed_chat_catch_up_and_replay_under_leas
             procs.append(
                 _secured_exojet(auth_dir, f"runner-{rid}", "runner", "--id", rid, *common, log=tmp_path / f"{rid}.log")
             )
-        port = free_port()
-        supervise = (*common, "--group-ports", f"{port}-{port + 40}")
+        supervise = (*common, "--group-ports", group_ports())
         procs.append(
             _secured_exojet(auth_dir, "supervisor", "supervisor", "--id", "s0", *supervise, log=tmp_path / "s0.log")
         )
