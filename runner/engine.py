@@ -23,10 +23,11 @@ import contextlib
 import signal
 import sys
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 from loguru import logger
 
 from exojet.bus import parent_death
@@ -37,6 +38,7 @@ from exojet.runner.engine_choice import (
     choose_engine,
     installed_engines,
 )
+from exojet.runner.engine_crashes import CrashMemory, exit_message, is_engine_fault
 from exojet.runner.engine_protocol import (
     HEADER,
     TERMINAL_REPLIES,
@@ -80,6 +82,11 @@ class EngineError(Exception):
 class EngineCrashed(Exception):
     """The engine process is gone (killed, crashed or exited); `start()` again."""
 
+    def __init__(self, message: str, returncode: int | None = None) -> None:
+        super().__init__(message)
+        # The child's exit status (negative: the signal that killed it); None: not known.
+        self.returncode = returncode
+
 
 class Engine:
     """An engine (MLX or llama.cpp, chosen per model) in a child process, driven from asyncio.
@@ -105,6 +112,15 @@ class Engine:
         self._owed = 0
         self._stopping = False
         self._log = logger.bind(component="engine")
+        # Generations are numbered; the child tags each reply of one with its number.
+        self._request_id = 0
+        # The model and engine loaded, and whether it has served a chat yet: a crash
+        # before its first chat is held against the engine for that model.
+        self._loaded: tuple[str, EngineName] | None = None
+        self._chats_served = 0
+        # The engine the child runs (named in a crash report); None before a load.
+        self._engine_in_use: EngineName | None = None
+        self.crashes = CrashMemory()
         self.blas = find_blas()
         # The CPU path every child of this engine gets, for the runner's registration.
         self.setup = describe(self.blas)
@@ -135,6 +151,7 @@ class Engine:
         self._owed = 0
         self._stopping = False
         self._in_group = False
+        self._engine_in_use = None
         self._proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -166,17 +183,44 @@ class Engine:
         `runner.engine_choice` picks for it (EngineError NoEngineForModel if none can).
         `on_layers` is awaited with each `LayersLoaded` the engine reports on the way."""
         pipelined = self._in_group or start_layer is not None or end_layer is not None
+        engines = self.crashes.usable(model_path, [e for e in installed_engines() if e in self.engines])
         try:
-            engine, target = choose_engine(Path(model_path), self.wanted, installed_engines(), pipelined)
+            engine, target = choose_engine(Path(model_path), self.wanted, engines, pipelined)
         except NoEngineForModel as exc:
             raise EngineError("NoEngineForModel", str(exc)) from exc
-        loaded = await self._call(
-            Load(model_path=str(target), start_layer=start_layer, end_layer=end_layer, weights=weights, engine=engine),
-            ModelLoaded,
-            on_layers,
+        self._loaded, self._chats_served = None, 0
+        self._engine_in_use = engine
+        with self._blaming(model_path, engine, "load"):
+            loaded = await self._call(
+                Load(
+                    model_path=str(target), start_layer=start_layer, end_layer=end_layer, weights=weights, engine=engine
+                ),
+                ModelLoaded,
+                on_layers,
+            )
+        self._loaded = (model_path, engine)
+        loaded = msgspec.structs.replace(loaded, engine_reason=self.crashes.reason(model_path, engine))
+        self._log.bind(engine_reason=loaded.engine_reason).info(
+            "loaded {} on {}: weights {} ({})", target, engine, loaded.weights, loaded.weights_reason
         )
-        self._log.info("loaded {} on {}: weights {} ({})", target, engine, loaded.weights, loaded.weights_reason)
         return loaded
+
+    @contextlib.contextmanager
+    def _blaming(self, model_path: str, engine: EngineName, point: str) -> Iterator[None]:
+        """A crash inside is remembered against `engine` for the model (runner.engine_crashes)."""
+        try:
+            yield
+        except EngineCrashed as exc:
+            if not self._stopping and is_engine_fault(exc.returncode):
+                self.crashes.record(model_path, engine, point, str(exc))
+                self._log.bind(engine=engine, model=model_path).error("engine {} crashed during {}", engine, point)
+            raise
+
+    def _early(self, point: str) -> contextlib.AbstractContextManager[None]:
+        """Blame a crash at `point` on the loaded engine, while the model has served no chat."""
+        if self._loaded is None or self._chats_served:
+            return contextlib.nullcontext()
+        return self._blaming(*self._loaded, point)
 
     async def connect_group(
         self,
@@ -207,7 +251,8 @@ class Engine:
 
     async def warmup(self) -> None:
         """Run a short generation so the first request does not pay for compilation."""
-        await self._call(Warmup(), Ok)
+        with self._early("warmup"):
+            await self._call(Warmup(), Ok)
 
     async def unload(self) -> None:
         """Drop the loaded model and free its memory."""
@@ -219,23 +264,32 @@ class Engine:
         Stopping the iteration early cancels the generation in the child.
         """
         async with self._lock:
-            await self._send(req)
+            self._request_id += 1
+            request_id = self._request_id
+            early = self._early("first chat")
+            self._chats_served += 1
+            await self._send(msgspec.structs.replace(req, request_id=request_id))
             finished = False
             try:
-                while True:
-                    reply = await self._next_reply()
-                    if isinstance(reply, Token):
-                        yield reply
-                        continue
-                    finished = True
-                    if isinstance(reply, Done):
-                        yield reply
-                        return
-                    raise self._unexpected(reply)
+                with early:
+                    while True:
+                        reply = await self._next_reply()
+                        if isinstance(reply, Token | Done | RequestFailed) and reply.request_id != request_id:
+                            raise EngineError(
+                                "ProtocolError", f"a reply of generation {reply.request_id} in {request_id}"
+                            )
+                        if isinstance(reply, Token):
+                            yield reply
+                            continue
+                        finished = True
+                        if isinstance(reply, Done):
+                            yield reply
+                            return
+                        raise self._unexpected(reply)
             finally:
                 if not finished and self.alive:
                     # No await here: this may run while the generator is being closed.
-                    self._stdin().write(encode_frame(Cancel()))
+                    self._stdin().write(encode_frame(Cancel(request_id=request_id)))
 
     async def settle(self, timeout: float) -> bool:
         """Wait, at most `timeout` s, for the replies the child owes for abandoned requests
@@ -360,7 +414,14 @@ class Engine:
         await proc.wait()
         if self._stderr_reader is not None:
             await self._stderr_reader
-        self._replies.put_nowait(EngineCrashed(self._exit_message(proc.returncode) + detail + self._tail()))
+        self._replies.put_nowait(
+            EngineCrashed(
+                exit_message(proc.returncode, self._stopping, list(self._stderr), self._engine_in_use)
+                + detail
+                + self._tail(),
+                proc.returncode,
+            )
+        )
 
     async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stderr is not None
@@ -377,22 +438,6 @@ class Engine:
         line = raw.decode("utf-8", "replace").rstrip()[:_MAX_STDERR_LINE]
         self._stderr.append(line)
         self._log.debug("engine stderr: {}", line)
-
-    def _exit_message(self, code: int | None) -> str:
-        if self._stopping:
-            return f"engine process was stopped (exit code {code})"
-        if code is not None and code < 0:
-            try:
-                name = signal.Signals(-code).name
-            except ValueError:
-                name = f"signal {-code}"
-            return f"engine process was killed by {name}"
-        if any("pipeline peer lost" in line for line in self._stderr):
-            return f"pipeline peer lost: engine process exited with code {code}"
-        if any(line.startswith("Timeout (") for line in self._stderr):
-            # StallWatchdog's exit: a ring peer stopped answering mid-generation.
-            return f"pipeline peer stalled: engine process exited with code {code}"
-        return f"engine process exited with code {code}"
 
     def _tail(self) -> str:
         if not self._stderr:

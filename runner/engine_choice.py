@@ -4,7 +4,8 @@ An engine runs a model format: MLX an mlx-lm folder (config.json and safetensors
 llama.cpp a GGUF file (or a folder holding one, as the default model's folder does
 next to its MLX weights). `auto` takes the fastest engine installed that can run
 the model: MLX on Apple silicon (Metal), llama.cpp elsewhere (MLX's CPU quantized
-matmul is single-threaded; llama.cpp was 7x faster generating on a 2-core CPU).
+matmul is single-threaded; llama.cpp was 7x faster generating on a 2-core CPU). Both are
+in the default install (llama.cpp through xllamacpp's prebuilt wheels).
 `--engine mlx|llamacpp` narrows the choice to one engine.
 """
 
@@ -21,7 +22,7 @@ from exojet.bus.events import PIPELINE_ENGINES
 EngineName = Literal["mlx", "llamacpp"]
 EngineWanted = Literal["auto", "mlx", "llamacpp"]
 ENGINES: tuple[EngineName, ...] = ("mlx", "llamacpp")
-_MODULES = {"mlx": "mlx_lm", "llamacpp": "llama_cpp"}
+_MODULES = {"mlx": "mlx_lm", "llamacpp": "xllamacpp"}
 
 
 class NoEngineForModel(Exception):
@@ -68,7 +69,7 @@ def choose_engine(
         if target is not None:
             return engine, target
     if wanted != "auto" and wanted not in installed:
-        hint = " (pip install 'exojet[llamacpp]')" if wanted == "llamacpp" else ""
+        hint = " (pip install xllamacpp)" if wanted == "llamacpp" else ""
         raise NoEngineForModel(f"engine {wanted} is not installed on this runner{hint}")
     what = "a pipeline group" if pipelined else "it"
     raise NoEngineForModel(

@@ -1,155 +1,273 @@
-"""llama.cpp in the engine child, through llama-cpp-python (`exojet[llamacpp]`).
+"""llama.cpp in the engine child, through `xllamacpp` (prebuilt CPU wheels, no compiler).
 
-The chat prompt is rendered by llama-cpp-python's own Jinja2 formatter from the
-GGUF's chat template and tokenized as its `create_chat_completion` does, so a greedy
-answer here equals that call's answer for the same model and options. Tokens are
-then drawn one at a time (`Llama.generate`) so the child can stream each one, stop
-at a stop string or eos, and notice a Cancel between two tokens.
+xllamacpp embeds llama.cpp's own server engine in the process: its slots, its chat
+templates (the GGUF's, rendered by llama.cpp's Jinja engine), its sampling. Stop strings
+are cut from the text as the user sees it, by the same scanner as MLX's (llama.cpp's
+server matches the raw bytes, and misses a stop string holding a character it shows as
+U+FFFD). A generation is one streamed chat completion handed to it; the engine's loop
+thread computes the tokens while the calling thread receives each chunk, and the
+chunk callback's answer (True) stops the generation between two tokens.
+
+The embedded server also opens an HTTP listener; it is put on a Unix socket in a
+private folder (mode 0700) so no other local user can reach the model through it.
 """
 
 from __future__ import annotations
 
-import codecs
-import gc
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from exojet.runner.engine_protocol import Done, Generate, ModelLoaded
+import msgspec
+
+from exojet.runner.engine_backend import RequestError
+from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
 from exojet.runner.stop_scanner import StopScanner
 
 # The KV cache is sized for this many tokens (or the model's own context, if shorter).
 MAX_CONTEXT = 4096
+# Chats served at once (llama.cpp's slots); today's runner serves one chat at a time.
+SLOTS = 1
+
+# llama.cpp's server error types, as the runner's refusals name them.
+_ERROR_TYPES = {
+    "exceed_context_size_error": "ContextLengthExceeded",
+    "invalid_request_error": "InvalidRequest",
+}
 
 
-def llama_options(path: Path) -> dict[str, Any]:
-    """How the engine opens a GGUF; a direct run with the same options gives the same tokens."""
+class GgufFacts(msgspec.Struct, frozen=True):
+    """What a GGUF's header says about the model."""
+
+    architecture: str
+    n_layers: int
+    context_length: int | None
+
+
+def gguf_facts(path: Path) -> GgufFacts:
+    """The architecture, layer count and trained context of a GGUF (its header only)."""
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return None if field is None else field.contents()
+
+    arch = str(value("general.architecture") or "")
+    context = value(f"{arch}.context_length")
+    return GgufFacts(
+        architecture=arch,
+        n_layers=int(value(f"{arch}.block_count") or 0),
+        context_length=int(context) if context else None,
+    )
+
+
+def server_params(path: Path, context_length: int, socket_path: Path) -> Any:
+    """How the engine opens a GGUF; the bench and the tests run the library directly
+    with the same parameters, so a greedy answer there equals the engine's."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(path)
+    params.n_ctx = context_length * SLOTS
+    params.n_parallel = SLOTS
+    # One KV cache for all slots: a long chat may use the whole window while others run.
+    params.kv_unified = True
+    # Decoding is memory-bound and gains from every core (llama.cpp's default is fewer).
     threads = os.cpu_count() or 1
+    params.cpuparams.n_threads = threads
+    params.cpuparams_batch.n_threads = threads
+    params.n_threads_http = 1
+    params.hostnames = [str(socket_path)]
+    # Warnings and errors only: the parent keeps the child's last stderr lines for a crash report.
+    params.verbosity = 1
+    return params
+
+
+def _sampling(req: Generate) -> dict[str, Any]:
+    """The request's sampling as llama.cpp's server takes it: OpenAI's meaning (temperature and
+    top_p only), so llama.cpp's own defaults (top_k 40, min_p 0.05) are turned off."""
+    body: dict[str, Any] = {
+        "max_tokens": req.max_tokens,
+        "temperature": req.temperature,
+        "top_p": req.top_p,
+        "top_k": 0,
+        "min_p": 0.0,
+    }
+    if req.seed is not None:
+        # A seeded chat is computed from its whole prompt: one that reused a cached prefix
+        # computes its last prompt token alone, whose logits differ in the last bits from a
+        # whole prompt's, and a sampled answer then drifts from the same seed's earlier one.
+        body["seed"] = req.seed
+        body["cache_prompt"] = False
+    return body
+
+
+def chat_body(req: Generate) -> dict[str, Any]:
+    """The streamed chat completion handed to llama.cpp's server engine for `req`."""
     return {
-        "model_path": str(path),
-        "n_ctx": MAX_CONTEXT,
-        # llama-cpp-python's default is half the cores; decoding is memory-bound and gains from all.
-        "n_threads": threads,
-        "n_threads_batch": threads,
-        "verbose": False,
+        "messages": [{"role": m.role, "content": m.content} for m in req.messages],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **_sampling(req),
     }
 
 
-class LlamaCppModel:
-    """A GGUF loaded in llama.cpp."""
+class _Delta(msgspec.Struct):
+    content: str | None = None
 
-    def __init__(self, path: Path) -> None:
-        from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+class _Choice(msgspec.Struct):
+    delta: _Delta = msgspec.field(default_factory=_Delta)
+    finish_reason: str | None = None
+
+
+class _Usage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _ServerError(msgspec.Struct):
+    message: str = ""
+    type: str = ""
+
+
+class _Chunk(msgspec.Struct):
+    """One streamed chunk of llama.cpp's server (the fields read here)."""
+
+    choices: list[_Choice] = []
+    usage: _Usage | None = None
+    error: _ServerError | None = None
+
+
+_chunk_decoder = msgspec.json.Decoder(_Chunk)
+
+
+class LlamaCppEngine:
+    """A GGUF loaded in llama.cpp's server engine."""
+
+    engine = "llamacpp"
+
+    def __init__(self, req: Load) -> None:
+        import xllamacpp
 
         started = time.perf_counter()
+        path = Path(req.model_path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is not a file")
-        self.llm = Llama(**llama_options(path))
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if template is None:
-            raise ValueError(f"{path} has no chat template")
-        # As Llama.__init__ builds its own chat handler from the GGUF.
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        self.formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=self.llm._model.token_get_text(eos) if eos != -1 else "",
-            bos_token=self.llm._model.token_get_text(bos) if bos != -1 else "",
-            stop_token_ids=[eos],
-        )
+            raise RequestError("ModelLoadError", f"could not load model from {path}: not a file")
+        try:
+            self.facts = gguf_facts(path)
+        except Exception as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        self.context_length = min(MAX_CONTEXT, self.facts.context_length or MAX_CONTEXT)
+        self._socket_dir = tempfile.TemporaryDirectory(prefix="exojet-llamacpp-")
+        try:
+            self.server = xllamacpp.Server(
+                server_params(path, self.context_length, Path(self._socket_dir.name) / "engine.sock")
+            )
+        except Exception as exc:
+            self._socket_dir.cleanup()
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         self.path = path
-        self.context_length: int = self.llm.n_ctx()
         self.load_seconds = time.perf_counter() - started
 
     def loaded(self) -> ModelLoaded:
-        n_layers = int(self.llm.metadata.get(f"{self.llm.metadata['general.architecture']}.block_count", 0))
         return ModelLoaded(
-            n_layers=n_layers,
+            n_layers=self.facts.n_layers,
             start_layer=0,
-            end_layer=n_layers,
-            model_type=self.llm.metadata.get("general.architecture", ""),
+            end_layer=self.facts.n_layers,
+            model_type=self.facts.architecture,
             weight_bytes=self.path.stat().st_size,
             load_seconds=self.load_seconds,
             weights="stored",
-            weights_reason="llama.cpp runs the GGUF as stored",
-            engine="llamacpp",
+            weights_reason=f"llama.cpp runs the GGUF as stored ({self.path.name})",
+            engine=self.engine,
         )
 
-    def prompt_tokens(self, req: Generate) -> list[int]:
-        """The prompt as `create_chat_completion` tokenizes it."""
-        messages: Any = [{"role": m.role, "content": m.content} for m in req.messages]
-        rendered = self.formatter(messages=messages)
-        return self.llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=not rendered.added_special, special=True)
-
-    def generate(
-        self,
-        req: Generate,
-        prompt: list[int],
-        emit: Callable[[str], None] | None,
-        cancelled: Callable[[], bool],
-    ) -> Done:
-        """Generate from `prompt` (from `prompt_tokens`), calling `emit` with each text delta;
-        `cancelled` is asked between tokens."""
-        from llama_cpp import llama_vocab_is_eog
-
+    def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
+        """Generate a chat completion, calling `emit` with each text delta; `cancelled` is
+        asked after each chunk."""
+        if req.max_tokens >= self.context_length:
+            raise RequestError(
+                "ContextLengthExceeded",
+                f"max_tokens {req.max_tokens} does not fit the model's context window of "
+                f"{self.context_length} tokens with any prompt; lower max_tokens",
+            )
         started = time.perf_counter()
-        if req.seed is not None:
-            self.llm.set_seed(req.seed)
-        scanner = StopScanner(req.stop)
-        finish: Literal["stop", "length", "cancelled"] = "length"
-        completion: list[int] = []
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="ignore")
-        first_at = None
-        vocab = self.llm._model.vocab
-        for token in self.llm.generate(
-            prompt,
-            temp=req.temperature,
-            top_p=req.top_p,
-            top_k=0,
-            min_p=0.0,
-            repeat_penalty=1.0,
-            reset=True,
-        ):
-            if first_at is None:
-                first_at = time.perf_counter()
-            if llama_vocab_is_eog(vocab, token):
-                finish = "stop"
-                break
-            completion.append(token)
-            # A token can end inside a UTF-8 character (held until it is whole); bytes that
-            # are no UTF-8 are dropped, as create_completion drops them.
-            text = decoder.decode(self.llm.detokenize([token], prev_tokens=prompt + completion[:-1]))
-            delta, stopped = scanner.feed(text)
-            if emit is not None and delta:
-                emit(delta)
-            if stopped:
-                finish = "stop"
-                break
-            if len(completion) >= req.max_tokens:
-                break
-            if cancelled():
-                finish = "cancelled"
-                break
-        tail = scanner.flush()
+        state = _Generation(StopScanner(req.stop))
+
+        def on_chunk(raw: str) -> bool:
+            # xllamacpp swallows a callback's exception (taking it for "stop"): keep it to raise.
+            try:
+                return state.take(_chunk_decoder.decode(raw), emit) or cancelled()
+            except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's frame
+                state.failure = exc
+                return True
+
+        self.server.handle_chat_completions(msgspec.json.encode(chat_body(req)).decode(), on_chunk)
+        if state.failure is not None:
+            raise state.failure
+        tail = state.scanner.flush()
         if emit is not None and tail:
             emit(tail)
+        if state.error is not None:
+            raise RequestError(_ERROR_TYPES.get(state.error.type, "EngineError"), state.error.message)
         ended = time.perf_counter()
-        first_at = first_at or ended
-        decoded = len(completion) - 1
+        first_at = state.first_at or ended
+        # A cancelled generation ends before its usage chunk: each content chunk is a token.
+        completion_tokens = state.usage.completion_tokens or state.deltas
+        decoded = completion_tokens - 1
         decode_seconds = ended - first_at
+        finish: Literal["stop", "length", "cancelled"] = state.finish if state.finish else "cancelled"
         return Done(
-            text=scanner.text,
+            text=state.scanner.text,
             finish_reason=finish,
-            prompt_tokens=len(prompt),
-            completion_tokens=len(completion),
+            prompt_tokens=state.usage.prompt_tokens,
+            completion_tokens=completion_tokens,
             tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
             time_to_first_token=first_at - started,
         )
 
     def close(self) -> None:
-        """Free the model and its context."""
-        self.llm.close()
-        del self.llm
-        gc.collect()
+        """Stop the server engine (its loop thread) and free the model."""
+        del self.server
+        self._socket_dir.cleanup()
+
+
+class _Generation:
+    """What the chunks of one generation said so far."""
+
+    def __init__(self, scanner: StopScanner) -> None:
+        self.scanner = scanner
+        self.deltas = 0
+        self.first_at: float | None = None
+        self.finish: Literal["stop", "length"] | None = None
+        self.usage = _Usage()
+        self.error: _ServerError | None = None
+        self.failure: BaseException | None = None
+
+    def take(self, chunk: _Chunk, emit: Callable[[str], None] | None) -> bool:
+        """Fold one chunk in; True when the generation is over (an error, a stop string)."""
+        if chunk.error is not None:
+            self.error = chunk.error
+            return True
+        for choice in chunk.choices:
+            if choice.delta.content:
+                if self.first_at is None:
+                    self.first_at = time.perf_counter()
+                self.deltas += 1
+                delta, stopped = self.scanner.feed(choice.delta.content)
+                if emit is not None and delta:
+                    emit(delta)
+                if stopped:
+                    self.finish = "stop"
+                    return True
+            if choice.finish_reason is not None:
+                self.finish = "length" if choice.finish_reason == "length" else "stop"
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        return False

@@ -53,7 +53,8 @@ class Warmup(msgspec.Struct, tag=True, frozen=True):
 
 
 class Generate(msgspec.Struct, tag=True, frozen=True):
-    """Generate a chat completion, streamed as `Token` replies then `Done`."""
+    """Generate a chat completion, streamed as `Token` replies then `Done`, each carrying
+    the request's `request_id` (the parent numbers its generations)."""
 
     messages: list[Message]
     max_tokens: int = 256
@@ -61,10 +62,14 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = []
+    request_id: int = 0
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
-    """End the running generation early (no reply of its own)."""
+    """End a generation early (no reply of its own): the one numbered `request_id`, or
+    every generation under way when None."""
+
+    request_id: int | None = None
 
 
 class Unload(msgspec.Struct, tag=True, frozen=True):
@@ -107,6 +112,8 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     weights: str = "stored"
     weights_reason: str = ""
     engine: str = "mlx"
+    # Why this engine, when it is not the first choice (another crashed on this model).
+    engine_reason: str = ""
 
 
 class LayersLoaded(msgspec.Struct, tag=True, frozen=True):
@@ -133,6 +140,7 @@ class Token(msgspec.Struct, tag=True, frozen=True):
     """A delta of generated text (never past a stop string)."""
 
     text: str
+    request_id: int = 0
 
 
 class Done(msgspec.Struct, tag=True, frozen=True):
@@ -147,6 +155,7 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     # The engine's own time for the request, from its arrival in the child to this reply
     # (what the runner adds around it is the rest of a task's time).
     seconds: float = 0.0
+    request_id: int = 0
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):
@@ -154,12 +163,19 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
 
     error_type: str
     message: str
+    # The generation it ends (0 for any other request).
+    request_id: int = 0
 
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
 Reply = ModelLoaded | LayersLoaded | GroupConnected | Ok | Token | Done | RequestFailed
 # Errors that refuse a request before any work: the engine serves on as before.
 REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
+
+# Exit status of a child whose pipeline ring broke: it cannot be used again.
+RING_BROKEN_EXIT = 3
+# What the parent says of a child that exited with one of these codes.
+EXIT_CODES = {RING_BROKEN_EXIT: "pipeline peer lost"}
 
 TERMINAL_REPLIES = (ModelLoaded, GroupConnected, Ok, Done, RequestFailed)
 

@@ -54,6 +54,8 @@ class EngineContract:
     # Far more tokens than any test reads, within the engine's context window: only a
     # cancel or a kill ends such a request.
     ENDLESS = 1_000_000
+    # The layers of the model `model_path` names.
+    N_LAYERS = 4
 
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
     @classmethod
@@ -71,7 +73,7 @@ class EngineContract:
     ) -> None:
         loaded = await engine.load(str(model_path))
         assert loaded.engine == self.ENGINE
-        assert loaded.n_layers == 4
+        assert loaded.n_layers == self.N_LAYERS
         await engine.warmup()
 
         chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40))

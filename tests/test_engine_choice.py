@@ -36,7 +36,7 @@ def test_engine_flag_narrows_and_shards_need_a_ring(both: Path) -> None:
     assert choose_engine(both, "auto", ["llamacpp", "mlx"], pipelined=True) == ("mlx", both)
     with pytest.raises(NoEngineForModel, match="can run .* for a pipeline group"):
         choose_engine(both, "llamacpp", ["llamacpp", "mlx"], pipelined=True)
-    with pytest.raises(NoEngineForModel, match=r"engine llamacpp is not installed.*exojet\[llamacpp\]"):
+    with pytest.raises(NoEngineForModel, match=r"engine llamacpp is not installed.*pip install xllamacpp"):
         choose_engine(both, "llamacpp", ["mlx"])
     with pytest.raises(NoEngineForModel, match="MLX needs an mlx-lm folder"):
         choose_engine(both / "model.gguf", "mlx", ["llamacpp", "mlx"])

@@ -1,45 +1,64 @@
-"""The llama.cpp engine (`exojet[llamacpp]`): the engine contract (tests/engine_contract.py)
-on the tiny llama written as a GGUF, the reference answers from llama-cpp-python's own
-`create_chat_completion` in this process.
-
-Without llama-cpp-python these tests skip and say so; run-tests.sh (CI) installs the
-extra and sets EXO_REQUIRE_ENGINES=1, which turns that skip into a failure."""
+"""The llama.cpp engine (xllamacpp): the engine contract (tests/engine_contract.py) on the tiny
+llama written as a GGUF in F32 and in each quantized type llama.cpp's CPU kernels run, and on the
+default model in the form it is served; the reference answers come from xllamacpp's own server
+engine run in this process with the engine's parameters."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine, EngineError
-from exojet.runner.engine_llamacpp import MAX_CONTEXT
-from exojet.runner.engine_protocol import Generate
+from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, gguf_facts, server_params
+from exojet.runner.engine_protocol import Generate, Message
 from tests.engine_contract import PROMPT, EngineContract, class_loop, collect
 from tests.gguf_tiny import Q, write_tiny_gguf
 from tests.tiny_model import write_tiny_llama
 
-if importlib.util.find_spec("llama_cpp") is None:
-    if os.environ.get("EXO_REQUIRE_ENGINES") == "1":
-        raise ImportError("EXO_REQUIRE_ENGINES=1 but llama-cpp-python is not installed (pip install '.[llamacpp]')")
-    pytest.skip("llama-cpp-python is not installed (pip install '.[llamacpp]')", allow_module_level=True)
 
-
-def as_gguf(folder: Path, dest: Path) -> Path:
-    write_tiny_gguf(folder, dest, lambda _name: Q.F32)
+def as_gguf(folder: Path, dest: Path, qtype: Q = Q.F32) -> Path:
+    """`folder`'s llama as a GGUF, its matrices in `qtype` (norms stay F32, as llama.cpp's converter keeps them)."""
+    write_tiny_gguf(folder, dest, lambda name: Q.F32 if "norm" in name else qtype)
     return dest
+
+
+def library_greedy(model_path: Path):
+    """max_tokens -> the greedy answer of xllamacpp's server engine run directly on the model."""
+    import xllamacpp
+
+    facts = gguf_facts(model_path)
+    context = min(MAX_CONTEXT, facts.context_length or MAX_CONTEXT)
+    socket_dir = tempfile.mkdtemp(prefix="exojet-test-llamacpp-")
+    server = xllamacpp.Server(server_params(model_path, context, Path(socket_dir) / "direct.sock"))
+
+    def greedy(max_tokens: int, messages: list[Message] = PROMPT) -> str:
+        # Streamed, as the engine asks: a non-streamed answer ends with the bytes of an unfinished
+        # UTF-8 character as U+FFFD, where a stream drops them (random weights emit such bytes).
+        text: list[str] = []
+
+        def on_chunk(chunk: dict) -> bool:
+            text.extend(c["delta"].get("content") or "" for c in chunk.get("choices", []))
+            return False
+
+        server.handle_chat_completions(chat_body(Generate(messages=messages, max_tokens=max_tokens)), on_chunk)
+        return "".join(text)
+
+    return greedy
 
 
 class TestLlamaCppEngine(EngineContract):
     ENGINE = "llamacpp"
     # The context window llama.cpp is given, less the prompt.
     ENDLESS = MAX_CONTEXT - 64
+    QTYPE = Q.F32
 
     @pytest.fixture(scope="class")
     @classmethod
     def model_path(cls, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-        return as_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+        return as_gguf(tiny_model_dir, tmp_path_factory.mktemp("gguf") / f"tiny-{cls.QTYPE.name}.gguf", cls.QTYPE)
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -50,35 +69,7 @@ class TestLlamaCppEngine(EngineContract):
     @pytest.fixture(scope="class")
     @classmethod
     def direct(cls, model_path: Path):
-        """llama-cpp-python's greedy tokens for the prompt its own chat handler renders.
-
-        Exactly max_tokens tokens: create_chat_completion itself goes on past max_tokens
-        while the text ends inside a UTF-8 character (random weights emit such bytes)."""
-        from llama_cpp import Llama, llama_vocab_is_eog
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        from exojet.runner.engine_llamacpp import llama_options
-
-        llm = Llama(**llama_options(model_path))
-        messages = [{"role": m.role, "content": m.content} for m in PROMPT]
-        # As Llama.__init__ builds its chat handler from the GGUF's template.
-        formatter = Jinja2ChatFormatter(
-            template=llm.metadata["tokenizer.chat_template"],
-            eos_token=llm._model.token_get_text(llm.token_eos()),
-            bos_token=llm._model.token_get_text(llm.token_bos()),
-        )
-        rendered = formatter(messages=messages)
-        prompt = llm.tokenize(rendered.prompt.encode(), add_bos=not rendered.added_special, special=True)
-
-        def greedy(max_tokens: int) -> str:
-            tokens: list[int] = []
-            for token in llm.generate(prompt, temp=0.0, reset=True):
-                if llama_vocab_is_eog(llm._model.vocab, token) or len(tokens) == max_tokens:
-                    break
-                tokens.append(token)
-            return llm.detokenize(tokens, prev_tokens=prompt).decode("utf-8", errors="ignore")
-
-        return greedy
+        return library_greedy(model_path)
 
     @pytest.fixture
     def corrupt_model(self, tmp_path: Path) -> Path:
@@ -96,5 +87,41 @@ class TestLlamaCppEngine(EngineContract):
             await collect(engine, Generate(messages=PROMPT, max_tokens=MAX_CONTEXT))
         assert err.value.error_type == "ContextLengthExceeded"
         assert f"context window of {MAX_CONTEXT} tokens" in str(err.value)
+        # A prompt longer than the window is refused by llama.cpp itself, before any token.
+        long = [Message(role="user", content="hello world " * MAX_CONTEXT)]
+        with pytest.raises(EngineError) as err:
+            await collect(engine, Generate(messages=long, max_tokens=4))
+        assert err.value.error_type == "ContextLengthExceeded"
         _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
         assert done.completion_tokens == 4
+
+
+class TestLlamaCppQ4_0(TestLlamaCppEngine):
+    QTYPE = Q.Q4_0
+
+
+class TestLlamaCppQ4_1(TestLlamaCppEngine):
+    QTYPE = Q.Q4_1
+
+
+class TestLlamaCppQ8_0(TestLlamaCppEngine):
+    QTYPE = Q.Q8_0
+
+
+class TestLlamaCppDefaultModel(TestLlamaCppEngine):
+    """The default model in the form llama.cpp serves it (F16), through the whole contract."""
+
+    N_LAYERS = 30
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_path(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return ensure_default_model(tmp_path_factory.mktemp("models")) / GGUF_NAME
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_the_quickstart_question_is_answered_right(self, engine: Engine, model_path: Path) -> None:
+        await engine.load(str(model_path))
+        question = [Message(role="user", content="What is the capital of France?")]
+        _, done = await collect(engine, Generate(messages=question, max_tokens=30))
+        assert "Paris" in done.text

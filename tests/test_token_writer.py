@@ -1,5 +1,5 @@
 """The engine child's token frames: the first piece at once, the rest at most one frame per
-TOKEN_FLUSH_S, and the first token's hand-off pause once, only after a frame went out."""
+TOKEN_FLUSH_S."""
 
 from __future__ import annotations
 
@@ -42,17 +42,7 @@ def test_the_first_piece_goes_at_once_and_the_next_waits_for_the_interval(
     assert b" world" in _frames(read_fd)
 
 
-def test_the_hand_off_pauses_once_and_only_after_a_frame(pipe: tuple[Pipe, int]) -> None:
-    writer = TokenWriter(pipe[0])
-    writer.hand_off()  # no text out yet (a token inside a UTF-8 character): nothing to hand off
-    assert not writer.handed_off
-    writer.write("a")
-    writer.hand_off()
-    assert writer.handed_off
-
-
-def test_nothing_is_written_or_paused_without_a_stream() -> None:
+def test_nothing_is_written_without_a_stream() -> None:
     writer = TokenWriter(None)
     writer.write("a")
-    writer.hand_off()
-    assert writer.written_at is None and not writer.handed_off
+    assert writer.written_at is None

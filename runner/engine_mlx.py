@@ -1,0 +1,276 @@
+"""MLX (mlx-lm) in the engine child: a whole model, or a pipeline rank's shard in a ring group.
+
+A whole model is loaded lazily and materialised a layer at a time (each reported), then
+turned into dense float32 where that is faster and fits (`runner.mlx_cpu`). In a group
+every rank runs the same steps: no rank may stop on its own (a cancel is passed to the
+others through the pipeline's stop sum and every rank stops at the same token), a
+stalled peer ends the process, and a ring error ends it with RING_BROKEN_EXIT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from loguru import logger
+
+from exojet.runner.engine_backend import RequestError, check_fits
+from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
+from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
+from exojet.runner.stop_scanner import StopScanner
+
+# A pipeline rank that sees no token for this long takes its peers for dead
+# (a stalled peer would otherwise hold the ring forever); env overrides.
+STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
+LOAD_STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_LOAD_STALL_S", "300"))
+_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def _shard_range(req: Load, n_layers: int, path: Path) -> tuple[int, int]:
+    """The layers [start, end) a Load asks for (all by default), checked against the model's."""
+    start = 0 if req.start_layer is None else req.start_layer
+    end = n_layers if req.end_layer is None else req.end_layer
+    if not 0 <= start < end <= n_layers:
+        raise RequestError(
+            "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
+        )
+    return start, end
+
+
+def _context_length(config: dict[str, Any]) -> int | None:
+    """The model's context window, as its config states it (llama-style configs do)."""
+    value = config.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def materialise(model: Any, start: int, end: int, on_layer: Callable[[int, int], None]) -> int:
+    """Evaluate the weights that layers [start, end) need, a layer at a time, calling
+    `on_layer(done, end - start)` after each; return their bytes.
+
+    Lazy loading maps the weights without reading them; evaluating only the shard's
+    layers (plus the embeddings on the first shard and the norm and head on the
+    last) keeps the other shards' weights out of memory.
+    """
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    n_layers = len(model.layers)
+    params: dict[str, Any] = {}
+    tree_flatten(model.parameters(), destination=params)
+    tied = not any(name.startswith("lm_head.") for name in params)
+    shared: list[Any] = []
+    by_layer: dict[int, list[Any]] = {index: [] for index in range(start, end)}
+    for name, array in params.items():
+        match = _LAYER_INDEX.search(name)
+        if match:
+            index = int(match.group(1))
+            if start <= index < end:
+                by_layer[index].append(array)
+        # Tied embeddings are also the output head, needed by the last shard.
+        elif ("embed" in name and (start == 0 or (tied and end == n_layers))) or (
+            "embed" not in name and end == n_layers
+        ):
+            shared.append(array)
+    mx.eval(shared)
+    for done, arrays in enumerate(by_layer.values(), start=1):
+        mx.eval(arrays)
+        on_layer(done, end - start)
+    return sum(a.nbytes for a in shared) + sum(a.nbytes for arrays in by_layer.values() for a in arrays)
+
+
+@contextlib.contextmanager
+def ring_guard() -> Iterator[None]:
+    """A ring error (a peer gone) ends this process: its group cannot be rebuilt in it."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "[ring]" not in str(exc):
+            raise
+        logger.error("pipeline peer lost: {}", exc)
+        os._exit(RING_BROKEN_EXIT)
+
+
+class MlxEngine:
+    """An mlx-lm model (or a pipeline rank's shard of one) in this process."""
+
+    engine = "mlx"
+
+    def __init__(self, req: Load, group: Any, on_layer: Callable[[int, int], None]) -> None:
+        self.group = group
+        self.model: Any = None
+        self.tokenizer: Any = None
+        self._context: int | None = None
+        self._started = time.perf_counter()
+        path = Path(req.model_path)
+        if group is not None:
+            self._loaded = self._load_shard(req, path, on_layer)
+        else:
+            self._loaded = self._load_whole(req, path, on_layer)
+
+    @property
+    def context_length(self) -> int | None:
+        return self._context
+
+    def loaded(self) -> ModelLoaded:
+        return self._loaded
+
+    def _load_whole(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
+        import psutil
+        from mlx_lm.utils import load_model, load_tokenizer
+
+        try:
+            # mlx_lm would try the Hugging Face hub for a missing path; a runner
+            # only loads what it downloaded, so a missing folder is an error here.
+            if not path.is_dir():
+                raise FileNotFoundError(f"{path} is not a directory")
+            model, config = load_model(path, lazy=True)
+            tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+        except Exception as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        n_layers = len(model.layers)
+        start, end = _shard_range(req, n_layers, path)
+        weight_bytes = materialise(model, start, end, on_layer)
+        free = psutil.virtual_memory().available
+        weights, reason = choose_weights(model, (start, end) == (0, n_layers), req.weights, free)
+        if weights == "dense":
+            weight_bytes = to_dense_float32(model)
+        self.model, self.tokenizer = model, tokenizer
+        self._context = _context_length(config)
+        return self._report(path, config, n_layers, (start, end), weight_bytes, weights, reason)
+
+    def _load_shard(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
+        from mlx.utils import tree_flatten
+
+        from exojet.runner.pipeline import StallWatchdog, load_shard
+
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
+        n_layers = int(config["num_hidden_layers"])
+        start, end = _shard_range(req, n_layers, path)
+        # A rank that failed before loading never joins the collectives the
+        # others wait in: the watchdog turns that wait into a bounded failure.
+        with ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
+            self.model, self.tokenizer = load_shard(path, self.group, start, end, on_layer)
+        self._context = _context_length(config)
+        params: dict[str, Any] = {}
+        tree_flatten(self.model.parameters(), destination=params)
+        weight_bytes = sum(a.nbytes for a in params.values())
+        return self._report(path, config, n_layers, (start, end), weight_bytes, "stored", "a pipeline shard")
+
+    def _report(
+        self,
+        path: Path,
+        config: dict[str, Any],
+        n_layers: int,
+        shard: tuple[int, int],
+        weight_bytes: int,
+        weights: str,
+        reason: str,
+    ) -> ModelLoaded:
+        """The reply to a Load of MLX weights, logged."""
+        seconds = time.perf_counter() - self._started
+        start, end = shard
+        logger.bind(model=str(path), start=start, end=end).info(
+            "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
+        )
+        return ModelLoaded(
+            n_layers=n_layers,
+            start_layer=start,
+            end_layer=end,
+            model_type=str(config.get("model_type", "")),
+            weight_bytes=weight_bytes,
+            load_seconds=seconds,
+            weights=weights,
+            weights_reason=reason,
+            engine=self.engine,
+        )
+
+    def close(self) -> None:
+        """Drop the model and return its memory to the system."""
+        import mlx.core as mx
+
+        self.model = self.tokenizer = None
+        gc.collect()
+        mx.clear_cache()
+
+    def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
+        import mlx.core as mx
+        from mlx_lm import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
+
+        started = time.perf_counter()
+        try:
+            # A chat template may refuse a role it does not know; mlx a seed it cannot hold.
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in req.messages],
+                add_generation_prompt=True,
+            )
+            if req.seed is not None:
+                mx.random.seed(req.seed)
+        except Exception as exc:
+            raise RequestError("InvalidRequest", f"the model cannot take these messages or seed: {exc}") from exc
+        check_fits(len(prompt), req.max_tokens, self._context)
+        sampler = make_sampler(req.temperature, req.top_p)
+        scanner = StopScanner(req.stop)
+        first_at = None
+        finish: Literal["stop", "length", "cancelled"] = "length"
+        completion_tokens = 0
+        in_group = self.group is not None
+        stage = self.model.model if in_group else None
+        if stage is not None:
+            stage.stop_asked = False
+        watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
+        with ring_guard(), watchdog or contextlib.nullcontext():
+            for response in stream_generate(
+                self.model, self.tokenizer, prompt, max_tokens=req.max_tokens, sampler=sampler
+            ):
+                if watchdog is not None:
+                    watchdog.beat()
+                if first_at is None:
+                    first_at = time.perf_counter()
+                # The eos token ends a generation without being part of it.
+                eos = response.finish_reason == "stop"
+                completion_tokens = response.generation_tokens - (1 if eos else 0)
+                delta, stopped = scanner.feed(response.text)
+                if emit is not None and delta:
+                    emit(delta)
+                if stopped or eos:
+                    finish = "stop"
+                    break
+                if cancelled():
+                    if stage is None:
+                        finish = "cancelled"
+                        break
+                    stage.stop_asked = True
+                if stage is not None and stage.stop_agreed():
+                    finish = "cancelled"
+                    break
+            if in_group:
+                pipeline_barrier(self.group)
+        tail = scanner.flush()
+        if emit is not None and tail:
+            emit(tail)
+        ended = time.perf_counter()
+        first_at = first_at or ended
+        # Decode speed: the tokens after the first, over the time after the first.
+        decode_seconds = ended - first_at
+        decoded = completion_tokens - 1
+        return Done(
+            text=scanner.text,
+            finish_reason=finish,
+            prompt_tokens=len(prompt),
+            completion_tokens=completion_tokens,
+            tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
+            time_to_first_token=first_at - started,
+        )
