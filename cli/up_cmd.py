@@ -1,4 +1,5 @@
-"""`exojet up`: a nats-server, a supervisor and a runner serving the default model."""
+"""`exojet up`: a nats-server, a supervisor, a runner (and the API) serving the default
+model, each started again when it dies (see up_children.py and up_instance.py)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,19 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import cast
+from typing import Any, NoReturn, TypeVar
 
 from exojet.bus import client, parent_death, streams, subjects
 from exojet.bus.codec import encode
-from exojet.bus.commands import DeleteInstance, PlaceInstance
-from exojet.bus.envelope import Envelope
-from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
-from exojet.bus.query_client import QueryFailed, first_answer, query
+from exojet.bus.commands import DeleteInstance
 from exojet.bus.server import NatsServer, ServerError, default_store_dir
-from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.bus.tasks import Shutdown
-from exojet.cli.progress import ProgressBars
-from exojet.projections.instances import instance_id_of
-from exojet.projections.words import message_of
+from exojet.cli.up_children import DEFAULT_POLICY, Child, ChildKeepsDying, StartFailed, keep_alive
+from exojet.cli.up_instance import InstanceLost, Serving, Watcher, drive, keep_serving
+
+T = TypeVar("T")
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -39,11 +38,6 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def _role(proc: subprocess.Popen[bytes]) -> str:
-    """The subcommand a `_spawn`ed process runs (its argv is python, -m, module, role, ...)."""
-    return cast(list[str], proc.args)[3]
-
-
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
     """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
     if proc.poll() is None:
@@ -54,104 +48,6 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
             proc.kill()
             proc.wait()
     return proc.returncode
-
-
-class _Watcher:
-    """Prints the runner's transitions as they land in the log (with progress bars on a terminal)."""
-
-    def __init__(self, runner_id: str) -> None:
-        self.runner_id = runner_id
-        self.bars = ProgressBars(sys.stdout)
-        self.status = "Unregistered"
-        self.incarnation = 0
-        self.registered_seq = 0
-        self.registered = asyncio.Event()
-        self._changed = asyncio.Event()
-
-    def on_event(self, env: Envelope) -> None:
-        self.bars.on_event(env)
-        match message_of(env):
-            case RunnerRegistered(incarnation=inc, pid=pid):
-                self.incarnation = inc
-                self.registered_seq = env.seq
-                self.bars.say(f"  runner {self.runner_id} registered (incarnation {inc}, pid {pid})")
-                self.registered.set()
-            case RunnerStatusUpdated(runner_status=status):
-                new = status_name(status)
-                why = f": {status.error_message}" if isinstance(status, RunnerFailed) else ""
-                self.bars.say(
-                    f"  {self.runner_id}: {self.status.removeprefix('Runner')} -> {new.removeprefix('Runner')}{why}"
-                )
-                self.status = new
-        self._changed.set()
-
-    async def changed(self, timeout: float = 1.0) -> None:
-        """Until the runner writes again (or `timeout`, so the caller re-checks the projection)."""
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
-
-
-async def _drive(server: NatsServer, runner_id: str, model_id: str, from_seq: int) -> str | None:
-    """Place `model_id` on the runner and follow it to Ready; returns the instance id (None on failure)."""
-    nc = await client.connect(server.url, name="exojet-up")
-    # Started from this (the main) thread: its parent-death signal must not be tied to a worker's.
-    keeper = asyncio.ensure_future(_keep_serving_every_second(server))
-    watcher = _Watcher(runner_id)
-    js = nc.jetstream()
-    sub = await client.follow(
-        nc, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(runner_id)
-    )
-    try:
-        await asyncio.wait_for(watcher.registered.wait(), 60)
-        # This runner serves our instance only: retire what an earlier `up` left on it.
-        await first_answer(nc, min_seq=watcher.registered_seq)
-        mine = await query(nc, "runner", runner_id=runner_id, min_seq=watcher.registered_seq)
-        for inst in mine["instances"].values():
-            await client.publish_until_stored(
-                js,
-                subjects.COMMANDS,
-                DeleteInstance(instance_id=inst["instance_id"]),
-                msg_id=f"up-delete-{inst['instance_id']}-{uuid.uuid4().hex[:6]}",
-            )
-        # The planner drives DownloadModel -> LoadModel -> StartWarmup; we watch.
-        command_id = f"up-{runner_id}-{watcher.incarnation}-{uuid.uuid4().hex[:6]}"
-        ack = await client.publish_until_stored(
-            js,
-            subjects.COMMANDS,
-            PlaceInstance(command_id=command_id, model_id=model_id, runners=(runner_id,)),
-            msg_id=command_id,
-        )
-        instance_id = instance_id_of(command_id, ack.seq)
-        watcher.bars.say(f"  placed {instance_id}: {model_id} on {runner_id}")
-        async with asyncio.timeout(600):
-            while True:
-                try:
-                    inst = (await query(nc, "instance", instance_id=instance_id, min_seq=ack.seq))["instance"]
-                except QueryFailed as err:
-                    # NATS or the supervisor away for a moment: ask again once it is back.
-                    print(f"  waiting for the supervisor ({err})", flush=True)
-                    await watcher.changed()
-                    continue
-                if inst.get("status") == "Ready":
-                    return instance_id
-                if inst.get("status") in ("Failed", "Deleted"):
-                    print(f"error: {instance_id} {inst['status']}: {inst.get('reason')}", file=sys.stderr)
-                    return None
-                await watcher.changed()
-    finally:
-        watcher.bars.stop()
-        keeper.cancel()
-        await sub.unsubscribe()
-        await nc.close()
-
-
-async def _keep_serving_every_second(server: NatsServer) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        _keep_serving(server)
 
 
 async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | None) -> None:
@@ -178,7 +74,8 @@ def up(
     api_port: int = 0,
     engine: str = "auto",
 ) -> int:
-    """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until Ctrl-C."""
+    """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until
+    Ctrl-C, starting again whatever dies (up to the restart policy's bound)."""
     from exojet.models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
 
     started = time.perf_counter()
@@ -204,82 +101,120 @@ def up(
         print(f"error: {err} (is another `exojet up` or nats-server already running on port {port}?)", file=sys.stderr)
         return 1
     print(f"nats-server  {server.url}  (store {server.store_dir})", flush=True)
-    procs: list[subprocess.Popen[bytes]] = []
-    runner: subprocess.Popen[bytes] | None = None
-    instance_id: str | None = None
+    url = server.url
+    children: list[Child] = []
+    serving = Serving()
     try:
-        from_seq = asyncio.run(_ensure(server.url)) + 1
-        procs.append(
-            _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models_dir)], logs / "supervisor.log")
-        )
-        runner = _spawn(
-            ["runner", "--id", runner_id, "--nats", server.url, "--models-dir", str(models_dir), "--engine", engine],
-            logs / f"runner-{runner_id}.log",
-        )
-        procs.append(runner)
+        from_seq = asyncio.run(_ensure(url)) + 1
+        children.append(Child("nats-server", lambda: _start_again(server), DEFAULT_POLICY, server.process))
+        supervisor = ["supervisor", "--nats", url, "--models-dir", str(models_dir)]
+        children.append(Child("supervisor", lambda: _spawn(supervisor, logs / "supervisor.log"), DEFAULT_POLICY))
+        runner = ["runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), "--engine", engine]
+        children.append(Child("runner", lambda: _spawn(runner, logs / f"runner-{runner_id}.log"), DEFAULT_POLICY))
         if api_port:
-            procs.append(
-                _spawn(["api", "--nats", server.url, "--port", str(api_port)], logs / "api.log"),
-            )
+            api = ["api", "--nats", url, "--port", str(api_port)]
+            children.append(Child("api", lambda: _spawn(api, logs / "api.log"), DEFAULT_POLICY))
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
-        instance_id = asyncio.run(_drive(server, runner_id, DEFAULT_MODEL_ID, from_seq))
-        if instance_id is None:
-            print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
-            return 1
-        api = (
-            f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\nLive page: http://127.0.0.1:{api_port}/\n"
-            if api_port
-            else ""
-        )
-        print(
-            f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
-            f"{api}"
-            f'  exojet chat "What is the capital of France?"\n'
-            f"  exojet state | exojet replay\nCtrl-C stops everything.",
-            flush=True,
-        )
-        while all(p.poll() is None for p in procs):
-            _keep_serving(server)
-            try:
-                procs[0].wait(1.0)
-            except subprocess.TimeoutExpired:
-                continue
-        dead = [_role(p) for p in procs if p.poll() is not None]
-        print(f"error: {', '.join(dead)} exited; stopping", file=sys.stderr)
+
+        def say_ready() -> None:
+            api_lines = (
+                f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\nLive page: http://127.0.0.1:{api_port}/\n"
+                if api_port
+                else ""
+            )
+            print(
+                f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
+                f"{api_lines}"
+                f'  exojet chat "What is the capital of France?"\n'
+                f"  exojet state | exojet replay\nCtrl-C stops everything.",
+                flush=True,
+            )
+
+        watcher = Watcher(runner_id)
+        asyncio.run(_serve(url, children, watcher, DEFAULT_MODEL_ID, from_seq, serving, say_ready))
+        print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("\nstopping: the runner shuts down through the log, then the supervisor and the server", flush=True)
         return 0
+    except (ChildKeepsDying, InstanceLost) as err:
+        print(f"error: {err}; stopping everything (logs in {logs})", file=sys.stderr, flush=True)
+        return 1
     finally:
-        # A second Ctrl-C must not cut the bounded cleanup short and orphan the children.
+        # A second Ctrl-C or kill must not cut the bounded cleanup short and orphan the children.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if runner is not None and runner.poll() is None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        runner_proc = next((c.proc for c in children if c.role == "runner"), None)
+        if runner_proc is not None and runner_proc.poll() is None:
             try:
-                asyncio.run(_shutdown_runner(server.url, runner_id, instance_id))
+                asyncio.run(_shutdown_runner(url, runner_id, serving.instance_id))
             except (client.NatsUnreachable, *client.TRANSIENT_ERRORS) as err:
                 print(f"could not ask the runner to shut down through the log ({err!r}); stopping it", flush=True)
             try:
-                runner.wait(20)
+                runner_proc.wait(20)
             except subprocess.TimeoutExpired:
                 pass  # stop_process below escalates
-        for proc in reversed(procs):
-            stop_process(proc)
+        for child in reversed(children):
+            if child.role != "nats-server":
+                stop_process(child.proc)
         server.stop()
 
 
-def _keep_serving(server: NatsServer) -> None:
-    """Start our nats-server again (same port, same store) if it died; the others reconnect to it."""
-    assert server.process is not None
-    code = server.process.poll()
-    if code is None:
-        return
-    print(f"nats-server exited with code {code}; starting it again on port {server.port}", flush=True)
+async def _serve(
+    url: str,
+    children: list[Child],
+    watcher: Watcher,
+    model_id: str,
+    from_seq: int,
+    serving: Serving,
+    say_ready: Callable[[], None],
+) -> None:
+    """Keep the children alive, drive the runner to Ready, then serve its instance again whenever
+    it comes back. Returns only if the first instance ended instead of Ready; raises when `up` must stop."""
+    keeping = asyncio.ensure_future(keep_alive(children))
+    try:
+        # Waits for the server, which the keeper starts again should it die meanwhile.
+        nc = await _unless_dying(keeping, client.connect(url, name="exojet-up", wait=True))
+        try:
+            sub = await client.follow(
+                nc, watcher.on_event, start_seq=from_seq, subject=subjects.runner_events_subject(watcher.runner_id)
+            )
+            try:
+                if not await _unless_dying(keeping, drive(nc, watcher, model_id, serving)):
+                    return
+                watcher.bars.stop()
+                say_ready()
+                await _unless_dying(keeping, keep_serving(nc, watcher, model_id, serving))
+            finally:
+                watcher.bars.stop()
+                await sub.unsubscribe()
+        finally:
+            await client.close(nc)
+    finally:
+        keeping.cancel()
+    raise AssertionError("keep_serving never returns")
+
+
+async def _unless_dying(keeping: asyncio.Future[NoReturn], work: Coroutine[Any, Any, T]) -> T:
+    """`work`'s result, unless a child keeps dying first (ChildKeepsDying then)."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait((keeping, task), return_when=asyncio.FIRST_COMPLETED)
+        if keeping.done():
+            keeping.result()
+        return task.result()
+    finally:
+        task.cancel()
+
+
+def _start_again(server: NatsServer) -> subprocess.Popen[bytes]:
+    """Our nats-server again, on the same port and store (the others reconnect to it)."""
     try:
         server.start()
     except ServerError as err:
-        print(f"nats-server did not start again ({err}); trying again in a second", file=sys.stderr, flush=True)
-        return
-    print(f"nats-server  {server.url}  back", flush=True)
+        raise StartFailed(str(err)) from err
+    assert server.process is not None
+    return server.process
 
 
 async def _ensure(url: str) -> int:
