@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
+from nats.aio.client import Client as NATS
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -172,8 +173,9 @@ def _sse(data: Any) -> bytes:
 class Api:
     """The routes' handlers around one gateway."""
 
-    def __init__(self, config: ApiConfig) -> None:
+    def __init__(self, config: ApiConfig, nc: NATS) -> None:
         self.config = config
+        self.nc = nc
         self.gateway: Gateway | None = None
 
     @property
@@ -184,9 +186,11 @@ class Api:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        # Waits for a server at start and never gives up on it (/health says 503 while it is away).
-        nc = await client.connect(self.config.nats_url, name="exojet-api", wait=True)
-        gateway = Gateway(nc, liveness_timeout=self.config.liveness_timeout, route_timeout=self.config.route_timeout)
+        # The connection waited for a server at start (api/main.py) and never gives up on it
+        # (/health says 503 while it is away).
+        gateway = Gateway(
+            self.nc, liveness_timeout=self.config.liveness_timeout, route_timeout=self.config.route_timeout
+        )
         await gateway.start()
         self.gateway = gateway
         try:
@@ -194,7 +198,7 @@ class Api:
         finally:
             self.gateway = None
             await gateway.stop()
-            await client.close(nc)
+            await client.close(self.nc)
 
     async def health(self, request: Request) -> Response:
         ok = self.gateway is not None and self.gateway.connected
@@ -363,9 +367,9 @@ async def _on_crash(request: Request, exc: Exception) -> Response:
     return _error(ApiError(500, f"internal error: {exc!r}", type="server_error", code="internal_error"))
 
 
-def create_app(config: ApiConfig) -> Starlette:
-    """The ASGI application (its lifespan connects to NATS)."""
-    api = Api(config)
+def create_app(config: ApiConfig, nc: NATS) -> Starlette:
+    """The ASGI application on `nc` (its lifespan closes it)."""
+    api = Api(config, nc)
     middleware = []
     if config.cors_origins:
         # Outside the guard: a browser's preflight carries no API key.
