@@ -23,19 +23,33 @@ def _short(status: str) -> str:
     return status.removeprefix("Runner")
 
 
-def render_runner_rows(runners: dict[str, dict[str, Any]]) -> str:
+def render_runner_rows(runners: dict[str, dict[str, Any]], engines: dict[str, str] | None = None) -> str:
+    """The runners as a table; `engines`: the engine each serves its model on, and why (`serving_engines`)."""
     rows = [
         [
             r["runner_id"],
             _short(r["status"]) + (f" ({r['error_message']})" if r.get("error_message") else ""),
             r["incarnation"],
             r.get("model_id"),
+            (engines or {}).get(r["runner_id"]),
             r.get("running_task"),
             r["last_event_seq"],
         ]
         for r in sorted(runners.values(), key=lambda r: r["runner_id"])
     ]
-    return table(["RUNNER", "STATUS", "INC", "MODEL", "TASK", "LAST SEQ"], rows)
+    return table(["RUNNER", "STATUS", "INC", "MODEL", "ENGINE", "TASK", "LAST SEQ"], rows)
+
+
+def serving_engines(tasks: list[dict[str, Any]]) -> dict[str, str]:
+    """Each runner's engine as its newest completed LoadModel states it, with the reason
+    when it is not the first choice (another engine crashed on the model)."""
+    engines: dict[str, str] = {}
+    for t in sorted(tasks, key=lambda t: t["created_seq"]):
+        result = t.get("result") or {}
+        if t["task_type"] == "LoadModel" and t["status"] == "Complete" and result.get("engine"):
+            reason = result.get("engine_reason")
+            engines[t["runner_id"]] = result["engine"] + (f" ({reason})" if reason else "")
+    return engines
 
 
 def render_task_rows(tasks: list[dict[str, Any]]) -> str:
@@ -73,7 +87,7 @@ def render_state(reply: dict[str, Any]) -> str:
         f"seq {reply['seq']}",
         "",
         f"runners{_page_note(reply, 'runners')}",
-        render_runner_rows(reply["runners"]),
+        render_runner_rows(reply["runners"], serving_engines(list(reply["tasks"].values()))),
     ]
     if reply.get("drained"):
         parts += ["", f"drained for maintenance (nothing is placed on them): {', '.join(reply['drained'])}"]
@@ -154,7 +168,7 @@ def render_runner(reply: dict[str, Any]) -> str:
         [
             f"seq {reply['seq']}",
             "",
-            render_runner_rows({runner["runner_id"]: runner}),
+            render_runner_rows({runner["runner_id"]: runner}, serving_engines(reply["tasks"])),
             "",
             render_task_rows(reply["tasks"]),
         ]

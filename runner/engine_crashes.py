@@ -32,8 +32,9 @@ class CrashMemory:
 
     def record(self, model_path: str, engine: EngineName, point: str, how: str) -> None:
         """Remember that `engine` crashed on `model_path` at `point` ("load", "warmup", ...)."""
-        first_line = how.splitlines()[0] if how else "crashed"
-        self._crashed.setdefault(model_path, {})[engine] = f"{first_line} during {point}"
+        # The exit's own words, without the stderr lines EngineCrashed quotes after them.
+        cause = how.split("; last stderr lines")[0].strip() or "crashed"
+        self._crashed.setdefault(model_path, {})[engine] = f"{cause} during {point}"
 
     def usable(self, model_path: str, installed: list[EngineName]) -> list[EngineName]:
         """The installed engines to try for `model_path`: those that never crashed on it, or

@@ -191,6 +191,8 @@ class Executor:
             "weights": loaded.weights,
             "weights_reason": loaded.weights_reason,
             "engine": loaded.engine,
+            # Why this engine, when another crashed on this model (runner/engine_crashes.py).
+            **({"engine_reason": loaded.engine_reason} if loaded.engine_reason else {}),
         }
 
 

@@ -7,19 +7,27 @@ from __future__ import annotations
 import itertools
 from pathlib import Path
 
+import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exojet.models.gguf_import import import_gguf
+from exojet.models.smollm import ensure_default_model
 from exojet.runner.engine import Engine, EngineError
 from exojet.runner.engine_protocol import LayersLoaded
 from exojet.runner.executor import LoadThrottle
+from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from tests.engine_contract import PROMPT, EngineContract, class_loop
+from tests.gguf_tiny import Q
+from tests.test_engine_llamacpp import as_gguf
 from tests.tiny_model import write_tiny_llama
 
 
-class TestMLXEngine(EngineContract):
+class MLXContract(EngineContract):
+    """The engine contract on MLX, with the tiny llama as it is; subclasses change the model."""
+
     ENGINE = "mlx"
 
     @pytest.fixture(scope="class")
@@ -39,6 +47,10 @@ class TestMLXEngine(EngineContract):
         from mlx_lm.utils import load
 
         model, tokenizer = load(str(model_path))
+        # The weights as the engine runs them: dense float32 where it chooses that.
+        weights, _ = choose_weights(model, True, "auto", psutil.virtual_memory().available)
+        if weights == "dense":
+            to_dense_float32(model)
         prompt = tokenizer.apply_chat_template(
             [{"role": m.role, "content": m.content} for m in PROMPT], add_generation_prompt=True
         )
@@ -54,6 +66,10 @@ class TestMLXEngine(EngineContract):
         corrupt.mkdir()
         (corrupt / "config.json").write_text("{not json")
         return corrupt
+
+
+class TestMLXEngine(MLXContract):
+    """The contract, and what only MLX does."""
 
     @class_loop
     @pytest.mark.timeout(60)
@@ -113,3 +129,46 @@ def test_load_progress_is_throttled_but_keeps_the_first_and_the_last() -> None:
     # A layer every 0.2 s: one report in three, plus the last.
     sent = [done for done in range(1, 11) if slow.due(done, 10, done * 0.2)]
     assert sent == [1, 4, 7, 10]
+
+
+class _MLXImportOfGguf(MLXContract):
+    """MLX on the mlx-lm import (`exojet models import-gguf`) of the tiny llama's GGUF in `QTYPE`."""
+
+    QTYPE = Q.Q4_0
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_path(cls, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        root = tmp_path_factory.mktemp(f"mlx-{cls.QTYPE.name}")
+        gguf = as_gguf(tiny_model_dir, root / "tiny.gguf", cls.QTYPE)
+        return import_gguf(gguf, f"test/tiny-{cls.QTYPE.name.lower()}", root / "models")
+
+
+class TestMLXImportQ4_0(_MLXImportOfGguf):
+    QTYPE = Q.Q4_0
+
+
+class TestMLXImportQ4_1(_MLXImportOfGguf):
+    QTYPE = Q.Q4_1
+
+
+class TestMLXImportQ8_0(_MLXImportOfGguf):
+    QTYPE = Q.Q8_0
+
+
+@pytest.mark.slow
+class TestMLXDefaultModel(MLXContract):
+    """The default model as MLX serves it (its import of the shipped GGUF); slow on a CPU, so in
+    the slow set (.ci/run runs it after the suite)."""
+
+    N_LAYERS = 30
+    # Its context window (8192), less the prompt.
+    ENDLESS = 8192 - 64
+    # Run by TestMLXEngine on the same big model; here it would follow this class's loads of a
+    # 538 MB model in the same child, whose freed pages blur the measure.
+    test_unload_releases_the_weights_memory = None
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def model_path(cls, tmp_path_factory: pytest.TempPathFactory) -> Path:
+        return ensure_default_model(tmp_path_factory.mktemp("models"))
