@@ -6,7 +6,7 @@ api`), the same prompt, greedy, the three alternated so machine drift hits all a
   - chat: what `exojet chat` does (a routed command, its chunks read as published and from
     EXO_CHUNKS), in-process,
   - direct: the serving engine's own library in this process (mlx_lm.stream_generate on the
-    weights the runner runs, or llama-cpp-python), as bench/inference.py runs it.
+    weights the runner runs, or xllamacpp), as bench/inference.py runs it.
 Time to first token is from the call to the first text; decode speed is
 (tokens - 1) / (last - first text). The HTTP first token is then cut into the hops it
 crossed, from the server's timestamps of the chat's messages (bench/chat_hops.py). Then 32
