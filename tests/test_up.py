@@ -278,3 +278,25 @@ def test_up_dies_with_everything_it_started(tmp_path: Path) -> None:
         # As nats-server binds: a closed connection's TIME_WAIT does not hold the port.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_up_stops_everything_once_a_child_keeps_dying(tmp_path: Path) -> None:
+    up = start_up(tmp_path, free_port(), None)
+    try:
+        wait_ready(up)
+        everything = psutil.Process(up.pid).children(recursive=True)
+        # Started again at once, then after 0.5, 1, 2 and 4 s; the 6th death within 60 s is one too many.
+        for restart in range(1, 6):
+            _child(up, "supervisor").kill()
+            assert f"restart {restart})" in _line_with(up, "supervisor started again", 30)
+        last = _child(up, "supervisor")
+        everything += psutil.Process(up.pid).children(recursive=True)
+        last.kill()
+        _line_with(up, "supervisor killed by SIGKILL, dying 6 times within 60 s: stopping everything", 30)
+        assert "error: supervisor killed by SIGKILL, dying 6 times within 60 s" in _line_with(up, "error: ", 30)
+        assert up.wait(60) == 1
+    finally:
+        if up.poll() is None:
+            up.kill()
+    assert not [c for c in everything if _alive(c)]
