@@ -29,13 +29,16 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     # Own process group: Ctrl-C reaches `up`, which then stops the children in order.
     # Should `up` die without its cleanup (SIGKILL), they die with it: the next
     # `up` finds no runner, supervisor or server of ours holding ports or models.
-    return subprocess.Popen(
-        [sys.executable, "-m", "exojet.cli.main", *args],
-        stdout=open(log, "ab"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=parent_death.preexec(signal.SIGKILL),
-    )
+    # The child holds its own copy of the log's descriptor: ours is closed (started again and
+    # again, a child must not leave one behind each time).
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "exojet.cli.main", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=parent_death.preexec(signal.SIGKILL),
+        )
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
