@@ -13,6 +13,7 @@ from exojet.bus import connect_options
 from exojet.bus.client import NatsRefused, NatsUnreachable, default_url
 from exojet.bus.connection import BadNatsUrl, server_urls
 from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits, ReplicasRefused, wanted_replicas
+from exojet.cli.api_key import BadApiKeyFile, NoApiKey, add_key_arguments, api_key_from_args
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
 from exojet.projections.state import Retention
@@ -52,9 +53,13 @@ def _add_replicas(p: argparse.ArgumentParser) -> None:
 
 def add_api_options(p: argparse.ArgumentParser) -> None:
     """`exojet api`'s options (also what `exojet up` passes on)."""
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=52415)
-    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but /health")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; beyond loopback only with an API key or --allow-no-key)",
+    )
+    p.add_argument("--port", type=int, default=52415, help="port to listen on (default 52415)")
+    add_key_arguments(p)
     p.add_argument(
         "--allowed-host",
         action="append",
@@ -72,13 +77,14 @@ def add_api_options(p: argparse.ArgumentParser) -> None:
 
 
 def api_config(args: argparse.Namespace, nats_url: str) -> ApiConfig:
-    """The API's configuration from `add_api_options`' arguments."""
+    """The API's configuration from `add_api_options`' arguments (BadApiKeyFile, NoApiKey:
+    see cli/api_key.py)."""
     from exojet.api.app import ApiConfig
     from exojet.api.main import allowed_hosts
 
     return ApiConfig(
         nats_url=nats_url,
-        api_key=args.api_key,
+        api_key=api_key_from_args(args, args.host),
         allowed_hosts=allowed_hosts(args.host, tuple(args.allowed_host)),
         cors_origins=tuple(args.cors_origin),
         max_tokens_limit=args.max_tokens_limit,
@@ -507,7 +513,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         case "api":
             from exojet.api.main import serve
 
-            return serve(api_config(args, args.nats), args.host, args.port)
+            try:
+                config = api_config(args, args.nats)
+            except (BadApiKeyFile, NoApiKey) as err:
+                print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+                return 1
+            return serve(config, args.host, args.port)
         case "runner":
             from exojet.runner.main import main as runner_main
 

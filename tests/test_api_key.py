@@ -1,0 +1,166 @@
+"""`exojet api`'s key: from `--api-key`, `--api-key-file` or `$EXO_API_KEY`, and no API beyond
+loopback without one unless `--allow-no-key` says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from exojet.bus.server import NatsServer, free_port
+from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, check_exposure, read_key_file, resolve_key
+from tests.procs import REPO, stop
+
+KEY = "sesame-7f3a"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != API_KEY_ENV}
+    return {**env, **extra}
+
+
+def _run_api(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`exojet api ARGS` expected to exit on its own (bounded)."""
+    return subprocess.run(
+        [sys.executable, "-m", "exojet.cli.main", "api", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        timeout=60,
+    )
+
+
+def _serve_api(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "exojet.cli.main", "api", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+
+def _until_health(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"exojet api exited with {proc.returncode}: {log.read_text()}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"the API did not answer /health within {timeout} s"
+        time.sleep(0.1)  # poll interval while the API process starts
+
+
+@pytest.fixture
+def api_proc() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        stop(proc)
+
+
+# -- where the key comes from ---------------------------------------------------------------
+
+
+def test_precedence_flag_then_file_then_environment(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text(f"  {KEY}\n")
+    env = {API_KEY_ENV: "from-env"}
+    assert resolve_key("from-flag", None, env) == "from-flag"
+    assert resolve_key(None, key_file, env) == KEY
+    assert resolve_key(None, None, env) == "from-env"
+    assert resolve_key(None, None, {API_KEY_ENV: ""}) is None
+    assert resolve_key(None, None, {}) is None
+
+
+def test_an_unreadable_or_empty_key_file_is_a_named_error(tmp_path: Path) -> None:
+    with pytest.raises(BadApiKeyFile, match="cannot read API key file .*missing"):
+        read_key_file(tmp_path / "missing")
+    with pytest.raises(BadApiKeyFile, match="cannot read API key file"):
+        read_key_file(tmp_path)  # a directory
+    (tmp_path / "empty").write_text("\n \n")
+    with pytest.raises(BadApiKeyFile, match="holds no key"):
+        read_key_file(tmp_path / "empty")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(BadApiKeyFile, match="not text"):
+        read_key_file(tmp_path / "binary")
+
+
+def test_only_loopback_is_served_without_a_key() -> None:
+    for host in ("127.0.0.1", "::1", "[::1]", "localhost", "LOCALHOST"):
+        check_exposure(host, None, allow_no_key=False)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
+        with pytest.raises(NoApiKey, match=f"refusing to serve the API on {host} without an API key"):
+            check_exposure(host, None, allow_no_key=False)
+        check_exposure(host, KEY, allow_no_key=False)
+        check_exposure(host, None, allow_no_key=True)
+
+
+# -- the command ----------------------------------------------------------------------------
+
+
+def test_api_beyond_loopback_without_a_key_refuses_to_start() -> None:
+    done = _run_api("--host", "0.0.0.0", "--port", str(free_port()), "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert done.returncode == 1
+    assert "error: NoApiKey: refusing to serve the API on 0.0.0.0 without an API key" in done.stderr
+    assert "--api-key-file" in done.stderr and "--allow-no-key" in done.stderr
+    assert "exojet API on" not in done.stdout  # refused before anything else
+
+
+def test_api_with_an_unreadable_key_file_refuses_to_start(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-key"
+    done = _run_api("--api-key-file", str(missing), "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert done.returncode == 1
+    assert f"error: BadApiKeyFile: cannot read API key file {missing}" in done.stderr
+
+
+def test_api_key_and_key_file_are_exclusive(tmp_path: Path) -> None:
+    done = _run_api("--api-key", KEY, "--api-key-file", str(tmp_path / "k"))
+    assert done.returncode == 2
+    assert "not allowed with argument" in done.stderr
+
+
+def test_api_open_beyond_loopback_with_allow_no_key_warns(
+    nats_server: NatsServer, tmp_path: Path, api_proc: list[subprocess.Popen[bytes]]
+) -> None:
+    port, log = free_port(), tmp_path / "api.log"
+    proc = _serve_api(
+        "--host", "0.0.0.0", "--port", str(port), "--allow-no-key", "--nats", nats_server.url, env=_env(), log=log
+    )
+    api_proc.append(proc)
+    _until_health(port, proc, log)
+    assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).status_code == 200
+    assert "with no API key (--allow-no-key)" in log.read_text()
+
+
+@pytest.mark.parametrize("source", ["env", "file"])
+def test_api_key_from_the_environment_or_a_file_is_required_and_not_on_the_command_line(
+    source: str, nats_server: NatsServer, tmp_path: Path, api_proc: list[subprocess.Popen[bytes]]
+) -> None:
+    port, log = free_port(), tmp_path / "api.log"
+    args = ["--host", "0.0.0.0", "--port", str(port), "--nats", nats_server.url]
+    if source == "env":
+        env = _env(**{API_KEY_ENV: KEY})
+    else:
+        (tmp_path / "key").write_text(KEY + "\n")
+        args += ["--api-key-file", str(tmp_path / "key")]
+        env = _env()
+    proc = _serve_api(*args, env=env, log=log)
+    api_proc.append(proc)
+    _until_health(port, proc, log)
+    guarded = f"http://127.0.0.1:{port}/openapi.json"
+    assert httpx.get(guarded, timeout=5).status_code == 401
+    assert httpx.get(guarded, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401
+    assert httpx.get(guarded, headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200
+    assert KEY not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+    assert "no API key" not in log.read_text()
