@@ -197,16 +197,18 @@ class NatsServer:
             if self.auth_dir is None:
                 cmd += ["--cluster_name", self.cluster.cluster_name, "--cluster", self.cluster.listen]
                 cmd += ["--routes", ",".join(self.cluster.routes)]
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
-        # Its own session: a Ctrl-C in the terminal must not kill the server
-        # under processes that still have last words to write; we stop it.
-        self.process = subprocess.Popen(
-            cmd,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=parent_death.preexec(signal.SIGTERM) if self.die_with_parent else None,
-        )
+        # The server holds its own copy of the log's descriptor: ours is closed once it is started
+        # (`exojet up` starts it again each time it dies, and must not keep one open each time).
+        with open(self.log_file, "ab") if self.log_file else open(os.devnull, "wb") as out:
+            # Its own session: a Ctrl-C in the terminal must not kill the server
+            # under processes that still have last words to write; we stop it.
+            self.process = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=parent_death.preexec(signal.SIGTERM) if self.die_with_parent else None,
+            )
         try:
             self._wait_healthy(cmd, ports_dir, time.monotonic() + timeout)
         finally:
