@@ -15,13 +15,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     q = asub.add_parser(
         "init", help="write DIR/auth.conf and a seed file (0600) for admin, supervisor, client and each runner"
     )
-    q.add_argument("dir", type=Path)
+    q.add_argument("dir", type=Path, help="the auth dir to write (created if missing)")
     q.add_argument("--runners", default="", help="runner ids, comma-separated (add more later with add-runner)")
     q.add_argument("--tls", action="store_true", help="also a private CA and a server certificate")
     q.add_argument("--hosts", default="", help="with --tls: names/addresses the server is reached by, comma-separated")
     q = asub.add_parser("add-runner", help="a seed for runner-ID, auth.conf rebuilt; a running `exojet nats` reloads")
-    q.add_argument("dir", type=Path)
-    q.add_argument("id")
+    q.add_argument("dir", type=Path, help="the auth dir `exojet auth init` wrote")
+    q.add_argument("id", help="the new runner's id (its identity is runner-ID)")
 
 
 def _split(value: str) -> list[str]:

@@ -117,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("nats", help="run the embedded nats-server (repo's nats.conf), alone or as a cluster node")
-    p.add_argument("--port", type=int, default=4222)
+    p.add_argument("--port", type=int, default=4222, help="client port (default 4222; 0: any free one)")
     p.add_argument("--listen", default=None, metavar="HOST:PORT", help="client address (sets --host and --port)")
-    p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument(
+        "--monitor-port", type=int, default=8222, help="HTTP monitoring port (default 8222; 0: any free one)"
+    )
     p.add_argument("--name", default=None, help="this node's name, unique in its cluster (default: the host's name)")
     p.add_argument("--cluster", default=None, metavar="URL", help="where this node's routes listen: nats://HOST:PORT")
     p.add_argument("--cluster_name", default="exojet", help="the cluster's name (default exojet)")
@@ -207,28 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub, _add_nats)
 
     p = sub.add_parser("task", help="validate and publish a task on exo.tasks.RUNNER_ID")
-    p.add_argument("runner_id")
+    p.add_argument("runner_id", help="the runner whose queue gets the task (exo.tasks.RUNNER_ID)")
     p.add_argument("json", help='the task, e.g. \'{"type":"StartWarmup"}\'')
     p.add_argument("--wait", action="store_true", help="follow it to its terminal status (print a chat's text)")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="with --wait: seconds before giving up, exit 1 (default 600)"
+    )
     _add_nats(p)
 
     p = sub.add_parser("state", help="the supervisor's projection")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--runner", default=None)
-    g.add_argument("--task", default=None)
-    g.add_argument("--instance", default=None)
-    p.add_argument("--json", action="store_true")
+    g.add_argument("--runner", default=None, help="only this runner")
+    g.add_argument("--task", default=None, help="only this task")
+    g.add_argument("--instance", default=None, help="only this instance")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--min-seq", type=int, default=0, help="answer once the projection reached this seq")
     p.add_argument("--offset", type=int, default=0, help="page: skip this many runners, instances and tasks")
     p.add_argument("--limit", type=int, default=100, help="page: at most this many of each (max 500)")
     _add_nats(p)
 
     p = sub.add_parser("replay", help="the log's timeline, rebuilt locally (no supervisor needed)")
-    p.add_argument("--runner", default=None)
-    p.add_argument("--task", default=None)
-    p.add_argument("--from", dest="from_seq", type=int, default=1)
-    p.add_argument("--to", dest="to_seq", type=int, default=None)
+    p.add_argument("--runner", default=None, help="only the messages about this runner")
+    p.add_argument("--task", default=None, help="only the messages about this task")
+    p.add_argument("--from", dest="from_seq", type=int, default=1, help="first log sequence (default 1)")
+    p.add_argument("--to", dest="to_seq", type=int, default=None, help="last log sequence (default: the newest)")
     p.add_argument("--json", action="store_true", help="one JSON object a line: seq, subject, time, message")
     p.add_argument("--state", action="store_true", help="print the projection as of --to (instead of the timeline)")
     p.add_argument(
@@ -252,26 +256,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_nats(p)
 
     p = sub.add_parser("explain", help="how a task, runner, instance or chat got its status, and why (from the log)")
-    p.add_argument("id")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("id", help="a runner, task, instance or routed chat id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of words")
     p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
     _add_nats(p)
 
     p = sub.add_parser("log", help="the log itself")
     log_sub = p.add_subparsers(dest="log_command", required=True)
     p = log_sub.add_parser("export", help="archive a range of EXO_LOG as gzip JSON lines (`replay --file` reads it)")
-    p.add_argument("--from", dest="from_seq", type=int, default=1)
-    p.add_argument("--to", dest="to_seq", type=int, default=None)
-    p.add_argument("file", type=Path)
+    p.add_argument("--from", dest="from_seq", type=int, default=1, help="first log sequence (default 1)")
+    p.add_argument("--to", dest="to_seq", type=int, default=None, help="last log sequence (default: the newest)")
+    p.add_argument("file", type=Path, help="the archive to write (gzip-compressed JSON lines)")
     _add_nats(p)
 
     p = sub.add_parser(
         "up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model"
     )
-    p.add_argument("--runner-id", default="r1")
+    p.add_argument("--runner-id", default="r1", help="the runner's id (default r1)")
     _add_engine(p)
-    p.add_argument("--port", type=int, default=4222)
-    p.add_argument("--monitor-port", type=int, default=8222)
+    p.add_argument("--port", type=int, default=4222, help="nats-server's client port on 127.0.0.1 (default 4222)")
+    p.add_argument("--monitor-port", type=int, default=8222, help="nats-server's HTTP monitoring port (default 8222)")
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
     p.add_argument(
         "--api-port", type=int, default=52415, help="the OpenAI-compatible API's port on 127.0.0.1 (0: no API)"
@@ -279,16 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_models_dir(p)
 
     p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="the user message to send")
     p.add_argument(
         "--runner",
         default=None,
         help="send to this runner directly (default: routed by the supervisors to a Ready instance)",
     )
     p.add_argument("--model", default=None, help="only instances/runners serving this model id")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the whole answer, exit 1 past it (default 600)",
+    )
     _add_nats(p)
 
     p = sub.add_parser("api", help="serve the OpenAI-compatible HTTP API (a stateless NATS client)")
@@ -300,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = msub.add_parser("list", help="complete models with their sizes")
     _add_models_dir(q)
     q = msub.add_parser("import-gguf", help="import a llama GGUF (Q4_0, Q4_1, Q8_0, F16, F32) as an mlx-lm model")
-    q.add_argument("path", type=Path)
+    q.add_argument("path", type=Path, help="the GGUF file")
     q.add_argument("--name", required=True, help="model id to import it as, e.g. local/my-llama")
     q.add_argument(
         "--dtype",

@@ -39,7 +39,7 @@ class ChatFailed(Exception):
 def add_parsers(sub: Any, add_nats: Any) -> None:
     """Register `place`, `delete`, `drain` and `undrain` on the `exojet` subparsers."""
     p = sub.add_parser("place", help="ask the supervisors to place MODEL on runners; prints the instance id")
-    p.add_argument("model_id")
+    p.add_argument("model_id", help="the model to place, e.g. exojet/SmolLM2-135M-Instruct-Q4")
     p.add_argument("--runners", default=None, help="comma-separated runner ids (default: the freest Idle ones)")
     p.add_argument("--min-runners", type=int, default=1, help="how many runners share the model (pipeline)")
     p.add_argument(
@@ -49,18 +49,22 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
         help="the model's layer count, an override (default: what the runners' downloads report)",
     )
     p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="with --wait: seconds before giving up, exit 1 (default 600)"
+    )
     add_nats(p)
     p = sub.add_parser("delete", help="delete an instance: its runners unload it and are Idle again")
-    p.add_argument("instance_id")
+    p.add_argument("instance_id", help="the instance id `exojet place` printed (see `exojet state`)")
     add_nats(p)
     p = sub.add_parser("drain", help="move a runner's instances elsewhere and place nothing on it (maintenance)")
-    p.add_argument("runner_id")
+    p.add_argument("runner_id", help="the runner to drain")
     p.add_argument("--wait", action="store_true", help="until it holds no instance and is Idle")
-    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="with --wait: seconds before giving up, exit 1 (default 600)"
+    )
     add_nats(p)
     p = sub.add_parser("undrain", help="let the supervisors place instances on a drained runner again")
-    p.add_argument("runner_id")
+    p.add_argument("runner_id", help="the drained runner")
     add_nats(p)
 
 
