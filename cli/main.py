@@ -277,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=4222, help="nats-server's client port on 127.0.0.1 (default 4222)")
     p.add_argument("--monitor-port", type=int, default=8222, help="nats-server's HTTP monitoring port (default 8222)")
     p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    p.add_argument("--api-port", type=int, default=52415, help="the OpenAI-compatible API's port (0: no API)")
     p.add_argument(
-        "--api-port", type=int, default=52415, help="the OpenAI-compatible API's port on 127.0.0.1 (0: no API)"
+        "--api-host",
+        default="127.0.0.1",
+        help="address the API listens on (default 127.0.0.1; beyond loopback only with an API key or --allow-no-key)",
     )
+    add_key_arguments(p)
     _add_models_dir(p)
 
     p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
@@ -494,8 +498,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             return asyncio.run(export_log(args.nats, args.from_seq, args.to_seq, args.file))
         case "up":
-            from exojet.cli.up_cmd import up
+            from exojet.cli.up_cmd import ApiOptions, up
 
+            try:
+                key = api_key_from_args(args, args.api_host, "--api-host") if args.api_port else None
+            except (BadApiKeyFile, NoApiKey) as err:
+                print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+                return 1
             return up(
                 args.port,
                 args.monitor_port,
@@ -504,6 +513,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 args.store_dir,
                 args.api_port,
                 args.engine,
+                ApiOptions(host=args.api_host, key=key, allow_no_key=args.allow_no_key),
             )
         case "chat":
             from exojet.cli.chat_cmd import chat

@@ -4,12 +4,14 @@ model, each started again when it dies (see up_children.py and up_instance.py)."
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -18,13 +20,36 @@ from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance
 from exojet.bus.server import NatsServer, ServerError, default_store_dir
 from exojet.bus.tasks import Shutdown
+from exojet.cli.api_key import API_KEY_ENV
 from exojet.cli.up_children import DEFAULT_POLICY, Child, ChildKeepsDying, StartFailed, keep_alive
 from exojet.cli.up_instance import InstanceLost, Serving, Watcher, drive, keep_serving
 
 T = TypeVar("T")
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+@dataclass(frozen=True)
+class ApiOptions:
+    """Where `up`'s API listens and the key it requires (checked beforehand: cli/api_key.py)."""
+
+    host: str = "127.0.0.1"
+    key: str | None = None
+    allow_no_key: bool = False
+
+    def child(self, nats_url: str, port: int) -> tuple[list[str], dict[str, str] | None]:
+        """`exojet api`'s arguments and environment: the key goes in the environment
+        (`$EXO_API_KEY`), never on a command line every local user reads in `ps`."""
+        args = ["api", "--nats", nats_url, "--host", self.host, "--port", str(port)]
+        if self.allow_no_key:
+            args.append("--allow-no-key")
+        return args, ({**os.environ, API_KEY_ENV: self.key} if self.key else None)
+
+    def url(self, port: int) -> str:
+        """Where a browser on this host reaches it."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "[::]") else self.host
+        return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
+
+
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     log.parent.mkdir(parents=True, exist_ok=True)
     # Own process group: Ctrl-C reaches `up`, which then stops the children in order.
     # Should `up` die without its cleanup (SIGKILL), they die with it: the next
@@ -36,6 +61,7 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
             [sys.executable, "-m", "exojet.cli.main", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=env,
             start_new_session=True,
             preexec_fn=parent_death.preexec(signal.SIGKILL),
         )
@@ -76,6 +102,7 @@ def up(
     store_dir: Path | None,
     api_port: int = 0,
     engine: str = "auto",
+    api: ApiOptions | None = None,
 ) -> int:
     """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until
     Ctrl-C, starting again whatever dies (up to the restart policy's bound)."""
@@ -114,14 +141,15 @@ def up(
         children.append(Child("supervisor", lambda: _spawn(supervisor, logs / "supervisor.log"), DEFAULT_POLICY))
         runner = ["runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), "--engine", engine]
         children.append(Child("runner", lambda: _spawn(runner, logs / f"runner-{runner_id}.log"), DEFAULT_POLICY))
+        api_options = api or ApiOptions()
         if api_port:
-            api = ["api", "--nats", url, "--port", str(api_port)]
-            children.append(Child("api", lambda: _spawn(api, logs / "api.log"), DEFAULT_POLICY))
+            api_args, api_env = api_options.child(url, api_port)
+            children.append(Child("api", lambda: _spawn(api_args, logs / "api.log", api_env), DEFAULT_POLICY))
         print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
 
         def say_ready() -> None:
             api_lines = (
-                f"OpenAI-compatible API: http://127.0.0.1:{api_port}/v1\nLive page: http://127.0.0.1:{api_port}/\n"
+                f"OpenAI-compatible API: {api_options.url(api_port)}/v1\nLive page: {api_options.url(api_port)}/\n"
                 if api_port
                 else ""
             )

@@ -15,6 +15,7 @@ import pytest
 
 from exojet.bus.server import NatsServer, free_port
 from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, check_exposure, read_key_file, resolve_key
+from exojet.cli.up_cmd import ApiOptions
 from tests.procs import REPO, stop
 
 KEY = "sesame-7f3a"
@@ -164,3 +165,34 @@ def test_api_key_from_the_environment_or_a_file_is_required_and_not_on_the_comma
     assert httpx.get(guarded, headers={"Authorization": f"Bearer {KEY}"}, timeout=5).status_code == 200
     assert KEY not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
     assert "no API key" not in log.read_text()
+
+
+# -- exojet up's API ------------------------------------------------------------------------
+
+
+def test_up_with_its_api_beyond_loopback_and_no_key_refuses_before_starting_anything(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "exojet.cli.main", "up", "--api-host", "0.0.0.0", "--port", str(free_port())]
+        + ["--store-dir", str(tmp_path / "nats"), "--models-dir", str(tmp_path / "models")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "error: NoApiKey: refusing to serve the API on 0.0.0.0 without an API key" in done.stderr
+    assert "--api-host 127.0.0.1" in done.stderr
+    assert not (tmp_path / "nats").exists() and not (tmp_path / "models").exists()
+
+
+def test_up_hands_its_api_the_key_in_the_environment_not_the_command_line() -> None:
+    args, env = ApiOptions(host="0.0.0.0", key=KEY).child("nats://127.0.0.1:4222", 52415)
+    assert KEY not in " ".join(args)
+    assert args[args.index("--host") + 1] == "0.0.0.0" and "--allow-no-key" not in args
+    assert env is not None and env[API_KEY_ENV] == KEY
+    args, env = ApiOptions(host="0.0.0.0", allow_no_key=True).child("nats://127.0.0.1:4222", 52415)
+    assert "--allow-no-key" in args and env is None
+    assert ApiOptions().url(52415) == "http://127.0.0.1:52415"
+    assert ApiOptions(host="::").url(1) == "http://127.0.0.1:1"
+    assert ApiOptions(host="::1").url(1) == "http://[::1]:1"
