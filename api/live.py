@@ -1,14 +1,16 @@
 """The API's own view of the cluster: `EXO_LOG` replayed and followed through the Python fold.
 
 It feeds the live page (its first view, and the server-sent events that keep it live), the
-timeline and `/metrics`. It is started by the first request that needs it, so an API that no
-one looks at reads nothing. Heartbeats (core NATS, not in the log) only stamp each runner's
-last-seen time; chunks (`EXO_CHUNKS`, new ones only) give first-token latencies.
+timeline and `/metrics`. It starts with the API (`begin`), so `/metrics` times the first token
+of every chat the API serves, not only of those after the first scrape. Heartbeats (core NATS,
+not in the log) only stamp each runner's last-seen time; chunks (`EXO_CHUNKS`, new ones only)
+give first-token latencies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from typing import Any
@@ -127,10 +129,15 @@ class LiveCluster:
         self._subs: list[Any] = []
         self._folded = asyncio.Event()
 
-    async def ready(self) -> None:
-        """Start following the log once (the first caller starts it, every caller waits for the catch-up)."""
+    def begin(self) -> None:
+        """Start following the log, once, without waiting for it to catch up."""
         if self._started is None:
             self._started = asyncio.create_task(self._start())
+
+    async def ready(self) -> None:
+        """Start following the log once (the first caller starts it, every caller waits for the catch-up)."""
+        self.begin()
+        assert self._started is not None
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:
@@ -150,6 +157,11 @@ class LiveCluster:
         )
 
     async def close(self) -> None:
+        # A start still waiting for its server (or replaying) is cancelled, not left behind.
+        if self._started is not None and not self._started.done():
+            self._started.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._started
         if self.nc is not None:
             await self.nc.close()
 

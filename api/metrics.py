@@ -60,11 +60,21 @@ class ClusterMetrics:
         # stream id -> the log time its chat was published; task id -> the log time it started running.
         self._published: dict[str, float] = {}
         self._running: dict[str, float] = {}
+        # stream id -> when its first chunk arrived, for a chat whose first chunk came before the
+        # API's fold read its ChatCompletion (a fast engine answers within the fold's lag); and
+        # the stream ids already timed, so their later chunks are not taken for a first one.
+        self._first_chunk: dict[str, float] = {}
+        self._timed: dict[str, float] = {}
 
     def on_env(self, env: Envelope, message: Any, old_status: TaskStatus | None) -> None:
         """Observe one folded message (`old_status`: its task's status before it, if a task's)."""
         if isinstance(message, ChatCompletion):
-            self._remember(self._published, message.stream_id or message.task_id or str(env.seq), env.time)
+            stream_id = message.stream_id or message.task_id or str(env.seq)
+            first = self._first_chunk.pop(stream_id, None)
+            if first is not None:
+                self._observe_first_token(stream_id, first - env.time)
+            elif stream_id not in self._timed:
+                self._remember(self._published, stream_id, env.time)
             return
         if not isinstance(message, TaskStatusUpdated):
             return
@@ -87,7 +97,13 @@ class ClusterMetrics:
         """A chunk arrived on `exo.chunks.<stream_id>`: the first one of a chat times its first token."""
         published = self._published.pop(stream_id, None)
         if published is not None:
-            self.first_token.observe(max(now - published, 0.0))
+            self._observe_first_token(stream_id, now - published)
+        elif stream_id not in self._timed and stream_id not in self._first_chunk:
+            self._remember(self._first_chunk, stream_id, now)
+
+    def _observe_first_token(self, stream_id: str, seconds: float) -> None:
+        self.first_token.observe(max(seconds, 0.0))
+        self._remember(self._timed, stream_id, 0.0)
 
     @staticmethod
     def _remember(table: dict[str, float], key: str, at: float) -> None:

@@ -235,6 +235,7 @@ def page_routes(nats_url: str, lifespan: Lifespan) -> tuple[list[BaseRoute], Lif
     @asynccontextmanager
     async def closing(app: Starlette) -> AsyncIterator[None]:
         async with lifespan(app):
+            live.begin()
             try:
                 yield
             finally:
