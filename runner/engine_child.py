@@ -172,6 +172,9 @@ class EngineChild:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            # Before the reply, so that the memory is back when the parent hears Ok (llama.cpp's
+            # buffers are malloc'd: glibc keeps them until trimmed).
+            _return_freed_memory()
         return Ok()
 
     def generate(self, req: Generate) -> Done:
