@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import signal
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -63,10 +62,9 @@ from exojet.runner.engine_protocol import (
     frame_length,
     reply_decoder,
 )
+from exojet.runner.engine_stderr import STDERR_LINES, StderrTail
 from exojet.runner.mlx_cpu import child_env, describe, find_blas
 
-STDERR_LINES = 40
-_MAX_STDERR_LINE = 2000
 _R = TypeVar("_R", ModelLoaded, GroupConnected, Ok)
 
 
@@ -105,7 +103,8 @@ class Engine:
         self._replies: asyncio.Queue[Reply | EngineCrashed] = asyncio.Queue()
         self._reader: asyncio.Task[None] | None = None
         self._stderr_reader: asyncio.Task[None] | None = None
-        self._stderr: deque[str] = deque(maxlen=stderr_lines)
+        self._stderr_lines = stderr_lines
+        self._stderr = StderrTail(logger, stderr_lines)
         self._lock = asyncio.Lock()
         self._crash: EngineCrashed | None = None
         # Terminal replies the child still owes for abandoned requests.
@@ -138,7 +137,7 @@ class Engine:
     @property
     def stderr_tail(self) -> list[str]:
         """The last lines the child wrote to stderr."""
-        return list(self._stderr)
+        return list(self._stderr.lines)
 
     async def start(self) -> None:
         """Spawn a fresh child (after a crash or a stop too); no-op if one is alive."""
@@ -146,7 +145,6 @@ class Engine:
             return
         await self._reap()
         self._replies = asyncio.Queue()
-        self._stderr.clear()
         self._crash = None
         self._owed = 0
         self._stopping = False
@@ -167,7 +165,9 @@ class Engine:
             preexec_fn=parent_death.preexec(signal.SIGKILL),
         )
         self._log = logger.bind(component="engine", engine_pid=self._proc.pid)
-        self._stderr_reader = asyncio.create_task(self._read_stderr(self._proc))
+        self._stderr = StderrTail(self._log, self._stderr_lines)
+        assert self._proc.stderr is not None
+        self._stderr_reader = asyncio.create_task(self._stderr.read(self._proc.stderr))
         self._reader = asyncio.create_task(self._read_replies(self._proc))
         self._log.info("engine process started; BLAS {} ({})", self.blas.library or "MLX's own", self.blas.reason)
 
@@ -416,33 +416,12 @@ class Engine:
             await self._stderr_reader
         self._replies.put_nowait(
             EngineCrashed(
-                exit_message(proc.returncode, self._stopping, list(self._stderr), self._engine_in_use)
+                exit_message(proc.returncode, self._stopping, list(self._stderr.lines), self._engine_in_use)
                 + detail
-                + self._tail(),
+                + self._stderr.quoted(),
                 proc.returncode,
             )
         )
-
-    async def _read_stderr(self, proc: asyncio.subprocess.Process) -> None:
-        assert proc.stderr is not None
-        partial = b""
-        while chunk := await proc.stderr.read(65536):
-            *lines, partial = (partial + chunk).split(b"\n")
-            for line in lines:
-                self._keep_stderr_line(line)
-            partial = partial[-_MAX_STDERR_LINE:]
-        if partial:
-            self._keep_stderr_line(partial)
-
-    def _keep_stderr_line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").rstrip()[:_MAX_STDERR_LINE]
-        self._stderr.append(line)
-        self._log.debug("engine stderr: {}", line)
-
-    def _tail(self) -> str:
-        if not self._stderr:
-            return ""
-        return "; last stderr lines:\n" + "\n".join(self._stderr)
 
 
 __all__ = [
