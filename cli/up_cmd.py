@@ -4,13 +4,14 @@ model, each started again when it dies (see up_children.py and up_instance.py)."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -218,12 +219,24 @@ async def _serve(
                 await _unless_dying(keeping, keep_serving(nc, watcher, model_id, serving))
             finally:
                 watcher.bars.stop()
-                await sub.unsubscribe()
+                # Bounded: on Ctrl-C this runs while asyncio cancels every task, and a goodbye
+                # to the server must not hold the stop (it held it 5-20 s).
+                async with _briefly():
+                    await sub.unsubscribe()
         finally:
-            await client.close(nc)
+            async with _briefly():
+                await client.close(nc)
     finally:
         keeping.cancel()
     raise AssertionError("keep_serving never returns")
+
+
+@contextlib.asynccontextmanager
+async def _briefly(seconds: float = 1.0) -> AsyncIterator[None]:
+    """Give up on the work inside after `seconds` (a cleanup that must not hold a stop)."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            yield
 
 
 async def _unless_dying(keeping: asyncio.Future[NoReturn], work: Coroutine[Any, Any, T]) -> T:
