@@ -53,10 +53,20 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
     )
 
 
-def start_runner(runner_id: str, url: str, models_dir: Path, logs: Path) -> subprocess.Popen[bytes]:
-    """`exojet runner --id RUNNER_ID` on `url`, its log in `logs/<runner_id>.log`."""
+def start_runner(
+    runner_id: str, url: str, models_dir: Path, logs: Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """`exojet runner --id RUNNER_ID` on `url`, its log in `logs/<runner_id>.log` (`env` added to ours)."""
     return exojet(
-        "runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), log=logs / f"{runner_id}.log"
+        "runner",
+        "--id",
+        runner_id,
+        "--nats",
+        url,
+        "--models-dir",
+        str(models_dir),
+        log=logs / f"{runner_id}.log",
+        env=env,
     )
 
 

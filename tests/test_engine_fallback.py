@@ -19,7 +19,7 @@ from exojet.runner.engine_backend import FAULT_ENV
 from exojet.runner.engine_protocol import Generate
 from tests.engine_contract import PROMPT, collect
 from tests.log_watcher import LogWatch
-from tests.procs import exojet, exojet_output, stop
+from tests.procs import exojet, exojet_output, start_runner, stop
 from tests.test_engine_llamacpp import as_gguf
 
 
@@ -79,17 +79,7 @@ async def test_the_instance_is_served_on_the_other_engine_after_a_crash(
     watch = LogWatch()
     await watch.start(nc)
     models_dir = both_engines_model.parent
-    runner = exojet(
-        "runner",
-        "--id",
-        "r1",
-        "--nats",
-        nats_server.url,
-        "--models-dir",
-        str(models_dir),
-        log=tmp_path / "r1.log",
-        env={FAULT_ENV: "llamacpp:warmup"},
-    )
+    runner = start_runner("r1", nats_server.url, models_dir, tmp_path, env={FAULT_ENV: "llamacpp:warmup"})
     supervisor = exojet("supervisor", "--nats", nats_server.url, "--id", "s0", log=tmp_path / "s0.log")
     try:
         ack = await client.publish(nc.jetstream(), subjects.COMMANDS, PlaceInstance(model_id="local/tiny"))
