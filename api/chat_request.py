@@ -93,6 +93,8 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float | None
     seed: int | None
     stop: str | tuple[str, ...] | None
+    # The message's content is the prompt as given (no chat template).
+    raw: bool = False
 
 
 _decoder = msgspec.json.Decoder()

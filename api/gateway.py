@@ -235,6 +235,7 @@ class Gateway:
             top_p=req.top_p,
             seed=req.seed,
             stop=req.stop,
+            raw=req.raw,
         )
         await client.publish(self.js, subjects.COMMANDS, command, msg_id=stream.command_id)
         try:

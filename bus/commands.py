@@ -49,6 +49,9 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: int | None = None
     stop: str | tuple[str, ...] | None = None
+    # True: the one message's content is the model's input as given, no chat template
+    # (OpenAI's /v1/completions, Ollama's raw generate).
+    raw: bool = False
 
 
 class CancelChat(_Command, frozen=True):

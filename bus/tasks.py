@@ -71,6 +71,8 @@ class ChatCompletion(_Task, frozen=True):
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: int | None = None
     stop: str | tuple[str, ...] | None = None
+    # True: the one message's content is the model's input as given, no chat template.
+    raw: bool = False
     # Chunks go to `exo.chunks.<stream_id>` when set (a routed request shared by
     # every rank of an instance), else to `exo.chunks.<task_id>`.
     stream_id: str | None = None

@@ -50,6 +50,7 @@ async def chat(
         top_p=task.top_p if task.top_p is not None else 1.0,
         seed=_lockstep_seed(task) if group is not None else task.seed,
         stop=stop_strings(task),
+        raw=task.raw,
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None

@@ -56,6 +56,13 @@ def check_fits(prompt_tokens: int, max_tokens: int, context_length: int | None) 
         )
 
 
+def raw_prompt(req: Generate) -> str:
+    """A raw request's prompt: its one message's content, given to the model as is."""
+    if len(req.messages) != 1:
+        raise RequestError("InvalidRequest", f"a raw prompt is one message, got {len(req.messages)}")
+    return req.messages[0].content
+
+
 def fault_point(engine: str, point: str) -> None:
     """Crash here if the fault hook names this engine and point (tests only set it)."""
     if os.environ.get(FAULT_ENV) == f"{engine}:{point}":

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from exojet.runner.engine_backend import RequestError
+from exojet.runner.engine_backend import RequestError, raw_prompt
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
 from exojet.runner.stop_scanner import StopScanner
 
@@ -108,9 +108,15 @@ def _sampling(req: Generate) -> dict[str, Any]:
 
 
 def chat_body(req: Generate) -> dict[str, Any]:
-    """The streamed chat completion handed to llama.cpp's server engine for `req`."""
+    """The streamed chat completion (or, for a raw request, text completion) handed to
+    llama.cpp's server engine for `req`."""
+    text: dict[str, Any] = (
+        {"prompt": raw_prompt(req)}
+        if req.raw
+        else {"messages": [{"role": m.role, "content": m.content} for m in req.messages]}
+    )
     return {
-        "messages": [{"role": m.role, "content": m.content} for m in req.messages],
+        **text,
         "stream": True,
         "stream_options": {"include_usage": True},
         **_sampling(req),
@@ -123,6 +129,8 @@ class _Delta(msgspec.Struct):
 
 class _Choice(msgspec.Struct):
     delta: _Delta = msgspec.field(default_factory=_Delta)
+    # A text completion's chunks carry their text here instead.
+    text: str | None = None
     finish_reason: str | None = None
 
 
@@ -208,7 +216,8 @@ class LlamaCppEngine:
                 state.failure = exc
                 return True
 
-        self.server.handle_chat_completions(msgspec.json.encode(chat_body(req)).decode(), on_chunk)
+        handle = self.server.handle_completions if req.raw else self.server.handle_chat_completions
+        handle(msgspec.json.encode(chat_body(req)).decode(), on_chunk)
         if state.failure is not None:
             raise state.failure
         tail = state.scanner.flush()
@@ -256,11 +265,11 @@ class _Generation:
             self.error = chunk.error
             return True
         for choice in chunk.choices:
-            if choice.delta.content:
+            if content := choice.delta.content or choice.text:
                 if self.first_at is None:
                     self.first_at = time.perf_counter()
                 self.deltas += 1
-                delta, stopped = self.scanner.feed(choice.delta.content)
+                delta, stopped = self.scanner.feed(content)
                 if emit is not None and delta:
                     emit(delta)
                 if stopped:

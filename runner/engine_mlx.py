@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from loguru import logger
 
-from exojet.runner.engine_backend import RequestError, check_fits
+from exojet.runner.engine_backend import RequestError, check_fits, raw_prompt
 from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
@@ -212,9 +212,13 @@ class MlxEngine:
         started = time.perf_counter()
         try:
             # A chat template may refuse a role it does not know; mlx a seed it cannot hold.
-            prompt = self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in req.messages],
-                add_generation_prompt=True,
+            prompt = (
+                self.tokenizer.encode(raw_prompt(req))
+                if req.raw
+                else self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in req.messages],
+                    add_generation_prompt=True,
+                )
             )
             if req.seed is not None:
                 mx.random.seed(req.seed)

@@ -62,6 +62,8 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = []
+    # The one message's content is the prompt as given, no chat template.
+    raw: bool = False
     request_id: int = 0
 
 

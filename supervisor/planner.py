@@ -474,6 +474,7 @@ def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, ra
         top_p=request.top_p,
         seed=request.seed,
         stop=request.stop,
+        raw=request.raw,
         stream_id=chat.chat_id,
         emit_rank=0,
     )

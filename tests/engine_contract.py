@@ -119,6 +119,26 @@ class EngineContract:
 
     @class_loop
     @pytest.mark.timeout(60)
+    async def test_raw_prompt_skips_the_chat_template(self, engine: Engine, model_path: Path) -> None:
+        await engine.load(str(model_path))
+        raw = Generate(messages=PROMPT, max_tokens=12, raw=True)
+
+        chunks, done = await collect(engine, raw)
+        _, again = await collect(engine, raw)
+        _, templated = await collect(engine, Generate(messages=PROMPT, max_tokens=12))
+
+        # A real model may end its text early (its end-of-text token).
+        assert (done.finish_reason, done.completion_tokens) == ("length", 12) or done.finish_reason == "stop"
+        assert done.completion_tokens >= 1
+        assert "".join(chunks) == done.text == again.text
+        # The prompt is the bare text: fewer tokens than the same words in the chat template.
+        assert done.prompt_tokens < templated.prompt_tokens
+        with pytest.raises(EngineError) as err:
+            await collect(engine, Generate(messages=PROMPT * 2, max_tokens=4, raw=True))
+        assert err.value.error_type == "InvalidRequest"
+
+    @class_loop
+    @pytest.mark.timeout(60)
     async def test_same_seed_same_text(self, engine: Engine, model_path: Path) -> None:
         await engine.load(str(model_path))
 
