@@ -1,0 +1,255 @@
+"""The one routed chat every API dialect speaks through.
+
+A dialect (OpenAI chat, Anthropic Messages, Ollama, OpenAI completions and Responses)
+turns its request into a `ChatRequest`, hands it to `route`, and reads the answer
+either whole (`whole`) or as it comes (`stream_body`); it only shapes what goes in
+and out. Model checks, routing, chunks, cancel on disconnect, liveness and the
+outcome's error all live here and in the gateway, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.types import Receive
+
+from exojet.api.chat_request import ChatRequest
+from exojet.api.errors import ApiError, bad_request, not_found, unavailable
+from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
+from exojet.projections.instances import ENDED_STATUSES, READY
+
+# What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
+Piece = str | Ended | ApiError
+T = TypeVar("T")
+NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def served_models(state: dict[str, Any]) -> list[str]:
+    """Models with at least one Ready instance."""
+    return sorted({i["model_id"] for i in state["instances"].values() if i["status"] == READY})
+
+
+def model_status(state: dict[str, Any], model: str) -> str | None:
+    """Ready if an instance of `model` is; else the status of one on its way; None if it has none."""
+    statuses = [
+        i["status"] for i in state["instances"].values() if i["model_id"] == model and i["status"] not in ENDED_STATUSES
+    ]
+    if READY in statuses:
+        return READY
+    return statuses[0] if statuses else None
+
+
+async def check_model(gateway: Gateway, model: str) -> None:
+    """Nothing if `model` has a Ready instance; else ApiError 404 (none) or 503 (on its way)."""
+    recent = gateway.recent_view()
+    if recent is not None and model_status(recent, model) == READY:
+        return
+    status = model_status(await gateway.cluster(), model)
+    if status != READY:
+        status = model_status(await gateway.cluster(fresh=True), model)
+    if status is None:
+        served = ", ".join(served_models(await gateway.cluster())) or "none"
+        raise not_found(
+            f"The model {model!r} does not exist or has no instance (served: {served}); "
+            f"place it with `exojet place {model}`"
+        )
+    if status != READY:
+        raise unavailable(f"the model {model!r} is {status}, not Ready yet", "model_not_ready")
+
+
+async def route(gateway: Gateway, req: ChatRequest) -> ChatStream:
+    """The chat routed to a Ready instance of its model (ApiError when it cannot be)."""
+    await check_model(gateway, req.model)
+    stream = await gateway.open_chat()
+    try:
+        await gateway.submit(stream, req)
+    except BaseException:
+        gateway.close(stream, "the request failed before its chat was routed")
+        raise
+    return stream
+
+
+def outcome_error(outcome: Ended | Lost, chat_id: str) -> ApiError | None:
+    """None for a completed chat, else the error the client gets."""
+    if isinstance(outcome, Lost):
+        return unavailable(f"{chat_id}: {outcome.reason}", "runner_lost", retry_after=1)
+    if outcome.status == "Complete":
+        return None
+    detail = f"{chat_id} {outcome.status}: {outcome.error_type}: {outcome.error_message}"
+    if outcome.status == "Cancelled":
+        return ApiError(409, detail, type="cancelled", code="cancelled")
+    if outcome.status == "TimedOut":
+        return ApiError(504, detail, type="server_error", code="timed_out")
+    return ApiError(500, detail, type="server_error", code=outcome.error_type)
+
+
+async def pieces(stream: ChatStream) -> AsyncIterator[Piece]:
+    """The chat's text deltas as they come, then its Complete status or the error it ended with."""
+    said = ""
+    while True:
+        item = await stream.items.get()
+        if isinstance(item, Chunk):
+            said += item.text
+            yield item.text
+            continue
+        if isinstance(item, Ended) and item.status == "Complete":
+            # Chunks and the status come on two streams: the result's text is the
+            # whole answer, so send whatever chunks have not been read yet.
+            final = item.result.get("text")
+            if isinstance(final, str) and final.startswith(said) and len(final) > len(said):
+                yield final[len(said) :]
+        err = outcome_error(item, stream.chat_id)
+        if err is not None:
+            yield err
+        else:
+            assert isinstance(item, Ended)
+            yield item
+        return
+
+
+def tokens(outcome: Ended) -> tuple[int, int]:
+    """(prompt tokens, completion tokens) of a completed chat."""
+    return int(outcome.result.get("prompt_tokens", 0)), int(outcome.result.get("completion_tokens", 0))
+
+
+def finish_reason(outcome: Ended) -> str:
+    """OpenAI's word for how the chat ended: `stop` or `length` (`cancelled` once cancelled)."""
+    return str(outcome.result.get("finish_reason", "stop"))
+
+
+async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple[str, Ended] | None:
+    """The whole answer and its Complete status; None when the client went away first
+    (its chat is cancelled); ApiError when the chat ended otherwise."""
+
+    async def collect() -> tuple[str, Ended]:
+        parts = []
+        async for piece in pieces(stream):
+            if isinstance(piece, str):
+                parts.append(piece)
+            elif isinstance(piece, ApiError):
+                raise piece
+            else:
+                return "".join(parts), piece
+        raise AssertionError("an answer always ends with its outcome")
+
+    answer = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            gateway.close(stream, "client disconnected")
+    if not answer.done() or answer.cancelled():
+        return None
+    gateway.close(stream, "answered")
+    return answer.result()
+
+
+def stream_body(
+    gateway: Gateway,
+    stream: ChatStream,
+    render: Callable[[AsyncIterator[Piece]], AsyncIterator[bytes]],
+    media_type: str,
+) -> StreamingResponse:
+    """A streamed answer: `render` turns the chat's pieces into the dialect's bytes."""
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            async for part in render(pieces(stream)):
+                yield part
+        finally:
+            # Runs when the stream ends and when the client goes away mid-way
+            # (the response is cancelled): an unfinished chat is cancelled.
+            gateway.close(stream, "client disconnected")
+
+    return StreamingResponse(body(), media_type=media_type, headers=NO_BUFFERING)
+
+
+async def respond(
+    request: Request,
+    gateway: Gateway,
+    req: ChatRequest,
+    events: Callable[[str, AsyncIterator[Piece]], AsyncIterator[bytes]],
+    reply: Callable[[str, str, Ended], Any],
+    media_type: str = "text/event-stream",
+) -> Response:
+    """Route `req`, then answer as a dialect does: streamed (`events` of the chat id and its
+    pieces) when it asked for a stream, else `reply(chat id, text, outcome)` as JSON."""
+    stream = await route(gateway, req)
+    if req.stream:
+        return stream_body(gateway, stream, lambda p: events(stream.chat_id, p), media_type)
+    answered = await whole(request, gateway, stream)
+    if answered is None:
+        return gone()
+    return json_response(reply(stream.chat_id, *answered))
+
+
+def gone() -> Response:
+    """What a request whose client went away gets (nobody reads it)."""
+    return Response(status_code=499)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(msgspec.json.encode(body), status, headers, media_type="application/json")
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event; `event` names it (Anthropic and Responses do, OpenAI chat does not)."""
+    head = b"event: " + event.encode() + b"\n" if event else b""
+    return head + b"data: " + msgspec.json.encode(data) + b"\n\n"
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the request's body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+_decoder = msgspec.json.Decoder()
+_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+def decode_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object, or ApiError(400)."""
+    try:
+        data = _decoder.decode(raw)
+    except msgspec.DecodeError as err:
+        raise bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise bad_request("the body must be a JSON object", code="invalid_json")
+    return data
+
+
+def convert(data: Any, kind: type[T]) -> T:
+    """`data` as a `kind`, or ApiError(400) naming the field (`param`) and what is wrong with it."""
+    try:
+        return msgspec.convert(data, kind)
+    except msgspec.ValidationError as err:
+        text = str(err)
+        match = _AT_PATH.search(text)
+        path = match.group("path") if match else ""
+        detail = text[: match.start()] if match else text
+        raise bad_request(f"{path or 'body'}: {detail}", param=path or None, code="invalid_value") from None
+
+
+def refuse(data: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
+    """`data` less the nulls of `refused`'s fields (some clients send every field, unset ones as
+    null); ApiError(400) naming the first of them it holds a value for, and why, so a client
+    learns what exojet does not do rather than being ignored."""
+    for name, why in refused.items():
+        if data.get(name) is not None:
+            raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
+    return {k: v for k, v in data.items() if k not in refused}
+
+
+def check_max_tokens(value: int | None, name: str, limit: int) -> None:
+    if value is not None and value > limit:
+        raise bad_request(f"{name}: must be at most {limit}, got {value}", param=name, code="invalid_value")

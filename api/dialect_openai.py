@@ -1,0 +1,97 @@
+"""OpenAI's chat completions: `POST /v1/chat/completions`, whole or as server-sent chunks.
+
+The request is validated by `chat_request.py`; the chat is routed and read through
+`dialect_base`, as every other dialect's is. Errors are OpenAI's own shape (`errors.py`);
+one after a stream began is a `data: {"error": ...}` event, then `[DONE]`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from exojet.api import dialect_base as base
+from exojet.api.chat_request import ChatRequest, parse_chat
+from exojet.api.errors import ApiError
+from exojet.api.gateway import Ended
+
+if TYPE_CHECKING:
+    from exojet.api.app import Api
+
+DONE = b"data: [DONE]\n\n"
+
+
+def usage(outcome: Ended) -> dict[str, int]:
+    prompt, completion = base.tokens(outcome)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class Chat:
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    async def create(self, request: Request) -> Response:
+        req = parse_chat(await request.body(), self.api.config.max_tokens_limit)
+        return await base.respond(
+            request,
+            self.api.gw,
+            req,
+            lambda chat_id, pieces: _events(chat_id, req, pieces),
+            lambda chat_id, text, outcome: _completion(chat_id, req, text, outcome),
+        )
+
+
+def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> dict[str, Any]:
+    return {
+        "id": chat_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": req.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": base.finish_reason(outcome),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(outcome),
+    }
+
+
+async def _events(chat_id: str, req: ChatRequest, pieces: AsyncIterator[base.Piece]) -> AsyncIterator[bytes]:
+    head = {
+        "id": chat_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": req.model,
+        "system_fingerprint": None,
+    }
+    tail: dict[str, Any] = {"usage": None} if req.include_usage else {}
+
+    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
+        return base.sse(
+            {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]} | tail
+        )
+
+    yield choice({"role": "assistant", "content": ""})
+    async for piece in pieces:
+        if isinstance(piece, str):
+            yield choice({"content": piece})
+        elif isinstance(piece, ApiError):
+            yield base.sse(piece.body())
+        else:
+            yield choice({}, base.finish_reason(piece))
+            if req.include_usage:
+                yield base.sse({**head, "choices": [], "usage": usage(piece)})
+    yield DONE
+
+
+def routes(api: Api) -> list[Route]:
+    return [Route("/v1/chat/completions", Chat(api).create, methods=["POST"])]
