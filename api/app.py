@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exojet.api import dialect_anthropic, dialect_openai, openapi
+from exojet.api import dialect_anthropic, dialect_ollama, dialect_openai, openapi
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
 from exojet.api.dialect_base import json_response, served_models
 from exojet.api.errors import ApiError, not_found, unavailable
@@ -57,6 +57,7 @@ def _openai_error(err: ApiError) -> Response:
 # Each dialect answers errors in its own shape, told apart by the path (first match wins).
 ERROR_SHAPES: tuple[tuple[str, Callable[[ApiError], Response]], ...] = (
     ("/v1/messages", dialect_anthropic.error_response),
+    ("/api/", dialect_ollama.error_response),
 )
 
 
@@ -225,6 +226,7 @@ def create_app(config: ApiConfig, nc: NATS) -> Starlette:
             Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
             *dialect_openai.routes(api),
             *dialect_anthropic.routes(api),
+            *dialect_ollama.routes(api),
             Route("/v1/cancel/{chat_id}", api.cancel, methods=["POST"]),
             *page,
             *([Route(LOGIN_PATH, login_route(config.api_key.encode()), methods=["POST"])] if config.api_key else []),

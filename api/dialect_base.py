@@ -241,11 +241,12 @@ def convert(data: Any, kind: type[T]) -> T:
 
 
 def refuse(data: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
-    """`data` less the nulls of `refused`'s fields (some clients send every field, unset ones as
-    null); ApiError(400) naming the first of them it holds a value for, and why, so a client
-    learns what exojet does not do rather than being ignored."""
+    """`data` less `refused`'s fields when they ask for nothing (null, false or empty: some clients
+    send every field, unset ones so); ApiError(400) naming the first of them that asks for
+    something, and why, so a client learns what exojet does not do rather than being ignored."""
     for name, why in refused.items():
-        if data.get(name) is not None:
+        value = data.get(name)
+        if not (value is None or value is False or value in ("", [], {})):
             raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
     return {k: v for k, v in data.items() if k not in refused}
 

@@ -10,25 +10,19 @@ from collections.abc import Iterator
 
 import anthropic
 import httpx2 as httpx
-import openai
 import pytest
 
-from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
-from tests.tiny_model import write_tiny_llama
+from tests.api_stack import API_KEY, MODEL, ApiStack
+from tests.dialect_stack import PROMPT, openai_answer, tiny_stack
 
 pytestmark = pytest.mark.timeout(120)
 
-PROMPT = "Tell me about the capital of France"
 SYSTEM = "You are terse."
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
-    root = tmp_path_factory.mktemp("anthropic")
-    write_tiny_llama(root / "models" / "local--tiny")
-    s = start_stack(root, root / "models")
-    yield s
-    s.close()
+    yield from tiny_stack(tmp_path_factory, "anthropic")
 
 
 @pytest.fixture(scope="module")
@@ -38,27 +32,20 @@ def claude(stack: ApiStack) -> anthropic.Anthropic:
 
 
 @pytest.fixture(scope="module")
-def openai_answer(stack: ApiStack) -> openai.types.chat.ChatCompletion:
-    api = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
-    return api.chat.completions.create(
-        model=MODEL,
-        messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}],
-        max_tokens=24,
-        temperature=0,
-    )
+def expected(stack: ApiStack) -> tuple[str, int]:
+    return openai_answer(stack, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": PROMPT}], 24)
 
 
 def test_a_message_whole_and_streamed_says_what_the_openai_route_says(
-    stack: ApiStack, claude: anthropic.Anthropic, openai_answer: openai.types.chat.ChatCompletion
+    stack: ApiStack, claude: anthropic.Anthropic, expected: tuple[str, int]
 ) -> None:
-    expected = openai_answer.choices[0].message.content
-    assert expected and openai_answer.usage is not None
+    text, prompt_tokens = expected
     # The system prompt as a string and as text blocks is the same chat.
     for system in (SYSTEM, [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]):
-        message = claude.messages.create(
+        message = claude.messages.create(  # type: ignore[call-overload]
             model=MODEL,
             max_tokens=24,
-            system=system,  # type: ignore[arg-type]
+            system=system,
             messages=[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}],
             metadata={"user_id": "u1"},
             # Sampling parameters: Anthropic's newer clients no longer name them.
@@ -67,18 +54,18 @@ def test_a_message_whole_and_streamed_says_what_the_openai_route_says(
         )
         assert message.type == "message" and message.role == "assistant" and message.model == MODEL
         assert [block.type for block in message.content] == ["text"]
-        assert message.content[0].text == expected  # type: ignore[union-attr]
+        assert message.content[0].text == text
         assert message.stop_reason == "max_tokens" and message.stop_sequence is None
         assert message.usage.output_tokens == 24
-        assert message.usage.input_tokens == openai_answer.usage.prompt_tokens
+        assert message.usage.input_tokens == prompt_tokens
 
     with claude.messages.stream(
         model=MODEL, max_tokens=24, system=SYSTEM, messages=[{"role": "user", "content": PROMPT}]
     ) as stream:
-        assert "".join(stream.text_stream) == expected
+        assert "".join(stream.text_stream) == text
         final = stream.get_final_message()
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 24
-    assert final.usage.input_tokens == openai_answer.usage.prompt_tokens
+    assert final.usage.input_tokens == prompt_tokens
 
     # The events in Anthropic's order, ping included (the client hides pings: read them raw).
     body = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": PROMPT}], "stream": True}
@@ -91,10 +78,9 @@ def test_a_message_whole_and_streamed_says_what_the_openai_route_says(
 
 
 def test_a_stop_sequence_ends_the_message_and_count_tokens_counts_the_prompt(
-    claude: anthropic.Anthropic, openai_answer: openai.types.chat.ChatCompletion
+    claude: anthropic.Anthropic, expected: tuple[str, int]
 ) -> None:
-    text = openai_answer.choices[0].message.content
-    assert text is not None and len(text) > 8 and openai_answer.usage is not None
+    text, prompt_tokens = expected
     stop = text[len(text) // 2 : len(text) // 2 + 2]
     message = claude.messages.create(
         model=MODEL,
@@ -106,7 +92,7 @@ def test_a_stop_sequence_ends_the_message_and_count_tokens_counts_the_prompt(
     assert message.stop_reason == "stop_sequence" and message.stop_sequence == stop
     assert message.content[0].text == text[: text.index(stop)]  # type: ignore[union-attr]
     counted = claude.messages.count_tokens(model=MODEL, system=SYSTEM, messages=[{"role": "user", "content": PROMPT}])
-    assert counted.input_tokens == openai_answer.usage.prompt_tokens
+    assert counted.input_tokens == prompt_tokens
 
 
 def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: anthropic.Anthropic) -> None:
@@ -117,7 +103,7 @@ def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: ant
     bad_key = anthropic.Anthropic(base_url=stack.base_url.removesuffix("/v1"), api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as wrong:
         bad_key.messages.create(model=MODEL, max_tokens=4, messages=user)  # type: ignore[arg-type]
-    assert wrong.value.body == {  # type: ignore[comparison-overlap]
+    assert wrong.value.body == {
         "type": "error",
         "error": {"type": "authentication_error", "message": "Incorrect API key provided"},
     }

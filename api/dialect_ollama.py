@@ -1,0 +1,276 @@
+"""Ollama's API: `/api/chat`, `/api/generate` (NDJSON streams, or one object with
+`stream: false`), `/api/tags`, `/api/show`, `/api/ps`, `/api/version`.
+
+Chats become the same routed chat as OpenAI's (`dialect_base`). As Ollama does, a
+request may hold fields it does not know (they are ignored) and streams by default;
+an unknown option is logged and ignored, as Ollama's server does. What would change
+the answer and exojet does not do (`format`, `tools`, images, sampling options beyond
+temperature/top_p/seed/stop) is refused by name. Errors are Ollama's `{"error": "..."}`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from importlib.metadata import version
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
+from loguru import logger
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from exojet.api import dialect_base as base
+from exojet.api.chat_request import ChatRequest
+from exojet.api.errors import ApiError, bad_request, not_found
+from exojet.api.gateway import Ended
+from exojet.bus.tasks import ChatMessage
+
+if TYPE_CHECKING:
+    from exojet.api.app import Api
+
+NDJSON = "application/x-ndjson"
+TOOLS = "tools are not supported yet (tool calls are a later issue)"
+REFUSED = {
+    "format": "structured output (format) is not supported yet",
+    "tools": TOOLS,
+    "images": "images are not supported",
+    "think": "thinking is not supported by this model",
+    "logprobs": "logprobs are not supported",
+    "top_logprobs": "logprobs are not supported",
+    "suffix": "suffix (fill in the middle) is not supported",
+    "template": "a template of the request's own is not supported",
+    "context": "context (the tokens of an earlier generate) is not supported; send the text instead",
+}
+# Options that shape memory or threads, not the answer: exojet's runners decide those.
+NO_OP_OPTIONS = frozenset(
+    "numa num_ctx num_batch num_gpu main_gpu low_vram f16_kv logits_all vocab_only use_mmap use_mlock "
+    "embedding_only num_thread num_keep".split()
+)
+# Sampling options exojet's engines do not take: accepted only at the value that changes nothing.
+NEUTRAL_OPTIONS: dict[str, float] = {
+    "repeat_penalty": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "mirostat": 0,
+    "tfs_z": 1.0,
+    "typical_p": 1.0,
+    "min_p": 0.0,
+}
+REFUSED_OPTIONS = frozenset({"top_k", "repeat_last_n", "penalize_newline", "mirostat_tau", "mirostat_eta"})
+
+
+class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    num_predict: int | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    stop: list[Annotated[str, msgspec.Meta(min_length=1)]] | str | None = None
+
+
+class Message(msgspec.Struct, frozen=True):
+    role: str
+    content: str = ""
+    images: list[Any] | None = None
+    tool_calls: list[Any] | None = None
+
+
+class ChatBody(msgspec.Struct, frozen=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    messages: list[Message] = []
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None  # how long Ollama keeps a model loaded: exojet's instances stay
+
+
+class GenerateBody(msgspec.Struct, frozen=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)]
+    prompt: str = ""
+    system: str | None = None
+    raw: bool = False
+    stream: bool = True
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+
+
+def error_response(err: ApiError) -> Response:
+    return base.json_response({"error": err.message}, err.status, err.headers)
+
+
+def model_id(name: str) -> str:
+    """Ollama's names carry a tag, `:latest` when none is given: exojet's ids have none."""
+    return name.removesuffix(":latest")
+
+
+def _options(options: dict[str, Any] | None) -> Options:
+    chosen = {}
+    for name, value in (options or {}).items():
+        if name in Options.__struct_fields__:
+            chosen[name] = value
+        elif name in REFUSED_OPTIONS or (name in NEUTRAL_OPTIONS and value != NEUTRAL_OPTIONS[name]):
+            raise bad_request(f"option {name!r} is not supported by exojet's engines", param=f"options.{name}")
+        elif name not in NO_OP_OPTIONS and name not in NEUTRAL_OPTIONS:
+            logger.bind(component="api").warning(f"invalid option provided: {name}")
+    return base.convert(chosen, Options)
+
+
+def _request(model: str, messages: list[ChatMessage], stream: bool, options: Options, limit: int) -> ChatRequest:
+    # Ollama's -1 (until the model stops) and -2 (fill the context): the runner's default length.
+    max_tokens = options.num_predict if options.num_predict and options.num_predict > 0 else None
+    if options.num_predict == 0:
+        raise bad_request("option 'num_predict' must not be 0", param="options.num_predict")
+    base.check_max_tokens(max_tokens, "num_predict", limit)
+    stop = [options.stop] if isinstance(options.stop, str) else options.stop
+    return ChatRequest(
+        model=model_id(model),
+        messages=tuple(messages),
+        stream=stream,
+        include_usage=True,
+        max_tokens=max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        seed=options.seed,
+        stop=tuple(stop) if stop else None,
+    )
+
+
+def _message(i: int, m: Message) -> ChatMessage:
+    if m.role == "tool" or m.tool_calls:
+        raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
+    if m.images:
+        raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
+    if m.role not in ("system", "user", "assistant"):
+        raise bad_request(f"messages[{i}].role: unknown role {m.role!r}", param=f"messages[{i}].role")
+    return ChatMessage(m.role, m.content)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _details() -> dict[str, Any]:
+    # What Ollama reads from its manifests; the API holds no model files to read them from.
+    return dict.fromkeys(("parent_model", "format", "family", "parameter_size", "quantization_level"), "")
+
+
+def _model(name: str) -> dict[str, Any]:
+    # exojet's models have no Ollama manifest: a digest of the id keeps each one's stable.
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return {"name": name, "model": name, "modified_at": _now(), "size": 0, "digest": digest, "details": _details()}
+
+
+class Ollama:
+    """The routes' handlers."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+
+    async def chat(self, request: Request) -> Response:
+        data = base.refuse(base.decode_object(await request.body()), REFUSED)
+        body = base.convert(data, ChatBody)
+        messages = [_message(i, m) for i, m in enumerate(body.messages)]
+        req = _request(body.model, messages, body.stream, _options(body.options), self.api.config.max_tokens_limit)
+        return await self._answer(request, req, lambda text: {"message": {"role": "assistant", "content": text}})
+
+    async def generate(self, request: Request) -> Response:
+        data = base.refuse(base.decode_object(await request.body()), REFUSED)
+        body = base.convert(data, GenerateBody)
+        if body.raw and body.system:
+            raise bad_request("system: a raw prompt is used as given, with no system prompt", param="system")
+        system = [ChatMessage("system", body.system)] if body.system else []
+        messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []
+        req = _request(body.model, messages, body.stream, _options(body.options), self.api.config.max_tokens_limit)
+        if body.raw:
+            req = msgspec.structs.replace(req, raw=True)
+        return await self._answer(request, req, lambda text: {"response": text})
+
+    async def _answer(self, request: Request, req: ChatRequest, says: Callable[[str], dict[str, Any]]) -> Response:
+        """`req` answered the Ollama way; `says` puts text where the route's answer has it
+        (`message.content` for a chat, `response` for a generate)."""
+        started = time.monotonic_ns()
+        head = {"model": req.model}
+        if not req.messages:
+            # Ollama's way to load a model: no prompt, an answer saying it is loaded.
+            await base.check_model(self.api.gw, req.model)
+            return base.json_response({**head, "created_at": _now(), **says(""), "done": True, "done_reason": "load"})
+
+        def final(outcome: Ended, text: str) -> dict[str, Any]:
+            prompt, completion = base.tokens(outcome)
+            rate = float(outcome.result.get("tokens_per_second", 0))
+            evaluating = int(completion / rate * 1e9) if rate > 0 else 0
+            engine = int(float(outcome.result.get("engine_seconds", 0)) * 1e9)
+            return {
+                **head,
+                "created_at": _now(),
+                **says(text),
+                "done": True,
+                "done_reason": base.finish_reason(outcome),
+                "total_duration": time.monotonic_ns() - started,
+                "load_duration": 0,
+                "prompt_eval_count": prompt,
+                "prompt_eval_duration": max(engine - evaluating, 0),
+                "eval_count": completion,
+                "eval_duration": evaluating,
+            }
+
+        async def lines(chat_id: str, pieces: AsyncIterator[base.Piece]) -> AsyncIterator[bytes]:
+            async for piece in pieces:
+                if isinstance(piece, str):
+                    line: dict[str, Any] = {**head, "created_at": _now(), **says(piece), "done": False}
+                elif isinstance(piece, ApiError):
+                    line = {"error": piece.message}
+                else:
+                    line = final(piece, "")
+                yield msgspec.json.encode(line) + b"\n"
+
+        return await base.respond(
+            request, self.api.gw, req, lines, lambda chat_id, text, outcome: final(outcome, text), NDJSON
+        )
+
+    async def tags(self, request: Request) -> Response:
+        return base.json_response({"models": [_model(m) for m in await self._served()]})
+
+    async def ps(self, request: Request) -> Response:
+        # Loaded models: exojet's Ready instances, which stay until deleted.
+        loaded = [{**_model(m), "expires_at": "9999-12-31T23:59:59Z", "size_vram": 0} for m in await self._served()]
+        return base.json_response({"models": loaded})
+
+    async def show(self, request: Request) -> Response:
+        data = base.decode_object(await request.body())
+        name = data.get("model") or data.get("name")  # `name` is the field's older spelling
+        if not isinstance(name, str) or not name:
+            raise bad_request("model is required", param="model")
+        if model_id(name) not in await self._served():
+            raise not_found(f"model '{name}' not found")
+        return base.json_response(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": _details(),
+                "model_info": {},
+                "capabilities": ["completion"],
+                "modified_at": _now(),
+            }
+        )
+
+    async def version(self, request: Request) -> Response:
+        return base.json_response({"version": version("exojet")})
+
+    async def _served(self) -> list[str]:
+        return base.served_models(await self.api.gw.cluster())
+
+
+def routes(api: Api) -> list[Route]:
+    ollama = Ollama(api)
+    return [
+        Route("/api/chat", ollama.chat, methods=["POST"]),
+        Route("/api/generate", ollama.generate, methods=["POST"]),
+        Route("/api/tags", ollama.tags, methods=["GET"]),
+        Route("/api/ps", ollama.ps, methods=["GET"]),
+        Route("/api/show", ollama.show, methods=["POST"]),
+        Route("/api/version", ollama.version, methods=["GET"]),
+    ]
