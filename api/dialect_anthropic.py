@@ -113,14 +113,10 @@ def _text(content: str | list[dict[str, Any]], where: str) -> str:
 
 def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
     data = base.decode_object(raw)
-    data = base.refuse(data, REFUSED)
     if count_only:
         # count_tokens takes a request without max_tokens (nor stream): it only counts.
         data = {**data, "max_tokens": 1, "stream": False}
-    unknown = [k for k in data if k not in MessagesBody.__struct_fields__]
-    if unknown:
-        raise bad_request(f"{unknown[0]}: Extra inputs are not permitted", param=unknown[0])
-    body = base.convert(data, MessagesBody)
+    body = base.strict_body(data, MessagesBody, REFUSED, lambda name: f"{name}: Extra inputs are not permitted")
     base.check_max_tokens(body.max_tokens, "max_tokens", limit)
     if body.output_config and body.output_config.get("format") is not None:
         raise bad_request("output_config.format: structured output is not supported yet", param="output_config.format")

@@ -251,6 +251,16 @@ def refuse(data: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in refused}
 
 
+def strict_body(data: dict[str, Any], kind: type[T], refused: dict[str, str], unknown: Callable[[str], str]) -> T:
+    """`data` as a `kind` (whose service refuses fields it does not know: `unknown(name)` says
+    so in its words), after `refused`'s fields are refused by name (`refuse`)."""
+    data = refuse(data, refused)
+    extra = [k for k in data if k not in kind.__struct_fields__]  # type: ignore[attr-defined]
+    if extra:
+        raise bad_request(unknown(extra[0]), param=extra[0], code="unknown_parameter")
+    return convert(data, kind)
+
+
 def check_max_tokens(value: int | None, name: str, limit: int) -> None:
     if value is not None and value > limit:
         raise bad_request(f"{name}: must be at most {limit}, got {value}", param=name, code="invalid_value")
