@@ -30,7 +30,7 @@ from nats.aio.subscription import Subscription
 
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
-from exojet.bus import client, streams, subjects
+from exojet.bus import client, connection, streams, subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.chunk_order import ChunkOrder, decode_chunk
 from exojet.bus.codec import BadInput, decode_event, decode_task
@@ -38,14 +38,15 @@ from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
 from exojet.bus.follower import Follower
-from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.query_client import SUPERVISOR_WAIT_S, QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections.instances import chat_id_of, chat_task_id
 
 DEFAULT_LIVENESS_TIMEOUT_S = 5.0
-# How long a chat may wait for a supervisor to route it before the API answers 503.
-DEFAULT_ROUTE_TIMEOUT_S = 10.0
+# How long a chat may wait for a supervisor to route it before the API answers 503: as long as
+# any query waits for a supervisor (through a leader election and a reconnect).
+DEFAULT_ROUTE_TIMEOUT_S = SUPERVISOR_WAIT_S
 # How long the cluster view used for model checks and /v1/models is reused.
 STATE_TTL_S = 1.0
 # A chat for a model Ready in a view this young goes ahead without asking the supervisors
@@ -144,11 +145,14 @@ class Gateway:
 
     async def start(self) -> None:
         """Create the streams if needed and subscribe (from the log's end now)."""
-        await streams.ensure_streams(self.js)
-        start = await client.last_seq(self.js) + 1
+        # Tried again while a cluster's JetStream is not answering yet (a node-by-node start, an election).
+        await client.until_done(lambda: streams.ensure_streams(self.js), "create the streams")
+        start = await client.until_done(lambda: client.last_seq(self.js), "read the log's last sequence") + 1
         self._subs.append(await client.follow(self.nc, self._on_log, start_seq=start))
         # Both follows resume right after the last message seen when NATS comes back.
-        chunks_start = await client.last_seq(self.js, streams.CHUNKS_STREAM) + 1
+        chunks_start = (
+            await client.until_done(lambda: client.last_seq(self.js, streams.CHUNKS_STREAM), "read the chunks' end")
+        ) + 1
         self._subs.append(
             await client.follow(
                 self.nc,
@@ -425,11 +429,14 @@ class Gateway:
         while True:
             await asyncio.sleep(WATCHDOG_EVERY_S)
             now = time.monotonic()
+            ours = connection.watch(self.nc)
+            # Our own link's outage silences every runner: heartbeats count from our reconnect.
+            back_at = now if not ours.connected else (ours.reconnected_at or 0.0)
             for stream in list(self._chats.values()):
                 if stream.abandoned is not None and (stream.over or now - stream.abandoned_at > ABANDONED_TTL_S):
                     self._forget(stream)
                 elif stream.emitter is not None and not stream.over:
-                    last = max(self._beats.get(stream.emitter, 0.0), stream.routed_at)
+                    last = max(self._beats.get(stream.emitter, 0.0), stream.routed_at, back_at)
                     if now - last > self.liveness_timeout:
                         stream.end(
                             Lost(f"runner {stream.emitter} sent no heartbeat for {now - last:.1f} s (it is gone)")

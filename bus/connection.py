@@ -16,6 +16,7 @@ import os
 import random
 import time
 import weakref
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlparse
@@ -34,8 +35,18 @@ from exojet.bus.handshake import NatsRefused, NatsUnreachable, refusal
 DEFAULT_URL = "nats://127.0.0.1:4222"
 MAX_BACKOFF_S = 2.0
 FIRST_BACKOFF_S = 0.1
-PING_INTERVAL_S = 2
-MAX_OUTSTANDING_PINGS = 3
+# A server cut off (its host's link down) answers nothing and closes nothing: only a missed
+# PONG tells. nats-py gives a connection up when a ping finds MAX_OUTSTANDING_PINGS unanswered,
+# so a silent server is left 2-3 s after its last PONG: under a supervisor's 5 s heartbeat
+# timeout, so a runner on a cut server is back on another before anyone declares it lost.
+PING_INTERVAL_S = 1
+MAX_OUTSTANDING_PINGS = 2
+# Dialling one member of a cluster, once connected (and at the first connect to a list of
+# several): a member that has not answered a LAN dial in this long is cut off, try the next.
+DIAL_TIMEOUT_S = 2.0
+# Once one server's credential check answered, the others' are waited for this much longer
+# (a refusal comes within moments of the TCP accept; a cut-off member never answers at all).
+CHECK_GRACE_S = 1.0
 
 # What a publish raises while the server is away or restarting: worth trying again.
 # (Not NoRespondersError: a single server recovers its streams before it takes
@@ -155,10 +166,27 @@ def watch(nc: NATS) -> ConnectionWatch:
     return found
 
 
-def _least_tried(servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
-    """nats-py's reconnect hook: the server tried least (a cluster's members in turn), after a backoff."""
-    server = min(servers, key=lambda s: s.reconnects)
-    return server, backoff_delay(server.reconnects)
+class _Dialer:
+    """nats-py's reconnect hook: the member tried least in this outage (a cluster's members in
+    turn), after a backoff, and among those the one just lost last.
+
+    Counted here, per outage: nats-py's own counts keep what a first connect's wait for a server
+    left (the member it got through to reset, the others high), so a least-tried choice by them
+    dialled the member just lost again and again, each a whole dial timeout when it is cut off."""
+
+    def __init__(self) -> None:
+        self.tries: Counter[str] = Counter()
+
+    def __call__(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        lost = f"{info.get('host')}:{info.get('port')}"
+        server = min(servers, key=lambda s: (self.tries[s.uri.netloc], s.uri.netloc == lost))
+        delay = backoff_delay(self.tries[server.uri.netloc])
+        self.tries[server.uri.netloc] += 1
+        return server, delay
+
+    def reset(self) -> None:
+        """Connected again: the next outage counts afresh."""
+        self.tries.clear()
 
 
 class BadNatsUrl(ValueError):
@@ -229,11 +257,14 @@ async def connect(
     # Checked first, on a connection of our own: nats-py can wait forever closing a socket
     # whose TLS handshake failed, and retries refused credentials as if the server were away.
     # Every server of a cluster is asked, at once (the first may be the one that is down).
-    checks = await asyncio.gather(*(refusal(urlparse(s), opts, connect_timeout) for s in servers))
-    refused = next((r for r in checks if r is not None), None)
+    refused = await _first_refusal(servers, opts, connect_timeout)
     if refused is not None:
         raise refused
+    # A list's member that does not answer is cut off or down: the next one is dialled sooner.
+    dial_timeout = min(connect_timeout, DIAL_TIMEOUT_S) if len(servers) > 1 else connect_timeout
     connection = ConnectionWatch(name)
+    dialer = _Dialer()
+    connection.on_reconnect(dialer.reset)
     # Failed first attempts are raised to the caller (or awaited): not news to log.
     connection.disconnected_at = time.monotonic()
     connection.waiting_for = url if wait else None
@@ -241,11 +272,11 @@ async def connect(
         nc = await nats.connect(
             servers,
             name=name,
-            connect_timeout=connect_timeout,
+            connect_timeout=dial_timeout,
             allow_reconnect=True,
             max_reconnect_attempts=-1 if wait else first_attempts,
             reconnect_time_wait=0.5,
-            reconnect_to_server_handler=_least_tried,
+            reconnect_to_server_handler=dialer,
             ping_interval=PING_INTERVAL_S,
             max_outstanding_pings=MAX_OUTSTANDING_PINGS,
             error_cb=connection.error,
@@ -261,11 +292,29 @@ async def connect(
         ) from None
     # From here on the connection is never abandoned (nats-py reads the option on each attempt).
     nc.options["max_reconnect_attempts"] = -1
+    nc.options["connect_timeout"] = min(connect_timeout, DIAL_TIMEOUT_S)
     connection.disconnected_at = None
     connection.waiting_for = None
     connection.connection = weakref.ref(nc)
     _watches[nc] = connection
     return nc
+
+
+async def _first_refusal(servers: list[str], opts: ConnectOptions, timeout: float) -> NatsRefused | None:
+    """Why the servers refuse `opts`, None if they do not. Every server is asked at once (the
+    first may be down or cut off); once one answered, the others get CHECK_GRACE_S more, so a
+    silent member of a cluster costs a second, not the whole `timeout`."""
+    checks = [asyncio.ensure_future(refusal(urlparse(s), opts, timeout)) for s in servers]
+    try:
+        done, pending = await asyncio.wait(checks, return_when=asyncio.FIRST_COMPLETED)
+        if pending:
+            more, _ = await asyncio.wait(pending, timeout=CHECK_GRACE_S)
+            done |= more
+        return next((r for r in (c.result() for c in done) if r is not None), None)
+    finally:
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
 
 
 async def close(nc: NATS) -> None:

@@ -37,6 +37,9 @@ IDLE_HEARTBEAT_S = 1.0
 MISSED_HEARTBEATS = 3
 # Removed by the server this long after we stop listening (a crash of ours).
 INACTIVE_THRESHOLD_S = 30.0
+# A consumer create answers in milliseconds; one unanswered this long went to a server or a
+# stream leader that is gone (a cut-off host) and is asked again, not waited on for nats-py's 5 s.
+CREATE_TIMEOUT_S = 2.0
 _ACK_PREFIX = "$JS.ACK."
 
 
@@ -150,6 +153,7 @@ class Follower:
                     num_replicas=1,
                     description="exojet log read",
                 ),
+                timeout=CREATE_TIMEOUT_S,
             )
         except BaseException:
             await self._close()

@@ -7,10 +7,11 @@ from typing import Any
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import NoRespondersError
+from nats.aio.msg import Msg
+from nats.errors import ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeout
 
-from exojet.bus import subjects
+from exojet.bus import connection, subjects
 
 _ENDPOINTS = {
     "state": subjects.QUERY_STATE,
@@ -20,44 +21,79 @@ _ENDPOINTS = {
 }
 
 
-# A little more than a reconnect's longest backoff (bus/connection.py).
-RECONNECT_GRACE_S = 3.0
+# How long a query waits for a supervisor to answer before it fails naming why: through a
+# JetStream leader election (4-9 s of raft timeout, more on a loaded cluster), a supervisor's
+# reconnect to another server (2-3 s to notice a silent one) and the route that still
+# points at a cut-off server's supervisor. It is the publish retry bound (`client.ELECTION_S`):
+# a command that got through waits as long for an answer. Measured: docs/design-notes.md.
+SUPERVISOR_WAIT_S = 30.0
+# The first try's wait for a reply; each further try waits twice as long (capped by the call's
+# `timeout`): a request lost on a dead link is asked again soon, a slow answer gets its time.
+FIRST_TRY_S = 2.0
+
+
+# What a request raises when its reply did not come (a dead link, a reconnect under way).
+_NO_REPLY = (NatsTimeout, ConnectionReconnectingError, OutboundBufferLimitError)
 
 
 class QueryFailed(Exception):
-    """The query was refused (`code` names why) or nobody answered."""
+    """The query was refused (`code` names why; `answered`: by a supervisor) or nobody answered."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, answered: bool = False) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.answered = answered
 
 
-async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> dict[str, Any]:
-    """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq)."""
+async def query(
+    nc: NATS, endpoint: str, timeout: float = 10.0, *, wait: float = SUPERVISOR_WAIT_S, **body: Any
+) -> dict[str, Any]:
+    """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq).
+
+    Asked again while nobody answers, for up to `wait` seconds (at least `timeout`); a try waits
+    at most `timeout` for its reply. A supervisor that has not folded `min_seq` is asked again for
+    `timeout` seconds in all. Then it raises QueryFailed: `NoSupervisor` (nobody subscribed),
+    `Timeout` (nobody replied, or min_seq not reached), or the supervisor's refusal at once.
+    """
     fields = {k: v for k, v in body.items() if v is not None}
-    if fields.get("min_seq"):
-        # The supervisor may wait for min_seq for as long as this request waits for its
-        # answer (a fold behind a leader election catches up in seconds, not instantly).
-        fields["timeout"] = max(timeout - 1.0, 0.1)
-    payload = msgspec.json.encode(fields)
     loop = asyncio.get_running_loop()
-    # A supervisor whose server went away is back on another within a reconnect's backoff:
-    # until then nobody answers, so no responders is asked again for that long.
-    moving_until = loop.time() + min(timeout, RECONNECT_GRACE_S)
+    bound = max(wait, timeout)
+    deadline = loop.time() + bound
+    behind_until = loop.time() + timeout
+    watcher = connection.watch(nc)
+    try_s = min(FIRST_TRY_S, timeout)
     while True:
+        this_try = max(min(try_s, deadline - loop.time()), 0.1)
+        if fields.get("min_seq"):
+            # The supervisor waits for min_seq for about as long as this try waits for its answer,
+            # and answers by the time min_seq's own bound is up.
+            fields["timeout"] = max(min(this_try, behind_until - loop.time()) - 1.0, 0.1)
+        outages = watcher.outages
+        pause = 0.05
         try:
-            msg = await nc.request(_ENDPOINTS[endpoint], payload, timeout=timeout)
-            break
+            msg = await nc.request(_ENDPOINTS[endpoint], msgspec.json.encode(fields), timeout=this_try)
+            return _reply(msg)
+        except QueryFailed as err:
+            if err.code != "Timeout" or not fields.get("min_seq") or loop.time() + pause >= behind_until:
+                raise
+            failure = err  # the projection is behind (a fold through an election): ask again
         except NoRespondersError:
-            if loop.time() < moving_until:
-                await asyncio.sleep(0.1)
-                continue
-            raise QueryFailed(
-                "NoSupervisor", "no supervisor answers on exo.supervisor.* (start `exojet supervisor`)"
-            ) from None
-        except NatsTimeout:
-            raise QueryFailed("Timeout", f"no answer from a supervisor within {timeout} s") from None
+            failure = QueryFailed(
+                "NoSupervisor",
+                f"no supervisor answers on exo.supervisor.* (waited {bound:g} s; start `exojet supervisor`)",
+            )
+        except _NO_REPLY:
+            failure = QueryFailed("Timeout", f"no answer from a supervisor within {bound:g} s (asked again meanwhile)")
+            # A reconnect of ours lost the request with the old socket: ask again at once.
+            pause = 0.0 if watcher.outages != outages else pause
+        try_s = min(try_s * 2, timeout)
+        if loop.time() + pause >= deadline:
+            raise failure from None
+        await asyncio.sleep(pause)
+
+
+def _reply(msg: Msg) -> dict[str, Any]:
     try:
         reply = msgspec.json.decode(msg.data, type=dict[str, Any])
     except msgspec.DecodeError as err:
@@ -67,18 +103,11 @@ async def query(nc: NATS, endpoint: str, timeout: float = 10.0, **body: Any) -> 
         raise QueryFailed(
             error.get("type", msg.headers["Nats-Service-Error-Code"]),
             error.get("message", msg.headers.get("Nats-Service-Error", "")),
+            answered=True,
         )
     return reply
 
 
 async def first_answer(nc: NATS, timeout: float = 20.0, **body: Any) -> dict[str, Any]:
     """The state reply of the first supervisor to answer, asking again (bounded) while none is up yet."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            return await query(nc, "state", timeout=2.0, **body)
-        except QueryFailed as err:
-            if err.code not in ("NoSupervisor", "Timeout") or loop.time() > deadline:
-                raise
-            await asyncio.sleep(0.05)  # poll interval while no supervisor has subscribed yet
+    return await query(nc, "state", timeout=2.0, wait=timeout, **body)

@@ -107,7 +107,9 @@ async def place(
     command = PlaceInstance(model_id=model_id, runners=runners, min_runners=min_runners, n_layers=n_layers)
     nc = await client.connect(nats_url, name="exojet-place")
     try:
-        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, command)
+        # Under a Nats-Msg-Id, so a publish whose ack was lost to a cut-off server is tried again
+        # (the server answers a duplicate with the first one's sequence: still one instance).
+        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, command, msg_id=f"place-{uuid.uuid4().hex}")
         instance_id = instance_id_of(None, ack.seq)
         print(instance_id, flush=True)
         if not wait:
@@ -125,11 +127,13 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
         async with asyncio.timeout(timeout):
             while True:
                 try:
+                    # Waits for a supervisor through an election or a reconnect (the query's bound),
+                    # then fails naming why: nobody answered that long.
                     inst = (await query(nc, "instance", instance_id=instance_id, min_seq=seq))["instance"]
                 except QueryFailed as err:
-                    if err.code not in ("NoSupervisor", "Timeout"):
+                    if not (err.answered and err.code == "Timeout"):
                         return _fail(f"{err.code}: {err.message}")
-                    inst = None
+                    inst = None  # a supervisor answered, its fold behind (catching up): ask again
                 if inst is not None:
                     status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
                     if status != shown:
@@ -176,6 +180,8 @@ async def drain(nats_url: str, runner_id: str, on: bool, wait: bool, timeout: fl
         return 0
     except TimeoutError:
         return _fail(f"{runner_id} was not drained within {timeout} s (still: {', '.join(holding or ['not Idle'])})")
+    except QueryFailed as err:
+        return _fail(f"{err.code}: {err.message}")
     finally:
         await nc.close()
 
@@ -185,7 +191,7 @@ async def _drained_holds(nc: Any, runner_id: str, seq: int) -> list[str] | None:
     try:
         reply = await query(nc, "runner", runner_id=runner_id, min_seq=seq)
     except QueryFailed as err:
-        if err.code not in ("NoSupervisor", "Timeout", "NotFound"):
+        if err.code != "NotFound":  # not folded its registration yet; anything else waited the bound
             raise
         return None
     placed = [
