@@ -21,7 +21,7 @@ import psutil
 from nats.aio.client import Client as NATS
 
 from exojet.bus import client, identities, streams, subjects
-from exojet.bus.commands import PlaceInstance, RouteChatCompletion
+from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.permissions import ADMIN
 from exojet.bus.query_client import QueryFailed, query
@@ -210,3 +210,19 @@ async def _supervisors_agree(nc: NATS, fold: Fold, what: str) -> None:
             else:
                 hashes.clear()  # the log moved on: ask both again at its new end
     assert len(set(hashes.values())) == 1 and state_hash(fold.state) in hashes.values(), (what, hashes)
+
+
+async def delete_extra(d: Deployment, nc: NATS, fold: Fold, keep: str = "inst-base") -> None:
+    """Back to the one instance `keep`, so the next fault's placement has a free runner."""
+    for inst in list(fold.state.instances.values()):
+        if inst.instance_id != keep and inst.status not in ("Deleted", "Failed"):
+            msg_id = f"del-{inst.instance_id}"
+            await d.publish(nc, DeleteInstance(command_id=msg_id, instance_id=inst.instance_id), msg_id)
+    await fold.until(
+        lambda s: all(
+            s.runners[x].status == "RunnerIdle" or any(p.runner_id == x for p in s.instances[keep].placements)
+            for x in RUNNERS
+        ),
+        120,
+        "the extra instances deleted",
+    )

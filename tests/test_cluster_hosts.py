@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus.commands import DeleteInstance
 from exojet.bus.statuses import TaskStatus
-from tests.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled
+from tests.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled, delete_extra
 from tests.log_watcher import Predicate
 from tests.netns import Lan, unavailable
 
@@ -100,14 +99,14 @@ async def test_the_fault_matrix_on_three_hosts(running: Running) -> None:
         leader = await r.d.stream_leader(r.nc)
         r.d.kill_server(leader)
         await check_settled(r.d, r.nc, r.fold, f"SIGKILL {kill} of the EXO_LOG leader {leader}")
-        await _delete_extra(r)
+        await delete_extra(r.d, r.nc, r.fold)
 
     await placing_and_chatting()
     for name in NODES:
         r.d.restart_server(name)
         await r.d.stream_leader(r.nc)  # the cluster has a log leader again before the next node goes
     await check_settled(r.d, r.nc, r.fold, "a rolling restart of n1, n2, n3")
-    await _delete_extra(r)
+    await delete_extra(r.d, r.nc, r.fold)
 
     for host in ("r1", "s1"):
         await placing_and_chatting()
@@ -115,23 +114,4 @@ async def test_the_fault_matrix_on_three_hosts(running: Running) -> None:
         await asyncio.sleep(CUT_S)
         r.d.lan[host].link_up()
         await check_settled(r.d, r.nc, r.fold, f"{host}'s host cut off for {CUT_S:g} s")
-        await _delete_extra(r)
-
-
-async def _delete_extra(r: Running) -> None:
-    """Back to one instance, so the next fault's placement has a free runner."""
-    for inst in list(r.fold.state.instances.values()):
-        if inst.instance_id != "inst-base" and inst.status not in ("Deleted", "Failed"):
-            await r.d.publish(
-                r.nc,
-                DeleteInstance(command_id=f"del-{inst.instance_id}", instance_id=inst.instance_id),
-                f"del-{inst.instance_id}",
-            )
-    await r.fold.until(
-        lambda s: all(
-            s.runners[x].status == "RunnerIdle" or any(p.runner_id == x for p in s.instances["inst-base"].placements)
-            for x in RUNNERS
-        ),
-        120,
-        "the extra instances deleted",
-    )
+        await delete_extra(r.d, r.nc, r.fold)
