@@ -25,7 +25,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exojet.api import dialect_anthropic, dialect_ollama, dialect_openai, dialect_responses, openapi
+from exojet.api import (
+    dialect_anthropic,
+    dialect_completions,
+    dialect_ollama,
+    dialect_openai,
+    dialect_responses,
+    openapi,
+)
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
 from exojet.api.dialect_base import json_response, served_models
 from exojet.api.errors import ApiError, not_found, unavailable
@@ -228,6 +235,7 @@ def create_app(config: ApiConfig, nc: NATS) -> Starlette:
             *dialect_anthropic.routes(api),
             *dialect_ollama.routes(api),
             *dialect_responses.routes(api),
+            *dialect_completions.routes(api),
             Route("/v1/cancel/{chat_id}", api.cancel, methods=["POST"]),
             *page,
             *([Route(LOGIN_PATH, login_route(config.api_key.encode()), methods=["POST"])] if config.api_key else []),

@@ -24,10 +24,14 @@ def tiny_stack(factory: pytest.TempPathFactory, name: str) -> Iterator[ApiStack]
     stack.close()
 
 
+def openai_client(stack: ApiStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+
+
 def openai_answer(stack: ApiStack, messages: list[dict[str, Any]], max_tokens: int) -> tuple[str, int]:
     """(text, prompt tokens) of the greedy chat through OpenAI's route."""
-    api = openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
-    answer = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)  # type: ignore[arg-type]
+    chats = openai_client(stack).chat.completions
+    answer = chats.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)  # type: ignore[arg-type]
     text = answer.choices[0].message.content
     assert text is not None and answer.usage is not None and answer.usage.completion_tokens == max_tokens
     return text, answer.usage.prompt_tokens

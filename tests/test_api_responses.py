@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from tests.api_stack import API_KEY, MODEL, ApiStack
-from tests.dialect_stack import PROMPT, openai_answer, tiny_stack
+from tests.dialect_stack import PROMPT, openai_answer, openai_client, tiny_stack
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,7 +28,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
 
 @pytest.fixture(scope="module")
 def api(stack: ApiStack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.base_url, api_key=API_KEY, max_retries=0, timeout=60)
+    return openai_client(stack)
 
 
 def test_a_response_whole_and_streamed_says_what_the_chat_route_says(stack: ApiStack, api: openai.OpenAI) -> None:
