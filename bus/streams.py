@@ -28,6 +28,8 @@ CHUNKS_MAX_AGE_S = 3600.0
 LOG_MAX_AGE_S = 30 * 24 * 3600.0
 LOG_MAX_BYTES = 2 * 1024**3
 TASK_MAX_DELIVER = 5
+# Task messages a runner may hold unacknowledged (its chats in flight and the task after them).
+TASK_MAX_ACK_PENDING = 64
 # Short, so that a runner restarted after a crash gets the task its previous
 # incarnation held (to answer it) within seconds; a live runner extends it with
 # in-progress acks while it works.
@@ -102,7 +104,9 @@ def task_consumer_config(runner_id: str) -> api.ConsumerConfig:
         ack_policy=api.AckPolicy.EXPLICIT,
         ack_wait=TASK_ACK_WAIT_S,
         max_deliver=TASK_MAX_DELIVER,
-        max_ack_pending=1,
+        # A runner pulls one task at a time, and a further chat while it runs fewer than its
+        # capacity: the bound is the most chats an engine serves at once.
+        max_ack_pending=TASK_MAX_ACK_PENDING,
         description=f"tasks of runner {runner_id}",
     )
 

@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=64,
-        help="routed chats one instance holds at once; past it a chat is refused (ChatRefused, HTTP 429)",
+        help="routed chats that may wait per instance once its runners serve as many as they can; "
+        "past it a chat is refused (ChatRefused, HTTP 429)",
     )
     p.add_argument(
         "--group-ports",
@@ -338,6 +339,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="what each max_tokens adds to a chat's deadline (default 0.5)",
+    )
+    p.add_argument(
+        "--chat-grace",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long chats in flight may run on once a Shutdown or UnloadModel is next, before "
+        "they are cancelled (default 30)",
     )
     _add_engine(p)
     _add_models_dir(p)
@@ -548,6 +557,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                 deadlines=args.deadline,
                 chat_seconds_per_token=args.chat_seconds_per_token,
                 engine=args.engine,
+                chat_grace_s=args.chat_grace,
             )
     return 2
 

@@ -235,7 +235,8 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     # A new incarnation starts from scratch. A task the old process was running
     # stays Running here until the new one answers it (it writes Failed with
     # RunnerRestarted first thing), so every terminal status is in the log.
-    runner.running_task = None
+    runner.running_tasks = []
+    runner.chat_capacity = 1
     runner.incarnation = event.incarnation
     runner.status = UNREGISTERED
     runner.error_message = None
@@ -259,6 +260,7 @@ def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str
     runner.updated_seq = env.seq
     if new == "RunnerIdle":
         runner.model_id = None
+        runner.chat_capacity = 1
 
 
 def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: TaskStatusUpdated) -> None:
@@ -298,11 +300,14 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
     if event.result is not None:
         task.result = _summary(event.result)
     if event.task_status == TaskStatus.RUNNING:
-        runner.running_task = task.task_id
-    elif runner.running_task == task.task_id:
-        runner.running_task = None
+        if task.task_id not in runner.running_tasks:
+            runner.running_tasks.append(task.task_id)
+    elif task.task_id in runner.running_tasks:
+        runner.running_tasks.remove(task.task_id)
     if event.task_status == TaskStatus.COMPLETE and task.task_type == "LoadModel":
         runner.model_id = task.model_id
+        capacity = (event.result or {}).get("chat_capacity", 1)
+        runner.chat_capacity = capacity if isinstance(capacity, int) and capacity > 0 else 1
     if task.status in TERMINAL_TASK_STATUSES:
         _finished(state, env, task)
     if task.instance_id is not None:
@@ -321,21 +326,23 @@ def _summary(result: dict[str, object]) -> dict[str, object]:
     return result
 
 
-def _fail_running_task(state: ClusterState, env: Envelope, runner: RunnerView, error_type: str, why: str) -> None:
-    task = state.tasks.get(runner.running_task or "")
-    runner.running_task = None
-    if task is not None and task.status not in TERMINAL_TASK_STATUSES:
-        task.status = TaskStatus.FAILED
-        task.error_type = error_type
-        task.error_message = why
-        task.updated_seq = env.seq
-        _finished(state, env, task)
-        if task.instance_id is not None:
-            instances.on_task_status(state, env, task)
+def _fail_running_tasks(state: ClusterState, env: Envelope, runner: RunnerView, error_type: str, why: str) -> None:
+    """Each task the runner runs (every chat in flight) fails, with one terminal status."""
+    running, runner.running_tasks = runner.running_tasks, []
+    for task_id in running:
+        task = state.tasks.get(task_id)
+        if task is not None and task.status not in TERMINAL_TASK_STATUSES:
+            task.status = TaskStatus.FAILED
+            task.error_type = error_type
+            task.error_message = why
+            task.updated_seq = env.seq
+            _finished(state, env, task)
+            if task.instance_id is not None:
+                instances.on_task_status(state, env, task)
 
 
 def _lose(state: ClusterState, env: Envelope, runner: RunnerView, event: RunnerLost) -> None:
-    _fail_running_task(state, env, runner, "RunnerLost", f"runner {runner.runner_id} was lost: {event.reason}")
+    _fail_running_tasks(state, env, runner, "RunnerLost", f"runner {runner.runner_id} was lost: {event.reason}")
     runner.status = "RunnerLost"
     runner.error_message = event.reason
     runner.updated_seq = env.seq

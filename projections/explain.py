@@ -172,8 +172,10 @@ def _runner_cause(state: ClusterState, r: RunnerView) -> str:
     if r.status == UNREGISTERED:
         return f"{r.runner_id} has registered but written no status yet (incarnation {r.incarnation})"
     if r.status not in RESTING_STATUSES:
-        working = state.tasks.get(r.running_task or "")
-        during = f" while task {working.task_id} ({working.task_type}) runs" if working else ""
+        working = [state.tasks[t] for t in r.running_tasks if t in state.tasks]
+        during = (
+            " while task " + ", ".join(f"{t.task_id} ({t.task_type})" for t in working) + " runs" if working else ""
+        )
         return (
             f"{r.runner_id} is stuck in {r.status} {since}{during}: its last event is seq {r.last_event_seq}, "
             "none has ended the transition"
@@ -208,7 +210,7 @@ def _task_cause(state: ClusterState, t: TaskView) -> str:
         return f"{head} is still {t.status} since seq {t.updated_seq} but {trouble}: it will never finish"
     r = state.runners[t.runner_id]
     if t.status == TaskStatus.PENDING:
-        busy = f", busy with {r.running_task}" if r.running_task else ""
+        busy = f", busy with {', '.join(r.running_tasks)}" if r.running_tasks else ""
         return f"{head} is Pending since seq {t.created_seq}: runner {t.runner_id} is {r.status}{busy}"
     return f"{head} is Running since seq {t.updated_seq}; runner {t.runner_id} is {r.status}"
 

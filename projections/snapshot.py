@@ -18,9 +18,16 @@ class SnapshotError(ValueError):
     """The bytes are not a snapshot this version can read."""
 
 
+# The shape of `ClusterState` a snapshot holds; a snapshot of another shape is not read (the
+# log is folded from its start instead). 2: a runner's `running_tasks` and `chat_capacity`.
+SHAPE = 2
+
+
 class Snapshot(msgspec.Struct):
     seq: int
     state: ClusterState
+    # Absent in snapshots of the first shape, so they fail to decode.
+    shape: int
 
 
 _encoder = msgspec.json.Encoder()
@@ -29,12 +36,15 @@ _decoder = msgspec.json.Decoder(Snapshot)
 
 def dump_snapshot(state: ClusterState) -> bytes:
     """The snapshot bytes of `state` (its own `seq` is the cut)."""
-    return zlib.compress(_encoder.encode(Snapshot(seq=state.seq, state=state)), level=1)
+    return zlib.compress(_encoder.encode(Snapshot(seq=state.seq, state=state, shape=SHAPE)), level=1)
 
 
 def load_snapshot(data: bytes) -> ClusterState:
     """The state of a snapshot (raises SnapshotError on a corrupt one)."""
     try:
-        return _decoder.decode(zlib.decompress(data)).state
+        snapshot = _decoder.decode(zlib.decompress(data))
     except (zlib.error, msgspec.DecodeError, msgspec.ValidationError) as err:
         raise SnapshotError(f"unreadable snapshot: {err}") from None
+    if snapshot.shape != SHAPE:
+        raise SnapshotError(f"a snapshot of state shape {snapshot.shape}, this version reads {SHAPE}")
+    return snapshot.state

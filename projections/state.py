@@ -31,7 +31,10 @@ class RunnerView(msgspec.Struct, kw_only=True):
     # Its ring key (empty: a runner older than ring keys); the planner puts it in ConnectToGroup.
     ring_key: str = ""
     model_id: str | None = None
-    running_task: str | None = None
+    # Its tasks with a Running status and no terminal one yet: one, or several chats.
+    running_tasks: list[str] = []
+    # Chats it serves at once on its loaded model (its LoadModel's result says; 1 without one).
+    chat_capacity: int = 1
     # Sequence of this runner's newest message on its own event subject: the
     # expected-last-subject-sequence a supervisor fences RunnerLost with.
     last_event_seq: int = 0

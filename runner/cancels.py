@@ -32,13 +32,16 @@ class Cancels:
         except BadInput as err:
             self.log.warning(f"cancel refused ({err.error_type}): {err.message}")
             return
-        reason = cancel.reason or "cancelled"
-        self._asked[cancel.task_id] = reason
+        self.cancel(cancel.task_id, cancel.reason or "cancelled")
+
+    def cancel(self, task_id: str, reason: str) -> None:
+        """Cancel `task_id` (the runner's own decision, or a CancelTask's)."""
+        self._asked[task_id] = reason
         if len(self._asked) > MAX_KEPT:
             del self._asked[next(iter(self._asked))]
-        if (event := self._running.get(cancel.task_id)) is not None:
+        if (event := self._running.get(task_id)) is not None:
             event.set()
-        self.log.bind(task_id=cancel.task_id).info(f"cancel asked: {reason}")
+        self.log.bind(task_id=task_id).info(f"cancel asked: {reason}")
 
     def asked(self, task_id: str) -> str | None:
         """Why `task_id` was cancelled, if it was."""

@@ -43,6 +43,7 @@ async def chat(
     first token whose step saw one rank's cancel (so a cancel that reaches only
     one rank stops them all).
     """
+    request_id = engine.next_request_id()
     request = Generate(
         messages=[Message(m.role, m.content) for m in task.messages],
         max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
@@ -51,13 +52,14 @@ async def chat(
         seed=_lockstep_seed(task) if group is not None else task.seed,
         stop=stop_strings(task),
         raw=task.raw,
+        request_id=request_id,
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
     stop = cancelled or asyncio.Event()
     # The engine hears of a cancel as soon as it comes, not at the next text it sends
     # (which may be a whole frame of tokens later).
-    canceller = asyncio.ensure_future(_cancel_when(stop, engine))
+    canceller = asyncio.ensure_future(_cancel_when(stop, engine, request_id))
     done = None
     asked_again = False
     try:
@@ -68,7 +70,7 @@ async def chat(
                 if not asked_again:
                     # A cancel set before the request reached the child was ignored there:
                     # once text comes back, the request is in, and this one is heard.
-                    engine.cancel()
+                    engine.cancel(request_id)
                     asked_again = True
             elif chunks is not None:
                 await chunks.add(reply.text)
@@ -88,9 +90,9 @@ async def chat(
     return Answer(result, delivered)
 
 
-async def _cancel_when(stop: asyncio.Event, engine: Engine) -> None:
+async def _cancel_when(stop: asyncio.Event, engine: Engine, request_id: int) -> None:
     await stop.wait()
-    engine.cancel()  # it answers Done within a token (in a group, with every rank at the same one)
+    engine.cancel(request_id)  # it answers Done within a token (in a group, with every rank at the same one)
 
 
 def _lockstep_seed(task: ChatCompletion) -> int | None:

@@ -10,10 +10,12 @@ and a killed, out-of-memory or segfaulted engine becomes an `EngineCrashed`
 exception naming the signal and quoting the child's last stderr lines; `start()`
 then gives a fresh child.
 
-One reader task owns the child's stdout and turns frames into a queue of replies,
-so a caller cancelled while waiting never leaves half a frame behind. Requests are
-serialised; a request abandoned before its terminal reply (a cancelled load, a
-generation the consumer stopped reading) is drained before the next one is sent.
+One reader task owns the child's stdout and turns frames into replies, so a caller
+cancelled while waiting never leaves half a frame behind: a generation's go to its own
+queue (by request id), the rest to one queue. Generations run side by side, up to the
+loaded model's `chat_capacity` (the caller keeps to it); any other request waits until
+none runs, and is serialised; a request abandoned before its terminal reply (a cancelled
+load, a generation the consumer stopped reading) is drained before the next one is sent.
 """
 
 from __future__ import annotations
@@ -107,8 +109,17 @@ class Engine:
         self._stderr = StderrTail(logger, stderr_lines)
         self._lock = asyncio.Lock()
         self._crash: EngineCrashed | None = None
-        # Terminal replies the child still owes for abandoned requests.
+        # Terminal replies the child still owes for abandoned requests (not generations).
         self._owed = 0
+        # Each generation under way, by request id: the queue its replies go to.
+        self._gens: dict[int, asyncio.Queue[Token | Done | RequestFailed | EngineCrashed]] = {}
+        # Generations abandoned before their terminal reply (cancelled, the child owes it).
+        self._abandoned: set[int] = set()
+        self._none_abandoned = asyncio.Event()
+        self._none_abandoned.set()
+        # No generation under way or owed: another request may go.
+        self._gens_idle = asyncio.Event()
+        self._gens_idle.set()
         self._stopping = False
         self._log = logger.bind(component="engine")
         # Generations are numbered; the child tags each reply of one with its number.
@@ -147,6 +158,9 @@ class Engine:
         self._replies = asyncio.Queue()
         self._crash = None
         self._owed = 0
+        self._gens.clear()
+        self._abandoned.clear()
+        self._gens_changed()
         self._stopping = False
         self._in_group = False
         self._engine_in_use = None
@@ -258,56 +272,78 @@ class Engine:
         """Drop the loaded model and free its memory."""
         await self._call(Unload(), Ok)
 
+    def next_request_id(self) -> int:
+        """A number for a generation (`Generate.request_id`), to `cancel` it by."""
+        self._request_id += 1
+        return self._request_id
+
     async def generate(self, req: Generate) -> AsyncIterator[Token | Done]:
-        """Stream a chat completion: `Token` deltas as they come, then one `Done`.
+        """Stream a chat completion: `Token` deltas as they come, then one `Done`. Several
+        may run at once (up to the model's `chat_capacity`); `req.request_id`, if set, came
+        from `next_request_id`.
 
         Stopping the iteration early cancels the generation in the child.
         """
         async with self._lock:
-            self._request_id += 1
-            request_id = self._request_id
+            if self._crash is not None:
+                raise self._crash
+            request_id = req.request_id or self.next_request_id()
+            replies: asyncio.Queue[Token | Done | RequestFailed | EngineCrashed] = asyncio.Queue()
+            self._gens[request_id] = replies
+            self._gens_changed()
             early = self._early("first chat")
             self._chats_served += 1
-            await self._send(msgspec.structs.replace(req, request_id=request_id))
-            finished = False
-            try:
-                with early:
-                    while True:
-                        reply = await self._next_reply()
-                        if isinstance(reply, Token | Done | RequestFailed) and reply.request_id != request_id:
-                            raise EngineError(
-                                "ProtocolError", f"a reply of generation {reply.request_id} in {request_id}"
-                            )
-                        if isinstance(reply, Token):
-                            yield reply
-                            continue
-                        finished = True
-                        if isinstance(reply, Done):
-                            yield reply
-                            return
-                        raise self._unexpected(reply)
-            finally:
-                if not finished and self.alive:
-                    # No await here: this may run while the generator is being closed.
-                    self._stdin().write(encode_frame(Cancel(request_id=request_id)))
+            await self._write(msgspec.structs.replace(req, request_id=request_id))
+        finished = False
+        try:
+            with early:
+                while True:
+                    reply = await replies.get()
+                    if isinstance(reply, EngineCrashed):
+                        raise reply
+                    if isinstance(reply, Token):
+                        yield reply
+                        continue
+                    finished = True
+                    if isinstance(reply, Done):
+                        yield reply
+                        return
+                    raise self._unexpected(reply)
+        finally:
+            del self._gens[request_id]
+            if not finished and self.alive:
+                self._abandoned.add(request_id)
+                # No await here: this may run while the generator is being closed.
+                self._stdin().write(encode_frame(Cancel(request_id=request_id)))
+            self._gens_changed()
+
+    def _gens_changed(self) -> None:
+        for event, busy in ((self._none_abandoned, self._abandoned), (self._gens_idle, self._gens or self._abandoned)):
+            if busy:
+                event.clear()
+            else:
+                event.set()
 
     async def settle(self, timeout: float) -> bool:
         """Wait, at most `timeout` s, for the replies the child owes for abandoned requests
         (a generation cut short answers its Cancel between two tokens); False if it gives
         them no sooner, or is gone: then only a fresh child serves again."""
         try:
-            async with asyncio.timeout(timeout), self._lock:
-                while self._owed:
-                    await self._next_reply()
+            async with asyncio.timeout(timeout):
+                await self._none_abandoned.wait()
+                async with self._lock:
+                    while self._owed:
+                        await self._next_reply()
         except (TimeoutError, EngineCrashed):
             return False
         return self.alive
 
-    def cancel(self) -> None:
-        """Ask the generation under way to stop: `generate` then yields its `Done` (finish_reason
-        "cancelled") within a token; in a group, every rank stops at the same token."""
+    def cancel(self, request_id: int | None = None) -> None:
+        """Ask generation `request_id` (None: every one under way) to stop: `generate` then
+        yields its `Done` (finish_reason "cancelled") within a token; in a group, every rank
+        stops at the same token."""
         if self.alive:
-            self._stdin().write(encode_frame(Cancel()))
+            self._stdin().write(encode_frame(Cancel(request_id=request_id)))
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Ask the child to exit; terminate, then kill it if it does not in time."""
@@ -353,6 +389,8 @@ class Engine:
         """Send a request that has a single terminal reply and return it (a load's
         `LayersLoaded` on the way go to `on_layers`)."""
         async with self._lock:
+            # Nothing but generations runs beside generations (the child joins them first).
+            await self._gens_idle.wait()
             await self._send(req)
             reply = await self._next_reply()
             while isinstance(reply, LayersLoaded):
@@ -367,11 +405,14 @@ class Engine:
         """Send a request once the replies of abandoned requests are drained."""
         if self._crash is not None:
             raise self._crash
-        stdin = self._stdin()
         while self._owed:
             await self._next_reply()
-        stdin.write(encode_frame(req))
         self._owed += 1
+        await self._write(req)
+
+    async def _write(self, req: Request) -> None:
+        stdin = self._stdin()
+        stdin.write(encode_frame(req))
         try:
             await stdin.drain()
         except ConnectionError:
@@ -405,7 +446,7 @@ class Engine:
             while True:
                 header = await proc.stdout.readexactly(HEADER.size)
                 body = await proc.stdout.readexactly(frame_length(header))
-                self._replies.put_nowait(reply_decoder.decode(body))
+                self._dispatch(reply_decoder.decode(body))
         except asyncio.IncompleteReadError:
             pass
         except Exception as exc:  # noqa: BLE001 - a corrupt stream ends this child
@@ -414,14 +455,29 @@ class Engine:
         await proc.wait()
         if self._stderr_reader is not None:
             await self._stderr_reader
-        self._replies.put_nowait(
-            EngineCrashed(
-                exit_message(proc.returncode, self._stopping, list(self._stderr.lines), self._engine_in_use)
-                + detail
-                + self._stderr.quoted(),
-                proc.returncode,
-            )
+        crashed = EngineCrashed(
+            exit_message(proc.returncode, self._stopping, list(self._stderr.lines), self._engine_in_use)
+            + detail
+            + self._stderr.quoted(),
+            proc.returncode,
         )
+        self._crash = crashed
+        self._replies.put_nowait(crashed)
+        for replies in self._gens.values():
+            replies.put_nowait(crashed)
+        # A dead child owes nothing.
+        self._abandoned.clear()
+        self._gens_changed()
+
+    def _dispatch(self, reply: Reply) -> None:
+        """A generation's reply to its queue (dropped if it was abandoned), the rest to `_replies`."""
+        if not isinstance(reply, Token | Done | RequestFailed) or not reply.request_id:
+            self._replies.put_nowait(reply)
+        elif (replies := self._gens.get(reply.request_id)) is not None:
+            replies.put_nowait(reply)
+        elif not isinstance(reply, Token) and reply.request_id in self._abandoned:
+            self._abandoned.discard(reply.request_id)
+            self._gens_changed()
 
 
 __all__ = [

@@ -33,6 +33,9 @@ class EngineBackend(Protocol):
     """A loaded model on one engine."""
 
     engine: str
+    # Generations it serves at once, each `generate` called from a thread of its own
+    # (1: one at a time, on the child's main thread).
+    capacity: int
 
     @property
     def context_length(self) -> int | None:

@@ -1,10 +1,12 @@
 """The engine child process of the runner: `python -m exojet.runner.engine_child`.
 
 It runs the engine each Load names (`runner.engine_backend`: MLX or llama.cpp), and
-serves the requests of `runner.engine_protocol` one at a time on its stdin and
-stdout. Stdout is kept for the protocol only: the original descriptors are
-duplicated for the protocol and fd 0/1 are pointed at /dev/null and stderr, so a
-stray `print` or a C library writing to stdout cannot corrupt a frame.
+serves the requests of `runner.engine_protocol` on its stdin and stdout: one at a time,
+but for the generations of an engine that serves several at once, each of which runs in
+a thread of its own while this loop reads on (their Cancels above all). Stdout is kept
+for the protocol only: the original descriptors are duplicated for the protocol and fd
+0/1 are pointed at /dev/null and stderr, so a stray `print` or a C library writing to
+stdout cannot corrupt a frame.
 
 Handlers are looked up by request type, so a pipelined deployment can add its own
 request (joining a group) and load path without touching the loop.
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -94,6 +98,8 @@ class EngineChild:
         self.queued: deque[Request] = deque()
         # Generations served since the model was loaded (the warmup's is the first).
         self.served = 0
+        # Generations running in threads: their threads and cancel flags, by request id.
+        self.threads: dict[int, tuple[threading.Thread, threading.Event]] = {}
         self.handlers: dict[type, Callable[[Any], Reply | None]] = {
             Load: self.load,
             Warmup: self.warmup,
@@ -106,27 +112,63 @@ class EngineChild:
 
     def serve(self) -> None:
         """Serve requests until Exit or until the parent closes the pipe."""
-        while True:
-            req = self.queued.popleft() if self.queued else self.pipe.read()
-            if req is None or isinstance(req, Exit):
-                return
-            log = logger.bind(request=type(req).__name__)
-            request_id = req.request_id if isinstance(req, Generate) else 0
+        try:
+            while True:
+                req = self.queued.popleft() if self.queued else self.pipe.read()
+                if req is None or isinstance(req, Exit):
+                    return
+                if isinstance(req, Cancel) and self.threads:
+                    self._cancel_threads(req.request_id)
+                    continue
+                if isinstance(req, Generate) and self.engine is not None and self.engine.capacity > 1:
+                    self._start_thread(req)
+                    continue
+                # Nothing else runs beside generations (the parent waits for them to end).
+                self._join_threads()
+                self.answer(req, functools.partial(self.handlers[type(req)], req))
+                if self.exit_after_reply:
+                    return
+                _return_freed_memory()
+        finally:
+            self._cancel_threads(None)
+            self._join_threads()
+
+    def answer(self, req: Request, serve: Callable[[], Reply | None]) -> None:
+        """Serve one request and write its terminal reply (an error is the caller's answer)."""
+        log = logger.bind(request=type(req).__name__)
+        request_id = req.request_id if isinstance(req, Generate) else 0
+        try:
+            reply = serve()
+        except RequestError as exc:
+            log.bind(error_type=exc.error_type).warning(f"request failed: {exc}")
+            reply = RequestFailed(error_type=exc.error_type, message=str(exc), request_id=request_id)
+        except Exception as exc:  # any engine error is the caller's answer, not a crash
+            log.exception("request failed")
+            reply = RequestFailed(error_type=type(exc).__name__, message=str(exc) or repr(exc), request_id=request_id)
+        if reply is not None:
+            self.pipe.write(reply)
+
+    def _start_thread(self, req: Generate) -> None:
+        cancel = threading.Event()
+
+        def run() -> None:
             try:
-                reply = self.handlers[type(req)](req)
-            except RequestError as exc:
-                log.bind(error_type=exc.error_type).warning(f"request failed: {exc}")
-                reply = RequestFailed(error_type=exc.error_type, message=str(exc), request_id=request_id)
-            except Exception as exc:  # any engine error is the caller's answer, not a crash
-                log.exception("request failed")
-                reply = RequestFailed(
-                    error_type=type(exc).__name__, message=str(exc) or repr(exc), request_id=request_id
-                )
-            if reply is not None:
-                self.pipe.write(reply)
-            if self.exit_after_reply:
-                return
-            _return_freed_memory()
+                self.answer(req, lambda: self.generate(req, cancel.is_set))
+            finally:
+                self.threads.pop(req.request_id, None)
+
+        thread = threading.Thread(target=run, name=f"generate-{req.request_id}", daemon=True)
+        self.threads[req.request_id] = (thread, cancel)
+        thread.start()
+
+    def _cancel_threads(self, request_id: int | None) -> None:
+        for rid, (_, cancel) in list(self.threads.items()):
+            if request_id in (None, rid):
+                cancel.set()
+
+    def _join_threads(self) -> None:
+        for thread, _ in list(self.threads.values()):
+            thread.join()
 
     def connect_group(self, req: ConnectGroup) -> GroupConnected:
         """Join the ring group; a failed attempt leaves the process unusable, so it then exits."""
@@ -177,13 +219,14 @@ class EngineChild:
             _return_freed_memory()
         return Ok()
 
-    def generate(self, req: Generate) -> Done:
-        """Generate a chat completion, writing Token replies as it goes."""
+    def generate(self, req: Generate, cancelled: Callable[[], bool] | None = None) -> Done:
+        """Generate a chat completion, writing Token replies as it goes; `cancelled` says when
+        to stop (by default a Cancel read from the pipe between two tokens)."""
         arrived = time.perf_counter()
-        done = self._generate(req, True)
+        done = self._generate(req, True, cancelled)
         return msgspec.structs.replace(done, seconds=time.perf_counter() - arrived, request_id=req.request_id)
 
-    def _generate(self, req: Generate, stream: bool) -> Done:
+    def _generate(self, req: Generate, stream: bool, cancelled: Callable[[], bool] | None = None) -> Done:
         if self.engine is None:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
@@ -192,18 +235,19 @@ class EngineChild:
         self.served += 1
         writer = TokenWriter(self.pipe if stream else None, req.request_id)
 
-        def cancelled() -> bool:
-            return stream and self.pipe.readable() and self._cancelled()
+        def cancel_read() -> bool:
+            return stream and self.pipe.readable() and self._cancelled(req.request_id)
 
-        done = self.engine.generate(req, writer.write if stream else None, cancelled)
+        done = self.engine.generate(req, writer.write if stream else None, cancelled or cancel_read)
         writer.flush()
         return done
 
-    def _cancelled(self) -> bool:
-        """Read the waiting request: True for Cancel, else keep it for later."""
+    def _cancelled(self, request_id: int) -> bool:
+        """Read the waiting request: True for a Cancel of this generation (or of all), else
+        keep it for later (a Cancel of another, ended generation is dropped)."""
         req = self.pipe.read()
         if isinstance(req, Cancel):
-            return True
+            return req.request_id in (None, request_id)
         # The parent closed the pipe: stop generating for nobody, then exit.
         self.queued.append(Exit() if req is None else req)
         return req is None

@@ -27,10 +27,13 @@ from exojet.runner.engine_backend import RequestError, raw_prompt
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
 from exojet.runner.stop_scanner import StopScanner
 
-# The KV cache is sized for this many tokens (or the model's own context, if shorter).
+# A chat's window: this many tokens (or the model's own context, if shorter).
 MAX_CONTEXT = 4096
-# Chats served at once (llama.cpp's slots); today's runner serves one chat at a time.
-SLOTS = 1
+# Chats served at once (llama.cpp's slots), batched together by its server engine.
+SLOTS = 16
+# The one KV cache all slots share holds this many whole windows: a long chat may use its
+# whole window while others run, and 16 short chats (a few hundred tokens each) fit beside.
+KV_WINDOWS = 4
 
 # llama.cpp's server error types, as the runner's refusals name them.
 _ERROR_TYPES = {
@@ -73,9 +76,9 @@ def server_params(path: Path, context_length: int, socket_path: Path) -> Any:
 
     params = xllamacpp.CommonParams()
     params.model.path = str(path)
-    params.n_ctx = context_length * SLOTS
+    params.n_ctx = context_length * KV_WINDOWS
     params.n_parallel = SLOTS
-    # One KV cache for all slots: a long chat may use the whole window while others run.
+    # One KV cache for all slots: a long chat may use a whole window while others run.
     params.kv_unified = True
     # Decoding is memory-bound and gains from every core (llama.cpp's default is fewer).
     threads = os.cpu_count() or 1
@@ -159,6 +162,7 @@ class LlamaCppEngine:
     """A GGUF loaded in llama.cpp's server engine."""
 
     engine = "llamacpp"
+    capacity = SLOTS
 
     def __init__(self, req: Load) -> None:
         import xllamacpp
@@ -194,6 +198,7 @@ class LlamaCppEngine:
             weights="stored",
             weights_reason=f"llama.cpp runs the GGUF as stored ({self.path.name})",
             engine=self.engine,
+            chat_capacity=self.capacity,
         )
 
     def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:

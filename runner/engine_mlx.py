@@ -101,6 +101,8 @@ class MlxEngine:
     """An mlx-lm model (or a pipeline rank's shard of one) in this process."""
 
     engine = "mlx"
+    # One generation at a time (batching MLX is issue 29's).
+    capacity = 1
 
     def __init__(self, req: Load, group: Any, on_layer: Callable[[int, int], None]) -> None:
         self.group = group

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import select
+import threading
 
 from exojet.runner.engine_protocol import Reply, Request, encode_frame, frame_length, request_decoder
 
@@ -15,6 +16,8 @@ class Pipe:
     def __init__(self, fd_in: int, fd_out: int) -> None:
         self.fd_in = fd_in
         self.fd_out = fd_out
+        # Generations in threads write their replies too: one frame at a time.
+        self._writing = threading.Lock()
 
     def _read_exactly(self, n: int) -> bytes | None:
         chunks: list[bytes] = []
@@ -44,5 +47,6 @@ class Pipe:
     def write(self, reply: Reply) -> None:
         """Write one reply frame (a single syscall unless the pipe is full)."""
         view = memoryview(encode_frame(reply))
-        while view:
-            view = view[os.write(self.fd_out, view) :]
+        with self._writing:
+            while view:
+                view = view[os.write(self.fd_out, view) :]

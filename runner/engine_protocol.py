@@ -4,13 +4,16 @@ The child reads requests on its stdin and writes replies on its stdout. Each fra
 is a 4-byte big-endian length followed by a msgpack body; every message is a frozen
 msgspec Struct tagged by its class name, so both sides decode into one union.
 
-Requests are answered in order, one at a time. `ConnectGroup`, `Load`, `Warmup`,
-`Unload` and `Generate` each end with exactly one terminal reply (`GroupConnected`,
-`ModelLoaded`, `Ok`, `Done` or `RequestFailed`); `Generate` streams `Token` replies before its
-terminal one, and `Load` streams `LayersLoaded` replies (one per layer) before its own.
-`Cancel` is a notification without a reply: sent during a generation it ends it early
-(the terminal reply is then `Done` with finish_reason "cancelled"); sent while idle it
-is ignored. `Exit` ends the child without a reply.
+Requests are answered in order, one at a time, except generations on an engine that
+serves several at once (`ModelLoaded.chat_capacity` above 1): up to that many run side by
+side, each reply tagged with its `request_id`, and the parent sends no other request
+until they have ended. `ConnectGroup`, `Load`, `Warmup`, `Unload` and `Generate` each end
+with exactly one terminal reply (`GroupConnected`, `ModelLoaded`, `Ok`, `Done` or
+`RequestFailed`); `Generate` streams `Token` replies before its terminal one, and `Load`
+streams `LayersLoaded` replies (one per layer) before its own. `Cancel` is a notification
+without a reply: sent during a generation it ends it early (the terminal reply is then
+`Done` with finish_reason "cancelled"); sent while idle it is ignored. `Exit` ends the
+child without a reply.
 """
 
 from __future__ import annotations
@@ -116,6 +119,8 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     engine: str = "mlx"
     # Why this engine, when it is not the first choice (another crashed on this model).
     engine_reason: str = ""
+    # Generations the engine serves at once on this model (llama.cpp's slots; MLX: 1).
+    chat_capacity: int = 1
 
 
 class LayersLoaded(msgspec.Struct, tag=True, frozen=True):

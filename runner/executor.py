@@ -25,7 +25,7 @@ from exojet.bus.tasks import (
 )
 from exojet.models.store import InvalidModelId, is_complete, layer_count, model_dir, size_on_disk
 from exojet.runner import ring_identity
-from exojet.runner.chat import chat
+from exojet.runner.chat import Answer, chat
 from exojet.runner.download import DownloadStatus, download_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_choice import EngineWanted
@@ -63,8 +63,9 @@ class Executor:
         self.ring_key = ring_identity.public_key(self.ring_seed)
         self.downloaded: Shard | None = None
         self.group: Group | None = None
-        # The last chat's closing chunks, still being stored (see `chat.Answer`).
-        self.delivering: asyncio.Future[None] | None = None
+        # Chats the loaded model serves at once (1 with none loaded, and in a pipeline group:
+        # its ranks pull their tasks independently, so they could not keep step).
+        self.chat_capacity = 1
 
     def refusal(self, task: Task) -> tuple[str, str] | None:
         """(error_type, message) refusing the task before any transition, or None to run it."""
@@ -91,6 +92,7 @@ class Executor:
         """End the engine child; a group lived in it, so it is gone too."""
         await self.engine.stop()
         self.group = None
+        self.chat_capacity = 1
 
     async def settle(self, task: Task) -> bool:
         """After `task` was cut at its deadline: True if the engine serves on (a single
@@ -108,9 +110,13 @@ class Executor:
         await self.stop_engine()
         self.downloaded = None
 
-    async def run(self, task: Task, task_id: str, cancelled: asyncio.Event | None = None) -> dict[str, Any] | None:
-        """Do the task's work; its result (for `Complete`) or an exception. A chat stops once
-        `cancelled` is set (its result's finish_reason then says "cancelled")."""
+    async def chat(self, task: ChatCompletion, task_id: str, cancelled: asyncio.Event | None = None) -> Answer:
+        """Answer a chat (beside others, up to `chat_capacity`); it stops once `cancelled` is set
+        (its result's finish_reason then says "cancelled")."""
+        return await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
+
+    async def run(self, task: Task, task_id: str) -> dict[str, Any] | None:
+        """Do the task's work (a chat's is `chat`); its result (for `Complete`) or an exception."""
         match task:
             case DownloadModel(shard=shard):
                 path = await download_model(
@@ -146,10 +152,6 @@ class Executor:
             case StartWarmup():
                 await self.engine.warmup()
                 return None
-            case ChatCompletion():
-                answer = await chat(self.engine, self.nc, self.runner_id, self.group, task, task_id, cancelled)
-                self.delivering = answer.delivered
-                return answer.result
             case UnloadModel():
                 # A child that joined a group cannot leave it: end it (a later
                 # load starts a fresh one). A crashed child holds nothing.
@@ -157,13 +159,9 @@ class Executor:
                     await self.stop_engine()
                 else:
                     await self.engine.unload()
+                self.chat_capacity = 1
                 return None
         raise ValueError(f"{task_type(task)} has no work: the task loop handles it")
-
-    def take_delivery(self) -> asyncio.Future[None] | None:
-        """What the last task still has on its way to the bus (a chat's closing chunks), if anything."""
-        delivering, self.delivering = self.delivering, None
-        return delivering
 
     async def _load(self, task: LoadModel, task_id: str) -> dict[str, Any]:
         wanted = task.shard or self.downloaded
@@ -183,6 +181,7 @@ class Executor:
             on_layers=on_layers,
         )
         self.downloaded = wanted
+        self.chat_capacity = loaded.chat_capacity if self.group is None else 1
         return {
             "model_id": wanted.model_id,
             "n_layers": loaded.n_layers,
@@ -191,6 +190,7 @@ class Executor:
             "weights": loaded.weights,
             "weights_reason": loaded.weights_reason,
             "engine": loaded.engine,
+            "chat_capacity": self.chat_capacity,
             # Why this engine, when another crashed on this model (runner/engine_crashes.py).
             **({"engine_reason": loaded.engine_reason} if loaded.engine_reason else {}),
         }

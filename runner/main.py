@@ -22,14 +22,19 @@ from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlin
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.heartbeat import heartbeat
 from exojet.runner.registration import TwinRunning, advertised_address
-from exojet.runner.task_loop import Runner
+from exojet.runner.task_loop import CHAT_GRACE_S, Runner
 
 # On a stop signal, how long the runner's last writes (Cancelled, Shutdown) may wait for NATS.
 LAST_WORDS_S = 10.0
 
 
 async def run_runner(
-    runner_id: str, nats_url: str, models_dir: Path, deadlines: Deadlines | None = None, engine: EngineWanted = "auto"
+    runner_id: str,
+    nats_url: str,
+    models_dir: Path,
+    deadlines: Deadlines | None = None,
+    engine: EngineWanted = "auto",
+    chat_grace_s: float = CHAT_GRACE_S,
 ) -> int:
     """Connect, register, serve until Shutdown or a signal; returns the exit code."""
     stop = asyncio.Event()
@@ -38,7 +43,7 @@ async def run_runner(
         loop.add_signal_handler(sig, stop.set)
     # Waits for a server at start and never gives up on it afterwards.
     nc = await client.connect(nats_url, name=f"runner-{runner_id}", wait=True)
-    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines, engine)
+    runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines, engine, chat_grace_s)
     beat: asyncio.Task[None] | None = None
     try:
         await client.until_done(lambda: streams.ensure_streams(runner.js), "create the streams")
@@ -81,6 +86,7 @@ def main(
     deadlines: list[str] | None = None,
     chat_seconds_per_token: float = CHAT_SECONDS_PER_TOKEN,
     engine: EngineWanted = "auto",
+    chat_grace_s: float = CHAT_GRACE_S,
 ) -> int:
     """Entry point of `exojet runner`."""
     if problem := subjects.id_problem(runner_id):
@@ -91,4 +97,6 @@ def main(
     except BadDeadline as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(run_runner(runner_id, nats_url, models_dir or default_models_dir(), limits, engine))
+    return asyncio.run(
+        run_runner(runner_id, nats_url, models_dir or default_models_dir(), limits, engine, chat_grace_s)
+    )

@@ -1,4 +1,5 @@
-"""A runner's task loop: the tasks of `exo.tasks.<id>`, one at a time.
+"""A runner's task loop: the tasks of `exo.tasks.<id>`, in order; chats side by side, up
+to the loaded model's capacity (`runner/chat_slots.py`), any other task alone.
 
 Each task is decoded (poison is answered and terminated), skipped if the log
 already holds its terminal status, checked against the state machine, then gets
@@ -10,9 +11,10 @@ seen on its own subject while idle) makes it re-register as a new incarnation.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Coroutine
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -22,9 +24,10 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
 from exojet.bus.statuses import RunnerStatus, TaskStatus
 from exojet.bus.task_consumer import TaskConsumer
-from exojet.bus.tasks import Shutdown, Task, task_type
+from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_type
 from exojet.runner import registration, state_machine
 from exojet.runner.cancels import Cancels
+from exojet.runner.chat_slots import ChatSlots
 from exojet.runner.deadlines import Deadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.event_writer import Fenced
@@ -40,6 +43,9 @@ IN_PROGRESS_EVERY_S = streams.TASK_ACK_WAIT_S / 3
 # How long a RunnerLost seen on our subject may take to show up in the log (see _check_lost).
 LOST_CHECKS = 20
 LOST_CHECK_INTERVAL_S = 0.05
+_T = TypeVar("_T")
+# How long chats in flight may run on once a Shutdown or an UnloadModel is next.
+CHAT_GRACE_S = 30.0
 
 
 class Runner:
@@ -53,6 +59,7 @@ class Runner:
         address: str,
         deadlines: Deadlines | None = None,
         engine: EngineWanted = "auto",
+        chat_grace_s: float = CHAT_GRACE_S,
     ) -> None:
         self.runner_id = runner_id
         self.nc = nc
@@ -67,6 +74,8 @@ class Runner:
         )
         self.deadlines = deadlines or Deadlines()
         self.cancels = Cancels(runner_id)
+        self.slots = ChatSlots(self.transitions, lambda: self.executor.chat_capacity)
+        self.chat_grace_s = chat_grace_s
         # Set when a RunnerLost newer than our last write shows up on our subject.
         self.declared_lost = asyncio.Event()
         self.log = self.reports.log
@@ -145,9 +154,22 @@ class Runner:
         connection.watch(self.nc).on_reconnect(lost_while_away)
         try:
             while True:
-                if await self.handle_fenced(await self._next_task(tasks)):
+                while self.slots.full and not self._interrupted:
+                    await self._until(self.slots.wait())
+                msg = None if self._interrupted else await self._next_task(tasks)
+                if msg is None:
+                    if await self._recover():
+                        return 0
+                    continue
+                task = _peek(msg)
+                if isinstance(task, ChatCompletion):
+                    self.slots.start(task.task_id or str(msg.metadata.sequence.stream), msg, self.handle(msg))
+                    continue
+                await self._chats_end_before(task, msg)
+                if await self._recover(msg) if self._interrupted else await self.handle_fenced(msg):
                     return 0
         finally:
+            await self.slots.stop_all()
             connection.watch(self.nc).remove_listener(lost_while_away)
             await cancels.unsubscribe()
             await own.unsubscribe()
@@ -185,19 +207,69 @@ class Runner:
                 return
             await asyncio.sleep(LOST_CHECK_INTERVAL_S)
 
-    async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
-        """The next task message, or None when this incarnation was declared lost while waiting."""
-        waiting = asyncio.ensure_future(tasks.next())
-        lost = asyncio.ensure_future(self.declared_lost.wait())
+    @property
+    def _interrupted(self) -> bool:
+        """Declared lost, or a chat's write was fenced: the loop must recover first."""
+        return self.declared_lost.is_set() or self.slots.fenced is not None
+
+    async def _until(self, work: Coroutine[Any, Any, _T]) -> _T | None:
+        """`work`'s result, or None once this incarnation is declared lost or a chat is fenced."""
+        waiting = asyncio.ensure_future(work)
+        stops = [asyncio.ensure_future(self.declared_lost.wait()), asyncio.ensure_future(self.slots.fence_seen.wait())]
         try:
-            await asyncio.wait({waiting, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({waiting, *stops}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            lost.cancel()
+            for stop in stops:
+                stop.cancel()
             if not waiting.done():
                 # Safe to cancel: the consumer keeps undelivered messages for the next call.
                 waiting.cancel()
                 await asyncio.gather(waiting, return_exceptions=True)
         return None if waiting.cancelled() else waiting.result()
+
+    async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
+        """The next task message, or None when this incarnation was declared lost while waiting."""
+        return await self._until(tasks.next())
+
+    async def _chats_end_before(self, task: Task | None, msg: Msg) -> None:
+        """Wait for the chats in flight to end before `task` runs; a Shutdown or an UnloadModel
+        gives them `chat_grace_s`, then cancels them, saying why."""
+        if not self.slots.running:
+            return
+        keepalive = asyncio.ensure_future(_keep_in_progress(msg))
+        try:
+            grace = self.chat_grace_s if isinstance(task, Shutdown | UnloadModel) else None
+            try:
+                async with asyncio.timeout(grace):
+                    while self.slots.running and not self._interrupted:
+                        await self._until(self.slots.wait())
+            except TimeoutError:
+                kind = task_type(task) if task is not None else "task"
+                for task_id in list(self.slots.running):
+                    self.cancels.cancel(
+                        task_id,
+                        f"runner {self.runner_id} is to run {kind}: its chats had {grace:g} s to end and this "
+                        "one ran on; send it again",
+                    )
+            while self.slots.running and not self._interrupted:
+                await self._until(self.slots.wait())
+        finally:
+            keepalive.cancel()
+
+    async def _recover(self, pending: Msg | None = None) -> bool:
+        """After a loss or a fenced chat: stop the chats, rejoin, then answer their messages
+        (and `pending`) again, as `handle_fenced` does for one; True if one was a Shutdown."""
+        fenced = self.slots.fenced
+        if fenced is not None and not fenced.lost:
+            raise TwinRunning(str(fenced))
+        again = await self.slots.stop_all()
+        if fenced is not None:
+            self.log.warning(f"{fenced}; re-registering")
+        await self.handle_fenced(None)
+        for msg in [*again, *([pending] if pending is not None else [])]:
+            if await self.handle_fenced(msg):
+                return True
+        return False
 
     async def handle_fenced(self, msg: Msg | None) -> bool:
         """`handle` (None: no task, just come back), as a new incarnation each time we were declared lost."""
@@ -300,17 +372,25 @@ class Runner:
 
     def _refusal(self, task: Task, kind: str) -> tuple[str, str] | None:
         """(error_type, message) refusing the task with the runner's status left as it is."""
-        if not state_machine.accepts(kind, self.transitions.status):
-            return "InvalidState", state_machine.invalid_state_message(kind, self.transitions.status)
+        status = self.slots.status_for(kind)
+        if not state_machine.accepts(kind, status):
+            return "InvalidState", state_machine.invalid_state_message(kind, status)
         return self.executor.refusal(task)
 
     async def _run(self, task: Task, task_id: str, kind: str) -> dict[str, Any] | None | Failure:
         """The work between the transitions the state machine decides: its result, or how it failed."""
-        before = await self.transitions.start(kind)
+        chat = isinstance(task, ChatCompletion)
+        before = await (self.slots.enter() if chat else self.transitions.start(kind))
         deadline = self.deadlines.for_task(task)
+        delivering = None
+        result: dict[str, Any] | None
         try:
             async with asyncio.timeout(deadline) as timer:
-                result = await self.executor.run(task, task_id, self.cancels.watch(task_id))
+                if isinstance(task, ChatCompletion):
+                    answer = await self.executor.chat(task, task_id, self.cancels.watch(task_id))
+                    result, delivering = answer.result, answer.delivered
+                else:
+                    result = await self.executor.run(task, task_id)
         except Fenced:
             # Not the task's failure: the runner's identity is in question (see handle_fenced).
             raise
@@ -318,13 +398,12 @@ class Runner:
             if isinstance(err, TimeoutError) and timer.expired():
                 self.log.bind(task_id=task_id).warning(f"{kind} passed its deadline of {deadline:.0f} s")
                 failure = state_machine.timed_out(kind, before, deadline, await self.executor.settle(task))
-                await self.transitions.failed(failure)
+                await (self.slots.leave(failure) if chat else self.transitions.failed(failure))
                 return failure
             return await self._failed(kind, before, task_id, err)
         # A chat's closing chunks are stored while its RunnerReady is written (see chat.Answer).
-        delivering = self.executor.take_delivery()
         try:
-            await self.transitions.succeeded(kind, before)
+            await (self.slots.leave(None) if chat else self.transitions.succeeded(kind, before))
             if delivering is not None:
                 await delivering
         except Fenced:
@@ -346,7 +425,9 @@ class Runner:
             self.log.bind(task_id=task_id).exception(f"{kind} failed unexpectedly")
         if failure.engine_lost:
             await self.executor.stop_engine()
-        if not moved or failure.status != self.transitions.status:
+        if kind == "ChatCompletion" and not moved:
+            await self.slots.leave(failure)
+        elif not moved or failure.status not in (self.transitions.status, state_machine.finished_status(kind, before)):
             await self.transitions.failed(failure)
         return failure
 
@@ -357,6 +438,14 @@ class Runner:
         if task_id is not None:
             await self.reports.task_status(task_id, TaskStatus.COMPLETE, "Shutdown")
         await self.transitions.shut_down()
+
+
+def _peek(msg: Msg) -> Task | None:
+    """The task in `msg`, to see what it is (None: poison, which `handle` answers)."""
+    try:
+        return decode_task(msg.data)
+    except BadInput:
+        return None
 
 
 async def _keep_in_progress(msg: Msg) -> None:

@@ -92,8 +92,8 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Group ports are taken from [port_base, port_base + port_count).
     port_base: int = 52_400
     port_count: int = 600
-    # Routed chats an instance holds at once (running plus queued on its runners);
-    # a chat no Ready instance of its model has room for is refused (ChatRefused).
+    # Routed chats that may wait in the supervisors per Ready instance of their model, beyond
+    # those the instances serve at once; a chat beyond that is refused (ChatRefused).
     max_chats_per_instance: int = 64
 
 
@@ -424,9 +424,24 @@ def _release(state: ClusterState) -> list[Action]:
     return actions
 
 
+def chat_capacity(state: ClusterState, inst: InstanceView) -> int:
+    """Chats an instance serves at once: its runner's capacity for the model; 1 for a pipeline
+    group (its ranks pull their tasks independently, so they could not keep step)."""
+    if len(inst.placements) != 1:
+        return 1
+    runner = state.runners.get(inst.placements[0].runner_id)
+    return runner.chat_capacity if runner is not None else 1
+
+
 def _route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
+    """Each pending chat to the Ready instance of its model with the most free capacity; with
+    none free it waits here (so it goes to whichever frees first), up to `max_chats_per_instance`
+    waiting per instance, and is refused beyond."""
     actions: list[Action] = []
-    load = {i.instance_id: i.chats_in_flight for i in state.instances.values() if i.status == READY}
+    ready = [i for i in state.instances.values() if i.status == READY]
+    load = {i.instance_id: i.chats_in_flight for i in ready}
+    capacity = {i.instance_id: chat_capacity(state, i) for i in ready}
+    waiting: dict[tuple[str, ...], int] = {}
     for chat_id in state.pending_chats:
         chat = state.chats[chat_id]
         if chat.request is None:
@@ -435,9 +450,12 @@ def _route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
             candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
             if not candidates:
                 continue  # waits for a Ready instance of its model
-            target = min(candidates, key=lambda i: (load[i], i))
-            if load[target] >= config.max_chats_per_instance:
-                actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
+            target = min(candidates, key=lambda i: (load[i] - capacity[i], i))
+            if load[target] >= capacity[target]:
+                key = tuple(candidates)
+                waiting[key] = waiting.get(key, 0) + 1
+                if waiting[key] > config.max_chats_per_instance * len(candidates):
+                    actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
                 continue
             load[target] += 1
             actions.append(_chat_task(state, chat, state.instances[target], 0))
@@ -457,7 +475,8 @@ def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
         event_id=f"{chat.chat_id}:refused",
         chat_id=chat.chat_id,
         error_type="QueueFull",
-        reason=f"all {instances} Ready instance(s) of {model} hold {limit} chats already; retry shortly",
+        reason=f"all {instances} Ready instance(s) of {model} serve as many chats as they can and {limit} "
+        "more wait for each; retry shortly",
     )
     return WriteEvent(event)
 

@@ -34,6 +34,7 @@ from exojet.runner.engine_protocol import Done, Generate, Message, Token
 class_loop = pytest.mark.asyncio(loop_scope="class")
 
 PROMPT = [Message(role="user", content="hello world, tell me a story")]
+TOPICS = ["cats", "the sea", "rust", "paris", "bread", "rain", "trains", "owls"] * 2
 
 Direct = Callable[[int], str]
 
@@ -56,6 +57,10 @@ class EngineContract:
     ENDLESS = 1_000_000
     # The layers of the model `model_path` names.
     N_LAYERS = 4
+    # Generations the engine serves at once.
+    CHAT_CAPACITY = 1
+    # Whether a greedy answer served beside others equals the same answer served alone.
+    BATCH_EXACT = True
 
     @pytest_asyncio.fixture(scope="class", loop_scope="class")
     @classmethod
@@ -194,6 +199,78 @@ class EngineContract:
         chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=10))
         assert "".join(chunks) == direct(10)
         assert done.finish_reason == "length"
+
+    @class_loop
+    @pytest.mark.timeout(120)
+    async def test_generations_at_once_answer_as_each_alone(self, engine: Engine, model_path: Path) -> None:
+        loaded = await engine.load(str(model_path))
+        assert loaded.chat_capacity == self.CHAT_CAPACITY
+        if loaded.chat_capacity < 2:
+            pytest.skip("this engine serves one generation at a time")
+        asks = [[Message(role="user", content=f"tell me about {w}")] for w in TOPICS[: loaded.chat_capacity]]
+        # Seeded (greedy still): each prompt is computed whole, not from a prefix an earlier
+        # chat left in the cache, whose last bits differ (see engine_llamacpp._sampling).
+        alone = [(await collect(engine, Generate(messages=m, max_tokens=24, seed=1)))[1] for m in asks]
+
+        together = await asyncio.gather(*(collect(engine, Generate(messages=m, max_tokens=24, seed=1)) for m in asks))
+
+        assert all("".join(chunks) == done.text for chunks, done in together)
+        assert all(done.completion_tokens == 24 for _, done in together)
+        assert len({d.text for d in alone}) > 1  # the prompts differ, so do their answers
+        same = [done.text == one.text for (_, done), one in zip(together, alone, strict=True)]
+        if self.BATCH_EXACT:
+            assert all(same)
+        else:
+            # Quantized and F16 kernels round differently with the batch's size: a greedy answer
+            # may turn another way at a near tie (the note measures how soon). Answers crossed
+            # between slots would match none.
+            assert any(same)
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_a_cancel_ends_only_the_generation_it_names(self, engine: Engine, model_path: Path) -> None:
+        loaded = await engine.load(str(model_path))
+        if loaded.chat_capacity < 3:
+            pytest.skip("this engine serves one generation at a time")
+        ids = [engine.next_request_id() for _ in range(3)]
+        streams = [engine.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS, request_id=i)) for i in ids]
+        for stream in streams:
+            assert isinstance(await anext(stream), Token)
+
+        engine.cancel(ids[1])
+        async for reply in streams[1]:
+            if isinstance(reply, Done):
+                assert reply.finish_reason == "cancelled"
+                break
+        else:
+            raise AssertionError("the cancelled generation ended without Done")
+        # The others go on: an endless generation yields more tokens only while it runs.
+        for stream in (streams[0], streams[2]):
+            for _ in range(3):
+                assert isinstance(await anext(stream), Token)
+            await stream.aclose()
+        _, after = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        assert after.completion_tokens == 4
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_a_crash_ends_every_generation_under_way(self, model_path: Path) -> None:
+        eng = Engine(self.ENGINE)
+        await eng.start()
+        try:
+            loaded = await eng.load(str(model_path))
+            n = min(loaded.chat_capacity, 3)
+            streams = [eng.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS)) for _ in range(n)]
+            for stream in streams:
+                assert isinstance(await anext(stream), Token)
+            assert eng.pid is not None
+            os.kill(eng.pid, signal.SIGKILL)
+            for stream in streams:
+                with pytest.raises(EngineCrashed, match="SIGKILL"):
+                    async for _ in stream:
+                        pass
+        finally:
+            await eng.stop()
 
     @class_loop
     @pytest.mark.timeout(60)

@@ -205,18 +205,18 @@ async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(
         assert answer.choices[0].finish_reason in ("stop", "length")
         return "ok"
 
-    # The runner paused (well inside the liveness timeout): chats stay in flight,
-    # so the instance's queue of 40 is full when the 41st arrives.
+    # The runner paused (well inside the liveness timeout): its one chat stays in flight,
+    # so 40 wait in the supervisor and the 42nd is refused.
     runner = psutil.Process(stack.procs["r1"].pid)
     runner.suspend()
     try:
-        asked = [asyncio.ensure_future(ask(i)) for i in range(QUEUE + 1)]
+        asked = [asyncio.ensure_future(ask(i)) for i in range(QUEUE + 2)]
         done, _ = await asyncio.wait(asked, timeout=3, return_when=asyncio.FIRST_COMPLETED)
     finally:
         runner.resume()
     assert [d.result() for d in done] == ["429"]
     outcomes = await asyncio.gather(*asked)
-    assert outcomes.count("429") == 1 and outcomes.count("ok") == QUEUE
+    assert outcomes.count("429") == 1 and outcomes.count("ok") == QUEUE + 1
     # The queue drained: the next chat is served again.
     again = await async_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
@@ -367,22 +367,21 @@ async def test_a_plain_cancel_message_stops_the_running_chat_and_skips_a_queued_
         model=MODEL, messages=_messages(), max_tokens=16_000, temperature=0, stream=True
     )
     running_id = await _first_text(running)
-    queued = await async_client.chat.completions.create(
-        model=MODEL, messages=_messages("next"), max_tokens=16_000, temperature=0, stream=True
-    )
-    queued_id = (await anext(aiter(queued))).id  # routed (the role): its task waits behind the first
     nc = await client.connect(stack.url, name="test")
     try:
+        # A chat sent straight to the runner's queue, as `nats pub exo.tasks.r1 '{...}'` does: it
+        # waits there behind the running one (the runner serves one chat at a time).
+        queued = {"type": "ChatCompletion", "task_id": "queued-1", "messages": [{"role": "user", "content": "hi"}]}
+        await nc.publish(subjects.task_subject("r1"), json.dumps(queued).encode())
         # What `nats pub exo.cancel.r1 '{...}'` sends: core NATS, plain JSON.
-        for chat_id in (queued_id, running_id):
-            await nc.publish(subjects.cancel_subject("r1"), f'{{"type":"CancelTask","task_id":"{chat_id}.0"}}'.encode())
+        for task_id in ("queued-1", f"{running_id}.0"):
+            await nc.publish(subjects.cancel_subject("r1"), f'{{"type":"CancelTask","task_id":"{task_id}"}}'.encode())
         await nc.flush()
     finally:
         await nc.close()
-    for stream in (running, queued):
-        with pytest.raises(openai.APIError):
-            async for _ in stream:
-                pass
+    with pytest.raises(openai.APIError):
+        async for _ in running:
+            pass
     await _served_again(async_client)
     assert await task_statuses(stack.url, "r1", f"{running_id}.0") == ["Running", "Cancelled cancelled"]
-    assert await task_statuses(stack.url, "r1", f"{queued_id}.0") == ["Cancelled cancelled"]  # never ran
+    assert await task_statuses(stack.url, "r1", "queued-1") == ["Cancelled cancelled"]  # never ran

@@ -73,6 +73,8 @@ class Cluster:
     def __init__(self) -> None:
         self.state = ClusterState()
         self.log: list[Envelope] = []
+        # What each runner's LoadModel states it serves at once.
+        self.chat_capacity = 1
         self.ids = itertools.count()
         self.incarnations: dict[str, int] = {}
         # What a DownloadModel's result reports of the model, as runners do (None: nothing, as older runners).
@@ -137,6 +139,8 @@ class Cluster:
             return {"text": "hi"}
         if isinstance(task, DownloadModel) and self.model_layers is not None:
             return {"model_id": task.shard.model_id, "n_layers": self.model_layers, "size_bytes": 1234}
+        if isinstance(task, LoadModel):
+            return {"chat_capacity": self.chat_capacity}
         return None
 
     def run(
@@ -372,21 +376,63 @@ def test_a_chat_past_every_instance_queue_is_refused_once_and_never_routed() -> 
     a = _ready_single(c, "r1")
     config = PlannerConfig(max_chats_per_instance=2)
     hi = (ChatMessage("user", "hi"),)
-    for command_id in ("x", "y", "z"):
+    for command_id in ("x", "y", "z", "w"):
         c.command(RouteChatCompletion(command_id=command_id, messages=hi, model_id="local/tiny"))
     actions = plan(c.state, config=config)
     refusals = [a.event for a in actions if isinstance(a, WriteEvent)]
-    assert [r.chat_id for r in refusals] == ["chat-z"] and refusals[0].error_type == "QueueFull"
-    assert "hold 2 chats" in refusals[0].reason
+    assert [r.chat_id for r in refusals] == ["chat-w"] and refusals[0].error_type == "QueueFull"
+    assert "2 more wait" in refusals[0].reason
     sent = c.publish(actions)
-    assert [t.task_id for t in sent] == ["chat-x.0", "chat-y.0"]
-    assert c.state.chats["chat-z"].status == "Refused" and "chat-z" not in c.state.pending_chats
-    assert c.state.instances[a].chats_in_flight == 2
-    assert plan(c.state, config=config) == []  # refused once, never routed later
+    # The runner serves one at a time: one is sent, two wait in the supervisor, the fourth is refused.
+    assert [t.task_id for t in sent] == ["chat-x.0"]
+    assert c.state.chats["chat-w"].status == "Refused" and "chat-w" not in c.state.pending_chats
+    assert list(c.state.pending_chats) == ["chat-y", "chat-z"]
+    assert c.state.instances[a].chats_in_flight == 1
+    assert plan(c.state, config=config) == []  # refused once, never routed later; the others wait
     # A refusal that comes after another supervisor routed the chat changes nothing.
     c.publish([WriteEvent(msgspec.structs.replace(refusals[0], chat_id="chat-x", event_id="chat-x:refused"))])
     assert c.state.chats["chat-x"].status == "Routed"
     assert c.state.anomalies[-1].kind == "StaleChatRefusal"
+    c.complete("r1", sent[0])
+    assert [t.task_id for t in c.publish(plan(c.state, config=config))] == ["chat-y.0"]
+
+
+def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_wait() -> None:
+    c = Cluster()
+    c.chat_capacity = 3
+    for r in ("r1", "r2"):
+        c.register(r)
+    a, b = _ready_single(c, "r1"), _ready_single(c, "r2")
+    assert c.state.runners["r1"].chat_capacity == 3
+    hi = (ChatMessage("user", "hi"),)
+    for k in range(7):
+        c.command(RouteChatCompletion(command_id=f"c{k}", messages=hi, model_id="local/tiny"))
+
+    sent = c.publish(plan(c.state))
+
+    ids = [t.instance_id for t in sent]
+    assert (ids.count(a), ids.count(b)) == (3, 3)
+    assert all(x != y for x, y in itertools.pairwise(ids))  # each to the less loaded one
+    assert list(c.state.pending_chats) == ["chat-c6"]  # both serve 3: the seventh waits
+    on_b = next(t for t in sent if t.instance_id == b)
+    c.complete("r2", on_b)
+    [again] = c.publish(plan(c.state))
+    assert (again.stream_id, again.instance_id) == ("chat-c6", b)  # where a slot came free
+
+
+def test_a_group_serves_one_chat_at_a_time_whatever_its_runners_could() -> None:
+    c = Cluster()
+    c.chat_capacity = 8
+    c.register("r1")
+    c.register("r2")
+    c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
+    c.run({"local/tiny": 4})
+    hi = (ChatMessage("user", "hi"),)
+    for k in range(2):
+        c.command(RouteChatCompletion(command_id=f"g{k}", messages=hi))
+    sent = c.publish(plan(c.state))
+    assert [t.task_id for t in sent] == ["chat-g0.0"]
+    assert list(c.state.pending_chats) == ["chat-g0", "chat-g1"]  # g0 waits for its rank 1's task
 
 
 def test_a_group_chat_publishes_rank_zero_first_then_the_others_to_the_same_instance() -> None:

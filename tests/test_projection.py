@@ -276,3 +276,51 @@ def test_a_load_in_progress_reads_layer_k_of_n_in_state_and_on_the_page() -> Non
     # Once the runner leaves Loading, `state` no longer lists it as in progress.
     done = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:13]), Paging(offset=0, limit=200)))
     assert "\nloads in progress" not in render_state(done)
+
+
+def test_chats_in_flight_each_end_once_when_their_runner_is_lost() -> None:
+    ev, tk = "exo.events.runner.r1", "exo.tasks.r1"
+    n = iter(range(1_000_000))
+
+    def meta() -> dict[str, object]:
+        return {"event_id": f"r1:1:{next(n)}", "runner_id": "r1", "incarnation": 1}
+
+    def task(tid: str, st_: TaskStatus, **kw: object) -> tuple[str, msgspec.Struct]:
+        return ev, TaskStatusUpdated(**meta(), task_id=tid, task_status=st_, **kw)  # type: ignore[arg-type]
+
+    def status(s: msgspec.Struct) -> tuple[str, msgspec.Struct]:
+        return ev, RunnerStatusUpdated(**meta(), runner_status=s)  # type: ignore[arg-type]
+
+    hi = (ChatMessage("user", "hi"),)
+    pairs: list[tuple[str, msgspec.Struct]] = [
+        (ev, RunnerRegistered(**meta(), host="h", pid=1)),  # type: ignore[arg-type]
+        status(RunnerIdle()),
+        (tk, LoadModel(task_id="l", shard=Shard(model_id="local/tiny"))),
+        task("l", TaskStatus.RUNNING),
+        status(RunnerLoading()),
+        status(RunnerLoaded()),
+        task("l", TaskStatus.COMPLETE, result={"model_id": "local/tiny", "chat_capacity": 4}),
+        status(RunnerWarmingUp()),
+        status(RunnerReady()),
+        *[(tk, ChatCompletion(task_id=t, messages=hi)) for t in ("a", "b", "c")],
+        task("a", TaskStatus.RUNNING),
+        status(RunnerRunning()),
+        task("b", TaskStatus.RUNNING),  # beside a: no other runner status
+        task("c", TaskStatus.RUNNING),
+        task("b", TaskStatus.COMPLETE, result={"text": "x"}),
+    ]
+    state = _fold([_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)])
+    r1 = state.runners["r1"]
+    assert (r1.status, r1.chat_capacity, r1.running_tasks) == ("RunnerRunning", 4, ["a", "c"])
+    shown = render_state(msgspec.to_builtins(state_reply(state, Paging(offset=0, limit=200))))
+    assert "2/4" in shown and "a, c" in shown  # exojet state: chats busy of capacity, and which
+
+    lost = RunnerLost(**meta(), reason="no heartbeat for 5 s")  # type: ignore[arg-type]
+    state = _fold([_env(len(pairs) + 1, ev, lost)], state)
+
+    assert [state.tasks[t].status for t in "abc"] == [TaskStatus.FAILED, TaskStatus.COMPLETE, TaskStatus.FAILED]
+    assert state.tasks["a"].error_type == state.tasks["c"].error_type == "RunnerLost"
+    assert state.runners["r1"].running_tasks == [] and not state.unfinished
+    assert not state.anomalies
+    # A snapshot of this shape reads back; one of the first shape (no `shape`) is not read.
+    assert state_hash(load_snapshot(dump_snapshot(state))) == state_hash(state)
