@@ -11,7 +11,8 @@ Time to first token is from the call to the first text; decode speed is
 (tokens - 1) / (last - first text). The HTTP first token is then cut into the hops it
 crossed, from the server's timestamps of the chat's messages (bench/chat_hops.py). Then 32
 concurrent streams through HTTP: their total tokens over the wall time, against the direct
-single-stream speed (one runner serves them one after another). Prints medians and ratios.
+single-stream speed (on llama.cpp one runner batches them; bench/concurrency.py measures that). Prints
+medians and ratios.
 
     .venv/bin/python bench/api.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--engine auto] [--tokens 64] [--repeat 5]
 
@@ -216,7 +217,7 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
         print(f"  {hop:44}: {seconds * 1000:6.2f} ms")
     print(
         f"{CONCURRENT} concurrent HTTP streams: {total} tokens in {wall:.2f} s = {total / wall:.1f} tok/s total "
-        f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; one runner serves them in turn)"
+        f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; llama.cpp batches up to 16, MLX serves them in turn)"
     )
 
 
