@@ -217,7 +217,7 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
         print(f"  {hop:44}: {seconds * 1000:6.2f} ms")
     print(
         f"{CONCURRENT} concurrent HTTP streams: {total} tokens in {wall:.2f} s = {total / wall:.1f} tok/s total "
-        f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; llama.cpp batches up to 16, MLX serves them in turn)"
+        f"(ratio to one direct stream: {total / wall / direct_tps:.3f}; llama.cpp batches 16, MLX one by one)"
     )
 
 
