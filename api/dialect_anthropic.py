@@ -49,6 +49,10 @@ REFUSED = {
     "context_management": "context management is not supported",
 }
 MAX_STOP_SEQUENCES = 4
+# What count_tokens takes besides REFUSED's fields.
+COUNT_FIELDS = frozenset(
+    ("model", "messages", "system", "cache_control", "output_config", "speed", "user_profile_id", "workspace_id")
+)
 
 
 class TextBlock(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -114,14 +118,15 @@ def _text(content: str | list[dict[str, Any]], where: str) -> str:
 def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
     data = base.decode_object(raw)
     if count_only:
-        # count_tokens takes a request without max_tokens (nor stream): it only counts.
-        data = {**data, "max_tokens": 1, "stream": False}
+        # count_tokens takes the prompt's fields only: it answers no message.
+        extra = [k for k in data if k not in COUNT_FIELDS and k not in REFUSED]
+        if extra:
+            raise bad_request(f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
+        data = {**data, "max_tokens": 1}
     body = base.strict_body(data, MessagesBody, REFUSED, lambda name: f"{name}: Extra inputs are not permitted")
-    base.check_max_tokens(body.max_tokens, "max_tokens", limit)
+    base.answer_length(body.max_tokens, "max_tokens", limit)
     if body.output_config and body.output_config.get("format") is not None:
         raise bad_request("output_config.format: structured output is not supported yet", param="output_config.format")
-    if body.messages[-1].role == "assistant":
-        raise bad_request("messages: a final assistant message (prefill) is not supported", param="messages")
     messages = [ChatMessage("system", _text(body.system, "system"))] if body.system else []
     messages += [ChatMessage(m.role, _text(m.content, f"messages.{i}.content")) for i, m in enumerate(body.messages)]
     return ChatRequest(

@@ -23,6 +23,7 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found, unavailable
 from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
 from exojet.projections.instances import ENDED_STATUSES, READY
+from exojet.runner.chat import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 
 # What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
 Piece = str | Ended | ApiError
@@ -225,7 +226,19 @@ def decode_object(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
-    return data
+    return _integral(data)
+
+
+def _integral(value: Any) -> Any:
+    """`value` with every whole float an int: JSON has one number type, so 3.0 is an integer
+    to a JSON Schema validator and to us (an int is a float too where one is expected)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def convert(data: Any, kind: type[T]) -> T:
@@ -240,13 +253,17 @@ def convert(data: Any, kind: type[T]) -> T:
         raise bad_request(f"{path or 'body'}: {detail}", param=path or None, code="invalid_value") from None
 
 
+def asks(value: Any) -> bool:
+    """Whether a field's value asks for anything: null, false and empty values do not."""
+    return not (value is None or value is False or (isinstance(value, str | list | dict) and not value))
+
+
 def refuse(data: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
     """`data` less `refused`'s fields when they ask for nothing (null, false or empty: some clients
     send every field, unset ones so); ApiError(400) naming the first of them that asks for
     something, and why, so a client learns what exojet does not do rather than being ignored."""
     for name, why in refused.items():
-        value = data.get(name)
-        if not (value is None or value is False or value in ("", [], {})):
+        if asks(data.get(name)):
             raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
     return {k: v for k, v in data.items() if k not in refused}
 
@@ -261,6 +278,11 @@ def strict_body(data: dict[str, Any], kind: type[T], refused: dict[str, str], un
     return convert(data, kind)
 
 
-def check_max_tokens(value: int | None, name: str, limit: int) -> None:
+def answer_length(value: int | None, name: str, limit: int) -> int | None:
+    """The most tokens a chat may answer: `value` (ApiError(400) past `limit`), or when the
+    request names none, the runner's default, but never past `limit` (`--max-tokens-limit`)."""
     if value is not None and value > limit:
         raise bad_request(f"{name}: must be at most {limit}, got {value}", param=name, code="invalid_value")
+    if value is None and limit < RUNNER_MAX_TOKENS:
+        return limit
+    return value

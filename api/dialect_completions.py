@@ -48,7 +48,7 @@ Text = Annotated[str, msgspec.Meta(min_length=1)]
 class CompletionsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Text
     prompt: Text | Annotated[list[Text], msgspec.Meta(min_length=1, max_length=MAX_PROMPTS)]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = DEFAULT_MAX_TOKENS
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
@@ -72,7 +72,7 @@ def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
     for name, default in NO_OP_DEFAULTS.items():
         if (value := getattr(body, name)) is not None and value != default:
             raise bad_request(f"{name}={value!r} is not supported (only {default!r})", param=name, code="unsupported")
-    base.check_max_tokens(body.max_tokens, "max_tokens", limit)
+    max_tokens = base.answer_length(body.max_tokens or min(DEFAULT_MAX_TOKENS, limit), "max_tokens", limit)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     stop = tuple(body.stop) if isinstance(body.stop, list) else body.stop
     return tuple(
@@ -81,7 +81,7 @@ def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
             messages=(ChatMessage("user", prompt),),
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            max_tokens=body.max_tokens,
+            max_tokens=max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             seed=body.seed,

@@ -68,14 +68,15 @@ class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
     top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
     seed: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    stop: list[Annotated[str, msgspec.Meta(min_length=1)]] | str | None = None
+    stop: list[Annotated[str, msgspec.Meta(min_length=1)]] | Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
 class Message(msgspec.Struct, frozen=True):
     role: str
     content: str = ""
-    images: list[Any] | None = None
-    tool_calls: list[Any] | None = None
+    # Refused when they ask for anything (`dialect_base.asks`).
+    images: Any = None
+    tool_calls: Any = None
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -96,6 +97,11 @@ class GenerateBody(msgspec.Struct, frozen=True):
     keep_alive: Any = None
 
 
+class ShowBody(msgspec.Struct, frozen=True):
+    model: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
+    name: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET  # the older spelling
+
+
 def error_response(err: ApiError) -> Response:
     return base.json_response({"error": err.message}, err.status, err.headers)
 
@@ -110,19 +116,24 @@ def _options(options: dict[str, Any] | None) -> Options:
     for name, value in (options or {}).items():
         if name in Options.__struct_fields__:
             chosen[name] = value
-        elif name in REFUSED_OPTIONS or (name in NEUTRAL_OPTIONS and value != NEUTRAL_OPTIONS[name]):
+        elif name in REFUSED_OPTIONS or (name in NEUTRAL_OPTIONS and not _neutral(value, NEUTRAL_OPTIONS[name])):
             raise bad_request(f"option {name!r} is not supported by exojet's engines", param=f"options.{name}")
         elif name not in NO_OP_OPTIONS and name not in NEUTRAL_OPTIONS:
             logger.bind(component="api").warning(f"invalid option provided: {name}")
     return base.convert(chosen, Options)
 
 
+def _neutral(value: Any, neutral: float) -> bool:
+    # A bool is an int to Python, not a number to JSON.
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == neutral
+
+
 def _request(model: str, messages: list[ChatMessage], stream: bool, options: Options, limit: int) -> ChatRequest:
     # Ollama's -1 (until the model stops) and -2 (fill the context): the runner's default length.
-    max_tokens = options.num_predict if options.num_predict and options.num_predict > 0 else None
+    asked = options.num_predict if options.num_predict and options.num_predict > 0 else None
     if options.num_predict == 0:
         raise bad_request("option 'num_predict' must not be 0", param="options.num_predict")
-    base.check_max_tokens(max_tokens, "num_predict", limit)
+    max_tokens = base.answer_length(asked, "num_predict", limit)
     stop = [options.stop] if isinstance(options.stop, str) else options.stop
     return ChatRequest(
         model=model_id(model),
@@ -138,9 +149,9 @@ def _request(model: str, messages: list[ChatMessage], stream: bool, options: Opt
 
 
 def _message(i: int, m: Message) -> ChatMessage:
-    if m.role == "tool" or m.tool_calls:
+    if m.role == "tool" or base.asks(m.tool_calls):
         raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
-    if m.images:
+    if base.asks(m.images):
         raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
     if m.role not in ("system", "user", "assistant"):
         raise bad_request(f"messages[{i}].role: unknown role {m.role!r}", param=f"messages[{i}].role")
@@ -239,9 +250,9 @@ class Ollama:
         return base.json_response({"models": loaded})
 
     async def show(self, request: Request) -> Response:
-        data = base.decode_object(await request.body())
-        name = data.get("model") or data.get("name")  # `name` is the field's older spelling
-        if not isinstance(name, str) or not name:
+        body = base.convert(base.decode_object(await request.body()), ShowBody)
+        name = body.model or body.name
+        if not name:
             raise bad_request("model is required", param="model")
         if model_id(name) not in await self._served():
             raise not_found(f"model '{name}' not found")

@@ -122,7 +122,7 @@ def _item(i: int, data: dict[str, Any]) -> ChatMessage:
 def _parse(raw: bytes, limit: int) -> tuple[ResponsesBody, ChatRequest]:
     data = base.decode_object(raw)
     body = base.strict_body(data, ResponsesBody, REFUSED, lambda name: f"Unknown parameter: '{name}'.")
-    base.check_max_tokens(body.max_output_tokens, "max_output_tokens", limit)
+    max_tokens = base.answer_length(body.max_output_tokens, "max_output_tokens", limit)
     messages = [ChatMessage("system", body.instructions)] if body.instructions else []
     if isinstance(body.input, str):
         messages.append(ChatMessage("user", body.input))
@@ -133,7 +133,7 @@ def _parse(raw: bytes, limit: int) -> tuple[ResponsesBody, ChatRequest]:
         messages=tuple(messages),
         stream=body.stream,
         include_usage=True,
-        max_tokens=body.max_output_tokens,
+        max_tokens=max_tokens,
         temperature=body.temperature,
         top_p=body.top_p,
         seed=None,

@@ -1,4 +1,5 @@
-"""The OpenAPI 3.1 document served at `/openapi.json`, written to match `chat_request.py` exactly.
+"""The OpenAPI 3.1 document served at `/openapi.json`, written to match `chat_request.py` exactly
+(and the other dialects' parsers, through `dialect_schemas.py`).
 
 Every optional field of a chat request accepts null (as OpenAI's clients send
 unset fields); parameters exojet does not support are listed with only null
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exojet.api import dialect_schemas
 from exojet.api.chat_request import MAX_STOP_SEQUENCES, NO_OP_DEFAULTS, SEED_MAX, UNSUPPORTED
 
 VERSION = "0.1.0"
@@ -277,11 +279,13 @@ def schema(max_tokens_limit: int, secured: bool, models: list[str]) -> dict[str,
             }
         },
     }
+    paths |= dialect_schemas.paths(secured)
+    schemas = _components(max_tokens_limit, models) | dialect_schemas.components(max_tokens_limit, models)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "exojet OpenAI-compatible API", "version": VERSION},
+        "info": {"title": "exojet API (OpenAI, Anthropic and Ollama dialects)", "version": VERSION},
         "paths": paths,
-        "components": {"schemas": _components(max_tokens_limit, models)},
+        "components": {"schemas": schemas},
     }
     if secured:
         document["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}

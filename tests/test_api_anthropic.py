@@ -133,7 +133,6 @@ def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: ant
             },
             "tool_result blocks: tools are not supported yet",
         ),
-        ({"model": MODEL, "max_tokens": 4, "messages": [*user, {"role": "assistant", "content": "Par"}]}, "prefill"),
         ({"model": MODEL, "max_tokens": 4, "messages": user, "temperature": 1.5}, "temperature"),
         ({"model": MODEL, "max_tokens": 0, "messages": user}, "max_tokens"),
     ]:
@@ -146,5 +145,9 @@ def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: ant
     assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
     missing = httpx.post(f"{url}/count_tokens", json={"model": MODEL}, headers=auth, timeout=30)
     assert missing.status_code == 400 and "messages" in missing.json()["error"]["message"]
+    # count_tokens answers no message: max_tokens is not one of its fields.
+    counted = httpx.post(f"{url}/count_tokens", json={"model": MODEL, "messages": user, "max_tokens": 4}, headers=auth)
+    assert counted.status_code == 400
+    assert counted.json()["error"]["message"] == "max_tokens: Extra inputs are not permitted"
     wrong_method = httpx.get(url, headers=auth, timeout=30)
     assert wrong_method.status_code == 405 and wrong_method.json()["type"] == "error"

@@ -107,3 +107,12 @@ def test_bad_input_is_a_400_naming_it(stack: ApiStack, api: openai.OpenAI) -> No
         assert answer.status_code == 400, answer.text
         assert answer.json()["error"]["param"] == param, answer.json()
     assert httpx.post(url, content=b"{oops", headers=auth, timeout=30).status_code == 400
+
+
+def test_the_openapi_document_has_every_dialect_route(stack: ApiStack) -> None:
+    document = httpx.get(f"{stack.base_url.removesuffix('/v1')}/openapi.json", headers={"x-api-key": API_KEY}).json()
+    routes = {path: set(methods) for path, methods in document["paths"].items()}
+    posts = ["/v1/messages", "/v1/messages/count_tokens", "/api/chat", "/api/generate", "/api/show"]
+    posts += ["/v1/responses", "/v1/completions", "/v1/chat/completions"]
+    assert all(routes[path] == {"post"} for path in posts)
+    assert all(routes[path] == {"get"} for path in ("/api/tags", "/api/ps", "/api/version", "/v1/models"))

@@ -1,0 +1,348 @@
+"""The OpenAPI paths and schemas of the dialects beside OpenAI's chat (`openapi.py` merges them).
+
+Each request schema says exactly what its dialect's parser (`dialect_*.py`) accepts:
+fields exojet refuses accept only a value that asks for nothing (null, false, empty);
+Anthropic's, Responses' and completions' bodies allow no other fields, Ollama's any
+(its server ignores them). A schema-driven client, and schemathesis, see what passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX
+
+STRING = {"type": "string"}
+OBJECT = {"type": "object"}
+TEXT = {"type": "string", "minLength": 1}
+# A refused field: present only as a value that asks for nothing (`dialect_base.refuse`).
+ABSENT = {
+    "description": "not supported: any other value is refused by name",
+    "anyOf": [
+        {"type": "null"},
+        {"const": False},
+        {"const": ""},
+        {"type": "array", "maxItems": 0},
+        {"type": "object", "maxProperties": 0},
+    ],
+}
+NEVER = {"not": {}, "description": "refused by name"}
+# A streamed answer: server-sent events (named by Anthropic and Responses), or Ollama's JSON lines.
+STREAM_SCHEMAS = {"text/event-stream": "DialectEvent", "application/x-ndjson": "OllamaLine"}
+
+
+def nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def json_content(name: str) -> dict[str, Any]:
+    return {"application/json": {"schema": ref(name)}}
+
+
+def _strict(properties: dict[str, Any], required: list[str], refused: dict[str, str]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": required,
+        "properties": properties | dict.fromkeys(refused, ABSENT),
+        "additionalProperties": False,
+    }
+
+
+def _model(models: list[str]) -> dict[str, Any]:
+    return {**TEXT, "description": "a model with a Ready instance"} | ({"examples": models} if models else {})
+
+
+def _anthropic(limit: int, models: list[str]) -> dict[str, Any]:
+    block = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {
+            "type": {"const": "text"},
+            "text": STRING,
+            "cache_control": nullable(OBJECT),
+            "citations": {"type": "null"},
+        },
+        "additionalProperties": False,
+    }
+    content = {"anyOf": [STRING, {"type": "array", "items": block}]}
+    properties: dict[str, Any] = {
+        "model": _model(models),
+        "messages": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["role", "content"],
+                "properties": {"role": {"enum": ["user", "assistant"]}, "content": content},
+                "additionalProperties": False,
+            },
+        },
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": limit},
+        "system": nullable(content),
+        "stop_sequences": nullable({"type": "array", "items": TEXT, "maxItems": dialect_anthropic.MAX_STOP_SEQUENCES}),
+        "stream": {"type": "boolean"},
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
+        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "output_config": nullable({"type": "object", "properties": {"format": {"type": "null"}}}),
+    }
+    for name in ("metadata", "cache_control", "diagnostics"):
+        properties[name] = nullable(OBJECT)
+    for name in ("service_tier", "speed", "inference_geo", "user_profile_id", "workspace_id"):
+        properties[name] = nullable(STRING)
+    return _strict(properties, ["model", "messages", "max_tokens"], dialect_anthropic.REFUSED)
+
+
+def _count(messages: dict[str, Any]) -> dict[str, Any]:
+    fields = dialect_anthropic.COUNT_FIELDS | set(dialect_anthropic.REFUSED)
+    return messages | {
+        "required": ["model", "messages"],
+        "properties": {k: v for k, v in messages["properties"].items() if k in fields},
+    }
+
+
+def _ollama_options(limit: int) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "num_predict": nullable({"type": "integer", "maximum": limit, "not": {"const": 0}}),
+        "temperature": nullable({"type": "number", "minimum": 0}),
+        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "seed": nullable({"type": "integer", "minimum": 0}),
+        "stop": {"anyOf": [TEXT, {"type": "array", "items": TEXT}, {"type": "null"}]},
+    }
+    properties |= {name: {"const": value} for name, value in dialect_ollama.NEUTRAL_OPTIONS.items()}
+    properties |= dict.fromkeys(dialect_ollama.REFUSED_OPTIONS, NEVER)
+    return nullable({"type": "object", "properties": properties})
+
+
+def _ollama(limit: int, models: list[str], generate: bool) -> dict[str, Any]:
+    message = {
+        "type": "object",
+        "required": ["role"],
+        "properties": {
+            "role": {"enum": ["system", "user", "assistant"]},
+            "content": STRING,
+            "images": ABSENT,
+            "tool_calls": ABSENT,
+        },
+    }
+    refused = dict.fromkeys(dialect_ollama.REFUSED, ABSENT)
+    properties: dict[str, Any] = {
+        "model": _model(models),
+        "stream": {"type": "boolean"},
+        "options": _ollama_options(limit),
+        "keep_alive": {},
+    }
+    if not generate:
+        return {
+            "type": "object",
+            "required": ["model"],
+            "properties": refused | properties | {"messages": {"type": "array", "items": message}},
+        }
+    properties |= {"prompt": STRING, "system": nullable(STRING), "raw": {"type": "boolean"}}
+    return {
+        "type": "object",
+        "required": ["model"],
+        "properties": refused | properties,
+        # A raw prompt is used as given: no system prompt with it.
+        "if": {"required": ["raw"], "properties": {"raw": {"const": True}}},
+        "then": {"properties": {"system": {"anyOf": [{"type": "null"}, {"const": ""}]}}},
+    }
+
+
+def _responses(limit: int, models: list[str]) -> dict[str, Any]:
+    part = {
+        "type": "object",
+        "required": ["type", "text"],
+        "properties": {
+            "type": {"enum": ["input_text", "output_text"]},
+            "text": STRING,
+            "annotations": nullable({"type": "array"}),
+        },
+        "additionalProperties": False,
+    }
+    item = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"enum": ["user", "assistant", "system", "developer"]},
+            "content": {"anyOf": [STRING, {"type": "array", "items": part}]},
+            "type": {"const": "message"},
+            "id": nullable(STRING),
+            "status": nullable(STRING),
+            "phase": nullable(STRING),
+        },
+        "additionalProperties": False,
+    }
+    text_options = {
+        "type": "object",
+        "properties": {
+            "format": nullable(
+                {
+                    "type": "object",
+                    "required": ["type"],
+                    "properties": {"type": {"const": "text"}},
+                    "additionalProperties": False,
+                }
+            ),
+            "verbosity": nullable({"const": "medium"}),
+        },
+        "additionalProperties": False,
+    }
+    properties: dict[str, Any] = {
+        "model": _model(models),
+        "input": {"anyOf": [STRING, {"type": "array", "minItems": 1, "items": item}]},
+        "instructions": nullable(STRING),
+        "max_output_tokens": nullable(
+            {"type": "integer", "minimum": dialect_responses.MIN_OUTPUT_TOKENS, "maximum": limit}
+        ),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "stream": {"type": "boolean"},
+        "text": nullable(text_options),
+        "metadata": nullable({"type": "object", "additionalProperties": STRING}),
+        "truncation": nullable({"enum": ["auto", "disabled"]}),
+        "parallel_tool_calls": nullable({"type": "boolean"}),
+        "max_tool_calls": nullable({"type": "integer"}),
+        "prompt_cache_options": nullable(OBJECT),
+        "stream_options": nullable(OBJECT),
+    }
+    for name in ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier"):
+        properties[name] = nullable(STRING)
+    return _strict(properties, ["model", "input"], dialect_responses.REFUSED)
+
+
+def _completions(limit: int, models: list[str]) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "model": _model(models),
+        "prompt": {
+            "anyOf": [
+                TEXT,
+                {"type": "array", "items": TEXT, "minItems": 1, "maxItems": dialect_completions.MAX_PROMPTS},
+            ]
+        },
+        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limit}),
+        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
+        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "seed": nullable({"type": "integer", "minimum": 0, "maximum": SEED_MAX}),
+        "stop": {"anyOf": [TEXT, {"type": "array", "items": TEXT, "maxItems": MAX_STOP_SEQUENCES}, {"type": "null"}]},
+        "stream": {"type": "boolean"},
+        "stream_options": nullable(
+            {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": False}
+        ),
+        "user": nullable(STRING),
+    }
+    for name, value in dialect_completions.NO_OP_DEFAULTS.items():
+        properties[name] = nullable({"const": value, "description": f"only {value!r} is supported"})
+    return _strict(properties, ["model", "prompt"], dialect_completions.REFUSED)
+
+
+def components(limit: int, models: list[str]) -> dict[str, Any]:
+    messages = _anthropic(limit, models)
+    answer = {"type": "object"}  # each dialect's own answer object (see the README)
+    return {
+        "AnthropicMessagesRequest": messages,
+        "AnthropicCountTokensRequest": _count(messages),
+        "AnthropicMessage": answer | {"required": ["id", "type", "role", "content", "stop_reason", "usage"]},
+        "AnthropicTokenCount": answer
+        | {"required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},
+        "AnthropicError": {
+            "type": "object",
+            "required": ["type", "error"],
+            "properties": {
+                "type": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "required": ["type", "message"],
+                    "properties": {"type": STRING, "message": STRING},
+                },
+            },
+        },
+        "OllamaChatRequest": _ollama(limit, models, generate=False),
+        "OllamaGenerateRequest": _ollama(limit, models, generate=True),
+        "OllamaShowRequest": {
+            "type": "object",
+            "properties": {"model": _model(models), "name": TEXT},
+            "anyOf": [{"required": ["model"]}, {"required": ["name"]}],
+        },
+        "OllamaAnswer": answer | {"required": ["model", "created_at", "done"]},
+        "OllamaModels": answer | {"required": ["models"], "properties": {"models": {"type": "array", "items": OBJECT}}},
+        "OllamaShow": answer | {"required": ["details", "capabilities"]},
+        "OllamaVersion": answer | {"required": ["version"], "properties": {"version": STRING}},
+        "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": STRING}},
+        "OllamaLine": {"description": "one JSON object a line: an answer's piece, its last (done), or an error"},
+        "DialectEvent": {
+            "description": "one server-sent event: `data` is JSON (or [DONE], OpenAI's last), `event` its type",
+            "type": "object",
+            "required": ["data"],
+            "properties": {"data": STRING, "event": STRING},
+        },
+        "ResponsesRequest": _responses(limit, models),
+        "Response": answer
+        | {"required": ["id", "object", "status", "output"], "properties": {"object": {"const": "response"}}},
+        "CompletionRequest": _completions(limit, models),
+        "Completion": answer
+        | {"required": ["id", "object", "choices", "usage"], "properties": {"object": {"const": "text_completion"}}},
+    }
+
+
+def _post(operation: str, request: str, answer: dict[str, Any], errors: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": operation,
+            "requestBody": {"required": True, "content": json_content(request)},
+            "responses": {"200": answer, **errors},
+        }
+    }
+
+
+def _errors(error: str, auth: bool, chat: bool) -> dict[str, Any]:
+    def one(description: str) -> dict[str, Any]:
+        return {"description": description, "content": json_content(error)}
+
+    found = {"400": one("an invalid or unsupported parameter, named"), "404": one("the model has no instance")}
+    served = {"409": one("cancelled"), "429": one("every instance's queue is full"), "500": one("the runner failed")}
+    late = {"503": one("no supervisor answers, or the model is not Ready yet"), "504": one("the chat timed out")}
+    return found | ({"401": one("missing or wrong API key")} if auth else {}) | (served | late if chat else late)
+
+
+def paths(auth: bool) -> dict[str, Any]:
+    anthropic, ollama, openai = (_errors(e, auth, chat=True) for e in ("AnthropicError", "OllamaError", "Error"))
+
+    def answer(name: str, stream: str | None = None) -> dict[str, Any]:
+        content = json_content(name) | ({stream: {"schema": ref(STREAM_SCHEMAS[stream])}} if stream else {})
+        return {
+            "description": "the answer" + (f", or with `stream` a {stream} stream" if stream else ""),
+            "content": content,
+        }
+
+    def listing(operation: str, name: str) -> dict[str, Any]:
+        errors = _errors("OllamaError", auth, chat=False)
+        del errors["400"], errors["404"], errors["504"]
+        return {"get": {"operationId": operation, "responses": {"200": answer(name), **errors}}}
+
+    show_errors = _errors("OllamaError", auth, chat=False)
+    del show_errors["504"]
+    return {
+        "/v1/messages": _post(
+            "anthropicMessages", "AnthropicMessagesRequest", answer("AnthropicMessage", "text/event-stream"), anthropic
+        ),
+        "/v1/messages/count_tokens": _post(
+            "anthropicCountTokens", "AnthropicCountTokensRequest", answer("AnthropicTokenCount"), anthropic
+        ),
+        "/api/chat": _post("ollamaChat", "OllamaChatRequest", answer("OllamaAnswer", dialect_ollama.NDJSON), ollama),
+        "/api/generate": _post(
+            "ollamaGenerate", "OllamaGenerateRequest", answer("OllamaAnswer", dialect_ollama.NDJSON), ollama
+        ),
+        "/api/show": _post("ollamaShow", "OllamaShowRequest", answer("OllamaShow"), show_errors),
+        "/api/tags": listing("ollamaTags", "OllamaModels"),
+        "/api/ps": listing("ollamaPs", "OllamaModels"),
+        "/api/version": listing("ollamaVersion", "OllamaVersion"),
+        "/v1/responses": _post("createResponse", "ResponsesRequest", answer("Response", "text/event-stream"), openai),
+        "/v1/completions": _post(
+            "createCompletion", "CompletionRequest", answer("Completion", "text/event-stream"), openai
+        ),
+    }
