@@ -12,20 +12,11 @@ from typing import Any
 
 from exojet.api import dialect_schemas
 from exojet.api.chat_request import MAX_STOP_SEQUENCES, NO_OP_DEFAULTS, SEED_MAX, UNSUPPORTED
+from exojet.api.dialect_schemas import json_content as _json
+from exojet.api.dialect_schemas import nullable as _nullable
+from exojet.api.dialect_schemas import ref as _ref
 
 VERSION = "0.1.0"
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json(name: str) -> dict[str, Any]:
-    return {"application/json": {"schema": _ref(name)}}
 
 
 def _error(description: str) -> dict[str, Any]:
