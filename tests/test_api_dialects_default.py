@@ -1,0 +1,51 @@
+"""Every API dialect on the real default model (SmolLM2) under `exojet up`, each through its official client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anthropic
+import ollama
+import openai
+import pytest
+
+from exojet.bus.server import free_port
+from tests.test_up import interrupt, start_up, wait_ready
+
+pytestmark = pytest.mark.timeout(300)
+
+QUESTION = "What is the capital of France?"
+
+
+def test_each_dialect_answers_paris_on_the_default_model(tmp_path: Path) -> None:
+    port, api_port = free_port(), free_port()
+    up = start_up(tmp_path, port, tmp_path / "up.log", api_port)
+    try:
+        wait_ready(up)
+        host = f"http://127.0.0.1:{api_port}"
+        chat = openai.OpenAI(base_url=f"{host}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = chat.models.list().data[0].id
+        user = [{"role": "user", "content": QUESTION}]
+        expected = chat.chat.completions.create(model=model, messages=user, max_tokens=30, temperature=0)  # type: ignore[arg-type]
+        text = expected.choices[0].message.content
+        assert text is not None and "Paris" in text
+
+        claude = anthropic.Anthropic(base_url=host, api_key="unused", max_retries=0, timeout=120)
+        message = claude.messages.create(model=model, max_tokens=30, messages=user)  # type: ignore[arg-type]
+        assert message.content[0].text == text  # type: ignore[union-attr]
+        with claude.messages.stream(model=model, max_tokens=30, messages=user) as stream:  # type: ignore[arg-type]
+            assert "".join(stream.text_stream) == text
+
+        llama = ollama.Client(host=host, timeout=120)
+        assert [m.model for m in llama.list().models] == [model]
+        assert llama.chat(model=model, messages=user, options={"num_predict": 30}).message.content == text
+        parts = llama.chat(model=model, messages=user, options={"num_predict": 30}, stream=True)
+        assert "".join(p.message.content or "" for p in parts) == text
+
+        response = chat.responses.create(model=model, input=QUESTION, max_output_tokens=30)
+        assert response.output_text == text
+        # No chat template: the model continues the text.
+        completion = chat.completions.create(model=model, prompt="The capital of France is", max_tokens=8)
+        assert "Paris" in completion.choices[0].text
+    finally:
+        assert interrupt(up) == 0
