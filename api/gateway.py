@@ -241,7 +241,9 @@ class Gateway:
             stop=req.stop,
             raw=req.raw,
         )
-        await client.publish(self.js, subjects.COMMANDS, command, msg_id=stream.command_id)
+        await client.publish(
+            self.js, subjects.COMMANDS, command, msg_id=stream.command_id, timeout=connection.DEDUPED_PUBLISH_TRY_S
+        )
         try:
             await asyncio.wait_for(stream.settled.wait(), self.route_timeout)
         except TimeoutError:

@@ -44,6 +44,12 @@ MAX_OUTSTANDING_PINGS = 2
 # Dialling one member of a cluster, once connected (and at the first connect to a list of
 # several): a member that has not answered a LAN dial in this long is cut off, try the next.
 DIAL_TIMEOUT_S = 2.0
+# How long one try of a publish sent under a Nats-Msg-Id waits for its ack before it is sent again
+# (the server drops a duplicate, so a retry is safe). A stream leader answers in milliseconds; a
+# publish that went to a cut-off node's leader (still known to the other nodes' routes until they
+# notice) gets no answer at all, and nats-py's 5 s made the next chat after a cut wait for the
+# election rounded up to the next 5 s.
+DEDUPED_PUBLISH_TRY_S = 1.0
 # Once one server's credential check answered, the others' are waited for this much longer
 # (a refusal comes within moments of the TCP accept; a cut-off member never answers at all).
 CHECK_GRACE_S = 1.0

@@ -9,6 +9,7 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import client, subjects
 from exojet.bus.codec import encode
+from exojet.bus.connection import DEDUPED_PUBLISH_TRY_S
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.cli.log_cmds import wait_task
@@ -92,7 +93,9 @@ async def chat(
             temperature=temperature,
         )
         js = nc.jetstream()
-        ack = await client.publish(js, subjects.task_subject(target), encode(task), msg_id=task.task_id)
+        ack = await client.publish(
+            js, subjects.task_subject(target), encode(task), msg_id=task.task_id, timeout=DEDUPED_PUBLISH_TRY_S
+        )
         assert task.task_id is not None
         return await wait_task(
             nc, target, task.task_id, ack.seq, task.task_id, chat=True, timeout=timeout, verbose=False

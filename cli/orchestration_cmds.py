@@ -17,6 +17,7 @@ from typing import Any
 from exojet.bus import client, subjects
 from exojet.bus.chunk_order import read_chunks
 from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
+from exojet.bus.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.model_ids import model_id_problem
@@ -109,7 +110,9 @@ async def place(
     try:
         # Under a Nats-Msg-Id, so a publish whose ack was lost to a cut-off server is tried again
         # (the server answers a duplicate with the first one's sequence: still one instance).
-        ack = await client.publish(nc.jetstream(), subjects.COMMANDS, command, msg_id=f"place-{uuid.uuid4().hex}")
+        ack = await client.publish(
+            nc.jetstream(), subjects.COMMANDS, command, msg_id=f"place-{uuid.uuid4().hex}", timeout=PUBLISH_TRY_S
+        )
         instance_id = instance_id_of(None, ack.seq)
         print(instance_id, flush=True)
         if not wait:
@@ -241,7 +244,7 @@ async def route_chat(
     try:
         js = nc.jetstream()
         subs += await read_chunks(nc, subjects.chunks_filter(chat_id), texts.put_nowait)
-        ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id)
+        ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id, timeout=PUBLISH_TRY_S)
         subs.append(
             await client.follow(nc, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
         )
