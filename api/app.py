@@ -220,7 +220,8 @@ def create_app(config: ApiConfig, nc: NATS) -> Starlette:
                 CORSMiddleware,
                 allow_origins=list(config.cors_origins),
                 allow_methods=["GET", "POST"],
-                allow_headers=["Authorization", "Content-Type"],
+                # x-api-key and anthropic-version: what Anthropic's clients send.
+                allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"],
             )
         )
     middleware.append(Middleware(_Guard, config=config))

@@ -1,4 +1,6 @@
-"""OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}` with its HTTP status."""
+"""OpenAI's error shape: `{"error": {"message", "type", "param", "code"}}` with its HTTP status.
+
+The other dialects answer the same `ApiError` in their own shape (`app.ERROR_SHAPES`)."""
 
 from __future__ import annotations
 
