@@ -9,6 +9,7 @@ is an `ApiError`, answered in the shape of the dialect its path belongs to (Open
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -43,6 +44,8 @@ from exojet.bus import client
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PATHS = ("/health", LOGIN_PATH)
+# How long /openapi.json waits for the served models it gives as examples.
+SCHEMA_EXAMPLES_WAIT_S = 2.0
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -168,8 +171,9 @@ class Api:
 
     async def schema(self, request: Request) -> Response:
         try:
-            models = served_models(await self.gw.cluster())
-        except ApiError:
+            # Bounded: a cluster query waits up to 30 s for a supervisor, the document needs none.
+            models = served_models(await asyncio.wait_for(self.gw.cluster(), SCHEMA_EXAMPLES_WAIT_S))
+        except (ApiError, TimeoutError):
             models = []  # the document does not depend on a supervisor; only its examples do
         return json_response(openapi.schema(self.config.max_tokens_limit, self.config.api_key is not None, models))
 
