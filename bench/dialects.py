@@ -17,11 +17,8 @@ first-token difference to the OpenAI route's, and of its tokens/s ratio (target:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -33,12 +30,10 @@ import ollama
 import openai
 from loguru import logger
 
-from bench.api import REPO, _ensure_streams, _spawn, _wait_api
-from bench.inference import prepare_model, with_engine_env
-from exojet.bus.server import NatsServer, free_port
+from bench.api_stack import serving
+from bench.inference import with_engine_env
 from exojet.models.smollm import DEFAULT_MODEL_ID
-from exojet.models.store import model_dir
-from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
+from exojet.runner.engine_choice import EngineWanted
 
 PROMPT = "Write a short story about a lighthouse keeper."
 # Completions continue text as given (no chat template): a story's start, not a request for one
@@ -131,59 +126,28 @@ def _rotated(names: list[str], by: int) -> Iterable[str]:
 def main(model_id: str, tokens: int, repeat: int, wanted: EngineWanted) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        models = root / "models"
-        prepare_model(models, model_id)
-        engine, _ = choose_engine(model_dir(models, model_id), wanted, installed_engines())
-        server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
-        asyncio.run(_ensure_streams(server.url))
-        port = free_port()
-        procs = [
-            _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "supervisor.log"),
-            _spawn(
-                ["runner", "--id", "bench", "--engine", engine, "--nats", server.url, "--models-dir", str(models)],
-                root / "r.log",
-            ),
-            _spawn(["api", "--nats", server.url, "--port", str(port)], root / "api.log"),
-        ]
-        try:
-            placed = subprocess.run(
-                [sys.executable, "-m", "exojet.cli.main", "place", model_id, "--runners", "bench", "--wait"]
-                + ["--nats", server.url, "--timeout", "300"],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-            )
-            if placed.returncode != 0:
-                raise RuntimeError(f"placing {model_id} failed: {placed.stderr}")
-            _wait_api(port)
-            clients = Clients(port)
-            dialects: dict[str, Stream] = {
-                "openai chat": clients.chat,
-                "anthropic": clients.messages,
-                "ollama": clients.ollama_chat,
-                "responses": clients.responses,
-                "completions": clients.completions,
-            }
-            for stream in dialects.values():
-                timed(stream, model_id, 16)  # warm up every route and client (16: Responses' least)
-            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in dialects}
-            for i in range(repeat):
-                for name in _rotated(list(dialects), i):
-                    if name == "completions":
-                        # Its prompt is another: once untimed, so the engine's prompt cache holds
-                        # it as it holds the chat's for the others (else it alone pays a prefill).
-                        dialects[name](model_id, tokens)
-                    runs[name].append(timed(dialects[name], model_id, tokens))
-        finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                proc.wait(30)
-            server.stop()
+    with serving(model_id, wanted) as served:
+        clients = Clients(served.port)
+        dialects: dict[str, Stream] = {
+            "openai chat": clients.chat,
+            "anthropic": clients.messages,
+            "ollama": clients.ollama_chat,
+            "responses": clients.responses,
+            "completions": clients.completions,
+        }
+        for stream in dialects.values():
+            timed(stream, model_id, 16)  # warm up every route and client (16: Responses' least)
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name in dialects}
+        for i in range(repeat):
+            for name in _rotated(list(dialects), i):
+                if name == "completions":
+                    # Its prompt is another: once untimed, so the engine's prompt cache holds
+                    # it as it holds the chat's for the others (else it alone pays a prefill).
+                    dialects[name](model_id, tokens)
+                runs[name].append(timed(dialects[name], model_id, tokens))
 
     base = runs["openai chat"]
-    print(f"model {model_id} on {engine}, {tokens} tokens, greedy, {repeat} paired rounds (medians):")
+    print(f"model {model_id} on {served.engine}, {tokens} tokens, greedy, {repeat} paired rounds (medians):")
     print(f"{'dialect':<12} {'first token':>12} {'tok/s':>8} {'first token - openai':>22} {'tok/s / openai':>15}")
     for name, got in runs.items():
         first = statistics.median(t for t, _ in got) * 1000
