@@ -8,7 +8,12 @@ same server list) publishes to `EXO_LOG` in a loop: its error window is the time
 its first acknowledged publish sent after it. The killed node is started again and the cluster
 is caught up before the next kill. Prints the medians and the ratio.
 
-    .venv/bin/python bench/failover.py [--kills 5]
+Then, where network namespaces can be made (root), the host rows (bench/failover_hosts.py): on
+hosts deployed as tests/test_cluster_hosts.py does, the leader's node SIGKILLed and its host cut
+off (nothing closes, nothing answers), each against the bare loop's window, with the election and
+when a connection to the faulted node notices (exojet's ping options, nats-py's defaults).
+
+    .venv/bin/python bench/failover.py [--kills 5] [--rounds 3] [--no-hosts]
 """
 
 from __future__ import annotations
@@ -22,17 +27,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import nats
 from loguru import logger
 
+from bench.failover_hosts import run_on_hosts
 from exojet.bus import client, query_client, streams, subjects
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from tests.nats_cluster import NatsCluster
+from tests.netns import unavailable
 from tests.tiny_model import write_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,8 +56,9 @@ def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
 class BareLoop:
     """nats-py as it comes: publish in a loop, note when each acknowledged publish was sent."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_kwargs: dict[str, Any] | None = None) -> None:
         self.url = url
+        self.connect_kwargs = connect_kwargs or {}
         self.acked_sent_at: list[float] = []
         self.errors = 0
         self.connection_errors = 0
@@ -58,8 +67,9 @@ class BareLoop:
         self.connection_errors += 1
 
     async def run(self, stop: asyncio.Event) -> None:
-        # nats-py's defaults but for its error callback, which would print a traceback per failure.
-        nc = await nats.connect(servers=self.url.split(","), error_cb=self._connection_error)
+        # nats-py's defaults but for its error callback, which would print a traceback per failure
+        # (and the credentials a cluster under auth asks for).
+        nc = await nats.connect(servers=self.url.split(","), error_cb=self._connection_error, **self.connect_kwargs)
         js = nc.jetstream()
         while not stop.is_set():
             sent = time.monotonic()
@@ -103,7 +113,7 @@ async def caught_up(nc: nats.NATS, size: int) -> str:
             await asyncio.sleep(0.2)  # poll: catching up has no event a client can wait on
 
 
-async def main(kills: int, keep: bool) -> None:
+async def main(kills: int, rounds: int, hosts: bool, keep: bool) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     root = Path(tempfile.mkdtemp(prefix="exojet-failover-"))
@@ -161,11 +171,27 @@ async def main(kills: int, keep: bool) -> None:
     print(f"exojet: leader kill -> next chat answered: {f:.2f} s (median of {kills}; {f - c:.2f} s over calm)")
     print(f"bare nats-py publish loop: error window {w:.2f} s (median of {kills}; {bare.errors} failed publishes)")
     print(f"ratio exojet / bare: {f / w:.2f}x" if w > 0 else "ratio: the bare loop saw no window")
+    if not hosts:
+        return
+    if (why := unavailable()) is not None:
+        print(f"no host rows: {why}")
+        return
+    root = Path(tempfile.mkdtemp(prefix="exojet-failover-hosts-"))
+    try:
+        write_tiny_llama(root / "tiny")
+        print(await run_on_hosts(root, root / "tiny", rounds, chat_seconds, BareLoop))
+    finally:
+        if keep:
+            print(f"host logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--kills", type=int, default=5, help="loopback leader kills")
+    parser.add_argument("--rounds", type=int, default=3, help="on hosts: kills and cuts each")
+    parser.add_argument("--no-hosts", action="store_true", help="loopback only (no namespace hosts)")
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs (the folder is printed)")
     args = parser.parse_args()
-    asyncio.run(main(args.kills, args.keep))
+    asyncio.run(main(args.kills, args.rounds, not args.no_hosts, args.keep))
