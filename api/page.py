@@ -26,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster, Mark
 from exojet.bus import client
-from exojet.projections.words import load_words
+from exojet.projections.words import chats_busy, load_words
 
 STATIC = Path(__file__).parent / "static"
 RECENT_TASKS = 20
@@ -66,7 +66,8 @@ def _runner_row(r: dict[str, Any]) -> str:
     memory = f"{_gib(r['memory_free'])} free of {_gib(r['memory_total'])}" if r["memory_total"] else ""
     return (
         f'<tr id="runner-{rid}"><td>{rid}</td><td class="status">{_e(r["status"])}</td><td>{_e(r["model_id"])}</td>'
-        f'<td>{_e(memory)}</td><td class="since" data-runner="{rid}">-</td><td>{_e(r["error_message"])}</td></tr>'
+        f'<td class="chats">{_e(chats_busy(r))}</td><td>{_e(memory)}</td>'
+        f'<td class="since" data-runner="{rid}">-</td><td>{_e(r["error_message"])}</td></tr>'
     )
 
 
@@ -136,7 +137,8 @@ def render_page(snap: dict[str, Any]) -> str:
 <header><h1>exojet</h1><span>log seq <span id="seq">{snap["seq"]}</span></span>
 <span id="conn">static view (scripts off or not yet live)</span></header>
 <section id="runners"><h2>Runners</h2>
-<table><thead><tr><th>runner</th><th>status</th><th>model</th><th>memory</th><th>last heartbeat</th><th>error</th></tr>
+<table><thead><tr><th>runner</th><th>status</th><th>model</th><th>chats</th><th>memory</th><th>last heartbeat</th>
+<th>error</th></tr>
 </thead><tbody>{runner_rows}</tbody></table>{"" if runners else empty}</section>
 <section id="instances"><h2>Instances</h2>
 <table><thead><tr><th>instance</th><th>model</th><th>status</th><th>runners</th><th>reason</th></tr></thead>

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exojet.bus.lifecycle import LOADING
-from exojet.projections.words import load_words
+from exojet.projections.words import chats_busy, load_words
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -32,21 +32,13 @@ def render_runner_rows(runners: dict[str, dict[str, Any]], engines: dict[str, st
             r["incarnation"],
             r.get("model_id"),
             (engines or {}).get(r["runner_id"]),
-            _slots(r),
+            chats_busy(r) or None,
             ", ".join(r.get("running_tasks") or []) or None,
             r["last_event_seq"],
         ]
         for r in sorted(runners.values(), key=lambda r: r["runner_id"])
     ]
     return table(["RUNNER", "STATUS", "INC", "MODEL", "ENGINE", "CHATS", "TASKS", "LAST SEQ"], rows)
-
-
-def _slots(runner: dict[str, Any]) -> str | None:
-    """Chats in flight of the runner's capacity ("3/16"), once it holds a model."""
-    if not runner.get("model_id"):
-        return None
-    chats = len(runner.get("running_tasks") or []) if runner.get("status") == "RunnerRunning" else 0
-    return f"{chats}/{runner.get('chat_capacity', 1)}"
 
 
 def serving_engines(tasks: list[dict[str, Any]]) -> dict[str, str]:

@@ -114,6 +114,15 @@ def load_words(loaded: int, total: int) -> str:
     return f"layer {loaded} of {total}"
 
 
+def chats_busy(runner: dict[str, Any]) -> str:
+    """A runner's chats in flight of its capacity ("3/16") as the page and `state` show it; empty
+    while it holds no model. `runner` is a RunnerView as the queries answer it."""
+    if not runner.get("model_id"):
+        return ""
+    running = len(runner.get("running_tasks") or []) if runner.get("status") == "RunnerRunning" else 0
+    return f"{running}/{runner.get('chat_capacity', 1)}"
+
+
 def _mb(n: int) -> str:
     return f"{n / MB:.1f} MB"
 

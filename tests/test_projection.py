@@ -312,8 +312,9 @@ def test_chats_in_flight_each_end_once_when_their_runner_is_lost() -> None:
     state = _fold([_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)])
     r1 = state.runners["r1"]
     assert (r1.status, r1.chat_capacity, r1.running_tasks) == ("RunnerRunning", 4, ["a", "c"])
-    shown = render_state(msgspec.to_builtins(state_reply(state, Paging(offset=0, limit=200))))
-    assert "2/4" in shown and "a, c" in shown  # exojet state: chats busy of capacity, and which
+    reply = msgspec.to_builtins(state_reply(state, Paging(offset=0, limit=200)))
+    assert "2/4" in render_state(reply) and "a, c" in render_state(reply)  # chats busy of capacity, and which
+    assert '<td class="chats">2/4</td>' in render_page({**reply, "heartbeats": {}, "marks": []})
 
     lost = RunnerLost(**meta(), reason="no heartbeat for 5 s")  # type: ignore[arg-type]
     state = _fold([_env(len(pairs) + 1, ev, lost)], state)
