@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue",
         type=int,
         default=64,
-        help="routed chats that may wait per instance once its runners serve as many as they can; "
+        help="routed chats that may wait in an instance's runner queue once it serves as many as it can; "
         "past it a chat is refused (ChatRefused, HTTP 429)",
     )
     p.add_argument(

@@ -92,8 +92,8 @@ class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Group ports are taken from [port_base, port_base + port_count).
     port_base: int = 52_400
     port_count: int = 600
-    # Routed chats that may wait in the supervisors per Ready instance of their model, beyond
-    # those the instances serve at once; a chat beyond that is refused (ChatRefused).
+    # Routed chats that may wait in a Ready instance's runner queue beyond those it serves at
+    # once; a chat no instance of its model has room for is refused (ChatRefused).
     max_chats_per_instance: int = 64
 
 
@@ -434,14 +434,14 @@ def chat_capacity(state: ClusterState, inst: InstanceView) -> int:
 
 
 def _route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
-    """Each pending chat to the Ready instance of its model with the most free capacity; with
-    none free it waits here (so it goes to whichever frees first), up to `max_chats_per_instance`
-    waiting per instance, and is refused beyond."""
+    """Each pending chat to the Ready instance of its model with the most free capacity; with none
+    free, to the one with the shortest queue, where it waits in its runner's queue (routed: an API
+    waiting for it to be routed is answered at once), up to `max_chats_per_instance` waiting per
+    instance; beyond that it is refused."""
     actions: list[Action] = []
     ready = [i for i in state.instances.values() if i.status == READY]
     load = {i.instance_id: i.chats_in_flight for i in ready}
     capacity = {i.instance_id: chat_capacity(state, i) for i in ready}
-    waiting: dict[tuple[str, ...], int] = {}
     for chat_id in state.pending_chats:
         chat = state.chats[chat_id]
         if chat.request is None:
@@ -451,11 +451,8 @@ def _route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
             if not candidates:
                 continue  # waits for a Ready instance of its model
             target = min(candidates, key=lambda i: (load[i] - capacity[i], i))
-            if load[target] >= capacity[target]:
-                key = tuple(candidates)
-                waiting[key] = waiting.get(key, 0) + 1
-                if waiting[key] > config.max_chats_per_instance * len(candidates):
-                    actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
+            if load[target] >= capacity[target] + config.max_chats_per_instance:
+                actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
                 continue
             load[target] += 1
             actions.append(_chat_task(state, chat, state.instances[target], 0))

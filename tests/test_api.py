@@ -206,7 +206,7 @@ async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(
         return "ok"
 
     # The runner paused (well inside the liveness timeout): its one chat stays in flight,
-    # so 40 wait in the supervisor and the 42nd is refused.
+    # 40 wait in its queue and the 42nd is refused.
     runner = psutil.Process(stack.procs["r1"].pid)
     runner.suspend()
     try:

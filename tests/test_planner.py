@@ -383,21 +383,21 @@ def test_a_chat_past_every_instance_queue_is_refused_once_and_never_routed() -> 
     assert [r.chat_id for r in refusals] == ["chat-w"] and refusals[0].error_type == "QueueFull"
     assert "2 more wait" in refusals[0].reason
     sent = c.publish(actions)
-    # The runner serves one at a time: one is sent, two wait in the supervisor, the fourth is refused.
-    assert [t.task_id for t in sent] == ["chat-x.0"]
+    # The runner serves one at a time and two may wait in its queue: the fourth is refused.
+    assert [t.task_id for t in sent] == ["chat-x.0", "chat-y.0", "chat-z.0"]
     assert c.state.chats["chat-w"].status == "Refused" and "chat-w" not in c.state.pending_chats
-    assert list(c.state.pending_chats) == ["chat-y", "chat-z"]
-    assert c.state.instances[a].chats_in_flight == 1
-    assert plan(c.state, config=config) == []  # refused once, never routed later; the others wait
+    assert c.state.instances[a].chats_in_flight == 3
+    assert plan(c.state, config=config) == []  # refused once, never routed later
     # A refusal that comes after another supervisor routed the chat changes nothing.
     c.publish([WriteEvent(msgspec.structs.replace(refusals[0], chat_id="chat-x", event_id="chat-x:refused"))])
     assert c.state.chats["chat-x"].status == "Routed"
     assert c.state.anomalies[-1].kind == "StaleChatRefusal"
     c.complete("r1", sent[0])
-    assert [t.task_id for t in c.publish(plan(c.state, config=config))] == ["chat-y.0"]
+    c.command(RouteChatCompletion(command_id="v", messages=hi, model_id="local/tiny"))
+    assert [t.task_id for t in c.publish(plan(c.state, config=config))] == ["chat-v.0"]  # room again
 
 
-def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_wait() -> None:
+def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_queue() -> None:
     c = Cluster()
     c.chat_capacity = 3
     for r in ("r1", "r2"):
@@ -405,7 +405,7 @@ def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_wait() -
     a, b = _ready_single(c, "r1"), _ready_single(c, "r2")
     assert c.state.runners["r1"].chat_capacity == 3
     hi = (ChatMessage("user", "hi"),)
-    for k in range(7):
+    for k in range(6):
         c.command(RouteChatCompletion(command_id=f"c{k}", messages=hi, model_id="local/tiny"))
 
     sent = c.publish(plan(c.state))
@@ -413,11 +413,17 @@ def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_wait() -
     ids = [t.instance_id for t in sent]
     assert (ids.count(a), ids.count(b)) == (3, 3)
     assert all(x != y for x, y in itertools.pairwise(ids))  # each to the less loaded one
-    assert list(c.state.pending_chats) == ["chat-c6"]  # both serve 3: the seventh waits
     on_b = next(t for t in sent if t.instance_id == b)
     c.complete("r2", on_b)
+    c.command(RouteChatCompletion(command_id="c6", messages=hi, model_id="local/tiny"))
     [again] = c.publish(plan(c.state))
     assert (again.stream_id, again.instance_id) == ("chat-c6", b)  # where a slot came free
+    config = PlannerConfig(max_chats_per_instance=1)
+    for k in (7, 8, 9):
+        c.command(RouteChatCompletion(command_id=f"c{k}", messages=hi, model_id="local/tiny"))
+    actions = plan(c.state, config=config)
+    # Both full (3 each): one more may queue on each, the third is refused.
+    assert [type(x).__name__ for x in actions] == ["SendTask", "SendTask", "WriteEvent"]
 
 
 def test_a_group_serves_one_chat_at_a_time_whatever_its_runners_could() -> None:
@@ -430,9 +436,9 @@ def test_a_group_serves_one_chat_at_a_time_whatever_its_runners_could() -> None:
     hi = (ChatMessage("user", "hi"),)
     for k in range(2):
         c.command(RouteChatCompletion(command_id=f"g{k}", messages=hi))
-    sent = c.publish(plan(c.state))
-    assert [t.task_id for t in sent] == ["chat-g0.0"]
-    assert list(c.state.pending_chats) == ["chat-g0", "chat-g1"]  # g0 waits for its rank 1's task
+    sent = c.publish(plan(c.state, config=PlannerConfig(max_chats_per_instance=0)))
+    assert [t.task_id for t in sent] == ["chat-g0.0"]  # capacity 1, and no room to queue here
+    assert c.state.chats["chat-g1"].status == "Refused"
 
 
 def test_a_group_chat_publishes_rank_zero_first_then_the_others_to_the_same_instance() -> None:
