@@ -107,7 +107,9 @@ class ChatSlots:
                 await self.transitions.succeeded(CHAT, before)
 
     def status_for(self, task_type: str) -> RunnerStatus:
-        """The status a task is checked against: a chat beside others, the one they started in."""
-        if task_type == CHAT and self._in_flight and self._before is not None:
+        """The status a task is checked against: a chat beside others, the one they started in
+        (also while the last one's move back is being written: `enter` waits for it)."""
+        running = self._in_flight or self.transitions.status == state_machine.working_status(CHAT)
+        if task_type == CHAT and running and self._before is not None:
             return self._before
         return self.transitions.status
