@@ -140,7 +140,7 @@ def test_api_open_beyond_loopback_with_allow_no_key_warns(
     )
     api_proc.append(proc)
     _until_health(port, proc, log)
-    assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=15).status_code == 200
     assert "with no API key (--allow-no-key)" in log.read_text()
 
 
