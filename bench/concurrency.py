@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,22 +34,19 @@ import msgspec
 import openai
 from loguru import logger
 
-from bench.api import _ensure_streams, _spawn, _wait_api
-from bench.inference import prepare_model, with_engine_env
+from bench.api_stack import serving
+from bench.inference import with_engine_env
 from exojet.bus import client, subjects
 from exojet.bus.envelope import Envelope
-from exojet.bus.server import NatsServer, free_port
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.models.smollm import DEFAULT_MODEL_ID
-from exojet.models.store import model_dir
 from exojet.projections.words import message_of
 from exojet.runner.engine_choice import choose_engine, installed_engines
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message
 
 PROMPT = "Write a short story about a lighthouse keeper, number {}."
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Batch(msgspec.Struct):
@@ -197,41 +193,12 @@ async def task_to_first_chunk(nats_url: str, chat_ids: list[str]) -> list[float]
 def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        models = root / "models"
-        prepare_model(models, model_id)
-        _, gguf = choose_engine(model_dir(models, model_id), "llamacpp", installed_engines())
-        server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats").start()
-        asyncio.run(_ensure_streams(server.url))
-        port = free_port()
-        procs = [
-            _spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "supervisor.log"),
-            _spawn(
-                ["runner", "--id", "bench", "--engine", "llamacpp", "--nats", server.url, "--models-dir", str(models)],
-                root / "r.log",
-            ),
-            _spawn(["api", "--nats", server.url, "--port", str(port)], root / "api.log"),
-        ]
-        try:
-            placed = subprocess.run(
-                [sys.executable, "-m", "exojet.cli.main", "place", model_id, "--runners", "bench", "--wait"]
-                + ["--nats", server.url, "--timeout", "300"],
-                cwd=REPO,
-                capture_output=True,
-                text=True,
-            )
-            if placed.returncode != 0:
-                raise RuntimeError(f"placing {model_id} failed: {placed.stderr}")
-            _wait_api(port)
-            direct = Direct(gguf)
-            results = asyncio.run(_measure(f"http://127.0.0.1:{port}/v1", model_id, direct, max_tokens, repeat, sizes))
-            hop = asyncio.run(task_to_first_chunk(server.url, results["late_ids"]))
-        finally:
-            for proc in reversed(procs):
-                proc.terminate()
-                proc.wait(30)
-            server.stop()
+    with serving(model_id, "llamacpp") as served:
+        _, gguf = choose_engine(served.model_path, "llamacpp", installed_engines())
+        direct = Direct(gguf)
+        base_url = f"http://127.0.0.1:{served.port}/v1"
+        results = asyncio.run(_measure(base_url, model_id, direct, max_tokens, repeat, sizes))
+        hop = asyncio.run(task_to_first_chunk(served.nats_url, results["late_ids"]))
     _report(model_id, max_tokens, repeat, sizes, results, hop)
 
 
