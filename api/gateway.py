@@ -38,10 +38,10 @@ from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
 from exojet.bus.follower import Follower
+from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.query_client import SUPERVISOR_WAIT_S, QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import ChatCompletion
-from exojet.projections.instances import chat_id_of, chat_task_id
 
 DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 # How long a chat may wait for a supervisor to route it before the API answers 503: as long as

@@ -32,10 +32,10 @@ from exojet.bus.events import (
     RunnerRegistered,
     RunnerStatusUpdated,
 )
+from exojet.bus.ids import chat_id_of, instance_id_of
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply
-from exojet.projections.instances import chat_id_of, instance_id_of
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, envelope_json, message_of, task_id_of
 from exojet.supervisor.queries import Paging, state_reply

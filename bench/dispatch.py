@@ -38,10 +38,10 @@ from exojet.bus import client, streams, subjects  # noqa: E402
 from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
+from exojet.bus.ids import instance_id_of  # noqa: E402
 from exojet.bus.query_client import first_answer  # noqa: E402
 from exojet.bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from exojet.bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
-from exojet.projections.instances import instance_id_of  # noqa: E402
 from tests.tiny_cluster import tiny_cluster_dir  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

@@ -31,10 +31,10 @@ from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.permissions import ADMIN, CLIENT
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatCompletion
-from exojet.projections.instances import chat_id_of, chat_task_id
 from exojet.projections.words import message_of
 from tests.hosts_harness import CLIENT_PORT, NODES, RUNNERS, SUPERVISORS, Deployment
 from tests.netns import Lan

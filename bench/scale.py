@@ -45,6 +45,7 @@ from exojet.bus.events import (  # noqa: E402
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exojet.bus.ids import chat_task_id, step_task_id  # noqa: E402
 from exojet.bus.server import CONF_PATH, NatsServer  # noqa: E402
 from exojet.bus.statuses import RunnerIdle, RunnerReady, RunnerRunning, TaskStatus  # noqa: E402
 from exojet.bus.tasks import (  # noqa: E402
@@ -57,7 +58,6 @@ from exojet.bus.tasks import (  # noqa: E402
     Shard,
     StartWarmup,
 )
-from exojet.projections.instances import chat_task_id, step_task_id  # noqa: E402
 from tests.tiny_model import write_tiny_llama  # noqa: E402
 
 STAND_IN = "bench/stand-in"

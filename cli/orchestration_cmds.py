@@ -20,12 +20,12 @@ from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, Rout
 from exojet.bus.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
+from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of
 from exojet.bus.model_ids import model_id_problem
 from exojet.bus.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.progress import ProgressBars
-from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 from exojet.projections.words import message_of
 
 # How often `place --wait` asks the supervisor while the instance is on its way.

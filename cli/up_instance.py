@@ -20,10 +20,10 @@ from exojet.bus import client, subjects
 from exojet.bus.commands import DeleteInstance, PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
+from exojet.bus.ids import instance_id_of
 from exojet.bus.query_client import QueryFailed, first_answer, query
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.cli.progress import ProgressBars
-from exojet.projections.instances import instance_id_of
 from exojet.projections.words import message_of
 
 # Download, load and warm-up of the default model take seconds; a first download from a hub may not.

@@ -14,12 +14,13 @@ from collections.abc import Iterable
 import msgspec
 
 from exojet.bus.envelope import Envelope
+from exojet.bus.ids import step_task_id
 from exojet.bus.lifecycle import FAILED as RUNNER_FAILED
 from exojet.bus.lifecycle import READY as RUNNER_READY
 from exojet.bus.lifecycle import RUNNING as RUNNER_RUNNING
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.projections.apply import apply
-from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, step_task_id, steps
+from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, steps
 from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
 from exojet.projections.state import ClusterState, InstanceView, RunnerView, TaskView
 from exojet.projections.words import describe, message_of, one_line

@@ -43,6 +43,7 @@ from exojet.bus.events import (
     InstanceRetryDue,
     SupervisorEvent,
 )
+from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of, step_task_id
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections import retention
@@ -61,30 +62,9 @@ DOWNLOAD, CONNECT, LOAD, WARMUP, UNLOAD = "download", "connect", "load", "warmup
 STEP_STATUS = {DOWNLOAD: "Downloading", CONNECT: "Connecting", LOAD: "Loading", WARMUP: "WarmingUp"}
 
 
-def instance_id_of(command_id: str | None, seq: int) -> str:
-    """The instance a PlaceInstance command creates."""
-    return f"inst-{command_id or seq}"
-
-
-def chat_id_of(command_id: str | None, seq: int) -> str:
-    """The routed chat a RouteChatCompletion command creates (also its chunk stream id)."""
-    return f"chat-{command_id or seq}"
-
-
 def steps(world_size: int) -> tuple[str, ...]:
     """The steps of an attempt: ConnectToGroup only when several runners share the model."""
     return (DOWNLOAD, CONNECT, LOAD, WARMUP) if world_size > 1 else (DOWNLOAD, LOAD, WARMUP)
-
-
-def step_task_id(instance_id: str, attempt: int, step: str, runner_id: str) -> str:
-    """The deterministic id of one step's task on one runner (also its Nats-Msg-Id)."""
-    return f"{instance_id}.a{attempt}.{step}.{runner_id}"
-
-
-def chat_task_id(chat_id: str, rank: int) -> str:
-    """The id of a routed chat's task for `rank`: the same whichever instance serves it,
-    so two supervisors routing the same chat differently are deduplicated by the stream."""
-    return f"{chat_id}.{rank}"
 
 
 def _anomaly(state: ClusterState, env: Envelope, kind: str, detail: str) -> None:

@@ -37,6 +37,7 @@ from exojet.bus.events import (
     TaskStatusUpdated,
     event_type,
 )
+from exojet.bus.ids import chat_id_of, instance_id_of
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.bus.tasks import (
     ChatCompletion,
@@ -49,7 +50,6 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
-from exojet.projections.instances import chat_id_of, instance_id_of
 from exojet.projections.state import ClusterState
 
 Message = Task | Event | Command | CancelTask | BadInput

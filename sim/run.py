@@ -21,8 +21,9 @@ from exojet.bus.commands import (
     RouteChatCompletion,
     UndrainRunner,
 )
+from exojet.bus.ids import instance_id_of
 from exojet.bus.tasks import ChatMessage
-from exojet.projections.instances import DELETED, FAILED, READY, instance_id_of
+from exojet.projections.instances import DELETED, FAILED, READY
 from exojet.projections.state import state_hash
 from exojet.sim import invariants
 from exojet.sim.kernel import Actor, NextTask, Publish, Sleep

@@ -45,6 +45,7 @@ from exojet.bus.events import (
     Placement,
     SupervisorEvent,
 )
+from exojet.bus.ids import chat_task_id, step_task_id
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import (
     ChatCompletion,
@@ -67,8 +68,6 @@ from exojet.projections.instances import (
     READY,
     UNLOAD,
     WARMUP,
-    chat_task_id,
-    step_task_id,
     steps,
 )
 from exojet.projections.rules import FINAL_STATUSES

@@ -16,10 +16,10 @@ from nats.aio.client import Client as NATS
 from exojet.bus import client, streams, subjects
 from exojet.bus.commands import PlaceInstance, RouteChatCompletion
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of
 from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatMessage
-from exojet.projections.instances import chat_id_of, chat_task_id, instance_id_of
 from tests.log_watcher import LogWatcher
 from tests.procs import exojet, exojet_output, stop
 from tests.runner_harness import PROMPT, TINY, start_runner

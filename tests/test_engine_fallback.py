@@ -12,8 +12,8 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import client, subjects
 from exojet.bus.commands import PlaceInstance
+from exojet.bus.ids import instance_id_of
 from exojet.bus.server import NatsServer
-from exojet.projections.instances import instance_id_of
 from exojet.runner.engine import Engine, EngineCrashed
 from exojet.runner.engine_backend import FAULT_ENV
 from exojet.runner.engine_protocol import Generate

@@ -19,11 +19,11 @@ from exojet.bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exojet.bus.ids import step_task_id
 from exojet.bus.statuses import RunnerIdle, RunnerLoading, RunnerReady, RunnerWarmingUp, TaskStatus
 from exojet.bus.tasks import ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
 from exojet.projections.apply import apply
 from exojet.projections.explain import UnknownId, explain
-from exojet.projections.instances import step_task_id
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, message_of
 

@@ -23,12 +23,13 @@ from exojet.bus.codec import decode_event, decode_task, encode
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.ids import instance_id_of
 from exojet.bus.query_client import first_answer
 from exojet.bus.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
-from exojet.projections.instances import instance_id_of, steps
+from exojet.projections.instances import steps
 from exojet.projections.state import ClusterState, InstanceView
 from tests.log_watcher import LogWatch, Predicate
 from tests.procs import exojet, exojet_output, group_ports, start_runner, stop

@@ -9,9 +9,9 @@ from nats.aio.client import Client as NATS
 from exojet.bus import client, subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.commands import RouteChatCompletion
+from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatMessage
-from exojet.projections.instances import chat_id_of, chat_task_id
 
 # The fixtures `procs` and `watch` come with the helpers (pytest finds them by name here).
 from tests.test_orchestration import LogWatch, Procs, _ready_pipeline_instance, procs, watch  # noqa: F401

@@ -27,13 +27,13 @@ from exojet.bus.codec import encode
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.connect_options import ConnectOptions
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated
+from exojet.bus.ids import instance_id_of
 from exojet.bus.query_client import first_answer
 from exojet.bus.server import NatsServer, ServerError, free_port
 from exojet.bus.statuses import RunnerIdle
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
-from exojet.projections.instances import instance_id_of
 from exojet.projections.state import state_hash
 from tests.procs import exojet, group_ports, stop
 from tests.test_orchestration import LogWatch
