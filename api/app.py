@@ -40,7 +40,7 @@ from exojet.api.errors import ApiError, not_found, unavailable
 from exojet.api.gateway import Gateway
 from exojet.api.page import page_routes
 from exojet.api.page_login import LOGIN_PATH, has_page_cookie, login_form, login_route
-from exojet.bus import client
+from exojet.bus.nats import client
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PATHS = ("/health", LOGIN_PATH)

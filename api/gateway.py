@@ -30,16 +30,17 @@ from nats.aio.subscription import Subscription
 
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
-from exojet.bus import client, connection, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.cancel import CancelTask
-from exojet.bus.chunk_order import ChunkOrder, decode_chunk
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
-from exojet.bus.follower import Follower
 from exojet.bus.ids import chat_id_of, chat_task_id
-from exojet.bus.query_client import SUPERVISOR_WAIT_S, QueryFailed, query
+from exojet.bus.nats import client, connection, stream_setup
+from exojet.bus.nats.chunk_order import ChunkOrder, decode_chunk
+from exojet.bus.nats.follower import Follower
+from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S, QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import ChatCompletion
 
@@ -107,7 +108,7 @@ class ChatStream:
         self.fast: Subscription | None = None
 
     def offer(self, index: int, text: str) -> None:
-        """A chunk from either way it comes (see `bus/chunk_order.py`): each index once, in order."""
+        """A chunk from either way it comes (see `bus/nats/chunk_order.py`): each index once, in order."""
         if not self.over:
             self.order.offer(index, text)
 
@@ -146,7 +147,7 @@ class Gateway:
     async def start(self) -> None:
         """Create the streams if needed and subscribe (from the log's end now)."""
         # Tried again while a cluster's JetStream is not answering yet (a node-by-node start, an election).
-        await client.until_done(lambda: streams.ensure_streams(self.js), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(self.js), "create the streams")
         start = await client.until_done(lambda: client.last_seq(self.js), "read the log's last sequence") + 1
         self._subs.append(await client.follow(self.nc, self._on_log, start_seq=start))
         # Both follows resume right after the last message seen when NATS comes back.
@@ -215,7 +216,7 @@ class Gateway:
     async def open_chat(self) -> ChatStream:
         """Register a chat before it is published, so nothing about it goes unseen.
 
-        Its chunks come two ways (see `bus/chunk_order.py`): on a core subscription of its
+        Its chunks come two ways (see `bus/nats/chunk_order.py`): on a core subscription of its
         own subject as the runner publishes them, and from this gateway's `EXO_CHUNKS` follow."""
         command_id = uuid.uuid4().hex[:16]
         stream = ChatStream(chat_id_of(command_id, 0), command_id)

@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from exojet.api.metrics import ClusterMetrics
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import CancelChat, PlaceInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
@@ -33,6 +33,7 @@ from exojet.bus.events import (
     RunnerStatusUpdated,
 )
 from exojet.bus.ids import chat_id_of, instance_id_of
+from exojet.bus.nats import client
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply

@@ -11,7 +11,7 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 
 from exojet.api.app import LOOPBACK_NAMES, ApiConfig, create_app
-from exojet.bus import client
+from exojet.bus.nats import client
 
 DEFAULT_PORT = 52415
 

@@ -25,7 +25,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster, Mark
-from exojet.bus import client
+from exojet.bus.nats import client
 from exojet.projections.words import chats_busy, load_words
 
 STATIC = Path(__file__).parent / "static"

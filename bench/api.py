@@ -41,8 +41,8 @@ from loguru import logger
 
 from bench.chat_hops import Sent, chat_hops
 from bench.inference import direct_engine, prepare_model, with_engine_env
-from exojet.bus import client, streams
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer, free_port
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from exojet.models.smollm import DEFAULT_MODEL_ID
@@ -142,7 +142,7 @@ def _wait_api(port: int, timeout: float = 60.0) -> None:
 async def _ensure_streams(url: str) -> None:
     nc = await client.connect(url, name="bench")
     try:
-        await streams.ensure_streams(nc.jetstream())
+        await stream_setup.ensure_streams(nc.jetstream())
     finally:
         await nc.close()
 

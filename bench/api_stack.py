@@ -15,7 +15,7 @@ import msgspec
 
 from bench.api import REPO, _ensure_streams, _spawn, _wait_api
 from bench.inference import prepare_model
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.ops.server import NatsServer, free_port
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 

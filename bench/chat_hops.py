@@ -13,11 +13,12 @@ import statistics
 
 import msgspec
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.ids import chat_id_of, chat_task_id
+from exojet.bus.nats import client
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion

@@ -36,8 +36,9 @@ from loguru import logger
 
 from bench.api_stack import serving
 from bench.inference import with_engine_env
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
+from exojet.bus.nats import client
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.models.smollm import DEFAULT_MODEL_ID

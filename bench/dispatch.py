@@ -34,12 +34,13 @@ import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 from nats.js import api  # noqa: E402
 
-from exojet.bus import client, streams, subjects  # noqa: E402
+from exojet.bus import subjects  # noqa: E402
 from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.commands import DeleteInstance, PlaceInstance  # noqa: E402
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated  # noqa: E402
 from exojet.bus.ids import instance_id_of  # noqa: E402
-from exojet.bus.query_client import first_answer  # noqa: E402
+from exojet.bus.nats import client, stream_setup  # noqa: E402
+from exojet.bus.nats.query_client import first_answer  # noqa: E402
 from exojet.bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from exojet.bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
 from tests.tiny_cluster import tiny_cluster_dir  # noqa: E402
@@ -238,7 +239,7 @@ async def main(chats: int, runners: int, seconds: float) -> None:
         try:
             nc = await client.connect(server.url, name="bench")
             js = nc.jetstream()
-            await streams.ensure_streams(js)
+            await stream_setup.ensure_streams(js)
             procs.append(spawn(["supervisor", "--nats", server.url, "--models-dir", str(models)], root / "sup.log"))
             procs.append(
                 spawn(["runner", "--id", "r1", "--nats", server.url, "--models-dir", str(models)], root / "r1.log")

@@ -35,8 +35,9 @@ import nats
 from loguru import logger
 
 from bench.failover_hosts import run_on_hosts
-from exojet.bus import client, query_client, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.commands import PlaceInstance
+from exojet.bus.nats import client, query_client, stream_setup
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from tests.nats_cluster import NatsCluster
@@ -129,7 +130,7 @@ async def main(kills: int, rounds: int, hosts: bool, keep: bool) -> None:
         stop = asyncio.Event()
         nc = await client.connect(cluster.url, name="bench", wait=True)
         try:
-            await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+            await client.until_done(lambda: stream_setup.ensure_streams(nc.jetstream()), "create the streams")
             await query_client.first_answer(nc, timeout=120)
             await client.publish(
                 nc.jetstream(), subjects.COMMANDS, PlaceInstance(command_id="bench", model_id="local/tiny"), msg_id="b"

@@ -26,13 +26,15 @@ from typing import Any, Protocol
 import nats
 import psutil
 
-from exojet.bus import client, connect_options, identities, streams
+from exojet.bus import streams
 from exojet.bus.commands import RouteChatCompletion
-from exojet.bus.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.ids import chat_id_of, chat_task_id
-from exojet.bus.permissions import ADMIN, CLIENT
+from exojet.bus.nats import client, connect_options
+from exojet.bus.nats.connection import MAX_OUTSTANDING_PINGS, PING_INTERVAL_S
+from exojet.bus.ops import identities
+from exojet.bus.ops.permissions import ADMIN, CLIENT
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections.words import message_of

@@ -48,11 +48,12 @@ import psutil
 from loguru import logger
 
 from bench.random_llama import BENCH_MODEL_ID, write_random_llama
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import decode_event
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
 from exojet.models.store import model_dir
@@ -353,7 +354,7 @@ async def main(model_id: str, max_tokens: int, repeat: int, engines: list[Engine
         server = NatsServer(port=0, monitor_port=0, store_dir=tmp / "nats").start()
         nc = await client.connect(server.url, name="bench")
         try:
-            await streams.ensure_streams(nc.jetstream())
+            await stream_setup.ensure_streams(nc.jetstream())
             results = [await bench_engine(nc, server, models, model_id, e, max_tokens, repeat, tmp) for e in engines]
         finally:
             await nc.close()

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from exojet.bus.server import free_port  # noqa: E402
+from exojet.bus.ops.server import free_port  # noqa: E402
 from exojet.models.smollm import ensure_default_model  # noqa: E402
 from exojet.runner.engine import Done, Engine, Generate  # noqa: E402
 from exojet.runner.engine_protocol import Message  # noqa: E402

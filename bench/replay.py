@@ -3,7 +3,7 @@
 Fills a fresh nats-server with realistic events (runners going through the seed's
 workflow, then serving chats), then in the same run measures:
   - raw: nats-py's ordered consumer counting messages (the baseline),
-  - read: the reader a rebuild uses (bus/follower.py, through nats-py), counting,
+  - read: the reader a rebuild uses (bus/nats/follower.py, through nats-py), counting,
   - rebuild: the supervisor's Projector folding the whole log (read + decode + apply),
   - restart: a Projector starting from a snapshot taken at 95% of the log.
 Prints medians over --repeat runs and the rebuild/raw ratio.
@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import msgspec  # noqa: E402
 from loguru import logger  # noqa: E402
 
-from exojet.bus import client, streams  # noqa: E402
+from exojet.bus import streams  # noqa: E402
 from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.events import DownloadProgress, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated  # noqa: E402
-from exojet.bus.server import NatsServer  # noqa: E402
+from exojet.bus.nats import client, stream_setup  # noqa: E402
+from exojet.bus.ops.server import NatsServer  # noqa: E402
 from exojet.bus.statuses import (  # noqa: E402
     RunnerDownloading,
     RunnerIdle,
@@ -176,7 +177,7 @@ async def raw_drain(js, total: int) -> float:
 
 
 async def reader_drain(nc, total: int) -> float:
-    """The transport a rebuild uses (bus/follower.py), counting only: the floor of a rebuild."""
+    """The transport a rebuild uses (bus/nats/follower.py), counting only: the floor of a rebuild."""
     count = 0
 
     def on_env(env) -> None:
@@ -206,7 +207,7 @@ async def main(events: int, repeat: int) -> None:
         try:
             nc = await client.connect(server.url, name="bench")
             js = nc.jetstream()
-            await streams.ensure_streams(js)
+            await stream_setup.ensure_streams(js)
             messages = realistic_log(events)
             started = time.perf_counter()
             await fill(js, messages)

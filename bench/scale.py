@@ -35,7 +35,7 @@ from loguru import logger  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
 from bench.dispatch import REPO, load, ms, percentile, request, spawn  # noqa: E402
-from exojet.bus import client, streams, subjects  # noqa: E402
+from exojet.bus import streams, subjects  # noqa: E402
 from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion  # noqa: E402
 from exojet.bus.events import (  # noqa: E402
@@ -46,7 +46,8 @@ from exojet.bus.events import (  # noqa: E402
     TaskStatusUpdated,
 )
 from exojet.bus.ids import chat_task_id, step_task_id  # noqa: E402
-from exojet.bus.server import CONF_PATH, NatsServer  # noqa: E402
+from exojet.bus.nats import client, stream_setup  # noqa: E402
+from exojet.bus.ops.server import CONF_PATH, NatsServer  # noqa: E402
 from exojet.bus.statuses import RunnerIdle, RunnerReady, RunnerRunning, TaskStatus  # noqa: E402
 from exojet.bus.tasks import (  # noqa: E402
     ChatCompletion,
@@ -203,7 +204,7 @@ async def build_log(store: Path, events: int) -> None:
         try:
             nc = await client.connect(server.url, name="bench-build")
             js = nc.jetstream(publish_async_max_pending=20_000)
-            await streams.ensure_streams(js)
+            await stream_setup.ensure_streams(js)
             started = time.perf_counter()
             for subject, data in _Log().messages(events):
                 await js.publish_async(subject, data)
@@ -274,7 +275,7 @@ async def measure(label: str, store: Path, models: Path, runners: int, seconds: 
     try:
         nc = await client.connect(server.url, name="bench")
         js = nc.jetstream()
-        await streams.ensure_streams(js)
+        await stream_setup.ensure_streams(js)
         events = await client.last_seq(js)
         await _retire_real_instances(nc, server.url)
         # A first supervisor folds what is there and stores a snapshot when it stops.

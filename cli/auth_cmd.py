@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from exojet.bus import certs, identities
+from exojet.bus.ops import certs, identities
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

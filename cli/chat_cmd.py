@@ -7,10 +7,11 @@ import uuid
 
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import encode
-from exojet.bus.connection import DEDUPED_PUBLISH_TRY_S
-from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.nats import client
+from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S
+from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.cli.log_cmds import wait_task
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat

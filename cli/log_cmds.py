@@ -11,14 +11,15 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.subscription import Subscription
 
-from exojet.bus import client, streams, subjects
-from exojet.bus.archive import ArchiveError, ArchiveWriter, replay_archive
-from exojet.bus.chunk_order import read_chunks
+from exojet.bus import streams, subjects
 from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.follower import Follower
-from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.chunk_order import read_chunks
+from exojet.bus.nats.follower import Follower
+from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.ops.archive import ArchiveError, ArchiveWriter, replay_archive
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.cli.html_report import DEFAULT_MAX_BYTES, HtmlReport
@@ -49,7 +50,7 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
     nc = await client.connect(nats_url, name="exojet-cli")
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js)
+        await stream_setup.ensure_streams(js)
         ack = await client.publish(js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
         task_id = task.task_id or str(ack.seq)
         print(f"task {task_id} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else ""))
@@ -261,7 +262,7 @@ def _print_check(state: ClusterState) -> int:
 
 
 async def export_log(nats_url: str, from_seq: int, to_seq: int | None, path: Path) -> int:
-    """Write `EXO_LOG` from `from_seq` to `to_seq` to `path` (gzip JSON lines, see bus/archive.py)."""
+    """Write `EXO_LOG` from `from_seq` to `to_seq` to `path` (gzip JSON lines, see bus/ops/archive.py)."""
     nc = await client.connect(nats_url, name="exojet-export")
     writer = ArchiveWriter(path)
     try:

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from exojet import __version__
-from exojet.bus import connect_options
-from exojet.bus.client import NatsRefused, NatsUnreachable, default_url
-from exojet.bus.connection import BadNatsUrl, server_urls
-from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits, ReplicasRefused, wanted_replicas
+from exojet.bus.nats import connect_options
+from exojet.bus.nats.client import NatsRefused, NatsUnreachable, default_url
+from exojet.bus.nats.connection import BadNatsUrl, server_urls
+from exojet.bus.nats.stream_setup import ReplicasRefused, wanted_replicas
+from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
 from exojet.cli.api_key import BadApiKeyFile, NoApiKey, add_key_arguments, api_key_from_args
 from exojet.cli.logs import setup_logging
 from exojet.models.store import default_models_dir
@@ -357,7 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _run_nats(args: argparse.Namespace) -> int:
     import signal
 
-    from exojet.bus.server import NatsServer, ServerError
+    from exojet.bus.ops.server import NatsServer, ServerError
     from exojet.cli.nats_cmd import cluster_config, create_streams_later, listen_address
 
     server: NatsServer | None = None
@@ -373,7 +374,7 @@ def _run_nats(args: argparse.Namespace) -> int:
             cluster=cluster,
         ).start()
         if args.auth and cluster is None:
-            from exojet.bus import identities
+            from exojet.bus.ops import identities
 
             asyncio.run(identities.create_streams(server.url, args.auth, args.replicas))
         elif args.auth:

@@ -14,8 +14,9 @@ from loguru import logger
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from exojet.bus import client, streams
-from exojet.bus.server import ClusterConfig
+from exojet.bus import streams
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import ClusterConfig
 
 
 def listen_address(listen: str | None, host: str, port: int) -> tuple[str, int]:
@@ -54,7 +55,7 @@ def cluster_config(name: str | None, cluster: str | None, cluster_name: str, rou
 
 def create_streams_later(url: str, auth_dir: Path, replicas: int | None) -> None:
     """Create the streams as admin in the background, once the cluster's JetStream answers."""
-    from exojet.bus import identities
+    from exojet.bus.ops import identities
 
     def create() -> None:
         try:
@@ -73,7 +74,9 @@ async def streams_cmd(nats_url: str, replicas: int | None) -> int:
         # Through a leader election JetStream answers "temporarily unavailable": asked again, bounded.
         async with asyncio.timeout(client.ELECTION_S):
             if replicas is not None:
-                changed = await client.until_done(lambda: streams.set_replicas(js, replicas), "change the replicas")
+                changed = await client.until_done(
+                    lambda: stream_setup.set_replicas(js, replicas), "change the replicas"
+                )
                 print(f"moved {', '.join(changed)} to {replicas} replica(s)" if changed else "nothing to change")
             for name in streams.STREAM_NAMES:
                 print(_describe(name, await client.until_done(partial(js.stream_info, name), "read the streams")))

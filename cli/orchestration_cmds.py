@@ -2,7 +2,7 @@
 
 These only publish commands on `exo.commands`; the supervisors' reconcilers do
 the rest. Ids follow from the command: `inst-<seq>` for a placement,
-`chat-<command_id>` for a routed chat (see projections/instances.py).
+`chat-<command_id>` for a routed chat (spelled in bus/ids.py).
 """
 
 from __future__ import annotations
@@ -14,15 +14,16 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from exojet.bus import client, subjects
-from exojet.bus.chunk_order import read_chunks
+from exojet.bus import subjects
 from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
-from exojet.bus.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of
 from exojet.bus.model_ids import model_id_problem
-from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.nats import client
+from exojet.bus.nats.chunk_order import read_chunks
+from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
+from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.progress import ProgressBars

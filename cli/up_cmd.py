@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
-from exojet.bus import client, parent_death, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance
-from exojet.bus.server import NatsServer, ServerError, default_store_dir
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops import parent_death
+from exojet.bus.ops.server import NatsServer, ServerError, default_store_dir
 from exojet.bus.tasks import Shutdown
 from exojet.cli.api_key import API_KEY_ENV
 from exojet.cli.up_children import DEFAULT_POLICY, Child, ChildKeepsDying, StartFailed, keep_alive
@@ -265,7 +267,7 @@ async def _ensure(url: str) -> int:
     """Create the streams; return the log's last sequence before we start anything."""
     nc = await client.connect(url, name="exojet-up")
     try:
-        await streams.ensure_streams(nc.jetstream())
+        await stream_setup.ensure_streams(nc.jetstream())
         return await client.last_seq(nc.jetstream())
     finally:
         await nc.close()

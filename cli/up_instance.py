@@ -16,12 +16,13 @@ from typing import Any, NoReturn
 
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import DeleteInstance, PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
 from exojet.bus.ids import instance_id_of
-from exojet.bus.query_client import QueryFailed, first_answer, query
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import QueryFailed, first_answer, query
 from exojet.bus.statuses import RunnerFailed, status_name
 from exojet.cli.progress import ProgressBars
 from exojet.projections.words import message_of

@@ -3,7 +3,7 @@
 An instance is created by a `PlaceInstance` command (`inst-<command_id or seq>`)
 in status Placing. A supervisor records where it runs with `InstancePlaced`
 (runners, shards, group hosts, attempt k); from then on its status follows the
-tasks of attempt k, whose ids are deterministic (`step_task_id`):
+tasks of attempt k, whose ids are deterministic (`bus/ids.py`):
 
     Downloading -> Connecting (groups only) -> Loading -> WarmingUp -> Ready
 

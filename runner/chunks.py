@@ -24,7 +24,8 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 
-from exojet.bus import client, connection, subjects
+from exojet.bus import subjects
+from exojet.bus.nats import client, connection
 
 MAX_UNACKED = 16
 # How long to wait for outstanding acks before publishing those chunks again.

@@ -31,7 +31,7 @@ from typing import TypeVar
 import msgspec
 from loguru import logger
 
-from exojet.bus import parent_death
+from exojet.bus.ops import parent_death
 from exojet.runner.engine_choice import (
     EngineName,
     EngineWanted,

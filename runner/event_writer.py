@@ -20,9 +20,10 @@ from collections.abc import Callable
 from loguru import logger
 from nats.js import JetStreamContext
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import BadInput, decode_event
 from exojet.bus.events import RunnerEvent, RunnerLost
+from exojet.bus.nats import client
 
 
 class Fenced(Exception):

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import msgspec
 from nats.aio.client import Client as NATS
 
-from exojet.bus import connection, subjects
+from exojet.bus import subjects
+from exojet.bus.nats import connection
 
 INTERVAL_S = 1.0
 

@@ -16,7 +16,8 @@ import signal
 import sys
 from pathlib import Path
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
+from exojet.bus.nats import client, stream_setup
 from exojet.models.store import default_models_dir
 from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
 from exojet.runner.engine_choice import EngineWanted
@@ -46,7 +47,7 @@ async def run_runner(
     runner = Runner(runner_id, nc, models_dir, advertised_address(nats_url), deadlines, engine, chat_grace_s)
     beat: asyncio.Task[None] | None = None
     try:
-        await client.until_done(lambda: streams.ensure_streams(runner.js), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(runner.js), "create the streams")
         await runner.start()
         beat = asyncio.ensure_future(heartbeat(nc, runner_id, lambda: runner.incarnation))
         serving = asyncio.ensure_future(runner.serve())

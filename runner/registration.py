@@ -21,12 +21,13 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.codec import BadInput, decode_event
-from exojet.bus.connection import server_urls
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerLost, RunnerRegistered, RunnerStatusUpdated
 from exojet.bus.lifecycle import FINAL_STATUSES
+from exojet.bus.nats import client
+from exojet.bus.nats.connection import server_urls
 from exojet.bus.statuses import status_name
 from exojet.runner.event_writer import EventWriter
 from exojet.runner.task_history import TaskHistory

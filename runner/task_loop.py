@@ -19,11 +19,12 @@ from typing import Any, TypeVar
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from exojet.bus import client, connection, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
+from exojet.bus.nats import client, connection
+from exojet.bus.nats.task_consumer import TaskConsumer
 from exojet.bus.statuses import RunnerStatus, TaskStatus
-from exojet.bus.task_consumer import TaskConsumer
 from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_type
 from exojet.runner import registration, state_machine
 from exojet.runner.cancels import Cancels

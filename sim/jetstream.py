@@ -4,7 +4,7 @@
 id seen within the duplicate window is acknowledged again with its first
 sequence (checked first), then `Nats-Expected-Last-Subject-Sequence` is
 checked. `SimConsumer` is a runner's durable pull consumer with the real
-configuration (`bus/streams.py`): explicit acks, one unacknowledged message at a
+configuration (`bus/nats/stream_setup.py`): explicit acks, one unacknowledged message at a
 time, redelivery after `ack_wait`, at most `max_deliver` deliveries.
 
 What can go wrong on the way (a lost request or reply, a delay, an error

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from exojet.bus.connection import FIRST_BACKOFF_S, MAX_BACKOFF_S
+from exojet.bus.nats.connection import FIRST_BACKOFF_S, MAX_BACKOFF_S
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState
 from exojet.sim import invariants
@@ -48,7 +48,7 @@ from exojet.sim.kernel import (
     WrongLastSequence,
 )
 
-# nats-py's JetStream publish timeout as exojet uses it (bus/client.py).
+# nats-py's JetStream publish timeout as exojet uses it (bus/nats/client.py).
 REQUEST_TIMEOUT_S = 5.0
 # How often, of the steps where something else could happen, a timer fires first.
 TIMER_FIRST = 0.1
@@ -159,7 +159,7 @@ class World:
         return self.faulty and p > 0 and self.rng.random() < p
 
     def backoff(self, attempt: int) -> float:
-        """bus/connection.py's retry delay, jittered by the seed."""
+        """bus/nats/connection.py's retry delay, jittered by the seed."""
         return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(attempt, 10)) * self.rng.uniform(0.8, 1.0)
 
     def until_done(self, effect: Publish | LastOn) -> Generator[Effect, Any, Any]:

@@ -32,8 +32,9 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from exojet.bus import client, connection, subjects
+from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
+from exojet.bus.nats import client, connection
 from exojet.projections.state import ClusterState
 from exojet.supervisor.projector import Projector
 from exojet.supervisor.silence import SilenceWatch, Silent, lost_event

@@ -11,7 +11,7 @@ from typing import Any
 
 from loguru import logger
 
-from exojet.bus import client, connection, streams
+from exojet.bus.nats import client, connection, stream_setup
 from exojet.bus.streams import LogLimits
 from exojet.projections.state import Retention
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
@@ -58,7 +58,7 @@ async def run_supervisor(
     try:
         js = nc.jetstream()
         await client.until_done(
-            lambda: streams.ensure_streams(js, replicas, log_limits=log_limits), "create the streams"
+            lambda: stream_setup.ensure_streams(js, replicas, log_limits=log_limits), "create the streams"
         )
         projector = Projector(nc, snapshot_every=snapshot_every, max_snapshot_bytes=nc.max_payload, retention=retention)
         await client.until_done(projector.start, "fold the log")

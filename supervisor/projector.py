@@ -10,9 +10,9 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from exojet.bus import client
 from exojet.bus.envelope import Envelope
-from exojet.bus.follower import Follower
+from exojet.bus.nats import client
+from exojet.bus.nats.follower import Follower
 from exojet.bus.streams import LOG_STREAM, SNAPSHOT_BUCKET
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot

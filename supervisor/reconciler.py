@@ -23,9 +23,10 @@ from pathlib import Path
 from loguru import logger
 from nats.js import JetStreamContext
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused
+from exojet.bus.nats import client
 from exojet.models.store import InvalidModelId, layer_count, model_dir
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState

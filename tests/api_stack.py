@@ -10,11 +10,12 @@ from pathlib import Path
 
 import httpx2 as httpx
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import decode_cancel, decode_event
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer, free_port
 from tests.procs import REPO, exojet, start_runner, stop
 
 API_KEY = "test-key"
@@ -113,7 +114,7 @@ async def _ensure_streams(url: str) -> None:
     # Before anything publishes: a command sent before its stream exists is lost.
     nc = await client.connect(url, name="test")
     try:
-        await streams.ensure_streams(nc.jetstream())
+        await stream_setup.ensure_streams(nc.jetstream())
     finally:
         await nc.close()
 

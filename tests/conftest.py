@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer
 from tests.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import RunnerHandle, start_runner
@@ -30,7 +30,7 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
     """A connection to `nats_server` with exojet's streams created."""
     conn = await client.connect(nats_server.url, name="test")
-    await streams.ensure_streams(conn.jetstream())
+    await stream_setup.ensure_streams(conn.jetstream())
     yield conn
     await conn.close()
 

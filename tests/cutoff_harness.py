@@ -15,9 +15,11 @@ from typing import Any
 import httpx2 as httpx
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, identities, streams
+from exojet.bus import streams
 from exojet.bus.envelope import Envelope
-from exojet.bus.permissions import CLIENT
+from exojet.bus.nats import client
+from exojet.bus.ops import identities
+from exojet.bus.ops.permissions import CLIENT
 from tests.hosts_harness import NODES, Deployment
 from tests.netns import Host
 from tests.procs import REPO

@@ -20,11 +20,13 @@ from typing import Any
 import psutil
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, identities, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.permissions import ADMIN
-from exojet.bus.query_client import QueryFailed, query
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.ops import identities
+from exojet.bus.ops.permissions import ADMIN
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.streams import LOG_STREAM
 from exojet.bus.tasks import ChatMessage
@@ -141,7 +143,7 @@ class Deployment:
         """The test's connection, as admin, once the streams exist (the nodes create them in the
         background once the cluster's JetStream answers; as admin the test may as well)."""
         nc = await client.connect(self.url, name="test", wait=True, options=identities.options_for(self.auth, ADMIN))
-        await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(nc.jetstream()), "create the streams")
         return nc
 
     async def publish(self, nc: NATS, message: Any, msg_id: str) -> int:

@@ -8,11 +8,12 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.follower import Follower
+from exojet.bus.nats import client
+from exojet.bus.nats.follower import Follower
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, status_name
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState

@@ -6,7 +6,7 @@ import json
 import urllib.request
 from pathlib import Path
 
-from exojet.bus.server import ClusterConfig, NatsServer, free_port
+from exojet.bus.ops.server import ClusterConfig, NatsServer, free_port
 
 
 class NatsCluster:

@@ -13,11 +13,12 @@ from pathlib import Path
 import msgspec
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.commands import PlaceInstance, RouteChatCompletion
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatMessage
 from tests.log_watcher import LogWatcher
@@ -56,7 +57,7 @@ class Instance:
     async def start(self) -> Instance:
         self.server.start()
         self.nc = await client.connect(self.url, name="test")
-        await streams.ensure_streams(self.nc.jetstream())
+        await stream_setup.ensure_streams(self.nc.jetstream())
         await self.watcher.start(self.nc)
         self.supervisor = exojet(
             "supervisor",

@@ -20,8 +20,9 @@ import openai
 import psutil
 import pytest
 
-from exojet.bus import client, subjects
-from exojet.bus.server import free_port
+from exojet.bus import subjects
+from exojet.bus.nats import client
+from exojet.bus.ops.server import free_port
 from tests.api_stack import API_KEY, MODEL, ApiStack, cancels_in_log, start_stack, task_statuses
 from tests.procs import exojet, stop
 from tests.tiny_model import write_tiny_llama

@@ -9,7 +9,7 @@ import ollama
 import openai
 import pytest
 
-from exojet.bus.server import free_port
+from exojet.bus.ops.server import free_port
 from tests.test_up import interrupt, start_up, wait_ready
 
 pytestmark = pytest.mark.timeout(300)

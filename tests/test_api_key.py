@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.ops.server import NatsServer, free_port
 from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, check_exposure, read_key_file, resolve_key
 from exojet.cli.up_cmd import ApiOptions
 from tests.procs import REPO, stop

@@ -9,7 +9,7 @@ import time
 
 import httpx2 as httpx
 
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.ops.server import NatsServer, free_port
 from tests.procs import REPO
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams
-from exojet.bus.query_client import first_answer, query
-from exojet.bus.server import NatsServer
+from exojet.bus import streams
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import first_answer, query
+from exojet.bus.ops.server import NatsServer
 from tests.procs import exojet, stop
 from tests.test_cli_log import run
 

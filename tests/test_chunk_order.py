@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from exojet.bus import subjects
-from exojet.bus.chunk_order import ChunkOrder, read_chunks
+from exojet.bus.nats.chunk_order import ChunkOrder, read_chunks
 
 
 @st.composite

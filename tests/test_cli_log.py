@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.query_client import first_answer
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import first_answer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
 from tests.procs import REPO, exojet, stop
 

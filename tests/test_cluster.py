@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from loguru import logger
 
-from exojet.bus import client, query_client, streams, subjects
+from exojet.bus import streams, subjects
 from exojet.bus.commands import PlaceInstance
-from exojet.bus.server import ClusterConfig, NatsServer, free_port
+from exojet.bus.nats import client, query_client, stream_setup
+from exojet.bus.ops.server import ClusterConfig, NatsServer, free_port
 from tests.nats_cluster import NatsCluster
 from tests.procs import REPO, exojet, exojet_output, stop
 
@@ -51,12 +52,12 @@ async def test_streams_get_three_replicas_and_a_start_never_changes_them(cluster
     nc = await client.connect(cluster.url, name="test")
     try:
         js = nc.jetstream()
-        await client.until_done(lambda: streams.ensure_streams(js), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(js), "create the streams")
         for name in streams.STREAM_NAMES:
             info = await js.stream_info(name)
             assert info.config.num_replicas == 3, name
         # A start asking for one replica runs with the three that are there.
-        await streams.ensure_streams(js, replicas=1)
+        await stream_setup.ensure_streams(js, replicas=1)
         assert (await js.stream_info(streams.LOG_STREAM)).config.num_replicas == 3
     finally:
         await nc.close()
@@ -69,7 +70,7 @@ async def test_publishes_and_queries_go_on_through_two_leader_kills(cluster: Nat
     nc = await client.connect(cluster.url, name="test")
     try:
         js = nc.jetstream()
-        await client.until_done(lambda: streams.ensure_streams(js), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(js), "create the streams")
         await query_client.first_answer(nc, timeout=60.0)
         for kill in range(2):
             leader = await _leader(cluster, streams.LOG_STREAM)
@@ -104,11 +105,11 @@ async def test_a_single_server_gets_one_replica_and_refuses_three(nats_server: N
     nc = await client.connect(nats_server.url, name="test")
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js)
+        await stream_setup.ensure_streams(js)
         assert (await js.stream_info(streams.LOG_STREAM)).config.num_replicas == 1
         await js.delete_stream(streams.CHUNKS_STREAM)
-        with pytest.raises(streams.ReplicasRefused, match="need a JetStream cluster"):
-            await streams.ensure_streams(js, replicas=3)
+        with pytest.raises(stream_setup.ReplicasRefused, match="need a JetStream cluster"):
+            await stream_setup.ensure_streams(js, replicas=3)
     finally:
         await nc.close()
 
@@ -140,7 +141,7 @@ async def test_a_connection_fails_over_to_another_server_of_its_list(cluster: Na
     nc = await client.connect(cluster.url, name="test")
     try:
         js = nc.jetstream()
-        await client.until_done(lambda: streams.ensure_streams(js), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(js), "create the streams")
         assert nc.connected_url is not None
         on = next(s for s in cluster.servers if s.port == nc.connected_url.port)
         on.kill()
@@ -169,7 +170,7 @@ async def test_a_cluster_short_of_three_nodes_is_waited_for_then_gets_three_repl
         nc = await client.connect(nodes.url, name="test")
         try:
             js = nc.jetstream()
-            creating = asyncio.ensure_future(client.until_done(lambda: streams.ensure_streams(js), "create"))
+            creating = asyncio.ensure_future(client.until_done(lambda: stream_setup.ensure_streams(js), "create"))
             await asyncio.wait_for(warned.wait(), 60)
             assert not creating.done()
             third.start()  # joins the cluster through its routes
@@ -186,7 +187,7 @@ async def test_a_cluster_short_of_three_nodes_is_waited_for_then_gets_three_repl
 async def test_exojet_streams_moves_every_stream_to_other_replicas(cluster: NatsCluster) -> None:
     nc = await client.connect(cluster.url, name="test")
     try:
-        await client.until_done(lambda: streams.ensure_streams(nc.jetstream()), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(nc.jetstream()), "create the streams")
     finally:
         await nc.close()
     said = await exojet_output("streams", "--replicas", "1", "--nats", cluster.url)

@@ -24,7 +24,7 @@ import pytest
 from loguru import logger
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client
+from exojet.bus.nats import client
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
 from tests.cutoff_harness import ApiChat, Ran, api_url, cli, connected_node, start_api, stored_answer
 from tests.hosts_harness import CLIENT_PORT, NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled, delete_extra

@@ -15,7 +15,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS
 from tests.api_stack import API_KEY, MODEL, start_stack

@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.bus.events import RunnerStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.runner.deadlines import BadDeadline, Deadlines

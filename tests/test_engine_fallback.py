@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.ids import instance_id_of
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.ops.server import NatsServer
 from exojet.runner.engine import Engine, EngineCrashed
 from exojet.runner.engine_backend import FAULT_ENV
 from exojet.runner.engine_protocol import Generate

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from exojet.bus.server import free_port
+from exojet.bus.ops.server import free_port
 from exojet.runner import ring_identity
 from exojet.runner.engine import Done, Engine, EngineCrashed, EngineError, Generate, Token
 from exojet.runner.engine_protocol import Message

@@ -9,10 +9,11 @@ from collections.abc import Callable
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import decode_event
 from exojet.bus.events import RunnerStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, RunnerReady, RunnerStatus
 from exojet.runner.event_writer import EventWriter, Fenced
 from tests.tcp_proxy import NatsProxy
@@ -44,7 +45,7 @@ async def test_a_write_stored_after_its_caller_was_cancelled_does_not_fence_the_
     nc = await client.connect(await proxy.start(), name="writer")
     try:
         js = nc.jetstream()
-        await streams.ensure_streams(js)
+        await stream_setup.ensure_streams(js)
         writer = EventWriter(js, "r1", 1, 0)
         await writer.write(status(RunnerIdle()))
         # The next write is stored, its ack lost with the connection; its caller gives up on it.

@@ -1,4 +1,4 @@
-"""bus/follower.py: catch-up and live follow through nats-py, against a real nats-server.
+"""bus/nats/follower.py: catch-up and live follow through nats-py, against a real nats-server.
 
 Each read must hand every message once, in order, whatever happens to the
 connection or the server meanwhile.
@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams
+from exojet.bus import streams
 from exojet.bus.envelope import Envelope, parse_ack_reply
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.server import NatsServer
 from tests.tcp_proxy import NatsProxy
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,7 +133,7 @@ async def test_live_follow_survives_a_server_restart_and_resumes_at_once(tmp_pat
     server = NatsServer(port=0, monitor_port=0, store_dir=store).start()
     nc = await client.connect(server.url, name="follower")
     try:
-        await streams.ensure_streams(nc.jetstream())
+        await stream_setup.ensure_streams(nc.jetstream())
         await _fill(nc, 50)
         got: list[int] = []
         follower = await client.follow(nc, lambda env: got.append(env.seq))

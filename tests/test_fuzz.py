@@ -25,12 +25,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import BadInput, decode_command, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.query_client import first_answer
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import first_answer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import Shutdown, UnloadModel
 from tests.log_watcher import LogWatcher

@@ -8,9 +8,10 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 
-from exojet.bus import client, streams, subjects
-from exojet.bus.archive import ArchiveError, read_archive
+from exojet.bus import streams, subjects
 from exojet.bus.events import RunnerStatusUpdated
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops.archive import ArchiveError, read_archive
 from exojet.bus.statuses import RunnerIdle, TaskStatus
 from exojet.bus.streams import LogLimits
 from exojet.projections.snapshot import dump_snapshot
@@ -42,7 +43,7 @@ async def test_a_trimmed_log_exports_replays_from_file_and_checks_from_its_horiz
 ) -> None:
     url = nats_server.url  # type: ignore[attr-defined]
     js = nc.jetstream()
-    await streams.ensure_streams(js, log_limits=LogLimits(max_age_s=0, max_bytes=40_000))
+    await stream_setup.ensure_streams(js, log_limits=LogLimits(max_age_s=0, max_bytes=40_000))
     last = await _chats(nc, 120)
     info = await js.stream_info(streams.LOG_STREAM)
     first = info.state.first_seq
@@ -89,7 +90,7 @@ async def test_a_trimmed_log_exports_replays_from_file_and_checks_from_its_horiz
 
 async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS) -> None:
     js = nc.jetstream()
-    await streams.ensure_streams(js)
+    await stream_setup.ensure_streams(js)
     await _chats(nc, 300)
     small_payload = 6 * 1024
     first = Projector(nc, snapshot_every=10**9, max_snapshot_bytes=small_payload)
@@ -126,7 +127,7 @@ async def test_snapshots_are_chunked_never_skipped(nats_server: object, nc: NATS
 
 async def test_an_idle_runner_whose_subject_the_limits_emptied_writes_on(nats_server: object, nc: NATS) -> None:
     js = nc.jetstream()
-    await streams.ensure_streams(js, log_limits=LogLimits(max_age_s=0, max_bytes=20_000))
+    await stream_setup.ensure_streams(js, log_limits=LogLimits(max_age_s=0, max_bytes=20_000))
     subject = subjects.runner_events_subject("idle")
 
     def idle(event_id: str, incarnation: int, at: float) -> RunnerStatusUpdated:

@@ -18,14 +18,15 @@ import psutil
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import decode_event, decode_task, encode
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.ids import instance_id_of
-from exojet.bus.query_client import first_answer
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import first_answer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat

@@ -6,10 +6,11 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.cancel import CancelTask
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.ids import chat_id_of, chat_task_id
+from exojet.bus.nats import client
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatMessage
 

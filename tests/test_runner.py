@@ -21,7 +21,7 @@ from nats.js import api
 
 from exojet.bus import subjects
 from exojet.bus.events import LoadProgress, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
 from tests.log_watcher import LogWatcher

@@ -7,6 +7,7 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import streams
 from exojet.bus.events import RunnerStatusUpdated
+from exojet.bus.nats import stream_setup
 from exojet.bus.statuses import TaskStatus, status_name
 from tests.log_watcher import LogWatcher
 from tests.runner_harness import RunnerHandle, chat, make_ready, run_task
@@ -29,7 +30,7 @@ async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(
         status_name(e.runner_status) for e in watcher.runner_events("r1", before) if isinstance(e, RunnerStatusUpdated)
     ]
     assert statuses == ["RunnerRunning", "RunnerReady"]
-    await streams.ensure_streams(js)
+    await stream_setup.ensure_streams(js)
     again = await run_task(nc, watcher, {**chat(4), "task_id": "stored"})
     assert again.task_status == TaskStatus.COMPLETE
 

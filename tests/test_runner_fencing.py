@@ -8,13 +8,14 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.events import (
     RunnerLost,
     RunnerRegistered,
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exojet.bus.nats import client
 from exojet.bus.statuses import RunnerIdle, TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
 from tests.log_watcher import LogWatcher

@@ -9,11 +9,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.task_consumer import TaskConsumer
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, TaskStatus
-from exojet.bus.task_consumer import TaskConsumer
 from exojet.bus.tasks import StartWarmup
 from exojet.runner.registration import load_history
 from exojet.runner.task_history import DONE_WINDOW, TaskHistory
@@ -94,7 +95,7 @@ def test_the_answered_window_is_bounded_and_keeps_the_newest() -> None:
 
 async def test_history_is_read_from_the_task_consumers_ack_floor(nats_server: NatsServer, nc: NATS) -> None:
     js = nc.jetstream()
-    await streams.ensure_streams(js)
+    await stream_setup.ensure_streams(js)
     ev, tk = subjects.runner_events_subject("r1"), subjects.task_subject("r1")
     seqs = {}
     for task_id in ("a", "b", "c"):

@@ -22,14 +22,16 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import api
 
-from exojet.bus import certs, client, connect_options, identities, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import encode
 from exojet.bus.commands import PlaceInstance
-from exojet.bus.connect_options import ConnectOptions
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated
 from exojet.bus.ids import instance_id_of
-from exojet.bus.query_client import first_answer
-from exojet.bus.server import NatsServer, ServerError, free_port
+from exojet.bus.nats import client, connect_options
+from exojet.bus.nats.connect_options import ConnectOptions
+from exojet.bus.nats.query_client import first_answer
+from exojet.bus.ops import certs, identities
+from exojet.bus.ops.server import NatsServer, ServerError, free_port
 from exojet.bus.statuses import RunnerIdle
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
 from exojet.bus.tasks import ChatMessage

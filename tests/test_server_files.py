@@ -8,7 +8,7 @@ import os
 import warnings
 from pathlib import Path
 
-from exojet.bus.server import NatsServer
+from exojet.bus.ops.server import NatsServer
 
 
 def _open_in_this_process(path: Path) -> int:

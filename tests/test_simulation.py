@@ -13,7 +13,7 @@ import time
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, streams, subjects
+from exojet.bus import subjects
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.events import (
     InstanceFailed,
@@ -25,6 +25,7 @@ from exojet.bus.events import (
     RunnerStatusUpdated,
     TaskStatusUpdated,
 )
+from exojet.bus.nats import client, stream_setup
 from exojet.bus.statuses import RunnerConnected, RunnerConnecting, RunnerIdle, TaskStatus
 from exojet.bus.tasks import ConnectToGroup, Group, Shard, task_type
 from exojet.projections.state import ClusterState, TaskView
@@ -175,7 +176,7 @@ async def test_registration_folds_a_loss_that_landed_after_the_history_was_read(
     # history read and its registration. The projection failed t1 with that RunnerLost, so the
     # new incarnation must not answer t1 again.
     js = nc.jetstream()
-    await streams.ensure_streams(js)
+    await stream_setup.ensure_streams(js)
     subject = subjects.runner_events_subject("r1")
     first = RunnerRegistered(event_id="r1:1:1", runner_id="r1", incarnation=1)
     await client.publish(js, subject, first, msg_id=first.event_id, expected_last_subject_seq=0)
@@ -218,7 +219,7 @@ async def test_a_late_write_of_a_crashed_incarnation_is_no_twin(nc: NATS) -> Non
     # Seed 4851: incarnation 1's last write was still on its way when it crashed; it was stored
     # after the restarted process read the subject, so that registration was fenced out.
     js = nc.jetstream()
-    await streams.ensure_streams(js)
+    await stream_setup.ensure_streams(js)
     subject = subjects.runner_events_subject("r1")
     first = RunnerRegistered(event_id="r1:1:1", runner_id="r1", incarnation=1)
     ack = await client.publish(js, subject, first, msg_id=first.event_id, expected_last_subject_seq=0)

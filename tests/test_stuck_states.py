@@ -19,12 +19,13 @@ import psutil
 import pytest
 from nats.aio.client import Client as NATS
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import decode_event
 from exojet.bus.commands import DeleteInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerStatusUpdated
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerLoaded, RunnerWarmingUp, TaskStatus
 from exojet.projections.explain import explain
 from tests.procs import REPO

@@ -9,11 +9,12 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from exojet.bus import client, subjects
+from exojet.bus import subjects
 from exojet.bus.codec import encode
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
-from exojet.bus.query_client import QueryFailed, first_answer, query
-from exojet.bus.server import NatsServer
+from exojet.bus.nats import client
+from exojet.bus.nats.query_client import QueryFailed, first_answer, query
+from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle
 from tests.procs import exojet, stop
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from exojet.bus.query_client import SUPERVISOR_WAIT_S
-from exojet.bus.server import NatsServer, free_port
+from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
+from exojet.bus.ops.server import NatsServer, free_port
 from tests.procs import REPO, exojet, stop
 
 pytestmark = pytest.mark.slow

@@ -16,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from exojet.bus.server import free_port
+from exojet.bus.ops.server import free_port
 from tests.procs import REPO
 
 pytestmark = pytest.mark.timeout(300)
@@ -148,7 +148,7 @@ def test_up_then_chat_answers_paris_and_restarts_warm(tmp_path: Path) -> None:
 
 
 def test_chat_without_a_ready_runner_says_so(tmp_path: Path) -> None:
-    from exojet.bus.server import NatsServer
+    from exojet.bus.ops.server import NatsServer
 
     with NatsServer(port=0, monitor_port=0, store_dir=tmp_path / "nats") as server:
         sup = subprocess.Popen(

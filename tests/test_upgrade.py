@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from exojet.bus import subjects
-from exojet.bus.archive import read_archive
 from exojet.bus.codec import BadInput, decode_command, decode_event, decode_task, encode
 from exojet.bus.formats import FORMAT_VERSION
+from exojet.bus.ops.archive import read_archive
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import StartWarmup
 from exojet.projections.apply import apply

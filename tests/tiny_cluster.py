@@ -7,7 +7,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from exojet.bus.server import NatsServer
+from exojet.bus.ops.server import NatsServer
 from tests.tiny_model import write_tiny_llama
 
 

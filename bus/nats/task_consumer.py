@@ -18,7 +18,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from exojet.bus import connection, streams
+from exojet.bus import streams
+from exojet.bus.nats import connection, stream_setup
 
 # Status codes the server answers a pull request with when it ends without a message.
 _REQUEST_ENDED = {"404", "408", "409"}
@@ -32,7 +33,7 @@ class TaskConsumer:
         self.js = nc.jetstream()
         self.runner_id = runner_id
         self.expires_s = expires_s
-        self.durable = streams.task_consumer_config(runner_id).durable_name
+        self.durable = stream_setup.task_consumer_config(runner_id).durable_name
         self._queue: collections.deque[Msg] = collections.deque()
         self._arrived = asyncio.Event()
         self._inbox = nc.new_inbox()
@@ -43,7 +44,7 @@ class TaskConsumer:
 
     async def start(self) -> TaskConsumer:
         """Create (or update) the durable consumer and listen on our inbox."""
-        await self.js.add_consumer(streams.LOG_STREAM, config=streams.task_consumer_config(self.runner_id))
+        await self.js.add_consumer(streams.LOG_STREAM, config=stream_setup.task_consumer_config(self.runner_id))
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         connection.watch(self.nc).on_reconnect(self._ask_again)
         return self

@@ -17,9 +17,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from exojet.bus import client
 from exojet.bus.envelope import Envelope
-from exojet.bus.follower import Follower
+from exojet.bus.nats import client
+from exojet.bus.nats.follower import Follower
 from exojet.bus.streams import CHUNKS_STREAM
 
 

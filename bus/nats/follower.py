@@ -27,8 +27,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from exojet.bus.connection import TRANSIENT_ERRORS, backoff_delay, watch
 from exojet.bus.envelope import Envelope, parse_ack_reply
+from exojet.bus.nats.connection import TRANSIENT_ERRORS, backoff_delay, watch
 
 Handler = Callable[[Envelope], Awaitable[None] | None]
 

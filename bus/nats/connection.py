@@ -28,9 +28,9 @@ from nats.aio.client import Server
 from nats.errors import ConnectionReconnectingError, NoServersError, OutboundBufferLimitError
 from nats.js.errors import ServiceUnavailableError
 
-from exojet.bus import connect_options
-from exojet.bus.connect_options import BadCredentials, ConnectOptions
-from exojet.bus.handshake import NatsRefused, NatsUnreachable, refusal
+from exojet.bus.nats import connect_options
+from exojet.bus.nats.connect_options import BadCredentials, ConnectOptions
+from exojet.bus.nats.handshake import NatsRefused, NatsUnreachable, refusal
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 MAX_BACKOFF_S = 2.0

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import msgspec
 from loguru import logger
 
-from exojet.bus import parent_death
+from exojet.bus.ops import parent_death
 
 CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 
@@ -53,7 +53,7 @@ def _with_user(url: str, secret: str) -> str:
 def cluster_block(cluster: ClusterConfig, auth_dir: Path) -> str:
     """The `cluster {}` block of an authenticated node: routes log in with the auth dir's secret,
     kept in the config file rather than on a command line everyone on the host can read."""
-    from exojet.bus.identities import route_secret
+    from exojet.bus.ops.identities import route_secret
 
     secret = route_secret(auth_dir)
     parsed = urlparse(cluster.listen)
@@ -73,7 +73,7 @@ def auth_conf(base: Path, auth_dir: Path, cluster: ClusterConfig | None = None) 
     """Write `auth_dir/server.conf`: `base`, the users of `auth_dir/auth.conf`, TLS when the dir holds a
     certificate, and a pid file for reloads. It sits beside auth.conf because nats-server resolves
     includes relative to the including file."""
-    from exojet.bus import certs, identities
+    from exojet.bus.ops import certs, identities
 
     if not (auth_dir / identities.AUTH_CONF).exists():
         raise ServerError(f"{auth_dir} has no {identities.AUTH_CONF}: run `exojet auth init {auth_dir}` first")

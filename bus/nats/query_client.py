@@ -11,7 +11,8 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionReconnectingError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeout
 
-from exojet.bus import connection, subjects
+from exojet.bus import subjects
+from exojet.bus.nats import connection
 
 _ENDPOINTS = {
     "state": subjects.QUERY_STATE,

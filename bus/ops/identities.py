@@ -15,9 +15,11 @@ from pathlib import Path
 import nkeys
 import psutil
 
-from exojet.bus import certs, client, streams, subjects
-from exojet.bus.connect_options import ConnectOptions
-from exojet.bus.permissions import ADMIN, FIXED_IDENTITIES, render_auth_conf, runner_identity
+from exojet.bus import subjects
+from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.connect_options import ConnectOptions
+from exojet.bus.ops import certs
+from exojet.bus.ops.permissions import ADMIN, FIXED_IDENTITIES, render_auth_conf, runner_identity
 
 AUTH_CONF = "auth.conf"
 SEED_SUFFIX = ".nk"
@@ -130,6 +132,6 @@ async def create_streams(url: str, directory: Path, replicas: int | None = None,
     (`replicas` if it creates them; `wait`: until the server and its JetStream answer)."""
     nc = await client.connect(url, name="exojet-admin", options=options_for(directory, ADMIN), wait=wait)
     try:
-        await client.until_done(lambda: streams.ensure_streams(nc.jetstream(), replicas), "create the streams")
+        await client.until_done(lambda: stream_setup.ensure_streams(nc.jetstream(), replicas), "create the streams")
     finally:
         await nc.close()

@@ -13,16 +13,16 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError
 
 from exojet.bus.codec import encode
-from exojet.bus.connection import TRANSIENT_ERRORS as TRANSIENT_ERRORS
-from exojet.bus.connection import backoff_delay
-from exojet.bus.connection import close as close
-from exojet.bus.connection import connect as connect
-from exojet.bus.connection import default_url as default_url
-from exojet.bus.connection import watch as watch
 from exojet.bus.envelope import Envelope
-from exojet.bus.follower import Follower, Handler, read
-from exojet.bus.handshake import NatsRefused as NatsRefused
-from exojet.bus.handshake import NatsUnreachable as NatsUnreachable
+from exojet.bus.nats.connection import TRANSIENT_ERRORS as TRANSIENT_ERRORS
+from exojet.bus.nats.connection import backoff_delay
+from exojet.bus.nats.connection import close as close
+from exojet.bus.nats.connection import connect as connect
+from exojet.bus.nats.connection import default_url as default_url
+from exojet.bus.nats.connection import watch as watch
+from exojet.bus.nats.follower import Follower, Handler, read
+from exojet.bus.nats.handshake import NatsRefused as NatsRefused
+from exojet.bus.nats.handshake import NatsUnreachable as NatsUnreachable
 from exojet.bus.streams import LOG_STREAM
 
 # JetStream's error code for a failed Nats-Expected-Last-Subject-Sequence check.

@@ -14,7 +14,7 @@ import json
 import ssl
 from urllib.parse import ParseResult
 
-from exojet.bus.connect_options import BadCredentials, ConnectOptions
+from exojet.bus.nats.connect_options import BadCredentials, ConnectOptions
 
 READ_LIMIT = 4 * 1024 * 1024
 

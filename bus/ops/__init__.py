@@ -1,0 +1,1 @@
+"""Operating the bus: the nats-server launcher, identities, certificates, permissions, log archives."""
