@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (venv, project with test and lint extras at the locked versions, both engines
-# prebuilt, the default model's GGUF, MLX's BLAS), then check lint, format and types, then run the test suite.
+# prebuilt, the default model's GGUF, MLX's BLAS), then check lint, format, types and the
+# parts' imports, then run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
@@ -26,5 +27,7 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+# The imports each part may make (DESIGN.md): [tool.importlinter] in pyproject.toml.
+.venv/bin/lint-imports
 # Every engine's contract tests fail, not skip, when its library is missing.
 EXO_REQUIRE_ENGINES=1 exec .venv/bin/python -m pytest -q "$@"

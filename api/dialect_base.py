@@ -22,8 +22,8 @@ from starlette.types import Receive
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found, unavailable
 from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
+from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.projections.instances import ENDED_STATUSES, READY
-from exojet.runner.chat import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 
 # What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
 Piece = str | Ended | ApiError

@@ -58,7 +58,7 @@ READY_VIEW_S = 5.0
 # supervisors folded that cancel, which the API then cancels when it shows up.
 ABANDONED_TTL_S = 60.0
 WATCHDOG_EVERY_S = 0.5
-# The largest page a supervisor answers (supervisor/queries.py): instances beyond it
+# The largest page a supervisor answers (projections/queries.py): instances beyond it
 # (ended ones, listed last) do not matter to the API.
 INSTANCES_PAGE = 500
 # The most ranks a cancel by id looks up when this process did not start the chat.

@@ -24,8 +24,9 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from exojet.api.live import LiveCluster, Mark
+from exojet.api.live import LiveCluster
 from exojet.bus.nats import client
+from exojet.projections.timeline import Mark
 from exojet.projections.words import chats_busy, load_words
 
 STATIC = Path(__file__).parent / "static"

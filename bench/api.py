@@ -48,10 +48,10 @@ from exojet.cli.orchestration_cmds import route_chat
 from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
+from testbed import REPO
 
 PROMPT = "Write a short story about a lighthouse keeper."
 CONCURRENT = 32
-REPO = Path(__file__).resolve().parent.parent
 
 
 class Run(msgspec.Struct):

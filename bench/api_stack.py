@@ -13,11 +13,12 @@ from pathlib import Path
 
 import msgspec
 
-from bench.api import REPO, _ensure_streams, _spawn, _wait_api
+from bench.api import _ensure_streams, _spawn, _wait_api
 from bench.inference import prepare_model
 from exojet.bus.ops.server import NatsServer, free_port
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
+from testbed import REPO
 
 
 class Served(msgspec.Struct, frozen=True):

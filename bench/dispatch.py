@@ -43,9 +43,8 @@ from exojet.bus.nats import client, stream_setup  # noqa: E402
 from exojet.bus.nats.query_client import first_answer  # noqa: E402
 from exojet.bus.statuses import RunnerDownloading, RunnerIdle  # noqa: E402
 from exojet.bus.tasks import ChatCompletion, ChatMessage  # noqa: E402
-from tests.tiny_cluster import tiny_cluster_dir  # noqa: E402
-
-REPO = Path(__file__).resolve().parent.parent
+from testbed import REPO  # noqa: E402
+from testbed.tiny_cluster import tiny_cluster_dir  # noqa: E402
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -40,11 +40,11 @@ from exojet.bus.commands import PlaceInstance
 from exojet.bus.nats import client, query_client, stream_setup
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
-from tests.nats_cluster import NatsCluster
-from tests.netns import unavailable
-from tests.tiny_model import write_tiny_llama
+from testbed import REPO
+from testbed.nats_cluster import NatsCluster
+from testbed.netns import unavailable
+from testbed.tiny_model import write_tiny_llama
 
-REPO = Path(__file__).resolve().parent.parent
 BARE_SUBJECT = "exo.tasks.bench-bare-loop"  # a queue nobody reads: only the stream's leader matters
 
 

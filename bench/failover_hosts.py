@@ -1,6 +1,6 @@
 """The host rows of bench/failover.py: the `EXO_LOG` leader's node SIGKILLed, and its host cut off
 (its switch port down: nothing closes, nothing answers), on hosts made of network namespaces
-(tests/netns.py, as tests/test_cluster_hosts.py deploys them: three nodes under auth, two
+(testbed/netns.py, as tests/test_cluster_hosts.py deploys them: three nodes under auth, two
 supervisors, two runners, the bench on a client host).
 
 Each round: a calm chat, then the fault and at once a routed chat; its time to the answer is
@@ -38,8 +38,8 @@ from exojet.bus.ops.permissions import ADMIN, CLIENT
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections.words import message_of
-from tests.hosts_harness import CLIENT_PORT, NODES, RUNNERS, SUPERVISORS, Deployment
-from tests.netns import Lan
+from testbed.hosts_harness import CLIENT_PORT, NODES, RUNNERS, SUPERVISORS, Deployment
+from testbed.netns import Lan
 
 # Sends a routed chat through the servers of a URL and returns once it is answered.
 ChatTimer = Callable[[str], Awaitable[float]]

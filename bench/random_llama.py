@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from tests.tiny_model import write_tiny_llama
+from testbed.tiny_model import write_tiny_llama
 
 BENCH_MODEL_ID = "local/bench-llama"
 

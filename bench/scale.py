@@ -34,7 +34,7 @@ import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
-from bench.dispatch import REPO, load, ms, percentile, request, spawn  # noqa: E402
+from bench.dispatch import load, ms, percentile, request, spawn  # noqa: E402
 from exojet.bus import streams, subjects  # noqa: E402
 from exojet.bus.codec import encode  # noqa: E402
 from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion  # noqa: E402
@@ -59,7 +59,8 @@ from exojet.bus.tasks import (  # noqa: E402
     Shard,
     StartWarmup,
 )
-from tests.tiny_model import write_tiny_llama  # noqa: E402
+from testbed import REPO  # noqa: E402
+from testbed.tiny_model import write_tiny_llama  # noqa: E402
 
 STAND_IN = "bench/stand-in"
 INSTANCES = 50

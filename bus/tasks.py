@@ -64,6 +64,10 @@ class StartWarmup(_Task, frozen=True):
     pass
 
 
+# The answer length of a ChatCompletion that names none (`max_tokens` absent).
+DEFAULT_MAX_TOKENS = 256
+
+
 class ChatCompletion(_Task, frozen=True):
     messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(min_length=1)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None

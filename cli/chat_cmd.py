@@ -15,7 +15,7 @@ from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.cli.log_cmds import wait_task
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
-from exojet.supervisor.queries import MAX_LIMIT
+from exojet.projections.queries import MAX_LIMIT
 
 
 async def _ready_runner(nc: NATS, wanted: str | None, model_id: str | None) -> str | None:

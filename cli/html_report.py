@@ -13,12 +13,12 @@ from typing import Any
 
 import msgspec
 
-from exojet.api.live import Mark, fold
 from exojet.api.page import report_html
 from exojet.bus.envelope import Envelope
+from exojet.projections.queries import Paging, state_reply
 from exojet.projections.state import ClusterState
+from exojet.projections.timeline import Mark, fold
 from exojet.projections.words import envelope_json
-from exojet.supervisor.queries import Paging, state_reply
 
 # The newest marks a report draws (older messages: `exojet replay --to`).
 MAX_MARKS = 5000

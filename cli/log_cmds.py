@@ -28,9 +28,9 @@ from exojet.cli.timeline import timeline_line
 from exojet.projections.apply import apply
 from exojet.projections.checks import check
 from exojet.projections.explain import Explainer, UnknownId
+from exojet.projections.queries import Paging, state_reply
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, envelope_json, message_of, task_id_of
-from exojet.supervisor.queries import Paging, state_reply
 
 
 def _fail(message: str, code: int = 1) -> int:

@@ -470,7 +470,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return asyncio.run(publish_task(args.nats, args.runner_id, args.json, args.wait, args.timeout))
         case "state":
             from exojet.cli.log_cmds import Scope, show_state
-            from exojet.supervisor.queries import Paging
+            from exojet.projections.queries import Paging
 
             return asyncio.run(
                 show_state(

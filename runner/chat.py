@@ -9,12 +9,10 @@ from typing import Any, NamedTuple
 
 from nats.aio.client import Client as NATS
 
-from exojet.bus.tasks import ChatCompletion, Group, stop_strings
+from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
 from exojet.runner.engine import Done, Engine, Generate
 from exojet.runner.engine_protocol import Message
-
-DEFAULT_MAX_TOKENS = 256
 
 
 class Answer(NamedTuple):

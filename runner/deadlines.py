@@ -11,8 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from exojet.bus.lifecycle import LIFECYCLE
-from exojet.bus.tasks import ChatCompletion, Task, task_type
-from exojet.runner.chat import DEFAULT_MAX_TOKENS
+from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Task, task_type
 
 # Generous for the slowest machine we run on (a CPU): a deadline is there to end
 # what is stuck, never to cut a healthy task short.

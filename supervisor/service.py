@@ -13,9 +13,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from exojet.bus import subjects
-from exojet.projections.state import ClusterState
-from exojet.supervisor.projector import MinSeqTimeout, Projector
-from exojet.supervisor.queries import (
+from exojet.projections.queries import (
     DEFAULT_LIMIT,
     SECTIONS,
     Filters,
@@ -26,6 +24,8 @@ from exojet.supervisor.queries import (
     state_reply,
     task_reply,
 )
+from exojet.projections.state import ClusterState
+from exojet.supervisor.projector import MinSeqTimeout, Projector
 
 SERVICE_NAME = "exojet-supervisor"
 SERVICE_VERSION = "0.1.0"
@@ -39,7 +39,7 @@ class QueryRequest(msgspec.Struct, kw_only=True):
     runner_id: str | None = None
     task_id: str | None = None
     instance_id: str | None = None
-    # Paging of the collections a reply lists (see supervisor/queries.py).
+    # Paging of the collections a reply lists (see projections/queries.py).
     offset: int = 0
     limit: int = DEFAULT_LIMIT
     # `state` adds the whole state's digest (a full encode: slow on a large state).

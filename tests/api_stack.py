@@ -16,7 +16,8 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer, free_port
-from tests.procs import REPO, exojet, start_runner, stop
+from testbed import REPO
+from tests.procs import exojet, start_runner, stop
 
 API_KEY = "test-key"
 MODEL = "local/tiny"

@@ -12,10 +12,10 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
+from testbed.tiny_model import write_tiny_llama
 from tests.procs import stop
 from tests.runner_harness import RunnerHandle, start_runner
-from tests.tiny_model import write_tiny_llama
 
 
 @pytest.fixture

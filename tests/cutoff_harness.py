@@ -1,4 +1,4 @@
-"""What the cut-off matrix (tests/test_cluster_cutoffs.py) adds to tests/hosts_harness.py: an
+"""What the cut-off matrix (tests/test_cluster_cutoffs.py) adds to testbed/hosts_harness.py: an
 `exojet api` on a host of its own, `exojet` commands run on the client host as a user types them,
 a streamed chat through the API, and which node a process is connected to (the node's `/connz`).
 """
@@ -20,9 +20,9 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
 from exojet.bus.ops import identities
 from exojet.bus.ops.permissions import CLIENT
-from tests.hosts_harness import NODES, Deployment
-from tests.netns import Host
-from tests.procs import REPO
+from testbed import REPO
+from testbed.hosts_harness import NODES, Deployment
+from testbed.netns import Host
 
 API_PORT = 52415
 API_KEY = "cutoff-test-key"

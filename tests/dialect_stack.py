@@ -9,8 +9,8 @@ from typing import Any
 import openai
 import pytest
 
+from testbed.tiny_model import write_tiny_llama
 from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
-from tests.tiny_model import write_tiny_llama
 
 PROMPT = "Tell me about the capital of France"
 

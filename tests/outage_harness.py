@@ -21,7 +21,7 @@ from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatMessage
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.procs import exojet, exojet_output, stop
 from tests.runner_harness import PROMPT, TINY, start_runner
 from tests.tcp_proxy import NatsProxy

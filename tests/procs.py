@@ -12,9 +12,7 @@ from pathlib import Path
 
 # The same stop as `exojet up` uses: SIGTERM, then SIGKILL past the timeout.
 from exojet.cli.up_cmd import stop_process as stop  # noqa: F401
-
-REPO = Path(__file__).resolve().parent.parent
-
+from testbed import REPO
 
 # Linux hands out ports from here up to outgoing connections (`ip_local_port_range`).
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")

@@ -12,9 +12,9 @@ from nats.aio.client import Client as NATS
 from exojet.bus import subjects
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.statuses import TaskStatus, status_name
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
+from testbed.tiny_model import with_context
 from tests.procs import exojet
-from tests.tiny_model import with_context
 
 TINY = "local/tiny"
 PROMPT = "Tell me a long story"

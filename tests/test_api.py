@@ -23,9 +23,9 @@ import pytest
 from exojet.bus import subjects
 from exojet.bus.nats import client
 from exojet.bus.ops.server import free_port
+from testbed.tiny_model import write_tiny_llama
 from tests.api_stack import API_KEY, MODEL, ApiStack, cancels_in_log, start_stack, task_statuses
 from tests.procs import exojet, stop
-from tests.tiny_model import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(180)
 

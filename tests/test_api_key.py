@@ -16,7 +16,8 @@ import pytest
 from exojet.bus.ops.server import NatsServer, free_port
 from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, check_exposure, read_key_file, resolve_key
 from exojet.cli.up_cmd import ApiOptions
-from tests.procs import REPO, stop
+from testbed import REPO
+from tests.procs import stop
 
 KEY = "sesame-7f3a"
 

@@ -10,7 +10,7 @@ import time
 import httpx2 as httpx
 
 from exojet.bus.ops.server import NatsServer, free_port
-from tests.procs import REPO
+from testbed import REPO
 
 
 def start_api(nats_url: str, port: int) -> subprocess.Popen[str]:

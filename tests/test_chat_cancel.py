@@ -14,7 +14,7 @@ from exojet.api.gateway import Gateway
 from exojet.bus.commands import CancelChat, RouteChatCompletion
 from exojet.bus.tasks import ChatMessage
 from exojet.supervisor.planner import plan
-from tests.log_watcher import LogWatch
+from testbed.log_watcher import LogWatch
 from tests.test_planner import Cluster, _ready_single
 
 pytestmark = pytest.mark.timeout(60)

@@ -15,7 +15,8 @@ from exojet.bus.nats import client
 from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
-from tests.procs import REPO, exojet, stop
+from testbed import REPO
+from tests.procs import exojet, stop
 
 pytestmark = pytest.mark.timeout(90)
 

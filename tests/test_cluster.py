@@ -16,8 +16,9 @@ from exojet.bus import streams, subjects
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.nats import client, query_client, stream_setup
 from exojet.bus.ops.server import ClusterConfig, NatsServer, free_port
-from tests.nats_cluster import NatsCluster
-from tests.procs import REPO, exojet, exojet_output, stop
+from testbed import REPO
+from testbed.nats_cluster import NatsCluster
+from tests.procs import exojet, exojet_output, stop
 
 
 @pytest.fixture(scope="module")

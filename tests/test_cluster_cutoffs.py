@@ -1,5 +1,5 @@
 """Hosts cut off (their switch port down) under a placement and a streamed chat: a silent host must
-cost what a dead one costs. On hosts made of network namespaces (tests/netns.py): three nodes, two
+cost what a dead one costs. On hosts made of network namespaces (testbed/netns.py): three nodes, two
 supervisors, two runners, `exojet api` and the test (with the `exojet` commands it runs) each on a
 host of its own. Each cut takes the host of the EXO_LOG leader, the EXO_CHUNKS leader, the node
 supervisor s1 is connected to, or the node the API is connected to, for 20 s; one more takes the log
@@ -26,9 +26,18 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus.nats import client
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
+from testbed.hosts_harness import (
+    CLIENT_PORT,
+    NODES,
+    RUNNERS,
+    SUPERVISORS,
+    Deployment,
+    Fold,
+    check_settled,
+    delete_extra,
+)
+from testbed.netns import Lan, unavailable
 from tests.cutoff_harness import ApiChat, Ran, api_url, cli, connected_node, start_api, stored_answer
-from tests.hosts_harness import CLIENT_PORT, NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled, delete_extra
-from tests.netns import Lan, unavailable
 
 NO_NAMESPACES = unavailable()
 pytestmark = [

@@ -1,4 +1,4 @@
-"""exojet on hosts: network namespaces cabled to one switch (tests/netns.py), a 3-node JetStream
+"""exojet on hosts: network namespaces cabled to one switch (testbed/netns.py), a 3-node JetStream
 cluster under auth, two supervisors and two runners each on a host of its own, the test on a
 client host. Faults hit mid-workflow; after each, `check_settled` holds: no exojet process exited,
 every instance Ready again, every task one terminal status, every acknowledged publish in the log,
@@ -14,9 +14,9 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.bus.statuses import TaskStatus
-from tests.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled, delete_extra
-from tests.log_watcher import Predicate
-from tests.netns import Lan, unavailable
+from testbed.hosts_harness import NODES, RUNNERS, SUPERVISORS, Deployment, Fold, check_settled, delete_extra
+from testbed.log_watcher import Predicate
+from testbed.netns import Lan, unavailable
 
 NO_NAMESPACES = unavailable()
 pytestmark = pytest.mark.skipif(NO_NAMESPACES is not None, reason=f"no network namespaces: {NO_NAMESPACES}")

@@ -18,8 +18,8 @@ from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS
+from testbed.log_watcher import LogWatcher
 from tests.api_stack import API_KEY, MODEL, start_stack
-from tests.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import chat, make_ready, run_task, send, start_runner
 from tests.test_engine_llamacpp import as_gguf

@@ -17,7 +17,7 @@ from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.runner.deadlines import BadDeadline, Deadlines
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import (
     DOWNLOAD,

@@ -13,8 +13,8 @@ from huggingface_hub import hf_hub_download
 
 from exojet.models.store import is_complete, model_dir
 from exojet.runner.download import DownloadError, DownloadStatus, RetryPolicy, download_model
+from testbed.tiny_model import write_tiny_llama
 from tests.hf_endpoint import HFEndpoint
-from tests.tiny_model import write_tiny_llama
 
 REPO = "org/tiny"
 WEIGHTS = "model.safetensors"

@@ -19,10 +19,10 @@ from exojet.runner.engine_protocol import LayersLoaded
 from exojet.runner.executor import LoadThrottle
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
+from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, EngineContract, class_loop
 from tests.gguf_tiny import Q
 from tests.test_engine_llamacpp import as_gguf
-from tests.tiny_model import write_tiny_llama
 
 
 class MLXContract(EngineContract):

@@ -14,9 +14,9 @@ from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine, EngineError
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message
+from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, EngineContract, class_loop, collect
 from tests.gguf_tiny import Q, write_tiny_gguf
-from tests.tiny_model import write_tiny_llama
 
 
 def as_gguf(folder: Path, dest: Path, qtype: Q = Q.F32) -> Path:

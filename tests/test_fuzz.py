@@ -34,7 +34,7 @@ from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import Shutdown, UnloadModel
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.procs import exojet, stop
 from tests.runner_harness import chat, ready_on_small_window, start_runner
 

@@ -25,8 +25,8 @@ from exojet.models.smollm import (
     find_smollm_gguf,
 )
 from exojet.models.store import is_complete
+from testbed.tiny_model import write_tiny_llama
 from tests.gguf_tiny import Q, gguf_name, write_tiny_gguf
-from tests.tiny_model import write_tiny_llama
 
 PROMPT = "The capital of France is"
 N_TOKENS = 12

@@ -9,10 +9,10 @@ import pytest
 
 from exojet.bus.lifecycle import FAILED, LIFECYCLE, TaskLifecycle
 from exojet.projections.rules import transition_allowed
+from testbed import REPO
 
 pytestmark = pytest.mark.timeout(10)
 
-REPO = Path(__file__).resolve().parent.parent
 # The contract lives in the workspace beside the checkout; a verbatim copy is kept here
 # so that a clone on its own (CI) compares against the same table instead of skipping.
 SHARED_DESIGN = REPO.parent / "shared" / "DESIGN.md"

@@ -24,7 +24,7 @@ from exojet.runner.mlx_cpu import (
     find_blas,
     to_dense_float32,
 )
-from tests.tiny_model import write_tiny_llama
+from testbed.tiny_model import write_tiny_llama
 
 GIB = 1 << 30
 

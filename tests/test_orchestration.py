@@ -32,7 +32,7 @@ from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.instances import steps
 from exojet.projections.state import ClusterState, InstanceView
-from tests.log_watcher import LogWatch, Predicate
+from testbed.log_watcher import LogWatch, Predicate
 from tests.procs import exojet, exojet_output, group_ports, start_runner, stop
 
 

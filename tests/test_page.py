@@ -16,8 +16,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
+from testbed import REPO
 from tests.api_stack import API_KEY, ApiStack, start_stack
-from tests.procs import REPO
 
 CHROMIUM = Path(os.environ.get("EXOJET_CHROMIUM", "/usr/bin/chromium"))
 BROWSER_ARGS = [

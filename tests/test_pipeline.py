@@ -17,7 +17,7 @@ import pytest
 
 from exojet.runner.pipeline import split_layers
 from exojet.runner.ring import GroupConnectError, connect_group
-from tests.tiny_model import write_tiny_llama
+from testbed.tiny_model import write_tiny_llama
 
 RANK_SCRIPT = Path(__file__).with_name("pipeline_rank.py")
 PROMPT = "The capital of France is"

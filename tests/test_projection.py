@@ -38,9 +38,9 @@ from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadMod
 from exojet.cli.render import render_state
 from exojet.projections.apply import apply, copy_state
 from exojet.projections.checks import check
+from exojet.projections.queries import Paging, state_reply
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState, state_hash
-from exojet.supervisor.queries import Paging, state_reply
 
 pytestmark = pytest.mark.timeout(120)
 

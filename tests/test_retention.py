@@ -25,10 +25,7 @@ from exojet.bus.statuses import RunnerIdle, RunnerReady, TaskStatus
 from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
 from exojet.projections import instances
 from exojet.projections.apply import apply
-from exojet.projections.snapshot import dump_snapshot, load_snapshot
-from exojet.projections.state import ClusterState, Retention, state_hash
-from exojet.supervisor.planner import plan
-from exojet.supervisor.queries import (
+from exojet.projections.queries import (
     Filters,
     Paging,
     QueryError,
@@ -37,6 +34,9 @@ from exojet.supervisor.queries import (
     state_reply,
     task_reply,
 )
+from exojet.projections.snapshot import dump_snapshot, load_snapshot
+from exojet.projections.state import ClusterState, Retention, state_hash
+from exojet.supervisor.planner import plan
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -24,8 +24,9 @@ from exojet.bus.events import LoadProgress, RunnerRegistered, RunnerStatusUpdate
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
-from tests.log_watcher import LogWatcher
-from tests.procs import REPO, stop
+from testbed import REPO
+from testbed.log_watcher import LogWatcher
+from tests.procs import stop
 from tests.runner_harness import (
     DOWNLOAD,
     LOAD,

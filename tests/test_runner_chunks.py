@@ -9,7 +9,7 @@ from exojet.bus import streams
 from exojet.bus.events import RunnerStatusUpdated
 from exojet.bus.nats import stream_setup
 from exojet.bus.statuses import TaskStatus, status_name
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.runner_harness import RunnerHandle, chat, make_ready, run_task
 
 pytestmark = pytest.mark.timeout(60)

@@ -18,7 +18,7 @@ from exojet.bus.events import (
 from exojet.bus.nats import client
 from exojet.bus.statuses import RunnerIdle, TaskStatus, status_name
 from exojet.bus.streams import CHUNKS_STREAM
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.runner_harness import (
     DOWNLOAD,
     RunnerHandle,

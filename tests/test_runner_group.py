@@ -10,7 +10,7 @@ from nats.aio.client import Client as NATS
 from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.ops.server import NatsServer, free_port
 from exojet.bus.statuses import TaskStatus, status_name
-from tests.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import (
     DOWNLOAD,

@@ -28,7 +28,7 @@ from exojet.bus.nats import client
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerLoaded, RunnerWarmingUp, TaskStatus
 from exojet.projections.explain import explain
-from tests.procs import REPO
+from testbed import REPO
 from tests.test_orchestration import LogWatch, Procs, _idle, _instance, _place
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]

@@ -13,7 +13,8 @@ import pytest
 
 from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
 from exojet.bus.ops.server import NatsServer, free_port
-from tests.procs import REPO, exojet, stop
+from testbed import REPO
+from tests.procs import exojet, stop
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from exojet.bus.ops.server import free_port
-from tests.procs import REPO
+from testbed import REPO
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -1,4 +1,4 @@
-"""exojet deployed on hosts made of network namespaces (tests/netns.py): a 3-node JetStream
+"""exojet deployed on hosts made of network namespaces (testbed/netns.py): a 3-node JetStream
 cluster under auth, supervisors and runners each on their own host, the test on a client host.
 
 `Deployment` starts and faults the parts; `Fold` follows the log and folds it as a supervisor
@@ -32,9 +32,9 @@ from exojet.bus.streams import LOG_STREAM
 from exojet.bus.tasks import ChatMessage
 from exojet.projections.state import ClusterState, state_hash
 from exojet.projections.words import message_of
-from tests.log_watcher import LogWatch
-from tests.netns import Host, Lan
-from tests.procs import REPO
+from testbed import REPO
+from testbed.log_watcher import LogWatch
+from testbed.netns import Host, Lan
 
 NODES = ("n1", "n2", "n3")
 SUPERVISORS = ("s1", "s2")

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from exojet.bus.ops.server import NatsServer
-from tests.tiny_model import write_tiny_llama
+from testbed.tiny_model import write_tiny_llama
 
 
 @contextlib.contextmanager
