@@ -55,18 +55,30 @@ WARMUP_TOKENS = 4
 
 # Text generated faster than this is written to the pipe in one frame: the runner, its NATS
 # server, the API and the client share the cores with the engine, and each frame costs them
-# about 2.4 ms of CPU in all, taken from the engine's threads on a 2-core machine: a frame per
+# about 2 ms of CPU in all, taken from the engine's threads on a 2-core machine: a frame per
 # 20 ms cost llama.cpp 6-8% of its speed, one per 50 ms (20 a second, still a smooth stream) 2-3%.
 TOKEN_FLUSH_S = 0.05
+# Frames a second of all generations together: with many at once each stream's frames come
+# further apart (8 streams: 5 a second, each of ~3 tokens), so the frames' cost stays that of
+# two streams however many run (at 8 streams a frame per token cost llama.cpp 10% of its speed).
+MAX_FRAMES_PER_S = 40
+
+
+def flush_interval(generations: int) -> float:
+    """The least time between two frames of one stream while `generations` run at once."""
+    return max(TOKEN_FLUSH_S, generations / MAX_FRAMES_PER_S)
 
 
 class TokenWriter:
     """Streams a generation's text to the parent: the first piece at once, then at most one
-    frame every TOKEN_FLUSH_S (a piece waits at most until the next token or the end)."""
+    frame every `interval()` seconds (a piece waits at most until the next token or the end)."""
 
-    def __init__(self, pipe: Pipe | None, request_id: int = 0) -> None:
+    def __init__(
+        self, pipe: Pipe | None, request_id: int = 0, interval: Callable[[], float] = lambda: TOKEN_FLUSH_S
+    ) -> None:
         self.pipe = pipe
         self.request_id = request_id
+        self.interval = interval
         self.held: list[str] = []
         self.written_at: float | None = None
 
@@ -74,7 +86,7 @@ class TokenWriter:
         if self.pipe is None or not text:
             return
         self.held.append(text)
-        if self.written_at is None or time.perf_counter() - self.written_at >= TOKEN_FLUSH_S:
+        if self.written_at is None or time.perf_counter() - self.written_at >= self.interval():
             self.flush()
 
     def flush(self) -> None:
@@ -233,7 +245,7 @@ class EngineChild:
             raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
         fault_point(self.engine.engine, "warmup" if not stream else "generate")
         self.served += 1
-        writer = TokenWriter(self.pipe if stream else None, req.request_id)
+        writer = TokenWriter(self.pipe if stream else None, req.request_id, lambda: flush_interval(len(self.threads)))
 
         def cancel_read() -> bool:
             return stream and self.pipe.readable() and self._cancelled(req.request_id)

@@ -1,5 +1,5 @@
 """The engine child's token frames: the first piece at once, the rest at most one frame per
-TOKEN_FLUSH_S."""
+TOKEN_FLUSH_S, further apart while many generations run."""
 
 from __future__ import annotations
 
@@ -46,3 +46,21 @@ def test_nothing_is_written_without_a_stream() -> None:
     writer = TokenWriter(None)
     writer.write("a")
     assert writer.written_at is None
+
+
+def test_many_streams_at_once_write_no_more_frames_in_all_than_two_would() -> None:
+    assert engine_child.flush_interval(0) == engine_child.flush_interval(2) == engine_child.TOKEN_FLUSH_S
+    for generations in (4, 8, 16, 32):
+        frames_per_s = generations / engine_child.flush_interval(generations)
+        assert frames_per_s == pytest.approx(engine_child.MAX_FRAMES_PER_S)
+
+
+def test_a_stream_waits_the_interval_it_is_given_now(pipe: tuple[Pipe, int]) -> None:
+    interval = [0.0]
+    writer, read_fd = TokenWriter(pipe[0], interval=lambda: interval[0]), pipe[1]
+    writer.write("a")
+    writer.write("b")
+    assert _frames(read_fd).count(b"Token") == 2  # no interval: each piece its own frame
+    interval[0] = 60.0  # many streams started meanwhile
+    writer.write("c")
+    assert _frames(read_fd) == b""
