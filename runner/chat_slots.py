@@ -2,10 +2,10 @@
 
 A runner takes a further chat from its queue only while it runs fewer than its capacity
 (what the loaded model's engine serves at once; 1 before a load and in a pipeline group).
-Its first chat moves it `Ready -> Running`, the last one to end moves it back; a chat that
-fails in a way that fails the runner moves it at once. Each chat is an asyncio task of
-the task loop's; a fenced write in one is kept here (with the message, to answer again
-after the runner rejoined) and wakes the loop, which stops the others.
+Each chat's handling (`RunnerCore.handle`, whose status moves `runner/transitions.py`
+counts) is an asyncio task of the task loop's; a fenced write in one is kept here (with
+the message, to answer again after the runner rejoined) and wakes the loop, which stops
+the others.
 """
 
 from __future__ import annotations
@@ -17,17 +17,12 @@ from typing import Any
 from loguru import logger
 from nats.aio.msg import Msg
 
-from exojet.bus.statuses import RunnerStatus
-from exojet.runner import state_machine
-from exojet.runner.event_writer import Fenced
-from exojet.runner.state_machine import Failure
 from exojet.runner.transitions import Transitions
-
-CHAT = "ChatCompletion"
+from exojet.runner.write_chain import Fenced
 
 
 class ChatSlots:
-    """The chats in flight, their count against the capacity, and the runner's Running."""
+    """The chats in flight, as asyncio tasks, against the capacity."""
 
     def __init__(self, transitions: Transitions, capacity: Callable[[], int]) -> None:
         self.transitions = transitions
@@ -41,10 +36,6 @@ class ChatSlots:
         self.fenced: Fenced | None = None
         self.fence_seen = asyncio.Event()
         self.to_answer_again: list[Msg] = []
-        # Chats between `enter` and `leave`, and the status the first of them started in.
-        self._in_flight = 0
-        self._before: RunnerStatus | None = None
-        self._moving = asyncio.Lock()
 
     @property
     def full(self) -> bool:
@@ -83,33 +74,5 @@ class ChatSlots:
         again, self.to_answer_again = self.to_answer_again, []
         self.fenced = None
         self.fence_seen.clear()
-        self._in_flight = 0
+        self.transitions.stop_chats()
         return again + [m for m in stopped if m not in again]
-
-    async def enter(self) -> RunnerStatus:
-        """A chat starts: the first moves the runner to Running. The status chats started in."""
-        async with self._moving:
-            self._in_flight += 1
-            if self._in_flight == 1 or self._before is None:
-                self._before = await self.transitions.start(CHAT)
-            return self._before
-
-    async def leave(self, failure: Failure | None) -> None:
-        """A chat ended (`failure`: how, if it failed): the last moves the runner back to Ready,
-        a failure that fails the runner moves it at once."""
-        async with self._moving:
-            self._in_flight = max(0, self._in_flight - 1)
-            before = self._before or self.transitions.status
-            if failure is not None and failure.status != state_machine.finished_status(CHAT, before):
-                if failure.status != self.transitions.status:
-                    await self.transitions.failed(failure)
-            elif self._in_flight == 0 and self.transitions.status == state_machine.working_status(CHAT):
-                await self.transitions.succeeded(CHAT, before)
-
-    def status_for(self, task_type: str) -> RunnerStatus:
-        """The status a task is checked against: a chat beside others, the one they started in
-        (also while the last one's move back is being written: `enter` waits for it)."""
-        running = self._in_flight or self.transitions.status == state_machine.working_status(CHAT)
-        if task_type == CHAT and running and self._before is not None:
-            return self._before
-        return self.transitions.status

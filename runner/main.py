@@ -22,8 +22,9 @@ from exojet.models.store import default_models_dir
 from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.heartbeat import heartbeat
-from exojet.runner.registration import TwinRunning, advertised_address
+from exojet.runner.registration import advertised_address
 from exojet.runner.task_loop import CHAT_GRACE_S, Runner
+from exojet.runner.write_chain import TwinRunning
 
 # On a stop signal, how long the runner's last writes (Cancelled, Shutdown) may wait for NATS.
 LAST_WORDS_S = 10.0

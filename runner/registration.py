@@ -1,5 +1,5 @@
-"""A runner incarnation's start: twin detection, `RunnerRegistered`, and what the
-runner id's own subject says about earlier incarnations' tasks.
+"""A runner incarnation's start with NATS: the steps `RunnerCore.start` and `register`
+(`runner/handling.py`) ask for, and the facts of this process it registers.
 
 A new incarnation writes `RunnerRegistered` fenced on the subject's last write.
 Before that it makes sure no other live process holds the runner id: unless the
@@ -16,29 +16,27 @@ from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 import psutil
+from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from exojet.bus import streams, subjects
-from exojet.bus.codec import BadInput, decode_event
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import RunnerLost, RunnerRegistered, RunnerStatusUpdated
-from exojet.bus.lifecycle import FINAL_STATUSES
+from exojet.bus.events import RunnerRegistered
 from exojet.bus.nats import client
 from exojet.bus.nats.connection import server_urls
-from exojet.bus.statuses import status_name
 from exojet.runner.event_writer import EventWriter
-from exojet.runner.task_history import TaskHistory
+from exojet.runner.handling import RunnerCore
+from exojet.runner.steps import AckFloor, HeartbeatSeen, ReadSubject, Say, Write
+from exojet.runner.write_chain import Build, LastOn
 
 VERSION = "0.1.0"
 # A twin shows itself by heartbeating: wait a little over two beats for one.
 TWIN_HEARTBEAT_WAIT_S = 2.5
 
-
-class TwinRunning(Exception):
-    """Another live process holds this runner id."""
+RegistrationStep = Write | AckFloor | ReadSubject | HeartbeatSeen | LastOn | Say
 
 
 def advertised_address(nats_url: str) -> str:
@@ -56,39 +54,16 @@ def advertised_address(nats_url: str) -> str:
         return "127.0.0.1"
 
 
-async def register(
-    nc: NATS,
-    runner_id: str,
-    address: str,
-    engine_setup: str,
-    engines: Sequence[str],
-    ring_key: str,
-    after_loss: bool = False,
-    history: TaskHistory | None = None,
-) -> EventWriter:
-    """Write `RunnerRegistered` for incarnation + 1 (with the engines it has and their CPU setup), fenced on the
-    subject's last write; returns the new incarnation's writer. Raises `TwinRunning` if another process holds the id
-    (not after a loss: then the previous holder is this very process).
+def registration(runner_id: str, address: str, engine_setup: str, engines: Sequence[str], ring_key: str) -> Build:
+    """The `RunnerRegistered` of each incarnation of this process: its host, memory (as it is
+    when the incarnation registers), engines and their CPU setup, address and ring key."""
 
-    With `history`, everything on the subject up to the write it is fenced on is folded into it first:
-    a RunnerLost, or a late write of the crashed incarnation, may have landed since the history was read
-    (the twin check alone waits seconds), and the history must say what the log says."""
-    js = nc.jetstream()
-    subject = subjects.runner_events_subject(runner_id)
-    last = await client.last_on_subject(js, subject)
-    if last is not None and not after_loss and not _final(_decoded(last)) and await _heartbeat_seen(nc, runner_id):
-        raise TwinRunning(f"runner {runner_id} is already running (incarnation {_incarnation(last)})")
-    while history is not None and last is not None and last.seq > history.seq:
-        await fold_subject(nc, runner_id, history, history.seq + 1)
-        last = await client.last_on_subject(js, subject)
-    incarnation, last_seq = (_incarnation(last), last.seq) if last is not None else (0, 0)
-    writer = EventWriter(js, runner_id, incarnation + 1, last_seq)
-    memory = psutil.virtual_memory()
-    await writer.write(
-        lambda eid, inc, at: RunnerRegistered(
-            event_id=eid,
+    def build(event_id: str, incarnation: int, at: float) -> RunnerRegistered:
+        memory = psutil.virtual_memory()
+        return RunnerRegistered(
+            event_id=event_id,
             runner_id=runner_id,
-            incarnation=inc,
+            incarnation=incarnation,
             at=at,
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -101,8 +76,50 @@ async def register(
             address=address,
             ring_key=ring_key,
         )
-    )
-    return writer
+
+    return build
+
+
+class SubjectIO:
+    """Does the steps of a runner's start and registration with NATS: its consumer's ack
+    floor, its own subject, heartbeats under its id, its fenced writes, and its log lines."""
+
+    def __init__(self, nc: NATS, core: RunnerCore) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.core = core
+        self._writer: EventWriter | None = None
+        self.log = logger.bind(runner_id=core.runner_id)
+
+    def writer(self) -> EventWriter:
+        """The current incarnation's writer (a new one with each registration)."""
+        chain = self.core.chain
+        assert chain is not None, "a runner writes only once registered"
+        if self._writer is None or self._writer.chain is not chain:
+            self._writer = EventWriter(self.js, chain)
+        return self._writer
+
+    async def do(self, step: RegistrationStep) -> object:
+        runner_id = self.core.runner_id
+        match step:
+            case Write(build=build):
+                return await self.writer().write(build)
+            case AckFloor():
+                return await client.until_done(lambda: _ack_floor(self.js, runner_id), "read this runner's ack floor")
+            case ReadSubject(start_seq=start_seq):
+                return await client.until_done(
+                    lambda: _read_subject(self.nc, runner_id, start_seq), "read this runner's history"
+                )
+            case HeartbeatSeen():
+                return await _heartbeat_seen(self.nc, runner_id)
+            case LastOn(subject=subject):
+                return await client.until_done(
+                    lambda: client.last_on_subject(self.js, subject), f"read the last message of {subject}"
+                )
+            case Say(level=level, text=text, binds=binds, error=error):
+                self.log.bind(**binds).opt(exception=error).log(level.upper(), text)
+                return None
+        raise TypeError(f"not a registration step: {step!r}")
 
 
 async def _heartbeat_seen(nc: NATS, runner_id: str) -> bool:
@@ -121,45 +138,11 @@ async def _heartbeat_seen(nc: NATS, runner_id: str) -> bool:
         await sub.unsubscribe()
 
 
-def _decoded(env: Envelope) -> object:
-    try:
-        return decode_event(env.data)
-    except BadInput:
-        return None
-
-
-def _incarnation(env: Envelope) -> int:
-    return getattr(_decoded(env), "incarnation", 0)
-
-
-def _final(event: object) -> bool:
-    """True if `event` ends an incarnation: nothing of it can still be running."""
-    if isinstance(event, RunnerLost):
-        return True
-    return isinstance(event, RunnerStatusUpdated) and status_name(event.runner_status) in FINAL_STATUSES
-
-
-async def load_history(nc: NATS, runner_id: str, history: TaskHistory) -> int:
-    """Fold this runner id's own subject into `history`: tasks already finished, and tasks an
-    earlier incarnation started and never finished (it crashed meanwhile); returns the seq read from.
-
-    The task consumer's ack floor is the checkpoint: every task at or below it was acknowledged
-    (after its terminal status) and is never delivered again, and every status of a task above
-    it was written after that task, so the subject from the floor on is all the dedupe needs."""
-    start = await _ack_floor(nc.jetstream(), runner_id) + 1
-    history.seq = max(history.seq, start - 1)
-    await fold_subject(nc, runner_id, history, start)
-    return start
-
-
-async def fold_subject(nc: NATS, runner_id: str, history: TaskHistory, start_seq: int) -> None:
-    """Fold the runner id's subject from `start_seq` to its current end into `history`."""
-
-    def collect(env: Envelope) -> None:
-        decoded = _decoded(env)
-        history.apply(decoded, env.seq)
-
-    await client.replay_subject(nc, subjects.runner_events_subject(runner_id), collect, start_seq=start_seq)
+async def _read_subject(nc: NATS, runner_id: str, start_seq: int) -> list[Envelope]:
+    """The runner id's subject from `start_seq` to its current end."""
+    envelopes: list[Envelope] = []
+    await client.replay_subject(nc, subjects.runner_events_subject(runner_id), envelopes.append, start_seq=start_seq)
+    return envelopes
 
 
 async def _ack_floor(js: JetStreamContext, runner_id: str) -> int:

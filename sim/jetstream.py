@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from exojet.bus import streams
 from exojet.bus.envelope import Envelope
-from exojet.sim.kernel import WrongLastSequence
+from exojet.bus.nats.client import WrongLastSequence
 
 
 @dataclass(frozen=True, slots=True)

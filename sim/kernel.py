@@ -20,10 +20,6 @@ class Transient(Exception):
     """NATS did not answer in time (a lost request or reply, a server away): try again."""
 
 
-class WrongLastSequence(Exception):
-    """The server refused a fenced publish: someone wrote the subject since."""
-
-
 @dataclass(frozen=True, slots=True)
 class Sleep:
     seconds: float
@@ -31,7 +27,7 @@ class Sleep:
 
 @dataclass(frozen=True, slots=True)
 class Publish:
-    """A JetStream publish; resumes with `PubAck`, or raises `Transient` / `WrongLastSequence`."""
+    """A JetStream publish; resumes with `PubAck`, or raises `Transient` / bus.client's `WrongLastSequence`."""
 
     subject: str
     data: bytes

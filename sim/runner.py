@@ -1,7 +1,8 @@
-"""A simulated runner: the runner's protocol (`runner/task_loop.py`, `registration.py`,
-`event_writer.py`) step for step, its statuses decided by the lifecycle table
-(`bus/lifecycle.py`), its task dedupe by the real `TaskHistory`; the work itself
-is a sleep that succeeds or fails as the seed says.
+"""A simulated runner: the real runner's decisions (`runner/handling.py`: its start,
+registration, each task's handling, its status moves and its fenced writes, all
+generators without I/O) driven with the simulated log, consumer and disk, as
+`runner/task_loop.py` drives them with NATS and the engine. The work itself is a sleep
+that succeeds or fails as the seed says.
 
 What survives a crash is what survives one for real: the log, the durable task
 consumer, and the models on disk.
@@ -10,37 +11,49 @@ consumer, and the models on disk.
 from __future__ import annotations
 
 from collections.abc import Callable, Generator
-from functools import partial
 from typing import Any
 
 from exojet.bus import subjects
-from exojet.bus.codec import decode_event, decode_task, encode
+from exojet.bus.codec import decode_event, encode
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerEvent, RunnerLost, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.lifecycle import FAILED, IDLE, LIFECYCLE, REGISTERED
-from exojet.bus.statuses import RunnerFailed, TaskStatus, runner_status
-from exojet.bus.tasks import ConnectToGroup, DownloadModel, LoadModel, task_type
-from exojet.runner.task_history import TaskHistory
+from exojet.bus.lifecycle import FAILED, IDLE
+from exojet.bus.statuses import status_name
+from exojet.bus.tasks import ConnectToGroup, DownloadModel, LoadModel, Task, UnloadModel, task_type
+from exojet.runner import steps as runner_steps
+from exojet.runner import write_chain
+from exojet.runner.cancels import Cancels
+from exojet.runner.engine import EngineError
+from exojet.runner.handling import RunnerCore
+from exojet.runner.task_loop import IN_PROGRESS_EVERY_S
+from exojet.runner.write_chain import Build, TwinRunning
 from exojet.sim.jetstream import Delivery, SimConsumer
-from exojet.sim.kernel import Actor, Effect, Fiber, LastOn, NextTask, Publish, Sleep, Transient, WrongLastSequence
+from exojet.sim.kernel import Actor, Effect, Fiber, LastOn, NextTask, Publish, Sleep
 from exojet.sim.world import Violation, World
 
 Body = Generator[Effect, Any, Any]
 # Every simulated model's layer count.
 N_LAYERS = 24
-# runner/task_loop.py's in-progress period: a third of the consumer's ack_wait.
-IN_PROGRESS_EVERY_S = 2.0
 # The tasks that need the engine to hold the instance they name.
 _HOLDING_TASKS = frozenset({"ConnectToGroup", "LoadModel", "StartWarmup", "ChatCompletion"})
 
 
-class Fenced(Exception):
-    """`runner/event_writer.py`'s: declared lost, a twin, or an earlier incarnation's late write."""
-
-    def __init__(self, lost: bool, late: bool = False) -> None:
-        super().__init__("declared lost" if lost else "a late write" if late else "a twin wrote our subject")
-        self.lost = lost
-        self.late = late
+def drive(steps: Generator[Any, Any, Any], do: Callable[[Any], Body]) -> Body:
+    """`runner.steps.drive` as a fiber: each step done by the generator `do`, its answer sent
+    back in, its exception thrown in (a `Violation` ends the run instead)."""
+    answer: Any = None
+    error: Exception | None = None
+    while True:
+        try:
+            step = steps.send(answer) if error is None else steps.throw(error)
+        except StopIteration as done:
+            return done.value
+        try:
+            answer, error = (yield from do(step)), None
+        except Violation:
+            raise
+        except Exception as err:  # noqa: BLE001 - handed to the generator, as the real driver does
+            answer, error = None, err
 
 
 class SimRunner(Actor):
@@ -57,15 +70,29 @@ class SimRunner(Actor):
         world.offers.append(self._offer)
 
     def _reset(self) -> None:
-        self.history = TaskHistory()
-        self.incarnation = 0
-        self.last_seq = 0
-        self.count = 0
-        self.status = REGISTERED
+        self.core = RunnerCore(self.runner_id, self._registration(), lambda: self.world.now, Cancels(self.runner_id))
         # The instance whose model (or group) the engine holds.
         self.holding: str | None = None
         self.declared_lost = False
         self.beating = False
+
+    def _registration(self) -> Build:
+        def build(event_id: str, incarnation: int, at: float) -> RunnerRegistered:
+            return RunnerRegistered(
+                event_id=event_id,
+                runner_id=self.runner_id,
+                incarnation=incarnation,
+                at=at,
+                memory_free=self.memory_free,
+                address=f"10.0.0.{self.runner_id.removeprefix('r')}",
+                engines=("mlx",),
+            )
+
+        return build
+
+    @property
+    def status(self) -> str:
+        return status_name(self.core.status)
 
     def start(self) -> None:
         self.alive = True
@@ -96,133 +123,79 @@ class SimRunner(Actor):
     def _lost_in_log(self) -> bool:
         """`Runner._check_lost`: the log holds a RunnerLost after our last write."""
         last = self.world.stream.last_on(self.subject)
-        return last is not None and last.seq > self.last_seq and isinstance(decode_event(last.data), RunnerLost)
+        chain = self.core.chain
+        last_seq = chain.last_seq if chain is not None else 0
+        return last is not None and last.seq > last_seq and isinstance(decode_event(last.data), RunnerLost)
 
     # The process ----------------------------------------------------------------
 
     def _main(self) -> Body:
         self.world.say(self.name, "process starts")
-        self.history.seq = self.consumer.ack_floor
-        self._fold(self.consumer.ack_floor + 1)
-        while True:
-            try:
-                yield from self._register(fold=True)
-                for task_id, kind in list(self.history.unanswered().items()):
-                    yield from self._task_status(
-                        task_id, TaskStatus.FAILED, kind, "RunnerRestarted", f"runner {self.runner_id} restarted"
-                    )
-                break
-            except Fenced as fenced:
-                if not (fenced.lost or fenced.late):
-                    raise Violation(f"runner {self.runner_id} found a twin writing its subject") from None
-                self.world.say(self.name, f"{fenced} while starting: registering again", "registered again")
+        yield from self._drive(self.core.start(), None)
         # runner/main.py starts the heartbeat once the runner has started.
         self.beating = True
         self.declared_lost = self._lost_in_log()
         while True:
             delivery = None if self.declared_lost else (yield NextTask())
-            yield from self._handle_fenced(delivery)
+            if delivery is None:
+                yield from self._drive(self.core.handle_fenced(None), None)
+            else:
+                env = delivery.envelope
+                yield from self._drive(self.core.handle_fenced(env.seq, env.data), delivery)
 
-    def _handle_fenced(self, delivery: Delivery | None) -> Body:
-        rejoin = delivery is None
-        while True:
-            try:
-                if rejoin:
-                    self.world.say(self.name, "declared lost: re-registering", "re-registered after a loss")
-                    self.history.lose()
+    def _drive(self, steps: runner_steps.Steps[Any], delivery: Delivery | None) -> Body:
+        try:
+            return (yield from drive(steps, lambda step: self._step(step, delivery)))
+        except TwinRunning:
+            raise Violation(f"runner {self.runner_id} found a twin writing its subject") from None
+
+    def _step(self, step: runner_steps.Step, delivery: Delivery | None) -> Body:
+        """Do one step of the real runner's decisions in the simulated world."""
+        match step:
+            case runner_steps.Write(build=build):
+                seq = yield from drive(self._chain().write(build), self._write_step)
+                if self.status in (IDLE, FAILED):
                     self.holding = None
-                    yield from self._register()
-                    self.declared_lost = False
-                if delivery is not None:
-                    yield from self._handle(delivery)
-                return
-            except Fenced as fenced:
-                if not fenced.lost:
-                    raise Violation(f"runner {self.runner_id} found a twin writing its subject") from None
-                rejoin = True
+                return seq
+            case write_chain.LastOn(subject=subject):
+                return (yield from self.world.until_done(LastOn(subject)))
+            case runner_steps.AckFloor():
+                return self.consumer.ack_floor
+            case runner_steps.ReadSubject(start_seq=start_seq):
+                return self.world.stream.on_subject(self.subject, start_seq)
+            case runner_steps.Say(text=text, kind=kind) if kind is not None:
+                self.world.say(self.name, text, kind)
+            case runner_steps.Refusal(task=task):
+                if isinstance(task, LoadModel) and task.shard is not None and task.shard.model_id not in self.disk:
+                    return ("ModelNotDownloaded", f"model {task.shard.model_id} is not downloaded")
+            case runner_steps.Work(task=task):
+                assert delivery is not None
+                return (yield from self._work(task, delivery))
+            case runner_steps.Settle():
+                return True
+            case runner_steps.StopEngine() | runner_steps.Forget():
+                self.holding = None
+            case runner_steps.Rejoined():
+                self.declared_lost = False
+            case runner_steps.Ack() | runner_steps.Term():
+                assert delivery is not None
+                self._ack(delivery.envelope.seq)
+        return None
 
-    def _fold(self, start_seq: int) -> None:
-        for env in self.world.stream.on_subject(self.subject, start_seq):
-            self.history.apply(decode_event(env.data), env.seq)
+    def _chain(self) -> write_chain.WriteChain:
+        assert self.core.chain is not None
+        return self.core.chain
 
-    def _register(self, fold: bool = False) -> Body:
-        """`registration.register` (folding the subject up to its fence into the history at a start)."""
-        last = yield from self.world.until_done(LastOn(self.subject))
-        while fold and last is not None and last.seq > self.history.seq:
-            self._fold(self.history.seq + 1)
-            last = yield from self.world.until_done(LastOn(self.subject))
-        self.incarnation = (getattr(decode_event(last.data), "incarnation", 0) if last else 0) + 1
-        self.last_seq = last.seq if last else 0
-        self.count = 0
-        yield from self._write(
-            partial(
-                RunnerRegistered,
-                memory_free=self.memory_free,
-                address=f"10.0.0.{self.runner_id.removeprefix('r')}",
-                engines=("mlx",),
-            )
-        )
-        self.history.registered()
-        yield from self._status(REGISTERED)
-
-    def _write(self, build: Callable[..., RunnerEvent]) -> Body:
-        """`EventWriter.write`: fenced on our previous write, retried under the same id until stored."""
-        self.count += 1
-        event_id = f"{self.runner_id}:{self.incarnation}:{self.count}"
-        event: RunnerEvent = build(
-            event_id=event_id, runner_id=self.runner_id, incarnation=self.incarnation, at=self.world.now
-        )
-        label = _label(event)
-        publish = Publish(self.subject, encode(event), event_id, self.last_seq, label)
-        attempt = 0
-        while True:
-            try:
-                ack = yield publish
-                seq = ack.seq
-                break
-            except Transient:
-                yield Sleep(self.world.backoff(attempt))
-                attempt += 1
-            except WrongLastSequence:
-                last = yield from self.world.until_done(LastOn(self.subject))
-                found = decode_event(last.data)
-                if found.event_id != event_id:
-                    older = getattr(found, "incarnation", self.incarnation) < self.incarnation
-                    late = older and not isinstance(found, RunnerLost)
-                    raise Fenced(isinstance(found, RunnerLost), late) from None
-                seq = last.seq  # our own write, whose ack was lost
-                break
-        self.last_seq = seq
-        return seq
-
-    def _status(self, name: str, error: str | None = None) -> Body:
-        status = RunnerFailed(error_message=error or "") if name == FAILED else runner_status(name)
-        yield from self._write(partial(RunnerStatusUpdated, runner_status=status))
-        self.status = name
-        if name in (IDLE, FAILED):
-            self.holding = None
-
-    def _task_status(
-        self,
-        task_id: str,
-        status: TaskStatus,
-        kind: str | None,
-        error_type: str | None = None,
-        error: str | None = None,
-        result: dict[str, Any] | None = None,
-    ) -> Body:
-        yield from self._write(
-            partial(
-                TaskStatusUpdated,
-                task_id=task_id,
-                task_status=status,
-                task_type=kind,
-                error_type=error_type,
-                error_message=error,
-                result=result,
-            )
-        )
-        self.history.record(task_id, status, kind)
+    def _write_step(self, step: write_chain.Publish | write_chain.LastOn | write_chain.Warn) -> Body:
+        """A step of `WriteChain.write`: a publish or a direct get, each tried until answered."""
+        match step:
+            case write_chain.Publish(subject=subject, event=event, msg_id=msg_id, expected=expected):
+                publish = Publish(subject, encode(event), msg_id, expected, _label(event))
+                ack = yield from self.world.until_done(publish)
+                return ack.seq
+            case write_chain.LastOn(subject=subject):
+                return (yield from self.world.until_done(LastOn(subject)))
+        return None
 
     def _ack(self, seq: int) -> None:
         if self.world.cut(self) or self.world.chance(self.world.faults.lose_ack):
@@ -230,56 +203,26 @@ class SimRunner(Actor):
             return
         self.consumer.ack(seq)
 
-    def _handle(self, delivery: Delivery) -> Body:
-        """`Runner.handle`: skip what is answered, refuse what the lifecycle refuses, else run it."""
-        env = delivery.envelope
-        task = decode_task(env.data)
-        task_id = task.task_id or str(env.seq)
+    def _work(self, task: Task, delivery: Delivery) -> Body:
+        """The task's work: a sleep (keeping the task in progress), then success or failure as the seed says."""
         kind = task_type(task)
-        if self.history.answered(task_id):
-            self.world.say(
-                self.name,
-                f"{task_id} already answered: skipped (delivery {delivery.deliveries})",
-                "answered task skipped",
-            )
-            self._ack(env.seq)
-            return
-        row = LIFECYCLE[kind]
-        refusal = None
-        if not row.accepts(self.status):
-            refusal = ("InvalidState", f"{kind} needs {' or '.join(row.accepting_statuses())}, runner is {self.status}")
-        elif isinstance(task, LoadModel) and task.shard is not None and task.shard.model_id not in self.disk:
-            refusal = ("ModelNotDownloaded", f"model {task.shard.model_id} is not downloaded")
-        if refusal is not None:
-            yield from self._task_status(task_id, TaskStatus.FAILED, kind, *refusal)
-            self._ack(env.seq)
-            return
-        yield from self._task_status(task_id, TaskStatus.RUNNING, kind)
         if kind in _HOLDING_TASKS and self.holding not in (None, task.instance_id):
-            raise Violation(f"runner {self.runner_id} runs {task_id} of {task.instance_id} holding {self.holding}")
-        before = self.status
-        if row.working is not None:
-            yield from self._status(row.working)
+            raise Violation(f"runner {self.runner_id} runs {task.task_id} of {task.instance_id} holding {self.holding}")
         work = self.world.rng.uniform(0.05, 4.0)
         while work > 0:
             yield Sleep(min(work, IN_PROGRESS_EVERY_S))
             work -= IN_PROGRESS_EVERY_S
             if not self.world.cut(self):
-                self.consumer.in_progress(env.seq, self.world.now)
-        result = None
-        if kind == "UnloadModel" or self.world.rng.random() < self.success:
-            if isinstance(task, DownloadModel):
-                self.disk.add(task.shard.model_id)
-                # What placement splits a group by when nobody gave a layer count (executor.py).
-                result = {"model_id": task.shard.model_id, "n_layers": N_LAYERS}
-            elif isinstance(task, LoadModel | ConnectToGroup):
-                self.holding = task.instance_id
-            yield from self._status(row.succeeded(before))
-            yield from self._task_status(task_id, TaskStatus.COMPLETE, kind, result=result)
-        else:
-            yield from self._status(row.failure, f"{kind} failed (simulated)")
-            yield from self._task_status(task_id, TaskStatus.FAILED, kind, "SimulatedFailure", f"{kind} failed")
-        self._ack(env.seq)
+                self.consumer.in_progress(delivery.envelope.seq, self.world.now)
+        if not isinstance(task, UnloadModel) and self.world.rng.random() >= self.success:
+            raise EngineError("SimulatedFailure", f"{kind} failed (simulated)")
+        if isinstance(task, DownloadModel):
+            self.disk.add(task.shard.model_id)
+            # What placement splits a group by when nobody gave a layer count (executor.py).
+            return {"model_id": task.shard.model_id, "n_layers": N_LAYERS}
+        if isinstance(task, LoadModel | ConnectToGroup):
+            self.holding = task.instance_id
+        return None
 
 
 def _label(event: RunnerEvent) -> str:

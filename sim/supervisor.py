@@ -14,18 +14,19 @@ from typing import Any
 
 from exojet.bus import subjects
 from exojet.bus.codec import encode
+from exojet.bus.nats.client import WrongLastSequence
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState
-from exojet.sim.kernel import Actor, Effect, Publish, Sleep, Transient, Until, WrongLastSequence
+from exojet.sim.kernel import Actor, Effect, Publish, Sleep, Transient, Until
 from exojet.sim.world import World
+from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S
 from exojet.supervisor.planner import PlannerConfig, SendTask, WriteEvent
 from exojet.supervisor.reconciler import DEFAULT_INTERVAL_S, OWN_WRITES_TIMEOUT_S, plan_writes
 from exojet.supervisor.retries import RetryTimer, stamped
 from exojet.supervisor.silence import SilenceWatch, Silent, lost_event
 
 Body = Generator[Effect, Any, Any]
-HEARTBEAT_TIMEOUT_S = 5.0
 # Far more often than the real default (10 000), so restarts from snapshots happen.
 SNAPSHOT_EVERY = 25
 
@@ -39,7 +40,7 @@ class SimSupervisor(Actor):
         # How eagerly it folds: supervisors read the log at different lags.
         self.speed = world.rng.uniform(0.2, 1.0)
         self.state = ClusterState()
-        self.watch = SilenceWatch(HEARTBEAT_TIMEOUT_S)
+        self.watch = SilenceWatch(DEFAULT_HEARTBEAT_TIMEOUT_S)
         self.retries = RetryTimer()
         self.wake = False
         self.caught_up = False
@@ -55,7 +56,7 @@ class SimSupervisor(Actor):
         else:
             self.state = ClusterState()
         self.world.say(self.name, f"process starts from seq {self.state.seq}")
-        self.watch = SilenceWatch(HEARTBEAT_TIMEOUT_S)
+        self.watch = SilenceWatch(DEFAULT_HEARTBEAT_TIMEOUT_S)
         self.retries = RetryTimer()
         self.wake = False
         self.caught_up = False
@@ -109,7 +110,7 @@ class SimSupervisor(Actor):
     # Liveness ---------------------------------------------------------------------
 
     def _liveness(self) -> Body:
-        period = HEARTBEAT_TIMEOUT_S / 5
+        period = DEFAULT_HEARTBEAT_TIMEOUT_S / 5
         woke = self.world.now
         while True:
             yield Sleep(period)
@@ -127,7 +128,7 @@ class SimSupervisor(Actor):
                 continue  # checked again next period
 
     def _declare(self, silent: Silent) -> Body:
-        event = lost_event(silent, HEARTBEAT_TIMEOUT_S, self.name, self.world.now)
+        event = lost_event(silent, DEFAULT_HEARTBEAT_TIMEOUT_S, self.name, self.world.now)
         publish = Publish(
             subjects.runner_events_subject(silent.runner_id),
             encode(event),

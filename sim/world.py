@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from exojet.bus.nats.client import WrongLastSequence
 from exojet.bus.nats.connection import FIRST_BACKOFF_S, MAX_BACKOFF_S
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState
@@ -45,7 +46,6 @@ from exojet.sim.kernel import (
     Sleep,
     Transient,
     Until,
-    WrongLastSequence,
 )
 
 # nats-py's JetStream publish timeout as exojet uses it (bus/nats/client.py).

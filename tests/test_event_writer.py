@@ -15,7 +15,8 @@ from exojet.bus.events import RunnerStatusUpdated
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, RunnerReady, RunnerStatus
-from exojet.runner.event_writer import EventWriter, Fenced
+from exojet.runner.event_writer import EventWriter
+from exojet.runner.write_chain import Fenced, WriteChain
 from tests.tcp_proxy import NatsProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,7 +47,7 @@ async def test_a_write_stored_after_its_caller_was_cancelled_does_not_fence_the_
     try:
         js = nc.jetstream()
         await stream_setup.ensure_streams(js)
-        writer = EventWriter(js, "r1", 1, 0)
+        writer = EventWriter(js, WriteChain("r1", 1, 0, time.time))
         await writer.write(status(RunnerIdle()))
         # The next write is stored, its ack lost with the connection; its caller gives up on it.
         proxy.drop_next_ack()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ from exojet.bus.statuses import RunnerIdle, TaskStatus
 from exojet.bus.streams import LogLimits
 from exojet.projections.snapshot import dump_snapshot
 from exojet.projections.state import state_hash
-from exojet.runner.event_writer import EventWriter, Fenced
+from exojet.runner.event_writer import EventWriter
+from exojet.runner.write_chain import Fenced, WriteChain
 from exojet.supervisor.projector import Projector
 from exojet.supervisor.snapshot_store import SNAPSHOT_KEY, store_snapshot
 from tests.test_cli_log import run
@@ -135,7 +137,7 @@ async def test_an_idle_runner_whose_subject_the_limits_emptied_writes_on(nats_se
             event_id=event_id, runner_id="idle", incarnation=incarnation, runner_status=RunnerIdle(), at=at
         )
 
-    writer = EventWriter(js, "idle", 1, 0)
+    writer = EventWriter(js, WriteChain("idle", 1, 0, time.time))
     first = await writer.write(idle)
     await _chats(nc, 100)  # the rest of the cluster is busy: the log drops the idle runner's write
     assert await client.last_on_subject(js, subject) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from hypothesis import given
@@ -16,7 +17,10 @@ from exojet.bus.nats.task_consumer import TaskConsumer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, TaskStatus
 from exojet.bus.tasks import StartWarmup
-from exojet.runner.registration import load_history
+from exojet.runner.cancels import Cancels
+from exojet.runner.handling import RunnerCore
+from exojet.runner.registration import SubjectIO, registration
+from exojet.runner.steps import drive
 from exojet.runner.task_history import DONE_WINDOW, TaskHistory
 
 pytestmark = pytest.mark.timeout(30)
@@ -108,12 +112,18 @@ async def test_history_is_read_from_the_task_consumers_ack_floor(nats_server: Na
         await (await asyncio.wait_for(consumer.next(), 10)).ack_sync()
     await asyncio.wait_for(consumer.next(), 10)  # c: delivered, not acknowledged
 
-    history = TaskHistory()
-    start = await load_history(nc, "r1", history)
+    start, history = await _read_history(nc, "r1")
     # a and b are acknowledged: never delivered again. The read starts after b's task
     # (the floor), so a's statuses are not read; b's came after its task.
     assert start == seqs["b"] + 1
     assert history.running == {"c": "LoadModel"} and list(history.done) == ["b"]
     # No consumer yet (a runner id's first start): the whole subject.
-    fresh = TaskHistory()
-    assert await load_history(nc, "r9", fresh) == 1 and not fresh.done
+    start, fresh = await _read_history(nc, "r9")
+    assert start == 1 and not fresh.done
+
+
+async def _read_history(nc: NATS, runner_id: str) -> tuple[int, TaskHistory]:
+    """`RunnerCore.read_history` driven with NATS, as a runner's start does: the seq it read from, and the history."""
+    core = RunnerCore(runner_id, registration(runner_id, "127.0.0.1", "", ("mlx",), ""), time.time, Cancels(runner_id))
+    start = await drive(core.read_history(), SubjectIO(nc, core).do)
+    return start, core.history

@@ -30,8 +30,12 @@ from exojet.bus.statuses import RunnerConnected, RunnerConnecting, RunnerIdle, T
 from exojet.bus.tasks import ConnectToGroup, Group, Shard, task_type
 from exojet.projections.state import ClusterState, TaskView
 from exojet.runner import registration
-from exojet.runner.event_writer import EventWriter, Fenced
+from exojet.runner.cancels import Cancels
+from exojet.runner.event_writer import EventWriter
+from exojet.runner.handling import RunnerCore
+from exojet.runner.steps import drive
 from exojet.runner.task_history import TaskHistory
+from exojet.runner.write_chain import Fenced, WriteChain
 from exojet.sim import invariants
 from exojet.sim.run import run
 from exojet.supervisor.planner import SendTask, WriteEvent, plan
@@ -184,13 +188,15 @@ async def test_registration_folds_a_loss_that_landed_after_the_history_was_read(
         event_id="r1:1:2", runner_id="r1", incarnation=1, task_id="t1", task_status=TaskStatus.RUNNING
     )
     ack = await client.publish(js, subject, running, msg_id=running.event_id)
-    history = TaskHistory()
-    await registration.load_history(nc, "r1", history)
+    core = RunnerCore("r1", registration.registration("r1", "127.0.0.1", "", ("mlx",), ""), time.time, Cancels("r1"))
+    io = registration.SubjectIO(nc, core)
+    await drive(core.read_history(), io.do)
+    history = core.history
     assert history.unanswered() == {"t1": None}
     lost = RunnerLost(event_id="r1:1:lost", runner_id="r1", incarnation=1, reason="silent")
     await client.publish(js, subject, lost, msg_id=lost.event_id, expected_last_subject_seq=ack.seq)
-    writer = await registration.register(nc, "r1", "127.0.0.1", "", ("mlx",), "", history=history)
-    assert writer.incarnation == 2
+    await drive(core.register(fold=True), io.do)
+    assert core.incarnation == 2
     assert history.answered("t1") and history.unanswered() == {}
 
 
@@ -225,7 +231,7 @@ async def test_a_late_write_of_a_crashed_incarnation_is_no_twin(nc: NATS) -> Non
     ack = await client.publish(js, subject, first, msg_id=first.event_id, expected_last_subject_seq=0)
     late = RunnerStatusUpdated(event_id="r1:1:2", runner_id="r1", incarnation=1, runner_status=RunnerIdle())
     await client.publish(js, subject, late, msg_id=late.event_id, expected_last_subject_seq=ack.seq)
-    writer = EventWriter(js, "r1", 2, ack.seq)
+    writer = EventWriter(js, WriteChain("r1", 2, ack.seq, time.time))
     with pytest.raises(Fenced) as fenced:
         await writer.write(lambda eid, inc, at: RunnerRegistered(event_id=eid, runner_id="r1", incarnation=inc, at=at))
     assert fenced.value.late and not fenced.value.lost
