@@ -79,6 +79,15 @@ def test_seeds_that_found_bugs_pass(seed: int, found: str) -> None:
     assert result.ok, f"(this seed once found: {found})\n{result.report()}"
 
 
+def test_the_runner_simulated_is_the_real_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rule of the real runner broken (a registration that does not fold what landed on its
+    # subject since its history was read): the seed that found that bug fails again.
+    register = RunnerCore.register
+    monkeypatch.setattr(RunnerCore, "register", lambda core, after_loss=False, fold=False: register(core, after_loss))
+    result = run(282)
+    assert not result.ok and "TaskAfterTerminal" in result.problems[0]
+
+
 def test_a_violation_is_reported_with_the_command_that_replays_it() -> None:
     truth = ClusterState()
     truth.tasks["t1"] = TaskView(task_id="t1", task_type="LoadModel", runner_id="r1", status=TaskStatus.RUNNING)
