@@ -1,10 +1,11 @@
 """MLX (mlx-lm) in the engine child: a whole model, or a pipeline rank's shard in a ring group.
 
 A whole model is loaded lazily and materialised a layer at a time (each reported), then
-turned into dense float32 where that is faster and fits (`runner.mlx_cpu`). In a group
-every rank runs the same steps: no rank may stop on its own (a cancel is passed to the
-others through the pipeline's stop sum and every rank stops at the same token), a
-stalled peer ends the process, and a ring error ends it with RING_BROKEN_EXIT.
+turned into dense float32 where that is faster and fits (`runner.mlx_cpu`); its chats are
+batched (`runner.mlx_batch`: as many at once as memory allows). In a group every rank runs
+one chat at a time, in the same steps: no rank may stop on its own (a cancel is passed to the
+others through the pipeline's stop sum and every rank stops at the same token), a stalled
+peer ends the process, and a ring error ends it with RING_BROKEN_EXIT.
 """
 
 from __future__ import annotations
@@ -19,10 +20,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 from loguru import logger
 
 from exojet.runner.engine_backend import RequestError, check_fits, raw_prompt
 from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
+from exojet.runner.mlx_batch import (
+    BatchDriver,
+    Capacity,
+    Sampling,
+    chat_capacity,
+    kv_bytes_per_token,
+    make_chat_sampler,
+)
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 
@@ -31,6 +41,10 @@ from exojet.runner.stop_scanner import StopScanner
 STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
 LOAD_STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_LOAD_STALL_S", "300"))
 _LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# A batched chat waiting for its next token looks at its cancel flag this often.
+CANCEL_POLL_S = 0.05
+# MLX's random keys are 64-bit.
+SEEDS = 2**64
 
 
 def _shard_range(req: Load, n_layers: int, path: Path) -> tuple[int, int]:
@@ -101,14 +115,16 @@ class MlxEngine:
     """An mlx-lm model (or a pipeline rank's shard of one) in this process."""
 
     engine = "mlx"
-    # One generation at a time (batching MLX is issue 29's).
-    capacity = 1
 
     def __init__(self, req: Load, group: Any, on_layer: Callable[[int, int], None]) -> None:
         self.group = group
         self.model: Any = None
         self.tokenizer: Any = None
         self._context: int | None = None
+        # Chats at once: a whole model's are batched by `_batch`; a pipeline rank serves one.
+        self.capacity = 1
+        self._capacity_reason = "a pipeline rank serves one chat at a time"
+        self._batch: BatchDriver | None = None
         self._started = time.perf_counter()
         path = Path(req.model_path)
         if group is not None:
@@ -145,7 +161,21 @@ class MlxEngine:
             weight_bytes = to_dense_float32(model)
         self.model, self.tokenizer = model, tokenizer
         self._context = _context_length(config)
+        self._start_batching()
         return self._report(path, config, n_layers, (start, end), weight_bytes, weights, reason)
+
+    def _start_batching(self) -> None:
+        """Size the batch by the memory left once the weights are in, and start its driver."""
+        import psutil
+
+        per_token = kv_bytes_per_token(self.model)
+        if per_token is None:
+            capacity = Capacity(1, "mlx-lm cannot batch this model's KV caches")
+        else:
+            capacity = chat_capacity(psutil.virtual_memory().available, per_token, self._context)
+        self.capacity, self._capacity_reason = capacity.chats, capacity.reason
+        if capacity.chats > 1:
+            self._batch = BatchDriver(self.model, list(self.tokenizer.eos_token_ids), capacity.chats)
 
     def _load_shard(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
         from mlx.utils import tree_flatten
@@ -182,7 +212,12 @@ class MlxEngine:
         seconds = time.perf_counter() - self._started
         start, end = shard
         logger.bind(model=str(path), start=start, end=end).info(
-            "loaded {} bytes of weights ({}: {}) in {:.2f} s", weight_bytes, weights, reason, seconds
+            "loaded {} bytes of weights ({}: {}) in {:.2f} s; {}",
+            weight_bytes,
+            weights,
+            reason,
+            seconds,
+            self._capacity_reason,
         )
         return ModelLoaded(
             n_layers=n_layers,
@@ -194,26 +229,24 @@ class MlxEngine:
             weights=weights,
             weights_reason=reason,
             engine=self.engine,
+            chat_capacity=self.capacity,
         )
 
     def close(self) -> None:
         """Drop the model and return its memory to the system."""
         import mlx.core as mx
 
+        if self._batch is not None:
+            self._batch.close()
+            self._batch = None
         self.model = self.tokenizer = None
         gc.collect()
         mx.clear_cache()
 
     def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
-        import mlx.core as mx
-        from mlx_lm import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
-        from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
-
         started = time.perf_counter()
         try:
-            # A chat template may refuse a role it does not know; mlx a seed it cannot hold.
+            # A chat template may refuse a role it does not know.
             prompt = (
                 self.tokenizer.encode(raw_prompt(req))
                 if req.raw
@@ -222,13 +255,62 @@ class MlxEngine:
                     add_generation_prompt=True,
                 )
             )
-            if req.seed is not None:
-                mx.random.seed(req.seed)
+        except RequestError:
+            raise
         except Exception as exc:
-            raise RequestError("InvalidRequest", f"the model cannot take these messages or seed: {exc}") from exc
+            raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
+        if not prompt:
+            raise RequestError("InvalidRequest", "the prompt is empty")
+        if req.seed is not None and not 0 <= req.seed < SEEDS:
+            raise RequestError("InvalidRequest", f"seed {req.seed} is not in [0, 2**64): MLX cannot hold it")
         check_fits(len(prompt), req.max_tokens, self._context)
-        sampler = make_sampler(req.temperature, req.top_p)
-        scanner = StopScanner(req.stop)
+        call = _Call(req, prompt, Sampling(req.temperature, req.top_p, req.seed), emit, cancelled, started)
+        if self._batch is not None:
+            return self._generate_batched(self._batch, call)
+        return self._generate_alone(call)
+
+    def _generate_batched(self, batch: BatchDriver, call: _Call) -> Done:
+        """The chat among the others of the batch: its tokens come from the driver thread."""
+        chat = batch.submit(call.prompt, call.req.max_tokens, call.sampling)
+        detokenizer = self.tokenizer.detokenizer
+        scanner = StopScanner(call.req.stop)
+        first_at = None
+        finish: Literal["stop", "length", "cancelled"] = "length"
+        completion_tokens = 0
+        try:
+            while True:
+                if call.cancelled():
+                    finish = "cancelled"
+                    break
+                # Bounded, so a cancel is seen while a long prompt is prefilled.
+                step = chat.next_step(CANCEL_POLL_S)
+                if step is None:
+                    continue
+                first_at = first_at or time.perf_counter()
+                # The end-of-sequence token ends a generation without being part of it.
+                if step.finish != "stop":
+                    detokenizer.add_token(step.token)
+                    completion_tokens += 1
+                if step.finish is not None:
+                    detokenizer.finalize()
+                delta, stopped = scanner.feed(detokenizer.last_segment)
+                if call.emit is not None and delta:
+                    call.emit(delta)
+                if stopped or step.finish is not None:
+                    finish = "stop" if stopped else step.finish or "length"
+                    break
+        finally:
+            chat.leave()
+        return _done(scanner, call, finish, completion_tokens, first_at)
+
+    def _generate_alone(self, call: _Call) -> Done:
+        """The chat on its own (a pipeline rank in step with the others, or a model whose
+        caches mlx-lm cannot batch)."""
+        from mlx_lm import stream_generate
+
+        from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
+
+        scanner = StopScanner(call.req.stop)
         first_at = None
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
@@ -237,9 +319,10 @@ class MlxEngine:
         if stage is not None:
             stage.stop_asked = False
         watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
+        sampler = make_chat_sampler(call.sampling)
         with ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
-                self.model, self.tokenizer, prompt, max_tokens=req.max_tokens, sampler=sampler
+                self.model, self.tokenizer, call.prompt, max_tokens=call.req.max_tokens, sampler=sampler
             ):
                 if watchdog is not None:
                     watchdog.beat()
@@ -249,12 +332,12 @@ class MlxEngine:
                 eos = response.finish_reason == "stop"
                 completion_tokens = response.generation_tokens - (1 if eos else 0)
                 delta, stopped = scanner.feed(response.text)
-                if emit is not None and delta:
-                    emit(delta)
+                if call.emit is not None and delta:
+                    call.emit(delta)
                 if stopped or eos:
                     finish = "stop"
                     break
-                if cancelled():
+                if call.cancelled():
                     if stage is None:
                         finish = "cancelled"
                         break
@@ -264,19 +347,41 @@ class MlxEngine:
                     break
             if in_group:
                 pipeline_barrier(self.group)
-        tail = scanner.flush()
-        if emit is not None and tail:
-            emit(tail)
-        ended = time.perf_counter()
-        first_at = first_at or ended
-        # Decode speed: the tokens after the first, over the time after the first.
-        decode_seconds = ended - first_at
-        decoded = completion_tokens - 1
-        return Done(
-            text=scanner.text,
-            finish_reason=finish,
-            prompt_tokens=len(prompt),
-            completion_tokens=completion_tokens,
-            tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
-            time_to_first_token=first_at - started,
-        )
+        return _done(scanner, call, finish, completion_tokens, first_at)
+
+
+class _Call(msgspec.Struct, frozen=True):
+    """One generation as the engine took it: the request, its prompt's tokens, where its text goes."""
+
+    req: Generate
+    prompt: list[int]
+    sampling: Sampling
+    emit: Callable[[str], None] | None
+    cancelled: Callable[[], bool]
+    started: float
+
+
+def _done(
+    scanner: StopScanner,
+    call: _Call,
+    finish: Literal["stop", "length", "cancelled"],
+    completion_tokens: int,
+    first_at: float | None,
+) -> Done:
+    """A generation's end: the text held back for a possible stop string sent, its numbers."""
+    tail = scanner.flush()
+    if call.emit is not None and tail:
+        call.emit(tail)
+    ended = time.perf_counter()
+    first_at = first_at or ended
+    # Decode speed: the tokens after the first, over the time after the first.
+    decode_seconds = ended - first_at
+    decoded = completion_tokens - 1
+    return Done(
+        text=scanner.text,
+        finish_reason=finish,
+        prompt_tokens=len(call.prompt),
+        completion_tokens=completion_tokens,
+        tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
+        time_to_first_token=first_at - call.started,
+    )

@@ -57,8 +57,8 @@ class EngineContract:
     ENDLESS = 1_000_000
     # The layers of the model `model_path` names.
     N_LAYERS = 4
-    # Generations the engine serves at once.
-    CHAT_CAPACITY = 1
+    # Generations the engine serves at once (None: what memory allows, more than one).
+    CHAT_CAPACITY: int | None = 1
     # Whether a greedy answer served beside others equals the same answer served alone.
     BATCH_EXACT = True
 
@@ -204,7 +204,10 @@ class EngineContract:
     @pytest.mark.timeout(120)
     async def test_generations_at_once_answer_as_each_alone(self, engine: Engine, model_path: Path) -> None:
         loaded = await engine.load(str(model_path))
-        assert loaded.chat_capacity == self.CHAT_CAPACITY
+        if self.CHAT_CAPACITY is None:
+            assert loaded.chat_capacity > 1
+        else:
+            assert loaded.chat_capacity == self.CHAT_CAPACITY
         if loaded.chat_capacity < 2:
             pytest.skip("this engine serves one generation at a time")
         asks = [[Message(role="user", content=f"tell me about {w}")] for w in TOPICS[: loaded.chat_capacity]]

@@ -17,6 +17,7 @@ from exojet.models.smollm import ensure_default_model
 from exojet.runner.engine import Engine, EngineError
 from exojet.runner.engine_protocol import LayersLoaded
 from exojet.runner.executor import LoadThrottle
+from exojet.runner.mlx_batch import MAX_CHATS
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
@@ -29,6 +30,8 @@ class MLXContract(EngineContract):
     """The engine contract on MLX, with the tiny llama as it is; subclasses change the model."""
 
     ENGINE = "mlx"
+    # The tiny models' KV caches are small: memory allows the most chats a batch takes.
+    CHAT_CAPACITY = MAX_CHATS
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -162,6 +165,8 @@ class TestMLXDefaultModel(MLXContract):
     the slow set (.ci/run runs it after the suite)."""
 
     N_LAYERS = 30
+    # Its KV cache is 46 kB a token in float32: how many chats fit depends on the free memory.
+    CHAT_CAPACITY = None
     # Its context window (8192), less the prompt.
     ENDLESS = 8192 - 64
     # Run by TestMLXEngine on the same big model; here it would follow this class's loads of a

@@ -1,0 +1,248 @@
+"""MLX chats batched through mlx-lm's `BatchGenerator` (continuous batching), in the engine child.
+
+One driver thread owns the generator: it alone calls MLX for the batch, so the generator (not
+thread-safe) never sees two threads. Each chat runs in a thread of its own (the engine child's,
+as for every engine of capacity above 1): it hands the driver its prompt tokens and sampling
+through the inbox and reads its tokens from its own queue. Between two decode steps the driver
+inserts the chats that arrived (a new chat's prefill interleaves with the others' decoding) and
+removes the ones their thread gave up (a cancel, a deadline, a stop string); a chat that ends on
+its own (an end-of-sequence token, `max_tokens`) leaves the batch by itself.
+
+How many chats at once (`chat_capacity`) is what memory allows: each chat's KV cache at
+CHAT_WINDOW tokens (or the model's window, if shorter), in half the memory left free once the
+weights are in, at most MAX_CHATS (mlx-lm's server decodes 32 at once by default).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import msgspec
+from loguru import logger
+
+# mlx-lm's server's default decode concurrency: beyond it a step's cost grows with the batch.
+MAX_CHATS = 32
+# The KV caches' share of the memory free after the weights are in (the rest: prompts being
+# tokenized, MLX's buffer cache, other processes).
+KV_MAX_FREE_FRACTION = 0.5
+# A chat is counted at this many tokens of KV cache (or its model's window, if shorter), as
+# llama.cpp's engine here gives each chat a window of 4,096 (`engine_llamacpp.MAX_CONTEXT`):
+# counting a long-context model's whole window (128k tokens) would leave it one chat.
+CHAT_WINDOW = 4096
+# Prompts prefilled together (mlx-lm's server's default prompt concurrency).
+PREFILL_CHATS = 8
+
+
+class Sampling(msgspec.Struct, frozen=True):
+    """How one chat picks its tokens (temperature 0: greedy)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+class Step(msgspec.Struct, frozen=True):
+    """One token of a chat; `finish` on its last ("stop": the token is an end-of-sequence one)."""
+
+    token: int
+    finish: Literal["stop", "length"] | None = None
+
+
+class Capacity(msgspec.Struct, frozen=True):
+    """Chats served at once, and why."""
+
+    chats: int
+    reason: str
+
+
+def chat_capacity(free_bytes: int, kv_bytes_per_token: int, window: int | None) -> Capacity:
+    """How many chats fit in memory, each counted at CHAT_WINDOW tokens or its model's
+    `window` (None: unknown), whichever is shorter."""
+    tokens = min(window or CHAT_WINDOW, CHAT_WINDOW)
+    per_chat = max(1, kv_bytes_per_token * tokens)
+    budget = int(free_bytes * KV_MAX_FREE_FRACTION)
+    chats = max(1, min(MAX_CHATS, budget // per_chat))
+    return Capacity(
+        chats,
+        f"{chats} chats of up to {tokens} tokens ({per_chat / 1e6:.0f} MB of KV cache each) "
+        f"in {KV_MAX_FREE_FRACTION:.0%} of {free_bytes / 1e6:.0f} MB free, at most {MAX_CHATS}",
+    )
+
+
+def kv_bytes_per_token(model: Any) -> int | None:
+    """The KV cache bytes one token of one chat takes on `model` (measured on one token);
+    None if its caches cannot be batched (mlx-lm merges only some cache types)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    if not all(hasattr(c, "merge") for c in cache):
+        return None
+    model(mx.array([[0]]), cache=cache)
+    mx.eval([c.state for c in cache])
+    # A cache holds room for KVCache.step tokens once it holds one; a cache that does not grow
+    # with the chat (a sliding window, a recurrent state) is so counted generously.
+    return max(1, -(-sum(c.nbytes for c in cache) // KVCache.step))
+
+
+def make_chat_sampler(sampling: Sampling) -> Any:
+    """The chat's sampler (None: greedy, which the generator batches in one argmax).
+
+    A seeded chat draws from a random key of its own, split at each token, so its answer does
+    not depend on the chats beside it (MLX's global random state is shared by all of them).
+    Call in the driver thread: it makes MLX arrays.
+    """
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+    if sampling.temperature == 0:
+        return None
+    if sampling.seed is None:
+        return make_sampler(sampling.temperature, sampling.top_p)
+    key = mx.random.key(sampling.seed)
+    scale = 1.0 / sampling.temperature
+    top_p = sampling.top_p
+
+    def sample(logprobs: Any) -> Any:
+        nonlocal key
+        key, draw = mx.random.split(key)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        return mx.random.categorical(logprobs * scale, key=draw)
+
+    return sample
+
+
+class BatchChat:
+    """One chat in the batch, as its own thread sees it."""
+
+    def __init__(self, driver: BatchDriver) -> None:
+        self.driver = driver
+        self.steps: queue.SimpleQueue[Step | BaseException] = queue.SimpleQueue()
+        # Set by the driver when the chat is in the generator (read by the driver only).
+        self.uid: int | None = None
+        self.ended = False
+
+    def next_step(self, timeout: float) -> Step | None:
+        """The chat's next token (None if none came within `timeout` seconds); raises what
+        the driver failed with."""
+        try:
+            item = self.steps.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if isinstance(item, BaseException):
+            self.ended = True
+            raise item
+        if item.finish is not None:
+            self.ended = True
+        return item
+
+    def leave(self) -> None:
+        """Take the chat out of the batch if it is still in it (a cancel, a stop string)."""
+        if not self.ended:
+            self.ended = True
+            self.driver.inbox.put(_Remove(self))
+
+
+class _Insert(msgspec.Struct, frozen=True):
+    chat: BatchChat
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+
+
+class _Remove(msgspec.Struct, frozen=True):
+    chat: BatchChat
+
+
+class _Close(msgspec.Struct, frozen=True):
+    pass
+
+
+class BatchDriver:
+    """The thread that steps `model`'s BatchGenerator for every chat in flight."""
+
+    def __init__(self, model: Any, eos_token_ids: list[int], capacity: int) -> None:
+        self.model = model
+        self.eos_token_ids = eos_token_ids
+        self.capacity = capacity
+        self.inbox: queue.SimpleQueue[_Insert | _Remove | _Close] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="mlx-batch", daemon=True)
+        self.thread.start()
+
+    def submit(self, prompt: list[int], max_tokens: int, sampling: Sampling) -> BatchChat:
+        """Start a chat: its tokens come through the returned handle."""
+        chat = BatchChat(self)
+        self.inbox.put(_Insert(chat, prompt, max_tokens, sampling))
+        return chat
+
+    def close(self) -> None:
+        """Stop the driver (no chat may be in flight) and drop its caches."""
+        self.inbox.put(_Close())
+        self.thread.join()
+
+    def _generator(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        return BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in self.eos_token_ids],
+            completion_batch_size=self.capacity,
+            prefill_batch_size=min(self.capacity, PREFILL_CHATS),
+        )
+
+    def _run(self) -> None:
+        gen = self._generator()
+        chats: dict[int, BatchChat] = {}
+        while True:
+            for message in self._messages(block=not chats):
+                if isinstance(message, _Close):
+                    gen.close()
+                    return
+                self._apply(gen, chats, message)
+            if not chats:
+                continue
+            try:
+                _, responses = gen.next()
+            except Exception as exc:  # the batch's state is unknown: fail its chats, start anew
+                logger.exception("MLX batch step failed")
+                for chat in chats.values():
+                    chat.steps.put(exc)
+                chats.clear()
+                gen.close()
+                gen = self._generator()
+                continue
+            for r in responses:
+                if (owner := chats.get(r.uid)) is None:
+                    continue
+                owner.steps.put(Step(r.token, r.finish_reason))
+                if r.finish_reason is not None:
+                    del chats[r.uid]
+
+    def _messages(self, block: bool) -> Iterator[_Insert | _Remove | _Close]:
+        """What the chats asked since the last step (waiting for one when `block`)."""
+        if block:
+            yield self.inbox.get()
+        while True:
+            try:
+                yield self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, gen: Any, chats: dict[int, BatchChat], message: _Insert | _Remove) -> None:
+        if isinstance(message, _Remove):
+            uid = message.chat.uid
+            if uid is not None and chats.pop(uid, None) is not None:
+                gen.remove([uid])
+            return
+        try:
+            sampler = make_chat_sampler(message.sampling)
+            (uid,) = gen.insert([message.prompt], [message.max_tokens], samplers=[sampler])
+        except Exception as exc:  # this chat's request, not the batch, is at fault
+            message.chat.steps.put(exc)
+            return
+        message.chat.uid = uid
+        chats[uid] = message.chat
