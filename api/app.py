@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import msgspec
 from nats.aio.client import Client as NATS
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,7 +33,7 @@ from exojet.api import (
     dialect_responses,
     openapi,
 )
-from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
+from exojet.api.config import ApiConfig
 from exojet.api.dialect_base import json_response, served_models
 from exojet.api.errors import ApiError, not_found, unavailable
 from exojet.api.gateway import Gateway
@@ -42,22 +41,9 @@ from exojet.api.page import page_routes
 from exojet.api.page_login import LOGIN_PATH, has_page_cookie, login_form, login_route
 from exojet.bus.nats import client
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 PUBLIC_PATHS = ("/health", LOGIN_PATH)
 # How long /openapi.json waits for the served models it gives as examples.
 SCHEMA_EXAMPLES_WAIT_S = 2.0
-
-
-class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
-    nats_url: str
-    api_key: str | None = None
-    # Host header names accepted (None: any). A loopback API accepts only
-    # loopback names, so a web page on a rebound domain cannot reach it.
-    allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES
-    cors_origins: tuple[str, ...] = ()
-    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT
-    liveness_timeout: float = 5.0
-    route_timeout: float = 10.0
 
 
 def _openai_error(err: ApiError) -> Response:

@@ -29,6 +29,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from exojet.api.chat_request import ChatRequest
+from exojet.api.config import DEFAULT_LIVENESS_TIMEOUT_S
 from exojet.api.errors import ApiError, unavailable
 from exojet.bus import streams, subjects
 from exojet.bus.cancel import CancelTask
@@ -44,7 +45,6 @@ from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S, QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
 from exojet.bus.tasks import ChatCompletion
 
-DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 # How long a chat may wait for a supervisor to route it before the API answers 503: as long as
 # any query waits for a supervisor (through a leader election and a reconnect).
 DEFAULT_ROUTE_TIMEOUT_S = SUPERVISOR_WAIT_S

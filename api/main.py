@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import signal
 
 import uvicorn
 from loguru import logger
 from nats.aio.client import Client as NATS
 
-from exojet.api.app import LOOPBACK_NAMES, ApiConfig, create_app
+from exojet.api.app import create_app
+from exojet.api.config import ApiConfig
 from exojet.bus.nats import client
-
-DEFAULT_PORT = 52415
-
-
-def allowed_hosts(host: str, extra: tuple[str, ...]) -> tuple[str, ...] | None:
-    """Host header names to accept: loopback names on a loopback bind (no DNS
-    rebinding), the bound name elsewhere, any when bound to every address (unless `extra`)."""
-    try:
-        ip = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return (*LOOPBACK_NAMES, host.lower(), *extra) if host == "localhost" else (host.lower(), *extra)
-    if ip.is_loopback:
-        return (*LOOPBACK_NAMES, *extra)
-    if ip.is_unspecified:
-        return extra or None
-    return (str(ip), *extra)
 
 
 def serve(config: ApiConfig, host: str, port: int) -> int:

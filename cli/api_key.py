@@ -17,8 +17,9 @@ from pathlib import Path
 
 from loguru import logger
 
+from exojet.api.config import is_loopback
+
 API_KEY_ENV = "EXO_API_KEY"
-LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class BadApiKeyFile(ValueError):
@@ -51,10 +52,6 @@ def add_key_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve beyond loopback without an API key, open to anyone who reaches it (logs a warning)",
     )
-
-
-def is_loopback(host: str) -> bool:
-    return host.strip("[]").lower() in LOOPBACK
 
 
 def read_key_file(path: Path) -> str:

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 from exojet.bus.ops import certs, identities
+from exojet.cli.options import Subparsers
 
 
-def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("auth", help="identities and TLS for a server shared by several teams")
     asub = p.add_subparsers(dest="auth_command", required=True)
     q = asub.add_parser(
@@ -19,9 +20,11 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     q.add_argument("--runners", default="", help="runner ids, comma-separated (add more later with add-runner)")
     q.add_argument("--tls", action="store_true", help="also a private CA and a server certificate")
     q.add_argument("--hosts", default="", help="with --tls: names/addresses the server is reached by, comma-separated")
+    q.set_defaults(func=run)
     q = asub.add_parser("add-runner", help="a seed for runner-ID, auth.conf rebuilt; a running `exojet nats` reloads")
     q.add_argument("dir", type=Path, help="the auth dir `exojet auth init` wrote")
     q.add_argument("id", help="the new runner's id (its identity is runner-ID)")
+    q.set_defaults(func=run)
 
 
 def _split(value: str) -> list[str]:

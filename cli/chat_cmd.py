@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import sys
 import uuid
 
@@ -12,10 +14,38 @@ from exojet.bus.codec import encode
 from exojet.bus.nats import client
 from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S
 from exojet.bus.nats.query_client import QueryFailed, query
-from exojet.bus.tasks import ChatCompletion, ChatMessage
-from exojet.cli.log_cmds import wait_task
+from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, ChatMessage
+from exojet.cli.options import Subparsers, add_nats, add_wait_timeout
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
+from exojet.cli.task_cmd import wait_task
 from exojet.projections.queries import MAX_LIMIT
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("chat", help="ask a Ready runner; the answer streams as it is generated")
+    p.add_argument("prompt", help="the user message to send")
+    p.add_argument(
+        "--runner",
+        default=None,
+        help="send to this runner directly (default: routed by the supervisors to a Ready instance)",
+    )
+    p.add_argument("--model", default=None, help="only instances/runners serving this model id")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help="most tokens to generate (default %(default)s)",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    add_wait_timeout(p, "seconds to wait for the whole answer")
+    add_nats(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(
+        chat(args.nats, args.prompt, args.runner, args.model, args.max_tokens, args.temperature, args.timeout)
+    )
 
 
 async def _ready_runner(nc: NATS, wanted: str | None, model_id: str | None) -> str | None:

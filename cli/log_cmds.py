@@ -1,194 +1,148 @@
-"""`exojet task`, `exojet state`, `exojet replay`: publish, query, and read the log."""
+"""`exojet replay`, `exojet explain`, `exojet log export`: read the log (`EXO_LOG`, or an archive)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
-from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
 
 from exojet.bus import streams, subjects
-from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.nats import client, stream_setup
-from exojet.bus.nats.chunk_order import read_chunks
-from exojet.bus.nats.follower import Follower
-from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.nats import client
 from exojet.bus.ops.archive import ArchiveError, ArchiveWriter, replay_archive
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from exojet.bus.tasks import ChatCompletion
 from exojet.cli.html_report import DEFAULT_MAX_BYTES, HtmlReport
-from exojet.cli.render import render_instance, render_runner, render_state, render_task
+from exojet.cli.options import Subparsers, add_nats, fail
+from exojet.cli.render import render_state
 from exojet.cli.timeline import timeline_line
 from exojet.projections.apply import apply
 from exojet.projections.checks import check
 from exojet.projections.explain import Explainer, UnknownId
-from exojet.projections.queries import Paging, state_reply
+from exojet.projections.queries import state_reply
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, envelope_json, message_of, task_id_of
-
-
-def _fail(message: str, code: int = 1) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
-async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, timeout: float) -> int:
-    """Validate and publish a task; with `wait`, follow it to its terminal status."""
-    if problem := subjects.id_problem(runner_id):
-        return _fail(problem, 2)
-    data = payload.encode()
-    try:
-        task = decode_task(data)
-    except BadInput as err:
-        return _fail(f"{err.error_type}: {err.message}", 2)
-    nc = await client.connect(nats_url, name="exojet-cli")
-    try:
-        js = nc.jetstream()
-        await stream_setup.ensure_streams(js)
-        ack = await client.publish(js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
-        task_id = task.task_id or str(ack.seq)
-        print(f"task {task_id} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else ""))
-        if not wait:
-            return 0
-        stream_id = (task.stream_id if isinstance(task, ChatCompletion) else None) or task_id
-        return await wait_task(nc, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
-    finally:
-        await nc.close()
-
-
-async def wait_task(
-    nc: NATS,
-    runner_id: str,
-    task_id: str,
-    after_seq: int,
-    stream_id: str,
-    chat: bool,
-    timeout: float,
-    verbose: bool = True,
-) -> int:
-    """Follow a published task to its terminal status (printing a chat's chunks); exit code."""
-    done: asyncio.Future[TaskStatusUpdated] = asyncio.get_running_loop().create_future()
-
-    def on_event(env: Envelope) -> None:
-        message = message_of(env)
-        if isinstance(message, TaskStatusUpdated) and message.task_id == task_id:
-            failed = message.task_status not in (TaskStatus.RUNNING, TaskStatus.COMPLETE)
-            if verbose or failed:
-                print(
-                    f"  {message.task_status}"
-                    + (f" ({message.error_type}: {message.error_message})" if message.error_type else ""),
-                    file=sys.stderr,
-                )
-            if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
-                done.set_result(message)
-
-    subs: list[Follower | Subscription] = [
-        await client.follow(nc, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
-    ]
-    if chat:
-        subs += await read_chunks(nc, subjects.chunks_subject(runner_id, stream_id), _print_text)
-    try:
-        final = await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        return _fail(f"task {task_id} reached no terminal status within {timeout} s")
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
-    if chat:
-        print()
-    return 0 if final.task_status == TaskStatus.COMPLETE else 1
-
-
-def _print_text(text: str) -> None:
-    print(text, end="", flush=True)
-
-
-class Scope(msgspec.Struct, frozen=True, kw_only=True):
-    """What `exojet state` asks about: one runner, task or instance, else the whole cluster."""
-
-    runner_id: str | None = None
-    task_id: str | None = None
-    instance_id: str | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return "runner" if self.runner_id else "task" if self.task_id else "instance" if self.instance_id else "state"
-
-
-async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, paging: Paging) -> int:
-    """Print the supervisor's projection (or one runner, task or instance of it), a page at a time."""
-    nc = await client.connect(nats_url, name="exojet-cli")
-    endpoint = scope.endpoint
-    try:
-        try:
-            reply = await query(
-                nc,
-                endpoint,
-                **msgspec.structs.asdict(scope),
-                min_seq=min_seq or None,
-                offset=paging.offset,
-                limit=paging.limit,
-            )
-        except QueryFailed as err:
-            return _fail(f"{err.code}: {err.message}")
-    finally:
-        await nc.close()
-    if as_json:
-        print(msgspec.json.encode(reply).decode())
-    else:
-        renders = {"runner": render_runner, "task": render_task, "instance": render_instance, "state": render_state}
-        print(renders[endpoint](reply))
-    return 0
-
 
 _json = msgspec.json.Encoder()
 
 
-async def replay_log(
-    nats_url: str,
-    runner_id: str | None,
-    task_id: str | None,
-    from_seq: int,
-    to_seq: int | None,
-    as_json: bool,
-    show: bool,
-    run_check: bool,
-    archive: Path | None = None,
-    html: Path | None = None,
-    html_max_bytes: int = DEFAULT_MAX_BYTES,
-) -> int:
+def add_parsers(sub: Subparsers) -> None:
+    """Register `replay`, `explain` and `log export`."""
+    _add_replay(sub)
+    p = sub.add_parser("explain", help="how a task, runner, instance or chat got its status, and why (from the log)")
+    p.add_argument("id", help="a runner, task, instance or routed chat id")
+    p.add_argument("--json", action="store_true", help="print JSON instead of words")
+    _add_file(p)
+    add_nats(p)
+    p.set_defaults(func=lambda args: asyncio.run(explain_id(args.nats, args.id, args.file, args.json)))
+
+    p = sub.add_parser("log", help="the log itself")
+    log_sub = p.add_subparsers(dest="log_command", required=True)
+    p = log_sub.add_parser("export", help="archive a range of EXO_LOG as gzip JSON lines (`replay --file` reads it)")
+    _add_range(p)
+    p.add_argument("file", type=Path, help="the archive to write (gzip-compressed JSON lines)")
+    add_nats(p)
+    p.set_defaults(func=lambda args: asyncio.run(export_log(args.nats, args.from_seq, args.to_seq, args.file)))
+
+
+def _add_range(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="from_seq", type=int, default=1, help="first log sequence (default %(default)s)")
+    p.add_argument("--to", dest="to_seq", type=int, default=None, help="last log sequence (default: the newest)")
+
+
+def _add_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--file", type=Path, default=None, help="read an archive `exojet log export` wrote, not EXO_LOG")
+
+
+def _add_replay(sub: Subparsers) -> None:
+    p = sub.add_parser("replay", help="the log's timeline, rebuilt locally (no supervisor needed)")
+    p.add_argument("--runner", default=None, help="only the messages about this runner")
+    p.add_argument("--task", default=None, help="only the messages about this task")
+    _add_range(p)
+    p.add_argument("--json", action="store_true", help="one JSON object a line: seq, subject, time, message")
+    p.add_argument("--state", action="store_true", help="print the projection as of --to (instead of the timeline)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any",
+    )
+    _add_file(p)
+    p.add_argument(
+        "--html",
+        type=Path,
+        default=None,
+        help="write the timeline as one self-contained HTML file (instead of printing it)",
+    )
+    p.add_argument(
+        "--html-max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="embed the cluster state of the newest marks up to this many bytes "
+        f"(default {DEFAULT_MAX_BYTES >> 20} MiB)",
+    )
+    add_nats(p)
+    p.set_defaults(func=lambda args: asyncio.run(replay_log(args.nats, Replay.of(args))))
+
+
+class Replay(msgspec.Struct, frozen=True, kw_only=True):
+    """What `exojet replay` reads and prints: which messages, and as what."""
+
+    runner_id: str | None = None
+    task_id: str | None = None
+    from_seq: int = 1
+    to_seq: int | None = None
+    as_json: bool = False
+    show_state: bool = False
+    run_check: bool = False
+    archive: Path | None = None
+    html: Path | None = None
+    html_max_bytes: int = DEFAULT_MAX_BYTES
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> Replay:
+        return cls(
+            runner_id=args.runner,
+            task_id=args.task,
+            from_seq=args.from_seq,
+            to_seq=args.to_seq,
+            as_json=args.json,
+            show_state=args.state,
+            run_check=args.check,
+            archive=args.file,
+            html=args.html,
+            html_max_bytes=args.html_max_bytes,
+        )
+
+
+async def replay_log(nats_url: str, replay: Replay) -> int:
     """Print the log's timeline (filtered), and optionally the state as of `to_seq` and its check.
 
     The log is `EXO_LOG`, or an archive that `exojet log export` wrote, read alike."""
-    if html is not None:
-        return await _write_html(nats_url, archive, to_seq, html, html_max_bytes)
+    if replay.html is not None:
+        return await _write_html(nats_url, replay.archive, replay.to_seq, replay.html, replay.html_max_bytes)
     state = ClusterState()
     # --state and --check answer a question of their own; the timeline would bury it.
-    timeline = not (show or run_check)
+    timeline = not (replay.show_state or replay.run_check)
 
     # The fold always starts at the log's first message so every line is judged
     # against the real state before it; only printing honours --from.
     def on_env(env: Envelope) -> None:
         nonlocal state
         message = message_of(env)
-        if timeline and env.seq >= from_seq and _selected(env, message, runner_id, task_id):
-            if as_json:
+        if timeline and env.seq >= replay.from_seq and _selected(env, message, replay.runner_id, replay.task_id):
+            if replay.as_json:
                 print(_json.encode(envelope_json(env)).decode())
             else:
                 print(timeline_line(env, *describe(state, env, message)))
         state = apply(state, env)
 
-    if problem := await read_log(nats_url, archive, on_env, to_seq):
-        return _fail(problem)
-    if show:
-        print(render_state(msgspec.to_builtins(state_reply(state))) if not as_json else _json.encode(state).decode())
-    if run_check:
+    if problem := await read_log(nats_url, replay.archive, on_env, replay.to_seq):
+        return fail(problem)
+    if replay.show_state:
+        print(_json.encode(state).decode() if replay.as_json else render_state(msgspec.to_builtins(state_reply(state))))
+    if replay.run_check:
         return _print_check(state)
     return 0
 
@@ -196,9 +150,9 @@ async def replay_log(
 async def _write_html(nats_url: str, archive: Path | None, to_seq: int | None, path: Path, max_bytes: int) -> int:
     report = HtmlReport(max_bytes)
     if problem := await read_log(nats_url, archive, report.on_env, to_seq):
-        return _fail(problem)
+        return fail(problem)
     if not report.marks:
-        return _fail("the log is empty: nothing to draw")
+        return fail("the log is empty: nothing to draw")
     embedded = report.write(path, f"exojet log, seq {report.marks[0].seq}-{report.marks[-1].seq}")
     print(f"wrote {path}: {len(report.marks)} messages, the cluster state embedded for the newest {embedded}")
     return 0
@@ -226,11 +180,11 @@ async def explain_id(nats_url: str, target_id: str, archive: Path | None, as_jso
     """Print the chain of messages that led `target_id` to its status, then its cause in one line."""
     explainer = Explainer(target_id)
     if problem := await read_log(nats_url, archive, explainer.feed):
-        return _fail(problem)
+        return fail(problem)
     try:
         found = explainer.result()
     except UnknownId as err:
-        return _fail(str(err))
+        return fail(str(err))
     if as_json:
         print(_json.encode(found).decode())
         return 0
@@ -272,7 +226,7 @@ async def export_log(nats_url: str, from_seq: int, to_seq: int | None, path: Pat
         writer.close()
         await nc.close()
     if writer.count == 0:
-        return _fail(f"nothing to export: the log holds seq {info.state.first_seq}-{info.state.last_seq}")
+        return fail(f"nothing to export: the log holds seq {info.state.first_seq}-{info.state.last_seq}")
     if writer.first_seq > from_seq:
         print(f"note: the log starts at seq {info.state.first_seq}; earlier messages were removed", file=sys.stderr)
     print(f"exported {writer.count} messages, seq {writer.first_seq}-{writer.last_seq}, to {path}")

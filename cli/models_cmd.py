@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
+from exojet.cli.options import Subparsers, add_models_dir
 from exojet.cli.render import table
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("models", help="the models dir: list, import-gguf")
+    msub = p.add_subparsers(dest="models_command", required=True)
+    q = msub.add_parser("list", help="complete models with their sizes")
+    add_models_dir(q)
+    q.set_defaults(func=lambda args: list_models_cmd(args.models_dir))
+    q = msub.add_parser("import-gguf", help="import a llama GGUF (Q4_0, Q4_1, Q8_0, F16, F32) as an mlx-lm model")
+    q.add_argument("path", type=Path, help="the GGUF file")
+    q.add_argument("--name", required=True, help="model id to import it as, e.g. local/my-llama")
+    q.add_argument(
+        "--dtype",
+        default=DTYPES[0],
+        choices=DTYPES,
+        help="scales, biases and dense tensors (float32 is fastest on a CPU)",
+    )
+    q.add_argument("--dequantize", action="store_true", help="write dense weights instead of quantized ones")
+    add_models_dir(q)
+    q.set_defaults(func=_run_import)
+
+
+def _run_import(args: argparse.Namespace) -> int:
+    return import_gguf_cmd(args.path, args.name, args.models_dir, args.dtype, args.dequantize)
 
 
 def list_models_cmd(models_dir: Path) -> int:

@@ -1,8 +1,10 @@
-"""`exojet nats` as a cluster node, and `exojet streams` (replicas)."""
+"""`exojet nats` (the embedded nats-server, alone or as a cluster node) and `exojet streams` (replicas)."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import signal
 import socket
 import sys
 import threading
@@ -16,7 +18,92 @@ from nats.js.errors import NotFoundError
 
 from exojet.bus import streams
 from exojet.bus.nats import client, stream_setup
-from exojet.bus.ops.server import ClusterConfig
+from exojet.bus.ops.server import (
+    DEFAULT_CLUSTER_NAME,
+    DEFAULT_MONITOR_PORT,
+    DEFAULT_PORT,
+    ClusterConfig,
+    NatsServer,
+    ServerError,
+)
+from exojet.cli.options import Subparsers, add_nats, add_replicas
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("nats", help="run the embedded nats-server (repo's nats.conf), alone or as a cluster node")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="client port (default %(default)s; 0: any free one)")
+    p.add_argument("--listen", default=None, metavar="HOST:PORT", help="client address (sets --host and --port)")
+    p.add_argument(
+        "--monitor-port",
+        type=int,
+        default=DEFAULT_MONITOR_PORT,
+        help="HTTP monitoring port (default %(default)s; 0: any free one)",
+    )
+    p.add_argument("--name", default=None, help="this node's name, unique in its cluster (default: the host's name)")
+    p.add_argument("--cluster", default=None, metavar="URL", help="where this node's routes listen: nats://HOST:PORT")
+    p.add_argument("--cluster_name", default=DEFAULT_CLUSTER_NAME, help="the cluster's name (default %(default)s)")
+    p.add_argument(
+        "--routes",
+        default="",
+        metavar="URL,URL",
+        help="every node's --cluster URL, comma-separated (its own may be listed)",
+    )
+    add_replicas(p)
+    p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    p.add_argument(
+        "--auth",
+        type=Path,
+        default=None,
+        help="auth dir of `exojet auth init`: users by nkey with least privilege, TLS when it holds certificates",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with --auth)")
+    p.set_defaults(func=run_nats)
+
+
+def add_streams_parser(sub: Subparsers) -> None:
+    p = sub.add_parser("streams", help="the streams' replicas: show them, or change them with --replicas")
+    p.add_argument("--replicas", type=int, choices=range(1, 6), default=None, help="move every stream to N replicas")
+    add_nats(p)
+    p.set_defaults(func=run_streams)
+
+
+def run_nats(args: argparse.Namespace) -> int:
+    """Run nats-server until Ctrl-C or SIGTERM (with `--auth` alone, its streams created as admin)."""
+    server: NatsServer | None = None
+    try:
+        host, port = listen_address(args.listen, args.host, args.port)
+        cluster = cluster_config(args.name, args.cluster, args.cluster_name, args.routes)
+        server = NatsServer(
+            port=port,
+            monitor_port=args.monitor_port,
+            store_dir=args.store_dir,
+            host=host,
+            auth_dir=args.auth,
+            cluster=cluster,
+        ).start()
+        if args.auth and cluster is None:
+            from exojet.bus.ops import identities
+
+            asyncio.run(identities.create_streams(server.url, args.auth, args.replicas))
+        elif args.auth:
+            # A cluster's JetStream answers once enough nodes are up: create them meanwhile.
+            create_streams_later(server.url, args.auth, args.replicas)
+    except (ServerError, client.NatsRefused, client.NatsUnreachable, ValueError) as err:
+        if server is not None:
+            server.stop()
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    secured = f", auth from {args.auth}" if args.auth else ""
+    node = f", node {cluster.name} of cluster {cluster.cluster_name} (routes on {cluster.listen})" if cluster else ""
+    print(f"nats-server on {host}:{server.port} (store {server.store_dir}{secured}{node}); Ctrl-C stops it", flush=True)
+    # SIGTERM too must stop the server, or it outlives this process.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return server.process.wait() if server.process else 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        server.stop()
 
 
 def listen_address(listen: str | None, host: str, port: int) -> tuple[str, int]:
@@ -64,6 +151,10 @@ def create_streams_later(url: str, auth_dir: Path, replicas: int | None) -> None
             logger.exception("could not create the streams")
 
     threading.Thread(target=create, name="create-streams", daemon=True).start()
+
+
+def run_streams(args: argparse.Namespace) -> int:
+    return asyncio.run(streams_cmd(args.nats, args.replicas))
 
 
 async def streams_cmd(nats_url: str, replicas: int | None) -> int:

@@ -26,6 +26,7 @@ from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
 from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatMessage
+from exojet.cli.options import Subparsers, add_nats, add_wait_timeout, fail
 from exojet.cli.progress import ProgressBars
 from exojet.projections.words import message_of
 
@@ -38,7 +39,7 @@ class ChatFailed(Exception):
     """The routed chat ended without completing (its task's error, in words)."""
 
 
-def add_parsers(sub: Any, add_nats: Any) -> None:
+def add_parsers(sub: Subparsers) -> None:
     """Register `place`, `delete`, `drain` and `undrain` on the `exojet` subparsers."""
     p = sub.add_parser("place", help="ask the supervisors to place MODEL on runners; prints the instance id")
     p.add_argument("model_id", help="the model to place, e.g. exojet/SmolLM2-135M-Instruct-Q4")
@@ -51,23 +52,23 @@ def add_parsers(sub: Any, add_nats: Any) -> None:
         help="the model's layer count, an override (default: what the runners' downloads report)",
     )
     p.add_argument("--wait", action="store_true", help="follow the instance to Ready (exit 0) or Failed (exit 1)")
-    p.add_argument(
-        "--timeout", type=float, default=600.0, help="with --wait: seconds before giving up, exit 1 (default 600)"
-    )
+    add_wait_timeout(p)
     add_nats(p)
+    p.set_defaults(func=run)
     p = sub.add_parser("delete", help="delete an instance: its runners unload it and are Idle again")
     p.add_argument("instance_id", help="the instance id `exojet place` printed (see `exojet state`)")
     add_nats(p)
+    p.set_defaults(func=run)
     p = sub.add_parser("drain", help="move a runner's instances elsewhere and place nothing on it (maintenance)")
     p.add_argument("runner_id", help="the runner to drain")
     p.add_argument("--wait", action="store_true", help="until it holds no instance and is Idle")
-    p.add_argument(
-        "--timeout", type=float, default=600.0, help="with --wait: seconds before giving up, exit 1 (default 600)"
-    )
+    add_wait_timeout(p)
     add_nats(p)
+    p.set_defaults(func=run)
     p = sub.add_parser("undrain", help="let the supervisors place instances on a drained runner again")
     p.add_argument("runner_id", help="the drained runner")
     add_nats(p)
+    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,11 +85,6 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(delete(args.nats, args.instance_id))
 
 
-def _fail(message: str, code: int = 1) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
-
-
 async def place(
     nats_url: str,
     model_id: str,
@@ -100,12 +96,12 @@ async def place(
 ) -> int:
     """Publish PlaceInstance and print the instance id; with `wait`, follow it to Ready or Failed."""
     if problem := model_id_problem(model_id):
-        return _fail(problem, 2)
+        return fail(problem, 2)
     for runner_id in runners or ():
         if problem := subjects.id_problem(runner_id):
-            return _fail(problem, 2)
+            return fail(problem, 2)
     if min_runners < 1 or (n_layers is not None and n_layers < 1):
-        return _fail("--min-runners and --n-layers must be at least 1", 2)
+        return fail("--min-runners and --n-layers must be at least 1", 2)
     command = PlaceInstance(model_id=model_id, runners=runners, min_runners=min_runners, n_layers=n_layers)
     nc = await client.connect(nats_url, name="exojet-place")
     try:
@@ -136,7 +132,7 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
                     inst = (await query(nc, "instance", instance_id=instance_id, min_seq=seq))["instance"]
                 except QueryFailed as err:
                     if not (err.answered and err.code == "Timeout"):
-                        return _fail(f"{err.code}: {err.message}")
+                        return fail(f"{err.code}: {err.message}")
                     inst = None  # a supervisor answered, its fold behind (catching up): ask again
                 if inst is not None:
                     status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
@@ -147,7 +143,7 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
                         return 0 if inst["status"] == "Ready" else 1
                 await asyncio.sleep(WAIT_POLL_S)  # poll interval of a bounded wait, not a sync point
     except TimeoutError:
-        return _fail(f"{instance_id} was not Ready within {timeout} s (last: {shown or 'no supervisor answer'})")
+        return fail(f"{instance_id} was not Ready within {timeout} s (last: {shown or 'no supervisor answer'})")
     finally:
         bars.stop()
         if sub is not None:
@@ -168,7 +164,7 @@ async def delete(nats_url: str, instance_id: str) -> int:
 async def drain(nats_url: str, runner_id: str, on: bool, wait: bool, timeout: float) -> int:
     """Publish DrainRunner (or UndrainRunner); with `wait`, until the runner is Idle holding no instance."""
     if problem := subjects.id_problem(runner_id):
-        return _fail(problem, 2)
+        return fail(problem, 2)
     command = DrainRunner(runner_id=runner_id) if on else UndrainRunner(runner_id=runner_id)
     nc = await client.connect(nats_url, name="exojet-drain")
     holding: list[str] | None = None
@@ -183,9 +179,9 @@ async def drain(nats_url: str, runner_id: str, on: bool, wait: bool, timeout: fl
         print(f"{runner_id} is drained: Idle, holding no instance")
         return 0
     except TimeoutError:
-        return _fail(f"{runner_id} was not drained within {timeout} s (still: {', '.join(holding or ['not Idle'])})")
+        return fail(f"{runner_id} was not drained within {timeout} s (still: {', '.join(holding or ['not Idle'])})")
     except QueryFailed as err:
-        return _fail(f"{err.code}: {err.message}")
+        return fail(f"{err.code}: {err.message}")
     finally:
         await nc.close()
 

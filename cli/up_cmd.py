@@ -3,6 +3,7 @@ model, each started again when it dies (see up_children.py and up_instance.py)."
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -13,28 +14,84 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+from exojet.api.config import DEFAULT_HOST as DEFAULT_API_HOST
+from exojet.api.config import DEFAULT_PORT as DEFAULT_API_PORT
 from exojet.bus import subjects
 from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops import parent_death
-from exojet.bus.ops.server import NatsServer, ServerError, default_store_dir
+from exojet.bus.ops.server import DEFAULT_MONITOR_PORT, DEFAULT_PORT, NatsServer, ServerError, default_store_dir
 from exojet.bus.tasks import Shutdown
-from exojet.cli.api_key import API_KEY_ENV
+from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, add_key_arguments, api_key_from_args
+from exojet.cli.options import Subparsers, add_engine, add_models_dir, fail
 from exojet.cli.up_children import DEFAULT_POLICY, Child, ChildKeepsDying, StartFailed, keep_alive
 from exojet.cli.up_instance import InstanceLost, Serving, Watcher, drive, keep_serving
 
 T = TypeVar("T")
+DEFAULT_RUNNER_ID = "r1"
+
+
+def add_parser(sub: Subparsers) -> None:
+    p = sub.add_parser(
+        "up", help="start nats-server, a supervisor and a runner; drive it to Ready on the default model"
+    )
+    p.add_argument("--runner-id", default=DEFAULT_RUNNER_ID, help="the runner's id (default %(default)s)")
+    add_engine(p)
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help="nats-server's client port on 127.0.0.1 (default %(default)s)"
+    )
+    p.add_argument(
+        "--monitor-port",
+        type=int,
+        default=DEFAULT_MONITOR_PORT,
+        help="nats-server's HTTP monitoring port (default %(default)s)",
+    )
+    p.add_argument("--store-dir", type=Path, default=None, help="JetStream store (default ~/.local/share/exo/nats)")
+    p.add_argument(
+        "--api-port",
+        type=int,
+        default=DEFAULT_API_PORT,
+        help="the OpenAI-compatible API's port (default %(default)s; 0: no API)",
+    )
+    p.add_argument(
+        "--api-host",
+        default=DEFAULT_API_HOST,
+        help="address the API listens on (default %(default)s; beyond loopback only with an API key or --allow-no-key)",
+    )
+    add_key_arguments(p)
+    add_models_dir(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        key = api_key_from_args(args, args.api_host, "--api-host") if args.api_port else None
+    except (BadApiKeyFile, NoApiKey) as err:
+        return fail(f"{type(err).__name__}: {err}")
+    return up(
+        UpOptions(
+            models_dir=args.models_dir,
+            port=args.port,
+            monitor_port=args.monitor_port,
+            runner_id=args.runner_id,
+            store_dir=args.store_dir,
+            api_port=args.api_port,
+            engine=args.engine,
+            api=ApiOptions(host=args.api_host, key=key, allow_no_key=args.allow_no_key),
+        )
+    )
 
 
 @dataclass(frozen=True)
 class ApiOptions:
     """Where `up`'s API listens and the key it requires (checked beforehand: cli/api_key.py)."""
 
-    host: str = "127.0.0.1"
+    host: str = DEFAULT_API_HOST
     key: str | None = None
     allow_no_key: bool = False
 
@@ -97,16 +154,25 @@ async def _shutdown_runner(nats_url: str, runner_id: str, instance_id: str | Non
         await nc.close()
 
 
-def up(
-    port: int,
-    monitor_port: int,
-    models_dir: Path,
-    runner_id: str,
-    store_dir: Path | None,
-    api_port: int = 0,
-    engine: str = "auto",
-    api: ApiOptions | None = None,
-) -> int:
+@dataclass(frozen=True)
+class UpOptions:
+    """What `exojet up` starts: the server's ports and store, the runner, the API (`api_port` 0: none)."""
+
+    models_dir: Path
+    port: int = DEFAULT_PORT
+    monitor_port: int = DEFAULT_MONITOR_PORT
+    runner_id: str = DEFAULT_RUNNER_ID
+    store_dir: Path | None = None
+    api_port: int = DEFAULT_API_PORT
+    engine: str = "auto"
+    api: ApiOptions = ApiOptions()
+
+    @property
+    def logs(self) -> Path:
+        return (self.store_dir or default_store_dir()).parent / "logs"
+
+
+def up(opts: UpOptions) -> int:
     """Start everything (the API too, on `api_port` unless 0), drive the runner to Ready, serve until
     Ctrl-C, starting again whatever dies (up to the restart policy's bound)."""
     from exojet.models.smollm import DEFAULT_MODEL_ID, SmolLMNotInstalled, ensure_default_model
@@ -117,81 +183,91 @@ def up(
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        ensure_default_model(models_dir)
+        ensure_default_model(opts.models_dir)
     except SmolLMNotInstalled as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    logs = (store_dir or default_store_dir()).parent / "logs"
+        return fail(str(err))
     try:
         server = NatsServer(
-            port=port,
-            monitor_port=monitor_port,
-            store_dir=store_dir,
-            log_file=logs / "nats-server.log",
+            port=opts.port,
+            monitor_port=opts.monitor_port,
+            store_dir=opts.store_dir,
+            log_file=opts.logs / "nats-server.log",
             die_with_parent=True,
         ).start()
     except ServerError as err:
-        print(f"error: {err} (is another `exojet up` or nats-server already running on port {port}?)", file=sys.stderr)
-        return 1
+        return fail(f"{err} (is another `exojet up` or nats-server already running on port {opts.port}?)")
     print(f"nats-server  {server.url}  (store {server.store_dir})", flush=True)
-    url = server.url
     children: list[Child] = []
     serving = Serving()
     try:
-        from_seq = asyncio.run(_ensure(url)) + 1
-        children.append(Child("nats-server", lambda: _start_again(server), DEFAULT_POLICY, server.process))
-        supervisor = ["supervisor", "--nats", url, "--models-dir", str(models_dir)]
-        children.append(Child("supervisor", lambda: _spawn(supervisor, logs / "supervisor.log"), DEFAULT_POLICY))
-        runner = ["runner", "--id", runner_id, "--nats", url, "--models-dir", str(models_dir), "--engine", engine]
-        children.append(Child("runner", lambda: _spawn(runner, logs / f"runner-{runner_id}.log"), DEFAULT_POLICY))
-        api_options = api or ApiOptions()
-        if api_port:
-            api_args, api_env = api_options.child(url, api_port)
-            children.append(Child("api", lambda: _spawn(api_args, logs / "api.log", api_env), DEFAULT_POLICY))
-        print(f"supervisor, runner {runner_id} started (logs in {logs})", flush=True)
-
-        def say_ready() -> None:
-            api_lines = (
-                f"OpenAI-compatible API: {api_options.url(api_port)}/v1\nLive page: {api_options.url(api_port)}/\n"
-                if api_port
-                else ""
-            )
-            print(
-                f"Ready in {time.perf_counter() - started:.1f} s: {DEFAULT_MODEL_ID} on runner {runner_id}.\n"
-                f"{api_lines}"
-                f'  exojet chat "What is the capital of France?"\n'
-                f"  exojet state | exojet replay\nCtrl-C stops everything.",
-                flush=True,
-            )
-
-        watcher = Watcher(runner_id)
-        asyncio.run(_serve(url, children, watcher, DEFAULT_MODEL_ID, from_seq, serving, say_ready))
-        print(f"error: runner {runner_id} did not reach Ready; see {logs}", file=sys.stderr)
-        return 1
+        from_seq = asyncio.run(_ensure(server.url)) + 1
+        children += _children(opts, server)
+        print(f"supervisor, runner {opts.runner_id} started (logs in {opts.logs})", flush=True)
+        say_ready = partial(_say_ready, opts, DEFAULT_MODEL_ID, started)
+        watcher = Watcher(opts.runner_id)
+        asyncio.run(_serve(server.url, children, watcher, DEFAULT_MODEL_ID, from_seq, serving, say_ready))
+        return fail(f"runner {opts.runner_id} did not reach Ready; see {opts.logs}")
     except KeyboardInterrupt:
         print("\nstopping: the runner shuts down through the log, then the supervisor and the server", flush=True)
         return 0
     except (ChildKeepsDying, InstanceLost) as err:
-        print(f"error: {err}; stopping everything (logs in {logs})", file=sys.stderr, flush=True)
+        print(f"error: {err}; stopping everything (logs in {opts.logs})", file=sys.stderr, flush=True)
         return 1
     finally:
-        # A second Ctrl-C or kill must not cut the bounded cleanup short and orphan the children.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        runner_proc = next((c.proc for c in children if c.role == "runner"), None)
-        if runner_proc is not None and runner_proc.poll() is None:
-            try:
-                asyncio.run(_shutdown_runner(url, runner_id, serving.instance_id))
-            except (client.NatsUnreachable, *client.TRANSIENT_ERRORS) as err:
-                print(f"could not ask the runner to shut down through the log ({err!r}); stopping it", flush=True)
-            try:
-                runner_proc.wait(20)
-            except subprocess.TimeoutExpired:
-                pass  # stop_process below escalates
-        for child in reversed(children):
-            if child.role != "nats-server":
-                stop_process(child.proc)
-        server.stop()
+        _stop_all(server, children, opts.runner_id, serving)
+
+
+def _children(opts: UpOptions, server: NatsServer) -> list[Child]:
+    """The server (started already), the supervisor, the runner and the API, each started again when it dies."""
+    url, logs = server.url, opts.logs
+    supervisor = ["supervisor", "--nats", url, "--models-dir", str(opts.models_dir)]
+    runner = ["runner", "--id", opts.runner_id, "--nats", url, "--models-dir", str(opts.models_dir)]
+    runner += ["--engine", opts.engine]
+    children = [
+        Child("nats-server", lambda: _start_again(server), DEFAULT_POLICY, server.process),
+        Child("supervisor", lambda: _spawn(supervisor, logs / "supervisor.log"), DEFAULT_POLICY),
+        Child("runner", lambda: _spawn(runner, logs / f"runner-{opts.runner_id}.log"), DEFAULT_POLICY),
+    ]
+    if opts.api_port:
+        api_args, api_env = opts.api.child(url, opts.api_port)
+        children.append(Child("api", lambda: _spawn(api_args, logs / "api.log", api_env), DEFAULT_POLICY))
+    return children
+
+
+def _say_ready(opts: UpOptions, model_id: str, started: float) -> None:
+    api_lines = (
+        f"OpenAI-compatible API: {opts.api.url(opts.api_port)}/v1\nLive page: {opts.api.url(opts.api_port)}/\n"
+        if opts.api_port
+        else ""
+    )
+    print(
+        f"Ready in {time.perf_counter() - started:.1f} s: {model_id} on runner {opts.runner_id}.\n"
+        f"{api_lines}"
+        f'  exojet chat "What is the capital of France?"\n'
+        f"  exojet state | exojet replay\nCtrl-C stops everything.",
+        flush=True,
+    )
+
+
+def _stop_all(server: NatsServer, children: list[Child], runner_id: str, serving: Serving) -> None:
+    """The runner shuts down through the log (bounded), then the others stop, the server last."""
+    # A second Ctrl-C or kill must not cut the bounded cleanup short and orphan the children.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    runner_proc = next((c.proc for c in children if c.role == "runner"), None)
+    if runner_proc is not None and runner_proc.poll() is None:
+        try:
+            asyncio.run(_shutdown_runner(server.url, runner_id, serving.instance_id))
+        except (client.NatsUnreachable, *client.TRANSIENT_ERRORS) as err:
+            print(f"could not ask the runner to shut down through the log ({err!r}); stopping it", flush=True)
+        try:
+            runner_proc.wait(20)
+        except subprocess.TimeoutExpired:
+            pass  # stop_process below escalates
+    for child in reversed(children):
+        if child.role != "nats-server":
+            stop_process(child.proc)
+    server.stop()
 
 
 async def _serve(

@@ -27,6 +27,8 @@ DEFAULT_DEADLINES_S: dict[str, float] = {
 }
 CHAT_SECONDS_PER_TOKEN = 0.5
 CHAT_SECONDS_PER_PROMPT_KCHAR = 0.5
+# How long chats in flight may run on once a Shutdown or an UnloadModel is next.
+CHAT_GRACE_S = 30.0
 
 
 class BadDeadline(ValueError):

@@ -19,11 +19,11 @@ from pathlib import Path
 from exojet.bus import subjects
 from exojet.bus.nats import client, stream_setup
 from exojet.models.store import default_models_dir
-from exojet.runner.deadlines import CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
+from exojet.runner.deadlines import CHAT_GRACE_S, CHAT_SECONDS_PER_TOKEN, BadDeadline, Deadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.heartbeat import heartbeat
 from exojet.runner.registration import advertised_address
-from exojet.runner.task_loop import CHAT_GRACE_S, Runner
+from exojet.runner.task_loop import Runner
 from exojet.runner.write_chain import TwinRunning
 
 # On a stop signal, how long the runner's last writes (Cancelled, Shutdown) may wait for NATS.

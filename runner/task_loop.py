@@ -29,7 +29,7 @@ from exojet.bus.nats.task_consumer import TaskConsumer
 from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_type
 from exojet.runner.cancels import Cancels
 from exojet.runner.chat_slots import ChatSlots
-from exojet.runner.deadlines import Deadlines
+from exojet.runner.deadlines import CHAT_GRACE_S, Deadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.executor import Executor
 from exojet.runner.handling import RunnerCore
@@ -62,8 +62,6 @@ IN_PROGRESS_EVERY_S = streams.TASK_ACK_WAIT_S / 3
 LOST_CHECKS = 20
 LOST_CHECK_INTERVAL_S = 0.05
 _T = TypeVar("_T")
-# How long chats in flight may run on once a Shutdown or an UnloadModel is next.
-CHAT_GRACE_S = 30.0
 
 
 @dataclass

@@ -26,3 +26,14 @@ def test_every_argument_of_every_subcommand_has_help() -> None:
         if not isinstance(action, argparse._SubParsersAction) and not (action.help or "").strip()
     ]
     assert missing == [], "arguments without help:\n" + "\n".join(missing)
+
+
+def test_every_command_registers_its_handler() -> None:
+    leaves = {
+        name: parser
+        for name, parser in _parsers(build_parser())
+        if not any(isinstance(a, argparse._SubParsersAction) for a in parser._actions)
+    }
+    assert {"exojet up", "exojet auth init", "exojet log export", "exojet models list"} <= set(leaves)
+    without = [name for name, parser in leaves.items() if not callable(parser.get_default("func"))]
+    assert without == [], "commands without a handler: " + ", ".join(without)

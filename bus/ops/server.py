@@ -28,6 +28,10 @@ CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_CONF = "server.conf"
 ROUTE_USER = "exojet-route"
+# The server's ports and the cluster's name when nobody names others (`exojet nats`, `exojet up`).
+DEFAULT_PORT = 4222
+DEFAULT_MONITOR_PORT = 8222
+DEFAULT_CLUSTER_NAME = "exojet"
 
 
 class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,7 +41,7 @@ class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     name: str
     listen: str
-    cluster_name: str = "exojet"
+    cluster_name: str = DEFAULT_CLUSTER_NAME
     routes: tuple[str, ...] = ()
 
     @property
@@ -131,8 +135,8 @@ class NatsServer:
 
     def __init__(
         self,
-        port: int = 4222,
-        monitor_port: int = 8222,
+        port: int = DEFAULT_PORT,
+        monitor_port: int = DEFAULT_MONITOR_PORT,
         store_dir: Path | None = None,
         conf: Path = CONF_PATH,
         log_file: Path | None = None,
