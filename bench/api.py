@@ -34,7 +34,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx2 as httpx
 import msgspec
 import openai
 from loguru import logger
@@ -49,6 +48,7 @@ from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 from testbed import REPO
+from testbed.api_process import until_healthy
 
 PROMPT = "Write a short story about a lighthouse keeper."
 CONCURRENT = 32
@@ -127,18 +127,6 @@ def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
-def _wait_api(port: int, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)  # poll interval while the API starts
-    raise RuntimeError(f"the API did not answer within {timeout} s")
-
-
 async def _ensure_streams(url: str) -> None:
     nc = await client.connect(url, name="bench")
     try:
@@ -176,7 +164,7 @@ def main(model_id: str, max_tokens: int, repeat: int, wanted: EngineWanted) -> N
             )
             if placed.returncode != 0:
                 raise RuntimeError(f"placing {model_id} failed: {placed.stderr}")
-            _wait_api(port)
+            until_healthy(f"http://127.0.0.1:{port}", timeout=60)
             base_url = f"http://127.0.0.1:{port}/v1"
             api = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=300)
             direct = direct_engine(engine, model_dir(models, model_id))

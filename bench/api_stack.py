@@ -13,12 +13,13 @@ from pathlib import Path
 
 import msgspec
 
-from bench.api import _ensure_streams, _spawn, _wait_api
+from bench.api import _ensure_streams, _spawn
 from bench.inference import prepare_model
 from exojet.bus.ops.server import NatsServer, free_port
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 from testbed import REPO
+from testbed.api_process import until_healthy
 
 
 class Served(msgspec.Struct, frozen=True):
@@ -56,7 +57,7 @@ def serving(model_id: str, wanted: EngineWanted) -> Iterator[Served]:
             )
             if placed.returncode != 0:
                 raise RuntimeError(f"placing {model_id} failed: {placed.stderr}")
-            _wait_api(port)
+            until_healthy(f"http://127.0.0.1:{port}", timeout=60)
             yield Served(port, server.url, engine, model_dir(models, model_id))
         finally:
             for proc in reversed(procs):

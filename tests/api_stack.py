@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-import httpx2 as httpx
 
 from exojet.bus import subjects
 from exojet.bus.codec import decode_cancel, decode_event
@@ -17,6 +14,7 @@ from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer, free_port
 from testbed import REPO
+from testbed.api_process import until_healthy
 from tests.procs import exojet, start_runner, stop
 
 API_KEY = "test-key"
@@ -94,16 +92,7 @@ class ApiStack:
         return self.cli("place", MODEL, *args, "--wait", "--timeout", "90").strip()
 
     def wait_api(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.procs["api"].poll() is None, (self.root / "api.log").read_text()
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # poll interval while the API process starts
-        raise AssertionError(f"the API did not answer /health within {timeout} s")
+        until_healthy(f"http://127.0.0.1:{self.port}", self.procs["api"], self.root / "api.log", timeout)
 
     def close(self) -> None:
         for proc in self.procs.values():

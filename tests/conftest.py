@@ -1,5 +1,5 @@
 """Shared fixtures: real nats-server processes on free loopback ports, the tiny model, a
-watch on the log and a runner process."""
+watch on the log, a runner process, and the runners and supervisors of orchestration tests."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
-from testbed.log_watcher import LogWatcher
+from testbed.log_watcher import LogWatch, LogWatcher
 from testbed.tiny_model import write_tiny_llama
+from tests.cluster_procs import Procs
 from tests.procs import stop
 from tests.runner_harness import RunnerHandle, start_runner
 
@@ -65,3 +66,17 @@ async def runner(
     handle = await start_runner(nats_server.url, models_dir, watcher, tmp_path)
     yield handle
     stop(handle.proc)
+
+
+@pytest.fixture
+async def watch(nc: NATS) -> LogWatch:
+    w = LogWatch()
+    await w.start(nc)
+    return w
+
+
+@pytest.fixture
+def procs(nats_server: NatsServer, models_dir: Path, tmp_path: Path) -> Procs:
+    p = Procs(nats_server.url, models_dir, tmp_path)
+    yield p
+    p.stop_all()

@@ -13,6 +13,7 @@ from pathlib import Path
 # The same stop as `exojet up` uses: SIGTERM, then SIGKILL past the timeout.
 from exojet.cli.up_cmd import stop_process as stop  # noqa: F401
 from testbed import REPO
+from testbed.api_process import until_healthy
 
 # Linux hands out ports from here up to outgoing connections (`ip_local_port_range`).
 EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
@@ -49,6 +50,20 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_api(
+    port: int, *args: str, log: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.Popen[bytes]:
+    """`exojet api --port PORT ARGS` (`env` added to ours), returned once its /health answers
+    (bounded; failing with its log if it exits first)."""
+    proc = exojet("api", "--port", str(port), *args, log=log, env=env)
+    try:
+        until_healthy(f"http://127.0.0.1:{port}", proc, log, timeout)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
 
 
 def start_runner(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,9 +16,10 @@ from exojet.bus.ops.server import NatsServer, free_port
 from exojet.cli.api_key import API_KEY_ENV, BadApiKeyFile, NoApiKey, check_exposure, read_key_file, resolve_key
 from exojet.cli.up_cmd import ApiOptions
 from testbed import REPO
-from tests.procs import stop
+from tests.procs import start_api, stop
 
 KEY = "sesame-7f3a"
+NO_KEY = {API_KEY_ENV: ""}
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -37,30 +37,6 @@ def _run_api(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
         env=env or _env(),
         timeout=60,
     )
-
-
-def _serve_api(*args: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "exojet.cli.main", "api", *args],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-
-def _until_health(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"exojet api exited with {proc.returncode}: {log.read_text()}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the API did not answer /health within {timeout} s"
-        time.sleep(0.1)  # poll interval while the API process starts
 
 
 @pytest.fixture
@@ -136,11 +112,9 @@ def test_api_open_beyond_loopback_with_allow_no_key_warns(
     nats_server: NatsServer, tmp_path: Path, api_proc: list[subprocess.Popen[bytes]]
 ) -> None:
     port, log = free_port(), tmp_path / "api.log"
-    proc = _serve_api(
-        "--host", "0.0.0.0", "--port", str(port), "--allow-no-key", "--nats", nats_server.url, env=_env(), log=log
-    )
+    # An empty key is no key (a key in the test's own environment must not count).
+    proc = start_api(port, "--host", "0.0.0.0", "--allow-no-key", "--nats", nats_server.url, log=log, env=NO_KEY)
     api_proc.append(proc)
-    _until_health(port, proc, log)
     assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=15).status_code == 200
     assert "with no API key (--allow-no-key)" in log.read_text()
 
@@ -150,16 +124,15 @@ def test_api_key_from_the_environment_or_a_file_is_required_and_not_on_the_comma
     source: str, nats_server: NatsServer, tmp_path: Path, api_proc: list[subprocess.Popen[bytes]]
 ) -> None:
     port, log = free_port(), tmp_path / "api.log"
-    args = ["--host", "0.0.0.0", "--port", str(port), "--nats", nats_server.url]
+    args = ["--host", "0.0.0.0", "--nats", nats_server.url]
     if source == "env":
-        env = _env(**{API_KEY_ENV: KEY})
+        env = {API_KEY_ENV: KEY}
     else:
         (tmp_path / "key").write_text(KEY + "\n")
         args += ["--api-key-file", str(tmp_path / "key")]
-        env = _env()
-    proc = _serve_api(*args, env=env, log=log)
+        env = NO_KEY
+    proc = start_api(port, *args, log=log, env=env)
     api_proc.append(proc)
-    _until_health(port, proc, log)
     guarded = f"http://127.0.0.1:{port}/openapi.json"
     assert httpx.get(guarded, timeout=5).status_code == 401
     assert httpx.get(guarded, headers={"Authorization": "Bearer wrong"}, timeout=5).status_code == 401

@@ -7,13 +7,13 @@ import subprocess
 import sys
 import time
 
-import httpx2 as httpx
-
 from exojet.bus.ops.server import NatsServer, free_port
 from testbed import REPO
+from testbed.api_process import until_healthy
 
 
-def start_api(nats_url: str, port: int) -> subprocess.Popen[str]:
+def api_with_output(nats_url: str, port: int) -> subprocess.Popen[str]:
+    """`exojet api`, its output readable line by line (`until_line`)."""
     return subprocess.Popen(
         [sys.executable, "-m", "exojet.cli.main", "api", "--nats", nats_url, "--port", str(port)],
         cwd=REPO,
@@ -47,7 +47,7 @@ def stopped_within(proc: subprocess.Popen[str], seconds: float) -> tuple[int, fl
 
 
 def test_sigterm_while_waiting_for_nats_stops_the_api() -> None:
-    api = start_api(f"nats://127.0.0.1:{free_port()}", free_port())
+    api = api_with_output(f"nats://127.0.0.1:{free_port()}", free_port())
     until_line(api, "waiting for one")  # no server on that port: it waits
     code, took = stopped_within(api, 5)
     assert code == 0
@@ -57,16 +57,8 @@ def test_sigterm_while_waiting_for_nats_stops_the_api() -> None:
 
 def test_sigterm_while_serving_stops_the_api(nats_server: NatsServer) -> None:
     port = free_port()
-    api = start_api(nats_server.url, port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the API did not answer /health within 30 s"
-        time.sleep(0.1)  # poll interval while the API process starts
+    api = api_with_output(nats_server.url, port)
+    until_healthy(f"http://127.0.0.1:{port}", api)
     code, took = stopped_within(api, 5)
     # uvicorn shuts down, then dies of the signal it caught, as a process without handlers would.
     assert code in (0, -signal.SIGTERM)

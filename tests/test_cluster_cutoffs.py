@@ -19,13 +19,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import httpx2 as httpx
 import pytest
 from loguru import logger
 from nats.aio.client import Client as NATS
 
 from exojet.bus.nats import client
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
+from testbed.api_process import until_healthy_async
 from testbed.hosts_harness import (
     CLIENT_PORT,
     NODES,
@@ -89,15 +89,7 @@ async def cluster(tmp_path: Path, tiny_model_dir: Path) -> AsyncIterator[Cluster
 
 
 async def _api_up(c: Cluster) -> None:
-    async with asyncio.timeout(60), httpx.AsyncClient(timeout=2) as http:
-        while True:
-            assert c.d.procs["api"].poll() is None, (c.d.root / "api.log").read_text()[-3000:]
-            try:
-                if (await http.get(f"{c.api}/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.2)  # poll interval while the API process starts
+    await until_healthy_async(c.api, c.d.procs["api"], c.d.root / "api.log", timeout=60)
 
 
 async def _leader(c: Cluster, stream: str) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,10 +19,8 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus import subjects
 from exojet.bus.codec import decode_event, decode_task, encode
-from exojet.bus.commands import PlaceInstance
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
-from exojet.bus.ids import instance_id_of
 from exojet.bus.nats import client
 from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
@@ -32,67 +29,9 @@ from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.instances import steps
 from exojet.projections.state import ClusterState, InstanceView
-from testbed.log_watcher import LogWatch, Predicate
-from tests.procs import exojet, exojet_output, group_ports, start_runner, stop
-
-
-@pytest.fixture
-async def watch(nc: NATS) -> LogWatch:
-    w = LogWatch()
-    await w.start(nc)
-    return w
-
-
-class Procs:
-    """Runner and supervisor processes of one test, stopped at its end."""
-
-    def __init__(self, url: str, models_dir: Path, logs: Path, heartbeat_timeout: float = 5.0) -> None:
-        self.url, self.models_dir, self.logs = url, models_dir, logs
-        self.heartbeat_timeout = heartbeat_timeout
-        self.group_ports = group_ports()
-        self.runners: dict[str, subprocess.Popen[bytes]] = {}
-        self.supervisors: list[subprocess.Popen[bytes]] = []
-
-    def runner(self, runner_id: str) -> subprocess.Popen[bytes]:
-        proc = start_runner(runner_id, self.url, self.models_dir, self.logs)
-        self.runners[runner_id] = proc
-        return proc
-
-    def supervisor(self) -> subprocess.Popen[bytes]:
-        n = len(self.supervisors)
-        proc = exojet(
-            "supervisor",
-            "--nats",
-            self.url,
-            "--id",
-            f"s{n}",
-            "--heartbeat-timeout",
-            str(self.heartbeat_timeout),
-            "--group-ports",
-            self.group_ports,
-            log=self.logs / f"s{n}.log",
-        )
-        self.supervisors.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in [*self.supervisors, *self.runners.values()]:
-            stop(proc)
-
-
-@pytest.fixture
-def procs(nats_server: NatsServer, models_dir: Path, tmp_path: Path) -> Procs:
-    p = Procs(nats_server.url, models_dir, tmp_path)
-    yield p
-    p.stop_all()
-
-
-def _idle(*runner_ids: str) -> Predicate:
-    return lambda s: all(s.runners.get(r) is not None and s.runners[r].status == "RunnerIdle" for r in runner_ids)
-
-
-def _instance(instance_id: str, *statuses: str) -> Predicate:
-    return lambda s: instance_id in s.instances and s.instances[instance_id].status in statuses
+from testbed.log_watcher import LogWatch
+from tests.cluster_procs import Procs, instance_in, place_instance, ready_pipeline_instance, runners_idle
+from tests.procs import exojet_output
 
 
 def _assert_seed_order(state: ClusterState, inst: InstanceView) -> None:
@@ -121,17 +60,12 @@ async def _cli(*args: str) -> str:
     return await exojet_output(*args, timeout=30)
 
 
-async def _place(nc: NATS, **fields: object) -> str:
-    ack = await client.publish(nc.jetstream(), subjects.COMMANDS, PlaceInstance(**fields))
-    return instance_id_of(None, ack.seq)
-
-
 @pytest.mark.timeout(120)
 async def test_supervisor_killed_after_each_step_finishes_the_placement_then_delete_unloads(
     procs: Procs, watch: LogWatch, nc: NATS
 ) -> None:
     runner = procs.runner("r1")
-    await watch.until(_idle("r1"), 60, "r1 registered and Idle")
+    await watch.until(runners_idle("r1"), 60, "r1 registered and Idle")
 
     frozen = asyncio.Event()
 
@@ -149,7 +83,7 @@ async def test_supervisor_killed_after_each_step_finishes_the_placement_then_del
     sup = procs.supervisor()
     instance_id = (await _cli("place", "local/tiny", "--nats", procs.url)).strip()
     assert instance_id.startswith("inst-")
-    ready = _instance(instance_id, "Ready")
+    ready = instance_in(instance_id, "Ready")
     kills = 0
     try:
         while True:
@@ -191,11 +125,11 @@ async def test_two_supervisors_place_two_instances_on_distinct_runners_and_route
         procs.runner(r)
     procs.supervisor()
     procs.supervisor()
-    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+    await watch.until(runners_idle("r1", "r2"), 60, "r1, r2 Idle")
     # Both supervisors plan both placements at once: the fence on
     # exo.events.supervisor lets only one claim a runner.
-    first, second = [await _place(nc, model_id="local/tiny") for _ in range(2)]
-    await watch.until(lambda s: _instance(first, "Ready")(s) and _instance(second, "Ready")(s), 60, "both Ready")
+    first, second = [await place_instance(nc, model_id="local/tiny") for _ in range(2)]
+    await watch.until(lambda s: instance_in(first, "Ready")(s) and instance_in(second, "Ready")(s), 60, "both Ready")
     placed = [watch.state.instances[i].placements[0].runner_id for i in (first, second)]
     assert sorted(placed) == ["r1", "r2"]
     for i in (first, second):
@@ -222,21 +156,9 @@ async def test_two_supervisors_place_two_instances_on_distinct_runners_and_route
     assert not [a for a in watch.state.anomalies if a.kind == "RunnerInTwoInstances"]
 
 
-async def _ready_pipeline_instance(procs: Procs, watch: LogWatch, nc: NATS) -> str:
-    """Runners r1 and r2 and a supervisor; the tiny model placed over both, Ready."""
-    for r in ("r1", "r2"):
-        procs.runner(r)
-    procs.supervisor()
-    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
-    instance_id = await _place(nc, model_id="local/tiny", min_runners=2)
-    await watch.until(_instance(instance_id, "Ready", "Failed"), 90, f"{instance_id} Ready")
-    assert watch.state.instances[instance_id].status == "Ready", watch.state.instances[instance_id].reason
-    return instance_id
-
-
 @pytest.mark.timeout(120)
 async def test_a_pipeline_instance_on_two_runners_connects_then_serves(procs: Procs, watch: LogWatch, nc: NATS) -> None:
-    instance_id = await _ready_pipeline_instance(procs, watch, nc)
+    instance_id = await ready_pipeline_instance(procs, watch, nc)
     inst = watch.state.instances[instance_id]
     assert sorted(p.runner_id for p in inst.placements) == ["r1", "r2"]
     # The supervisor has no model files: the split came from what the runners' downloads reported.
@@ -276,7 +198,7 @@ async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
     try:
         for r in ("r1", "r2"):
             procs.runner(r)
-        await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
+        await watch.until(runners_idle("r1", "r2"), 60, "r1, r2 Idle")
         killed: dict[str, float] = {}
 
         def kill_on_loading(env: Envelope) -> None:
@@ -289,12 +211,12 @@ async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
 
         watch.hooks.append(kill_on_loading)
         procs.supervisor()
-        instance_id = await _place(nc, model_id="local/tiny")
+        instance_id = await place_instance(nc, model_id="local/tiny")
         await watch.until(lambda s: bool(killed), 60, "a runner Loading")
         [(victim, at)] = killed.items()
         await watch.until(lambda s: s.runners[victim].status == "RunnerLost", timeout + 5, f"{victim} lost")
         assert time.monotonic() - at < timeout + 3
-        await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready again")
+        await watch.until(instance_in(instance_id, "Ready"), 60, f"{instance_id} Ready again")
         inst = watch.state.instances[instance_id]
         survivor = "r2" if victim == "r1" else "r1"
         assert inst.attempt == 2 and [p.runner_id for p in inst.placements] == [survivor]
@@ -304,7 +226,7 @@ async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
         # The lost runner comes back as a new incarnation, Idle: free for the
         # planner again (placing on it is covered by tests/test_planner.py).
         procs.runner(victim)
-        await watch.until(lambda s: s.runners[victim].incarnation > 1 and _idle(victim)(s), 60, f"{victim} back")
+        await watch.until(lambda s: s.runners[victim].incarnation > 1 and runners_idle(victim)(s), 60, f"{victim} back")
     finally:
         procs.stop_all()
 
@@ -360,7 +282,7 @@ async def test_silence_is_loss_but_events_or_heartbeats_are_life(
 async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance_is_replaced(
     procs: Procs, watch: LogWatch, nc: NATS
 ) -> None:
-    instance_id = await _ready_pipeline_instance(procs, watch, nc)
+    instance_id = await ready_pipeline_instance(procs, watch, nc)
     assert watch.state.instances[instance_id].attempt == 1
     chat = route_chat(
         procs.url,
@@ -403,9 +325,9 @@ async def test_drain_moves_the_instance_elsewhere_and_leaves_the_runner_idle(
     for r in ("r1", "r2"):
         procs.runner(r)
     procs.supervisor()
-    await watch.until(_idle("r1", "r2"), 60, "r1, r2 Idle")
-    instance_id = await _place(nc, model_id="local/tiny")
-    await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready")
+    await watch.until(runners_idle("r1", "r2"), 60, "r1, r2 Idle")
+    instance_id = await place_instance(nc, model_id="local/tiny")
+    await watch.until(instance_in(instance_id, "Ready"), 60, f"{instance_id} Ready")
     first = watch.state.instances[instance_id].placements[0].runner_id
     other = "r2" if first == "r1" else "r1"
     said = await exojet_output("drain", first, "--wait", "--timeout", "90", "--nats", procs.url, timeout=100)

@@ -13,9 +13,8 @@ from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.nats import client
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatMessage
-
-# The fixtures `procs` and `watch` come with the helpers (pytest finds them by name here).
-from tests.test_orchestration import LogWatch, Procs, _ready_pipeline_instance, procs, watch  # noqa: F401
+from testbed.log_watcher import LogWatch
+from tests.cluster_procs import Procs, ready_pipeline_instance
 
 pytestmark = pytest.mark.timeout(180)
 # Far more tokens than any machine generates before the cancel: the chat only ends by it.
@@ -29,11 +28,11 @@ async def _route(nc: NATS, max_tokens: int) -> str:
 
 
 async def test_a_cancel_on_one_rank_ends_both_at_the_same_token(
-    procs: Procs,  # noqa: F811
-    watch: LogWatch,  # noqa: F811
+    procs: Procs,
+    watch: LogWatch,
     nc: NATS,
 ) -> None:
-    instance_id = await _ready_pipeline_instance(procs, watch, nc)
+    instance_id = await ready_pipeline_instance(procs, watch, nc)
     # The ring's ranks proved who they are with the keys their runners registered.
     connects = [t for t in watch.state.tasks.values() if t.task_type == "ConnectToGroup"]
     assert len(connects) == 2 and all(t.result and t.result["signed"] for t in connects)

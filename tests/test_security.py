@@ -37,8 +37,9 @@ from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
 from exojet.bus.tasks import ChatMessage
 from exojet.cli.orchestration_cmds import route_chat
 from exojet.projections.state import state_hash
+from testbed.api_process import until_healthy_async
+from testbed.log_watcher import LogWatch
 from tests.procs import exojet, group_ports, stop
-from tests.test_orchestration import LogWatch
 
 RUNNERS = ["r1", "r2"]
 
@@ -291,19 +292,6 @@ async def test_an_added_runner_connects_once_the_server_reloads(secured: NatsSer
         await nc.close()
 
 
-async def _until_healthy(http: httpx.AsyncClient, proc: subprocess.Popen[bytes], bound_s: float = 60.0) -> None:
-    """Wait (bounded) for the API's /health to say it has NATS."""
-    async with asyncio.timeout(bound_s):
-        while True:
-            assert proc.poll() is None, "the API exited"
-            try:
-                if (await http.get("/health")).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            await asyncio.sleep(0.1)  # poll interval while the API process starts
-
-
 def _secured_exojet(auth_dir: Path, identity: str, *args: str, log: Path) -> subprocess.Popen[bytes]:
     """`exojet ARGS` connecting as `identity`, through the environment as an operator would set it."""
     env = {"EXOJET_NKEY": str(identities.seed_path(auth_dir, identity)), "NATS_CA": str(auth_dir / certs.CA_FILE)}
@@ -362,7 +350,7 @@ async def test_seed_workflow_pipeline_routed_chat_catch_up_and_replay_under_leas
             )
         )
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=60) as http:
-            await _until_healthy(http, procs[-1])
+            await until_healthy_async(f"http://127.0.0.1:{api_port}", procs[-1], tmp_path / "api.log", 60)
             models = await http.get("/v1/models")
             assert [m["id"] for m in models.json()["data"]] == ["local/tiny"]
             body = {"model": "local/tiny", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}

@@ -29,7 +29,8 @@ from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerLoaded, RunnerWarmingUp, TaskStatus
 from exojet.projections.explain import explain
 from testbed import REPO
-from tests.test_orchestration import LogWatch, Procs, _idle, _instance, _place
+from testbed.log_watcher import LogWatch
+from tests.cluster_procs import Procs, instance_in, place_instance, runners_idle
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 HEARTBEAT_TIMEOUT = 2.0
@@ -43,7 +44,7 @@ async def cluster(
     await watch.start(nc)
     procs = Procs(nats_server.url, models_dir, tmp_path, heartbeat_timeout=HEARTBEAT_TIMEOUT)
     procs.runner("r1")
-    await watch.until(_idle("r1"), 60, "r1 Idle")
+    await watch.until(runners_idle("r1"), 60, "r1 Idle")
     procs.supervisor()
     yield procs, watch
     for proc in procs.runners.values():
@@ -103,7 +104,7 @@ async def test_1591_engine_killed_during_warmup(cluster: tuple[Procs, LogWatch],
             _engine(runner.pid).send_signal(signal.SIGKILL)
 
     watch.hooks.append(freeze_then_kill)
-    instance_id = await _place(nc, model_id="local/tiny", runners=("r1",))
+    instance_id = await place_instance(nc, model_id="local/tiny", runners=("r1",))
     warmup = f"{instance_id}.a1.warmup.r1"
     await watch.until(
         lambda s: warmup in s.tasks and s.tasks[warmup].status == TaskStatus.FAILED, 60, "the warmup failed"
@@ -131,7 +132,7 @@ async def test_1731_runner_frozen_after_loaded(cluster: tuple[Procs, LogWatch], 
             _kill_tree(runner.pid, signal.SIGSTOP)
 
     watch.hooks.append(freeze)
-    instance_id = await _place(nc, model_id="local/tiny", runners=("r1",))
+    instance_id = await place_instance(nc, model_id="local/tiny", runners=("r1",))
     await watch.until(lambda s: s.runners["r1"].status == "RunnerLost", 60, "r1 declared lost")
     watch.hooks.remove(freeze)
     cause = await _cause(procs.url, "r1")
@@ -146,14 +147,14 @@ async def test_1731_runner_frozen_after_loaded(cluster: tuple[Procs, LogWatch], 
     lost_incarnation = watch.state.runners["r1"].incarnation
     _kill_tree(runner.pid, signal.SIGCONT)
     await watch.until(lambda s: s.runners["r1"].incarnation > lost_incarnation, 60, "r1 registered again")
-    await watch.until(_instance(instance_id, "Ready"), 90, f"{instance_id} Ready on the thawed r1")
+    await watch.until(instance_in(instance_id, "Ready"), 90, f"{instance_id} Ready on the thawed r1")
     assert runner.poll() is None, "the thawed runner exited"
 
 
 async def test_2219_failure_event_that_does_not_validate(cluster: tuple[Procs, LogWatch], nc: NATS) -> None:
     procs, watch = cluster
-    instance_id = await _place(nc, model_id="local/tiny", runners=("r1",))
-    await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready")
+    instance_id = await place_instance(nc, model_id="local/tiny", runners=("r1",))
+    await watch.until(instance_in(instance_id, "Ready"), 60, f"{instance_id} Ready")
     # A failure report in a shape the contract refuses (error_message must be a string).
     bad = (
         b'{"type":"RunnerStatusUpdated","event_id":"bad-1","runner_id":"r1","incarnation":1,'
@@ -173,8 +174,8 @@ async def test_2219_failure_event_that_does_not_validate(cluster: tuple[Procs, L
 
 async def test_2120_runner_killed_behind_a_ready_instance(cluster: tuple[Procs, LogWatch], nc: NATS) -> None:
     procs, watch = cluster
-    instance_id = await _place(nc, model_id="local/tiny", runners=("r1",))
-    await watch.until(_instance(instance_id, "Ready"), 60, f"{instance_id} Ready")
+    instance_id = await place_instance(nc, model_id="local/tiny", runners=("r1",))
+    await watch.until(instance_in(instance_id, "Ready"), 60, f"{instance_id} Ready")
     # Killed before the supervisor notices: the log still says Ready; explain says who cannot serve.
     _kill_tree(procs.runners["r1"].pid, signal.SIGKILL)
     ready_log = list(watch.envs)
@@ -192,13 +193,13 @@ async def test_1934_place_and_delete_in_a_tight_loop(cluster: tuple[Procs, LogWa
     js = nc.jetstream()
     placed = []
     for _ in range(8):
-        instance_id = await _place(nc, model_id="local/tiny", runners=("r1",))
+        instance_id = await place_instance(nc, model_id="local/tiny", runners=("r1",))
         await client.publish(js, subjects.COMMANDS, DeleteInstance(instance_id=instance_id))
         placed.append(instance_id)
-    last = await _place(nc, model_id="local/tiny", runners=("r1",))
+    last = await place_instance(nc, model_id="local/tiny", runners=("r1",))
     # No deadlock: every churned instance ends Deleted, the last one is served.
     await watch.until(
-        lambda s: all(s.instances[i].status == "Deleted" for i in placed) and _instance(last, "Ready")(s),
+        lambda s: all(s.instances[i].status == "Deleted" for i in placed) and instance_in(last, "Ready")(s),
         120,
         "the churned instances Deleted and the last Ready",
     )

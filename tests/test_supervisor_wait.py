@@ -14,6 +14,7 @@ import pytest
 from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
 from exojet.bus.ops.server import NatsServer, free_port
 from testbed import REPO
+from testbed.api_process import until_healthy_async
 from tests.procs import exojet, stop
 
 pytestmark = pytest.mark.slow
@@ -34,13 +35,7 @@ async def _run(*args: str) -> tuple[int, str, float]:
 
 async def _api_chat(base: str) -> tuple[httpx.Response, float]:
     async with httpx.AsyncClient(timeout=SUPERVISOR_WAIT_S + SLACK_S) as http:
-        async with asyncio.timeout(30):
-            while True:  # poll interval while the API process starts
-                try:
-                    if (await http.get(f"{base}/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    await asyncio.sleep(0.2)
+        await until_healthy_async(base)
         started = time.monotonic()
         body = {"model": "local/tiny", "messages": [{"role": "user", "content": "hi"}]}
         resp = await http.post(f"{base}/v1/chat/completions", json=body, headers={"Authorization": "Bearer k"})

@@ -11,13 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import httpx2 as httpx
 import openai
 import psutil
 import pytest
 
 from exojet.bus.ops.server import free_port
 from testbed import REPO
+from testbed.api_process import until_healthy
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -214,15 +214,7 @@ def _chat_answered(port: int, within: float) -> str:
 
 def _api_answered(api_port: int, within: float) -> str:
     """A chat's answer through the HTTP API, once its /health says it is connected."""
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=1.0).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, f"the API did not answer /health within {within} s"
-        time.sleep(0.1)  # poll interval while the API process starts
+    until_healthy(f"http://127.0.0.1:{api_port}", timeout=within)
     api = openai.OpenAI(base_url=f"http://127.0.0.1:{api_port}/v1", api_key="unused", max_retries=0, timeout=120)
     reply = api.chat.completions.create(
         model=api.models.list().data[0].id,
