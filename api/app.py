@@ -40,6 +40,7 @@ from exojet.api.gateway import Gateway
 from exojet.api.page import page_routes
 from exojet.api.page_login import LOGIN_PATH, has_page_cookie, login_form, login_route
 from exojet.bus.nats import client
+from exojet.bus.nats.chat_session import ChatSession
 
 PUBLIC_PATHS = ("/health", LOGIN_PATH)
 # How long /openapi.json waits for the served models it gives as examples.
@@ -139,9 +140,10 @@ class Api:
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         # The connection waited for a server at start (api/main.py) and never gives up on it
         # (/health says 503 while it is away).
-        gateway = Gateway(
+        session = ChatSession(
             self.nc, liveness_timeout=self.config.liveness_timeout, route_timeout=self.config.route_timeout
         )
+        gateway = Gateway(session)
         await gateway.start()
         self.gateway = gateway
         try:

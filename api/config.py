@@ -9,11 +9,12 @@ import msgspec
 
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
 
+# A chat whose runner has sent no heartbeat for this long ends with an error (the chat session's).
+from exojet.bus.nats.chat_session import DEFAULT_LIVENESS_TIMEOUT_S
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 52415
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-# A chat whose runner has sent no heartbeat for this long ends with an error.
-DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,7 +21,9 @@ from starlette.types import Receive
 
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found, unavailable
-from exojet.api.gateway import ChatStream, Chunk, Ended, Gateway, Lost
+from exojet.api.gateway import Gateway, api_error
+from exojet.bus.chat_ends import ChatError, Ended
+from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.projections.instances import ENDED_STATUSES, READY
 
@@ -76,42 +78,13 @@ async def route(gateway: Gateway, req: ChatRequest) -> ChatStream:
     return stream
 
 
-def outcome_error(outcome: Ended | Lost, chat_id: str) -> ApiError | None:
-    """None for a completed chat, else the error the client gets."""
-    if isinstance(outcome, Lost):
-        return unavailable(f"{chat_id}: {outcome.reason}", "runner_lost", retry_after=1)
-    if outcome.status == "Complete":
-        return None
-    detail = f"{chat_id} {outcome.status}: {outcome.error_type}: {outcome.error_message}"
-    if outcome.status == "Cancelled":
-        return ApiError(409, detail, type="cancelled", code="cancelled")
-    if outcome.status == "TimedOut":
-        return ApiError(504, detail, type="server_error", code="timed_out")
-    return ApiError(500, detail, type="server_error", code=outcome.error_type)
-
-
-async def pieces(stream: ChatStream) -> AsyncIterator[Piece]:
+async def pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[Piece]:
     """The chat's text deltas as they come, then its Complete status or the error it ended with."""
-    said = ""
-    while True:
-        item = await stream.items.get()
-        if isinstance(item, Chunk):
-            said += item.text
-            yield item.text
-            continue
-        if isinstance(item, Ended) and item.status == "Complete":
-            # Chunks and the status come on two streams: the result's text is the
-            # whole answer, so send whatever chunks have not been read yet.
-            final = item.result.get("text")
-            if isinstance(final, str) and final.startswith(said) and len(final) > len(said):
-                yield final[len(said) :]
-        err = outcome_error(item, stream.chat_id)
-        if err is not None:
-            yield err
-        else:
-            assert isinstance(item, Ended)
-            yield item
-        return
+    try:
+        async for piece in gateway.session.answer(stream):
+            yield piece
+    except ChatError as err:
+        yield api_error(err)
 
 
 def tokens(outcome: Ended) -> tuple[int, int]:
@@ -130,7 +103,7 @@ async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple
 
     async def collect() -> tuple[str, Ended]:
         parts = []
-        async for piece in pieces(stream):
+        async for piece in pieces(gateway, stream):
             if isinstance(piece, str):
                 parts.append(piece)
             elif isinstance(piece, ApiError):
@@ -164,7 +137,7 @@ def stream_body(
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for part in render(pieces(stream)):
+            async for part in render(pieces(gateway, stream)):
                 yield part
         finally:
             # Runs when the stream ends and when the client goes away mid-way

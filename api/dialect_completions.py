@@ -24,7 +24,9 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX, ChatRequest, StreamOptions
 from exojet.api.dialect_openai import DONE
 from exojet.api.errors import ApiError, bad_request
-from exojet.api.gateway import ChatStream, Ended, Gateway
+from exojet.api.gateway import Gateway
+from exojet.bus.chat_ends import Ended
+from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:
@@ -148,7 +150,7 @@ async def _events(
     outcomes: list[Ended] = []
     try:
         for index, stream in enumerate(streams):
-            async for piece in base.pieces(stream):
+            async for piece in base.pieces(gateway, stream):
                 if isinstance(piece, str):
                     yield choice(index, piece)
                 elif isinstance(piece, ApiError):

@@ -18,7 +18,7 @@ from starlette.routing import Route
 from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest, parse_chat
 from exojet.api.errors import ApiError
-from exojet.api.gateway import Ended
+from exojet.bus.chat_ends import Ended
 
 if TYPE_CHECKING:
     from exojet.api.app import Api

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
-from exojet.api.gateway import Ended
+from exojet.bus.chat_ends import Ended
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:

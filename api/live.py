@@ -26,6 +26,7 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply
+from exojet.projections.placing import placing_waits
 from exojet.projections.queries import Paging, state_reply
 from exojet.projections.state import ClusterState
 from exojet.projections.timeline import Mark, fold
@@ -117,6 +118,8 @@ class LiveCluster:
             "runner": state.runners.get(runner_id or ""),
             "task": state.tasks.get(task_id or ""),
             "instances": [i for i in state.instances.values() if i.updated_seq == env.seq],
+            # Any change may free (or take) a runner a Placing instance waits for.
+            "waiting": placing_waits(state),
             "downloads": [d for d in state.downloads.values() if d.updated_seq == env.seq],
             "loads": [d for d in state.loads.values() if d.updated_seq == env.seq],
         }

@@ -26,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster
 from exojet.bus.nats import client
+from exojet.projections.placing import shown_reason
 from exojet.projections.timeline import Mark
 from exojet.projections.words import chats_busy, load_words
 
@@ -100,7 +101,7 @@ def render_page(snap: dict[str, Any]) -> str:
                 i["model_id"],
                 i["status"],
                 ", ".join(p["runner_id"] for p in i["placements"]),
-                i["reason"],
+                shown_reason(i["reason"], snap["waiting"].get(i["instance_id"])),
             ]
             for i in instances
         ),

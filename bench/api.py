@@ -41,9 +41,9 @@ from loguru import logger
 from bench.chat_hops import Sent, chat_hops
 from bench.inference import direct_engine, prepare_model, with_engine_env
 from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.chat_client import route_chat
 from exojet.bus.ops.server import NatsServer, free_port
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.orchestration_cmds import route_chat
 from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.models.store import model_dir
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines

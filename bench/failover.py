@@ -38,8 +38,8 @@ from bench.failover_hosts import run_on_hosts
 from exojet.bus import streams, subjects
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.nats import client, query_client, stream_setup
+from exojet.bus.nats.chat_client import route_chat
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.orchestration_cmds import route_chat
 from testbed import REPO
 from testbed.nats_cluster import NatsCluster
 from testbed.netns import unavailable

@@ -1,8 +1,8 @@
-"""`exojet place`, `exojet delete`, and chats routed through the supervisors.
+"""`exojet place`, `exojet delete`, `exojet drain` and `exojet undrain`.
 
 These only publish commands on `exo.commands`; the supervisors' reconcilers do
-the rest. Ids follow from the command: `inst-<seq>` for a placement,
-`chat-<command_id>` for a routed chat (spelled in bus/ids.py).
+the rest. An instance's id follows from its command: `inst-<seq>` (see bus/ids.py).
+Routed chats are read by `bus/nats/chat_session.py`.
 """
 
 from __future__ import annotations
@@ -11,32 +11,22 @@ import argparse
 import asyncio
 import sys
 import uuid
-from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from exojet.bus import subjects
-from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
-from exojet.bus.envelope import Envelope
-from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of
+from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, UndrainRunner
+from exojet.bus.ids import instance_id_of
 from exojet.bus.model_ids import model_id_problem
 from exojet.bus.nats import client
-from exojet.bus.nats.chunk_order import read_chunks
 from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S as PUBLISH_TRY_S
 from exojet.bus.nats.query_client import QueryFailed, query
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
-from exojet.bus.tasks import ChatMessage
 from exojet.cli.options import Subparsers, add_nats, add_wait_timeout, fail
 from exojet.cli.progress import ProgressBars
-from exojet.projections.words import message_of
+from exojet.projections.placing import shown_reason
 
 # How often `place --wait` asks the supervisor while the instance is on its way.
 WAIT_POLL_S = 0.25
 SETTLED = ("Ready", "Deleted")
-
-
-class ChatFailed(Exception):
-    """The routed chat ended without completing (its task's error, in words)."""
 
 
 def add_parsers(sub: Subparsers) -> None:
@@ -129,13 +119,15 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
                 try:
                     # Waits for a supervisor through an election or a reconnect (the query's bound),
                     # then fails naming why: nobody answered that long.
-                    inst = (await query(nc, "instance", instance_id=instance_id, min_seq=seq))["instance"]
+                    reply = await query(nc, "instance", instance_id=instance_id, min_seq=seq)
                 except QueryFailed as err:
                     if not (err.answered and err.code == "Timeout"):
                         return fail(f"{err.code}: {err.message}")
-                    inst = None  # a supervisor answered, its fold behind (catching up): ask again
-                if inst is not None:
-                    status = inst["status"] + (f" ({inst['reason']})" if inst.get("reason") else "")
+                    reply = None  # a supervisor answered, its fold behind (catching up): ask again
+                if reply is not None:
+                    inst = reply["instance"]
+                    reason = shown_reason(inst.get("reason"), reply.get("waiting"))
+                    status = inst["status"] + (f" ({reason})" if reason else "")
                     if status != shown:
                         bars.say(f"  {instance_id}: {status}")
                         shown = status
@@ -200,68 +192,3 @@ async def _drained_holds(nc: Any, runner_id: str, seq: int) -> list[str] | None:
         if any(p["runner_id"] == runner_id for p in inst.get("placements", []))
     ]
     return placed if placed or reply["runner"]["status"] != "RunnerIdle" else []
-
-
-async def route_chat(
-    nats_url: str,
-    messages: Sequence[ChatMessage],
-    model_id: str | None = None,
-    max_tokens: int | None = None,
-    temperature: float | None = None,
-    timeout: float = 300.0,
-) -> AsyncIterator[str]:
-    """Ask the supervisors to route a chat to a Ready instance; yield its text as it is generated.
-
-    Publishes a RouteChatCompletion, follows its chunks (`exo.chunks.*.<chat_id>`)
-    and its emitting task's status. Raises ChatFailed if that task does not
-    complete, TimeoutError if nothing settles it within `timeout`.
-    """
-    command = RouteChatCompletion(
-        command_id=uuid.uuid4().hex[:16],
-        messages=tuple(messages),
-        model_id=model_id,
-        max_tokens=max_tokens,
-        temperature=temperature,
-    )
-    chat_id = chat_id_of(command.command_id, 0)
-    emitter = chat_task_id(chat_id, 0)
-    texts: asyncio.Queue[str | TaskStatusUpdated] = asyncio.Queue()
-
-    def on_event(env: Envelope) -> None:
-        event = message_of(env)
-        if (
-            isinstance(event, TaskStatusUpdated)
-            and event.task_id == emitter
-            and event.task_status in TERMINAL_TASK_STATUSES
-        ):
-            texts.put_nowait(event)
-
-    nc = await client.connect(nats_url, name="exojet-chat")
-    subs: list[Any] = []
-    try:
-        js = nc.jetstream()
-        subs += await read_chunks(nc, subjects.chunks_filter(chat_id), texts.put_nowait)
-        ack = await client.publish(js, subjects.COMMANDS, command, msg_id=command.command_id, timeout=PUBLISH_TRY_S)
-        subs.append(
-            await client.follow(nc, on_event, start_seq=ack.seq + 1, subject=f"{subjects.RUNNER_EVENTS_PREFIX}.>")
-        )
-        said = ""
-        async with asyncio.timeout(timeout):
-            while True:
-                item = await texts.get()
-                if isinstance(item, str):
-                    said += item
-                    yield item
-                    continue
-                if item.task_status != TaskStatus.COMPLETE:
-                    raise ChatFailed(f"{chat_id} {item.task_status}: {item.error_type}: {item.error_message}")
-                # Chunks and the final status travel on two streams: the result
-                # text is the whole answer, so yield whatever chunks have not.
-                final = (item.result or {}).get("text")
-                if isinstance(final, str) and final.startswith(said) and len(final) > len(said):
-                    yield final[len(said) :]
-                return
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
-        await nc.close()

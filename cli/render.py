@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from exojet.bus.lifecycle import LOADING
+from exojet.projections.placing import shown_reason
 from exojet.projections.words import chats_busy, load_words
 
 
@@ -63,14 +64,23 @@ def render_task_rows(tasks: list[dict[str, Any]]) -> str:
     return table(["TASK", "TYPE", "RUNNER", "STATUS", "SEQ", "UPDATED", "ERROR"], rows)
 
 
-def render_instance_rows(instances: dict[str, dict[str, Any]]) -> str:
-    """Instances: status (with the reason of a failure), attempt, runners and their layers."""
+def render_instance_rows(instances: dict[str, dict[str, Any]], waiting: dict[str, str]) -> str:
+    """Instances: status (with the reason of a failure, or what a Placing one waits for), attempt,
+    runners and their layers."""
     rows = []
     for i in sorted(instances.values(), key=lambda i: i["created_seq"]):
         status = i["status"] + (" (gave up)" if i.get("gave_up") else "")
         placed = ", ".join(_placement(p) for p in i["placements"]) or None
         rows.append(
-            [i["instance_id"], i["model_id"], status, i["attempt"], placed, i["chats_in_flight"], i.get("reason")]
+            [
+                i["instance_id"],
+                i["model_id"],
+                status,
+                i["attempt"],
+                placed,
+                i["chats_in_flight"],
+                shown_reason(i.get("reason"), waiting.get(i["instance_id"])),
+            ]
         )
     return table(["INSTANCE", "MODEL", "STATUS", "ATTEMPT", "RUNNERS", "CHATS", "REASON"], rows)
 
@@ -95,7 +105,11 @@ def render_state(reply: dict[str, Any]) -> str:
     if outages := _outage_rows(reply.get("connections") or {}):
         parts += ["", "connections to NATS that were lost (and are back)", table(["PART", "OUTAGES", "LAST"], outages)]
     if reply.get("instances"):
-        parts += ["", f"instances{_page_note(reply, 'instances')}", render_instance_rows(reply["instances"])]
+        parts += [
+            "",
+            f"instances{_page_note(reply, 'instances')}",
+            render_instance_rows(reply["instances"], reply.get("waiting") or {}),
+        ]
     if reply.get("pending_chat_count"):
         parts += ["", f"{reply['pending_chat_count']} chats waiting for a Ready instance"]
     tasks = sorted(reply["tasks"].values(), key=lambda t: t["created_seq"])
@@ -178,7 +192,15 @@ def render_runner(reply: dict[str, Any]) -> str:
 
 def render_instance(reply: dict[str, Any]) -> str:
     inst = reply["instance"]
-    return "\n".join([f"seq {reply['seq']}", "", render_instance_rows({inst["instance_id"]: inst})])
+    return "\n".join(
+        [
+            f"seq {reply['seq']}",
+            "",
+            render_instance_rows(
+                {inst["instance_id"]: inst}, {inst["instance_id"]: reply["waiting"]} if reply.get("waiting") else {}
+            ),
+        ]
+    )
 
 
 def render_task(reply: dict[str, Any]) -> str:

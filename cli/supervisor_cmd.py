@@ -9,9 +9,9 @@ from pathlib import Path
 from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
 from exojet.cli.options import Subparsers, add_nats, add_replicas
 from exojet.projections.state import Retention
+from exojet.supervisor.actions import DEFAULT_CONFIG as PLANNER
+from exojet.supervisor.actions import PlannerConfig
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S
-from exojet.supervisor.planner import DEFAULT_CONFIG as PLANNER
-from exojet.supervisor.planner import PlannerConfig
 from exojet.supervisor.projector import DEFAULT_SNAPSHOT_EVERY
 
 GROUP_PORTS = f"{PLANNER.port_base}-{PLANNER.port_base + PLANNER.port_count - 1}"

@@ -6,20 +6,14 @@ import argparse
 import asyncio
 import sys
 
-from nats.aio.client import Client as NATS
-from nats.aio.subscription import Subscription
-
 from exojet.bus import subjects
+from exojet.bus.chat_ends import ChatError, ChatUnfinished
 from exojet.bus.codec import BadInput, decode_task
-from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
-from exojet.bus.nats import client, stream_setup
-from exojet.bus.nats.chunk_order import read_chunks
-from exojet.bus.nats.follower import Follower
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.nats import client
+from exojet.bus.nats.chat_client import chat_session
 from exojet.bus.tasks import ChatCompletion
 from exojet.cli.options import Subparsers, add_nats, add_wait_timeout, fail
-from exojet.projections.words import message_of
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -37,7 +31,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, timeout: float) -> int:
-    """Validate and publish a task; with `wait`, follow it to its terminal status."""
+    """Validate and publish a task; with `wait`, follow it to its terminal status (a chat's text as
+    it comes), read by a `ChatSession` as `exojet chat` reads its chats."""
     if problem := subjects.id_problem(runner_id):
         return fail(problem, 2)
     data = payload.encode()
@@ -45,63 +40,34 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
         task = decode_task(data)
     except BadInput as err:
         return fail(f"{err.error_type}: {err.message}", 2)
-    nc = await client.connect(nats_url, name="exojet-cli")
-    try:
-        js = nc.jetstream()
-        await stream_setup.ensure_streams(js)
-        ack = await client.publish(js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
+    async with chat_session(nats_url, "exojet-cli", keep_unclaimed=True) as session:
+        ack = await client.publish(session.js, subjects.task_subject(runner_id), data, msg_id=task.task_id)
         task_id = task.task_id or str(ack.seq)
         print(f"task {task_id} seq {ack.seq}" + (" (duplicate)" if ack.duplicate else ""))
         if not wait:
             return 0
+        chat = isinstance(task, ChatCompletion)
         stream_id = (task.stream_id if isinstance(task, ChatCompletion) else None) or task_id
-        return await wait_task(nc, runner_id, task_id, ack.seq, stream_id, isinstance(task, ChatCompletion), timeout)
-    finally:
-        await nc.close()
+        stream = await session.follow_task(runner_id, task_id, stream_id, ready=False)
+        stream.on_status = _print_status
+        try:
+            async with asyncio.timeout(timeout):
+                async for piece in session.answer(stream):
+                    if isinstance(piece, str):
+                        print(piece, end="", flush=True)
+        except ChatUnfinished:
+            return 1  # its status line said why
+        except ChatError as err:
+            return fail(("\n" if chat else "") + str(err))
+        except TimeoutError:
+            return fail(f"task {task_id} reached no terminal status within {timeout} s")
+        finally:
+            session.close(stream, "exojet task --wait ended")
+        if chat:
+            print()
+        return 0
 
 
-async def wait_task(
-    nc: NATS,
-    runner_id: str,
-    task_id: str,
-    after_seq: int,
-    stream_id: str,
-    chat: bool,
-    timeout: float,
-    verbose: bool = True,
-) -> int:
-    """Follow a published task to its terminal status (printing a chat's chunks); exit code."""
-    done: asyncio.Future[TaskStatusUpdated] = asyncio.get_running_loop().create_future()
-
-    def on_event(env: Envelope) -> None:
-        message = message_of(env)
-        if isinstance(message, TaskStatusUpdated) and message.task_id == task_id:
-            failed = message.task_status not in (TaskStatus.RUNNING, TaskStatus.COMPLETE)
-            if verbose or failed:
-                print(
-                    f"  {message.task_status}"
-                    + (f" ({message.error_type}: {message.error_message})" if message.error_type else ""),
-                    file=sys.stderr,
-                )
-            if message.task_status in TERMINAL_TASK_STATUSES and not done.done():
-                done.set_result(message)
-
-    subs: list[Follower | Subscription] = [
-        await client.follow(nc, on_event, start_seq=after_seq + 1, subject=subjects.runner_events_subject(runner_id))
-    ]
-    if chat:
-        subs += await read_chunks(nc, subjects.chunks_subject(runner_id, stream_id), _print_text)
-    try:
-        final = await asyncio.wait_for(done, timeout)
-    except TimeoutError:
-        return fail(f"task {task_id} reached no terminal status within {timeout} s")
-    finally:
-        for sub in subs:
-            await sub.unsubscribe()
-    if chat:
-        print()
-    return 0 if final.task_status == TaskStatus.COMPLETE else 1
-
-
-def _print_text(text: str) -> None:
-    print(text, end="", flush=True)
+def _print_status(event: TaskStatusUpdated) -> None:
+    error = f" ({event.error_type}: {event.error_message})" if event.error_type else ""
+    print(f"  {event.task_status}{error}", file=sys.stderr)

@@ -21,6 +21,7 @@ from exojet.bus.lifecycle import RUNNING as RUNNER_RUNNING
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.projections.apply import apply
 from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, steps
+from exojet.projections.placing import waiting_reason
 from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
 from exojet.projections.state import ClusterState, InstanceView, RunnerView, TaskView
 from exojet.projections.words import describe, message_of, one_line
@@ -223,7 +224,9 @@ def _instance_cause(state: ClusterState, inst: InstanceView) -> str:
         return f"{head} is {inst.status}{final} since seq {inst.updated_seq}: {inst.reason}"
     if inst.status == PLACING:
         earlier = f" (attempt {inst.attempt} failed: {inst.reason})" if inst.reason else ""
-        return f"{head} is Placing since seq {inst.updated_seq}: no supervisor has placed it yet{earlier}"
+        # The planner's own reason, from the same rule (a supervisor places it once none remains).
+        waiting = waiting_reason(state, inst) or "no supervisor has placed it yet"
+        return f"{head} is Placing since seq {inst.updated_seq}: {waiting}{earlier}"
     if inst.status == READY:
         for p in inst.placements:
             r = state.runners.get(p.runner_id)

@@ -159,6 +159,8 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
                     )
                 state.runner_instances[p.runner_id] = inst.instance_id
             inst.attempt = event.attempt
+            # A failed attempt's reason explained the Placing it left the instance in, which ends here.
+            inst.reason = None
             inst.placements = list(event.placements)
             inst.hosts = list(event.hosts)
             inst.placed_seq = env.seq
@@ -186,7 +188,7 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
                     f"at attempt {inst.attempt}",
                 )
                 return
-            # The reason of the failed attempt stays visible while placing again.
+            # The reason of the failed attempt stays visible while placing again (until placed).
             inst.status = PLACING
             inst.placements = []
             inst.hosts = []

@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 import msgspec
 
 from exojet.projections.instances import ENDED_STATUSES
-from exojet.projections.state import ClusterState, RoutedChatView, TaskView, state_hash
+from exojet.projections.placing import waiting_reason
+from exojet.projections.state import ClusterState, InstanceView, RoutedChatView, TaskView, state_hash
 
 # The newest anomalies a reply shows (the count is of all of them).
 ANOMALIES_SHOWN = 50
@@ -108,6 +109,8 @@ def state_reply(
         "load": load,
         "instances": _keyed(instances, "instance_id"),
         "instances_page": instances_page,
+        # Why each listed instance still Placing is not placed yet (the planner's rule, not in the log).
+        "waiting": _waiting(state, instances),
         "tasks": _keyed(tasks, "task_id"),
         "tasks_page": tasks_page,
         "downloads": dict(state.downloads),
@@ -181,4 +184,8 @@ def instance_reply(state: ClusterState, instance_id: str) -> dict[str, Any]:
     inst = state.instances.get(instance_id)
     if inst is None:
         raise _not_found(state, "instance", instance_id, f"exojet replay --json | grep '\"{instance_id}'")
-    return {"seq": state.seq, "instance": inst}
+    return {"seq": state.seq, "instance": inst, "waiting": waiting_reason(state, inst)}
+
+
+def _waiting(state: ClusterState, instances: list[InstanceView]) -> dict[str, str]:
+    return {i.instance_id: reason for i in instances if (reason := waiting_reason(state, i)) is not None}

@@ -30,7 +30,8 @@ from exojet.sim.kernel import Actor, NextTask, Publish, Sleep
 from exojet.sim.runner import N_LAYERS, Body, SimRunner
 from exojet.sim.supervisor import SimSupervisor
 from exojet.sim.world import Faults, Violation, World
-from exojet.supervisor.planner import PlannerConfig, SendTask, plan
+from exojet.supervisor.actions import PlannerConfig, SendTask
+from exojet.supervisor.planner import plan
 
 # Sim seconds with faults on, then at most this long for the healed cluster to settle.
 FAULT_TIME_S = 40.0

@@ -86,6 +86,7 @@ class SimRunner(Actor):
                 memory_free=self.memory_free,
                 address=f"10.0.0.{self.runner_id.removeprefix('r')}",
                 engines=("mlx",),
+                ring_key=f"ring-{self.runner_id}",
             )
 
         return build

@@ -20,8 +20,8 @@ from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState
 from exojet.sim.kernel import Actor, Effect, Publish, Sleep, Transient, Until
 from exojet.sim.world import World
+from exojet.supervisor.actions import PlannerConfig, SendTask, WriteEvent
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S
-from exojet.supervisor.planner import PlannerConfig, SendTask, WriteEvent
 from exojet.supervisor.reconciler import DEFAULT_INTERVAL_S, OWN_WRITES_TIMEOUT_S, plan_writes
 from exojet.supervisor.retries import RetryTimer, stamped
 from exojet.supervisor.silence import SilenceWatch, Silent, lost_event

@@ -14,8 +14,8 @@ from loguru import logger
 from exojet.bus.nats import client, connection, stream_setup
 from exojet.bus.streams import LogLimits
 from exojet.projections.state import Retention
+from exojet.supervisor.actions import DEFAULT_CONFIG, PlannerConfig
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
-from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig
 from exojet.supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
 from exojet.supervisor.reconciler import Reconciler
 from exojet.supervisor.service import start_service

@@ -30,7 +30,8 @@ from exojet.bus.nats import client
 from exojet.models.store import InvalidModelId, layer_count, model_dir
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState
-from exojet.supervisor.planner import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent, plan
+from exojet.supervisor.actions import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent
+from exojet.supervisor.planner import plan
 from exojet.supervisor.projector import MinSeqTimeout, Projector
 from exojet.supervisor.retries import RetryTimer, retry_due_event, stamped
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import msgspec
 
 from exojet.bus.events import InstanceRetryDue, SupervisorEvent
-from exojet.supervisor.planner import Action, RetryWait
+from exojet.supervisor.actions import Action, RetryWait
 
 
 class RetryTimer:

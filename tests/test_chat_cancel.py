@@ -12,6 +12,7 @@ from exojet.api.chat_request import parse_chat
 from exojet.api.errors import ApiError
 from exojet.api.gateway import Gateway
 from exojet.bus.commands import CancelChat, RouteChatCompletion
+from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.tasks import ChatMessage
 from exojet.supervisor.planner import plan
 from testbed.log_watcher import LogWatch
@@ -45,7 +46,7 @@ async def test_the_api_cancels_through_the_log_what_it_could_not_route(nc: NATS)
     # The log folded as a supervisor folds it: one that comes back late routes what is pending.
     watch = LogWatch()
     await watch.start(nc)
-    gateway = Gateway(nc, route_timeout=0.5)
+    gateway = Gateway(ChatSession(nc, route_timeout=0.5))
     await gateway.start()
     request = parse_chat(b'{"model": "local/tiny", "messages": [{"role": "user", "content": "hi"}]}', 1024)
     try:
@@ -55,9 +56,9 @@ async def test_the_api_cancels_through_the_log_what_it_could_not_route(nc: NATS)
             await gateway.submit(timed_out, request)
         assert err.value.status == 503
         gateway.close(timed_out, "the request failed before its chat was routed")
-        assert timed_out.fast is None  # its chunks' subscription goes with the request, not a minute later
+        assert not timed_out.subs  # its chunks' subscription goes with the request, not a minute later
         # Another is cancelled (POST /v1/cancel) while it waits to be routed.
-        gateway.route_timeout = 30.0
+        gateway.session.route_timeout = 30.0
         waiting = await gateway.open_chat()
         submitted = asyncio.create_task(gateway.submit(waiting, request))
         await watch.until(lambda s: waiting.chat_id in s.chats, 10, "the chat requested")

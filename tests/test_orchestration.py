@@ -18,15 +18,16 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.bus import subjects
+from exojet.bus.chat_ends import ChatError
 from exojet.bus.codec import decode_event, decode_task, encode
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.nats import client
+from exojet.bus.nats.chat_client import route_chat
 from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.orchestration_cmds import ChatFailed, route_chat
 from exojet.projections.instances import steps
 from exojet.projections.state import ClusterState, InstanceView
 from testbed.log_watcher import LogWatch
@@ -296,7 +297,7 @@ async def test_a_pipeline_rank_killed_mid_chat_fails_every_rank_and_the_instance
     engines = psutil.Process(procs.runners["r2"].pid).children()
     assert len(engines) == 1
     engines[0].send_signal(signal.SIGKILL)
-    with pytest.raises(ChatFailed):
+    with pytest.raises(ChatError):
         async with asyncio.timeout(30):
             async for _ in chat:
                 pass

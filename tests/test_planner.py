@@ -51,8 +51,12 @@ from exojet.bus.tasks import (
     task_type,
 )
 from exojet.projections.apply import apply
-from exojet.projections.state import ClusterState, state_hash
-from exojet.supervisor.planner import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent, plan, split_layers
+from exojet.projections.explain import cause
+from exojet.projections.placing import waiting_reason
+from exojet.projections.state import ClusterState, InstanceView, state_hash
+from exojet.supervisor.actions import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent
+from exojet.supervisor.placement import split_layers
+from exojet.supervisor.planner import plan
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -100,9 +104,18 @@ class Cluster:
     def status(self, runner_id: str, status: RunnerStatus) -> None:
         self.event(runner_id, RunnerStatusUpdated, runner_status=status)
 
-    def register(self, runner_id: str, memory_free: int = 1000, engines: tuple[str, ...] = ()) -> None:
+    def register(
+        self, runner_id: str, memory_free: int = 1000, engines: tuple[str, ...] = ("mlx",), ring_key: str = "k"
+    ) -> None:
         self.incarnations[runner_id] = self.incarnations.get(runner_id, 0) + 1
-        self.event(runner_id, RunnerRegistered, memory_free=memory_free, address="10.0.0.1", engines=engines)
+        self.event(
+            runner_id,
+            RunnerRegistered,
+            memory_free=memory_free,
+            address="10.0.0.1",
+            engines=engines,
+            ring_key=ring_key and f"{ring_key}-{runner_id}",
+        )
         self.status(runner_id, RunnerIdle())
 
     def command(self, command: msgspec.Struct) -> None:
@@ -158,6 +171,11 @@ class Cluster:
                     self.complete(a.runner_id, a.task)
                     done.append((a.runner_id, a.task))
         raise AssertionError("the plan never settled")
+
+
+def _placing(c: Cluster, model: str = "local/tiny") -> InstanceView:
+    c.command(PlaceInstance(model_id=model))
+    return list(c.state.instances.values())[-1]
 
 
 def _types(done: list[tuple[str, Task]]) -> list[str]:
@@ -248,21 +266,65 @@ def test_a_group_retried_after_a_failed_connect_listens_on_the_next_ports() -> N
     ]
 
 
-def test_a_group_goes_only_to_runners_with_an_engine_that_can_join_one() -> None:
+def test_a_group_goes_only_to_runners_with_an_engine_that_can_join_one_and_a_ring_key() -> None:
     c = Cluster()
     c.register("gguf-only", memory_free=9000, engines=("llamacpp",))
     c.register("both", engines=("llamacpp", "mlx"))
-    c.register("old")  # registered before runners reported engines: MLX only
+    c.register("keyless", memory_free=5000, ring_key="")
+    c.register("mlx")
+    c.register("none", memory_free=8000, engines=())  # lists no engine: never placed
     c.command(PlaceInstance(model_id="local/tiny", min_runners=2))
     c.publish(plan(c.state, {"local/tiny": 8}))
     inst = next(iter(c.state.instances.values()))
-    assert sorted(p.runner_id for p in inst.placements) == ["both", "old"]
+    assert sorted(p.runner_id for p in inst.placements) == ["both", "mlx"]
 
-    # A single-runner instance may go to any engine: the freest runner takes it.
+    # A single-runner instance may go to any engine: the freest runner that lists one takes it.
     c.command(PlaceInstance(model_id="local/tiny"))
     c.publish(plan(c.state))
     [single] = [i for i in c.state.instances.values() if i is not inst]
     assert [p.runner_id for p in single.placements] == ["gguf-only"]
+
+
+def test_runners_asked_for_that_can_never_take_an_instance_fail_it_naming_why() -> None:
+    c = Cluster()
+    c.register("keyless", ring_key="")
+    c.register("mlx")
+    c.register("none", engines=())
+    c.command(PlaceInstance(model_id="local/tiny", runners=("mlx", "keyless"), min_runners=2))
+    c.command(PlaceInstance(model_id="local/tiny", runners=("none",)))
+    c.publish(plan(c.state, {"local/tiny": 8}))
+    c.publish(plan(c.state, {"local/tiny": 8}))
+    group, single = c.state.instances.values()
+    assert group.status == single.status == "Failed" and group.gave_up and single.gave_up
+    assert (group.reason or "").startswith("NoRingKey: keyless registered no ring key")
+    assert (single.reason or "").startswith("NoEngines: none registered no engines")
+
+
+def test_a_placing_instance_says_what_it_waits_for_and_a_drained_one_waits_for_a_free_runner() -> None:
+    c = Cluster()
+    assert waiting_reason(c.state, _placing(c)) == (
+        "waiting for a free runner: none has registered (start one: `exojet runner` or `exojet up`)"
+    )
+    c.register("r1")
+    c.run()
+    first = c.state.instances["inst-1"]
+    assert first.status == "Ready" and first.reason is None
+    second = _placing(c, "nobody/none")
+    assert waiting_reason(c.state, second) == "waiting for a free runner: r1 serves inst-1 (local/tiny, Ready)"
+    assert waiting_reason(c.state, first) is None
+    # Drained with nowhere to move: the instance waits for a free runner, saying so.
+    c.command(DrainRunner(runner_id="r1"))
+    c.publish(plan(c.state))
+    assert first.status == "Failed" and "r1 drained for maintenance" in (first.reason or "")
+    c.put(subjects.SUPERVISOR_EVENTS, InstanceRetryDue(event_id="rd", instance_id="inst-1", attempt=1))
+    c.run()
+    assert first.status == "Placing"
+    assert waiting_reason(c.state, first) == "waiting for a free runner: r1 is drained (`exojet undrain r1`)"
+    assert "r1 is drained (`exojet undrain r1`)" in cause(c.state, "instance", first.instance_id, [])
+    # Back on r1 once undrained: Ready, and the drain's reason is gone with the status it explained.
+    c.command(UndrainRunner(runner_id="r1"))
+    c.run()
+    assert first.status == "Ready" and first.reason is None
 
 
 def test_a_group_without_a_layer_count_is_split_from_what_its_downloads_report() -> None:

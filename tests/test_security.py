@@ -28,6 +28,7 @@ from exojet.bus.commands import PlaceInstance
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated
 from exojet.bus.ids import instance_id_of
 from exojet.bus.nats import client, connect_options
+from exojet.bus.nats.chat_client import route_chat
 from exojet.bus.nats.connect_options import ConnectOptions
 from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops import certs, identities
@@ -35,7 +36,6 @@ from exojet.bus.ops.server import NatsServer, ServerError, free_port
 from exojet.bus.statuses import RunnerIdle
 from exojet.bus.streams import CHUNKS_STREAM, LOG_STREAM
 from exojet.bus.tasks import ChatMessage
-from exojet.cli.orchestration_cmds import route_chat
 from exojet.projections.state import state_hash
 from testbed.api_process import until_healthy_async
 from testbed.log_watcher import LogWatch

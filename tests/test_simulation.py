@@ -38,7 +38,8 @@ from exojet.runner.task_history import TaskHistory
 from exojet.runner.write_chain import Fenced, WriteChain
 from exojet.sim import invariants
 from exojet.sim.run import run
-from exojet.supervisor.planner import SendTask, WriteEvent, plan
+from exojet.supervisor.actions import SendTask, WriteEvent
+from exojet.supervisor.planner import plan
 from tests.test_planner import Cluster
 
 # Per default-suite run: seeds 0 .. SEEDS-1 (the CLI runs any other range).

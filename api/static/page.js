@@ -57,6 +57,12 @@ function instanceRow(i) {
   refreshModels();
 }
 
+// What a Placing instance waits for (the supervisors' planner rule, as the page's fold sees it).
+function waitingReason(instanceId, why) {
+  const row = document.getElementById("instance-" + instanceId);
+  if (row && row.cells.length) row.cells[row.cells.length - 1].textContent = why;
+}
+
 function taskRow(t) {
   const tbody = $("#tasks tbody");
   upsert(tbody, "task-" + t.task_id, [
@@ -155,6 +161,7 @@ function connect() {
     if (u.runner) runnerRow(u.runner);
     if (u.task) taskRow(u.task);
     for (const i of u.instances || []) instanceRow(i);
+    for (const [id, why] of Object.entries(u.waiting || {})) waitingReason(id, why);
     for (const d of u.downloads || []) downloadBar(d);
     for (const d of u.loads || []) loadProgress(d);
   };

@@ -1,0 +1,56 @@
+"""Every way a chat can end, as its reader (`bus/nats/chat_session.py`) reports it.
+
+A completed chat ends with `Ended`; every other end is a `ChatError` naming why, in words
+a person can act on. The API maps each to its HTTP status (api/gateway.py), the CLI prints it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+
+class Ended(msgspec.Struct, frozen=True):
+    """The emitting task's Complete status and its result."""
+
+    result: dict[str, Any]
+
+    @property
+    def text(self) -> str | None:
+        text = self.result.get("text")
+        return text if isinstance(text, str) else None
+
+
+class ChatError(Exception):
+    """The chat ended without an answer: `chat_id` and why."""
+
+    def __init__(self, chat_id: str, detail: str) -> None:
+        super().__init__(f"{chat_id}: {detail}")
+        self.chat_id = chat_id
+        self.detail = detail
+
+
+class ChatUnfinished(ChatError):
+    """Its emitting task ended Failed, TimedOut or Cancelled (`status`), with the runner's error."""
+
+    def __init__(self, chat_id: str, status: str, error_type: str | None, error_message: str | None) -> None:
+        super().__init__(chat_id, f"{status}: {error_type}: {error_message}")
+        self.status = status
+        self.error_type = error_type
+
+
+class ChatQueueFull(ChatError):
+    """A supervisor refused it (`ChatRefused`): every instance of its model is busy and its queue full."""
+
+
+class ChatLost(ChatError):
+    """It cannot end by itself any more: its runner was lost or fell silent, its instance failed or was deleted."""
+
+
+class ChatNotRouted(ChatError):
+    """No supervisor routed it within the bound (none is up, or none answers)."""
+
+
+class ChatCancelled(ChatError):
+    """Cancelled before any rank of it ran."""

@@ -1,0 +1,86 @@
+"""Routing chats: each pending chat to a Ready instance of its model, or refused when all are full.
+
+Pure, like the planner that calls it.
+"""
+
+from __future__ import annotations
+
+from exojet.bus.events import ChatRefused
+from exojet.bus.ids import chat_task_id
+from exojet.bus.tasks import ChatCompletion
+from exojet.projections.instances import READY
+from exojet.projections.state import ClusterState, InstanceView, RoutedChatView
+from exojet.supervisor.actions import Action, PlannerConfig, SendTask, WriteEvent
+
+
+def chat_capacity(state: ClusterState, inst: InstanceView) -> int:
+    """Chats an instance serves at once: its runner's capacity for the model; 1 for a pipeline
+    group (its ranks pull their tasks independently, so they could not keep step)."""
+    if len(inst.placements) != 1:
+        return 1
+    runner = state.runners.get(inst.placements[0].runner_id)
+    return runner.chat_capacity if runner is not None else 1
+
+
+def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
+    """Each pending chat to the Ready instance of its model with the most free capacity; with none
+    free, to the one with the shortest queue, where it waits in its runner's queue (routed: an API
+    waiting for it to be routed is answered at once), up to `max_chats_per_instance` waiting per
+    instance; beyond that it is refused."""
+    actions: list[Action] = []
+    ready = [i for i in state.instances.values() if i.status == READY]
+    load = {i.instance_id: i.chats_in_flight for i in ready}
+    capacity = {i.instance_id: chat_capacity(state, i) for i in ready}
+    for chat_id in state.pending_chats:
+        chat = state.chats[chat_id]
+        if chat.request is None:
+            continue
+        if chat.instance_id is None:
+            candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
+            if not candidates:
+                continue  # waits for a Ready instance of its model
+            target = min(candidates, key=lambda i: (load[i] - capacity[i], i))
+            if load[target] >= capacity[target] + config.max_chats_per_instance:
+                actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
+                continue
+            load[target] += 1
+            actions.append(_chat_task(state, chat, state.instances[target], 0))
+        elif (inst := state.instances.get(chat.instance_id)) is not None and inst.status == READY:
+            # Ranks after 0 follow the instance that rank 0's task (in the log) names.
+            actions.extend(
+                _chat_task(state, chat, inst, rank)
+                for rank in range(1, len(inst.placements))
+                if chat_task_id(chat_id, rank) not in state.tasks
+            )
+    return actions
+
+
+def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
+    model = chat.model_id or "any model"
+    event = ChatRefused(
+        event_id=f"{chat.chat_id}:refused",
+        chat_id=chat.chat_id,
+        error_type="QueueFull",
+        reason=f"all {instances} Ready instance(s) of {model} serve as many chats as they can and {limit} "
+        "more wait for each; retry shortly",
+    )
+    return WriteEvent(event)
+
+
+def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, rank: int) -> SendTask:
+    request = chat.request
+    assert request is not None
+    task = ChatCompletion(
+        task_id=chat_task_id(chat.chat_id, rank),
+        instance_id=inst.instance_id,
+        messages=request.messages,
+        max_tokens=request.max_tokens,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stop,
+        raw=request.raw,
+        stream_id=chat.chat_id,
+        emit_rank=0,
+    )
+    return SendTask(inst.placements[rank].runner_id, task)
