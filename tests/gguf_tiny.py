@@ -121,3 +121,9 @@ def write_tiny_gguf(
 def llama_cpp_unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Inverse of `llama_cpp_permute`."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def as_gguf(folder: Path, dest: Path, qtype: Q = Q.F32) -> Path:
+    """`folder`'s llama as a GGUF, its matrices in `qtype` (norms stay F32, as llama.cpp's converter keeps them)."""
+    write_tiny_gguf(folder, dest, lambda name: Q.F32 if "norm" in name else qtype)
+    return dest

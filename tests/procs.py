@@ -52,6 +52,17 @@ def exojet(*args: str, log: Path | None = None, env: dict[str, str] | None = Non
     )
 
 
+def exojet_run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    """`exojet ARGS --nats URL` to completion (bounded), its output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "exojet.cli.main", *args, "--nats", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def start_api(
     port: int, *args: str, log: Path, env: dict[str, str] | None = None, timeout: float = 30.0
 ) -> subprocess.Popen[bytes]:

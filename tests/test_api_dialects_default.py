@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from exojet.bus.ops.server import free_port
-from tests.test_up import interrupt, start_up, wait_ready
+from tests.up_process import interrupt, start_up, wait_ready
 
 pytestmark = pytest.mark.timeout(300)
 

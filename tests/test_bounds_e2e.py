@@ -12,8 +12,7 @@ from exojet.bus import streams
 from exojet.bus.nats import client
 from exojet.bus.nats.query_client import first_answer, query
 from exojet.bus.ops.server import NatsServer
-from tests.procs import exojet, stop
-from tests.test_cli_log import run
+from tests.procs import exojet, exojet_run, stop
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -23,12 +22,12 @@ CHATS = 16
 
 def _chat(url: str, task_id: str) -> None:
     task = {"type": "ChatCompletion", "task_id": task_id, "messages": [{"role": "user", "content": "hi"}]}
-    out = run("task", "r1", json.dumps({**task, "max_tokens": 2}), "--wait", url=url)
+    out = exojet_run("task", "r1", json.dumps({**task, "max_tokens": 2}), "--wait", url=url)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _state(url: str, *args: str) -> dict:
-    out = run("state", "--json", *args, url=url)
+    out = exojet_run("state", "--json", *args, url=url)
     assert out.returncode == 0, out.stderr
     reply: dict = json.loads(out.stdout)
     return reply
@@ -47,19 +46,19 @@ async def test_a_small_window_and_a_small_log_answer_alike_through_every_command
     runner = exojet("runner", "--id", "r1", "--nats", url, "--models-dir", str(models_dir), log=tmp_path / "r1.log")
     try:
         await first_answer(nc)
-        placed = run("place", "local/tiny", "--runners", "r1", "--wait", url=url)
+        placed = exojet_run("place", "local/tiny", "--runners", "r1", "--wait", url=url)
         assert placed.returncode == 0, placed.stderr
         instance_id = placed.stdout.split()[0]
         for i in range(CHATS // 2):
             _chat(url, f"c{i}")
         archive = tmp_path / "early.jsonl.gz"
-        assert run("log", "export", str(archive), url=url).returncode == 0
+        assert exojet_run("log", "export", str(archive), url=url).returncode == 0
         for i in range(CHATS // 2, CHATS):
             _chat(url, f"c{i}")
         for _ in range(6):  # anomalies past their window
             await nc.publish("exo.tasks.r1", b"not json")
         await nc.flush()
-        routed = run("chat", "Say hi", "--max-tokens", "2", url=url)
+        routed = exojet_run("chat", "Say hi", "--max-tokens", "2", url=url)
         assert routed.returncode == 0, routed.stderr
 
         # The log outgrew its bytes: its oldest messages are gone.
@@ -77,9 +76,9 @@ async def test_a_small_window_and_a_small_log_answer_alike_through_every_command
         assert reply["runners"]["r1"]["status"] == "RunnerReady"
 
         # An old task: the supervisor says where it is; the archive still has it.
-        gone = run("state", "--task", "c0", url=url)
+        gone = exojet_run("state", "--task", "c0", url=url)
         assert gone.returncode == 1 and "exojet replay --task c0" in gone.stderr
-        old = run("replay", "--task", "c0", "--file", str(archive), url=url)
+        old = exojet_run("replay", "--task", "c0", "--file", str(archive), url=url)
         assert old.returncode == 0 and "c0" in old.stdout and "Complete" in old.stdout
         newest = next(t for t in reply["tasks"].values() if t["status"] == "Complete")["task_id"]
         assert _state(url, "--task", newest)["task"]["status"] == "Complete"
@@ -87,9 +86,9 @@ async def test_a_small_window_and_a_small_log_answer_alike_through_every_command
         assert _state(url, "--instance", instance_id)["instance"]["status"] == "Ready"
         page = _state(url, "--limit", "2", "--offset", "2")
         assert len(page["tasks"]) == 2 and page["tasks_page"]["offset"] == 2
-        assert run("state", url=url).returncode == 0
+        assert exojet_run("state", url=url).returncode == 0
         # The trimmed log checks from its horizon: only the bad tasks are anomalies.
-        check = run("replay", "--check", url=url)
+        check = exojet_run("replay", "--check", url=url)
         assert check.returncode == 1 and "starts at seq" in check.stdout
         assert {line.split(": ")[1] for line in check.stdout.splitlines() if line.startswith("anomaly")} == {"BadTask"}
 
@@ -99,8 +98,8 @@ async def test_a_small_window_and_a_small_log_answer_alike_through_every_command
         again = await first_answer(nc, min_seq=reply["seq"])
         assert again["pruned"] >= reply["pruned"] and "warning" not in again
         assert (await query(nc, "instance", instance_id=instance_id))["instance"]["status"] == "Ready"
-        assert run("chat", "Say hi again", "--max-tokens", "2", url=url).returncode == 0
-        assert run("delete", instance_id, url=url).returncode == 0
+        assert exojet_run("chat", "Say hi again", "--max-tokens", "2", url=url).returncode == 0
+        assert exojet_run("delete", instance_id, url=url).returncode == 0
         assert await client.last_seq(js) > reply["seq"]
     finally:
         stop(runner)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,20 +13,9 @@ from exojet.bus.nats import client
 from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import RunnerIdle, RunnerLoading, TaskStatus
-from testbed import REPO
-from tests.procs import exojet, stop
+from tests.procs import exojet, exojet_run, stop
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def run(*args: str, url: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "exojet.cli.main", *args, "--nats", url],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 async def _write_log(nc: NATS) -> None:
@@ -53,22 +40,22 @@ async def _write_log(nc: NATS) -> None:
 
 
 async def test_task_command_validates_and_publishes(nats_server: NatsServer, nc: NATS) -> None:
-    bad = run("task", "r1", '{"type":"ChatCompletion","messages":[]}', url=nats_server.url)
+    bad = exojet_run("task", "r1", '{"type":"ChatCompletion","messages":[]}', url=nats_server.url)
     assert bad.returncode == 2
     assert "InvalidField" in bad.stderr and "messages" in bad.stderr
     assert await client.last_seq(nc.jetstream()) == 0  # refused before publishing
-    ok = run("task", "r1", '{"type":"StartWarmup"}', url=nats_server.url)
+    ok = exojet_run("task", "r1", '{"type":"StartWarmup"}', url=nats_server.url)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == "task 1 seq 1"
-    named = run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
-    again = run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
+    named = exojet_run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
+    again = exojet_run("task", "r1", '{"type":"StartWarmup","task_id":"w1"}', url=nats_server.url)
     assert named.stdout.strip() == "task w1 seq 2"
     assert again.stdout.strip() == "task w1 seq 2 (duplicate)"
 
 
 async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc: NATS) -> None:
     await _write_log(nc)
-    timeline = run("replay", url=nats_server.url)
+    timeline = exojet_run("replay", url=nats_server.url)
     assert timeline.returncode == 0, timeline.stderr
     lines = timeline.stdout.splitlines()
     assert len(lines) == 5
@@ -78,24 +65,24 @@ async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc:
     assert "task load1: Pending -> Running" in lines[3]
     assert "r1: RunnerIdle -> RunnerLoading" in lines[4]
 
-    only_task = run("replay", "--task", "load1", "--json", url=nats_server.url)
+    only_task = exojet_run("replay", "--task", "load1", "--json", url=nats_server.url)
     objs = [json.loads(line) for line in only_task.stdout.splitlines()]
     assert [o["seq"] for o in objs] == [3, 4]
     assert objs[0]["subject"] == "exo.tasks.r1" and objs[0]["message"]["type"] == "LoadModel"
 
-    window = run("replay", "--from", "2", "--to", "3", url=nats_server.url)
+    window = exojet_run("replay", "--from", "2", "--to", "3", url=nats_server.url)
     assert [line.split()[0] for line in window.stdout.splitlines()] == ["2", "3"]
 
-    as_of = run("replay", "--to", "2", "--state", url=nats_server.url)
+    as_of = exojet_run("replay", "--to", "2", "--state", url=nats_server.url)
     assert "Idle" in as_of.stdout and "Loading" not in as_of.stdout
 
-    checked = run("replay", "--check", url=nats_server.url)
+    checked = exojet_run("replay", "--check", url=nats_server.url)
     assert checked.returncode == 1
     assert "unfinished task load1 (LoadModel on r1): Running" in checked.stdout
     assert "stuck runner r1: RunnerLoading" in checked.stdout
-    assert run("replay", "--to", "2", "--check", url=nats_server.url).returncode == 0
+    assert exojet_run("replay", "--to", "2", "--check", url=nats_server.url).returncode == 0
 
-    explained = run("explain", "r1", url=nats_server.url)
+    explained = exojet_run("explain", "r1", url=nats_server.url)
     assert explained.returncode == 0, explained.stderr
     out = explained.stdout.splitlines()
     assert out[0] == "runner r1: RunnerLoading"
@@ -103,7 +90,7 @@ async def test_replay_timeline_json_state_and_check(nats_server: NatsServer, nc:
         "cause: r1 is stuck in RunnerLoading since seq 5 while task load1 (LoadModel) runs: "
         "its last event is seq 5, none has ended the transition"
     )
-    unknown = run("explain", "nope", url=nats_server.url)
+    unknown = exojet_run("explain", "nope", url=nats_server.url)
     assert unknown.returncode == 1 and "no runner, task, instance or chat 'nope'" in unknown.stderr
 
 
@@ -112,16 +99,16 @@ async def test_state_command_renders_the_projection(nats_server: NatsServer, nc:
     sup = exojet("supervisor", "--nats", nats_server.url, log=tmp_path / "sup.log")
     try:
         await first_answer(nc, min_seq=5)
-        table = run("state", "--min-seq", "5", url=nats_server.url)
+        table = exojet_run("state", "--min-seq", "5", url=nats_server.url)
         assert table.returncode == 0, table.stderr
         assert "seq 5" in table.stdout
         row = next(line for line in table.stdout.splitlines() if line.startswith("r1 "))
         assert row.split()[:3] == ["r1", "Loading", "1"]
-        task = run("state", "--task", "load1", "--json", url=nats_server.url)
+        task = exojet_run("state", "--task", "load1", "--json", url=nats_server.url)
         assert json.loads(task.stdout)["task"]["status"] == "Running"
-        missing = run("state", "--runner", "ghost", url=nats_server.url)
+        missing = exojet_run("state", "--runner", "ghost", url=nats_server.url)
         assert missing.returncode == 1 and "NotFound" in missing.stderr
     finally:
         assert stop(sup) == 0
-    nobody = run("state", url=nats_server.url)
+    nobody = exojet_run("state", url=nats_server.url)
     assert nobody.returncode == 1 and "NoSupervisor" in nobody.stderr

@@ -20,9 +20,9 @@ from exojet.bus.statuses import TaskStatus, status_name
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS
 from testbed.log_watcher import LogWatcher
 from tests.api_stack import API_KEY, MODEL, start_stack
+from tests.gguf_tiny import as_gguf
 from tests.procs import stop
 from tests.runner_harness import chat, make_ready, run_task, send, start_runner
-from tests.test_engine_llamacpp import as_gguf
 
 # Long enough that chats sent together overlap, short enough for a test.
 LONG = 600

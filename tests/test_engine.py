@@ -22,8 +22,7 @@ from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, EngineContract, class_loop
-from tests.gguf_tiny import Q
-from tests.test_engine_llamacpp import as_gguf
+from tests.gguf_tiny import Q, as_gguf
 
 
 class MLXContract(EngineContract):

@@ -20,8 +20,8 @@ from exojet.runner.engine_backend import FAULT_ENV
 from exojet.runner.engine_protocol import Generate
 from testbed.log_watcher import LogWatch
 from tests.engine_contract import PROMPT, collect
+from tests.gguf_tiny import as_gguf
 from tests.procs import exojet, exojet_output, start_runner, stop
-from tests.test_engine_llamacpp import as_gguf
 
 
 @pytest.fixture

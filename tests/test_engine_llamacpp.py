@@ -16,13 +16,7 @@ from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_fa
 from exojet.runner.engine_protocol import Generate, Message
 from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, EngineContract, class_loop, collect
-from tests.gguf_tiny import Q, write_tiny_gguf
-
-
-def as_gguf(folder: Path, dest: Path, qtype: Q = Q.F32) -> Path:
-    """`folder`'s llama as a GGUF, its matrices in `qtype` (norms stay F32, as llama.cpp's converter keeps them)."""
-    write_tiny_gguf(folder, dest, lambda name: Q.F32 if "norm" in name else qtype)
-    return dest
+from tests.gguf_tiny import Q, as_gguf
 
 
 def library_greedy(model_path: Path):

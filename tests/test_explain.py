@@ -3,101 +3,25 @@ and every message of a log in words (what `exojet replay` prints)."""
 
 from __future__ import annotations
 
-import msgspec
 import pytest
 
-from exojet.bus.codec import encode
-from exojet.bus.commands import DeleteInstance, PlaceInstance, RouteChatCompletion
-from exojet.bus.envelope import Envelope
+from exojet.bus.commands import DeleteInstance, RouteChatCompletion
 from exojet.bus.events import (
     ChatRefused,
     InstanceFailed,
-    InstancePlaced,
-    Placement,
     RunnerLost,
-    RunnerRegistered,
-    RunnerStatusUpdated,
-    TaskStatusUpdated,
 )
-from exojet.bus.ids import step_task_id
-from exojet.bus.statuses import RunnerIdle, RunnerLoading, RunnerReady, RunnerWarmingUp, TaskStatus
-from exojet.bus.tasks import ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
+from exojet.bus.statuses import TaskStatus
+from exojet.bus.tasks import ChatMessage
 from exojet.projections.apply import apply
 from exojet.projections.explain import UnknownId, explain
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, message_of
-
-SHARD = Shard(model_id="local/tiny")
-INST = "inst-p1"
-RUNNER = "exo.events.runner.r1"
-SUP = "exo.events.supervisor"
-
-
-class Log:
-    """A log written message by message, seq from 1."""
-
-    def __init__(self) -> None:
-        self.envs: list[Envelope] = []
-        self._ids = 0
-
-    def add(self, subject: str, message: msgspec.Struct | bytes) -> None:
-        data = message if isinstance(message, bytes) else encode(message)
-        self.envs.append(Envelope(seq=len(self.envs) + 1, subject=subject, data=data, time=1000.0 + len(self.envs)))
-
-    def eid(self) -> str:
-        self._ids += 1
-        return f"e{self._ids}"
-
-    def status(self, status: msgspec.Struct) -> None:
-        self.add(RUNNER, RunnerStatusUpdated(event_id=self.eid(), runner_id="r1", incarnation=1, runner_status=status))
-
-    def task(self, task_id: str, status: TaskStatus, **extra: str) -> None:
-        self.add(
-            RUNNER,
-            TaskStatusUpdated(
-                event_id=self.eid(), runner_id="r1", incarnation=1, task_id=task_id, task_status=status, **extra
-            ),
-        )
-
-    def step(self, step: str, status: TaskStatus) -> None:
-        self.task(step_task_id(INST, 1, step, "r1"), status)
-
-
-def _placed_until_loading() -> Log:
-    """r1 registers, inst-p1 is placed on it, downloads, and starts loading."""
-    log = Log()
-    log.add(RUNNER, RunnerRegistered(event_id=log.eid(), runner_id="r1", incarnation=1, host="box", pid=7))
-    log.status(RunnerIdle())
-    log.add("exo.commands", PlaceInstance(command_id="p1", model_id="local/tiny", runners=("r1",)))
-    placement = Placement(runner_id="r1", shard=SHARD, incarnation=1)
-    log.add(
-        SUP,
-        InstancePlaced(event_id=log.eid(), instance_id=INST, model_id="local/tiny", placements=(placement,), attempt=1),
-    )
-    log.add(
-        "exo.tasks.r1", DownloadModel(task_id=step_task_id(INST, 1, "download", "r1"), instance_id=INST, shard=SHARD)
-    )
-    log.step("download", TaskStatus.RUNNING)
-    log.step("download", TaskStatus.COMPLETE)
-    log.add("exo.tasks.r1", LoadModel(task_id=step_task_id(INST, 1, "load", "r1"), instance_id=INST, shard=SHARD))
-    log.step("load", TaskStatus.RUNNING)
-    log.status(RunnerLoading())
-    return log
-
-
-def _ready() -> Log:
-    log = _placed_until_loading()
-    log.step("load", TaskStatus.COMPLETE)
-    log.add("exo.tasks.r1", StartWarmup(task_id=step_task_id(INST, 1, "warmup", "r1"), instance_id=INST))
-    log.step("warmup", TaskStatus.RUNNING)
-    log.status(RunnerWarmingUp())
-    log.step("warmup", TaskStatus.COMPLETE)
-    log.status(RunnerReady())
-    return log
+from tests.sample_logs import INST, RUNNER, SUP, placed_until_loading, ready_log
 
 
 def test_runner_stuck_mid_transition_names_its_last_event_and_task() -> None:
-    found = explain(_placed_until_loading().envs, "r1")
+    found = explain(placed_until_loading().envs, "r1")
     assert found.target == "runner" and found.status == "RunnerLoading"
     assert [s.status for s in found.steps] == ["Unregistered", "RunnerIdle", "RunnerLoading"]
     assert found.cause == (
@@ -107,7 +31,7 @@ def test_runner_stuck_mid_transition_names_its_last_event_and_task() -> None:
 
 
 def test_instance_waiting_on_a_task_whose_failure_event_was_refused() -> None:
-    log = _placed_until_loading()
+    log = placed_until_loading()
     # The runner reports the load failed, in a shape the contract does not accept (exo #2219).
     log.add(RUNNER, b'{"type":"RunnerStatusUpdated","event_id":"x","runner_id":"r1","runner_status":{"type":"Oops"}}')
     inst = explain(log.envs, INST)
@@ -120,7 +44,7 @@ def test_instance_waiting_on_a_task_whose_failure_event_was_refused() -> None:
 
 
 def test_ready_instance_behind_a_lost_runner() -> None:
-    log = _ready()
+    log = ready_log()
     log.add(RUNNER, RunnerLost(event_id=log.eid(), runner_id="r1", incarnation=1, reason="no heartbeat for 5 s"))
     found = explain(log.envs, INST)
     assert found.status == "Ready"
@@ -134,7 +58,7 @@ def test_ready_instance_behind_a_lost_runner() -> None:
 
 
 def test_failed_task_and_failed_instance_name_their_error() -> None:
-    log = _placed_until_loading()
+    log = placed_until_loading()
     log.task(
         f"{INST}.a1.load.r1", TaskStatus.FAILED, error_type="OutOfMemory", error_message="needs 9 GB\n  stderr: oom"
     )
@@ -152,7 +76,7 @@ def test_failed_task_and_failed_instance_name_their_error() -> None:
 
 
 def test_ready_runner_and_unknown_id() -> None:
-    log = _ready()
+    log = ready_log()
     assert explain(log.envs, INST).cause == f"{INST} (local/tiny) is Ready since seq 15 on r1"
     assert explain(log.envs, "r1").cause == "r1 is RunnerReady since seq 16 with local/tiny"
     with pytest.raises(UnknownId, match="nope"):
@@ -160,7 +84,7 @@ def test_ready_runner_and_unknown_id() -> None:
 
 
 def test_every_message_in_words() -> None:
-    log = _ready()
+    log = ready_log()
     log.add("exo.commands", RouteChatCompletion(command_id="c1", messages=(ChatMessage("user", "hi there"),)))
     log.add(SUP, ChatRefused(event_id=log.eid(), chat_id="chat-c1", error_type="QueueFull", reason="64 in flight"))
     log.add("exo.cancel.r1", b'{"type":"CancelTask","task_id":"t9","reason":"client disconnected"}')

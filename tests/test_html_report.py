@@ -7,12 +7,12 @@ import re
 from pathlib import Path
 
 from exojet.cli.html_report import HtmlReport
-from tests.test_explain import INST, _ready
+from tests.sample_logs import INST, ready_log
 
 
 def _report(tmp_path: Path, max_bytes: int) -> tuple[HtmlReport, dict[str, object]]:
     report = HtmlReport(max_bytes)
-    for env in _ready().envs:
+    for env in ready_log().envs:
         report.on_env(env)
     path = tmp_path / "log.html"
     report.write(path, "t")

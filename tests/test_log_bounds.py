@@ -21,8 +21,8 @@ from exojet.runner.event_writer import EventWriter
 from exojet.runner.write_chain import Fenced, WriteChain
 from exojet.supervisor.projector import Projector
 from exojet.supervisor.snapshot_store import SNAPSHOT_KEY, store_snapshot
-from tests.test_cli_log import run
-from tests.test_retention import _direct_chat, _register
+from tests.procs import exojet_run
+from tests.sample_logs import direct_chat, registered
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,8 +30,8 @@ pytestmark = pytest.mark.timeout(120)
 async def _chats(nc: NATS, count: int, start: int = 0) -> int:
     """r1 registers (once) and serves `count` direct chats; returns the last seq."""
     js = nc.jetstream()
-    flow = (_register("r1") if start == 0 else []) + [
-        p for k in range(start, start + count) for p in _direct_chat("r1", k, TaskStatus.COMPLETE)
+    flow = (registered("r1") if start == 0 else []) + [
+        p for k in range(start, start + count) for p in direct_chat("r1", k, TaskStatus.COMPLETE)
     ]
     ack = None
     for subject, message in flow:
@@ -52,23 +52,24 @@ async def test_a_trimmed_log_exports_replays_from_file_and_checks_from_its_horiz
     assert first > 1 and info.state.last_seq == last  # the oldest messages are gone
 
     archive = tmp_path / "log.jsonl.gz"
-    out = run("log", "export", str(archive), url=url)
+    out = exojet_run("log", "export", str(archive), url=url)
     assert out.returncode == 0, out.stderr
     assert f"seq {first}-{last}" in out.stdout
     assert [e.seq for e in read_archive(archive)] == list(range(first, last + 1))
 
     # The archive reads exactly as the stream.
-    from_stream = run("replay", "--json", url=url)
-    from_file = run("replay", "--json", "--file", str(archive), url=url)
+    from_stream = exojet_run("replay", "--json", url=url)
+    from_file = exojet_run("replay", "--json", "--file", str(archive), url=url)
     assert from_stream.returncode == from_file.returncode == 0
     assert from_file.stdout == from_stream.stdout and from_file.stdout.count("\n") == last - first + 1
     # A range of it, too.
-    part = run("replay", "--json", "--from", str(last - 5), "--to", str(last - 2), "--file", str(archive), url=url)
+    window = ("--from", str(last - 5), "--to", str(last - 2))
+    part = exojet_run("replay", "--json", *window, "--file", str(archive), url=url)
     assert part.stdout.splitlines() == from_stream.stdout.splitlines()[-6:-2]
 
     # Statuses of tasks published before the horizon are not anomalies.
     for source in ((), ("--file", str(archive))):
-        check = run("replay", "--check", *source, url=url)
+        check = exojet_run("replay", "--check", *source, url=url)
         assert check.returncode == 0, check.stdout + check.stderr
         assert f"starts at seq {first}" in check.stdout and "check: ok" in check.stdout
 
@@ -84,7 +85,7 @@ async def test_a_trimmed_log_exports_replays_from_file_and_checks_from_its_horiz
         await projector.stop()
 
     (tmp_path / "bad.gz").write_bytes(b"not gzip")
-    bad = run("replay", "--file", str(tmp_path / "bad.gz"), url=url)
+    bad = exojet_run("replay", "--file", str(tmp_path / "bad.gz"), url=url)
     assert bad.returncode == 1 and "not a readable gzip archive" in bad.stderr
     with pytest.raises(ArchiveError):
         list(read_archive(tmp_path / "bad.gz"))

@@ -17,12 +17,10 @@ from exojet.bus.events import (
     InstancePlaced,
     InstanceRetryDue,
     Placement,
-    RunnerRegistered,
     RunnerStatusUpdated,
-    TaskStatusUpdated,
 )
-from exojet.bus.statuses import RunnerIdle, RunnerReady, TaskStatus
-from exojet.bus.tasks import ChatCompletion, ChatMessage, DownloadModel, LoadModel, Shard, StartWarmup
+from exojet.bus.statuses import RunnerReady, TaskStatus
+from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, StartWarmup
 from exojet.projections import instances
 from exojet.projections.apply import apply
 from exojet.projections.queries import (
@@ -37,45 +35,11 @@ from exojet.projections.queries import (
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState, Retention, state_hash
 from exojet.supervisor.planner import plan
+from tests.sample_logs import HI, SHARD, Flow, direct_chat, registered, task_status
 
 pytestmark = pytest.mark.timeout(300)
 
-HI = (ChatMessage("user", "hi"),)
-SHARD = Shard(model_id="local/tiny")
 KEEP_ALL = Retention(finished=10**9, age_s=math.inf, anomalies=10**9)
-Flow = list[tuple[str, msgspec.Struct | bytes]]
-
-
-def _status(runner: str, n: str, task_id: str, status: TaskStatus) -> TaskStatusUpdated:
-    return TaskStatusUpdated(
-        event_id=f"{runner}:{n}:{task_id}:{status}",
-        runner_id=runner,
-        incarnation=1,
-        task_id=task_id,
-        task_status=status,
-    )
-
-
-def _register(runner: str) -> Flow:
-    ev = f"exo.events.runner.{runner}"
-    return [
-        (ev, RunnerRegistered(event_id=f"{runner}:reg", runner_id=runner, incarnation=1, host="h", pid=1)),
-        (
-            ev,
-            RunnerStatusUpdated(event_id=f"{runner}:idle", runner_id=runner, incarnation=1, runner_status=RunnerIdle()),
-        ),
-    ]
-
-
-def _direct_chat(runner: str, k: int, terminal: TaskStatus) -> Flow:
-    """A chat sent straight to a runner: published, Running, then terminal."""
-    task_id = f"t{runner}{k}"
-    ev = f"exo.events.runner.{runner}"
-    return [
-        (f"exo.tasks.{runner}", ChatCompletion(task_id=task_id, messages=HI)),
-        (ev, _status(runner, "1", task_id, TaskStatus.RUNNING)),
-        (ev, _status(runner, "1", task_id, terminal)),
-    ]
 
 
 def _instance(j: int, ending: str) -> Flow:
@@ -88,7 +52,7 @@ def _instance(j: int, ending: str) -> Flow:
         (StartWarmup, f"{inst}.a1.warmup.{runner}"),
     ]
     flow: Flow = [
-        *_register(runner),
+        *registered(runner),
         ("exo.commands", PlaceInstance(command_id=cmd, model_id="local/tiny", runners=(runner,))),
         (
             sup,
@@ -107,7 +71,7 @@ def _instance(j: int, ending: str) -> Flow:
             if kind is not StartWarmup
             else kind(task_id=task_id, instance_id=inst)
         )
-        flow += [(tk, task), (ev, _status(runner, "s", task_id, TaskStatus.COMPLETE))]
+        flow += [(tk, task), (ev, task_status(runner, "s", task_id, TaskStatus.COMPLETE))]
     flow += [
         (
             ev,
@@ -117,7 +81,7 @@ def _instance(j: int, ending: str) -> Flow:
         ),
         ("exo.commands", RouteChatCompletion(command_id=f"c{j}", messages=HI)),
         (tk, ChatCompletion(task_id=f"chat-c{j}.0", instance_id=inst, messages=HI, stream_id=f"chat-c{j}")),
-        (ev, _status(runner, "c", f"chat-c{j}.0", TaskStatus.COMPLETE)),
+        (ev, task_status(runner, "c", f"chat-c{j}.0", TaskStatus.COMPLETE)),
     ]
     if ending == "delete":
         flow.append(("exo.commands", DeleteInstance(instance_id=inst)))
@@ -133,11 +97,11 @@ def _instance(j: int, ending: str) -> Flow:
 def logs(draw: st.DrawFn) -> list[Envelope]:
     """Several runners' direct chats and instances' lives, interleaved, each cut at a random
     point (so some work is live at the end), with log times that move on at random."""
-    flows: list[Flow] = [_register("r1"), _register("r2")]
+    flows: list[Flow] = [registered("r1"), registered("r2")]
     for k in range(draw(st.integers(0, 30))):
         runner = draw(st.sampled_from(["r1", "r2"]))
         terminal = draw(st.sampled_from([TaskStatus.COMPLETE, TaskStatus.FAILED]))
-        flow = _direct_chat(runner, k, terminal)
+        flow = direct_chat(runner, k, terminal)
         flows.append(flow[: draw(st.integers(1, len(flow)))])
     for j in range(draw(st.integers(0, 4))):
         flow = _instance(j, draw(st.sampled_from(["delete", "fail", "live"])))
@@ -217,7 +181,7 @@ def test_pruning_never_changes_answers_about_live_work(
 
 
 def test_finished_work_leaves_by_count_and_by_log_age() -> None:
-    flows = _register("r1") + [p for k in range(30) for p in _direct_chat("r1", k, TaskStatus.COMPLETE)]
+    flows = registered("r1") + [p for k in range(30) for p in direct_chat("r1", k, TaskStatus.COMPLETE)]
     envs = [
         Envelope(seq=i + 1, subject=s, data=encode(m), time=100.0 + i)  # type: ignore[arg-type]
         for i, (s, m) in enumerate(flows)
@@ -242,7 +206,7 @@ def test_finished_work_leaves_by_count_and_by_log_age() -> None:
 
 
 def test_replies_are_pages_whatever_the_history() -> None:
-    flows = _register("r1") + [p for k in range(3000) for p in _direct_chat("r1", k, TaskStatus.COMPLETE)]
+    flows = registered("r1") + [p for k in range(3000) for p in direct_chat("r1", k, TaskStatus.COMPLETE)]
     envs = [
         Envelope(seq=i + 1, subject=s, data=encode(m))  # type: ignore[arg-type]
         for i, (s, m) in enumerate(flows)
