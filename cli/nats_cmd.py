@@ -20,6 +20,7 @@ from exojet.bus import streams
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import (
     DEFAULT_CLUSTER_NAME,
+    DEFAULT_HOST,
     DEFAULT_MONITOR_PORT,
     DEFAULT_PORT,
     ClusterConfig,
@@ -56,7 +57,11 @@ def add_parser(sub: Subparsers) -> None:
         default=None,
         help="auth dir of `exojet auth init`: users by nkey with least privilege, TLS when it holds certificates",
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (beyond loopback only with --auth)")
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on (default %(default)s; beyond loopback only with --auth)",
+    )
     p.set_defaults(func=run_nats)
 
 

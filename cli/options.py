@@ -7,19 +7,19 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import TypeAlias
+from typing import TypeAlias, get_args
 
 from exojet.bus.nats import connect_options
 from exojet.bus.nats.connection import DEFAULT_URL, BadNatsUrl, default_url, server_urls
 from exojet.bus.nats.stream_setup import wanted_replicas
 from exojet.bus.streams import CLUSTER_REPLICAS
 from exojet.models.store import default_models_dir
+from exojet.runner.engine_choice import EngineWanted
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 # How long a command given `--wait` (or a chat) waits for the end it waits for.
 WAIT_TIMEOUT_S = 600.0
-ENGINES = ("auto", "mlx", "llamacpp")
 
 
 def _nats_url(value: str) -> str:
@@ -56,8 +56,8 @@ def add_replicas(p: argparse.ArgumentParser) -> None:
 def add_engine(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--engine",
-        default="auto",
-        choices=ENGINES,
+        default=get_args(EngineWanted)[0],
+        choices=get_args(EngineWanted),
         help="engines a model may load on (auto: the fastest installed that runs the model)",
     )
 

@@ -29,6 +29,7 @@ LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
 SERVER_CONF = "server.conf"
 ROUTE_USER = "exojet-route"
 # The server's ports and the cluster's name when nobody names others (`exojet nats`, `exojet up`).
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 4222
 DEFAULT_MONITOR_PORT = 8222
 DEFAULT_CLUSTER_NAME = "exojet"
@@ -141,7 +142,7 @@ class NatsServer:
         conf: Path = CONF_PATH,
         log_file: Path | None = None,
         *,
-        host: str = "127.0.0.1",
+        host: str = DEFAULT_HOST,
         auth_dir: Path | None = None,
         die_with_parent: bool = False,
         cluster: ClusterConfig | None = None,
