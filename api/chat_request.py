@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from exojet.api.errors import bad_request
+from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 
 DEFAULT_MAX_TOKENS_LIMIT = 16_384
@@ -88,11 +89,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     messages: tuple[ChatMessage, ...]
     stream: bool
     include_usage: bool
-    max_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    seed: int | None
-    stop: str | tuple[str, ...] | None
+    sampling: Sampling
     # The message's content is the prompt as given (no chat template).
     raw: bool = False
 
@@ -133,11 +130,9 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
         messages=tuple(_message(m) for m in body.messages),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=stop or None,
+        sampling=Sampling(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop or None
+        ),
     )
 
 

@@ -21,6 +21,7 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
 from exojet.bus.chat_ends import Ended
+from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:
@@ -134,11 +135,12 @@ def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
         messages=tuple(messages),
         stream=body.stream,
         include_usage=True,
-        max_tokens=body.max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=None,
-        stop=tuple(body.stop_sequences) if body.stop_sequences else None,
+        sampling=Sampling(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=tuple(body.stop_sequences) if body.stop_sequences else None,
+        ),
     )
 
 
@@ -147,9 +149,9 @@ def _stop(req: ChatRequest, outcome: Ended) -> tuple[str, str | None]:
     reason = base.finish_reason(outcome)
     if reason == "length":
         return "max_tokens", None
-    if isinstance(req.stop, tuple):
+    if isinstance(req.sampling.stop, tuple):
         # The runner's result says a stop string ended it but not which: named when there is one.
-        return "stop_sequence", req.stop[0] if len(req.stop) == 1 else None
+        return "stop_sequence", req.sampling.stop[0] if len(req.sampling.stop) == 1 else None
     return "end_turn", None
 
 

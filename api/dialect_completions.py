@@ -27,6 +27,7 @@ from exojet.api.errors import ApiError, bad_request
 from exojet.api.gateway import Gateway
 from exojet.bus.chat_ends import Ended
 from exojet.bus.nats.chat_stream import ChatStream
+from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:
@@ -83,11 +84,9 @@ def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
             messages=(ChatMessage("user", prompt),),
             stream=body.stream,
             include_usage=bool(body.stream_options and body.stream_options.include_usage),
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=stop or None,
+            sampling=Sampling(
+                max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop or None
+            ),
             raw=True,
         )
         for prompt in prompts

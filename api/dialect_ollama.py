@@ -27,6 +27,7 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found
 from exojet.bus.chat_ends import Ended
+from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:
@@ -140,11 +141,13 @@ def _request(model: str, messages: list[ChatMessage], stream: bool, options: Opt
         messages=tuple(messages),
         stream=stream,
         include_usage=True,
-        max_tokens=max_tokens,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        seed=options.seed,
-        stop=tuple(stop) if stop else None,
+        sampling=Sampling(
+            max_tokens=max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=tuple(stop) if stop else None,
+        ),
     )
 
 

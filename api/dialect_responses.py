@@ -23,6 +23,7 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
 from exojet.bus.chat_ends import Ended
+from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 
 if TYPE_CHECKING:
@@ -133,11 +134,7 @@ def _parse(raw: bytes, limit: int) -> tuple[ResponsesBody, ChatRequest]:
         messages=tuple(messages),
         stream=body.stream,
         include_usage=True,
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=None,
-        stop=None,
+        sampling=Sampling(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p),
     )
     return body, req
 

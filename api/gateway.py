@@ -14,6 +14,7 @@ from typing import Any
 
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
+from exojet.bus import sampling
 from exojet.bus.chat_ends import ChatCancelled, ChatError, ChatLost, ChatNotRouted, ChatQueueFull, ChatUnfinished
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.nats.chat_session import ChatSession
@@ -117,11 +118,7 @@ class Gateway:
             command_id=stream.command_id,
             messages=req.messages,
             model_id=req.model,
-            max_tokens=req.max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            seed=req.seed,
-            stop=req.stop,
+            **sampling.fields(req.sampling),
             raw=req.raw,
         )
         try:

@@ -7,6 +7,7 @@ from typing import Annotated
 import msgspec
 
 from exojet.bus.formats import LogMessage
+from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
 from exojet.bus.tasks import ChatMessage
 
 
@@ -44,11 +45,12 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
 
     messages: tuple[ChatMessage, ...]
     model_id: str | None = None
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    # bus/sampling.py's fields, flat (the wire's shape).
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
-    stop: str | tuple[str, ...] | None = None
+    stop: Stop | None = None
     # True: the one message's content is the model's input as given, no chat template
     # (OpenAI's /v1/completions, Ollama's raw generate).
     raw: bool = False

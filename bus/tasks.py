@@ -11,6 +11,7 @@ from typing import Annotated
 import msgspec
 
 from exojet.bus.formats import LogMessage
+from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
 
 
 class Shard(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,11 +71,12 @@ DEFAULT_MAX_TOKENS = 256
 
 class ChatCompletion(_Task, frozen=True):
     messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(min_length=1)]
-    max_tokens: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    temperature: Annotated[float, msgspec.Meta(ge=0)] | None = None
-    top_p: Annotated[float, msgspec.Meta(gt=0, le=1)] | None = None
+    # bus/sampling.py's fields, flat (the wire's shape).
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
     seed: int | None = None
-    stop: str | tuple[str, ...] | None = None
+    stop: Stop | None = None
     # True: the one message's content is the model's input as given, no chat template.
     raw: bool = False
     # Chunks go to `exo.chunks.<stream_id>` when set (a routed request shared by

@@ -22,6 +22,7 @@ from exojet.bus.nats.chat_session import DEFAULT_ROUTE_TIMEOUT_S, ChatSession
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S
 from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.sampling import Sampling, fields
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, ChatMessage
 from exojet.cli.options import Subparsers, add_nats, add_wait_timeout
 from exojet.projections.instances import ENDED_STATUSES, READY
@@ -108,10 +109,12 @@ async def _statuses(session: ChatSession) -> str:
 
 
 async def _routed(
-    session: ChatSession, messages: tuple[ChatMessage, ...], model_id: str | None, **sampling: Any
+    session: ChatSession, messages: tuple[ChatMessage, ...], model_id: str | None, sampling: Sampling
 ) -> ChatStream:
     stream = await session.open_chat()
-    command = RouteChatCompletion(command_id=stream.command_id, messages=messages, model_id=model_id, **sampling)
+    command = RouteChatCompletion(
+        command_id=stream.command_id, messages=messages, model_id=model_id, **fields(sampling)
+    )
     await session.submit(stream, command)
     return stream
 
@@ -131,7 +134,7 @@ async def _start(
     messages: tuple[ChatMessage, ...],
     runner_id: str | None,
     model_id: str | None,
-    **sampling: Any,
+    sampling: Sampling,
 ) -> ChatStream:
     """The chat on its way: routed to a Ready instance, else sent to a Ready runner."""
     instances: dict[str, Any] = {}
@@ -140,7 +143,7 @@ async def _start(
         instances = reply["instances"]
         mine = [i for i in instances.values() if model_id in (None, i["model_id"])]
         if any(i["status"] == READY for i in mine):
-            return await _routed(session, messages, model_id, **sampling)
+            return await _routed(session, messages, model_id, sampling)
         on_its_way = [i for i in mine if i["status"] not in ENDED_STATUSES]
         if on_its_way and model_id is not None:
             first = on_its_way[0]
@@ -148,7 +151,7 @@ async def _start(
     target = await _ready_runner(session, runner_id, model_id)
     if target is not None:
         task_id = f"chat-{uuid.uuid4().hex[:12]}"
-        return await _direct(session, target, ChatCompletion(task_id=task_id, messages=messages, **sampling))
+        return await _direct(session, target, ChatCompletion(task_id=task_id, messages=messages, **fields(sampling)))
     if runner_id is not None:
         raise NothingToAsk(f"runner {runner_id} is not Ready ({await _statuses(session)})")
     if model_id is not None:
@@ -177,7 +180,7 @@ async def chat(
         try:
             # Routing is bounded by the route timeout (each query's and the routing's wait).
             stream = await _start(
-                session, messages, runner_id, model_id, max_tokens=max_tokens, temperature=temperature
+                session, messages, runner_id, model_id, Sampling(max_tokens=max_tokens, temperature=temperature)
             )
             async with asyncio.timeout(timeout):
                 async for piece in session.answer(stream):

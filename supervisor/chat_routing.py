@@ -5,6 +5,7 @@ Pure, like the planner that calls it.
 
 from __future__ import annotations
 
+from exojet.bus import sampling
 from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
@@ -74,11 +75,7 @@ def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, ra
         task_id=chat_task_id(chat.chat_id, rank),
         instance_id=inst.instance_id,
         messages=request.messages,
-        max_tokens=request.max_tokens,
-        temperature=request.temperature,
-        top_p=request.top_p,
-        seed=request.seed,
-        stop=request.stop,
+        **sampling.fields(sampling.sampling_of(request)),
         raw=request.raw,
         stream_id=chat.chat_id,
         emit_rank=0,
