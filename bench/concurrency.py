@@ -12,8 +12,11 @@ parameters (threads, 16 slots, one unified KV cache: `server_params`). For each 
 Then (a) the same 8 chats one at a time through exojet, and a ninth chat sent while 8 are
 generating: its first token, and the time from its task stored in the log to its first chunk
 stored (server timestamps). Prints medians of `--repeat` runs and the ratios.
+MLX (`--engines mlx`, at `--mlx-sizes`): against mlx-lm's `batch_generate` and `mlx_lm.server`
+on the same weights and BLAS (bench/concurrency_mlx.py).
 
     .venv/bin/python bench/concurrency.py [--tokens 96] [--repeat 3] [--sizes 1,2,4,8,16,32]
+        [--engines llamacpp,mlx] [--mlx-sizes 1,8,32]
 """
 
 from __future__ import annotations
@@ -262,6 +265,14 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=96)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--sizes", default="1,2,4,8,16,32")
+    parser.add_argument("--engines", default="llamacpp,mlx", help="comma-separated: llamacpp, mlx")
+    parser.add_argument("--mlx-sizes", default="1,8,32")
     args = parser.parse_args()
     with_engine_env()
-    main(args.model, args.tokens, args.repeat, [int(s) for s in args.sizes.split(",")])
+    engines = args.engines.split(",")
+    if "llamacpp" in engines:
+        main(args.model, args.tokens, args.repeat, [int(s) for s in args.sizes.split(",")])
+    if "mlx" in engines:
+        from bench import concurrency_mlx
+
+        concurrency_mlx.main(args.model, args.tokens, args.repeat, [int(s) for s in args.mlx_sizes.split(",")])

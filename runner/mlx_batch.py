@@ -1,9 +1,12 @@
 """MLX chats batched through mlx-lm's `BatchGenerator` (continuous batching), in the engine child.
 
-One driver thread owns the generator: it alone calls MLX for the batch, so the generator (not
-thread-safe) never sees two threads. Each chat runs in a thread of its own (the engine child's,
-as for every engine of capacity above 1): it hands the driver its prompt tokens and sampling
-through the inbox and reads its tokens from its own queue. Between two decode steps the driver
+One driver owns the generator, on the process's one batch thread: it alone calls MLX for the
+batch, so the generator (not thread-safe) never sees two threads. The thread lives as long as the
+process and serves each loaded model's driver in turn: a thread that ran MLX's CPU kernels and
+ended made a process abort at its exit ("terminate called without an active exception", MLX
+0.32, in a script). Each chat runs in a thread of its own (the engine child's, as for every engine
+of capacity above 1): it hands the driver its prompt tokens and sampling through the inbox and
+reads its tokens from its own queue. Between two decode steps the driver
 inserts the chats that arrived (a new chat's prefill interleaves with the others' decoding) and
 removes the ones their thread gave up (a cancel, a deadline, a stop string); a chat that ends on
 its own (an end-of-sequence token, `max_tokens`) leaves the batch by itself.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import msgspec
@@ -162,16 +165,36 @@ class _Close(msgspec.Struct, frozen=True):
     pass
 
 
+_jobs: queue.SimpleQueue[Callable[[], None]] | None = None
+_jobs_lock = threading.Lock()
+
+
+def _batch_thread() -> queue.SimpleQueue[Callable[[], None]]:
+    """The jobs of the process's one batch thread (started on first use, never ended)."""
+    global _jobs
+    with _jobs_lock:
+        if _jobs is None:
+            jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+            def serve() -> None:
+                while True:
+                    jobs.get()()
+
+            threading.Thread(target=serve, name="mlx-batch", daemon=True).start()
+            _jobs = jobs
+        return _jobs
+
+
 class BatchDriver:
-    """The thread that steps `model`'s BatchGenerator for every chat in flight."""
+    """Steps `model`'s BatchGenerator for every chat in flight, on the batch thread."""
 
     def __init__(self, model: Any, eos_token_ids: list[int], capacity: int) -> None:
         self.model = model
         self.eos_token_ids = eos_token_ids
         self.capacity = capacity
         self.inbox: queue.SimpleQueue[_Insert | _Remove | _Close] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="mlx-batch", daemon=True)
-        self.thread.start()
+        self.closed = threading.Event()
+        _batch_thread().put(self._run)
 
     def submit(self, prompt: list[int], max_tokens: int, sampling: Sampling) -> BatchChat:
         """Start a chat: its tokens come through the returned handle."""
@@ -182,7 +205,13 @@ class BatchDriver:
     def close(self) -> None:
         """Stop the driver (no chat may be in flight) and drop its caches."""
         self.inbox.put(_Close())
-        self.thread.join()
+        self.closed.wait()
+
+    def _run(self) -> None:
+        try:
+            self._drive()
+        finally:
+            self.closed.set()
 
     def _generator(self) -> Any:
         from mlx_lm.generate import BatchGenerator
@@ -194,7 +223,7 @@ class BatchDriver:
             prefill_batch_size=min(self.capacity, PREFILL_CHATS),
         )
 
-    def _run(self) -> None:
+    def _drive(self) -> None:
         gen = self._generator()
         chats: dict[int, BatchChat] = {}
         while True:

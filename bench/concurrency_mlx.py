@@ -1,0 +1,159 @@
+"""The MLX part of bench/concurrency.py: B chats at once through exojet (a runner on MLX), against
+mlx-lm's own `batch_generate` and `mlx_lm.server`, in one run on the same weights and BLAS.
+
+- exojet: the stack of `bench.api_stack.serving` with the runner on MLX (the model's weights made
+  dense float32 in memory, the engine child given OpenBLAS: `runner/mlx_cpu.py`), B streamed chats
+  at once through the official `openai` client;
+- batch_generate: mlx-lm's `batch_generate` in this process on those weights (this process runs
+  with the engine child's environment, its BLAS preloaded), the same B chat prompts at once;
+- mlx_lm.server: mlx-lm's own server in a child process with the engine child's environment, on
+  the same weights written dense float32 once (`mlx_lm.convert --dequantize --dtype float32`),
+  B streamed chats at once through the same client.
+Sizes alternate so machine drift hits the three alike; each repeat asks new prompts (mlx_lm.server
+keeps an LRU prompt cache, which would otherwise skip a repeated prompt's prefill).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2 as httpx
+import openai
+
+from bench.api_stack import serving
+from bench.concurrency import PROMPT, Batch, _pct, api_batch
+from exojet.bus.ops.server import free_port
+from exojet.runner.mlx_cpu import child_env, find_blas
+
+# Prompts of a repeat are numbered from repeat * REPEAT_OFFSET (new prompts each repeat).
+REPEAT_OFFSET = 1000
+# Per path (exo, direct, server), per size: each repeat's batch.
+Runs = dict[str, dict[int, list[Batch]]]
+
+
+def dense_copy(model_path: Path, dest: Path) -> Path:
+    """The model's weights as the runner runs them on a CPU (dense float32), written by mlx-lm's
+    own converter for the peers that load a folder."""
+    from mlx_lm.convert import convert
+
+    convert(str(model_path), str(dest), dequantize=True, dtype="float32")
+    return dest
+
+
+class BatchGenerate:
+    """mlx-lm's `batch_generate` in this process on `path`'s weights."""
+
+    def __init__(self, path: Path) -> None:
+        import mlx_lm
+
+        self.model, self.tokenizer = mlx_lm.load(str(path))
+
+    def batch(self, size: int, max_tokens: int, offset: int) -> Batch:
+        """`size` chat prompts at once (no first tokens: `batch_generate` returns at the end)."""
+        from mlx_lm.generate import batch_generate
+
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": PROMPT.format(offset + i)}], add_generation_prompt=True
+            )
+            for i in range(size)
+        ]
+        started = time.perf_counter()
+        done = batch_generate(self.model, self.tokenizer, prompts, max_tokens=max_tokens, return_token_ids=True)
+        wall = time.perf_counter() - started
+        return Batch(sum(len(t) for t in done.token_ids or []), wall, [])
+
+
+@contextmanager
+def mlx_lm_server(path: Path, timeout: float = 120.0) -> Iterator[str]:
+    """`mlx_lm.server` on `path` (its default concurrency: 32 decoding, 8 prefilling) with the
+    engine child's BLAS; yields its OpenAI base URL."""
+    port = free_port()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port)],
+            stdout=log,
+            stderr=log,
+            env=child_env(find_blas()),
+        )
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1.0).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"mlx_lm.server did not start: {log.read().decode()[-2000:]}")
+                time.sleep(0.2)  # poll interval while the server loads
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
+    with serving(model_id, "mlx") as served, tempfile.TemporaryDirectory() as tmp:
+        dense = dense_copy(served.model_path, Path(tmp) / "dense")
+        direct = BatchGenerate(dense)
+        with mlx_lm_server(dense) as server_url:
+            exo_url = f"http://127.0.0.1:{served.port}/v1"
+            results = asyncio.run(_measure(exo_url, server_url, model_id, direct, max_tokens, repeat, sizes))
+    _report(model_id, max_tokens, repeat, sizes, results)
+
+
+async def _measure(
+    exo_url: str, server_url: str, model_id: str, direct: BatchGenerate, max_tokens: int, repeat: int, sizes: list[int]
+) -> Runs:
+    exo_api = openai.AsyncOpenAI(base_url=exo_url, api_key="bench", max_retries=0, timeout=600)
+    server_api = openai.AsyncOpenAI(base_url=server_url, api_key="bench", max_retries=0, timeout=600)
+    # Warm all three up (kernels, the server's first request).
+    await api_batch(exo_api, model_id, 2, 8, offset=REPEAT_OFFSET * (repeat + 1))
+    await api_batch(server_api, "default_model", 2, 8, offset=REPEAT_OFFSET * (repeat + 1))
+    direct.batch(2, 8, REPEAT_OFFSET * (repeat + 1))
+    runs: Runs = {name: {b: [] for b in sizes} for name in ("exo", "direct", "server")}
+    for r in range(repeat):
+        offset = REPEAT_OFFSET * r
+        for size in sizes:
+            runs["exo"][size].append(await api_batch(exo_api, model_id, size, max_tokens, offset))
+            runs["direct"][size].append(await asyncio.to_thread(direct.batch, size, max_tokens, offset))
+            runs["server"][size].append(await api_batch(server_api, "default_model", size, max_tokens, offset))
+    await exo_api.close()
+    await server_api.close()
+    return runs
+
+
+def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], runs: Runs) -> None:
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"model {model_id} on MLX (dense float32, {find_blas().library or 'MLX BLAS'}), {max_tokens} tokens a chat, "
+        f"greedy, median of {repeat}; load average {load}"
+    )
+    print(
+        f"{'B':>3} | {'exojet tok/s':>12} | {'batch_gen':>9} | {'server':>8} | exo/bg | exo/server | "
+        "exojet first p50/p99 ms | server first p50/p99 ms"
+    )
+    for size in sizes:
+        tps = {name: statistics.median(b.tokens_per_second for b in runs[name][size]) for name in runs}
+        firsts = {name: [f for b in runs[name][size] for f in b.first_tokens] for name in ("exo", "server")}
+        print(
+            f"{size:>3} | {tps['exo']:12.1f} | {tps['direct']:9.1f} | {tps['server']:8.1f} | "
+            f"{tps['exo'] / tps['direct']:6.3f} | {tps['exo'] / tps['server']:10.3f} | "
+            f"{_pct(firsts['exo'], 0.5) * 1000:9.0f} / {_pct(firsts['exo'], 0.99) * 1000:9.0f} | "
+            f"{_pct(firsts['server'], 0.5) * 1000:9.0f} / {_pct(firsts['server'], 0.99) * 1000:9.0f}"
+        )
+    if 8 in sizes:
+        at8 = {name: statistics.median(b.tokens_per_second for b in runs[name][8]) for name in runs}
+        print(f"8 at once, exojet / batch_generate: {at8['exo'] / at8['direct']:.3f} (target >= 0.9)")
+        print(f"8 at once, exojet / mlx_lm.server: {at8['exo'] / at8['server']:.3f} (target > 1)")
