@@ -9,12 +9,13 @@ import msgspec
 
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
 
-# A chat whose runner has sent no heartbeat for this long ends with an error (the chat session's).
+# DEFAULT_LIVENESS_TIMEOUT_S: a chat whose runner has sent no heartbeat for this long ends with an
+# error (the chat session's); LOOPBACK_NAMES: the names of this host only, as nats-server's check.
 from exojet.bus.nats.chat_session import DEFAULT_LIVENESS_TIMEOUT_S
+from exojet.bus.ops.server import LOOPBACK_NAMES
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 52415
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):

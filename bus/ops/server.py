@@ -25,7 +25,8 @@ from exojet.bus.ops import parent_death
 CONF_PATH = Path(str(files("exojet") / "nats.conf"))
 
 
-LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+# Names of this host only: a server (or the API) listening on one of them is out of reach of others.
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SERVER_CONF = "server.conf"
 ROUTE_USER = "exojet-route"
 # The server's ports and the cluster's name when nobody names others (`exojet nats`, `exojet up`).
@@ -148,7 +149,7 @@ class NatsServer:
         cluster: ClusterConfig | None = None,
     ) -> None:
         for where in (host, cluster.host if cluster else "127.0.0.1"):
-            if auth_dir is None and where not in LOOPBACK:
+            if auth_dir is None and where not in LOOPBACK_NAMES:
                 raise ServerError(
                     f"refusing to listen on {where} without auth: pass an auth dir (`exojet auth init DIR`)"
                 )
