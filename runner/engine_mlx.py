@@ -28,7 +28,6 @@ from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load
 from exojet.runner.mlx_batch import (
     BatchDriver,
     Capacity,
-    Sampling,
     chat_capacity,
     kv_bytes_per_token,
     make_chat_sampler,
@@ -264,14 +263,14 @@ class MlxEngine:
         if req.seed is not None and not 0 <= req.seed < SEEDS:
             raise RequestError("InvalidRequest", f"seed {req.seed} is not in [0, 2**64): MLX cannot hold it")
         check_fits(len(prompt), req.max_tokens, self._context)
-        call = _Call(req, prompt, Sampling(req.temperature, req.top_p, req.seed), emit, cancelled, started)
+        call = _Call(req, prompt, emit, cancelled, started)
         if self._batch is not None:
             return self._generate_batched(self._batch, call)
         return self._generate_alone(call)
 
     def _generate_batched(self, batch: BatchDriver, call: _Call) -> Done:
         """The chat among the others of the batch: its tokens come from the driver thread."""
-        chat = batch.submit(call.prompt, call.req.max_tokens, call.sampling)
+        chat = batch.submit(call.prompt, call.req)
         detokenizer = self.tokenizer.detokenizer
         scanner = StopScanner(call.req.stop)
         first_at = None
@@ -319,7 +318,7 @@ class MlxEngine:
         if stage is not None:
             stage.stop_asked = False
         watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
-        sampler = make_chat_sampler(call.sampling)
+        sampler = make_chat_sampler(call.req)
         with ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
                 self.model, self.tokenizer, call.prompt, max_tokens=call.req.max_tokens, sampler=sampler
@@ -355,7 +354,6 @@ class _Call(msgspec.Struct, frozen=True):
 
     req: Generate
     prompt: list[int]
-    sampling: Sampling
     emit: Callable[[str], None] | None
     cancelled: Callable[[], bool]
     started: float

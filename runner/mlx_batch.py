@@ -26,6 +26,8 @@ from typing import Any, Literal
 import msgspec
 from loguru import logger
 
+from exojet.runner.engine_protocol import Generate
+
 # mlx-lm's server's default decode concurrency: beyond it a step's cost grows with the batch.
 MAX_CHATS = 32
 # The KV caches' share of the memory free after the weights are in (the rest: prompts being
@@ -37,14 +39,6 @@ KV_MAX_FREE_FRACTION = 0.5
 CHAT_WINDOW = 4096
 # Prompts prefilled together (mlx-lm's server's default prompt concurrency).
 PREFILL_CHATS = 8
-
-
-class Sampling(msgspec.Struct, frozen=True):
-    """How one chat picks its tokens (temperature 0: greedy)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -91,7 +85,7 @@ def kv_bytes_per_token(model: Any) -> int | None:
     return max(1, -(-sum(c.nbytes for c in cache) // KVCache.step))
 
 
-def make_chat_sampler(sampling: Sampling) -> Any:
+def make_chat_sampler(req: Generate) -> Any:
     """The chat's sampler (None: greedy, which the generator batches in one argmax).
 
     A seeded chat draws from a random key of its own, split at each token, so its answer does
@@ -101,13 +95,13 @@ def make_chat_sampler(sampling: Sampling) -> Any:
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_top_p, make_sampler
 
-    if sampling.temperature == 0:
+    if req.temperature == 0:
         return None
-    if sampling.seed is None:
-        return make_sampler(sampling.temperature, sampling.top_p)
-    key = mx.random.key(sampling.seed)
-    scale = 1.0 / sampling.temperature
-    top_p = sampling.top_p
+    if req.seed is None:
+        return make_sampler(req.temperature, req.top_p)
+    key = mx.random.key(req.seed)
+    scale = 1.0 / req.temperature
+    top_p = req.top_p
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
@@ -153,8 +147,7 @@ class BatchChat:
 class _Insert(msgspec.Struct, frozen=True):
     chat: BatchChat
     prompt: list[int]
-    max_tokens: int
-    sampling: Sampling
+    req: Generate
 
 
 class _Remove(msgspec.Struct, frozen=True):
@@ -196,10 +189,10 @@ class BatchDriver:
         self.closed = threading.Event()
         _batch_thread().put(self._run)
 
-    def submit(self, prompt: list[int], max_tokens: int, sampling: Sampling) -> BatchChat:
-        """Start a chat: its tokens come through the returned handle."""
+    def submit(self, prompt: list[int], req: Generate) -> BatchChat:
+        """Start `req`'s chat on its prompt's tokens: its tokens come through the returned handle."""
         chat = BatchChat(self)
-        self.inbox.put(_Insert(chat, prompt, max_tokens, sampling))
+        self.inbox.put(_Insert(chat, prompt, req))
         return chat
 
     def close(self) -> None:
@@ -268,8 +261,8 @@ class BatchDriver:
                 gen.remove([uid])
             return
         try:
-            sampler = make_chat_sampler(message.sampling)
-            (uid,) = gen.insert([message.prompt], [message.max_tokens], samplers=[sampler])
+            sampler = make_chat_sampler(message.req)
+            (uid,) = gen.insert([message.prompt], [message.req.max_tokens], samplers=[sampler])
         except Exception as exc:  # this chat's request, not the batch, is at fault
             message.chat.steps.put(exc)
             return

@@ -1,0 +1,81 @@
+"""MLX batching (`runner/mlx_batch.py`): how many chats memory allows, and chats that differ in
+everything served in one batch, each as it would be alone. The engine contract
+(tests/test_engine.py) covers the rest: greedy answers beside others, cancel, crash, unload."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import pytest
+
+from exojet.runner.engine import Engine
+from exojet.runner.engine_protocol import Generate, Message
+from exojet.runner.mlx_batch import CHAT_WINDOW, KV_MAX_FREE_FRACTION, MAX_CHATS, chat_capacity, kv_bytes_per_token
+from testbed.tiny_model import write_tiny_llama
+from tests.engine_contract import collect
+
+GB = 10**9
+# The default model (SmolLM2-135M) dense: 30 layers, 3 KV heads of 64, float32 keys and values.
+SMOLLM_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
+
+
+def test_capacity_is_what_memory_allows_each_chat_at_its_window() -> None:
+    # 4,096 tokens of 46 kB: 189 MB a chat, 26 of them in half of 10 GB.
+    assert chat_capacity(10 * GB, SMOLLM_KV_BYTES_PER_TOKEN, 8192).chats == 26
+    # A short window counts as itself, a long or unknown one as CHAT_WINDOW.
+    assert chat_capacity(4 * GB, SMOLLM_KV_BYTES_PER_TOKEN, 1024).chats == MAX_CHATS
+    assert chat_capacity(10 * GB, SMOLLM_KV_BYTES_PER_TOKEN, 1 << 20) == chat_capacity(
+        10 * GB, SMOLLM_KV_BYTES_PER_TOKEN, None
+    )
+    # Never none: a model that leaves no room still serves one chat at a time.
+    assert chat_capacity(100_000_000, SMOLLM_KV_BYTES_PER_TOKEN, 8192).chats == 1
+    at_least_8 = 8 * SMOLLM_KV_BYTES_PER_TOKEN * CHAT_WINDOW / KV_MAX_FREE_FRACTION
+    assert chat_capacity(int(at_least_8), SMOLLM_KV_BYTES_PER_TOKEN, 8192).chats == 8
+    assert "189 MB of KV cache each" in chat_capacity(10 * GB, SMOLLM_KV_BYTES_PER_TOKEN, 8192).reason
+
+
+def test_kv_bytes_per_token_is_measured_on_the_model(tiny_model_dir: Path) -> None:
+    from mlx_lm.utils import load
+
+    model, _ = load(str(tiny_model_dir))
+    # The tiny llama: 4 layers, 2 KV heads of 16 (hidden 64 over 4 heads), float32.
+    assert kv_bytes_per_token(model) == 4 * 2 * 2 * 16 * 4
+    model.set_dtype(mx.float16)
+    assert kv_bytes_per_token(model) == 4 * 2 * 2 * 16 * 2
+
+
+@pytest.mark.timeout(120)
+async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(tmp_path: Path) -> None:
+    model = write_tiny_llama(tmp_path / "tiny")
+    engine = Engine("mlx")
+    await engine.start()
+    try:
+        await engine.load(str(model))
+
+        def ask(topic: str, **kwargs: Any) -> Generate:
+            return Generate(messages=[Message(role="user", content=f"tell me about {topic}")], **kwargs)
+
+        rain = (await collect(engine, ask("rain", max_tokens=30)))[1].text
+        asks = [
+            ask("cats", max_tokens=5),
+            # Seeded: drawn from its own key, whatever the others draw.
+            ask("owls", max_tokens=30, temperature=1.5, top_p=0.9, seed=7),
+            ask("bread", max_tokens=30, temperature=1.0, seed=3),
+            ask("rain", max_tokens=30, stop=[rain[10:14]]),
+            ask("trains", max_tokens=1),
+        ]
+        alone = [(await collect(engine, a))[1] for a in asks]
+
+        together = await asyncio.gather(*(collect(engine, a) for a in asks))
+
+        for (chunks, done), one in zip(together, alone, strict=True):
+            assert "".join(chunks) == done.text == one.text
+            assert (done.finish_reason, done.completion_tokens) == (one.finish_reason, one.completion_tokens)
+        assert [d.completion_tokens for d in alone[:1] + alone[4:]] == [5, 1]
+        assert alone[3].finish_reason == "stop" and alone[3].text == rain[: rain.index(rain[10:14])]
+        assert alone[1].text != (await collect(engine, ask("owls", max_tokens=30, temperature=1.5, seed=8)))[1].text
+    finally:
+        await engine.stop()
