@@ -12,30 +12,31 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
-from exojet.bus.statuses import RUNNER_STATUS_NAMES
+from exojet.bus.statuses import RUNNER_STATUS_NAMES, RunnerStatusName
 
-IDLE = "RunnerIdle"
-DOWNLOADING = "RunnerDownloading"
-CONNECTING = "RunnerConnecting"
-CONNECTED = "RunnerConnected"
-LOADING = "RunnerLoading"
-LOADED = "RunnerLoaded"
-WARMING_UP = "RunnerWarmingUp"
-READY = "RunnerReady"
-RUNNING = "RunnerRunning"
-SHUTTING_DOWN = "RunnerShuttingDown"
-SHUTDOWN = "RunnerShutdown"
-FAILED = "RunnerFailed"
+IDLE: Final = "RunnerIdle"
+DOWNLOADING: Final = "RunnerDownloading"
+CONNECTING: Final = "RunnerConnecting"
+CONNECTED: Final = "RunnerConnected"
+LOADING: Final = "RunnerLoading"
+LOADED: Final = "RunnerLoaded"
+WARMING_UP: Final = "RunnerWarmingUp"
+READY: Final = "RunnerReady"
+RUNNING: Final = "RunnerRunning"
+SHUTTING_DOWN: Final = "RunnerShuttingDown"
+SHUTDOWN: Final = "RunnerShutdown"
+FAILED: Final = "RunnerFailed"
 # Written by a supervisor only (as part of a `RunnerLost` event), never by the runner.
-LOST = "RunnerLost"
+LOST: Final = "RunnerLost"
 
 ALL_STATUSES = RUNNER_STATUS_NAMES
 # A registration (a new incarnation) always starts here.
-REGISTERED = IDLE
+REGISTERED: Final = IDLE
 # After these an incarnation writes nothing more.
-FINAL_STATUSES = frozenset({SHUTDOWN, LOST})
-LIVE_STATUSES: tuple[str, ...] = tuple(s for s in ALL_STATUSES if s not in FINAL_STATUSES)
+FINAL_STATUSES: frozenset[RunnerStatusName] = frozenset({SHUTDOWN, LOST})
+LIVE_STATUSES: tuple[RunnerStatusName, ...] = tuple(s for s in ALL_STATUSES if s not in FINAL_STATUSES)
 
 
 @dataclass(frozen=True)
@@ -44,17 +45,17 @@ class TaskLifecycle:
 
     task: str
     # The statuses a runner accepts the task in; `None`: any live status.
-    accepted_in: tuple[str, ...] | None
+    accepted_in: tuple[RunnerStatusName, ...] | None
     # The status written before the work starts; `None`: the task has none.
-    working: str | None
+    working: RunnerStatusName | None
     # Where success ends; `None`: back in the status the task was accepted in ...
-    success: str | None
+    success: RunnerStatusName | None
     # ... except from these statuses (accepted in -> ends in).
-    success_from: Mapping[str, str] = field(default_factory=dict)
+    success_from: Mapping[RunnerStatusName, RunnerStatusName] = field(default_factory=dict)
     # Where an engine or download error ends.
-    failure: str = FAILED
+    failure: RunnerStatusName = FAILED
     # Why a status accepts the task, where DESIGN.md says so.
-    accepted_because: Mapping[str, str] = field(default_factory=dict)
+    accepted_because: Mapping[RunnerStatusName, str] = field(default_factory=dict)
     # What must also hold, beyond the status (the runner checks it before any transition).
     requires: str | None = None
     # Success ends the runner process.
@@ -64,13 +65,13 @@ class TaskLifecycle:
         """True if a runner in `status` may run this task."""
         return self.accepted_in is None or status in self.accepted_in
 
-    def accepting_statuses(self) -> tuple[str, ...]:
+    def accepting_statuses(self) -> tuple[RunnerStatusName, ...]:
         """The statuses a runner can accept the task in: `any` is every live status but the task's own."""
         if self.accepted_in is not None:
             return self.accepted_in
         return tuple(s for s in LIVE_STATUSES if s != self.working)
 
-    def succeeded(self, before: str) -> str:
+    def succeeded(self, before: RunnerStatusName) -> RunnerStatusName:
         """Where the runner ends after success, given the status it accepted the task in."""
         return self.success_from.get(before, self.success or before)
 
@@ -115,9 +116,9 @@ RESTING_STATUSES = (
 )
 
 
-def transitions() -> dict[str, frozenset[str]]:
+def transitions() -> dict[RunnerStatusName, frozenset[RunnerStatusName]]:
     """status -> the statuses that may follow it (registration aside), for every task's row."""
-    allowed: dict[str, set[str]] = {s: set() for s in ALL_STATUSES}
+    allowed: dict[RunnerStatusName, set[RunnerStatusName]] = {s: set() for s in ALL_STATUSES}
     for t in LIFECYCLE.values():
         for before in t.accepting_statuses():
             ends = {t.succeeded(before), t.failure}

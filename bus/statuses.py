@@ -1,9 +1,15 @@
-"""Runner statuses (tagged by `type`) and task statuses."""
+"""Runner statuses (tagged by `type`) and task statuses.
+
+A runner status's wire name is typed `RunnerStatusName` wherever it is held as a name (the
+projection, the lifecycle table), so strict mypy (`strict_equality`) refuses a comparison with a
+misspelt one.
+"""
 
 from __future__ import annotations
 
 import enum
 import typing
+from typing import Literal, cast
 
 import msgspec
 
@@ -85,17 +91,36 @@ RunnerStatus = (
 )
 
 
-def status_name(status: RunnerStatus) -> str:
+# Every runner status's wire name, in the order declared above (checked against the tags below).
+RunnerStatusName = Literal[
+    "RunnerIdle",
+    "RunnerDownloading",
+    "RunnerConnecting",
+    "RunnerConnected",
+    "RunnerLoading",
+    "RunnerLoaded",
+    "RunnerWarmingUp",
+    "RunnerReady",
+    "RunnerRunning",
+    "RunnerShuttingDown",
+    "RunnerShutdown",
+    "RunnerFailed",
+    "RunnerLost",
+]
+
+
+def status_name(status: RunnerStatus) -> RunnerStatusName:
     """The status's wire name (`RunnerReady`, `RunnerLost` ...)."""
-    return type(status).__struct_config__.tag  # type: ignore[return-value]
+    return cast(RunnerStatusName, type(status).__struct_config__.tag)
 
 
 _BY_NAME: dict[str, type[RunnerStatus]] = {cls.__struct_config__.tag: cls for cls in typing.get_args(RunnerStatus)}
-# Every runner status's wire name, in the order declared above.
-RUNNER_STATUS_NAMES: tuple[str, ...] = tuple(_BY_NAME)
+RUNNER_STATUS_NAMES: tuple[RunnerStatusName, ...] = typing.get_args(RunnerStatusName)
+if RUNNER_STATUS_NAMES != tuple(_BY_NAME):
+    raise ImportError(f"RunnerStatusName {RUNNER_STATUS_NAMES} is not the statuses' tags {tuple(_BY_NAME)}")
 
 
-def runner_status(name: str) -> RunnerStatus:
+def runner_status(name: RunnerStatusName) -> RunnerStatus:
     """The status named `name`, with its fields' defaults."""
     return _BY_NAME[name]()
 

@@ -28,7 +28,7 @@ from exojet.bus.events import (
     SupervisorEvent,
     TaskStatusUpdated,
 )
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, TaskStatus, status_name
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, RunnerStatusName, TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
 from exojet.projections import instances, retention
 from exojet.projections.rules import UNREGISTERED, transition_allowed
@@ -252,7 +252,9 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     runner.updated_seq = env.seq
 
 
-def _set_status(state: ClusterState, env: Envelope, runner: RunnerView, new: str, error: str | None) -> None:
+def _set_status(
+    state: ClusterState, env: Envelope, runner: RunnerView, new: RunnerStatusName, error: str | None
+) -> None:
     if not transition_allowed(runner.status, new) and not (state.horizon and runner.status == UNREGISTERED):
         _anomaly(state, env, "InvalidTransition", f"{runner.status} -> {new}", runner_id=runner.runner_id)
     runner.status = new

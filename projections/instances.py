@@ -25,6 +25,8 @@ no clock, state updated in place.
 
 from __future__ import annotations
 
+from typing import Final
+
 from exojet.bus.codec import BadInput, decode_command
 from exojet.bus.commands import (
     CancelChat,
@@ -48,18 +50,38 @@ from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections import retention
 from exojet.projections.rules import UNREGISTERED
-from exojet.projections.state import Anomaly, ClusterState, InstanceView, RoutedChatView, TaskView
+from exojet.projections.state import (
+    Anomaly,
+    ChatStatus,
+    ClusterState,
+    InstanceStatus,
+    InstanceView,
+    RoutedChatView,
+    TaskView,
+)
 
-PLACING = "Placing"
-READY = "Ready"
-FAILED = "Failed"
-DELETED = "Deleted"
-ENDED_STATUSES = frozenset({FAILED, DELETED})
+PLACING: Final = "Placing"
+READY: Final = "Ready"
+FAILED: Final = "Failed"
+DELETED: Final = "Deleted"
+ENDED_STATUSES: frozenset[InstanceStatus] = frozenset({FAILED, DELETED})
 
 # The workflow of one attempt, in the seed's order, with the status an
 # instance shows while that step is not complete on every runner.
 DOWNLOAD, CONNECT, LOAD, WARMUP, UNLOAD = "download", "connect", "load", "warmup", "unload"
-STEP_STATUS = {DOWNLOAD: "Downloading", CONNECT: "Connecting", LOAD: "Loading", WARMUP: "WarmingUp"}
+STEP_STATUS: dict[str, InstanceStatus] = {
+    DOWNLOAD: "Downloading",
+    CONNECT: "Connecting",
+    LOAD: "Loading",
+    WARMUP: "WarmingUp",
+}
+# A routed chat ends with its emitting rank's terminal status.
+CHAT_ENDS: dict[TaskStatus, ChatStatus] = {
+    TaskStatus.COMPLETE: "Complete",
+    TaskStatus.FAILED: "Failed",
+    TaskStatus.TIMED_OUT: "TimedOut",
+    TaskStatus.CANCELLED: "Cancelled",
+}
 
 
 def steps(world_size: int) -> tuple[str, ...]:
@@ -227,7 +249,7 @@ def _refuse_chat(state: ClusterState, env: Envelope, event: ChatRefused) -> None
     retention.finish_chat(state, chat.chat_id, env.time)
 
 
-def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: str, reason: str) -> None:
+def _end(state: ClusterState, env: Envelope, inst: InstanceView, status: InstanceStatus, reason: str) -> None:
     inst.status = status
     inst.reason = reason
     inst.updated_seq = env.seq
@@ -310,7 +332,7 @@ def on_task_status(state: ClusterState, env: Envelope, task: TaskView) -> None:
     if chat_id is not None and task.status in TERMINAL_TASK_STATUSES:
         del state.chat_tasks[task.task_id]
         chat = state.chats[chat_id]
-        chat.status = str(task.status)
+        chat.status = CHAT_ENDS[task.status]
         chat.updated_seq = env.seq
         retention.finish_chat(state, chat_id, env.time)
         state.pending_chats.pop(chat_id, None)

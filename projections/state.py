@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.events import Placement
 from exojet.bus.statuses import TaskStatus
+from exojet.projections.rules import UNREGISTERED, RunnerState
+
+InstanceStatus = Literal["Placing", "Downloading", "Connecting", "Loading", "WarmingUp", "Ready", "Failed", "Deleted"]
+# Pending (no rank published yet), Routed, Refused (ChatRefused), Cancelled (CancelChat while
+# pending), or the emitting rank's terminal task status.
+ChatStatus = Literal["Pending", "Routed", "Refused", "Cancelled", "Complete", "Failed", "TimedOut"]
 
 # How many recent event ids a projection remembers to drop duplicates: far more
 # than any retry or redelivery produces, and bounded so snapshots stay small.
@@ -18,7 +24,7 @@ EVENT_ID_WINDOW = 20_000
 
 class RunnerView(msgspec.Struct, kw_only=True):
     runner_id: str
-    status: str = "Unregistered"
+    status: RunnerState = UNREGISTERED
     error_message: str | None = None
     incarnation: int = 0
     host: str = ""
@@ -97,8 +103,7 @@ class InstanceView(msgspec.Struct, kw_only=True):
     requested_runners: list[str] | None = None
     min_runners: int = 1
     n_layers: int | None = None
-    # Placing, Downloading, Connecting, Loading, WarmingUp, Ready, Failed, Deleted.
-    status: str = "Placing"
+    status: InstanceStatus = "Placing"
     reason: str | None = None
     # The current placement attempt (0 until the first InstancePlaced).
     attempt: int = 0
@@ -118,9 +123,7 @@ class RoutedChatView(msgspec.Struct, kw_only=True):
 
     chat_id: str
     model_id: str | None = None
-    # Pending (no rank published yet), Routed, Refused (ChatRefused), Cancelled (CancelChat while
-    # pending), or the emitting rank's terminal task status.
-    status: str = "Pending"
+    status: ChatStatus = "Pending"
     instance_id: str | None = None
     # How many ranks' tasks are in the log.
     ranks_published: int = 0

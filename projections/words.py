@@ -50,6 +50,7 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
+from exojet.projections.rules import UNREGISTERED
 from exojet.projections.state import ClusterState
 
 Message = Task | Event | Command | CancelTask | BadInput
@@ -149,8 +150,8 @@ def _describe(before: ClusterState, env: Envelope, message: Message | None) -> t
             where = f"on {', '.join(runners)}" if runners else f"on {n} free runner{'s' if n > 1 else ''}"
             return kind, f"place {instance_id_of(message.command_id, env.seq)}: {model} {where}"
         case DeleteInstance(instance_id=iid):
-            old = before.instances[iid].status if iid in before.instances else "unknown"
-            return kind, f"delete {iid} (was {old})"
+            was = before.instances[iid].status if iid in before.instances else "unknown"
+            return kind, f"delete {iid} (was {was})"
         case DrainRunner(runner_id=rid):
             return kind, f"drain {rid}: its instances move elsewhere, nothing new is placed on it"
         case UndrainRunner(runner_id=rid):
@@ -159,11 +160,11 @@ def _describe(before: ClusterState, env: Envelope, message: Message | None) -> t
             chat = chat_id_of(message.command_id, env.seq)
             return kind, f"chat {chat} for {model or 'any model'}: {_quote(msgs[-1].content)}"
         case CancelChat(chat_id=cid, reason=reason):
-            old = before.chats[cid].status if cid in before.chats else "unknown"
-            return kind, f"cancel chat {cid} (was {old})" + (f": {reason}" if reason else "")
+            chat_was = before.chats[cid].status if cid in before.chats else "unknown"
+            return kind, f"cancel chat {cid} (was {chat_was})" + (f": {reason}" if reason else "")
         case CancelTask(task_id=tid, reason=reason):
-            old = before.tasks[tid].status if tid in before.tasks else "unknown"
-            return kind, f"cancel task {tid} (was {old})" + (f": {reason}" if reason else "")
+            task_was = before.tasks[tid].status if tid in before.tasks else "unknown"
+            return kind, f"cancel task {tid} (was {task_was})" + (f": {reason}" if reason else "")
     if isinstance(message, _TASK_TYPES):
         return kind, _task_words(env, message)
     return kind, _event_words(before, message)
@@ -188,9 +189,9 @@ def _event_words(before: ClusterState, event: Event) -> str:
             memory = f", {mem / MB / 1024:.1f} GB memory" if mem else ""
             return f"{rid} incarnation {inc} on {host} pid {pid}{memory}"
         case RunnerStatusUpdated(runner_id=rid, runner_status=status):
-            old = before.runners[rid].status if rid in before.runners else "Unregistered"
+            was = before.runners[rid].status if rid in before.runners else UNREGISTERED
             why = f" ({status.error_message})" if isinstance(status, RunnerFailed) else ""
-            return f"{rid}: {old} -> {status_name(status)}{why}"
+            return f"{rid}: {was} -> {status_name(status)}{why}"
         case TaskStatusUpdated(task_id=tid, task_status=new, error_type=et, error_message=em, result=result):
             old = before.tasks[tid].status if tid in before.tasks else "?"
             extra = f" ({et}: {em})" if et else ""

@@ -35,8 +35,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from exojet.bus import lifecycle
 from exojet.bus.ids import step_task_id
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerStatusName, TaskStatus
 from exojet.bus.tasks import ConnectToGroup, DownloadModel, Group, LoadModel, Shard, StartWarmup, Task, UnloadModel
 from exojet.projections.instances import (
     CONNECT,
@@ -60,9 +61,11 @@ from exojet.supervisor.placement import place, split_after_download
 # A runner resting in one of these still holds (or failed holding) an ended
 # instance's model or group: UnloadModel brings it back to Idle. A runner in a
 # transient status (Loading, WarmingUp ...) is unloaded once it settles.
-UNLOADABLE_STATUSES = frozenset({"RunnerConnected", "RunnerLoaded", "RunnerReady", "RunnerFailed"})
+UNLOADABLE_STATUSES: frozenset[RunnerStatusName] = frozenset(
+    {lifecycle.CONNECTED, lifecycle.LOADED, lifecycle.READY, lifecycle.FAILED}
+)
 # A runner that is gone, or going, cannot serve its instance any more.
-GONE_STATUSES = FINAL_STATUSES | {"RunnerShuttingDown", "RunnerFailed"}
+GONE_STATUSES: frozenset[RunnerStatusName] = FINAL_STATUSES | {lifecycle.SHUTTING_DOWN, lifecycle.FAILED}
 EMPTY_CATALOG: Mapping[str, int] = {}
 
 
@@ -90,7 +93,8 @@ def plan(
 
 def backoff(attempt: int, config: PlannerConfig) -> float:
     """Seconds to wait after failed attempt `attempt` (1, 2, 4 ... capped)."""
-    return min(config.backoff_base_s * 2 ** max(attempt - 1, 0), config.backoff_cap_s)
+    delay: float = config.backoff_base_s * 2 ** max(attempt - 1, 0)
+    return min(delay, config.backoff_cap_s)
 
 
 def _failure(state: ClusterState, inst: InstanceView) -> str | None:
@@ -106,7 +110,7 @@ def _failure(state: ClusterState, inst: InstanceView) -> str | None:
             return f"runner {p.runner_id} is {runner.status.removeprefix('Runner')}{detail}"
         for step in steps(len(inst.placements)):
             task = state.tasks.get(step_task_id(inst.instance_id, inst.attempt, step, p.runner_id))
-            if task is not None and task.status in ("Failed", "TimedOut", "Cancelled"):
+            if task is not None and task.status in TERMINAL_TASK_STATUSES - {TaskStatus.COMPLETE}:
                 return f"{task.task_type} on {p.runner_id} {task.status}: {task.error_type}: {task.error_message}"
     return None
 
@@ -129,7 +133,7 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
     world = len(inst.placements)
     for step in steps(world):
         ids = [step_task_id(inst.instance_id, inst.attempt, step, p.runner_id) for p in inst.placements]
-        if all(state.tasks.get(i) is not None and state.tasks[i].status == "Complete" for i in ids):
+        if all(state.tasks.get(i) is not None and state.tasks[i].status == TaskStatus.COMPLETE for i in ids):
             continue
         shards = split_after_download(state, inst) if step == LOAD else [p.shard for p in inst.placements]
         if isinstance(shards, str):

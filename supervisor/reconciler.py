@@ -162,7 +162,9 @@ class Reconciler:
             while True:
                 write = writes.send(await self._publish(write))
         except StopIteration as done:
-            last_seq, sleep = done.value
+            # plan_writes' return value: the last sequence written and the sleep before the next plan.
+            outcome: tuple[int, float] = done.value
+            last_seq, sleep = outcome
         if last_seq > state.seq:
             try:
                 await self.projector.wait_for(last_seq, OWN_WRITES_TIMEOUT_S)
