@@ -16,7 +16,7 @@ from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.tasks import ChatMessage
 from exojet.supervisor.planner import plan
 from testbed.log_watcher import LogWatch
-from tests.test_planner import Cluster, _ready_single
+from tests.planner_cluster import Cluster, ready_single
 
 pytestmark = pytest.mark.timeout(60)
 HI = (ChatMessage("user", "hi"),)
@@ -26,12 +26,12 @@ def test_a_pending_chat_cancelled_is_never_routed_and_a_routed_one_is_left_to_it
     c = Cluster()
     for r in ("r1", "r2"):
         c.register(r)
-    _ready_single(c, "r1")
+    ready_single(c, "r1")
     c.command(RouteChatCompletion(command_id="x", messages=HI, model_id="local/nowhere"))
     c.command(CancelChat(chat_id="chat-x", reason="client disconnected"))
     assert c.state.chats["chat-x"].status == "Cancelled" and not c.state.pending_chats
     # An instance of its model comes Ready: still nothing to route.
-    _ready_single(c, "r2", model="local/nowhere")
+    ready_single(c, "r2", model="local/nowhere")
     assert [a for a in plan(c.state) if "chat-x" in repr(a)] == []
     c.command(RouteChatCompletion(command_id="y", messages=HI, model_id="local/tiny"))
     [routed] = c.publish(plan(c.state))

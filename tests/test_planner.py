@@ -1,8 +1,5 @@
-"""The planner, purely: hand-made logs folded by the projection, plans checked action by action.
-
-`Cluster` plays the log: it folds messages, turns the planner's actions into
-log messages (as the reconciler publishes them) and answers tasks the way a
-runner does, so whole placements run without a server.
+"""The planner, purely: hand-made logs folded by the projection, plans checked action by action,
+whole placements played by `Cluster` (tests/planner_cluster.py) without a server.
 """
 
 from __future__ import annotations
@@ -15,35 +12,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exojet.bus import subjects
-from exojet.bus.codec import encode
 from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
-from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
     InstancePlaced,
     InstanceRetryDue,
     RunnerLost,
-    RunnerRegistered,
-    RunnerStatusUpdated,
-    TaskStatusUpdated,
 )
 from exojet.bus.statuses import (
-    RunnerConnected,
-    RunnerConnecting,
-    RunnerDownloading,
-    RunnerIdle,
-    RunnerLoaded,
-    RunnerLoading,
-    RunnerReady,
-    RunnerRunning,
-    RunnerStatus,
-    RunnerWarmingUp,
     TaskStatus,
 )
 from exojet.bus.tasks import (
-    ChatCompletion,
     ChatMessage,
     ConnectToGroup,
-    DownloadModel,
     LoadModel,
     Shard,
     Task,
@@ -54,125 +34,15 @@ from exojet.projections.apply import apply
 from exojet.projections.explain import cause
 from exojet.projections.placing import waiting_reason
 from exojet.projections.state import ClusterState, InstanceView, state_hash
-from exojet.supervisor.actions import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent
+from exojet.supervisor.actions import PlannerConfig, RetryWait, WriteEvent
 from exojet.supervisor.placement import split_layers
 from exojet.supervisor.planner import plan
+from tests.planner_cluster import Cluster, ready_single
 
 pytestmark = pytest.mark.timeout(60)
 
+
 # The runner statuses each task goes through (a download returns to Idle: it precedes any group).
-STATUSES: dict[str, tuple[RunnerStatus, ...]] = {
-    "DownloadModel": (RunnerDownloading(), RunnerIdle()),
-    "ConnectToGroup": (RunnerConnecting(), RunnerConnected()),
-    "LoadModel": (RunnerLoading(), RunnerLoaded()),
-    "StartWarmup": (RunnerWarmingUp(), RunnerReady()),
-    "ChatCompletion": (RunnerRunning(), RunnerReady()),
-    "UnloadModel": (RunnerIdle(),),
-}
-
-
-class Cluster:
-    """A log and its projection, with simulated runners that complete every task."""
-
-    def __init__(self) -> None:
-        self.state = ClusterState()
-        self.log: list[Envelope] = []
-        # What each runner's LoadModel states it serves at once.
-        self.chat_capacity = 1
-        self.ids = itertools.count()
-        self.incarnations: dict[str, int] = {}
-        # What a DownloadModel's result reports of the model, as runners do (None: nothing, as older runners).
-        self.model_layers: int | None = None
-
-    def put(self, subject: str, message: msgspec.Struct) -> Envelope:
-        env = Envelope(seq=len(self.log) + 1, subject=subject, data=encode(message))
-        self.log.append(env)
-        self.state = apply(self.state, env)
-        return env
-
-    def event(self, runner_id: str, event_type: type, **fields: object) -> None:
-        self.put(
-            subjects.runner_events_subject(runner_id),
-            event_type(
-                event_id=f"{runner_id}:{next(self.ids)}",
-                runner_id=runner_id,
-                incarnation=self.incarnations[runner_id],
-                **fields,
-            ),
-        )
-
-    def status(self, runner_id: str, status: RunnerStatus) -> None:
-        self.event(runner_id, RunnerStatusUpdated, runner_status=status)
-
-    def register(
-        self, runner_id: str, memory_free: int = 1000, engines: tuple[str, ...] = ("mlx",), ring_key: str = "k"
-    ) -> None:
-        self.incarnations[runner_id] = self.incarnations.get(runner_id, 0) + 1
-        self.event(
-            runner_id,
-            RunnerRegistered,
-            memory_free=memory_free,
-            address="10.0.0.1",
-            engines=engines,
-            ring_key=ring_key and f"{ring_key}-{runner_id}",
-        )
-        self.status(runner_id, RunnerIdle())
-
-    def command(self, command: msgspec.Struct) -> None:
-        self.put(subjects.COMMANDS, command)
-
-    def publish(self, actions: list) -> list[Task]:
-        """Publish plan actions as the reconciler does (no RetryWait: that needs a clock)."""
-        sent = []
-        for action in actions:
-            if isinstance(action, SendTask):
-                self.put(subjects.task_subject(action.runner_id), action.task)
-                sent.append(action.task)
-            elif isinstance(action, WriteEvent):
-                if action.fence is not None:
-                    assert action.fence == self.state.supervisor_seq
-                self.put(subjects.SUPERVISOR_EVENTS, action.event)
-        return sent
-
-    def complete(self, runner_id: str, task: Task, status: TaskStatus = TaskStatus.COMPLETE) -> None:
-        self.event(runner_id, TaskStatusUpdated, task_id=task.task_id, task_status=TaskStatus.RUNNING)
-        if status == TaskStatus.COMPLETE:
-            for runner_status in STATUSES[task_type(task)]:
-                self.status(runner_id, runner_status)
-        self.event(
-            runner_id,
-            TaskStatusUpdated,
-            task_id=task.task_id,
-            task_status=status,
-            result=self._result(task),
-        )
-
-    def _result(self, task: Task) -> dict[str, object] | None:
-        if isinstance(task, ChatCompletion):
-            return {"text": "hi"}
-        if isinstance(task, DownloadModel) and self.model_layers is not None:
-            return {"model_id": task.shard.model_id, "n_layers": self.model_layers, "size_bytes": 1234}
-        if isinstance(task, LoadModel):
-            return {"chat_capacity": self.chat_capacity}
-        return None
-
-    def run(
-        self, catalog: dict[str, int] | None = None, config: PlannerConfig = DEFAULT_CONFIG, rounds: int = 30
-    ) -> list[tuple[str, Task]]:
-        """Plan, publish, answer every task; until the plan is empty. Returns (runner, task) in log order."""
-        done = []
-        for _ in range(rounds):
-            actions = [a for a in plan(self.state, catalog or {}, config) if not isinstance(a, RetryWait)]
-            if not actions:
-                return done
-            self.publish(actions)
-            for a in actions:
-                if isinstance(a, SendTask):
-                    self.complete(a.runner_id, a.task)
-                    done.append((a.runner_id, a.task))
-        raise AssertionError("the plan never settled")
-
-
 def _placing(c: Cluster, model: str = "local/tiny") -> InstanceView:
     c.command(PlaceInstance(model_id=model))
     return list(c.state.instances.values())[-1]
@@ -400,20 +270,12 @@ def test_replanning_a_replayed_log_publishes_nothing_twice() -> None:
     assert plan(c.state) == plan(c.state)  # deterministic: same state, same plan
 
 
-def _ready_single(c: Cluster, runner: str, model: str = "local/tiny") -> str:
-    c.command(PlaceInstance(model_id=model, runners=(runner,)))
-    c.run()
-    instance_id = c.state.runner_instances[runner]
-    assert c.state.instances[instance_id].status == "Ready"
-    return instance_id
-
-
 def test_chats_go_to_the_least_busy_ready_instance_of_their_model() -> None:
     c = Cluster()
     for r in ("r1", "r2", "r3"):
         c.register(r)
-    a, b = _ready_single(c, "r1"), _ready_single(c, "r2")
-    _ready_single(c, "r3", model="local/other")
+    a, b = ready_single(c, "r1"), ready_single(c, "r2")
+    ready_single(c, "r3", model="local/other")
     hi = (ChatMessage("user", "hi"),)
     c.command(RouteChatCompletion(command_id="x", messages=hi, model_id="local/tiny"))
     c.command(RouteChatCompletion(command_id="y", messages=hi, model_id="local/tiny"))
@@ -435,7 +297,7 @@ def test_chats_go_to_the_least_busy_ready_instance_of_their_model() -> None:
 def test_a_chat_past_every_instance_queue_is_refused_once_and_never_routed() -> None:
     c = Cluster()
     c.register("r1")
-    a = _ready_single(c, "r1")
+    a = ready_single(c, "r1")
     config = PlannerConfig(max_chats_per_instance=2)
     hi = (ChatMessage("user", "hi"),)
     for command_id in ("x", "y", "z", "w"):
@@ -464,7 +326,7 @@ def test_chats_fill_the_free_capacity_of_the_least_loaded_instance_then_queue() 
     c.chat_capacity = 3
     for r in ("r1", "r2"):
         c.register(r)
-    a, b = _ready_single(c, "r1"), _ready_single(c, "r2")
+    a, b = ready_single(c, "r1"), ready_single(c, "r2")
     assert c.state.runners["r1"].chat_capacity == 3
     hi = (ChatMessage("user", "hi"),)
     for k in range(6):
@@ -581,7 +443,7 @@ def test_backoff_doubles_and_is_capped() -> None:
 def test_deleting_unloads_the_runners_that_hold_it_once_then_they_are_free() -> None:
     c = Cluster()
     c.register("r1")
-    instance_id = _ready_single(c, "r1")
+    instance_id = ready_single(c, "r1")
     c.command(DeleteInstance(instance_id=instance_id))
     assert c.state.instances[instance_id].status == "Deleted"
     [unload] = c.publish(plan(c.state))
@@ -589,13 +451,13 @@ def test_deleting_unloads_the_runners_that_hold_it_once_then_they_are_free() -> 
     assert plan(c.state) == []  # already in the log
     c.complete("r1", unload)
     assert c.state.runners["r1"].status == "RunnerIdle"
-    _ready_single(c, "r1")
+    ready_single(c, "r1")
 
 
 def test_a_restarted_runner_fails_its_instance_and_is_usable_again() -> None:
     c = Cluster()
     c.register("r1")
-    instance_id = _ready_single(c, "r1")
+    instance_id = ready_single(c, "r1")
     c.register("r1")  # a new incarnation: the model it held is gone
     c.publish(plan(c.state))
     assert "restarted (incarnation 1 -> 2)" in (c.state.instances[instance_id].reason or "")

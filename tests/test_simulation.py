@@ -40,7 +40,7 @@ from exojet.sim import invariants
 from exojet.sim.run import run
 from exojet.supervisor.actions import SendTask, WriteEvent
 from exojet.supervisor.planner import plan
-from tests.test_planner import Cluster
+from tests.planner_cluster import Cluster
 
 # Per default-suite run: seeds 0 .. SEEDS-1 (the CLI runs any other range).
 SEEDS = 2000

@@ -7,8 +7,6 @@ import ast
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# The planner tests' simulated cluster, shared until it has a helper module of its own.
-STILL_SHARED = {("test_chat_cancel", "test_planner"), ("test_simulation", "test_planner")}
 
 
 def _imported_test_modules(path: Path) -> set[str]:
@@ -23,4 +21,4 @@ def _imported_test_modules(path: Path) -> set[str]:
 
 def test_no_test_module_imports_another() -> None:
     imports = {(path.stem, imported) for path in TESTS.glob("test_*.py") for imported in _imported_test_modules(path)}
-    assert imports - STILL_SHARED == set()
+    assert imports == set()
