@@ -1,10 +1,13 @@
-"""The API's own view of the cluster: `EXO_LOG` replayed and followed through the Python fold.
+"""The API's own view of the cluster: `EXO_LOG` folded as every reader folds it (the newest
+snapshot, then one read that catches up and follows live: bus/nats/log_fold.py).
 
 It feeds the live page (its first view, and the server-sent events that keep it live), the
 timeline and `/metrics`. It starts with the API (`begin`), so `/metrics` times the first token
-of every chat the API serves, not only of those after the first scrape. Heartbeats (core NATS,
-not in the log) only stamp each runner's last-seen time; chunks (`EXO_CHUNKS`, new ones only)
-give first-token latencies.
+of every chat the API serves, not only of those after the first scrape. The log before the
+snapshot is folded once in the background, for the timeline's checkpoints, the counters of
+`/metrics` and the newest marks (`api/timeline_index.py`). Heartbeats (core NATS, not in the
+log) only stamp each runner's last-seen time; chunks (`EXO_CHUNKS`, new ones only) give
+first-token latencies.
 """
 
 from __future__ import annotations
@@ -21,16 +24,19 @@ from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
 from exojet.api.metrics import ClusterMetrics
+from exojet.api.timeline_index import TimelineIndex
 from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
+from exojet.bus.nats.log_fold import LogFold
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply
 from exojet.projections.placing import placing_waits
 from exojet.projections.queries import Paging, state_reply
+from exojet.projections.snapshot import load_snapshot
 from exojet.projections.state import ClusterState
 from exojet.projections.timeline import Mark, fold
-from exojet.projections.words import envelope_json, task_id_of
+from exojet.projections.words import message_of, task_id_of
 
 # Timeline marks kept for the page (older ones: `exojet replay`).
 RECENT_EVENTS = 2000
@@ -44,7 +50,8 @@ class LiveCluster:
 
     def __init__(self, nats_url: str) -> None:
         self.nats_url = nats_url
-        self.state = ClusterState()
+        self.fold: LogFold[ClusterState] | None = None
+        self.timeline = TimelineIndex()
         self.recent: deque[Mark] = deque(maxlen=RECENT_EVENTS)
         self.heartbeats: dict[str, float] = {}
         self.metrics = ClusterMetrics(self)
@@ -53,6 +60,11 @@ class LiveCluster:
         self._started: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
         self._folded = asyncio.Event()
+        self._history: asyncio.Task[None] | None = None
+
+    @property
+    def state(self) -> ClusterState:
+        return self.fold.state if self.fold is not None else ClusterState()
 
     def begin(self) -> None:
         """Start following the log, once, without waiting for it to catch up."""
@@ -68,8 +80,11 @@ class LiveCluster:
     async def _start(self) -> None:
         self.nc = await client.connect(self.nats_url, name="exojet-api-live", wait=True)
         js = self.nc.jetstream()
-        last = await client.replay(self.nc, self._on_env)
-        self._subs.append(await client.follow(self.nc, self._on_env, start_seq=last + 1))
+        self.fold = LogFold(
+            self.nc, self._on_env, ClusterState, load_snapshot, name="the page's fold", started=self.timeline.started
+        )
+        await self.fold.start()
+        self._history = asyncio.create_task(self._fold_history())
         self._subs.append(await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
         self._subs.append(
             await js.subscribe(
@@ -83,20 +98,45 @@ class LiveCluster:
 
     async def close(self) -> None:
         # A start still waiting for its server (or replaying) is cancelled, not left behind.
-        if self._started is not None and not self._started.done():
-            self._started.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._started
+        for task in (self._started, self._history):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.nc is not None:
             await self.nc.close()
 
-    def _on_env(self, env: Envelope) -> None:
-        self.state, folded = fold(self.state, env)
-        self.metrics.on_env(env, folded.message, folded.old_task_status)
+    def _on_env(self, state: ClusterState, env: Envelope) -> ClusterState:
+        state, folded = fold(state, env)
+        self.metrics.on_env(state, env, folded.message, folded.old_task_status)
         self.recent.append(folded.mark)
+        self.timeline.folded(state)
         self._folded.set()
         if self._subscribers:
-            self._publish({"mark": folded.mark, **self._changed(env, folded.message)})
+            self._publish({"mark": folded.mark, **self._changed(state, env, folded.message)})
+        return state
+
+    async def _fold_history(self) -> None:
+        """Fold the log before the snapshot the page started from: the timeline's checkpoints,
+        the counters of `/metrics`, and the newest marks (before those of the page's fold)."""
+        assert self.nc is not None
+        marks: deque[Mark] = deque(maxlen=RECENT_EVENTS)
+        marks_from = self.timeline.live_from - RECENT_EVENTS
+
+        def observe(state: ClusterState, env: Envelope) -> ClusterState:
+            if env.seq > marks_from:
+                state, folded = fold(state, env)
+                marks.append(folded.mark)
+                self.metrics.on_env(state, env, folded.message, folded.old_task_status)
+                return state
+            message = message_of(env)
+            task = state.tasks.get(task_id_of(env, message) or "")
+            state = apply(state, env)
+            self.metrics.on_env(state, env, message, task.status if task is not None else None)
+            return state
+
+        await self.timeline.fold_history(self.nc, self.state.retention, observe)
+        self.recent = deque([*marks, *self.recent], maxlen=RECENT_EVENTS)
 
     async def caught_up(self, seq: int, timeout: float) -> bool:
         """Whether the fold reaches `seq` within `timeout` seconds."""
@@ -109,9 +149,8 @@ class LiveCluster:
             return False
         return True
 
-    def _changed(self, env: Envelope, message: object) -> dict[str, Any]:
+    def _changed(self, state: ClusterState, env: Envelope, message: object) -> dict[str, Any]:
         """The views that `env` changed, for the browsers to redraw."""
-        state = self.state
         runner_id = subjects.runner_of(env.subject)
         task_id = task_id_of(env, message)
         return {
@@ -160,16 +199,7 @@ class LiveCluster:
         return msgspec.to_builtins({**reply, "heartbeats": self.heartbeats, "marks": list(self.recent)})
 
     async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
-        """The message at `seq` (as JSON) and the cluster as the fold had it right after, rebuilt from the log."""
+        """The message at `seq` (as JSON) and the cluster as the fold had it right after
+        (`TimelineBusy`, `NotIndexedYet`)."""
         assert self.nc is not None
-        found: list[Any] = []
-        state = ClusterState()
-
-        def fold(env: Envelope) -> None:
-            nonlocal state
-            state = apply(state, env)
-            if env.seq == seq:
-                found.append(envelope_json(env))
-
-        await client.replay(self.nc, fold, end_seq=seq)
-        return (found[0] if found else None), state_reply(state, Paging(offset=0, limit=200))
+        return await self.timeline.state_at(self.nc, seq)

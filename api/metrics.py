@@ -19,6 +19,7 @@ from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.lifecycle import ALL_STATUSES
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
+from exojet.projections.state import ClusterState
 
 if TYPE_CHECKING:
     from exojet.api.live import LiveCluster
@@ -80,8 +81,8 @@ class ClusterMetrics:
         self._first_chunk: dict[str, float] = {}
         self._timed: dict[str, float] = {}
 
-    def on_env(self, env: Envelope, message: Any, old_status: TaskStatus | None) -> None:
-        """Observe one folded message (`old_status`: its task's status before it, if a task's)."""
+    def on_env(self, state: ClusterState, env: Envelope, message: Any, old_status: TaskStatus | None) -> None:
+        """Observe one message folded into `state` (`old_status`: its task's status before it, if a task's)."""
         if isinstance(message, ChatCompletion):
             stream_id = message.stream_id or message.task_id or str(env.seq)
             first = self._first_chunk.pop(stream_id, None)
@@ -95,7 +96,7 @@ class ClusterMetrics:
         status = message.task_status
         if status == TaskStatus.RUNNING:
             self._remember(self._running, message.task_id, env.time)
-            runner = self.live.state.runners.get(message.runner_id)
+            runner = state.runners.get(message.runner_id)
             if message.task_type == "ChatCompletion" and runner is not None:
                 self.batch_size.observe(len(runner.running_tasks))
         elif status in TERMINAL_TASK_STATUSES and old_status not in TERMINAL_TASK_STATUSES:

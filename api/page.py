@@ -1,5 +1,6 @@
 """The live page at `/` and what feeds it: `/events` (server-sent events from the log),
-`/timeline/{seq}` (a message and the cluster state the Python fold had after it), `/metrics`,
+`/timeline/{seq}` (a message and the cluster state the page's fold had after it: checkpoints
+and a bounded replay, `api/timeline_index.py`), `/metrics`,
 `/static/*` (plain committed JS and CSS: no CDN, no build step).
 
 The first view is rendered here, statuses as page text, so it reads without scripts; the
@@ -25,6 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster
+from exojet.api.timeline_index import NotIndexedYet, TimelineBusy
 from exojet.bus.nats import client
 from exojet.projections.placing import shown_reason
 from exojet.projections.timeline import Mark
@@ -218,7 +220,13 @@ class Page:
     async def timeline(self, request: Request) -> Response:
         await self.live.ready()
         seq = int(request.path_params["seq"])
-        event, state = await self.live.state_at(seq)
+        try:
+            event, state = await self.live.state_at(seq)
+        except (TimelineBusy, NotIndexedYet) as err:
+            # Both pass: the client asks again (the page's script shows the note meanwhile).
+            status = 429 if isinstance(err, TimelineBusy) else 503
+            body = msgspec.json.encode({"event": None, "note": str(err)})
+            return Response(body, status, media_type="application/json", headers={"Retry-After": "1"})
         body = {"event": event, "state": state} if event else {"event": None, "note": f"no message at seq {seq}"}
         return Response(msgspec.json.encode(body), 200 if event else 404, media_type="application/json")
 

@@ -238,8 +238,8 @@ async def main(events: int, repeat: int) -> None:
 async def restart_from_snapshot(nc, messages: list[Message], cut: int, repeat: int) -> list[float]:
     """Store a snapshot of the state at `cut`, then time Projector.start() from it."""
     from exojet.bus.envelope import Envelope
+    from exojet.bus.nats.snapshot_store import store_snapshot
     from exojet.projections.snapshot import dump_snapshot
-    from exojet.supervisor.snapshot_store import store_snapshot
 
     state = ClusterState()
     for seq, (subject, data) in enumerate(messages[:cut], start=1):

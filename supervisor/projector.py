@@ -1,9 +1,9 @@
-"""Keep a projection of the log: newest snapshot, then replay, then follow live."""
+"""Keep a projection of the log: newest snapshot, then replay, then follow live
+(bus/nats/log_fold.py, the fold every reader of the log uses), and store snapshots."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 
 from loguru import logger
@@ -11,23 +11,16 @@ from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
 from exojet.bus.envelope import Envelope
-from exojet.bus.nats import client
-from exojet.bus.nats.follower import Follower
-from exojet.bus.streams import LOG_STREAM, SNAPSHOT_BUCKET
+from exojet.bus.nats.log_fold import LogFold
+from exojet.bus.nats.snapshot_store import store_snapshot
+from exojet.bus.streams import SNAPSHOT_BUCKET
 from exojet.projections.apply import apply
-from exojet.projections.snapshot import SnapshotError, dump_snapshot, load_snapshot
+from exojet.projections.snapshot import dump_snapshot, load_snapshot
 from exojet.projections.state import ClusterState, Retention
-from exojet.supervisor.snapshot_store import load_snapshot_bytes, store_snapshot
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
-# A start waits this long at most for the fold to reach the log's end.
-CATCH_UP_TIMEOUT_S = 600.0
 
 Listener = Callable[[ClusterState, Envelope], None]
-
-
-class MinSeqTimeout(Exception):
-    """The projection did not reach the sequence a query asked for in time."""
 
 
 class Projector:
@@ -44,88 +37,45 @@ class Projector:
         self.js = nc.jetstream()
         # A KV value is one message: snapshots are chunked to the server's max_payload.
         self.max_snapshot_bytes = max_snapshot_bytes
-        # Set when the log starts after the snapshot: the projection misses messages.
-        self.gap: str | None = None
         self.retention = retention or Retention()
-        self.state = ClusterState(retention=self.retention)
         self.snapshot_every = snapshot_every
         self.listeners: list[Listener] = []
+        self.fold = LogFold(nc, self._apply, lambda: ClusterState(retention=self.retention), self._decode)
         self._kv: KeyValue | None = None
         self._since_snapshot = 0
-        # (min_seq, future) of queries waiting for the projection to get there.
-        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._follower: Follower | None = None
         self._snapshot_task: asyncio.Task[int] | None = None
+
+    @property
+    def state(self) -> ClusterState:
+        return self.fold.state
+
+    @property
+    def gap(self) -> str | None:
+        """Set when the log starts after the snapshot: the projection misses messages."""
+        return self.fold.gap
 
     async def start(self) -> None:
         """Load the newest snapshot, then fold everything after it and keep following."""
-        started = time.perf_counter()
         self._kv = await self.js.key_value(SNAPSHOT_BUCKET)
-        await self._load_snapshot()
+        await self.fold.start()
+
+    def _decode(self, data: bytes) -> ClusterState:
+        state = load_snapshot(data)
         # The retention is this supervisor's setting, whatever the snapshot's was;
         # it prunes from the next message on.
-        self.state.retention = self.retention
-        from_snapshot = self.state.seq
-        await self._check_horizon()
-        # One read catches up and then follows live (through outages): no seam between the two.
-        end = await client.last_seq(self.js)
-        if self._follower is not None:  # a start tried again after NATS went away mid-way
-            await self._follower.stop()
-        self._follower = await client.follow(self.nc, self._on_envelope, start_seq=self.state.seq + 1)
-        await self.wait_for(end, CATCH_UP_TIMEOUT_S)
-        logger.bind(seq=self.state.seq, snapshot_seq=from_snapshot).info(
-            f"projection caught up in {time.perf_counter() - started:.3f} s"
-        )
+        state.retention = self.retention
+        return state
 
-    async def _check_horizon(self) -> None:
-        """Say so, and what to do, when the log's first message comes after the snapshot's next."""
-        info = await self.js.stream_info(LOG_STREAM)
-        first = info.state.first_seq
-        if info.state.messages == 0 or first <= self.state.seq + 1:
-            return
-        self.gap = (
-            f"the log starts at seq {first} but this supervisor's snapshot is at seq {self.state.seq}: "
-            f"messages {self.state.seq + 1}-{first - 1} were removed by EXO_LOG's limits and the projection "
-            "misses what they said (it folds on from the log's first message). To rebuild it exactly, "
-            "replay an archive that holds them (`exojet replay --file ARCHIVE --state`); to avoid it, "
-            "snapshot more often (--snapshot-every) or raise the limits (--log-max-age, --log-max-bytes)"
-        )
-        logger.bind(seq=self.state.seq, first_seq=first).error(self.gap)
-
-    async def _load_snapshot(self) -> None:
-        assert self._kv is not None
-        try:
-            data = await load_snapshot_bytes(self._kv)
-            if data is not None:
-                self.state = load_snapshot(data)
-        except SnapshotError as err:
-            # A snapshot is only a shortcut: without it we fold the whole log.
-            logger.warning(f"ignoring unreadable snapshot: {err}")
-            self.state = ClusterState()
-
-    def _on_envelope(self, env: Envelope) -> None:
-        if env.seq <= self.state.seq:
-            return
-        self.state = apply(self.state, env)
+    def _apply(self, state: ClusterState, env: Envelope) -> ClusterState:
+        state = apply(state, env)
         for listener in self.listeners:
-            listener(self.state, env)
-        if self._waiters:
-            self._wake(self.state.seq)
+            listener(state, env)
         self._since_snapshot += 1
         if self._since_snapshot >= self.snapshot_every and self._snapshot_task is None:
             self._since_snapshot = 0
             self._snapshot_task = asyncio.ensure_future(self.snapshot())
             self._snapshot_task.add_done_callback(lambda _: setattr(self, "_snapshot_task", None))
-
-    def _wake(self, seq: int) -> None:
-        waiting = []
-        for min_seq, future in self._waiters:
-            if seq >= min_seq:
-                if not future.done():
-                    future.set_result(None)
-            else:
-                waiting.append((min_seq, future))
-        self._waiters = waiting
+        return state
 
     async def snapshot(self) -> int:
         """Store the current state in KV `EXO_SNAPSHOTS`; returns its seq."""
@@ -138,23 +88,10 @@ class Projector:
 
     async def wait_for(self, min_seq: int, timeout: float) -> ClusterState:
         """The state once it has folded `min_seq`, or MinSeqTimeout."""
-        if self.state.seq >= min_seq:
-            return self.state
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append((min_seq, future))
-        try:
-            await asyncio.wait_for(future, timeout)
-        except TimeoutError:
-            self._waiters = [(m, f) for m, f in self._waiters if f is not future]
-            raise MinSeqTimeout(
-                f"projection is at seq {self.state.seq}, min_seq {min_seq} not reached within {timeout} s"
-            ) from None
-        return self.state
+        return await self.fold.wait_for(min_seq, timeout)
 
     async def stop(self) -> None:
         """Stop following (the state stays readable)."""
-        if self._follower is not None:
-            await self._follower.stop()
-            self._follower = None
+        await self.fold.stop()
         if self._snapshot_task is not None:
             await self._snapshot_task

@@ -27,12 +27,13 @@ from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused
 from exojet.bus.nats import client
+from exojet.bus.nats.log_fold import MinSeqTimeout
 from exojet.models.store import InvalidModelId, layer_count, model_dir
 from exojet.projections.instances import PLACING
 from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, WriteEvent
 from exojet.supervisor.planner import plan
-from exojet.supervisor.projector import MinSeqTimeout, Projector
+from exojet.supervisor.projector import Projector
 from exojet.supervisor.retries import RetryTimer, retry_due_event, stamped
 
 DEFAULT_INTERVAL_S = 1.0

@@ -13,6 +13,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from exojet.bus import subjects
+from exojet.bus.nats.log_fold import MinSeqTimeout
 from exojet.projections.queries import (
     DEFAULT_LIMIT,
     SECTIONS,
@@ -25,7 +26,7 @@ from exojet.projections.queries import (
     task_reply,
 )
 from exojet.projections.state import ClusterState
-from exojet.supervisor.projector import MinSeqTimeout, Projector
+from exojet.supervisor.projector import Projector
 
 SERVICE_NAME = "exojet-supervisor"
 SERVICE_VERSION = "0.1.0"

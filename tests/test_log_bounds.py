@@ -12,6 +12,7 @@ from nats.js.errors import KeyNotFoundError
 from exojet.bus import streams, subjects
 from exojet.bus.events import RunnerStatusUpdated
 from exojet.bus.nats import client, stream_setup
+from exojet.bus.nats.snapshot_store import SNAPSHOT_KEY, store_snapshot
 from exojet.bus.ops.archive import ArchiveError, read_archive
 from exojet.bus.statuses import RunnerIdle, TaskStatus
 from exojet.bus.streams import LogLimits
@@ -20,7 +21,6 @@ from exojet.projections.state import state_hash
 from exojet.runner.event_writer import EventWriter
 from exojet.runner.write_chain import Fenced, WriteChain
 from exojet.supervisor.projector import Projector
-from exojet.supervisor.snapshot_store import SNAPSHOT_KEY, store_snapshot
 from tests.procs import exojet_run
 from tests.sample_logs import direct_chat, registered
 

@@ -20,12 +20,14 @@ import msgspec
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
-from exojet.projections.snapshot import SnapshotError
-
 SNAPSHOT_KEY = "cluster"
 # Room for the KV headers and subject inside max_payload.
 _OVERHEAD = 4096
 _READ_ATTEMPTS = 3
+
+
+class SnapshotUnreadable(Exception):
+    """The stored snapshot's chunks kept changing while read, or did not match their digest."""
 
 
 class Manifest(msgspec.Struct, kw_only=True, tag="SnapshotManifest"):
@@ -74,7 +76,7 @@ async def store_snapshot(kv: KeyValue, data: bytes, seq: int, max_payload: int) 
 
 
 async def load_snapshot_bytes(kv: KeyValue) -> bytes | None:
-    """The newest snapshot's bytes, or None when none was stored (SnapshotError when unreadable)."""
+    """The newest snapshot's bytes, or None when none was stored (SnapshotUnreadable)."""
     for _ in range(_READ_ATTEMPTS):
         manifest, whole = await _manifest(kv)
         if manifest is None:
@@ -86,4 +88,4 @@ async def load_snapshot_bytes(kv: KeyValue) -> bytes | None:
         data = b"".join(parts)
         if hashlib.sha256(data).hexdigest() == manifest.sha256:
             return data
-    raise SnapshotError(f"snapshot chunks kept changing or did not match their digest ({_READ_ATTEMPTS} reads)")
+    raise SnapshotUnreadable(f"snapshot chunks kept changing or did not match their digest ({_READ_ATTEMPTS} reads)")
