@@ -225,8 +225,8 @@ class Page:
         except (TimelineBusy, NotIndexedYet) as err:
             # Both pass: the client asks again (the page's script shows the note meanwhile).
             status = 429 if isinstance(err, TimelineBusy) else 503
-            body = msgspec.json.encode({"event": None, "note": str(err)})
-            return Response(body, status, media_type="application/json", headers={"Retry-After": "1"})
+            note = msgspec.json.encode({"event": None, "note": str(err)})
+            return Response(note, status, media_type="application/json", headers={"Retry-After": "1"})
         body = {"event": event, "state": state} if event else {"event": None, "note": f"no message at seq {seq}"}
         return Response(msgspec.json.encode(body), 200 if event else 404, media_type="application/json")
 
