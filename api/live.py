@@ -110,7 +110,7 @@ class LiveCluster:
         state, folded = fold(state, env)
         self.metrics.on_env(state, env, folded.message, folded.old_task_status)
         self.recent.append(folded.mark)
-        self.timeline.folded(state)
+        self.timeline.folded(state, env)
         self._folded.set()
         if self._subscribers:
             self._publish({"mark": folded.mark, **self._changed(state, env, folded.message)})
@@ -201,5 +201,4 @@ class LiveCluster:
     async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
         """The message at `seq` (as JSON) and the cluster as the fold had it right after
         (`TimelineBusy`, `NotIndexedYet`)."""
-        assert self.nc is not None
-        return await self.timeline.state_at(self.nc, seq)
+        return await self.timeline.state_at(seq)

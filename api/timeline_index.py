@@ -4,18 +4,21 @@ in-memory checkpoints of that fold and a bounded replay.
 The page's fold (`api/live.py`) starts from the newest snapshot; what came before it is
 folded once in the background (`history`), from the log's first message. Both keep a
 checkpoint every `CHECKPOINT_EVERY` messages (`projections/checkpoints.py`: segments
-shared between checkpoints, so a million messages fit in tens of MB). A state at `seq`
-is the newest checkpoint at or before it, restored, with at most `CHECKPOINT_EVERY`
-messages read from the log and folded on: its cost does not grow with the log.
+shared between checkpoints) and the messages folded after it, compressed in one block
+(reading them back from NATS costs more than folding them). A state at `seq` is the newest
+checkpoint at or before it, restored, with at most `CHECKPOINT_EVERY` messages folded on:
+its cost does not grow with the log. A million messages take tens of MB.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import zlib
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from exojet.bus.envelope import Envelope
@@ -31,6 +34,8 @@ CHECKPOINT_EVERY = 1000
 MAX_AT_ONCE = 2
 # What a state shows: the first page of each collection, as the live page does.
 PAGE = Paging(offset=0, limit=200)
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[Envelope])
 
 
 class TimelineBusy(Exception):
@@ -41,14 +46,51 @@ class NotIndexedYet(Exception):
     """The history before the page's snapshot is still being folded past this seq."""
 
 
+class Part:
+    """Checkpoints of one fold and, after each, the messages it folded until the next."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.checkpoints = Checkpoints()
+        # Per checkpoint but the newest: its messages, compressed.
+        self.blocks: list[bytes] = []
+        # The messages since the newest checkpoint.
+        self.pending: list[Envelope] = []
+
+    def add(self, state: ClusterState, env: Envelope | None = None) -> None:
+        """`state` is the fold's after `env` (None: the state it starts from)."""
+        if env is not None:
+            self.pending.append(env)
+        checkpoints = self.checkpoints.checkpoints
+        if checkpoints and state.seq - checkpoints[-1].seq < self.every:
+            return
+        if checkpoints:
+            self.blocks.append(zlib.compress(_encoder.encode(self.pending), 1))
+            self.pending = []
+        self.checkpoints.add(state)
+
+    def at(self, seq: int) -> tuple[Checkpoint, list[Envelope]] | None:
+        """The newest checkpoint before `seq`, and the messages after it up to `seq`."""
+        index = self.checkpoints.before(seq - 1)
+        if index is None:
+            return None
+        block = self.blocks[index] if index < len(self.blocks) else None
+        after = _decoder.decode(zlib.decompress(block)) if block is not None else self.pending
+        return self.checkpoints.checkpoints[index], [env for env in after if env.seq <= seq]
+
+    def size(self) -> int:
+        """Bytes held: the checkpoints (each shared segment once) and the blocks."""
+        return self.checkpoints.size() + sum(map(len, self.blocks))
+
+
 class TimelineIndex:
     """Checkpoints of the page's fold (`live`, from its snapshot on) and of the history before it."""
 
     def __init__(self, every: int = CHECKPOINT_EVERY, at_once: int = MAX_AT_ONCE) -> None:
         self.every = every
         self.at_once = at_once
-        self.history = Checkpoints()
-        self.live = Checkpoints()
+        self.history = Part(every)
+        self.live = Part(every)
         # The page's fold starts at this seq (its snapshot's; 0: the log's start), and the
         # history before it is folded up to `history_seq`.
         self.live_from = 0
@@ -58,13 +100,12 @@ class TimelineIndex:
     def started(self, state: ClusterState) -> None:
         """The page's fold starts from `state` (a snapshot's, or empty)."""
         self.live_from = state.seq
-        self.live = Checkpoints()
+        self.live = Part(self.every)
         self.live.add(state)
 
-    def folded(self, state: ClusterState) -> None:
-        """The page's fold applied a message: a checkpoint when one is due."""
-        if state.seq - self.live.checkpoints[-1].seq >= self.every:
-            self.live.add(state)
+    def folded(self, state: ClusterState, env: Envelope) -> None:
+        """The page's fold applied `env`."""
+        self.live.add(state, env)
 
     async def fold_history(
         self, nc: NATS, retention: Retention, observe: Callable[[ClusterState, Envelope], ClusterState]
@@ -77,40 +118,37 @@ class TimelineIndex:
         def on_env(env: Envelope) -> None:
             nonlocal state
             state = observe(state, env)
+            self.history.add(state, env)
             self.history_seq = env.seq
-            if env.seq - self.history.checkpoints[-1].seq >= self.every:
-                self.history.add(state)
 
         if self.live_from > 0:
             await client.replay(nc, on_env, end_seq=self.live_from)
         self.history_seq = self.live_from
 
-    def _checkpoint(self, seq: int) -> Checkpoint:
-        if seq >= self.live_from:
-            found = self.live.before(seq)
-        elif seq <= self.history_seq:
-            found = self.history.before(seq)
-        else:
-            raise NotIndexedYet(
-                f"the timeline is still reading the log before the page's snapshot (at seq {self.history_seq} "
-                f"of {self.live_from}); try again shortly"
-            )
-        assert found is not None  # each part starts with a checkpoint at its first seq
-        return found
+    def _part(self, seq: int) -> Part:
+        if seq > self.live_from:
+            return self.live
+        if seq <= self.history_seq:
+            return self.history
+        raise NotIndexedYet(
+            f"the timeline is still reading the log before the page's snapshot (at seq {self.history_seq} "
+            f"of {self.live_from}); try again shortly"
+        )
 
-    async def state_at(self, nc: NATS, seq: int) -> tuple[Any, dict[str, Any]]:
-        """The message at `seq` (as JSON, None if there is none) and the cluster right after it."""
+    async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
+        """The message at `seq` (as JSON, None if the page's fold has none) and the cluster right after it."""
         if self.busy >= self.at_once:
             raise TimelineBusy(f"{self.busy} timeline requests are being answered; try again shortly")
         self.busy += 1
         try:
-            checkpoint = self._checkpoint(seq)
-            envelopes: list[Envelope] = []
-            await client.replay(nc, envelopes.append, start_seq=min(checkpoint.seq + 1, seq), end_seq=seq)
-            if not envelopes or envelopes[-1].seq != seq:
+            found = self._part(seq).at(seq)
+            if found is None:
                 return None, {}
-            event = envelope_json(envelopes[-1])
-            return event, await asyncio.to_thread(_rebuilt, checkpoint, envelopes)
+            checkpoint, envelopes = found
+            last = envelopes[-1] if envelopes else None
+            if last is None or last.seq != seq:
+                return None, {}
+            return envelope_json(last), await asyncio.to_thread(_rebuilt, checkpoint, envelopes)
         finally:
             self.busy -= 1
 

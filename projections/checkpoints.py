@@ -9,7 +9,9 @@ unchanged. A restore joins the segments into one msgpack document and decodes it
 
 A segment is unchanged when it holds the same keys and the same values: the same
 objects, none of which says it changed since (`updated_seq`, which the fold sets on every
-view it changes); values without an `updated_seq` are never changed in place.
+task, routed chat, download and load it changes; not all of a runner's or an instance's do,
+so those are encoded whole); values without an `updated_seq` are never changed in place.
+`tests/test_checkpoints.py` checks both on the simulation's logs.
 """
 
 from __future__ import annotations
@@ -23,14 +25,15 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from exojet.projections.state import ClusterState
+from exojet.projections.state import ClusterState, DownloadView, LoadView, RoutedChatView, TaskView
 
 SEGMENT_BITS = 6
-_MASK = (1 << SEGMENT_BITS) - 1
 # Mixes a hash's bits before the mask (wrapping in 64 bits): an id (an address) has its low bits zero.
 _MIX = np.int64(0x9E3779B1)
 # A collection this large or larger is kept in segments; smaller ones are encoded whole.
 LARGE = 256
+# Views the fold gives a new `updated_seq` whenever it changes them.
+_MARKED = (TaskView, RoutedChatView, DownloadView, LoadView)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(ClusterState)
 _FIELDS = ClusterState.__struct_fields__
@@ -79,6 +82,13 @@ def _without_header(data: bytes) -> bytes:
     return data[3:] if first in (0xDC, 0xDE) else data[5:]
 
 
+def _segmentable(value: dict[Any, Any] | list[Any]) -> bool:
+    """Whether a change to an entry of `value` shows: its views are of a kind whose every change
+    sets `updated_seq` (a runner's does not: its last event's seq moves with every event)."""
+    first = next(iter(value.values() if isinstance(value, dict) else value))
+    return not hasattr(first, "updated_seq") or isinstance(first, _MARKED)
+
+
 def _same(new: tuple[Any, ...], old: tuple[Any, ...], since: int) -> bool:
     """Whether `new` holds what `old` held at seq `since`."""
     # Equal scalars (an int, a str) need not be the same object; a view is compared to
@@ -93,7 +103,9 @@ def _same(new: tuple[Any, ...], old: tuple[Any, ...], since: int) -> bool:
 class Checkpoints:
     """The checkpoints of one fold, oldest first, and the segments of the newest to share."""
 
-    def __init__(self) -> None:
+    def __init__(self, large: int = LARGE, segment_bits: int = SEGMENT_BITS) -> None:
+        self.large = large
+        self.mask = np.int64((1 << segment_bits) - 1)
         self.checkpoints: list[Checkpoint] = []
         # Per field: the newest checkpoint's segments by their first key.
         self._previous: dict[str, dict[Any, _Cut]] = {}
@@ -104,7 +116,7 @@ class Checkpoints:
         fields: list[bytes | Segmented] = []
         for name in _FIELDS:
             value = getattr(state, name)
-            if isinstance(value, dict | list) and len(value) >= LARGE:
+            if isinstance(value, dict | list) and len(value) >= self.large and _segmentable(value):
                 fields.append(self._segmented(name, value, since))
             else:
                 self._previous.pop(name, None)
@@ -119,7 +131,7 @@ class Checkpoints:
         keys = list(value) if isinstance(value, dict) else list(map(id, value))
         values = list(value.values()) if isinstance(value, dict) else list(value)
         hashes = np.fromiter(map(hash, keys), dtype=np.int64, count=len(keys))
-        bounds = np.flatnonzero(((hashes * _MIX) >> 32) & _MASK == 0)
+        bounds = np.flatnonzero(((hashes * _MIX) >> 32) & self.mask == 0)
         starts = [0, *bounds[bounds > 0].tolist(), len(keys)]
         previous = self._previous.get(name, {})
         cuts = []
@@ -135,8 +147,8 @@ class Checkpoints:
         self._previous[name] = {cut.keys[0]: cut for cut in cuts}
         return Segmented(is_dict, len(keys), tuple(cut.data for cut in cuts))
 
-    def before(self, seq: int) -> Checkpoint | None:
-        """The newest checkpoint at or before `seq`."""
+    def before(self, seq: int) -> int | None:
+        """The index of the newest checkpoint at or before `seq`."""
         low, high = 0, len(self.checkpoints)
         while low < high:
             mid = (low + high) // 2
@@ -144,7 +156,7 @@ class Checkpoints:
                 low = mid + 1
             else:
                 high = mid
-        return self.checkpoints[low - 1] if low else None
+        return low - 1 if low else None
 
     def size(self) -> int:
         """Bytes held by every checkpoint, each shared segment counted once."""
