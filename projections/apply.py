@@ -30,7 +30,7 @@ from exojet.bus.events import (
 )
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, RunnerStatusName, TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
-from exojet.projections import instances, retention
+from exojet.projections import conversations, instances, retention
 from exojet.projections.rules import UNREGISTERED, transition_allowed
 from exojet.projections.state import (
     EVENT_ID_WINDOW,
@@ -138,6 +138,8 @@ def _apply_task(state: ClusterState, env: Envelope, runner_id: str) -> None:
     state.unfinished[task_id] = None
     if isinstance(task, ChatCompletion) and task.stream_id is not None:
         instances.on_task(state, env, task, view)
+    if isinstance(task, ChatCompletion) and not task.raw and (runner := state.runners.get(runner_id)) is not None:
+        conversations.remember(runner, task.messages)
 
 
 def _apply_supervisor_event(state: ClusterState, env: Envelope) -> None:
@@ -237,6 +239,7 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     # RunnerRestarted first thing), so every terminal status is in the log.
     runner.running_tasks = []
     runner.chat_capacity = 1
+    runner.conversations = []
     runner.incarnation = event.incarnation
     runner.status = UNREGISTERED
     runner.error_message = None
@@ -261,8 +264,10 @@ def _set_status(
     runner.error_message = error
     runner.updated_seq = env.seq
     if new == "RunnerIdle":
+        # The model and its caches are gone.
         runner.model_id = None
         runner.chat_capacity = 1
+        runner.conversations = []
 
 
 def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: TaskStatusUpdated) -> None:

@@ -41,6 +41,8 @@ class RunnerView(msgspec.Struct, kw_only=True):
     running_tasks: list[str] = []
     # Chats it serves at once on its loaded model (its LoadModel's result says; 1 without one).
     chat_capacity: int = 1
+    # The last chats it was given, named by projections.conversations (their cache it may hold).
+    conversations: list[str] = []
     # Sequence of this runner's newest message on its own event subject: the
     # expected-last-subject-sequence a supervisor fences RunnerLost with.
     last_event_seq: int = 0

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+import psutil
 
 from exojet.runner.engine_backend import RequestError, raw_prompt
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
@@ -34,6 +35,11 @@ SLOTS = 16
 # The one KV cache all slots share holds this many whole windows: a long chat may use its
 # whole window while others run, and 16 short chats (a few hundred tokens each) fit beside.
 KV_WINDOWS = 4
+# A conversation's earlier turns stay cached for its next one: in a slot while no other prompt
+# takes it, then in llama.cpp's prompt cache in RAM, bounded to this share of the memory free at
+# load (at most llama.cpp's own default of 8 GiB).
+PROMPT_CACHE_SHARE = 0.25
+PROMPT_CACHE_MAX_MIB = 8192
 
 # llama.cpp's server error types, as the runner's refusals name them.
 _ERROR_TYPES = {
@@ -85,10 +91,17 @@ def server_params(path: Path, context_length: int, socket_path: Path) -> Any:
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads
     params.n_threads_http = 1
+    params.cache_ram_mib = prompt_cache_mib()
     params.hostnames = [str(socket_path)]
     # Warnings and errors only: the parent keeps the child's last stderr lines for a crash report.
     params.verbosity = 1
     return params
+
+
+def prompt_cache_mib() -> int:
+    """The RAM llama.cpp may keep earlier prompts' caches in (PROMPT_CACHE_SHARE of what is free)."""
+    free_mib = psutil.virtual_memory().available // (1 << 20)
+    return int(min(PROMPT_CACHE_MAX_MIB, free_mib * PROMPT_CACHE_SHARE))
 
 
 def _sampling(req: Generate) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from exojet.bus import sampling
 from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
+from exojet.projections.conversations import prefix_names, reused_messages
 from exojet.projections.instances import READY
 from exojet.projections.state import ClusterState, InstanceView, RoutedChatView
 from exojet.supervisor.actions import Action, PlannerConfig, SendTask, WriteEvent
@@ -24,10 +25,12 @@ def chat_capacity(state: ClusterState, inst: InstanceView) -> int:
 
 
 def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
-    """Each pending chat to the Ready instance of its model with the most free capacity; with none
-    free, to the one with the shortest queue, where it waits in its runner's queue (routed: an API
-    waiting for it to be routed is answered at once), up to `max_chats_per_instance` waiting per
-    instance; beyond that it is refused."""
+    """Each pending chat to a Ready instance of its model with free capacity: the one whose runner
+    was given the longest earlier turn of the same conversation (its engine holds that turn's
+    cache), else the one with the most free capacity; with none free, to the one with the shortest
+    queue, where it waits in its runner's queue (routed: an API waiting for it to be routed is
+    answered at once), up to `max_chats_per_instance` waiting per instance; beyond that it is
+    refused."""
     actions: list[Action] = []
     ready = [i for i in state.instances.values() if i.status == READY]
     load = {i.instance_id: i.chats_in_flight for i in ready}
@@ -40,7 +43,7 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
             candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
             if not candidates:
                 continue  # waits for a Ready instance of its model
-            target = min(candidates, key=lambda i: (load[i] - capacity[i], i))
+            target = _target(state, chat, candidates, load, capacity)
             if load[target] >= capacity[target] + config.max_chats_per_instance:
                 actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
                 continue
@@ -54,6 +57,24 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
                 if chat_task_id(chat_id, rank) not in state.tasks
             )
     return actions
+
+
+def _target(
+    state: ClusterState, chat: RoutedChatView, candidates: list[str], load: dict[str, int], capacity: dict[str, int]
+) -> str:
+    """Of instances with a free slot, the one holding the longest earlier turn of the chat's
+    conversation, then the least loaded; with none free, the shortest queue."""
+    request = chat.request
+    assert request is not None
+    names = [] if request.raw else prefix_names(request.messages)
+
+    def reused(instance_id: str) -> int:
+        if not names or load[instance_id] >= capacity[instance_id]:
+            return 0
+        runner = state.runners.get(state.instances[instance_id].placements[0].runner_id)
+        return reused_messages(runner, names) if runner is not None else 0
+
+    return min(candidates, key=lambda i: (load[i] >= capacity[i], -reused(i), load[i] - capacity[i], i))
 
 
 def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
