@@ -23,6 +23,7 @@ from loguru import logger
 from nats.aio.client import Client as NATS
 from nats.js import api as js_api
 
+from exojet.api.load_chart import BUCKET_S, LoadView
 from exojet.api.metrics import ClusterMetrics
 from exojet.api.timeline_index import TimelineIndex
 from exojet.bus import subjects
@@ -40,6 +41,8 @@ from exojet.projections.words import message_of, task_id_of
 
 # Timeline marks kept for the page (older ones: `exojet replay`).
 RECENT_EVENTS = 2000
+# The load view's updates to the browsers: its chart moves on even when the log is quiet.
+LOAD_EVERY_S = 2.0
 # A browser that reads slower than this many updates behind is dropped (it reconnects and
 # starts from a fresh first view), so one stalled tab never holds the API's memory.
 SUBSCRIBER_BACKLOG = 1000
@@ -55,12 +58,14 @@ class LiveCluster:
         self.recent: deque[Mark] = deque(maxlen=RECENT_EVENTS)
         self.heartbeats: dict[str, float] = {}
         self.metrics = ClusterMetrics(self)
+        self.load = LoadView()
         self.nc: NATS | None = None
         self._subscribers: set[asyncio.Queue[bytes]] = set()
         self._started: asyncio.Task[None] | None = None
         self._subs: list[Any] = []
         self._folded = asyncio.Event()
         self._history: asyncio.Task[None] | None = None
+        self._load_updates: asyncio.Task[None] | None = None
 
     @property
     def state(self) -> ClusterState:
@@ -85,6 +90,7 @@ class LiveCluster:
         )
         await self.fold.start()
         self._history = asyncio.create_task(self._fold_history())
+        self._load_updates = asyncio.create_task(self._publish_load())
         self._subs.append(await self.nc.subscribe(subjects.HEARTBEATS, cb=self._on_heartbeat))
         self._subs.append(
             await js.subscribe(
@@ -98,7 +104,7 @@ class LiveCluster:
 
     async def close(self) -> None:
         # A start still waiting for its server (or replaying) is cancelled, not left behind.
-        for task in (self._started, self._history):
+        for task in (self._started, self._history, self._load_updates):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -109,6 +115,7 @@ class LiveCluster:
     def _on_env(self, state: ClusterState, env: Envelope) -> ClusterState:
         state, folded = fold(state, env)
         self.metrics.on_env(state, env, folded.message, folded.old_task_status)
+        self.load.observe(state, env, folded.message)
         self.recent.append(folded.mark)
         self.timeline.folded(state, env)
         self._folded.set()
@@ -152,10 +159,11 @@ class LiveCluster:
     def _changed(self, state: ClusterState, env: Envelope, message: object) -> dict[str, Any]:
         """The views that `env` changed, for the browsers to redraw."""
         runner_id = subjects.runner_of(env.subject)
-        task_id = task_id_of(env, message)
+        task = state.tasks.get(task_id_of(env, message) or "")
         return {
             "runner": state.runners.get(runner_id or ""),
-            "task": state.tasks.get(task_id or ""),
+            "task": task,
+            "task_time": self.load.task_time(task),
             "instances": [i for i in state.instances.values() if i.updated_seq == env.seq],
             # Any change may free (or take) a runner a Placing instance waits for.
             "waiting": placing_waits(state),
@@ -175,6 +183,16 @@ class LiveCluster:
 
     async def _on_chunk(self, msg: Any) -> None:
         self.metrics.on_chunk(subjects.chunks_stream_id(msg.subject), time.time())
+
+    async def _publish_load(self) -> None:
+        while True:
+            await asyncio.sleep(LOAD_EVERY_S)
+            if self._subscribers:
+                self._publish(self.load_update())
+
+    def load_update(self) -> dict[str, Any]:
+        """Every runner's load now, as the page's load view draws it."""
+        return {"load": self.load.loads(self.state, time.time()), "bucket_s": BUCKET_S}
 
     def _publish(self, update: dict[str, Any]) -> None:
         data = b"data: " + msgspec.json.encode(update) + b"\n\n"
@@ -196,7 +214,16 @@ class LiveCluster:
     def snapshot(self) -> dict[str, Any]:
         """What the first view shows: the projection's page, heartbeats, recent marks."""
         reply = state_reply(self.state, Paging(offset=0, limit=200))
-        return msgspec.to_builtins({**reply, "heartbeats": self.heartbeats, "marks": list(self.recent)})
+        task_times = {task_id: self.load.task_time(task) for task_id, task in reply["tasks"].items()}
+        return msgspec.to_builtins(
+            {
+                **reply,
+                "heartbeats": self.heartbeats,
+                "marks": list(self.recent),
+                "task_times": task_times,
+                **self.load_update(),
+            }
+        )
 
     async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
         """The message at `seq` (as JSON) and the cluster as the fold had it right after

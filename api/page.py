@@ -119,6 +119,7 @@ def render_page(snap: dict[str, Any]) -> str:
                 t["runner_id"],
                 t["status"],
                 f"{t['error_type']}: {t['error_message']}" if t["error_type"] else "",
+                snap["task_times"].get(t["task_id"], ""),
             ]
             for t in tasks
         ),
@@ -132,7 +133,17 @@ def render_page(snap: dict[str, Any]) -> str:
         for d in snap["downloads"].values()
     ) + "".join(_load_bar(r["runner_id"], snap["loads"]) for r in runners if r["status"] == "RunnerLoading")
     empty = '<p class="empty">none yet</p>'
-    initial = {"heartbeats": snap["heartbeats"], "marks": snap["marks"]}
+    initial = {
+        "heartbeats": snap["heartbeats"],
+        "marks": snap["marks"],
+        "load": snap["load"],
+        "bucket_s": snap["bucket_s"],
+    }
+    load_rows = "".join(
+        f'<tr id="load-row-{_e(r["runner_id"])}"><td>{_e(r["runner_id"])}</td><td>{_e(r["chats"])}</td>'
+        f"<td>{r['queued']}</td><td>{r['recent']}</td><td></td></tr>"
+        for r in snap["load"]
+    )
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>exojet</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -147,9 +158,13 @@ def render_page(snap: dict[str, Any]) -> str:
 <section id="instances"><h2>Instances</h2>
 <table><thead><tr><th>instance</th><th>model</th><th>status</th><th>runners</th><th>reason</th></tr></thead>
 <tbody>{instance_rows}</tbody></table>{"" if instances else empty}</section>
+<section id="load"><h2>Load</h2><p>Chats busy of each runner's capacity, chats waiting in its queue, and
+the tokens it generated a second over the last minutes.</p>
+<table><thead><tr><th>runner</th><th>chats</th><th>queued</th><th>tokens/s</th><th>last 5 minutes</th></tr></thead>
+<tbody>{load_rows}</tbody></table></section>
 <section id="progress"><h2>Downloads and loads</h2><div id="bars" class="bars">{bars}</div></section>
 <section id="tasks"><h2>Recent tasks</h2>
-<table><thead><tr><th>task</th><th>type</th><th>runner</th><th>status</th><th>error</th></tr></thead>
+<table><thead><tr><th>task</th><th>type</th><th>runner</th><th>status</th><th>error</th><th>time</th></tr></thead>
 <tbody>{task_rows}</tbody></table>{"" if tasks else empty}</section>
 <section id="chat"><h2>Chat</h2>
 <form id="chat-form"><select id="chat-model"></select> <input id="chat-input" placeholder="Ask the cluster" required>

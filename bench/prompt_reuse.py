@@ -35,7 +35,9 @@ from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 
 # About 430 tokens a user turn: four of them and four answers make a ~2,000-token history.
-NOTES = " ".join(f"Note {{c}}.{{t}}.{i}: the lighthouse keeper logged {i * 7} ships and {i % 5} storms." for i in range(24))
+NOTES = " ".join(
+    f"Note {{c}}.{{t}}.{i}: the lighthouse keeper logged {i * 7} ships and {i % 5} storms." for i in range(24)
+)
 QUESTION = "In one sentence: what did the keeper log most?"
 ANSWER_TOKENS = 48
 

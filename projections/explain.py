@@ -14,12 +14,13 @@ from collections.abc import Iterable
 import msgspec
 
 from exojet.bus.envelope import Envelope
-from exojet.bus.ids import step_task_id
+from exojet.bus.ids import chat_task_id, step_task_id
 from exojet.bus.lifecycle import FAILED as RUNNER_FAILED
 from exojet.bus.lifecycle import READY as RUNNER_READY
 from exojet.bus.lifecycle import RUNNING as RUNNER_RUNNING
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.projections.apply import apply
+from exojet.projections.chat_time import Moments, where_time_went
 from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, steps
 from exojet.projections.placing import waiting_reason
 from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
@@ -86,6 +87,8 @@ class Explainer:
         self.state = ClusterState()
         self._chains: dict[str, list[Step]] = {k: [] for k in KINDS}
         self._last_kind: str | None = None
+        # If the target is a chat: when it was asked, routed (its first rank's task stored), started.
+        self._moments = Moments()
 
     def feed(self, env: Envelope) -> None:
         before = _status_of(self.state, self.target_id)
@@ -104,6 +107,18 @@ class Explainer:
                 )
                 self._chains[target].append(step)
                 self._last_kind = target
+        self._time_chat(env)
+
+    def _time_chat(self, env: Envelope) -> None:
+        if self.target_id not in self.state.chats or not env.time:
+            return
+        task = self.state.tasks.get(chat_task_id(self.target_id, 0))
+        m = self._moments
+        m.asked = m.asked or env.time
+        if task is not None:
+            m.routed = m.routed or env.time
+            if task.status != TaskStatus.PENDING:
+                m.started = m.started or env.time
 
     def result(self) -> Explanation:
         """The explanation as of the messages fed so far (UnknownId if none named the target)."""
@@ -112,12 +127,16 @@ class Explainer:
             raise UnknownId(f"no runner, task, instance or chat {self.target_id!r} in the log")
         target = kinds[0] if kinds else str(self._last_kind)
         chain = self._chains[target]
+        line = cause(self.state, target, self.target_id, chain)
+        if target == "chat" and (task := self.state.tasks.get(chat_task_id(self.target_id, 0))) is not None:
+            spent = where_time_went(self._moments, task.result)
+            line += f"; its time: {spent}" if spent else ""
         return Explanation(
             target_id=self.target_id,
             target=target,
             status=chain[-1].status if chain else "?",
             steps=chain,
-            cause=one_line(cause(self.state, target, self.target_id, chain)),
+            cause=one_line(line),
         )
 
 

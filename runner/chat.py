@@ -84,6 +84,8 @@ async def chat(
         "completion_tokens": done.completion_tokens,
         "tokens_per_second": round(done.tokens_per_second, 2),
         "engine_seconds": round(done.seconds, 6),
+        # The prompt's part of engine_seconds (prefill, to the first token); the rest is decoding.
+        "time_to_first_token": round(done.time_to_first_token, 6),
     }
     return Answer(result, delivered)
 

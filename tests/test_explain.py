@@ -3,6 +3,7 @@ and every message of a log in words (what `exojet replay` prints)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
 from exojet.bus.commands import DeleteInstance, RouteChatCompletion
@@ -10,9 +11,10 @@ from exojet.bus.events import (
     ChatRefused,
     InstanceFailed,
     RunnerLost,
+    TaskStatusUpdated,
 )
 from exojet.bus.statuses import TaskStatus
-from exojet.bus.tasks import ChatMessage
+from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.projections.apply import apply
 from exojet.projections.explain import UnknownId, explain
 from exojet.projections.state import ClusterState
@@ -105,3 +107,37 @@ def test_every_message_in_words() -> None:
     assert words[20] == ("DeleteInstance", f"delete {INST} (was Ready)")
     assert words[21][0] == "Invalid" and "Nope" in words[21][1]
     assert all(text for _, text in lines)
+
+
+def test_a_chat_says_where_its_time_went() -> None:
+    log = ready_log()
+    log.add("exo.commands", RouteChatCompletion(command_id="c1", messages=(ChatMessage("user", "hi there"),)))
+    task = ChatCompletion(task_id="chat-c1.0", instance_id=INST, messages=(ChatMessage("user", "hi there"),))
+    log.add("exo.tasks.r1", msgspec.structs.replace(task, stream_id="chat-c1"))  # 1 s after it was asked
+    log.add("exo.commands", DeleteInstance(instance_id="inst-elsewhere"))  # the chat waits in r1's queue
+    log.task("chat-c1.0", TaskStatus.RUNNING)  # 2 s after it was routed
+    result = {
+        "text": "hello",
+        "prompt_tokens": 12,
+        "completion_tokens": 40,
+        "tokens_per_second": 20.0,
+        "engine_seconds": 2.25,
+        "time_to_first_token": 0.25,
+    }
+    log.add(
+        RUNNER,
+        TaskStatusUpdated(
+            event_id=log.eid(),
+            runner_id="r1",
+            incarnation=1,
+            task_id="chat-c1.0",
+            task_status=TaskStatus.COMPLETE,
+            result=result,
+        ),
+    )
+    found = explain(log.envs, "chat-c1")
+    assert found.target == "chat" and found.status == "Complete"
+    assert found.cause.endswith(
+        "; its time: 1.00 s to be routed, 2.00 s in its runner's queue, prefill 0.25 s (12 prompt tokens), "
+        "decode 2.00 s (40 tokens, 20.0 tokens/s)"
+    )

@@ -136,6 +136,20 @@ def test_live_page_status_chat_timeline(
     assert answer and "error" not in answer
     assert page.evaluate("window.chatChanges") >= 2
 
+    # Its task row says where its time went, and its runner's chart shows the tokens it made.
+    page.wait_for_function(
+        "[...document.querySelectorAll('#tasks tbody tr')].some(tr => tr.cells[1].textContent === 'ChatCompletion'"
+        " && tr.cells[5].textContent.includes('prefill'))",
+        timeout=10_000,
+    )
+    times = [t for t in page.locator("#tasks tbody tr td:nth-child(6)").all_inner_texts() if "prefill" in t]
+    assert re.search(r"in its runner's queue, prefill [\d.]+ s \(\d+ prompt tokens\), decode [\d.]+ s", times[0])
+    page.wait_for_function(
+        "[...document.querySelectorAll('#load svg.rate-chart')].some(svg => Number(svg.dataset.peak) > 0)",
+        timeout=20_000,
+    )
+    assert page.locator("#load tbody tr").count() == 2  # r1 and r2
+
     # The timeline: a mark per message, r1's lane; a click shows the message and the state after it.
     mark = page.locator('.tl-lane[data-lane="r1"] .tl-mark.st-good').last
     seq = mark.get_attribute("data-seq")

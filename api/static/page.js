@@ -63,7 +63,7 @@ function waitingReason(instanceId, why) {
   if (row && row.cells.length) row.cells[row.cells.length - 1].textContent = why;
 }
 
-function taskRow(t) {
+function taskRow(t, time) {
   const tbody = $("#tasks tbody");
   upsert(tbody, "task-" + t.task_id, [
     cell(t.task_id),
@@ -71,6 +71,8 @@ function taskRow(t) {
     cell(t.runner_id),
     cell(t.status, "status"),
     cell(t.error_type ? `${t.error_type}: ${t.error_message}` : ""),
+    // Where a chat's time went (queue, prefill, decode), as projections/chat_time.py says it.
+    cell(time),
   ], true);
   while (tbody.rows.length > 20) tbody.deleteRow(-1);
 }
@@ -116,6 +118,44 @@ function loadProgress(d) {
   bar(`load-${d.runner_id}`, `${d.runner_id} load ${d.model_id}: layer ${d.layers_loaded} of ${d.layers_total}`, d.layers_loaded, d.layers_total);
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+// A runner's tokens a second, one point a bucket, oldest left: drawn here, no library.
+function chart(rates, bucketS) {
+  const w = 300, h = 40;
+  const svg = document.createElementNS(SVG, "svg");
+  svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
+  svg.setAttribute("width", w);
+  svg.setAttribute("height", h);
+  svg.classList.add("rate-chart");
+  svg.dataset.peak = Math.max(0, ...rates);
+  const top = Math.max(1, ...rates);
+  const step = rates.length > 1 ? w / (rates.length - 1) : w;
+  const line = document.createElementNS(SVG, "polyline");
+  line.setAttribute("points", rates.map((r, i) => `${(i * step).toFixed(1)},${(h - 2 - (r / top) * (h - 4)).toFixed(1)}`).join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "currentColor");
+  const title = document.createElementNS(SVG, "title");
+  title.textContent = `peak ${top.toFixed(1)} tokens/s, ${bucketS} s a point`;
+  svg.append(title, line);
+  return svg;
+}
+
+function loadView(load, bucketS) {
+  const tbody = $("#load tbody");
+  for (const r of load) {
+    const plot = document.createElement("td");
+    plot.append(chart(r.rates, bucketS));
+    upsert(tbody, "load-row-" + r.runner_id, [
+      cell(r.runner_id),
+      cell(r.chats),
+      cell(r.queued),
+      cell(r.recent.toFixed(1)),
+      plot,
+    ]);
+  }
+}
+
 const heartbeats = new Map(Object.entries(initial.heartbeats || {}));
 
 function tick() {
@@ -159,7 +199,8 @@ function connect() {
       $("#seq").textContent = u.mark.seq;
     }
     if (u.runner) runnerRow(u.runner);
-    if (u.task) taskRow(u.task);
+    if (u.task) taskRow(u.task, u.task_time);
+    if (u.load) loadView(u.load, u.bucket_s);
     for (const i of u.instances || []) instanceRow(i);
     for (const [id, why] of Object.entries(u.waiting || {})) waitingReason(id, why);
     for (const d of u.downloads || []) downloadBar(d);
@@ -216,6 +257,7 @@ async function chat(event) {
 
 colourStatuses(document);
 refreshModels();
+loadView(initial.load, initial.bucket_s);
 $("#chat-form").addEventListener("submit", chat);
 tick();
 setInterval(tick, 1000);
