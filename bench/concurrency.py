@@ -8,7 +8,9 @@ parameters (threads, 16 slots, one unified KV cache: `server_params`). For each 
     greedy, `--tokens` each): aggregate tokens/s (every completion token over the wall time)
     and each chat's first token (from its call to its first text), p50 and p99;
   - direct: the same B requests at once on the in-process server engine (a thread each, as the
-    runner's engine child runs them).
+    runner's engine child runs them);
+  - llama.cpp's own HTTP server on the same GGUF and parameters, in a process of its own
+    (bench/llamacpp_server.py), through the same client: the server users would run instead.
 Then (a) the same 8 chats one at a time through exojet, and a ninth chat sent while 8 are
 generating: its first token, and the time from its task stored in the log to its first chunk
 stored (server timestamps). Prints medians of `--repeat` runs and the ratios.
@@ -25,10 +27,13 @@ import argparse
 import asyncio
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -42,6 +47,7 @@ from bench.inference import with_engine_env
 from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
+from exojet.bus.ops.server import free_port
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.models.smollm import DEFAULT_MODEL_ID
@@ -49,6 +55,7 @@ from exojet.projections.words import message_of
 from exojet.runner.engine_choice import choose_engine, installed_engines
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message
+from testbed.api_process import until_healthy
 
 PROMPT = "Write a short story about a lighthouse keeper, number {}."
 
@@ -194,6 +201,20 @@ async def task_to_first_chunk(nats_url: str, chat_ids: list[str]) -> list[float]
     return [first[c] - stored[c] for c in chat_ids if c in stored and c in first]
 
 
+@contextmanager
+def llamacpp_server(gguf: Path) -> Iterator[str]:
+    """llama.cpp's own HTTP server on `gguf` in a process of its own (bench/llamacpp_server.py):
+    its OpenAI base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / "llamacpp_server.py"), str(gguf), str(port)])
+    try:
+        until_healthy(f"http://127.0.0.1:{port}", proc, timeout=120)
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
@@ -201,19 +222,23 @@ def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
         _, gguf = choose_engine(served.model_path, "llamacpp", installed_engines())
         direct = Direct(gguf)
         base_url = f"http://127.0.0.1:{served.port}/v1"
-        results = asyncio.run(_measure(base_url, model_id, direct, max_tokens, repeat, sizes))
+        with llamacpp_server(gguf) as peer_url:
+            results = asyncio.run(_measure(base_url, peer_url, model_id, direct, max_tokens, repeat, sizes))
         hop = asyncio.run(task_to_first_chunk(served.nats_url, results["late_ids"]))
     _report(model_id, max_tokens, repeat, sizes, results, hop)
 
 
 async def _measure(
-    base_url: str, model_id: str, direct: Direct, max_tokens: int, repeat: int, sizes: list[int]
+    base_url: str, peer_url: str, model_id: str, direct: Direct, max_tokens: int, repeat: int, sizes: list[int]
 ) -> dict:
     api = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600)
-    await api_batch(api, model_id, 2, 8)  # warm both up
+    peer = openai.AsyncOpenAI(base_url=peer_url, api_key="bench", max_retries=0, timeout=600)
+    await api_batch(api, model_id, 2, 8)  # warm all three up
+    await api_batch(peer, model_id, 2, 8)
     direct.batch(2, 8)
     exo: dict[int, list[Batch]] = {b: [] for b in sizes}
     own: dict[int, list[Batch]] = {b: [] for b in sizes}
+    server: dict[int, list[Batch]] = {b: [] for b in sizes}
     serial: list[Batch] = []
     late: list[float] = []
     late_ids: list[str] = []
@@ -221,12 +246,14 @@ async def _measure(
         for size in sizes:
             exo[size].append(await api_batch(api, model_id, size, max_tokens))
             own[size].append(await asyncio.to_thread(direct.batch, size, max_tokens))
+            server[size].append(await api_batch(peer, model_id, size, max_tokens))
         serial.append(await one_at_a_time(api, model_id, 8, max_tokens))
         first, chat_id = await late_chat(api, model_id, 8, max_tokens)
         late.append(first)
         late_ids.append(chat_id)
     await api.close()
-    return {"exo": exo, "own": own, "serial": serial, "late": late, "late_ids": late_ids}
+    await peer.close()
+    return {"exo": exo, "own": own, "server": server, "serial": serial, "late": late, "late_ids": late_ids}
 
 
 def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], r: dict, hop: list[float]) -> None:
@@ -235,24 +262,27 @@ def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], r: di
         f"load average {os.getloadavg()[0]:.1f}"
     )
     print(
-        f"{'B':>3} | {'exojet tok/s':>12} | {'direct tok/s':>12} | ratio | exojet first p50/p99 ms | direct p50/p99 ms"
+        f"{'B':>3} | {'exojet tok/s':>12} | {'direct tok/s':>12} | ratio | {'llama.cpp server':>16} | ratio | "
+        "exojet first p50/p99 ms | direct p50/p99 ms | server p50/p99 ms"
     )
     for size in sizes:
-        exo, own = r["exo"][size], r["own"][size]
-        e_tps = statistics.median(b.tokens_per_second for b in exo)
-        d_tps = statistics.median(b.tokens_per_second for b in own)
-        e_first = [f for b in exo for f in b.first_tokens]
-        d_first = [f for b in own for f in b.first_tokens]
+        exo, own, server = r["exo"][size], r["own"][size], r["server"][size]
+        e_tps, d_tps, s_tps = (statistics.median(b.tokens_per_second for b in runs) for runs in (exo, own, server))
+        firsts = [
+            f"{_pct(fs, 0.5) * 1000:6.0f} / {_pct(fs, 0.99) * 1000:6.0f}"
+            for fs in ([f for b in runs for f in b.first_tokens] for runs in (exo, own, server))
+        ]
         print(
-            f"{size:>3} | {e_tps:12.1f} | {d_tps:12.1f} | {e_tps / d_tps:5.3f} | "
-            f"{_pct(e_first, 0.5) * 1000:9.0f} / {_pct(e_first, 0.99) * 1000:9.0f} | "
-            f"{_pct(d_first, 0.5) * 1000:7.0f} / {_pct(d_first, 0.99) * 1000:7.0f}"
+            f"{size:>3} | {e_tps:12.1f} | {d_tps:12.1f} | {e_tps / d_tps:5.3f} | {s_tps:16.1f} | "
+            f"{e_tps / s_tps:5.3f} | " + " | ".join(firsts)
         )
     serial = statistics.median(b.tokens_per_second for b in r["serial"])
     if 8 in sizes:
         at8 = statistics.median(b.tokens_per_second for b in r["exo"][8])
         own8 = statistics.median(b.tokens_per_second for b in r["own"][8])
+        server8 = statistics.median(b.tokens_per_second for b in r["server"][8])
         print(f"8 at once through exojet / direct: {at8 / own8:.3f} (target >= 0.9)")
+        print(f"8 at once through exojet / llama.cpp's own server: {at8 / server8:.3f} (target >= 0.9)")
         print(f"8 at once / the same 8 one at a time through exojet ({serial:.1f} tok/s): {at8 / serial:.2f}x")
     print(f"a chat sent while 8 generate: first token {statistics.median(r['late']) * 1000:.0f} ms (target < 1000)")
     if hop:
