@@ -8,9 +8,12 @@ mlx-lm's own `batch_generate` and `mlx_lm.server`, in one run on the same weight
   with the engine child's environment, its BLAS preloaded), the same B chat prompts at once;
 - mlx_lm.server: mlx-lm's own server in a child process with the engine child's environment, on
   the same weights written dense float32 once (`mlx_lm.convert --dequantize --dtype float32`),
-  B streamed chats at once through the same client.
-Sizes alternate so machine drift hits the three alike; each repeat asks new prompts (mlx_lm.server
-keeps an LRU prompt cache, which would otherwise skip a repeated prompt's prefill).
+  B streamed chats at once through the same client; as users run it, and a second one with its
+  prompt cache off (`--prompt-cache-size 0`): the chat template's system prompt and the prompts'
+  shared words are a prefix it reuses across chats (exojet reuses no prompt yet), so the second
+  compares batching alone.
+Sizes alternate so machine drift hits the paths alike; each size of each repeat asks new prompts
+(mlx_lm.server keeps an LRU prompt cache, which would otherwise skip a repeated prompt's prefill).
 """
 
 from __future__ import annotations
@@ -34,10 +37,14 @@ from bench.concurrency import PROMPT, Batch, _pct, api_batch
 from exojet.bus.ops.server import free_port
 from exojet.runner.mlx_cpu import child_env, find_blas
 
-# Prompts of a repeat are numbered from repeat * REPEAT_OFFSET (new prompts each repeat).
+# Prompts of a repeat are numbered from repeat * REPEAT_OFFSET, of its k-th size from k * SIZE_OFFSET
+# (new prompts each time).
 REPEAT_OFFSET = 1000
-# Per path (exo, direct, server), per size: each repeat's batch.
+SIZE_OFFSET = 100
+# Per path (exo, direct, server, uncached), per size: each repeat's batch.
 Runs = dict[str, dict[int, list[Batch]]]
+# Per API path: its client and the model name it serves.
+Apis = dict[str, tuple[openai.AsyncOpenAI, str]]
 
 
 def dense_copy(model_path: Path, dest: Path) -> Path:
@@ -74,13 +81,13 @@ class BatchGenerate:
 
 
 @contextmanager
-def mlx_lm_server(path: Path, timeout: float = 120.0) -> Iterator[str]:
+def mlx_lm_server(path: Path, *options: str, timeout: float = 120.0) -> Iterator[str]:
     """`mlx_lm.server` on `path` (its default concurrency: 32 decoding, 8 prefilling) with the
-    engine child's BLAS; yields its OpenAI base URL."""
+    engine child's BLAS and `options`; yields its OpenAI base URL."""
     port = free_port()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port)],
+            [sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port), *options],
             stdout=log,
             stderr=log,
             env=child_env(find_blas()),
@@ -107,30 +114,36 @@ def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
     with serving(model_id, "mlx") as served, tempfile.TemporaryDirectory() as tmp:
         dense = dense_copy(served.model_path, Path(tmp) / "dense")
         direct = BatchGenerate(dense)
-        with mlx_lm_server(dense) as server_url:
-            exo_url = f"http://127.0.0.1:{served.port}/v1"
-            results = asyncio.run(_measure(exo_url, server_url, model_id, direct, max_tokens, repeat, sizes))
+        with mlx_lm_server(dense) as server, mlx_lm_server(dense, "--prompt-cache-size", "0") as uncached:
+            apis = {
+                name: (openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600), served_id)
+                for name, url, served_id in (
+                    ("exo", f"http://127.0.0.1:{served.port}/v1", model_id),
+                    ("server", server, "default_model"),
+                    ("uncached", uncached, "default_model"),
+                )
+            }
+            results = asyncio.run(_measure(apis, direct, max_tokens, repeat, sizes))
     _report(model_id, max_tokens, repeat, sizes, results)
 
 
-async def _measure(
-    exo_url: str, server_url: str, model_id: str, direct: BatchGenerate, max_tokens: int, repeat: int, sizes: list[int]
-) -> Runs:
-    exo_api = openai.AsyncOpenAI(base_url=exo_url, api_key="bench", max_retries=0, timeout=600)
-    server_api = openai.AsyncOpenAI(base_url=server_url, api_key="bench", max_retries=0, timeout=600)
-    # Warm all three up (kernels, the server's first request).
-    await api_batch(exo_api, model_id, 2, 8, offset=REPEAT_OFFSET * (repeat + 1))
-    await api_batch(server_api, "default_model", 2, 8, offset=REPEAT_OFFSET * (repeat + 1))
-    direct.batch(2, 8, REPEAT_OFFSET * (repeat + 1))
-    runs: Runs = {name: {b: [] for b in sizes} for name in ("exo", "direct", "server")}
+async def _measure(apis: Apis, direct: BatchGenerate, max_tokens: int, repeat: int, sizes: list[int]) -> Runs:
+    """Per repeat, per size: each API's batch, then batch_generate's right after exojet's."""
+    warm = REPEAT_OFFSET * (repeat + 1)
+    # Warm all up (kernels, a server's first request).
+    for api, served_id in apis.values():
+        await api_batch(api, served_id, 2, 8, offset=warm)
+    direct.batch(2, 8, warm)
+    runs: Runs = {name: {b: [] for b in sizes} for name in ("exo", "direct", "server", "uncached")}
     for r in range(repeat):
-        offset = REPEAT_OFFSET * r
-        for size in sizes:
-            runs["exo"][size].append(await api_batch(exo_api, model_id, size, max_tokens, offset))
-            runs["direct"][size].append(await asyncio.to_thread(direct.batch, size, max_tokens, offset))
-            runs["server"][size].append(await api_batch(server_api, "default_model", size, max_tokens, offset))
-    await exo_api.close()
-    await server_api.close()
+        for k, size in enumerate(sizes):
+            offset = REPEAT_OFFSET * r + SIZE_OFFSET * k
+            for name, (api, served_id) in apis.items():
+                runs[name][size].append(await api_batch(api, served_id, size, max_tokens, offset))
+                if name == "exo":
+                    runs["direct"][size].append(await asyncio.to_thread(direct.batch, size, max_tokens, offset))
+    for api, _ in apis.values():
+        await api.close()
     return runs
 
 
@@ -141,19 +154,20 @@ def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], runs:
         f"greedy, median of {repeat}; load average {load}"
     )
     print(
-        f"{'B':>3} | {'exojet tok/s':>12} | {'batch_gen':>9} | {'server':>8} | exo/bg | exo/server | "
-        "exojet first p50/p99 ms | server first p50/p99 ms"
+        f"{'B':>3} | tok/s: {'exojet':>6} | {'batch_gen':>9} | {'server':>6} | {'uncached':>8} | "
+        "exo/bg | exo/server | exo/uncached | first p50/p99 ms: exojet | server | uncached"
     )
     for size in sizes:
         tps = {name: statistics.median(b.tokens_per_second for b in runs[name][size]) for name in runs}
-        firsts = {name: [f for b in runs[name][size] for f in b.first_tokens] for name in ("exo", "server")}
+        firsts = {name: [f for b in runs[name][size] for f in b.first_tokens] for name in ("exo", "server", "uncached")}
+        first = {name: f"{_pct(f, 0.5) * 1000:5.0f} / {_pct(f, 0.99) * 1000:5.0f}" for name, f in firsts.items()}
         print(
-            f"{size:>3} | {tps['exo']:12.1f} | {tps['direct']:9.1f} | {tps['server']:8.1f} | "
+            f"{size:>3} | {tps['exo']:13.1f} | {tps['direct']:9.1f} | {tps['server']:6.1f} | {tps['uncached']:8.1f} | "
             f"{tps['exo'] / tps['direct']:6.3f} | {tps['exo'] / tps['server']:10.3f} | "
-            f"{_pct(firsts['exo'], 0.5) * 1000:9.0f} / {_pct(firsts['exo'], 0.99) * 1000:9.0f} | "
-            f"{_pct(firsts['server'], 0.5) * 1000:9.0f} / {_pct(firsts['server'], 0.99) * 1000:9.0f}"
+            f"{tps['exo'] / tps['uncached']:12.3f} | {first['exo']:>24} | {first['server']} | {first['uncached']}"
         )
     if 8 in sizes:
         at8 = {name: statistics.median(b.tokens_per_second for b in runs[name][8]) for name in runs}
         print(f"8 at once, exojet / batch_generate: {at8['exo'] / at8['direct']:.3f} (target >= 0.9)")
         print(f"8 at once, exojet / mlx_lm.server: {at8['exo'] / at8['server']:.3f} (target > 1)")
+        print(f"8 at once, exojet / mlx_lm.server without its prompt cache: {at8['exo'] / at8['uncached']:.3f}")

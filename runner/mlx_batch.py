@@ -220,29 +220,21 @@ class BatchDriver:
         gen = self._generator()
         chats: dict[int, BatchChat] = {}
         while True:
-            for message in self._messages(block=not chats):
-                if isinstance(message, _Close):
-                    gen.close()
-                    return
-                self._apply(gen, chats, message)
-            if not chats:
-                continue
             try:
-                _, responses = gen.next()
+                for message in self._messages(block=not chats):
+                    if isinstance(message, _Close):
+                        gen.close()
+                        return
+                    self._apply(gen, chats, message)
+                if chats:
+                    _step(gen, chats)
             except Exception as exc:  # the batch's state is unknown: fail its chats, start anew
-                logger.exception("MLX batch step failed")
+                logger.exception("MLX batch failed")
                 for chat in chats.values():
                     chat.steps.put(exc)
                 chats.clear()
                 gen.close()
                 gen = self._generator()
-                continue
-            for r in responses:
-                if (owner := chats.get(r.uid)) is None:
-                    continue
-                owner.steps.put(Step(r.token, r.finish_reason))
-                if r.finish_reason is not None:
-                    del chats[r.uid]
 
     def _messages(self, block: bool) -> Iterator[_Insert | _Remove | _Close]:
         """What the chats asked since the last step (waiting for one when `block`)."""
@@ -268,3 +260,15 @@ class BatchDriver:
             return
         message.chat.uid = uid
         chats[uid] = message.chat
+
+
+def _step(gen: Any, chats: dict[int, BatchChat]) -> None:
+    """One step of the batch (a decode step, and a chunk of any prompts coming in): each chat
+    its token; a chat that ended leaves `chats`."""
+    _, responses = gen.next()
+    for r in responses:
+        if (owner := chats.get(r.uid)) is None:
+            continue
+        owner.steps.put(Step(r.token, r.finish_reason))
+        if r.finish_reason is not None:
+            del chats[r.uid]
