@@ -117,7 +117,8 @@ def permissions(identity: str, public_key: str, runner_ids: Iterable[str]) -> Pe
                 f"{subjects.CANCEL_PREFIX}.*",
                 f"{subjects.QUERY_PREFIX}.>",
                 "$SRV.>",
-                *_reader(LOG_STREAM, CHUNKS_STREAM),
+                # The snapshots too: the API's page folds the log from the newest one.
+                *_reader(LOG_STREAM, CHUNKS_STREAM, _KV_STREAM),
             ),
             # Heartbeats: the HTTP API ends a stream whose runner went silent. Chunks: it and the
             # CLI read a chat's as they are published too (what EXO_CHUNKS, readable anyway, stores).
