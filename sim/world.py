@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from exojet.bus.nats.client import WrongLastSequence
+from exojet.bus.nats.client import PUBLISH_TIMEOUT_S, WrongLastSequence
 from exojet.bus.nats.connection import FIRST_BACKOFF_S, MAX_BACKOFF_S
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState
@@ -48,8 +48,6 @@ from exojet.sim.kernel import (
     Until,
 )
 
-# nats-py's JetStream publish timeout as exojet uses it (bus/nats/client.py).
-REQUEST_TIMEOUT_S = 5.0
 # How often, of the steps where something else could happen, a timer fires first.
 TIMER_FIRST = 0.1
 
@@ -221,7 +219,7 @@ class World:
                         fiber.actor.name, f"request delayed until {ready:.3f}: {_describe(effect)}", "request delayed"
                     )
                 self.requests.append(Request(fiber, token, effect, ready))
-            self.clock.after(REQUEST_TIMEOUT_S, lambda: self.resume(fiber, token, error=Transient("no reply in time")))
+            self.clock.after(PUBLISH_TIMEOUT_S, lambda: self.resume(fiber, token, error=Transient("no reply in time")))
         elif isinstance(effect, Until):
             self.waiting[fiber] = None
             self.clock.after(effect.timeout, lambda: self.resume(fiber, token, False))

@@ -35,6 +35,9 @@ MSG_ID_IN_PROCESS = 10158
 # cluster has been seen to take over 20). A stream that is gone fails after as long.
 ELECTION_S = 30.0
 
+# How long one publish waits for its ack (nats-py's default).
+PUBLISH_TIMEOUT_S = 5.0
+
 T = TypeVar("T")
 
 
@@ -58,7 +61,7 @@ async def publish(
     *,
     msg_id: str | None = None,
     expected_last_subject_seq: int | None = None,
-    timeout: float = 5.0,
+    timeout: float = PUBLISH_TIMEOUT_S,
 ) -> api.PubAck:
     """Publish to the log and wait for the ack.
 
