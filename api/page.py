@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from exojet.api.live import LiveCluster
-from exojet.api.timeline_index import NotIndexedYet, TimelineBusy
+from exojet.api.timeline_index import NotIndexedYet, NotKept, TimelineBusy
 from exojet.bus.nats import client
 from exojet.projections.placing import shown_reason
 from exojet.projections.timeline import Mark
@@ -237,6 +237,8 @@ class Page:
         seq = int(request.path_params["seq"])
         try:
             event, state = await self.live.state_at(seq)
+        except NotKept as err:
+            return Response(msgspec.json.encode({"event": None, "note": str(err)}), 404, media_type="application/json")
         except (TimelineBusy, NotIndexedYet) as err:
             # Both pass: the client asks again (the page's script shows the note meanwhile).
             status = 429 if isinstance(err, TimelineBusy) else 503

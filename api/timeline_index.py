@@ -30,6 +30,9 @@ from exojet.projections.state import ClusterState, Retention
 from exojet.projections.words import envelope_json
 
 CHECKPOINT_EVERY = 1000
+# The most the checkpoints and their messages may hold; the oldest go first (a million
+# messages of a busy cluster take about MB: bench/timeline.py).
+MAX_BYTES = 100 * 2**20
 # Timeline requests rebuilding a state at once; more are answered 429 (each costs tens of ms of CPU).
 MAX_AT_ONCE = 2
 # What a state shows: the first page of each collection, as the live page does.
@@ -46,49 +49,66 @@ class NotIndexedYet(Exception):
     """The history before the page's snapshot is still being folded past this seq."""
 
 
+class NotKept(Exception):
+    """The timeline no longer keeps what it needs for this seq (it keeps at most `MAX_BYTES`)."""
+
+
 class Part:
     """Checkpoints of one fold and, after each, the messages it folded until the next."""
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.checkpoints = Checkpoints()
-        # Per checkpoint but the newest: its messages, compressed.
+        # Per checkpoint but the newest: its messages, compressed, and their bytes.
         self.blocks: list[bytes] = []
+        self.block_bytes = 0
         # The messages since the newest checkpoint.
         self.pending: list[Envelope] = []
 
-    def add(self, state: ClusterState, env: Envelope | None = None) -> None:
-        """`state` is the fold's after `env` (None: the state it starts from)."""
+    @property
+    def held(self) -> int:
+        """Bytes held: the checkpoints (each shared segment once) and the blocks."""
+        return self.checkpoints.held + self.block_bytes
+
+    def add(self, state: ClusterState, env: Envelope | None = None) -> bool:
+        """`state` is the fold's after `env` (None: the state it starts from); True if checkpointed."""
         if env is not None:
             self.pending.append(env)
         checkpoints = self.checkpoints.checkpoints
         if checkpoints and state.seq - checkpoints[-1].seq < self.every:
-            return
+            return False
         if checkpoints:
             self.blocks.append(zlib.compress(_encoder.encode(self.pending), 1))
+            self.block_bytes += len(self.blocks[-1])
             self.pending = []
         self.checkpoints.add(state)
+        return True
+
+    def drop_oldest(self) -> None:
+        self.checkpoints.drop_oldest()
+        self.block_bytes -= len(self.blocks.pop(0))
 
     def at(self, seq: int) -> tuple[Checkpoint, list[Envelope]] | None:
-        """The newest checkpoint before `seq`, and the messages after it up to `seq`."""
+        """The newest checkpoint before `seq`, and the messages after it up to `seq` (None: the
+        fold started after `seq`)."""
+        checkpoints = self.checkpoints.checkpoints
         index = self.checkpoints.before(seq - 1)
         if index is None:
             return None
         block = self.blocks[index] if index < len(self.blocks) else None
         after = _decoder.decode(zlib.decompress(block)) if block is not None else self.pending
-        return self.checkpoints.checkpoints[index], [env for env in after if env.seq <= seq]
-
-    def size(self) -> int:
-        """Bytes held: the checkpoints (each shared segment once) and the blocks."""
-        return self.checkpoints.size() + sum(map(len, self.blocks))
+        return checkpoints[index], [env for env in after if env.seq <= seq]
 
 
 class TimelineIndex:
     """Checkpoints of the page's fold (`live`, from its snapshot on) and of the history before it."""
 
-    def __init__(self, every: int = CHECKPOINT_EVERY, at_once: int = MAX_AT_ONCE) -> None:
+    def __init__(self, every: int = CHECKPOINT_EVERY, at_once: int = MAX_AT_ONCE, max_bytes: int = MAX_BYTES) -> None:
         self.every = every
         self.at_once = at_once
+        self.max_bytes = max_bytes
+        # Every seq at or before it was dropped to stay within `max_bytes`.
+        self.dropped_seq = 0
         self.history = Part(every)
         self.live = Part(every)
         # The page's fold starts at this seq (its snapshot's; 0: the log's start), and the
@@ -105,7 +125,17 @@ class TimelineIndex:
 
     def folded(self, state: ClusterState, env: Envelope) -> None:
         """The page's fold applied `env`."""
-        self.live.add(state, env)
+        if self.live.add(state, env):
+            self._bound()
+
+    def _bound(self) -> None:
+        """Drop the oldest checkpoints (of the history first) while more than `max_bytes` are held."""
+        while self.history.held + self.live.held > self.max_bytes:
+            part = self.history if len(self.history.blocks) > 0 else self.live
+            if not part.blocks:
+                return
+            part.drop_oldest()
+            self.dropped_seq = part.checkpoints.checkpoints[0].seq
 
     async def fold_history(
         self, nc: NATS, retention: Retention, observe: Callable[[ClusterState, Envelope], ClusterState]
@@ -118,7 +148,8 @@ class TimelineIndex:
         def on_env(env: Envelope) -> None:
             nonlocal state
             state = observe(state, env)
-            self.history.add(state, env)
+            if self.history.add(state, env):
+                self._bound()
             self.history_seq = env.seq
 
         if self.live_from > 0:
@@ -141,6 +172,11 @@ class TimelineIndex:
             raise TimelineBusy(f"{self.busy} timeline requests are being answered; try again shortly")
         self.busy += 1
         try:
+            if seq <= self.dropped_seq:
+                raise NotKept(
+                    f"the timeline keeps at most {self.max_bytes // 2**20} MiB, from seq {self.dropped_seq + 1} on: "
+                    f"`exojet replay --to {seq} --state` rebuilds the state at seq {seq} from the log"
+                )
             found = self._part(seq).at(seq)
             if found is None:
                 return None, {}

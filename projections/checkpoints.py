@@ -107,6 +107,8 @@ class Checkpoints:
         self.large = large
         self.mask = np.int64((1 << segment_bits) - 1)
         self.checkpoints: list[Checkpoint] = []
+        # Bytes the checkpoints hold, each shared segment counted once.
+        self.held = 0
         # Per field: the newest checkpoint's segments by their first key.
         self._previous: dict[str, dict[Any, _Cut]] = {}
 
@@ -122,8 +124,15 @@ class Checkpoints:
                 self._previous.pop(name, None)
                 fields.append(zlib.compress(_encoder.encode(value), 1))
         checkpoint = Checkpoint(state.seq, tuple(fields))
+        self.held += _bytes(checkpoint, self.checkpoints[-1] if self.checkpoints else None)
         self.checkpoints.append(checkpoint)
         return checkpoint
+
+    def drop_oldest(self) -> Checkpoint:
+        """Forget the oldest checkpoint (and what it alone held)."""
+        oldest = self.checkpoints.pop(0)
+        self.held -= _bytes(oldest, self.checkpoints[0] if self.checkpoints else None)
+        return oldest
 
     def _segmented(self, name: str, value: dict[Any, Any] | list[Any], since: int) -> Segmented:
         is_dict = isinstance(value, dict)
@@ -158,21 +167,18 @@ class Checkpoints:
                 high = mid
         return low - 1 if low else None
 
-    def size(self) -> int:
-        """Bytes held by every checkpoint, each shared segment counted once."""
-        seen: set[int] = set()
-        total = 0
-        for checkpoint in self.checkpoints:
-            for field in checkpoint.fields:
-                if isinstance(field, bytes):
-                    total += len(field)
-                    continue
-                total += 8 * len(field.segments)
-                for segment in field.segments:
-                    if id(segment) not in seen:
-                        seen.add(id(segment))
-                        total += len(segment)
-        return total
+
+def _bytes(checkpoint: Checkpoint, beside: Checkpoint | None) -> int:
+    """The bytes `checkpoint` holds that `beside` (the one before or after it) does not share: a
+    segment is shared by consecutive checkpoints only, as one replaced never comes back."""
+    shared = set() if beside is None else {id(s) for f in beside.fields if isinstance(f, Segmented) for s in f.segments}
+    total = 0
+    for field in checkpoint.fields:
+        if isinstance(field, bytes):
+            total += len(field)
+        else:
+            total += 8 * len(field.segments) + sum(len(s) for s in field.segments if id(s) not in shared)
+    return total
 
 
 def restore(checkpoint: Checkpoint) -> ClusterState:

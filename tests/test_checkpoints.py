@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from exojet.api.live import RECENT_EVENTS, LiveCluster
-from exojet.api.timeline_index import PAGE, TimelineBusy, TimelineIndex
+from exojet.api.timeline_index import PAGE, NotKept, TimelineBusy, TimelineIndex
 from exojet.bus.codec import encode
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
@@ -83,7 +83,7 @@ def test_checkpoints_of_a_busy_log_share_what_did_not_change() -> None:
     checkpoints = Checkpoints()
     _checked(log, 500, checkpoints)
     alone = sum(len(restore(c).tasks) for c in checkpoints.checkpoints) * 100
-    assert checkpoints.size() < alone / 4
+    assert checkpoints.held < alone / 4
 
 
 async def _publish(nc: NATS, messages: list[tuple[str, bytes]]) -> list[Envelope]:
@@ -126,3 +126,23 @@ async def test_the_timeline_answers_as_a_fold_of_the_whole_log(nats_server: Nats
             await live.state_at(1)
     finally:
         await live.close()
+
+
+async def test_the_timeline_keeps_at_most_its_bytes_dropping_the_oldest() -> None:
+    log = [Envelope(seq, s, d, time=float(seq)) for seq, (s, d) in enumerate(_chats(10, 60), start=1)]
+    index = TimelineIndex(every=40, max_bytes=30_000)
+    state = ClusterState()
+    index.started(state)
+    replies = {}
+    for env in log:
+        state = apply(state, env)
+        index.folded(state, env)
+        replies[env.seq] = msgspec.json.encode(state_reply(state, PAGE))
+    assert 0 < index.dropped_seq < len(log) - 40
+    assert index.live.held <= 30_000
+    assert index.live.held == sum(map(len, index.live.blocks)) + index.live.checkpoints.held
+    with pytest.raises(NotKept):
+        await index.state_at(index.dropped_seq)
+    for seq in (index.dropped_seq + 1, len(log) - 41, len(log)):
+        event, reply = await index.state_at(seq)
+        assert event is not None and msgspec.json.encode(reply) == replies[seq]
