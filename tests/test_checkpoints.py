@@ -130,16 +130,22 @@ async def test_the_timeline_answers_as_a_fold_of_the_whole_log(nats_server: Nats
 
 async def test_the_timeline_keeps_at_most_its_bytes_dropping_the_oldest() -> None:
     log = [Envelope(seq, s, d, time=float(seq)) for seq, (s, d) in enumerate(_chats(10, 60), start=1)]
-    index = TimelineIndex(every=40, max_bytes=30_000)
-    state = ClusterState()
-    index.started(state)
-    replies = {}
-    for env in log:
-        state = apply(state, env)
-        index.folded(state, env)
-        replies[env.seq] = msgspec.json.encode(state_reply(state, PAGE))
-    assert 0 < index.dropped_seq < len(log) - 40
-    assert index.live.held <= 30_000
+    replies: dict[int, bytes] = {}
+
+    def indexed(max_bytes: int) -> TimelineIndex:
+        index = TimelineIndex(every=40, max_bytes=max_bytes)
+        state = ClusterState()
+        index.started(state)
+        for env in log:
+            state = apply(state, env)
+            index.folded(state, env)
+            replies[env.seq] = msgspec.json.encode(state_reply(state, PAGE))
+        return index
+
+    half = indexed(2**40).live.held // 2
+    index = indexed(half)
+    assert len(log) // 3 < index.dropped_seq < len(log) * 2 // 3
+    assert index.live.held <= half
     assert index.live.held == sum(map(len, index.live.blocks)) + index.live.checkpoints.held
     with pytest.raises(NotKept):
         await index.state_at(index.dropped_seq)
