@@ -24,6 +24,7 @@ from exojet.projections.explain import Explainer, UnknownId
 from exojet.projections.queries import state_reply
 from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, envelope_json, message_of, task_id_of
+from exojet.supervisor.plan_preview import PlanPreview
 
 _json = msgspec.json.Encoder()
 
@@ -68,6 +69,12 @@ def _add_replay(sub: Subparsers) -> None:
         action="store_true",
         help="list anomalies, unfinished tasks and stuck runners (instead of the timeline); exit 1 if any",
     )
+    p.add_argument(
+        "--plan",
+        action="store_true",
+        help="replay the log through this version's planner and print, in words, every decision that differs "
+        "from what the log shows was decided (instead of the timeline): an upgrade's preview",
+    )
     _add_file(p)
     p.add_argument(
         "--html",
@@ -96,6 +103,7 @@ class Replay(msgspec.Struct, frozen=True, kw_only=True):
     as_json: bool = False
     show_state: bool = False
     run_check: bool = False
+    preview_plan: bool = False
     archive: Path | None = None
     html: Path | None = None
     html_max_bytes: int = DEFAULT_MAX_BYTES
@@ -110,6 +118,7 @@ class Replay(msgspec.Struct, frozen=True, kw_only=True):
             as_json=args.json,
             show_state=args.state,
             run_check=args.check,
+            preview_plan=args.plan,
             archive=args.file,
             html=args.html,
             html_max_bytes=args.html_max_bytes,
@@ -122,6 +131,8 @@ async def replay_log(nats_url: str, replay: Replay) -> int:
     The log is `EXO_LOG`, or an archive that `exojet log export` wrote, read alike."""
     if replay.html is not None:
         return await _write_html(nats_url, replay.archive, replay.to_seq, replay.html, replay.html_max_bytes)
+    if replay.preview_plan:
+        return await _preview_plan(nats_url, replay.archive, replay.to_seq)
     state = ClusterState()
     # --state and --check answer a question of their own; the timeline would bury it.
     timeline = not (replay.show_state or replay.run_check)
@@ -144,6 +155,17 @@ async def replay_log(nats_url: str, replay: Replay) -> int:
         print(_json.encode(state).decode() if replay.as_json else render_state(msgspec.to_builtins(state_reply(state))))
     if replay.run_check:
         return _print_check(state)
+    return 0
+
+
+async def _preview_plan(nats_url: str, archive: Path | None, to_seq: int | None) -> int:
+    preview = PlanPreview()
+    if problem := await read_log(nats_url, archive, preview.feed, to_seq):
+        return fail(problem)
+    differences = preview.differences()
+    for d in differences:
+        print(f"seq {d.seq}: {d.words}")
+    print(f"{len(differences)} decisions differ from the log's ({preview.state.seq} messages replayed)")
     return 0
 
 
