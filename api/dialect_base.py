@@ -89,12 +89,12 @@ async def pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[Piece]:
 
 def tokens(outcome: Ended) -> tuple[int, int]:
     """(prompt tokens, completion tokens) of a completed chat."""
-    return int(outcome.result.get("prompt_tokens", 0)), int(outcome.result.get("completion_tokens", 0))
+    return outcome.result.prompt_tokens, outcome.result.completion_tokens
 
 
 def finish_reason(outcome: Ended) -> str:
     """OpenAI's word for how the chat ended: `stop` or `length` (`cancelled` once cancelled)."""
-    return str(outcome.result.get("finish_reason", "stop"))
+    return outcome.result.finish_reason
 
 
 async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple[str, Ended] | None:

@@ -213,9 +213,9 @@ class Ollama:
 
         def final(outcome: Ended, text: str) -> dict[str, Any]:
             prompt, completion = base.tokens(outcome)
-            rate = float(outcome.result.get("tokens_per_second", 0))
+            rate = outcome.result.tokens_per_second
             evaluating = int(completion / rate * 1e9) if rate > 0 else 0
-            engine = int(float(outcome.result.get("engine_seconds", 0)) * 1e9)
+            engine = int(outcome.result.engine_seconds * 1e9)
             return {
                 **head,
                 "created_at": _now(),

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.lifecycle import ALL_STATUSES
+from exojet.bus.results import ChatResult, result_as
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections.state import ClusterState
@@ -102,15 +103,14 @@ class ClusterMetrics:
         elif status in TERMINAL_TASK_STATUSES and old_status not in TERMINAL_TASK_STATUSES:
             self.tasks.labels(message.task_type or "Unknown", str(status)).inc()
             started = self._running.pop(message.task_id, None)
-            result = message.result or {}
-            tokens = result.get("completion_tokens")
-            if status == TaskStatus.COMPLETE and isinstance(tokens, int) and tokens > 0:
+            answered = result_as(ChatResult, message.result)
+            tokens = answered.completion_tokens if answered is not None else 0
+            if status == TaskStatus.COMPLETE and answered is not None and tokens > 0:
                 self.completion_tokens.labels(message.runner_id).inc(tokens)
                 if started is not None:
                     self.per_token.observe(max(env.time - started, 0.0) / tokens)
-                rate = result.get("tokens_per_second")
-                if isinstance(rate, int | float) and rate > 0:
-                    self.tokens_per_second.observe(rate)
+                if answered.tokens_per_second > 0:
+                    self.tokens_per_second.observe(answered.tokens_per_second)
 
     def on_chunk(self, stream_id: str, now: float) -> None:
         """A chunk arrived on `exo.chunks.<stream_id>`: the first one of a chat times its first token."""

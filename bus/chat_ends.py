@@ -6,20 +6,15 @@ a person can act on. The API maps each to its HTTP status (api/gateway.py), the 
 
 from __future__ import annotations
 
-from typing import Any
-
 import msgspec
+
+from exojet.bus.results import ChatResult
 
 
 class Ended(msgspec.Struct, frozen=True):
     """The emitting task's Complete status and its result."""
 
-    result: dict[str, Any]
-
-    @property
-    def text(self) -> str | None:
-        text = self.result.get("text")
-        return text if isinstance(text, str) else None
+    result: ChatResult
 
 
 class ChatError(Exception):

@@ -9,9 +9,10 @@ import msgspec
 
 from exojet.bus.nats import client
 from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.queries import DEFAULT_LIMIT, MAX_LIMIT
 from exojet.cli.options import Subparsers, add_nats, fail
 from exojet.cli.render import render_instance, render_runner, render_state, render_task
-from exojet.projections.queries import DEFAULT_LIMIT, MAX_LIMIT, Paging
+from exojet.projections.queries import Paging
 
 
 def add_parser(sub: Subparsers) -> None:

@@ -28,6 +28,7 @@ from exojet.bus.events import (
     SupervisorEvent,
     TaskStatusUpdated,
 )
+from exojet.bus.results import LoadResult, result_as
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, RunnerStatusName, TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
 from exojet.projections import conversations, instances, retention
@@ -313,8 +314,8 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
         runner.running_tasks.remove(task.task_id)
     if event.task_status == TaskStatus.COMPLETE and task.task_type == "LoadModel":
         runner.model_id = task.model_id
-        capacity = (event.result or {}).get("chat_capacity", 1)
-        runner.chat_capacity = capacity if isinstance(capacity, int) and capacity > 0 else 1
+        loaded = result_as(LoadResult, event.result)
+        runner.chat_capacity = loaded.chat_capacity if loaded is not None else 1
     if task.status in TERMINAL_TASK_STATUSES:
         _finished(state, env, task)
     if task.instance_id is not None:

@@ -18,15 +18,13 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from exojet.bus.queries import DEFAULT_LIMIT, MAX_LIMIT, SECTIONS
 from exojet.projections.instances import ENDED_STATUSES
 from exojet.projections.placing import waiting_reason
 from exojet.projections.state import ClusterState, InstanceView, RoutedChatView, TaskView, state_hash
 
 # The newest anomalies a reply shows (the count is of all of them).
 ANOMALIES_SHOWN = 50
-DEFAULT_LIMIT = 100
-# A page of 500 tasks is about 300 KB: far below the 1 MB a default server allows.
-MAX_LIMIT = 500
 
 T = TypeVar("T")
 
@@ -61,9 +59,6 @@ def _keyed(views: list[Any], key: str) -> dict[str, Any]:
 def _newest_first(tasks: dict[str, TaskView]) -> Iterator[TaskView]:
     # A dict keeps the order tasks were published in.
     return reversed(tasks.values())
-
-
-SECTIONS = ("runners", "instances", "tasks")
 
 
 class Filters(msgspec.Struct, kw_only=True, frozen=True):

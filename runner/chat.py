@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 from nats.aio.client import Client as NATS
 
+from exojet.bus.results import ChatResult, wire
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
 from exojet.runner.engine import Done, Engine, Generate
@@ -77,17 +78,16 @@ async def chat(
     assert done is not None
     finish_reason = "cancelled" if stop.is_set() else done.finish_reason
     delivered = asyncio.ensure_future(chunks.finish(finish_reason)) if chunks is not None else None
-    result = {
-        "text": done.text if emits else "",
-        "finish_reason": finish_reason,
-        "prompt_tokens": done.prompt_tokens,
-        "completion_tokens": done.completion_tokens,
-        "tokens_per_second": round(done.tokens_per_second, 2),
-        "engine_seconds": round(done.seconds, 6),
-        # The prompt's part of engine_seconds (prefill, to the first token); the rest is decoding.
-        "time_to_first_token": round(done.time_to_first_token, 6),
-    }
-    return Answer(result, delivered)
+    result = ChatResult(
+        text=done.text if emits else "",
+        finish_reason=finish_reason,
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        tokens_per_second=round(done.tokens_per_second, 2),
+        engine_seconds=round(done.seconds, 6),
+        time_to_first_token=round(done.time_to_first_token, 6),
+    )
+    return Answer(wire(result), delivered)
 
 
 async def _cancel_when(stop: asyncio.Event, engine: Engine, request_id: int) -> None:

@@ -25,7 +25,9 @@ from nats.aio.client import Client as NATS
 from nats.js.api import PubAck
 
 from exojet.bus import subjects
+from exojet.bus.chunks import Chunk
 from exojet.bus.nats import client, connection
+from exojet.bus.results import FinishReason
 
 MAX_UNACKED = 16
 # How long to wait for outstanding acks before publishing those chunks again.
@@ -89,7 +91,7 @@ class ChunkStream:
         if sum(sent.pending for sent in self._sent[-MAX_UNACKED * 2 :]) < MAX_UNACKED:
             await self._send_held()
 
-    async def finish(self, finish_reason: str) -> None:
+    async def finish(self, finish_reason: FinishReason) -> None:
         """Send what is held and the closing chunk `{done: true, finish_reason}`; return once all are stored.
 
         Both go out at once behind the chunks still unacknowledged (one round trip for the
@@ -104,10 +106,10 @@ class ChunkStream:
                 f"{self.republished} chunks of {self.subject} published again after an outage"
             )
 
-    def _chunk(self, text: str, **last: object) -> tuple[str, bytes]:
-        chunk = {"task_id": self.task_id, "index": self.index, "text": text, **last}
+    def _chunk(self, text: str, done: bool = False, finish_reason: FinishReason | None = None) -> tuple[str, bytes]:
+        chunk = Chunk(task_id=self.task_id, index=self.index, text=text, done=done, finish_reason=finish_reason)
         self.index += 1
-        return f"{self.task_id}:{chunk['index']}", msgspec.json.encode(chunk)
+        return f"{self.task_id}:{chunk.index}", msgspec.json.encode(chunk)
 
     def _open(self) -> list[_Sent]:
         """The chunks from the first not yet stored on (a short list while acks keep up)."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from exojet.bus.results import DownloadResult, LoadResult, wire
 from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -125,7 +126,10 @@ class Executor:
                 self.downloaded = shard
                 # What placement needs, so no supervisor has to hold the model's files.
                 facts = await asyncio.to_thread(lambda: (layer_count(path), size_on_disk(path)))
-                return {"model_id": shard.model_id, "path": str(path), "n_layers": facts[0], "size_bytes": facts[1]}
+                downloaded = DownloadResult(
+                    model_id=shard.model_id, path=str(path), n_layers=facts[0], size_bytes=facts[1]
+                )
+                return wire(downloaded)
             case ConnectToGroup(group=group):
                 if self.engine.alive:
                     await self.engine.stop()
@@ -182,18 +186,19 @@ class Executor:
         )
         self.downloaded = wanted
         self.chat_capacity = loaded.chat_capacity if self.group is None else 1
-        return {
-            "model_id": wanted.model_id,
-            "n_layers": loaded.n_layers,
-            "start_layer": loaded.start_layer,
-            "end_layer": loaded.end_layer,
-            "weights": loaded.weights,
-            "weights_reason": loaded.weights_reason,
-            "engine": loaded.engine,
-            "chat_capacity": self.chat_capacity,
+        result = LoadResult(
+            model_id=wanted.model_id,
+            n_layers=loaded.n_layers,
+            start_layer=loaded.start_layer,
+            end_layer=loaded.end_layer,
+            weights=loaded.weights,
+            weights_reason=loaded.weights_reason,
+            engine=loaded.engine,
+            chat_capacity=self.chat_capacity,
             # Why this engine, when another crashed on this model (runner/engine_crashes.py).
-            **({"engine_reason": loaded.engine_reason} if loaded.engine_reason else {}),
-        }
+            engine_reason=loaded.engine_reason or None,
+        )
+        return wire(result)
 
 
 class LoadThrottle:

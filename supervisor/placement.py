@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from exojet.bus.events import InstancePlaced, Placement
 from exojet.bus.ids import step_task_id
+from exojet.bus.results import DownloadResult, result_as
 from exojet.bus.tasks import Shard
 from exojet.projections.instances import DOWNLOAD, ENDED_STATUSES
 from exojet.projections.placing import Waiting, choose_runners
@@ -69,8 +70,8 @@ def split_after_download(state: ClusterState, inst: InstanceView) -> list[Shard]
     reported = set()
     for p in placements:
         task = state.tasks.get(step_task_id(inst.instance_id, inst.attempt, DOWNLOAD, p.runner_id))
-        result = task.result if task is not None and task.result else {}
-        reported.add(result.get("n_layers"))
+        downloaded = result_as(DownloadResult, task.result) if task is not None else None
+        reported.add(downloaded.n_layers if downloaded is not None else None)
     n_layers = reported.pop() if len(reported) == 1 else None
     if not isinstance(n_layers, int) or n_layers < 1:
         return (

@@ -14,9 +14,8 @@ from nats.micro.service import Service
 
 from exojet.bus import subjects
 from exojet.bus.nats.log_fold import MinSeqTimeout
+from exojet.bus.queries import QueryRequest
 from exojet.projections.queries import (
-    DEFAULT_LIMIT,
-    SECTIONS,
     Filters,
     Paging,
     QueryError,
@@ -30,32 +29,15 @@ from exojet.supervisor.projector import Projector
 
 SERVICE_NAME = "exojet-supervisor"
 SERVICE_VERSION = "0.1.0"
-DEFAULT_MIN_SEQ_TIMEOUT_S = 5.0
 MAX_MIN_SEQ_TIMEOUT_S = 60.0
 
 
-class QueryRequest(msgspec.Struct, kw_only=True):
-    min_seq: int = 0
-    timeout: float = DEFAULT_MIN_SEQ_TIMEOUT_S
-    runner_id: str | None = None
-    task_id: str | None = None
-    instance_id: str | None = None
-    # Paging of the collections a reply lists (see projections/queries.py).
-    offset: int = 0
-    limit: int = DEFAULT_LIMIT
-    # `state` adds the whole state's digest (a full encode: slow on a large state).
-    hash: bool = False
-    sections: tuple[str, ...] = SECTIONS
-    runner_status: str | None = None
-    instance_status: str | None = None
+def _paging(query: QueryRequest) -> Paging:
+    return Paging(offset=query.offset, limit=query.limit)
 
-    @property
-    def paging(self) -> Paging:
-        return Paging(offset=self.offset, limit=self.limit)
 
-    @property
-    def filters(self) -> Filters:
-        return Filters(sections=self.sections, runner_status=self.runner_status, instance_status=self.instance_status)
+def _filters(query: QueryRequest) -> Filters:
+    return Filters(sections=query.sections, runner_status=query.runner_status, instance_status=query.instance_status)
 
 
 _decoder = msgspec.json.Decoder(QueryRequest)
@@ -71,8 +53,8 @@ def _need(value: str | None, field: str) -> str:
 
 
 ANSWERS: dict[str, tuple[str, Answer]] = {
-    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s, q.paging, q.filters, q.hash)),
-    "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"), q.paging)),
+    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s, _paging(q), _filters(q), q.hash)),
+    "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"), _paging(q))),
     "task": (subjects.QUERY_TASK, lambda s, q: task_reply(s, _need(q.task_id, "task_id"))),
     "instance": (subjects.QUERY_INSTANCE, lambda s, q: instance_reply(s, _need(q.instance_id, "instance_id"))),
 }

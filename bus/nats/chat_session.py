@@ -32,6 +32,7 @@ from nats.aio.subscription import Subscription
 
 from exojet.bus import streams, subjects
 from exojet.bus.chat_ends import ChatCancelled, ChatError, ChatLost, ChatNotRouted, ChatQueueFull, ChatUnfinished, Ended
+from exojet.bus.chunks import decode_chunk
 from exojet.bus.codec import BadInput, decode_command, decode_event, decode_task
 from exojet.bus.commands import DeleteInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
@@ -39,9 +40,9 @@ from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, Runn
 from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.nats import chat_cancels, client, connection, stream_setup
 from exojet.bus.nats.chat_stream import ChatStream
-from exojet.bus.nats.chunk_order import decode_chunk
 from exojet.bus.nats.follower import Follower
 from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
+from exojet.bus.results import ChatResult, result_as
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 
@@ -190,8 +191,8 @@ class ChatSession:
                 raise item
             # Chunks and the status come on two streams: the result's text is the whole
             # answer, so give whatever chunks have not been read yet.
-            final = item.text
-            if final is not None and final.startswith(said) and len(final) > len(said):
+            final = item.result.text
+            if final.startswith(said) and len(final) > len(said):
                 yield final[len(said) :]
             yield item
             return
@@ -345,7 +346,7 @@ class ChatSession:
         if status == TaskStatus.RUNNING and stream.watched_since is None:
             stream.watched_since = time.monotonic()
         elif status == TaskStatus.COMPLETE:
-            stream.end(Ended(event.result or {}))
+            stream.end(Ended(result_as(ChatResult, event.result) or ChatResult()))
         elif status in TERMINAL_TASK_STATUSES:
             stream.end(ChatUnfinished(stream.chat_id, str(status), event.error_type, event.error_message))
 

@@ -17,22 +17,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from exojet.bus.chunks import decode_chunk
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
 from exojet.bus.nats.follower import Follower
 from exojet.bus.streams import CHUNKS_STREAM
-
-
-class ChunkIn(msgspec.Struct):
-    """What a reader takes of a runner's chunk (written by runner/chunks.py)."""
-
-    index: int
-    text: str = ""
-
-
-def decode_chunk(data: bytes) -> ChunkIn:
-    """The chunk in `data`; raises msgspec.DecodeError (or ValidationError) when it is none."""
-    return msgspec.json.decode(data, type=ChunkIn)
 
 
 class ChunkOrder:

@@ -13,6 +13,7 @@ from nats.errors import TimeoutError as NatsTimeout
 
 from exojet.bus import subjects
 from exojet.bus.nats import connection
+from exojet.bus.queries import QueryRequest
 
 _ENDPOINTS = {
     "state": subjects.QUERY_STATE,
@@ -57,7 +58,8 @@ async def query(
     `timeout` seconds in all. Then it raises QueryFailed: `NoSupervisor` (nobody subscribed),
     `Timeout` (nobody replied, or min_seq not reached), or the supervisor's refusal at once.
     """
-    fields = {k: v for k, v in body.items() if v is not None}
+    # A misspelt field is a TypeError here, not a request the supervisor answers as if unasked.
+    request = QueryRequest(**{k: v for k, v in body.items() if v is not None})
     loop = asyncio.get_running_loop()
     bound = max(wait, timeout)
     deadline = loop.time() + bound
@@ -66,17 +68,19 @@ async def query(
     try_s = min(FIRST_TRY_S, timeout)
     while True:
         this_try = max(min(try_s, deadline - loop.time()), 0.1)
-        if fields.get("min_seq"):
+        if request.min_seq:
             # The supervisor waits for min_seq for about as long as this try waits for its answer,
             # and answers by the time min_seq's own bound is up.
-            fields["timeout"] = max(min(this_try, behind_until - loop.time()) - 1.0, 0.1)
+            request = msgspec.structs.replace(
+                request, timeout=max(min(this_try, behind_until - loop.time()) - 1.0, 0.1)
+            )
         outages = watcher.outages
         pause = 0.05
         try:
-            msg = await nc.request(_ENDPOINTS[endpoint], msgspec.json.encode(fields), timeout=this_try)
+            msg = await nc.request(_ENDPOINTS[endpoint], msgspec.json.encode(request), timeout=this_try)
             return _reply(msg)
         except QueryFailed as err:
-            if err.code != "Timeout" or not fields.get("min_seq") or loop.time() + pause >= behind_until:
+            if err.code != "Timeout" or not request.min_seq or loop.time() + pause >= behind_until:
                 raise
             failure = err  # the projection is behind (a fold through an election): ask again
         except NoRespondersError:
