@@ -174,7 +174,7 @@ class MlxEngine:
             capacity = chat_capacity(psutil.virtual_memory().available, per_token, self._context)
         self.capacity, self._capacity_reason = capacity.chats, capacity.reason
         if capacity.chats > 1:
-            self._batch = BatchDriver(self.model, list(self.tokenizer.eos_token_ids), capacity.chats)
+            self._batch = BatchDriver(self.model, list(self.tokenizer.eos_token_ids), capacity)
 
     def _load_shard(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
         from mlx.utils import tree_flatten

@@ -14,6 +14,13 @@ its own (an end-of-sequence token, `max_tokens`) leaves the batch by itself.
 How many chats at once (`chat_capacity`) is what memory allows: each chat's KV cache at
 CHAT_WINDOW tokens (or the model's window, if shorter), in half the memory left free once the
 weights are in, at most MAX_CHATS (mlx-lm's server decodes 32 at once by default).
+
+A chat's KV cache outlives it in mlx-lm's LRU prompt cache (as mlx-lm's server keeps one): the
+next chat whose prompt starts with the same tokens (a conversation's next turn, a shared system
+prompt) computes only the rest. The cache holds at most PROMPT_CACHE_CHATS chats in a quarter of
+the memory free once the weights are in (at most 8 GiB, llama.cpp's default), the oldest dropped
+first. A seeded chat is computed from its whole prompt, as on llama.cpp here: the last tokens
+computed apart from a cached prefix give logits that may differ in their last bits.
 """
 
 from __future__ import annotations
@@ -39,6 +46,13 @@ KV_MAX_FREE_FRACTION = 0.5
 CHAT_WINDOW = 4096
 # Prompts prefilled together (mlx-lm's server's default prompt concurrency).
 PREFILL_CHATS = 8
+# The prompt cache: chats kept (the router remembers each runner's last 64), its share of the
+# memory free once the weights are in, and its bound (llama.cpp's default `cache_ram_mib`).
+PROMPT_CACHE_CHATS = 64
+PROMPT_CACHE_SHARE = 0.25
+PROMPT_CACHE_MAX_BYTES = 8 << 30
+# The prompt cache's key for the one model a driver runs.
+_MODEL = "model"
 
 
 class Step(msgspec.Struct, frozen=True):
@@ -49,10 +63,11 @@ class Step(msgspec.Struct, frozen=True):
 
 
 class Capacity(msgspec.Struct, frozen=True):
-    """Chats served at once, and why."""
+    """Chats served at once, the bytes of earlier chats' caches kept, and why."""
 
     chats: int
     reason: str
+    prompt_cache_bytes: int = 0
 
 
 def chat_capacity(free_bytes: int, kv_bytes_per_token: int, window: int | None) -> Capacity:
@@ -62,10 +77,13 @@ def chat_capacity(free_bytes: int, kv_bytes_per_token: int, window: int | None) 
     per_chat = max(1, kv_bytes_per_token * tokens)
     budget = int(free_bytes * KV_MAX_FREE_FRACTION)
     chats = max(1, min(MAX_CHATS, budget // per_chat))
+    kept = min(int(free_bytes * PROMPT_CACHE_SHARE), PROMPT_CACHE_MAX_BYTES)
     return Capacity(
         chats,
         f"{chats} chats of up to {tokens} tokens ({per_chat / 1e6:.0f} MB of KV cache each) "
-        f"in {KV_MAX_FREE_FRACTION:.0%} of {free_bytes / 1e6:.0f} MB free, at most {MAX_CHATS}",
+        f"in {KV_MAX_FREE_FRACTION:.0%} of {free_bytes / 1e6:.0f} MB free, at most {MAX_CHATS}; "
+        f"earlier chats' caches kept in {kept / 1e6:.0f} MB",
+        kept,
     )
 
 
@@ -181,10 +199,11 @@ def _batch_thread() -> queue.SimpleQueue[Callable[[], None]]:
 class BatchDriver:
     """Steps `model`'s BatchGenerator for every chat in flight, on the batch thread."""
 
-    def __init__(self, model: Any, eos_token_ids: list[int], capacity: int) -> None:
+    def __init__(self, model: Any, eos_token_ids: list[int], capacity: Capacity) -> None:
         self.model = model
         self.eos_token_ids = eos_token_ids
-        self.capacity = capacity
+        self.capacity = capacity.chats
+        self.prompt_cache_bytes = capacity.prompt_cache_bytes
         self.inbox: queue.SimpleQueue[_Insert | _Remove | _Close] = queue.SimpleQueue()
         self.closed = threading.Event()
         _batch_thread().put(self._run)
@@ -217,17 +236,20 @@ class BatchDriver:
         )
 
     def _drive(self) -> None:
+        from mlx_lm.models.cache import LRUPromptCache
+
         gen = self._generator()
         chats: dict[int, BatchChat] = {}
+        kept = LRUPromptCache(PROMPT_CACHE_CHATS, self.prompt_cache_bytes)
         while True:
             try:
                 for message in self._messages(block=not chats):
                     if isinstance(message, _Close):
                         gen.close()
                         return
-                    self._apply(gen, chats, message)
+                    self._apply(gen, chats, kept, message)
                 if chats:
-                    _step(gen, chats)
+                    _step(gen, chats, kept)
             except Exception as exc:  # the batch's state is unknown: fail its chats, start anew
                 logger.exception("MLX batch failed")
                 for chat in chats.values():
@@ -246,15 +268,23 @@ class BatchDriver:
             except queue.Empty:
                 return
 
-    def _apply(self, gen: Any, chats: dict[int, BatchChat], message: _Insert | _Remove) -> None:
+    def _apply(self, gen: Any, chats: dict[int, BatchChat], kept: Any, message: _Insert | _Remove) -> None:
         if isinstance(message, _Remove):
             uid = message.chat.uid
             if uid is not None and chats.pop(uid, None) is not None:
-                gen.remove([uid])
+                for cache, tokens in gen.remove([uid], return_prompt_caches=True).values():
+                    kept.insert_cache(_MODEL, tokens, cache)
             return
         try:
             sampler = make_chat_sampler(message.req)
-            (uid,) = gen.insert([message.prompt], [message.req.max_tokens], samplers=[sampler])
+            cache, rest = _cached_prefix(kept, message)
+            (uid,) = gen.insert(
+                [rest],
+                [message.req.max_tokens],
+                caches=[cache] if cache is not None else None,
+                all_tokens=[message.prompt[: len(message.prompt) - len(rest)]],
+                samplers=[sampler],
+            )
         except Exception as exc:  # this chat's request, not the batch, is at fault
             message.chat.steps.put(exc)
             return
@@ -262,9 +292,9 @@ class BatchDriver:
         chats[uid] = message.chat
 
 
-def _step(gen: Any, chats: dict[int, BatchChat]) -> None:
+def _step(gen: Any, chats: dict[int, BatchChat], kept: Any) -> None:
     """One step of the batch (a decode step, and a chunk of any prompts coming in): each chat
-    its token; a chat that ended leaves `chats`."""
+    its token; a chat that ended leaves `chats`, its cache kept."""
     _, responses = gen.next()
     for r in responses:
         if (owner := chats.get(r.uid)) is None:
@@ -272,3 +302,23 @@ def _step(gen: Any, chats: dict[int, BatchChat]) -> None:
         owner.steps.put(Step(r.token, r.finish_reason))
         if r.finish_reason is not None:
             del chats[r.uid]
+            kept.insert_cache(_MODEL, r.all_tokens, r.prompt_cache)
+
+
+def _cached_prefix(kept: Any, message: _Insert) -> tuple[list[Any] | None, list[int]]:
+    """The KV cache of the longest prefix of the chat's prompt an earlier chat left (None: none),
+    and the prompt's tokens still to compute (at least its last, to sample from)."""
+    from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
+    prompt = message.prompt
+    if message.req.seed is not None:
+        return None, prompt
+    cache, rest = kept.fetch_nearest_cache(_MODEL, prompt)
+    if cache is None:
+        return None, prompt
+    if not rest:
+        if not can_trim_prompt_cache(cache):
+            return None, prompt
+        trim_prompt_cache(cache, 1)
+        rest = prompt[-1:]
+    return cache, rest

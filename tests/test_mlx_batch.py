@@ -5,16 +5,17 @@ everything served in one batch, each as it would be alone. The engine contract
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import pytest
+import pytest_asyncio
 
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Generate, Message
 from exojet.runner.mlx_batch import CHAT_WINDOW, KV_MAX_FREE_FRACTION, MAX_CHATS, chat_capacity, kv_bytes_per_token
-from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import collect
 
 GB = 10**9
@@ -47,35 +48,54 @@ def test_kv_bytes_per_token_is_measured_on_the_model(tiny_model_dir: Path) -> No
     assert kv_bytes_per_token(model) == 4 * 2 * 2 * 16 * 2
 
 
-@pytest.mark.timeout(120)
-async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(tmp_path: Path) -> None:
-    model = write_tiny_llama(tmp_path / "tiny")
-    engine = Engine("mlx")
-    await engine.start()
+@pytest_asyncio.fixture
+async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
+    """An MLX engine child with the tiny llama loaded."""
+    eng = Engine("mlx")
+    await eng.start()
     try:
-        await engine.load(str(model))
-
-        def ask(topic: str, **kwargs: Any) -> Generate:
-            return Generate(messages=[Message(role="user", content=f"tell me about {topic}")], **kwargs)
-
-        rain = (await collect(engine, ask("rain", max_tokens=30)))[1].text
-        asks = [
-            ask("cats", max_tokens=5),
-            # Seeded: drawn from its own key, whatever the others draw.
-            ask("owls", max_tokens=30, temperature=1.5, top_p=0.9, seed=7),
-            ask("bread", max_tokens=30, temperature=1.0, seed=3),
-            ask("rain", max_tokens=30, stop=[rain[10:14]]),
-            ask("trains", max_tokens=1),
-        ]
-        alone = [(await collect(engine, a))[1] for a in asks]
-
-        together = await asyncio.gather(*(collect(engine, a) for a in asks))
-
-        for (chunks, done), one in zip(together, alone, strict=True):
-            assert "".join(chunks) == done.text == one.text
-            assert (done.finish_reason, done.completion_tokens) == (one.finish_reason, one.completion_tokens)
-        assert [d.completion_tokens for d in alone[:1] + alone[4:]] == [5, 1]
-        assert alone[3].finish_reason == "stop" and alone[3].text == rain[: rain.index(rain[10:14])]
-        assert alone[1].text != (await collect(engine, ask("owls", max_tokens=30, temperature=1.5, seed=8)))[1].text
+        await eng.load(str(tiny_model_dir))
+        yield eng
     finally:
-        await engine.stop()
+        await eng.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(engine: Engine) -> None:
+    def ask(topic: str, **kwargs: Any) -> Generate:
+        return Generate(messages=[Message(role="user", content=f"tell me about {topic}")], **kwargs)
+
+    rain = (await collect(engine, ask("rain", max_tokens=30)))[1].text
+    asks = [
+        ask("cats", max_tokens=5),
+        # Seeded: drawn from its own key, whatever the others draw.
+        ask("owls", max_tokens=30, temperature=1.5, top_p=0.9, seed=7),
+        ask("bread", max_tokens=30, temperature=1.0, seed=3),
+        ask("rain", max_tokens=30, stop=[rain[10:14]]),
+        ask("trains", max_tokens=1),
+    ]
+    alone = [(await collect(engine, a))[1] for a in asks]
+
+    together = await asyncio.gather(*(collect(engine, a) for a in asks))
+
+    for (chunks, done), one in zip(together, alone, strict=True):
+        assert "".join(chunks) == done.text == one.text
+        assert (done.finish_reason, done.completion_tokens) == (one.finish_reason, one.completion_tokens)
+    assert [d.completion_tokens for d in alone[:1] + alone[4:]] == [5, 1]
+    assert alone[3].finish_reason == "stop" and alone[3].text == rain[: rain.index(rain[10:14])]
+    assert alone[1].text != (await collect(engine, ask("owls", max_tokens=30, temperature=1.5, seed=8)))[1].text
+
+
+@pytest.mark.timeout(120)
+async def test_a_conversations_next_turn_from_the_kept_cache_answers_as_computed_whole(engine: Engine) -> None:
+    turn1 = [Message(role="user", content="tell me a story about a small llama on a hill")]
+    _, first = await collect(engine, Generate(messages=turn1, max_tokens=20))
+    turn2 = [*turn1, Message(role="assistant", content=first.text), Message(role="user", content="and then?")]
+
+    # Unseeded: from the first turn's cache; seeded (greedy still): computed from its whole prompt.
+    _, reused = await collect(engine, Generate(messages=turn2, max_tokens=20))
+    _, whole = await collect(engine, Generate(messages=turn2, max_tokens=20, seed=1))
+    _, again = await collect(engine, Generate(messages=turn2, max_tokens=20))
+
+    assert reused.text == whole.text == again.text
+    assert reused.prompt_tokens == whole.prompt_tokens > first.prompt_tokens + first.completion_tokens
