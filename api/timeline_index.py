@@ -31,7 +31,7 @@ from exojet.projections.words import envelope_json
 
 CHECKPOINT_EVERY = 1000
 # The most the checkpoints and their messages may hold; the oldest go first (a million
-# messages of a busy cluster take about MB: bench/timeline.py).
+# messages of a busy cluster take about 44 MiB: bench/timeline.py).
 MAX_BYTES = 100 * 2**20
 # Timeline requests rebuilding a state at once; more are answered 429 (each costs tens of ms of CPU).
 MAX_AT_ONCE = 2
