@@ -25,8 +25,12 @@ from loguru import logger  # noqa: E402
 
 from exojet.bus.ops.server import free_port  # noqa: E402
 from exojet.models.smollm import ensure_default_model  # noqa: E402
-from exojet.runner.engine import Done, Engine, Generate  # noqa: E402
-from exojet.runner.engine_protocol import Message  # noqa: E402
+from exojet.runner.engine import Engine  # noqa: E402
+from exojet.runner.engine_protocol import (  # noqa: E402
+    Done,
+    Generate,
+    Message,  # noqa: E402
+)
 from exojet.runner.pipeline import split_layers  # noqa: E402
 
 PROMPT = [Message(role="user", content="Write a short story about a lighthouse keeper.")]

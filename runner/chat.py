@@ -12,8 +12,8 @@ from nats.aio.client import Client as NATS
 from exojet.bus.results import ChatResult, wire
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
-from exojet.runner.engine import Done, Engine, Generate
-from exojet.runner.engine_protocol import Message
+from exojet.runner.engine import Engine
+from exojet.runner.engine_protocol import Done, Generate, Message
 
 
 class Answer(NamedTuple):

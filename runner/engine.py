@@ -40,6 +40,8 @@ from exojet.runner.engine_choice import (
     installed_engines,
 )
 from exojet.runner.engine_crashes import CrashMemory, exit_message, is_engine_fault
+from exojet.runner.engine_errors import EngineCrashed, EngineError
+from exojet.runner.engine_generations import Generations
 from exojet.runner.engine_protocol import (
     HEADER,
     TERMINAL_REPLIES,
@@ -70,24 +72,6 @@ from exojet.runner.mlx_cpu import child_env, describe, find_blas
 _R = TypeVar("_R", ModelLoaded, GroupConnected, Ok)
 
 
-class EngineError(Exception):
-    """The engine answered a request with an error; it is still serving."""
-
-    def __init__(self, error_type: str, message: str) -> None:
-        super().__init__(f"{error_type}: {message}")
-        self.error_type = error_type
-        self.message = message
-
-
-class EngineCrashed(Exception):
-    """The engine process is gone (killed, crashed or exited); `start()` again."""
-
-    def __init__(self, message: str, returncode: int | None = None) -> None:
-        super().__init__(message)
-        # The child's exit status (negative: the signal that killed it); None: not known.
-        self.returncode = returncode
-
-
 class Engine:
     """An engine (MLX or llama.cpp, chosen per model) in a child process, driven from asyncio.
 
@@ -111,19 +95,10 @@ class Engine:
         self._crash: EngineCrashed | None = None
         # Terminal replies the child still owes for abandoned requests (not generations).
         self._owed = 0
-        # Each generation under way, by request id: the queue its replies go to.
-        self._gens: dict[int, asyncio.Queue[Token | Done | RequestFailed | EngineCrashed]] = {}
-        # Generations abandoned before their terminal reply (cancelled, the child owes it).
-        self._abandoned: set[int] = set()
-        self._none_abandoned = asyncio.Event()
-        self._none_abandoned.set()
-        # No generation under way or owed: another request may go.
-        self._gens_idle = asyncio.Event()
-        self._gens_idle.set()
+        # Each generation under way (the child tags each reply of one with its number).
+        self._gens = Generations()
         self._stopping = False
         self._log = logger.bind(component="engine")
-        # Generations are numbered; the child tags each reply of one with its number.
-        self._request_id = 0
         # The model and engine loaded, and whether it has served a chat yet: a crash
         # before its first chat is held against the engine for that model.
         self._loaded: tuple[str, EngineName] | None = None
@@ -158,9 +133,7 @@ class Engine:
         self._replies = asyncio.Queue()
         self._crash = None
         self._owed = 0
-        self._gens.clear()
-        self._abandoned.clear()
-        self._gens_changed()
+        self._gens.end_all(None)
         self._stopping = False
         self._in_group = False
         self._engine_in_use = None
@@ -274,8 +247,7 @@ class Engine:
 
     def next_request_id(self) -> int:
         """A number for a generation (`Generate.request_id`), to `cancel` it by."""
-        self._request_id += 1
-        return self._request_id
+        return self._gens.next_request_id()
 
     async def generate(self, req: Generate) -> AsyncIterator[Token | Done]:
         """Stream a chat completion: `Token` deltas as they come, then one `Done`. Several
@@ -288,9 +260,7 @@ class Engine:
             if self._crash is not None:
                 raise self._crash
             request_id = req.request_id or self.next_request_id()
-            replies: asyncio.Queue[Token | Done | RequestFailed | EngineCrashed] = asyncio.Queue()
-            self._gens[request_id] = replies
-            self._gens_changed()
+            replies = self._gens.open(request_id)
             early = self._early("first chat")
             self._chats_served += 1
             await self._write(msgspec.structs.replace(req, request_id=request_id))
@@ -299,7 +269,7 @@ class Engine:
             with early:
                 while True:
                     reply = await replies.get()
-                    if isinstance(reply, EngineCrashed):
+                    if isinstance(reply, Exception):
                         raise reply
                     if isinstance(reply, Token):
                         yield reply
@@ -310,19 +280,11 @@ class Engine:
                         return
                     raise self._unexpected(reply)
         finally:
-            del self._gens[request_id]
-            if not finished and self.alive:
-                self._abandoned.add(request_id)
+            abandoned = not finished and self.alive
+            self._gens.close(request_id, abandoned)
+            if abandoned:
                 # No await here: this may run while the generator is being closed.
                 self._stdin().write(encode_frame(Cancel(request_id=request_id)))
-            self._gens_changed()
-
-    def _gens_changed(self) -> None:
-        for event, busy in ((self._none_abandoned, self._abandoned), (self._gens_idle, self._gens or self._abandoned)):
-            if busy:
-                event.clear()
-            else:
-                event.set()
 
     async def settle(self, timeout: float) -> bool:
         """Wait, at most `timeout` s, for the replies the child owes for abandoned requests
@@ -330,7 +292,7 @@ class Engine:
         them no sooner, or is gone: then only a fresh child serves again."""
         try:
             async with asyncio.timeout(timeout):
-                await self._none_abandoned.wait()
+                await self._gens.none_abandoned.wait()
                 async with self._lock:
                     while self._owed:
                         await self._next_reply()
@@ -390,7 +352,7 @@ class Engine:
         `LayersLoaded` on the way go to `on_layers`)."""
         async with self._lock:
             # Nothing but generations runs beside generations (the child joins them first).
-            await self._gens_idle.wait()
+            await self._gens.idle.wait()
             await self._send(req)
             reply = await self._next_reply()
             while isinstance(reply, LayersLoaded):
@@ -446,7 +408,10 @@ class Engine:
             while True:
                 header = await proc.stdout.readexactly(HEADER.size)
                 body = await proc.stdout.readexactly(frame_length(header))
-                self._dispatch(reply_decoder.decode(body))
+                reply = reply_decoder.decode(body)
+                # A generation's reply to its queue, the rest in order to `_replies`.
+                if not self._gens.dispatch(reply):
+                    self._replies.put_nowait(reply)
         except asyncio.IncompleteReadError:
             pass
         except Exception as exc:  # noqa: BLE001 - a corrupt stream ends this child
@@ -463,30 +428,5 @@ class Engine:
         )
         self._crash = crashed
         self._replies.put_nowait(crashed)
-        for replies in self._gens.values():
-            replies.put_nowait(crashed)
         # A dead child owes nothing.
-        self._abandoned.clear()
-        self._gens_changed()
-
-    def _dispatch(self, reply: Reply) -> None:
-        """A generation's reply to its queue (dropped if it was abandoned), the rest to `_replies`."""
-        if not isinstance(reply, Token | Done | RequestFailed) or not reply.request_id:
-            self._replies.put_nowait(reply)
-        elif (replies := self._gens.get(reply.request_id)) is not None:
-            replies.put_nowait(reply)
-        elif not isinstance(reply, Token) and reply.request_id in self._abandoned:
-            self._abandoned.discard(reply.request_id)
-            self._gens_changed()
-
-
-__all__ = [
-    "Done",
-    "Engine",
-    "EngineCrashed",
-    "EngineError",
-    "Generate",
-    "ModelLoaded",
-    "Ok",
-    "Token",
-]
+        self._gens.end_all(crashed)

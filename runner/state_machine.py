@@ -12,7 +12,7 @@ from exojet.bus.lifecycle import FAILED, LIFECYCLE, REGISTERED
 from exojet.bus.statuses import RunnerFailed, RunnerStatus, TaskStatus, runner_status, status_name
 from exojet.runner.chunks import ChunksNotStored
 from exojet.runner.download import DownloadError
-from exojet.runner.engine import EngineCrashed, EngineError
+from exojet.runner.engine_errors import EngineCrashed, EngineError
 from exojet.runner.engine_protocol import REQUEST_REFUSALS
 
 

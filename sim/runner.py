@@ -23,7 +23,7 @@ from exojet.bus.tasks import ConnectToGroup, DownloadModel, LoadModel, Task, Unl
 from exojet.runner import steps as runner_steps
 from exojet.runner import write_chain
 from exojet.runner.cancels import Cancels
-from exojet.runner.engine import EngineError
+from exojet.runner.engine_errors import EngineError
 from exojet.runner.handling import RunnerCore
 from exojet.runner.task_loop import IN_PROGRESS_EVERY_S
 from exojet.runner.write_chain import Build, TwinRunning

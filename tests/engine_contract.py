@@ -26,8 +26,9 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from exojet.runner.engine import Engine, EngineCrashed, EngineError
+from exojet.runner.engine import Engine
 from exojet.runner.engine_choice import EngineWanted
+from exojet.runner.engine_errors import EngineCrashed, EngineError
 from exojet.runner.engine_protocol import Done, Generate, Message, Token
 
 # The async tests of one engine share one event loop so they can share one child.

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from exojet.models.gguf_import import import_gguf
 from exojet.models.smollm import ensure_default_model
-from exojet.runner.engine import Engine, EngineError
+from exojet.runner.engine import Engine
+from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_protocol import LayersLoaded
 from exojet.runner.executor import LoadThrottle
 from exojet.runner.mlx_batch import MAX_CHATS

@@ -15,8 +15,9 @@ from exojet.bus.commands import PlaceInstance
 from exojet.bus.ids import instance_id_of
 from exojet.bus.nats import client
 from exojet.bus.ops.server import NatsServer
-from exojet.runner.engine import Engine, EngineCrashed
+from exojet.runner.engine import Engine
 from exojet.runner.engine_backend import FAULT_ENV
+from exojet.runner.engine_errors import EngineCrashed
 from exojet.runner.engine_protocol import Generate
 from testbed.log_watcher import LogWatch
 from tests.engine_contract import PROMPT, collect

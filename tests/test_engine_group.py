@@ -13,8 +13,9 @@ import pytest
 
 from exojet.bus.ops.server import free_port
 from exojet.runner import ring_identity
-from exojet.runner.engine import Done, Engine, EngineCrashed, EngineError, Generate, Token
-from exojet.runner.engine_protocol import Message
+from exojet.runner.engine import Engine
+from exojet.runner.engine_errors import EngineCrashed, EngineError
+from exojet.runner.engine_protocol import Done, Generate, Message, Token
 
 pytestmark = pytest.mark.timeout(120)
 

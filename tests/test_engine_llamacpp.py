@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
-from exojet.runner.engine import Engine, EngineError
+from exojet.runner.engine import Engine
+from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message
 from testbed.tiny_model import write_tiny_llama

@@ -10,7 +10,7 @@ from exojet.bus.statuses import RunnerFailed, RunnerIdle, RunnerReady, RunnerSta
 from exojet.runner import state_machine
 from exojet.runner.chunks import ChunksNotStored
 from exojet.runner.download import DownloadError
-from exojet.runner.engine import EngineCrashed, EngineError
+from exojet.runner.engine_errors import EngineCrashed, EngineError
 from tests.runner_harness import ACCEPTED
 
 pytestmark = pytest.mark.timeout(10)
