@@ -109,6 +109,8 @@ class LiveCluster:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self.fold is not None:
+            await self.fold.stop()
         if self.nc is not None:
             await self.nc.close()
 
