@@ -13,7 +13,7 @@ from exojet.bus.results import ChatResult, wire
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
 from exojet.runner.engine import Engine
-from exojet.runner.engine_protocol import Done, Generate, Message
+from exojet.runner.engine_protocol import Done, Generate, Message, Token
 
 
 class Answer(NamedTuple):
@@ -71,7 +71,7 @@ async def chat(
                     # once text comes back, the request is in, and this one is heard.
                     engine.cancel(request_id)
                     asked_again = True
-            elif chunks is not None:
+            elif chunks is not None and isinstance(reply, Token):
                 await chunks.add(reply.text)
     finally:
         canceller.cancel()

@@ -59,6 +59,7 @@ from exojet.runner.engine_protocol import (
     Request,
     RequestFailed,
     Token,
+    ToolCallChunk,
     Unload,
     Warmup,
     WeightsChoice,
@@ -249,8 +250,8 @@ class Engine:
         """A number for a generation (`Generate.request_id`), to `cancel` it by."""
         return self._gens.next_request_id()
 
-    async def generate(self, req: Generate) -> AsyncIterator[Token | Done]:
-        """Stream a chat completion: `Token` deltas as they come, then one `Done`. Several
+    async def generate(self, req: Generate) -> AsyncIterator[Token | ToolCallChunk | Done]:
+        """Stream a chat completion: `Token` and `ToolCallChunk` deltas as they come, then one `Done`. Several
         may run at once (up to the model's `chat_capacity`); `req.request_id`, if set, came
         from `next_request_id`.
 
@@ -271,7 +272,7 @@ class Engine:
                     reply = await replies.get()
                     if isinstance(reply, Exception):
                         raise reply
-                    if isinstance(reply, Token):
+                    if isinstance(reply, Token | ToolCallChunk):
                         yield reply
                         continue
                     finished = True

@@ -1,7 +1,7 @@
 """The one interface every engine in the engine child implements, and how a Load picks one.
 
 An engine class is constructed by a `Load` (it loads the model or raises `RequestError`),
-says what it loaded (`loaded`), generates (`generate`: text deltas to `emit`, `cancelled`
+says what it loaded (`loaded`), generates (`generate`: text deltas and tool-call pieces to `emit`, `cancelled`
 asked between tokens) and frees the model (`close`). The child's request loop
 (`runner.engine_child`) only ever talks to this interface: adding an engine is a class
 and a line in `_ENGINES`.
@@ -14,7 +14,11 @@ import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
+
+# Where an engine sends what it generates: text deltas, and pieces of tool calls.
+Emit = Callable[[str | ToolCallDelta], None]
 
 # A fault hook for the tests of engine crashes: "<engine>:<point>" (point: load, warmup or
 # generate) makes the child kill itself with SIGSEGV there, as a broken kernel would.
@@ -43,7 +47,7 @@ class EngineBackend(Protocol):
 
     def loaded(self) -> ModelLoaded: ...
 
-    def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done: ...
+    def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done: ...
 
     def close(self) -> None: ...
 

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
+from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_backend import EngineBackend, RequestError, fault_point, open_engine
 from exojet.runner.engine_pipe import Pipe
 from exojet.runner.engine_protocol import (
@@ -46,6 +47,7 @@ from exojet.runner.engine_protocol import (
     Request,
     RequestFailed,
     Token,
+    ToolCallChunk,
     Unload,
     Warmup,
 )
@@ -82,8 +84,13 @@ class TokenWriter:
         self.held: list[str] = []
         self.written_at: float | None = None
 
-    def write(self, text: str) -> None:
+    def write(self, text: str | ToolCallDelta) -> None:
         if self.pipe is None or not text:
+            return
+        if isinstance(text, ToolCallDelta):
+            # After the text before it, at once: a call is rare and the client waits on it.
+            self.flush()
+            self.pipe.write(ToolCallChunk(delta=text, request_id=self.request_id))
             return
         self.held.append(text)
         if self.written_at is None or time.perf_counter() - self.written_at >= self.interval():

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 
-from exojet.runner.engine_protocol import Done, Reply, RequestFailed, Token
+from exojet.runner.engine_protocol import Done, Reply, RequestFailed, Token, ToolCallChunk
 
-GenerationReply = Token | Done | RequestFailed
+GenerationReply = Token | ToolCallChunk | Done | RequestFailed
 
 
 class Generations:
@@ -53,7 +53,7 @@ class Generations:
             return False
         if (replies := self._queues.get(reply.request_id)) is not None:
             replies.put_nowait(reply)
-        elif not isinstance(reply, Token) and reply.request_id in self._abandoned:
+        elif not isinstance(reply, Token | ToolCallChunk) and reply.request_id in self._abandoned:
             self._abandoned.discard(reply.request_id)
             self._changed()
         return True

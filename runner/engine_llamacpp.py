@@ -14,6 +14,7 @@ private folder (mode 0700) so no other local user can reach the model through it
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -24,8 +25,10 @@ from typing import Any, Literal
 import msgspec
 import psutil
 
-from exojet.runner.engine_backend import RequestError, raw_prompt
-from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
+from exojet.bus.tools import JsonSchema, ResponseFormat, ToolCall, ToolCallDelta, join_deltas, must_call, wanted_tools
+from exojet.runner import generic_tools
+from exojet.runner.engine_backend import Emit, RequestError, raw_prompt
+from exojet.runner.engine_protocol import Done, FinishReason, Generate, Load, Message, ModelLoaded
 from exojet.runner.stop_scanner import StopScanner
 
 # A chat's window: this many tokens (or the model's own context, if shorter).
@@ -54,6 +57,8 @@ class GgufFacts(msgspec.Struct, frozen=True):
     architecture: str
     n_layers: int
     context_length: int | None
+    # Whether its chat template renders the tools it is given (else: runner.generic_tools).
+    template_has_tools: bool = False
 
 
 def gguf_facts(path: Path) -> GgufFacts:
@@ -72,6 +77,8 @@ def gguf_facts(path: Path) -> GgufFacts:
         architecture=arch,
         n_layers=int(value(f"{arch}.block_count") or 0),
         context_length=int(context) if context else None,
+        # llama.cpp's own test of a template (jinja caps) is whether it reads `tools`.
+        template_has_tools="tools" in str(value("tokenizer.chat_template") or ""),
     )
 
 
@@ -123,14 +130,11 @@ def _sampling(req: Generate) -> dict[str, Any]:
     return body
 
 
-def chat_body(req: Generate) -> dict[str, Any]:
+def chat_body(req: Generate, template_has_tools: bool = True) -> dict[str, Any]:
     """The streamed chat completion (or, for a raw request, text completion) handed to
-    llama.cpp's server engine for `req`."""
-    text: dict[str, Any] = (
-        {"prompt": raw_prompt(req)}
-        if req.raw
-        else {"messages": [{"role": m.role, "content": m.content} for m in req.messages]}
-    )
+    llama.cpp's server engine for `req` (a model whose template renders no tools, or a chat
+    that must call one, takes runner.generic_tools' path)."""
+    text: dict[str, Any] = {"prompt": raw_prompt(req)} if req.raw else _chat(req, template_has_tools)
     return {
         **text,
         "stream": True,
@@ -139,8 +143,86 @@ def chat_body(req: Generate) -> dict[str, Any]:
     }
 
 
+def _chat(req: Generate, template_has_tools: bool) -> dict[str, Any]:
+    tools = wanted_tools(req.tools, req.tool_choice)
+    if tools and generic_tools.uses_generic(template_has_tools, req.tool_choice):
+        required = must_call(req.tool_choice)
+        prompt = Message(role="system", content=generic_tools.system_prompt(tools, required))
+        return {
+            "messages": [_message(m, generic=True) for m in (prompt, *req.messages)],
+            "grammar": _grammar(generic_tools.calls_schema(tools, required, req.parallel_tool_calls)),
+        }
+    body: dict[str, Any] = {"messages": [_message(m, generic=False) for m in req.messages]}
+    if tools:
+        body["tools"] = [msgspec.to_builtins(t) for t in tools]
+        body["tool_choice"] = "auto"
+        body["parallel_tool_calls"] = req.parallel_tool_calls
+    if (schema := response_schema(req.response_format)) is not None:
+        body["grammar"] = _grammar(schema)
+    return body
+
+
+def response_schema(response_format: ResponseFormat | None) -> JsonSchema | None:
+    """The JSON schema an answer must follow (None: free text)."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_schema" and response_format.json_schema is not None:
+        return response_format.json_schema.schema or {"type": "object"}
+    return {"type": "object"}
+
+
+_COMPACT = {"whitespace_flexible": False}
+
+
+def _grammar(schema: JsonSchema) -> str:
+    """The LLGuidance grammar of `schema` (xllamacpp's build of llama.cpp links LLGuidance).
+
+    A grammar, not `response_format`: given one, llama.cpp also parses the answer (at every
+    chunk) and fails the chat with a 500 when the text so far is not yet JSON it can read
+    (a character split across tokens), where the grammar alone already guarantees the JSON.
+    """
+    import xllamacpp
+
+    try:
+        # JSON without free whitespace: a model may otherwise spend its whole answer on blanks.
+        return str(xllamacpp.json_schema_to_grammar({**schema, "x-guidance": _COMPACT}))
+    except Exception as exc:
+        raise RequestError("InvalidRequest", f"the JSON schema does not compile to a grammar: {exc}") from exc
+
+
+def _message(m: Message, generic: bool) -> dict[str, Any]:
+    """A message as llama.cpp's chat template takes it; on the generic path calls and their
+    results are the JSON the generic prompt speaks."""
+    if generic and m.tool_calls:
+        calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in m.tool_calls]
+        return {"role": m.role, "content": json.dumps({"tool_calls": calls})}
+    if generic and m.role == "tool":
+        return {"role": "user", "content": json.dumps({"tool_response": m.content, "tool_call_id": m.tool_call_id})}
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
+        ]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str = ""
+
+
+class _ToolCallPiece(msgspec.Struct):
+    index: int = 0
+    id: str | None = None
+    function: _Function = msgspec.field(default_factory=_Function)
+
+
 class _Delta(msgspec.Struct):
     content: str | None = None
+    tool_calls: list[_ToolCallPiece] | None = None
 
 
 class _Choice(msgspec.Struct):
@@ -169,6 +251,7 @@ class _Chunk(msgspec.Struct):
 
 
 _chunk_decoder = msgspec.json.Decoder(_Chunk)
+_FINISH: dict[str, Literal["stop", "length", "tool_calls"]] = {"length": "length", "tool_calls": "tool_calls"}
 
 
 class LlamaCppEngine:
@@ -214,9 +297,9 @@ class LlamaCppEngine:
             chat_capacity=self.capacity,
         )
 
-    def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
-        """Generate a chat completion, calling `emit` with each text delta; `cancelled` is
-        asked after each chunk."""
+    def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
+        """Generate a chat completion, calling `emit` with each text delta and tool-call piece;
+        `cancelled` is asked after each chunk."""
         if req.max_tokens >= self.context_length:
             raise RequestError(
                 "ContextLengthExceeded",
@@ -224,39 +307,50 @@ class LlamaCppEngine:
                 f"{self.context_length} tokens with any prompt; lower max_tokens",
             )
         started = time.perf_counter()
-        state = _Generation(StopScanner(req.stop))
+        body = chat_body(req, self.facts.template_has_tools)
+        # A generic tool answer is JSON read whole at its end, not text to stream.
+        generic = "tools" not in body and bool(wanted_tools(req.tools, req.tool_choice)) and not req.raw
+        state = _Generation(StopScanner([] if generic else req.stop), None if generic else emit)
 
         def on_chunk(raw: str) -> bool:
             # xllamacpp swallows a callback's exception (taking it for "stop"): keep it to raise.
             try:
-                return state.take(_chunk_decoder.decode(raw), emit) or cancelled()
+                return state.take(_chunk_decoder.decode(raw)) or cancelled()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's frame
                 state.failure = exc
                 return True
 
         handle = self.server.handle_completions if req.raw else self.server.handle_chat_completions
-        handle(msgspec.json.encode(chat_body(req)).decode(), on_chunk)
+        handle(msgspec.json.encode(body).decode(), on_chunk)
         if state.failure is not None:
             raise state.failure
-        tail = state.scanner.flush()
-        if emit is not None and tail:
-            emit(tail)
         if state.error is not None:
             raise RequestError(_ERROR_TYPES.get(state.error.type, "EngineError"), state.error.message)
+        tail = state.scanner.flush()
+        text, calls = state.scanner.text, state.calls()
+        if generic:
+            text, calls = generic_tools.read_answer(text, f"call-{req.request_id}-{started:.6f}")
+            if emit is not None:
+                emit(text)
+                for i, call in enumerate(calls):
+                    emit(ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments))
+        elif emit is not None and tail:
+            emit(tail)
         ended = time.perf_counter()
         first_at = state.first_at or ended
         # A cancelled generation ends before its usage chunk: each content chunk is a token.
         completion_tokens = state.usage.completion_tokens or state.deltas
         decoded = completion_tokens - 1
         decode_seconds = ended - first_at
-        finish: Literal["stop", "length", "cancelled"] = state.finish if state.finish else "cancelled"
+        finish: FinishReason = state.finish if state.finish else "cancelled"
         return Done(
-            text=state.scanner.text,
-            finish_reason=finish,
+            text=text,
+            finish_reason="tool_calls" if calls and finish == "stop" else finish,
             prompt_tokens=state.usage.prompt_tokens,
             completion_tokens=completion_tokens,
             tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
             time_to_first_token=first_at - started,
+            tool_calls=tuple(calls),
         )
 
     def close(self) -> None:
@@ -268,33 +362,54 @@ class LlamaCppEngine:
 class _Generation:
     """What the chunks of one generation said so far."""
 
-    def __init__(self, scanner: StopScanner) -> None:
+    def __init__(self, scanner: StopScanner, emit: Emit | None) -> None:
         self.scanner = scanner
+        self.emit = emit
         self.deltas = 0
         self.first_at: float | None = None
-        self.finish: Literal["stop", "length"] | None = None
+        self.finish: Literal["stop", "length", "tool_calls"] | None = None
         self.usage = _Usage()
         self.error: _ServerError | None = None
         self.failure: BaseException | None = None
+        self.pieces: list[ToolCallDelta] = []
 
-    def take(self, chunk: _Chunk, emit: Callable[[str], None] | None) -> bool:
+    def take(self, chunk: _Chunk) -> bool:
         """Fold one chunk in; True when the generation is over (an error, a stop string)."""
         if chunk.error is not None:
             self.error = chunk.error
             return True
         for choice in chunk.choices:
+            if self.first_at is None and (choice.delta.content or choice.text or choice.delta.tool_calls):
+                self.first_at = time.perf_counter()
             if content := choice.delta.content or choice.text:
-                if self.first_at is None:
-                    self.first_at = time.perf_counter()
                 self.deltas += 1
                 delta, stopped = self.scanner.feed(content)
-                if emit is not None and delta:
-                    emit(delta)
+                self._emit(delta)
                 if stopped:
                     self.finish = "stop"
                     return True
+            for piece in choice.delta.tool_calls or ():
+                self.deltas += 1
+                self._tool_piece(piece)
             if choice.finish_reason is not None:
-                self.finish = "length" if choice.finish_reason == "length" else "stop"
+                self.finish = _FINISH.get(choice.finish_reason, "stop")
         if chunk.usage is not None:
             self.usage = chunk.usage
         return False
+
+    def _tool_piece(self, piece: _ToolCallPiece) -> None:
+        # Text held back by the stop scanner goes out before the call it preceded.
+        self._emit(self.scanner.flush())
+        delta = ToolCallDelta(
+            index=piece.index, id=piece.id, name=piece.function.name, arguments=piece.function.arguments
+        )
+        self.pieces.append(delta)
+        if self.emit is not None:
+            self.emit(delta)
+
+    def _emit(self, text: str) -> None:
+        if self.emit is not None and text:
+            self.emit(text)
+
+    def calls(self) -> list[ToolCall]:
+        return join_deltas(self.pieces)

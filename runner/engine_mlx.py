@@ -244,6 +244,9 @@ class MlxEngine:
 
     def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
+        if req.tools or req.response_format is not None:
+            # Refused, not ignored: an answer that skipped its constraint would look like one.
+            raise RequestError("InvalidRequest", "MLX serves no tool calls or response_format yet (issue 30)")
         try:
             # A chat template may refuse a role it does not know.
             prompt = (

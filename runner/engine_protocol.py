@@ -9,7 +9,7 @@ serves several at once (`ModelLoaded.chat_capacity` above 1): up to that many ru
 side, each reply tagged with its `request_id`, and the parent sends no other request
 until they have ended. `ConnectGroup`, `Load`, `Warmup`, `Unload` and `Generate` each end
 with exactly one terminal reply (`GroupConnected`, `ModelLoaded`, `Ok`, `Done` or
-`RequestFailed`); `Generate` streams `Token` replies before its terminal one, and `Load`
+`RequestFailed`); `Generate` streams `Token` and `ToolCallChunk` replies before its terminal one, and `Load`
 streams `LayersLoaded` replies (one per layer) before its own. `Cancel` is a notification
 without a reply: sent during a generation it ends it early (the terminal reply is then
 `Done` with finish_reason "cancelled"); sent while idle it is ignored. `Exit` ends the
@@ -23,6 +23,8 @@ from typing import Literal
 
 import msgspec
 
+from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
+
 HEADER = struct.Struct(">I")
 # A frame bigger than this is a corrupted stream, not a real message: prompts and
 # replies are kilobytes, so refusing early beats allocating gigabytes.
@@ -34,6 +36,9 @@ class Message(msgspec.Struct, frozen=True):
 
     role: str
     content: str
+    # An assistant message's calls; a "tool" message answers the call named `tool_call_id`.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 # "auto": dense float32 where that is faster and fits (runner.mlx_cpu), else as stored.
@@ -68,6 +73,11 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     # The one message's content is the prompt as given, no chat template.
     raw: bool = False
     request_id: int = 0
+    # Tool calls and structured output (bus/tools.py): the engine constrains the answer to them.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -150,11 +160,21 @@ class Token(msgspec.Struct, tag=True, frozen=True):
     request_id: int = 0
 
 
+class ToolCallChunk(msgspec.Struct, tag=True, frozen=True):
+    """A piece of a tool call the model is making (between its `Token` replies)."""
+
+    delta: ToolCallDelta
+    request_id: int = 0
+
+
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
+
+
 class Done(msgspec.Struct, tag=True, frozen=True):
-    """The end of a generation: the whole text and its numbers."""
+    """The end of a generation: the whole text, the tool calls and its numbers."""
 
     text: str
-    finish_reason: Literal["stop", "length", "cancelled"]
+    finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
     tokens_per_second: float
@@ -163,6 +183,7 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     # (what the runner adds around it is the rest of a task's time).
     seconds: float = 0.0
     request_id: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):
@@ -175,7 +196,7 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
 
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
-Reply = ModelLoaded | LayersLoaded | GroupConnected | Ok | Token | Done | RequestFailed
+Reply = ModelLoaded | LayersLoaded | GroupConnected | Ok | Token | ToolCallChunk | Done | RequestFailed
 # Errors that refuse a request before any work: the engine serves on as before.
 REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
 

@@ -16,20 +16,33 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import jsonschema_rs
 import psutil
 import pytest
 import pytest_asyncio
 
+from exojet.bus.tools import (
+    FunctionDef,
+    FunctionName,
+    JsonSchemaFormat,
+    NamedToolChoice,
+    ResponseFormat,
+    Tool,
+    ToolCallDelta,
+    ToolChoice,
+    join_deltas,
+)
 from exojet.runner.engine import Engine
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.engine_errors import EngineCrashed, EngineError
-from exojet.runner.engine_protocol import Done, Generate, Message, Token
+from exojet.runner.engine_protocol import Done, Generate, Message, Token, ToolCallChunk
 
 # The async tests of one engine share one event loop so they can share one child.
 class_loop = pytest.mark.asyncio(loop_scope="class")
@@ -393,3 +406,99 @@ class EngineContract:
         assert not psutil.pid_exists(pid)
         with pytest.raises(EngineCrashed, match="stopped"):
             await eng.load(str(model_path))
+
+
+WEATHER = Tool(
+    type="function",
+    function=FunctionDef(
+        name="get_weather",
+        parameters={
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 12},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    ),
+)
+CLOCK = Tool(
+    type="function",
+    function=FunctionDef(
+        name="get_time",
+        parameters={
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    ),
+)
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer"}, "sure": {"type": "boolean"}, "word": {"enum": ["yes", "no"]}},
+    "required": ["answer", "sure", "word"],
+    "additionalProperties": False,
+}
+
+
+async def collect_calls(engine: Engine, req: Generate) -> tuple[list[ToolCallDelta], Done]:
+    """The streamed tool-call pieces and the final Done of one generation."""
+    pieces: list[ToolCallDelta] = []
+    async for reply in engine.generate(req):
+        if isinstance(reply, ToolCallChunk):
+            pieces.append(reply.delta)
+        elif isinstance(reply, Done):
+            return pieces, reply
+    raise AssertionError("generation ended without Done")
+
+
+class ToolsContract:
+    """Tool calls and structured output (mixed into an engine's contract once it has them;
+    an engine without them says why in `NO_GRAMMAR`)."""
+
+    NO_GRAMMAR: str | None = None
+
+    @class_loop
+    @pytest.mark.timeout(120)
+    @pytest.mark.parametrize(
+        "choice", ["required", NamedToolChoice(type="function", function=FunctionName(name="get_time"))]
+    )
+    async def test_a_required_call_is_valid_against_its_function_schema(
+        self, engine: Engine, model_path: Path, choice: ToolChoice
+    ) -> None:
+        if self.NO_GRAMMAR:
+            pytest.skip(self.NO_GRAMMAR)
+        await engine.load(str(model_path))
+        ask = [Message(role="user", content="what is the weather in paris?")]
+        req = Generate(
+            messages=ask, max_tokens=200, tools=(WEATHER, CLOCK), tool_choice=choice, parallel_tool_calls=False
+        )
+
+        pieces, done = await collect_calls(engine, req)
+
+        assert done.finish_reason == "tool_calls", done
+        assert len(done.tool_calls) == 1
+        call = done.tool_calls[0]
+        tool = {t.function.name: t for t in (WEATHER, CLOCK)}[call.name]
+        if choice != "required":
+            assert call.name == "get_time"
+        jsonschema_rs.validate(tool.function.parameters, json.loads(call.arguments))
+        assert call.id
+        assert join_deltas(pieces) == list(done.tool_calls)
+
+    @class_loop
+    @pytest.mark.timeout(120)
+    async def test_a_json_schema_answer_parses_and_validates(self, engine: Engine, model_path: Path) -> None:
+        if self.NO_GRAMMAR:
+            pytest.skip(self.NO_GRAMMAR)
+        await engine.load(str(model_path))
+        schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
+        for topic in TOPICS[:3]:
+            ask = [Message(role="user", content=f"how many {topic}? answer in JSON")]
+            chunks, done = await collect(engine, Generate(messages=ask, max_tokens=200, response_format=schema))
+
+            assert done.finish_reason == "stop", done
+            assert "".join(chunks) == done.text
+            jsonschema_rs.validate(ANSWER_SCHEMA, json.loads(done.text))

@@ -16,7 +16,7 @@ from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message
 from testbed.tiny_model import write_tiny_llama
-from tests.engine_contract import PROMPT, EngineContract, class_loop, collect
+from tests.engine_contract import PROMPT, EngineContract, ToolsContract, class_loop, collect
 from tests.gguf_tiny import Q, as_gguf
 
 
@@ -44,7 +44,7 @@ def library_greedy(model_path: Path):
     return greedy
 
 
-class TestLlamaCppEngine(EngineContract):
+class TestLlamaCppEngine(EngineContract, ToolsContract):
     ENGINE = "llamacpp"
     # The context window llama.cpp is given, less the prompt.
     ENDLESS = MAX_CONTEXT - 64
