@@ -15,19 +15,18 @@ import msgspec
 from exojet.api.errors import bad_request
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
+from exojet.bus.tools import FREE, AnswerShape, NamedToolChoice, ResponseFormat, Tool, ToolCall, ToolChoice
 
 DEFAULT_MAX_TOKENS_LIMIT = 16_384
 MAX_STOP_SEQUENCES = 4
+# OpenAI's own bound on a request's tools.
+MAX_TOOLS = 128
 SEED_MAX = 2**63 - 1
 
 # OpenAI parameters exojet does not implement yet: a 400 naming them.
 UNSUPPORTED = (
-    "tools",
-    "tool_choice",
-    "parallel_tool_calls",
     "functions",
     "function_call",
-    "response_format",
     "logit_bias",
     "top_logprobs",
     "audio",
@@ -50,10 +49,24 @@ class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     text: str
 
 
+class InFunctionCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    arguments: str
+
+
+class InToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    id: str
+    type: Literal["function"]
+    function: InFunctionCall
+
+
 class InMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Null (or left out) only in an assistant message that calls tools.
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[InToolCall] | None = None
+    tool_call_id: str | None = None
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,6 +93,10 @@ class ChatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logprobs: bool | None = None
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -90,6 +107,7 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
     stream: bool
     include_usage: bool
     sampling: Sampling
+    shape: AnswerShape = FREE
     # The message's content is the prompt as given (no chat template).
     raw: bool = False
 
@@ -127,12 +145,43 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
     stop = tuple(body.stop) if isinstance(body.stop, list) else body.stop
     return ChatRequest(
         model=body.model,
-        messages=tuple(_message(m) for m in body.messages),
+        messages=tuple(_message(i, m) for i, m in enumerate(body.messages)),
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         sampling=Sampling(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop or None
         ),
+        shape=_shape(body),
+    )
+
+
+def _shape(body: ChatBody) -> AnswerShape:
+    """The tools and format the answer must keep to (ApiError(400) when they do not fit together)."""
+    tools = tuple(body.tools or ())
+    names = {t.function.name for t in tools}
+    if len(names) < len(tools):
+        raise bad_request("tools: two tools have the same name", param="tools", code="invalid_value")
+    choice = body.tool_choice
+    if choice is not None and choice != "none" and not tools:
+        raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice")
+    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+        raise bad_request(
+            f"tool_choice names {choice.function.name!r}, which is not among the tools", param="tool_choice"
+        )
+    fmt = body.response_format
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
+        raise bad_request("response_format: json_schema is required for type json_schema", param="response_format")
+    if fmt is not None and fmt.type != "text" and tools and choice != "none":
+        raise bad_request(
+            "tools and response_format cannot both shape one answer",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+    return AnswerShape(
+        tools=tools,
+        tool_choice=choice,
+        parallel_tool_calls=body.parallel_tool_calls,
+        response_format=None if fmt is None or fmt.type == "text" else fmt,
     )
 
 
@@ -160,8 +209,23 @@ def _invalid(err: msgspec.ValidationError) -> Exception:
     return bad_request(f"invalid {path or 'body'}: {detail}", param=path or None, code="invalid_value")
 
 
-def _message(m: InMessage) -> ChatMessage:
+def _message(i: int, m: InMessage) -> ChatMessage:
     # Chat templates know system/user/assistant; `developer` is OpenAI's new name for system.
     role = "system" if m.role == "developer" else m.role
-    content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-    return ChatMessage(role, content)
+    if m.content is None and not (m.role == "assistant" and m.tool_calls):
+        raise bad_request(
+            "content may be null only in an assistant message with tool_calls", param=f"messages[{i}].content"
+        )
+    if m.role == "tool" and not m.tool_call_id:
+        raise bad_request("a tool message needs the tool_call_id it answers", param=f"messages[{i}].tool_call_id")
+    parts = m.content or ""
+    content = parts if isinstance(parts, str) else "".join(p.text for p in parts)
+    for c in m.tool_calls or ():
+        try:
+            _decoder.decode(c.function.arguments)
+        except msgspec.DecodeError:
+            raise bad_request(
+                f"the arguments of tool call {c.id!r} are not JSON", param=f"messages[{i}].tool_calls"
+            ) from None
+    calls = tuple(ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in m.tool_calls or ())
+    return ChatMessage(role, content, tool_calls=calls, tool_call_id=m.tool_call_id)

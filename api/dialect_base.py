@@ -25,10 +25,13 @@ from exojet.api.gateway import Gateway, api_error
 from exojet.bus.chat_ends import ChatError, Ended
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
+from exojet.bus.tools import ToolCallDelta
 from exojet.projections.instances import ENDED_STATUSES, READY
 
 # What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
 Piece = str | Ended | ApiError
+# The same with the pieces of its tool calls, for a dialect that renders them.
+CallPiece = str | ToolCallDelta | Ended | ApiError
 T = TypeVar("T")
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -78,13 +81,27 @@ async def route(gateway: Gateway, req: ChatRequest) -> ChatStream:
     return stream
 
 
-async def pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[Piece]:
-    """The chat's text deltas as they come, then its Complete status or the error it ended with."""
+async def call_pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[CallPiece]:
+    """The chat's text deltas and tool-call pieces as they come, then its Complete status or the
+    error it ended with."""
     try:
         async for piece in gateway.session.answer(stream):
             yield piece
     except ChatError as err:
         yield api_error(err)
+
+
+async def pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[Piece]:
+    """The chat's text deltas as they come, then its Complete status or the error it ended with."""
+    async for piece in text_pieces(call_pieces(gateway, stream)):
+        yield piece
+
+
+async def text_pieces(source: AsyncIterator[CallPiece]) -> AsyncIterator[Piece]:
+    """`source` less its tool-call pieces (a dialect that takes no tools: its chats make none)."""
+    async for piece in source:
+        if not isinstance(piece, ToolCallDelta):
+            yield piece
 
 
 def tokens(outcome: Ended) -> tuple[int, int]:
@@ -130,14 +147,14 @@ async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple
 def stream_body(
     gateway: Gateway,
     stream: ChatStream,
-    render: Callable[[AsyncIterator[Piece]], AsyncIterator[bytes]],
+    render: Callable[[AsyncIterator[CallPiece]], AsyncIterator[bytes]],
     media_type: str,
 ) -> StreamingResponse:
     """A streamed answer: `render` turns the chat's pieces into the dialect's bytes."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for part in render(pieces(gateway, stream)):
+            async for part in render(call_pieces(gateway, stream)):
                 yield part
         finally:
             # Runs when the stream ends and when the client goes away mid-way
@@ -154,12 +171,16 @@ async def respond(
     events: Callable[[str, AsyncIterator[Piece]], AsyncIterator[bytes]],
     reply: Callable[[str, str, Ended], Any],
     media_type: str = "text/event-stream",
+    call_events: Callable[[str, AsyncIterator[CallPiece]], AsyncIterator[bytes]] | None = None,
 ) -> Response:
     """Route `req`, then answer as a dialect does: streamed (`events` of the chat id and its
-    pieces) when it asked for a stream, else `reply(chat id, text, outcome)` as JSON."""
+    pieces, or `call_events` of them with their tool-call pieces) when it asked for a stream,
+    else `reply(chat id, text, outcome)` as JSON."""
     stream = await route(gateway, req)
+    if req.stream and call_events is not None:
+        return stream_body(gateway, stream, lambda p: call_events(stream.chat_id, p), media_type)
     if req.stream:
-        return stream_body(gateway, stream, lambda p: events(stream.chat_id, p), media_type)
+        return stream_body(gateway, stream, lambda p: events(stream.chat_id, text_pieces(p)), media_type)
     answered = await whole(request, gateway, stream)
     if answered is None:
         return gone()

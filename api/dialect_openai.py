@@ -19,6 +19,7 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest, parse_chat
 from exojet.api.errors import ApiError
 from exojet.bus.chat_ends import Ended
+from exojet.bus.tools import ToolCall, ToolCallDelta
 
 if TYPE_CHECKING:
     from exojet.api.app import Api
@@ -43,7 +44,31 @@ class Chat:
             req,
             lambda chat_id, pieces: _events(chat_id, req, pieces),
             lambda chat_id, text, outcome: _completion(chat_id, req, text, outcome),
+            call_events=lambda chat_id, pieces: _events(chat_id, req, pieces),
         )
+
+
+def _message(text: str, outcome: Ended) -> dict[str, Any]:
+    """The answer's message: its calls, with content null when it said nothing else (OpenAI's shape)."""
+    calls = outcome.result.tool_calls
+    if not calls:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": text or None, "tool_calls": [_call(c) for c in calls]}
+
+
+def _call(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
+def _call_delta(piece: ToolCallDelta) -> dict[str, Any]:
+    """A streamed piece of a call: its index, then (the first time) its id and name, its arguments' fragment."""
+    out: dict[str, Any] = {"index": piece.index}
+    if piece.id is not None:
+        out |= {"id": piece.id, "type": "function"}
+    function: dict[str, str] = {"arguments": piece.arguments}
+    if piece.name is not None:
+        function["name"] = piece.name
+    return out | {"function": function}
 
 
 def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> dict[str, Any]:
@@ -56,7 +81,7 @@ def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> di
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": _message(text, outcome),
                 "finish_reason": base.finish_reason(outcome),
                 "logprobs": None,
             }
@@ -65,7 +90,7 @@ def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> di
     }
 
 
-async def _events(chat_id: str, req: ChatRequest, pieces: AsyncIterator[base.Piece]) -> AsyncIterator[bytes]:
+async def _events(chat_id: str, req: ChatRequest, pieces: AsyncIterator[base.CallPiece]) -> AsyncIterator[bytes]:
     head = {
         "id": chat_id,
         "object": "chat.completion.chunk",
@@ -84,6 +109,8 @@ async def _events(chat_id: str, req: ChatRequest, pieces: AsyncIterator[base.Pie
     async for piece in pieces:
         if isinstance(piece, str):
             yield choice({"content": piece})
+        elif isinstance(piece, ToolCallDelta):
+            yield choice({"tool_calls": [_call_delta(piece)]})
         elif isinstance(piece, ApiError):
             yield base.sse(piece.body())
         else:

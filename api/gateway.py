@@ -20,6 +20,7 @@ from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.tools import shape_fields
 
 # How long the cluster view used for model checks and /v1/models is reused.
 STATE_TTL_S = 1.0
@@ -119,6 +120,7 @@ class Gateway:
             messages=req.messages,
             model_id=req.model,
             **sampling.fields(req.sampling),
+            **shape_fields(req.shape),
             raw=req.raw,
         )
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import msgspec
 
 from exojet.bus.results import FinishReason
+from exojet.bus.tools import ToolCallDelta
 
 
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -17,6 +18,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     text: str
     done: bool = False
     finish_reason: FinishReason | None = None
+    # A piece of a tool call (the chunk's text is then empty).
+    tool_call: ToolCallDelta | None = None
 
 
 def decode_chunk(data: bytes) -> Chunk:

@@ -9,6 +9,7 @@ import msgspec
 from exojet.bus.formats import LogMessage
 from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
 from exojet.bus.tasks import ChatMessage
+from exojet.bus.tools import ResponseFormat, Tool, ToolChoice
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
@@ -54,6 +55,11 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     # True: the one message's content is the model's input as given, no chat template
     # (OpenAI's /v1/completions, Ollama's raw generate).
     raw: bool = False
+    # bus/tools.py's AnswerShape fields, flat.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CancelChat(_Command, frozen=True):

@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-FinishReason = Literal["stop", "length", "cancelled"]
+from exojet.bus.tools import ToolCall
+
+FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class DownloadResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +53,7 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     engine_seconds: float = 0.0
     # The prompt's part of engine_seconds (prefill, to the first token); the rest is decoding.
     time_to_first_token: float = 0.0
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 Result = DownloadResult | LoadResult | ChatResult

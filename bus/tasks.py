@@ -12,6 +12,7 @@ import msgspec
 
 from exojet.bus.formats import LogMessage
 from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
+from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolChoice
 
 
 class Shard(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,9 +38,12 @@ class Group(msgspec.Struct, frozen=True, kw_only=True):
     keys: tuple[str, ...] = ()
 
 
-class ChatMessage(msgspec.Struct, frozen=True):
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     role: str
     content: str
+    # An assistant message's tool calls; a "tool" message answers the call `tool_call_id` names.
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 # Subclasses repeat frozen=True: msgspec inherits it, type checkers (PEP 681) do not.
@@ -79,6 +83,11 @@ class ChatCompletion(_Task, frozen=True):
     stop: Stop | None = None
     # True: the one message's content is the model's input as given, no chat template.
     raw: bool = False
+    # bus/tools.py's AnswerShape fields, flat.
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
     # Chunks go to `exo.chunks.<stream_id>` when set (a routed request shared by
     # every rank of an instance), else to `exo.chunks.<task_id>`.
     stream_id: str | None = None

@@ -79,6 +79,21 @@ def join_deltas(deltas: list[ToolCallDelta]) -> list[ToolCall]:
     return [ToolCall(id=i, name=n, arguments=a) for _, (i, n, a) in sorted(calls.items())]
 
 
+def missing_pieces(seen: list[ToolCallDelta], calls: tuple[ToolCall, ...]) -> list[ToolCallDelta]:
+    """What of the whole `calls` the pieces `seen` so far did not bring (they came on another stream
+    than the chat's end): a call not begun whole, the rest of one begun."""
+    had: dict[int, str] = {}
+    for piece in seen:
+        had[piece.index] = had.get(piece.index, "") + piece.arguments
+    out = []
+    for index, call in enumerate(calls):
+        if index not in had:
+            out.append(ToolCallDelta(index=index, id=call.id, name=call.name, arguments=call.arguments))
+        elif len(call.arguments) > len(had[index]) and call.arguments.startswith(had[index]):
+            out.append(ToolCallDelta(index=index, arguments=call.arguments[len(had[index]) :]))
+    return out
+
+
 def wanted_tools(tools: tuple[Tool, ...], choice: ToolChoice | None) -> tuple[Tool, ...]:
     """The tools the model may call: none with "none", the named one alone with a name."""
     if choice == "none":
@@ -91,3 +106,29 @@ def wanted_tools(tools: tuple[Tool, ...], choice: ToolChoice | None) -> tuple[To
 def must_call(choice: ToolChoice | None) -> bool:
     """Whether the answer has to be tool calls ("required" or a named function)."""
     return choice == "required" or isinstance(choice, NamedToolChoice)
+
+
+class AnswerShape(msgspec.Struct, frozen=True, kw_only=True):
+    """What a chat's answer may or must be: the tools it may call and how, the format of its text.
+
+    The routed command and the task carry these fields flat (as bus/sampling.py's); this is the
+    set as one value, which the API's request carries and `shape_of` reads back from either.
+    """
+
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+
+
+FREE = AnswerShape()
+
+
+def shape_of(message: Any) -> AnswerShape:
+    """The answer-shape fields of a routed command or a task, as one value."""
+    return AnswerShape(**{name: getattr(message, name) for name in AnswerShape.__struct_fields__})
+
+
+def shape_fields(shape: AnswerShape) -> dict[str, Any]:
+    """`shape` as keyword arguments of the messages that carry it flat."""
+    return {name: getattr(shape, name) for name in AnswerShape.__struct_fields__}

@@ -44,7 +44,7 @@ async def chat(
     """
     request_id = engine.next_request_id()
     request = Generate(
-        messages=[Message(m.role, m.content) for m in task.messages],
+        messages=[Message(m.role, m.content, m.tool_calls, m.tool_call_id) for m in task.messages],
         max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
         temperature=task.temperature if task.temperature is not None else 0.0,
         top_p=task.top_p if task.top_p is not None else 1.0,
@@ -52,6 +52,10 @@ async def chat(
         stop=stop_strings(task),
         raw=task.raw,
         request_id=request_id,
+        tools=task.tools,
+        tool_choice=task.tool_choice,
+        parallel_tool_calls=task.parallel_tool_calls is not False,
+        response_format=task.response_format,
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
@@ -71,8 +75,12 @@ async def chat(
                     # once text comes back, the request is in, and this one is heard.
                     engine.cancel(request_id)
                     asked_again = True
-            elif chunks is not None and isinstance(reply, Token):
+            elif chunks is None:
+                continue
+            elif isinstance(reply, Token):
                 await chunks.add(reply.text)
+            else:
+                await chunks.add_tool_call(reply.delta)
     finally:
         canceller.cancel()
     assert done is not None
@@ -86,6 +94,7 @@ async def chat(
         tokens_per_second=round(done.tokens_per_second, 2),
         engine_seconds=round(done.seconds, 6),
         time_to_first_token=round(done.time_to_first_token, 6),
+        tool_calls=done.tool_calls if emits else (),
     )
     return Answer(wire(result), delivered)
 

@@ -28,6 +28,7 @@ from exojet.bus import subjects
 from exojet.bus.chunks import Chunk
 from exojet.bus.nats import client, connection
 from exojet.bus.results import FinishReason
+from exojet.bus.tools import ToolCallDelta
 
 MAX_UNACKED = 16
 # How long to wait for outstanding acks before publishing those chunks again.
@@ -91,6 +92,12 @@ class ChunkStream:
         if sum(sent.pending for sent in self._sent[-MAX_UNACKED * 2 :]) < MAX_UNACKED:
             await self._send_held()
 
+    async def add_tool_call(self, delta: ToolCallDelta) -> None:
+        """Send a piece of a tool call in a chunk of its own, after the text held before it."""
+        await self._repair()
+        await self._send_held()
+        await self._send(self._chunk("", tool_call=delta))
+
     async def finish(self, finish_reason: FinishReason) -> None:
         """Send what is held and the closing chunk `{done: true, finish_reason}`; return once all are stored.
 
@@ -106,8 +113,21 @@ class ChunkStream:
                 f"{self.republished} chunks of {self.subject} published again after an outage"
             )
 
-    def _chunk(self, text: str, done: bool = False, finish_reason: FinishReason | None = None) -> tuple[str, bytes]:
-        chunk = Chunk(task_id=self.task_id, index=self.index, text=text, done=done, finish_reason=finish_reason)
+    def _chunk(
+        self,
+        text: str,
+        done: bool = False,
+        finish_reason: FinishReason | None = None,
+        tool_call: ToolCallDelta | None = None,
+    ) -> tuple[str, bytes]:
+        chunk = Chunk(
+            task_id=self.task_id,
+            index=self.index,
+            text=text,
+            done=done,
+            finish_reason=finish_reason,
+            tool_call=tool_call,
+        )
         self.index += 1
         return f"{self.task_id}:{chunk.index}", msgspec.json.encode(chunk)
 

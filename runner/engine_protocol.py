@@ -23,6 +23,7 @@ from typing import Literal
 
 import msgspec
 
+from exojet.bus.results import FinishReason
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 HEADER = struct.Struct(">I")
@@ -165,9 +166,6 @@ class ToolCallChunk(msgspec.Struct, tag=True, frozen=True):
 
     delta: ToolCallDelta
     request_id: int = 0
-
-
-FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
 class Done(msgspec.Struct, tag=True, frozen=True):

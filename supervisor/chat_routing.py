@@ -9,6 +9,7 @@ from exojet.bus import sampling
 from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
+from exojet.bus.tools import shape_fields, shape_of
 from exojet.projections.conversations import prefix_names, reused_messages
 from exojet.projections.instances import READY
 from exojet.projections.state import ClusterState, InstanceView, RoutedChatView
@@ -97,6 +98,7 @@ def _chat_task(state: ClusterState, chat: RoutedChatView, inst: InstanceView, ra
         instance_id=inst.instance_id,
         messages=request.messages,
         **sampling.fields(sampling.sampling_of(request)),
+        **shape_fields(shape_of(request)),
         raw=request.raw,
         stream_id=chat.chat_id,
         emit_rank=0,

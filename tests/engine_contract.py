@@ -437,7 +437,12 @@ CLOCK = Tool(
 )
 ANSWER_SCHEMA = {
     "type": "object",
-    "properties": {"answer": {"type": "integer"}, "sure": {"type": "boolean"}, "word": {"enum": ["yes", "no"]}},
+    "properties": {
+        # Bounded: a real model may otherwise go on with zeros until max_tokens.
+        "answer": {"type": "integer", "minimum": 0, "maximum": 999},
+        "sure": {"type": "boolean"},
+        "word": {"enum": ["yes", "no"]},
+    },
     "required": ["answer", "sure", "word"],
     "additionalProperties": False,
 }

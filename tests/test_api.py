@@ -144,7 +144,8 @@ def test_errors_are_openai_errors_with_the_right_status(stack: ApiStack, sync_cl
     for body, param in [
         ({"model": MODEL, "messages": [], "max_tokens": 3}, "messages"),
         ({"model": MODEL, "messages": _messages(), "temperature": "hot"}, "temperature"),
-        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
         ({"model": MODEL, "messages": _messages(), "top_p": 0}, "top_p"),
         ({"model": MODEL, "messages": _messages(), "colour": "red"}, "colour"),
     ]:

@@ -6,7 +6,17 @@ import json
 
 import jsonschema_rs
 
-from exojet.bus.tools import FunctionDef, FunctionName, NamedToolChoice, Tool, ToolCallDelta, join_deltas, wanted_tools
+from exojet.bus.tools import (
+    FunctionDef,
+    FunctionName,
+    NamedToolChoice,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    join_deltas,
+    missing_pieces,
+    wanted_tools,
+)
 from exojet.runner import generic_tools
 
 ADD = Tool(
@@ -51,3 +61,12 @@ def test_tool_choice_picks_the_tools_and_deltas_join() -> None:
         ToolCallDelta(index=0, arguments="1}"),
     ]
     assert [(c.id, c.name, c.arguments) for c in join_deltas(pieces)] == [("a", "add", '{"a":1}'), ("b", "now", "{}")]
+
+
+def test_the_pieces_a_reader_missed_are_made_up_from_the_whole_calls() -> None:
+    calls = (ToolCall(id="a", name="add", arguments='{"a":1}'), ToolCall(id="b", name="now", arguments="{}"))
+    seen = [ToolCallDelta(index=0, id="a", name="add", arguments='{"a":')]
+    rest = missing_pieces(seen, calls)
+    assert rest == [ToolCallDelta(index=0, arguments="1}"), ToolCallDelta(index=1, id="b", name="now", arguments="{}")]
+    assert join_deltas(seen + rest) == list(calls)
+    assert missing_pieces(seen + rest, calls) == []

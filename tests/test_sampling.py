@@ -9,6 +9,7 @@ import pytest
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.sampling import Sampling, fields, sampling_of
 from exojet.bus.tasks import ChatCompletion, ChatMessage
+from exojet.bus.tools import AnswerShape, FunctionDef, Tool, ToolCall, shape_fields, shape_of
 
 
 def _field_types(cls: type[msgspec.Struct]) -> dict[str, msgspec.inspect.Type]:
@@ -34,3 +35,32 @@ def test_a_chats_sampling_reaches_its_task_and_the_wire_is_flat() -> None:
     assert (wire["max_tokens"], wire["top_p"], wire["stop"]) == (7, 0.9, ["x", "y"])
     with pytest.raises(msgspec.ValidationError, match="max_tokens"):
         msgspec.json.decode(b'{"messages": [], "max_tokens": 0}', type=Sampling)
+
+
+@pytest.mark.parametrize("message", [RouteChatCompletion, ChatCompletion])
+def test_every_message_that_carries_the_answer_shape_declares_the_same_fields(message: type[msgspec.Struct]) -> None:
+    declared = _field_types(message)
+    for name, kind in _field_types(AnswerShape).items():
+        assert declared[name] == kind, name
+
+
+def test_a_chats_tools_reach_its_task_and_an_old_message_reads_without_them() -> None:
+    call = ToolCall(id="c1", name="add", arguments='{"a": 1}')
+    history = (
+        ChatMessage("user", "add"),
+        ChatMessage("assistant", "", tool_calls=(call,)),
+        ChatMessage("tool", "1", tool_call_id="c1"),
+    )
+    tool = Tool(type="function", function=FunctionDef(name="add", parameters={"type": "object"}))
+    shape = AnswerShape(tools=(tool,), tool_choice="required", parallel_tool_calls=False)
+    command = RouteChatCompletion(command_id="c", messages=history, **shape_fields(shape))
+    task = ChatCompletion(task_id="c.0", messages=command.messages, **shape_fields(shape_of(command)))
+    again = msgspec.json.decode(msgspec.json.encode(task), type=ChatCompletion)
+    assert shape_of(again) == shape
+    assert again.messages == history
+    # A message without tool fields is the bytes it always was.
+    assert msgspec.json.encode(ChatMessage("user", "hi")) == b'{"role":"user","content":"hi"}'
+    old = msgspec.json.decode(
+        b'{"type":"ChatCompletion","messages":[{"role":"user","content":"hi"}]}', type=ChatCompletion
+    )
+    assert shape_of(old) == AnswerShape()

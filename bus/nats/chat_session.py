@@ -45,6 +45,7 @@ from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
 from exojet.bus.results import ChatResult, result_as
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
+from exojet.bus.tools import ToolCallDelta, missing_pieces
 
 DEFAULT_LIVENESS_TIMEOUT_S = 5.0
 # How long a chat may wait for a supervisor to route it: as long as any query waits for a
@@ -178,13 +179,19 @@ class ChatSession:
             self._on_status(stream, event)
         return stream
 
-    async def answer(self, stream: ChatStream) -> AsyncIterator[str | Ended]:
-        """The chat's text as it comes, then its `Ended`; raises the ChatError it ended with instead."""
+    async def answer(self, stream: ChatStream) -> AsyncIterator[str | ToolCallDelta | Ended]:
+        """The chat's text (and tool-call pieces) as it comes, then its `Ended`; raises the
+        ChatError it ended with instead."""
         said = ""
+        called: list[ToolCallDelta] = []
         while True:
             item = await stream.items.get()
             if isinstance(item, str):
                 said += item
+                yield item
+                continue
+            if isinstance(item, ToolCallDelta):
+                called.append(item)
                 yield item
                 continue
             if isinstance(item, ChatError):
@@ -194,6 +201,8 @@ class ChatSession:
             final = item.result.text
             if final.startswith(said) and len(final) > len(said):
                 yield final[len(said) :]
+            for rest in missing_pieces(called, item.result.tool_calls):
+                yield rest
             yield item
             return
 
@@ -366,7 +375,7 @@ class ChatSession:
         except msgspec.DecodeError as err:
             self.log.bind(chat_id=stream.chat_id).warning(f"a chunk of {stream.chat_id} is not one: {err}")
             return
-        stream.offer(chunk.index, chunk.text)
+        stream.offer(chunk.index, chunk.tool_call or chunk.text)
 
     async def _on_beat(self, msg: Msg) -> None:
         runner_id = subjects.runner_of(msg.subject)

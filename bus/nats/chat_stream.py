@@ -11,8 +11,9 @@ from exojet.bus.chat_ends import ChatError, Ended
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats.chunk_order import ChunkOrder
 from exojet.bus.nats.follower import Follower
+from exojet.bus.tools import ToolCallDelta
 
-Item = str | Ended | ChatError
+Item = str | ToolCallDelta | Ended | ChatError
 
 
 class ChatStream:
@@ -36,10 +37,10 @@ class ChatStream:
         self.task_ended = False  # its emitting task's terminal status came
         self.abandoned: str | None = None
         self.abandoned_at = 0.0
-        self.order = ChunkOrder(lambda text: self.items.put_nowait(text))
+        self.order: ChunkOrder[str | ToolCallDelta] = ChunkOrder(lambda text: self.items.put_nowait(text))
         self.subs: list[Follower | Subscription] = []
 
-    def offer(self, index: int, text: str) -> None:
+    def offer(self, index: int, text: str | ToolCallDelta) -> None:
         """A chunk from either way it comes (see `bus/chunk_order.py`): each index once, in order."""
         if not self.over:
             self.order.offer(index, text)

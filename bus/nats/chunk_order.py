@@ -10,6 +10,7 @@ after an outage comes a second time too.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import msgspec
 from loguru import logger
@@ -23,17 +24,20 @@ from exojet.bus.nats import client
 from exojet.bus.nats.follower import Follower
 from exojet.bus.streams import CHUNKS_STREAM
 
+# What a chunk brings its reader: its text (or, to a reader of tool calls, a piece of one).
+P = TypeVar("P")
 
-class ChunkOrder:
+
+class ChunkOrder(Generic[P]):
     """Passes each chunk's text to `on_text` once, in index order: a chunk that came ahead waits
     for the one before it, one taken already (the other way's copy) is dropped."""
 
-    def __init__(self, on_text: Callable[[str], None]) -> None:
+    def __init__(self, on_text: Callable[[P], None]) -> None:
         self.on_text = on_text
         self.next_index = 0
-        self._ahead: dict[int, str] = {}
+        self._ahead: dict[int, P] = {}
 
-    def offer(self, index: int, text: str) -> None:
+    def offer(self, index: int, text: P) -> None:
         if index < self.next_index:
             return
         self._ahead[index] = text
@@ -48,7 +52,7 @@ async def read_chunks(nc: NATS, subject: str, on_text: Callable[[str], None]) ->
     """Read the chunks on `subject` both ways into `on_text` (see `ChunkOrder`), from the
     first stored on; unsubscribe each of the returned when done. Subscribed before the
     chat's command is published, nothing of it goes unseen."""
-    order = ChunkOrder(on_text)
+    order: ChunkOrder[str] = ChunkOrder(on_text)
 
     def take(data: bytes) -> None:
         try:
