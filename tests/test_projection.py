@@ -45,6 +45,10 @@ from exojet.projections.state import ClusterState, state_hash
 pytestmark = pytest.mark.timeout(120)
 
 
+# What the page's snapshot adds to the state reply (api/live.py LiveCluster.snapshot), empty.
+PAGE_EXTRAS = {"heartbeats": {}, "marks": [], "task_times": {}, "load": [], "bucket_s": 5}
+
+
 def _fold(envs: list[Envelope], state: ClusterState | None = None) -> ClusterState:
     state = state if state is not None else ClusterState()
     for env in envs:
@@ -271,7 +275,7 @@ def test_a_load_in_progress_reads_layer_k_of_n_in_state_and_on_the_page() -> Non
     reply = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:12]), Paging(offset=0, limit=200)))
     assert "\nloads in progress" in render_state(reply)
     assert "local/tiny  layer 3 of 4" in render_state(reply)
-    page = render_page({**reply, "heartbeats": {}, "marks": []})
+    page = render_page({**reply, **PAGE_EXTRAS})
     assert '<progress max="4" value="3"></progress> <span>r1 load local/tiny: layer 3 of 4</span>' in page
     # Once the runner leaves Loading, `state` no longer lists it as in progress.
     done = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:13]), Paging(offset=0, limit=200)))
@@ -314,7 +318,7 @@ def test_chats_in_flight_each_end_once_when_their_runner_is_lost() -> None:
     assert (r1.status, r1.chat_capacity, r1.running_tasks) == ("RunnerRunning", 4, ["a", "c"])
     reply = msgspec.to_builtins(state_reply(state, Paging(offset=0, limit=200)))
     assert "2/4" in render_state(reply) and "a, c" in render_state(reply)  # chats busy of capacity, and which
-    assert '<td class="chats">2/4</td>' in render_page({**reply, "heartbeats": {}, "marks": []})
+    assert '<td class="chats">2/4</td>' in render_page({**reply, **PAGE_EXTRAS})
 
     lost = RunnerLost(**meta(), reason="no heartbeat for 5 s")  # type: ignore[arg-type]
     state = _fold([_env(len(pairs) + 1, ev, lost)], state)
