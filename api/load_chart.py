@@ -9,7 +9,6 @@ not the second it ended in. Times are the log's server times (`Envelope.time`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -18,6 +17,7 @@ from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.ids import chat_id_of
+from exojet.bus.results import ChatResult, result_as
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections.chat_time import Moments, where_time_went
@@ -46,13 +46,13 @@ class TokenRates:
     def __init__(self) -> None:
         self._buckets: dict[str, dict[int, float]] = {}
 
-    def add(self, runner_id: str, ended: float, result: Mapping[str, Any] | None) -> None:
+    def add(self, runner_id: str, ended: float, result: dict[str, Any] | None) -> None:
         """A chat that ended at `ended` (server time) with `result` on `runner_id`."""
-        tokens = (result or {}).get("completion_tokens")
-        if not isinstance(tokens, int) or tokens <= 0 or not ended:
+        chat = result_as(ChatResult, result)
+        if chat is None or chat.completion_tokens <= 0 or not ended:
             return
-        engine = float((result or {}).get("engine_seconds") or 0.0)
-        decode = max(engine - float((result or {}).get("time_to_first_token") or 0.0), 1e-3)
+        tokens = chat.completion_tokens
+        decode = max(chat.engine_seconds - chat.time_to_first_token, 1e-3)
         start = ended - decode
         buckets = self._buckets.setdefault(runner_id, {})
         first, last = int(start // BUCKET_S), int(ended // BUCKET_S)

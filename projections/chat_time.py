@@ -6,9 +6,11 @@ engine's part from the chat task's result (`time_to_first_token`, `engine_second
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import Any
 
 import msgspec
+
+from exojet.bus.results import ChatResult, result_as
 
 
 class Moments(msgspec.Struct, kw_only=True):
@@ -19,12 +21,7 @@ class Moments(msgspec.Struct, kw_only=True):
     started: float = 0.0
 
 
-def _seconds(result: Mapping[str, object], key: str) -> float | None:
-    value = result.get(key)
-    return float(value) if isinstance(value, int | float) else None
-
-
-def where_time_went(moments: Moments, result: Mapping[str, object] | None) -> str:
+def where_time_went(moments: Moments, result: dict[str, Any] | None) -> str:
     """E.g. "0.01 s to be routed, 0.42 s in its runner's queue, prefill 0.12 s (57 prompt tokens),
     decode 2.31 s (96 tokens, 41.6 tokens/s)"; "" when nothing is known yet."""
     parts: list[str] = []
@@ -32,12 +29,12 @@ def where_time_went(moments: Moments, result: Mapping[str, object] | None) -> st
         parts.append(f"{moments.routed - moments.asked:.2f} s to be routed")
     if moments.routed and moments.started:
         parts.append(f"{moments.started - moments.routed:.2f} s in its runner's queue")
-    prefill = _seconds(result or {}, "time_to_first_token")
-    engine = _seconds(result or {}, "engine_seconds")
-    if result and prefill is not None and engine is not None:
-        parts.append(f"prefill {prefill:.2f} s ({result.get('prompt_tokens', '?')} prompt tokens)")
-        parts.append(
-            f"decode {max(0.0, engine - prefill):.2f} s ({result.get('completion_tokens', '?')} tokens, "
-            f"{result.get('tokens_per_second', '?')} tokens/s)"
-        )
+    chat = result_as(ChatResult, result)
+    if chat is not None and chat.engine_seconds:
+        tokens = f"{chat.completion_tokens} tokens, {chat.tokens_per_second} tokens/s"
+        if chat.time_to_first_token:
+            parts.append(f"prefill {chat.time_to_first_token:.2f} s ({chat.prompt_tokens} prompt tokens)")
+            parts.append(f"decode {max(0.0, chat.engine_seconds - chat.time_to_first_token):.2f} s ({tokens})")
+        else:  # a result written before the prefill was reported apart
+            parts.append(f"in the engine {chat.engine_seconds:.2f} s ({chat.prompt_tokens} prompt tokens, {tokens})")
     return ", ".join(parts)
