@@ -144,17 +144,40 @@ async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple
     return answer.result()
 
 
+async def _first_said(gateway: Gateway, stream: ChatStream) -> AsyncIterator[CallPiece]:
+    """The chat's pieces, once its first has come: an error before it (the runner refused the chat:
+    its context window, its template, a schema that does not compile) is raised here, so the
+    client gets it in the dialect's error shape with its status, before any byte of a stream."""
+    source = call_pieces(gateway, stream)
+    try:
+        first = await anext(source)
+    except BaseException:
+        gateway.close(stream, "the request failed before its answer began")
+        raise
+    if isinstance(first, ApiError):
+        gateway.close(stream, "its chat failed before its answer began")
+        raise first
+
+    async def chained() -> AsyncIterator[CallPiece]:
+        yield first
+        async for piece in source:
+            yield piece
+
+    return chained()
+
+
 def stream_body(
+    source: AsyncIterator[CallPiece],
     gateway: Gateway,
     stream: ChatStream,
     render: Callable[[AsyncIterator[CallPiece]], AsyncIterator[bytes]],
     media_type: str,
 ) -> StreamingResponse:
-    """A streamed answer: `render` turns the chat's pieces into the dialect's bytes."""
+    """A streamed answer: `render` turns the chat's pieces (from `source`) into the dialect's bytes."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            async for part in render(call_pieces(gateway, stream)):
+            async for part in render(source):
                 yield part
         finally:
             # Runs when the stream ends and when the client goes away mid-way
@@ -177,10 +200,10 @@ async def respond(
     pieces, or `call_events` of them with their tool-call pieces) when it asked for a stream,
     else `reply(chat id, text, outcome)` as JSON."""
     stream = await route(gateway, req)
-    if req.stream and call_events is not None:
-        return stream_body(gateway, stream, lambda p: call_events(stream.chat_id, p), media_type)
     if req.stream:
-        return stream_body(gateway, stream, lambda p: events(stream.chat_id, text_pieces(p)), media_type)
+        source = await _first_said(gateway, stream)
+        render = call_events or (lambda chat_id, p: events(chat_id, text_pieces(p)))
+        return stream_body(source, gateway, stream, lambda p: render(stream.chat_id, p), media_type)
     answered = await whole(request, gateway, stream)
     if answered is None:
         return gone()

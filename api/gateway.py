@@ -15,7 +15,15 @@ from typing import Any
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
 from exojet.bus import sampling
-from exojet.bus.chat_ends import ChatCancelled, ChatError, ChatLost, ChatNotRouted, ChatQueueFull, ChatUnfinished
+from exojet.bus.chat_ends import (
+    REQUEST_REFUSALS,
+    ChatCancelled,
+    ChatError,
+    ChatLost,
+    ChatNotRouted,
+    ChatQueueFull,
+    ChatUnfinished,
+)
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.nats.chat_stream import ChatStream
@@ -40,6 +48,8 @@ def api_error(err: ChatError) -> ApiError:
             return ApiError(409, detail, type="cancelled", code="cancelled")
         case ChatUnfinished(status="TimedOut"):
             return ApiError(504, detail, type="server_error", code="timed_out")
+        case ChatUnfinished(error_type=error_type) if error_type in REQUEST_REFUSALS:
+            return ApiError(400, detail, type="invalid_request_error", code=error_type)
         case ChatUnfinished(error_type=error_type):
             return ApiError(500, detail, type="server_error", code=error_type)
         case ChatQueueFull():

@@ -10,6 +10,10 @@ import msgspec
 
 from exojet.bus.results import ChatResult
 
+# The runner's errors that refuse a chat before any work (the engine serves on as before): the
+# request's fault, so the API answers them 400.
+REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
+
 
 class Ended(msgspec.Struct, frozen=True):
     """The emitting task's Complete status and its result."""

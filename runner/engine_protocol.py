@@ -195,8 +195,6 @@ class RequestFailed(msgspec.Struct, tag=True, frozen=True):
 
 Request = Load | Warmup | Generate | Cancel | Unload | ConnectGroup | Exit
 Reply = ModelLoaded | LayersLoaded | GroupConnected | Ok | Token | ToolCallChunk | Done | RequestFailed
-# Errors that refuse a request before any work: the engine serves on as before.
-REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
 
 # Exit status of a child whose pipeline ring broke: it cannot be used again.
 RING_BROKEN_EXIT = 3

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from exojet.bus.chat_ends import REQUEST_REFUSALS
 from exojet.bus.lifecycle import FAILED, LIFECYCLE, REGISTERED
 from exojet.bus.statuses import RunnerFailed, RunnerStatus, TaskStatus, runner_status, status_name
 from exojet.runner.chunks import ChunksNotStored
 from exojet.runner.download import DownloadError
 from exojet.runner.engine_errors import EngineCrashed, EngineError
-from exojet.runner.engine_protocol import REQUEST_REFUSALS
 
 
 def accepts(task_type: str, status: RunnerStatus) -> bool:

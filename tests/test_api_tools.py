@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx2 as httpx
 import jsonschema_rs
 import msgspec
 import openai
 import pytest
 
+from exojet.runner.engine_llamacpp import MAX_CONTEXT
 from tests import engine_contract as contract
 from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
 from tests.gguf_tiny import as_gguf
@@ -143,3 +145,22 @@ def test_what_cannot_fit_is_a_named_400(client: openai.OpenAI, extra: dict[str, 
         client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **extra)
     assert err.value.status_code == 400
     assert param in str(err.value)
+
+
+def test_a_chat_the_model_cannot_take_is_a_400_before_any_byte_of_its_stream(
+    stack: ApiStack, client: openai.OpenAI
+) -> None:
+    # More than the context window (MAX_CONTEXT) can hold: the runner refuses it before any work.
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=MAX_CONTEXT + 1, stream=stream)
+        assert err.value.code == "ContextLengthExceeded"
+    with httpx.stream(
+        "POST",
+        stack.base_url + "/chat/completions",
+        json={"model": MODEL, "messages": ASK, "max_tokens": MAX_CONTEXT + 1, "stream": True},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=60,
+    ) as answer:
+        assert answer.status_code == 400
+        assert answer.headers["content-type"].startswith("application/json")
