@@ -150,7 +150,7 @@ def _chat(req: Generate, template_has_tools: bool) -> dict[str, Any]:
         prompt = Message(role="system", content=generic_tools.system_prompt(tools, required))
         return {
             "messages": [_message(m, generic=True) for m in (prompt, *req.messages)],
-            "grammar": _grammar(generic_tools.calls_schema(tools, required, req.parallel_tool_calls)),
+            "grammar": schema_grammar(generic_tools.calls_schema(tools, required, req.parallel_tool_calls)),
         }
     body: dict[str, Any] = {"messages": [_message(m, generic=False) for m in req.messages]}
     if tools:
@@ -158,7 +158,7 @@ def _chat(req: Generate, template_has_tools: bool) -> dict[str, Any]:
         body["tool_choice"] = "auto"
         body["parallel_tool_calls"] = req.parallel_tool_calls
     if (schema := response_schema(req.response_format)) is not None:
-        body["grammar"] = _grammar(schema)
+        body["grammar"] = schema_grammar(schema)
     return body
 
 
@@ -174,7 +174,7 @@ def response_schema(response_format: ResponseFormat | None) -> JsonSchema | None
 _COMPACT = {"whitespace_flexible": False}
 
 
-def _grammar(schema: JsonSchema) -> str:
+def schema_grammar(schema: JsonSchema) -> str:
     """The LLGuidance grammar of `schema` (xllamacpp's build of llama.cpp links LLGuidance).
 
     A grammar, not `response_format`: given one, llama.cpp also parses the answer (at every
