@@ -5,6 +5,7 @@ engine run in this process with the engine's parameters."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -131,3 +132,46 @@ class TestLlamaCppDefaultModel(_OtherWeights):
         question = [Message(role="user", content="What is the capital of France?")]
         _, done = await collect(engine, Generate(messages=question, max_tokens=30))
         assert "Paris" in done.text
+
+
+def test_llamacpp_tool_call_chunks_become_pieces_and_the_whole_calls() -> None:
+    """llama.cpp's streamed `delta.tool_calls` (its shape: the index, then id and name, then
+    argument fragments) turned into ToolCallDelta pieces in order, text before them sent first."""
+    from exojet.bus.tools import ToolCallDelta
+    from exojet.runner.engine_llamacpp import _chunk_decoder, _Generation
+    from exojet.runner.stop_scanner import StopScanner
+
+    sent: list[str | ToolCallDelta] = []
+    state = _Generation(StopScanner(["never"]), sent.append)
+    raw = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
+        {"choices": [{"index": 0, "delta": {"content": "Let me check. nev"}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "c0",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7}},
+    ]
+    assert not any(state.take(_chunk_decoder.decode(json.dumps(c))) for c in raw)
+
+    assert sent[:2] == ["Let me check. ", "nev"]  # the held-back text goes out before the call
+    assert [p for p in sent if isinstance(p, ToolCallDelta)] == state.pieces
+    [call] = state.calls()
+    assert (call.id, call.name, call.arguments) == ("c0", "get_weather", '{"city":"Paris"}')
+    assert state.finish == "tool_calls"
