@@ -147,7 +147,11 @@ class Runner:
                     continue
                 task = _peek(msg)
                 if isinstance(task, ChatCompletion):
-                    self.slots.start(task.task_id or str(msg.metadata.sequence.stream), msg, self.handle(msg))
+                    task_id = task.task_id or str(msg.metadata.sequence.stream)
+                    # Delivered again while it runs (its in-progress acks could not reach a
+                    # server that was away): it runs once, and its ack at the end settles both.
+                    if task_id not in self.slots.running:
+                        self.slots.start(task_id, msg, self.handle(msg))
                     continue
                 await self._chats_end_before(task, msg)
                 if await self._recover(msg) if self._interrupted else await self.handle_fenced(msg):
