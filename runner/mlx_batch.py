@@ -108,7 +108,7 @@ def make_chat_sampler(req: Generate) -> Any:
 
     A seeded chat draws from a random key of its own, split at each token, so its answer does
     not depend on the chats beside it (MLX's global random state is shared by all of them).
-    Call in the driver thread: it makes MLX arrays.
+    Call in the thread that runs the model (the driver's, or the one-at-a-time path's): it makes MLX arrays.
     """
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_top_p, make_sampler
