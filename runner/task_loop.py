@@ -130,7 +130,7 @@ class Runner:
         # Cancels come beside the serial task queue, or a cancel would wait behind its
         # chat; a core subscription too (the runner's key may read its cancel subject).
         cancels = await self.nc.subscribe(subjects.cancel_subject(self.runner_id), cb=self.cancels.on_message)
-        await self.nc.flush()
+        await client.until_done(self.nc.flush, "flush the subscriptions to NATS")
         # A loss declared before the subscription reached the server is in the log only;
         # so is one declared while this runner was disconnected from NATS.
         await self._check_lost("declared lost before serving", checks=1)
@@ -183,7 +183,10 @@ class Runner:
         """
         for _ in range(checks):
             chain = self.core.chain
-            last = await client.last_on_subject(self.js, self.subject)
+            # A server cut off or restarting answers with a timeout: ask again until one answers.
+            last = await client.until_done(
+                lambda: client.last_on_subject(self.js, self.subject), "check whether this runner was declared lost"
+            )
             if last is not None and chain is not None and last.seq > chain.last_seq:
                 try:
                     lost = isinstance(decode_event(last.data), RunnerLost)

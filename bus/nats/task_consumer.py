@@ -19,7 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from exojet.bus import streams
-from exojet.bus.nats import connection, stream_setup
+from exojet.bus.nats import client, connection, stream_setup
 
 # Status codes the server answers a pull request with when it ends without a message.
 _REQUEST_ENDED = {"404", "408", "409"}
@@ -44,7 +44,11 @@ class TaskConsumer:
 
     async def start(self) -> TaskConsumer:
         """Create (or update) the durable consumer and listen on our inbox."""
-        await self.js.add_consumer(streams.LOG_STREAM, config=stream_setup.task_consumer_config(self.runner_id))
+        # A server cut off or electing a leader answers with a timeout: ask until one answers.
+        await client.until_done(
+            lambda: self.js.add_consumer(streams.LOG_STREAM, config=stream_setup.task_consumer_config(self.runner_id)),
+            f"create the task consumer of {self.runner_id}",
+        )
         self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg)
         connection.watch(self.nc).on_reconnect(self._ask_again)
         return self
