@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from exojet.api.load_chart import chats_queued
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.lifecycle import ALL_STATUSES
@@ -176,11 +177,7 @@ class _Gauges(Collector):
         queued = GaugeMetricFamily(
             "exojet_runner_chats_queued", "Chat tasks in the runner's queue, not running yet", labels=labels
         )
-        pending = {r: 0 for r in state.runners}
-        for task_id in state.unfinished:
-            task = state.tasks.get(task_id)
-            if task is not None and task.task_type == "ChatCompletion" and task.status == TaskStatus.PENDING:
-                pending[task.runner_id] = pending.get(task.runner_id, 0) + 1
+        pending = chats_queued(state)
         for runner_id, r in state.runners.items():
             chats = [t for t in r.running_tasks if (t in state.tasks and state.tasks[t].task_type == "ChatCompletion")]
             in_flight.add_metric([runner_id], len(chats))
