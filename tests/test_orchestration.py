@@ -21,7 +21,7 @@ from exojet.bus import subjects
 from exojet.bus.chat_ends import ChatError
 from exojet.bus.codec import decode_event, decode_task, encode
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.events import InstanceFailed, RunnerRegistered, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.nats import client
 from exojet.bus.nats.chat_client import route_chat
 from exojet.bus.nats.query_client import first_answer
@@ -221,7 +221,12 @@ async def test_runner_killed_while_loading_is_lost_and_the_instance_is_replaced(
         inst = watch.state.instances[instance_id]
         survivor = "r2" if victim == "r1" else "r1"
         assert inst.attempt == 2 and [p.runner_id for p in inst.placements] == [survivor]
-        assert "is Lost" in (inst.reason or "")
+        # The first attempt failed because its runner was lost; that reason cleared once the
+        # instance was placed again (it explained a status that ended).
+        failed = [decode_event(e.data) for e in watch.envs if e.subject == subjects.SUPERVISOR_EVENTS]
+        [first] = [f for f in failed if isinstance(f, InstanceFailed) and f.instance_id == instance_id]
+        assert first.attempt == 1 and "is Lost" in first.reason
+        assert inst.reason is None
         _assert_seed_order(watch.state, inst)
         _assert_no_duplicates(watch)
         # The lost runner comes back as a new incarnation, Idle: free for the
