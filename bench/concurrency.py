@@ -77,26 +77,43 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+class Streamed(msgspec.Struct, frozen=True):
+    """One streamed chat: its first text (from the call) and its usage."""
+
+    first: float
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def streamed_chat(
+    api: openai.AsyncOpenAI, model_id: str, messages: list[dict[str, str]], max_tokens: int
+) -> Streamed:
+    """A greedy chat streamed through the official client, timed to its first text."""
+    started = time.perf_counter()
+    first = 0.0
+    usage = (0, 0)
+    async for chunk in await api.chat.completions.create(
+        model=model_id,
+        messages=messages,  # type: ignore[arg-type]
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        if not first and any(c.delta.content for c in chunk.choices):
+            first = time.perf_counter() - started
+        if chunk.usage is not None:
+            usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+    return Streamed(first, *usage)
+
+
 async def api_batch(api: openai.AsyncOpenAI, model_id: str, size: int, max_tokens: int, offset: int = 0) -> Batch:
     """`size` streamed chats at once through the HTTP API."""
 
     async def one(i: int) -> tuple[int, float]:
-        started = time.perf_counter()
-        first = 0.0
-        tokens = 0
-        async for chunk in await api.chat.completions.create(
-            model=model_id,
-            messages=[{"role": "user", "content": PROMPT.format(offset + i)}],
-            max_tokens=max_tokens,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        ):
-            if not first and any(c.delta.content for c in chunk.choices):
-                first = time.perf_counter() - started
-            if chunk.usage is not None:
-                tokens = chunk.usage.completion_tokens
-        return tokens, first
+        messages = [{"role": "user", "content": PROMPT.format(offset + i)}]
+        chat = await streamed_chat(api, model_id, messages, max_tokens)
+        return chat.completion_tokens, chat.first
 
     started = time.perf_counter()
     done = await asyncio.gather(*(one(i) for i in range(size)))

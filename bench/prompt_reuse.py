@@ -31,6 +31,7 @@ import openai
 from loguru import logger
 
 from bench.api_stack import serving
+from bench.concurrency import streamed_chat
 from exojet.models.smollm import DEFAULT_MODEL_ID
 from exojet.runner.engine_choice import EngineWanted, choose_engine, installed_engines
 
@@ -50,25 +51,6 @@ class Turn5(msgspec.Struct):
     prompt_tokens: int
 
 
-async def _first_token(api: openai.AsyncOpenAI, model: str, messages: list[dict[str, str]]) -> tuple[float, int]:
-    started = time.perf_counter()
-    first = 0.0
-    prompt_tokens = 0
-    async for chunk in await api.chat.completions.create(
-        model=model,
-        messages=messages,  # type: ignore[arg-type]
-        max_tokens=8,
-        temperature=0,
-        stream=True,
-        stream_options={"include_usage": True},
-    ):
-        if not first and any(c.delta.content for c in chunk.choices):
-            first = time.perf_counter() - started
-        if chunk.usage is not None:
-            prompt_tokens = chunk.usage.prompt_tokens
-    return first, prompt_tokens
-
-
 async def conversation(api: openai.AsyncOpenAI, model: str, c: int) -> tuple[Turn5, list[dict[str, str]]]:
     """Turns 1-4 of conversation `c`, then turn 5 warm and its cold twin."""
     messages = [{"role": "system", "content": f"You are the archivist of conversation {c}."}]
@@ -82,9 +64,10 @@ async def conversation(api: openai.AsyncOpenAI, model: str, c: int) -> tuple[Tur
         )
         messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
     messages.append({"role": "user", "content": QUESTION})
-    warm, prompt_tokens = await _first_token(api, model, messages)
+    warm_chat = await streamed_chat(api, model, messages, 8)
+    warm, prompt_tokens = warm_chat.first, warm_chat.prompt_tokens
     twin = [{"role": "system", "content": f"You are the cold archivist of conversation {c}."}, *messages[1:]]
-    cold, _ = await _first_token(api, model, twin)
+    cold = (await streamed_chat(api, model, twin, 8)).first
     return Turn5(warm, cold, prompt_tokens), messages
 
 
