@@ -3,6 +3,9 @@
 Not from its publication: a queue behind a long task never times out by itself.
 A chat's deadline grows with its size (its prompt and `max_tokens`), the others
 are fixed per task type; `exojet runner --deadline TYPE=SECONDS` changes any of them.
+Chats side by side share one engine's steps, so a chat's deadline is counted in its share of
+the engine's time (`Shares`), not in wall time: 32 chats at once each take about 32 times as
+long as one alone, and none of them is stuck.
 """
 
 from __future__ import annotations
@@ -29,6 +32,29 @@ CHAT_SECONDS_PER_TOKEN = 0.5
 CHAT_SECONDS_PER_PROMPT_KCHAR = 0.5
 # How long chats in flight may run on once a Shutdown or an UnloadModel is next.
 CHAT_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class Shares:
+    """An engine's time as each of its chats sees it ("virtual time", as in processor sharing):
+    while n chats are in flight, each is given 1/n of the wall clock. `virtual` is the time
+    given to every chat in flight since the engine started, as of the wall time `wall`."""
+
+    virtual: float = 0.0
+    wall: float = 0.0
+    sharing: int = 0
+
+    def at(self, wall: float) -> float:
+        """The virtual time at `wall` (not before `self.wall`)."""
+        return self.virtual + (wall - self.wall) / max(self.sharing, 1)
+
+    def sharing_now(self, sharing: int, wall: float) -> Shares:
+        """From `wall` on, `sharing` chats share the engine."""
+        return Shares(self.at(wall), wall, sharing)
+
+    def wall_when(self, virtual: float) -> float:
+        """The wall time the virtual time reaches `virtual`, if the sharing stays as it is."""
+        return self.wall + (virtual - self.virtual) * max(self.sharing, 1)
 
 
 class BadDeadline(ValueError):

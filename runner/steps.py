@@ -114,8 +114,10 @@ class Say:
 class DeadlinePassed(Exception):
     """The work ran past the task's deadline and was cut."""
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"passed its deadline of {seconds:.0f} s")
+    def __init__(self, seconds: float, shared: bool = False) -> None:
+        # A chat's deadline counts its share of the engine's time (runner/shared_deadlines.py).
+        share = " of its share of the engine's time" if shared else ""
+        super().__init__(f"passed its deadline of {seconds:.0f} s{share}")
         self.seconds = seconds
 
 

@@ -30,6 +30,7 @@ from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_t
 from exojet.runner.cancels import Cancels
 from exojet.runner.chat_slots import ChatSlots
 from exojet.runner.deadlines import CHAT_GRACE_S, Deadlines
+from exojet.runner.shared_deadlines import SharedDeadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.executor import Executor
 from exojet.runner.handling import RunnerCore
@@ -104,6 +105,7 @@ class Runner:
         )
         self.io = SubjectIO(nc, self.core)
         self.deadlines = deadlines or Deadlines()
+        self.chat_deadlines = SharedDeadlines()
         self.slots = ChatSlots(self.core.transitions, lambda: self.executor.chat_capacity)
         self.chat_grace_s = chat_grace_s
         # Set when a RunnerLost newer than our last write shows up on our subject.
@@ -318,8 +320,9 @@ class Runner:
     async def _work(self, task: Task, task_id: str, on: Handling | None) -> dict[str, Any] | None:
         """The task's work, cut at its deadline."""
         deadline = self.deadlines.for_task(task)
+        chat = isinstance(task, ChatCompletion)
         try:
-            async with asyncio.timeout(deadline) as timer:
+            async with self.chat_deadlines.budget(deadline) if chat else asyncio.timeout(deadline) as timer:
                 if isinstance(task, ChatCompletion):
                     answer = await self.executor.chat(task, task_id, self.cancels.watch(task_id))
                     if on is not None:
@@ -328,7 +331,7 @@ class Runner:
                 return await self.executor.run(task, task_id)
         except TimeoutError:
             if timer.expired():
-                raise DeadlinePassed(deadline) from None
+                raise DeadlinePassed(deadline, shared=chat) from None
             raise
 
 

@@ -3,6 +3,7 @@ once, and every task ends by its deadline, after which the runner serves again."
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -16,7 +17,8 @@ from exojet.bus.events import RunnerStatusUpdated
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TaskStatus, status_name
 from exojet.bus.tasks import ChatCompletion, ChatMessage
-from exojet.runner.deadlines import BadDeadline, Deadlines
+from exojet.runner.deadlines import BadDeadline, Deadlines, Shares
+from exojet.runner.shared_deadlines import SharedDeadlines
 from testbed.log_watcher import LogWatcher
 from tests.procs import stop
 from tests.runner_harness import (
@@ -143,3 +145,45 @@ def test_deadlines_grow_with_a_chats_size_and_are_configurable_per_type() -> Non
     for bad in ("LoadModel", "Nope=3", "LoadModel=-1", "LoadModel=soon"):
         with pytest.raises(BadDeadline):
             Deadlines.parse([bad])
+
+
+def test_chats_side_by_side_share_the_engines_time() -> None:
+    alone = Shares().sharing_now(1, wall=100.0)
+    assert alone.at(110.0) == pytest.approx(110.0)
+    # A second chat from 110 on: each is given half of every wall second.
+    two = alone.sharing_now(2, wall=110.0)
+    assert two.at(120.0) == pytest.approx(115.0)
+    # A budget running out at virtual 130 is reached at wall 110 + 2 * 20.
+    assert two.wall_when(130.0) == pytest.approx(150.0)
+    # Back to one at wall 120 (virtual 115): 15 more wall seconds to 130.
+    assert two.sharing_now(1, wall=120.0).wall_when(130.0) == pytest.approx(135.0)
+
+
+async def test_a_chats_deadline_moves_while_another_shares_its_engine() -> None:
+    deadlines = SharedDeadlines()
+    budget = 0.3
+    loop = asyncio.get_running_loop()
+    beside = asyncio.Event()
+    stop_beside = asyncio.Event()
+
+    async def neighbour() -> None:
+        async with deadlines.budget(60):
+            beside.set()
+            await stop_beside.wait()
+
+    other = asyncio.create_task(neighbour())
+    await asyncio.wait_for(beside.wait(), 5)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        async with deadlines.budget(budget) as timer:
+            # Two chats share the engine: its 0.3 s take at least 0.6 s of wall time.
+            assert timer.when() == pytest.approx(started + 2 * budget, abs=0.05)
+            await asyncio.Event().wait()
+    assert loop.time() - started >= 2 * budget - 0.01
+    # The neighbour alone again: its own deadline is back in wall time.
+    assert deadlines.sharing == 1
+    [(timer, ends)] = deadlines.budgets.items()
+    assert timer.when() == pytest.approx(deadlines.shares.wall_when(ends))
+    stop_beside.set()
+    await asyncio.wait_for(other, 5)
+    assert deadlines.sharing == 0
