@@ -139,7 +139,11 @@ async def _measure(apis: Apis, direct: BatchGenerate, max_tokens: int, repeat: i
         for k, size in enumerate(sizes):
             offset = REPEAT_OFFSET * r + SIZE_OFFSET * k
             for name, (api, served_id) in apis.items():
-                runs[name][size].append(await api_batch(api, served_id, size, max_tokens, offset))
+                try:
+                    runs[name][size].append(await api_batch(api, served_id, size, max_tokens, offset))
+                except openai.APIError as err:
+                    # Say which server dropped it (an APIConnectionError names no peer).
+                    raise RuntimeError(f"{name} failed at {size} chats at once: {err!r} ({err.__cause__!r})") from err
                 if name == "exo":
                     runs["direct"][size].append(await asyncio.to_thread(direct.batch, size, max_tokens, offset))
     for api, _ in apis.values():

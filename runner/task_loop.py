@@ -30,12 +30,12 @@ from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_t
 from exojet.runner.cancels import Cancels
 from exojet.runner.chat_slots import ChatSlots
 from exojet.runner.deadlines import CHAT_GRACE_S, Deadlines
-from exojet.runner.shared_deadlines import SharedDeadlines
 from exojet.runner.engine_choice import EngineWanted
 from exojet.runner.executor import Executor
 from exojet.runner.handling import RunnerCore
 from exojet.runner.registration import SubjectIO, registration
 from exojet.runner.reports import Reports
+from exojet.runner.shared_deadlines import SharedDeadlines
 from exojet.runner.steps import (
     Ack,
     AckFloor,
