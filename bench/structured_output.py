@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner import generic_tools
-from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, schema_grammar, server_params
+from exojet.runner.answer_plan import schema_grammar
+from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, server_params
 from exojet.runner.engine_protocol import Generate, Message
 
 STORY = {

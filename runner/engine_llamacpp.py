@@ -14,7 +14,6 @@ private folder (mode 0700) so no other local user can reach the model through it
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,10 +24,11 @@ from typing import Any, Literal
 import msgspec
 import psutil
 
-from exojet.bus.tools import JsonSchema, ResponseFormat, ToolCall, ToolCallDelta, join_deltas, must_call, wanted_tools
+from exojet.bus.tools import ToolCall, ToolCallDelta, join_deltas, wanted_tools
 from exojet.runner import generic_tools
+from exojet.runner.answer_plan import chat_message, plan_answer
 from exojet.runner.engine_backend import Emit, RequestError, raw_prompt
-from exojet.runner.engine_protocol import Done, FinishReason, Generate, Load, Message, ModelLoaded
+from exojet.runner.engine_protocol import Done, FinishReason, Generate, Load, ModelLoaded
 from exojet.runner.stop_scanner import StopScanner
 
 # A chat's window: this many tokens (or the model's own context, if shorter).
@@ -144,69 +144,18 @@ def chat_body(req: Generate, template_has_tools: bool = True) -> dict[str, Any]:
 
 
 def _chat(req: Generate, template_has_tools: bool) -> dict[str, Any]:
-    tools = wanted_tools(req.tools, req.tool_choice)
-    if tools and generic_tools.uses_generic(template_has_tools, req.tool_choice):
-        required = must_call(req.tool_choice)
-        prompt = Message(role="system", content=generic_tools.system_prompt(tools, required))
-        return {
-            "messages": [_message(m, generic=True) for m in (prompt, *req.messages)],
-            "grammar": schema_grammar(generic_tools.calls_schema(tools, required, req.parallel_tool_calls)),
-        }
-    body: dict[str, Any] = {"messages": [_message(m, generic=False) for m in req.messages]}
-    if tools:
-        body["tools"] = [msgspec.to_builtins(t) for t in tools]
+    plan = plan_answer(req, template_has_tools)
+    body: dict[str, Any] = {"messages": [chat_message(m, plan.generic, "text") for m in plan.messages]}
+    if plan.template_tools:
+        body["tools"] = [msgspec.to_builtins(t) for t in plan.template_tools]
         body["tool_choice"] = "auto"
         body["parallel_tool_calls"] = req.parallel_tool_calls
-    if (schema := response_schema(req.response_format)) is not None:
-        body["grammar"] = schema_grammar(schema)
+    if plan.grammar is not None:
+        # A grammar, not `response_format`: given one, llama.cpp also parses the answer (at every
+        # chunk) and fails the chat with a 500 when the text so far is not yet JSON it can read
+        # (a character split across tokens), where the grammar alone already guarantees the JSON.
+        body["grammar"] = plan.grammar
     return body
-
-
-def response_schema(response_format: ResponseFormat | None) -> JsonSchema | None:
-    """The JSON schema an answer must follow (None: free text)."""
-    if response_format is None or response_format.type == "text":
-        return None
-    if response_format.type == "json_schema" and response_format.json_schema is not None:
-        return response_format.json_schema.schema or {"type": "object"}
-    return {"type": "object"}
-
-
-_COMPACT = {"whitespace_flexible": False}
-
-
-def schema_grammar(schema: JsonSchema) -> str:
-    """The LLGuidance grammar of `schema` (xllamacpp's build of llama.cpp links LLGuidance).
-
-    A grammar, not `response_format`: given one, llama.cpp also parses the answer (at every
-    chunk) and fails the chat with a 500 when the text so far is not yet JSON it can read
-    (a character split across tokens), where the grammar alone already guarantees the JSON.
-    """
-    import xllamacpp
-
-    try:
-        # JSON without free whitespace: a model may otherwise spend its whole answer on blanks.
-        return str(xllamacpp.json_schema_to_grammar({**schema, "x-guidance": _COMPACT}))
-    except Exception as exc:
-        raise RequestError("InvalidRequest", f"the JSON schema does not compile to a grammar: {exc}") from exc
-
-
-def _message(m: Message, generic: bool) -> dict[str, Any]:
-    """A message as llama.cpp's chat template takes it; on the generic path calls and their
-    results are the JSON the generic prompt speaks."""
-    if generic and m.tool_calls:
-        calls = [{"name": c.name, "arguments": json.loads(c.arguments)} for c in m.tool_calls]
-        return {"role": m.role, "content": json.dumps({"tool_calls": calls})}
-    if generic and m.role == "tool":
-        return {"role": "user", "content": json.dumps({"tool_response": m.content, "tool_call_id": m.tool_call_id})}
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
-    if m.tool_calls:
-        out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-            for c in m.tool_calls
-        ]
-    if m.tool_call_id is not None:
-        out["tool_call_id"] = m.tool_call_id
-    return out
 
 
 class _Function(msgspec.Struct):
@@ -329,11 +278,7 @@ class LlamaCppEngine:
         tail = state.scanner.flush()
         text, calls = state.scanner.text, state.calls()
         if generic:
-            text, calls = generic_tools.read_answer(text, f"call-{req.request_id}-{started:.6f}")
-            if emit is not None:
-                emit(text)
-                for i, call in enumerate(calls):
-                    emit(ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments))
+            text, calls = generic_tools.emit_answer(text, generic_tools.call_ids(req.request_id, started), emit)
         elif emit is not None and tail:
             emit(tail)
         ended = time.perf_counter()

@@ -14,7 +14,6 @@ import contextlib
 import gc
 import json
 import os
-import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,79 +22,31 @@ from typing import Any, Literal
 import msgspec
 from loguru import logger
 
-from exojet.runner.engine_backend import RequestError, check_fits, raw_prompt
+from exojet.runner import generic_tools
+from exojet.runner.answer_plan import AnswerPlan, chat_message, plan_answer
+from exojet.runner.answer_stream import AnswerStream, ToolSyntax
+from exojet.runner.engine_backend import Emit, RequestError, check_fits, raw_prompt
 from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
 from exojet.runner.mlx_batch import (
     BatchDriver,
     Capacity,
+    LogitsProcessor,
     chat_capacity,
     kv_bytes_per_token,
     make_chat_sampler,
 )
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
-from exojet.runner.stop_scanner import StopScanner
+from exojet.runner.mlx_grammar import GrammarCompiler
+from exojet.runner.mlx_weights import context_length, materialise, shard_range
 
 # A pipeline rank that sees no token for this long takes its peers for dead
 # (a stalled peer would otherwise hold the ring forever); env overrides.
 STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
 LOAD_STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_LOAD_STALL_S", "300"))
-_LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 # A batched chat waiting for its next token looks at its cancel flag this often.
 CANCEL_POLL_S = 0.05
 # MLX's random keys are 64-bit.
 SEEDS = 2**64
-
-
-def _shard_range(req: Load, n_layers: int, path: Path) -> tuple[int, int]:
-    """The layers [start, end) a Load asks for (all by default), checked against the model's."""
-    start = 0 if req.start_layer is None else req.start_layer
-    end = n_layers if req.end_layer is None else req.end_layer
-    if not 0 <= start < end <= n_layers:
-        raise RequestError(
-            "InvalidShard", f"layers [{start}, {end}) are not a range of the {n_layers} layers of {path}"
-        )
-    return start, end
-
-
-def _context_length(config: dict[str, Any]) -> int | None:
-    """The model's context window, as its config states it (llama-style configs do)."""
-    value = config.get("max_position_embeddings")
-    return value if isinstance(value, int) and value > 0 else None
-
-
-def materialise(model: Any, start: int, end: int, on_layer: Callable[[int, int], None]) -> int:
-    """Evaluate the weights that layers [start, end) need, a layer at a time, calling
-    `on_layer(done, end - start)` after each; return their bytes.
-
-    Lazy loading maps the weights without reading them; evaluating only the shard's
-    layers (plus the embeddings on the first shard and the norm and head on the
-    last) keeps the other shards' weights out of memory.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    n_layers = len(model.layers)
-    params: dict[str, Any] = {}
-    tree_flatten(model.parameters(), destination=params)
-    tied = not any(name.startswith("lm_head.") for name in params)
-    shared: list[Any] = []
-    by_layer: dict[int, list[Any]] = {index: [] for index in range(start, end)}
-    for name, array in params.items():
-        match = _LAYER_INDEX.search(name)
-        if match:
-            index = int(match.group(1))
-            if start <= index < end:
-                by_layer[index].append(array)
-        # Tied embeddings are also the output head, needed by the last shard.
-        elif ("embed" in name and (start == 0 or (tied and end == n_layers))) or (
-            "embed" not in name and end == n_layers
-        ):
-            shared.append(array)
-    mx.eval(shared)
-    for done, arrays in enumerate(by_layer.values(), start=1):
-        mx.eval(arrays)
-        on_layer(done, end - start)
-    return sum(a.nbytes for a in shared) + sum(a.nbytes for arrays in by_layer.values() for a in arrays)
 
 
 @contextlib.contextmanager
@@ -124,6 +75,10 @@ class MlxEngine:
         self.capacity = 1
         self._capacity_reason = "a pipeline rank serves one chat at a time"
         self._batch: BatchDriver | None = None
+        # The model's own tool syntax, where its template renders tools and mlx-lm knows how to
+        # read its calls (else the generic path), and its grammars' compiler; set once loaded.
+        self._tools: ToolSyntax | None = None
+        self._grammars: GrammarCompiler | None = None
         self._started = time.perf_counter()
         path = Path(req.model_path)
         if group is not None:
@@ -137,6 +92,14 @@ class MlxEngine:
 
     def loaded(self) -> ModelLoaded:
         return self._loaded
+
+    def _take_tokenizer(self, tokenizer: Any) -> None:
+        """Keep the model's tokenizer, and what it says of tool calls and grammars."""
+        self.tokenizer = tokenizer
+        self._grammars = GrammarCompiler(tokenizer)
+        template = str(getattr(tokenizer, "chat_template", None) or "")
+        if tokenizer.has_tool_calling and "tools" in template:
+            self._tools = ToolSyntax(tokenizer.tool_call_start, tokenizer.tool_call_end, tokenizer.tool_parser)
 
     def _load_whole(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
         import psutil
@@ -152,14 +115,15 @@ class MlxEngine:
         except Exception as exc:
             raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = len(model.layers)
-        start, end = _shard_range(req, n_layers, path)
+        start, end = shard_range(req, n_layers, path)
         weight_bytes = materialise(model, start, end, on_layer)
         free = psutil.virtual_memory().available
         weights, reason = choose_weights(model, (start, end) == (0, n_layers), req.weights, free)
         if weights == "dense":
             weight_bytes = to_dense_float32(model)
-        self.model, self.tokenizer = model, tokenizer
-        self._context = _context_length(config)
+        self.model = model
+        self._take_tokenizer(tokenizer)
+        self._context = context_length(config)
         self._start_batching()
         return self._report(path, config, n_layers, (start, end), weight_bytes, weights, reason)
 
@@ -186,12 +150,13 @@ class MlxEngine:
         except (OSError, ValueError) as exc:
             raise RequestError("ModelLoadError", f"could not load model from {path}: {exc}") from exc
         n_layers = int(config["num_hidden_layers"])
-        start, end = _shard_range(req, n_layers, path)
+        start, end = shard_range(req, n_layers, path)
         # A rank that failed before loading never joins the collectives the
         # others wait in: the watchdog turns that wait into a bounded failure.
         with ring_guard(), StallWatchdog(LOAD_STALL_TIMEOUT_S):
-            self.model, self.tokenizer = load_shard(path, self.group, start, end, on_layer)
-        self._context = _context_length(config)
+            self.model, tokenizer = load_shard(path, self.group, start, end, on_layer)
+        self._take_tokenizer(tokenizer)
+        self._context = context_length(config)
         params: dict[str, Any] = {}
         tree_flatten(self.model.parameters(), destination=params)
         weight_bytes = sum(a.nbytes for a in params.values())
@@ -238,25 +203,16 @@ class MlxEngine:
         if self._batch is not None:
             self._batch.close()
             self._batch = None
-        self.model = self.tokenizer = None
+        self.model = self.tokenizer = self._grammars = self._tools = None
         gc.collect()
         mx.clear_cache()
 
-    def generate(self, req: Generate, emit: Callable[[str], None] | None, cancelled: Callable[[], bool]) -> Done:
+    def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
-        if req.tools or req.response_format is not None:
-            # Refused, not ignored: an answer that skipped its constraint would look like one.
-            raise RequestError("InvalidRequest", "MLX serves no tool calls or response_format yet (issue 30)")
         try:
+            plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
             # A chat template may refuse a role it does not know.
-            prompt = (
-                self.tokenizer.encode(raw_prompt(req))
-                if req.raw
-                else self.tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in req.messages],
-                    add_generation_prompt=True,
-                )
-            )
+            prompt = self.tokenizer.encode(raw_prompt(req)) if req.raw else self._chat_prompt(plan)
         except RequestError:
             raise
         except Exception as exc:
@@ -266,16 +222,28 @@ class MlxEngine:
         if req.seed is not None and not 0 <= req.seed < SEEDS:
             raise RequestError("InvalidRequest", f"seed {req.seed} is not in [0, 2**64): MLX cannot hold it")
         check_fits(len(prompt), req.max_tokens, self._context)
-        call = _Call(req, prompt, emit, cancelled, started)
+        processors: tuple[LogitsProcessor, ...] = ()
+        if plan.grammar is not None:
+            if self.group is not None:
+                raise RequestError("InvalidRequest", "a pipeline group decodes no grammar (tools, response_format)")
+            assert self._grammars is not None
+            processors = (self._grammars.mask(plan.grammar),)
+        answer = AnswerStream(plan, req.stop, emit, generic_tools.call_ids(req.request_id, started), self._tools)
+        call = _Call(req, prompt, answer, cancelled, started, processors)
         if self._batch is not None:
             return self._generate_batched(self._batch, call)
         return self._generate_alone(call)
 
+    def _chat_prompt(self, plan: AnswerPlan) -> list[int]:
+        """The tokens of a chat through the model's template (with the tools it renders)."""
+        tools = [msgspec.to_builtins(t) for t in plan.template_tools] or None
+        messages = [chat_message(m, plan.generic, "object") for m in plan.messages]
+        return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
+
     def _generate_batched(self, batch: BatchDriver, call: _Call) -> Done:
         """The chat among the others of the batch: its tokens come from the driver thread."""
-        chat = batch.submit(call.prompt, call.req)
+        chat = batch.submit(call.prompt, call.req, call.processors)
         detokenizer = self.tokenizer.detokenizer
-        scanner = StopScanner(call.req.stop)
         first_at = None
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
@@ -295,15 +263,13 @@ class MlxEngine:
                     completion_tokens += 1
                 if step.finish is not None:
                     detokenizer.finalize()
-                delta, stopped = scanner.feed(detokenizer.last_segment)
-                if call.emit is not None and delta:
-                    call.emit(delta)
+                stopped = call.answer.feed(detokenizer.last_segment)
                 if stopped or step.finish is not None:
                     finish = "stop" if stopped else step.finish or "length"
                     break
         finally:
             chat.leave()
-        return _done(scanner, call, finish, completion_tokens, first_at)
+        return _done(call, finish, completion_tokens, first_at)
 
     def _generate_alone(self, call: _Call) -> Done:
         """The chat on its own (a pipeline rank in step with the others, or a model whose
@@ -312,7 +278,6 @@ class MlxEngine:
 
         from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
 
-        scanner = StopScanner(call.req.stop)
         first_at = None
         finish: Literal["stop", "length", "cancelled"] = "length"
         completion_tokens = 0
@@ -324,7 +289,12 @@ class MlxEngine:
         sampler = make_chat_sampler(call.req)
         with ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
-                self.model, self.tokenizer, call.prompt, max_tokens=call.req.max_tokens, sampler=sampler
+                self.model,
+                self.tokenizer,
+                call.prompt,
+                max_tokens=call.req.max_tokens,
+                sampler=sampler,
+                logits_processors=list(call.processors),
             ):
                 if watchdog is not None:
                     watchdog.beat()
@@ -333,9 +303,7 @@ class MlxEngine:
                 # The eos token ends a generation without being part of it.
                 eos = response.finish_reason == "stop"
                 completion_tokens = response.generation_tokens - (1 if eos else 0)
-                delta, stopped = scanner.feed(response.text)
-                if call.emit is not None and delta:
-                    call.emit(delta)
+                stopped = call.answer.feed(response.text)
                 if stopped or eos:
                     finish = "stop"
                     break
@@ -349,40 +317,40 @@ class MlxEngine:
                     break
             if in_group:
                 pipeline_barrier(self.group)
-        return _done(scanner, call, finish, completion_tokens, first_at)
+        return _done(call, finish, completion_tokens, first_at)
 
 
 class _Call(msgspec.Struct, frozen=True):
-    """One generation as the engine took it: the request, its prompt's tokens, where its text goes."""
+    """One generation as the engine took it: the request, its prompt's tokens, where its text
+    goes, and the processors of its logits (a grammar's mask)."""
 
     req: Generate
     prompt: list[int]
-    emit: Callable[[str], None] | None
+    answer: AnswerStream
     cancelled: Callable[[], bool]
     started: float
+    processors: tuple[LogitsProcessor, ...] = ()
 
 
 def _done(
-    scanner: StopScanner,
     call: _Call,
     finish: Literal["stop", "length", "cancelled"],
     completion_tokens: int,
     first_at: float | None,
 ) -> Done:
-    """A generation's end: the text held back for a possible stop string sent, its numbers."""
-    tail = scanner.flush()
-    if call.emit is not None and tail:
-        call.emit(tail)
+    """A generation's end: the text held back for a possible stop string sent, its calls, its numbers."""
+    text, calls = call.answer.finish()
     ended = time.perf_counter()
     first_at = first_at or ended
     # Decode speed: the tokens after the first, over the time after the first.
     decode_seconds = ended - first_at
     decoded = completion_tokens - 1
     return Done(
-        text=scanner.text,
-        finish_reason=finish,
+        text=text,
+        finish_reason="tool_calls" if calls and finish == "stop" else finish,
         prompt_tokens=len(call.prompt),
         completion_tokens=completion_tokens,
         tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
         time_to_first_token=first_at - call.started,
+        tool_calls=calls,
     )

@@ -16,7 +16,8 @@ from typing import Any
 
 import msgspec
 
-from exojet.bus.tools import JsonSchema, Tool, ToolCall, ToolChoice, must_call
+from exojet.bus.tools import JsonSchema, Tool, ToolCall, ToolCallDelta, ToolChoice, must_call
+from exojet.runner.engine_backend import Emit
 
 RESPONSE_KEY = "response"
 
@@ -93,3 +94,25 @@ def read_answer(text: str, call_id: str) -> tuple[str, list[ToolCall]]:
         for i, c in enumerate(answer.tool_calls)
     ]
     return answer.response or "", calls
+
+
+def call_ids(request_id: int, started: float) -> str:
+    """The stem of a generation's call ids (its calls are `<stem>-0`, `-1`, ...): unique per
+    generation of an engine child, whose request ids restart with it."""
+    return f"call-{request_id}-{started:.6f}"
+
+
+def emit_calls(calls: list[ToolCall], emit: Emit | None, first: int = 0) -> None:
+    """Send whole calls as one piece each (indexed from `first`)."""
+    if emit is not None:
+        for i, call in enumerate(calls, start=first):
+            emit(ToolCallDelta(index=i, id=call.id, name=call.name, arguments=call.arguments))
+
+
+def emit_answer(text: str, call_id: str, emit: Emit | None) -> tuple[str, list[ToolCall]]:
+    """Read a generic answer whole at its end and send its words, then its calls."""
+    words, calls = read_answer(text, call_id)
+    if emit is not None and words:
+        emit(words)
+    emit_calls(calls, emit)
+    return words, calls

@@ -162,10 +162,15 @@ class BatchChat:
             self.driver.inbox.put(_Remove(self))
 
 
+# An mlx-lm logits processor: (the sequence's tokens so far, its row of logits) -> new logits.
+LogitsProcessor = Callable[[Any, Any], Any]
+
+
 class _Insert(msgspec.Struct, frozen=True):
     chat: BatchChat
     prompt: list[int]
     req: Generate
+    processors: tuple[LogitsProcessor, ...] = ()
 
 
 class _Remove(msgspec.Struct, frozen=True):
@@ -208,10 +213,11 @@ class BatchDriver:
         self.closed = threading.Event()
         _batch_thread().put(self._run)
 
-    def submit(self, prompt: list[int], req: Generate) -> BatchChat:
-        """Start `req`'s chat on its prompt's tokens: its tokens come through the returned handle."""
+    def submit(self, prompt: list[int], req: Generate, processors: tuple[LogitsProcessor, ...] = ()) -> BatchChat:
+        """Start `req`'s chat on its prompt's tokens, its logits passed through `processors` (its
+        own: a grammar's mask) before its sampler: its tokens come through the returned handle."""
         chat = BatchChat(self)
-        self.inbox.put(_Insert(chat, prompt, req))
+        self.inbox.put(_Insert(chat, prompt, req, processors))
         return chat
 
     def close(self) -> None:
@@ -284,6 +290,7 @@ class BatchDriver:
                 caches=[cache] if cache is not None else None,
                 all_tokens=[message.prompt[: len(message.prompt) - len(rest)]],
                 samplers=[sampler],
+                logits_processors=[list(message.processors)],
             )
         except Exception as exc:  # this chat's request, not the batch, is at fault
             message.chat.steps.put(exc)

@@ -1,12 +1,11 @@
 """Tool calls and structured output through the official `openai` client, on a real stack serving
-the tiny random llama on llama.cpp: a required or named call is valid against its function's
+the tiny random llama on each engine (llama.cpp, MLX): a required or named call is valid against its function's
 schema, whole and streamed (the streamed pieces join to the whole call), a tool's result goes back
 in the history, a json_schema answer parses and validates, and what cannot fit is a named 400."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ import openai
 import pytest
 
 from exojet.runner.engine_llamacpp import MAX_CONTEXT
+from testbed.tiny_model import with_context
 from tests import engine_contract as contract
 from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
 from tests.gguf_tiny import as_gguf
@@ -29,12 +29,16 @@ WEATHER: dict[str, Any] = msgspec.to_builtins(contract.WEATHER)
 ASK = [{"role": "user", "content": "what is the weather in paris?"}]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ApiStack]:
-    root = tmp_path_factory.mktemp("tools")
-    folder = root / "models" / "local--tiny"
-    shutil.copytree(tiny_model_dir, folder)
-    as_gguf(tiny_model_dir, folder / "model.gguf")
+@pytest.fixture(scope="module", params=["llamacpp", "mlx"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[ApiStack]:
+    root = tmp_path_factory.mktemp(f"tools-{request.param}")
+    # The window llama.cpp gives a chat, on both engines.
+    folder = with_context(tiny_model_dir, root / "models" / "local--tiny", MAX_CONTEXT)
+    if request.param == "llamacpp":
+        # A GGUF in the folder: the runner serves it on llama.cpp.
+        as_gguf(tiny_model_dir, folder / "model.gguf")
     s = start_stack(root, root / "models")
     yield s
     s.close()

@@ -30,7 +30,6 @@ class MLXContract(EngineContract, ToolsContract):
     """The engine contract on MLX, with the tiny llama as it is; subclasses change the model."""
 
     ENGINE = "mlx"
-    NO_GRAMMAR = "MLX has no grammar-constrained decoding yet (issue 30, item 2: LLGuidance's mask)"
     # The tiny models' KV caches are small: memory allows the most chats a batch takes.
     CHAT_CAPACITY = MAX_CHATS
 
