@@ -507,3 +507,51 @@ class ToolsContract:
             assert done.finish_reason == "stop", done
             assert "".join(chunks) == done.text
             jsonschema_rs.validate(ANSWER_SCHEMA, json.loads(done.text))
+
+    @class_loop
+    @pytest.mark.timeout(120)
+    async def test_constrained_chats_beside_free_ones_each_keep_their_own_rule(
+        self, engine: Engine, model_path: Path
+    ) -> None:
+        if self.NO_GRAMMAR:
+            pytest.skip(self.NO_GRAMMAR)
+        await engine.load(str(model_path))
+        schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
+        free = [
+            Generate(messages=[Message(role="user", content=f"tell me about {t}")], max_tokens=16, seed=1)
+            for t in TOPICS[:2]
+        ]
+        bound = [
+            Generate(
+                messages=[Message(role="user", content=f"how many {t}? answer in JSON")],
+                max_tokens=200,
+                response_format=schema,
+            )
+            for t in TOPICS[2:4]
+        ]
+        alone = [(await collect(engine, req))[1].text for req in free]
+
+        together = await asyncio.gather(*(collect(engine, req) for req in (*bound, *free)))
+
+        for _, done in together[: len(bound)]:
+            assert done.finish_reason == "stop", done
+            jsonschema_rs.validate(ANSWER_SCHEMA, json.loads(done.text))
+        free_texts = [done.text for _, done in together[len(bound) :]]
+        # The free chats decode unconstrained: their answers are no JSON of the schema.
+        assert all(not text.startswith("{") for text in free_texts)
+        if self.BATCH_EXACT:
+            assert free_texts == alone
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_a_schema_that_does_not_compile_is_refused_by_name(self, engine: Engine, model_path: Path) -> None:
+        await engine.load(str(model_path))
+        for schema in ({"type": "nonsense"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}):
+            bad = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="bad", schema=schema))
+            with pytest.raises(EngineError) as err:
+                await collect(engine, Generate(messages=PROMPT, max_tokens=8, response_format=bad))
+            assert err.value.error_type == "InvalidRequest"
+            assert "does not compile" in str(err.value)
+        # The engine serves on.
+        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+        assert done.completion_tokens == 2

@@ -5,24 +5,28 @@ llama, the reference answers from mlx-lm in this process; then what only MLX doe
 from __future__ import annotations
 
 import itertools
+import json
+import shutil
 from pathlib import Path
 
+import msgspec
 import psutil
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exojet.bus.tools import ToolCall
 from exojet.models.gguf_import import import_gguf
 from exojet.models.smollm import ensure_default_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineError
-from exojet.runner.engine_protocol import LayersLoaded
+from exojet.runner.engine_protocol import Generate, LayersLoaded, Message
 from exojet.runner.executor import LoadThrottle
 from exojet.runner.mlx_batch import MAX_CHATS
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
-from tests.engine_contract import PROMPT, EngineContract, ToolsContract, class_loop
+from tests.engine_contract import PROMPT, WEATHER, EngineContract, ToolsContract, class_loop, collect
 from tests.gguf_tiny import Q, as_gguf
 
 
@@ -96,6 +100,59 @@ class TestMLXEngine(MLXContract):
         with pytest.raises(EngineError) as err:
             await engine.load(str(model_path), start_layer=3, end_layer=9)
         assert err.value.error_type == "InvalidShard"
+
+
+# A Qwen-style template that renders tools (mlx-lm reads such a model's calls with its json_tools parser).
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\n<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>\n"
+    'Call one as <tool_call>{"name": ..., "arguments": ...}</tool_call><|im_end|>\n{% endif %}'
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}"
+    "{% for tool_call in message.tool_calls or [] %}{% set tool_call = tool_call.function %}"
+    '<tool_call>{"name": "{{ tool_call.name }}", "arguments": {{ tool_call.arguments | tojson }}}</tool_call>'
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@class_loop
+@pytest.mark.timeout(60)
+async def test_a_template_that_renders_tools_gets_them_and_its_history(tiny_model_dir: Path, tmp_path: Path) -> None:
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "tools")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TOOLS_TEMPLATE}))
+    ask = [Message(role="user", content="weather?")]
+    call = ToolCall(id="c1", name="get_weather", arguments='{"city": "Paris", "days": 2}')
+    history = [*ask, Message(role="assistant", content="", tool_calls=(call,))]
+    from mlx_lm.utils import load_tokenizer
+
+    engine = Engine("mlx")
+    await engine.start()
+    try:
+        await engine.load(str(folder))
+        _, plain = await collect(engine, Generate(messages=ask, max_tokens=2))
+        _, tools = await collect(engine, Generate(messages=ask, max_tokens=2, tools=(WEATHER,)))
+        _, earlier = await collect(engine, Generate(messages=history, max_tokens=2, tools=(WEATHER,)))
+        _, required = await collect(
+            engine, Generate(messages=ask, max_tokens=2, tools=(WEATHER,), tool_choice="required")
+        )
+    finally:
+        await engine.stop()
+    # The template rendered the tool, and the earlier call with its arguments as an object (as
+    # Hugging Face templates take them): the prompts are the template's own rendering.
+    tokenizer = load_tokenizer(folder)
+    tool = msgspec.to_builtins(WEATHER)
+    assistant = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": call.name, "arguments": {"city": "Paris", "days": 2}}}],
+    }
+    rendered = [
+        tokenizer.apply_chat_template(m, tools=[tool], add_generation_prompt=True)
+        for m in ([{"role": "user", "content": "weather?"}], [{"role": "user", "content": "weather?"}, assistant])
+    ]
+    assert (tools.prompt_tokens, earlier.prompt_tokens) == tuple(len(r) for r in rendered)
+    assert tools.prompt_tokens > plain.prompt_tokens + 30
+    # A required call takes the generic path (its prompt, not the template's tools), whose schema constrains it.
+    assert required.prompt_tokens not in (plain.prompt_tokens, tools.prompt_tokens)
 
 
 @pytest.mark.timeout(60)
