@@ -92,7 +92,8 @@ def _pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
 def _meta_number(meta: dict[str, Any], key: str, default: float | None = None) -> float:
     """A numeric metadata value (mx.load gives 0-d arrays), else `default`, else an error."""
     if key in meta:
-        return meta[key].item()
+        number: float = meta[key].item()
+        return number
     if default is None:
         raise GGUFImportError(f"GGUF metadata lacks {key!r}")
     return default

@@ -158,7 +158,7 @@ class World:
 
     def backoff(self, attempt: int) -> float:
         """bus/nats/connection.py's retry delay, jittered by the seed."""
-        return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** min(attempt, 10)) * self.rng.uniform(0.8, 1.0)
+        return min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2.0 ** min(attempt, 10)) * self.rng.uniform(0.8, 1.0)
 
     def until_done(self, effect: Publish | LastOn) -> Generator[Effect, Any, Any]:
         """`client.until_done`: the effect, tried again with backoff for as long as NATS does not answer."""

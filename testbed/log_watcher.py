@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 from nats.aio.client import Client as NATS
 
 from exojet.bus import subjects
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
-from exojet.bus.events import RunnerStatusUpdated, TaskStatusUpdated
+from exojet.bus.events import Event, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.nats import client
 from exojet.bus.nats.follower import Follower
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, status_name
+from exojet.bus.tasks import Task
 from exojet.projections.apply import apply
 from exojet.projections.state import ClusterState
 
-Entry = tuple[Envelope, Any]
+# What an entry of the log decodes to: a task, an event, or why it does not decode.
+Message = Task | Event | BadInput
+Entry = tuple[Envelope, Message]
 Predicate = Callable[[ClusterState], bool]
 
 
@@ -39,6 +41,7 @@ class LogWatcher:
             await self._sub.unsubscribe()
 
     def _on(self, env: Envelope) -> None:
+        message: Message
         try:
             message = decode_task(env.data) if env.subject.startswith("exo.tasks.") else decode_event(env.data)
         except BadInput as err:
@@ -46,7 +49,7 @@ class LogWatcher:
         self.entries.append((env, message))
         self._changed.set()
 
-    async def wait_for(self, match: Callable[[Any], bool], timeout: float = 30.0, after_seq: int = 0) -> Entry:
+    async def wait_for(self, match: Callable[[Message], bool], timeout: float = 30.0, after_seq: int = 0) -> Entry:
         """The first entry after `after_seq` whose message satisfies `match`."""
         async with asyncio.timeout(timeout):
             checked = 0
@@ -66,6 +69,7 @@ class LogWatcher:
             ),
             timeout,
         )
+        assert isinstance(event, TaskStatusUpdated)
         return event
 
     async def status(self, runner_id: str, name: str, timeout: float = 30.0, after_seq: int = 0) -> Entry:
@@ -78,7 +82,7 @@ class LogWatcher:
             after_seq,
         )
 
-    def runner_events(self, runner_id: str, after_seq: int = 0) -> list[Any]:
+    def runner_events(self, runner_id: str, after_seq: int = 0) -> list[Message]:
         subject = f"exo.events.runner.{runner_id}"
         return [m for env, m in self.entries if env.subject == subject and env.seq > after_seq]
 

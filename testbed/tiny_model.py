@@ -9,6 +9,10 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -25,7 +29,7 @@ CORPUS = [
 ]
 
 
-def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320, hidden_size: int = 64) -> dict:
+def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320, hidden_size: int = 64) -> dict[str, Any]:
     """The config.json of the tiny llama (float32, small enough for any CPU)."""
     return {
         "model_type": "llama",
@@ -48,7 +52,7 @@ def tiny_llama_config(n_layers: int = 4, vocab_size: int = 320, hidden_size: int
     }
 
 
-def build_tokenizer(vocab_size: int) -> object:
+def build_tokenizer(vocab_size: int) -> Tokenizer:
     """A byte-level BPE tokenizer trained on a fixed corpus (deterministic)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
