@@ -62,7 +62,14 @@ class Fold(LogWatch):
 class Deployment:
     """The hosts and the exojet processes on them."""
 
-    def __init__(self, lan: Lan, root: Path, model_dir: Path) -> None:
+    def __init__(
+        self,
+        lan: Lan,
+        root: Path,
+        model_dir: Path,
+        runner_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.lan = lan
         self.root = root
         self.auth = root / "auth"
@@ -72,11 +79,15 @@ class Deployment:
         self.nodes: dict[str, subprocess.Popen[bytes]] = {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.model_dir = model_dir
+        # What every runner is started with besides its id and models (e.g. `--engine llamacpp`),
+        # and what every exojet process's environment adds (e.g. EXOJET_LOG_LEVEL).
+        self.runner_args = runner_args
+        self.env = env or {}
         # (seq, Nats-Msg-Id) of everything the test published and saw acknowledged.
         self.acked: list[tuple[int, str]] = []
 
     def _exojet(self, host: Host, args: list[str], nkey: str) -> subprocess.Popen[bytes]:
-        env = {"NATS_URL": self.url, "EXOJET_NKEY": str(identities.seed_path(self.auth, nkey))}
+        env = {**self.env, "NATS_URL": self.url, "EXOJET_NKEY": str(identities.seed_path(self.auth, nkey))}
         return host.popen([sys.executable, "-m", "exojet.cli.main", *args], self.root / f"{host.name}.log", env=env)
 
     def start_node(self, name: str) -> None:
@@ -99,13 +110,20 @@ class Deployment:
         for name in NODES:
             self.start_node(name)
         for name in SUPERVISORS:
-            args = ["supervisor", "--id", name, "--heartbeat-timeout", HEARTBEAT_TIMEOUT_S]
-            self.procs[name] = self._exojet(self.lan[name], args, "supervisor")
+            self.start_supervisor(name)
         for name in RUNNERS:
-            models = self.root / f"models-{name}"
-            shutil.copytree(self.model_dir, models / "local--tiny")
-            args = ["runner", "--id", name, "--models-dir", str(models)]
-            self.procs[name] = self._exojet(self.lan[name], args, f"runner-{name}")
+            shutil.copytree(self.model_dir, self.root / f"models-{name}" / "local--tiny")
+            self.start_runner(name)
+
+    def start_supervisor(self, name: str) -> None:
+        """Supervisor `name` on its host (again, after a kill)."""
+        args = ["supervisor", "--id", name, "--heartbeat-timeout", HEARTBEAT_TIMEOUT_S]
+        self.procs[name] = self._exojet(self.lan[name], args, "supervisor")
+
+    def start_runner(self, name: str) -> None:
+        """Runner `name` on its host with its models dir (again, after a kill: a new incarnation)."""
+        args = ["runner", "--id", name, "--models-dir", str(self.root / f"models-{name}"), *self.runner_args]
+        self.procs[name] = self._exojet(self.lan[name], args, f"runner-{name}")
 
     def exited(self) -> dict[str, int]:
         """exojet processes (supervisors, runners) that are no longer running, with their codes."""

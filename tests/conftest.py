@@ -80,3 +80,17 @@ def procs(nats_server: NatsServer, models_dir: Path, tmp_path: Path) -> Procs:
     p = Procs(nats_server.url, models_dir, tmp_path)
     yield p
     p.stop_all()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("soak", "the soak (tests/test_soak.py, `-m soak`)")
+    group.addoption("--soak-seed", type=int, default=None, help="the fault schedule's seed (default: a new one)")
+    group.addoption("--soak-minutes", type=float, default=3.0, help="how long faults are injected")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A soak's time bound follows its length: setup, the faults, and the end's checks."""
+    bound = int(config.getoption("soak_minutes") * 60 + 1200)
+    for item in items:
+        if item.get_closest_marker("soak") is not None:
+            item.add_marker(pytest.mark.timeout(bound))

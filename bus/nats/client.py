@@ -80,7 +80,7 @@ async def publish(
     attempt = 0
     while True:
         try:
-            return await js.publish(subject, payload, timeout=timeout, headers=headers)
+            ack = await js.publish(subject, payload, timeout=timeout, headers=headers)
         except APIError as err:
             if err.err_code == WRONG_LAST_SEQUENCE:
                 raise WrongLastSequence(f"{subject}: {err.description}") from None
@@ -98,6 +98,10 @@ async def publish(
                 logger.bind(subject=subject).info("stream not answering (a leader election?); publishing again")
             await asyncio.sleep(backoff_delay(attempt))
             attempt += 1
+        else:
+            # What a server promised to keep, for a soak to look for in the log (tests/test_soak.py).
+            logger.bind(stream=ack.stream, seq=ack.seq, subject=subject, msg_id=msg_id).debug("stored")
+            return ack
 
 
 async def until_done(op: Callable[[], Awaitable[T]], what: str) -> T:

@@ -1,0 +1,186 @@
+"""Random faults under load on real processes (`pytest -m soak`; `--soak-minutes M`, `--soak-seed N`).
+
+On hosts made of network namespaces: three JetStream nodes (each store a small tmpfs), two
+supervisors, two runners serving concurrent chats of the tiny llama on llama.cpp, `exojet api`
+and the test. A stream of chats through the API (some cancelled by their client), placements,
+deletions, drains and undrains (tests/soak_load.py) runs while a seeded schedule
+(tests/soak_schedule.py) injects a fault every few seconds: SIGKILL and a restart of any process
+(a nats-server, a supervisor, a runner, an engine child, the API), SIGSTOP for up to twice the
+heartbeat timeout, a host cut off and back, the EXO_LOG leader killed, a node's store filled.
+
+After each fault: a chat is answered through the API again, both supervisors are on our fold's
+state, no process ended by itself, every acknowledged write is in the log, no task has two
+terminal statuses, no chat hung. At the end (tests/soak_checks.py): every task exactly one
+terminal status, every acknowledged write under its id, every completed chat's text stored
+whole and once, nothing left running, and (runs over 5 minutes) each process's RSS within 25%
+of its RSS at 5 minutes. The table (tests/soak_report.py) is printed; a failure prints the seed
+and the faults injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import pytest
+from loguru import logger
+from nats.aio.client import Client as NATS
+
+from testbed.api_process import until_healthy_async
+from testbed.hosts_harness import HEARTBEAT_TIMEOUT_S, NODES, RUNNERS, SUPERVISORS
+from testbed.netns import Lan, unavailable
+from tests.gguf_tiny import as_gguf
+from tests.soak_checks import (
+    LoggedAcks,
+    SoakFold,
+    acks_in_fold,
+    acks_of_test,
+    acks_under_their_ids,
+    chats_stored_whole,
+    supervisors_agree,
+    terminal_counts_at_most_one,
+    terminal_counts_exactly_one,
+)
+from tests.soak_cluster import SoakCluster
+from tests.soak_load import PROBE_TOKENS, Load
+from tests.soak_report import Recovery, table
+from tests.soak_schedule import API, Fault, describe, schedule
+
+NO_NAMESPACES = unavailable()
+pytestmark = [
+    pytest.mark.skipif(NO_NAMESPACES is not None, reason=f"no network namespaces: {NO_NAMESPACES}"),
+    pytest.mark.soak,
+]
+
+# A fault the cluster has not come back from in this long is a failure.
+RECOVERY_BOUND_S = 300.0
+# The pace of probe chats while the cluster is down (each waits for its own answer first).
+PROBE_AGAIN_S = 0.5
+RSS_AFTER_S = 300.0
+RSS_GROWTH = 1.25
+
+
+def _rss(c: SoakCluster) -> dict[tuple[str, int], int]:
+    """Each process's RSS by (name, pid): a restarted process is another one."""
+    out = {}
+    for name, pid in c.every_pid().items():
+        try:
+            out[(name, pid)] = psutil.Process(pid).memory_info().rss
+        except psutil.NoSuchProcess:
+            continue
+    return out
+
+
+async def _recover(c: SoakCluster, nc: NATS, fold: SoakFold, load: Load, fault: Fault, done: str) -> Recovery:
+    """From the fault's end until a chat is answered through the API and both supervisors hold our state."""
+    rec = Recovery(fault, done)
+    start = time.monotonic()
+    try:
+        async with asyncio.timeout(RECOVERY_BOUND_S):
+            while (probe := await load.chat(PROBE_TOKENS)).outcome != "completed":
+                rec.errors.append(probe.error or probe.outcome)
+                await asyncio.sleep(PROBE_AGAIN_S)  # the probes' pace, not a synchronisation
+    except TimeoutError:
+        met = ", ".join(f"{e} x{n}" for e, n in Counter(rec.errors).items())
+        raise AssertionError(f"no chat answered within {RECOVERY_BOUND_S} s of {fault} ({done}): {met}") from None
+    rec.answered_s = time.monotonic() - start
+    await supervisors_agree(nc, fold, str(fault))
+    rec.agreed_s = time.monotonic() - start - rec.answered_s
+    logger.info(f"soak: recovered from {rec.why()}")
+    return rec
+
+
+async def _checked(c: SoakCluster, fold: SoakFold, load: Load, acks: LoggedAcks, what: str) -> None:
+    assert not c.exited(), f"after {what}: processes ended by themselves: {c.exited()}"
+    terminal_counts_at_most_one(fold, what)
+    await acks_in_fold(fold, [*acks_of_test(c.d), *acks.read()], what)
+    assert not load.hung(), f"after {what}: chats hung: {load.hung()}"
+
+
+async def _end(c: SoakCluster, nc: NATS, fold: SoakFold, load: Load, acks: LoggedAcks) -> None:
+    await load.stop()
+    assert not load.hung(), f"chats hung: {load.hung()}"
+    await fold.until(lambda s: not s.unfinished and not s.pending_chats, 180, "every task finished")
+    terminal_counts_exactly_one(fold)
+    every_ack = [*acks_of_test(c.d), *acks.read()]
+    await acks_in_fold(fold, every_ack, "the run")
+    await acks_under_their_ids(nc, every_ack)
+    await supervisors_agree(nc, fold, "the run")
+    await chats_stored_whole(nc, load.chats)
+    assert not c.exited(), f"processes ended by themselves: {c.exited()}"
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path, tiny_model_dir: Path) -> Path:
+    """The tiny llama with its GGUF beside it (the runners are told to use llama.cpp)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    as_gguf(tiny_model_dir, folder / "model.gguf")
+    return folder
+
+
+async def test_random_faults_under_load(
+    request: pytest.FixtureRequest, tmp_path: Path, model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seed = request.config.getoption("soak_seed")
+    seed = int.from_bytes(os.urandom(4)) if seed is None else seed
+    minutes = request.config.getoption("soak_minutes")
+    faults = schedule(seed, float(HEARTBEAT_TIMEOUT_S))
+    injected: list[Fault] = []
+    recoveries: list[Recovery] = []
+    logger.info(f"soak seed {seed}, {minutes:g} minutes")
+    with Lan([*NODES, *SUPERVISORS, *RUNNERS, API, "client"]) as lan:
+        c = SoakCluster(lan, tmp_path, model_dir)
+        load: Load | None = None
+        began = time.monotonic()
+        try:
+            c.start()
+            with lan.inside(lan["client"]):
+                nc = await c.d.connect()
+                fold = SoakFold()
+                await fold.start(nc)
+                await until_healthy_async(c.api, c.d.procs[API], tmp_path / "api.log", timeout=120)
+                await c.d.place(nc, "base")
+                await fold.until(
+                    lambda s: "inst-base" in s.instances and s.instances["inst-base"].status == "Ready",
+                    180,
+                    "inst-base Ready",
+                )
+                acks = LoggedAcks(tmp_path)
+                load = Load(c.api, c.d, nc, fold, seed)
+                load.start()
+                began = time.monotonic()
+                rss_at_5: dict[tuple[str, int], int] | None = None
+                for fault in faults:
+                    if time.monotonic() - began > minutes * 60:
+                        break
+                    await asyncio.sleep(fault.gap_s)  # the schedule's quiet time between faults
+                    injected.append(fault)
+                    logger.info(f"soak: fault {fault}")
+                    done = await c.inject(fault, nc)
+                    recoveries.append(await _recover(c, nc, fold, load, fault, done))
+                    await _checked(c, fold, load, acks, str(fault))
+                    if rss_at_5 is None and time.monotonic() - began > RSS_AFTER_S:
+                        rss_at_5 = _rss(c)
+                await _end(c, nc, fold, load, acks)
+                if rss_at_5 is not None:
+                    now = _rss(c)
+                    grown = {k: (v, now[k]) for k, v in rss_at_5.items() if k in now and now[k] > v * RSS_GROWTH}
+                    assert not grown, f"RSS grew over 25% since 5 minutes in (before, after): {grown}"
+                await nc.close()
+        except Exception as err:
+            report = table(seed, minutes, time.monotonic() - began, recoveries, load) if load else ""
+            raise AssertionError(f"{describe(seed, injected)}\n{report}\n{err!r}") from err
+        finally:
+            c.stop()
+        left = c.namespaces_empty()
+        assert not left, f"processes left in the hosts' namespaces: {left}"
+    strays = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    assert not strays, f"processes of the soak still running: {strays}"
+    with capsys.disabled():
+        print("\n" + table(seed, minutes, time.monotonic() - began, recoveries, load))
