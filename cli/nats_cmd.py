@@ -18,6 +18,7 @@ from nats.js.errors import NotFoundError
 
 from exojet.bus import streams
 from exojet.bus.nats import client, stream_setup
+from exojet.bus.ops import full_store
 from exojet.bus.ops.server import (
     DEFAULT_CLUSTER_NAME,
     DEFAULT_HOST,
@@ -104,9 +105,12 @@ def run_nats(args: argparse.Namespace) -> int:
     # SIGTERM too must stop the server, or it outlives this process.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        return server.process.wait() if server.process else 1
+        return full_store.serve(server)
     except KeyboardInterrupt:
         return 0
+    except ServerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         server.stop()
 
