@@ -48,6 +48,8 @@ class ChatRecord:
     error: str = ""
     chat_id: str | None = None
     text: str = ""
+    # What the client said for a failure, when it ended (seconds into the run) and how far it got.
+    detail: str = ""
 
 
 def error_name(err: BaseException) -> str:
@@ -100,6 +102,8 @@ class Load:
             rec.outcome = "hung"
         except openai.OpenAIError as err:
             rec.outcome, rec.error = "failed", error_name(err)
+            cause = f" ({err.__cause__!r})" if err.__cause__ is not None else ""
+            rec.detail = f"{err}{cause} after {len(rec.text)} characters"[:300]
         rec.ended = time.monotonic()
         return rec
 

@@ -63,6 +63,10 @@ def table(seed: int, minutes: float, elapsed_s: float, recoveries: list[Recovery
     )
     for error, n in load.failures().most_common():
         lines.append(f"  failed with {error}: {n}")
+    # The client's own errors name nothing the API said: each is listed with what it said.
+    for chat in load.chats:
+        if chat.outcome == "failed" and not chat.error[:1].isdigit() and not chat.error.startswith("stream"):
+            lines.append(f"    chat {chat.n} ({chat.tokens} tokens): {chat.detail}")
     lines.append("commands: " + ", ".join(f"{op} {n}" for op, n in sorted(load.ops.items())))
     if recoveries:
         lines.append("slowest recovery: " + max(recoveries, key=lambda r: r.seconds).why())
