@@ -34,28 +34,12 @@ from nats.aio.client import Client as NATS
 from testbed.api_process import until_healthy_async
 from testbed.hosts_harness import HEARTBEAT_TIMEOUT_S, NODES, RUNNERS, SUPERVISORS
 from testbed.netns import Lan, unavailable
+from tests import soak_checks as check
 from tests.gguf_tiny import as_gguf
-from tests.soak_checks import (
-    LoggedAcks,
-    SoakFold,
-    acks_in_fold,
-    acks_of_test,
-    acks_under_their_ids,
-    chats_stored_whole,
-    supervisors_agree,
-    terminal_counts_at_most_one,
-    terminal_counts_exactly_one,
-)
 from tests.soak_cluster import SoakCluster
 from tests.soak_load import PROBE_TOKENS, Load
 from tests.soak_report import Recovery, table
 from tests.soak_schedule import API, Fault, describe, schedule
-
-NO_NAMESPACES = unavailable()
-pytestmark = [
-    pytest.mark.skipif(NO_NAMESPACES is not None, reason=f"no network namespaces: {NO_NAMESPACES}"),
-    pytest.mark.soak,
-]
 
 # A fault the cluster has not come back from in this long is a failure.
 RECOVERY_BOUND_S = 300.0
@@ -63,6 +47,10 @@ RECOVERY_BOUND_S = 300.0
 PROBE_AGAIN_S = 0.5
 RSS_AFTER_S = 300.0
 RSS_GROWTH = 1.25
+
+# The hosts are network namespaces and the stores tmpfs mounts: root only.
+WHY_NOT = unavailable()
+pytestmark = [pytest.mark.soak, pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces: {WHY_NOT}")]
 
 
 def _rss(c: SoakCluster) -> dict[tuple[str, int], int]:
@@ -76,7 +64,7 @@ def _rss(c: SoakCluster) -> dict[tuple[str, int], int]:
     return out
 
 
-async def _recover(c: SoakCluster, nc: NATS, fold: SoakFold, load: Load, fault: Fault, done: str) -> Recovery:
+async def _recover(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, fault: Fault, done: str) -> Recovery:
     """From the fault's end until a chat is answered through the API and both supervisors hold our state."""
     rec = Recovery(fault, done)
     start = time.monotonic()
@@ -89,29 +77,29 @@ async def _recover(c: SoakCluster, nc: NATS, fold: SoakFold, load: Load, fault: 
         met = ", ".join(f"{e} x{n}" for e, n in Counter(rec.errors).items())
         raise AssertionError(f"no chat answered within {RECOVERY_BOUND_S} s of {fault} ({done}): {met}") from None
     rec.answered_s = time.monotonic() - start
-    await supervisors_agree(nc, fold, str(fault))
+    await check.supervisors_agree(nc, fold, str(fault))
     rec.agreed_s = time.monotonic() - start - rec.answered_s
     logger.info(f"soak: recovered from {rec.why()}")
     return rec
 
 
-async def _checked(c: SoakCluster, fold: SoakFold, load: Load, acks: LoggedAcks, what: str) -> None:
+async def _checked(c: SoakCluster, fold: check.SoakFold, load: Load, acks: check.LoggedAcks, what: str) -> None:
     assert not c.exited(), f"after {what}: processes ended by themselves: {c.exited()}"
-    terminal_counts_at_most_one(fold, what)
-    await acks_in_fold(fold, [*acks_of_test(c.d), *acks.read()], what)
+    check.terminal_counts_at_most_one(fold, what)
+    await check.acks_in_fold(fold, [*check.acks_of_test(c.d), *acks.read()], what)
     assert not load.hung(), f"after {what}: chats hung: {load.hung()}"
 
 
-async def _end(c: SoakCluster, nc: NATS, fold: SoakFold, load: Load, acks: LoggedAcks) -> None:
+async def _end(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, acks: check.LoggedAcks) -> None:
     await load.stop()
     assert not load.hung(), f"chats hung: {load.hung()}"
     await fold.until(lambda s: not s.unfinished and not s.pending_chats, 180, "every task finished")
-    terminal_counts_exactly_one(fold)
-    every_ack = [*acks_of_test(c.d), *acks.read()]
-    await acks_in_fold(fold, every_ack, "the run")
-    await acks_under_their_ids(nc, every_ack)
-    await supervisors_agree(nc, fold, "the run")
-    await chats_stored_whole(nc, load.chats)
+    check.terminal_counts_exactly_one(fold)
+    every_ack = [*check.acks_of_test(c.d), *acks.read()]
+    await check.acks_in_fold(fold, every_ack, "the run")
+    await check.acks_under_their_ids(nc, every_ack)
+    await check.supervisors_agree(nc, fold, "the run")
+    await check.chats_stored_whole(nc, load.chats)
     assert not c.exited(), f"processes ended by themselves: {c.exited()}"
 
 
@@ -142,7 +130,7 @@ async def test_random_faults_under_load(
             c.start()
             with lan.inside(lan["client"]):
                 nc = await c.d.connect()
-                fold = SoakFold()
+                fold = check.SoakFold()
                 await fold.start(nc)
                 await until_healthy_async(c.api, c.d.procs[API], tmp_path / "api.log", timeout=120)
                 await c.d.place(nc, "base")
@@ -151,7 +139,7 @@ async def test_random_faults_under_load(
                     180,
                     "inst-base Ready",
                 )
-                acks = LoggedAcks(tmp_path)
+                acks = check.LoggedAcks(tmp_path)
                 load = Load(c.api, c.d, nc, fold, seed)
                 load.start()
                 began = time.monotonic()
