@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from exojet.api import request_rules as rules
 from exojet.api.errors import bad_request
+from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import FREE, AnswerShape, NamedToolChoice, ResponseFormat, Tool, ToolCall, ToolChoice
@@ -37,10 +39,19 @@ UNSUPPORTED = (
     "web_search_options",
     "store",
     "metadata",
+    "moderation",
 )
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n")
-# Accepted only at the value that changes nothing.
-NO_OP_DEFAULTS: dict[str, object] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logprobs": False}
+# Accepted only at the value that changes nothing (a value out of OpenAI's range is refused first).
+NO_OP_DEFAULTS: dict[str, object] = {
+    "n": 1,
+    "presence_penalty": 0,
+    "frequency_penalty": 0,
+    "logprobs": False,
+    "verbosity": "medium",
+}
+# The fields whose bound is the API's --max-tokens-limit.
+ANSWER_LENGTHS = ("max_tokens", "max_completion_tokens")
 
 
 class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -51,7 +62,8 @@ class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class InFunctionCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     name: str
-    arguments: str
+    # Checked by `_message` (no JSON Schema can say a string holds JSON): the document says it.
+    arguments: Annotated[str, msgspec.Meta(description="the call's arguments: JSON, as text")]
 
 
 class InToolCall(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -66,7 +78,7 @@ class InMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[InToolCall] | None = None
-    tool_call_id: str | None = None
+    tool_call_id: Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -75,6 +87,47 @@ class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 StopString = Annotated[str, msgspec.Meta(min_length=1)]
+# OpenAI's (and vLLM's) range of both penalties.
+Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
+
+# Between a message's fields (the parser checks them, /openapi.json states them).
+NULL_CONTENT = "content may be null only in an assistant message with tool_calls"
+MESSAGE_RULES = (
+    Rule(when={"role": not_(one_of("assistant"))}, then={"content": GIVEN}, param="content", message=NULL_CONTENT),
+    Rule(when={"tool_calls": not_(NON_EMPTY)}, then={"content": GIVEN}, param="content", message=NULL_CONTENT),
+    Rule(
+        when={"role": one_of("tool")},
+        then={"tool_call_id": GIVEN},
+        param="tool_call_id",
+        message="a tool message needs the tool_call_id it answers",
+    ),
+)
+FORMAT_RULES = (
+    Rule(
+        when={"type": one_of("json_schema")},
+        then={"json_schema": GIVEN},
+        param="json_schema",
+        message="response_format: json_schema is required for type json_schema",
+    ),
+)
+# Between the body's fields. Two rules no JSON Schema can state stay checks of their own (`_shape`):
+# a named tool_choice names one of the tools, and no two tools share a name.
+CHAT_RULES = (
+    STREAM_OPTIONS,
+    Rule(
+        when={"tool_choice": not_(one_of(None, "none"))},
+        then={"tools": NON_EMPTY},
+        param="tool_choice",
+        message="tool_choice is only allowed when tools are given",
+    ),
+    Rule(
+        when={"tools": NON_EMPTY, "response_format": where("type", one_of("json_object", "json_schema"))},
+        then={"tool_choice": one_of("none")},
+        param="response_format",
+        message="tools and response_format cannot both shape one answer",
+        code="unsupported_parameter",
+    ),
+)
 
 
 class ChatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -89,14 +142,25 @@ class ChatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     seed: Annotated[int, msgspec.Meta(ge=0, le=SEED_MAX)] | None = None
     stop: StopString | Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     user: str | None = None
+    # Accepted, changing nothing: who asks, and prompt caching hints (exojet reuses prompts by itself).
+    safety_identifier: str | None = None
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
     n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
     logprobs: bool | None = None
-    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS)] | None = None
-    tool_choice: ToolChoice | None = None
+    # Two checks of `_shape` no JSON Schema can state: the document says them.
+    tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS, description="no two share a name")] | None = None
+    tool_choice: Annotated[ToolChoice | None, msgspec.Meta(description="a named function is one of `tools`")] = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+
+
+# The rules of each struct of the body, by the struct (/openapi.json states them on its schema).
+RULES: dict[type, tuple[Rule, ...]] = {ChatBody: CHAT_RULES, InMessage: MESSAGE_RULES, ResponseFormat: FORMAT_RULES}
 
 
 class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -137,7 +201,8 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
         value = getattr(body, name)
         if value is not None and value != default:
             raise bad_request(f"{name}={value!r} is not supported (only {default!r})", param=name, code="unsupported")
-    for param in ("max_tokens", "max_completion_tokens"):
+    rules.check(CHAT_RULES, body)
+    for param in ANSWER_LENGTHS:
         if (value := getattr(body, param)) is not None and value > max_tokens_limit:
             raise bad_request(f"{param} must be at most {max_tokens_limit}, got {value}", param=param)
     # max_completion_tokens is OpenAI's newer name; given both, it wins.
@@ -162,21 +227,13 @@ def _shape(body: ChatBody) -> AnswerShape:
     if len(names) < len(tools):
         raise bad_request("tools: two tools have the same name", param="tools", code="invalid_value")
     choice = body.tool_choice
-    if choice is not None and choice != "none" and not tools:
-        raise bad_request("tool_choice is only allowed when tools are given", param="tool_choice")
     if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
         raise bad_request(
             f"tool_choice names {choice.function.name!r}, which is not among the tools", param="tool_choice"
         )
     fmt = body.response_format
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema is None:
-        raise bad_request("response_format: json_schema is required for type json_schema", param="response_format")
-    if fmt is not None and fmt.type != "text" and tools and choice != "none":
-        raise bad_request(
-            "tools and response_format cannot both shape one answer",
-            param="response_format",
-            code="unsupported_parameter",
-        )
+    if fmt is not None:
+        rules.check(FORMAT_RULES, fmt, at="response_format.")
     return AnswerShape(
         tools=tools,
         tool_choice=choice,
@@ -212,12 +269,7 @@ def _invalid(err: msgspec.ValidationError) -> Exception:
 def _message(i: int, m: InMessage) -> ChatMessage:
     # Chat templates know system/user/assistant; `developer` is OpenAI's new name for system.
     role = "system" if m.role == "developer" else m.role
-    if m.content is None and not (m.role == "assistant" and m.tool_calls):
-        raise bad_request(
-            "content may be null only in an assistant message with tool_calls", param=f"messages[{i}].content"
-        )
-    if m.role == "tool" and not m.tool_call_id:
-        raise bad_request("a tool message needs the tool_call_id it answers", param=f"messages[{i}].tool_call_id")
+    rules.check(MESSAGE_RULES, m, at=f"messages[{i}].")
     parts = m.content or ""
     content = parts if isinstance(parts, str) else "".join(p.text for p in parts)
     for c in m.tool_calls or ():

@@ -21,7 +21,8 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from exojet.api import dialect_base as base
-from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX, ChatRequest, StreamOptions
+from exojet.api import request_rules as rules
+from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX, ChatRequest, Penalty, StreamOptions
 from exojet.api.dialect_openai import DONE
 from exojet.api.errors import ApiError, bad_request
 from exojet.api.gateway import Gateway
@@ -61,8 +62,11 @@ class CompletionsBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     user: str | None = None
     n: int | None = None
     best_of: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+
+
+RULES: dict[type, tuple[rules.Rule, ...]] = {CompletionsBody: (rules.STREAM_OPTIONS,)}
 
 
 def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
@@ -72,6 +76,7 @@ def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
     if isinstance(prompt, list) and any(not isinstance(p, str) for p in prompt):
         raise bad_request("prompt: token ids are not supported, only text", param="prompt", code="unsupported")
     body = base.strict_body(data, CompletionsBody, REFUSED, lambda name: f"Unrecognized request argument: {name}")
+    rules.check(RULES[CompletionsBody], body)
     for name, default in NO_OP_DEFAULTS.items():
         if (value := getattr(body, name)) is not None and value != default:
             raise bad_request(f"{name}={value!r} is not supported (only {default!r})", param=name, code="unsupported")

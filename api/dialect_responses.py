@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from exojet.api import dialect_base as base
+from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
 from exojet.bus.chat_ends import Ended
@@ -80,7 +81,7 @@ class TextOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class ResponsesBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    input: str | Annotated[list[dict[str, Any]], msgspec.Meta(min_length=1)]
+    input: str | Annotated[list[Item], msgspec.Meta(min_length=1)]
     instructions: str | None = None
     max_output_tokens: Annotated[int, msgspec.Meta(ge=MIN_OUTPUT_TOKENS)] | None = None
     temperature: Annotated[float, msgspec.Meta(ge=0, le=2)] | None = None
@@ -102,19 +103,27 @@ class ResponsesBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stream_options: dict[str, Any] | None = None
 
 
-def _item(i: int, data: dict[str, Any]) -> ChatMessage:
-    kind = data.get("type", "message")
-    if kind in TOOL_ITEMS:
-        raise bad_request(f"input[{i}]: {TOOLS}", param=f"input[{i}].type", code="unsupported_parameter")
-    if kind != "message":
-        raise bad_request(f"input[{i}].type: only messages are supported, not {kind!r}", param=f"input[{i}].type")
-    parts = data.get("content")
-    if isinstance(parts, list):
-        for j, part in enumerate(parts):
+RULES: dict[type, tuple[rules.Rule, ...]] = {ResponsesBody: (rules.STREAM_OPTIONS,)}
+
+
+def _refuse_items(data: dict[str, Any]) -> None:
+    """ApiError(400) naming the first item of `input` that is not a text message (a tool call or
+    result, an image, a file), before the struct would call it only a wrong value."""
+    items = data.get("input")
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        kind = item.get("type", "message") if isinstance(item, dict) else "message"
+        if kind in TOOL_ITEMS:
+            raise bad_request(f"input[{i}]: {TOOLS}", param=f"input[{i}].type", code="unsupported_parameter")
+        if kind != "message":
+            raise bad_request(f"input[{i}].type: only messages are supported, not {kind!r}", param=f"input[{i}].type")
+        parts = item.get("content") if isinstance(item, dict) else None
+        for j, part in enumerate(parts if isinstance(parts, list) else ()):
             if isinstance(part, dict) and part.get("type") not in ("input_text", "output_text"):
                 where = f"input[{i}].content[{j}].type"
                 raise bad_request(f"{where}: only text is supported, not {part.get('type')!r}", param=where)
-    item = base.convert(data, Item)
+
+
+def _message(item: Item) -> ChatMessage:
     text = item.content if isinstance(item.content, str) else "".join(p.text for p in item.content)
     # `developer` is OpenAI's newer name for system, which chat templates know.
     return ChatMessage("system" if item.role == "developer" else item.role, text)
@@ -122,13 +131,15 @@ def _item(i: int, data: dict[str, Any]) -> ChatMessage:
 
 def _parse(raw: bytes, limit: int) -> tuple[ResponsesBody, ChatRequest]:
     data = base.decode_object(raw)
+    _refuse_items(data)
     body = base.strict_body(data, ResponsesBody, REFUSED, lambda name: f"Unknown parameter: '{name}'.")
+    rules.check(RULES[ResponsesBody], body)
     max_tokens = base.answer_length(body.max_output_tokens, "max_output_tokens", limit)
     messages = [ChatMessage("system", body.instructions)] if body.instructions else []
     if isinstance(body.input, str):
         messages.append(ChatMessage("user", body.input))
     else:
-        messages += [_item(i, item) for i, item in enumerate(body.input)]
+        messages += [_message(item) for item in body.input]
     req = ChatRequest(
         model=body.model,
         messages=tuple(messages),

@@ -11,33 +11,32 @@ from __future__ import annotations
 from typing import Any
 
 from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
-from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX
+from exojet.api.request_schemas import ABSENT, Body, nullable, ref
 
 STRING = {"type": "string"}
 OBJECT = {"type": "object"}
 TEXT = {"type": "string", "minLength": 1}
-# A refused field: present only as a value that asks for nothing (`dialect_base.refuse`).
-ABSENT = {
-    "description": "not supported: any other value is refused by name",
-    "anyOf": [
-        {"type": "null"},
-        {"const": False},
-        {"const": ""},
-        {"type": "array", "maxItems": 0},
-        {"type": "object", "maxProperties": 0},
-    ],
-}
 NEVER = {"not": {}, "description": "refused by name"}
 # A streamed answer: server-sent events (named by Anthropic and Responses), or Ollama's JSON lines.
 STREAM_SCHEMAS = {"text/event-stream": "DialectEvent", "application/x-ndjson": "OllamaLine"}
 
 
-def nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
+# Generated from the structs their parsers decode into (`request_schemas`).
+BODIES = {
+    "ResponsesRequest": Body(
+        dialect_responses.ResponsesBody,
+        lengths=("max_output_tokens",),
+        refused=dialect_responses.REFUSED,
+        rules=dialect_responses.RULES,
+    ),
+    "CompletionRequest": Body(
+        dialect_completions.CompletionsBody,
+        lengths=("max_tokens",),
+        no_op=dialect_completions.NO_OP_DEFAULTS,
+        refused=dialect_completions.REFUSED,
+        rules=dialect_completions.RULES,
+    ),
+}
 
 
 def json_content(name: str) -> dict[str, Any]:
@@ -153,93 +152,6 @@ def _ollama(limit: int, models: list[str], generate: bool) -> dict[str, Any]:
     }
 
 
-def _responses(limit: int, models: list[str]) -> dict[str, Any]:
-    part = {
-        "type": "object",
-        "required": ["type", "text"],
-        "properties": {
-            "type": {"enum": ["input_text", "output_text"]},
-            "text": STRING,
-            "annotations": nullable({"type": "array"}),
-        },
-        "additionalProperties": False,
-    }
-    item = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"enum": ["user", "assistant", "system", "developer"]},
-            "content": {"anyOf": [STRING, {"type": "array", "items": part}]},
-            "type": {"const": "message"},
-            "id": nullable(STRING),
-            "status": nullable(STRING),
-            "phase": nullable(STRING),
-        },
-        "additionalProperties": False,
-    }
-    text_options = {
-        "type": "object",
-        "properties": {
-            "format": nullable(
-                {
-                    "type": "object",
-                    "required": ["type"],
-                    "properties": {"type": {"const": "text"}},
-                    "additionalProperties": False,
-                }
-            ),
-            "verbosity": nullable({"const": "medium"}),
-        },
-        "additionalProperties": False,
-    }
-    properties: dict[str, Any] = {
-        "model": _model(models),
-        "input": {"anyOf": [STRING, {"type": "array", "minItems": 1, "items": item}]},
-        "instructions": nullable(STRING),
-        "max_output_tokens": nullable(
-            {"type": "integer", "minimum": dialect_responses.MIN_OUTPUT_TOKENS, "maximum": limit}
-        ),
-        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-        "stream": {"type": "boolean"},
-        "text": nullable(text_options),
-        "metadata": nullable({"type": "object", "additionalProperties": STRING}),
-        "truncation": nullable({"enum": ["auto", "disabled"]}),
-        "parallel_tool_calls": nullable({"type": "boolean"}),
-        "max_tool_calls": nullable({"type": "integer"}),
-        "prompt_cache_options": nullable(OBJECT),
-        "stream_options": nullable(OBJECT),
-    }
-    for name in ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention", "service_tier"):
-        properties[name] = nullable(STRING)
-    return _strict(properties, ["model", "input"], dialect_responses.REFUSED)
-
-
-def _completions(limit: int, models: list[str]) -> dict[str, Any]:
-    properties: dict[str, Any] = {
-        "model": _model(models),
-        "prompt": {
-            "anyOf": [
-                TEXT,
-                {"type": "array", "items": TEXT, "minItems": 1, "maxItems": dialect_completions.MAX_PROMPTS},
-            ]
-        },
-        "max_tokens": nullable({"type": "integer", "minimum": 1, "maximum": limit}),
-        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-        "seed": nullable({"type": "integer", "minimum": 0, "maximum": SEED_MAX}),
-        "stop": {"anyOf": [TEXT, {"type": "array", "items": TEXT, "maxItems": MAX_STOP_SEQUENCES}, {"type": "null"}]},
-        "stream": {"type": "boolean"},
-        "stream_options": nullable(
-            {"type": "object", "properties": {"include_usage": {"type": "boolean"}}, "additionalProperties": False}
-        ),
-        "user": nullable(STRING),
-    }
-    for name, value in dialect_completions.NO_OP_DEFAULTS.items():
-        properties[name] = nullable({"const": value, "description": f"only {value!r} is supported"})
-    return _strict(properties, ["model", "prompt"], dialect_completions.REFUSED)
-
-
 def components(limit: int, models: list[str]) -> dict[str, Any]:
     messages = _anthropic(limit, models)
     answer = {"type": "object"}  # each dialect's own answer object (see the README)
@@ -280,10 +192,8 @@ def components(limit: int, models: list[str]) -> dict[str, Any]:
             "required": ["data"],
             "properties": {"data": STRING, "event": STRING},
         },
-        "ResponsesRequest": _responses(limit, models),
         "Response": answer
         | {"required": ["id", "object", "status", "output"], "properties": {"object": {"const": "response"}}},
-        "CompletionRequest": _completions(limit, models),
         "Completion": answer
         | {"required": ["id", "object", "choices", "usage"], "properties": {"object": {"const": "text_completion"}}},
     }

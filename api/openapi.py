@@ -1,69 +1,37 @@
-"""The OpenAPI 3.1 document served at `/openapi.json`, written to match `chat_request.py` exactly
-(and the other dialects' parsers, through `dialect_schemas.py`).
+"""The OpenAPI 3.1 document served at `/openapi.json`.
 
-Every optional field of a chat request accepts null (as OpenAI's clients send
-unset fields); parameters exojet does not support are listed with only null
-allowed, so a schema-driven client sees what a request may hold.
+Its request bodies are generated from the structs the parsers decode into (`request_schemas.py`):
+the chat completion's from `chat_request.ChatBody`, with the parameters exojet does not support
+listed with only null allowed (as OpenAI's clients send unset fields), so a schema-driven client
+sees what a request may hold. The other dialects' routes come from `dialect_schemas.py`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from exojet.api import dialect_schemas
-from exojet.api.chat_request import MAX_STOP_SEQUENCES, NO_OP_DEFAULTS, SEED_MAX, UNSUPPORTED
+from exojet.api import dialect_schemas, request_schemas
+from exojet.api.chat_request import ANSWER_LENGTHS, NO_OP_DEFAULTS, RULES, UNSUPPORTED, ChatBody
 from exojet.api.dialect_schemas import json_content as _json
-from exojet.api.dialect_schemas import nullable as _nullable
-from exojet.api.dialect_schemas import ref as _ref
+from exojet.api.request_schemas import NULL, Body
+from exojet.api.request_schemas import nullable as _nullable
+from exojet.api.request_schemas import ref as _ref
+
+CHAT = Body(
+    ChatBody,
+    lengths=ANSWER_LENGTHS,
+    no_op=NO_OP_DEFAULTS,
+    refused=UNSUPPORTED,
+    # The chat route refuses these unless null.
+    unrefused=NULL | {"description": "not supported yet: a value is a 400"},
+    rules=RULES,
+)
 
 VERSION = "0.1.0"
 
 
 def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": _json("Error")}
-
-
-def _chat_request(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
-    stop = {"type": "string", "minLength": 1}
-    max_tokens = {"type": "integer", "minimum": 1, "maximum": max_tokens_limit}
-    model: dict[str, Any] = {"type": "string", "minLength": 1, "description": "a model with a Ready instance"}
-    if models:
-        model["examples"] = models
-    properties: dict[str, Any] = {
-        "model": model,
-        "messages": {"type": "array", "minItems": 1, "items": _ref("Message")},
-        "stream": {"type": "boolean"},
-        "stream_options": _nullable(
-            {
-                "type": "object",
-                "properties": {"include_usage": {"type": "boolean"}},
-                "additionalProperties": False,
-            }
-        ),
-        "max_tokens": _nullable(max_tokens),
-        "max_completion_tokens": _nullable(max_tokens),
-        "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
-        "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-        "seed": _nullable({"type": "integer", "minimum": 0, "maximum": SEED_MAX}),
-        "stop": {
-            "anyOf": [
-                stop,
-                {"type": "array", "items": stop, "maxItems": MAX_STOP_SEQUENCES},
-                {"type": "null"},
-            ]
-        },
-        "user": _nullable({"type": "string"}),
-    }
-    for name, value in NO_OP_DEFAULTS.items():
-        properties[name] = _nullable({"const": value, "description": f"only {value!r} is supported"})
-    for name in UNSUPPORTED:
-        properties[name] = {"type": "null", "description": "not supported yet: a value is a 400"}
-    return {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": properties,
-        "additionalProperties": False,
-    }
 
 
 def _completion(
@@ -102,24 +70,8 @@ def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
         "properties": {k: {"type": "integer"} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
     finish = {"type": "string", "enum": ["stop", "length", "cancelled"]}
-    return {
-        "ChatCompletionRequest": _chat_request(max_tokens_limit, models),
-        "Message": {
-            "type": "object",
-            "required": ["role", "content"],
-            "properties": {
-                "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
-                "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": _ref("TextPart")}]},
-                "name": _nullable({"type": "string"}),
-            },
-            "additionalProperties": False,
-        },
-        "TextPart": {
-            "type": "object",
-            "required": ["type", "text"],
-            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-            "additionalProperties": False,
-        },
+    bodies = {"ChatCompletionRequest": CHAT} | dialect_schemas.BODIES
+    return request_schemas.components(bodies, max_tokens_limit, models) | {
         "ChatCompletion": _completion(
             "chat.completion", "message", {"required": ["role", "content"]}, finish, usage, usage_required=True
         ),

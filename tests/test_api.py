@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,11 +20,9 @@ import pytest
 
 from exojet.bus import subjects
 from exojet.bus.nats import client
-from exojet.bus.ops.server import free_port
 from exojet.runner.mlx_batch import MAX_CHATS
 from testbed.tiny_model import write_tiny_llama
 from tests.api_stack import API_KEY, MODEL, ApiStack, cancels_in_log, start_stack, task_statuses
-from tests.procs import exojet, stop
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -223,67 +219,6 @@ async def test_past_the_instance_queue_a_chat_gets_429_with_retry_after(
     # The queue drained: the next chat is served again.
     again = await async_client.chat.completions.create(model=MODEL, messages=_messages(), max_tokens=2)
     assert again.choices[0].finish_reason in ("stop", "length")
-
-
-def test_schemathesis_finds_nothing_against_openapi_json(stack: ApiStack, tmp_path: Path) -> None:
-    # A second API process on the same cluster (they are stateless), with a small
-    # max_tokens limit so that generated requests stay quick to answer.
-    port = free_port()
-    api = exojet(
-        "api",
-        "--nats",
-        stack.url,
-        "--port",
-        str(port),
-        "--api-key",
-        API_KEY,
-        "--max-tokens-limit",
-        "16",
-        log=tmp_path / "api.log",
-    )
-    try:
-        auth = {"Authorization": f"Bearer {API_KEY}"}
-        schema = _wait_schema(f"http://127.0.0.1:{port}/openapi.json", auth)
-        assert schema["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]["examples"] == [MODEL]
-        schema_file = tmp_path / "openapi.json"
-        schema_file.write_text(json.dumps(schema))
-        run = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "schemathesis.cli",
-                "run",
-                str(schema_file),
-                "--url",
-                f"http://127.0.0.1:{port}",
-                "--header",
-                f"Authorization: Bearer {API_KEY}",
-                "--max-examples",
-                "10",
-                "--checks",
-                "all",
-                "--seed",
-                "1",
-                "--no-color",
-            ],
-            cwd=tmp_path,  # schemathesis keeps a cache in its working directory
-            capture_output=True,
-            text=True,
-            timeout=150,
-        )
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
-    finally:
-        stop(api)
-
-
-def _wait_schema(url: str, headers: dict[str, str], timeout: float = 30.0) -> dict[str, object]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            return httpx.get(url, headers=headers, timeout=1.0).raise_for_status().json()
-        except httpx.HTTPError:
-            time.sleep(0.1)  # poll interval while the API process starts
-    raise AssertionError(f"no schema at {url} within {timeout} s")
 
 
 @pytest.fixture

@@ -1,0 +1,161 @@
+"""/openapi.json says what the parsers accept: each body below is valid against the document's
+request schema exactly when its route's parser takes it, and a refusal names the parameter.
+
+Pure: the document and the parsers, no stack (tests/test_api.py runs schemathesis on a live one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jsonschema_rs
+import pytest
+
+from exojet.api import dialect_completions, dialect_responses
+from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
+from exojet.api.errors import ApiError
+from exojet.api.openapi import schema
+from testbed import REPO
+
+LIMIT = 64
+DOCUMENT = schema(LIMIT, secured=False, models=["local/tiny"])
+USER = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+
+
+def _validator(component: str) -> jsonschema_rs.Validator:
+    root = {"$ref": f"#/components/schemas/{component}", "components": DOCUMENT["components"]}
+    return jsonschema_rs.validator_for(root)
+
+
+CHAT = _validator("ChatCompletionRequest")
+
+
+def _chat(**fields: Any) -> dict[str, Any]:
+    return {"model": "local/tiny", "messages": USER} | fields
+
+
+def _refused(body: dict[str, Any], parse: Callable[[bytes, int], object] = parse_chat) -> ApiError | None:
+    try:
+        parse(json.dumps(body).encode(), LIMIT)
+    except ApiError as err:
+        assert err.status == 400
+        return err
+    return None
+
+
+ACCEPTED = [
+    _chat(),
+    _chat(stream=True, stream_options={"include_usage": True}),
+    _chat(stream_options=None),
+    _chat(temperature=2, top_p=1, max_tokens=LIMIT, presence_penalty=0, frequency_penalty=0.0, n=1),
+    _chat(tools=[TOOL], tool_choice="required"),
+    _chat(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "f"}}),
+    _chat(tool_choice="none"),
+    _chat(tools=[TOOL], tool_choice="none", response_format={"type": "json_object"}),
+    _chat(tools=[TOOL], response_format={"type": "text"}),
+    _chat(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    _chat(
+        messages=[
+            *USER,
+            {"role": "assistant", "tool_calls": [CALL]},
+            {"role": "tool", "tool_call_id": "c1", "content": "1"},
+        ]
+    ),
+    _chat(logit_bias=None, store=None),
+]
+
+# Each body breaks one rule; the parameter the 400 names.
+REFUSED = [
+    (_chat(stream_options={"include_usage": True}), "stream_options"),
+    (_chat(stream=False, stream_options={}), "stream_options"),
+    (_chat(temperature=2.5), "temperature"),
+    (_chat(top_p=0), "top_p"),
+    (_chat(max_tokens=0), "max_tokens"),
+    (_chat(max_completion_tokens=LIMIT + 1), "max_completion_tokens"),
+    (_chat(presence_penalty=2.5), "presence_penalty"),
+    (_chat(frequency_penalty=-3), "frequency_penalty"),
+    (_chat(presence_penalty=1), "presence_penalty"),
+    (_chat(n=2), "n"),
+    (_chat(logit_bias={"1": 5}), "logit_bias"),
+    (_chat(tool_choice="required"), "tool_choice"),
+    (_chat(tools=[], tool_choice="auto"), "tool_choice"),
+    (_chat(tools=[TOOL], response_format={"type": "json_object"}), "response_format"),
+    (_chat(response_format={"type": "json_schema"}), "response_format.json_schema"),
+    (_chat(messages=[{"role": "user"}]), "messages[0].content"),
+    (_chat(messages=[{"role": "assistant", "content": None, "tool_calls": []}]), "messages[0].content"),
+    (_chat(messages=[{"role": "tool", "content": "1"}]), "messages[0].tool_call_id"),
+    (_chat(colour="red"), "colour"),
+]
+
+
+@pytest.mark.parametrize("body", ACCEPTED)
+def test_what_the_document_allows_the_parser_takes(body: dict[str, Any]) -> None:
+    assert CHAT.is_valid(body)
+    assert _refused(body) is None
+
+
+@pytest.mark.parametrize(("body", "param"), REFUSED)
+def test_what_the_parser_refuses_the_document_forbids(body: dict[str, Any], param: str) -> None:
+    assert not CHAT.is_valid(body)
+    err = _refused(body)
+    assert err is not None and err.param == param, err and err.message
+
+
+def test_the_answer_length_bound_is_the_apis_limit() -> None:
+    properties = DOCUMENT["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    assert {"type": "integer", "minimum": 1, "maximum": LIMIT} in properties["max_tokens"]["anyOf"]
+    assert properties["model"]["examples"] == ["local/tiny"]
+
+
+COMPLETION = ("CompletionRequest", dialect_completions._parse)
+RESPONSE = ("ResponsesRequest", dialect_responses._parse)
+# The other OpenAI routes: ((document component, parser), body, the param refused or None).
+OTHERS = [
+    (COMPLETION, {"prompt": "hi"}, None),
+    (COMPLETION, {"prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}}, None),
+    (COMPLETION, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
+    (COMPLETION, {"prompt": "hi", "presence_penalty": 3}, "presence_penalty"),
+    (COMPLETION, {"prompt": "hi", "n": 2}, "n"),
+    (COMPLETION, {"prompt": "hi", "echo": True}, "echo"),
+    (COMPLETION, {"prompt": "hi", "echo": False, "max_tokens": LIMIT}, None),
+    (COMPLETION, {"prompt": "hi", "max_tokens": LIMIT + 1}, "max_tokens"),
+    (RESPONSE, {"input": "hi"}, None),
+    (RESPONSE, {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, None),
+    (RESPONSE, {"input": "hi", "stream": True, "stream_options": {}}, None),
+    (RESPONSE, {"input": "hi", "stream_options": {}}, "stream_options"),
+    (RESPONSE, {"input": [{"role": "user"}]}, "input[0]"),
+    (RESPONSE, {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    (RESPONSE, {"input": "hi", "store": True}, "store"),
+    (RESPONSE, {"input": "hi", "max_output_tokens": 8}, "max_output_tokens"),
+]
+
+
+@pytest.mark.parametrize(("route", "body", "param"), OTHERS)
+def test_the_other_openai_routes_documents_agree_with_their_parsers(
+    route: tuple[str, Callable[[bytes, int], object]], body: dict[str, Any], param: str | None
+) -> None:
+    component, parse = route
+    body = {"model": "local/tiny"} | body
+    assert _validator(component).is_valid(body) == (param is None)
+    err = _refused(body, parse)
+    assert (err and err.param) == param, err and err.message
+
+
+def test_the_design_notes_parameter_table_is_what_the_chat_route_does() -> None:
+    notes = (REPO / "docs" / "design-notes.md").read_text()
+    table = notes[notes.index("### Every OpenAI chat-completions parameter") :]
+    rows = re.findall(r"^\| `(\w+)` \| ([a-z -]+) \| (.*) \|$", table, re.MULTILINE)
+    status = {name: kind for name, kind, _ in rows}
+    assert len(status) == len(rows), "a parameter is listed twice"
+    fields = set(ChatBody.__struct_fields__)
+    assert {n for n, k in status.items() if k in ("supported", "no-op")} == fields - set(NO_OP_DEFAULTS)
+    assert {n for n, k in status.items() if k == "default only"} == set(NO_OP_DEFAULTS)
+    assert {n for n, k in status.items() if k == "refused"} == set(UNSUPPORTED)
+    for name, kind, what in rows:
+        if kind == "default only":
+            assert what.strip("`").startswith(json.dumps(NO_OP_DEFAULTS[name]).strip('"')), name
