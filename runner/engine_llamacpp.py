@@ -100,6 +100,9 @@ def server_params(path: Path, context_length: int, socket_path: Path) -> Any:
     params.n_threads_http = 1
     params.cache_ram_mib = prompt_cache_mib()
     params.hostnames = [str(socket_path)]
+    # A final assistant message is one more turn, as on MLX and in every dialect, not the start of
+    # the answer (llama.cpp's prefill, which also refused two of them at the end).
+    params.prefill_assistant = False
     # Warnings and errors only: the parent keeps the child's last stderr lines for a crash report.
     params.verbosity = 1
     return params
@@ -270,7 +273,11 @@ class LlamaCppEngine:
                 return True
 
         handle = self.server.handle_completions if req.raw else self.server.handle_chat_completions
-        handle(msgspec.json.encode(body).decode(), on_chunk)
+        try:
+            handle(msgspec.json.encode(body).decode(), on_chunk)
+        except ValueError as exc:
+            # llama.cpp's std::invalid_argument, a request it cannot take: its server answers 400.
+            raise RequestError("InvalidRequest", str(exc)) from exc
         if state.failure is not None:
             raise state.failure
         if state.error is not None:

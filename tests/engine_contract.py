@@ -126,6 +126,20 @@ class EngineContract:
 
     @class_loop
     @pytest.mark.timeout(60)
+    async def test_assistant_messages_at_the_end_are_turns_the_answer_follows(
+        self, engine: Engine, model_path: Path
+    ) -> None:
+        # llama.cpp's default took a final assistant message as the answer's start and refused two
+        # with an exception that failed the runner (schemathesis sent two through /v1/responses).
+        await engine.load(str(model_path))
+        said = [Message(role="assistant", content="once"), Message(role="assistant", content="upon a time")]
+
+        _, done = await collect(engine, Generate(messages=[*PROMPT, *said], max_tokens=3))
+
+        assert (done.completion_tokens, done.finish_reason) == (3, "length")
+
+    @class_loop
+    @pytest.mark.timeout(60)
     async def test_max_tokens_bounds_the_answer(self, engine: Engine, model_path: Path, direct: Direct) -> None:
         await engine.load(str(model_path))
 
