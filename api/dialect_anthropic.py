@@ -64,9 +64,18 @@ class TextBlock(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     citations: None = None
 
 
+# Text alone (other blocks are refused by name first, `_refuse_blocks`).
+Content = str | list[TextBlock]
+
+
 class Message(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: Content
+
+
+class OutputConfig(msgspec.Struct, frozen=True):
+    # Its `effort` (and any other hint) changes nothing here; a `format` is refused by name first.
+    format: None = None
 
 
 Text = Annotated[str, msgspec.Meta(min_length=1)]
@@ -76,7 +85,7 @@ class MessagesBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     model: Text
     messages: Annotated[list[Message], msgspec.Meta(min_length=1)]
     max_tokens: Annotated[int, msgspec.Meta(ge=1)]
-    system: str | list[dict[str, Any]] | None = None
+    system: Content | None = None
     stop_sequences: Annotated[list[Text], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
@@ -91,8 +100,7 @@ class MessagesBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     diagnostics: dict[str, Any] | None = None
     user_profile_id: str | None = None
     workspace_id: str | None = None
-    # Its `effort` changes nothing here; a `format` is refused (`_parse`).
-    output_config: dict[str, Any] | None = None
+    output_config: OutputConfig | None = None
 
 
 def error_response(err: ApiError) -> Response:
@@ -100,20 +108,31 @@ def error_response(err: ApiError) -> Response:
     return base.json_response(body, err.status, err.headers)
 
 
-def _text(content: str | list[dict[str, Any]], where: str) -> str:
-    if isinstance(content, str):
-        return content
-    parts = []
-    for i, block in enumerate(content):
-        kind = block.get("type")
-        if kind in ("tool_use", "tool_result"):
-            raise bad_request(f"{where}.{i}: {kind} blocks: {TOOLS}", param=f"{where}.{i}.type", code="unsupported")
-        if kind != "text":
-            raise bad_request(
-                f"{where}.{i}.type: only text blocks are supported, not {kind!r}", param=f"{where}.{i}.type"
-            )
-        parts.append(base.convert(block, TextBlock).text)
-    return "".join(parts)
+def _refuse_blocks(data: dict[str, Any]) -> None:
+    """ApiError(400) naming the first block that is not text (tools', images, documents) and a
+    structured output format, by name, before the struct would call them only wrong values."""
+    config = data.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        raise bad_request("output_config.format: structured output is not supported yet", param="output_config.format")
+    messages = data.get("messages")
+    contents = [("system", data.get("system"))] + [
+        (f"messages.{i}.content", m.get("content"))
+        for i, m in enumerate(messages if isinstance(messages, list) else ())
+        if isinstance(m, dict)
+    ]
+    for where, content in contents:
+        for i, block in enumerate(content if isinstance(content, list) else ()):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind in ("tool_use", "tool_result"):
+                raise bad_request(f"{where}.{i}: {kind} blocks: {TOOLS}", param=f"{where}.{i}.type", code="unsupported")
+            if kind != "text":
+                raise bad_request(
+                    f"{where}.{i}.type: only text blocks are supported, not {kind!r}", param=f"{where}.{i}.type"
+                )
+
+
+def _text(content: Content) -> str:
+    return content if isinstance(content, str) else "".join(block.text for block in content)
 
 
 def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
@@ -124,12 +143,11 @@ def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
         if extra:
             raise bad_request(f"{extra[0]}: Extra inputs are not permitted", param=extra[0])
         data = {**data, "max_tokens": 1}
+    _refuse_blocks(data)
     body = base.strict_body(data, MessagesBody, REFUSED, lambda name: f"{name}: Extra inputs are not permitted")
     base.answer_length(body.max_tokens, "max_tokens", limit)
-    if body.output_config and body.output_config.get("format") is not None:
-        raise bad_request("output_config.format: structured output is not supported yet", param="output_config.format")
-    messages = [ChatMessage("system", _text(body.system, "system"))] if body.system else []
-    messages += [ChatMessage(m.role, _text(m.content, f"messages.{i}.content")) for i, m in enumerate(body.messages)]
+    messages = [ChatMessage("system", _text(body.system))] if body.system else []
+    messages += [ChatMessage(m.role, _text(m.content)) for m in body.messages]
     return ChatRequest(
         model=body.model,
         messages=tuple(messages),

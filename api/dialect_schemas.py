@@ -23,6 +23,9 @@ STREAM_SCHEMAS = {"text/event-stream": "DialectEvent", "application/x-ndjson": "
 
 # Generated from the structs their parsers decode into (`request_schemas`).
 BODIES = {
+    "AnthropicMessagesRequest": Body(
+        dialect_anthropic.MessagesBody, lengths=("max_tokens",), refused=dialect_anthropic.REFUSED
+    ),
     "ResponsesRequest": Body(
         dialect_responses.ResponsesBody,
         lengths=("max_output_tokens",),
@@ -56,49 +59,10 @@ def _model(models: list[str]) -> dict[str, Any]:
     return {**TEXT, "description": "a model with a Ready instance"} | ({"examples": models} if models else {})
 
 
-def _anthropic(limit: int, models: list[str]) -> dict[str, Any]:
-    block = {
-        "type": "object",
-        "required": ["type", "text"],
-        "properties": {
-            "type": {"const": "text"},
-            "text": STRING,
-            "cache_control": nullable(OBJECT),
-            "citations": {"type": "null"},
-        },
-        "additionalProperties": False,
-    }
-    content = {"anyOf": [STRING, {"type": "array", "items": block}]}
-    properties: dict[str, Any] = {
-        "model": _model(models),
-        "messages": {
-            "type": "array",
-            "minItems": 1,
-            "items": {
-                "type": "object",
-                "required": ["role", "content"],
-                "properties": {"role": {"enum": ["user", "assistant"]}, "content": content},
-                "additionalProperties": False,
-            },
-        },
-        "max_tokens": {"type": "integer", "minimum": 1, "maximum": limit},
-        "system": nullable(content),
-        "stop_sequences": nullable({"type": "array", "items": TEXT, "maxItems": dialect_anthropic.MAX_STOP_SEQUENCES}),
-        "stream": {"type": "boolean"},
-        "temperature": nullable({"type": "number", "minimum": 0, "maximum": 1}),
-        "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-        "output_config": nullable({"type": "object", "properties": {"format": {"type": "null"}}}),
-    }
-    for name in ("metadata", "cache_control", "diagnostics"):
-        properties[name] = nullable(OBJECT)
-    for name in ("service_tier", "speed", "inference_geo", "user_profile_id", "workspace_id"):
-        properties[name] = nullable(STRING)
-    return _strict(properties, ["model", "messages", "max_tokens"], dialect_anthropic.REFUSED)
-
-
 def _count(messages: dict[str, Any]) -> dict[str, Any]:
     fields = dialect_anthropic.COUNT_FIELDS | set(dialect_anthropic.REFUSED)
     return messages | {
+        "title": "AnthropicCountTokensRequest",
         "required": ["model", "messages"],
         "properties": {k: v for k, v in messages["properties"].items() if k in fields},
     }
@@ -152,12 +116,11 @@ def _ollama(limit: int, models: list[str], generate: bool) -> dict[str, Any]:
     }
 
 
-def components(limit: int, models: list[str]) -> dict[str, Any]:
-    messages = _anthropic(limit, models)
+def components(limit: int, models: list[str], generated: dict[str, Any]) -> dict[str, Any]:
+    """The schemas written here; `generated` holds those of `BODIES`."""
     answer = {"type": "object"}  # each dialect's own answer object (see the README)
     return {
-        "AnthropicMessagesRequest": messages,
-        "AnthropicCountTokensRequest": _count(messages),
+        "AnthropicCountTokensRequest": _count(generated["AnthropicMessagesRequest"]),
         "AnthropicMessage": answer | {"required": ["id", "type", "role", "content", "stop_reason", "usage"]},
         "AnthropicTokenCount": answer
         | {"required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},

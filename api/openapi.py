@@ -71,76 +71,81 @@ def _components(max_tokens_limit: int, models: list[str]) -> dict[str, Any]:
     }
     finish = {"type": "string", "enum": ["stop", "length", "cancelled"]}
     bodies = {"ChatCompletionRequest": CHAT} | dialect_schemas.BODIES
-    return request_schemas.components(bodies, max_tokens_limit, models) | {
-        "ChatCompletion": _completion(
-            "chat.completion", "message", {"required": ["role", "content"]}, finish, usage, usage_required=True
-        ),
-        "ChatEvent": {
-            "description": "one server-sent event: `data` is a chat.completion.chunk, an error, or [DONE] (the last)",
-            "type": "object",
-            "required": ["data"],
-            "properties": {
-                "data": {
-                    "anyOf": [
-                        {"const": "[DONE]"},
-                        {
-                            "type": "string",
-                            "contentMediaType": "application/json",
-                            "contentSchema": {"anyOf": [_ref("ChatCompletionChunk"), _ref("Error")]},
+    generated = request_schemas.components(bodies, max_tokens_limit, models)
+    return (
+        generated
+        | dialect_schemas.components(max_tokens_limit, models, generated)
+        | {
+            "ChatCompletion": _completion(
+                "chat.completion", "message", {"required": ["role", "content"]}, finish, usage, usage_required=True
+            ),
+            "ChatEvent": {
+                "description": "one server-sent event: `data` is a chunk, an error, or [DONE] (the last)",
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {
+                        "anyOf": [
+                            {"const": "[DONE]"},
+                            {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": {"anyOf": [_ref("ChatCompletionChunk"), _ref("Error")]},
+                            },
+                        ]
+                    }
+                },
+            },
+            "ChatCompletionChunk": _completion(
+                "chat.completion.chunk", "delta", {}, _nullable(finish), _nullable(usage), usage_required=False
+            ),
+            "Model": {
+                "type": "object",
+                "required": ["id", "object", "created", "owned_by"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "model"},
+                    "created": {"type": "integer"},
+                    "owned_by": {"type": "string"},
+                },
+            },
+            "ModelList": {
+                "type": "object",
+                "required": ["object", "data"],
+                "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
+            },
+            "Cancellation": {
+                "type": "object",
+                "required": ["id", "object", "tasks"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "object": {"const": "chat.completion.cancellation"},
+                    "tasks": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "Health": {
+                "type": "object",
+                "required": ["status", "nats"],
+                "properties": {"status": {"type": "string"}, "nats": {"type": "boolean"}},
+            },
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {
+                    "error": {
+                        "type": "object",
+                        "required": ["message", "type", "param", "code"],
+                        "properties": {
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": ["string", "null"]},
+                            "code": {"type": ["string", "null"]},
                         },
-                    ]
-                }
+                    }
+                },
             },
-        },
-        "ChatCompletionChunk": _completion(
-            "chat.completion.chunk", "delta", {}, _nullable(finish), _nullable(usage), usage_required=False
-        ),
-        "Model": {
-            "type": "object",
-            "required": ["id", "object", "created", "owned_by"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "model"},
-                "created": {"type": "integer"},
-                "owned_by": {"type": "string"},
-            },
-        },
-        "ModelList": {
-            "type": "object",
-            "required": ["object", "data"],
-            "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref("Model")}},
-        },
-        "Cancellation": {
-            "type": "object",
-            "required": ["id", "object", "tasks"],
-            "properties": {
-                "id": {"type": "string"},
-                "object": {"const": "chat.completion.cancellation"},
-                "tasks": {"type": "array", "items": {"type": "string"}},
-            },
-        },
-        "Health": {
-            "type": "object",
-            "required": ["status", "nats"],
-            "properties": {"status": {"type": "string"}, "nats": {"type": "boolean"}},
-        },
-        "Error": {
-            "type": "object",
-            "required": ["error"],
-            "properties": {
-                "error": {
-                    "type": "object",
-                    "required": ["message", "type", "param", "code"],
-                    "properties": {
-                        "message": {"type": "string"},
-                        "type": {"type": "string"},
-                        "param": {"type": ["string", "null"]},
-                        "code": {"type": ["string", "null"]},
-                    },
-                }
-            },
-        },
-    }
+        }
+    )
 
 
 def schema(max_tokens_limit: int, secured: bool, models: list[str]) -> dict[str, Any]:
@@ -223,7 +228,7 @@ def schema(max_tokens_limit: int, secured: bool, models: list[str]) -> dict[str,
         },
     }
     paths |= dialect_schemas.paths(secured)
-    schemas = _components(max_tokens_limit, models) | dialect_schemas.components(max_tokens_limit, models)
+    schemas = _components(max_tokens_limit, models)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {"title": "exojet API (OpenAI, Anthropic and Ollama dialects)", "version": VERSION},

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from exojet.api import dialect_completions, dialect_responses
+from exojet.api import dialect_anthropic, dialect_completions, dialect_responses
 from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
 from exojet.api.errors import ApiError
 from exojet.api.openapi import schema
@@ -114,8 +114,30 @@ def test_the_answer_length_bound_is_the_apis_limit() -> None:
 
 COMPLETION = ("CompletionRequest", dialect_completions._parse)
 RESPONSE = ("ResponsesRequest", dialect_responses._parse)
-# The other OpenAI routes: ((document component, parser), body, the param refused or None).
+ANTHROPIC = ("AnthropicMessagesRequest", dialect_anthropic._parse)
+COUNT = ("AnthropicCountTokensRequest", lambda raw, limit: dialect_anthropic._parse(raw, limit, count_only=True))
+TEXT = {"type": "text", "text": "hi"}
+# The other routes generated from structs: ((document component, parser), body, the param refused or None).
 OTHERS = [
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "system": [TEXT], "output_config": {"effort": "low"}}, None),
+    (ANTHROPIC, {"max_tokens": 4, "messages": [{"role": "user", "content": [TEXT, TEXT]}], "tools": []}, None),
+    (ANTHROPIC, {"max_tokens": LIMIT + 1, "messages": USER}, "max_tokens"),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "temperature": 1.5}, "temperature"),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "top_k": 5}, "top_k"),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "output_config": {"format": {}}}, "output_config.format"),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
+        "messages.0.content.0.type",
+    ),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+        "messages[0].content[0]",
+    ),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "system": [{"type": "tool_use"}]}, "system.0.type"),
+    (COUNT, {"messages": USER, "system": "be brief"}, None),
+    (COUNT, {"messages": USER, "max_tokens": 4}, "max_tokens"),
     (COMPLETION, {"prompt": "hi"}, None),
     (COMPLETION, {"prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}}, None),
     (COMPLETION, {"prompt": "hi", "stream_options": {"include_usage": True}}, "stream_options"),
