@@ -164,6 +164,49 @@ def test_errors_are_openai_errors_with_the_right_status(stack: ApiStack, sync_cl
     assert "access-control-allow-origin" not in preflight.headers
 
 
+@pytest.mark.parametrize(
+    ("extra", "param", "code"),
+    [
+        ({"stream_options": {"include_usage": True}}, "stream_options", "invalid_value"),
+        ({"temperature": 2.5}, "temperature", "invalid_value"),
+        ({"top_p": 0}, "top_p", "invalid_value"),
+        ({"max_tokens": 0}, "max_tokens", "invalid_value"),
+        ({"presence_penalty": 2.5}, "presence_penalty", "invalid_value"),
+        ({"frequency_penalty": -3}, "frequency_penalty", "invalid_value"),
+        ({"presence_penalty": 1}, "presence_penalty", "unsupported"),
+        ({"verbosity": "low"}, "verbosity", "unsupported"),
+        ({"tool_choice": "required"}, "tool_choice", "invalid_value"),
+    ],
+)
+def test_openai_parameter_rules_are_400s_naming_the_parameter(
+    sync_client: openai.OpenAI, extra: dict[str, Any], param: str, code: str
+) -> None:
+    # As vLLM and llama.cpp's server check them, before any chat is routed.
+    with pytest.raises(openai.BadRequestError) as err:
+        sync_client.chat.completions.create(model=MODEL, messages=_messages(), **({"max_tokens": 2} | extra))
+    assert (err.value.body["param"], err.value.body["code"]) == (param, code)  # type: ignore[index]
+
+
+def test_no_op_parameters_are_answered_and_stream_options_elsewhere_need_stream(sync_client: openai.OpenAI) -> None:
+    answer = sync_client.chat.completions.create(
+        model=MODEL,
+        messages=_messages(),
+        max_tokens=2,
+        safety_identifier="user-1",
+        prompt_cache_key="k",
+        prompt_cache_retention="24h",
+        verbosity="medium",
+        presence_penalty=0,
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as completion:
+        sync_client.completions.create(model=MODEL, prompt="hi", stream_options={"include_usage": True})
+    assert completion.value.body["param"] == "stream_options"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as response:
+        sync_client.responses.create(model=MODEL, input="hi", stream_options={"include_obfuscation": False})
+    assert response.value.body["param"] == "stream_options"  # type: ignore[index]
+
+
 async def test_32_concurrent_streams_all_complete_with_the_right_text(async_client: openai.AsyncOpenAI) -> None:
     prompts = [f"Count to {i} for me" for i in range(CONCURRENT)]
     expected = []
