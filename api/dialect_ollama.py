@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from loguru import logger
@@ -24,6 +24,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from exojet.api import dialect_base as base
+from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found
 from exojet.bus.chat_ends import Ended
@@ -73,11 +74,16 @@ class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 
 class Message(msgspec.Struct, frozen=True):
-    role: str
+    # A tool's message is refused by name first (`_refuse_messages`).
+    role: Literal["system", "user", "assistant"]
     content: str = ""
-    # Refused when they ask for anything (`dialect_base.asks`).
+    # Refused when they ask for anything (`_refuse_messages`).
     images: Any = None
     tool_calls: Any = None
+
+
+# A message's fields refused when they ask for anything.
+MESSAGE_REFUSED = ("images", "tool_calls")
 
 
 class ChatBody(msgspec.Struct, frozen=True):
@@ -99,8 +105,23 @@ class GenerateBody(msgspec.Struct, frozen=True):
 
 
 class ShowBody(msgspec.Struct, frozen=True):
-    model: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET
-    name: Annotated[str, msgspec.Meta(min_length=1)] | msgspec.UnsetType = msgspec.UNSET  # the older spelling
+    model: Annotated[str, msgspec.Meta(min_length=1)] | None = None
+    name: Annotated[str, msgspec.Meta(min_length=1)] | None = None  # the older spelling
+
+
+RULES: dict[type, tuple[rules.Rule, ...]] = {
+    GenerateBody: (
+        rules.Rule(
+            when={"raw": rules.one_of(True)},
+            then={"system": rules.one_of(None, "")},
+            param="system",
+            message="system: a raw prompt is used as given, with no system prompt",
+        ),
+    ),
+    ShowBody: (
+        rules.Rule(when={"model": rules.NULL}, then={"name": rules.GIVEN}, param="model", message="model is required"),
+    ),
+}
 
 
 def error_response(err: ApiError) -> Response:
@@ -151,14 +172,36 @@ def _request(model: str, messages: list[ChatMessage], stream: bool, options: Opt
     )
 
 
-def _message(i: int, m: Message) -> ChatMessage:
-    if m.role == "tool" or base.asks(m.tool_calls):
-        raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
-    if base.asks(m.images):
-        raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
-    if m.role not in ("system", "user", "assistant"):
-        raise bad_request(f"messages[{i}].role: unknown role {m.role!r}", param=f"messages[{i}].role")
-    return ChatMessage(m.role, m.content)
+def _refuse_messages(data: dict[str, Any]) -> None:
+    """ApiError(400) naming the first message that is a tool's or carries tool calls or images,
+    before the struct would call them only wrong values."""
+    messages = data.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else ()):
+        if not isinstance(m, dict):
+            continue
+        if m.get("role") == "tool" or base.asks(m.get("tool_calls")):
+            raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
+        if base.asks(m.get("images")):
+            raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
+
+
+def parse_chat(raw: bytes, limit: int) -> ChatRequest:
+    """An `/api/chat` body as the routed chat, or ApiError(400)."""
+    data = base.refuse(base.decode_object(raw), REFUSED)
+    _refuse_messages(data)
+    body = base.convert(data, ChatBody)
+    messages = [ChatMessage(m.role, m.content) for m in body.messages]
+    return _request(body.model, messages, body.stream, _options(body.options), limit)
+
+
+def parse_generate(raw: bytes, limit: int) -> ChatRequest:
+    """An `/api/generate` body as the routed chat, or ApiError(400)."""
+    body = base.convert(base.refuse(base.decode_object(raw), REFUSED), GenerateBody)
+    rules.check(RULES[GenerateBody], body)
+    system = [ChatMessage("system", body.system)] if body.system else []
+    messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []
+    req = _request(body.model, messages, body.stream, _options(body.options), limit)
+    return msgspec.structs.replace(req, raw=True) if body.raw else req
 
 
 def _now() -> str:
@@ -183,22 +226,11 @@ class Ollama:
         self.api = api
 
     async def chat(self, request: Request) -> Response:
-        data = base.refuse(base.decode_object(await request.body()), REFUSED)
-        body = base.convert(data, ChatBody)
-        messages = [_message(i, m) for i, m in enumerate(body.messages)]
-        req = _request(body.model, messages, body.stream, _options(body.options), self.api.config.max_tokens_limit)
+        req = parse_chat(await request.body(), self.api.config.max_tokens_limit)
         return await self._answer(request, req, lambda text: {"message": {"role": "assistant", "content": text}})
 
     async def generate(self, request: Request) -> Response:
-        data = base.refuse(base.decode_object(await request.body()), REFUSED)
-        body = base.convert(data, GenerateBody)
-        if body.raw and body.system:
-            raise bad_request("system: a raw prompt is used as given, with no system prompt", param="system")
-        system = [ChatMessage("system", body.system)] if body.system else []
-        messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []
-        req = _request(body.model, messages, body.stream, _options(body.options), self.api.config.max_tokens_limit)
-        if body.raw:
-            req = msgspec.structs.replace(req, raw=True)
+        req = parse_generate(await request.body(), self.api.config.max_tokens_limit)
         return await self._answer(request, req, lambda text: {"response": text})
 
     async def _answer(self, request: Request, req: ChatRequest, says: Callable[[str], dict[str, Any]]) -> Response:
@@ -254,9 +286,8 @@ class Ollama:
 
     async def show(self, request: Request) -> Response:
         body = base.convert(base.decode_object(await request.body()), ShowBody)
-        name = body.model or body.name
-        if not name:
-            raise bad_request("model is required", param="model")
+        rules.check(RULES[ShowBody], body)
+        name = body.model or body.name or ""
         if model_id(name) not in await self._served():
             raise not_found(f"model '{name}' not found")
         return base.json_response(

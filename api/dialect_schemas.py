@@ -23,6 +23,16 @@ STREAM_SCHEMAS = {"text/event-stream": "DialectEvent", "application/x-ndjson": "
 
 # Generated from the structs their parsers decode into (`request_schemas`).
 BODIES = {
+    # Ollama's `options` are read by hand (`_with_options` describes them).
+    "OllamaChatRequest": Body(
+        dialect_ollama.ChatBody,
+        refused=dialect_ollama.REFUSED,
+        refused_in={dialect_ollama.Message: dialect_ollama.MESSAGE_REFUSED},
+    ),
+    "OllamaGenerateRequest": Body(
+        dialect_ollama.GenerateBody, refused=dialect_ollama.REFUSED, rules=dialect_ollama.RULES
+    ),
+    "OllamaShowRequest": Body(dialect_ollama.ShowBody, rules=dialect_ollama.RULES),
     "AnthropicMessagesRequest": Body(
         dialect_anthropic.MessagesBody, lengths=("max_tokens",), refused=dialect_anthropic.REFUSED
     ),
@@ -68,6 +78,11 @@ def _count(messages: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _with_options(body: dict[str, Any], limit: int) -> dict[str, Any]:
+    """An Ollama body with its `options` as `dialect_ollama._options` reads them."""
+    return body | {"properties": body["properties"] | {"options": _ollama_options(limit)}}
+
+
 def _ollama_options(limit: int) -> dict[str, Any]:
     properties: dict[str, Any] = {
         "num_predict": nullable({"type": "integer", "maximum": limit, "not": {"const": 0}}),
@@ -79,41 +94,6 @@ def _ollama_options(limit: int) -> dict[str, Any]:
     properties |= {name: {"const": value} for name, value in dialect_ollama.NEUTRAL_OPTIONS.items()}
     properties |= dict.fromkeys(dialect_ollama.REFUSED_OPTIONS, NEVER)
     return nullable({"type": "object", "properties": properties})
-
-
-def _ollama(limit: int, models: list[str], generate: bool) -> dict[str, Any]:
-    message = {
-        "type": "object",
-        "required": ["role"],
-        "properties": {
-            "role": {"enum": ["system", "user", "assistant"]},
-            "content": STRING,
-            "images": ABSENT,
-            "tool_calls": ABSENT,
-        },
-    }
-    refused = dict.fromkeys(dialect_ollama.REFUSED, ABSENT)
-    properties: dict[str, Any] = {
-        "model": _model(models),
-        "stream": {"type": "boolean"},
-        "options": _ollama_options(limit),
-        "keep_alive": {},
-    }
-    if not generate:
-        return {
-            "type": "object",
-            "required": ["model"],
-            "properties": refused | properties | {"messages": {"type": "array", "items": message}},
-        }
-    properties |= {"prompt": STRING, "system": nullable(STRING), "raw": {"type": "boolean"}}
-    return {
-        "type": "object",
-        "required": ["model"],
-        "properties": refused | properties,
-        # A raw prompt is used as given: no system prompt with it.
-        "if": {"required": ["raw"], "properties": {"raw": {"const": True}}},
-        "then": {"properties": {"system": {"anyOf": [{"type": "null"}, {"const": ""}]}}},
-    }
 
 
 def components(limit: int, models: list[str], generated: dict[str, Any]) -> dict[str, Any]:
@@ -136,13 +116,7 @@ def components(limit: int, models: list[str], generated: dict[str, Any]) -> dict
                 },
             },
         },
-        "OllamaChatRequest": _ollama(limit, models, generate=False),
-        "OllamaGenerateRequest": _ollama(limit, models, generate=True),
-        "OllamaShowRequest": {
-            "type": "object",
-            "properties": {"model": _model(models), "name": TEXT},
-            "anyOf": [{"required": ["model"]}, {"required": ["name"]}],
-        },
+        **{name: _with_options(generated[name], limit) for name in ("OllamaChatRequest", "OllamaGenerateRequest")},
         "OllamaAnswer": answer | {"required": ["model", "created_at", "done"]},
         "OllamaModels": answer | {"required": ["models"], "properties": {"models": {"type": "array", "items": OBJECT}}},
         "OllamaShow": answer | {"required": ["details", "capabilities"]},

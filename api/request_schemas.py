@@ -9,7 +9,7 @@ msgspec states a field's default (`"default": null`); each is a value the parser
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,13 +54,22 @@ class Body:
     unrefused: dict[str, Any] = field(default_factory=lambda: ABSENT)
     # The rules between fields, by the struct they are of (the body's own, or one it holds).
     rules: Mapping[type, Sequence[Rule]] = field(default_factory=dict)
+    # Fields refused by name in a struct the body holds (the values that are not: `unrefused`).
+    refused_in: Mapping[type, Iterable[str]] = field(default_factory=dict)
 
 
 def components(bodies: Mapping[str, Body], limit: int, models: list[str]) -> dict[str, Any]:
     """The component schemas of `bodies` (each named by its key) and of every struct they hold;
     `models` (served now) are the examples of each body's `model`."""
-    ruled = [(kind, rules) for body in bodies.values() for kind, rules in body.rules.items()]
-    kinds = [b.struct for b in bodies.values()] + [kind for kind, _ in ruled]
+    # What each struct a body holds needs beside its own schema: the schema's changes, in turn.
+    changes: list[tuple[type, Callable[[dict[str, Any]], dict[str, Any]]]] = []
+    for body in bodies.values():
+        changes += [(kind, functools.partial(stated, rules=rules)) for kind, rules in body.rules.items()]
+        changes += [
+            (kind, functools.partial(_refusing, names=names, unrefused=body.unrefused))
+            for kind, names in body.refused_in.items()
+        ]
+    kinds = [b.struct for b in bodies.values()] + [kind for kind, _ in changes]
     tops, found = _schemas(tuple(kinds))
     # msgspec names a component by its struct (by its module too when two share a name): each body
     # takes the name its route gives it.
@@ -76,10 +85,14 @@ def components(bodies: Mapping[str, Body], limit: int, models: list[str]) -> dic
         for key, value in body.no_op.items():
             properties[key] = nullable({"const": value, "description": f"only {value!r} is supported"})
         properties |= dict.fromkeys(body.refused, body.unrefused)
-    for top, (_, rules) in zip(tops[len(bodies) :], ruled, strict=True):
+    for top, (_, change) in zip(tops[len(bodies) :], changes, strict=True):
         name = names.get(_name(top), _name(top))
-        schemas[name] = stated(schemas[name], rules)
+        schemas[name] = change(schemas[name])
     return schemas
+
+
+def _refusing(schema: dict[str, Any], names: Iterable[str], unrefused: dict[str, Any]) -> dict[str, Any]:
+    return schema | {"properties": schema["properties"] | dict.fromkeys(names, unrefused)}
 
 
 @functools.cache

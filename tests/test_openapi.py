@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from exojet.api import dialect_anthropic, dialect_completions, dialect_responses
+from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
 from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
 from exojet.api.errors import ApiError
 from exojet.api.openapi import schema
@@ -117,8 +117,20 @@ RESPONSE = ("ResponsesRequest", dialect_responses._parse)
 ANTHROPIC = ("AnthropicMessagesRequest", dialect_anthropic._parse)
 COUNT = ("AnthropicCountTokensRequest", lambda raw, limit: dialect_anthropic._parse(raw, limit, count_only=True))
 TEXT = {"type": "text", "text": "hi"}
+OLLAMA_CHAT = ("OllamaChatRequest", dialect_ollama.parse_chat)
+OLLAMA_GENERATE = ("OllamaGenerateRequest", dialect_ollama.parse_generate)
 # The other routes generated from structs: ((document component, parser), body, the param refused or None).
 OTHERS = [
+    (OLLAMA_CHAT, {"messages": USER, "options": {"num_predict": 4, "num_ctx": 8, "min_p": 0}, "images": []}, None),
+    (OLLAMA_CHAT, {"messages": [{"role": "user", "content": "hi", "images": None}], "colour": "red"}, None),
+    (OLLAMA_CHAT, {"messages": [{"role": "tool", "content": "1"}]}, "messages[0]"),
+    (OLLAMA_CHAT, {"messages": [{"role": "user", "content": "hi", "images": ["x"]}]}, "messages[0].images"),
+    (OLLAMA_CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    (OLLAMA_CHAT, {"messages": USER, "format": "json"}, "format"),
+    (OLLAMA_CHAT, {"messages": USER, "options": {"top_k": 5}}, "options.top_k"),
+    (OLLAMA_CHAT, {"messages": USER, "options": {"num_predict": 0}}, "options.num_predict"),
+    (OLLAMA_GENERATE, {"prompt": "hi", "raw": True, "system": ""}, None),
+    (OLLAMA_GENERATE, {"prompt": "hi", "raw": True, "system": "be brief"}, "system"),
     (ANTHROPIC, {"max_tokens": 4, "messages": USER, "system": [TEXT], "output_config": {"effort": "low"}}, None),
     (ANTHROPIC, {"max_tokens": 4, "messages": [{"role": "user", "content": [TEXT, TEXT]}], "tools": []}, None),
     (ANTHROPIC, {"max_tokens": LIMIT + 1, "messages": USER}, "max_tokens"),
