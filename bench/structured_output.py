@@ -1,13 +1,16 @@
-"""Constrained against free decoding per token on llama.cpp, and the generic tool path's parsing
-cost per chat, in one run (issue 30, item 6; MLX has no constrained decoding yet).
+"""Constrained against free decoding per token on each engine, and the cost of reading tool calls
+per chat, in one run (issue 30, item 6).
 
 On the engine's own library in this process (xllamacpp's server engine with the runner's
 parameters) and the default model: the same prompt decoded `--tokens` tokens free, then under the
 LLGuidance grammar of a JSON schema whose string cannot end sooner (both with `ignore_eos`, so
 both decode the same count), `--repeat` times each; llama.cpp's own decode time per token from its
-timings. Then runner/generic_tools.read_answer on a two-call answer, per chat.
+timings. Then runner/generic_tools.read_answer on a two-call answer, per chat. Then MLX
+(bench/structured_output_mlx.py, in a child process with the engine child's environment: its BLAS
+preloaded): free and constrained decode steps of 1 and 4 chats at once through the engine's batch
+driver, the mask alone per token, and the tool calls read in a model's own syntax.
 
-    .venv/bin/python bench/structured_output.py [--tokens 128] [--repeat 3]
+    .venv/bin/python bench/structured_output.py [--tokens 128] [--repeat 3] [--engines llamacpp,mlx]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +32,7 @@ from exojet.runner import generic_tools
 from exojet.runner.answer_plan import schema_grammar
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, chat_body, server_params
 from exojet.runner.engine_protocol import Generate, Message
+from exojet.runner.mlx_cpu import child_env, find_blas
 
 STORY = {
     "type": "object",
@@ -63,7 +68,23 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "exojet-bench-models")
+    parser.add_argument("--engines", default="llamacpp,mlx", help="comma-separated: llamacpp, mlx")
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    if "llamacpp" in engines:
+        llamacpp(args)
+    if "mlx" in engines:
+        mlx_args = ["--tokens", str(args.tokens), "--repeat", str(args.repeat), "--models-dir", str(args.models_dir)]
+        subprocess.run(
+            [sys.executable, "-m", "bench.structured_output_mlx", *mlx_args],
+            env=child_env(find_blas()),
+            cwd=Path(__file__).resolve().parent.parent,
+            check=True,
+        )
+
+
+def llamacpp(args: argparse.Namespace) -> None:
+    """The llama.cpp part: free and constrained decoding per token, the generic answer's parsing."""
     import xllamacpp
 
     model = ensure_default_model(args.models_dir) / GGUF_NAME
