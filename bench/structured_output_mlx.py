@@ -26,24 +26,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.structured_output import ASK, STORY
 from exojet.bus.tools import FunctionDef, Tool
 from exojet.models.smollm import ensure_default_model
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan, schema_grammar
 from exojet.runner.answer_stream import AnswerStream, ToolSyntax
-from exojet.runner.engine_protocol import Generate, Message
+from exojet.runner.engine_protocol import Generate
 from exojet.runner.mlx_batch import BatchDriver, Capacity
 from exojet.runner.mlx_cpu import choose_weights, find_blas, to_dense_float32
 from exojet.runner.mlx_grammar import GrammarCompiler
 
-STORY = {
-    "type": "object",
-    # Longer than any answer measured: the grammar never lets the answer end before `--tokens`.
-    "properties": {"title": {"type": "string", "maxLength": 40}, "story": {"type": "string", "minLength": 20_000}},
-    "required": ["title", "story"],
-    "additionalProperties": False,
-}
-ASK = [Message(role="user", content="Write a long story about a lighthouse keeper, as JSON.")]
 CALLS = [
     {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}},
     {"name": "get_time", "arguments": {"zone": "CET"}},
