@@ -474,10 +474,8 @@ async def collect_calls(engine: Engine, req: Generate) -> tuple[list[ToolCallDel
 
 
 class ToolsContract:
-    """Tool calls and structured output (mixed into an engine's contract once it has them;
-    an engine without them says why in `NO_GRAMMAR`)."""
-
-    NO_GRAMMAR: str | None = None
+    """Tool calls and structured output: part of every engine's contract (each engine's test
+    classes mix it in beside EngineContract)."""
 
     @class_loop
     @pytest.mark.timeout(120)
@@ -487,8 +485,6 @@ class ToolsContract:
     async def test_a_required_call_is_valid_against_its_function_schema(
         self, engine: Engine, model_path: Path, choice: ToolChoice
     ) -> None:
-        if self.NO_GRAMMAR:
-            pytest.skip(self.NO_GRAMMAR)
         await engine.load(str(model_path))
         ask = [Message(role="user", content="what is the weather in paris?")]
         req = Generate(
@@ -510,8 +506,6 @@ class ToolsContract:
     @class_loop
     @pytest.mark.timeout(120)
     async def test_a_json_schema_answer_parses_and_validates(self, engine: Engine, model_path: Path) -> None:
-        if self.NO_GRAMMAR:
-            pytest.skip(self.NO_GRAMMAR)
         await engine.load(str(model_path))
         schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
         for topic in TOPICS[:3]:
@@ -528,8 +522,6 @@ class ToolsContract:
     async def test_constrained_chats_beside_free_ones_each_keep_their_own_rule(
         self, engine: Engine, model_path: Path
     ) -> None:
-        if self.NO_GRAMMAR:
-            pytest.skip(self.NO_GRAMMAR)
         await engine.load(str(model_path))
         schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
         free = [
