@@ -25,22 +25,23 @@ MAX_STOP_SEQUENCES = 4
 MAX_TOOLS = 128
 SEED_MAX = 2**63 - 1
 
-# OpenAI parameters exojet does not implement yet: a 400 naming them.
-UNSUPPORTED = (
-    "functions",
-    "function_call",
-    "logit_bias",
-    "top_logprobs",
-    "audio",
-    "modalities",
-    "prediction",
-    "reasoning_effort",
-    "service_tier",
-    "web_search_options",
-    "store",
-    "metadata",
-    "moderation",
-)
+# OpenAI parameters exojet does not implement yet: a 400 naming them (and why) when they ask for
+# anything; null, false or an empty value asks for nothing (`request_rules.refuse`).
+UNSUPPORTED = {
+    "functions": "OpenAI's deprecated form of tools: send tools",
+    "function_call": "OpenAI's deprecated form of tool_choice: send tool_choice",
+    "logit_bias": "logit_bias is not supported yet",
+    "top_logprobs": "logprobs are not supported yet",
+    "audio": "audio output is not supported",
+    "modalities": "only text is supported",
+    "prediction": "predicted outputs are not supported",
+    "reasoning_effort": "reasoning effort is not supported",
+    "service_tier": "there is one service tier",
+    "web_search_options": "web search is not supported",
+    "store": "nothing is stored",
+    "metadata": "nothing is stored to tag with metadata",
+    "moderation": "moderation is not supported",
+}
 INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n")
 # Accepted only at the value that changes nothing (a value out of OpenAI's range is refused first).
 NO_OP_DEFAULTS: dict[str, object] = {
@@ -188,7 +189,7 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
         raise bad_request(f"the body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object")
-    _check_names(data)
+    data = _check_names(data)
     for name in INTEGER_FIELDS:
         # JSON has one number type: 3.0 is an integer to a JSON Schema validator, so to us too.
         if isinstance(value := data.get(name), float) and value.is_integer():
@@ -242,20 +243,16 @@ def _shape(body: ChatBody) -> AnswerShape:
     )
 
 
-def _check_names(data: dict[str, Any]) -> None:
-    # A null is no request at all (some clients send every parameter, unset ones as null).
-    for key in [k for k in UNSUPPORTED if k in data and data[k] is None]:
-        del data[key]
-    unsupported = [k for k in data if k in UNSUPPORTED]
-    if unsupported:
-        raise bad_request(
-            f"exojet does not support {', '.join(unsupported)} yet", param=unsupported[0], code="unsupported_parameter"
-        )
+def _check_names(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` less the unsupported parameters that ask for nothing; ApiError(400) naming the first
+    unsupported parameter that asks for something, or the first unknown one."""
+    data = rules.refuse(data, UNSUPPORTED)
     unknown = [k for k in data if k not in ChatBody.__struct_fields__]
     if unknown:
         raise bad_request(
             f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter"
         )
+    return data
 
 
 def _invalid(err: msgspec.ValidationError) -> Exception:

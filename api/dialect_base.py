@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Receive
 
+from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found, unavailable
 from exojet.api.gateway import Gateway, api_error
@@ -270,25 +271,10 @@ def convert(data: Any, kind: type[T]) -> T:
         raise bad_request(f"{path or 'body'}: {detail}", param=path or None, code="invalid_value") from None
 
 
-def asks(value: Any) -> bool:
-    """Whether a field's value asks for anything: null, false and empty values do not."""
-    return not (value is None or value is False or (isinstance(value, str | list | dict) and not value))
-
-
-def refuse(data: dict[str, Any], refused: dict[str, str]) -> dict[str, Any]:
-    """`data` less `refused`'s fields when they ask for nothing (null, false or empty: some clients
-    send every field, unset ones so); ApiError(400) naming the first of them that asks for
-    something, and why, so a client learns what exojet does not do rather than being ignored."""
-    for name, why in refused.items():
-        if asks(data.get(name)):
-            raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
-    return {k: v for k, v in data.items() if k not in refused}
-
-
 def strict_body(data: dict[str, Any], kind: type[T], refused: dict[str, str], unknown: Callable[[str], str]) -> T:
     """`data` as a `kind` (whose service refuses fields it does not know: `unknown(name)` says
-    so in its words), after `refused`'s fields are refused by name (`refuse`)."""
-    data = refuse(data, refused)
+    so in its words), after `refused`'s fields are refused by name (`request_rules.refuse`)."""
+    data = rules.refuse(data, refused)
     extra = [k for k in data if k not in kind.__struct_fields__]  # type: ignore[attr-defined]
     if extra:
         raise bad_request(unknown(extra[0]), param=extra[0], code="unknown_parameter")

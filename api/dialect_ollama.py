@@ -179,15 +179,15 @@ def _refuse_messages(data: dict[str, Any]) -> None:
     for i, m in enumerate(messages if isinstance(messages, list) else ()):
         if not isinstance(m, dict):
             continue
-        if m.get("role") == "tool" or base.asks(m.get("tool_calls")):
+        if m.get("role") == "tool" or rules.asks(m.get("tool_calls")):
             raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
-        if base.asks(m.get("images")):
+        if rules.asks(m.get("images")):
             raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
 
 
 def parse_chat(raw: bytes, limit: int) -> ChatRequest:
     """An `/api/chat` body as the routed chat, or ApiError(400)."""
-    data = base.refuse(base.decode_object(raw), REFUSED)
+    data = rules.refuse(base.decode_object(raw), REFUSED)
     _refuse_messages(data)
     body = base.convert(data, ChatBody)
     messages = [ChatMessage(m.role, m.content) for m in body.messages]
@@ -196,7 +196,7 @@ def parse_chat(raw: bytes, limit: int) -> ChatRequest:
 
 def parse_generate(raw: bytes, limit: int) -> ChatRequest:
     """An `/api/generate` body as the routed chat, or ApiError(400)."""
-    body = base.convert(base.refuse(base.decode_object(raw), REFUSED), GenerateBody)
+    body = base.convert(rules.refuse(base.decode_object(raw), REFUSED), GenerateBody)
     rules.check(RULES[GenerateBody], body)
     system = [ChatMessage("system", body.system)] if body.system else []
     messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []

@@ -2,8 +2,9 @@
 
 Its request bodies are generated from the structs the parsers decode into (`request_schemas.py`):
 the chat completion's from `chat_request.ChatBody`, with the parameters exojet does not support
-listed with only null allowed (as OpenAI's clients send unset fields), so a schema-driven client
-sees what a request may hold. The other dialects' routes come from `dialect_schemas.py`.
+listed with only the values that ask for nothing allowed (null, false, empty: some clients send every
+parameter), so a schema-driven client sees what a request may hold. The other dialects' routes come
+from `dialect_schemas.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from exojet.api import dialect_schemas, request_schemas
 from exojet.api.chat_request import ANSWER_LENGTHS, NO_OP_DEFAULTS, RULES, UNSUPPORTED, ChatBody
 from exojet.api.dialect_schemas import json_content as _json
-from exojet.api.request_schemas import NULL, Body
+from exojet.api.request_schemas import Body
 from exojet.api.request_schemas import nullable as _nullable
 from exojet.api.request_schemas import ref as _ref
 
@@ -22,8 +23,6 @@ CHAT = Body(
     lengths=ANSWER_LENGTHS,
     no_op=NO_OP_DEFAULTS,
     refused=UNSUPPORTED,
-    # The chat route refuses these unless null.
-    unrefused=NULL | {"description": "not supported yet: a value is a 400"},
     rules=RULES,
 )
 

@@ -8,7 +8,7 @@ own, else a 400 naming `param`. A field left out is a field at None, as in the r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,21 @@ class Rule:
             return all(cond.test(getattr(body, name, None)) for name, cond in conds.items())
 
         return meets(self.when) and not meets(self.then)
+
+
+def asks(value: Any) -> bool:
+    """Whether a field's value asks for anything: null, false and empty values do not."""
+    return not (value is None or value is False or (isinstance(value, str | list | dict) and not value))
+
+
+def refuse(data: dict[str, Any], refused: Mapping[str, str]) -> dict[str, Any]:
+    """`data` less `refused`'s fields when they ask for nothing (null, false or empty: some clients
+    send every field, unset ones so); ApiError(400) naming the first of them that asks for
+    something, and why, so a client learns what exojet does not do rather than being ignored."""
+    for name, why in refused.items():
+        if asks(data.get(name)):
+            raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
+    return {k: v for k, v in data.items() if k not in refused}
 
 
 def check(rules: Sequence[Rule], body: object, at: str = "") -> None:

@@ -19,7 +19,7 @@ from exojet.api.request_rules import Rule, stated
 
 REF = "#/components/schemas/{name}"
 NULL = {"type": "null"}
-# A field refused by name: present only as a value that asks for nothing (`dialect_base.refuse`).
+# A field refused by name: present only as a value that asks for nothing (`request_rules.refuse`).
 ABSENT = {
     "description": "not supported: any other value is refused by name",
     "anyOf": [

@@ -66,7 +66,7 @@ ACCEPTED = [
             {"role": "tool", "tool_call_id": "c1", "content": "1"},
         ]
     ),
-    _chat(logit_bias=None, store=None),
+    _chat(logit_bias=None, store=False, metadata={}, functions=[]),
 ]
 
 # Each body breaks one rule; the parameter the 400 names.
@@ -82,6 +82,7 @@ REFUSED = [
     (_chat(presence_penalty=1), "presence_penalty"),
     (_chat(n=2), "n"),
     (_chat(logit_bias={"1": 5}), "logit_bias"),
+    (_chat(store=True), "store"),
     (_chat(tool_choice="required"), "tool_choice"),
     (_chat(tools=[], tool_choice="auto"), "tool_choice"),
     (_chat(tools=[TOOL], response_format={"type": "json_object"}), "response_format"),
