@@ -7,13 +7,12 @@ that names it: nothing a client asks for is silently ignored.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 from exojet.api import request_rules as rules
-from exojet.api.errors import bad_request
+from exojet.api.errors import bad_request, invalid
 from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
@@ -178,7 +177,6 @@ class ChatRequest(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _decoder = msgspec.json.Decoder()
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
 def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> ChatRequest:
@@ -197,7 +195,7 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
     try:
         body = msgspec.convert(data, ChatBody)
     except msgspec.ValidationError as err:
-        raise _invalid(err) from None
+        raise invalid(err) from None
     for name, default in NO_OP_DEFAULTS.items():
         value = getattr(body, name)
         if value is not None and value != default:
@@ -253,14 +251,6 @@ def _check_names(data: dict[str, Any]) -> dict[str, Any]:
             f"unrecognized request argument(s): {', '.join(unknown)}", param=unknown[0], code="unknown_parameter"
         )
     return data
-
-
-def _invalid(err: msgspec.ValidationError) -> Exception:
-    text = str(err)
-    match = _AT_PATH.search(text)
-    path = match.group("path") if match else None
-    detail = text[: match.start()] if match else text
-    return bad_request(f"invalid {path or 'body'}: {detail}", param=path or None, code="invalid_value")
 
 
 def _message(i: int, m: InMessage) -> ChatMessage:

@@ -10,7 +10,6 @@ outcome's error all live here and in the gateway, once.
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -21,7 +20,7 @@ from starlette.types import Receive
 
 from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
-from exojet.api.errors import ApiError, bad_request, not_found, unavailable
+from exojet.api.errors import ApiError, bad_request, invalid, not_found, unavailable
 from exojet.api.gateway import Gateway, api_error
 from exojet.bus.chat_ends import ChatError, Ended
 from exojet.bus.nats.chat_stream import ChatStream
@@ -233,7 +232,6 @@ async def _disconnected(receive: Receive) -> None:
 
 
 _decoder = msgspec.json.Decoder()
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
 def decode_object(raw: bytes) -> dict[str, Any]:
@@ -264,11 +262,7 @@ def convert(data: Any, kind: type[T]) -> T:
     try:
         return msgspec.convert(data, kind)
     except msgspec.ValidationError as err:
-        text = str(err)
-        match = _AT_PATH.search(text)
-        path = match.group("path") if match else ""
-        detail = text[: match.start()] if match else text
-        raise bad_request(f"{path or 'body'}: {detail}", param=path or None, code="invalid_value") from None
+        raise invalid(err) from None
 
 
 def strict_body(data: dict[str, Any], kind: type[T], refused: dict[str, str], unknown: Callable[[str], str]) -> T:

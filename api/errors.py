@@ -4,9 +4,13 @@ The other dialects answer the same `ApiError` in their own shape (`app.ERROR_SHA
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
+
+# Where msgspec says a value is wrong: "... - at `$.messages[0].role`".
+_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 
 
 class ApiError(Exception):
@@ -47,3 +51,12 @@ def not_found(message: str, code: str = "model_not_found", param: str | None = "
 
 def unavailable(message: str, code: str, retry_after: int = 5) -> ApiError:
     return ApiError(503, message, type="server_error", code=code, headers={"Retry-After": str(retry_after)})
+
+
+def invalid(err: msgspec.ValidationError) -> ApiError:
+    """A 400 naming the field msgspec found wrong (`param`) and what is wrong with it."""
+    text = str(err)
+    match = _AT_PATH.search(text)
+    path = match.group("path") if match else ""
+    detail = text[: match.start()] if match else text
+    return bad_request(f"{path or 'body'}: {detail}", param=path or None, code="invalid_value")
