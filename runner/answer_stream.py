@@ -32,9 +32,17 @@ class AnswerStream:
     """Takes a generation's text deltas; `finish` gives its words and its tool calls."""
 
     def __init__(
-        self, plan: AnswerPlan, stop: list[str], emit: Emit | None, call_id: str, syntax: ToolSyntax | None
+        self,
+        plan: AnswerPlan,
+        stop: list[str],
+        emit: Emit | None,
+        call_id: str,
+        syntax: ToolSyntax | None,
+        parallel: bool = True,
     ) -> None:
         self.plan = plan
+        # Without parallel calls, the first call alone (as llama.cpp's parser reads one).
+        self.max_calls = None if parallel else 1
         # A generic answer is JSON read whole at its end, not text to stream.
         self.scanner = StopScanner([] if plan.generic else stop)
         self.emit = None if plan.generic else emit
@@ -74,6 +82,8 @@ class AnswerStream:
         if self.emit is not None and words:
             self.emit(words)
         calls = [c for t in texts for c in self._parse(t)]
+        if self.max_calls is not None:
+            calls = calls[: max(0, self.max_calls - len(self.calls))]
         generic_tools.emit_calls(calls, self.emit, first=len(self.calls))
         self.calls.extend(calls)
 

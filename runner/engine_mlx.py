@@ -228,7 +228,8 @@ class MlxEngine:
                 raise RequestError("InvalidRequest", "a pipeline group decodes no grammar (tools, response_format)")
             assert self._grammars is not None
             processors = (self._grammars.mask(plan.grammar),)
-        answer = AnswerStream(plan, req.stop, emit, generic_tools.call_ids(req.request_id, started), self._tools)
+        call_id = generic_tools.call_ids(req.request_id, started)
+        answer = AnswerStream(plan, req.stop, emit, call_id, self._tools, req.parallel_tool_calls)
         call = _Call(req, prompt, answer, cancelled, started, processors)
         if self._batch is not None:
             return self._generate_batched(self._batch, call)

@@ -71,6 +71,18 @@ def test_an_answer_in_the_models_tool_syntax_becomes_typed_pieces_and_calls() ->
     ]
 
 
+def test_without_parallel_calls_the_first_call_alone_is_made() -> None:
+    sent: list[str | ToolCallDelta] = []
+    plan = AnswerPlan(messages=(), template_tools=(WEATHER, CLOCK))
+    answer = AnswerStream(plan, [], sent.append, "c", SYNTAX, parallel=False)
+    answer.feed(TEXT)
+
+    _, calls = answer.finish()
+
+    assert [c.name for c in calls] == ["get_weather"]
+    assert join_deltas([s for s in sent if isinstance(s, ToolCallDelta)]) == list(calls)
+
+
 def test_without_template_tools_the_syntax_is_plain_text() -> None:
     sent: list[str | ToolCallDelta] = []
     answer = AnswerStream(AnswerPlan(messages=()), ["</tool"], sent.append, "c", SYNTAX)
