@@ -1,9 +1,9 @@
 """Schemathesis hooks (SCHEMATHESIS_HOOKS) for the run on /openapi.json in tests/test_api_tools.py.
 
-The chat completion has three rules no JSON Schema can state, which its document says in words
-(`description`): no two tools share a name, a named `tool_choice` names one of them, and a tool
-call's `arguments` are JSON. A positive case is kept to them as a client keeps to them; a negative
-case is left as generated.
+The chat completion has four rules no JSON Schema can state, which its document says in words
+(`description`): no two tools share a name, a named `tool_choice` names one of them, a tool
+call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary. A positive
+case is kept to them as a client keeps to them; a negative case is left as generated.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ def _kept(body: dict[str, Any]) -> dict[str, Any]:
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and names:
         choice["function"]["name"] = names[0]
+    if isinstance(bias := body.get("logit_bias"), dict):
+        # Token ids of the tiny model's vocabulary (320 tokens): the model's bound, no schema's.
+        body["logit_bias"] = {str(int(token) % 320): value for token, value in bias.items()}
     for message in body.get("messages") or ():
         for call in message.get("tool_calls") or ():
             try:

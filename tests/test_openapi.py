@@ -67,6 +67,8 @@ ACCEPTED = [
         ]
     ),
     _chat(logit_bias=None, store=False, metadata={}, functions=[]),
+    _chat(n=3, logprobs=True, top_logprobs=20, logit_bias={"60": -100, "7": 2.5}),
+    _chat(n=2, tools=[TOOL], tool_choice="none"),
 ]
 
 # Each body breaks one rule; the parameter the 400 names.
@@ -80,8 +82,12 @@ REFUSED = [
     (_chat(presence_penalty=2.5), "presence_penalty"),
     (_chat(frequency_penalty=-3), "frequency_penalty"),
     (_chat(presence_penalty=1), "presence_penalty"),
-    (_chat(n=2), "n"),
-    (_chat(logit_bias={"1": 5}), "logit_bias"),
+    (_chat(n=9), "n"),
+    (_chat(logit_bias={"1": 101}), "logit_bias[...]"),
+    (_chat(logit_bias={"one": 1}), "logit_bias"),
+    (_chat(top_logprobs=2), "top_logprobs"),
+    (_chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (_chat(n=2, tools=[TOOL]), "n"),
     (_chat(store=True), "store"),
     (_chat(tool_choice="required"), "tool_choice"),
     (_chat(tools=[], tool_choice="auto"), "tool_choice"),
