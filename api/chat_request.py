@@ -13,6 +13,7 @@ import msgspec
 
 from exojet.api import request_rules as rules
 from exojet.api.errors import bad_request, invalid
+from exojet.api.json_body import decode_object
 from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
 from exojet.bus.sampling import Bias, Choices, Sampling, TopLogprobs
 from exojet.bus.tasks import ChatMessage
@@ -39,7 +40,6 @@ UNSUPPORTED = {
     "metadata": "nothing is stored to tag with metadata",
     "moderation": "moderation is not supported",
 }
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n", "top_logprobs")
 # Accepted only at the value that changes nothing (a value out of OpenAI's range is refused first).
 NO_OP_DEFAULTS: dict[str, object] = {
     "presence_penalty": 0,
@@ -195,17 +195,7 @@ _decoder = msgspec.json.Decoder()
 
 def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> ChatRequest:
     """The request in `raw`, or ApiError(400) naming the first thing wrong with it."""
-    try:
-        data = _decoder.decode(raw)
-    except msgspec.DecodeError as err:
-        raise bad_request(f"the body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object")
-    data = _check_names(data)
-    for name in INTEGER_FIELDS:
-        # JSON has one number type: 3.0 is an integer to a JSON Schema validator, so to us too.
-        if isinstance(value := data.get(name), float) and value.is_integer():
-            data[name] = int(value)
+    data = _check_names(decode_object(raw))
     try:
         body = msgspec.convert(data, ChatBody)
     except msgspec.ValidationError as err:

@@ -255,32 +255,6 @@ async def _disconnected(receive: Receive) -> None:
         pass
 
 
-_decoder = msgspec.json.Decoder()
-
-
-def decode_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or ApiError(400)."""
-    try:
-        data = _decoder.decode(raw)
-    except msgspec.DecodeError as err:
-        raise bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object", code="invalid_json")
-    return _integral(data)
-
-
-def _integral(value: Any) -> Any:
-    """`value` with every whole float an int: JSON has one number type, so 3.0 is an integer
-    to a JSON Schema validator and to us (an int is a float too where one is expected)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
-
-
 def convert(data: Any, kind: type[T]) -> T:
     """`data` as a `kind`, or ApiError(400) naming the field (`param`) and what is wrong with it."""
     try:

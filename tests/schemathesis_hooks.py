@@ -8,9 +8,9 @@ case is kept to them as a client keeps to them; a negative case is left as gener
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+import msgspec
 import schemathesis
 
 
@@ -35,8 +35,9 @@ def _kept(body: dict[str, Any]) -> dict[str, Any]:
         body["logit_bias"] = {str(int(token) % 320): value for token, value in bias.items()}
     for message in body.get("messages") or ():
         for call in message.get("tool_calls") or ():
+            # JSON as the parser reads it (Python's json also takes NaN and Infinity).
             try:
-                json.loads(call["function"]["arguments"])
-            except ValueError:
-                call["function"]["arguments"] = json.dumps(call["function"]["arguments"])
+                msgspec.json.decode(call["function"]["arguments"])
+            except msgspec.DecodeError:
+                call["function"]["arguments"] = "{}"
     return body

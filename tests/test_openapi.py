@@ -200,3 +200,14 @@ def test_the_design_notes_parameter_table_is_what_the_chat_route_does() -> None:
     for name, kind, what in rows:
         if kind == "default only":
             assert what.strip("`").startswith(json.dumps(NO_OP_DEFAULTS[name]).strip('"')), name
+
+
+def test_numbers_are_read_as_json_schema_reads_them() -> None:
+    # A whole float is an integer; an integer past 64 bits a number (the engine's pipe holds 64 bits).
+    huge = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10**30}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": huge}}
+    raw = json.dumps(_chat(max_tokens=3.0, tools=[tool])).encode()
+    request = parse_chat(raw, LIMIT)
+    assert request.sampling.max_tokens == 3
+    parameters = request.shape.tools[0].function.parameters
+    assert parameters is not None and parameters["properties"]["n"]["maximum"] == 1e30
