@@ -89,6 +89,7 @@ REFUSED = [
     (_chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     (_chat(n=2, tools=[TOOL]), "n"),
     (_chat(store=True), "store"),
+    (_chat(seed=2**70), "seed"),
     (_chat(tool_choice="required"), "tool_choice"),
     (_chat(tools=[], tool_choice="auto"), "tool_choice"),
     (_chat(tools=[TOOL], response_format={"type": "json_object"}), "response_format"),
@@ -172,6 +173,8 @@ OTHERS = [
     (RESPONSE, {"input": [{"role": "user"}]}, "input[0]"),
     (RESPONSE, {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
     (RESPONSE, {"input": "hi", "store": True}, "store"),
+    (RESPONSE, {"input": "hi", "max_tool_calls": 2**64}, "max_tool_calls"),
+    (RESPONSE, {"input": "hi", "max_tool_calls": 2**64 - 1}, None),
     (RESPONSE, {"input": "hi", "max_output_tokens": 8}, "max_output_tokens"),
 ]
 
