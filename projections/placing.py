@@ -33,6 +33,12 @@ def busy_runners(state: ClusterState) -> dict[str, str]:
     return busy
 
 
+def drained_placements(state: ClusterState, inst: InstanceView) -> list[str]:
+    """The runners of the instance drained for maintenance: it takes no new chat, and moves
+    elsewhere once the chats it was given have ended (the planner, the router)."""
+    return [p.runner_id for p in inst.placements if p.runner_id in state.drained]
+
+
 def group_problem(runner: RunnerView) -> str | None:
     """Why the runner cannot take a shard in a pipeline group (None: it can)."""
     if not any(e in PIPELINE_ENGINES for e in runner.engines):

@@ -51,7 +51,7 @@ from exojet.projections.instances import (
     WARMUP,
     steps,
 )
-from exojet.projections.placing import busy_runners
+from exojet.projections.placing import busy_runners, drained_placements
 from exojet.projections.rules import FINAL_STATUSES
 from exojet.projections.state import ClusterState, InstanceView
 from exojet.supervisor.actions import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, failed
@@ -116,13 +116,18 @@ def _failure(state: ClusterState, inst: InstanceView) -> str | None:
 
 
 def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> list[Action]:
-    drained = [p.runner_id for p in inst.placements if p.runner_id in state.drained]
+    reason = _failure(state, inst)
+    drained = drained_placements(state, inst)
     if drained:
+        if reason is None and inst.status == READY and inst.chats_in_flight:
+            # Its chats finish first (the router gives it no more): failing it now would end
+            # them in every API, which reads an instance's failure as the end of its chats.
+            return []
         # Not the instance's fault: placed again elsewhere however many attempts it had.
         return [
             failed(inst, f"runner {', '.join(drained)} drained for maintenance: placed again elsewhere", final=False)
         ]
-    if (reason := _failure(state, inst)) is not None:
+    if reason is not None:
         attempt_word = "attempt" if config.max_attempts == 1 else "attempts"
         final = inst.attempt >= config.max_attempts
         if final:

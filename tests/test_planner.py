@@ -433,6 +433,34 @@ def test_a_drained_runner_hands_its_instance_over_and_is_left_idle() -> None:
     assert not c.state.drained and not c.state.anomalies
 
 
+def test_a_drained_runner_finishes_its_chats_before_its_instance_moves_and_is_given_no_new_one() -> None:
+    # Found by the rolling upgrade (tests/test_mixed_versions.py): failing the instance at once ended
+    # its chats in flight in every API (they read an instance's failure as the end of its chats).
+    c = Cluster()
+    for r in ("r1", "r2"):
+        c.register(r)
+    instances = {"r1": ready_single(c, "r1"), "r2": ready_single(c, "r2")}
+    hi = (ChatMessage("user", "hi"),)
+    c.command(RouteChatCompletion(command_id="x", messages=hi, model_id="local/tiny"))
+    [chat] = c.publish(plan(c.state))
+    drained, other = ("r1", "r2") if chat.instance_id == instances["r1"] else ("r2", "r1")
+    c.command(DrainRunner(runner_id=drained))
+    # While its chat runs: nothing for its instance, and new chats go to the other one only.
+    c.command(RouteChatCompletion(command_id="y", messages=hi, model_id="local/tiny"))
+    c.command(RouteChatCompletion(command_id="z", messages=hi, model_id="local/tiny"))
+    sent = c.publish(plan(c.state))
+    assert [(t.task_id, t.instance_id) for t in sent] == [
+        ("chat-y.0", instances[other]),
+        ("chat-z.0", instances[other]),
+    ]
+    assert c.state.instances[instances[drained]].status == "Ready"
+    c.complete(drained, chat)
+    # Its chat ended: now it moves.
+    [failure] = [x.event for x in plan(c.state) if isinstance(x, WriteEvent)]
+    assert failure.instance_id == instances[drained] and not failure.final
+    assert f"{drained} drained for maintenance" in failure.reason
+
+
 def test_backoff_doubles_and_is_capped() -> None:
     from exojet.supervisor.planner import backoff
 
