@@ -137,8 +137,7 @@ class ChatRefused(_SupervisorEvent, frozen=True):
     """A routed chat no Ready instance of its model has room for: it is never run.
 
     `error_type` is `QueueFull` when every such instance already holds its
-    bounded number of chats in flight (the API answers 429), `TooManyChoices` when it asks
-    for more answers (`n`) than any of them serves at once (400).
+    bounded number of chats in flight (the API answers 429).
     """
 
     chat_id: str

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer, free_port
 from testbed import REPO
 from testbed.api_process import until_healthy
-from tests.gguf_tiny import as_gguf
 from tests.procs import exojet, start_runner, stop
 
 API_KEY = "test-key"
@@ -40,7 +38,7 @@ class ApiStack:
         self.models_dir = models_dir
         self.server = NatsServer(port=0, monitor_port=0, store_dir=root / "nats", log_file=root / "nats.log").start()
         self.url = self.server.url
-        asyncio.run(_ensure_streams(self.url))
+        asyncio.run(ensure_streams(self.url))
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -102,7 +100,7 @@ class ApiStack:
         self.server.stop()
 
 
-async def _ensure_streams(url: str) -> None:
+async def ensure_streams(url: str) -> None:
     # Before anything publishes: a command sent before its stream exists is lost.
     nc = await client.connect(url, name="test")
     try:
@@ -121,14 +119,6 @@ def start_stack(root: Path, models_dir: Path, **options: object) -> ApiStack:
         stack.close()
         raise
     return stack
-
-
-def start_gguf_stack(root: Path, tiny_model_dir: Path) -> ApiStack:
-    """`start_stack` with the tiny model also as a GGUF, so its runner serves it on llama.cpp."""
-    folder = root / "models" / "local--tiny"
-    shutil.copytree(tiny_model_dir, folder)
-    as_gguf(tiny_model_dir, folder / "model.gguf")
-    return start_stack(root, root / "models")
 
 
 async def task_statuses(url: str, runner_id: str, task_id: str) -> list[str]:
