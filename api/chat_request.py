@@ -1,7 +1,7 @@
 """A `POST /v1/chat/completions` body, validated into what a routed chat needs.
 
 Every OpenAI parameter is either supported, accepted at its no-op default
-(`n: 1`, `presence_penalty: 0`, `logprobs: false`, ...), or refused with a 400
+(`presence_penalty: 0`, `frequency_penalty: 0`), or refused with a 400
 that names it: nothing a client asks for is silently ignored.
 """
 
@@ -13,8 +13,9 @@ import msgspec
 
 from exojet.api import request_rules as rules
 from exojet.api.errors import bad_request, invalid
+from exojet.api.json_body import decode_object
 from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
-from exojet.bus.sampling import Sampling
+from exojet.bus.sampling import Bias, Choices, Sampling, TopLogprobs
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import FREE, AnswerShape, NamedToolChoice, ResponseFormat, Tool, ToolCall, ToolChoice
 
@@ -29,8 +30,6 @@ SEED_MAX = 2**63 - 1
 UNSUPPORTED = {
     "functions": "OpenAI's deprecated form of tools: send tools",
     "function_call": "OpenAI's deprecated form of tool_choice: send tool_choice",
-    "logit_bias": "logit_bias is not supported yet",
-    "top_logprobs": "logprobs are not supported yet",
     "audio": "audio output is not supported",
     "modalities": "only text is supported",
     "prediction": "predicted outputs are not supported",
@@ -41,13 +40,10 @@ UNSUPPORTED = {
     "metadata": "nothing is stored to tag with metadata",
     "moderation": "moderation is not supported",
 }
-INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "seed", "n")
 # Accepted only at the value that changes nothing (a value out of OpenAI's range is refused first).
 NO_OP_DEFAULTS: dict[str, object] = {
-    "n": 1,
     "presence_penalty": 0,
     "frequency_penalty": 0,
-    "logprobs": False,
     "verbosity": "medium",
 }
 # The fields whose bound is the API's --max-tokens-limit.
@@ -87,6 +83,9 @@ class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 StopString = Annotated[str, msgspec.Meta(min_length=1)]
+# A token id as a JSON object's key (logit_bias); the vocabulary's bound is the model's: a token
+# beyond it is the runner's 400.
+TokenIdText = Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}$", description="a token id of the model's vocabulary")]
 # OpenAI's (and vLLM's) range of both penalties.
 Penalty = Annotated[float, msgspec.Meta(ge=-2, le=2)]
 
@@ -127,6 +126,19 @@ CHAT_RULES = (
         message="tools and response_format cannot both shape one answer",
         code="unsupported_parameter",
     ),
+    Rule(
+        when={"n": not_(one_of(None, 1)), "tools": NON_EMPTY},
+        then={"tool_choice": one_of("none")},
+        param="n",
+        message="n > 1 with tools is not supported: ask for one answer",
+        code="unsupported_parameter",
+    ),
+    Rule(
+        when={"top_logprobs": GIVEN},
+        then={"logprobs": one_of(True)},
+        param="top_logprobs",
+        message="top_logprobs needs logprobs: true",
+    ),
 )
 
 
@@ -148,10 +160,12 @@ class ChatBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: dict[str, Any] | None = None
     verbosity: Literal["low", "medium", "high"] | None = None
-    n: int | None = None
+    n: Choices | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    logit_bias: dict[TokenIdText, Bias] | None = None
     # Two checks of `_shape` no JSON Schema can state: the document says them.
     tools: Annotated[list[Tool], msgspec.Meta(max_length=MAX_TOOLS, description="no two share a name")] | None = None
     tool_choice: Annotated[ToolChoice | None, msgspec.Meta(description="a named function is one of `tools`")] = None
@@ -181,17 +195,7 @@ _decoder = msgspec.json.Decoder()
 
 def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> ChatRequest:
     """The request in `raw`, or ApiError(400) naming the first thing wrong with it."""
-    try:
-        data = _decoder.decode(raw)
-    except msgspec.DecodeError as err:
-        raise bad_request(f"the body is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object")
-    data = _check_names(data)
-    for name in INTEGER_FIELDS:
-        # JSON has one number type: 3.0 is an integer to a JSON Schema validator, so to us too.
-        if isinstance(value := data.get(name), float) and value.is_integer():
-            data[name] = int(value)
+    data = _check_names(decode_object(raw))
     try:
         body = msgspec.convert(data, ChatBody)
     except msgspec.ValidationError as err:
@@ -213,7 +217,15 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         sampling=Sampling(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed, stop=stop or None
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=stop or None,
+            logprobs=body.logprobs or None,
+            top_logprobs=body.top_logprobs or None,
+            n=body.n if body.n != 1 else None,
+            logit_bias={int(token): bias for token, bias in body.logit_bias.items()} if body.logit_bias else None,
         ),
         shape=_shape(body),
     )

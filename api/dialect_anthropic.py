@@ -20,6 +20,7 @@ from starlette.routing import Route
 from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
+from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
@@ -136,7 +137,7 @@ def _text(content: Content) -> str:
 
 
 def _parse(raw: bytes, limit: int, count_only: bool = False) -> ChatRequest:
-    data = base.decode_object(raw)
+    data = decode_object(raw)
     if count_only:
         # count_tokens takes the prompt's fields only: it answers no message.
         extra = [k for k in data if k not in COUNT_FIELDS and k not in REFUSED]

@@ -23,6 +23,7 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, invalid, not_found, unavailable
 from exojet.api.gateway import Gateway, api_error
 from exojet.bus.chat_ends import ChatError, Ended
+from exojet.bus.chunks import ChoiceDelta
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.bus.tools import ToolCallDelta
@@ -30,8 +31,11 @@ from exojet.projections.instances import ENDED_STATUSES, READY
 
 # What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
 Piece = str | Ended | ApiError
-# The same with the pieces of its tool calls, for a dialect that renders them.
-CallPiece = str | ToolCallDelta | Ended | ApiError
+# A chat's text: plain text of its one answer, or a ChoiceDelta (an answer of `n`, with its tokens'
+# log-probabilities) for a dialect that asks for those.
+Said = str | ChoiceDelta
+# The same with the pieces of its tool calls and its ChoiceDeltas, for a dialect that renders them.
+CallPiece = Said | ToolCallDelta | Ended | ApiError
 T = TypeVar("T")
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -98,10 +102,19 @@ async def pieces(gateway: Gateway, stream: ChatStream) -> AsyncIterator[Piece]:
 
 
 async def text_pieces(source: AsyncIterator[CallPiece]) -> AsyncIterator[Piece]:
-    """`source` less its tool-call pieces (a dialect that takes no tools: its chats make none)."""
+    """`source` less its tool-call pieces, its first answer's text as plain text (a dialect that
+    takes no tools, `n` or `logprobs`: its chats make none of them)."""
     async for piece in source:
-        if not isinstance(piece, ToolCallDelta):
+        if isinstance(piece, ChoiceDelta):
+            if piece.choice == 0 and piece.text:
+                yield piece.text
+        elif not isinstance(piece, ToolCallDelta):
             yield piece
+
+
+def said_text(said: list[Said]) -> str:
+    """The first answer's text in `said`."""
+    return "".join(p if isinstance(p, str) else p.text for p in said if isinstance(p, str) or p.choice == 0)
 
 
 def tokens(outcome: Ended) -> tuple[int, int]:
@@ -117,16 +130,22 @@ def finish_reason(outcome: Ended) -> str:
 async def whole(request: Request, gateway: Gateway, stream: ChatStream) -> tuple[str, Ended] | None:
     """The whole answer and its Complete status; None when the client went away first
     (its chat is cancelled); ApiError when the chat ended otherwise."""
+    answered = await whole_said(request, gateway, stream)
+    return None if answered is None else (said_text(answered[0]), answered[1])
 
-    async def collect() -> tuple[str, Ended]:
-        parts = []
-        async for piece in pieces(gateway, stream):
-            if isinstance(piece, str):
+
+async def whole_said(request: Request, gateway: Gateway, stream: ChatStream) -> tuple[list[Said], Ended] | None:
+    """`whole`, its text as it came: each answer's of `n`, with its tokens' log-probabilities."""
+
+    async def collect() -> tuple[list[Said], Ended]:
+        parts: list[Said] = []
+        async for piece in call_pieces(gateway, stream):
+            if isinstance(piece, str | ChoiceDelta):
                 parts.append(piece)
             elif isinstance(piece, ApiError):
                 raise piece
-            else:
-                return "".join(parts), piece
+            elif isinstance(piece, Ended):
+                return parts, piece
         raise AssertionError("an answer always ends with its outcome")
 
     answer = asyncio.ensure_future(collect())
@@ -192,22 +211,27 @@ async def respond(
     gateway: Gateway,
     req: ChatRequest,
     events: Callable[[str, AsyncIterator[Piece]], AsyncIterator[bytes]],
-    reply: Callable[[str, str, Ended], Any],
+    reply: Callable[[str, str, Ended], Any] | None,
     media_type: str = "text/event-stream",
     call_events: Callable[[str, AsyncIterator[CallPiece]], AsyncIterator[bytes]] | None = None,
+    said_reply: Callable[[str, list[Said], Ended], Any] | None = None,
 ) -> Response:
     """Route `req`, then answer as a dialect does: streamed (`events` of the chat id and its
-    pieces, or `call_events` of them with their tool-call pieces) when it asked for a stream,
-    else `reply(chat id, text, outcome)` as JSON."""
+    pieces, or `call_events` of them with their tool-call pieces and ChoiceDeltas) when it asked
+    for a stream, else `reply(chat id, text, outcome)` (or `said_reply` of its text as it came) as JSON."""
     stream = await route(gateway, req)
     if req.stream:
         source = await _first_said(gateway, stream)
         render = call_events or (lambda chat_id, p: events(chat_id, text_pieces(p)))
         return stream_body(source, gateway, stream, lambda p: render(stream.chat_id, p), media_type)
-    answered = await whole(request, gateway, stream)
+    answered = await whole_said(request, gateway, stream)
     if answered is None:
         return gone()
-    return json_response(reply(stream.chat_id, *answered))
+    said, outcome = answered
+    if said_reply is not None:
+        return json_response(said_reply(stream.chat_id, said, outcome))
+    assert reply is not None, "a dialect answers with reply or said_reply"
+    return json_response(reply(stream.chat_id, said_text(said), outcome))
 
 
 def gone() -> Response:
@@ -229,32 +253,6 @@ async def _disconnected(receive: Receive) -> None:
     """Returns when the client has gone (the request's body was read before)."""
     while (await receive())["type"] != "http.disconnect":
         pass
-
-
-_decoder = msgspec.json.Decoder()
-
-
-def decode_object(raw: bytes) -> dict[str, Any]:
-    """The body as a JSON object, or ApiError(400)."""
-    try:
-        data = _decoder.decode(raw)
-    except msgspec.DecodeError as err:
-        raise bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise bad_request("the body must be a JSON object", code="invalid_json")
-    return _integral(data)
-
-
-def _integral(value: Any) -> Any:
-    """`value` with every whole float an int: JSON has one number type, so 3.0 is an integer
-    to a JSON Schema validator and to us (an int is a float too where one is expected)."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    return value
 
 
 def convert(data: Any, kind: type[T]) -> T:

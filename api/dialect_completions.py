@@ -26,6 +26,7 @@ from exojet.api.chat_request import MAX_STOP_SEQUENCES, SEED_MAX, ChatRequest, P
 from exojet.api.dialect_openai import DONE
 from exojet.api.errors import ApiError, bad_request
 from exojet.api.gateway import Gateway
+from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.sampling import Sampling
@@ -71,7 +72,7 @@ RULES: dict[type, tuple[rules.Rule, ...]] = {CompletionsBody: (rules.STREAM_OPTI
 
 def _parse(raw: bytes, limit: int) -> tuple[ChatRequest, ...]:
     """One raw chat per prompt."""
-    data = base.decode_object(raw)
+    data = decode_object(raw)
     prompt = data.get("prompt")
     if isinstance(prompt, list) and any(not isinstance(p, str) for p in prompt):
         raise bad_request("prompt: token ids are not supported, only text", param="prompt", code="unsupported")

@@ -27,6 +27,7 @@ from exojet.api import dialect_base as base
 from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found
+from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
@@ -187,7 +188,7 @@ def _refuse_messages(data: dict[str, Any]) -> None:
 
 def parse_chat(raw: bytes, limit: int) -> ChatRequest:
     """An `/api/chat` body as the routed chat, or ApiError(400)."""
-    data = rules.refuse(base.decode_object(raw), REFUSED)
+    data = rules.refuse(decode_object(raw), REFUSED)
     _refuse_messages(data)
     body = base.convert(data, ChatBody)
     messages = [ChatMessage(m.role, m.content) for m in body.messages]
@@ -196,7 +197,7 @@ def parse_chat(raw: bytes, limit: int) -> ChatRequest:
 
 def parse_generate(raw: bytes, limit: int) -> ChatRequest:
     """An `/api/generate` body as the routed chat, or ApiError(400)."""
-    body = base.convert(rules.refuse(base.decode_object(raw), REFUSED), GenerateBody)
+    body = base.convert(rules.refuse(decode_object(raw), REFUSED), GenerateBody)
     rules.check(RULES[GenerateBody], body)
     system = [ChatMessage("system", body.system)] if body.system else []
     messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []
@@ -285,7 +286,7 @@ class Ollama:
         return base.json_response({"models": loaded})
 
     async def show(self, request: Request) -> Response:
-        body = base.convert(base.decode_object(await request.body()), ShowBody)
+        body = base.convert(decode_object(await request.body()), ShowBody)
         rules.check(RULES[ShowBody], body)
         name = body.model or body.name or ""
         if model_id(name) not in await self._served():

@@ -19,6 +19,9 @@ from exojet.api import dialect_base as base
 from exojet.api.chat_request import ChatRequest, parse_chat
 from exojet.api.errors import ApiError
 from exojet.bus.chat_ends import Ended
+from exojet.bus.chunks import ChoiceDelta
+from exojet.bus.logprobs import TokenLogprob
+from exojet.bus.sampling import choices
 from exojet.bus.tools import ToolCall, ToolCallDelta
 
 if TYPE_CHECKING:
@@ -43,8 +46,9 @@ class Chat:
             self.api.gw,
             req,
             lambda chat_id, pieces: _events(chat_id, req, pieces),
-            lambda chat_id, text, outcome: _completion(chat_id, req, text, outcome),
+            None,
             call_events=lambda chat_id, pieces: _events(chat_id, req, pieces),
+            said_reply=lambda chat_id, said, outcome: _completion(chat_id, req, said, outcome),
         )
 
 
@@ -71,7 +75,32 @@ def _call_delta(piece: ToolCallDelta) -> dict[str, Any]:
     return out | {"function": function}
 
 
-def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> dict[str, Any]:
+def _token(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes())}
+
+
+def _logprobs(req: ChatRequest, tokens: list[TokenLogprob]) -> dict[str, Any] | None:
+    """A choice's `logprobs` (null unless the request asked for them)."""
+    if not req.sampling.logprobs:
+        return None
+    return {"content": [_token(t) | {"top_logprobs": [_token(top) for top in t.top]} for t in tokens], "refusal": None}
+
+
+def _finish_reasons(outcome: Ended) -> list[str]:
+    """Each answer's finish reason, choice 0 first."""
+    return [base.finish_reason(outcome), *(c.finish_reason for c in outcome.result.choices)]
+
+
+def _completion(chat_id: str, req: ChatRequest, said: list[base.Said], outcome: Ended) -> dict[str, Any]:
+    n = choices(req.sampling)
+    texts: list[list[str]] = [[] for _ in range(n)]
+    tokens: list[list[TokenLogprob]] = [[] for _ in range(n)]
+    for piece in said:
+        delta = piece if isinstance(piece, ChoiceDelta) else ChoiceDelta(text=piece)
+        if delta.choice < n:
+            texts[delta.choice].append(delta.text)
+            tokens[delta.choice].extend(delta.logprobs)
+    reasons = _finish_reasons(outcome)
     return {
         "id": chat_id,
         "object": "chat.completion",
@@ -80,11 +109,14 @@ def _completion(chat_id: str, req: ChatRequest, text: str, outcome: Ended) -> di
         "system_fingerprint": None,
         "choices": [
             {
-                "index": 0,
-                "message": _message(text, outcome),
-                "finish_reason": base.finish_reason(outcome),
-                "logprobs": None,
+                "index": i,
+                "message": _message("".join(texts[i]), outcome)
+                if i == 0
+                else {"role": "assistant", "content": "".join(texts[i])},
+                "finish_reason": reasons[i] if i < len(reasons) else "cancelled",
+                "logprobs": _logprobs(req, tokens[i]),
             }
+            for i in range(n)
         ],
         "usage": usage(outcome),
     }
@@ -100,21 +132,24 @@ async def _events(chat_id: str, req: ChatRequest, pieces: AsyncIterator[base.Cal
     }
     tail: dict[str, Any] = {"usage": None} if req.include_usage else {}
 
-    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> bytes:
-        return base.sse(
-            {**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]} | tail
-        )
+    def choice(delta: dict[str, Any], finish_reason: str | None = None, index: int = 0, logprobs: Any = None) -> bytes:
+        part = {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return base.sse({**head, "choices": [part]} | tail)
 
-    yield choice({"role": "assistant", "content": ""})
+    for index in range(choices(req.sampling)):
+        yield choice({"role": "assistant", "content": ""}, index=index)
     async for piece in pieces:
         if isinstance(piece, str):
             yield choice({"content": piece})
+        elif isinstance(piece, ChoiceDelta):
+            yield choice({"content": piece.text}, index=piece.choice, logprobs=_logprobs(req, list(piece.logprobs)))
         elif isinstance(piece, ToolCallDelta):
             yield choice({"tool_calls": [_call_delta(piece)]})
         elif isinstance(piece, ApiError):
             yield base.sse(piece.body())
         else:
-            yield choice({}, base.finish_reason(piece))
+            for index, reason in enumerate(_finish_reasons(piece)):
+                yield choice({}, reason, index=index)
             if req.include_usage:
                 yield base.sse({**head, "choices": [], "usage": usage(piece)})
     yield DONE

@@ -23,6 +23,7 @@ from exojet.api import dialect_base as base
 from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request
+from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
@@ -130,7 +131,7 @@ def _message(item: Item) -> ChatMessage:
 
 
 def _parse(raw: bytes, limit: int) -> tuple[ResponsesBody, ChatRequest]:
-    data = base.decode_object(raw)
+    data = decode_object(raw)
     _refuse_items(data)
     body = base.strict_body(data, ResponsesBody, REFUSED, lambda name: f"Unknown parameter: '{name}'.")
     rules.check(RULES[ResponsesBody], body)

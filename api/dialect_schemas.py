@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api.json_body import INT_MAX, INT_MIN
 from exojet.api.request_schemas import ABSENT, Body, nullable, ref
 
 STRING = {"type": "string"}
@@ -85,10 +86,10 @@ def _with_options(body: dict[str, Any], limit: int) -> dict[str, Any]:
 
 def _ollama_options(limit: int) -> dict[str, Any]:
     properties: dict[str, Any] = {
-        "num_predict": nullable({"type": "integer", "maximum": limit, "not": {"const": 0}}),
+        "num_predict": nullable({"type": "integer", "minimum": INT_MIN, "maximum": limit, "not": {"const": 0}}),
         "temperature": nullable({"type": "number", "minimum": 0}),
         "top_p": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-        "seed": nullable({"type": "integer", "minimum": 0}),
+        "seed": nullable({"type": "integer", "minimum": 0, "maximum": INT_MAX}),
         "stop": {"anyOf": [TEXT, {"type": "array", "items": TEXT}, {"type": "null"}]},
     }
     properties |= {name: {"const": value} for name, value in dialect_ollama.NEUTRAL_OPTIONS.items()}

@@ -10,7 +10,7 @@ from typing import Any
 import msgspec
 
 # Where msgspec says a value is wrong: "... - at `$.messages[0].role`".
-_AT_PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_AT_PATH = re.compile(r" - at (?:`key` in )?`\$\.?(?P<path>[^`]*)`$")
 
 
 class ApiError(Exception):

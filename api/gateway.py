@@ -22,6 +22,7 @@ from exojet.bus.chat_ends import (
     ChatLost,
     ChatNotRouted,
     ChatQueueFull,
+    ChatTooManyChoices,
     ChatUnfinished,
 )
 from exojet.bus.commands import RouteChatCompletion
@@ -52,6 +53,8 @@ def api_error(err: ChatError) -> ApiError:
             return ApiError(400, detail, type="invalid_request_error", code=error_type)
         case ChatUnfinished(error_type=error_type):
             return ApiError(500, detail, type="server_error", code=error_type)
+        case ChatTooManyChoices():
+            return ApiError(400, err.detail, type="invalid_request_error", param="n", code="too_many_choices")
         case ChatQueueFull():
             return ApiError(
                 429, err.detail, type="rate_limit_exceeded", code="queue_full", headers={"Retry-After": "1"}

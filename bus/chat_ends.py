@@ -13,6 +13,9 @@ from exojet.bus.results import ChatResult
 # The runner's errors that refuse a chat before any work (the engine serves on as before): the
 # request's fault, so the API answers them 400.
 REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
+# A supervisor's refusal (`ChatRefused.error_type`) of a chat asking for more answers (`n`) than
+# any Ready instance of its model serves at once.
+TOO_MANY_CHOICES = "TooManyChoices"
 
 
 class Ended(msgspec.Struct, frozen=True):
@@ -41,6 +44,17 @@ class ChatUnfinished(ChatError):
 
 class ChatQueueFull(ChatError):
     """A supervisor refused it (`ChatRefused`): every instance of its model is busy and its queue full."""
+
+
+class ChatTooManyChoices(ChatError):
+    """A supervisor refused it: it asks for more answers (`n`) than any instance serves at once."""
+
+
+def refusal(chat_id: str, error_type: str, reason: str) -> ChatError:
+    """The end of a chat a supervisor refused (`ChatRefused`)."""
+    if error_type == TOO_MANY_CHOICES:
+        return ChatTooManyChoices(chat_id, reason)
+    return ChatQueueFull(chat_id, f"{error_type}: {reason}")
 
 
 class ChatLost(ChatError):

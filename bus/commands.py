@@ -7,7 +7,7 @@ from typing import Annotated
 import msgspec
 
 from exojet.bus.formats import LogMessage
-from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
+from exojet.bus.sampling import Choices, LogitBias, MaxTokens, Stop, Temperature, TopLogprobs, TopP
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import ResponseFormat, Tool, ToolChoice
 
@@ -52,6 +52,10 @@ class RouteChatCompletion(_Command, frozen=True, tag="ChatCompletion"):
     top_p: TopP | None = None
     seed: int | None = None
     stop: Stop | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    n: Choices | None = None
+    logit_bias: LogitBias | None = None
     # True: the one message's content is the model's input as given, no chat template
     # (OpenAI's /v1/completions, Ollama's raw generate).
     raw: bool = False

@@ -137,7 +137,8 @@ class ChatRefused(_SupervisorEvent, frozen=True):
     """A routed chat no Ready instance of its model has room for: it is never run.
 
     `error_type` is `QueueFull` when every such instance already holds its
-    bounded number of chats in flight (the API answers 429).
+    bounded number of chats in flight (the API answers 429), `TooManyChoices` when it asks
+    for more answers (`n`) than any of them serves at once (400).
     """
 
     chat_id: str

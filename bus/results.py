@@ -16,6 +16,14 @@ from exojet.bus.tools import ToolCall
 FinishReason = Literal["stop", "length", "cancelled", "tool_calls"]
 
 
+class ChoiceResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A further answer of a chat asked for `n` of them; its tokens are counted in the chat's."""
+
+    index: int
+    text: str = ""
+    finish_reason: FinishReason = "stop"
+
+
 class DownloadResult(msgspec.Struct, frozen=True, kw_only=True):
     """A DownloadModel's: what placement needs, so no supervisor has to hold the model's files."""
 
@@ -54,6 +62,8 @@ class ChatResult(msgspec.Struct, frozen=True, kw_only=True):
     # The prompt's part of engine_seconds (prefill, to the first token); the rest is decoding.
     time_to_first_token: float = 0.0
     tool_calls: tuple[ToolCall, ...] = ()
+    # A chat asked for `n` answers: the others (choice 1 on); choice 0 is the fields above.
+    choices: tuple[ChoiceResult, ...] = ()
 
 
 Result = DownloadResult | LoadResult | ChatResult

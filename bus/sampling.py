@@ -17,6 +17,13 @@ MaxTokens = Annotated[int, msgspec.Meta(ge=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0)]
 TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Stop = str | tuple[str, ...]
+# OpenAI's bounds: the likeliest tokens reported at each place, the answers one chat asks for.
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=8)]
+# Token id -> what is added to its logit before sampling (-100 bans it, 100 all but forces it).
+TokenId = Annotated[int, msgspec.Meta(ge=0)]
+Bias = Annotated[float, msgspec.Meta(ge=-100, le=100)]
+LogitBias = dict[TokenId, Bias]
 
 
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +34,12 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     top_p: TopP | None = None
     seed: int | None = None
     stop: Stop | None = None
+    # Report each generated token's log-probability (and the `top_logprobs` likeliest at its place).
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    # Answers to generate, one sequence each in the same batch (counted as n against capacity).
+    n: Choices | None = None
+    logit_bias: LogitBias | None = None
 
 
 GREEDY = Sampling()
@@ -45,11 +58,24 @@ class Sampled(Protocol):
     def seed(self) -> int | None: ...
     @property
     def stop(self) -> str | tuple[str, ...] | None: ...
+    @property
+    def logprobs(self) -> bool | None: ...
+    @property
+    def top_logprobs(self) -> int | None: ...
+    @property
+    def n(self) -> int | None: ...
+    @property
+    def logit_bias(self) -> dict[int, float] | None: ...
 
 
 def sampling_of(message: Sampled) -> Sampling:
     """The sampling fields of a routed command or a task, as one value."""
     return Sampling(**{name: getattr(message, name) for name in Sampling.__struct_fields__})
+
+
+def choices(message: Sampled) -> int:
+    """The answers a chat asks for: the sequences it takes of a runner's chat capacity."""
+    return message.n or 1
 
 
 def fields(sampling: Sampling) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Annotated
 import msgspec
 
 from exojet.bus.formats import LogMessage
-from exojet.bus.sampling import MaxTokens, Stop, Temperature, TopP
+from exojet.bus.sampling import Choices, LogitBias, MaxTokens, Stop, Temperature, TopLogprobs, TopP
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolChoice
 
 
@@ -81,6 +81,10 @@ class ChatCompletion(_Task, frozen=True):
     top_p: TopP | None = None
     seed: int | None = None
     stop: Stop | None = None
+    logprobs: bool | None = None
+    top_logprobs: TopLogprobs | None = None
+    n: Choices | None = None
+    logit_bias: LogitBias | None = None
     # True: the one message's content is the model's input as given, no chat template.
     raw: bool = False
     # bus/tools.py's AnswerShape fields, flat.

@@ -8,6 +8,7 @@ import sys
 
 from exojet.bus import subjects
 from exojet.bus.chat_ends import ChatError, ChatUnfinished
+from exojet.bus.chunks import ChoiceDelta
 from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats import client
@@ -55,6 +56,9 @@ async def publish_task(nats_url: str, runner_id: str, payload: str, wait: bool, 
                 async for piece in session.answer(stream):
                     if isinstance(piece, str):
                         print(piece, end="", flush=True)
+                    elif isinstance(piece, ChoiceDelta) and piece.choice == 0:
+                        # A task asking for logprobs or `n`: its first answer's text.
+                        print(piece.text, end="", flush=True)
         except ChatUnfinished:
             return 1  # its status line said why
         except ChatError as err:

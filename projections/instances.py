@@ -46,6 +46,7 @@ from exojet.bus.events import (
     SupervisorEvent,
 )
 from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of, step_task_id
+from exojet.bus.sampling import choices
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.bus.tasks import ChatCompletion
 from exojet.projections import retention
@@ -310,10 +311,11 @@ def on_task(state: ClusterState, env: Envelope, task: ChatCompletion, view: Task
         # Rank 0 records which instance serves the chat; the other ranks follow it.
         chat.status = "Routed"
         chat.instance_id = task.instance_id
+        chat.choices = choices(task)
         state.chat_tasks[view.task_id] = chat.chat_id
         inst = state.instances.get(task.instance_id or "")
         if inst is not None:
-            inst.chats_in_flight += 1
+            inst.chats_in_flight += chat.choices
     elif not (
         chat.ranks_published and task.instance_id == chat.instance_id and view.task_id.startswith(chat.chat_id + ".")
     ):
@@ -338,8 +340,8 @@ def on_task_status(state: ClusterState, env: Envelope, task: TaskView) -> None:
         state.pending_chats.pop(chat_id, None)
         chat.request = None
         inst = state.instances.get(chat.instance_id or "")
-        if inst is not None and inst.chats_in_flight > 0:
-            inst.chats_in_flight -= 1
+        if inst is not None:
+            inst.chats_in_flight = max(0, inst.chats_in_flight - chat.choices)
         return
     inst = state.instances.get(task.instance_id or "")
     if inst is not None and inst.status not in ENDED_STATUSES and task.task_type != "ChatCompletion":

@@ -113,7 +113,8 @@ class InstanceView(msgspec.Struct, kw_only=True):
     hosts: list[str] = []
     # Set by a final InstanceFailed: no further attempt will be made.
     gave_up: bool = False
-    # Routed chats on this instance without a terminal status (least busy first).
+    # Routed chats on this instance without a terminal status, each counted as its `n` answers
+    # (least busy first).
     chats_in_flight: int = 0
     created_seq: int = 0
     placed_seq: int = 0
@@ -129,6 +130,8 @@ class RoutedChatView(msgspec.Struct, kw_only=True):
     instance_id: str | None = None
     # How many ranks' tasks are in the log.
     ranks_published: int = 0
+    # The answers it asks for (`n`): the sequences it takes of its instance's capacity.
+    choices: int = 1
     # The request until every rank has its task; dropped then to keep snapshots small.
     request: RouteChatCompletion | None = None
     created_seq: int = 0

@@ -10,6 +10,7 @@ from typing import Any, NamedTuple
 from nats.aio.client import Client as NATS
 
 from exojet.bus.results import ChatResult, wire
+from exojet.bus.sampling import choices
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
 from exojet.runner.chunks import ChunkStream
 from exojet.runner.engine import Engine
@@ -56,6 +57,10 @@ async def chat(
         tool_choice=task.tool_choice,
         parallel_tool_calls=task.parallel_tool_calls is not False,
         response_format=task.response_format,
+        logprobs=bool(task.logprobs),
+        top_logprobs=task.top_logprobs or 0,
+        n=choices(task),
+        logit_bias=task.logit_bias or {},
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
@@ -78,7 +83,7 @@ async def chat(
             elif chunks is None:
                 continue
             elif isinstance(reply, Token):
-                await chunks.add(reply.text)
+                await chunks.add(reply.text, reply.choice, reply.logprobs)
             else:
                 await chunks.add_tool_call(reply.delta)
     finally:
@@ -95,6 +100,7 @@ async def chat(
         engine_seconds=round(done.seconds, 6),
         time_to_first_token=round(done.time_to_first_token, 6),
         tool_calls=done.tool_calls if emits else (),
+        choices=done.choices if emits else (),
     )
     return Answer(wire(result), delivered)
 

@@ -30,6 +30,8 @@ class ChatSlots:
         self.capacity = capacity
         # Each chat's task and message, by task id.
         self.running: dict[str, tuple[asyncio.Task[Any], Msg]] = {}
+        # The slots each takes: its `n` answers, one sequence each.
+        self.sequences: dict[str, int] = {}
         # Set when a chat ended (room for another) or was fenced.
         self.changed = asyncio.Event()
         # The first fenced write of a chat, and the messages of the chats it stopped.
@@ -39,17 +41,25 @@ class ChatSlots:
 
     @property
     def full(self) -> bool:
-        return len(self.running) >= self.capacity()
+        return sum(self.sequences.values()) >= self.capacity()
 
-    def start(self, task_id: str, msg: Msg, work: Coroutine[Any, Any, Any]) -> None:
-        """Run one chat's handling beside the others."""
+    def fits(self, n: int) -> bool:
+        """Whether a chat of `n` answers may start now: n slots are free, or none is taken (one
+        asking more than the capacity is then refused by its engine, rather than waiting for ever)."""
+        taken = sum(self.sequences.values())
+        return taken == 0 or taken + n <= self.capacity()
+
+    def start(self, task_id: str, msg: Msg, work: Coroutine[Any, Any, Any], n: int = 1) -> None:
+        """Run one chat's handling (of `n` answers) beside the others."""
         task = asyncio.ensure_future(work)
         self.running[task_id] = (task, msg)
+        self.sequences[task_id] = n
         self.changed.clear()
         task.add_done_callback(lambda done: self._ended(task_id, msg, done))
 
     def _ended(self, task_id: str, msg: Msg, done: asyncio.Task[Any]) -> None:
         self.running.pop(task_id, None)
+        self.sequences.pop(task_id, None)
         if not done.cancelled() and (err := done.exception()) is not None:
             if isinstance(err, Fenced):
                 self.fenced = self.fenced or err

@@ -26,6 +26,7 @@ from nats.js.api import PubAck
 
 from exojet.bus import subjects
 from exojet.bus.chunks import Chunk
+from exojet.bus.logprobs import Logprobs, TokenLogprob
 from exojet.bus.nats import client, connection
 from exojet.bus.results import FinishReason
 from exojet.bus.tools import ToolCallDelta
@@ -76,16 +77,20 @@ class ChunkStream:
         self.task_id = task_id
         self.index = 0
         self.republished = 0
-        self._held: list[str] = []
+        # Per choice of `n`: the text and its tokens' log-probabilities held for the next chunk.
+        self._held: dict[int, tuple[list[str], list[TokenLogprob]]] = {}
         self._sent: list[_Sent] = []
         # Every chunk before this index of `_sent` is stored.
         self._stored_upto = 0
 
-    async def add(self, text: str) -> None:
-        """Send `text` now, or hold it for the next chunk while the bus is behind or away."""
-        if not text:
+    async def add(self, text: str, choice: int = 0, logprobs: Logprobs = ()) -> None:
+        """Send `text` (of answer `choice`, made by the tokens `logprobs`) now, or hold it for the
+        next chunk while the bus is behind or away."""
+        if not text and not logprobs:
             return
-        self._held.append(text)
+        texts, held_logprobs = self._held.setdefault(choice, ([], []))
+        texts.append(text)
+        held_logprobs.extend(logprobs)
         if not self.connection.connected:
             return
         await self._repair()
@@ -119,6 +124,8 @@ class ChunkStream:
         done: bool = False,
         finish_reason: FinishReason | None = None,
         tool_call: ToolCallDelta | None = None,
+        choice: int = 0,
+        logprobs: Logprobs = (),
     ) -> tuple[str, bytes]:
         chunk = Chunk(
             task_id=self.task_id,
@@ -127,6 +134,8 @@ class ChunkStream:
             done=done,
             finish_reason=finish_reason,
             tool_call=tool_call,
+            choice=choice,
+            logprobs=logprobs,
         )
         self.index += 1
         return f"{self.task_id}:{chunk.index}", msgspec.json.encode(chunk)
@@ -168,9 +177,9 @@ class ChunkStream:
             ) from err
 
     async def _send_held(self) -> None:
-        if self._held:
-            await self._send(self._chunk("".join(self._held)))
-            self._held.clear()
+        held, self._held = self._held, {}
+        for choice, (texts, logprobs) in sorted(held.items()):
+            await self._send(self._chunk("".join(texts), choice=choice, logprobs=tuple(logprobs)))
 
     async def _send(self, chunk: tuple[str, bytes]) -> None:
         """Publish without waiting for the ack (collected later)."""

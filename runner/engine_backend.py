@@ -15,10 +15,11 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from exojet.bus.tools import ToolCallDelta
-from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
+from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded, Token
 
-# Where an engine sends what it generates: text deltas, and pieces of tool calls.
-Emit = Callable[[str | ToolCallDelta], None]
+# Where an engine sends what it generates: text deltas (a Token when they carry their choice of
+# `n` or their tokens' log-probabilities), and pieces of tool calls.
+Emit = Callable[[str | ToolCallDelta | Token], None]
 
 # A fault hook for the tests of engine crashes: "<engine>:<point>" (point: load, warmup or
 # generate) makes the child kill itself with SIGSEGV there, as a broken kernel would.

@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
+from exojet.bus.logprobs import TokenLogprob
 from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_backend import EngineBackend, RequestError, fault_point, open_engine
 from exojet.runner.engine_pipe import Pipe
@@ -73,7 +74,8 @@ def flush_interval(generations: int) -> float:
 
 class TokenWriter:
     """Streams a generation's text to the parent: the first piece at once, then at most one
-    frame every `interval()` seconds (a piece waits at most until the next token or the end)."""
+    frame every `interval()` seconds (a piece waits at most until the next token or the end);
+    the text of each answer of `n`, and its tokens' log-probabilities, go in frames of their own."""
 
     def __init__(
         self, pipe: Pipe | None, request_id: int = 0, interval: Callable[[], float] = lambda: TOKEN_FLUSH_S
@@ -81,26 +83,34 @@ class TokenWriter:
         self.pipe = pipe
         self.request_id = request_id
         self.interval = interval
-        self.held: list[str] = []
+        # Per choice: the text and the log-probabilities held.
+        self.held: dict[int, tuple[list[str], list[TokenLogprob]]] = {}
         self.written_at: float | None = None
 
-    def write(self, text: str | ToolCallDelta) -> None:
-        if self.pipe is None or not text:
+    def write(self, piece: str | ToolCallDelta | Token) -> None:
+        if self.pipe is None or not piece:
             return
-        if isinstance(text, ToolCallDelta):
+        if isinstance(piece, ToolCallDelta):
             # After the text before it, at once: a call is rare and the client waits on it.
             self.flush()
-            self.pipe.write(ToolCallChunk(delta=text, request_id=self.request_id))
+            self.pipe.write(ToolCallChunk(delta=piece, request_id=self.request_id))
             return
-        self.held.append(text)
+        token = piece if isinstance(piece, Token) else Token(text=piece)
+        texts, logprobs = self.held.setdefault(token.choice, ([], []))
+        texts.append(token.text)
+        logprobs.extend(token.logprobs)
         if self.written_at is None or time.perf_counter() - self.written_at >= self.interval():
             self.flush()
 
     def flush(self) -> None:
-        if self.pipe is not None and self.held:
-            self.pipe.write(Token(text="".join(self.held), request_id=self.request_id))
-            self.held.clear()
-            self.written_at = time.perf_counter()
+        if self.pipe is None or not self.held:
+            return
+        for choice, (texts, logprobs) in sorted(self.held.items()):
+            self.pipe.write(
+                Token(text="".join(texts), request_id=self.request_id, choice=choice, logprobs=tuple(logprobs))
+            )
+        self.held.clear()
+        self.written_at = time.perf_counter()
 
 
 class EngineChild:

@@ -19,17 +19,18 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 import psutil
 
-from exojet.bus.tools import ToolCall, ToolCallDelta, join_deltas, wanted_tools
+from exojet.bus.results import ChoiceResult
+from exojet.bus.tools import wanted_tools
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import chat_message, plan_answer
 from exojet.runner.engine_backend import Emit, RequestError, raw_prompt
-from exojet.runner.engine_protocol import Done, FinishReason, Generate, Load, ModelLoaded
-from exojet.runner.stop_scanner import StopScanner
+from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
+from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 
 # A chat's window: this many tokens (or the model's own context, if shorter).
 MAX_CONTEXT = 4096
@@ -59,6 +60,8 @@ class GgufFacts(msgspec.Struct, frozen=True):
     context_length: int | None
     # Whether its chat template renders the tools it is given (else: runner.generic_tools).
     template_has_tools: bool = False
+    # Tokens in its vocabulary.
+    n_vocab: int = 0
 
 
 def gguf_facts(path: Path) -> GgufFacts:
@@ -79,6 +82,7 @@ def gguf_facts(path: Path) -> GgufFacts:
         context_length=int(context) if context else None,
         # llama.cpp's own test of a template (jinja caps) is whether it reads `tools`.
         template_has_tools="tools" in str(value("tokenizer.chat_template") or ""),
+        n_vocab=len(tokens.data) if (tokens := reader.fields.get("tokenizer.ggml.tokens")) is not None else 0,
     )
 
 
@@ -124,6 +128,15 @@ def _sampling(req: Generate) -> dict[str, Any]:
         "top_k": 0,
         "min_p": 0.0,
     }
+    if req.logprobs:
+        body["logprobs"] = True
+        # llama.cpp reports no log-probability at all with top_logprobs 0: the top one is cut off here.
+        body["top_logprobs"] = max(1, req.top_logprobs)
+    if req.n > 1:
+        # llama.cpp's server computes the prompt once and copies it to n slots, generated together.
+        body["n"] = req.n
+    if req.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in req.logit_bias.items()}
     if req.seed is not None:
         # A seeded chat is computed from its whole prompt: one that reused a cached prefix
         # computes its last prompt token alone, whose logits differ in the last bits from a
@@ -159,51 +172,6 @@ def _chat(req: Generate, template_has_tools: bool) -> dict[str, Any]:
         # (a character split across tokens), where the grammar alone already guarantees the JSON.
         body["grammar"] = plan.grammar
     return body
-
-
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str = ""
-
-
-class _ToolCallPiece(msgspec.Struct):
-    index: int = 0
-    id: str | None = None
-    function: _Function = msgspec.field(default_factory=_Function)
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-    tool_calls: list[_ToolCallPiece] | None = None
-
-
-class _Choice(msgspec.Struct):
-    delta: _Delta = msgspec.field(default_factory=_Delta)
-    # A text completion's chunks carry their text here instead.
-    text: str | None = None
-    finish_reason: str | None = None
-
-
-class _Usage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _ServerError(msgspec.Struct):
-    message: str = ""
-    type: str = ""
-
-
-class _Chunk(msgspec.Struct):
-    """One streamed chunk of llama.cpp's server (the fields read here)."""
-
-    choices: list[_Choice] = []
-    usage: _Usage | None = None
-    error: _ServerError | None = None
-
-
-_chunk_decoder = msgspec.json.Decoder(_Chunk)
-_FINISH: dict[str, Literal["stop", "length", "tool_calls"]] = {"length": "length", "tool_calls": "tool_calls"}
 
 
 class LlamaCppEngine:
@@ -258,16 +226,17 @@ class LlamaCppEngine:
                 f"max_tokens {req.max_tokens} does not fit the model's context window of "
                 f"{self.context_length} tokens with any prompt; lower max_tokens",
             )
+        self._check_choices(req)
         started = time.perf_counter()
         body = chat_body(req, self.facts.template_has_tools)
         # A generic tool answer is JSON read whole at its end, not text to stream.
         generic = "tools" not in body and bool(wanted_tools(req.tools, req.tool_choice)) and not req.raw
-        state = _Generation(StopScanner([] if generic else req.stop), None if generic else emit)
+        state = Generation([] if generic else req.stop, None if generic else emit, req.n, req.top_logprobs)
 
         def on_chunk(raw: str) -> bool:
             # xllamacpp swallows a callback's exception (taking it for "stop"): keep it to raise.
             try:
-                return state.take(_chunk_decoder.decode(raw)) or cancelled()
+                return state.take(chunk_decoder.decode(raw)) or cancelled()
             except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's frame
                 state.failure = exc
                 return True
@@ -282,19 +251,17 @@ class LlamaCppEngine:
             raise state.failure
         if state.error is not None:
             raise RequestError(_ERROR_TYPES.get(state.error.type, "EngineError"), state.error.message)
-        tail = state.scanner.flush()
-        text, calls = state.scanner.text, state.calls()
+        state.end()
+        text, calls = state.answers[0].text, state.calls()
         if generic:
             text, calls = generic_tools.emit_answer(text, generic_tools.call_ids(req.request_id, started), emit)
-        elif emit is not None and tail:
-            emit(tail)
         ended = time.perf_counter()
         first_at = state.first_at or ended
         # A cancelled generation ends before its usage chunk: each content chunk is a token.
         completion_tokens = state.usage.completion_tokens or state.deltas
         decoded = completion_tokens - 1
         decode_seconds = ended - first_at
-        finish: FinishReason = state.finish if state.finish else "cancelled"
+        finish = state.finish_reason(0)
         return Done(
             text=text,
             finish_reason="tool_calls" if calls and finish == "stop" else finish,
@@ -303,65 +270,26 @@ class LlamaCppEngine:
             tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
             time_to_first_token=first_at - started,
             tool_calls=tuple(calls),
+            choices=tuple(
+                ChoiceResult(index=a.choice, text=a.text, finish_reason=state.finish_reason(a.choice))
+                for a in state.answers[1:]
+            ),
         )
+
+    def _check_choices(self, req: Generate) -> None:
+        """Refuse what llama.cpp would silently do otherwise (ignore a bias, mix calls of answers)."""
+        if req.n > self.capacity:
+            raise RequestError("InvalidRequest", f"n={req.n} answers do not fit this engine's {self.capacity} slots")
+        if req.n > 1 and wanted_tools(req.tools, req.tool_choice):
+            raise RequestError("InvalidRequest", "n > 1 with tools is not supported: ask for one answer")
+        beyond = sorted(t for t in req.logit_bias if t >= self.facts.n_vocab)
+        if beyond:
+            raise RequestError(
+                "InvalidRequest",
+                f"logit_bias names token {beyond[0]}, beyond this model's vocabulary of {self.facts.n_vocab}",
+            )
 
     def close(self) -> None:
         """Stop the server engine (its loop thread) and free the model."""
         del self.server
         self._socket_dir.cleanup()
-
-
-class _Generation:
-    """What the chunks of one generation said so far."""
-
-    def __init__(self, scanner: StopScanner, emit: Emit | None) -> None:
-        self.scanner = scanner
-        self.emit = emit
-        self.deltas = 0
-        self.first_at: float | None = None
-        self.finish: Literal["stop", "length", "tool_calls"] | None = None
-        self.usage = _Usage()
-        self.error: _ServerError | None = None
-        self.failure: BaseException | None = None
-        self.pieces: list[ToolCallDelta] = []
-
-    def take(self, chunk: _Chunk) -> bool:
-        """Fold one chunk in; True when the generation is over (an error, a stop string)."""
-        if chunk.error is not None:
-            self.error = chunk.error
-            return True
-        for choice in chunk.choices:
-            if self.first_at is None and (choice.delta.content or choice.text or choice.delta.tool_calls):
-                self.first_at = time.perf_counter()
-            if content := choice.delta.content or choice.text:
-                self.deltas += 1
-                delta, stopped = self.scanner.feed(content)
-                self._emit(delta)
-                if stopped:
-                    self.finish = "stop"
-                    return True
-            for piece in choice.delta.tool_calls or ():
-                self.deltas += 1
-                self._tool_piece(piece)
-            if choice.finish_reason is not None:
-                self.finish = _FINISH.get(choice.finish_reason, "stop")
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        return False
-
-    def _tool_piece(self, piece: _ToolCallPiece) -> None:
-        # Text held back by the stop scanner goes out before the call it preceded.
-        self._emit(self.scanner.flush())
-        delta = ToolCallDelta(
-            index=piece.index, id=piece.id, name=piece.function.name, arguments=piece.function.arguments
-        )
-        self.pieces.append(delta)
-        if self.emit is not None:
-            self.emit(delta)
-
-    def _emit(self, text: str) -> None:
-        if self.emit is not None and text:
-            self.emit(text)
-
-    def calls(self) -> list[ToolCall]:
-        return join_deltas(self.pieces)

@@ -209,6 +209,9 @@ class MlxEngine:
 
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
+        if req.logprobs or req.n > 1 or req.logit_bias:
+            # Refused, not ignored: an answer without them would look like one.
+            raise RequestError("InvalidRequest", "MLX serves no logprobs, n or logit_bias yet (issue 30)")
         try:
             plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
             # A chat template may refuse a role it does not know.

@@ -23,7 +23,8 @@ from typing import Literal
 
 import msgspec
 
-from exojet.bus.results import FinishReason
+from exojet.bus.logprobs import Logprobs
+from exojet.bus.results import ChoiceResult, FinishReason
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 HEADER = struct.Struct(">I")
@@ -79,6 +80,13 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
+    # Each token's log-probability in its Token reply, with the `top_logprobs` likeliest beside it.
+    logprobs: bool = False
+    top_logprobs: int = 0
+    # Answers to generate in one batch (choices 0 to n-1), counted as n of the engine's capacity.
+    n: int = 1
+    # Token id -> added to its logit before sampling.
+    logit_bias: dict[int, float] = {}
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):
@@ -155,10 +163,13 @@ class Ok(msgspec.Struct, tag=True, frozen=True):
 
 
 class Token(msgspec.Struct, tag=True, frozen=True):
-    """A delta of generated text (never past a stop string)."""
+    """A delta of generated text (never past a stop string) of answer `choice`, with its tokens'
+    log-probabilities when the request asked for them."""
 
     text: str
     request_id: int = 0
+    choice: int = 0
+    logprobs: Logprobs = ()
 
 
 class ToolCallChunk(msgspec.Struct, tag=True, frozen=True):
@@ -182,6 +193,8 @@ class Done(msgspec.Struct, tag=True, frozen=True):
     seconds: float = 0.0
     request_id: int = 0
     tool_calls: tuple[ToolCall, ...] = ()
+    # The further answers of a request for `n` (choice 1 on); `completion_tokens` counts them all.
+    choices: tuple[ChoiceResult, ...] = ()
 
 
 class RequestFailed(msgspec.Struct, tag=True, frozen=True):

@@ -26,6 +26,7 @@ from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.events import RunnerLost
 from exojet.bus.nats import client, connection
 from exojet.bus.nats.task_consumer import TaskConsumer
+from exojet.bus.sampling import choices
 from exojet.bus.tasks import ChatCompletion, Shutdown, Task, UnloadModel, task_type
 from exojet.runner.cancels import Cancels
 from exojet.runner.chat_slots import ChatSlots
@@ -153,7 +154,11 @@ class Runner:
                     # Delivered again while it runs (its in-progress acks could not reach a
                     # server that was away): it runs once, and its ack at the end settles both.
                     if task_id not in self.slots.running:
-                        self.slots.start(task_id, msg, self.handle(msg))
+                        if not await self._room_for(choices(task), msg):
+                            if await self._recover(msg):
+                                return 0
+                            continue
+                        self.slots.start(task_id, msg, self.handle(msg), choices(task))
                     continue
                 await self._chats_end_before(task, msg)
                 if await self._recover(msg) if self._interrupted else await self.handle_fenced(msg):
@@ -223,6 +228,18 @@ class Runner:
     async def _next_task(self, tasks: TaskConsumer) -> Msg | None:
         """The next task message, or None when this incarnation was declared lost while waiting."""
         return await self._until(tasks.next())
+
+    async def _room_for(self, n: int, msg: Msg) -> bool:
+        """Wait until a chat of `n` answers fits beside the others (its message kept in progress);
+        False when the loop must recover first."""
+        if not self.slots.fits(n):
+            keepalive = asyncio.ensure_future(_keep_in_progress(msg))
+            try:
+                while not self.slots.fits(n) and not self._interrupted:
+                    await self._until(self.slots.wait())
+            finally:
+                keepalive.cancel()
+        return not self._interrupted
 
     async def _chats_end_before(self, task: Task | None, msg: Msg) -> None:
         """Wait for the chats in flight to end before `task` runs; a Shutdown or an UnloadModel

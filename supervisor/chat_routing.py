@@ -6,6 +6,7 @@ Pure, like the planner that calls it.
 from __future__ import annotations
 
 from exojet.bus import sampling
+from exojet.bus.chat_ends import TOO_MANY_CHOICES
 from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
@@ -32,7 +33,8 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
     cache), else the one with the most free capacity; with none free, to the one with the shortest
     queue, where it waits in its runner's queue (routed: an API waiting for it to be routed is
     answered at once), up to `max_chats_per_instance` waiting per instance; beyond that it is
-    refused."""
+    refused. A chat asking for `n` answers takes n of an instance's capacity, and is refused when
+    n is more than every instance's capacity."""
     actions: list[Action] = []
     # An instance on a drained runner is given no new chat: it moves once its chats have ended.
     ready = [i for i in state.instances.values() if i.status == READY and not drained_placements(state, i)]
@@ -46,11 +48,15 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
             candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
             if not candidates:
                 continue  # waits for a Ready instance of its model
-            target = _target(state, chat, candidates, load, capacity)
-            if load[target] >= capacity[target] + config.max_chats_per_instance:
+            n = sampling.choices(chat.request)
+            if n > (most := max(capacity[i] for i in candidates)):
+                actions.append(_refuse_choices(chat, n, most))
+                continue
+            target = _target(state, chat, candidates, load, capacity, n)
+            if load[target] + n > capacity[target] + config.max_chats_per_instance:
                 actions.append(_refuse(chat, len(candidates), config.max_chats_per_instance))
                 continue
-            load[target] += 1
+            load[target] += n
             actions.append(_chat_task(state, chat, state.instances[target], 0))
         elif (inst := state.instances.get(chat.instance_id)) is not None and inst.status == READY:
             # Ranks after 0 follow the instance that rank 0's task (in the log) names.
@@ -63,21 +69,29 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
 
 
 def _target(
-    state: ClusterState, chat: RoutedChatView, candidates: list[str], load: dict[str, int], capacity: dict[str, int]
+    state: ClusterState,
+    chat: RoutedChatView,
+    candidates: list[str],
+    load: dict[str, int],
+    capacity: dict[str, int],
+    n: int,
 ) -> str:
-    """Of instances with a free slot, the one holding the longest earlier turn of the chat's
+    """Of instances with `n` free slots, the one holding the longest earlier turn of the chat's
     conversation, then the least loaded; with none free, the shortest queue."""
     request = chat.request
     assert request is not None
     names = [] if request.raw else prefix_names(request.messages)
 
+    def full(instance_id: str) -> bool:
+        return load[instance_id] + n > capacity[instance_id]
+
     def reused(instance_id: str) -> int:
-        if not names or load[instance_id] >= capacity[instance_id]:
+        if not names or full(instance_id):
             return 0
         runner = state.runners.get(state.instances[instance_id].placements[0].runner_id)
         return reused_messages(runner, names) if runner is not None else 0
 
-    return min(candidates, key=lambda i: (load[i] >= capacity[i], -reused(i), load[i] - capacity[i], i))
+    return min(candidates, key=lambda i: (full(i), -reused(i), load[i] - capacity[i], i))
 
 
 def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
@@ -88,6 +102,17 @@ def _refuse(chat: RoutedChatView, instances: int, limit: int) -> WriteEvent:
         error_type="QueueFull",
         reason=f"all {instances} Ready instance(s) of {model} serve as many chats as they can and {limit} "
         "more wait for each; retry shortly",
+    )
+    return WriteEvent(event)
+
+
+def _refuse_choices(chat: RoutedChatView, n: int, most: int) -> WriteEvent:
+    model = chat.model_id or "any model"
+    event = ChatRefused(
+        event_id=f"{chat.chat_id}:refused",
+        chat_id=chat.chat_id,
+        error_type=TOO_MANY_CHOICES,
+        reason=f"n={n} answers are more than any Ready instance of {model} serves at once ({most}); ask for fewer",
     )
     return WriteEvent(event)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer, free_port
 from testbed import REPO
 from testbed.api_process import until_healthy
+from tests.gguf_tiny import as_gguf
 from tests.procs import exojet, start_runner, stop
 
 API_KEY = "test-key"
@@ -119,6 +121,14 @@ def start_stack(root: Path, models_dir: Path, **options: object) -> ApiStack:
         stack.close()
         raise
     return stack
+
+
+def start_gguf_stack(root: Path, tiny_model_dir: Path) -> ApiStack:
+    """`start_stack` with the tiny model also as a GGUF, so its runner serves it on llama.cpp."""
+    folder = root / "models" / "local--tiny"
+    shutil.copytree(tiny_model_dir, folder)
+    as_gguf(tiny_model_dir, folder / "model.gguf")
+    return start_stack(root, root / "models")
 
 
 async def task_statuses(url: str, runner_id: str, task_id: str) -> list[str]:

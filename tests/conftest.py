@@ -7,6 +7,7 @@ import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import openai
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -14,6 +15,7 @@ from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
 from testbed.log_watcher import LogWatch, LogWatcher
 from testbed.tiny_model import write_tiny_llama
+from tests.api_stack import API_KEY, ApiStack, start_gguf_stack
 from tests.cluster_procs import Procs
 from tests.procs import stop
 from tests.runner_harness import RunnerHandle, start_runner
@@ -40,6 +42,20 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[NATS]:
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny llama, written once per session (do not modify it in a test)."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def gguf_stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ApiStack]:
+    """A stack of a module's own serving the tiny model on llama.cpp."""
+    s = start_gguf_stack(tmp_path_factory.mktemp("gguf-stack"), tiny_model_dir)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def gguf_client(gguf_stack: ApiStack) -> openai.OpenAI:
+    """The official client of `gguf_stack`'s OpenAI routes."""
+    return openai.OpenAI(base_url=gguf_stack.base_url, api_key=API_KEY, max_retries=0, timeout=120)
 
 
 @pytest.fixture

@@ -123,9 +123,9 @@ def test_errors_are_openai_errors_with_the_right_status(stack: ApiStack, sync_cl
         bad_key.chat.completions.create(model=MODEL, messages=_messages())
     with pytest.raises(openai.AuthenticationError):
         bad_key.models.list()
-    with pytest.raises(openai.BadRequestError) as n_2:
-        sync_client.chat.completions.create(model=MODEL, messages=_messages(), n=2)
-    assert n_2.value.body["param"] == "n"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as n_9:
+        sync_client.chat.completions.create(model=MODEL, messages=_messages(), n=9)
+    assert n_9.value.body["param"] == "n"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as tools:
         sync_client.chat.completions.create(
             model=MODEL,

@@ -8,17 +8,22 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from exojet.bus.logprobs import TokenLogprob
+from exojet.bus.tools import ToolCallDelta
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_facts, server_params
-from exojet.runner.engine_protocol import Generate, Message
+from exojet.runner.engine_protocol import Generate, Message, Token
+from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, EngineContract, ToolsContract, class_loop, collect
 from tests.gguf_tiny import Q, as_gguf
+from tests.logprobs_contract import LogprobsContract
 
 
 def library_greedy(model_path: Path):
@@ -45,12 +50,14 @@ def library_greedy(model_path: Path):
     return greedy
 
 
-class TestLlamaCppEngine(EngineContract, ToolsContract):
+class TestLlamaCppEngine(EngineContract, ToolsContract, LogprobsContract):
     ENGINE = "llamacpp"
     # The context window llama.cpp is given, less the prompt.
     ENDLESS = MAX_CONTEXT - 64
     QTYPE = Q.F32
     CHAT_CAPACITY = SLOTS
+    # llama.cpp's stream drops the log-probability of a token that ends inside a character.
+    WHOLE_LOGPROBS = False
 
     @pytest.fixture(scope="class")
     @classmethod
@@ -137,12 +144,8 @@ class TestLlamaCppDefaultModel(_OtherWeights):
 def test_llamacpp_tool_call_chunks_become_pieces_and_the_whole_calls() -> None:
     """llama.cpp's streamed `delta.tool_calls` (its shape: the index, then id and name, then
     argument fragments) turned into ToolCallDelta pieces in order, text before them sent first."""
-    from exojet.bus.tools import ToolCallDelta
-    from exojet.runner.engine_llamacpp import _chunk_decoder, _Generation
-    from exojet.runner.stop_scanner import StopScanner
-
-    sent: list[str | ToolCallDelta] = []
-    state = _Generation(StopScanner(["never"]), sent.append)
+    sent: list[str | ToolCallDelta | Token] = []
+    state = Generation(["never"], sent.append)
     raw = [
         {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
         {"choices": [{"index": 0, "delta": {"content": "Let me check. nev"}}]},
@@ -168,10 +171,41 @@ def test_llamacpp_tool_call_chunks_become_pieces_and_the_whole_calls() -> None:
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
         {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 7}},
     ]
-    assert not any(state.take(_chunk_decoder.decode(json.dumps(c))) for c in raw)
+    assert not any(state.take(chunk_decoder.decode(json.dumps(c))) for c in raw)
 
     assert sent[:2] == ["Let me check. ", "nev"]  # the held-back text goes out before the call
     assert [p for p in sent if isinstance(p, ToolCallDelta)] == state.pieces
     [call] = state.calls()
     assert (call.id, call.name, call.arguments) == ("c0", "get_weather", '{"city":"Paris"}')
-    assert state.finish == "tool_calls"
+    assert state.finish_reason(0) == "tool_calls"
+
+
+def test_llamacpp_chunks_of_n_answers_with_logprobs_become_each_answers_tokens() -> None:
+    """llama.cpp's `n` (each child's chunks tagged with its index, a usage chunk each) and its
+    `logprobs.content` (asked with one top token more than wanted: it reports none with 0)."""
+    sent: list[str | ToolCallDelta | Token] = []
+    state = Generation([], sent.append, n=2, top=0)
+
+    def part(index: int, text: str, logprob: float) -> dict[str, Any]:
+        entry = {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        return {
+            "index": index,
+            "delta": {"content": text},
+            "logprobs": {"content": [entry | {"top_logprobs": [entry]}]},
+        }
+
+    raw = [
+        {"choices": [part(1, "Hi", -0.5)]},
+        {"choices": [part(0, "Yo", -0.25)]},
+        {"choices": [{"index": 1, "delta": {}, "finish_reason": "length"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 1}},
+    ]
+    assert not any(state.take(chunk_decoder.decode(json.dumps(c))) for c in raw)
+
+    hi, yo = sent
+    assert hi == Token(text="Hi", choice=1, logprobs=(TokenLogprob(token="Hi", logprob=-0.5),))
+    assert yo == Token(text="Yo", choice=0, logprobs=(TokenLogprob(token="Yo", logprob=-0.25),))
+    assert [state.finish_reason(0), state.finish_reason(1)] == ["stop", "length"]
+    assert (state.usage.prompt_tokens, state.usage.completion_tokens) == (9, 2)

@@ -67,6 +67,8 @@ ACCEPTED = [
         ]
     ),
     _chat(logit_bias=None, store=False, metadata={}, functions=[]),
+    _chat(n=3, logprobs=True, top_logprobs=20, logit_bias={"60": -100, "7": 2.5}),
+    _chat(n=2, tools=[TOOL], tool_choice="none"),
 ]
 
 # Each body breaks one rule; the parameter the 400 names.
@@ -80,9 +82,14 @@ REFUSED = [
     (_chat(presence_penalty=2.5), "presence_penalty"),
     (_chat(frequency_penalty=-3), "frequency_penalty"),
     (_chat(presence_penalty=1), "presence_penalty"),
-    (_chat(n=2), "n"),
-    (_chat(logit_bias={"1": 5}), "logit_bias"),
+    (_chat(n=9), "n"),
+    (_chat(logit_bias={"1": 101}), "logit_bias[...]"),
+    (_chat(logit_bias={"one": 1}), "logit_bias"),
+    (_chat(top_logprobs=2), "top_logprobs"),
+    (_chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (_chat(n=2, tools=[TOOL]), "n"),
     (_chat(store=True), "store"),
+    (_chat(seed=2**70), "seed"),
     (_chat(tool_choice="required"), "tool_choice"),
     (_chat(tools=[], tool_choice="auto"), "tool_choice"),
     (_chat(tools=[TOOL], response_format={"type": "json_object"}), "response_format"),
@@ -166,6 +173,8 @@ OTHERS = [
     (RESPONSE, {"input": [{"role": "user"}]}, "input[0]"),
     (RESPONSE, {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
     (RESPONSE, {"input": "hi", "store": True}, "store"),
+    (RESPONSE, {"input": "hi", "max_tool_calls": 2**64}, "max_tool_calls"),
+    (RESPONSE, {"input": "hi", "max_tool_calls": 2**64 - 1}, None),
     (RESPONSE, {"input": "hi", "max_output_tokens": 8}, "max_output_tokens"),
 ]
 
@@ -194,3 +203,14 @@ def test_the_design_notes_parameter_table_is_what_the_chat_route_does() -> None:
     for name, kind, what in rows:
         if kind == "default only":
             assert what.strip("`").startswith(json.dumps(NO_OP_DEFAULTS[name]).strip('"')), name
+
+
+def test_numbers_are_read_as_json_schema_reads_them() -> None:
+    # A whole float is an integer; an integer past 64 bits a number (the engine's pipe holds 64 bits).
+    huge = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 10**30}}}
+    tool = {"type": "function", "function": {"name": "f", "parameters": huge}}
+    raw = json.dumps(_chat(max_tokens=3.0, tools=[tool])).encode()
+    request = parse_chat(raw, LIMIT)
+    assert request.sampling.max_tokens == 3
+    parameters = request.shape.tools[0].function.parameters
+    assert parameters is not None and parameters["properties"]["n"]["maximum"] == 1e30

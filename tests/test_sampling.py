@@ -27,14 +27,27 @@ def test_every_message_that_carries_sampling_declares_the_same_fields(message: t
 
 def test_a_chats_sampling_reaches_its_task_and_the_wire_is_flat() -> None:
     hi = (ChatMessage("user", "hi"),)
-    sampling = Sampling(max_tokens=7, temperature=0.5, top_p=0.9, seed=3, stop=("x", "y"))
+    sampling = Sampling(
+        max_tokens=7,
+        temperature=0.5,
+        top_p=0.9,
+        seed=3,
+        stop=("x", "y"),
+        logprobs=True,
+        top_logprobs=5,
+        n=3,
+        logit_bias={42: -100.0},
+    )
     command = RouteChatCompletion(command_id="c", messages=hi, **fields(sampling))
     task = ChatCompletion(task_id="c.0", messages=hi, **fields(sampling_of(command)))
     assert sampling_of(task) == sampling
     wire = msgspec.json.decode(msgspec.json.encode(task))
     assert (wire["max_tokens"], wire["top_p"], wire["stop"]) == (7, 0.9, ["x", "y"])
-    with pytest.raises(msgspec.ValidationError, match="max_tokens"):
-        msgspec.json.decode(b'{"messages": [], "max_tokens": 0}', type=Sampling)
+    assert (wire["n"], wire["top_logprobs"], wire["logit_bias"]) == (3, 5, {"42": -100.0})
+    assert msgspec.json.decode(msgspec.json.encode(task), type=ChatCompletion) == task
+    for bad in (b'{"max_tokens": 0}', b'{"n": 9}', b'{"top_logprobs": 21}', b'{"logit_bias": {"1": 101}}'):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.json.decode(bad, type=Sampling)
 
 
 @pytest.mark.parametrize("message", [RouteChatCompletion, ChatCompletion])

@@ -31,15 +31,23 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from exojet.bus import streams, subjects
-from exojet.bus.chat_ends import ChatCancelled, ChatError, ChatLost, ChatNotRouted, ChatQueueFull, ChatUnfinished, Ended
-from exojet.bus.chunks import decode_chunk
+from exojet.bus.chat_ends import (
+    ChatCancelled,
+    ChatError,
+    ChatLost,
+    ChatNotRouted,
+    ChatUnfinished,
+    Ended,
+    refusal,
+)
+from exojet.bus.chunks import ChoiceDelta, decode_chunk, piece_of
 from exojet.bus.codec import BadInput, decode_command, decode_event, decode_task
 from exojet.bus.commands import DeleteInstance, RouteChatCompletion
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import ChatRefused, InstanceDeleted, InstanceFailed, RunnerLost, TaskStatusUpdated
 from exojet.bus.ids import chat_id_of, chat_task_id
 from exojet.bus.nats import chat_cancels, client, connection, stream_setup
-from exojet.bus.nats.chat_stream import ChatStream
+from exojet.bus.nats.chat_stream import CHUNKS_END, ChatStream
 from exojet.bus.nats.follower import Follower
 from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S
 from exojet.bus.results import ChatResult, result_as
@@ -179,15 +187,17 @@ class ChatSession:
             self._on_status(stream, event)
         return stream
 
-    async def answer(self, stream: ChatStream) -> AsyncIterator[str | ToolCallDelta | Ended]:
-        """The chat's text (and tool-call pieces) as it comes, then its `Ended`; raises the
-        ChatError it ended with instead."""
-        said = ""
+    async def answer(self, stream: ChatStream) -> AsyncIterator[str | ToolCallDelta | ChoiceDelta | Ended]:
+        """The chat's text (tool-call pieces, and the text of further answers or with its tokens'
+        log-probabilities as ChoiceDelta) as it comes, then its `Ended`; raises the ChatError it
+        ended with instead."""
+        said: dict[int, str] = {}
         called: list[ToolCallDelta] = []
         while True:
             item = await stream.items.get()
-            if isinstance(item, str):
-                said += item
+            if isinstance(item, str | ChoiceDelta):
+                choice, text = (0, item) if isinstance(item, str) else (item.choice, item.text)
+                said[choice] = said.get(choice, "") + text
                 yield item
                 continue
             if isinstance(item, ToolCallDelta):
@@ -198,10 +208,13 @@ class ChatSession:
                 raise item
             # Chunks and the status come on two streams: the result's text is the whole
             # answer, so give whatever chunks have not been read yet.
-            final = item.result.text
-            if final.startswith(said) and len(final) > len(said):
-                yield final[len(said) :]
-            for rest in missing_pieces(called, item.result.tool_calls):
+            result = item.result
+            for choice, final in [(0, result.text), *((c.index, c.text) for c in result.choices)]:
+                had = said.get(choice, "")
+                if final.startswith(had) and len(final) > len(had):
+                    tail = final[len(had) :]
+                    yield tail if choice == 0 else ChoiceDelta(choice=choice, text=tail)
+            for rest in missing_pieces(called, result.tool_calls):
                 yield rest
             yield item
             return
@@ -333,7 +346,7 @@ class ChatSession:
             case ChatRefused(chat_id=chat_id, error_type=error_type, reason=reason):
                 stream = self._chats.get(chat_id)
                 if stream is not None and not stream.settled.is_set():
-                    stream.refuse(ChatQueueFull(chat_id, f"{error_type}: {reason}"))
+                    stream.refuse(refusal(chat_id, error_type, reason))
 
     def _on_delete(self, env: Envelope) -> None:
         """An instance deleted ends its chats at once (its runners cancel them as they unload)."""
@@ -375,7 +388,7 @@ class ChatSession:
         except msgspec.DecodeError as err:
             self.log.bind(chat_id=stream.chat_id).warning(f"a chunk of {stream.chat_id} is not one: {err}")
             return
-        stream.offer(chunk.index, chunk.tool_call or chunk.text)
+        stream.offer(chunk.index, CHUNKS_END if chunk.done else piece_of(chunk))
 
     async def _on_beat(self, msg: Msg) -> None:
         runner_id = subjects.runner_of(msg.subject)

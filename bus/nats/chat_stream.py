@@ -8,12 +8,25 @@ from collections.abc import Callable
 from nats.aio.subscription import Subscription
 
 from exojet.bus.chat_ends import ChatError, Ended
+from exojet.bus.chunks import ChoiceDelta
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats.chunk_order import ChunkOrder
 from exojet.bus.nats.follower import Follower
 from exojet.bus.tools import ToolCallDelta
 
-Item = str | ToolCallDelta | Ended | ChatError
+Piece = str | ToolCallDelta | ChoiceDelta
+Item = Piece | Ended | ChatError
+# How long a chat's end waits for its last chunks when its Complete status came first: the runner
+# stores them before it writes the status, so they are on their way (the result's text fills
+# what did not come, but not the tokens' log-probabilities of a chat that asked for them).
+CHUNKS_GRACE_S = 2.0
+
+
+class ChunksEnd:
+    """The chat's closing chunk (`done`), in its place after every other."""
+
+
+CHUNKS_END = ChunksEnd()
 
 
 class ChatStream:
@@ -37,19 +50,39 @@ class ChatStream:
         self.task_ended = False  # its emitting task's terminal status came
         self.abandoned: str | None = None
         self.abandoned_at = 0.0
-        self.order: ChunkOrder[str | ToolCallDelta] = ChunkOrder(lambda text: self.items.put_nowait(text))
+        self.order: ChunkOrder[Piece | ChunksEnd] = ChunkOrder(self._take)
         self.subs: list[Follower | Subscription] = []
+        self.chunks_ended = False
+        # Its Complete status, held until its closing chunk was taken (CHUNKS_GRACE_S at most).
+        self._ending: Ended | None = None
 
-    def offer(self, index: int, text: str | ToolCallDelta) -> None:
+    def offer(self, index: int, piece: Piece | ChunksEnd) -> None:
         """A chunk from either way it comes (see `bus/chunk_order.py`): each index once, in order."""
-        if not self.over:
-            self.order.offer(index, text)
+        if not self.over or self._ending is not None:
+            self.order.offer(index, piece)
+
+    def _take(self, piece: Piece | ChunksEnd) -> None:
+        if isinstance(piece, ChunksEnd):
+            self.chunks_ended = True
+            self._release()
+        else:
+            self.items.put_nowait(piece)
 
     def end(self, item: Ended | ChatError) -> None:
-        if not self.over:
-            self.over = True
+        if self.over:
+            return
+        self.over = True
+        self.settled.set()
+        if isinstance(item, Ended) and not self.chunks_ended:
+            self._ending = item
+            asyncio.get_running_loop().call_later(CHUNKS_GRACE_S, self._release)
+        else:
             self.items.put_nowait(item)
-            self.settled.set()
+
+    def _release(self) -> None:
+        if self._ending is not None:
+            self.items.put_nowait(self._ending)
+            self._ending = None
 
     def refuse(self, error: ChatError) -> None:
         """End the chat before it was routed: `submit` raises `error`."""
