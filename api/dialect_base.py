@@ -25,6 +25,8 @@ from exojet.api.gateway import Gateway, api_error
 from exojet.bus.chat_ends import ChatError, Ended
 from exojet.bus.chunks import ChoiceDelta
 from exojet.bus.nats.chat_stream import ChatStream
+from exojet.bus.replies import StateReply
+from exojet.bus.statuses import InstanceStatus
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.bus.tools import ToolCallDelta
 from exojet.projections.instances import ENDED_STATUSES, READY
@@ -40,16 +42,14 @@ T = TypeVar("T")
 NO_BUFFERING = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def served_models(state: dict[str, Any]) -> list[str]:
+def served_models(state: StateReply) -> list[str]:
     """Models with at least one Ready instance."""
-    return sorted({i["model_id"] for i in state["instances"].values() if i["status"] == READY})
+    return sorted({i.model_id for i in state.instances.values() if i.status == READY})
 
 
-def model_status(state: dict[str, Any], model: str) -> str | None:
+def model_status(state: StateReply, model: str) -> InstanceStatus | None:
     """Ready if an instance of `model` is; else the status of one on its way; None if it has none."""
-    statuses = [
-        i["status"] for i in state["instances"].values() if i["model_id"] == model and i["status"] not in ENDED_STATUSES
-    ]
+    statuses = [i.status for i in state.instances.values() if i.model_id == model and i.status not in ENDED_STATUSES]
     if READY in statuses:
         return READY
     return statuses[0] if statuses else None

@@ -29,6 +29,7 @@ from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.replies import StateReply
 from exojet.bus.tools import shape_fields
 
 # How long the cluster view used for model checks and /v1/models is reused.
@@ -73,7 +74,7 @@ class Gateway:
         self.nc = session.nc
         self.session = session
         self._background: set[asyncio.Task[Any]] = set()
-        self._state: dict[str, Any] | None = None
+        self._state: StateReply | None = None
         self._state_at = 0.0
         self._refreshing = False
 
@@ -90,19 +91,20 @@ class Gateway:
 
     # -- the cluster view ---------------------------------------------------
 
-    async def cluster(self, fresh: bool = False) -> dict[str, Any]:
+    async def cluster(self, fresh: bool = False) -> StateReply:
         """The supervisors' live instances (reused for STATE_TTL_S); ApiError(503) when none answers."""
         now = time.monotonic()
         if fresh or self._state is None or now - self._state_at > STATE_TTL_S:
             try:
                 # Instances only, live ones first: all an API needs to know what is served.
-                self._state = await query(self.nc, "state", timeout=2.0, sections=["instances"], limit=INSTANCES_PAGE)
+                state = await query(self.nc, "state", timeout=2.0, sections=["instances"], limit=INSTANCES_PAGE)
             except QueryFailed as err:
                 raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
-            self._state_at = time.monotonic()
+            self._state, self._state_at = state, time.monotonic()
+            return state
         return self._state
 
-    def recent_view(self) -> dict[str, Any] | None:
+    def recent_view(self) -> StateReply | None:
         """The last cluster view if at most READY_VIEW_S old (a fresh one is asked for
         beside it once it is older than STATE_TTL_S), else None."""
         age = time.monotonic() - self._state_at

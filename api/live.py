@@ -30,6 +30,7 @@ from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
 from exojet.bus.nats.log_fold import LogFold
+from exojet.bus.replies import StateReply
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.projections.apply import apply
 from exojet.projections.placing import placing_waits
@@ -216,10 +217,10 @@ class LiveCluster:
     def snapshot(self) -> dict[str, Any]:
         """What the first view shows: the projection's page, heartbeats, recent marks."""
         reply = state_reply(self.state, Paging(offset=0, limit=200))
-        task_times = {task_id: self.load.task_time(task) for task_id, task in reply["tasks"].items()}
+        task_times = {task_id: self.load.task_time(task) for task_id, task in reply.tasks.items()}
         return msgspec.to_builtins(
             {
-                **reply,
+                **msgspec.to_builtins(reply),
                 "heartbeats": self.heartbeats,
                 "marks": list(self.recent),
                 "task_times": task_times,
@@ -227,7 +228,7 @@ class LiveCluster:
             }
         )
 
-    async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
+    async def state_at(self, seq: int) -> tuple[Any, StateReply | None]:
         """The message at `seq` (as JSON) and the cluster as the fold had it right after
         (`TimelineBusy`, `NotIndexedYet`)."""
         return await self.timeline.state_at(seq)

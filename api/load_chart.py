@@ -20,8 +20,9 @@ from exojet.bus.ids import chat_id_of
 from exojet.bus.results import ChatResult, result_as
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.tasks import ChatCompletion
+from exojet.bus.views import TaskView
 from exojet.projections.chat_time import Moments, where_time_went
-from exojet.projections.state import ClusterState, TaskView
+from exojet.projections.state import ClusterState
 from exojet.projections.words import chats_busy
 
 # The chart's span and resolution: five minutes in 5-second buckets.
@@ -86,7 +87,7 @@ def runner_loads(state: ClusterState, rates: TokenRates, now: float) -> list[Run
     return [
         RunnerLoad(
             runner_id=r.runner_id,
-            chats=chats_busy(msgspec.to_builtins(r)),
+            chats=chats_busy(r),
             queued=queued.get(r.runner_id, 0),
             rates=(series := rates.series(r.runner_id, now)),
             recent=series[-2],

@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from exojet.api.live import LiveCluster
 from exojet.api.timeline_index import NotIndexedYet, NotKept, TimelineBusy
 from exojet.bus.nats import client
+from exojet.bus.views import RunnerView
 from exojet.projections.placing import shown_reason
 from exojet.projections.timeline import Mark
 from exojet.projections.words import chats_busy, load_words
@@ -70,7 +71,7 @@ def _runner_row(r: dict[str, Any]) -> str:
     memory = f"{_gib(r['memory_free'])} free of {_gib(r['memory_total'])}" if r["memory_total"] else ""
     return (
         f'<tr id="runner-{rid}"><td>{rid}</td><td class="status">{_e(r["status"])}</td><td>{_e(r["model_id"])}</td>'
-        f'<td class="chats">{_e(chats_busy(r))}</td><td>{_e(memory)}</td>'
+        f'<td class="chats">{_e(chats_busy(msgspec.convert(r, RunnerView)))}</td><td>{_e(memory)}</td>'
         f'<td class="since" data-runner="{rid}">-</td><td>{_e(r["error_message"])}</td></tr>'
     )
 

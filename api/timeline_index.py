@@ -23,10 +23,12 @@ from nats.aio.client import Client as NATS
 
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
+from exojet.bus.replies import StateReply
+from exojet.bus.views import Retention
 from exojet.projections.apply import apply
 from exojet.projections.checkpoints import Checkpoint, Checkpoints, restore
 from exojet.projections.queries import Paging, state_reply
-from exojet.projections.state import ClusterState, Retention
+from exojet.projections.state import ClusterState
 from exojet.projections.words import envelope_json
 
 CHECKPOINT_EVERY = 1000
@@ -166,7 +168,7 @@ class TimelineIndex:
             f"of {self.live_from}); try again shortly"
         )
 
-    async def state_at(self, seq: int) -> tuple[Any, dict[str, Any]]:
+    async def state_at(self, seq: int) -> tuple[Any, StateReply | None]:
         """The message at `seq` (as JSON, None if the page's fold has none) and the cluster right after it."""
         if self.busy >= self.at_once:
             raise TimelineBusy(f"{self.busy} timeline requests are being answered; try again shortly")
@@ -179,17 +181,17 @@ class TimelineIndex:
                 )
             found = self._part(seq).at(seq)
             if found is None:
-                return None, {}
+                return None, None
             checkpoint, envelopes = found
             last = envelopes[-1] if envelopes else None
             if last is None or last.seq != seq:
-                return None, {}
+                return None, None
             return envelope_json(last), await asyncio.to_thread(_rebuilt, checkpoint, envelopes)
         finally:
             self.busy -= 1
 
 
-def _rebuilt(checkpoint: Checkpoint, envelopes: list[Envelope]) -> dict[str, Any]:
+def _rebuilt(checkpoint: Checkpoint, envelopes: list[Envelope]) -> StateReply:
     """The state of `checkpoint` with `envelopes` folded on, as the page shows it."""
     # Tens of thousands of objects made at once: a collection in the middle would scan the
     # whole heap several times over (hundreds of ms). They are freed after.

@@ -1,6 +1,5 @@
 """A query of the supervisors (`exo.supervisor.*`): the request body, one struct for the client
-(bus/nats/query_client.py) and the service (supervisor/service.py). Replies are the projection's
-views (projections/queries.py)."""
+(bus/nats/query_client.py) and the service (supervisor/service.py). Replies: bus/replies.py."""
 
 from __future__ import annotations
 

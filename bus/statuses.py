@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import typing
-from typing import Literal, cast
+from typing import Final, Literal, cast
 
 import msgspec
 
@@ -107,6 +107,16 @@ RunnerStatusName = Literal[
     "RunnerFailed",
     "RunnerLost",
 ]
+
+
+UNREGISTERED: Final = "Unregistered"
+# A runner's status in the projection: its last one written, or none yet.
+RunnerState = RunnerStatusName | Literal["Unregistered"]
+# An instance's status in the projection (projections/instances.py).
+InstanceStatus = Literal["Placing", "Downloading", "Connecting", "Loading", "WarmingUp", "Ready", "Failed", "Deleted"]
+# A routed chat's: Pending (no rank published yet), Routed, Refused (ChatRefused), Cancelled
+# (CancelChat while pending), or the emitting rank's terminal task status.
+ChatStatus = Literal["Pending", "Routed", "Refused", "Cancelled", "Complete", "Failed", "TimedOut"]
 
 
 def status_name(status: RunnerStatus) -> RunnerStatusName:

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import sys
 import uuid
-from typing import Any
 
 from exojet.bus import subjects
 from exojet.bus.chat_ends import ChatError
@@ -25,6 +24,7 @@ from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.queries import MAX_LIMIT
 from exojet.bus.sampling import Sampling, fields
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, ChatMessage
+from exojet.bus.views import InstanceView
 from exojet.cli.options import Subparsers, add_nats, add_wait_timeout
 from exojet.projections.instances import ENDED_STATUSES, READY
 
@@ -60,19 +60,17 @@ class NothingToAsk(Exception):
     """No Ready instance or runner takes the chat (the message says what there is)."""
 
 
-async def _ask(session: ChatSession, endpoint: str, **body: Any) -> dict[str, Any]:
-    """A supervisor's answer, waited for as long as routing may take (the route timeout)."""
-    bound = session.route_timeout
-    return await query(session.nc, endpoint, timeout=min(10.0, bound), wait=bound, **body)
+def _bounds(session: ChatSession) -> dict[str, float]:
+    """How long a supervisor's answer is waited for: as long as routing may take (the route timeout)."""
+    return {"timeout": min(10.0, session.route_timeout), "wait": session.route_timeout}
 
 
-def _placed(instances: dict[str, Any]) -> str:
+def _placed(instances: dict[str, InstanceView]) -> str:
     """The live instances, for an error message: `local/tiny Ready on r1, ...`."""
     shown = [
-        f"{i['model_id']} {i['status']}"
-        + (f" on {','.join(p['runner_id'] for p in i.get('placements', []))}" if i.get("placements") else "")
+        f"{i.model_id} {i.status}" + (f" on {','.join(p.runner_id for p in i.placements)}" if i.placements else "")
         for i in instances.values()
-        if i["status"] not in ENDED_STATUSES
+        if i.status not in ENDED_STATUSES
     ]
     return ", ".join(shown) or "nothing"
 
@@ -81,12 +79,12 @@ async def _ready_runner(session: ChatSession, wanted: str | None, model_id: str 
     """The named runner if Ready, else the Ready runner (with `model_id`) with the fewest unfinished tasks."""
     if wanted is not None:
         try:
-            reply = await _ask(session, "runner", runner_id=wanted, limit=0)
+            mine = await query(session.nc, "runner", **_bounds(session), runner_id=wanted, limit=0)
         except QueryFailed as err:
             if err.code == "NotFound":
                 return None
             raise
-        return wanted if reply["runner"]["status"] == "RunnerReady" else None
+        return wanted if mine.runner.status == "RunnerReady" else None
     reply = await query(
         session.nc,
         "state",
@@ -95,16 +93,15 @@ async def _ready_runner(session: ChatSession, wanted: str | None, model_id: str 
         runner_status="RunnerReady",
         limit=MAX_LIMIT,
     )
-    ready: list[str] = [r["runner_id"] for r in reply["runners"].values() if model_id in (None, r["model_id"])]
-    load: dict[str, int] = reply["load"]
-    return min(sorted(ready), key=lambda rid: load.get(rid, 0)) if ready else None
+    ready = [r.runner_id for r in reply.runners.values() if model_id in (None, r.model_id)]
+    return min(sorted(ready), key=lambda rid: reply.load.get(rid, 0)) if ready else None
 
 
 async def _statuses(session: ChatSession) -> str:
     """The runners and their statuses, for an error message (the first page of them)."""
-    reply = await _ask(session, "state", sections=["runners"], limit=20)
-    shown = ", ".join(f"{r['runner_id']} {r['status'].removeprefix('Runner')}" for r in reply["runners"].values())
-    more = reply["runners_page"]["total"] - len(reply["runners"])
+    reply = await query(session.nc, "state", **_bounds(session), sections=["runners"], limit=20)
+    shown = ", ".join(f"{r.runner_id} {r.status.removeprefix('Runner')}" for r in reply.runners.values())
+    more = reply.runners_page.total - len(reply.runners)
     return (shown or "no runners") + (f" and {more} more" if more > 0 else "")
 
 
@@ -137,17 +134,17 @@ async def _start(
     sampling: Sampling,
 ) -> ChatStream:
     """The chat on its way: routed to a Ready instance, else sent to a Ready runner."""
-    instances: dict[str, Any] = {}
+    instances: dict[str, InstanceView] = {}
     if runner_id is None:
-        reply = await _ask(session, "state", sections=["instances"], limit=MAX_LIMIT)
-        instances = reply["instances"]
-        mine = [i for i in instances.values() if model_id in (None, i["model_id"])]
-        if any(i["status"] == READY for i in mine):
+        reply = await query(session.nc, "state", **_bounds(session), sections=["instances"], limit=MAX_LIMIT)
+        instances = reply.instances
+        mine = [i for i in instances.values() if model_id in (None, i.model_id)]
+        if any(i.status == READY for i in mine):
             return await _routed(session, messages, model_id, sampling)
-        on_its_way = [i for i in mine if i["status"] not in ENDED_STATUSES]
+        on_its_way = [i for i in mine if i.status not in ENDED_STATUSES]
         if on_its_way and model_id is not None:
             first = on_its_way[0]
-            raise NothingToAsk(f"{first['instance_id']} of {model_id} is {first['status']}, not Ready yet")
+            raise NothingToAsk(f"{first.instance_id} of {model_id} is {first.status}, not Ready yet")
     target = await _ready_runner(session, runner_id, model_id)
     if target is not None:
         task_id = f"chat-{uuid.uuid4().hex[:12]}"

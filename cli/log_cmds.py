@@ -152,7 +152,7 @@ async def replay_log(nats_url: str, replay: Replay) -> int:
     if problem := await read_log(nats_url, replay.archive, on_env, replay.to_seq):
         return fail(problem)
     if replay.show_state:
-        print(_json.encode(state).decode() if replay.as_json else render_state(msgspec.to_builtins(state_reply(state))))
+        print(_json.encode(state).decode() if replay.as_json else render_state(state_reply(state)))
     if replay.run_check:
         return _print_check(state)
     return 0

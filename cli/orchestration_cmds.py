@@ -125,14 +125,14 @@ async def _wait_instance(nc: Any, instance_id: str, seq: int, timeout: float) ->
                         return fail(f"{err.code}: {err.message}")
                     reply = None  # a supervisor answered, its fold behind (catching up): ask again
                 if reply is not None:
-                    inst = reply["instance"]
-                    reason = shown_reason(inst.get("reason"), reply.get("waiting"))
-                    status = inst["status"] + (f" ({reason})" if reason else "")
+                    inst = reply.instance
+                    reason = shown_reason(inst.reason, reply.waiting)
+                    status = inst.status + (f" ({reason})" if reason else "")
                     if status != shown:
                         bars.say(f"  {instance_id}: {status}")
                         shown = status
-                    if inst["status"] in SETTLED or inst.get("gave_up"):
-                        return 0 if inst["status"] == "Ready" else 1
+                    if inst.status in SETTLED or inst.gave_up:
+                        return 0 if inst.status == "Ready" else 1
                 await asyncio.sleep(WAIT_POLL_S)  # poll interval of a bounded wait, not a sync point
     except TimeoutError:
         return fail(f"{instance_id} was not Ready within {timeout} s (last: {shown or 'no supervisor answer'})")
@@ -186,9 +186,5 @@ async def _drained_holds(nc: Any, runner_id: str, seq: int) -> list[str] | None:
         if err.code != "NotFound":  # not folded its registration yet; anything else waited the bound
             raise
         return None
-    placed = [
-        iid
-        for iid, inst in reply["instances"].items()
-        if any(p["runner_id"] == runner_id for p in inst.get("placements", []))
-    ]
-    return placed if placed or reply["runner"]["status"] != "RunnerIdle" else []
+    placed = [iid for iid, inst in reply.instances.items() if any(p.runner_id == runner_id for p in inst.placements)]
+    return placed if placed or reply.runner.status != "RunnerIdle" else []

@@ -8,10 +8,10 @@ import asyncio
 import msgspec
 
 from exojet.bus.nats import client
-from exojet.bus.nats.query_client import QueryFailed, query
+from exojet.bus.nats.query_client import Endpoint, QueryFailed, query
 from exojet.bus.queries import DEFAULT_LIMIT, MAX_LIMIT
 from exojet.cli.options import Subparsers, add_nats, fail
-from exojet.cli.render import render_instance, render_runner, render_state, render_task
+from exojet.cli.render import render_reply
 from exojet.projections.queries import Paging
 
 
@@ -51,7 +51,7 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
     instance_id: str | None = None
 
     @property
-    def endpoint(self) -> str:
+    def endpoint(self) -> Endpoint:
         return "runner" if self.runner_id else "task" if self.task_id else "instance" if self.instance_id else "state"
 
 
@@ -76,6 +76,5 @@ async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, p
     if as_json:
         print(msgspec.json.encode(reply).decode())
     else:
-        renders = {"runner": render_runner, "task": render_task, "instance": render_instance, "state": render_state}
-        print(renders[endpoint](reply))
+        print(render_reply(reply))
     return 0

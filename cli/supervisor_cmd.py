@@ -7,8 +7,8 @@ import asyncio
 from pathlib import Path
 
 from exojet.bus.streams import LOG_MAX_AGE_S, LOG_MAX_BYTES, LogLimits
+from exojet.bus.views import Retention
 from exojet.cli.options import Subparsers, add_nats, add_replicas
-from exojet.projections.state import Retention
 from exojet.supervisor.actions import DEFAULT_CONFIG as PLANNER
 from exojet.supervisor.actions import PlannerConfig
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from nats.aio.client import Client as NATS
 
@@ -24,6 +24,7 @@ from exojet.bus.ids import instance_id_of
 from exojet.bus.nats import client
 from exojet.bus.nats.query_client import QueryFailed, first_answer, query
 from exojet.bus.statuses import RunnerFailed, status_name
+from exojet.bus.views import InstanceView
 from exojet.cli.progress import ProgressBars
 from exojet.projections.words import message_of
 
@@ -91,17 +92,17 @@ async def drive(nc: NATS, watcher: Watcher, model_id: str, serving: Serving) -> 
     # This runner serves our instance only: retire what an earlier `up` left on it.
     await first_answer(nc, min_seq=watcher.registered_seq)
     mine = await query(nc, "runner", runner_id=runner_id, min_seq=watcher.registered_seq)
-    for inst in mine["instances"].values():
+    for inst in mine.instances.values():
         await client.publish_until_stored(
             nc.jetstream(),
             subjects.COMMANDS,
-            DeleteInstance(instance_id=inst["instance_id"]),
-            msg_id=f"up-delete-{inst['instance_id']}-{uuid.uuid4().hex[:6]}",
+            DeleteInstance(instance_id=inst.instance_id),
+            msg_id=f"up-delete-{inst.instance_id}-{uuid.uuid4().hex[:6]}",
         )
     serving.instance_id, placed_seq = await _place(nc, watcher, model_id)
     inst = await _until_ready(nc, watcher, serving.instance_id, placed_seq)
-    if inst["status"] != "Ready":
-        print(f"error: {serving.instance_id} {inst['status']}: {inst['reason']}", file=sys.stderr)
+    if inst.status != "Ready":
+        print(f"error: {serving.instance_id} {inst.status}: {inst.reason}", file=sys.stderr)
         return False
     return True
 
@@ -117,12 +118,12 @@ async def keep_serving(nc: NATS, watcher: Watcher, model_id: str, serving: Servi
         watcher.bars = ProgressBars(sys.stdout)
         watcher.bars.say(f"  runner {watcher.runner_id} is back: serving {serving.instance_id} again")
         inst = await _until_ready(nc, watcher, serving.instance_id, watcher.registered_seq)
-        if inst["status"] != "Ready":
-            watcher.bars.say(f"  {serving.instance_id} {inst['status']}: {inst['reason']}; placing a new instance")
+        if inst.status != "Ready":
+            watcher.bars.say(f"  {serving.instance_id} {inst.status}: {inst.reason}; placing a new instance")
             serving.instance_id, placed_seq = await _place(nc, watcher, model_id)
             inst = await _until_ready(nc, watcher, serving.instance_id, placed_seq)
-            if inst["status"] != "Ready":
-                raise InstanceLost(f"{serving.instance_id} {inst['status']}: {inst['reason']}")
+            if inst.status != "Ready":
+                raise InstanceLost(f"{serving.instance_id} {inst.status}: {inst.reason}")
         watcher.bars.stop()
         served = watcher.incarnation
         print(f"Ready again: {serving.instance_id} on runner {watcher.runner_id} (incarnation {served})", flush=True)
@@ -143,23 +144,21 @@ async def _place(nc: NATS, watcher: Watcher, model_id: str) -> tuple[str, int]:
     return instance_id, ack.seq
 
 
-async def _until_ready(nc: NATS, watcher: Watcher, instance_id: str, min_seq: int) -> dict[str, Any]:
+async def _until_ready(nc: NATS, watcher: Watcher, instance_id: str, min_seq: int) -> InstanceView:
     """The instance once Ready on the runner's current incarnation, or once ended (failed for good, deleted)."""
     async with asyncio.timeout(READY_TIMEOUT_S):
         while True:
             try:
-                inst: dict[str, Any] = (await query(nc, "instance", instance_id=instance_id, min_seq=min_seq))[
-                    "instance"
-                ]
+                inst = (await query(nc, "instance", instance_id=instance_id, min_seq=min_seq)).instance
             except QueryFailed as err:
                 # NATS or the supervisor away for a moment: ask again once it is back.
                 print(f"  waiting for the supervisor ({err})", flush=True)
                 await watcher.changed()
                 continue
-            current = all(p["incarnation"] == watcher.incarnation for p in inst["placements"])
-            if inst["status"] == "Ready" and current:
+            current = all(p.incarnation == watcher.incarnation for p in inst.placements)
+            if inst.status == "Ready" and current:
                 return inst
             # A failed attempt the supervisor will retry is not an end.
-            if inst["status"] == "Deleted" or (inst["status"] == "Failed" and inst["gave_up"]):
+            if inst.status == "Deleted" or (inst.status == "Failed" and inst.gave_up):
                 return inst
             await watcher.changed()

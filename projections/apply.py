@@ -29,20 +29,19 @@ from exojet.bus.events import (
     TaskStatusUpdated,
 )
 from exojet.bus.results import LoadResult, result_as
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerFailed, RunnerStatusName, TaskStatus, status_name
-from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
-from exojet.projections import conversations, instances, retention
-from exojet.projections.rules import UNREGISTERED, transition_allowed
-from exojet.projections.state import (
-    EVENT_ID_WINDOW,
-    Anomaly,
-    ClusterState,
-    DownloadView,
-    LoadView,
-    RunnerView,
-    TaskView,
-    download_key,
+from exojet.bus.statuses import (
+    TERMINAL_TASK_STATUSES,
+    UNREGISTERED,
+    RunnerFailed,
+    RunnerStatusName,
+    TaskStatus,
+    status_name,
 )
+from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, task_type
+from exojet.bus.views import Anomaly, DownloadView, LoadView, RunnerView, TaskView
+from exojet.projections import conversations, instances, retention
+from exojet.projections.rules import transition_allowed
+from exojet.projections.state import EVENT_ID_WINDOW, ClusterState, download_key
 
 _TASKS = subjects.TASKS_PREFIX + "."
 _RUNNER_EVENTS = subjects.RUNNER_EVENTS_PREFIX + "."

@@ -25,7 +25,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from exojet.projections.state import ClusterState, DownloadView, LoadView, RoutedChatView, TaskView
+from exojet.bus.views import DownloadView, LoadView, RoutedChatView, TaskView
+from exojet.projections.state import ClusterState
 
 SEGMENT_BITS = 6
 # Mixes a hash's bits before the mask (wrapping in 64 bits): an id (an address) has its low bits zero.

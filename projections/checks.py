@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import msgspec
 
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES
-from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
-from exojet.projections.state import Anomaly, ClusterState, RunnerView, TaskView
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, UNREGISTERED
+from exojet.bus.views import Anomaly, RunnerView, TaskView
+from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES
+from exojet.projections.state import ClusterState
 
 
 class CheckReport(msgspec.Struct):

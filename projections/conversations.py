@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import msgspec
 
 from exojet.bus.tasks import ChatMessage
-from exojet.projections.state import RunnerView
+from exojet.bus.views import RunnerView
 
 # Chats remembered per runner: more than its slots (16) by far, a few kilobytes of state.
 KEPT_PER_RUNNER = 64

@@ -18,13 +18,14 @@ from exojet.bus.ids import chat_task_id, step_task_id
 from exojet.bus.lifecycle import FAILED as RUNNER_FAILED
 from exojet.bus.lifecycle import READY as RUNNER_READY
 from exojet.bus.lifecycle import RUNNING as RUNNER_RUNNING
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, UNREGISTERED, TaskStatus
+from exojet.bus.views import InstanceView, RunnerView, TaskView
 from exojet.projections.apply import apply
 from exojet.projections.chat_time import Moments, where_time_went
 from exojet.projections.instances import ENDED_STATUSES, PLACING, READY, steps
 from exojet.projections.placing import waiting_reason
-from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES, UNREGISTERED
-from exojet.projections.state import ClusterState, InstanceView, RunnerView, TaskView
+from exojet.projections.rules import FINAL_STATUSES, RESTING_STATUSES
+from exojet.projections.state import ClusterState
 from exojet.projections.words import describe, message_of, one_line
 
 KINDS = ("runner", "task", "instance", "chat")

@@ -47,19 +47,11 @@ from exojet.bus.events import (
 )
 from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of, step_task_id
 from exojet.bus.sampling import choices
-from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
+from exojet.bus.statuses import TERMINAL_TASK_STATUSES, UNREGISTERED, ChatStatus, InstanceStatus, TaskStatus
 from exojet.bus.tasks import ChatCompletion
+from exojet.bus.views import Anomaly, InstanceView, RoutedChatView, TaskView
 from exojet.projections import retention
-from exojet.projections.rules import UNREGISTERED
-from exojet.projections.state import (
-    Anomaly,
-    ChatStatus,
-    ClusterState,
-    InstanceStatus,
-    InstanceView,
-    RoutedChatView,
-    TaskView,
-)
+from exojet.projections.state import ClusterState
 
 PLACING: Final = "Placing"
 READY: Final = "Ready"

@@ -11,8 +11,9 @@ from __future__ import annotations
 import msgspec
 
 from exojet.bus.events import PIPELINE_ENGINES
+from exojet.bus.views import InstanceView, RunnerView
 from exojet.projections.instances import ENDED_STATUSES, PLACING
-from exojet.projections.state import ClusterState, InstanceView, RunnerView
+from exojet.projections.state import ClusterState
 
 
 class Waiting(msgspec.Struct, frozen=True):

@@ -1,27 +1,20 @@
-"""Query answers cut from the projection (pure).
-
-Replies hold the projection's own structs, encoded straight to JSON when sent
-(no copy into plain dicts first); `msgspec.to_builtins` gives the plain data.
-
-No reply grows with history: `state` answers summaries (counts) and one page of
-each collection, `runner`, `task` and `instance` answer one object. A page is
-`{total, offset, limit, next_offset}` next to the collection it cuts, so the
-reply shapes stay (`runners`, `instances`, `tasks` keyed by id) and a client
-asks again with `offset` for more.
-"""
+"""Query answers cut from the projection (pure): the reply structs of bus/replies.py, holding
+the projection's own views, encoded straight to JSON when sent (no copy into plain dicts)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from itertools import islice
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 
 from exojet.bus.queries import DEFAULT_LIMIT, MAX_LIMIT, SECTIONS
+from exojet.bus.replies import InstanceReply, Page, RunnerReply, StateReply, TaskReply
+from exojet.bus.views import InstanceView, RoutedChatView, TaskView
 from exojet.projections.instances import ENDED_STATUSES
 from exojet.projections.placing import waiting_reason
-from exojet.projections.state import ClusterState, InstanceView, RoutedChatView, TaskView, state_hash
+from exojet.projections.state import ClusterState, state_hash
 
 # The newest anomalies a reply shows (the count is of all of them).
 ANOMALIES_SHOWN = 50
@@ -40,20 +33,20 @@ class Paging(msgspec.Struct, kw_only=True, frozen=True):
     offset: int = 0
     limit: int = DEFAULT_LIMIT
 
-    def cut(self, items: Iterable[T], total: int) -> tuple[list[T], dict[str, Any]]:
-        """This page of `items` (`total` long) and its `{total, offset, limit, next_offset}`."""
+    def cut(self, items: Iterable[T], total: int) -> tuple[list[T], Page]:
+        """This page of `items` (`total` long) and where it lies in them."""
         offset = max(self.offset, 0)
         limit = min(max(self.limit, 0), MAX_LIMIT)
         page = list(islice(items, offset, offset + limit))
         end = offset + len(page)
-        return page, {"total": total, "offset": offset, "limit": limit, "next_offset": end if end < total else None}
+        return page, Page(total=total, offset=offset, limit=limit, next_offset=end if end < total else None)
 
 
 FIRST_PAGE = Paging()
 
 
-def _keyed(views: list[Any], key: str) -> dict[str, Any]:
-    return {getattr(v, key): v for v in views}
+def _instances(views: list[InstanceView]) -> dict[str, InstanceView]:
+    return {v.instance_id: v for v in views}
 
 
 def _newest_first(tasks: dict[str, TaskView]) -> Iterator[TaskView]:
@@ -78,7 +71,7 @@ NO_FILTERS = Filters()
 
 def state_reply(
     state: ClusterState, paging: Paging = FIRST_PAGE, filters: Filters = NO_FILTERS, with_hash: bool = False
-) -> dict[str, Any]:
+) -> StateReply:
     """Counts of everything, and one page of runners (by id), instances (live first, newest
     first) and tasks (newest first); `load`: each listed runner's unfinished tasks;
     anomalies: the count and the newest few."""
@@ -97,34 +90,30 @@ def state_reply(
         runner_id = state.tasks[task_id].runner_id
         if runner_id in load:
             load[runner_id] += 1
-    reply = {
-        "seq": state.seq,
-        "runners": _keyed(runners, "runner_id"),
-        "runners_page": runners_page,
-        "load": load,
-        "instances": _keyed(instances, "instance_id"),
-        "instances_page": instances_page,
-        # Why each listed instance still Placing is not placed yet (the planner's rule, not in the log).
-        "waiting": _waiting(state, instances),
-        "tasks": _keyed(tasks, "task_id"),
-        "tasks_page": tasks_page,
-        "downloads": dict(state.downloads),
-        "loads": dict(state.loads),
-        # Chats still waiting for a rank to be published (the rest are tasks).
-        "pending_chats": [_without_request(state.chats[c]) for c in islice(state.pending_chats, MAX_LIMIT)],
-        "pending_chat_count": len(state.pending_chats),
-        "anomaly_count": state.anomaly_count,
-        "anomalies": state.anomalies[-ANOMALIES_SHOWN:],
-        "drained": sorted(state.drained),
-        "unfinished_tasks": len(state.unfinished),
-        "retention": state.retention,
-        "pruned": state.pruned,
-        "pruned_seq": state.pruned_seq,
-    }
-    if with_hash:
+    return StateReply(
+        seq=state.seq,
+        runners={r.runner_id: r for r in runners},
+        runners_page=runners_page,
+        load=load,
+        instances=_instances(instances),
+        instances_page=instances_page,
+        waiting=_waiting(state, instances),
+        tasks={t.task_id: t for t in tasks},
+        tasks_page=tasks_page,
+        downloads=dict(state.downloads),
+        loads=dict(state.loads),
+        pending_chats=[_without_request(state.chats[c]) for c in islice(state.pending_chats, MAX_LIMIT)],
+        pending_chat_count=len(state.pending_chats),
+        anomaly_count=state.anomaly_count,
+        anomalies=state.anomalies[-ANOMALIES_SHOWN:],
+        drained=sorted(state.drained),
+        unfinished_tasks=len(state.unfinished),
+        retention=state.retention,
+        pruned=state.pruned,
+        pruned_seq=state.pruned_seq,
         # The whole state's digest: costs a full encode, so only on request.
-        reply["state_hash"] = state_hash(state)
-    return reply
+        state_hash=state_hash(state) if with_hash else msgspec.UNSET,
+    )
 
 
 def _without_request(chat: RoutedChatView) -> RoutedChatView:
@@ -142,7 +131,7 @@ def _not_found(state: ClusterState, what: str, key: str, replay: str) -> QueryEr
     return QueryError("NotFound", message)
 
 
-def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAGE) -> dict[str, Any]:
+def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAGE) -> RunnerReply:
     """One runner, a page of its tasks (newest first), and the live instances that name it."""
     runner = state.runners.get(runner_id)
     if runner is None:
@@ -155,31 +144,30 @@ def runner_reply(state: ClusterState, runner_id: str, paging: Paging = FIRST_PAG
         if i.status not in ENDED_STATUSES
         and (runner_id in (i.requested_runners or ()) or any(p.runner_id == runner_id for p in i.placements))
     ]
-    return {
-        "seq": state.seq,
-        "runner": runner,
-        "drained": runner_id in state.drained,
-        "tasks": tasks,
-        "tasks_page": tasks_page,
-        # Live instances placed on it or asked to be.
-        "instances": _keyed(instances, "instance_id"),
-    }
+    return RunnerReply(
+        seq=state.seq,
+        runner=runner,
+        drained=runner_id in state.drained,
+        tasks=tasks,
+        tasks_page=tasks_page,
+        instances=_instances(instances),
+    )
 
 
-def task_reply(state: ClusterState, task_id: str) -> dict[str, Any]:
+def task_reply(state: ClusterState, task_id: str) -> TaskReply:
     """One task."""
     task = state.tasks.get(task_id)
     if task is None:
         raise _not_found(state, "task", task_id, f"exojet replay --task {task_id}")
-    return {"seq": state.seq, "task": task}
+    return TaskReply(seq=state.seq, task=task)
 
 
-def instance_reply(state: ClusterState, instance_id: str) -> dict[str, Any]:
+def instance_reply(state: ClusterState, instance_id: str) -> InstanceReply:
     """One instance."""
     inst = state.instances.get(instance_id)
     if inst is None:
         raise _not_found(state, "instance", instance_id, f"exojet replay --json | grep '\"{instance_id}'")
-    return {"seq": state.seq, "instance": inst, "waiting": waiting_reason(state, inst)}
+    return InstanceReply(seq=state.seq, instance=inst, waiting=waiting_reason(state, inst))
 
 
 def _waiting(state: ClusterState, instances: list[InstanceView]) -> dict[str, str]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from exojet.projections.state import Anomaly, ClusterState, InstanceView, TaskView
+from exojet.bus.views import Anomaly, InstanceView, TaskView
+from exojet.projections.state import ClusterState
 
 
 def record_anomaly(state: ClusterState, anomaly: Anomaly) -> None:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
-
 from exojet.bus import lifecycle
-from exojet.bus.statuses import RunnerStatusName
+from exojet.bus.statuses import UNREGISTERED, RunnerState, RunnerStatusName
 
-UNREGISTERED: Final = "Unregistered"
-# A runner's status in the projection: its last one written, or none yet.
-RunnerState = RunnerStatusName | Literal["Unregistered"]
 FINAL_STATUSES = lifecycle.FINAL_STATUSES
 # Statuses a runner may legitimately sit in for a long time.
 RESTING_STATUSES = lifecycle.RESTING_STATUSES

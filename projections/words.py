@@ -38,7 +38,7 @@ from exojet.bus.events import (
     event_type,
 )
 from exojet.bus.ids import chat_id_of, instance_id_of
-from exojet.bus.statuses import RunnerFailed, status_name
+from exojet.bus.statuses import UNREGISTERED, RunnerFailed, status_name
 from exojet.bus.tasks import (
     ChatCompletion,
     ConnectToGroup,
@@ -50,7 +50,7 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
-from exojet.projections.rules import UNREGISTERED
+from exojet.bus.views import RunnerView
 from exojet.projections.state import ClusterState
 
 Message = Task | Event | Command | CancelTask | BadInput
@@ -115,13 +115,13 @@ def load_words(loaded: int, total: int) -> str:
     return f"layer {loaded} of {total}"
 
 
-def chats_busy(runner: dict[str, Any]) -> str:
+def chats_busy(runner: RunnerView) -> str:
     """A runner's chats in flight of its capacity ("3/16") as the page and `state` show it; empty
-    while it holds no model. `runner` is a RunnerView as the queries answer it."""
-    if not runner.get("model_id"):
+    while it holds no model."""
+    if not runner.model_id:
         return ""
-    running = len(runner.get("running_tasks") or []) if runner.get("status") == "RunnerRunning" else 0
-    return f"{running}/{runner.get('chat_capacity', 1)}"
+    running = len(runner.running_tasks) if runner.status == "RunnerRunning" else 0
+    return f"{running}/{runner.chat_capacity}"
 
 
 def _mb(n: int) -> str:

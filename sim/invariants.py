@@ -15,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES
+from exojet.bus.views import Anomaly
 from exojet.projections.instances import DELETED, FAILED, READY
-from exojet.projections.state import Anomaly, ClusterState, state_hash
+from exojet.projections.state import ClusterState, state_hash
 
 # Anomalies a correct cluster can produce, from supervisors planning on views of
 # different ages (documented in projections/instances.py): a chat refused after

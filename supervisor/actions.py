@@ -6,7 +6,7 @@ import msgspec
 
 from exojet.bus.events import InstanceFailed, SupervisorEvent
 from exojet.bus.tasks import Task
-from exojet.projections.state import InstanceView
+from exojet.bus.views import InstanceView
 
 
 class PlannerConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -11,10 +11,11 @@ from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
 from exojet.bus.tools import shape_fields, shape_of
+from exojet.bus.views import InstanceView, RoutedChatView
 from exojet.projections.conversations import prefix_names, reused_messages
 from exojet.projections.instances import READY
 from exojet.projections.placing import drained_placements
-from exojet.projections.state import ClusterState, InstanceView, RoutedChatView
+from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import Action, PlannerConfig, SendTask, WriteEvent
 
 

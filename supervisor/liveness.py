@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import msgspec
 from loguru import logger
@@ -35,6 +34,7 @@ from nats.js import JetStreamContext
 from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client, connection
+from exojet.bus.replies import RunnerConnection
 from exojet.projections.state import ClusterState
 from exojet.supervisor.projector import Projector
 from exojet.supervisor.silence import SilenceWatch, Silent, lost_event
@@ -61,7 +61,7 @@ class Liveness:
         # Who was heard when, on this process's monotonic clock (the decisions are pure).
         self.watch = SilenceWatch(timeout)
         # runner id -> its connection to NATS as its last heartbeat told (outages, last outage).
-        self.connections: dict[str, dict[str, Any]] = {}
+        self.connections: dict[str, RunnerConnection] = {}
         self._sub: Subscription | None = None
         self._task: asyncio.Task[None] | None = None
         self.log = logger.bind(supervisor_id=supervisor_id)
@@ -93,14 +93,11 @@ class Liveness:
         if runner_id is not None:
             self.watch.heard(runner_id, time.monotonic())
             try:
-                beat = msgspec.json.decode(msg.data)
-            except msgspec.DecodeError:
+                beat = msgspec.json.decode(msg.data, type=RunnerConnection)
+            except (msgspec.DecodeError, msgspec.ValidationError):
                 return  # a stranger's heartbeat still shows life; it just tells nothing more
-            if isinstance(beat, dict) and "outages" in beat:
-                self.connections[runner_id] = {
-                    "outages": beat.get("outages"),
-                    "last_outage_s": beat.get("last_outage_s"),
-                }
+            if beat.outages is not None:
+                self.connections[runner_id] = beat
 
     def _on_applied(self, state: ClusterState, env: Envelope) -> None:
         self.watch.heard_on(env.subject, time.monotonic())

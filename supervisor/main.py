@@ -7,13 +7,13 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 from loguru import logger
 
 from exojet.bus.nats import client, connection, stream_setup
+from exojet.bus.replies import Connections
 from exojet.bus.streams import LogLimits
-from exojet.projections.state import Retention
+from exojet.bus.views import Retention
 from exojet.supervisor.actions import DEFAULT_CONFIG, PlannerConfig
 from exojet.supervisor.liveness import DEFAULT_HEARTBEAT_TIMEOUT_S, Liveness
 from exojet.supervisor.projector import DEFAULT_SNAPSHOT_EVERY, Projector
@@ -64,14 +64,10 @@ async def run_supervisor(
         await client.until_done(projector.start, "fold the log")
         liveness = Liveness(nc, js, projector, supervisor_id, heartbeat_timeout)
 
-        def connections() -> dict[str, Any]:
-            # Not in the log (a disconnected part could not have written it): from the parts themselves.
-            return {
-                "connections": {
-                    "supervisors": {supervisor_id: connection.watch(nc).summary()},
-                    "runners": liveness.connections,
-                }
-            }
+        def connections() -> Connections:
+            return Connections(
+                supervisors={supervisor_id: connection.watch(nc).summary()}, runners=dict(liveness.connections)
+            )
 
         service = await start_service(nc, projector, supervisor_id, connections)
         await liveness.start()

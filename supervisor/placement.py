@@ -11,9 +11,10 @@ from exojet.bus.events import InstancePlaced, Placement
 from exojet.bus.ids import step_task_id
 from exojet.bus.results import DownloadResult, result_as
 from exojet.bus.tasks import Shard
+from exojet.bus.views import InstanceView, RunnerView
 from exojet.projections.instances import DOWNLOAD, ENDED_STATUSES
 from exojet.projections.placing import Waiting, choose_runners
-from exojet.projections.state import ClusterState, InstanceView, RunnerView
+from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import PlannerConfig, WriteEvent, failed
 
 

@@ -39,6 +39,7 @@ from exojet.bus import lifecycle
 from exojet.bus.ids import step_task_id
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerStatusName, TaskStatus
 from exojet.bus.tasks import ConnectToGroup, DownloadModel, Group, LoadModel, Shard, StartWarmup, Task, UnloadModel
+from exojet.bus.views import InstanceView
 from exojet.projections.instances import (
     CONNECT,
     DOWNLOAD,
@@ -53,7 +54,7 @@ from exojet.projections.instances import (
 )
 from exojet.projections.placing import busy_runners, drained_placements
 from exojet.projections.rules import FINAL_STATUSES
-from exojet.projections.state import ClusterState, InstanceView
+from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import DEFAULT_CONFIG, Action, PlannerConfig, RetryWait, SendTask, failed
 from exojet.supervisor.chat_routing import route_chats
 from exojet.supervisor.placement import place, split_after_download

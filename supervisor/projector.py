@@ -14,9 +14,10 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.nats.log_fold import LogFold
 from exojet.bus.nats.snapshot_store import store_snapshot
 from exojet.bus.streams import SNAPSHOT_BUCKET
+from exojet.bus.views import Retention
 from exojet.projections.apply import apply
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
-from exojet.projections.state import ClusterState, Retention
+from exojet.projections.state import ClusterState
 
 DEFAULT_SNAPSHOT_EVERY = 10_000
 

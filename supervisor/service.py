@@ -15,6 +15,7 @@ from nats.micro.service import Service
 from exojet.bus import subjects
 from exojet.bus.nats.log_fold import MinSeqTimeout
 from exojet.bus.queries import QueryRequest
+from exojet.bus.replies import AnyReply, Connections, Refusal, RefusalReply, StateReply
 from exojet.projections.queries import (
     Filters,
     Paging,
@@ -43,7 +44,7 @@ def _filters(query: QueryRequest) -> Filters:
 _decoder = msgspec.json.Decoder(QueryRequest)
 _encoder = msgspec.json.Encoder()
 
-Answer = Callable[[ClusterState, QueryRequest], dict[str, Any]]
+Answer = Callable[[ClusterState, QueryRequest], AnyReply]
 
 
 def _need(value: str | None, field: str) -> str:
@@ -52,8 +53,12 @@ def _need(value: str | None, field: str) -> str:
     return value
 
 
+def _state(state: ClusterState, query: QueryRequest) -> StateReply:
+    return state_reply(state, _paging(query), _filters(query), query.hash)
+
+
 ANSWERS: dict[str, tuple[str, Answer]] = {
-    "state": (subjects.QUERY_STATE, lambda s, q: state_reply(s, _paging(q), _filters(q), q.hash)),
+    "state": (subjects.QUERY_STATE, _state),
     "runner": (subjects.QUERY_RUNNER, lambda s, q: runner_reply(s, _need(q.runner_id, "runner_id"), _paging(q))),
     "task": (subjects.QUERY_TASK, lambda s, q: task_reply(s, _need(q.task_id, "task_id"))),
     "instance": (subjects.QUERY_INSTANCE, lambda s, q: instance_reply(s, _need(q.instance_id, "instance_id"))),
@@ -64,11 +69,11 @@ async def start_service(
     nc: NATS,
     projector: Projector,
     supervisor_id: str,
-    state_extra: Callable[[], dict[str, Any]] | None = None,
+    connections: Callable[[], Connections] | None = None,
 ) -> Service:
     """Register `exojet-supervisor` with its state, runner, task and instance endpoints.
 
-    `state_extra()` is added to every `state` reply (what is not in the log: connections).
+    `connections()` is added to every `state` reply (not in the log: from the parts themselves).
     """
     service = await add_service(
         nc,
@@ -80,14 +85,14 @@ async def start_service(
         metadata={"supervisor_id": supervisor_id},
     )
     for name, (subject, answer) in ANSWERS.items():
-        if name == "state" and state_extra is not None:
-            answer = _with_extra(answer, state_extra)
+        if name == "state" and connections is not None:
+            answer = _with_connections(connections)
         await service.add_endpoint(name=name, subject=subject, handler=_handler(projector, answer, supervisor_id))
     return service
 
 
-def _with_extra(answer: Answer, extra: Callable[[], dict[str, Any]]) -> Answer:
-    return lambda state, query: {**answer(state, query), **extra()}
+def _with_connections(connections: Callable[[], Connections]) -> Answer:
+    return lambda state, query: msgspec.structs.replace(_state(state, query), connections=connections())
 
 
 def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callable[[Request], Any]:
@@ -97,9 +102,11 @@ def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callab
             query = _decoder.decode(req.data) if req.data.strip() else QueryRequest()
             timeout = min(max(query.timeout, 0.0), MAX_MIN_SEQ_TIMEOUT_S)
             state = await projector.wait_for(query.min_seq, timeout)
-            reply = {**answer(state, query), "supervisor_id": supervisor_id}
-            if projector.gap is not None:
-                reply["warning"] = projector.gap
+            reply = msgspec.structs.replace(
+                answer(state, query),
+                supervisor_id=supervisor_id,
+                warning=projector.gap if projector.gap is not None else msgspec.UNSET,
+            )
             await req.respond(_encoder.encode(reply))
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             await _error(req, "BadRequest", f"request body: {err}", seq)
@@ -113,5 +120,5 @@ def _handler(projector: Projector, answer: Answer, supervisor_id: str) -> Callab
 
 async def _error(req: Request, code: str, message: str, seq: int) -> None:
     logger.bind(subject=req.subject, seq=seq).info(f"query refused: {code}: {message}")
-    body = _encoder.encode({"seq": seq, "error": {"type": code, "message": message}})
+    body = _encoder.encode(RefusalReply(seq=seq, error=Refusal(type=code, message=message)))
     await req.respond_error(code, message, data=body)

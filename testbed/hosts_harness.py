@@ -225,8 +225,9 @@ async def _supervisors_agree(nc: NATS, fold: Fold, what: str) -> None:
                 reply = await query(nc, "state", timeout=10.0, min_seq=last, hash=True, limit=1)
             except QueryFailed:
                 continue
-            if reply["seq"] == last == fold.state.seq:
-                hashes[reply["supervisor_id"]] = reply["state_hash"]
+            if reply.seq == last == fold.state.seq:
+                assert isinstance(reply.supervisor_id, str) and isinstance(reply.state_hash, str), reply
+                hashes[reply.supervisor_id] = reply.state_hash
             else:
                 hashes.clear()  # the log moved on: ask both again at its new end
     assert len(set(hashes.values())) == 1 and state_hash(fold.state) in hashes.values(), (what, hashes)

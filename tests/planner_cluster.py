@@ -38,8 +38,9 @@ from exojet.bus.tasks import (
     Task,
     task_type,
 )
+from exojet.bus.views import InstanceView
 from exojet.projections.apply import apply
-from exojet.projections.state import ClusterState, InstanceView
+from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import DEFAULT_CONFIG, PlannerConfig, RetryWait, SendTask, WriteEvent
 from exojet.supervisor.planner import plan
 

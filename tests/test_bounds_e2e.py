@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -96,8 +97,8 @@ async def test_a_small_window_and_a_small_log_answer_alike_through_every_command
         assert stop(sup) == 0
         sup = exojet(*supervisor_args, log=tmp_path / "sup2.log")
         again = await first_answer(nc, min_seq=reply["seq"])
-        assert again["pruned"] >= reply["pruned"] and "warning" not in again
-        assert (await query(nc, "instance", instance_id=instance_id))["instance"]["status"] == "Ready"
+        assert again.pruned >= reply["pruned"] and again.warning is msgspec.UNSET
+        assert (await query(nc, "instance", instance_id=instance_id)).instance.status == "Ready"
         assert exojet_run("chat", "Say hi again", "--max-tokens", "2", url=url).returncode == 0
         assert exojet_run("delete", instance_id, url=url).returncode == 0
         assert await client.last_seq(js) > reply["seq"]

@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -21,6 +20,7 @@ from exojet.bus.nats import client
 from exojet.bus.nats.chat_session import ChatSession
 from exojet.bus.nats.query_client import query
 from exojet.bus.ops.server import NatsServer
+from exojet.bus.views import TaskView
 from tests.api_stack import MODEL, ApiStack
 from tests.procs import REPO
 
@@ -82,12 +82,12 @@ async def _ended(proc: asyncio.subprocess.Process, within: float) -> str:
     return err.decode()
 
 
-async def _running_chat(nc: NATS) -> dict[str, Any]:
+async def _running_chat(nc: NATS) -> TaskView:
     async with asyncio.timeout(30):
         while True:
             reply = await query(nc, "state", sections=["tasks"])
-            chats = [t for t in reply["tasks"].values() if t["task_type"] == "ChatCompletion"]
-            running = [t for t in chats if t["status"] == "Running"]
+            chats = [t for t in reply.tasks.values() if t.task_type == "ChatCompletion"]
+            running = [t for t in chats if t.status == "Running"]
             if running:
                 return running[0]
             await asyncio.sleep(0.1)  # poll interval while the supervisor folds the Running status
@@ -100,13 +100,13 @@ async def test_a_cancelled_then_a_deleted_then_a_killed_runners_chat_each_end_na
         task = await _running_chat(nc)
         await client.publish(
             nc.jetstream(),
-            subjects.cancel_subject(task["runner_id"]),
-            CancelTask(task_id=task["task_id"], reason="the test cancels it"),
+            subjects.cancel_subject(task.runner_id),
+            CancelTask(task_id=task.task_id, reason="the test cancels it"),
         )
         assert "Cancelled" in await _ended(chat, SLACK_S)
 
         chat = await _long_chat(single.url)
-        instance_id = (await query(nc, "state", sections=["instances"], instance_status="Ready"))["instances"]
+        instance_id = (await query(nc, "state", sections=["instances"], instance_status="Ready")).instances
         [instance_id] = list(instance_id)
         single.cli("delete", instance_id)
         assert f"instance {instance_id} was deleted" in await _ended(chat, SLACK_S)

@@ -93,7 +93,7 @@ async def test_publishes_and_queries_go_on_through_two_leader_kills(cluster: Nat
             reply = await query_client.query(
                 nc, "instance", timeout=30.0, instance_id=f"inst-k{kill}-4", min_seq=acks[-1].seq
             )
-            assert reply["instance"]["instance_id"] == f"inst-k{kill}-4"
+            assert reply.instance.instance_id == f"inst-k{kill}-4"
             assert await _leader(cluster, streams.LOG_STREAM) != leader
             victim.start()
         assert sup.poll() is None, "the supervisor exited"

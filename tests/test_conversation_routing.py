@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.tasks import ChatCompletion, ChatMessage
+from exojet.bus.views import RunnerView
 from exojet.projections.conversations import KEPT_PER_RUNNER, prefix_names, remember, reused_messages
-from exojet.projections.state import RunnerView
 from exojet.supervisor.planner import plan
 from tests.planner_cluster import Cluster, ready_single
 

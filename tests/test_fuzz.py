@@ -233,8 +233,8 @@ class Target:
         ack = await self.js.publish(subjects.COMMANDS, payload, timeout=10)
         self._count("commands")
         state = await first_answer(self.nc, timeout=30, min_seq=ack.seq)
-        assert state["anomaly_count"] == self.anomalies + 1, payload[:200]
-        self.anomalies = state["anomaly_count"]
+        assert state.anomaly_count == self.anomalies + 1, payload[:200]
+        self.anomalies = state.anomaly_count
         [newest] = [a for a in state["anomalies"] if a["seq"] == ack.seq]
         assert newest["kind"] == "BadCommand" and newest["detail"].split(":")[0] in NAMED_COMMAND_ERRORS, newest
 
@@ -253,7 +253,7 @@ async def target(
         await first_answer(nc, timeout=30)
         await watcher.stop()
         t = await Target(nc, runner.proc.pid, supervisor.pid).start()
-        t.anomalies = (await first_answer(nc))["anomaly_count"]
+        t.anomalies = (await first_answer(nc)).anomaly_count
         t.warm_after = request.node.get_closest_marker("warm").args[0]
         yield t
         # Still serving: a valid chat after everything runs, and both processes live.

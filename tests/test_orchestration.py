@@ -28,8 +28,9 @@ from exojet.bus.nats.query_client import first_answer
 from exojet.bus.ops.server import NatsServer
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, RunnerIdle, RunnerLoading
 from exojet.bus.tasks import ChatMessage
+from exojet.bus.views import InstanceView
 from exojet.projections.instances import steps
-from exojet.projections.state import ClusterState, InstanceView
+from exojet.projections.state import ClusterState
 from testbed.log_watcher import LogWatch
 from tests.cluster_procs import Procs, instance_in, place_instance, ready_pipeline_instance, runners_idle
 from tests.procs import exojet_output

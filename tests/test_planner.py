@@ -30,10 +30,11 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
+from exojet.bus.views import InstanceView
 from exojet.projections.apply import apply
 from exojet.projections.explain import cause
 from exojet.projections.placing import waiting_reason
-from exojet.projections.state import ClusterState, InstanceView, state_hash
+from exojet.projections.state import ClusterState, state_hash
 from exojet.supervisor.actions import PlannerConfig, RetryWait, WriteEvent
 from exojet.supervisor.placement import split_layers
 from exojet.supervisor.planner import plan

@@ -272,13 +272,13 @@ def test_bad_events_are_anomalies_not_exceptions() -> None:
 
 def test_a_load_in_progress_reads_layer_k_of_n_in_state_and_on_the_page() -> None:
     # Stopped after r1's LoadProgress (seq 12): r1 is Loading with 3 of its 4 layers in memory.
-    reply = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:12]), Paging(offset=0, limit=200)))
+    reply = state_reply(_fold(_log(("r1",))[:12]), Paging(offset=0, limit=200))
     assert "\nloads in progress" in render_state(reply)
     assert "local/tiny  layer 3 of 4" in render_state(reply)
-    page = render_page({**reply, **PAGE_EXTRAS})
+    page = render_page({**msgspec.to_builtins(reply), **PAGE_EXTRAS})
     assert '<progress max="4" value="3"></progress> <span>r1 load local/tiny: layer 3 of 4</span>' in page
     # Once the runner leaves Loading, `state` no longer lists it as in progress.
-    done = msgspec.to_builtins(state_reply(_fold(_log(("r1",))[:13]), Paging(offset=0, limit=200)))
+    done = state_reply(_fold(_log(("r1",))[:13]), Paging(offset=0, limit=200))
     assert "\nloads in progress" not in render_state(done)
 
 
@@ -316,9 +316,9 @@ def test_chats_in_flight_each_end_once_when_their_runner_is_lost() -> None:
     state = _fold([_env(i + 1, s, m) for i, (s, m) in enumerate(pairs)])
     r1 = state.runners["r1"]
     assert (r1.status, r1.chat_capacity, r1.running_tasks) == ("RunnerRunning", 4, ["a", "c"])
-    reply = msgspec.to_builtins(state_reply(state, Paging(offset=0, limit=200)))
+    reply = state_reply(state, Paging(offset=0, limit=200))
     assert "2/4" in render_state(reply) and "a, c" in render_state(reply)  # chats busy of capacity, and which
-    assert '<td class="chats">2/4</td>' in render_page({**reply, **PAGE_EXTRAS})
+    assert '<td class="chats">2/4</td>' in render_page({**msgspec.to_builtins(reply), **PAGE_EXTRAS})
 
     lost = RunnerLost(**meta(), reason="no heartbeat for 5 s")  # type: ignore[arg-type]
     state = _fold([_env(len(pairs) + 1, ev, lost)], state)

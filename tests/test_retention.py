@@ -19,8 +19,10 @@ from exojet.bus.events import (
     Placement,
     RunnerStatusUpdated,
 )
+from exojet.bus.replies import Page
 from exojet.bus.statuses import RunnerReady, TaskStatus
 from exojet.bus.tasks import ChatCompletion, DownloadModel, LoadModel, StartWarmup
+from exojet.bus.views import Retention
 from exojet.projections import instances
 from exojet.projections.apply import apply
 from exojet.projections.queries import (
@@ -33,7 +35,7 @@ from exojet.projections.queries import (
     task_reply,
 )
 from exojet.projections.snapshot import dump_snapshot, load_snapshot
-from exojet.projections.state import ClusterState, Retention, state_hash
+from exojet.projections.state import ClusterState, state_hash
 from exojet.supervisor.planner import plan
 from tests.sample_logs import HI, SHARD, Flow, direct_chat, registered, task_status
 
@@ -139,9 +141,9 @@ def _live_answers(state: ClusterState) -> dict[str, object]:
         "runners": reply["runners"],
         "load": reply["load"],
         "unfinished": reply["unfinished_tasks"],
-        "runner_replies": [runner_reply(state, r)["runner"] for r in sorted(state.runners)],
-        "tasks": [task_reply(state, t) for t in unfinished],
-        "instances": [instance_reply(state, i) for i in live_instances],
+        "runner_replies": [msgspec.to_builtins(runner_reply(state, r).runner) for r in sorted(state.runners)],
+        "tasks": [msgspec.to_builtins(task_reply(state, t)) for t in unfinished],
+        "instances": [msgspec.to_builtins(instance_reply(state, i)) for i in live_instances],
         "pending_chats": reply["pending_chats"],
         "anomaly_count": state.anomaly_count,
         "plan": msgspec.to_builtins(plan(state)),
@@ -214,14 +216,15 @@ def test_replies_are_pages_whatever_the_history() -> None:
     state = _fold(envs, KEEP_ALL)
     reply = state_reply(state)
     assert len(msgspec.json.encode(reply)) < 100_000
-    assert reply["tasks_page"] == {"total": 3000, "offset": 0, "limit": 100, "next_offset": 100}
-    assert next(iter(reply["tasks"])) == "tr12999"  # newest first
-    assert set(reply["runners"]) == {"r1"} and reply["runners_page"]["next_offset"] is None
+    assert reply.tasks_page == Page(total=3000, offset=0, limit=100, next_offset=100)
+    assert next(iter(reply.tasks)) == "tr12999"  # newest first
+    assert set(reply.runners) == {"r1"} and reply.runners_page.next_offset is None
     last = state_reply(state, Paging(offset=2950, limit=100), Filters(sections=("tasks",)))
-    assert len(last["tasks"]) == 50 and last["tasks_page"]["next_offset"] is None
-    assert last["runners"] == {} and last["runners_page"]["total"] == 1
+    assert len(last.tasks) == 50 and last.tasks_page.next_offset is None
+    assert last.runners == {} and last.runners_page.total == 1
     assert len(msgspec.json.encode(state_reply(state, Paging(limit=10**6)))) < 1_000_000  # capped at 500
-    one = msgspec.to_builtins(runner_reply(state, "r1", Paging(limit=5)))
-    assert [t["task_id"] for t in one["tasks"]] == [f"tr1{k}" for k in range(2999, 2994, -1)]
-    assert one["tasks_page"]["total"] == 3000
-    assert "state_hash" not in reply and state_reply(state, with_hash=True)["state_hash"] == state_hash(state)
+    one = runner_reply(state, "r1", Paging(limit=5))
+    assert [t.task_id for t in one.tasks] == [f"tr1{k}" for k in range(2999, 2994, -1)]
+    assert one.tasks_page.total == 3000
+    assert b"state_hash" not in msgspec.json.encode(reply)
+    assert state_reply(state, with_hash=True).state_hash == state_hash(state)

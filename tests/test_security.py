@@ -368,8 +368,8 @@ async def test_seed_workflow_pipeline_routed_chat_catch_up_and_replay_under_leas
         seq = (await nc.jetstream().stream_info(LOG_STREAM)).state.last_seq
         await watch.until(lambda s: s.seq >= seq, 10, "the watch at the log's end")
         answer = await first_answer(nc, timeout=30, min_seq=seq, hash=True)
-        assert answer["seq"] == seq == watch.state.seq
-        assert answer["state_hash"] == state_hash(watch.state)
+        assert answer.seq == seq == watch.state.seq
+        assert answer.state_hash == state_hash(watch.state)
 
         replay = await asyncio.create_subprocess_exec(
             sys.executable,

@@ -28,7 +28,8 @@ from exojet.bus.events import (
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.statuses import RunnerConnected, RunnerConnecting, RunnerIdle, TaskStatus
 from exojet.bus.tasks import ConnectToGroup, Group, Shard, task_type
-from exojet.projections.state import ClusterState, TaskView
+from exojet.bus.views import TaskView
+from exojet.projections.state import ClusterState
 from exojet.runner import registration
 from exojet.runner.cancels import Cancels
 from exojet.runner.event_writer import EventWriter

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -15,6 +16,7 @@ from exojet.bus.events import RunnerRegistered, RunnerStatusUpdated
 from exojet.bus.nats import client
 from exojet.bus.nats.query_client import QueryFailed, first_answer, query
 from exojet.bus.ops.server import NatsServer
+from exojet.bus.replies import Connections
 from exojet.bus.statuses import RunnerIdle
 from tests.procs import exojet, stop
 
@@ -48,11 +50,11 @@ async def test_task_published_like_nats_pub_is_pending(nats_server: NatsServer, 
         await nc.publish("exo.tasks.r1", b'{"type":"DownloadModel","shard":{"model_id":"local/tiny"}}')
         seq = 1  # the first message of a fresh log; its id is its sequence
         reply = await query(nc, "task", task_id=str(seq), min_seq=seq)
-        assert reply["seq"] >= seq
-        assert reply["task"]["status"] == "Pending"
-        assert reply["task"]["task_type"] == "DownloadModel"
-        assert reply["task"]["runner_id"] == "r1"
-        assert reply["task"]["model_id"] == "local/tiny"
+        assert reply.seq >= seq
+        assert reply.task.status == "Pending"
+        assert reply.task.task_type == "DownloadModel"
+        assert reply.task.runner_id == "r1"
+        assert reply.task.model_id == "local/tiny"
     finally:
         assert stop(sup) == 0
 
@@ -65,7 +67,7 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
             await _register(nc, f"r{i}")
         last = await client.last_seq(nc.jetstream())
         before = await query(nc, "state", min_seq=last)
-        assert len(before["runners"]) == 5
+        assert len(before.runners) == 5
     finally:
         sup.kill()
         sup.wait()
@@ -74,9 +76,9 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
     sup = exojet("supervisor", "--nats", nats_server.url, "--snapshot-every", "3", log=tmp_path / "sup2.log")
     try:
         after = await first_answer(nc, min_seq=last, hash=True)
-        assert after["seq"] == last
-        assert set(after["runners"]) == {"r0", "r1", "r2", "r3", "r4", "late"}
-        assert after["runners"]["late"]["status"] == "RunnerIdle"
+        assert after.seq == last
+        assert set(after.runners) == {"r0", "r1", "r2", "r3", "r4", "late"}
+        assert after.runners["late"].status == "RunnerIdle"
         # A min_seq beyond the log is a clear timeout error, not a stale answer.
         with pytest.raises(QueryFailed) as err:
             # Briefly: a longer wait lets liveness declare the silent runners lost, past `after`.
@@ -87,7 +89,7 @@ async def test_restart_gives_same_state_and_honours_min_seq(nats_server: NatsSer
         assert stop(sup) == 0
     # A supervisor folding the whole log from scratch agrees with the one that used snapshots.
     replayed = await _local_fold_hash(nats_server.url)
-    assert replayed == after["state_hash"]
+    assert replayed == after.state_hash
 
 
 async def _local_fold_hash(url: str) -> str:
@@ -121,11 +123,12 @@ async def test_two_supervisors_answer_alike(nats_server: NatsServer, nc: NATS, t
         async with asyncio.timeout(20):
             while answered_by != {"s0", "s1"}:
                 reply = await query(nc, "state", min_seq=last)
-                who = reply.pop("supervisor_id")
+                who = reply.supervisor_id
+                assert isinstance(who, str) and isinstance(reply.connections, Connections)
                 answered_by.add(who)
                 # Each tells its own connection's story; the projection must be the same.
-                assert set(reply.pop("connections")["supervisors"]) == {who}
-                replies.append(reply)
+                assert set(reply.connections.supervisors) == {who}
+                replies.append(msgspec.structs.replace(reply, supervisor_id=msgspec.UNSET, connections=msgspec.UNSET))
         assert all(r == replies[0] for r in replies)
     finally:
         for s in sups:
@@ -155,7 +158,7 @@ async def test_bad_input_is_named_and_kills_nothing(nats_server: NatsServer, nc:
         )
         last = ack.seq
         reply = await query(nc, "state", min_seq=last)
-        details = [a["kind"] + " " + a["detail"] for a in reply["anomalies"]]
+        details = [a.kind + " " + a.detail for a in reply.anomalies]
         expected = [
             "BadTask NotJson",
             "BadTask UnknownType",
@@ -166,10 +169,10 @@ async def test_bad_input_is_named_and_kills_nothing(nats_server: NatsServer, nc:
             "BadEvent InvalidField",
         ]
         assert [d[: len(e)] for d, e in zip(details, expected, strict=True)] == expected
-        assert reply["seq"] == last == 7
+        assert reply.seq == last == 7
         assert sup.poll() is None
         # Each bad task is tracked under its sequence, waiting for the runner's answer.
-        assert [reply["tasks"][str(s)]["task_type"] for s in range(1, 6)] == ["Invalid"] * 5
+        assert [reply.tasks[str(s)].task_type for s in range(1, 6)] == ["Invalid"] * 5
         bad_query = await nc.request("exo.supervisor.task", b"{not json", timeout=5)
         assert bad_query.headers and bad_query.headers.get("Nats-Service-Error-Code") == "BadRequest"
         with pytest.raises(QueryFailed) as err:

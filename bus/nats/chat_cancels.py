@@ -32,9 +32,8 @@ async def find_tasks(nc: NATS, chat_id: str) -> dict[str, str]:
             if err.code == "NotFound":
                 break
             raise
-        task = reply["task"]
-        if task["status"] not in TERMINAL_TASK_STATUSES:
-            tasks[task_id] = task["runner_id"]
+        if reply.task.status not in TERMINAL_TASK_STATUSES:
+            tasks[task_id] = reply.task.runner_id
     return tasks
 
 

@@ -31,6 +31,7 @@ from nats.js.errors import ServiceUnavailableError
 from exojet.bus.nats import connect_options
 from exojet.bus.nats.connect_options import BadCredentials, ConnectOptions
 from exojet.bus.nats.handshake import NatsRefused, NatsUnreachable, refusal
+from exojet.bus.replies import ConnectionSummary
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 MAX_BACKOFF_S = 2.0
@@ -98,14 +99,14 @@ class ConnectionWatch:
         """Seconds since the connection went away (0 while connected)."""
         return 0.0 if self.disconnected_at is None else time.monotonic() - self.disconnected_at
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> ConnectionSummary:
         """What `exojet state` shows of this connection."""
-        return {
-            "connected": self.connected,
-            "outages": self.outages,
-            "last_outage_s": round(self.last_outage_s, 3),
-            "down_for_s": round(self.down_for(), 3),
-        }
+        return ConnectionSummary(
+            connected=self.connected,
+            outages=self.outages,
+            last_outage_s=round(self.last_outage_s, 3),
+            down_for_s=round(self.down_for(), 3),
+        )
 
     def on_reconnect(self, listener: Listener) -> None:
         self._listeners.append(listener)

@@ -1,9 +1,10 @@
-"""Ask the supervisors' query service (`exo.supervisor.*`)."""
+"""Ask the supervisors' query service (`exo.supervisor.*`): the reply decoded once, here, into
+its struct (bus/replies.py)."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal, TypeVar, overload
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -14,13 +15,18 @@ from nats.errors import TimeoutError as NatsTimeout
 from exojet.bus import subjects
 from exojet.bus.nats import connection
 from exojet.bus.queries import QueryRequest
+from exojet.bus.replies import AnyReply, InstanceReply, RefusalReply, RunnerReply, StateReply, TaskReply
 
-_ENDPOINTS = {
-    "state": subjects.QUERY_STATE,
-    "runner": subjects.QUERY_RUNNER,
-    "task": subjects.QUERY_TASK,
-    "instance": subjects.QUERY_INSTANCE,
+Endpoint = Literal["state", "runner", "task", "instance"]
+# Each endpoint's subject and its reply's decoder.
+_ENDPOINTS: dict[str, tuple[str, msgspec.json.Decoder[Any]]] = {
+    "state": (subjects.QUERY_STATE, msgspec.json.Decoder(StateReply)),
+    "runner": (subjects.QUERY_RUNNER, msgspec.json.Decoder(RunnerReply)),
+    "task": (subjects.QUERY_TASK, msgspec.json.Decoder(TaskReply)),
+    "instance": (subjects.QUERY_INSTANCE, msgspec.json.Decoder(InstanceReply)),
 }
+_refusal = msgspec.json.Decoder(RefusalReply)
+R = TypeVar("R", bound=AnyReply)
 
 
 # How long a query waits for a supervisor to answer before it fails naming why: through a
@@ -48,9 +54,27 @@ class QueryFailed(Exception):
         self.answered = answered
 
 
+@overload
 async def query(
-    nc: NATS, endpoint: str, timeout: float = 10.0, *, wait: float = SUPERVISOR_WAIT_S, **body: Any
-) -> dict[str, Any]:
+    nc: NATS, endpoint: Literal["state"], timeout: float = ..., *, wait: float = ..., **body: Any
+) -> StateReply: ...
+@overload
+async def query(
+    nc: NATS, endpoint: Literal["runner"], timeout: float = ..., *, wait: float = ..., **body: Any
+) -> RunnerReply: ...
+@overload
+async def query(
+    nc: NATS, endpoint: Literal["task"], timeout: float = ..., *, wait: float = ..., **body: Any
+) -> TaskReply: ...
+@overload
+async def query(
+    nc: NATS, endpoint: Literal["instance"], timeout: float = ..., *, wait: float = ..., **body: Any
+) -> InstanceReply: ...
+@overload
+async def query(nc: NATS, endpoint: Endpoint, timeout: float = ..., *, wait: float = ..., **body: Any) -> AnyReply: ...
+async def query(
+    nc: NATS, endpoint: Endpoint, timeout: float = 10.0, *, wait: float = SUPERVISOR_WAIT_S, **body: Any
+) -> AnyReply:
     """The reply of endpoint `state`, `runner`, `task` or `instance` (body fields as keywords, e.g. min_seq).
 
     Asked again while nobody answers, for up to `wait` seconds (at least `timeout`); a try waits
@@ -77,8 +101,10 @@ async def query(
         outages = watcher.outages
         pause = 0.05
         try:
-            msg = await nc.request(_ENDPOINTS[endpoint], msgspec.json.encode(request), timeout=this_try)
-            return _reply(msg)
+            subject, decoder = _ENDPOINTS[endpoint]
+            msg = await nc.request(subject, msgspec.json.encode(request), timeout=this_try)
+            reply: AnyReply = _reply(msg, decoder)
+            return reply
         except QueryFailed as err:
             if err.code != "Timeout" or not request.min_seq or loop.time() + pause >= behind_until:
                 raise
@@ -98,21 +124,20 @@ async def query(
         await asyncio.sleep(pause)
 
 
-def _reply(msg: Msg) -> dict[str, Any]:
-    try:
-        reply = msgspec.json.decode(msg.data, type=dict[str, Any])
-    except msgspec.DecodeError as err:
-        raise QueryFailed("BadReply", f"the supervisor's reply is not a JSON object: {err}") from None
+def _reply(msg: Msg, decoder: msgspec.json.Decoder[R]) -> R:
     if msg.headers and "Nats-Service-Error-Code" in msg.headers:
-        error = reply.get("error", {})
-        raise QueryFailed(
-            error.get("type", msg.headers["Nats-Service-Error-Code"]),
-            error.get("message", msg.headers.get("Nats-Service-Error", "")),
-            answered=True,
-        )
-    return reply
+        try:
+            error = _refusal.decode(msg.data).error
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            code = msg.headers["Nats-Service-Error-Code"]
+            raise QueryFailed(code, msg.headers.get("Nats-Service-Error", ""), answered=True) from None
+        raise QueryFailed(error.type, error.message, answered=True)
+    try:
+        return decoder.decode(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        raise QueryFailed("BadReply", f"the supervisor's reply does not read as its reply: {err}") from None
 
 
-async def first_answer(nc: NATS, timeout: float = 20.0, **body: Any) -> dict[str, Any]:
+async def first_answer(nc: NATS, timeout: float = 20.0, **body: Any) -> StateReply:
     """The state reply of the first supervisor to answer, asking again (bounded) while none is up yet."""
     return await query(nc, "state", timeout=2.0, wait=timeout, **body)
