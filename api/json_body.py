@@ -28,7 +28,8 @@ def decode_object(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"the body is not valid JSON: {err}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", code="invalid_json")
-    return _numbers(data)
+    body: dict[str, Any] = _numbers(data)
+    return body
 
 
 def _numbers(value: Any) -> Any:

@@ -218,7 +218,7 @@ class LiveCluster:
         """What the first view shows: the projection's page, heartbeats, recent marks."""
         reply = state_reply(self.state, Paging(offset=0, limit=200))
         task_times = {task_id: self.load.task_time(task) for task_id, task in reply.tasks.items()}
-        return msgspec.to_builtins(
+        snapshot: dict[str, Any] = msgspec.to_builtins(
             {
                 **msgspec.to_builtins(reply),
                 "heartbeats": self.heartbeats,
@@ -227,6 +227,7 @@ class LiveCluster:
                 **self.load_update(),
             }
         )
+        return snapshot
 
     async def state_at(self, seq: int) -> tuple[Any, StateReply | None]:
         """The message at `seq` (as JSON) and the cluster as the fold had it right after

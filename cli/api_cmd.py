@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from exojet.api.chat_request import DEFAULT_MAX_TOKENS_LIMIT
-from exojet.api.config import DEFAULT_HOST, DEFAULT_LIVENESS_TIMEOUT_S, DEFAULT_PORT, ApiConfig, allowed_hosts
+from exojet.api.config import DEFAULT_HOST, DEFAULT_PORT, ApiConfig, allowed_hosts
+from exojet.bus.nats.chat_session import DEFAULT_LIVENESS_TIMEOUT_S
 from exojet.cli.api_key import BadApiKeyFile, NoApiKey, add_key_arguments, api_key_from_args
 from exojet.cli.options import Subparsers, add_nats, fail
 

@@ -54,7 +54,7 @@ def restart_delay(deaths: Sequence[float], policy: RestartPolicy = DEFAULT_POLIC
         return None
     if recent == 1:
         return 0.0  # a single death is an accident: back at once
-    return min(policy.first_backoff_s * 2 ** (recent - 2), policy.max_backoff_s)
+    return min(policy.first_backoff_s * 2.0 ** (recent - 2), policy.max_backoff_s)
 
 
 def exit_reason(returncode: int) -> str:

@@ -229,7 +229,7 @@ def encode_frame(message: Request | Reply) -> bytes:
 
 def frame_length(header: bytes) -> int:
     """The body length announced by a frame header, refusing absurd sizes."""
-    (length,) = HEADER.unpack(header)
+    length: int = HEADER.unpack(header)[0]
     if length > MAX_FRAME_BYTES:
         raise ValueError(f"engine frame of {length} bytes exceeds {MAX_FRAME_BYTES}")
     return length

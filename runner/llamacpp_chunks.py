@@ -10,10 +10,10 @@ from typing import Literal
 import msgspec
 
 from exojet.bus.logprobs import Logprobs, TokenLogprob
+from exojet.bus.results import FinishReason
 from exojet.bus.tools import ToolCall, ToolCallDelta, join_deltas
 from exojet.runner.choice_text import ChoiceText
 from exojet.runner.engine_backend import Emit
-from exojet.runner.engine_protocol import FinishReason
 
 
 class _Function(msgspec.Struct):

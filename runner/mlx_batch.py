@@ -100,7 +100,8 @@ def kv_bytes_per_token(model: Any) -> int | None:
     mx.eval([c.state for c in cache])
     # A cache holds room for KVCache.step tokens once it holds one; a cache that does not grow
     # with the chat (a sliding window, a recurrent state) is so counted generously.
-    return max(1, -(-sum(c.nbytes for c in cache) // KVCache.step))
+    per_token: int = max(1, -(-sum(c.nbytes for c in cache) // KVCache.step))
+    return per_token
 
 
 def make_chat_sampler(req: Generate) -> Any:

@@ -63,4 +63,5 @@ def materialise(model: Any, start: int, end: int, on_layer: Callable[[int, int],
     for done, arrays in enumerate(by_layer.values(), start=1):
         mx.eval(arrays)
         on_layer(done, end - start)
-    return sum(a.nbytes for a in shared) + sum(a.nbytes for arrays in by_layer.values() for a in arrays)
+    loaded: int = sum(a.nbytes for a in shared) + sum(a.nbytes for arrays in by_layer.values() for a in arrays)
+    return loaded

@@ -73,8 +73,10 @@ class PipelineStage(nn.Module):
     every rank computes the logits itself so that no logits cross the wire.
     """
 
-    def __init__(self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int):
-        super().__init__()
+    def __init__(self, inner: nn.Module, group: mx.distributed.Group, start: int, end: int) -> None:
+        # Not super(): mlx leaves Module.__init__ unannotated, and mypy's untyped_calls_exclude
+        # does not reach a call through super().
+        nn.Module.__init__(self)
         self.embed_tokens = inner.embed_tokens
         self.layers = inner.layers[start:end]
         self.norm = inner.norm
@@ -125,7 +127,8 @@ class PipelineStage(nn.Module):
         gathered = mx.distributed.all_gather(mx.concatenate([h.reshape(-1), flag]), group=self._group)
         rows = gathered.reshape(size, -1)
         self._stop_sums.append(rows[:, -1].sum())
-        return self.norm(rows[size - 1, :-1].reshape(h.shape))
+        hidden: mx.array = self.norm(rows[size - 1, :-1].reshape(h.shape))
+        return hidden
 
     def stop_agreed(self) -> bool:
         """Whether some rank asked to stop by the step that produced the newest token.

@@ -139,7 +139,8 @@ async def drive(steps: Generator[Any, Any, _T], do: Callable[[Any], Awaitable[An
         try:
             step = steps.send(answer) if error is None else steps.throw(error)
         except StopIteration as done:
-            return done.value
+            value: _T = done.value
+            return value
         try:
             answer, error = await do(step), None
         except BaseException as err:  # noqa: BLE001 - handed to the generator, which raises what it does not handle

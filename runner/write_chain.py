@@ -105,7 +105,7 @@ class WriteChain:
         event_id = f"{self.runner_id}:{self.incarnation}:{self._count}"
         event = build(event_id, self.incarnation, self.now())
         try:
-            seq = yield Publish(self.subject, event, event_id, self.last_seq)
+            seq: int = yield Publish(self.subject, event, event_id, self.last_seq)
         except WrongLastSequence:
             seq = yield from self._reconcile(event, event_id)
         self.last_seq = seq
