@@ -135,7 +135,7 @@ def _reply(msg: Msg, decoder: msgspec.json.Decoder[R]) -> R:
     try:
         return decoder.decode(msg.data)
     except (msgspec.DecodeError, msgspec.ValidationError) as err:
-        raise QueryFailed("BadReply", f"the supervisor's reply does not read as its reply: {err}") from None
+        raise QueryFailed("BadReply", f"the reply is not a JSON object shaped as its reply: {err}") from None
 
 
 async def first_answer(nc: NATS, timeout: float = 20.0, **body: Any) -> StateReply:
