@@ -11,11 +11,12 @@ from typing import Any
 import msgspec
 from loguru import logger
 
+from exojet.bus.logprobs import Logprobs
 from exojet.bus.tools import ToolCall
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan
+from exojet.runner.choice_text import ChoiceText
 from exojet.runner.engine_backend import Emit
-from exojet.runner.stop_scanner import StopScanner
 from exojet.runner.tool_text import ToolTextScanner
 
 
@@ -44,7 +45,7 @@ class AnswerStream:
         # Without parallel calls, the first call alone (as llama.cpp's parser reads one).
         self.max_calls = None if parallel else 1
         # A generic answer is JSON read whole at its end, not text to stream.
-        self.scanner = StopScanner([] if plan.generic else stop)
+        self.answer = ChoiceText([] if plan.generic else stop)
         self.emit = None if plan.generic else emit
         self._emit_end = emit
         self.call_id = call_id
@@ -53,27 +54,28 @@ class AnswerStream:
         self.calls_text = None if self.syntax is None else ToolTextScanner(self.syntax.start, self.syntax.end)
         self.calls: list[ToolCall] = []
 
-    def feed(self, delta: str) -> bool:
-        """Take one delta; True when a stop string ended the answer."""
-        out, stopped = self.scanner.feed(delta)
-        self._send(out)
+    def feed(self, delta: str, logprobs: Logprobs = ()) -> bool:
+        """Take one delta (and the log-probabilities of the tokens that made it, when asked for);
+        True when a stop string ended the answer."""
+        out, released, stopped = self.answer.feed(delta, logprobs)
+        self._send(out, released)
         return stopped
 
     def finish(self) -> tuple[str, tuple[ToolCall, ...]]:
         """The answer's end: what was held back sent, the words and the calls."""
-        tail = self.scanner.flush()
+        tail, released = self.answer.flush()
         if self.plan.generic:
-            words, calls = generic_tools.emit_answer(self.scanner.text, self.call_id, self._emit_end)
+            words, calls = generic_tools.emit_answer(self.answer.text, self.call_id, self._emit_end)
             return words, tuple(calls)
-        self._send(tail, end=True)
+        self._send(tail, released, end=True)
         if self.calls_text is not None:
             return self.calls_text.words, tuple(self.calls)
-        return self.scanner.text, ()
+        return self.answer.text, ()
 
-    def _send(self, text: str, end: bool = False) -> None:
+    def _send(self, text: str, logprobs: Logprobs = (), end: bool = False) -> None:
         if self.calls_text is None:
-            if self.emit is not None and text:
-                self.emit(text)
+            if self.emit is not None and (text or logprobs):
+                self.emit(self.answer.piece(text, logprobs))
             return
         words, texts = self.calls_text.feed(text)
         if end:

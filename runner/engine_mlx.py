@@ -34,9 +34,11 @@ from exojet.runner.mlx_batch import (
     chat_capacity,
     kv_bytes_per_token,
     make_chat_sampler,
+    step_of,
 )
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.mlx_grammar import GrammarCompiler
+from exojet.runner.mlx_logprobs import bias_processor, token_logprobs, vocab_size
 from exojet.runner.mlx_weights import context_length, materialise, shard_range
 
 # A pipeline rank that sees no token for this long takes its peers for dead
@@ -209,9 +211,11 @@ class MlxEngine:
 
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
-        if req.logprobs or req.n > 1 or req.logit_bias:
-            # Refused, not ignored: an answer without them would look like one.
-            raise RequestError("InvalidRequest", "MLX serves no logprobs, n or logit_bias yet (issue 30)")
+        if req.n > 1:
+            # Refused, not ignored: one answer would look like all there are.
+            raise RequestError("InvalidRequest", "MLX serves no n > 1 yet (issue 30): ask for one answer")
+        if req.logprobs and req.tools:
+            raise RequestError("InvalidRequest", "MLX reports no logprobs beside tools")
         try:
             plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
             # A chat template may refuse a role it does not know.
@@ -231,6 +235,8 @@ class MlxEngine:
                 raise RequestError("InvalidRequest", "a pipeline group decodes no grammar (tools, response_format)")
             assert self._grammars is not None
             processors = (self._grammars.mask(plan.grammar),)
+        if req.logit_bias:
+            processors += (bias_processor(req.logit_bias, vocab_size(self.model, self.tokenizer)),)
         call_id = generic_tools.call_ids(req.request_id, started)
         answer = AnswerStream(plan, req.stop, emit, call_id, self._tools, req.parallel_tool_calls)
         call = _Call(req, prompt, answer, cancelled, started, processors)
@@ -262,12 +268,14 @@ class MlxEngine:
                     continue
                 first_at = first_at or time.perf_counter()
                 # The end-of-sequence token ends a generation without being part of it.
-                if step.finish != "stop":
+                eos = step.finish == "stop"
+                if not eos:
                     detokenizer.add_token(step.token)
                     completion_tokens += 1
                 if step.finish is not None:
                     detokenizer.finalize()
-                stopped = call.answer.feed(detokenizer.last_segment)
+                text = detokenizer.last_segment
+                stopped = call.answer.feed(text, () if eos else token_logprobs(self.tokenizer, text, step))
                 if stopped or step.finish is not None:
                     finish = "stop" if stopped else step.finish or "length"
                     break
@@ -291,6 +299,7 @@ class MlxEngine:
             stage.stop_asked = False
         watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
         sampler = make_chat_sampler(call.req)
+        top = call.req.top_logprobs if call.req.logprobs else None
         with ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
                 self.model,
@@ -307,7 +316,10 @@ class MlxEngine:
                 # The eos token ends a generation without being part of it.
                 eos = response.finish_reason == "stop"
                 completion_tokens = response.generation_tokens - (1 if eos else 0)
-                stopped = call.answer.feed(response.text)
+                step = step_of(response.token, None, response.logprobs, top)
+                stopped = call.answer.feed(
+                    response.text, () if eos else token_logprobs(self.tokenizer, response.text, step)
+                )
                 if stopped or eos:
                     finish = "stop"
                     break

@@ -28,7 +28,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 from loguru import logger
@@ -60,6 +60,9 @@ class Step(msgspec.Struct, frozen=True):
 
     token: int
     finish: Literal["stop", "length"] | None = None
+    # The token's log-probability and the likeliest at its place (id, log-probability), when asked.
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] = ()
 
 
 class Capacity(msgspec.Struct, frozen=True):
@@ -141,6 +144,8 @@ class BatchChat:
         # Set by the driver when the chat is in the generator (read by the driver only).
         self.uid: int | None = None
         self.ended = False
+        # How many of the likeliest tokens each step reports (None: no log-probabilities).
+        self.top: int | None = None
 
     def next_step(self, timeout: float) -> Step | None:
         """The chat's next token (None if none came within `timeout` seconds); raises what
@@ -297,6 +302,7 @@ class BatchDriver:
             message.chat.steps.put(exc)
             return
         message.chat.uid = uid
+        message.chat.top = message.req.top_logprobs if message.req.logprobs else None
         chats[uid] = message.chat
 
 
@@ -307,10 +313,27 @@ def _step(gen: Any, chats: dict[int, BatchChat], kept: Any) -> None:
     for r in responses:
         if (owner := chats.get(r.uid)) is None:
             continue
-        owner.steps.put(Step(r.token, r.finish_reason))
+        owner.steps.put(step_of(r.token, r.finish_reason, r.logprobs, owner.top))
         if r.finish_reason is not None:
             del chats[r.uid]
             kept.insert_cache(_MODEL, r.all_tokens, r.prompt_cache)
+
+
+def step_of(token: int, finish: Any, logprobs: Any, top: int | None) -> Step:
+    """A token's step, with its log-probability and the `top` likeliest when asked (`logprobs`:
+    the row of log-probabilities it was sampled from, after the chat's logits processors)."""
+    if top is None:
+        return Step(token, finish)
+    import mlx.core as mx
+
+    likeliest: tuple[tuple[int, float], ...] = ()
+    if top > 0:
+        ids = mx.argpartition(-logprobs, top - 1)[:top]
+        values = logprobs[ids]
+        order = mx.argsort(-values)
+        top_ids = cast(list[int], ids[order].tolist())
+        likeliest = tuple(zip(top_ids, cast(list[float], values[order].tolist()), strict=True))
+    return Step(token, finish, logprobs[token].item(), likeliest)
 
 
 def _cached_prefix(kept: Any, message: _Insert) -> tuple[list[Any] | None, list[int]]:

@@ -28,12 +28,14 @@ from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
 from tests.engine_contract import PROMPT, WEATHER, EngineContract, ToolsContract, class_loop, collect
 from tests.gguf_tiny import Q, as_gguf
+from tests.logprobs_contract import LogprobsContract
 
 
-class MLXContract(EngineContract, ToolsContract):
+class MLXContract(EngineContract, ToolsContract, LogprobsContract):
     """The engine contract on MLX, with the tiny llama as it is; subclasses change the model."""
 
     ENGINE = "mlx"
+    NO_CHOICES = "MLX serves no n > 1 yet"
     # The tiny models' KV caches are small: memory allows the most chats a batch takes.
     CHAT_CAPACITY = MAX_CHATS
 
