@@ -29,7 +29,7 @@ from exojet.bus.replies import StateReply
 from exojet.bus.statuses import InstanceStatus
 from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.bus.tools import ToolCallDelta
-from exojet.projections.instances import ENDED_STATUSES, READY
+from exojet.projections.instances import FAILED, READY, on_its_way
 
 # What a streamed answer yields: text deltas, then its Complete status or the error it ended with.
 Piece = str | Ended | ApiError
@@ -48,8 +48,10 @@ def served_models(state: StateReply) -> list[str]:
 
 
 def model_status(state: StateReply, model: str) -> InstanceStatus | None:
-    """Ready if an instance of `model` is; else the status of one on its way; None if it has none."""
-    statuses = [i.status for i in state.instances.values() if i.model_id == model and i.status not in ENDED_STATUSES]
+    """Ready if an instance of `model` is; else the status of one on its way (a Failed attempt
+    that is placed again too: 503, not 404, while a drain or a lost runner moves it); None if it
+    has none."""
+    statuses = [i.status for i in state.instances.values() if i.model_id == model and on_its_way(i.status, i.gave_up)]
     if READY in statuses:
         return READY
     return statuses[0] if statuses else None
@@ -69,6 +71,8 @@ async def check_model(gateway: Gateway, model: str) -> None:
             f"The model {model!r} does not exist or has no instance (served: {served}); "
             f"place it with `exojet place {model}`"
         )
+    if status == FAILED:
+        raise unavailable(f"the model {model!r} is being placed again (its attempt failed)", "model_not_ready")
     if status != READY:
         raise unavailable(f"the model {model!r} is {status}, not Ready yet", "model_not_ready")
 

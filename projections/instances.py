@@ -59,6 +59,13 @@ FAILED: Final = "Failed"
 DELETED: Final = "Deleted"
 ENDED_STATUSES: frozenset[InstanceStatus] = frozenset({FAILED, DELETED})
 
+
+def on_its_way(status: str, gave_up: bool) -> bool:
+    """Whether an instance is Ready or may yet be: not Deleted, and not Failed for good (a Failed
+    attempt that is not final is placed again after its backoff: a drain, a lost runner)."""
+    return status != DELETED and not (status == FAILED and gave_up)
+
+
 # The workflow of one attempt, in the seed's order, with the status an
 # instance shows while that step is not complete on every runner.
 DOWNLOAD, CONNECT, LOAD, WARMUP, UNLOAD = "download", "connect", "load", "warmup", "unload"
