@@ -118,18 +118,21 @@ class SoakCluster:
                     raise
         return written
 
-    async def inject(self, fault: Fault, nc: NATS) -> str:
-        """Put `fault` into effect, hold it, take it away; what was done, in words."""
+    async def inject(self, fault: Fault, nc: NATS, in_effect: asyncio.Event) -> str:
+        """Put `fault` into effect (then set `in_effect`), hold it, take it away; what was done, in words."""
         if fault.kind == KILL:
+            in_effect.set()  # the kill is the thread's first step
             return await asyncio.to_thread(self._kill, fault.target)
         if fault.kind == LEADER:
             leader = await self.d.stream_leader(nc)
+            in_effect.set()
             await asyncio.to_thread(self.d.kill_server, leader)
             return f"SIGKILL of the EXO_LOG leader {leader}, started again"
         if fault.kind == STOP:
             pids = self.pids(fault.target)
             for pid in pids:
                 os.kill(pid, signal.SIGSTOP)
+            in_effect.set()
             try:
                 await asyncio.sleep(fault.hold_s)  # the fault's length
             finally:
@@ -139,6 +142,7 @@ class SoakCluster:
         if fault.kind == CUT:
             host = self.lan[fault.target]
             host.link_down()
+            in_effect.set()
             try:
                 await asyncio.sleep(fault.hold_s)  # the fault's length
             finally:
@@ -146,6 +150,7 @@ class SoakCluster:
             return f"{fault.target}'s host cut off for {fault.hold_s} s"
         assert fault.kind == STORE, fault
         filled = await asyncio.to_thread(self._fill, fault.target)
+        in_effect.set()
         try:
             await asyncio.sleep(fault.hold_s)  # the fault's length
         finally:

@@ -64,21 +64,40 @@ def _rss(c: SoakCluster) -> dict[tuple[str, int], int]:
     return out
 
 
-async def _recover(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, fault: Fault, done: str) -> Recovery:
-    """From the fault's end until a chat is answered through the API and both supervisors hold our state."""
-    rec = Recovery(fault, done)
+async def _answered(load: Load, errors: list[str], what: str, after: asyncio.Event | None = None) -> float:
+    """Probe chats through the API (once `after` is set) until one is answered; the seconds that
+    took (what the others met, in `errors`)."""
+    if after is not None:
+        await after.wait()
     start = time.monotonic()
     try:
         async with asyncio.timeout(RECOVERY_BOUND_S):
             while (probe := await load.chat(PROBE_TOKENS)).outcome != "completed":
-                rec.errors.append(probe.error or probe.outcome)
+                errors.append(probe.error or probe.outcome)
                 await asyncio.sleep(PROBE_AGAIN_S)  # the probes' pace, not a synchronisation
     except TimeoutError:
-        met = ", ".join(f"{e} x{n}" for e, n in Counter(rec.errors).items())
-        raise AssertionError(f"no chat answered within {RECOVERY_BOUND_S} s of {fault} ({done}): {met}") from None
-    rec.answered_s = time.monotonic() - start
+        met = ", ".join(f"{e} x{n}" for e, n in Counter(errors).items())
+        raise AssertionError(f"no chat answered within {RECOVERY_BOUND_S} s of {what}: {met}") from None
+    return time.monotonic() - start
+
+
+async def _fault(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, fault: Fault) -> Recovery:
+    """Inject `fault` with a probe chat under way from its start (how long chats went unanswered),
+    then, from its end, until a chat is answered again and both supervisors hold our state."""
+    rec = Recovery(fault, "")
+    in_effect = asyncio.Event()
+    during = asyncio.ensure_future(_answered(load, rec.errors, str(fault), in_effect))
+    try:
+        rec.done = await c.inject(fault, nc, in_effect)
+    except BaseException:
+        during.cancel()
+        raise
+    ended = time.monotonic()
+    rec.unanswered_s = await during
+    await _answered(load, rec.errors, f"the end of {fault}")
+    rec.answered_s = time.monotonic() - ended
     await check.supervisors_agree(nc, fold, str(fault))
-    rec.agreed_s = time.monotonic() - start - rec.answered_s
+    rec.agreed_s = time.monotonic() - ended - rec.answered_s
     logger.info(f"soak: recovered from {rec.why()}")
     return rec
 
@@ -150,8 +169,7 @@ async def test_random_faults_under_load(
                     await asyncio.sleep(fault.gap_s)  # the schedule's quiet time between faults
                     injected.append(fault)
                     logger.info(f"soak: fault {fault}")
-                    done = await c.inject(fault, nc)
-                    recoveries.append(await _recover(c, nc, fold, load, fault, done))
+                    recoveries.append(await _fault(c, nc, fold, load, fault))
                     await _checked(c, fold, load, acks, str(fault))
                     if rss_at_5 is None and time.monotonic() - began > RSS_AFTER_S:
                         rss_at_5 = _rss(c)
