@@ -19,6 +19,7 @@ from exojet.bus.chat_ends import (
     REQUEST_REFUSALS,
     ChatCancelled,
     ChatError,
+    ChatIncapable,
     ChatLost,
     ChatNotRouted,
     ChatQueueFull,
@@ -52,6 +53,8 @@ def api_error(err: ChatError) -> ApiError:
             return ApiError(504, detail, type="server_error", code="timed_out")
         case ChatUnfinished(error_type=error_type) if error_type in REQUEST_REFUSALS:
             return ApiError(400, detail, type="invalid_request_error", code=error_type)
+        case ChatIncapable():
+            return ApiError(400, err.detail, type="invalid_request_error", code="CapabilityMissing")
         case ChatUnfinished(error_type=error_type):
             return ApiError(500, detail, type="server_error", code=error_type)
         case ChatTooManyChoices():

@@ -31,7 +31,7 @@ from exojet.bus.nats import client
 from exojet.bus.views import RunnerView
 from exojet.projections.placing import shown_reason
 from exojet.projections.timeline import Mark
-from exojet.projections.words import chats_busy, load_words
+from exojet.projections.words import can_words, chats_busy, load_words
 
 STATIC = Path(__file__).parent / "static"
 RECENT_TASKS = 20
@@ -69,9 +69,10 @@ def _gib(n: int) -> str:
 def _runner_row(r: dict[str, Any]) -> str:
     rid = _e(r["runner_id"])
     memory = f"{_gib(r['memory_free'])} free of {_gib(r['memory_total'])}" if r["memory_total"] else ""
+    view = msgspec.convert(r, RunnerView)
     return (
         f'<tr id="runner-{rid}"><td>{rid}</td><td class="status">{_e(r["status"])}</td><td>{_e(r["model_id"])}</td>'
-        f'<td class="chats">{_e(chats_busy(msgspec.convert(r, RunnerView)))}</td><td>{_e(memory)}</td>'
+        f'<td class="chats">{_e(chats_busy(view))}</td><td class="can">{_e(can_words(view))}</td><td>{_e(memory)}</td>'
         f'<td class="since" data-runner="{rid}">-</td><td>{_e(r["error_message"])}</td></tr>'
     )
 
@@ -153,8 +154,8 @@ def render_page(snap: dict[str, Any]) -> str:
 <header><h1>exojet</h1><span>log seq <span id="seq">{snap["seq"]}</span></span>
 <span id="conn">static view (scripts off or not yet live)</span></header>
 <section id="runners"><h2>Runners</h2>
-<table><thead><tr><th>runner</th><th>status</th><th>model</th><th>chats</th><th>memory</th><th>last heartbeat</th>
-<th>error</th></tr>
+<table><thead><tr><th>runner</th><th>status</th><th>model</th><th>chats</th><th>can do</th><th>memory</th>
+<th>last heartbeat</th><th>error</th></tr>
 </thead><tbody>{runner_rows}</tbody></table>{"" if runners else empty}</section>
 <section id="instances"><h2>Instances</h2>
 <table><thead><tr><th>instance</th><th>model</th><th>status</th><th>runners</th><th>reason</th></tr></thead>

@@ -16,6 +16,8 @@ REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
 # A supervisor's refusal (`ChatRefused.error_type`) of a chat asking for more answers (`n`) than
 # any Ready instance of its model serves at once.
 TOO_MANY_CHOICES = "TooManyChoices"
+# A supervisor's refusal of a chat needing a capability no Ready instance of its model states.
+CAPABILITY_MISSING = "CapabilityMissing"
 
 
 class Ended(msgspec.Struct, frozen=True):
@@ -46,6 +48,11 @@ class ChatQueueFull(ChatError):
     """A supervisor refused it (`ChatRefused`): every instance of its model is busy and its queue full."""
 
 
+class ChatIncapable(ChatError):
+    """A supervisor refused it (`ChatRefused`, `CapabilityMissing`): no Ready instance of its model
+    states a capability it needs (bus/capabilities.py); the request's fault, as the runner's refusals."""
+
+
 class ChatTooManyChoices(ChatError):
     """A supervisor refused it: it asks for more answers (`n`) than any instance serves at once."""
 
@@ -54,6 +61,8 @@ def refusal(chat_id: str, error_type: str, reason: str) -> ChatError:
     """The end of a chat a supervisor refused (`ChatRefused`)."""
     if error_type == TOO_MANY_CHOICES:
         return ChatTooManyChoices(chat_id, reason)
+    if error_type == CAPABILITY_MISSING:
+        return ChatIncapable(chat_id, f"{error_type}: {reason}")
     return ChatQueueFull(chat_id, f"{error_type}: {reason}")
 
 

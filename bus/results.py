@@ -35,7 +35,8 @@ class DownloadResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
-    """A LoadModel's: the model, the layers this runner holds, the engine, and how many chats it serves at once."""
+    """A LoadModel's: the model, the layers this runner holds, the engine, how many chats it serves at
+    once and what it can do with them."""
 
     model_id: str = ""
     n_layers: int | None = None
@@ -46,6 +47,10 @@ class LoadResult(msgspec.Struct, frozen=True, kw_only=True):
     weights_reason: str = ""
     engine: str = ""
     chat_capacity: Annotated[int, msgspec.Meta(ge=1)] = 1
+    # What it can do with the model beyond a plain chat (bus/capabilities.py's names; none from a
+    # runner older than the field). Names, not the Literal: a newer runner's name this version does
+    # not know must not make the whole result unreadable.
+    capabilities: tuple[str, ...] = ()
     # Why this engine, when another crashed on this model.
     engine_reason: str | None = None
 

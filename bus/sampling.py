@@ -45,7 +45,20 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
 GREEDY = Sampling()
 
 
-class Sampled(Protocol):
+class Reported(Protocol):
+    """The sampling fields an engine may not implement (bus/capabilities.py reads them)."""
+
+    @property
+    def logprobs(self) -> bool | None: ...
+    @property
+    def top_logprobs(self) -> int | None: ...
+    @property
+    def n(self) -> int | None: ...
+    @property
+    def logit_bias(self) -> dict[int, float] | None: ...
+
+
+class Sampled(Reported, Protocol):
     """A message carrying the sampling fields flat."""
 
     @property
@@ -58,14 +71,6 @@ class Sampled(Protocol):
     def seed(self) -> int | None: ...
     @property
     def stop(self) -> str | tuple[str, ...] | None: ...
-    @property
-    def logprobs(self) -> bool | None: ...
-    @property
-    def top_logprobs(self) -> int | None: ...
-    @property
-    def n(self) -> int | None: ...
-    @property
-    def logit_bias(self) -> dict[int, float] | None: ...
 
 
 def sampling_of(message: Sampled) -> Sampling:

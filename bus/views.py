@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from exojet.bus.capabilities import Capabilities
 from exojet.bus.commands import RouteChatCompletion
 from exojet.bus.events import Placement
 from exojet.bus.statuses import UNREGISTERED, ChatStatus, InstanceStatus, RunnerState, TaskStatus
@@ -32,6 +33,9 @@ class RunnerView(msgspec.Struct, kw_only=True):
     running_tasks: list[str] = []
     # Chats it serves at once on its loaded model (its LoadModel's result says; 1 without one).
     chat_capacity: int = 1
+    # What it can do with its loaded model beyond a plain chat (its LoadModel's result says; none
+    # without one, and from a runner older than the field).
+    capabilities: Capabilities = ()
     # The last chats it was given, named by projections.conversations (their cache it may hold).
     conversations: list[str] = []
     # Sequence of this runner's newest message on its own event subject: the

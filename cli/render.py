@@ -21,7 +21,7 @@ from exojet.bus.results import LoadResult, result_as
 from exojet.bus.statuses import TaskStatus
 from exojet.bus.views import InstanceView, RunnerView, TaskView
 from exojet.projections.placing import shown_reason
-from exojet.projections.words import chats_busy, load_words
+from exojet.projections.words import can_words, chats_busy, instance_can_words, load_words
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -49,12 +49,13 @@ def render_runner_rows(runners: dict[str, RunnerView], engines: dict[str, str] |
             r.model_id,
             (engines or {}).get(r.runner_id),
             chats_busy(r) or None,
+            can_words(r) or None,
             ", ".join(r.running_tasks) or None,
             r.last_event_seq,
         ]
         for r in sorted(runners.values(), key=lambda r: r.runner_id)
     ]
-    return table(["RUNNER", "STATUS", "INC", "MODEL", "ENGINE", "CHATS", "TASKS", "LAST SEQ"], rows)
+    return table(["RUNNER", "STATUS", "INC", "MODEL", "ENGINE", "CHATS", "CAN DO", "TASKS", "LAST SEQ"], rows)
 
 
 def serving_engines(tasks: list[TaskView]) -> dict[str, str]:
@@ -79,9 +80,11 @@ def render_task_rows(tasks: list[TaskView]) -> str:
     return table(["TASK", "TYPE", "RUNNER", "STATUS", "SEQ", "UPDATED", "ERROR"], rows)
 
 
-def render_instance_rows(instances: dict[str, InstanceView], waiting: dict[str, str]) -> str:
+def render_instance_rows(
+    instances: dict[str, InstanceView], waiting: dict[str, str], runners: dict[str, RunnerView] | None = None
+) -> str:
     """Instances: status (with the reason of a failure, or what a Placing one waits for), attempt,
-    runners and their layers."""
+    runners and their layers, and (given the runners) what a Ready one can do."""
     rows = []
     for i in sorted(instances.values(), key=lambda i: i.created_seq):
         status = i.status + (" (gave up)" if i.gave_up else "")
@@ -94,10 +97,11 @@ def render_instance_rows(instances: dict[str, InstanceView], waiting: dict[str, 
                 i.attempt,
                 placed,
                 i.chats_in_flight,
+                (instance_can_words(i, runners) or None) if runners is not None and i.status == "Ready" else None,
                 shown_reason(i.reason, waiting.get(i.instance_id)),
             ]
         )
-    return table(["INSTANCE", "MODEL", "STATUS", "ATTEMPT", "RUNNERS", "CHATS", "REASON"], rows)
+    return table(["INSTANCE", "MODEL", "STATUS", "ATTEMPT", "RUNNERS", "CHATS", "CAN DO", "REASON"], rows)
 
 
 def _placement(p: Placement) -> str:
@@ -133,7 +137,7 @@ def render_state(reply: StateReply) -> str:
         parts += [
             "",
             f"instances{_page_note(reply.instances_page, len(reply.instances))}",
-            render_instance_rows(reply.instances, reply.waiting),
+            render_instance_rows(reply.instances, reply.waiting, reply.runners),
         ]
     if reply.pending_chat_count:
         parts += ["", f"{reply.pending_chat_count} chats waiting for a Ready instance"]

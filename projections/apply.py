@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 
 from exojet.bus import subjects
+from exojet.bus.capabilities import capabilities
 from exojet.bus.codec import BadInput, decode_event, decode_task
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import (
@@ -239,6 +240,7 @@ def _register(state: ClusterState, env: Envelope, runner: RunnerView, event: Run
     # RunnerRestarted first thing), so every terminal status is in the log.
     runner.running_tasks = []
     runner.chat_capacity = 1
+    runner.capabilities = ()
     runner.conversations = []
     runner.incarnation = event.incarnation
     runner.status = UNREGISTERED
@@ -267,6 +269,7 @@ def _set_status(
         # The model and its caches are gone.
         runner.model_id = None
         runner.chat_capacity = 1
+        runner.capabilities = ()
         runner.conversations = []
 
 
@@ -315,6 +318,7 @@ def _task_status(state: ClusterState, env: Envelope, runner: RunnerView, event: 
         runner.model_id = task.model_id
         loaded = result_as(LoadResult, event.result)
         runner.chat_capacity = loaded.chat_capacity if loaded is not None else 1
+        runner.capabilities = capabilities(loaded.capabilities) if loaded is not None else ()
     if task.status in TERMINAL_TASK_STATUSES:
         _finished(state, env, task)
     if task.instance_id is not None:

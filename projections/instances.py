@@ -25,8 +25,10 @@ no clock, state updated in place.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
+from exojet.bus.capabilities import Capabilities, common
 from exojet.bus.codec import BadInput, decode_command
 from exojet.bus.commands import (
     CancelChat,
@@ -49,7 +51,7 @@ from exojet.bus.ids import chat_id_of, chat_task_id, instance_id_of, step_task_i
 from exojet.bus.sampling import choices
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, UNREGISTERED, ChatStatus, InstanceStatus, TaskStatus
 from exojet.bus.tasks import ChatCompletion
-from exojet.bus.views import Anomaly, InstanceView, RoutedChatView, TaskView
+from exojet.bus.views import Anomaly, InstanceView, RoutedChatView, RunnerView, TaskView
 from exojet.projections import retention
 from exojet.projections.state import ClusterState
 
@@ -346,3 +348,8 @@ def on_task_status(state: ClusterState, env: Envelope, task: TaskView) -> None:
     if inst is not None and inst.status not in ENDED_STATUSES and task.task_type != "ChatCompletion":
         refresh_status(state, inst)
         inst.updated_seq = env.seq
+
+
+def instance_capabilities(runners: Mapping[str, RunnerView], inst: InstanceView) -> Capabilities:
+    """What an instance can do beyond a plain chat: what every runner of it states."""
+    return common(r.capabilities if (r := runners.get(p.runner_id)) is not None else () for p in inst.placements)

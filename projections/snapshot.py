@@ -20,7 +20,8 @@ class SnapshotError(ValueError):
 
 # The shape of `ClusterState` a snapshot holds; a snapshot of another shape is not read (the
 # log is folded from its start instead). 2: a runner's `running_tasks` and `chat_capacity`.
-SHAPE = 2
+# 3: a runner's `capabilities` (a snapshot without them would send it no chat needing one).
+SHAPE = 3
 
 
 class Snapshot(msgspec.Struct):

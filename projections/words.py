@@ -5,6 +5,7 @@ Pure: a message is judged against the state before it, never against a clock.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -50,7 +51,8 @@ from exojet.bus.tasks import (
     UnloadModel,
     task_type,
 )
-from exojet.bus.views import RunnerView
+from exojet.bus.views import InstanceView, RunnerView
+from exojet.projections.instances import instance_capabilities
 from exojet.projections.state import ClusterState
 
 Message = Task | Event | Command | CancelTask | BadInput
@@ -122,6 +124,17 @@ def chats_busy(runner: RunnerView) -> str:
         return ""
     running = len(runner.running_tasks) if runner.status == "RunnerRunning" else 0
     return f"{running}/{runner.chat_capacity}"
+
+
+def can_words(runner: RunnerView) -> str:
+    """What a runner can do with its loaded model beyond a plain chat ("raw, tools"), as the page
+    and `state` show it; empty when it states nothing."""
+    return ", ".join(runner.capabilities)
+
+
+def instance_can_words(inst: InstanceView, runners: Mapping[str, RunnerView]) -> str:
+    """What an instance can do, as `state` shows it (projections/instances.py `instance_capabilities`)."""
+    return ", ".join(instance_capabilities(runners, inst))
 
 
 def _mb(n: int) -> str:

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from exojet.bus.capabilities import Capabilities
 from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded, Token
 
@@ -41,6 +42,9 @@ class EngineBackend(Protocol):
     # Generations it serves at once, each `generate` called from a thread of its own
     # (1: one at a time, on the child's main thread).
     capacity: int
+    # What it can do beyond a plain chat (bus/capabilities.py): stated in `loaded()`, and the
+    # child refuses a chat that needs more before the engine sees it.
+    capabilities: Capabilities
 
     @property
     def context_length(self) -> int | None:

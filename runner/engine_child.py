@@ -28,6 +28,7 @@ from typing import Any
 import msgspec
 from loguru import logger
 
+from exojet.bus.capabilities import missing, needed, words
 from exojet.bus.logprobs import TokenLogprob
 from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_backend import EngineBackend, RequestError, fault_point, open_engine
@@ -260,6 +261,9 @@ class EngineChild:
             raise RequestError("NotLoaded", "no model is loaded")
         if req.max_tokens < 1:
             raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
+        if lacking := missing(needed(req), self.engine.capabilities):
+            # Refused, not ignored: an answer that skipped its constraint would look like one.
+            raise RequestError("InvalidRequest", f"{self.engine.engine} cannot do {words(lacking)} with this model")
         fault_point(self.engine.engine, "warmup" if not stream else "generate")
         self.served += 1
         writer = TokenWriter(self.pipe if stream else None, req.request_id, lambda: flush_interval(len(self.threads)))

@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 import psutil
 
+from exojet.bus.capabilities import Capabilities
 from exojet.bus.results import ChoiceResult
 from exojet.bus.tools import wanted_tools
 from exojet.runner import generic_tools
@@ -179,6 +180,7 @@ class LlamaCppEngine:
 
     engine = "llamacpp"
     capacity = SLOTS
+    capabilities: Capabilities = ("logit_bias", "logprobs", "n", "raw", "response_format", "tools")
 
     def __init__(self, req: Load) -> None:
         import xllamacpp
@@ -215,6 +217,7 @@ class LlamaCppEngine:
             weights_reason=f"llama.cpp runs the GGUF as stored ({self.path.name})",
             engine=self.engine,
             chat_capacity=self.capacity,
+            capabilities=self.capabilities,
         )
 
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:

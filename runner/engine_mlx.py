@@ -22,6 +22,7 @@ from typing import Any, Literal
 import msgspec
 from loguru import logger
 
+from exojet.bus.capabilities import Capabilities
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan, chat_message, plan_answer
 from exojet.runner.answer_stream import AnswerStream, ToolSyntax
@@ -70,6 +71,10 @@ class MlxEngine:
 
     def __init__(self, req: Load, group: Any, on_layer: Callable[[int, int], None]) -> None:
         self.group = group
+        # A pipeline rank runs no per-chat logits processor (a grammar's mask, a bias) and reports no
+        # logprobs, so it states none of those; n > 1 is not served on MLX yet (issue 30).
+        whole: Capabilities = ("logit_bias", "logprobs", "raw", "response_format", "tools")
+        self.capabilities: Capabilities = ("raw",) if group is not None else whole
         self.model: Any = None
         self.tokenizer: Any = None
         self._context: int | None = None
@@ -196,6 +201,7 @@ class MlxEngine:
             weights_reason=reason,
             engine=self.engine,
             chat_capacity=self.capacity,
+            capabilities=self.capabilities,
         )
 
     def close(self) -> None:
@@ -211,9 +217,6 @@ class MlxEngine:
 
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
-        if req.n > 1:
-            # Refused, not ignored: one answer would look like all there are.
-            raise RequestError("InvalidRequest", "MLX serves no n > 1 yet (issue 30): ask for one answer")
         if req.logprobs and req.tools:
             raise RequestError("InvalidRequest", "MLX reports no logprobs beside tools")
         try:
@@ -231,9 +234,7 @@ class MlxEngine:
         check_fits(len(prompt), req.max_tokens, self._context)
         processors: tuple[LogitsProcessor, ...] = ()
         if plan.grammar is not None:
-            if self.group is not None:
-                raise RequestError("InvalidRequest", "a pipeline group decodes no grammar (tools, response_format)")
-            assert self._grammars is not None
+            assert self._grammars is not None  # a pipeline rank states no grammar, so it gets none
             processors = (self._grammars.mask(plan.grammar),)
         if req.logit_bias:
             processors += (bias_processor(req.logit_bias, vocab_size(self.model, self.tokenizer)),)

@@ -23,6 +23,7 @@ from typing import Literal
 
 import msgspec
 
+from exojet.bus.capabilities import Capabilities
 from exojet.bus.logprobs import Logprobs
 from exojet.bus.results import ChoiceResult, FinishReason
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
@@ -140,6 +141,8 @@ class ModelLoaded(msgspec.Struct, tag=True, frozen=True):
     engine_reason: str = ""
     # Generations the engine serves at once on this model (llama.cpp's slots; MLX: 1).
     chat_capacity: int = 1
+    # What it can do with the model beyond a plain chat (bus/capabilities.py).
+    capabilities: Capabilities = ()
 
 
 class LayersLoaded(msgspec.Struct, tag=True, frozen=True):

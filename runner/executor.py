@@ -195,6 +195,7 @@ class Executor:
             weights_reason=loaded.weights_reason,
             engine=loaded.engine,
             chat_capacity=self.chat_capacity,
+            capabilities=loaded.capabilities,
             # Why this engine, when another crashed on this model (runner/engine_crashes.py).
             engine_reason=loaded.engine_reason or None,
         )

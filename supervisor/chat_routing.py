@@ -1,4 +1,5 @@
-"""Routing chats: each pending chat to a Ready instance of its model, or refused when all are full.
+"""Routing chats: each pending chat to a Ready instance of its model that can do what it asks, or
+refused when none can (`CapabilityMissing`) or all are full (`QueueFull`).
 
 Pure, like the planner that calls it.
 """
@@ -6,14 +7,15 @@ Pure, like the planner that calls it.
 from __future__ import annotations
 
 from exojet.bus import sampling
-from exojet.bus.chat_ends import TOO_MANY_CHOICES
+from exojet.bus.capabilities import Capabilities, missing, needed, words
+from exojet.bus.chat_ends import CAPABILITY_MISSING, TOO_MANY_CHOICES
 from exojet.bus.events import ChatRefused
 from exojet.bus.ids import chat_task_id
 from exojet.bus.tasks import ChatCompletion
 from exojet.bus.tools import shape_fields, shape_of
 from exojet.bus.views import InstanceView, RoutedChatView
 from exojet.projections.conversations import prefix_names, reused_messages
-from exojet.projections.instances import READY
+from exojet.projections.instances import READY, instance_capabilities
 from exojet.projections.placing import drained_placements
 from exojet.projections.state import ClusterState
 from exojet.supervisor.actions import Action, PlannerConfig, SendTask, WriteEvent
@@ -29,7 +31,8 @@ def chat_capacity(state: ClusterState, inst: InstanceView) -> int:
 
 
 def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
-    """Each pending chat to a Ready instance of its model with free capacity: the one whose runner
+    """Each pending chat to a Ready instance of its model that states every capability it needs
+    (refused when none does) with free capacity: the one whose runner
     was given the longest earlier turn of the same conversation (its engine holds that turn's
     cache), else the one with the most free capacity; with none free, to the one with the shortest
     queue, where it waits in its runner's queue (routed: an API waiting for it to be routed is
@@ -46,9 +49,16 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
         if chat.request is None:
             continue
         if chat.instance_id is None:
-            candidates = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
-            if not candidates:
+            of_model = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
+            if not of_model:
                 continue  # waits for a Ready instance of its model
+            need = needed(chat.request)
+            candidates = [
+                i for i in of_model if not missing(need, instance_capabilities(state.runners, state.instances[i]))
+            ]
+            if not candidates:
+                actions.append(_incapable(state, chat, of_model, need))
+                continue
             n = sampling.choices(chat.request)
             if n > (most := max(capacity[i] for i in candidates)):
                 actions.append(_refuse_choices(chat, n, most))
@@ -114,6 +124,23 @@ def _refuse_choices(chat: RoutedChatView, n: int, most: int) -> WriteEvent:
         chat_id=chat.chat_id,
         error_type=TOO_MANY_CHOICES,
         reason=f"n={n} answers are more than any Ready instance of {model} serves at once ({most}); ask for fewer",
+    )
+    return WriteEvent(event)
+
+
+def _incapable(state: ClusterState, chat: RoutedChatView, instances: list[str], need: Capabilities) -> WriteEvent:
+    """The chat needs what no Ready instance of its model states: refused, never sent to one that
+    would ignore the fields it cannot do."""
+    stated = []
+    for instance_id in instances:
+        inst = state.instances[instance_id]
+        runners = ", ".join(p.runner_id for p in inst.placements)
+        stated.append(f"{instance_id} (on {runners}) can do {words(instance_capabilities(state.runners, inst))}")
+    event = ChatRefused(
+        event_id=f"{chat.chat_id}:refused",
+        chat_id=chat.chat_id,
+        error_type=CAPABILITY_MISSING,
+        reason=f"no instance of {chat.model_id or 'any model'} can do {words(need)}: " + "; ".join(stated),
     )
     return WriteEvent(event)
 

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import pytest_asyncio
 
+from exojet.bus.capabilities import KNOWN, WORDS, Capability, needed
 from exojet.bus.tools import (
     FunctionDef,
     FunctionName,
@@ -473,9 +474,46 @@ async def collect_calls(engine: Engine, req: Generate) -> tuple[list[ToolCallDel
     raise AssertionError("generation ended without Done")
 
 
+# A request needing each capability (bus/capabilities.py), and nothing else.
+NEEDING: dict[Capability, Generate] = {
+    "logit_bias": Generate(messages=PROMPT, max_tokens=4, logit_bias={1: -5.0}),
+    "logprobs": Generate(messages=PROMPT, max_tokens=4, logprobs=True),
+    "n": Generate(messages=PROMPT, max_tokens=4, n=2),
+    "raw": Generate(messages=PROMPT, max_tokens=4, raw=True),
+    "response_format": Generate(messages=PROMPT, max_tokens=4, response_format=ResponseFormat(type="json_object")),
+    "tools": Generate(messages=PROMPT, max_tokens=4, tools=(WEATHER,)),
+}
+
+
+async def stated(engine: Engine, model_path: Path, capability: Capability) -> None:
+    """Load the model; skip the test when the engine does not state `capability` (then
+    `test_a_chat_needing_what_the_engine_does_not_state_is_refused` holds it to that)."""
+    loaded = await engine.load(str(model_path))
+    if capability not in loaded.capabilities:
+        pytest.skip(f"{engine.wanted} states no {capability} with this model")
+
+
 class ToolsContract:
-    """Tool calls and structured output: part of every engine's contract (each engine's test
-    classes mix it in beside EngineContract)."""
+    """Tool calls and structured output, held to what the engine states it can do."""
+
+    @class_loop
+    @pytest.mark.timeout(60)
+    async def test_a_chat_needing_what_the_engine_does_not_state_is_refused(
+        self, engine: Engine, model_path: Path
+    ) -> None:
+        loaded = await engine.load(str(model_path))
+        assert set(NEEDING) == set(KNOWN)
+        assert all(needed(NEEDING[c]) == (c,) for c in KNOWN)
+        lacking = [c for c in KNOWN if c not in loaded.capabilities]
+        if not lacking:
+            pytest.skip(f"{engine.wanted} states every capability")
+        for capability in lacking:
+            with pytest.raises(EngineError) as err:
+                await collect(engine, NEEDING[capability])
+            assert err.value.error_type == "InvalidRequest"
+            assert WORDS[capability] in str(err.value)
+        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        assert done.completion_tokens >= 1  # it serves on
 
     @class_loop
     @pytest.mark.timeout(120)
@@ -485,7 +523,7 @@ class ToolsContract:
     async def test_a_required_call_is_valid_against_its_function_schema(
         self, engine: Engine, model_path: Path, choice: ToolChoice
     ) -> None:
-        await engine.load(str(model_path))
+        await stated(engine, model_path, "tools")
         ask = [Message(role="user", content="what is the weather in paris?")]
         req = Generate(
             messages=ask, max_tokens=200, tools=(WEATHER, CLOCK), tool_choice=choice, parallel_tool_calls=False
@@ -506,7 +544,7 @@ class ToolsContract:
     @class_loop
     @pytest.mark.timeout(120)
     async def test_a_json_schema_answer_parses_and_validates(self, engine: Engine, model_path: Path) -> None:
-        await engine.load(str(model_path))
+        await stated(engine, model_path, "response_format")
         schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
         for topic in TOPICS[:3]:
             ask = [Message(role="user", content=f"how many {topic}? answer in JSON")]

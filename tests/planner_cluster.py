@@ -10,6 +10,7 @@ import msgspec
 import pytest
 
 from exojet.bus import subjects
+from exojet.bus.capabilities import KNOWN
 from exojet.bus.codec import encode
 from exojet.bus.commands import PlaceInstance
 from exojet.bus.envelope import Envelope
@@ -71,6 +72,9 @@ class Cluster:
         self.log: list[Envelope] = []
         # What each runner's LoadModel states it serves at once.
         self.chat_capacity = 1
+        # What a runner's LoadModel states it can do (bus/capabilities.py): every capability unless
+        # named here; None states no field at all, as a runner older than capabilities (v0.1.0).
+        self.capabilities: dict[str, tuple[str, ...] | None] = {}
         self.ids = itertools.count()
         self.incarnations: dict[str, int] = {}
         # What a DownloadModel's result reports of the model, as runners do (None: nothing, as older runners).
@@ -136,16 +140,19 @@ class Cluster:
             TaskStatusUpdated,
             task_id=task.task_id,
             task_status=status,
-            result=self._result(task),
+            result=self._result(runner_id, task),
         )
 
-    def _result(self, task: Task) -> dict[str, object] | None:
+    def _result(self, runner_id: str, task: Task) -> dict[str, object] | None:
         if isinstance(task, ChatCompletion):
             return {"text": "hi"}
         if isinstance(task, DownloadModel) and self.model_layers is not None:
             return {"model_id": task.shard.model_id, "n_layers": self.model_layers, "size_bytes": 1234}
         if isinstance(task, LoadModel):
-            return {"chat_capacity": self.chat_capacity}
+            stated = self.capabilities.get(runner_id, KNOWN)
+            if stated is None:
+                return {}
+            return {"chat_capacity": self.chat_capacity, "capabilities": list(stated)}
         return None
 
     def run(

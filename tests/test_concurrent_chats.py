@@ -57,6 +57,7 @@ async def test_chats_run_side_by_side_and_the_runner_moves_once_each_way(
         [load] = [m for _, m in watcher.entries if isinstance(m, TaskStatusUpdated) and m.task_id == "ready-1"][-1:]
         assert load.result is not None and load.result["engine"] == "llamacpp"
         assert load.result["chat_capacity"] == SLOTS
+        assert load.result["capabilities"] == ["logit_bias", "logprobs", "n", "raw", "response_format", "tools"]
         before = watcher.entries[-1][0].seq
 
         ids = ["c0", "c1", "too-long", "c2", "c3"]
@@ -138,6 +139,8 @@ def test_chats_through_the_api_run_at_once_and_metrics_show_the_load(tmp_path: P
         assert all(text and tokens for text, tokens in answers), answers
         state = stack.cli("state")
         assert "0/16" in state  # chats busy of capacity, once they ended
+        # What the runner, and so its instance, can do, in both tables.
+        assert state.count("logit_bias, logprobs, n, raw, response_format, tools") == 2, state
         metrics = httpx.get(f"{stack.base_url[:-3]}/metrics", headers={"Authorization": f"Bearer {API_KEY}"}).text
         values = {
             line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])

@@ -38,6 +38,8 @@ function runnerRow(r) {
     cell(r.model_id),
     // Chats in flight of the capacity, as projections/words.py chats_busy says it.
     cell(r.model_id ? `${r.status === "RunnerRunning" ? r.running_tasks.length : 0}/${r.chat_capacity}` : "", "chats"),
+    // What it can do with its model, as projections/words.py can_words says it.
+    cell((r.capabilities || []).join(", "), "can"),
     cell(r.memory_total ? `${gib(r.memory_free)} free of ${gib(r.memory_total)}` : ""),
     since,
     cell(r.error_message),

@@ -145,7 +145,7 @@ class ChatSession:
 
     async def submit(self, stream: ChatStream, command: RouteChatCompletion) -> None:
         """Publish the chat's RouteChatCompletion and wait until a supervisor routed it (or
-        refused it): ChatNotRouted, ChatQueueFull or ChatCancelled when it was not."""
+        refused it): ChatNotRouted, ChatQueueFull, ChatIncapable or ChatCancelled when it was not."""
         assert command.command_id == stream.command_id, "the command of another chat"
         await client.publish(
             self.js, subjects.COMMANDS, command, msg_id=stream.command_id, timeout=connection.DEDUPED_PUBLISH_TRY_S
