@@ -17,7 +17,8 @@ from exojet.projections.queries import Filters, Paging, instance_reply, runner_r
 from exojet.projections.state import ClusterState
 
 FIXTURES = Path(__file__).parent / "fixtures"
-# Recorded from the untyped answers (dicts of the projection's views), before bus/replies.py.
+# Recorded from the untyped answers (dicts of the projection's views), before bus/replies.py; again
+# when runners gained `capabilities` (the only change: that field in each runner, and so the hashes).
 RECORDED = FIXTURES / "replies-format-1.jsonl.gz"
 
 
