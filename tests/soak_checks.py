@@ -137,12 +137,13 @@ async def supervisors_agree(nc: NATS, fold: SoakFold, what: str, bound: float = 
                     reply = await query(nc, "state", timeout=5.0, min_seq=start, hash=True, limit=1)
                 except QueryFailed:
                     continue
-                seq = reply["seq"]
+                seq, by = reply.seq, reply.supervisor_id
+                assert isinstance(by, str) and isinstance(reply.state_hash, str), reply
                 await fold.until(lambda s, seq=seq: s.seq >= seq, 60, f"after {what}: our fold reaching seq {seq}")
-                assert reply["state_hash"] == fold.hashes[seq], (
-                    f"after {what}: supervisor {reply['supervisor_id']}'s state at seq {seq} is not our fold's"
+                assert reply.state_hash == fold.hashes[seq], (
+                    f"after {what}: supervisor {by}'s state at seq {seq} is not our fold's"
                 )
-                seen[reply["supervisor_id"]] = seq
+                seen[by] = seq
     except TimeoutError:
         raise AssertionError(f"after {what}: only {sorted(seen)} answered within {bound} s") from None
     finally:
