@@ -19,6 +19,7 @@ Sizes alternate so machine drift hits the paths alike; each size of each repeat 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import statistics
 import subprocess
@@ -81,11 +82,11 @@ class BatchGenerate:
 
 
 @contextmanager
-def mlx_lm_server(path: Path, *options: str, timeout: float = 120.0) -> Iterator[str]:
+def mlx_lm_server(path: Path, log_path: Path, *options: str, timeout: float = 120.0) -> Iterator[str]:
     """`mlx_lm.server` on `path` (its default concurrency: 32 decoding, 8 prefilling) with the
-    engine child's BLAS and `options`; yields its OpenAI base URL."""
+    engine child's BLAS and `options`, its output to `log_path`; yields its OpenAI base URL."""
     port = free_port()
-    with tempfile.TemporaryFile() as log:
+    with log_path.open("w+b") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "mlx_lm.server", "--model", str(path), "--port", str(port), *options],
             stdout=log,
@@ -114,7 +115,11 @@ def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
     with serving(model_id, "mlx") as served, tempfile.TemporaryDirectory() as tmp:
         dense = dense_copy(served.model_path, Path(tmp) / "dense")
         direct = BatchGenerate(dense)
-        with mlx_lm_server(dense) as server, mlx_lm_server(dense, "--prompt-cache-size", "0") as uncached:
+        logs = {"server": Path(tmp) / "server.log", "uncached": Path(tmp) / "uncached.log"}
+        with (
+            mlx_lm_server(dense, logs["server"]) as server,
+            mlx_lm_server(dense, logs["uncached"], "--prompt-cache-size", "0") as uncached,
+        ):
             apis = {
                 name: (openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600), served_id)
                 for name, url, served_id in (
@@ -123,18 +128,24 @@ def main(model_id: str, max_tokens: int, repeat: int, sizes: list[int]) -> None:
                     ("uncached", uncached, "default_model"),
                 )
             }
-            results = asyncio.run(_measure(apis, direct, max_tokens, repeat, sizes))
+            results, failures = asyncio.run(_measure(apis, direct, max_tokens, repeat, sizes, logs))
     _report(model_id, max_tokens, repeat, sizes, results)
+    for failure in failures:
+        print(f"failed: {failure}")
 
 
-async def _measure(apis: Apis, direct: BatchGenerate, max_tokens: int, repeat: int, sizes: list[int]) -> Runs:
-    """Per repeat, per size: each API's batch, then batch_generate's right after exojet's."""
+async def _measure(
+    apis: Apis, direct: BatchGenerate, max_tokens: int, repeat: int, sizes: list[int], logs: dict[str, Path]
+) -> tuple[Runs, list[str]]:
+    """Per repeat, per size: each API's batch, then batch_generate's right after exojet's; and the
+    batches that failed, each naming its server (the medians are of those that did not)."""
     warm = REPEAT_OFFSET * (repeat + 1)
     # Warm all up (kernels, a server's first request).
     for api, served_id in apis.values():
         await api_batch(api, served_id, 2, 8, offset=warm)
     direct.batch(2, 8, warm)
     runs: Runs = {name: {b: [] for b in sizes} for name in ("exo", "direct", "server", "uncached")}
+    failures: list[str] = []
     for r in range(repeat):
         for k, size in enumerate(sizes):
             offset = REPEAT_OFFSET * r + SIZE_OFFSET * k
@@ -142,13 +153,21 @@ async def _measure(apis: Apis, direct: BatchGenerate, max_tokens: int, repeat: i
                 try:
                     runs[name][size].append(await api_batch(api, served_id, size, max_tokens, offset))
                 except openai.APIError as err:
-                    # Say which server dropped it (an APIConnectionError names no peer).
-                    raise RuntimeError(f"{name} failed at {size} chats at once: {err!r} ({err.__cause__!r})") from err
+                    # Say which server dropped it (an APIConnectionError names no peer), with its last words.
+                    said = logs[name].read_text(errors="replace").strip().splitlines()[-3:] if name in logs else []
+                    failures.append(f"{name}, {size} chats at once: {err!r} ({err.__cause__!r}); its log: {said}")
+                    if name == "exo":
+                        raise
                 if name == "exo":
                     runs["direct"][size].append(await asyncio.to_thread(direct.batch, size, max_tokens, offset))
     for api, _ in apis.values():
         await api.close()
-    return runs
+    return runs, failures
+
+
+def _median_tps(batches: list[Batch]) -> float:
+    # NaN where every batch failed (listed after the table).
+    return statistics.median(b.tokens_per_second for b in batches) if batches else math.nan
 
 
 def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], runs: Runs) -> None:
@@ -162,16 +181,19 @@ def _report(model_id: str, max_tokens: int, repeat: int, sizes: list[int], runs:
         "exo/bg | exo/server | exo/uncached | first p50/p99 ms: exojet | server | uncached"
     )
     for size in sizes:
-        tps = {name: statistics.median(b.tokens_per_second for b in runs[name][size]) for name in runs}
+        tps = {name: _median_tps(runs[name][size]) for name in runs}
         firsts = {name: [f for b in runs[name][size] for f in b.first_tokens] for name in ("exo", "server", "uncached")}
-        first = {name: f"{_pct(f, 0.5) * 1000:5.0f} / {_pct(f, 0.99) * 1000:5.0f}" for name, f in firsts.items()}
+        first = {
+            name: f"{_pct(f, 0.5) * 1000:5.0f} / {_pct(f, 0.99) * 1000:5.0f}" if f else "failed"
+            for name, f in firsts.items()
+        }
         print(
             f"{size:>3} | {tps['exo']:13.1f} | {tps['direct']:9.1f} | {tps['server']:6.1f} | {tps['uncached']:8.1f} | "
             f"{tps['exo'] / tps['direct']:6.3f} | {tps['exo'] / tps['server']:10.3f} | "
             f"{tps['exo'] / tps['uncached']:12.3f} | {first['exo']:>24} | {first['server']} | {first['uncached']}"
         )
     if 8 in sizes:
-        at8 = {name: statistics.median(b.tokens_per_second for b in runs[name][8]) for name in runs}
+        at8 = {name: _median_tps(runs[name][8]) for name in runs}
         print(f"8 at once, exojet / batch_generate: {at8['exo'] / at8['direct']:.3f} (target >= 0.9)")
         print(f"8 at once, exojet / mlx_lm.server: {at8['exo'] / at8['server']:.3f} (target > 1)")
         print(f"8 at once, exojet / mlx_lm.server without its prompt cache: {at8['exo'] / at8['uncached']:.3f}")
