@@ -31,6 +31,10 @@ async def collect_choices(engine: Engine, req: Generate) -> tuple[dict[int, list
     raise AssertionError("generation ended without Done")
 
 
+def _characters(text: str) -> str:
+    return text.replace("\ufffd", "")
+
+
 def logprobs_of(tokens: list[Token]) -> list[TokenLogprob]:
     return [t for token in tokens for t in token.logprobs]
 
@@ -102,7 +106,11 @@ class LogprobsContract:
             engine, Generate(messages=PROMPT, max_tokens=12, n=2, temperature=1.5, logprobs=True)
         )
         drawn = [done.text, done.choices[0].text]
-        assert ["".join(e.token for e in logprobs_of(sampled[i])) for i in (0, 1)] == drawn
+        # Sampled bytes of a random model are often not UTF-8: the content's decoder (llama.cpp's
+        # whole answer) and each token's may count a broken sequence as one U+FFFD or two, so
+        # the characters are compared without them (6 in 150 seeds differed in that count alone).
+        joined = ["".join(e.token for e in logprobs_of(sampled[i])) for i in (0, 1)]
+        assert [_characters(t) for t in joined] == [_characters(t) for t in drawn]
         assert drawn[0] != drawn[1]  # two draws of near-uniform tokens
 
     @class_loop

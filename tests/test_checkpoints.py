@@ -120,7 +120,7 @@ async def test_the_timeline_answers_as_a_fold_of_the_whole_log(nats_server: Nats
             event, reply = await live.state_at(seq)
             assert event is not None and event["seq"] == seq
             assert msgspec.json.encode(reply) == states[seq], seq
-        assert await live.state_at(len(envelopes) + 1) == (None, {})
+        assert await live.state_at(len(envelopes) + 1) == (None, None)
         live.timeline.busy = live.timeline.at_once
         with pytest.raises(TimelineBusy):
             await live.state_at(1)

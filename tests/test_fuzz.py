@@ -235,8 +235,8 @@ class Target:
         state = await first_answer(self.nc, timeout=30, min_seq=ack.seq)
         assert state.anomaly_count == self.anomalies + 1, payload[:200]
         self.anomalies = state.anomaly_count
-        [newest] = [a for a in state["anomalies"] if a["seq"] == ack.seq]
-        assert newest["kind"] == "BadCommand" and newest["detail"].split(":")[0] in NAMED_COMMAND_ERRORS, newest
+        [newest] = [a for a in state.anomalies if a.seq == ack.seq]
+        assert newest.kind == "BadCommand" and newest.detail.split(":")[0] in NAMED_COMMAND_ERRORS, newest
 
 
 @pytest.fixture

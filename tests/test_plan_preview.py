@@ -31,7 +31,7 @@ def _approved() -> dict[str, list[str]]:
     return lines
 
 
-@pytest.mark.parametrize("archive", sorted(FIXTURES.glob("*.jsonl.gz")), ids=lambda p: p.name)
+@pytest.mark.parametrize("archive", sorted(FIXTURES.glob("log-*.jsonl.gz")), ids=lambda p: p.name)
 def test_a_recorded_log_differs_only_as_approved(archive: Path) -> None:
     envs: list = []
     replay_archive(archive, envs.append)
