@@ -17,7 +17,7 @@ from exojet.api.json_body import decode_object
 from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
 from exojet.bus.sampling import Bias, Choices, Sampling, TopLogprobs
 from exojet.bus.tasks import ChatMessage
-from exojet.bus.tools import FREE, AnswerShape, NamedToolChoice, ResponseFormat, Tool, ToolCall, ToolChoice
+from exojet.bus.tools import FREE, AnswerShape, ResponseFormat, Tool, ToolCall, ToolChoice
 
 DEFAULT_MAX_TOKENS_LIMIT = 16_384
 MAX_STOP_SEQUENCES = 4
@@ -233,24 +233,17 @@ def parse_chat(raw: bytes, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> 
 
 def _shape(body: ChatBody) -> AnswerShape:
     """The tools and format the answer must keep to (ApiError(400) when they do not fit together)."""
-    tools = tuple(body.tools or ())
-    names = {t.function.name for t in tools}
-    if len(names) < len(tools):
-        raise bad_request("tools: two tools have the same name", param="tools", code="invalid_value")
-    choice = body.tool_choice
-    if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
-        raise bad_request(
-            f"tool_choice names {choice.function.name!r}, which is not among the tools", param="tool_choice"
-        )
     fmt = body.response_format
-    if fmt is not None:
-        rules.check(FORMAT_RULES, fmt, at="response_format.")
-    return AnswerShape(
-        tools=tools,
-        tool_choice=choice,
+    shape = AnswerShape(
+        tools=tuple(body.tools or ()),
+        tool_choice=body.tool_choice,
         parallel_tool_calls=body.parallel_tool_calls,
         response_format=None if fmt is None or fmt.type == "text" else fmt,
     )
+    rules.check_tools(shape)
+    if fmt is not None:
+        rules.check(FORMAT_RULES, fmt, at="response_format.")
+    return shape
 
 
 def _check_names(data: dict[str, Any]) -> dict[str, Any]:

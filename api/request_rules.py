@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exojet.api.errors import bad_request
+from exojet.bus.tools import AnswerShape, NamedToolChoice
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ def refuse(data: dict[str, Any], refused: Mapping[str, str]) -> dict[str, Any]:
         if asks(data.get(name)):
             raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
     return {k: v for k, v in data.items() if k not in refused}
+
+
+def check_tools(shape: AnswerShape, tools: str = "tools", choice: str = "tool_choice") -> None:
+    """ApiError(400) when two of `shape`'s tools share a name, or its tool choice names none of them:
+    two rules no JSON Schema can state, the same in every dialect (`tools`, `choice`: the params
+    named, in the dialect's words)."""
+    names = {t.function.name for t in shape.tools}
+    if len(names) < len(shape.tools):
+        raise bad_request(f"{tools}: two tools have the same name", param=tools, code="invalid_value")
+    named = shape.tool_choice
+    if isinstance(named, NamedToolChoice) and named.function.name not in names:
+        raise bad_request(f"{choice} names {named.function.name!r}, which is not among the tools", param=choice)
 
 
 def check(rules: Sequence[Rule], body: object, at: str = "") -> None:
