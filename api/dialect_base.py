@@ -26,8 +26,8 @@ from exojet.bus.chat_ends import ChatError, Ended
 from exojet.bus.chunks import ChoiceDelta
 from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.replies import StateReply
+from exojet.bus.sampling import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.bus.statuses import InstanceStatus
-from exojet.bus.tasks import DEFAULT_MAX_TOKENS as RUNNER_MAX_TOKENS
 from exojet.bus.tools import ToolCallDelta
 from exojet.projections.instances import FAILED, READY, on_its_way
 

@@ -48,6 +48,7 @@ from exojet.bus import subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.nats import client
 from exojet.bus.ops.server import free_port
+from exojet.bus.sampling import Sampling
 from exojet.bus.streams import CHUNKS_STREAM
 from exojet.bus.tasks import ChatCompletion
 from exojet.models.smollm import DEFAULT_MODEL_ID
@@ -145,7 +146,9 @@ class Direct:
                     state["tokens"] = chunk["usage"]["completion_tokens"]
                 return False
 
-            body = chat_body(Generate(messages=[Message("user", PROMPT.format(i))], max_tokens=max_tokens))
+            body = chat_body(
+                Generate(messages=[Message("user", PROMPT.format(i))], sampling=Sampling(max_tokens=max_tokens))
+            )
             self.server.handle_chat_completions(body, on_chunk)
             results[i] = (int(state["tokens"]), state["first"])
 

@@ -54,6 +54,7 @@ from exojet.bus.envelope import Envelope
 from exojet.bus.events import TaskStatusUpdated
 from exojet.bus.nats import client, stream_setup
 from exojet.bus.ops.server import NatsServer
+from exojet.bus.sampling import Sampling
 from exojet.bus.statuses import TERMINAL_TASK_STATUSES, TaskStatus
 from exojet.models.smollm import DEFAULT_MODEL_ID, ensure_default_model
 from exojet.models.store import model_dir
@@ -198,7 +199,9 @@ def direct_llamacpp(gguf: Path) -> Callable[[int], Run]:
             usage.update(chunk.get("usage") or {})
             return False
 
-        server.handle_chat_completions(chat_body(Generate(messages=messages, max_tokens=max_tokens)), on_chunk)
+        server.handle_chat_completions(
+            chat_body(Generate(messages=messages, sampling=Sampling(max_tokens=max_tokens))), on_chunk
+        )
         return Run(
             ttft=arrivals[0] - started,
             tokens=len(arrivals),

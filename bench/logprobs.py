@@ -21,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exojet.bus.sampling import Sampling
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Done, Generate, Message
@@ -48,14 +49,16 @@ async def run(engine_name: str, model: Path, tokens: int, repeat: int) -> None:
     try:
         await engine.load(str(model))
         await engine.warmup()
-        plain = Generate(messages=ASK, max_tokens=tokens)
+        plain = Generate(messages=ASK, sampling=Sampling(max_tokens=tokens))
         cases: dict[str, list[Generate]] = {
             "plain": [plain],
-            "logprobs, top 20": [Generate(messages=ASK, max_tokens=tokens, logprobs=True, top_logprobs=20)],
+            "logprobs, top 20": [
+                Generate(messages=ASK, sampling=Sampling(max_tokens=tokens, logprobs=True, top_logprobs=20))
+            ],
             "4 chats at once": [plain] * 4,
         }
         if engine_name == "llamacpp":
-            cases["n=4, one task"] = [Generate(messages=ASK, max_tokens=tokens, n=4)]
+            cases["n=4, one task"] = [Generate(messages=ASK, sampling=Sampling(max_tokens=tokens, n=4))]
         rates = {}
         for name, reqs in cases.items():
             samples = [await tokens_per_second(engine, reqs) for _ in range(repeat)]

@@ -24,6 +24,7 @@ import psutil  # noqa: E402
 from loguru import logger  # noqa: E402
 
 from exojet.bus.ops.server import free_port  # noqa: E402
+from exojet.bus.sampling import Sampling  # noqa: E402
 from exojet.models.smollm import ensure_default_model  # noqa: E402
 from exojet.runner.engine import Engine  # noqa: E402
 from exojet.runner.engine_protocol import (  # noqa: E402
@@ -38,7 +39,7 @@ PROMPT = [Message(role="user", content="Write a short story about a lighthouse k
 
 async def decode_speed(engines: list[Engine], max_tokens: int) -> float:
     async def one(engine: Engine) -> Done:
-        async for reply in engine.generate(Generate(messages=PROMPT, max_tokens=max_tokens)):
+        async for reply in engine.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=max_tokens))):
             if isinstance(reply, Done):
                 return reply
         raise RuntimeError("generation ended without Done")

@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from exojet.bus.sampling import Sampling
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import schema_grammar
@@ -54,7 +55,7 @@ ANSWER = json.dumps(
 
 def per_token_ms(server: Any, tokens: int, grammar: str | None) -> float:
     """llama.cpp's decode time per token of one answer of exactly `tokens` tokens."""
-    body = chat_body(Generate(messages=ASK, max_tokens=tokens, seed=1))
+    body = chat_body(Generate(messages=ASK, sampling=Sampling(max_tokens=tokens, seed=1)))
     body |= {"ignore_eos": True} | ({"grammar": grammar} if grammar else {})
     chunks: list[dict[str, Any]] = []
     server.handle_chat_completions(json.dumps(body), lambda raw: chunks.append(json.loads(raw)) and False)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.structured_output import ASK, STORY
+from exojet.bus.sampling import Sampling
 from exojet.bus.tools import FunctionDef, Tool
 from exojet.models.smollm import ensure_default_model
 from exojet.runner import generic_tools
@@ -58,7 +59,7 @@ def load(models_dir: Path) -> tuple[Any, Any, str]:
 def step_ms(driver: BatchDriver, prompt: list[int], tokens: int, chats: int, masks: list[Any]) -> float:
     """Milliseconds per decode step of `chats` chats at once, each `tokens` tokens long (with
     `masks[i]` as chat i's logits processor, or free when `masks` is empty)."""
-    req = Generate(messages=ASK, max_tokens=tokens)
+    req = Generate(messages=ASK, sampling=Sampling(max_tokens=tokens))
     handles = [driver.submit(prompt, req, (masks[i],) if masks else ()) for i in range(chats)]
     first_at = None
     steps = 0

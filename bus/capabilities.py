@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Container, Iterable, Sequence
 from typing import Literal, Protocol, get_args
 
-from exojet.bus.sampling import Reported
+from exojet.bus.sampling import Reported, choices
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall
 
 # logit_bias: a bias added to chosen tokens' logits; logprobs: each token's log-probability (and
@@ -44,8 +44,8 @@ class _Message(Protocol):
     def tool_calls(self) -> tuple[ToolCall, ...]: ...
 
 
-class Asking(Reported, Protocol):
-    """A chat as a routed command, a task or an engine request carries it."""
+class Asking(Protocol):
+    """A chat as a routed command, a task or an engine request carries it (its sampling aside)."""
 
     @property
     def messages(self) -> Sequence[_Message]: ...
@@ -63,14 +63,16 @@ def capabilities(names: Iterable[str]) -> Capabilities:
     return _in_order(set(names))
 
 
-def needed(chat: Asking) -> Capabilities:
-    """What a runner must state to be given `chat`: each field it would otherwise ignore."""
+def needed(chat: Asking, sampling: Reported) -> Capabilities:
+    """What a runner must state to be given `chat` sampled by `sampling` (the message itself when it
+    carries the fields flat: a routed command, a task; an engine request's `sampling`): each field
+    it would otherwise ignore."""
     need: set[Capability] = set()
-    if chat.logit_bias:
+    if sampling.logit_bias:
         need.add("logit_bias")
-    if chat.logprobs or chat.top_logprobs:
+    if sampling.logprobs or sampling.top_logprobs:
         need.add("logprobs")
-    if (chat.n or 1) > 1:
+    if choices(sampling) > 1:
         need.add("n")
     if chat.raw:
         need.add("raw")

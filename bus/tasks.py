@@ -69,10 +69,6 @@ class StartWarmup(_Task, frozen=True):
     pass
 
 
-# The answer length of a ChatCompletion that names none (`max_tokens` absent).
-DEFAULT_MAX_TOKENS = 256
-
-
 class ChatCompletion(_Task, frozen=True):
     messages: Annotated[tuple[ChatMessage, ...], msgspec.Meta(min_length=1)]
     # bus/sampling.py's fields, flat (the wire's shape).
@@ -117,10 +113,3 @@ Task = DownloadModel | ConnectToGroup | LoadModel | StartWarmup | ChatCompletion
 def task_type(task: Task) -> str:
     """The task's wire `type`."""
     return type(task).__struct_config__.tag  # type: ignore[return-value]
-
-
-def stop_strings(task: ChatCompletion) -> list[str]:
-    """`stop` as a list, whatever form the user sent."""
-    if task.stop is None:
-        return []
-    return [task.stop] if isinstance(task.stop, str) else list(task.stop)

@@ -22,8 +22,8 @@ from exojet.bus.nats.chat_stream import ChatStream
 from exojet.bus.nats.connection import DEDUPED_PUBLISH_TRY_S
 from exojet.bus.nats.query_client import QueryFailed, query
 from exojet.bus.queries import MAX_LIMIT
-from exojet.bus.sampling import Sampling, fields
-from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, ChatMessage
+from exojet.bus.sampling import DEFAULT_MAX_TOKENS, Sampling, fields
+from exojet.bus.tasks import ChatCompletion, ChatMessage
 from exojet.bus.views import InstanceView
 from exojet.cli.options import Subparsers, add_nats, add_wait_timeout
 from exojet.projections.instances import ENDED_STATUSES, READY

@@ -7,11 +7,12 @@ import asyncio
 import zlib
 from typing import Any, NamedTuple
 
+import msgspec
 from nats.aio.client import Client as NATS
 
 from exojet.bus.results import ChatResult, wire
-from exojet.bus.sampling import choices
-from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Group, stop_strings
+from exojet.bus.sampling import Sampling, sampling_of
+from exojet.bus.tasks import ChatCompletion, Group
 from exojet.runner.chunks import ChunkStream
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Done, Generate, Message, Token
@@ -46,21 +47,13 @@ async def chat(
     request_id = engine.next_request_id()
     request = Generate(
         messages=[Message(m.role, m.content, m.tool_calls, m.tool_call_id) for m in task.messages],
-        max_tokens=task.max_tokens or DEFAULT_MAX_TOKENS,
-        temperature=task.temperature if task.temperature is not None else 0.0,
-        top_p=task.top_p if task.top_p is not None else 1.0,
-        seed=_lockstep_seed(task) if group is not None else task.seed,
-        stop=stop_strings(task),
+        sampling=_lockstep(sampling_of(task), task.stream_id) if group is not None else sampling_of(task),
         raw=task.raw,
         request_id=request_id,
         tools=task.tools,
         tool_choice=task.tool_choice,
         parallel_tool_calls=task.parallel_tool_calls is not False,
         response_format=task.response_format,
-        logprobs=bool(task.logprobs),
-        top_logprobs=task.top_logprobs or 0,
-        n=choices(task),
-        logit_bias=task.logit_bias or {},
     )
     emits = task.emit_rank == (group.rank if group else 0)
     chunks = ChunkStream(nc, runner_id, task.stream_id or task_id, task_id) if emits else None
@@ -110,9 +103,9 @@ async def _cancel_when(stop: asyncio.Event, engine: Engine, request_id: int) -> 
     engine.cancel(request_id)  # it answers Done within a token (in a group, with every rank at the same one)
 
 
-def _lockstep_seed(task: ChatCompletion) -> int | None:
+def _lockstep(sampling: Sampling, stream_id: str | None) -> Sampling:
     """Every rank of a group must sample the same tokens: without a seed of the
     user's, derive one from what all ranks' tasks share (the chat's stream id)."""
-    if task.seed is not None or (task.temperature or 0.0) == 0.0:
-        return task.seed
-    return zlib.crc32((task.stream_id or "").encode())
+    if sampling.seed is not None or sampling.greedy:
+        return sampling
+    return msgspec.structs.replace(sampling, seed=zlib.crc32((stream_id or "").encode()))

@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from exojet.bus.lifecycle import LIFECYCLE
-from exojet.bus.tasks import DEFAULT_MAX_TOKENS, ChatCompletion, Task, task_type
+from exojet.bus.sampling import sampling_of
+from exojet.bus.tasks import ChatCompletion, Task, task_type
 
 # Generous for the slowest machine we run on (a CPU): a deadline is there to end
 # what is stuck, never to cut a healthy task short.
@@ -75,7 +76,7 @@ class Deadlines:
         if not isinstance(task, ChatCompletion):
             return base
         prompt_chars = sum(len(m.content) for m in task.messages)
-        tokens = task.max_tokens or DEFAULT_MAX_TOKENS
+        tokens = sampling_of(task).answer_length
         return base + tokens * self.chat_seconds_per_token + prompt_chars / 1000 * self.chat_seconds_per_prompt_kchar
 
     @classmethod

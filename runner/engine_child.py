@@ -30,6 +30,7 @@ from loguru import logger
 
 from exojet.bus.capabilities import missing, needed, words
 from exojet.bus.logprobs import TokenLogprob
+from exojet.bus.sampling import Sampling
 from exojet.bus.tools import ToolCallDelta
 from exojet.runner.engine_backend import EngineBackend, RequestError, fault_point, open_engine
 from exojet.runner.engine_pipe import Pipe
@@ -236,7 +237,8 @@ class EngineChild:
 
     def warmup(self, _req: Warmup) -> Ok:
         """Generate a few tokens so kernels are compiled before the first request."""
-        self._generate(Generate(messages=[Message(role="user", content="hello")], max_tokens=WARMUP_TOKENS), False)
+        hello = Generate(messages=[Message(role="user", content="hello")], sampling=Sampling(max_tokens=WARMUP_TOKENS))
+        self._generate(hello, False)
         return Ok()
 
     def unload(self, _req: Unload) -> Ok:
@@ -259,9 +261,7 @@ class EngineChild:
     def _generate(self, req: Generate, stream: bool, cancelled: Callable[[], bool] | None = None) -> Done:
         if self.engine is None:
             raise RequestError("NotLoaded", "no model is loaded")
-        if req.max_tokens < 1:
-            raise RequestError("InvalidRequest", f"max_tokens must be at least 1, got {req.max_tokens}")
-        if lacking := missing(needed(req), self.engine.capabilities):
+        if lacking := missing(needed(req, req.sampling), self.engine.capabilities):
             # Refused, not ignored: an answer that skipped its constraint would look like one.
             raise RequestError("InvalidRequest", f"{self.engine.engine} cannot do {words(lacking)} with this model")
         fault_point(self.engine.engine, "warmup" if not stream else "generate")

@@ -26,6 +26,7 @@ import psutil
 
 from exojet.bus.capabilities import Capabilities
 from exojet.bus.results import ChoiceResult
+from exojet.bus.sampling import Sampling, choices
 from exojet.bus.tools import wanted_tools
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import chat_message, plan_answer
@@ -119,30 +120,30 @@ def prompt_cache_mib() -> int:
     return int(min(PROMPT_CACHE_MAX_MIB, free_mib * PROMPT_CACHE_SHARE))
 
 
-def _sampling(req: Generate) -> dict[str, Any]:
-    """The request's sampling as llama.cpp's server takes it: OpenAI's meaning (temperature and
+def _sampling(sampling: Sampling) -> dict[str, Any]:
+    """The chat's sampling as llama.cpp's server takes it: OpenAI's meaning (temperature and
     top_p only), so llama.cpp's own defaults (top_k 40, min_p 0.05) are turned off."""
     body: dict[str, Any] = {
-        "max_tokens": req.max_tokens,
-        "temperature": req.temperature,
-        "top_p": req.top_p,
+        "max_tokens": sampling.answer_length,
+        "temperature": sampling.temperature_or_greedy,
+        "top_p": sampling.top_p_or_all,
         "top_k": 0,
         "min_p": 0.0,
     }
-    if req.logprobs:
+    if (top := sampling.reported_top) is not None:
         body["logprobs"] = True
         # llama.cpp reports no log-probability at all with top_logprobs 0: the top one is cut off here.
-        body["top_logprobs"] = max(1, req.top_logprobs)
-    if req.n > 1:
+        body["top_logprobs"] = max(1, top)
+    if (n := choices(sampling)) > 1:
         # llama.cpp's server computes the prompt once and copies it to n slots, generated together.
-        body["n"] = req.n
-    if req.logit_bias:
-        body["logit_bias"] = {str(token): bias for token, bias in req.logit_bias.items()}
-    if req.seed is not None:
+        body["n"] = n
+    if sampling.biases:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.biases.items()}
+    if sampling.seed is not None:
         # A seeded chat is computed from its whole prompt: one that reused a cached prefix
         # computes its last prompt token alone, whose logits differ in the last bits from a
         # whole prompt's, and a sampled answer then drifts from the same seed's earlier one.
-        body["seed"] = req.seed
+        body["seed"] = sampling.seed
         body["cache_prompt"] = False
     return body
 
@@ -156,7 +157,7 @@ def chat_body(req: Generate, template_has_tools: bool = True) -> dict[str, Any]:
         **text,
         "stream": True,
         "stream_options": {"include_usage": True},
-        **_sampling(req),
+        **_sampling(req.sampling),
     }
 
 
@@ -223,10 +224,11 @@ class LlamaCppEngine:
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         """Generate a chat completion, calling `emit` with each text delta and tool-call piece;
         `cancelled` is asked after each chunk."""
-        if req.max_tokens >= self.context_length:
+        sampling = req.sampling
+        if sampling.answer_length >= self.context_length:
             raise RequestError(
                 "ContextLengthExceeded",
-                f"max_tokens {req.max_tokens} does not fit the model's context window of "
+                f"max_tokens {sampling.answer_length} does not fit the model's context window of "
                 f"{self.context_length} tokens with any prompt; lower max_tokens",
             )
         self._check_choices(req)
@@ -234,7 +236,12 @@ class LlamaCppEngine:
         body = chat_body(req, self.facts.template_has_tools)
         # A generic tool answer is JSON read whole at its end, not text to stream.
         generic = "tools" not in body and bool(wanted_tools(req.tools, req.tool_choice)) and not req.raw
-        state = Generation([] if generic else req.stop, None if generic else emit, req.n, req.top_logprobs)
+        state = Generation(
+            [] if generic else sampling.stop_strings,
+            None if generic else emit,
+            choices(sampling),
+            sampling.reported_top,
+        )
 
         def on_chunk(raw: str) -> bool:
             # xllamacpp swallows a callback's exception (taking it for "stop"): keep it to raise.
@@ -281,11 +288,11 @@ class LlamaCppEngine:
 
     def _check_choices(self, req: Generate) -> None:
         """Refuse what llama.cpp would silently do otherwise (ignore a bias, mix calls of answers)."""
-        if req.n > self.capacity:
-            raise RequestError("InvalidRequest", f"n={req.n} answers do not fit this engine's {self.capacity} slots")
-        if req.n > 1 and wanted_tools(req.tools, req.tool_choice):
+        if (n := choices(req.sampling)) > self.capacity:
+            raise RequestError("InvalidRequest", f"n={n} answers do not fit this engine's {self.capacity} slots")
+        if n > 1 and wanted_tools(req.tools, req.tool_choice):
             raise RequestError("InvalidRequest", "n > 1 with tools is not supported: ask for one answer")
-        beyond = sorted(t for t in req.logit_bias if t >= self.facts.n_vocab)
+        beyond = sorted(t for t in req.sampling.biases if t >= self.facts.n_vocab)
         if beyond:
             raise RequestError(
                 "InvalidRequest",

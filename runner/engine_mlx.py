@@ -217,7 +217,8 @@ class MlxEngine:
 
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
-        if req.logprobs and req.tools:
+        sampling = req.sampling
+        if sampling.reported_top is not None and req.tools:
             raise RequestError("InvalidRequest", "MLX reports no logprobs beside tools")
         try:
             plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
@@ -229,17 +230,17 @@ class MlxEngine:
             raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
         if not prompt:
             raise RequestError("InvalidRequest", "the prompt is empty")
-        if req.seed is not None and not 0 <= req.seed < SEEDS:
-            raise RequestError("InvalidRequest", f"seed {req.seed} is not in [0, 2**64): MLX cannot hold it")
-        check_fits(len(prompt), req.max_tokens, self._context)
+        if sampling.seed is not None and not 0 <= sampling.seed < SEEDS:
+            raise RequestError("InvalidRequest", f"seed {sampling.seed} is not in [0, 2**64): MLX cannot hold it")
+        check_fits(len(prompt), sampling.answer_length, self._context)
         processors: tuple[LogitsProcessor, ...] = ()
         if plan.grammar is not None:
             assert self._grammars is not None  # a pipeline rank states no grammar, so it gets none
             processors = (self._grammars.mask(plan.grammar),)
-        if req.logit_bias:
-            processors += (bias_processor(req.logit_bias, vocab_size(self.model, self.tokenizer)),)
+        if sampling.biases:
+            processors += (bias_processor(sampling.biases, vocab_size(self.model, self.tokenizer)),)
         call_id = generic_tools.call_ids(req.request_id, started)
-        answer = AnswerStream(plan, req.stop, emit, call_id, self._tools, req.parallel_tool_calls)
+        answer = AnswerStream(plan, sampling.stop_strings, emit, call_id, self._tools, req.parallel_tool_calls)
         call = _Call(req, prompt, answer, cancelled, started, processors)
         if self._batch is not None:
             return self._generate_batched(self._batch, call)
@@ -299,14 +300,14 @@ class MlxEngine:
         if stage is not None:
             stage.stop_asked = False
         watchdog = StallWatchdog(STALL_TIMEOUT_S) if in_group else None
-        sampler = make_chat_sampler(call.req)
-        top = call.req.top_logprobs if call.req.logprobs else None
+        sampler = make_chat_sampler(call.req.sampling)
+        top = call.req.sampling.reported_top
         with ring_guard(), watchdog or contextlib.nullcontext():
             for response in stream_generate(
                 self.model,
                 self.tokenizer,
                 call.prompt,
-                max_tokens=call.req.max_tokens,
+                max_tokens=call.req.sampling.answer_length,
                 sampler=sampler,
                 logits_processors=list(call.processors),
             ):

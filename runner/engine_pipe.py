@@ -7,7 +7,10 @@ import os
 import select
 import threading
 
-from exojet.runner.engine_protocol import Reply, Request, encode_frame, frame_length, request_decoder
+import msgspec
+from loguru import logger
+
+from exojet.runner.engine_protocol import Reply, Request, RequestFailed, encode_frame, frame_length, request_decoder
 
 
 class Pipe:
@@ -30,14 +33,21 @@ class Pipe:
         return b"".join(chunks)
 
     def read(self) -> Request | None:
-        """The next request, or None when the parent closed the pipe."""
-        header = self._read_exactly(4)
-        if header is None:
-            return None
-        body = self._read_exactly(frame_length(header))
-        if body is None:
-            return None
-        return request_decoder.decode(body)
+        """The next request, or None when the parent closed the pipe. A request whose fields break
+        the protocol's types or bounds (bus/sampling.py's: max_tokens 0, top_p 2) is answered here
+        with an InvalidRequest naming the field, and the next one read: the child serves on."""
+        while True:
+            header = self._read_exactly(4)
+            if header is None:
+                return None
+            body = self._read_exactly(frame_length(header))
+            if body is None:
+                return None
+            try:
+                return request_decoder.decode(body)
+            except msgspec.ValidationError as err:
+                logger.bind(error_type="InvalidRequest").warning(f"request refused: {err}")
+                self.write(RequestFailed("InvalidRequest", str(err), _request_id(body)))
 
     def readable(self) -> bool:
         """Whether a request is waiting, without blocking."""
@@ -50,3 +60,14 @@ class Pipe:
         with self._writing:
             while view:
                 view = view[os.write(self.fd_out, view) :]
+
+
+def _request_id(body: bytes) -> int:
+    """The `request_id` of a request that does not read as one (0: it names none), so that its
+    refusal reaches the generation that sent it."""
+    try:
+        message = msgspec.msgpack.decode(body)
+    except msgspec.DecodeError:  # its type broke before its bytes did: none to read
+        return 0
+    request_id = message.get("request_id") if isinstance(message, dict) else None
+    return request_id if isinstance(request_id, int) else 0

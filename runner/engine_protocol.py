@@ -26,6 +26,7 @@ import msgspec
 from exojet.bus.capabilities import Capabilities
 from exojet.bus.logprobs import Logprobs
 from exojet.bus.results import ChoiceResult, FinishReason
+from exojet.bus.sampling import GREEDY, Sampling
 from exojet.bus.tools import ResponseFormat, Tool, ToolCall, ToolCallDelta, ToolChoice
 
 HEADER = struct.Struct(">I")
@@ -68,11 +69,9 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     the request's `request_id` (the parent numbers its generations)."""
 
     messages: list[Message]
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = []
+    # The chat's sampling, bounds and all (bus/sampling.py: the child answers a request breaking
+    # them with an InvalidRequest); a group's ranks are all given the same seed.
+    sampling: Sampling = GREEDY
     # The one message's content is the prompt as given, no chat template.
     raw: bool = False
     request_id: int = 0
@@ -81,13 +80,6 @@ class Generate(msgspec.Struct, tag=True, frozen=True):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
-    # Each token's log-probability in its Token reply, with the `top_logprobs` likeliest beside it.
-    logprobs: bool = False
-    top_logprobs: int = 0
-    # Answers to generate in one batch (choices 0 to n-1), counted as n of the engine's capacity.
-    n: int = 1
-    # Token id -> added to its logit before sampling.
-    logit_bias: dict[int, float] = {}
 
 
 class Cancel(msgspec.Struct, tag=True, frozen=True):

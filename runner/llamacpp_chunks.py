@@ -83,9 +83,10 @@ def _logprob(entry: _TopLogprob, top: tuple[TokenLogprob, ...] = ()) -> TokenLog
     )
 
 
-def _logprobs(choice: _Choice, top: int) -> Logprobs:
-    """A chunk's tokens and their log-probabilities, with the `top` likeliest (llama.cpp's OpenAI shape)."""
-    if choice.logprobs is None or not choice.logprobs.content:
+def _logprobs(choice: _Choice, top: int | None) -> Logprobs:
+    """A chunk's tokens and their log-probabilities, with the `top` likeliest (llama.cpp's OpenAI
+    shape); none when `top` is None (the chat asked for none)."""
+    if top is None or choice.logprobs is None or not choice.logprobs.content:
         return ()
     return tuple(_logprob(e, tuple(_logprob(t) for t in e.top_logprobs[:top])) for e in choice.logprobs.content)
 
@@ -96,7 +97,7 @@ _FINISH: dict[str, Literal["stop", "length", "tool_calls"]] = {"length": "length
 class Generation:
     """What the chunks of one generation said so far (its `n` answers, by choice)."""
 
-    def __init__(self, stops: list[str], emit: Emit | None, n: int = 1, top: int = 0) -> None:
+    def __init__(self, stops: list[str], emit: Emit | None, n: int = 1, top: int | None = None) -> None:
         self.answers = [ChoiceText(stops, i) for i in range(n)]
         self.top = top
         self.emit = emit

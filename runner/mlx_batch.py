@@ -33,6 +33,7 @@ from typing import Any, Literal, cast
 import msgspec
 from loguru import logger
 
+from exojet.bus.sampling import Sampling
 from exojet.runner.engine_protocol import Generate
 
 # mlx-lm's server's default decode concurrency: beyond it a step's cost grows with the batch.
@@ -107,7 +108,7 @@ def kv_bytes_per_token(model: Any) -> int | None:
     return per_token
 
 
-def make_chat_sampler(req: Generate) -> Any:
+def make_chat_sampler(sampling: Sampling) -> Any:
     """The chat's sampler (None: greedy, which the generator batches in one argmax).
 
     A seeded chat draws from a random key of its own, split at each token, so its answer does
@@ -117,13 +118,13 @@ def make_chat_sampler(req: Generate) -> Any:
     import mlx.core as mx
     from mlx_lm.sample_utils import apply_top_p, make_sampler
 
-    if req.temperature == 0:
+    if sampling.greedy:
         return None
-    if req.seed is None:
-        return make_sampler(req.temperature, req.top_p)
-    key = mx.random.key(req.seed)
-    scale = 1.0 / req.temperature
-    top_p = req.top_p
+    if sampling.seed is None:
+        return make_sampler(sampling.temperature_or_greedy, sampling.top_p_or_all)
+    key = mx.random.key(sampling.seed)
+    scale = 1.0 / sampling.temperature_or_greedy
+    top_p = sampling.top_p_or_all
 
     def sample(logprobs: Any) -> Any:
         nonlocal key
@@ -288,11 +289,11 @@ class BatchDriver:
                     kept.insert_cache(_MODEL, tokens, cache)
             return
         try:
-            sampler = make_chat_sampler(message.req)
+            sampler = make_chat_sampler(message.req.sampling)
             cache, rest = _cached_prefix(kept, message)
             (uid,) = gen.insert(
                 [rest],
-                [message.req.max_tokens],
+                [message.req.sampling.answer_length],
                 caches=[cache] if cache is not None else None,
                 all_tokens=[message.prompt[: len(message.prompt) - len(rest)]],
                 samplers=[sampler],
@@ -302,7 +303,7 @@ class BatchDriver:
             message.chat.steps.put(exc)
             return
         message.chat.uid = uid
-        message.chat.top = message.req.top_logprobs if message.req.logprobs else None
+        message.chat.top = message.req.sampling.reported_top
         chats[uid] = message.chat
 
 
@@ -342,7 +343,7 @@ def _cached_prefix(kept: Any, message: _Insert) -> tuple[list[Any] | None, list[
     from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
     prompt = message.prompt
-    if message.req.seed is not None:
+    if message.req.sampling.seed is not None:
         return None, prompt
     cache, rest = kept.fetch_nearest_cache(_MODEL, prompt)
     if cache is None:

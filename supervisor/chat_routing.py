@@ -52,7 +52,7 @@ def route_chats(state: ClusterState, config: PlannerConfig) -> list[Action]:
             of_model = [i for i in load if chat.model_id is None or state.instances[i].model_id == chat.model_id]
             if not of_model:
                 continue  # waits for a Ready instance of its model
-            need = needed(chat.request)
+            need = needed(chat.request, chat.request)
             candidates = [
                 i for i in of_model if not missing(need, instance_capabilities(state.runners, state.instances[i]))
             ]

@@ -29,6 +29,7 @@ import pytest
 import pytest_asyncio
 
 from exojet.bus.capabilities import KNOWN, WORDS, Capability, needed
+from exojet.bus.sampling import Sampling
 from exojet.bus.tools import (
     FunctionDef,
     FunctionName,
@@ -98,7 +99,7 @@ class EngineContract:
         assert loaded.n_layers == self.N_LAYERS
         await engine.warmup()
 
-        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40))
+        chunks, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=40)))
 
         expected = direct(40)
         assert len(chunks) >= 2  # streamed: the first token at once, the rest after it
@@ -118,7 +119,9 @@ class EngineContract:
         stop = full[len(full) // 3 : len(full) // 3 + 5]
         expected = full[: full.index(stop)]
 
-        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=40, stop=["no such text", stop]))
+        chunks, done = await collect(
+            engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=40, stop=("no such text", stop)))
+        )
 
         assert done.finish_reason == "stop"
         assert done.text == expected
@@ -135,7 +138,7 @@ class EngineContract:
         await engine.load(str(model_path))
         said = [Message(role="assistant", content="once"), Message(role="assistant", content="upon a time")]
 
-        _, done = await collect(engine, Generate(messages=[*PROMPT, *said], max_tokens=3))
+        _, done = await collect(engine, Generate(messages=[*PROMPT, *said], sampling=Sampling(max_tokens=3)))
 
         assert (done.completion_tokens, done.finish_reason) == (3, "length")
 
@@ -144,24 +147,28 @@ class EngineContract:
     async def test_max_tokens_bounds_the_answer(self, engine: Engine, model_path: Path, direct: Direct) -> None:
         await engine.load(str(model_path))
 
-        _, one = await collect(engine, Generate(messages=PROMPT, max_tokens=1))
-        _, seven = await collect(engine, Generate(messages=PROMPT, max_tokens=7))
+        _, one = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=1)))
+        _, seven = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=7)))
 
         assert (one.completion_tokens, one.finish_reason, one.text) == (1, "length", direct(1))
         assert (seven.completion_tokens, seven.finish_reason, seven.text) == (7, "length", direct(7))
-        with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=PROMPT, max_tokens=0))
-        assert err.value.error_type == "InvalidRequest"
+        # Past the bus's bounds: refused by the child as it reads the request, naming the field.
+        for broken, field in ((Sampling(max_tokens=0), "max_tokens"), (Sampling(top_p=0.0), "top_p")):
+            with pytest.raises(EngineError) as err:
+                await collect(engine, Generate(messages=PROMPT, sampling=broken))
+            assert (err.value.error_type, f"sampling.{field}" in err.value.message) == ("InvalidRequest", True)
+        _, after = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=1)))
+        assert after.text == direct(1)
 
     @class_loop
     @pytest.mark.timeout(60)
     async def test_raw_prompt_skips_the_chat_template(self, engine: Engine, model_path: Path) -> None:
         await engine.load(str(model_path))
-        raw = Generate(messages=PROMPT, max_tokens=12, raw=True)
+        raw = Generate(messages=PROMPT, raw=True, sampling=Sampling(max_tokens=12))
 
         chunks, done = await collect(engine, raw)
         _, again = await collect(engine, raw)
-        _, templated = await collect(engine, Generate(messages=PROMPT, max_tokens=12))
+        _, templated = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12)))
 
         # A real model may end its text early (its end-of-text token).
         assert (done.finish_reason, done.completion_tokens) == ("length", 12) or done.finish_reason == "stop"
@@ -170,7 +177,7 @@ class EngineContract:
         # The prompt is the bare text: fewer tokens than the same words in the chat template.
         assert done.prompt_tokens < templated.prompt_tokens
         with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=PROMPT * 2, max_tokens=4, raw=True))
+            await collect(engine, Generate(messages=PROMPT * 2, raw=True, sampling=Sampling(max_tokens=4)))
         assert err.value.error_type == "InvalidRequest"
 
     @class_loop
@@ -179,12 +186,12 @@ class EngineContract:
         await engine.load(str(model_path))
 
         def sampled(seed: int) -> Generate:
-            return Generate(messages=PROMPT, max_tokens=30, temperature=1.5, top_p=0.95, seed=seed)
+            return Generate(messages=PROMPT, sampling=Sampling(max_tokens=30, temperature=1.5, top_p=0.95, seed=seed))
 
         _, first = await collect(engine, sampled(7))
         _, again = await collect(engine, sampled(7))
         _, other = await collect(engine, sampled(8))
-        _, greedy = await collect(engine, Generate(messages=PROMPT, max_tokens=30))
+        _, greedy = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=30)))
 
         assert first.text == again.text
         assert other.text != first.text
@@ -207,11 +214,11 @@ class EngineContract:
         assert f"could not load model from {corrupt_model}" in err.value.message
 
         with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+            await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert err.value.error_type == "NotLoaded"
 
         await engine.load(str(model_path))
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
         assert engine.alive
 
@@ -219,7 +226,7 @@ class EngineContract:
     @pytest.mark.timeout(60)
     async def test_abandoned_generation_is_cancelled(self, engine: Engine, model_path: Path, direct: Direct) -> None:
         await engine.load(str(model_path))
-        stream = engine.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS))
+        stream = engine.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=self.ENDLESS)))
         async for reply in stream:
             assert isinstance(reply, Token)
             break
@@ -227,7 +234,7 @@ class EngineContract:
 
         # The next request is served once the abandoned one ends: only a cancel lets it
         # answer within the timeout (weaker where ENDLESS is bounded by a context window).
-        chunks, done = await collect(engine, Generate(messages=PROMPT, max_tokens=10))
+        chunks, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=10)))
         assert "".join(chunks) == direct(10)
         assert done.finish_reason == "length"
 
@@ -247,9 +254,13 @@ class EngineContract:
         ]
         # Seeded (greedy still): each prompt is computed whole, not from a prefix an earlier
         # chat left in the cache, whose last bits differ (see engine_llamacpp._sampling).
-        alone = [(await collect(engine, Generate(messages=m, max_tokens=24, seed=1)))[1] for m in asks]
+        alone = [
+            (await collect(engine, Generate(messages=m, sampling=Sampling(max_tokens=24, seed=1))))[1] for m in asks
+        ]
 
-        together = await asyncio.gather(*(collect(engine, Generate(messages=m, max_tokens=24, seed=1)) for m in asks))
+        together = await asyncio.gather(
+            *(collect(engine, Generate(messages=m, sampling=Sampling(max_tokens=24, seed=1))) for m in asks)
+        )
 
         assert all("".join(chunks) == done.text for chunks, done in together)
         assert all(done.completion_tokens == 24 for _, done in together)
@@ -270,7 +281,10 @@ class EngineContract:
         if loaded.chat_capacity < 3:
             pytest.skip("this engine serves one generation at a time")
         ids = [engine.next_request_id() for _ in range(3)]
-        streams = [engine.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS, request_id=i)) for i in ids]
+        streams = [
+            engine.generate(Generate(messages=PROMPT, request_id=i, sampling=Sampling(max_tokens=self.ENDLESS)))
+            for i in ids
+        ]
         for stream in streams:
             assert isinstance(await anext(stream), Token)
 
@@ -286,7 +300,7 @@ class EngineContract:
             for _ in range(3):
                 assert isinstance(await anext(stream), Token)
             await stream.aclose()
-        _, after = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        _, after = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert after.completion_tokens == 4
 
     @class_loop
@@ -297,7 +311,9 @@ class EngineContract:
         try:
             loaded = await eng.load(str(model_path))
             n = min(loaded.chat_capacity, 3)
-            streams = [eng.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS)) for _ in range(n)]
+            streams = [
+                eng.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=self.ENDLESS))) for _ in range(n)
+            ]
             for stream in streams:
                 assert isinstance(await anext(stream), Token)
             assert eng.pid is not None
@@ -326,7 +342,7 @@ class EngineContract:
         # Generate for half a second at least: a fast engine answers 300 tokens of the tiny
         # model in less time than a few ticks.
         while time.monotonic() - started < 0.5:
-            _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=300))
+            _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=300)))
             assert done.completion_tokens == 300
         gen_done.set()
         await ticker
@@ -343,7 +359,7 @@ class EngineContract:
         await engine.unload()
         before = child.memory_info().rss
         loaded = await engine.load(str(big_model_path))
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=2)))
         with_model = child.memory_info().rss
         await engine.unload()
         after = child.memory_info().rss
@@ -354,7 +370,7 @@ class EngineContract:
         # Most of what the model took is given back to the system.
         assert with_model - after > (with_model - before) * 0.8
         with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+            await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=2)))
         assert err.value.error_type == "NotLoaded"
 
     @class_loop
@@ -367,7 +383,7 @@ class EngineContract:
             first_pid = eng.pid
             assert first_pid is not None
             with pytest.raises(EngineCrashed) as crash:
-                async for reply in eng.generate(Generate(messages=PROMPT, max_tokens=self.ENDLESS)):
+                async for reply in eng.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=self.ENDLESS))):
                     assert isinstance(reply, Token)
                     os.kill(first_pid, signal.SIGKILL)
             assert "killed by SIGKILL" in str(crash.value)
@@ -379,7 +395,7 @@ class EngineContract:
             await eng.start()
             assert eng.alive and eng.pid != first_pid
             await eng.load(str(model_path))
-            chunks, _ = await collect(eng, Generate(messages=PROMPT, max_tokens=8))
+            chunks, _ = await collect(eng, Generate(messages=PROMPT, sampling=Sampling(max_tokens=8)))
             assert "".join(chunks) == direct(8)
         finally:
             await eng.stop()
@@ -476,12 +492,14 @@ async def collect_calls(engine: Engine, req: Generate) -> tuple[list[ToolCallDel
 
 # A request needing each capability (bus/capabilities.py), and nothing else.
 NEEDING: dict[Capability, Generate] = {
-    "logit_bias": Generate(messages=PROMPT, max_tokens=4, logit_bias={1: -5.0}),
-    "logprobs": Generate(messages=PROMPT, max_tokens=4, logprobs=True),
-    "n": Generate(messages=PROMPT, max_tokens=4, n=2),
-    "raw": Generate(messages=PROMPT, max_tokens=4, raw=True),
-    "response_format": Generate(messages=PROMPT, max_tokens=4, response_format=ResponseFormat(type="json_object")),
-    "tools": Generate(messages=PROMPT, max_tokens=4, tools=(WEATHER,)),
+    "logit_bias": Generate(messages=PROMPT, sampling=Sampling(max_tokens=4, logit_bias={1: -5.0})),
+    "logprobs": Generate(messages=PROMPT, sampling=Sampling(max_tokens=4, logprobs=True)),
+    "n": Generate(messages=PROMPT, sampling=Sampling(max_tokens=4, n=2)),
+    "raw": Generate(messages=PROMPT, raw=True, sampling=Sampling(max_tokens=4)),
+    "response_format": Generate(
+        messages=PROMPT, response_format=ResponseFormat(type="json_object"), sampling=Sampling(max_tokens=4)
+    ),
+    "tools": Generate(messages=PROMPT, tools=(WEATHER,), sampling=Sampling(max_tokens=4)),
 }
 
 
@@ -503,7 +521,7 @@ class ToolsContract:
     ) -> None:
         loaded = await engine.load(str(model_path))
         assert set(NEEDING) == set(KNOWN)
-        assert all(needed(NEEDING[c]) == (c,) for c in KNOWN)
+        assert all(needed(NEEDING[c], NEEDING[c].sampling) == (c,) for c in KNOWN)
         lacking = [c for c in KNOWN if c not in loaded.capabilities]
         if not lacking:
             pytest.skip(f"{engine.wanted} states every capability")
@@ -512,7 +530,7 @@ class ToolsContract:
                 await collect(engine, NEEDING[capability])
             assert err.value.error_type == "InvalidRequest"
             assert WORDS[capability] in str(err.value)
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens >= 1  # it serves on
 
     @class_loop
@@ -526,7 +544,11 @@ class ToolsContract:
         await stated(engine, model_path, "tools")
         ask = [Message(role="user", content="what is the weather in paris?")]
         req = Generate(
-            messages=ask, max_tokens=200, tools=(WEATHER, CLOCK), tool_choice=choice, parallel_tool_calls=False
+            messages=ask,
+            tools=(WEATHER, CLOCK),
+            tool_choice=choice,
+            parallel_tool_calls=False,
+            sampling=Sampling(max_tokens=200),
         )
 
         pieces, done = await collect_calls(engine, req)
@@ -548,7 +570,9 @@ class ToolsContract:
         schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
         for topic in TOPICS[:3]:
             ask = [Message(role="user", content=f"how many {topic}? answer in JSON")]
-            chunks, done = await collect(engine, Generate(messages=ask, max_tokens=200, response_format=schema))
+            chunks, done = await collect(
+                engine, Generate(messages=ask, response_format=schema, sampling=Sampling(max_tokens=200))
+            )
 
             assert done.finish_reason == "stop", done
             assert "".join(chunks) == done.text
@@ -563,14 +587,16 @@ class ToolsContract:
         await engine.load(str(model_path))
         schema = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="answer", schema=ANSWER_SCHEMA))
         free = [
-            Generate(messages=[Message(role="user", content=f"tell me about {t}")], max_tokens=12, seed=1)
+            Generate(
+                messages=[Message(role="user", content=f"tell me about {t}")], sampling=Sampling(max_tokens=12, seed=1)
+            )
             for t in TOPICS[:2]
         ]
         bound = [
             Generate(
                 messages=[Message(role="user", content=f"how many {t}? answer in JSON")],
-                max_tokens=200,
                 response_format=schema,
+                sampling=Sampling(max_tokens=200),
             )
             for t in TOPICS[2:4]
         ]
@@ -594,9 +620,9 @@ class ToolsContract:
         for schema in ({"type": "nonsense"}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}):
             bad = ResponseFormat(type="json_schema", json_schema=JsonSchemaFormat(name="bad", schema=schema))
             with pytest.raises(EngineError) as err:
-                await collect(engine, Generate(messages=PROMPT, max_tokens=8, response_format=bad))
+                await collect(engine, Generate(messages=PROMPT, response_format=bad, sampling=Sampling(max_tokens=8)))
             assert err.value.error_type == "InvalidRequest"
             assert "does not compile" in str(err.value)
         # The engine serves on.
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=2))
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=2)))
         assert done.completion_tokens == 2

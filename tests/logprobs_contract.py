@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from exojet.bus.logprobs import TokenLogprob
+from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_protocol import Done, Generate, Message, Token
@@ -53,7 +54,7 @@ class LogprobsContract:
         self, engine: Engine, model_path: Path
     ) -> None:
         await engine.load(str(model_path))
-        req = Generate(messages=PROMPT, max_tokens=24, logprobs=True, top_logprobs=3)
+        req = Generate(messages=PROMPT, sampling=Sampling(max_tokens=24, logprobs=True, top_logprobs=3))
 
         tokens, done = await collect_choices(engine, req)
 
@@ -76,7 +77,7 @@ class LogprobsContract:
             assert [t.logprob for t in entry.top] == sorted((t.logprob for t in entry.top), reverse=True)
             # Greedy: the token taken is the likeliest.
             assert entry.logprob == pytest.approx(entry.top[0].logprob, abs=1e-4)
-        plain, _ = await collect_choices(engine, Generate(messages=PROMPT, max_tokens=24))
+        plain, _ = await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=24)))
         assert logprobs_of(plain[0]) == []
 
     @class_loop
@@ -88,11 +89,11 @@ class LogprobsContract:
         if self.NO_CHOICES:
             # Stated, not ignored: one answer would look like all there are.
             with pytest.raises(EngineError) as err:
-                await collect_choices(engine, Generate(messages=PROMPT, max_tokens=12, n=3))
+                await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12, n=3)))
             assert err.value.error_type == "InvalidRequest"
             return
 
-        tokens, done = await collect_choices(engine, Generate(messages=PROMPT, max_tokens=12, n=3))
+        tokens, done = await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12, n=3)))
 
         assert sorted(tokens) == [0, 1, 2]
         assert [c.index for c in done.choices] == [1, 2]
@@ -103,7 +104,7 @@ class LogprobsContract:
         if self.BATCH_EXACT:
             assert texts == [direct(12)] * 3
         sampled, done = await collect_choices(
-            engine, Generate(messages=PROMPT, max_tokens=12, n=2, temperature=1.5, logprobs=True)
+            engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12, n=2, temperature=1.5, logprobs=True))
         )
         drawn = [done.text, done.choices[0].text]
         # Sampled bytes of a random model are often not UTF-8: the content's decoder (llama.cpp's
@@ -119,7 +120,9 @@ class LogprobsContract:
         self, engine: Engine, model_path: Path
     ) -> None:
         await engine.load(str(model_path))
-        req = Generate(messages=PROMPT, max_tokens=6, logprobs=True, logit_bias={ORDINARY_TOKEN: 100.0})
+        req = Generate(
+            messages=PROMPT, sampling=Sampling(max_tokens=6, logprobs=True, logit_bias={ORDINARY_TOKEN: 100.0})
+        )
 
         tokens, done = await collect_choices(engine, req)
 
@@ -133,13 +136,17 @@ class LogprobsContract:
     async def test_what_cannot_be_served_is_refused_by_name(self, engine: Engine, model_path: Path) -> None:
         loaded = await engine.load(str(model_path))
         refused = [
-            Generate(messages=PROMPT, max_tokens=4, logit_bias={10_000_000: 1.0}),
-            Generate(messages=PROMPT, max_tokens=4, n=loaded.chat_capacity + 1),
-            Generate(messages=[Message(role="user", content="weather?")], max_tokens=4, n=2, tools=(WEATHER,)),
+            Generate(messages=PROMPT, sampling=Sampling(max_tokens=4, logit_bias={10_000_000: 1.0})),
+            Generate(messages=PROMPT, sampling=Sampling(max_tokens=4, n=loaded.chat_capacity + 1)),
+            Generate(
+                messages=[Message(role="user", content="weather?")],
+                tools=(WEATHER,),
+                sampling=Sampling(max_tokens=4, n=2),
+            ),
         ]
         for req in refused:
             with pytest.raises(EngineError) as err:
                 await collect_choices(engine, req)
             assert err.value.error_type == "InvalidRequest", req
-        _, done = await collect_choices(engine, Generate(messages=PROMPT, max_tokens=4))
+        _, done = await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4

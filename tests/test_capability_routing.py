@@ -66,7 +66,7 @@ def test_what_each_chat_needs_is_the_fields_a_runner_would_otherwise_ignore(kind
     fields, need = CHATS[kind]
     routed = RouteChatCompletion(**{"messages": HI, **fields})  # type: ignore[arg-type]
     task = ChatCompletion(**{"messages": HI, **fields})  # type: ignore[arg-type]
-    assert needed(routed) == needed(task) == need
+    assert needed(routed, routed) == needed(task, task) == need
 
 
 def test_a_chat_needing_tools_goes_only_to_the_instance_that_states_them_however_busy() -> None:
@@ -137,7 +137,7 @@ def test_a_runner_that_states_nothing_is_capacity_1_and_gets_no_field_it_would_i
             assert c.state.chats[f"chat-{kind.replace(' ', '-')}"].status == "Refused"
         else:
             [task] = sent
-            assert task.instance_id == old and needed(task) == ()
+            assert task.instance_id == old and needed(task, task) == ()
 
 
 def test_a_group_can_do_what_every_rank_states() -> None:

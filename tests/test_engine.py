@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exojet.bus.sampling import Sampling
 from exojet.bus.tools import ToolCall
 from exojet.models.gguf_import import import_gguf
 from exojet.models.smollm import ensure_default_model
@@ -130,11 +131,13 @@ async def test_a_template_that_renders_tools_gets_them_and_its_history(tiny_mode
     await engine.start()
     try:
         await engine.load(str(folder))
-        _, plain = await collect(engine, Generate(messages=ask, max_tokens=2))
-        _, tools = await collect(engine, Generate(messages=ask, max_tokens=2, tools=(WEATHER,)))
-        _, earlier = await collect(engine, Generate(messages=history, max_tokens=2, tools=(WEATHER,)))
+        _, plain = await collect(engine, Generate(messages=ask, sampling=Sampling(max_tokens=2)))
+        _, tools = await collect(engine, Generate(messages=ask, tools=(WEATHER,), sampling=Sampling(max_tokens=2)))
+        _, earlier = await collect(
+            engine, Generate(messages=history, tools=(WEATHER,), sampling=Sampling(max_tokens=2))
+        )
         _, required = await collect(
-            engine, Generate(messages=ask, max_tokens=2, tools=(WEATHER,), tool_choice="required")
+            engine, Generate(messages=ask, tools=(WEATHER,), tool_choice="required", sampling=Sampling(max_tokens=2))
         )
     finally:
         await engine.stop()

@@ -15,6 +15,7 @@ from exojet.bus.commands import PlaceInstance
 from exojet.bus.ids import instance_id_of
 from exojet.bus.nats import client
 from exojet.bus.ops.server import NatsServer
+from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
 from exojet.runner.engine_backend import FAULT_ENV
 from exojet.runner.engine_errors import EngineCrashed
@@ -53,7 +54,7 @@ async def test_a_fault_in_warmup_moves_the_model_to_the_other_engine(
         assert "llamacpp crashed on this model" in second.engine_reason
         assert "SIGSEGV during warmup" in second.engine_reason
         await eng.warmup()
-        _, done = await collect(eng, Generate(messages=PROMPT, max_tokens=4))
+        _, done = await collect(eng, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
     finally:
         await eng.stop()

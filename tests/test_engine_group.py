@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from exojet.bus.ops.server import free_port
+from exojet.bus.sampling import Sampling
 from exojet.runner import ring_identity
 from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineCrashed, EngineError
@@ -26,7 +27,7 @@ ENDLESS = 1_000_000
 
 async def text_of(engine: Engine, max_tokens: int) -> str:
     done = None
-    async for reply in engine.generate(Generate(messages=PROMPT, max_tokens=max_tokens)):
+    async for reply in engine.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=max_tokens))):
         if isinstance(reply, Done):
             done = reply
     assert done is not None
@@ -87,7 +88,9 @@ async def test_unreachable_peer_is_named(tiny_model_dir: Path) -> None:
 async def test_a_killed_rank_fails_the_other_within_the_bound(tiny_model_dir: Path) -> None:
     engines = await group_of(2, tiny_model_dir, [(0, 2), (2, 4)])
     try:
-        streams = [engines[r].generate(Generate(messages=PROMPT, max_tokens=100_000)) for r in range(2)]
+        streams = [
+            engines[r].generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=100_000))) for r in range(2)
+        ]
         firsts = await asyncio.gather(*(anext(s) for s in streams))
         assert all(isinstance(f, Token) for f in firsts)
         os.kill(engines[1].pid, signal.SIGKILL)
@@ -106,7 +109,7 @@ async def test_a_killed_rank_fails_the_other_within_the_bound(tiny_model_dir: Pa
 async def _until_cancelled(engine: Engine, tokens_before_cancel: int | None) -> Done:
     """Generate without end; after `tokens_before_cancel` tokens (None: never) cancel this rank only."""
     tokens = 0
-    async for reply in engine.generate(Generate(messages=PROMPT, max_tokens=ENDLESS)):
+    async for reply in engine.generate(Generate(messages=PROMPT, sampling=Sampling(max_tokens=ENDLESS))):
         if isinstance(reply, Done):
             return reply
         tokens += 1

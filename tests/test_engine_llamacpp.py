@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from exojet.bus.logprobs import TokenLogprob
+from exojet.bus.sampling import Sampling
 from exojet.bus.tools import ToolCallDelta
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine
@@ -44,7 +45,9 @@ def library_greedy(model_path: Path):
             text.extend(c["delta"].get("content") or "" for c in chunk.get("choices", []))
             return False
 
-        server.handle_chat_completions(chat_body(Generate(messages=messages, max_tokens=max_tokens)), on_chunk)
+        server.handle_chat_completions(
+            chat_body(Generate(messages=messages, sampling=Sampling(max_tokens=max_tokens))), on_chunk
+        )
         return "".join(text)
 
     return greedy
@@ -88,15 +91,15 @@ class TestLlamaCppEngine(EngineContract, ToolsContract, LogprobsContract):
     ) -> None:
         await engine.load(str(model_path))
         with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=PROMPT, max_tokens=MAX_CONTEXT))
+            await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=MAX_CONTEXT)))
         assert err.value.error_type == "ContextLengthExceeded"
         assert f"context window of {MAX_CONTEXT} tokens" in str(err.value)
         # A prompt longer than the window is refused by llama.cpp itself, before any token.
         long = [Message(role="user", content="hello world " * MAX_CONTEXT)]
         with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=long, max_tokens=4))
+            await collect(engine, Generate(messages=long, sampling=Sampling(max_tokens=4)))
         assert err.value.error_type == "ContextLengthExceeded"
-        _, done = await collect(engine, Generate(messages=PROMPT, max_tokens=4))
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
 
 
@@ -137,7 +140,7 @@ class TestLlamaCppDefaultModel(_OtherWeights):
     async def test_the_quickstart_question_is_answered_right(self, engine: Engine, model_path: Path) -> None:
         await engine.load(str(model_path))
         question = [Message(role="user", content="What is the capital of France?")]
-        _, done = await collect(engine, Generate(messages=question, max_tokens=30))
+        _, done = await collect(engine, Generate(messages=question, sampling=Sampling(max_tokens=30)))
         assert "Paris" in done.text
 
 

@@ -13,6 +13,7 @@ import mlx.core as mx
 import pytest
 import pytest_asyncio
 
+from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Generate, Message
 from exojet.runner.mlx_batch import CHAT_WINDOW, KV_MAX_FREE_FRACTION, MAX_CHATS, chat_capacity, kv_bytes_per_token
@@ -62,8 +63,10 @@ async def engine(tiny_model_dir: Path) -> AsyncIterator[Engine]:
 
 @pytest.mark.timeout(120)
 async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(engine: Engine) -> None:
-    def ask(topic: str, **kwargs: Any) -> Generate:
-        return Generate(messages=[Message(role="user", content=f"tell me about {topic}")], **kwargs)
+    def ask(topic: str, **sampling: Any) -> Generate:
+        return Generate(
+            messages=[Message(role="user", content=f"tell me about {topic}")], sampling=Sampling(**sampling)
+        )
 
     rain = (await collect(engine, ask("rain", max_tokens=30)))[1].text
     asks = [
@@ -71,7 +74,7 @@ async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(e
         # Seeded: drawn from its own key, whatever the others draw.
         ask("owls", max_tokens=30, temperature=1.5, top_p=0.9, seed=7),
         ask("bread", max_tokens=30, temperature=1.0, seed=3),
-        ask("rain", max_tokens=30, stop=[rain[10:14]]),
+        ask("rain", max_tokens=30, stop=(rain[10:14],)),
         ask("trains", max_tokens=1),
     ]
     alone = [(await collect(engine, a))[1] for a in asks]
@@ -89,13 +92,13 @@ async def test_chats_that_differ_in_everything_answer_in_a_batch_as_each_alone(e
 @pytest.mark.timeout(120)
 async def test_a_conversations_next_turn_from_the_kept_cache_answers_as_computed_whole(engine: Engine) -> None:
     turn1 = [Message(role="user", content="tell me a story about a small llama on a hill")]
-    _, first = await collect(engine, Generate(messages=turn1, max_tokens=20))
+    _, first = await collect(engine, Generate(messages=turn1, sampling=Sampling(max_tokens=20)))
     turn2 = [*turn1, Message(role="assistant", content=first.text), Message(role="user", content="and then?")]
 
     # Unseeded: from the first turn's cache; seeded (greedy still): computed from its whole prompt.
-    _, reused = await collect(engine, Generate(messages=turn2, max_tokens=20))
-    _, whole = await collect(engine, Generate(messages=turn2, max_tokens=20, seed=1))
-    _, again = await collect(engine, Generate(messages=turn2, max_tokens=20))
+    _, reused = await collect(engine, Generate(messages=turn2, sampling=Sampling(max_tokens=20)))
+    _, whole = await collect(engine, Generate(messages=turn2, sampling=Sampling(max_tokens=20, seed=1)))
+    _, again = await collect(engine, Generate(messages=turn2, sampling=Sampling(max_tokens=20)))
 
     assert reused.text == whole.text == again.text
     assert reused.prompt_tokens == whole.prompt_tokens > first.prompt_tokens + first.completion_tokens

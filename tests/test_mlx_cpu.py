@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Done, Generate, Message
 from exojet.runner.mlx_cpu import (
@@ -137,7 +138,9 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def _greedy(engine: Engine) -> str:
-    request = Generate(messages=[Message("user", "Write a short story about a lighthouse keeper.")], max_tokens=48)
+    request = Generate(
+        messages=[Message("user", "Write a short story about a lighthouse keeper.")], sampling=Sampling(max_tokens=48)
+    )
     async for reply in engine.generate(request):
         if isinstance(reply, Done):
             assert reply.completion_tokens == 48
