@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses
 from exojet.api.json_body import INT_MAX, INT_MIN
 from exojet.api.request_schemas import ABSENT, Body, nullable, ref
 
@@ -35,7 +35,11 @@ BODIES = {
     ),
     "OllamaShowRequest": Body(dialect_ollama.ShowBody, rules=dialect_ollama.RULES),
     "AnthropicMessagesRequest": Body(
-        dialect_anthropic.MessagesBody, lengths=("max_tokens",), refused=dialect_anthropic.REFUSED
+        anthropic_request.MessagesBody,
+        lengths=("max_tokens",),
+        refused=anthropic_request.REFUSED,
+        rules=anthropic_request.RULES,
+        refused_in={anthropic_request.ToolDef: anthropic_request.TOOL_REFUSED},
     ),
     "ResponsesRequest": Body(
         dialect_responses.ResponsesBody,
@@ -71,7 +75,7 @@ def _model(models: list[str]) -> dict[str, Any]:
 
 
 def _count(messages: dict[str, Any]) -> dict[str, Any]:
-    fields = dialect_anthropic.COUNT_FIELDS | set(dialect_anthropic.REFUSED)
+    fields = anthropic_request.COUNT_FIELDS | set(anthropic_request.REFUSED)
     return messages | {
         "title": "AnthropicCountTokensRequest",
         "required": ["model", "messages"],

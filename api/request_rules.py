@@ -76,13 +76,14 @@ def asks(value: Any) -> bool:
     return not (value is None or value is False or (isinstance(value, str | list | dict) and not value))
 
 
-def refuse(data: dict[str, Any], refused: Mapping[str, str]) -> dict[str, Any]:
+def refuse(data: dict[str, Any], refused: Mapping[str, str], at: str = "") -> dict[str, Any]:
     """`data` less `refused`'s fields when they ask for nothing (null, false or empty: some clients
     send every field, unset ones so); ApiError(400) naming the first of them that asks for
-    something, and why, so a client learns what exojet does not do rather than being ignored."""
+    something (its param under `at`), and why, so a client learns what exojet does not do rather
+    than being ignored."""
     for name, why in refused.items():
         if asks(data.get(name)):
-            raise bad_request(f"{name}: {why}", param=name, code="unsupported_parameter")
+            raise bad_request(f"{at}{name}: {why}", param=at + name, code="unsupported_parameter")
     return {k: v for k, v in data.items() if k not in refused}
 
 

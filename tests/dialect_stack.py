@@ -4,13 +4,16 @@ OpenAI route's answer that every other dialect's must equal (they are one routed
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from testbed.tiny_model import write_tiny_llama
+from exojet.runner.engine_llamacpp import MAX_CONTEXT
+from testbed.tiny_model import with_context, write_tiny_llama
 from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
+from tests.gguf_tiny import as_gguf
 
 PROMPT = "Tell me about the capital of France"
 
@@ -19,6 +22,19 @@ def tiny_stack(factory: pytest.TempPathFactory, name: str) -> Iterator[ApiStack]
     """A stack (nats-server, supervisor, runner, API with a key) with the tiny model Ready."""
     root = factory.mktemp(name)
     write_tiny_llama(root / "models" / "local--tiny")
+    stack = start_stack(root, root / "models")
+    yield stack
+    stack.close()
+
+
+def tools_stack(factory: pytest.TempPathFactory, tiny_model_dir: Path, engine: str) -> Iterator[ApiStack]:
+    """A stack with the tiny model Ready on `engine` (llamacpp or mlx), with the context window
+    llama.cpp gives a chat on both (the tool and schema tests' stack)."""
+    root = factory.mktemp(f"tools-{engine}")
+    folder = with_context(tiny_model_dir, root / "models" / "local--tiny", MAX_CONTEXT)
+    if engine == "llamacpp":
+        # A GGUF in the folder: the runner serves it on llama.cpp.
+        as_gguf(tiny_model_dir, folder / "model.gguf")
     stack = start_stack(root, root / "models")
     yield stack
     stack.close()

@@ -1,10 +1,10 @@
-"""Schemathesis hooks (SCHEMATHESIS_HOOKS) for the run on /openapi.json in tests/test_api_tools.py.
+"""Schemathesis hooks (SCHEMATHESIS_HOOKS) for the run on /openapi.json in tests/test_api_schemathesis.py.
 
 The chat completion has four rules no JSON Schema can state, which its document says in words
 (`description`): no two tools share a name, a named `tool_choice` names one of them, a tool
-call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary. A positive
-case is kept to them as a client keeps to them; a negative case is left as generated.
-"""
+call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary; Anthropic's
+Messages has the first two. A positive case is kept to them as a client keeps to them; a negative
+case is left as generated."""
 
 from __future__ import annotations
 
@@ -19,7 +19,22 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     positive = case.meta is not None and case.meta.generation.mode.is_positive
     if positive and case.path == "/v1/chat/completions" and isinstance(case.body, dict):
         case.body = _kept(case.body)
+    if positive and case.path.startswith("/v1/messages") and isinstance(case.body, dict):
+        case.body = _anthropic_kept(case.body)
     return case
+
+
+def _anthropic_kept(body: dict[str, Any]) -> dict[str, Any]:
+    """Anthropic's body kept to the same two tool rules: its tools' names (at most 128 of
+    letters, digits, `_` and `-`) made distinct, and a tool choice of type tool names the first."""
+    names = []
+    for i, tool in enumerate(body.get("tools") or ()):
+        tool["name"] = name = f"{tool['name'][:120]}_{i}"
+        names.append(name)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "tool" and names:
+        choice["name"] = names[0]
+    return body
 
 
 def _kept(body: dict[str, Any]) -> dict[str, Any]:

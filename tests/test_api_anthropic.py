@@ -112,9 +112,9 @@ def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: ant
             model=MODEL,
             max_tokens=4,
             messages=user,  # type: ignore[arg-type]
-            tools=[{"name": "f", "input_schema": {"type": "object"}}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
         )
-    assert tools.value.body["error"]["message"].startswith("tools: tools are not supported yet")  # type: ignore[index]
+    assert tools.value.body["error"]["message"].startswith("tools.0.type: server tools")  # type: ignore[index]
 
     url = f"{stack.base_url}/messages"
     # Anthropic's clients send the key as x-api-key; a bearer header works too.
@@ -123,15 +123,20 @@ def test_bad_input_gets_anthropic_errors_with_a_4xx(stack: ApiStack, claude: ant
         ({"model": MODEL, "messages": user}, "max_tokens"),
         ({"model": MODEL, "max_tokens": 4, "messages": user, "colour": "red"}, "colour: Extra inputs are not"),
         ({"model": MODEL, "max_tokens": 4, "messages": user, "top_k": 5}, "top_k"),
-        ({"model": MODEL, "max_tokens": 4, "messages": user, "output_config": {"format": {}}}, "structured output"),
+        ({"model": MODEL, "max_tokens": 4, "messages": user, "output_config": {"format": {}}}, "output_config.format"),
         ({"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, "image"),
         (
             {
                 "model": MODEL,
                 "max_tokens": 4,
-                "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": ""}]}],
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image"}]}],
+                    }
+                ],
             },
-            "tool_result blocks: tools are not supported yet",
+            "a tool result takes text blocks, not 'image'",
         ),
         ({"model": MODEL, "max_tokens": 4, "messages": user, "temperature": 1.5}, "temperature"),
         ({"model": MODEL, "max_tokens": 0, "messages": user}, "max_tokens"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import ollama
@@ -35,6 +37,7 @@ def test_each_dialect_answers_paris_on_the_default_model(tmp_path: Path) -> None
         assert message.content[0].text == text  # type: ignore[union-attr]
         with claude.messages.stream(model=model, max_tokens=30, messages=user) as stream:  # type: ignore[arg-type]
             assert "".join(stream.text_stream) == text
+        _anthropic_tools_and_json(claude, model)
 
         llama = ollama.Client(host=host, timeout=120)
         assert [m.model for m in llama.list().models] == [model]
@@ -49,3 +52,36 @@ def test_each_dialect_answers_paris_on_the_default_model(tmp_path: Path) -> None
         assert "Paris" in completion.choices[0].text
     finally:
         assert interrupt(up) == 0
+
+
+def _anthropic_tools_and_json(claude: anthropic.Anthropic, model: str) -> None:
+    """A forced tool_use, its tool_result turn and a JSON format on the default model's own chat
+    template (the tiny model's hides what a real template does with the tools' messages)."""
+    weather: Any = {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    }
+    ask: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    single: Any = {"type": "any", "disable_parallel_tool_use": True}
+    called = claude.messages.create(model=model, max_tokens=200, messages=ask, tools=[weather], tool_choice=single)
+    [use] = called.content
+    assert called.stop_reason == "tool_use" and use.type == "tool_use", called
+    assert use.name == "get_weather" and use.input["city"] == "Paris"  # type: ignore[index]
+    result = {"type": "tool_result", "tool_use_id": use.id, "content": "sunny, 24 C"}
+    history = [
+        *ask,
+        {"role": "assistant", "content": [use.model_dump(exclude_none=True)]},
+        {"role": "user", "content": [result]},
+    ]
+    answered = claude.messages.create(model=model, max_tokens=8, messages=history, tools=[weather])
+    assert answered.usage.input_tokens > called.usage.input_tokens + 10
+    schema = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
+    capital = claude.messages.create(
+        model=model,
+        max_tokens=60,
+        messages=[{"role": "user", "content": "Give the capital of France as JSON"}],
+        output_config={"format": {"type": "json_schema", "schema": schema | {"additionalProperties": False}}},
+    )
+    [text] = capital.content
+    assert capital.stop_reason == "end_turn" and json.loads(text.text) == {"capital": "Paris"}  # type: ignore[union-attr]

@@ -17,10 +17,9 @@ import openai
 import pytest
 
 from exojet.runner.engine_llamacpp import MAX_CONTEXT
-from testbed.tiny_model import with_context
 from tests import engine_contract as contract
-from tests.api_stack import API_KEY, MODEL, ApiStack, start_stack
-from tests.gguf_tiny import as_gguf
+from tests.api_stack import API_KEY, MODEL, ApiStack
+from tests.dialect_stack import tools_stack
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -33,15 +32,7 @@ ASK = [{"role": "user", "content": "what is the weather in paris?"}]
 def stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[ApiStack]:
-    root = tmp_path_factory.mktemp(f"tools-{request.param}")
-    # The window llama.cpp gives a chat, on both engines.
-    folder = with_context(tiny_model_dir, root / "models" / "local--tiny", MAX_CONTEXT)
-    if request.param == "llamacpp":
-        # A GGUF in the folder: the runner serves it on llama.cpp.
-        as_gguf(tiny_model_dir, folder / "model.gguf")
-    s = start_stack(root, root / "models")
-    yield s
-    s.close()
+    yield from tools_stack(tmp_path_factory, tiny_model_dir, request.param)
 
 
 @pytest.fixture

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import anthropic
 import openai
 import pytest
 
@@ -197,6 +199,20 @@ def test_a_chat_with_tools_on_a_cluster_that_cannot_do_them_is_a_400_naming_it(p
         assert refused.value.body["code"] == "CapabilityMissing", refused.value.body  # type: ignore[index]
         assert f"no instance of {MODEL} can do tool calls: " in refused.value.message
         assert "(on r1, r2) can do raw prompts" in refused.value.message
+    # Anthropic's route: its error shape, before any byte of a stream (the status line says it).
+    claude = anthropic.Anthropic(base_url=pipeline.base_url.removesuffix("/v1"), api_key=API_KEY, max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(anthropic.BadRequestError) as refused_too:
+            claude.messages.create(
+                model=MODEL,
+                max_tokens=8,
+                messages=ask,  # type: ignore[arg-type]
+                tools=[{"name": "get_weather", "input_schema": {"type": "object"}}],
+                stream=stream,
+            )
+        error: Any = refused_too.value.body
+        assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
+        assert f"no instance of {MODEL} can do tool calls: " in error["error"]["message"]
     plain = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4)
     assert plain.choices[0].message.content  # the instance serves what it can
     state = pipeline.cli("state")

@@ -6,6 +6,7 @@ Pure: the document and the parsers, no stack (tests/test_api.py runs schemathesi
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -14,7 +15,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from exojet.api import dialect_anthropic, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses
 from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
 from exojet.api.errors import ApiError
 from exojet.api.openapi import schema
@@ -122,9 +123,18 @@ def test_the_answer_length_bound_is_the_apis_limit() -> None:
 
 COMPLETION = ("CompletionRequest", dialect_completions._parse)
 RESPONSE = ("ResponsesRequest", dialect_responses._parse)
-ANTHROPIC = ("AnthropicMessagesRequest", dialect_anthropic._parse)
-COUNT = ("AnthropicCountTokensRequest", lambda raw, limit: dialect_anthropic._parse(raw, limit, count_only=True))
+ANTHROPIC = ("AnthropicMessagesRequest", anthropic_request.parse_messages)
+COUNT = ("AnthropicCountTokensRequest", functools.partial(anthropic_request.parse_messages, count_only=True))
 TEXT = {"type": "text", "text": "hi"}
+TOOL = {"name": "f", "input_schema": {"type": "object", "properties": {"x": {"type": "integer"}}}}
+CHOSEN = {"type": "tool", "name": "f", "disable_parallel_tool_use": True}
+JSON_FORMAT = {"type": "json_schema", "schema": {"type": "object"}}
+# A call and its result in the history.
+CALLED: list[dict[str, Any]] = [
+    {"role": "user", "content": "hi"},
+    {"role": "assistant", "content": [TEXT, {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [TEXT]}, TEXT]},
+]
 OLLAMA_CHAT = ("OllamaChatRequest", dialect_ollama.parse_chat)
 OLLAMA_GENERATE = ("OllamaGenerateRequest", dialect_ollama.parse_generate)
 # The other routes generated from structs: ((document component, parser), body, the param refused or None).
@@ -156,7 +166,38 @@ OTHERS = [
         "messages[0].content[0]",
     ),
     (ANTHROPIC, {"max_tokens": 4, "messages": USER, "system": [{"type": "tool_use"}]}, "system.0.type"),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "tools": [TOOL], "tool_choice": CHOSEN}, None),
+    (ANTHROPIC, {"max_tokens": 4, "messages": CALLED, "tools": [TOOL], "tool_choice": {"type": "any"}}, None),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "output_config": {"format": JSON_FORMAT}}, None),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "tool_choice": {"type": "any"}}, "tool_choice"),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": USER, "tools": [TOOL], "tool_choice": {"type": "tool"}},
+        "tool_choice.name",
+    ),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": USER, "tools": [TOOL | {"input_schema": {}}]},
+        "tools.0.input_schema.type",
+    ),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": USER, "tools": [TOOL | {"defer_loading": True}]},
+        "tools.0.defer_loading",
+    ),
+    (ANTHROPIC, {"max_tokens": 4, "messages": USER, "tools": [TOOL | {"name": "a.b"}]}, "tools[0].name"),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": USER, "tools": [TOOL], "output_config": {"format": JSON_FORMAT}},
+        "output_config.format",
+    ),
+    (
+        ANTHROPIC,
+        {"max_tokens": 4, "messages": [{"role": "user", "content": CALLED[1]["content"]}]},
+        "messages.0.content.1.type",
+    ),
     (COUNT, {"messages": USER, "system": "be brief"}, None),
+    (COUNT, {"messages": USER, "tools": [TOOL], "tool_choice": CHOSEN}, None),
     (COUNT, {"messages": USER, "max_tokens": 4}, "max_tokens"),
     (COMPLETION, {"prompt": "hi"}, None),
     (COMPLETION, {"prompt": ["a", "b"], "stream": True, "stream_options": {"include_usage": True}}, None),
