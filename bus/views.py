@@ -108,6 +108,9 @@ class InstanceView(msgspec.Struct, kw_only=True):
     hosts: list[str] = []
     # Set by a final InstanceFailed: no further attempt will be made.
     gave_up: bool = False
+    # Attempts in a row that failed before it was Ready: what the retry limit counts (an
+    # instance that served and then lost its runner is placed again however often it did).
+    failed_unready: int = 0
     # Routed chats on this instance without a terminal status, each counted as its `n` answers
     # (least busy first).
     chats_in_flight: int = 0

@@ -36,7 +36,7 @@ def add_parser(sub: Subparsers) -> None:
         "--max-attempts",
         type=int,
         default=PLANNER.max_attempts,
-        help="placement attempts before an instance stays Failed (default %(default)s)",
+        help="attempts in a row that fail before Ready after which an instance stays Failed (default %(default)s)",
     )
     _add_retention(p)
     p.add_argument(

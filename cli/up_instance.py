@@ -3,8 +3,9 @@ each time the runner comes back as a new incarnation.
 
 A runner that restarts registers a new incarnation; the supervisor's planner then
 fails the instance's attempt ("runner restarted") and places it again on the new
-incarnation, up to its `--max-attempts`. Past those the instance has given up:
-`up` places a new one, since its runner only ever serves `up`'s instance.
+incarnation (an instance that was Ready, however often; one that never got Ready, up
+to `--max-attempts` in a row). Past those the instance has given up: `up` places a new
+one, since its runner only ever serves `up`'s instance.
 """
 
 from __future__ import annotations

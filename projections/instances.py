@@ -201,6 +201,7 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
                 )
                 return
             inst.gave_up = event.final
+            inst.failed_unready = 0 if inst.status == READY else inst.failed_unready + 1
             _end(state, env, inst, FAILED, event.reason)
         case InstanceRetryDue():
             if inst.status != FAILED or inst.gave_up or event.attempt != inst.attempt:

@@ -21,7 +21,9 @@ class SnapshotError(ValueError):
 # The shape of `ClusterState` a snapshot holds; a snapshot of another shape is not read (the
 # log is folded from its start instead). 2: a runner's `running_tasks` and `chat_capacity`.
 # 3: a runner's `capabilities` (a snapshot without them would send it no chat needing one).
-SHAPE = 3
+# 4: an instance's `failed_unready` (the retry limit's count; without it a supervisor from a
+# snapshot and one from the log's start would decide a failure differently).
+SHAPE = 4
 
 
 class Snapshot(msgspec.Struct):

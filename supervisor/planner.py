@@ -84,7 +84,9 @@ def plan(
                 actions.append(action)
                 placed_one = True
         elif inst.status == FAILED and not inst.gave_up:
-            actions.append(RetryWait(inst.instance_id, inst.attempt, backoff(inst.attempt, config)))
+            # The wait grows with the failures in a row before Ready, not the attempt's number:
+            # an instance that has served since waits the least again.
+            actions.append(RetryWait(inst.instance_id, inst.attempt, backoff(inst.failed_unready, config)))
         elif inst.status not in ENDED_STATUSES:
             actions.extend(_advance(state, inst, config))
     actions.extend(_release(state))
@@ -92,9 +94,9 @@ def plan(
     return actions
 
 
-def backoff(attempt: int, config: PlannerConfig) -> float:
-    """Seconds to wait after failed attempt `attempt` (1, 2, 4 ... capped)."""
-    delay: float = config.backoff_base_s * 2 ** max(attempt - 1, 0)
+def backoff(in_a_row: int, config: PlannerConfig) -> float:
+    """Seconds to wait after `in_a_row` attempts failed before Ready (0 or 1: the base; then 2, 4 ... capped)."""
+    delay: float = config.backoff_base_s * 2 ** max(in_a_row - 1, 0)
     return min(delay, config.backoff_cap_s)
 
 
@@ -129,10 +131,14 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
             failed(inst, f"runner {', '.join(drained)} drained for maintenance: placed again elsewhere", final=False)
         ]
     if reason is not None:
-        attempt_word = "attempt" if config.max_attempts == 1 else "attempts"
-        final = inst.attempt >= config.max_attempts
+        # Only attempts that never served count: a runner lost (a host cut, a restart) under a
+        # Ready instance is the cluster's fault, and an instance that months of such faults
+        # used up its attempts on would be gone for good.
+        in_a_row = 0 if inst.status == READY else inst.failed_unready + 1
+        final = in_a_row >= config.max_attempts
         if final:
-            reason = f"{reason} (gave up after {inst.attempt} {attempt_word})"
+            attempt_word = "attempt" if in_a_row == 1 else "attempts"
+            reason = f"{reason} (gave up after {in_a_row} {attempt_word} in a row that never got Ready)"
         return [failed(inst, reason, final)]
     if inst.status == READY:
         return []

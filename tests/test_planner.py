@@ -399,11 +399,53 @@ def test_a_lost_runner_fails_the_instance_which_is_retried_elsewhere_then_given_
     other = "r2" if first == "r1" else "r1"
     assert inst.status == "Ready" and inst.attempt == 2 and inst.placements[0].runner_id == other
     assert {t.task_id.split(".")[1] for _, t in done} == {"a2"}
-    # Attempt 2 fails too; with max_attempts=2 the instance gives up, reason kept.
+    # Attempt 2 served before its runner was lost: placed again (after the shortest wait), however
+    # low max_attempts is, since a lost runner is the cluster's fault.
     c.event(other, RunnerLost, reason="gone")
-    c.publish(plan(c.state, config=PlannerConfig(max_attempts=2)))
-    assert inst.status == "Failed" and inst.gave_up and "gave up after 2 attempts" in (inst.reason or "")
-    assert [a for a in plan(c.state, config=PlannerConfig(max_attempts=2)) if isinstance(a, RetryWait)] == []
+    c.publish(plan(c.state, config=PlannerConfig(max_attempts=1)))
+    assert inst.status == "Failed" and not inst.gave_up and inst.failed_unready == 0
+    assert plan(c.state, config=PlannerConfig(max_attempts=1)) == [RetryWait(inst.instance_id, 2, 1.0)]
+
+
+def test_only_attempts_in_a_row_that_never_got_ready_use_up_the_retries() -> None:
+    c = Cluster()
+    for r in ("r1", "r2", "r3", "r4"):
+        c.register(r)
+    c.command(PlaceInstance(model_id="local/tiny"))
+    config = PlannerConfig(max_attempts=2)
+    inst = next(iter(c.state.instances.values()))
+
+    def lose_its_runner() -> None:
+        c.event(inst.placements[0].runner_id, RunnerLost, reason="no heartbeat")
+        c.publish(plan(c.state, config=config))
+
+    def retry() -> None:
+        event_id = f"rd{inst.attempt}"
+        c.put(
+            subjects.SUPERVISOR_EVENTS,
+            InstanceRetryDue(event_id=event_id, instance_id=inst.instance_id, attempt=inst.attempt),
+        )
+
+    def place_and_lose_before_ready() -> None:
+        c.publish(plan(c.state, config=config))  # placed
+        c.publish(plan(c.state, config=config))  # its DownloadModel
+        lose_its_runner()
+
+    place_and_lose_before_ready()
+    assert inst.attempt == 1 and inst.failed_unready == 1 and not inst.gave_up
+    retry()
+    c.run(config=config)
+    assert inst.status == "Ready" and inst.attempt == 2
+    lose_its_runner()  # it had served: the count starts again, the shortest wait
+    assert inst.failed_unready == 0 and not inst.gave_up
+    assert plan(c.state, config=config) == [RetryWait(inst.instance_id, 2, 1.0)]
+    retry()
+    place_and_lose_before_ready()
+    assert inst.attempt == 3 and inst.failed_unready == 1 and not inst.gave_up
+    retry()
+    place_and_lose_before_ready()  # two in a row that never got Ready: the limit
+    assert inst.attempt == 4 and inst.gave_up
+    assert "gave up after 2 attempts in a row that never got Ready" in (inst.reason or "")
 
 
 def test_a_drained_runner_hands_its_instance_over_and_is_left_idle() -> None:
@@ -466,7 +508,7 @@ def test_backoff_doubles_and_is_capped() -> None:
     from exojet.supervisor.planner import backoff
 
     config = PlannerConfig(backoff_base_s=1.0, backoff_cap_s=5.0)
-    assert [backoff(a, config) for a in (1, 2, 3, 4)] == [1.0, 2.0, 4.0, 5.0]
+    assert [backoff(a, config) for a in (0, 1, 2, 3, 4)] == [1.0, 1.0, 2.0, 4.0, 5.0]
 
 
 def test_deleting_unloads_the_runners_that_hold_it_once_then_they_are_free() -> None:

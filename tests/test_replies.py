@@ -18,7 +18,8 @@ from exojet.projections.state import ClusterState
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Recorded from the untyped answers (dicts of the projection's views), before bus/replies.py; again
-# when runners gained `capabilities` (the only change: that field in each runner, and so the hashes).
+# when runners gained `capabilities` (the only change: that field in each runner, and so the hashes),
+# and when instances gained `failed_unready` (that field, and the hashes).
 RECORDED = FIXTURES / "replies-format-1.jsonl.gz"
 
 
