@@ -1,0 +1,144 @@
+"""Anthropic's tool use against OpenAI's: the same forced call through each route's official client.
+
+One stack (nats-server, a supervisor, a runner with the model placed, `exojet api`); each round asks
+for the same greedy call of one tool (`tool_choice` any with `disable_parallel_tool_use` on
+/v1/messages, `required` with `parallel_tool_calls: false` on /v1/chat/completions), whole and
+streamed, in an order rotated each round so drift hits all alike. Both routes make one routed chat:
+what differs is the request's mapping and the answer's rendering (tool_use blocks, input_json_delta
+events against tool_calls). Prints each case's median seconds to the whole call and the median of its
+per-round ratio to the OpenAI route's (target: 1.00x within the noise).
+
+    .venv/bin/python bench/anthropic_tools.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--engine auto]
+        [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import anthropic
+import openai
+from loguru import logger
+
+from bench.api_stack import serving
+from bench.inference import with_engine_env
+from exojet.models.smollm import DEFAULT_MODEL_ID
+from exojet.runner.engine_choice import EngineWanted
+
+KEY = "bench"
+ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+DESCRIPTION = "The weather in a city"
+MAX_TOKENS = 200
+
+# A case's run: the call's arguments as an object (both routes must agree on them).
+Case = Callable[[str], dict[str, Any]]
+
+
+class Clients:
+    def __init__(self, port: int) -> None:
+        host = f"http://127.0.0.1:{port}"
+        self.openai = openai.OpenAI(base_url=f"{host}/v1", api_key=KEY, max_retries=0, timeout=300)
+        self.anthropic = anthropic.Anthropic(base_url=host, api_key=KEY, max_retries=0, timeout=300)
+        self.tool: Any = {"type": "function", "function": {"name": "get_weather", "description": DESCRIPTION}}
+        self.tool["function"]["parameters"] = SCHEMA
+        self.custom: Any = {"name": "get_weather", "description": DESCRIPTION, "input_schema": SCHEMA}
+
+    def _openai(self, model: str, stream: bool) -> Any:
+        return self.openai.chat.completions.create(
+            model=model,
+            messages=ASK,
+            tools=[self.tool],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=stream,  # type: ignore[call-overload]
+        )
+
+    def openai_whole(self, model: str) -> dict[str, Any]:
+        [call] = self._openai(model, False).choices[0].message.tool_calls
+        return dict(json.loads(call.function.arguments))
+
+    def openai_streamed(self, model: str) -> dict[str, Any]:
+        arguments = "".join(
+            piece.function.arguments or ""
+            for chunk in self._openai(model, True)
+            for choice in chunk.choices
+            for piece in choice.delta.tool_calls or ()
+            if piece.function is not None
+        )
+        return dict(json.loads(arguments))
+
+    def _anthropic(self, model: str, stream: bool) -> Any:
+        return self.anthropic.messages.create(
+            model=model,
+            messages=ASK,
+            tools=[self.custom],
+            tool_choice={"type": "any", "disable_parallel_tool_use": True},
+            max_tokens=MAX_TOKENS,
+            stream=stream,
+            # Sampling parameters: Anthropic's newer clients no longer name them.
+            extra_body={"temperature": 0},
+        )
+
+    def anthropic_whole(self, model: str) -> dict[str, Any]:
+        [use] = [b for b in self._anthropic(model, False).content if b.type == "tool_use"]
+        return dict(use.input)
+
+    def anthropic_streamed(self, model: str) -> dict[str, Any]:
+        fragments = [
+            e.delta.partial_json
+            for e in self._anthropic(model, True)
+            if e.type == "content_block_delta" and e.delta.type == "input_json_delta"
+        ]
+        return dict(json.loads("".join(fragments)))
+
+
+def main(model_id: str, repeat: int, wanted: EngineWanted) -> None:
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    with serving(model_id, wanted) as served:
+        clients = Clients(served.port)
+        cases: dict[str, Case] = {
+            "openai whole": clients.openai_whole,
+            "anthropic whole": clients.anthropic_whole,
+            "openai streamed": clients.openai_streamed,
+            "anthropic streamed": clients.anthropic_streamed,
+        }
+        names = list(cases)
+        # Warm up every route and client; the same greedy call on every one.
+        calls = {name: case(model_id) for name, case in cases.items()}
+        assert len({json.dumps(c, sort_keys=True) for c in calls.values()}) == 1, calls
+        runs: dict[str, list[float]] = {name: [] for name in names}
+        for i in range(repeat):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                started = time.perf_counter()
+                cases[name](model_id)
+                runs[name].append(time.perf_counter() - started)
+
+    print(f"model {model_id} on {served.engine}: one forced call {calls[names[0]]}, {repeat} paired rounds (medians):")
+    print(f"{'case':<20} {'seconds':>9} {'/ openai':>9}")
+    for name, got in runs.items():
+        base = runs[name.replace("anthropic", "openai")]
+        ratio = statistics.median(t / b for t, b in zip(got, base, strict=True))
+        print(f"{name:<20} {statistics.median(got):>9.4f} {ratio:>8.3f}x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID)
+    parser.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    with_engine_env()
+    main(args.model, args.repeat, args.engine)
