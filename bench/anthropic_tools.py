@@ -8,8 +8,9 @@ what differs is the request's mapping and the answer's rendering (tool_use block
 events against tool_calls). Prints each case's median seconds to the whole call and the median of its
 per-round ratio to the OpenAI route's (target: 1.00x within the noise).
 
-    .venv/bin/python bench/anthropic_tools.py [--model exojet/SmolLM2-135M-Instruct-Q4] [--engine auto]
-        [--repeat 20]
+    .venv/bin/python bench/anthropic_tools.py [--engine auto] [--repeat 20]
+
+on the default model (SmolLM2-135M-Instruct, Q4 on llama.cpp).
 """
 
 from __future__ import annotations
@@ -104,28 +105,33 @@ class Clients:
         return dict(json.loads("".join(fragments)))
 
 
+def _paired(clients: Clients, model_id: str, repeat: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
+    """Each case's seconds per round (rounds in rotated orders) and the call each made first."""
+    cases: dict[str, Case] = {
+        "openai whole": clients.openai_whole,
+        "anthropic whole": clients.anthropic_whole,
+        "openai streamed": clients.openai_streamed,
+        "anthropic streamed": clients.anthropic_streamed,
+    }
+    names = list(cases)
+    # Warm up every route and client; the same greedy call on every one.
+    calls = {name: case(model_id) for name, case in cases.items()}
+    assert len({json.dumps(c, sort_keys=True) for c in calls.values()}) == 1, calls
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeat):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            started = time.perf_counter()
+            cases[name](model_id)
+            runs[name].append(time.perf_counter() - started)
+    return runs, calls
+
+
 def main(model_id: str, repeat: int, wanted: EngineWanted) -> None:
     logger.remove()
     logger.add(sys.stderr, level="WARNING")
     with serving(model_id, wanted) as served:
-        clients = Clients(served.port)
-        cases: dict[str, Case] = {
-            "openai whole": clients.openai_whole,
-            "anthropic whole": clients.anthropic_whole,
-            "openai streamed": clients.openai_streamed,
-            "anthropic streamed": clients.anthropic_streamed,
-        }
-        names = list(cases)
-        # Warm up every route and client; the same greedy call on every one.
-        calls = {name: case(model_id) for name, case in cases.items()}
-        assert len({json.dumps(c, sort_keys=True) for c in calls.values()}) == 1, calls
-        runs: dict[str, list[float]] = {name: [] for name in names}
-        for i in range(repeat):
-            for name in names[i % len(names) :] + names[: i % len(names)]:
-                started = time.perf_counter()
-                cases[name](model_id)
-                runs[name].append(time.perf_counter() - started)
-
+        runs, calls = _paired(Clients(served.port), model_id, repeat)
+    names = list(runs)
     print(f"model {model_id} on {served.engine}: one forced call {calls[names[0]]}, {repeat} paired rounds (medians):")
     print(f"{'case':<20} {'seconds':>9} {'/ openai':>9}")
     for name, got in runs.items():
@@ -136,9 +142,9 @@ def main(model_id: str, repeat: int, wanted: EngineWanted) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID)
     parser.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
     parser.add_argument("--repeat", type=int, default=20)
-    args = parser.parse_args()
+    # The engine child's environment first (a re-execution with the same arguments).
     with_engine_env()
-    main(args.model, args.repeat, args.engine)
+    args = parser.parse_args()
+    main(DEFAULT_MODEL_ID, args.repeat, args.engine)
