@@ -1,8 +1,9 @@
-"""Tool use and JSON output in Anthropic's Messages dialect, through the official `anthropic` client,
-on a real stack serving the tiny random llama on llama.cpp: a call forced by tool_choice any or
-tool is a tool_use block valid against its input_schema, whole and streamed (the input_json_delta
-fragments join to the input), a tool_result goes back in the history, a JSON format's answer
-parses and validates, and a bad tool definition is a named 400 in Anthropic's shape."""
+"""Tool use and JSON output in Anthropic's Messages dialect, through the official `anthropic`
+client, on a real stack serving the tiny random llama on each engine (llama.cpp, MLX): a call
+forced by tool_choice any or tool is a tool_use block valid against its input_schema, whole and
+streamed (the input_json_delta fragments join to the input), a tool_result goes back in the
+history, a JSON format's answer parses and validates, and a bad tool definition is a named 400 in
+Anthropic's shape."""
 
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ NONSENSE = {"type": "object", "properties": {"x": {"type": "nonsense"}}}
 GREEDY = {"temperature": 0}
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[ApiStack]:
-    yield from tools_stack(tmp_path_factory, tiny_model_dir, "llamacpp")
+@pytest.fixture(scope="module", params=["llamacpp", "mlx"])
+def stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[ApiStack]:
+    yield from tools_stack(tmp_path_factory, tiny_model_dir, request.param)
 
 
 @pytest.fixture(scope="module")
