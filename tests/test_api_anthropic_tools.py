@@ -18,6 +18,7 @@ import jsonschema_rs
 import msgspec
 import pytest
 
+from exojet.runner.engine_llamacpp import MAX_CONTEXT
 from tests import engine_contract as contract
 from tests.api_stack import API_KEY, MODEL, ApiStack
 from tests.dialect_stack import tools_stack
@@ -183,3 +184,14 @@ def test_a_bad_tool_definition_is_a_named_400_in_anthropics_shape(
         body: Any = err.value.body
         assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
         assert words in body["error"]["message"], body
+
+
+def test_a_chat_the_model_cannot_take_is_a_400_before_any_byte_of_its_stream(stack: ApiStack) -> None:
+    # More than the context window can hold: the runner refuses it before any work.
+    body = {"model": MODEL, "max_tokens": MAX_CONTEXT + 1, "messages": ASK, "tools": [WEATHER], "stream": True}
+    with httpx.stream("POST", f"{stack.base_url}/messages", json=body, headers={"x-api-key": API_KEY}) as answer:
+        assert answer.status_code == 400
+        assert answer.headers["content-type"].startswith("application/json")
+        error = json.loads(answer.read())
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
+    assert "do not fit the model's context window" in error["error"]["message"]
