@@ -194,4 +194,4 @@ def test_a_chat_the_model_cannot_take_is_a_400_before_any_byte_of_its_stream(sta
         assert answer.headers["content-type"].startswith("application/json")
         error = json.loads(answer.read())
     assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
-    assert "do not fit the model's context window" in error["error"]["message"]
+    assert "ContextLengthExceeded" in error["error"]["message"]
