@@ -1,10 +1,11 @@
 """Ollama's API: `/api/chat`, `/api/generate` (NDJSON streams, or one object with
 `stream: false`), `/api/tags`, `/api/show`, `/api/ps`, `/api/version`.
 
-Chats become the same routed chat as OpenAI's (`dialect_base`). As Ollama does, a
-request may hold fields it does not know (they are ignored) and streams by default;
-an unknown option is logged and ignored, as Ollama's server does. What would change
-the answer and exojet does not do (`format`, `tools`, images, sampling options beyond
+Chats become the same routed chat as OpenAI's (`dialect_base`), with their tools, the
+tool calls and results of their history and their `format` (`ollama_chat.py`). As Ollama
+does, a request may hold fields it does not know (they are ignored) and streams by default;
+an unknown option is logged and ignored, as Ollama's server does. What would change the
+answer and exojet does not do (images, thinking, sampling options beyond
 temperature/top_p/seed/stop) is refused by name. Errors are Ollama's `{"error": "..."}`.
 """
 
@@ -15,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from importlib.metadata import version
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from loguru import logger
@@ -24,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from exojet.api import dialect_base as base
+from exojet.api import ollama_chat as chat
 from exojet.api import request_rules as rules
 from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found
@@ -31,15 +33,13 @@ from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
+from exojet.bus.tools import AnswerShape
 
 if TYPE_CHECKING:
     from exojet.api.app import Api
 
 NDJSON = "application/x-ndjson"
-TOOLS = "tools are not supported yet (tool calls are a later issue)"
 REFUSED = {
-    "format": "structured output (format) is not supported yet",
-    "tools": TOOLS,
     "images": "images are not supported",
     "think": "thinking is not supported by this model",
     "logprobs": "logprobs are not supported",
@@ -74,22 +74,11 @@ class Options(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     stop: list[Annotated[str, msgspec.Meta(min_length=1)]] | Annotated[str, msgspec.Meta(min_length=1)] | None = None
 
 
-class Message(msgspec.Struct, frozen=True):
-    # A tool's message is refused by name first (`_refuse_messages`).
-    role: Literal["system", "user", "assistant"]
-    content: str = ""
-    # Refused when they ask for anything (`_refuse_messages`).
-    images: Any = None
-    tool_calls: Any = None
-
-
-# A message's fields refused when they ask for anything.
-MESSAGE_REFUSED = ("images", "tool_calls")
-
-
 class ChatBody(msgspec.Struct, frozen=True):
     model: Annotated[str, msgspec.Meta(min_length=1)]
-    messages: list[Message] = []
+    messages: list[chat.Message] = []
+    tools: list[chat.InTool] | None = None
+    format: chat.Format = None
     stream: bool = True
     options: dict[str, Any] | None = None
     keep_alive: Any = None  # how long Ollama keeps a model loaded: exojet's instances stay
@@ -100,6 +89,7 @@ class GenerateBody(msgspec.Struct, frozen=True):
     prompt: str = ""
     system: str | None = None
     raw: bool = False
+    format: chat.Format = None
     stream: bool = True
     options: dict[str, Any] | None = None
     keep_alive: Any = None
@@ -111,6 +101,15 @@ class ShowBody(msgspec.Struct, frozen=True):
 
 
 RULES: dict[type, tuple[rules.Rule, ...]] = {
+    ChatBody: (
+        rules.Rule(
+            when={"tools": rules.NON_EMPTY},
+            then={"format": rules.one_of(None, "")},
+            param="format",
+            message="format: tools and format cannot both shape one answer",
+            code="unsupported_parameter",
+        ),
+    ),
     GenerateBody: (
         rules.Rule(
             when={"raw": rules.one_of(True)},
@@ -151,7 +150,9 @@ def _neutral(value: Any, neutral: float) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == neutral
 
 
-def _request(model: str, messages: list[ChatMessage], stream: bool, options: Options, limit: int) -> ChatRequest:
+def _request(
+    model: str, messages: list[ChatMessage], stream: bool, options: Options, limit: int, shape: AnswerShape
+) -> ChatRequest:
     # Ollama's -1 (until the model stops) and -2 (fill the context): the runner's default length.
     asked = options.num_predict if options.num_predict and options.num_predict > 0 else None
     if options.num_predict == 0:
@@ -170,19 +171,16 @@ def _request(model: str, messages: list[ChatMessage], stream: bool, options: Opt
             seed=options.seed,
             stop=tuple(stop) if stop else None,
         ),
+        shape=shape,
     )
 
 
 def _refuse_messages(data: dict[str, Any]) -> None:
-    """ApiError(400) naming the first message that is a tool's or carries tool calls or images,
-    before the struct would call them only wrong values."""
+    """ApiError(400) naming the first message that carries images, before the struct would call
+    them only a wrong value."""
     messages = data.get("messages")
     for i, m in enumerate(messages if isinstance(messages, list) else ()):
-        if not isinstance(m, dict):
-            continue
-        if m.get("role") == "tool" or rules.asks(m.get("tool_calls")):
-            raise bad_request(f"messages[{i}]: {TOOLS}", param=f"messages[{i}]")
-        if rules.asks(m.get("images")):
+        if isinstance(m, dict) and rules.asks(m.get("images")):
             raise bad_request(f"messages[{i}].images: images are not supported", param=f"messages[{i}].images")
 
 
@@ -191,8 +189,9 @@ def parse_chat(raw: bytes, limit: int) -> ChatRequest:
     data = rules.refuse(decode_object(raw), REFUSED)
     _refuse_messages(data)
     body = base.convert(data, ChatBody)
-    messages = [ChatMessage(m.role, m.content) for m in body.messages]
-    return _request(body.model, messages, body.stream, _options(body.options), limit)
+    rules.check(RULES[ChatBody], body)
+    shape = chat.shape(body.tools, body.format)
+    return _request(body.model, chat.chat_messages(body.messages), body.stream, _options(body.options), limit, shape)
 
 
 def parse_generate(raw: bytes, limit: int) -> ChatRequest:
@@ -201,8 +200,19 @@ def parse_generate(raw: bytes, limit: int) -> ChatRequest:
     rules.check(RULES[GenerateBody], body)
     system = [ChatMessage("system", body.system)] if body.system else []
     messages = [*system, ChatMessage("user", body.prompt)] if body.prompt else []
-    req = _request(body.model, messages, body.stream, _options(body.options), limit)
+    shape = chat.shape(None, body.format)
+    req = _request(body.model, messages, body.stream, _options(body.options), limit, shape)
     return msgspec.structs.replace(req, raw=True) if body.raw else req
+
+
+# What a route's answer says: its text and its tool calls (Ollama's shape), as the route has them.
+Says = Callable[[str, list[dict[str, Any]]], dict[str, Any]]
+
+
+def _message(text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """A chat's answer: `message`, with its tool calls when it made any."""
+    message: dict[str, Any] = {"role": "assistant", "content": text}
+    return {"message": message | {"tool_calls": calls} if calls else message}
 
 
 def _now() -> str:
@@ -228,23 +238,26 @@ class Ollama:
 
     async def chat(self, request: Request) -> Response:
         req = parse_chat(await request.body(), self.api.config.max_tokens_limit)
-        return await self._answer(request, req, lambda text: {"message": {"role": "assistant", "content": text}})
+        return await self._answer(request, req, _message)
 
     async def generate(self, request: Request) -> Response:
         req = parse_generate(await request.body(), self.api.config.max_tokens_limit)
-        return await self._answer(request, req, lambda text: {"response": text})
+        # A generate has no tools: it calls none.
+        return await self._answer(request, req, lambda text, calls: {"response": text})
 
-    async def _answer(self, request: Request, req: ChatRequest, says: Callable[[str], dict[str, Any]]) -> Response:
-        """`req` answered the Ollama way; `says` puts text where the route's answer has it
-        (`message.content` for a chat, `response` for a generate)."""
+    async def _answer(self, request: Request, req: ChatRequest, says: Says) -> Response:
+        """`req` answered the Ollama way; `says` puts text and tool calls where the route's answer
+        has them (`message` for a chat, `response` for a generate)."""
         started = time.monotonic_ns()
         head = {"model": req.model}
         if not req.messages:
             # Ollama's way to load a model: no prompt, an answer saying it is loaded.
             await base.check_model(self.api.gw, req.model)
-            return base.json_response({**head, "created_at": _now(), **says(""), "done": True, "done_reason": "load"})
+            return base.json_response(
+                {**head, "created_at": _now(), **says("", []), "done": True, "done_reason": "load"}
+            )
 
-        def final(outcome: Ended, text: str) -> dict[str, Any]:
+        def final(outcome: Ended, text: str, calls: list[dict[str, Any]]) -> dict[str, Any]:
             prompt, completion = base.tokens(outcome)
             rate = outcome.result.tokens_per_second
             evaluating = int(completion / rate * 1e9) if rate > 0 else 0
@@ -252,9 +265,9 @@ class Ollama:
             return {
                 **head,
                 "created_at": _now(),
-                **says(text),
+                **says(text, calls),
                 "done": True,
-                "done_reason": base.finish_reason(outcome),
+                "done_reason": chat.done_reason(base.finish_reason(outcome)),
                 "total_duration": time.monotonic_ns() - started,
                 "load_duration": 0,
                 "prompt_eval_count": prompt,
@@ -263,19 +276,24 @@ class Ollama:
                 "eval_duration": evaluating,
             }
 
-        async def lines(chat_id: str, pieces: AsyncIterator[base.Piece]) -> AsyncIterator[bytes]:
-            async for piece in pieces:
-                if isinstance(piece, str):
-                    line: dict[str, Any] = {**head, "created_at": _now(), **says(piece), "done": False}
-                elif isinstance(piece, ApiError):
-                    line = {"error": piece.message}
-                else:
-                    line = final(piece, "")
-                yield msgspec.json.encode(line) + b"\n"
+        def line(piece: chat.Said) -> dict[str, Any]:
+            if isinstance(piece, str):
+                return {**head, "created_at": _now(), **says(piece, []), "done": False}
+            if isinstance(piece, dict):
+                return {**head, "created_at": _now(), **says("", [piece]), "done": False}
+            if isinstance(piece, ApiError):
+                return {"error": piece.message}
+            # The calls were each sent whole as they came.
+            return final(piece, "", [])
 
-        return await base.respond(
-            request, self.api.gw, req, lines, lambda chat_id, text, outcome: final(outcome, text), NDJSON
-        )
+        async def lines(chat_id: str, pieces: AsyncIterator[base.CallPiece]) -> AsyncIterator[bytes]:
+            async for piece in chat.whole_calls(pieces):
+                yield msgspec.json.encode(line(piece)) + b"\n"
+
+        def whole(chat_id: str, text: str, outcome: Ended) -> dict[str, Any]:
+            return final(outcome, text, chat.calls_json(outcome.result.tool_calls))
+
+        return await base.respond(request, self.api.gw, req, lines, whole, NDJSON, call_events=lines)
 
     async def tags(self, request: Request) -> Response:
         return base.json_response({"models": [_model(m) for m in await self._served()]})

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses, ollama_chat
 from exojet.api.json_body import INT_MAX, INT_MIN
 from exojet.api.request_schemas import ABSENT, Body, nullable, ref
 
@@ -28,7 +28,8 @@ BODIES = {
     "OllamaChatRequest": Body(
         dialect_ollama.ChatBody,
         refused=dialect_ollama.REFUSED,
-        refused_in={dialect_ollama.Message: dialect_ollama.MESSAGE_REFUSED},
+        rules=dialect_ollama.RULES,
+        refused_in={ollama_chat.Message: ollama_chat.MESSAGE_REFUSED},
     ),
     "OllamaGenerateRequest": Body(
         dialect_ollama.GenerateBody, refused=dialect_ollama.REFUSED, rules=dialect_ollama.RULES

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ollama
 import openai
 import pytest
 
@@ -51,3 +52,10 @@ def openai_answer(stack: ApiStack, messages: list[dict[str, Any]], max_tokens: i
     text = answer.choices[0].message.content
     assert text is not None and answer.usage is not None and answer.usage.completion_tokens == max_tokens
     return text, answer.usage.prompt_tokens
+
+
+def ollama_client(stack: ApiStack, timeout: float = 60) -> ollama.Client:
+    """The official `ollama` client on the stack's API (its host: the client adds `/api/...`)."""
+    return ollama.Client(
+        host=stack.base_url.removesuffix("/v1"), headers={"Authorization": f"Bearer {API_KEY}"}, timeout=timeout
+    )

@@ -3,8 +3,8 @@
 The chat completion has four rules no JSON Schema can state, which its document says in words
 (`description`): no two tools share a name, a named `tool_choice` names one of them, a tool
 call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary; Anthropic's
-Messages has the first two. A positive case is kept to them as a client keeps to them; a negative
-case is left as generated."""
+Messages has the first two, Ollama's chat the first. A positive case is kept to them as a client
+keeps to them; a negative case is left as generated."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import schemathesis
 @schemathesis.hook
 def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
     positive = case.meta is not None and case.meta.generation.mode.is_positive
-    if positive and case.path == "/v1/chat/completions" and isinstance(case.body, dict):
+    if positive and case.path in ("/v1/chat/completions", "/api/chat") and isinstance(case.body, dict):
         case.body = _kept(case.body)
     if positive and case.path.startswith("/v1/messages") and isinstance(case.body, dict):
         case.body = _anthropic_kept(case.body)
@@ -50,9 +50,12 @@ def _kept(body: dict[str, Any]) -> dict[str, Any]:
         body["logit_bias"] = {str(int(token) % 320): value for token, value in bias.items()}
     for message in body.get("messages") or ():
         for call in message.get("tool_calls") or ():
-            # JSON as the parser reads it (Python's json also takes NaN and Infinity).
+            # JSON as the parser reads it (Python's json also takes NaN and Infinity); Ollama's
+            # arguments are an object, which the document states.
+            if not isinstance(arguments := call["function"].get("arguments"), str):
+                continue
             try:
-                msgspec.json.decode(call["function"]["arguments"])
+                msgspec.json.decode(arguments)
             except msgspec.DecodeError:
                 call["function"]["arguments"] = "{}"
     return body

@@ -96,11 +96,8 @@ def test_bad_input_gets_ollama_errors_with_a_4xx(host: str, llama: ollama.Client
         llama.chat(model="local/unknown", messages=user)
     assert unknown.value.status_code == 404
     with pytest.raises(ollama.ResponseError) as fmt:
-        llama.chat(model=MODEL, messages=user, format="json")
-    assert fmt.value.status_code == 400 and fmt.value.error.startswith("format: structured output")
-    with pytest.raises(ollama.ResponseError) as tools:
-        llama.chat(model=MODEL, messages=user, tools=[{"type": "function", "function": {"name": "f"}}])
-    assert tools.value.status_code == 400 and "tools are not supported yet" in tools.value.error
+        llama.chat(model=MODEL, messages=user, format={"type": "nonsense"})
+    assert fmt.value.status_code == 400 and "the JSON schema does not compile" in fmt.value.error
     with pytest.raises(ollama.ResponseError) as wrong_key:
         ollama.Client(host=host, headers={"Authorization": "Bearer wrong"}).list()
     assert wrong_key.value.status_code == 401 and wrong_key.value.error == "Incorrect API key provided"
@@ -109,7 +106,7 @@ def test_bad_input_gets_ollama_errors_with_a_4xx(host: str, llama: ollama.Client
         ("chat", {"messages": user}, "model"),
         ("chat", {"model": MODEL, "messages": user, "options": {"top_k": 5}}, "top_k"),
         ("chat", {"model": MODEL, "messages": user, "options": {"temperature": "hot"}}, "temperature"),
-        ("chat", {"model": MODEL, "messages": [{"role": "tool", "content": "4"}]}, "tools are not supported"),
+        ("chat", {"model": MODEL, "messages": user, "format": "yaml"}, "format"),
         ("chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, "images"),
         ("generate", {"model": MODEL, "prompt": "x", "context": [1, 2]}, "context"),
         ("generate", {"model": MODEL, "prompt": "x", "raw": True, "system": "s"}, "system"),

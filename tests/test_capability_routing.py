@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
+import ollama
 import openai
 import pytest
 
@@ -25,6 +26,7 @@ from exojet.projections.instances import instance_capabilities
 from exojet.supervisor.actions import WriteEvent
 from exojet.supervisor.planner import plan
 from tests.api_stack import API_KEY, MODEL, ApiStack
+from tests.dialect_stack import ollama_client
 from tests.planner_cluster import Cluster, ready_single
 
 HI = (ChatMessage("user", "what is the weather in paris?"),)
@@ -213,6 +215,16 @@ def test_a_chat_with_tools_on_a_cluster_that_cannot_do_them_is_a_400_naming_it(p
         error: Any = refused_too.value.body
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
         assert f"no instance of {MODEL} can do tool calls: " in error["error"]["message"]
+    # Ollama's route: its error shape, a 400 before any line of its stream.
+    llama = ollama_client(pipeline)
+    for needs, extra in [("tool calls", {"tools": tools}), ("structured output", {"format": "json"})]:
+        for stream in (False, True):
+            with pytest.raises(ollama.ResponseError) as refused_here:
+                answer = llama.chat(model=MODEL, messages=ask, stream=stream, options={"num_predict": 8}, **extra)
+                if stream:
+                    next(iter(answer))
+            assert refused_here.value.status_code == 400
+            assert f"no instance of {MODEL} can do {needs}" in refused_here.value.error
     plain = client.chat.completions.create(model=MODEL, messages=ask, max_tokens=4)
     assert plain.choices[0].message.content  # the instance serves what it can
     state = pipeline.cli("state")
