@@ -34,7 +34,8 @@ from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan, schema_grammar
 from exojet.runner.answer_stream import AnswerStream, ToolSyntax
 from exojet.runner.engine_protocol import Generate
-from exojet.runner.mlx_batch import BatchDriver, Capacity
+from exojet.runner.mlx_batch import BatchDriver
+from exojet.runner.mlx_capacity import Capacity
 from exojet.runner.mlx_cpu import choose_weights, find_blas, to_dense_float32
 from exojet.runner.mlx_grammar import GrammarCompiler
 
@@ -60,7 +61,7 @@ def step_ms(driver: BatchDriver, prompt: list[int], tokens: int, chats: int, mas
     """Milliseconds per decode step of `chats` chats at once, each `tokens` tokens long (with
     `masks[i]` as chat i's logits processor, or free when `masks` is empty)."""
     req = Generate(messages=ASK, sampling=Sampling(max_tokens=tokens))
-    handles = [driver.submit(prompt, req, (masks[i],) if masks else ()) for i in range(chats)]
+    handles = [driver.submit(prompt, req, ((masks[i],),) if masks else ()) for i in range(chats)]
     first_at = None
     steps = 0
     for handle in handles:

@@ -21,7 +21,8 @@ TopP = Annotated[float, msgspec.Meta(gt=0, le=1)]
 Stop = str | tuple[str, ...]
 # OpenAI's bounds: the likeliest tokens reported at each place, the answers one chat asks for.
 TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
-Choices = Annotated[int, msgspec.Meta(ge=1, le=8)]
+MAX_CHOICES = 8
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 # Token id -> what is added to its logit before sampling (-100 bans it, 100 all but forces it).
 TokenId = Annotated[int, msgspec.Meta(ge=0)]
 Bias = Annotated[float, msgspec.Meta(ge=-100, le=100)]

@@ -40,12 +40,13 @@ class AnswerStream:
         call_id: str,
         syntax: ToolSyntax | None,
         parallel: bool = True,
+        choice: int = 0,
     ) -> None:
         self.plan = plan
         # Without parallel calls, the first call alone (as llama.cpp's parser reads one).
         self.max_calls = None if parallel else 1
         # A generic answer is JSON read whole at its end, not text to stream.
-        self.answer = ChoiceText([] if plan.generic else stop)
+        self.answer = ChoiceText([] if plan.generic else stop, choice)
         self.emit = None if plan.generic else emit
         self._emit_end = emit
         self.call_id = call_id

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from exojet.bus.capabilities import Capabilities
-from exojet.bus.tools import ToolCallDelta
+from exojet.bus.sampling import choices
+from exojet.bus.tools import ToolCallDelta, wanted_tools
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded, Token
 
 # Where an engine sends what it generates: text deltas (a Token when they carry their choice of
@@ -66,6 +67,15 @@ def check_fits(prompt_tokens: int, max_tokens: int, context_length: int | None) 
             f"{prompt_tokens + max_tokens} do not fit the model's context window of "
             f"{context_length} tokens; shorten the messages or lower max_tokens",
         )
+
+
+def check_choices(req: Generate, capacity: int) -> None:
+    """Refuse `n` answers beyond the engine's sequences at once (rather than wait for ever), or
+    beside tools (their calls would need a choice index the tool-call chunks do not carry)."""
+    if (n := choices(req.sampling)) > capacity:
+        raise RequestError("InvalidRequest", f"n={n} answers do not fit this engine's {capacity} slots")
+    if n > 1 and wanted_tools(req.tools, req.tool_choice):
+        raise RequestError("InvalidRequest", "n > 1 with tools is not supported: ask for one answer")
 
 
 def raw_prompt(req: Generate) -> str:

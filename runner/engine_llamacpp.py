@@ -30,7 +30,7 @@ from exojet.bus.sampling import Sampling, choices
 from exojet.bus.tools import wanted_tools
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import chat_message, plan_answer
-from exojet.runner.engine_backend import Emit, RequestError, raw_prompt
+from exojet.runner.engine_backend import Emit, RequestError, check_choices, raw_prompt
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
 from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 
@@ -288,10 +288,7 @@ class LlamaCppEngine:
 
     def _check_choices(self, req: Generate) -> None:
         """Refuse what llama.cpp would silently do otherwise (ignore a bias, mix calls of answers)."""
-        if (n := choices(req.sampling)) > self.capacity:
-            raise RequestError("InvalidRequest", f"n={n} answers do not fit this engine's {self.capacity} slots")
-        if n > 1 and wanted_tools(req.tools, req.tool_choice):
-            raise RequestError("InvalidRequest", "n > 1 with tools is not supported: ask for one answer")
+        check_choices(req, self.capacity)
         beyond = sorted(t for t in req.sampling.biases if t >= self.facts.n_vocab)
         if beyond:
             raise RequestError(

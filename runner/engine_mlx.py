@@ -17,26 +17,21 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import msgspec
 from loguru import logger
 
 from exojet.bus.capabilities import Capabilities
+from exojet.bus.sampling import choices
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan, chat_message, plan_answer
 from exojet.runner.answer_stream import AnswerStream, ToolSyntax
-from exojet.runner.engine_backend import Emit, RequestError, check_fits, raw_prompt
+from exojet.runner.engine_backend import Emit, RequestError, check_choices, check_fits, raw_prompt
 from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
-from exojet.runner.mlx_batch import (
-    BatchDriver,
-    Capacity,
-    LogitsProcessor,
-    chat_capacity,
-    kv_bytes_per_token,
-    make_chat_sampler,
-    step_of,
-)
+from exojet.runner.mlx_batch import BatchDriver, ChoiceProcessors, LogitsProcessor, make_chat_sampler, step_of
+from exojet.runner.mlx_capacity import Capacity, chat_capacity, kv_bytes_per_token
+from exojet.runner.mlx_choices import Answer, Call, Finish, done, read_batched
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.mlx_grammar import GrammarCompiler
 from exojet.runner.mlx_logprobs import bias_processor, token_logprobs, vocab_size
@@ -46,8 +41,6 @@ from exojet.runner.mlx_weights import context_length, materialise, shard_range
 # (a stalled peer would otherwise hold the ring forever); env overrides.
 STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_STALL_S", "30"))
 LOAD_STALL_TIMEOUT_S = float(os.environ.get("EXO_PIPELINE_LOAD_STALL_S", "300"))
-# A batched chat waiting for its next token looks at its cancel flag this often.
-CANCEL_POLL_S = 0.05
 # MLX's random keys are 64-bit.
 SEEDS = 2**64
 
@@ -71,10 +64,9 @@ class MlxEngine:
 
     def __init__(self, req: Load, group: Any, on_layer: Callable[[int, int], None]) -> None:
         self.group = group
-        # A pipeline rank runs no per-chat logits processor (a grammar's mask, a bias) and reports no
-        # logprobs, so it states none of those; n > 1 is not served on MLX yet (issue 30).
-        whole: Capabilities = ("logit_bias", "logprobs", "raw", "response_format", "tools")
-        self.capabilities: Capabilities = ("raw",) if group is not None else whole
+        # A pipeline rank runs no per-chat logits processor (a grammar's mask, a bias), reports no
+        # logprobs and serves one sequence, so it states none of those (a whole model: once loaded).
+        self.capabilities: Capabilities = ("raw",)
         self.model: Any = None
         self.tokenizer: Any = None
         self._context: int | None = None
@@ -144,8 +136,11 @@ class MlxEngine:
         else:
             capacity = chat_capacity(psutil.virtual_memory().available, per_token, self._context)
         self.capacity, self._capacity_reason = capacity.chats, capacity.reason
+        # n answers are n rows of the batch: one sequence at a time serves one.
+        self.capabilities = ("logit_bias", "logprobs", "raw", "response_format", "tools")
         if capacity.chats > 1:
             self._batch = BatchDriver(self.model, list(self.tokenizer.eos_token_ids), capacity)
+            self.capabilities = ("logit_bias", "logprobs", "n", "raw", "response_format", "tools")
 
     def _load_shard(self, req: Load, path: Path, on_layer: Callable[[int, int], None]) -> ModelLoaded:
         from mlx.utils import tree_flatten
@@ -220,6 +215,7 @@ class MlxEngine:
         sampling = req.sampling
         if sampling.reported_top is not None and req.tools:
             raise RequestError("InvalidRequest", "MLX reports no logprobs beside tools")
+        check_choices(req, self.capacity)
         try:
             plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
             # A chat template may refuse a role it does not know.
@@ -233,18 +229,35 @@ class MlxEngine:
         if sampling.seed is not None and not 0 <= sampling.seed < SEEDS:
             raise RequestError("InvalidRequest", f"seed {sampling.seed} is not in [0, 2**64): MLX cannot hold it")
         check_fits(len(prompt), sampling.answer_length, self._context)
-        processors: tuple[LogitsProcessor, ...] = ()
-        if plan.grammar is not None:
-            assert self._grammars is not None  # a pipeline rank states no grammar, so it gets none
-            processors = (self._grammars.mask(plan.grammar),)
-        if sampling.biases:
-            processors += (bias_processor(sampling.biases, vocab_size(self.model, self.tokenizer)),)
         call_id = generic_tools.call_ids(req.request_id, started)
-        answer = AnswerStream(plan, sampling.stop_strings, emit, call_id, self._tools, req.parallel_tool_calls)
-        call = _Call(req, prompt, answer, cancelled, started, processors)
+        answers = tuple(
+            Answer(
+                AnswerStream(plan, sampling.stop_strings, emit, call_id, self._tools, req.parallel_tool_calls, choice),
+                self.tokenizer.detokenizer,
+            )
+            for choice in range(choices(sampling))
+        )
+        call = Call(req, prompt, answers, cancelled, started, self._processors(req, plan))
         if self._batch is not None:
             return self._generate_batched(self._batch, call)
         return self._generate_alone(call)
+
+    def _processors(self, req: Generate, plan: AnswerPlan) -> ChoiceProcessors:
+        """Each answer's own logits processors: its grammar's mask (a matcher of its own), the bias."""
+        biases = req.sampling.biases
+        if plan.grammar is None and not biases:
+            return ()
+        vocab = vocab_size(self.model, self.tokenizer)
+        per_choice: list[tuple[LogitsProcessor, ...]] = []
+        for _ in range(choices(req.sampling)):
+            processors: tuple[LogitsProcessor, ...] = ()
+            if plan.grammar is not None:
+                assert self._grammars is not None  # a pipeline rank states no grammar, so it gets none
+                processors = (self._grammars.mask(plan.grammar),)
+            if biases:
+                processors += (bias_processor(biases, vocab),)
+            per_choice.append(processors)
+        return tuple(per_choice)
 
     def _chat_prompt(self, plan: AnswerPlan) -> list[int]:
         """The tokens of a chat through the model's template (with the tools it renders)."""
@@ -252,40 +265,12 @@ class MlxEngine:
         messages = [chat_message(m, plan.generic, "object") for m in plan.messages]
         return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
 
-    def _generate_batched(self, batch: BatchDriver, call: _Call) -> Done:
-        """The chat among the others of the batch: its tokens come from the driver thread."""
+    def _generate_batched(self, batch: BatchDriver, call: Call) -> Done:
+        """The chat's answers among the others of the batch: their tokens come from the driver thread."""
         chat = batch.submit(call.prompt, call.req, call.processors)
-        detokenizer = self.tokenizer.detokenizer
-        first_at = None
-        finish: Literal["stop", "length", "cancelled"] = "length"
-        completion_tokens = 0
-        try:
-            while True:
-                if call.cancelled():
-                    finish = "cancelled"
-                    break
-                # Bounded, so a cancel is seen while a long prompt is prefilled.
-                step = chat.next_step(CANCEL_POLL_S)
-                if step is None:
-                    continue
-                first_at = first_at or time.perf_counter()
-                # The end-of-sequence token ends a generation without being part of it.
-                eos = step.finish == "stop"
-                if not eos:
-                    detokenizer.add_token(step.token)
-                    completion_tokens += 1
-                if step.finish is not None:
-                    detokenizer.finalize()
-                text = detokenizer.last_segment
-                stopped = call.answer.feed(text, () if eos else token_logprobs(self.tokenizer, text, step))
-                if stopped or step.finish is not None:
-                    finish = "stop" if stopped else step.finish or "length"
-                    break
-        finally:
-            chat.leave()
-        return _done(call, finish, completion_tokens, first_at)
+        return done(call, read_batched(chat, call, self.tokenizer))
 
-    def _generate_alone(self, call: _Call) -> Done:
+    def _generate_alone(self, call: Call) -> Done:
         """The chat on its own (a pipeline rank in step with the others, or a model whose
         caches mlx-lm cannot batch)."""
         from mlx_lm import stream_generate
@@ -293,8 +278,9 @@ class MlxEngine:
         from exojet.runner.pipeline import StallWatchdog, pipeline_barrier
 
         first_at = None
-        finish: Literal["stop", "length", "cancelled"] = "length"
+        finish: Finish = "length"
         completion_tokens = 0
+        answer = call.answers[0]
         in_group = self.group is not None
         stage = self.model.model if in_group else None
         if stage is not None:
@@ -309,7 +295,7 @@ class MlxEngine:
                 call.prompt,
                 max_tokens=call.req.sampling.answer_length,
                 sampler=sampler,
-                logits_processors=list(call.processors),
+                logits_processors=list(call.processors[0]) if call.processors else [],
             ):
                 if watchdog is not None:
                     watchdog.beat()
@@ -319,7 +305,7 @@ class MlxEngine:
                 eos = response.finish_reason == "stop"
                 completion_tokens = response.generation_tokens - (1 if eos else 0)
                 step = step_of(response.token, None, response.logprobs, top)
-                stopped = call.answer.feed(
+                stopped = answer.stream.feed(
                     response.text, () if eos else token_logprobs(self.tokenizer, response.text, step)
                 )
                 if stopped or eos:
@@ -335,40 +321,5 @@ class MlxEngine:
                     break
             if in_group:
                 pipeline_barrier(self.group)
-        return _done(call, finish, completion_tokens, first_at)
-
-
-class _Call(msgspec.Struct, frozen=True):
-    """One generation as the engine took it: the request, its prompt's tokens, where its text
-    goes, and the processors of its logits (a grammar's mask)."""
-
-    req: Generate
-    prompt: list[int]
-    answer: AnswerStream
-    cancelled: Callable[[], bool]
-    started: float
-    processors: tuple[LogitsProcessor, ...] = ()
-
-
-def _done(
-    call: _Call,
-    finish: Literal["stop", "length", "cancelled"],
-    completion_tokens: int,
-    first_at: float | None,
-) -> Done:
-    """A generation's end: the text held back for a possible stop string sent, its calls, its numbers."""
-    text, calls = call.answer.finish()
-    ended = time.perf_counter()
-    first_at = first_at or ended
-    # Decode speed: the tokens after the first, over the time after the first.
-    decode_seconds = ended - first_at
-    decoded = completion_tokens - 1
-    return Done(
-        text=text,
-        finish_reason="tool_calls" if calls and finish == "stop" else finish,
-        prompt_tokens=len(call.prompt),
-        completion_tokens=completion_tokens,
-        tokens_per_second=decoded / decode_seconds if decoded > 0 and decode_seconds > 0 else 0.0,
-        time_to_first_token=first_at - call.started,
-        tool_calls=calls,
-    )
+        answer.finish, answer.tokens = finish, completion_tokens
+        return done(call, first_at)

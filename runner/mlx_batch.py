@@ -11,47 +11,40 @@ inserts the chats that arrived (a new chat's prefill interleaves with the others
 removes the ones their thread gave up (a cancel, a deadline, a stop string); a chat that ends on
 its own (an end-of-sequence token, `max_tokens`) leaves the batch by itself.
 
-How many chats at once (`chat_capacity`) is what memory allows: each chat's KV cache at
-CHAT_WINDOW tokens (or the model's window, if shorter), in half the memory left free once the
-weights are in, at most MAX_CHATS (mlx-lm's server decodes 32 at once by default).
+A chat of `n` answers is n rows of the batch, each its choice's sampler, processors and
+`max_tokens`. Its prompt is computed once: the first row (choice 0) is inserted alone with its
+prompt in two segments (all but the last token, then the last), and once the generator has
+computed the first segment the driver inserts the other rows with copies of that row's KV cache,
+each to compute only the last token, so all n rows start decoding in the same step.
+
+How many chats at once is what memory allows (`runner.mlx_capacity`).
 
 A chat's KV cache outlives it in mlx-lm's LRU prompt cache (as mlx-lm's server keeps one): the
 next chat whose prompt starts with the same tokens (a conversation's next turn, a shared system
-prompt) computes only the rest. The cache holds at most PROMPT_CACHE_CHATS chats in a quarter of
-the memory free once the weights are in (at most 8 GiB, llama.cpp's default), the oldest dropped
-first. A seeded chat is computed from its whole prompt, as on llama.cpp here: the last tokens
-computed apart from a cached prefix give logits that may differ in their last bits.
+prompt) computes only the rest. The cache holds at most PROMPT_CACHE_CHATS chats in its bytes
+(`Capacity.prompt_cache_bytes`), the oldest dropped first; of a chat of `n`, choice 0's (a next
+turn continues one answer). A seeded chat is computed from its whole prompt, as on llama.cpp
+here: the last tokens computed apart from a cached prefix give logits that may differ in their
+last bits.
 """
 
 from __future__ import annotations
 
+import copy
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal, cast
 
 import msgspec
 from loguru import logger
 
-from exojet.bus.sampling import Sampling
+from exojet.bus.sampling import MAX_CHOICES, Sampling, choices
 from exojet.runner.engine_protocol import Generate
+from exojet.runner.mlx_capacity import PROMPT_CACHE_CHATS, Capacity
 
-# mlx-lm's server's default decode concurrency: beyond it a step's cost grows with the batch.
-MAX_CHATS = 32
-# The KV caches' share of the memory free after the weights are in (the rest: prompts being
-# tokenized, MLX's buffer cache, other processes).
-KV_MAX_FREE_FRACTION = 0.5
-# A chat is counted at this many tokens of KV cache (or its model's window, if shorter), as
-# llama.cpp's engine here gives each chat a window of 4,096 (`engine_llamacpp.MAX_CONTEXT`):
-# counting a long-context model's whole window (128k tokens) would leave it one chat.
-CHAT_WINDOW = 4096
 # Prompts prefilled together (mlx-lm's server's default prompt concurrency).
 PREFILL_CHATS = 8
-# The prompt cache: chats kept (the router remembers each runner's last 64), its share of the
-# memory free once the weights are in, and its bound (llama.cpp's default `cache_ram_mib`).
-PROMPT_CACHE_CHATS = 64
-PROMPT_CACHE_SHARE = 0.25
-PROMPT_CACHE_MAX_BYTES = 8 << 30
 # The prompt cache's key for the one model a driver runs.
 _MODEL = "model"
 
@@ -61,58 +54,20 @@ class Step(msgspec.Struct, frozen=True):
 
     token: int
     finish: Literal["stop", "length"] | None = None
+    # The answer of the chat's `n` it belongs to.
+    choice: int = 0
     # The token's log-probability and the likeliest at its place (id, log-probability), when asked.
     logprob: float | None = None
     top: tuple[tuple[int, float], ...] = ()
 
 
-class Capacity(msgspec.Struct, frozen=True):
-    """Chats served at once, the bytes of earlier chats' caches kept, and why."""
-
-    chats: int
-    reason: str
-    prompt_cache_bytes: int = 0
-
-
-def chat_capacity(free_bytes: int, kv_bytes_per_token: int, window: int | None) -> Capacity:
-    """How many chats fit in memory, each counted at CHAT_WINDOW tokens or its model's
-    `window` (None: unknown), whichever is shorter."""
-    tokens = min(window or CHAT_WINDOW, CHAT_WINDOW)
-    per_chat = max(1, kv_bytes_per_token * tokens)
-    budget = int(free_bytes * KV_MAX_FREE_FRACTION)
-    chats = max(1, min(MAX_CHATS, budget // per_chat))
-    kept = min(int(free_bytes * PROMPT_CACHE_SHARE), PROMPT_CACHE_MAX_BYTES)
-    return Capacity(
-        chats,
-        f"{chats} chats of up to {tokens} tokens ({per_chat / 1e6:.0f} MB of KV cache each) "
-        f"in {KV_MAX_FREE_FRACTION:.0%} of {free_bytes / 1e6:.0f} MB free, at most {MAX_CHATS}; "
-        f"earlier chats' caches kept in {kept / 1e6:.0f} MB",
-        kept,
-    )
-
-
-def kv_bytes_per_token(model: Any) -> int | None:
-    """The KV cache bytes one token of one chat takes on `model` (measured on one token);
-    None if its caches cannot be batched (mlx-lm merges only some cache types)."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache, make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    if not all(hasattr(c, "merge") for c in cache):
-        return None
-    model(mx.array([[0]]), cache=cache)
-    mx.eval([c.state for c in cache])
-    # A cache holds room for KVCache.step tokens once it holds one; a cache that does not grow
-    # with the chat (a sliding window, a recurrent state) is so counted generously.
-    per_token: int = max(1, -(-sum(c.nbytes for c in cache) // KVCache.step))
-    return per_token
-
-
-def make_chat_sampler(sampling: Sampling) -> Any:
-    """The chat's sampler (None: greedy, which the generator batches in one argmax).
+def make_chat_sampler(sampling: Sampling, choice: int = 0) -> Any:
+    """Answer `choice`'s sampler of the chat (None: greedy, which the generator batches in one argmax).
 
     A seeded chat draws from a random key of its own, split at each token, so its answer does
-    not depend on the chats beside it (MLX's global random state is shared by all of them).
+    not depend on the chats beside it (MLX's global random state is shared by all of them):
+    choice 0 from the seed's key (the answer of the chat asked alone), choice i from the i-th of
+    the seed's key split in MAX_CHOICES (whatever `n` is).
     Call in the thread that runs the model (the driver's, or the one-at-a-time path's): it makes MLX arrays.
     """
     import mlx.core as mx
@@ -123,6 +78,8 @@ def make_chat_sampler(sampling: Sampling) -> Any:
     if sampling.seed is None:
         return make_sampler(sampling.temperature_or_greedy, sampling.top_p_or_all)
     key = mx.random.key(sampling.seed)
+    if choice > 0:
+        key = mx.random.split(key, MAX_CHOICES)[choice]
     scale = 1.0 / sampling.temperature_or_greedy
     top_p = sampling.top_p_or_all
 
@@ -137,51 +94,66 @@ def make_chat_sampler(sampling: Sampling) -> Any:
 
 
 class BatchChat:
-    """One chat in the batch, as its own thread sees it."""
+    """One chat in the batch (its `n` answers), as its own thread sees it."""
 
-    def __init__(self, driver: BatchDriver) -> None:
+    def __init__(self, driver: BatchDriver, n: int) -> None:
         self.driver = driver
         self.steps: queue.SimpleQueue[Step | BaseException] = queue.SimpleQueue()
-        # Set by the driver when the chat is in the generator (read by the driver only).
-        self.uid: int | None = None
-        self.ended = False
+        # The answers still in the batch, as the chat's thread knows (read by that thread only).
+        self.open = set(range(n))
+        # Set by the driver (read by the driver only): the chat's rows in the generator (uid ->
+        # choice), and the choices to insert once choice 0's prompt is computed.
+        self.rows: dict[int, int] = {}
+        self.waiting: tuple[int, ...] = ()
         # How many of the likeliest tokens each step reports (None: no log-probabilities).
         self.top: int | None = None
 
+    @property
+    def ended(self) -> bool:
+        return not self.open
+
     def next_step(self, timeout: float) -> Step | None:
-        """The chat's next token (None if none came within `timeout` seconds); raises what
-        the driver failed with."""
+        """The chat's next token, of any of its answers (None if none came within `timeout`
+        seconds); raises what the driver failed with."""
         try:
             item = self.steps.get(timeout=timeout)
         except queue.Empty:
             return None
         if isinstance(item, BaseException):
-            self.ended = True
+            self.open.clear()
             raise item
         if item.finish is not None:
-            self.ended = True
+            self.open.discard(item.choice)
         return item
 
-    def leave(self) -> None:
-        """Take the chat out of the batch if it is still in it (a cancel, a stop string)."""
-        if not self.ended:
-            self.ended = True
-            self.driver.inbox.put(_Remove(self))
+    def leave(self, choices: tuple[int, ...] | None = None) -> None:
+        """Take the chat's answers `choices` (None: all) out of the batch if they are still in it
+        (a cancel; a stop string, that answer's)."""
+        gone = tuple(c for c in (self.open if choices is None else choices) if c in self.open)
+        if gone:
+            self.open.difference_update(gone)
+            self.driver.inbox.put(_Remove(self, gone))
 
 
 # An mlx-lm logits processor: (the sequence's tokens so far, its row of logits) -> new logits.
 LogitsProcessor = Callable[[Any, Any], Any]
+# Each answer's processors, by choice (empty: none for any).
+ChoiceProcessors = tuple[tuple[LogitsProcessor, ...], ...]
 
 
 class _Insert(msgspec.Struct, frozen=True):
     chat: BatchChat
     prompt: list[int]
     req: Generate
-    processors: tuple[LogitsProcessor, ...] = ()
+    processors: ChoiceProcessors = ()
+
+    def of(self, choice: int) -> list[LogitsProcessor]:
+        return list(self.processors[choice]) if self.processors else []
 
 
 class _Remove(msgspec.Struct, frozen=True):
     chat: BatchChat
+    choices: tuple[int, ...]
 
 
 class _Close(msgspec.Struct, frozen=True):
@@ -218,12 +190,17 @@ class BatchDriver:
         self.prompt_cache_bytes = capacity.prompt_cache_bytes
         self.inbox: queue.SimpleQueue[_Insert | _Remove | _Close] = queue.SimpleQueue()
         self.closed = threading.Event()
+        # The chats in the generator, by uid of each row (the driver's alone).
+        self._chats: dict[int, BatchChat] = {}
+        # Chats whose choice 0 is computing the prompt the other choices will copy, by its uid.
+        self._leaders: dict[int, _Insert] = {}
         _batch_thread().put(self._run)
 
-    def submit(self, prompt: list[int], req: Generate, processors: tuple[LogitsProcessor, ...] = ()) -> BatchChat:
-        """Start `req`'s chat on its prompt's tokens, its logits passed through `processors` (its
-        own: a grammar's mask) before its sampler: its tokens come through the returned handle."""
-        chat = BatchChat(self)
+    def submit(self, prompt: list[int], req: Generate, processors: ChoiceProcessors = ()) -> BatchChat:
+        """Start `req`'s chat (its `n` answers) on its prompt's tokens, each answer's logits passed
+        through its `processors` (its own: a grammar's mask) before its sampler: their tokens come
+        through the returned handle."""
+        chat = BatchChat(self, choices(req.sampling))
         self.inbox.put(_Insert(chat, prompt, req, processors))
         return chat
 
@@ -252,22 +229,22 @@ class BatchDriver:
         from mlx_lm.models.cache import LRUPromptCache
 
         gen = self._generator()
-        chats: dict[int, BatchChat] = {}
         kept = LRUPromptCache(PROMPT_CACHE_CHATS, self.prompt_cache_bytes)
         while True:
             try:
-                for message in self._messages(block=not chats):
+                for message in self._messages(block=not self._chats):
                     if isinstance(message, _Close):
                         gen.close()
                         return
-                    self._apply(gen, chats, kept, message)
-                if chats:
-                    _step(gen, chats, kept)
+                    self._apply(gen, kept, message)
+                if self._chats:
+                    self._step(gen, kept)
             except Exception as exc:  # the batch's state is unknown: fail its chats, start anew
                 logger.exception("MLX batch failed")
-                for chat in chats.values():
+                for chat in {id(c): c for c in self._chats.values()}.values():
                     chat.steps.put(exc)
-                chats.clear()
+                self._chats.clear()
+                self._leaders.clear()
                 gen.close()
                 gen = self._generator()
 
@@ -281,50 +258,99 @@ class BatchDriver:
             except queue.Empty:
                 return
 
-    def _apply(self, gen: Any, chats: dict[int, BatchChat], kept: Any, message: _Insert | _Remove) -> None:
+    def _apply(self, gen: Any, kept: Any, message: _Insert | _Remove) -> None:
         if isinstance(message, _Remove):
-            uid = message.chat.uid
-            if uid is not None and chats.pop(uid, None) is not None:
-                for cache, tokens in gen.remove([uid], return_prompt_caches=True).values():
-                    kept.insert_cache(_MODEL, tokens, cache)
+            self._remove(gen, kept, message)
             return
         try:
-            sampler = make_chat_sampler(message.req.sampling)
             cache, rest = _cached_prefix(kept, message)
-            (uid,) = gen.insert(
-                [rest],
-                [message.req.sampling.answer_length],
-                caches=[cache] if cache is not None else None,
-                all_tokens=[message.prompt[: len(message.prompt) - len(rest)]],
-                samplers=[sampler],
-                logits_processors=[list(message.processors)],
-            )
+            done = message.prompt[: len(message.prompt) - len(rest)]
+            message.chat.top = message.req.sampling.reported_top
+            n = choices(message.req.sampling)
+            if n == 1 or len(rest) == 1:
+                # Nothing to compute but the last token: every answer starts from the same cache.
+                caches = None if cache is None else [cache, *(copy.deepcopy(cache) for _ in range(n - 1))]
+                self._insert(gen, message, range(n), [[rest]] * n, caches, done)
+                return
+            (uid,) = self._insert(gen, message, [0], [[rest[:-1], rest[-1:]]], None if cache is None else [cache], done)
         except Exception as exc:  # this chat's request, not the batch, is at fault
             message.chat.steps.put(exc)
             return
-        message.chat.uid = uid
-        message.chat.top = message.req.sampling.reported_top
-        chats[uid] = message.chat
+        message.chat.waiting = tuple(range(1, n))
+        self._leaders[uid] = message
+
+    def _insert(
+        self,
+        gen: Any,
+        message: _Insert,
+        rows: Iterable[int],
+        segments: list[list[list[int]]],
+        caches: list[Any] | None,
+        done: list[int],
+    ) -> list[int]:
+        """Rows of the chat's answers `rows` (their choices), each its prompt's `segments` to
+        compute after `caches` (None: fresh) holding the prompt's tokens `done`."""
+        answers = list(rows)
+        uids: list[int] = gen.insert_segments(
+            segments,
+            [message.req.sampling.answer_length] * len(answers),
+            caches=caches,
+            all_tokens=[list(done) for _ in answers],
+            samplers=[make_chat_sampler(message.req.sampling, c) for c in answers],
+            logits_processors=[message.of(c) for c in answers],
+        )
+        for uid, choice in zip(uids, answers, strict=True):
+            message.chat.rows[uid] = choice
+            self._chats[uid] = message.chat
+        return uids
+
+    def _remove(self, gen: Any, kept: Any, message: _Remove) -> None:
+        chat = message.chat
+        chat.waiting = tuple(c for c in chat.waiting if c not in message.choices)
+        rows = {uid: c for uid, c in chat.rows.items() if c in message.choices}
+        for uid in rows:
+            del chat.rows[uid]
+            self._chats.pop(uid, None)
+            self._leaders.pop(uid, None)
+        for uid, (cache, tokens) in gen.remove(list(rows), return_prompt_caches=True).items():
+            # Choice 0's alone: a next turn continues one answer, the one a reader of one sees.
+            if rows[uid] == 0:
+                kept.insert_cache(_MODEL, tokens, cache)
+
+    def _step(self, gen: Any, kept: Any) -> None:
+        """One step of the batch (a decode step, and a chunk of any prompts coming in): each row
+        its token; a row that ended leaves, its cache kept (choice 0's); a leader whose prompt
+        is computed is joined by its chat's other answers."""
+        prompts, responses = gen.next()
+        for r in responses:
+            if (owner := self._chats.get(r.uid)) is None:
+                continue
+            choice = owner.rows[r.uid]
+            owner.steps.put(step_of(r.token, r.finish_reason, r.logprobs, owner.top, choice))
+            if r.finish_reason is not None:
+                del self._chats[r.uid], owner.rows[r.uid]
+                if choice == 0:
+                    kept.insert_cache(_MODEL, r.all_tokens, r.prompt_cache)
+        for p in prompts:
+            if p.end_of_segment and not p.end_of_prompt and (leader := self._leaders.pop(p.uid, None)) is not None:
+                self._follow(gen, leader, p.uid)
+
+    def _follow(self, gen: Any, leader: _Insert, uid: int) -> None:
+        """Insert the chat's other answers, each with a copy of its choice 0's computed prompt."""
+        others = leader.chat.waiting
+        leader.chat.waiting = ()
+        if not others:
+            return
+        ((cache, tokens),) = gen.extract_cache([uid]).values()
+        caches = [cache, *(copy.deepcopy(cache) for _ in others[1:])]
+        self._insert(gen, leader, others, [[leader.prompt[-1:]]] * len(others), caches, list(tokens))
 
 
-def _step(gen: Any, chats: dict[int, BatchChat], kept: Any) -> None:
-    """One step of the batch (a decode step, and a chunk of any prompts coming in): each chat
-    its token; a chat that ended leaves `chats`, its cache kept."""
-    _, responses = gen.next()
-    for r in responses:
-        if (owner := chats.get(r.uid)) is None:
-            continue
-        owner.steps.put(step_of(r.token, r.finish_reason, r.logprobs, owner.top))
-        if r.finish_reason is not None:
-            del chats[r.uid]
-            kept.insert_cache(_MODEL, r.all_tokens, r.prompt_cache)
-
-
-def step_of(token: int, finish: Any, logprobs: Any, top: int | None) -> Step:
+def step_of(token: int, finish: Any, logprobs: Any, top: int | None, choice: int = 0) -> Step:
     """A token's step, with its log-probability and the `top` likeliest when asked (`logprobs`:
     the row of log-probabilities it was sampled from, after the chat's logits processors)."""
     if top is None:
-        return Step(token, finish)
+        return Step(token, finish, choice)
     import mlx.core as mx
 
     likeliest: tuple[tuple[int, float], ...] = ()
@@ -334,7 +360,7 @@ def step_of(token: int, finish: Any, logprobs: Any, top: int | None) -> Step:
         order = mx.argsort(-values)
         top_ids = cast(list[int], ids[order].tolist())
         likeliest = tuple(zip(top_ids, cast(list[float], values[order].tolist()), strict=True))
-    return Step(token, finish, logprobs[token].item(), likeliest)
+    return Step(token, finish, choice, logprobs[token].item(), likeliest)
 
 
 def _cached_prefix(kept: Any, message: _Insert) -> tuple[list[Any] | None, list[int]]:

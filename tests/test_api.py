@@ -20,7 +20,7 @@ import pytest
 
 from exojet.bus import subjects
 from exojet.bus.nats import client
-from exojet.runner.mlx_batch import MAX_CHATS
+from exojet.runner.mlx_capacity import MAX_CHATS
 from testbed.tiny_model import write_tiny_llama
 from tests.api_stack import API_KEY, MODEL, ApiStack, cancels_in_log, start_stack, task_statuses
 
@@ -375,22 +375,3 @@ async def test_a_plain_cancel_message_stops_the_running_chat_and_one_sent_beside
         ["Cancelled cancelled"],
         ["Running", "Cancelled cancelled"],
     )
-
-
-def test_logprobs_and_a_logit_bias_on_mlx_and_n_refused_by_name(sync_client: openai.OpenAI) -> None:
-    ask: dict[str, Any] = {"model": MODEL, "messages": _messages(), "max_tokens": 6, "temperature": 0}
-    whole = sync_client.chat.completions.create(**ask, logprobs=True, top_logprobs=2)
-    logprobs = whole.choices[0].logprobs
-    assert logprobs is not None and logprobs.content is not None
-    assert "".join(t.token for t in logprobs.content) == whole.choices[0].message.content
-    assert all(len(t.top_logprobs) == 2 and t.logprob <= 0 for t in logprobs.content)
-    streamed = sync_client.chat.completions.create(**ask, logprobs=True, stream=True)
-    tokens = [t.token for c in streamed for ch in c.choices if ch.logprobs for t in ch.logprobs.content or ()]
-    assert "".join(tokens) == whole.choices[0].message.content
-    biased = sync_client.chat.completions.create(**ask, logit_bias={"60": 100}, logprobs=True)
-    content = biased.choices[0].logprobs.content  # type: ignore[union-attr]
-    assert content is not None and biased.choices[0].message.content == content[0].token * 6
-    with pytest.raises(openai.BadRequestError) as n_2:
-        sync_client.chat.completions.create(**ask, n=2)
-    # The router sends it to no runner: MLX states no n (bus/capabilities.py).
-    assert n_2.value.code == "CapabilityMissing"

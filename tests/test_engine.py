@@ -23,7 +23,7 @@ from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_protocol import Generate, LayersLoaded, Message
 from exojet.runner.executor import LoadThrottle
-from exojet.runner.mlx_batch import MAX_CHATS
+from exojet.runner.mlx_capacity import MAX_CHATS
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
@@ -36,7 +36,6 @@ class MLXContract(EngineContract, ToolsContract, LogprobsContract):
     """The engine contract on MLX, with the tiny llama as it is; subclasses change the model."""
 
     ENGINE = "mlx"
-    NO_CHOICES = "MLX serves no n > 1 yet"
     # The tiny models' KV caches are small: memory allows the most chats a batch takes.
     CHAT_CAPACITY = MAX_CHATS
 

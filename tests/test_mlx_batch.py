@@ -1,5 +1,6 @@
-"""MLX batching (`runner/mlx_batch.py`): how many chats memory allows, and chats that differ in
-everything served in one batch, each as it would be alone. The engine contract
+"""MLX batching (`runner/mlx_batch.py`, `runner/mlx_capacity.py`): how many chats memory allows, chats that differ in
+everything served in one batch, each as it would be alone, and a chat's `n` answers (one prompt
+computed once, each answer its own key, stop string and end). The engine contract
 (tests/test_engine.py) covers the rest: greedy answers beside others, cancel, crash, unload."""
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ import mlx.core as mx
 import pytest
 import pytest_asyncio
 
+from exojet.bus.results import ChoiceResult
 from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
 from exojet.runner.engine_protocol import Generate, Message
-from exojet.runner.mlx_batch import CHAT_WINDOW, KV_MAX_FREE_FRACTION, MAX_CHATS, chat_capacity, kv_bytes_per_token
+from exojet.runner.mlx_batch import BatchChat, BatchDriver, Step
+from exojet.runner.mlx_capacity import (
+    CHAT_WINDOW,
+    KV_MAX_FREE_FRACTION,
+    MAX_CHATS,
+    Capacity,
+    chat_capacity,
+    kv_bytes_per_token,
+)
 from tests.engine_contract import collect
+from tests.logprobs_contract import collect_choices
 
 GB = 10**9
 # The default model (SmolLM2-135M) dense: 30 layers, 3 KV heads of 64, float32 keys and values.
@@ -102,3 +113,99 @@ async def test_a_conversations_next_turn_from_the_kept_cache_answers_as_computed
 
     assert reused.text == whole.text == again.text
     assert reused.prompt_tokens == whole.prompt_tokens > first.prompt_tokens + first.completion_tokens
+
+
+class _Counted:
+    """The real model, counting the tokens it computes (each row's of each call)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.tokens = 0
+
+    def __call__(self, inputs: Any, cache: Any = None) -> Any:
+        self.tokens += inputs.size
+        return self.model(inputs, cache=cache)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.model, name)
+
+
+def _drain(chat: BatchChat) -> list[Step]:
+    steps: list[Step] = []
+    while not chat.ended:
+        step = chat.next_step(30)
+        assert step is not None, "no token within 30 s"
+        steps.append(step)
+    return steps
+
+
+@pytest.mark.timeout(120)
+def test_n_answers_compute_their_prompt_once_and_leave_the_batch_together(tiny_model_dir: Path) -> None:
+    from mlx_lm.utils import load
+
+    model, _ = load(str(tiny_model_dir))
+    counted = _Counted(model)
+    driver = BatchDriver(counted, [], Capacity(4, "test"))
+    try:
+        prompt = list(range(10, 60))
+        steps = _drain(driver.submit(prompt, Generate(messages=[], sampling=Sampling(max_tokens=5, n=4))))
+
+        assert sorted((s.choice, s.finish) for s in steps if s.finish) == [(c, "length") for c in range(4)]
+        assert [sum(s.choice == c for s in steps) for c in range(4)] == [5] * 4
+        # All but the last prompt token once (choice 0's row), then the 4 rows a token a step (the
+        # generator computes one step ahead); 4 prefills would be 4 * 49 + 24 = 220.
+        assert counted.tokens == (len(prompt) - 1) + 4 * (5 + 1)
+
+        # An endless chat's answers all leave on one word: 4 rows left behind would hold the batch
+        # (capacity 4), and the next chat's rows would wait for ever.
+        endless = driver.submit(
+            list(range(100, 140)), Generate(messages=[], sampling=Sampling(max_tokens=1_000_000, n=4))
+        )
+        assert endless.next_step(30) is not None
+        endless.leave()
+        assert (
+            len(
+                _drain(
+                    driver.submit(list(range(200, 240)), Generate(messages=[], sampling=Sampling(max_tokens=3, n=4)))
+                )
+            )
+            == 12
+        )
+    finally:
+        driver.close()
+
+
+def _ask(**kwargs: Any) -> Generate:
+    return Generate(messages=[Message(role="user", content="tell me about owls")], sampling=Sampling(**kwargs))
+
+
+@pytest.mark.timeout(120)
+async def test_a_seeded_chats_answers_each_draw_from_a_key_of_their_own(engine: Engine) -> None:
+    sampled: dict[str, Any] = {"max_tokens": 16, "temperature": 1.5, "seed": 5}
+
+    _, three = await collect(engine, _ask(n=3, **sampled))
+    _, again = await collect(engine, _ask(n=3, **sampled))
+    _, alone = await collect(engine, _ask(**sampled))
+    _, two = await collect(engine, _ask(n=2, **sampled))
+
+    texts = [three.text, *(c.text for c in three.choices)]
+    assert len(set(texts)) == 3
+    assert [again.text, *(c.text for c in again.choices)] == texts
+    # Choice 0 is the chat asked alone; choice i the same whatever n is.
+    assert alone.text == texts[0]
+    assert [two.text, two.choices[0].text] == texts[:2]
+
+
+@pytest.mark.timeout(120)
+async def test_a_stop_string_ends_its_own_answer_and_the_others_go_on(engine: Engine) -> None:
+    sampled: dict[str, Any] = {"max_tokens": 16, "temperature": 1.5, "seed": 5, "n": 2}
+    _, free = await collect(engine, _ask(**sampled))
+    first, second = free.text, free.choices[0].text
+    stop = next(second[i : i + 3] for i in range(4, len(second)) if second[i : i + 3] not in first)
+
+    chunks, cut = await collect_choices(engine, _ask(stop=[stop], logprobs=True, **sampled))
+
+    assert (cut.text, cut.finish_reason) == (first, "length")
+    assert cut.choices == (ChoiceResult(index=1, text=second[: second.index(stop)], finish_reason="stop"),)
+    assert ["".join(t.text for t in chunks[c]) for c in (0, 1)] == [cut.text, cut.choices[0].text]
+    assert cut.completion_tokens < 2 * 16
