@@ -45,8 +45,6 @@ class LogprobsContract:
     BATCH_EXACT = True
     # Whether every token's log-probability comes, those ending inside a character too.
     WHOLE_LOGPROBS = True
-    # Why the engine refuses `n` > 1 (None: it serves it).
-    NO_CHOICES: str | None = None
 
     @class_loop
     @pytest.mark.timeout(300)
@@ -86,13 +84,6 @@ class LogprobsContract:
         self, engine: Engine, model_path: Path, direct: Direct
     ) -> None:
         await engine.load(str(model_path))
-        if self.NO_CHOICES:
-            # Stated, not ignored: one answer would look like all there are.
-            with pytest.raises(EngineError) as err:
-                await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12, n=3)))
-            assert err.value.error_type == "InvalidRequest"
-            return
-
         tokens, done = await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=12, n=3)))
 
         assert sorted(tokens) == [0, 1, 2]
