@@ -213,8 +213,6 @@ class MlxEngine:
     def generate(self, req: Generate, emit: Emit | None, cancelled: Callable[[], bool]) -> Done:
         started = time.perf_counter()
         sampling = req.sampling
-        if sampling.reported_top is not None and req.tools:
-            raise RequestError("InvalidRequest", "MLX reports no logprobs beside tools")
         check_choices(req, self.capacity)
         try:
             plan = AnswerPlan(messages=tuple(req.messages)) if req.raw else plan_answer(req, self._tools is not None)
@@ -224,6 +222,12 @@ class MlxEngine:
             raise
         except Exception as exc:
             raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
+        if sampling.reported_top is not None and (plan.generic or plan.template_tools):
+            # Calls are read out of the text (the generic path's JSON, or the template's syntax cut
+            # from the words): the tokens' log-probabilities would not join to the content.
+            raise RequestError(
+                "InvalidRequest", "MLX reports no logprobs beside tools it may call (tool_choice none: it does)"
+            )
         if not prompt:
             raise RequestError("InvalidRequest", "the prompt is empty")
         if sampling.seed is not None and not 0 <= sampling.seed < SEEDS:
