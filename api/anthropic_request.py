@@ -58,7 +58,7 @@ COUNT_FIELDS = frozenset(
 )
 # The blocks each place takes; any other is refused by name (images, documents, thinking ...).
 BLOCKS = {"system": ("text",), "user": ("text", "tool_result"), "assistant": ("text", "tool_use")}
-# Anthropic's rule for a custom tool's name and a tool_use id.
+# Anthropic's rule for a custom tool's name.
 TOOL_NAME = r"^[a-zA-Z0-9_-]{1,128}$"
 OBJECT_SCHEMA = {"required": ["type"], "properties": {"type": {"const": "object"}}}
 # Anthropic's tool choices as the OpenAI route's ("tool" is a NamedToolChoice).
