@@ -164,14 +164,18 @@ def test_n_answers_compute_their_prompt_once_and_leave_the_batch_together(tiny_m
         )
         assert endless.next_step(30) is not None
         endless.leave()
-        assert (
-            len(
-                _drain(
-                    driver.submit(list(range(200, 240)), Generate(messages=[], sampling=Sampling(max_tokens=3, n=4)))
-                )
-            )
-            == 12
-        )
+        after = driver.submit(list(range(200, 240)), Generate(messages=[], sampling=Sampling(max_tokens=3, n=4)))
+        assert len(_drain(after)) == 12
+
+        # Beside a shorter prompt in the same prefill (the generator pads them), each answer is
+        # still the chat alone (seeded, so each computes its whole prompt, not a cached one).
+        greedy = Sampling(max_tokens=5, seed=1)
+        alone = [s.token for s in _drain(driver.submit(prompt, Generate(messages=[], sampling=greedy)))]
+        short = driver.submit(prompt[:20], Generate(messages=[], sampling=greedy))
+        four = driver.submit(prompt, Generate(messages=[], sampling=Sampling(max_tokens=5, seed=1, n=4)))
+        _drain(short)
+        steps = _drain(four)
+        assert [[s.token for s in steps if s.choice == c] for c in range(4)] == [alone] * 4
     finally:
         driver.close()
 
