@@ -5,7 +5,11 @@ engine run in this process with the engine's parameters."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,7 @@ from exojet.bus.tools import ToolCallDelta
 from exojet.models.smollm import GGUF_NAME, ensure_default_model
 from exojet.runner.engine import Engine
 from exojet.runner.engine_errors import EngineError
-from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, gguf_facts, server_params
+from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, engine_threads, gguf_facts, server_params
 from exojet.runner.engine_protocol import Generate, Message, Token
 from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 from testbed.tiny_model import write_tiny_llama
@@ -142,6 +146,37 @@ class TestLlamaCppDefaultModel(_OtherWeights):
         question = [Message(role="user", content="What is the capital of France?")]
         _, done = await collect(engine, Generate(messages=question, sampling=Sampling(max_tokens=30)))
         assert "Paris" in done.text
+
+
+def test_llamacpp_leaves_a_core_to_the_runner_and_its_servers() -> None:
+    assert [engine_threads(cores) for cores in (1, 2, 8)] == [1, 1, 7]
+    params = server_params(Path("model.gguf"), MAX_CONTEXT, Path("engine.sock"))
+    cores = len(os.sched_getaffinity(0))
+    assert params.cpuparams.n_threads == params.cpuparams_batch.n_threads == engine_threads(cores)
+
+
+@pytest.mark.timeout(180)
+async def test_a_long_chat_ends_while_another_process_holds_a_core(tiny_model_dir: Path, tmp_path: Path) -> None:
+    # A 3,000-token chat on the tiny GGUF seemed to stall after ~1,100 characters on a loaded
+    # machine: with a thread on every core, each token waited for the thread that shared its core.
+    model = as_gguf(tiny_model_dir, tmp_path / "tiny.gguf")
+    busy = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os; os.sched_setaffinity(0, {max(os.sched_getaffinity(0))}); exec('while True: pass')",
+        ]
+    )
+    engine = Engine("llamacpp")
+    try:
+        await engine.start()
+        await engine.load(str(model))
+        _, done = await asyncio.wait_for(collect(engine, Generate(messages=PROMPT, max_tokens=3000)), 90)
+        assert (done.finish_reason, done.completion_tokens) == ("length", 3000)
+    finally:
+        busy.kill()
+        busy.wait()
+        await engine.stop()
 
 
 def test_llamacpp_tool_call_chunks_become_pieces_and_the_whole_calls() -> None:
