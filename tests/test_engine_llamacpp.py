@@ -171,7 +171,9 @@ async def test_a_long_chat_ends_while_another_process_holds_a_core(tiny_model_di
     try:
         await engine.start()
         await engine.load(str(model))
-        _, done = await asyncio.wait_for(collect(engine, Generate(messages=PROMPT, max_tokens=3000)), 90)
+        _, done = await asyncio.wait_for(
+            collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=3000))), 90
+        )
         assert (done.finish_reason, done.completion_tokens) == ("length", 3000)
     finally:
         busy.kill()
