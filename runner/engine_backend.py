@@ -78,6 +78,15 @@ def check_choices(req: Generate, capacity: int) -> None:
         raise RequestError("InvalidRequest", "n > 1 with tools is not supported: ask for one answer")
 
 
+def refuse_logprobs_beside_calls(req: Generate, calls_in_text: bool, engine: str) -> None:
+    """Refuse logprobs where a tool call is read out of the answer's text (the generic path's JSON,
+    or a template's syntax cut from the words): the tokens would not join to the content."""
+    if req.sampling.reported_top is not None and calls_in_text:
+        raise RequestError(
+            "InvalidRequest", f"{engine} reports no logprobs beside tools it may call (tool_choice none: it does)"
+        )
+
+
 def raw_prompt(req: Generate) -> str:
     """A raw request's prompt: its one message's content, given to the model as is."""
     if len(req.messages) != 1:

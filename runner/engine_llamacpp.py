@@ -30,7 +30,7 @@ from exojet.bus.sampling import Sampling, choices
 from exojet.bus.tools import wanted_tools
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import chat_message, plan_answer
-from exojet.runner.engine_backend import Emit, RequestError, check_choices, raw_prompt
+from exojet.runner.engine_backend import Emit, RequestError, check_choices, raw_prompt, refuse_logprobs_beside_calls
 from exojet.runner.engine_protocol import Done, Generate, Load, ModelLoaded
 from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 
@@ -245,6 +245,7 @@ class LlamaCppEngine:
         body = chat_body(req, self.facts.template_has_tools)
         # A generic tool answer is JSON read whole at its end, not text to stream.
         generic = "tools" not in body and bool(wanted_tools(req.tools, req.tool_choice)) and not req.raw
+        refuse_logprobs_beside_calls(req, generic, "llama.cpp")
         state = Generation(
             [] if generic else sampling.stop_strings,
             None if generic else emit,

@@ -27,7 +27,14 @@ from exojet.bus.sampling import choices
 from exojet.runner import generic_tools
 from exojet.runner.answer_plan import AnswerPlan, chat_message, plan_answer
 from exojet.runner.answer_stream import AnswerStream, ToolSyntax
-from exojet.runner.engine_backend import Emit, RequestError, check_choices, check_fits, raw_prompt
+from exojet.runner.engine_backend import (
+    Emit,
+    RequestError,
+    check_choices,
+    check_fits,
+    raw_prompt,
+    refuse_logprobs_beside_calls,
+)
 from exojet.runner.engine_protocol import RING_BROKEN_EXIT, Done, Generate, Load, ModelLoaded
 from exojet.runner.mlx_batch import BatchDriver, ChoiceProcessors, LogitsProcessor, make_chat_sampler, step_of
 from exojet.runner.mlx_capacity import Capacity, chat_capacity, kv_bytes_per_token
@@ -222,12 +229,7 @@ class MlxEngine:
             raise
         except Exception as exc:
             raise RequestError("InvalidRequest", f"the model cannot take these messages: {exc}") from exc
-        if sampling.reported_top is not None and (plan.generic or plan.template_tools):
-            # Calls are read out of the text (the generic path's JSON, or the template's syntax cut
-            # from the words): the tokens' log-probabilities would not join to the content.
-            raise RequestError(
-                "InvalidRequest", "MLX reports no logprobs beside tools it may call (tool_choice none: it does)"
-            )
+        refuse_logprobs_beside_calls(req, bool(plan.generic or plan.template_tools), "MLX")
         if not prompt:
             raise RequestError("InvalidRequest", "the prompt is empty")
         if sampling.seed is not None and not 0 <= sampling.seed < SEEDS:

@@ -141,3 +141,27 @@ class LogprobsContract:
             assert err.value.error_type == "InvalidRequest", req
         _, done = await collect_choices(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
+
+    @class_loop
+    @pytest.mark.timeout(120)
+    async def test_logprobs_beside_tools_only_where_no_call_is_read_from_the_text(
+        self, engine: Engine, model_path: Path
+    ) -> None:
+        await engine.load(str(model_path))
+        ask = [Message(role="user", content="what is the weather in paris?")]
+        reported = Sampling(max_tokens=8, logprobs=True)
+
+        # tool_choice none: a plain answer, whose tokens join to it.
+        chunks, done = await collect_choices(
+            engine, Generate(messages=ask, tools=(WEATHER,), tool_choice="none", sampling=reported)
+        )
+        assert _characters("".join(e.token for t in chunks[0] for e in t.logprobs)) == _characters(done.text)
+        assert done.completion_tokens == 8
+        # A call the model may make is read out of its text (the test models' templates render no
+        # tools: the generic path's JSON): refused by name, not reported wrong or left out.
+        for choice in ("auto", "required"):
+            with pytest.raises(EngineError) as err:
+                await collect_choices(
+                    engine, Generate(messages=ask, tools=(WEATHER,), tool_choice=choice, sampling=reported)
+                )
+            assert err.value.error_type == "InvalidRequest" and "logprobs" in str(err.value)

@@ -17,7 +17,6 @@ import pytest_asyncio
 from exojet.bus.results import ChoiceResult
 from exojet.bus.sampling import Sampling
 from exojet.runner.engine import Engine
-from exojet.runner.engine_errors import EngineError
 from exojet.runner.engine_protocol import Generate, Message
 from exojet.runner.mlx_batch import BatchChat, BatchDriver, Step
 from exojet.runner.mlx_capacity import (
@@ -28,7 +27,7 @@ from exojet.runner.mlx_capacity import (
     chat_capacity,
     kv_bytes_per_token,
 )
-from tests.engine_contract import WEATHER, collect
+from tests.engine_contract import collect
 from tests.logprobs_contract import collect_choices
 
 GB = 10**9
@@ -214,23 +213,3 @@ async def test_a_stop_string_ends_its_own_answer_and_the_others_go_on(engine: En
     assert cut.choices == (ChoiceResult(index=1, text=second[: second.index(stop)], finish_reason="stop"),)
     assert ["".join(t.text for t in chunks[c]) for c in (0, 1)] == [cut.text, cut.choices[0].text]
     assert cut.completion_tokens < 2 * 16
-
-
-@pytest.mark.timeout(120)
-async def test_logprobs_beside_tools_only_where_no_call_is_read_from_the_text(engine: Engine) -> None:
-    ask = [Message(role="user", content="what is the weather in paris?")]
-    reported = Sampling(max_tokens=8, logprobs=True)
-
-    # tool_choice none: a plain answer, whose tokens join to it.
-    chunks, done = await collect_choices(
-        engine, Generate(messages=ask, tools=(WEATHER,), tool_choice="none", sampling=reported)
-    )
-    assert "".join(e.token for t in chunks[0] for e in t.logprobs) == done.text
-    assert done.completion_tokens == 8
-    # A call the model may make is read out of its text: refused by name, not reported wrong.
-    for choice in ("auto", "required"):
-        with pytest.raises(EngineError) as err:
-            await collect_choices(
-                engine, Generate(messages=ask, tools=(WEATHER,), tool_choice=choice, sampling=reported)
-            )
-        assert err.value.error_type == "InvalidRequest" and "logprobs" in str(err.value)
