@@ -112,6 +112,8 @@ async def test_a_chat_past_its_deadline_ends_timed_out_and_the_runner_serves_the
         stop(handle.proc)
 
 
+# 50 s of waiting for a real deadline: with the fault matrices (`-m slow`, run by .ci/run).
+@pytest.mark.slow
 async def test_a_stuck_engine_is_replaced_at_the_deadline_and_the_runner_serves_again(
     nats_server: NatsServer, models_dir: Path, watcher: LogWatcher, tmp_path: Path, nc: NATS
 ) -> None:

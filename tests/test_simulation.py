@@ -47,6 +47,8 @@ from tests.planner_cluster import Cluster
 SEEDS = 2000
 
 
+# A minute of CPU: with the fault matrices (`-m slow`, run by .ci/run), so the README's command stays short.
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_thousands_of_seeds_keep_every_invariant() -> None:
     started = time.process_time()
