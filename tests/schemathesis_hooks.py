@@ -2,7 +2,9 @@
 
 The chat completion has four rules no JSON Schema can state, which its document says in words
 (`description`): no two tools share a name, a named `tool_choice` names one of them, a tool
-call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary; Anthropic's
+call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary; and one of
+the model's: the tiny model's template renders no tools, so its calls are read out of the answer's
+text and `logprobs` beside tools it may call is refused by its engine. Anthropic's
 Messages has the first two, Ollama's chat the first. A positive case is kept to them as a client
 keeps to them; a negative case is left as generated."""
 
@@ -45,6 +47,9 @@ def _kept(body: dict[str, Any]) -> dict[str, Any]:
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and names:
         choice["function"]["name"] = names[0]
+    if body.get("tools") and body.get("tool_choice") != "none":
+        body.pop("logprobs", None)
+        body.pop("top_logprobs", None)
     if isinstance(bias := body.get("logit_bias"), dict):
         # Token ids of the tiny model's vocabulary (320 tokens): the model's bound, no schema's.
         body["logit_bias"] = {str(int(token) % 320): value for token, value in bias.items()}
