@@ -115,6 +115,9 @@ class InstanceFailed(_SupervisorEvent, frozen=True):
     # True when no further attempt will be made (retry limit reached, or a
     # failure that another attempt cannot fix).
     final: bool = False
+    # True when the attempt was moved off a drained runner: no failure of the instance's own, so
+    # it does not count toward the retry limit and its backoff (written since 0.2.0).
+    drained: bool = False
 
 
 class InstanceRetryDue(_SupervisorEvent, frozen=True):

@@ -201,7 +201,11 @@ def apply_supervisor_event(state: ClusterState, env: Envelope, event: Supervisor
                 )
                 return
             inst.gave_up = event.final
-            inst.failed_unready = 0 if inst.status == READY else inst.failed_unready + 1
+            # A move off a drained runner is no failure of the instance's: its count stays.
+            if inst.status == READY:
+                inst.failed_unready = 0
+            elif not event.drained:
+                inst.failed_unready += 1
             _end(state, env, inst, FAILED, event.reason)
         case InstanceRetryDue():
             if inst.status != FAILED or inst.gave_up or event.attempt != inst.attempt:

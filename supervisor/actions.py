@@ -46,13 +46,15 @@ class RetryWait(msgspec.Struct, frozen=True):
 Action = SendTask | WriteEvent | RetryWait
 
 
-def failed(inst: InstanceView, reason: str, final: bool) -> WriteEvent:
-    """The instance's current attempt failed (`final`: no other is tried)."""
+def failed(inst: InstanceView, reason: str, final: bool, drained: bool = False) -> WriteEvent:
+    """The instance's current attempt failed (`final`: no other is tried; `drained`: moved off a
+    drained runner, no failure of its own)."""
     event = InstanceFailed(
         event_id=f"{inst.instance_id}:failed:{inst.attempt}",
         instance_id=inst.instance_id,
         reason=reason,
         attempt=inst.attempt,
         final=final,
+        drained=drained,
     )
     return WriteEvent(event)

@@ -128,7 +128,12 @@ def _advance(state: ClusterState, inst: InstanceView, config: PlannerConfig) -> 
             return []
         # Not the instance's fault: placed again elsewhere however many attempts it had.
         return [
-            failed(inst, f"runner {', '.join(drained)} drained for maintenance: placed again elsewhere", final=False)
+            failed(
+                inst,
+                f"runner {', '.join(drained)} drained for maintenance: placed again elsewhere",
+                final=False,
+                drained=True,
+            )
         ]
     if reason is not None:
         # Only attempts that never served count: a runner lost (a host cut, a restart) under a

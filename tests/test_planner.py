@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from exojet.bus import subjects
 from exojet.bus.commands import DeleteInstance, DrainRunner, PlaceInstance, RouteChatCompletion, UndrainRunner
 from exojet.bus.events import (
+    InstanceFailed,
     InstancePlaced,
     InstanceRetryDue,
     RunnerLost,
@@ -474,6 +475,44 @@ def test_a_drained_runner_hands_its_instance_over_and_is_left_idle() -> None:
     c.run()
     assert c.state.instances["inst-second"].placements[0].runner_id == "r1"
     assert not c.state.drained and not c.state.anomalies
+
+
+def test_a_move_off_a_drained_runner_before_ready_does_not_count_toward_the_retry_limit() -> None:
+    c = Cluster()
+    for r in ("r1", "r2", "r3"):
+        c.register(r)
+    c.command(PlaceInstance(model_id="local/tiny"))
+    config = PlannerConfig(max_attempts=2)
+    inst = next(iter(c.state.instances.values()))
+
+    def placed_and_downloading() -> str:
+        c.publish(plan(c.state, config=config))  # placed
+        c.publish(plan(c.state, config=config))  # its DownloadModel
+        assert inst.status != "Ready"
+        return inst.placements[0].runner_id
+
+    def retry() -> None:
+        event_id = f"rd{inst.attempt}"
+        c.put(
+            subjects.SUPERVISOR_EVENTS,
+            InstanceRetryDue(event_id=event_id, instance_id=inst.instance_id, attempt=inst.attempt),
+        )
+
+    c.event(placed_and_downloading(), RunnerLost, reason="no heartbeat")
+    c.publish(plan(c.state, config=config))
+    assert inst.failed_unready == 1 and not inst.gave_up
+    retry()
+    c.command(DrainRunner(runner_id=placed_and_downloading()))
+    [failure] = [x.event for x in plan(c.state, config=config) if isinstance(x, WriteEvent)]
+    assert isinstance(failure, InstanceFailed) and failure.drained and not failure.final
+    c.publish([WriteEvent(failure)])
+    # The drain moved it: its own failures in a row are still one, and the backoff is one's.
+    assert inst.status == "Failed" and inst.failed_unready == 1 and not inst.gave_up
+    assert plan(c.state, config=config) == [RetryWait(inst.instance_id, inst.attempt, 1.0)]
+    retry()
+    c.event(placed_and_downloading(), RunnerLost, reason="no heartbeat")
+    c.publish(plan(c.state, config=config))  # its second own failure in a row: the limit
+    assert inst.gave_up and "gave up after 2 attempts in a row" in (inst.reason or "")
 
 
 def test_a_drained_runner_finishes_its_chats_before_its_instance_moves_and_is_given_no_new_one() -> None:
