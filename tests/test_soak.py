@@ -102,10 +102,12 @@ async def _fault(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, fau
     return rec
 
 
-async def _checked(c: SoakCluster, fold: check.SoakFold, load: Load, acks: check.LoggedAcks, what: str) -> None:
+async def _checked(
+    c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, acks: check.LoggedAcks, what: str
+) -> None:
     assert not c.exited(), f"after {what}: processes ended by themselves: {c.exited()}"
     check.terminal_counts_at_most_one(fold, what)
-    await check.acks_in_fold(fold, [*check.acks_of_test(c.d), *acks.read()], what)
+    await check.acks_in_fold(nc, fold, [*check.acks_of_test(c.d), *acks.read()], what)
     assert not load.hung(), f"after {what}: chats hung: {load.hung()}"
 
 
@@ -115,7 +117,7 @@ async def _end(c: SoakCluster, nc: NATS, fold: check.SoakFold, load: Load, acks:
     await fold.until(lambda s: not s.unfinished and not s.pending_chats, 180, "every task finished")
     check.terminal_counts_exactly_one(fold)
     every_ack = [*check.acks_of_test(c.d), *acks.read()]
-    await check.acks_in_fold(fold, every_ack, "the run")
+    await check.acks_in_fold(nc, fold, every_ack, "the run")
     await check.acks_under_their_ids(nc, every_ack)
     await check.supervisors_agree(nc, fold, "the run")
     await check.chats_stored_whole(nc, load.chats)
@@ -170,7 +172,7 @@ async def test_random_faults_under_load(
                     injected.append(fault)
                     logger.info(f"soak: fault {fault}")
                     recoveries.append(await _fault(c, nc, fold, load, fault))
-                    await _checked(c, fold, load, acks, str(fault))
+                    await _checked(c, nc, fold, load, acks, str(fault))
                     if rss_at_5 is None and time.monotonic() - began > RSS_AFTER_S:
                         rss_at_5 = _rss(c)
                 await _end(c, nc, fold, load, acks)

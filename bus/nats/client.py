@@ -100,7 +100,10 @@ async def publish(
             attempt += 1
         else:
             # What a server promised to keep, for a soak to look for in the log (tests/test_soak.py).
-            logger.bind(stream=ack.stream, seq=ack.seq, subject=subject, msg_id=msg_id).debug("stored")
+            # A duplicate's seq is its first copy's, which another writer may have sent elsewhere.
+            logger.bind(
+                stream=ack.stream, seq=ack.seq, subject=subject, msg_id=msg_id, duplicate=bool(ack.duplicate)
+            ).debug("stored")
             return ack
 
 
