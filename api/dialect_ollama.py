@@ -31,9 +31,11 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, bad_request, not_found
 from exojet.api.json_body import decode_object
 from exojet.bus.chat_ends import Ended
+from exojet.bus.replies import StateReply
 from exojet.bus.sampling import Sampling
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import AnswerShape
+from exojet.projections.instances import READY, instance_capabilities
 
 if TYPE_CHECKING:
     from exojet.api.app import Api
@@ -224,6 +226,14 @@ def _details() -> dict[str, Any]:
     return dict.fromkeys(("parent_model", "format", "family", "parameter_size", "quantization_level"), "")
 
 
+def _capabilities(state: StateReply, model: str) -> list[str]:
+    """Ollama's capabilities of a served model (clients read `tools` before sending any): a
+    completion, and tools when a Ready instance of it can call them (what its runners state)."""
+    ready = [i for i in state.instances.values() if i.model_id == model and i.status == READY]
+    tools = any("tools" in instance_capabilities(state.runners, i) for i in ready)
+    return ["completion", "tools"] if tools else ["completion"]
+
+
 def _model(name: str) -> dict[str, Any]:
     # exojet's models have no Ollama manifest: a digest of the id keeps each one's stable.
     digest = hashlib.sha256(name.encode()).hexdigest()
@@ -307,7 +317,8 @@ class Ollama:
         body = base.convert(decode_object(await request.body()), ShowBody)
         rules.check(RULES[ShowBody], body)
         name = body.model or body.name or ""
-        if model_id(name) not in await self._served():
+        state = await self.api.gw.cluster_runners()
+        if model_id(name) not in base.served_models(state):
             raise not_found(f"model '{name}' not found")
         return base.json_response(
             {
@@ -316,7 +327,7 @@ class Ollama:
                 "template": "",
                 "details": _details(),
                 "model_info": {},
-                "capabilities": ["completion"],
+                "capabilities": _capabilities(state, model_id(name)),
                 "modified_at": _now(),
             }
         )

@@ -107,6 +107,14 @@ class Gateway:
             return state
         return self._state
 
+    async def cluster_runners(self) -> StateReply:
+        """The supervisors' live instances and runners, fresh (what each runner states it can do);
+        ApiError(503) when none answers."""
+        try:
+            return await query(self.nc, "state", timeout=2.0, sections=["instances", "runners"], limit=INSTANCES_PAGE)
+        except QueryFailed as err:
+            raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
+
     def recent_view(self) -> StateReply | None:
         """The last cluster view if at most READY_VIEW_S old (a fresh one is asked for
         beside it once it is older than STATE_TTL_S), else None."""

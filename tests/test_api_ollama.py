@@ -84,7 +84,8 @@ def test_a_stop_option_and_a_raw_prompt(llama: ollama.Client, expected: tuple[st
 def test_the_model_routes_list_the_ready_model(llama: ollama.Client) -> None:
     assert [m.model for m in llama.list().models] == [MODEL]
     assert [m.model for m in llama.ps().models] == [MODEL]
-    assert llama.show(MODEL).capabilities == ["completion"]
+    # The instance's runner (MLX) states tool calls: clients read that before sending tools.
+    assert llama.show(MODEL).capabilities == ["completion", "tools"]
     with pytest.raises(ollama.ResponseError) as missing:
         llama.show("local/not-placed")
     assert missing.value.status_code == 404 and "not-placed" in missing.value.error

@@ -217,6 +217,7 @@ def test_a_chat_with_tools_on_a_cluster_that_cannot_do_them_is_a_400_naming_it(p
         assert f"no instance of {MODEL} can do tool calls: " in error["error"]["message"]
     # Ollama's route: its error shape, a 400 before any line of its stream.
     llama = ollama_client(pipeline)
+    assert llama.show(MODEL).capabilities == ["completion"]  # no tools: a pipeline rank states raw only
     for needs, extra in [("tool calls", {"tools": tools}), ("structured output", {"format": "json"})]:
         for stream in (False, True):
             with pytest.raises(ollama.ResponseError) as refused_here:
