@@ -98,11 +98,8 @@ class Gateway:
         """The supervisors' live instances (reused for STATE_TTL_S); ApiError(503) when none answers."""
         now = time.monotonic()
         if fresh or self._state is None or now - self._state_at > STATE_TTL_S:
-            try:
-                # Instances only, live ones first: all an API needs to know what is served.
-                state = await query(self.nc, "state", timeout=2.0, sections=["instances"], limit=INSTANCES_PAGE)
-            except QueryFailed as err:
-                raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
+            # Instances only, live ones first: all an API needs to know what is served.
+            state = await self._query_state(["instances"])
             self._state, self._state_at = state, time.monotonic()
             return state
         return self._state
@@ -110,8 +107,11 @@ class Gateway:
     async def cluster_runners(self) -> StateReply:
         """The supervisors' live instances and runners, fresh (what each runner states it can do);
         ApiError(503) when none answers."""
+        return await self._query_state(["instances", "runners"])
+
+    async def _query_state(self, sections: list[str]) -> StateReply:
         try:
-            return await query(self.nc, "state", timeout=2.0, sections=["instances", "runners"], limit=INSTANCES_PAGE)
+            return await query(self.nc, "state", timeout=2.0, sections=sections, limit=INSTANCES_PAGE)
         except QueryFailed as err:
             raise unavailable(f"{err.code}: {err.message}", "no_supervisor") from None
 
