@@ -14,7 +14,7 @@ import msgspec
 from exojet.api import request_rules as rules
 from exojet.api.errors import bad_request, invalid
 from exojet.api.json_body import decode_object
-from exojet.api.request_rules import GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
+from exojet.api.request_rules import CHOICE_NEEDS_TOOLS, GIVEN, NON_EMPTY, STREAM_OPTIONS, Rule, not_, one_of, where
 from exojet.bus.sampling import Bias, Choices, Sampling, TopLogprobs
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import FREE, AnswerShape, ResponseFormat, Tool, ToolCall, ToolChoice
@@ -113,12 +113,7 @@ FORMAT_RULES = (
 # a named tool_choice names one of the tools, and no two tools share a name.
 CHAT_RULES = (
     STREAM_OPTIONS,
-    Rule(
-        when={"tool_choice": not_(one_of(None, "none"))},
-        then={"tools": NON_EMPTY},
-        param="tool_choice",
-        message="tool_choice is only allowed when tools are given",
-    ),
+    CHOICE_NEEDS_TOOLS,
     Rule(
         when={"tools": NON_EMPTY, "response_format": where("type", one_of("json_object", "json_schema"))},
         then={"tool_choice": one_of("none")},

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses, ollama_chat
+from exojet.api import anthropic_request, dialect_completions, dialect_ollama, ollama_chat, responses_request
 from exojet.api.json_body import INT_MAX, INT_MIN
 from exojet.api.request_schemas import ABSENT, Body, nullable, ref
 
@@ -43,10 +43,11 @@ BODIES = {
         refused_in={anthropic_request.ToolDef: anthropic_request.TOOL_REFUSED},
     ),
     "ResponsesRequest": Body(
-        dialect_responses.ResponsesBody,
+        responses_request.ResponsesBody,
         lengths=("max_output_tokens",),
-        refused=dialect_responses.REFUSED,
-        rules=dialect_responses.RULES,
+        refused=responses_request.REFUSED,
+        rules=responses_request.RULES,
+        refused_in={responses_request.FunctionTool: responses_request.TOOL_REFUSED},
     ),
     "CompletionRequest": Body(
         dialect_completions.CompletionsBody,

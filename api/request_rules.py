@@ -118,3 +118,11 @@ STREAM_OPTIONS = Rule(
     param="stream_options",
     message="stream_options is only allowed when stream is true",
 )
+
+# OpenAI's chat completions and Responses: a tool choice other than none needs tools to choose from.
+CHOICE_NEEDS_TOOLS = Rule(
+    when={"tool_choice": not_(one_of(None, "none"))},
+    then={"tools": NON_EMPTY},
+    param="tool_choice",
+    message="tool_choice is only allowed when tools are given",
+)

@@ -5,8 +5,8 @@ The chat completion has four rules no JSON Schema can state, which its document 
 call's `arguments` are JSON, and `logit_bias` names tokens of the model's vocabulary; and one of
 the model's: the tiny model's template renders no tools, so its calls are read out of the answer's
 text and `logprobs` beside tools it may call is refused by its engine. Anthropic's
-Messages has the first two, Ollama's chat the first. A positive case is kept to them as a client
-keeps to them; a negative case is left as generated."""
+Messages has the first two, Ollama's chat the first, Responses the first three. A positive case is
+kept to them as a client keeps to them; a negative case is left as generated."""
 
 from __future__ import annotations
 
@@ -23,7 +23,35 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
         case.body = _kept(case.body)
     if positive and case.path.startswith("/v1/messages") and isinstance(case.body, dict):
         case.body = _anthropic_kept(case.body)
+    if positive and case.path == "/v1/responses" and isinstance(case.body, dict):
+        case.body = _responses_kept(case.body)
     return case
+
+
+def _responses_kept(body: dict[str, Any]) -> dict[str, Any]:
+    """The Responses body kept to the same three rules: its function tools' names (at most 64 of
+    letters, digits, `_` and `-`) made distinct, a named tool choice names the first, and a
+    function_call item's arguments are JSON."""
+    names = []
+    for i, tool in enumerate(body.get("tools") or ()):
+        tool["name"] = name = f"{tool['name'][:60]}_{i}"
+        names.append(name)
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and names:
+        choice["name"] = names[0]
+    for item in body.get("input") if isinstance(body.get("input"), list) else ():
+        if isinstance(arguments := item.get("arguments"), str) and not _is_json(arguments):
+            item["arguments"] = "{}"
+    return body
+
+
+def _is_json(text: str) -> bool:
+    # JSON as the parser reads it (Python's json also takes NaN and Infinity).
+    try:
+        msgspec.json.decode(text)
+    except msgspec.DecodeError:
+        return False
+    return True
 
 
 def _anthropic_kept(body: dict[str, Any]) -> dict[str, Any]:
@@ -57,10 +85,6 @@ def _kept(body: dict[str, Any]) -> dict[str, Any]:
         for call in message.get("tool_calls") or ():
             # JSON as the parser reads it (Python's json also takes NaN and Infinity); Ollama's
             # arguments are an object, which the document states.
-            if not isinstance(arguments := call["function"].get("arguments"), str):
-                continue
-            try:
-                msgspec.json.decode(arguments)
-            except msgspec.DecodeError:
+            if isinstance(arguments := call["function"].get("arguments"), str) and not _is_json(arguments):
                 call["function"]["arguments"] = "{}"
     return body

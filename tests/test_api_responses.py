@@ -2,7 +2,8 @@
 
 A response says what the chat completions route says for the same chat (both are the
 one routed chat), whole and streamed as the Responses events; nothing is stored, and
-what would need state or tools is a 400 naming it.
+what would need state or a built-in tool is a 400 naming it (function tools:
+tests/test_api_responses_tools.py).
 """
 
 from __future__ import annotations
@@ -85,23 +86,22 @@ def test_bad_input_is_a_400_naming_it(stack: ApiStack, api: openai.OpenAI) -> No
         api.responses.create(model=MODEL, input=PROMPT, previous_response_id="resp_1")
     assert previous.value.body["param"] == "previous_response_id"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as tools:
-        api.responses.create(
-            model=MODEL, input=PROMPT, tools=[{"type": "function", "name": "f", "parameters": {}, "strict": True}]
-        )
-    assert "tools are not supported yet" in tools.value.message
+        api.responses.create(model=MODEL, input=PROMPT, tools=[{"type": "web_search"}])
+    assert tools.value.body["param"] == "tools[0].type" and "'web_search'" in tools.value.message  # type: ignore[index]
 
     url = f"{stack.base_url}/responses"
     auth = {"Authorization": f"Bearer {API_KEY}"}
     for body, param in [
         ({"model": MODEL, "input": PROMPT, "colour": "red"}, "colour"),
         ({"model": MODEL, "input": PROMPT, "max_output_tokens": 8}, "max_output_tokens"),
-        ({"model": MODEL, "input": PROMPT, "text": {"format": {"type": "json_object"}}}, "text.format.type"),
+        ({"model": MODEL, "input": PROMPT, "text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"model": MODEL, "input": []}, "input"),
         (
             {"model": MODEL, "input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
             "input[0].content[0].type",
         ),
-        ({"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c", "output": "4"}]}, "input[0].type"),
+        ({"model": MODEL, "input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+        ({"model": MODEL, "input": [{"type": "function_call_output", "call_id": "c"}]}, "input[0].output"),
     ]:
         answer = httpx.post(url, json=body, headers=auth, timeout=30)
         assert answer.status_code == 400, answer.text

@@ -215,6 +215,15 @@ def test_a_chat_with_tools_on_a_cluster_that_cannot_do_them_is_a_400_naming_it(p
         error: Any = refused_too.value.body
         assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error", error
         assert f"no instance of {MODEL} can do tool calls: " in error["error"]["message"]
+    # The Responses route: function tools and a JSON format, OpenAI's shape, before any event.
+    function = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}, "strict": False}
+    json_format: Any = {"format": {"type": "json_object"}}
+    for needs, more in [("tool calls", {"tools": [function]}), ("structured output", {"text": json_format})]:
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused_there:
+                client.responses.create(model=MODEL, input=ask, stream=stream, max_output_tokens=16, **more)  # type: ignore[arg-type]
+            assert refused_there.value.body["code"] == "CapabilityMissing", refused_there.value.body  # type: ignore[index]
+            assert f"no instance of {MODEL} can do {needs}" in refused_there.value.message
     # Ollama's route: its error shape, a 400 before any line of its stream.
     llama = ollama_client(pipeline)
     assert llama.show(MODEL).capabilities == ["completion"]  # no tools: a pipeline rank states raw only

@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema_rs
 import pytest
 
-from exojet.api import anthropic_request, dialect_completions, dialect_ollama, dialect_responses
+from exojet.api import anthropic_request, dialect_completions, dialect_ollama, responses_request
 from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
 from exojet.api.errors import ApiError
 from exojet.api.openapi import schema
@@ -122,7 +122,7 @@ def test_the_answer_length_bound_is_the_apis_limit() -> None:
 
 
 COMPLETION = ("CompletionRequest", dialect_completions._parse)
-RESPONSE = ("ResponsesRequest", dialect_responses._parse)
+RESPONSE = ("ResponsesRequest", responses_request.parse_responses)
 ANTHROPIC = ("AnthropicMessagesRequest", anthropic_request.parse_messages)
 COUNT = ("AnthropicCountTokensRequest", functools.partial(anthropic_request.parse_messages, count_only=True))
 TEXT = {"type": "text", "text": "hi"}
@@ -134,6 +134,13 @@ CALLED: list[dict[str, Any]] = [
     {"role": "user", "content": "hi"},
     {"role": "assistant", "content": [TEXT, {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {"x": 1}}]},
     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [TEXT]}, TEXT]},
+]
+# A Responses function tool, and a call of it and its output in the history.
+FUNCTION = {"type": "function", "name": "f", "parameters": {"type": "object"}, "strict": False}
+CALLED_ITEMS: list[dict[str, Any]] = [
+    {"role": "user", "content": "hi"},
+    {"type": "function_call", "call_id": "call_1", "name": "f", "arguments": "{}", "id": "fc_1", "status": "completed"},
+    {"type": "function_call_output", "call_id": "call_1", "output": [{"type": "input_text", "text": "4"}]},
 ]
 OLLAMA_CHAT = ("OllamaChatRequest", dialect_ollama.parse_chat)
 OLLAMA_GENERATE = ("OllamaGenerateRequest", dialect_ollama.parse_generate)
@@ -223,7 +230,37 @@ OTHERS = [
     (RESPONSE, {"input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, None),
     (RESPONSE, {"input": "hi", "stream": True, "stream_options": {}}, None),
     (RESPONSE, {"input": "hi", "stream_options": {}}, "stream_options"),
-    (RESPONSE, {"input": [{"role": "user"}]}, "input[0]"),
+    (RESPONSE, {"input": [{"role": "user"}]}, "input[0].content"),
+    (RESPONSE, {"input": "hi", "tools": [FUNCTION], "tool_choice": {"type": "function", "name": "f"}}, None),
+    (RESPONSE, {"input": CALLED_ITEMS, "tools": [FUNCTION], "parallel_tool_calls": False}, None),
+    (RESPONSE, {"input": "hi", "text": {"format": {"type": "json_object"}}}, None),
+    (RESPONSE, {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, None),
+    (RESPONSE, {"input": "hi", "text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format.schema"),
+    (
+        RESPONSE,
+        {"input": "hi", "tools": [FUNCTION], "text": {"format": {"type": "json_object"}}},
+        "text.format",
+    ),
+    (
+        RESPONSE,
+        {"input": "hi", "tools": [FUNCTION], "tool_choice": "none", "text": {"format": {"type": "json_object"}}},
+        None,
+    ),
+    (RESPONSE, {"input": "hi", "tool_choice": "required"}, "tool_choice"),
+    (RESPONSE, {"input": "hi", "tools": [{"type": "web_search"}]}, "tools[0].type"),
+    (RESPONSE, {"input": "hi", "tools": [FUNCTION], "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
+    (RESPONSE, {"input": "hi", "tools": [FUNCTION | {"defer_loading": True}]}, "tools[0].defer_loading"),
+    (RESPONSE, {"input": "hi", "tools": [FUNCTION | {"defer_loading": False, "async": None}]}, None),
+    (RESPONSE, {"input": "hi", "tools": [FUNCTION | {"name": "a.b"}]}, "tools[0].name"),
+    (RESPONSE, {"input": [CALLED_ITEMS[1] | {"role": "assistant"}]}, "input[0].role"),
+    (RESPONSE, {"input": [{"type": "function_call", "call_id": "c", "name": "f"}]}, "input[0].arguments"),
+    (RESPONSE, {"input": [{"role": "user", "content": "hi", "call_id": "c"}]}, "input[0].call_id"),
+    (
+        RESPONSE,
+        {"input": [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_image"}]}]},
+        "input[0].output[0].type",
+    ),
+    (RESPONSE, {"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
     (RESPONSE, {"input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
     (RESPONSE, {"input": "hi", "store": True}, "store"),
     (RESPONSE, {"input": "hi", "max_tool_calls": 2**64}, "max_tool_calls"),
