@@ -18,7 +18,7 @@ from exojet.api.responses_request import parse_responses
 from exojet.bus.chat_ends import Ended
 from exojet.bus.tasks import ChatMessage
 from exojet.bus.tools import ToolCall
-from tests.test_anthropic_blocks import answers
+from tests.tool_answers import answers
 
 TOOL = {"type": "function", "name": "get_weather", "parameters": {"type": "object"}, "strict": False}
 BODY, _ = parse_responses(json.dumps({"model": "local/tiny", "input": "weather?", "tools": [TOOL]}).encode(), 64)
