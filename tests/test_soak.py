@@ -140,6 +140,7 @@ async def test_random_faults_under_load(
     seed = int.from_bytes(os.urandom(4)) if seed is None else seed
     minutes = request.config.getoption("soak_minutes")
     faults = schedule(seed, float(HEARTBEAT_TIMEOUT_S))
+    rss_line = ""
     injected: list[Fault] = []
     recoveries: list[Recovery] = []
     logger.info(f"soak seed {seed}, {minutes:g} minutes")
@@ -178,6 +179,11 @@ async def test_random_faults_under_load(
                 await _end(c, nc, fold, load, acks)
                 if rss_at_5 is not None:
                     now = _rss(c)
+                    rss_line = "RSS MB at 5 minutes -> at the end, each process alive at both: " + ", ".join(
+                        f"{name} {v / 2**20:.0f}->{now[(name, pid)] / 2**20:.0f}"
+                        for (name, pid), v in sorted(rss_at_5.items())
+                        if (name, pid) in now
+                    )
                     grown = {k: (v, now[k]) for k, v in rss_at_5.items() if k in now and now[k] > v * RSS_GROWTH}
                     assert not grown, f"RSS grew over 25% since 5 minutes in (before, after): {grown}"
                 await nc.close()
@@ -191,4 +197,4 @@ async def test_random_faults_under_load(
     strays = [p.pid for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not strays, f"processes of the soak still running: {strays}"
     with capsys.disabled():
-        print("\n" + table(seed, minutes, time.monotonic() - began, recoveries, load))
+        print("\n" + table(seed, minutes, time.monotonic() - began, recoveries, load) + f"\n{rss_line}")
