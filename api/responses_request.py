@@ -257,7 +257,7 @@ def _refuse_tools(data: dict[str, Any]) -> dict[str, Any]:
     kind = choice.get("type") if isinstance(choice, dict) else None
     if isinstance(kind, str) and kind != "function":
         raise bad_request(
-            f"tool_choice.type: built-in tools ({kind!r}) are not supported, only functions",
+            f"tool_choice.type: only a function can be chosen, not {kind!r} (built-in and custom tools)",
             param="tool_choice.type",
             code="unsupported_parameter",
         )
@@ -270,7 +270,7 @@ def _refuse_tools(data: dict[str, Any]) -> dict[str, Any]:
             kind = tool.get("type")
             if isinstance(kind, str) and kind != "function":
                 raise bad_request(
-                    f"tools[{i}].type: built-in tools ({kind!r}) are not supported, only function tools",
+                    f"tools[{i}].type: only function tools are supported, not {kind!r} (built-in and custom tools)",
                     param=f"tools[{i}].type",
                     code="unsupported_parameter",
                 )

@@ -1,12 +1,14 @@
-"""Anthropic's tool use against OpenAI's: the same forced call through each route's official client.
+"""Anthropic's and OpenAI Responses' tool use against OpenAI chat's: the same forced call through
+each route's official client.
 
 One stack (nats-server, a supervisor, a runner with the model placed, `exojet api`); each round asks
 for the same greedy call of one tool (`tool_choice` any with `disable_parallel_tool_use` on
-/v1/messages, `required` with `parallel_tool_calls: false` on /v1/chat/completions), whole and
-streamed, in an order rotated each round so drift hits all alike. Both routes make one routed chat:
-what differs is the request's mapping and the answer's rendering (tool_use blocks, input_json_delta
-events against tool_calls). Prints each case's median seconds to the whole call and the median of its
-per-round ratio to the OpenAI route's (target: 1.00x within the noise).
+/v1/messages, `required` with `parallel_tool_calls: false` on /v1/chat/completions and
+/v1/responses), whole and streamed, in an order rotated each round so drift hits all alike. The
+routes make one routed chat: what differs is the request's mapping and the answer's rendering
+(tool_use blocks and input_json_delta events, function_call items and their argument deltas, against
+tool_calls). Prints each case's median seconds to the whole call and the median of its per-round
+ratio to the chat route's (target: 1.00x within the noise).
 
     .venv/bin/python bench/anthropic_tools.py [--engine auto] [--repeat 20]
 
@@ -53,6 +55,8 @@ class Clients:
         self.tool: Any = {"type": "function", "function": {"name": "get_weather", "description": DESCRIPTION}}
         self.tool["function"]["parameters"] = SCHEMA
         self.custom: Any = {"name": "get_weather", "description": DESCRIPTION, "input_schema": SCHEMA}
+        self.function: Any = {"type": "function", "name": "get_weather", "description": DESCRIPTION}
+        self.function |= {"parameters": SCHEMA, "strict": True}
 
     def _openai(self, model: str, stream: bool) -> Any:
         return self.openai.chat.completions.create(
@@ -104,6 +108,26 @@ class Clients:
         ]
         return dict(json.loads("".join(fragments)))
 
+    def _responses(self, model: str, stream: bool) -> Any:
+        return self.openai.responses.create(
+            model=model,
+            input=ASK,
+            tools=[self.function],
+            tool_choice="required",
+            parallel_tool_calls=False,
+            max_output_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=stream,
+        )
+
+    def responses_whole(self, model: str) -> dict[str, Any]:
+        [call] = [item for item in self._responses(model, False).output if item.type == "function_call"]
+        return dict(json.loads(call.arguments))
+
+    def responses_streamed(self, model: str) -> dict[str, Any]:
+        deltas = [e.delta for e in self._responses(model, True) if e.type == "response.function_call_arguments.delta"]
+        return dict(json.loads("".join(deltas)))
+
 
 def _paired(clients: Clients, model_id: str, repeat: int) -> tuple[dict[str, list[float]], dict[str, Any]]:
     """Each case's seconds per round (rounds in rotated orders) and the call each made first."""
@@ -112,6 +136,8 @@ def _paired(clients: Clients, model_id: str, repeat: int) -> tuple[dict[str, lis
         "anthropic whole": clients.anthropic_whole,
         "openai streamed": clients.openai_streamed,
         "anthropic streamed": clients.anthropic_streamed,
+        "responses whole": clients.responses_whole,
+        "responses streamed": clients.responses_streamed,
     }
     names = list(cases)
     # Warm up every route and client; the same greedy call on every one.
@@ -135,7 +161,7 @@ def main(model_id: str, repeat: int, wanted: EngineWanted) -> None:
     print(f"model {model_id} on {served.engine}: one forced call {calls[names[0]]}, {repeat} paired rounds (medians):")
     print(f"{'case':<20} {'seconds':>9} {'/ openai':>9}")
     for name, got in runs.items():
-        base = runs[name.replace("anthropic", "openai")]
+        base = runs["openai " + name.split()[-1]]
         ratio = statistics.median(t / b for t, b in zip(got, base, strict=True))
         print(f"{name:<20} {statistics.median(got):>9.4f} {ratio:>8.3f}x")
 
