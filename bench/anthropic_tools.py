@@ -17,12 +17,8 @@ on the default model (SmolLM2-135M-Instruct, Q4 on llama.cpp).
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anthropic
 import openai
-from loguru import logger
 
-from bench.api_stack import serving
-from bench.inference import with_engine_env
-from exojet.models.smollm import DEFAULT_MODEL_ID
-from exojet.runner.engine_choice import EngineWanted
+from bench.paired_routes import ASK, KEY, Case, bench_routes, timed_rounds
 
-KEY = "bench"
-ASK: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
 SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 DESCRIPTION = "The weather in a city"
 MAX_TOKENS = 200
-
-# A case's run: the call's arguments as an object (both routes must agree on them).
-Case = Callable[[str], dict[str, Any]]
 
 
 class Clients:
@@ -139,38 +126,11 @@ def _paired(clients: Clients, model_id: str, repeat: int) -> tuple[dict[str, lis
         "responses whole": clients.responses_whole,
         "responses streamed": clients.responses_streamed,
     }
-    names = list(cases)
     # Warm up every route and client; the same greedy call on every one.
     calls = {name: case(model_id) for name, case in cases.items()}
     assert len({json.dumps(c, sort_keys=True) for c in calls.values()}) == 1, calls
-    runs: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeat):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            started = time.perf_counter()
-            cases[name](model_id)
-            runs[name].append(time.perf_counter() - started)
-    return runs, calls
-
-
-def main(model_id: str, repeat: int, wanted: EngineWanted) -> None:
-    logger.remove()
-    logger.add(sys.stderr, level="WARNING")
-    with serving(model_id, wanted) as served:
-        runs, calls = _paired(Clients(served.port), model_id, repeat)
-    names = list(runs)
-    print(f"model {model_id} on {served.engine}: one forced call {calls[names[0]]}, {repeat} paired rounds (medians):")
-    print(f"{'case':<20} {'seconds':>9} {'/ openai':>9}")
-    for name, got in runs.items():
-        base = runs["openai " + name.split()[-1]]
-        ratio = statistics.median(t / b for t, b in zip(got, base, strict=True))
-        print(f"{name:<20} {statistics.median(got):>9.4f} {ratio:>8.3f}x")
+    return timed_rounds(cases, model_id, repeat), calls
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", default="auto", choices=["auto", "mlx", "llamacpp"])
-    parser.add_argument("--repeat", type=int, default=20)
-    # The engine child's environment first (a re-execution with the same arguments).
-    with_engine_env()
-    args = parser.parse_args()
-    main(DEFAULT_MODEL_ID, args.repeat, args.engine)
+    bench_routes(__doc__, lambda port, model_id, repeat: _paired(Clients(port), model_id, repeat), repeat=20)
