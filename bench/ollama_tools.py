@@ -29,13 +29,24 @@ import openai
 from bench.paired_routes import ASK, KEY, Case, bench_routes, timed_rounds
 
 # What the ollama client sends of a schema (no additionalProperties): SmolLM2 adds keys of its own
-# (copied from the schema), and with a bare `city` ran on with one until the answer's length.
+# (copied from the schema), and with a bare `city` ran on with one until the answer's length; so it
+# did without the tool's description or the unit's type (tests/test_api_dialects_default.py's tool).
 PARAMETERS = {
     "type": "object",
-    "properties": {"city": {"type": "string", "description": "the city"}, "unit": {"enum": ["C", "F"]}},
+    "properties": {
+        "city": {"type": "string", "description": "the city"},
+        "unit": {"type": "string", "enum": ["C", "F"]},
+    },
     "required": ["city", "unit"],
 }
-TOOL: Any = {"type": "function", "function": {"name": "get_weather", "parameters": PARAMETERS}}
+TOOL: Any = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The weather in a city", "parameters": PARAMETERS},
+}
+# The tool as the ollama client sends it, for the OpenAI route: the client reorders a schema's keys
+# (type, required, properties), and the generic tool prompt renders the schema's text, so with the
+# tool as written the two routes prompted SmolLM2 differently (Ollama's called, OpenAI's ran on).
+SENT: Any = ollama.Tool.model_validate(TOOL).model_dump(exclude_none=True)
 CAPITAL: Any = [{"role": "user", "content": "Give the capital of France as JSON"}]
 SCHEMA = {"type": "object", "properties": {"capital": {"type": "string"}}, "required": ["capital"]}
 TOKENS = 100
@@ -59,7 +70,7 @@ class Routes:
 
     def openai_call(self, model: str) -> Any:
         [call] = (
-            self._openai(model, False, messages=ASK, tools=[TOOL], parallel_tool_calls=False)
+            self._openai(model, False, messages=ASK, tools=[SENT], parallel_tool_calls=False)
             .choices[0]
             .message.tool_calls
         )
@@ -70,7 +81,7 @@ class Routes:
         return dict(call.function.arguments)
 
     def openai_call_streamed(self, model: str) -> Any:
-        chunks = self._openai(model, True, messages=ASK, tools=[TOOL], parallel_tool_calls=False)
+        chunks = self._openai(model, True, messages=ASK, tools=[SENT], parallel_tool_calls=False)
         pieces = [p for c in chunks for choice in c.choices for p in choice.delta.tool_calls or ()]
         return json.loads("".join(p.function.arguments or "" for p in pieces if p.function is not None))
 
