@@ -16,6 +16,7 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
 from exojet.bus import sampling
 from exojet.bus.chat_ends import (
+    KV_CACHE_FULL,
     REQUEST_REFUSALS,
     ChatCancelled,
     ChatError,
@@ -55,6 +56,9 @@ def api_error(err: ChatError) -> ApiError:
             return ApiError(400, detail, type="invalid_request_error", code=error_type)
         case ChatIncapable():
             return ApiError(400, err.detail, type="invalid_request_error", code="CapabilityMissing")
+        case ChatUnfinished(error_type=error_type) if error_type == KV_CACHE_FULL:
+            # Capacity, not the request: 503 with Retry-After, which OpenAI's and Anthropic's clients retry.
+            return unavailable(detail, "kv_cache_full", retry_after=1)
         case ChatUnfinished(error_type=error_type):
             return ApiError(500, detail, type="server_error", code=error_type)
         case ChatTooManyChoices():

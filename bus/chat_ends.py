@@ -13,6 +13,9 @@ from exojet.bus.results import ChatResult
 # The runner's errors that refuse a chat before any work (the engine serves on as before): the
 # request's fault, so the API answers them 400.
 REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
+# The runner's error for a chat its engine's shared KV cache had no room for (llama.cpp): the
+# engine serves on, the runner stays as it was, and the API answers 503 with Retry-After.
+KV_CACHE_FULL = "KVCacheFull"
 # A supervisor's refusal (`ChatRefused.error_type`) of a chat asking for more answers (`n`) than
 # any Ready instance of its model serves at once.
 TOO_MANY_CHOICES = "TooManyChoices"

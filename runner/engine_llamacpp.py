@@ -25,6 +25,7 @@ import msgspec
 import psutil
 
 from exojet.bus.capabilities import Capabilities
+from exojet.bus.chat_ends import KV_CACHE_FULL
 from exojet.bus.results import ChoiceResult
 from exojet.bus.sampling import Sampling, choices
 from exojet.bus.tools import wanted_tools
@@ -52,6 +53,8 @@ _ERROR_TYPES = {
     "exceed_context_size_error": "ContextLengthExceeded",
     "invalid_request_error": "InvalidRequest",
 }
+# What llama.cpp's server answers every chat in flight when its shared KV cache has no room left.
+_KV_FULL_MESSAGE = "Context size has been exceeded."
 
 
 class GgufFacts(msgspec.Struct, frozen=True):
@@ -269,6 +272,13 @@ class LlamaCppEngine:
             raise RequestError("InvalidRequest", str(exc)) from exc
         if state.failure is not None:
             raise state.failure
+        if state.error is not None and state.error.message == _KV_FULL_MESSAGE:
+            raise RequestError(
+                KV_CACHE_FULL,
+                f"llama.cpp's KV cache of {self.context_length * KV_WINDOWS} tokens, shared by the chats it "
+                f"serves at once, is full ({_KV_FULL_MESSAGE}): the chats in flight ended; retry shortly, "
+                "or lower max_tokens",
+            )
         if state.error is not None:
             raise RequestError(_ERROR_TYPES.get(state.error.type, "EngineError"), state.error.message)
         state.end()

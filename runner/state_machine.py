@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exojet.bus.chat_ends import REQUEST_REFUSALS
+from exojet.bus.chat_ends import KV_CACHE_FULL, REQUEST_REFUSALS
 from exojet.bus.lifecycle import FAILED, LIFECYCLE, REGISTERED
 from exojet.bus.statuses import RunnerFailed, RunnerStatus, TaskStatus, runner_status, status_name
 from exojet.runner.chunks import ChunksNotStored
@@ -79,8 +79,8 @@ def failed(task_type: str, before: RunnerStatus, err: Exception) -> Failure:
         case ChunksNotStored():
             # The bus failed the client, not the engine: the runner is as usable as before.
             return Failure(finished_status(task_type, before), "ChunksNotStored", str(err))
-        case EngineError(error_type=error_type, message=message) if error_type in REQUEST_REFUSALS:
-            # The request, not the engine: nothing ran, the runner is as it was.
+        case EngineError(error_type=error_type, message=message) if error_type in REQUEST_REFUSALS | {KV_CACHE_FULL}:
+            # The request, or a cache full for a while, not the engine: the runner is as it was.
             return Failure(finished_status(task_type, before), error_type, message)
         case EngineCrashed():
             return Failure(_failure_status(task_type, str(err)), "EngineCrashed", str(err), engine_lost=True)

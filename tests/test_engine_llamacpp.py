@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -249,3 +250,36 @@ def test_llamacpp_chunks_of_n_answers_with_logprobs_become_each_answers_tokens()
     assert yo == Token(text="Yo", choice=0, logprobs=(TokenLogprob(token="Yo", logprob=-0.25),))
     assert [state.finish_reason(0), state.finish_reason(1)] == ["stop", "length"]
     assert (state.usage.prompt_tokens, state.usage.completion_tokens) == (9, 2)
+
+
+@pytest.mark.timeout(60)
+async def test_a_full_kv_cache_ends_the_chats_with_a_named_error_and_the_engine_serves_on(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # A window of 128 tokens (the model's trained context) makes the shared cache 4 x 128: six
+    # chats of 120 tokens fill it, and llama.cpp ends every chat in flight (as llama-server does).
+    source = tmp_path / "small"
+    shutil.copytree(tiny_model_dir, source)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 128}))
+    engine = Engine("llamacpp")
+    try:
+        await engine.start()
+        await engine.load(str(as_gguf(source, tmp_path / "small.gguf")))
+        ends = await asyncio.gather(
+            *(
+                collect(
+                    engine,
+                    Generate(messages=[Message(role="user", content=f"hello {i}")], sampling=Sampling(max_tokens=120)),
+                )
+                for i in range(6)
+            ),
+            return_exceptions=True,
+        )
+        full = [e for e in ends if isinstance(e, EngineError)]
+        assert full and all(e.error_type == "KVCacheFull" for e in full), ends
+        assert "KV cache of 512 tokens" in str(full[0])
+        _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
+        assert done.completion_tokens == 4
+    finally:
+        await engine.stop()
