@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from exojet import __version__
 from exojet.api import dialect_schemas, request_schemas
 from exojet.api.chat_request import ANSWER_LENGTHS, NO_OP_DEFAULTS, RULES, UNSUPPORTED, ChatBody
 from exojet.api.dialect_schemas import json_content as _json
@@ -25,8 +26,6 @@ CHAT = Body(
     refused=UNSUPPORTED,
     rules=RULES,
 )
-
-VERSION = "0.1.0"
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -230,7 +229,7 @@ def schema(max_tokens_limit: int, secured: bool, models: list[str]) -> dict[str,
     schemas = _components(max_tokens_limit, models)
     document: dict[str, Any] = {
         "openapi": "3.1.0",
-        "info": {"title": "exojet API (OpenAI, Anthropic and Ollama dialects)", "version": VERSION},
+        "info": {"title": "exojet API (OpenAI, Anthropic and Ollama dialects)", "version": __version__},
         "paths": paths,
         "components": {"schemas": schemas},
     }

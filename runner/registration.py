@@ -22,6 +22,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from exojet import __version__
 from exojet.bus import streams, subjects
 from exojet.bus.envelope import Envelope
 from exojet.bus.events import RunnerRegistered
@@ -32,7 +33,6 @@ from exojet.runner.handling import RunnerCore
 from exojet.runner.steps import AckFloor, HeartbeatSeen, ReadSubject, Say, Write
 from exojet.runner.write_chain import Build, LastOn
 
-VERSION = "0.1.0"
 # A twin shows itself by heartbeating: wait a little over two beats for one.
 TWIN_HEARTBEAT_WAIT_S = 2.5
 
@@ -72,7 +72,7 @@ def registration(runner_id: str, address: str, engine_setup: str, engines: Seque
             engine=engines[0] if engines else "",
             engine_setup=engine_setup,
             engines=tuple(engines),
-            version=VERSION,
+            version=__version__,
             address=address,
             ring_key=ring_key,
         )

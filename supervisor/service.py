@@ -12,6 +12,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from exojet import __version__
 from exojet.bus import subjects
 from exojet.bus.nats.log_fold import MinSeqTimeout
 from exojet.bus.queries import QueryRequest
@@ -29,7 +30,6 @@ from exojet.projections.state import ClusterState
 from exojet.supervisor.projector import Projector
 
 SERVICE_NAME = "exojet-supervisor"
-SERVICE_VERSION = "0.1.0"
 MAX_MIN_SEQ_TIMEOUT_S = 60.0
 
 
@@ -78,7 +78,7 @@ async def start_service(
     service = await add_service(
         nc,
         name=SERVICE_NAME,
-        version=SERVICE_VERSION,
+        version=__version__,
         description="exojet supervisor: queries of the cluster projection (body: optional JSON "
         "{min_seq, timeout, runner_id, task_id, instance_id, offset, limit, sections, runner_status, "
         "instance_status, hash}; every reply carries seq)",

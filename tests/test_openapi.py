@@ -10,11 +10,13 @@ import functools
 import json
 import re
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import jsonschema_rs
 import pytest
 
+import exojet
 from exojet.api import anthropic_request, dialect_completions, dialect_ollama, responses_request
 from exojet.api.chat_request import NO_OP_DEFAULTS, UNSUPPORTED, ChatBody, parse_chat
 from exojet.api.errors import ApiError
@@ -119,6 +121,12 @@ def test_the_answer_length_bound_is_the_apis_limit() -> None:
     properties = DOCUMENT["components"]["schemas"]["ChatCompletionRequest"]["properties"]
     assert {"type": "integer", "minimum": 1, "maximum": LIMIT} in properties["max_tokens"]["anyOf"]
     assert properties["model"]["examples"] == ["local/tiny"]
+
+
+def test_the_document_states_the_installed_version() -> None:
+    # One version, pyproject's, read from the installed package (the runner's RunnerRegistered
+    # and the supervisor's service say the same `exojet.__version__`).
+    assert DOCUMENT["info"]["version"] == metadata.version("exojet") == exojet.__version__
 
 
 COMPLETION = ("CompletionRequest", dialect_completions._parse)

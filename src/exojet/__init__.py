@@ -11,4 +11,4 @@ from importlib.metadata import PackageNotFoundError, version
 try:
     __version__ = version("exojet")
 except PackageNotFoundError:  # running from a checkout that was never installed
-    __version__ = "0+unknown"
+    __version__ = "0.0.0+unknown"
