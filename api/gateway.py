@@ -16,6 +16,7 @@ from exojet.api.chat_request import ChatRequest
 from exojet.api.errors import ApiError, unavailable
 from exojet.bus import sampling
 from exojet.bus.chat_ends import (
+    INVALID_STATE,
     KV_CACHE_FULL,
     REQUEST_REFUSALS,
     ChatCancelled,
@@ -59,6 +60,10 @@ def api_error(err: ChatError) -> ApiError:
         case ChatUnfinished(error_type=error_type) if error_type == KV_CACHE_FULL:
             # Capacity, not the request: 503 with Retry-After, which OpenAI's and Anthropic's clients retry.
             return unavailable(detail, "kv_cache_full", retry_after=1)
+        case ChatUnfinished(error_type=error_type) if error_type == INVALID_STATE:
+            # Routed to a runner that had meanwhile lost its model (found by the hour's soak: a runner
+            # cut off, declared lost, back as a new incarnation): another try is routed afresh.
+            return unavailable(detail, "runner_not_ready", retry_after=1)
         case ChatUnfinished(error_type=error_type):
             return ApiError(500, detail, type="server_error", code=error_type)
         case ChatTooManyChoices():

@@ -16,6 +16,9 @@ REQUEST_REFUSALS = frozenset({"ContextLengthExceeded", "InvalidRequest"})
 # The runner's error for a chat its engine's shared KV cache had no room for (llama.cpp): the
 # engine serves on, the runner stays as it was, and the API answers 503 with Retry-After.
 KV_CACHE_FULL = "KVCacheFull"
+# The runner's error for a task its status cannot take. For a chat: routed on a state a moment
+# old (its runner lost and registered again, or unloading); the API answers 503 with Retry-After.
+INVALID_STATE = "InvalidState"
 # A supervisor's refusal (`ChatRefused.error_type`) of a chat asking for more answers (`n`) than
 # any Ready instance of its model serves at once.
 TOO_MANY_CHOICES = "TooManyChoices"

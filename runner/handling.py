@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from exojet.bus import subjects
+from exojet.bus.chat_ends import INVALID_STATE
 from exojet.bus.codec import BadInput, decode_task
 from exojet.bus.events import RunnerLost, RunnerStatusUpdated, TaskStatusUpdated
 from exojet.bus.lifecycle import FINAL_STATUSES
@@ -245,7 +246,7 @@ class RunnerCore:
             return TaskStatus.CANCELLED, "Cancelled", reason
         status = self.transitions.status_for(kind)
         if not state_machine.accepts(kind, status):
-            return TaskStatus.FAILED, "InvalidState", state_machine.invalid_state_message(kind, status)
+            return TaskStatus.FAILED, INVALID_STATE, state_machine.invalid_state_message(kind, status)
         held: tuple[str, str] | None = yield Refusal(task)
         return (TaskStatus.FAILED, *held) if held is not None else None
 

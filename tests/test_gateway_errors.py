@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from exojet.api.gateway import api_error
-from exojet.bus.chat_ends import KV_CACHE_FULL, ChatUnfinished
+from exojet.bus.chat_ends import INVALID_STATE, KV_CACHE_FULL, ChatUnfinished
 
 
 def test_a_full_kv_cache_is_a_retryable_503_and_an_engine_fault_a_500() -> None:
@@ -12,3 +12,10 @@ def test_a_full_kv_cache_is_a_retryable_503_and_an_engine_fault_a_500() -> None:
     assert "16384 tokens" in full.message
     fault = api_error(ChatUnfinished("c2", "Failed", "EngineError", "boom"))
     assert (fault.status, fault.code) == (500, "EngineError")
+
+
+def test_a_chat_its_runner_was_no_longer_ready_for_is_a_retryable_503() -> None:
+    why = "ChatCompletion needs RunnerReady, runner is RunnerIdle"
+    err = api_error(ChatUnfinished("c3", "Failed", INVALID_STATE, why))
+    assert (err.status, err.code, err.headers) == (503, "runner_not_ready", {"Retry-After": "1"})
+    assert why in err.message
