@@ -186,8 +186,14 @@ async def test_random_faults_under_load(
                         for name, v in sorted(rss_at_5.items())
                         if name in now
                     )
-                    grown = {k: (v, now[k]) for k, v in rss_at_5.items() if k in now and now[k] > v * RSS_GROWTH}
-                    assert not grown, f"RSS grew over 25% since 5 minutes in (before, after): {grown}"
+                    # exojet's processes only: a nats-server's RSS follows its stream caches and Go's
+                    # collector (bounded by the streams' limits, its own business), shown, not held.
+                    grown = {
+                        k: (v, now[k])
+                        for k, v in rss_at_5.items()
+                        if k in now and k not in NODES and now[k] > v * RSS_GROWTH
+                    }
+                    assert not grown, f"RSS grew over 25% since 5 minutes in (before, after): {grown}; {rss_line}"
                 await nc.close()
         except Exception as err:
             report = table(seed, minutes, time.monotonic() - began, recoveries, load) if load else ""
