@@ -12,8 +12,8 @@ After each fault: a chat is answered through the API again, both supervisors are
 state, no process ended by itself, every acknowledged write is in the log, no task has two
 terminal statuses, no chat hung. At the end (tests/soak_checks.py): every task exactly one
 terminal status, every acknowledged write under its id, every completed chat's text stored
-whole and once, nothing left running, and (runs over 5 minutes) each process's RSS within 25%
-of its RSS at 5 minutes. The table (tests/soak_report.py) is printed; a failure prints the seed
+whole and once, nothing left running, and (runs over 5 minutes) each exojet process's RSS within
+25% of its RSS at 5 minutes (by name, across restarts). The table (tests/soak_report.py) is printed; a failure prints the seed
 and the faults injected.
 """
 
