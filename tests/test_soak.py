@@ -13,8 +13,8 @@ state, no process ended by itself, every acknowledged write is in the log, no ta
 terminal statuses, no chat hung. At the end (tests/soak_checks.py): every task exactly one
 terminal status, every acknowledged write under its id, every completed chat's text stored
 whole and once, nothing left running, and (runs over 5 minutes) each exojet process's RSS within
-25% of its RSS at 5 minutes (by name, across restarts). The table (tests/soak_report.py) is printed; a failure prints the seed
-and the faults injected.
+25% of its RSS at 5 minutes (by name, across restarts). The table (tests/soak_report.py) is
+printed; a failure prints the seed and the faults injected.
 """
 
 from __future__ import annotations
