@@ -8,7 +8,7 @@ import asyncio
 import msgspec
 
 from exojet.bus.nats import client
-from exojet.bus.nats.query_client import Endpoint, QueryFailed, query
+from exojet.bus.nats.query_client import SUPERVISOR_WAIT_S, Endpoint, QueryFailed, query
 from exojet.bus.queries import DEFAULT_LIMIT, MAX_LIMIT
 from exojet.cli.options import Subparsers, add_nats, fail
 from exojet.cli.render import render_reply
@@ -27,6 +27,12 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument(
         "--limit", type=int, default=DEFAULT_LIMIT, help=f"page: at most this many of each (max {MAX_LIMIT})"
     )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=SUPERVISOR_WAIT_S,
+        help="seconds to wait for a supervisor to answer (through an election), exit 1 (default %(default)g)",
+    )
     add_nats(p)
     p.set_defaults(func=run)
 
@@ -39,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             args.json,
             args.min_seq,
             Paging(offset=args.offset, limit=args.limit),
+            args.timeout,
         )
     )
 
@@ -55,8 +62,9 @@ class Scope(msgspec.Struct, frozen=True, kw_only=True):
         return "runner" if self.runner_id else "task" if self.task_id else "instance" if self.instance_id else "state"
 
 
-async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, paging: Paging) -> int:
-    """Print the supervisor's projection (or one runner, task or instance of it), a page at a time."""
+async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, paging: Paging, wait: float) -> int:
+    """Print the supervisor's projection (or one runner, task or instance of it), a page at a time,
+    waiting up to `wait` seconds for a supervisor to answer."""
     nc = await client.connect(nats_url, name="exojet-cli")
     endpoint = scope.endpoint
     try:
@@ -64,6 +72,8 @@ async def show_state(nats_url: str, scope: Scope, as_json: bool, min_seq: int, p
             reply = await query(
                 nc,
                 endpoint,
+                timeout=min(10.0, wait),
+                wait=wait,
                 **msgspec.structs.asdict(scope),
                 min_seq=min_seq or None,
                 offset=paging.offset,

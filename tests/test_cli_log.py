@@ -110,5 +110,6 @@ async def test_state_command_renders_the_projection(nats_server: NatsServer, nc:
         assert missing.returncode == 1 and "NotFound" in missing.stderr
     finally:
         assert stop(sup) == 0
-    nobody = exojet_run("state", url=nats_server.url)
+    nobody = exojet_run("state", "--timeout", "2", url=nats_server.url)
     assert nobody.returncode == 1 and "NoSupervisor" in nobody.stderr
+    assert "waited 2 s" in nobody.stderr
