@@ -104,9 +104,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--soak-minutes", type=float, default=3.0, help="how long faults are injected")
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A soak's time bound follows its length: setup, the faults, and the end's checks."""
+    """A soak's time bound follows its length: setup, the faults, and the end's checks. A test
+    class that names its `QUICK` tests runs the others in the slow step (a contract run again on
+    a big model: what does not depend on the model is already run quickly on a tiny one)."""
     bound = int(config.getoption("soak_minutes") * 60 + 1200)
     for item in items:
         if item.get_closest_marker("soak") is not None:
             item.add_marker(pytest.mark.timeout(bound))
+        quick = getattr(getattr(item, "cls", None), "QUICK", None)
+        if quick is not None and getattr(item, "originalname", item.name) not in quick:
+            item.add_marker(pytest.mark.slow)

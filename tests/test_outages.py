@@ -110,7 +110,8 @@ async def test_server_outage_matrix(instance: Instance, kill: bool, down_s: floa
     await _assert_clean(instance, in_flight)
 
 
-@pytest.mark.parametrize("stream", ["EXO_LOG", "EXO_CHUNKS"])
+# The chunks' case (same path, the other stream) runs in the slow step.
+@pytest.mark.parametrize("stream", ["EXO_LOG", pytest.param("EXO_CHUNKS", marks=pytest.mark.slow)])
 async def test_a_lost_ack_is_reconciled_not_taken_for_a_twin(tmp_path: Path, models_dir: Path, stream: str) -> None:
     proxy = NatsProxy()
     inst = await Instance(tmp_path, models_dir, runner_proxy=proxy).start()

@@ -15,6 +15,7 @@ from tests.runner_harness import RunnerHandle, chat, make_ready, run_task
 pytestmark = pytest.mark.timeout(60)
 
 
+@pytest.mark.slow  # waits out client.ELECTION_S
 @pytest.mark.timeout(120)  # the chunk publish is tried through client.ELECTION_S first
 async def test_chunks_not_stored_fail_the_chat_and_the_runner_stays_ready(
     nc: NATS, watcher: LogWatcher, runner: RunnerHandle

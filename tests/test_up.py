@@ -173,6 +173,7 @@ def _api_answered(api_port: int, within: float) -> str:
     return reply.choices[0].message.content or ""
 
 
+@pytest.mark.slow
 def test_up_starts_again_each_child_killed_and_answers_after_each(tmp_path: Path) -> None:
     port, api_port = free_port(), free_port()
     up = start_up(tmp_path, port, None, api_port)
