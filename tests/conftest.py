@@ -104,15 +104,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--soak-minutes", type=float, default=3.0, help="how long faults are injected")
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """A soak's time bound follows its length: setup, the faults, and the end's checks. A test
-    class that names its `QUICK` tests runs the others in the slow step (a contract run again on
-    a big model: what does not depend on the model is already run quickly on a tiny one)."""
+    """A soak's time bound follows its length: setup, the faults, and the end's checks. A contract
+    class that names its `MODEL_BOUND` tests runs only those (the contract on the default model:
+    what does not depend on the model is run on the tiny ones)."""
     bound = int(config.getoption("soak_minutes") * 60 + 1200)
+    kept, dropped = [], []
     for item in items:
         if item.get_closest_marker("soak") is not None:
             item.add_marker(pytest.mark.timeout(bound))
-        quick = getattr(getattr(item, "cls", None), "QUICK", None)
-        if quick is not None and getattr(item, "originalname", item.name) not in quick:
-            item.add_marker(pytest.mark.slow)
+        bound_to_model = getattr(getattr(item, "cls", None), "MODEL_BOUND", None)
+        if bound_to_model is not None and getattr(item, "originalname", item.name) not in bound_to_model:
+            dropped.append(item)
+        else:
+            kept.append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept

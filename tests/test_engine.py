@@ -27,7 +27,15 @@ from exojet.runner.mlx_capacity import MAX_CHATS
 from exojet.runner.mlx_cpu import choose_weights, to_dense_float32
 from exojet.runner.stop_scanner import StopScanner
 from testbed.tiny_model import write_tiny_llama
-from tests.engine_contract import PROMPT, WEATHER, EngineContract, ToolsContract, class_loop, collect
+from tests.engine_contract import (
+    DEFAULT_MODEL_BOUND,
+    PROMPT,
+    WEATHER,
+    EngineContract,
+    ToolsContract,
+    class_loop,
+    collect,
+)
 from tests.gguf_tiny import Q, as_gguf
 from tests.logprobs_contract import LogprobsContract
 
@@ -222,19 +230,12 @@ class TestMLXImportQ8_0(_MLXImportOfGguf):
 
 @pytest.mark.slow
 class TestMLXDefaultModel(MLXContract):
-    """The default model as MLX serves it (its import of the shipped GGUF); slow on a CPU, so in
-    the slow set (.ci/run runs it after the suite)."""
+    """The default model as MLX serves it (its import of the shipped GGUF), through the contract's
+    tests that depend on the model; slow on a CPU, so in the slow set (.ci/run runs it after the
+    suite)."""
 
     N_LAYERS = 30
-    # Its KV cache is 46 kB a token in float32: how many chats fit depends on the free memory.
-    CHAT_CAPACITY = None
-    # 15 tokens a second alone on a CPU: 8 chats (the batch size the issue measures) fit the timeout.
-    BATCH_ASKS = 8
-    # Its context window (8192), less the prompt.
-    ENDLESS = 8192 - 64
-    # Run by TestMLXEngine on the same big model; here it would follow this class's loads of a
-    # 538 MB model in the same child, whose freed pages blur the measure.
-    test_unload_releases_the_weights_memory = None
+    MODEL_BOUND = DEFAULT_MODEL_BOUND
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -27,7 +27,7 @@ from exojet.runner.engine_llamacpp import MAX_CONTEXT, SLOTS, chat_body, engine_
 from exojet.runner.engine_protocol import Generate, Message, Token
 from exojet.runner.llamacpp_chunks import Generation, chunk_decoder
 from testbed.tiny_model import write_tiny_llama
-from tests.engine_contract import PROMPT, EngineContract, ToolsContract, class_loop, collect
+from tests.engine_contract import DEFAULT_MODEL_BOUND, PROMPT, EngineContract, ToolsContract, class_loop, collect
 from tests.gguf_tiny import Q, as_gguf
 from tests.logprobs_contract import LogprobsContract
 
@@ -131,24 +131,11 @@ class TestLlamaCppQ8_0(_OtherWeights):
 
 
 class TestLlamaCppDefaultModel(_OtherWeights):
-    """The default model in the form llama.cpp serves it (F16), through the whole contract: in the
-    default suite the tests whose outcome depends on the model (its weights, chat template and
-    tool syntax), the rest in the slow step."""
+    """The default model in the form llama.cpp serves it (F16), through the contract's tests that
+    depend on the model."""
 
     N_LAYERS = 30
-    QUICK = frozenset(
-        {
-            "test_the_quickstart_question_is_answered_right",
-            "test_greedy_chat_equals_the_library_run_directly",
-            "test_raw_prompt_skips_the_chat_template",
-            "test_assistant_messages_at_the_end_are_turns_the_answer_follows",
-            "test_each_tokens_logprob_comes_with_its_text_and_the_likeliest_beside_it",
-            "test_n_answers_come_from_one_generation_each_with_its_choice",
-            "test_a_required_call_is_valid_against_its_function_schema",
-            "test_a_json_schema_answer_parses_and_validates",
-            "test_logprobs_beside_tools_only_where_no_call_is_read_from_the_text",
-        }
-    )
+    MODEL_BOUND = DEFAULT_MODEL_BOUND
 
     @pytest.fixture(scope="class")
     @classmethod
