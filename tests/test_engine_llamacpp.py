@@ -258,8 +258,10 @@ def test_llamacpp_chunks_of_n_answers_with_logprobs_become_each_answers_tokens()
 async def test_a_full_kv_cache_ends_the_chats_with_a_named_error_and_the_engine_serves_on(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    # A window of 128 tokens (the model's trained context) makes the shared cache 4 x 128: six
-    # chats of 120 tokens fill it, and llama.cpp ends every chat in flight (as llama-server does).
+    # A window of 128 tokens (the model's trained context) makes the shared cache 4 x 128: five
+    # chats of 120 tokens at once fill it, and llama.cpp ends every chat in flight (as llama-server
+    # does). One chat takes about 0.1 s: every slot is asked, so that five overlap on a busy machine
+    # too (with six, a suite run beside other tests once served them one after another).
     source = tmp_path / "small"
     shutil.copytree(tiny_model_dir, source)
     config = json.loads((source / "config.json").read_text())
@@ -274,7 +276,7 @@ async def test_a_full_kv_cache_ends_the_chats_with_a_named_error_and_the_engine_
                     engine,
                     Generate(messages=[Message(role="user", content=f"hello {i}")], sampling=Sampling(max_tokens=120)),
                 )
-                for i in range(6)
+                for i in range(SLOTS)
             ),
             return_exceptions=True,
         )
