@@ -29,5 +29,6 @@ fi
 .venv/bin/mypy
 # The imports each part may make (DESIGN.md): [tool.importlinter] in pyproject.toml.
 .venv/bin/lint-imports
-# Every engine's contract tests fail, not skip, when its library is missing.
-EXO_REQUIRE_ENGINES=1 exec .venv/bin/python -m pytest -q "$@"
+# Every engine's contract tests fail, not skip, when its library is missing. Two processes, a
+# file each at a time: most tests wait on servers (the slow step and the soak run alone: .ci/run).
+EXO_REQUIRE_ENGINES=1 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile "$@"
