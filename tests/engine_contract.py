@@ -15,7 +15,6 @@ Everything is real: the engine runs in its child process (`python -m exojet.runn
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import os
 import signal
@@ -347,18 +346,21 @@ class EngineContract:
                 await asyncio.sleep(0.01)
 
         ticker = asyncio.create_task(tick())
-        started = time.monotonic()
-        # Generate for half a second at least: a fast engine answers 300 tokens of the tiny
-        # model in less time than a few ticks.
-        while time.monotonic() - started < 0.5:
+        spans: list[tuple[float, float]] = []
+        while len(spans) < 3 or spans[-1][1] - spans[0][0] < 1.0:
+            began = time.monotonic()
             _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=300)))
+            spans.append((began, time.monotonic()))
             assert done.completion_tokens == 300
         gen_done.set()
         await ticker
 
-        gaps = [b - a for a, b in itertools.pairwise(ticks)]
-        assert len(ticks) > 3
-        assert max(gaps) < 0.25
+        # A loop blocked by a generation runs no tick while it lasts (300 tokens of the tiny
+        # model take 0.1-0.2 s on llama.cpp and 1.5-3 s on MLX, ten ticks at least). A bound on
+        # the longest gap between ticks failed in CI when a loaded machine paused the test's
+        # process once for 0.25 s; such a pause may leave one generation without a tick, not all.
+        blind = [(a, b) for a, b in spans if not any(a < t < b for t in ticks)]
+        assert len(blind) <= 1, f"{len(blind)} of {len(spans)} generations ran no tick of the event loop"
 
     @class_loop
     @pytest.mark.timeout(60)
