@@ -72,6 +72,10 @@ from exojet.runner.mlx_cpu import child_env, describe, find_blas
 
 _R = TypeVar("_R", ModelLoaded, GroupConnected, Ok)
 
+# Dropping a model takes well under a second; a child that has not after this long is stuck
+# (llama.cpp's server once waited forever in its destructor for its loop thread to end).
+UNLOAD_TIMEOUT_S = 30.0
+
 
 class Engine:
     """An engine (MLX or llama.cpp, chosen per model) in a child process, driven from asyncio.
@@ -81,8 +85,11 @@ class Engine:
     narrows the engines a load may pick (`exojet runner --engine`).
     """
 
-    def __init__(self, wanted: EngineWanted = "auto", stderr_lines: int = STDERR_LINES) -> None:
+    def __init__(
+        self, wanted: EngineWanted = "auto", stderr_lines: int = STDERR_LINES, unload_timeout: float = UNLOAD_TIMEOUT_S
+    ) -> None:
         self.wanted: EngineWanted = wanted
+        self.unload_timeout = unload_timeout
         # The engines this runner has, fastest first, for its registration.
         self.engines: list[EngineName] = [e for e in installed_engines() if wanted in ("auto", e)]
         self._in_group = False
@@ -176,6 +183,10 @@ class Engine:
             engine, target = choose_engine(Path(model_path), self.wanted, engines, pipelined)
         except NoEngineForModel as exc:
             raise EngineError("NoEngineForModel", str(exc)) from exc
+        if self._engine_in_use is not None and not self._in_group:
+            # Dropped first, within its bound; a child in a group cannot be replaced (its own
+            # load drops the model before loading), and a stuck one ends at the task's deadline.
+            await self.unload()
         self._loaded, self._chats_served = None, 0
         self._engine_in_use = engine
         with self._blaming(model_path, engine, "load"):
@@ -243,8 +254,15 @@ class Engine:
             await self._call(Warmup(), Ok)
 
     async def unload(self) -> None:
-        """Drop the loaded model and free its memory."""
-        await self._call(Unload(), Ok)
+        """Drop the loaded model and free its memory. A child that has not done so within
+        `unload_timeout` s is replaced by a fresh one, which holds nothing."""
+        try:
+            await self._call(Unload(), Ok, bound=self.unload_timeout)
+        except TimeoutError:
+            self._log.warning("engine did not unload in {} s; starting a fresh engine process", self.unload_timeout)
+            await self.stop(timeout=1.0)
+            await self.start()
+        self._loaded, self._engine_in_use = None, None
 
     def next_request_id(self) -> int:
         """A number for a generation (`Generate.request_id`), to `cancel` it by."""
@@ -348,18 +366,21 @@ class Engine:
         req: Request,
         expected: type[_R],
         on_layers: Callable[[LayersLoaded], Awaitable[None]] | None = None,
+        bound: float | None = None,
     ) -> _R:
         """Send a request that has a single terminal reply and return it (a load's
-        `LayersLoaded` on the way go to `on_layers`)."""
+        `LayersLoaded` on the way go to `on_layers`); TimeoutError if the child has not
+        answered `bound` s after it was sent."""
         async with self._lock:
             # Nothing but generations runs beside generations (the child joins them first).
             await self._gens.idle.wait()
-            await self._send(req)
-            reply = await self._next_reply()
-            while isinstance(reply, LayersLoaded):
-                if on_layers is not None:
-                    await on_layers(reply)
+            async with asyncio.timeout(bound):
+                await self._send(req)
                 reply = await self._next_reply()
+                while isinstance(reply, LayersLoaded):
+                    if on_layers is not None:
+                        await on_layers(reply)
+                    reply = await self._next_reply()
             if isinstance(reply, expected):
                 return reply
             raise self._unexpected(reply)
