@@ -109,7 +109,6 @@ class TestLlamaCppEngine(EngineContract, ToolsContract, LogprobsContract):
         _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
 
-
     @class_loop
     @pytest.mark.timeout(60)
     async def test_a_child_stuck_unloading_is_replaced_by_a_fresh_one(self, engine: Engine, model_path: Path) -> None:
