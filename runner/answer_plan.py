@@ -63,14 +63,44 @@ def response_schema(response_format: ResponseFormat | None) -> JsonSchema | None
 
 
 def schema_grammar(schema: JsonSchema) -> str:
-    """The LLGuidance grammar of `schema` (a Lark grammar whose start is the schema's JSON),
-    checked: a schema LLGuidance cannot compile is refused before any token."""
+    """The LLGuidance grammar of `schema` (a Lark grammar whose start is the schema's JSON, its
+    objects closed), checked: a schema LLGuidance cannot compile is refused before any token."""
     import llguidance
 
-    grammar = "%llguidance {}\nstart: %json " + json.dumps({**schema, "x-guidance": _COMPACT})
+    grammar = "%llguidance {}\nstart: %json " + json.dumps({**closed_objects(schema), "x-guidance": _COMPACT})
     if error := llguidance.LLMatcher.validate_grammar(grammar):
         raise RequestError("InvalidRequest", f"the JSON schema does not compile to a grammar: {error}")
     return grammar
+
+
+# Where a JSON schema holds schemas: one, a list of them, or a mapping of names to them.
+_ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "unevaluatedProperties")
+_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_MAPPING = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object schema that names its properties
+    and says nothing of others, as llama.cpp's and Ollama's schema grammars read it (vLLM's too).
+    JSON Schema allows any other key there, and a grammar that does lets a small model add keys
+    until its length runs out: the default model, forced to call a function of two parameters,
+    wrote `"type"`, `"description"`, `"unit:"` ... for 100 tokens, and the cut call came as words."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    for key in _LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(s) for s in out[key]]
+    for key in _MAPPING:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(s) for name, s in out[key].items()}
+    named = "properties" in out or "patternProperties" in out
+    if named and "additionalProperties" not in out and "unevaluatedProperties" not in out:
+        out["additionalProperties"] = False
+    return out
 
 
 def chat_message(m: Message, generic: bool, arguments: Literal["text", "object"]) -> dict[str, Any]:
