@@ -101,11 +101,12 @@ def _anthropic_tools_and_json(claude: anthropic.Anthropic, model: str) -> None:
     assert capital.stop_reason == "end_turn" and json.loads(text.text) == {"capital": "Paris"}  # type: ignore[union-attr]
 
 
-def test_ollamas_tool_call_on_the_default_model(tmp_path: Path) -> None:
+def test_ollamas_and_responses_tool_calls_on_the_default_model(tmp_path: Path) -> None:
     """SmolLM2 calls the tool it is given (its template has no tools: the generic tool prompt),
     once, whole and in one streamed line, and takes its result back (found here: without one call
-    an answer it called again and again until its length, and the cut answer came as words).
-    A stack of its own: the test above fills its time bound on this shared machine."""
+    an answer it called again and again until its length, and the cut answer came as words); and
+    the same through OpenAI's Responses route. A stack of its own: the test above fills its time
+    bound on this shared machine."""
     port, api_port = free_port(), free_port()
     up = start_up(tmp_path, port, tmp_path / "up.log", api_port)
     try:
@@ -115,6 +116,7 @@ def test_ollamas_tool_call_on_the_default_model(tmp_path: Path) -> None:
         [model] = [m.model for m in llama.list().models]
         assert model
         _ollama_tools(llama, model)
+        _responses_tools(openai.OpenAI(base_url=f"{host}/v1", api_key="unused", max_retries=0, timeout=120), model)
     finally:
         assert interrupt(up) == 0
 
@@ -135,3 +137,28 @@ def _ollama_tools(llama: ollama.Client, model: str) -> None:
     second = llama.chat(model=model, messages=[*ask, answer.message, result], tools=[WEATHER], options=options)
     assert second.done and second.prompt_eval_count and answer.prompt_eval_count
     assert second.prompt_eval_count > answer.prompt_eval_count
+
+
+def _responses_tools(chat: openai.OpenAI, model: str) -> None:
+    """A forced call as a `function_call` item, whole and streamed alike, and its output back in `input`."""
+    function: Any = WEATHER["function"]
+    tool = function | {"type": "function", "strict": True}
+    ask: Any = [{"role": "user", "content": "What is the weather in Paris?"}]
+    forced: Any = {"model": model, "input": ask, "tools": [tool], "tool_choice": "required", "temperature": 0}
+    called = chat.responses.create(**forced, max_output_tokens=100)
+    [call] = called.output
+    assert call.type == "function_call" and call.name == "get_weather", called
+    arguments = json.loads(call.arguments)
+    jsonschema_rs.validate(PARAMETERS, arguments)
+    assert arguments["city"] == "Paris"
+    events = list(chat.responses.create(**forced, max_output_tokens=100, stream=True))
+    completed = events[-1]
+    assert completed.type == "response.completed"
+    [streamed] = completed.response.output
+    assert (streamed.name, streamed.arguments) == (call.name, call.arguments)
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees and sunny"}
+    turn = [*ask, call.model_dump(exclude_none=True), result]
+    answered = chat.responses.create(model=model, input=turn, tools=[tool], max_output_tokens=16)
+    assert answered.status in ("completed", "incomplete")
+    assert answered.usage is not None and called.usage is not None
+    assert answered.usage.input_tokens > called.usage.input_tokens + 5
