@@ -102,6 +102,9 @@ def server_params(path: Path, context_length: int, socket_path: Path) -> Any:
     params.n_parallel = SLOTS
     # One KV cache for all slots: a long chat may use a whole window while others run.
     params.kv_unified = True
+    # And no more: a slot of a unified cache may otherwise take all of it (up to the model's
+    # trained context), serving a 13,516-token prompt in a 4,096-token window.
+    params.kv_unified_per_slot = context_length
     threads = engine_threads(len(os.sched_getaffinity(0)))
     params.cpuparams.n_threads = threads
     params.cpuparams_batch.n_threads = threads

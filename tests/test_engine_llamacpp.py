@@ -101,11 +101,14 @@ class TestLlamaCppEngine(EngineContract, ToolsContract, LogprobsContract):
             await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=MAX_CONTEXT)))
         assert err.value.error_type == "ContextLengthExceeded"
         assert f"context window of {MAX_CONTEXT} tokens" in str(err.value)
-        # A prompt longer than the window is refused by llama.cpp itself, before any token.
-        long = [Message(role="user", content="hello world " * MAX_CONTEXT)]
-        with pytest.raises(EngineError) as err:
-            await collect(engine, Generate(messages=long, sampling=Sampling(max_tokens=4)))
-        assert err.value.error_type == "ContextLengthExceeded"
+        # A prompt longer than the window is refused by llama.cpp itself, before any token; also
+        # one that would fit the cache all slots share (4,516 tokens here, of 4 x 4,096).
+        for words in (500, MAX_CONTEXT):
+            long = [Message(role="user", content="hello world " * words)]
+            with pytest.raises(EngineError) as err:
+                await collect(engine, Generate(messages=long, sampling=Sampling(max_tokens=4)))
+            assert err.value.error_type == "ContextLengthExceeded"
+            assert f"({MAX_CONTEXT} tokens)" in str(err.value)
         _, done = await collect(engine, Generate(messages=PROMPT, sampling=Sampling(max_tokens=4)))
         assert done.completion_tokens == 4
 
