@@ -73,9 +73,10 @@ def schema_grammar(schema: JsonSchema) -> str:
     return grammar
 
 
-# Where a JSON schema holds schemas: one, a list of them, or a mapping of names to them.
+# Where a JSON schema holds schemas: one, a list of them, or a mapping of names to them. Not
+# `allOf`: its parts are intersected, and closing each would refuse the keys the others name.
 _ONE = ("additionalProperties", "items", "not", "if", "then", "else", "contains", "unevaluatedProperties")
-_LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
+_LIST = ("anyOf", "oneOf", "prefixItems", "items")
 _MAPPING = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
 
 

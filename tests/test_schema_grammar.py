@@ -39,6 +39,8 @@ def test_objects_are_closed_wherever_a_schema_holds_schemas() -> None:
             "either": {"anyOf": [CITY, {"type": "string"}]},
             "open": {"type": "object", "properties": {"a": {}}, "additionalProperties": True},
             "free": {"type": "object"},
+            # Parts of an intersection name each other's keys: left open.
+            "both": {"allOf": [CITY, {"properties": {"zip": {"type": "string"}}}]},
         },
         "$defs": {"place": {"type": "object", "properties": {"name": {"type": "string"}}}},
     }
@@ -58,8 +60,11 @@ def test_objects_are_closed_wherever_a_schema_holds_schemas() -> None:
     assert "additionalProperties" not in props["properties"]["properties"]
     assert props["open"]["additionalProperties"] is True
     assert props["free"] == {"type": "object"}
+    assert props["both"] == schema["properties"]["both"]
     valid = jsonschema_rs.validator_for(out)
-    assert valid.is_valid({"pair": [{"city": "Paris"}, {"name": "Lyon"}], "free": {"any": 1}})
+    assert valid.is_valid(
+        {"pair": [{"city": "Paris"}, {"name": "Lyon"}], "free": {"any": 1}, "both": {"city": "Paris", "zip": "75"}}
+    )
     assert not valid.is_valid({"pair": [{"city": "Paris"}, {"name": "Lyon", "x": 1}]})
 
 
